@@ -1,0 +1,49 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Each installs what it lacks.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+AP := $(BIN)/audit-platform
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format stack-up stack-down clean
+
+$(BIN)/python:
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { \
+	  echo "python3 has no venv module; installing python3-venv"; \
+	  apt-get update && apt-get install -y --no-install-recommends python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the dependency list changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+# Starts PostgreSQL, Elasticsearch and (as the pipeline grows) Dagster and the API.
+demo: install
+	$(AP) demo
+
+# Starts the servers this checkout needs (reusing running ones), runs every test, and stops
+# only what it started. pytest's exit code, including 5 for "no tests", is make's.
+test: install
+	$(AP) stack run -- $(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+stack-up: install
+	$(AP) stack up
+
+stack-down: install
+	$(AP) stack down
+
+clean: stack-down
+	rm -rf .stack $(VENV)

@@ -1,0 +1,94 @@
+"""The one settings tree, read from environment variables (prefix ``AUDIT_``) and ``.env``.
+
+Every process of the platform (Dagster code location, API, command line, tests) builds its
+configuration here, so a variable means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+#: The checkout (or installed package's parent) that holds resources/ and the local stack.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ElasticsearchConnection(BaseModel):
+    """How to reach an Elasticsearch cluster: URL plus optional credentials and CA."""
+
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+    api_key: SecretStr | None = None
+    ca_certs: Path | None = None
+    verify_certs: bool = True
+
+
+class Settings(BaseSettings):
+    """Configuration of one environment's deployment.
+
+    ``AUDIT_ENV`` names the environment; it becomes part of every slot, index, path and key
+    scope, so it is restricted to a short lowercase identifier that is valid in all of them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AUDIT_", env_file=".env", extra="ignore")
+
+    env: str = "dev"
+    pg_url: str | None = Field(
+        default=None, description="libpq URL of the platform's PostgreSQL (any libpq form)."
+    )
+    es_url: str | None = Field(default=None, description="Elasticsearch URL, http or https.")
+    es_username: str | None = None
+    es_password: SecretStr | None = None
+    es_api_key: SecretStr | None = None
+    es_ca_certs: Path | None = None
+    es_verify_certs: bool = True
+
+    resources_dir: Path = PROJECT_ROOT / "resources"
+
+    # The local stack of real servers (audit-platform stack ...).
+    stack_dir: Path = PROJECT_ROOT / ".stack"
+    stack_pg_port: int = 55432
+    stack_es_port: int = 59200
+    stack_es_transport_port: int = 59300
+    stack_es_heap: str = "1g"
+    stack_backend: str = Field(
+        default="auto",
+        description="auto (docker when an engine answers, else local), local, docker",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env_is_identifier(cls, value: str) -> str:
+        if not ENV_NAME.match(value):
+            raise ValueError(
+                f"AUDIT_ENV={value!r} is not a valid environment name: use 1 to 32 characters, "
+                "lowercase letters, digits and underscores, starting with a letter (e.g. 'prod')"
+            )
+        return value
+
+    @field_validator("stack_backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in {"auto", "local", "docker"}:
+            raise ValueError(f"AUDIT_STACK_BACKEND={value!r}: expected auto, local or docker")
+        return value
+
+    @cached_property
+    def elasticsearch(self) -> ElasticsearchConnection | None:
+        if not self.es_url:
+            return None
+        return ElasticsearchConnection(
+            url=self.es_url,
+            username=self.es_username,
+            password=self.es_password,
+            api_key=self.es_api_key,
+            ca_certs=self.es_ca_certs,
+            verify_certs=self.es_verify_certs,
+        )

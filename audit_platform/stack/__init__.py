@@ -1,0 +1,159 @@
+"""Real PostgreSQL and Elasticsearch for development, tests and the demo, from one place.
+
+Precedence, per server: a URL in the environment (``AUDIT_PG_URL``, ``AUDIT_ES_URL``) is used as
+is and nothing is started; otherwise the local server of this checkout is reused if running,
+or started. ``down`` stops only servers whose PID this checkout recorded when starting them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+from audit_platform.clients import elasticsearch_client
+from audit_platform.settings import Settings
+from audit_platform.stack import elasticsearch, postgres
+from audit_platform.stack.containers import docker_engine_answers, start_containers
+from audit_platform.stack.system import StackError
+
+__all__ = ["LocalStack", "StackError", "served"]
+
+
+@dataclass(frozen=True)
+class ServerState:
+    name: str
+    source: str  # "started", "reused", "external" or "stopped"
+    detail: str
+    env: dict[str, str]
+
+
+class LocalStack:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        s = self.settings
+        self.postgres = postgres.LocalPostgres(s.stack_dir, s.stack_pg_port)
+        self.elasticsearch = elasticsearch.LocalElasticsearch(
+            s.stack_dir, s.stack_es_port, s.stack_es_transport_port, s.stack_es_heap
+        )
+
+    def up(self) -> list[ServerState]:
+        states = []
+        for server, external in (
+            (self.postgres, self.settings.pg_url),
+            (self.elasticsearch, self.settings.es_url),
+        ):
+            name = server.__module__.rsplit(".", 1)[1]
+            if external:
+                states.append(ServerState(name, "external", external, {}))
+                continue
+            record, started = server.up()
+            detail = f"{_redacted(record.url)} (pid {record.pid}, log {record.log})"
+            states.append(ServerState(name, "started" if started else "reused", detail, record.env))
+        return states
+
+    def down(self) -> list[ServerState]:
+        # Elasticsearch first: it is the slower one and nothing depends on it at shutdown.
+        states = []
+        for server in (self.elasticsearch, self.postgres):
+            name = server.__module__.rsplit(".", 1)[1]
+            stopped = server.down()
+            states.append(ServerState(name, "stopped" if stopped else "not running", "", {}))
+        return states
+
+    def status(self) -> list[ServerState]:
+        states = []
+        pg = self.settings.pg_url or ((r := self.postgres.record()) and r.url)
+        try:
+            detail = postgres.describe(pg) if pg else "not running"
+        except Exception as exc:
+            detail = f"not answering: {exc}"
+        states.append(
+            ServerState("postgres", "external" if self.settings.pg_url else "local", detail, {})
+        )
+        es_conn = self._es_connection()
+        try:
+            detail = (
+                elasticsearch.describe(elasticsearch_client(es_conn, request_timeout=5))
+                if es_conn
+                else "not running"
+            )
+        except Exception as exc:
+            detail = f"not answering: {exc}"
+        states.append(
+            ServerState(
+                "elasticsearch", "external" if self.settings.es_url else "local", detail, {}
+            )
+        )
+        return states
+
+    def env(self) -> dict[str, str]:
+        """The exports that point every platform process at the running servers."""
+        exports: dict[str, str] = {}
+        for server in (self.postgres, self.elasticsearch):
+            if (record := server.record()) is not None:
+                exports.update(record.env)
+        return exports
+
+    def _es_connection(self):
+        if self.settings.elasticsearch is not None:
+            return self.settings.elasticsearch
+        if self.elasticsearch.record() is None:
+            return None
+        return Settings(**_settings_fields(self.env())).elasticsearch
+
+
+def _redacted(url: str) -> str:
+    """A URL for display: the password stays in `stack env`, not in every log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _settings_fields(env: dict[str, str]) -> dict[str, str]:
+    return {key.removeprefix("AUDIT_").lower(): value for key, value in env.items()}
+
+
+@contextmanager
+def served(settings: Settings | None = None) -> Iterator[dict[str, str]]:
+    """Servers for the duration of a block: env URLs, containers or the local stack.
+
+    Yields the AUDIT_* exports. Servers this block started are stopped when it ends; servers
+    that were already running (or external) are left alone.
+    """
+    settings = settings or Settings()
+    with ExitStack() as cleanup:
+        env: dict[str, str] = {}
+        need_pg, need_es = not settings.pg_url, not settings.es_url
+        use_docker = settings.stack_backend == "docker" or (
+            settings.stack_backend == "auto" and (need_pg or need_es) and docker_engine_answers()
+        )
+        if use_docker:
+            env.update(start_containers(cleanup, need_pg=need_pg, need_es=need_es))
+        else:
+            stack = LocalStack(settings)
+            states = stack.up()
+            started = {s.name for s in states if s.source == "started"}
+            if started:
+                cleanup.callback(_stop, stack, started)
+            for state in states:
+                env.update(state.env)
+        yield env
+
+
+def _stop(stack: LocalStack, names: set[str]) -> None:
+    if "elasticsearch" in names:
+        stack.elasticsearch.down()
+    if "postgres" in names:
+        stack.postgres.down()
+
+
+def run_with_stack(command: Sequence[str], settings: Settings | None = None) -> int:
+    """Run ``command`` with the servers up and their exports set; stop what was started."""
+    with served(settings) as env:
+        return subprocess.run(list(command), env={**os.environ, **env}).returncode

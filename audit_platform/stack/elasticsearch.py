@@ -1,0 +1,333 @@
+"""A real Elasticsearch 9 node from the integ-test-zip distribution on Maven Central.
+
+That distribution is the server core plus security, without most x-pack modules: it has no
+index lifecycle management (ILM) and no data streams. The platform therefore writes to plain
+time-based indices behind aliases and enforces retention with its own job where ILM is absent
+(see README). Security is on, as in production: users authenticate over HTTPS with a CA that
+`stack up` generates, so every test exercises the same client configuration a real cluster needs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+from elasticsearch import Elasticsearch
+
+from audit_platform.clients import elasticsearch_client
+from audit_platform.settings import ElasticsearchConnection
+from audit_platform.stack.records import ServerRecord
+from audit_platform.stack.system import (
+    RunAs,
+    StackError,
+    ensure_debian_packages,
+    ensure_memory,
+    ensure_port_free,
+    ensure_system_user,
+    is_root,
+    log_tail,
+    parse_size,
+    pid_alive,
+    pid_matches,
+    server_home,
+    stop_pid,
+    wait_until,
+)
+
+NAME = "elasticsearch"
+#: Pinned server version; the Python client's major version (pyproject.toml) must equal it.
+VERSION = "9.5.4"
+ARTIFACT = f"org.elasticsearch.distribution.integ-test-zip:elasticsearch:{VERSION}:zip"
+MIN_JAVA = 21
+ADMIN_USER = "audit_admin"
+SERVICE_USER = "audit-es"
+
+NODE_CONF = """\
+# Written by audit-platform's local stack; edits are overwritten on `stack up`.
+cluster.name: audit-platform-local
+node.name: local
+network.host: 127.0.0.1
+http.port: {http_port}
+transport.port: {transport_port}
+discovery.type: single-node
+path.data: {data}
+path.logs: {logs}
+xpack.security.enabled: true
+xpack.security.http.ssl.enabled: true
+xpack.security.http.ssl.certificate: certs/node.crt
+xpack.security.http.ssl.key: certs/node.key
+xpack.security.http.ssl.certificate_authorities: certs/ca.crt
+# Single node on loopback: the transport layer never leaves this machine.
+xpack.security.transport.ssl.enabled: false
+# A developer's nearly full disk must not turn indices read-only in the middle of a test.
+cluster.routing.allocation.disk.threshold_enabled: false
+"""
+
+
+def java_major(java_home: Path) -> int | None:
+    release = java_home / "release"
+    if not (java_home / "bin/java").exists() or not release.exists():
+        return None
+    match = re.search(r'^JAVA_VERSION="(\d+)', release.read_text(), re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def find_java_home(
+    env: dict[str, str] | None = None, jvm_root: Path = Path("/usr/lib/jvm")
+) -> Path:
+    """ES_JAVA_HOME, JAVA_HOME, or the newest JDK 21+ under /usr/lib/jvm, in that order."""
+    env = os.environ if env is None else env
+    for variable in ("ES_JAVA_HOME", "JAVA_HOME"):
+        if value := env.get(variable):
+            major = java_major(Path(value))
+            if major is not None and major >= MIN_JAVA:
+                return Path(value)
+            if variable == "ES_JAVA_HOME":
+                raise StackError(
+                    f"ES_JAVA_HOME={value} is not a JDK {MIN_JAVA} or newer (found "
+                    f"{major or 'no JDK'}); point it at one, or unset it to search /usr/lib/jvm"
+                )
+    candidates = [
+        (major, path)
+        for path in jvm_root.glob("*")
+        if (major := java_major(path)) is not None and major >= MIN_JAVA
+    ]
+    if not candidates:
+        raise StackError(
+            f"No Java {MIN_JAVA} or newer found (Elasticsearch {VERSION} needs one). Install a "
+            f"JDK {MIN_JAVA}+ (e.g. Temurin) and set ES_JAVA_HOME to its folder."
+        )
+    return max(candidates)[1]
+
+
+def fetch_distribution(downloads: Path) -> Path:
+    """The integ-test-zip, fetched with Maven once and then taken from the local cache."""
+    target = downloads / f"elasticsearch-{VERSION}.zip"
+    if target.exists():
+        return target
+    if shutil.which("mvn") is None:
+        ensure_debian_packages(["maven"], why="Maven (used to fetch Elasticsearch)")
+    downloads.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [
+            "mvn", "-B", "-q", "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy",
+            f"-Dartifact={ARTIFACT}", f"-DoutputDirectory={downloads}",
+        ],
+        capture_output=True, text=True, cwd=downloads,
+    )  # fmt: skip
+    if done.returncode != 0 or not target.exists():
+        raise StackError(
+            f"Maven could not fetch {ARTIFACT} (exit {done.returncode}). Check that Maven Central "
+            f"is reachable (`mvn dependency:get -Dartifact={ARTIFACT}`).\n"
+            f"{(done.stdout + done.stderr)[-2000:]}"
+        )
+    return target
+
+
+def unpack(archive: Path, into: Path) -> Path:
+    """Unzip keeping the executable bits that ``zipfile`` would otherwise drop."""
+    home = into / f"elasticsearch-{VERSION}"
+    if (home / "bin/elasticsearch").exists():
+        return home
+    partial = into / f".unpacking-{VERSION}"
+    shutil.rmtree(partial, ignore_errors=True)
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            path = Path(zf.extract(info, partial))
+            mode = (info.external_attr >> 16) & 0o777
+            if mode:
+                os.chmod(path, mode)
+    (partial / f"elasticsearch-{VERSION}").rename(home)
+    partial.rmdir()
+    return home
+
+
+def make_certificates(certs: Path) -> None:
+    """A private CA and a node certificate for 127.0.0.1/localhost, made once per checkout."""
+    if (certs / "node.crt").exists():
+        return
+    certs.mkdir(parents=True, exist_ok=True)
+    ext = certs / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    steps = [
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+         "-subj", "/CN=audit-platform local CA", "-keyout", "ca.key", "-out", "ca.crt"],
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+         "-keyout", "node.key", "-out", "node.csr"],
+        ["openssl", "x509", "-req", "-in", "node.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-days", "3650", "-extfile", "san.ext", "-out", "node.crt"],
+    ]  # fmt: skip
+    if shutil.which("openssl") is None:
+        ensure_debian_packages(["openssl"], why="openssl (used for the local CA)")
+    for step in steps:
+        done = subprocess.run(step, cwd=certs, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"`{' '.join(step)}` failed: {done.stderr.strip()}")
+    # The CA file is public (clients read it); private keys stay with the server's account.
+    os.chmod(certs / "ca.crt", 0o644)
+
+
+class LocalElasticsearch:
+    """Start, reuse and stop one Elasticsearch node for this checkout."""
+
+    def __init__(self, stack_dir: Path, http_port: int, transport_port: int, heap: str) -> None:
+        self.stack_dir = stack_dir
+        self.http_port = http_port
+        self.transport_port = transport_port
+        self.heap = heap
+        if is_root():
+            ensure_system_user(SERVICE_USER)
+        self.run_as = RunAs.service(SERVICE_USER)
+
+    def record(self) -> ServerRecord | None:
+        record = ServerRecord.load(self.stack_dir, NAME)
+        if record is not None and not pid_matches(record.pid, record.marker):
+            record.forget(self.stack_dir)
+            return None
+        return record
+
+    def up(self) -> tuple[ServerRecord, bool]:
+        if (record := self.record()) is not None:
+            return record, False
+        heap_bytes = parse_size(self.heap)
+        ensure_memory(
+            heap_bytes + 512 * 2**20,
+            what=f"Elasticsearch with a {self.heap} heap",
+            advice="Free memory, or lower the heap with AUDIT_STACK_ES_HEAP=512m.",
+        )
+        java_home = find_java_home()
+        ensure_port_free(self.http_port, what="Elasticsearch HTTP", variable="AUDIT_STACK_ES_PORT")
+        ensure_port_free(
+            self.transport_port,
+            what="Elasticsearch transport",
+            variable="AUDIT_STACK_ES_TRANSPORT_PORT",
+        )
+        archive = fetch_distribution(self.stack_dir / "downloads")
+        home_root = server_home(self.stack_dir, NAME, self.run_as)
+        es_home = unpack(archive, home_root)
+        config = es_home / "config"
+        data, logs = home_root / "data", home_root / "logs"
+        data.mkdir(exist_ok=True)
+        logs.mkdir(exist_ok=True)
+        make_certificates(config / "certs")
+        (config / "elasticsearch.yml").write_text(
+            NODE_CONF.format(
+                http_port=self.http_port,
+                transport_port=self.transport_port,
+                data=data,
+                logs=logs,
+            )
+        )
+        (config / "jvm.options.d" / "heap.options").write_text(
+            f"-Xms{self.heap}\n-Xmx{self.heap}\n"
+        )
+        self.run_as.chown_tree(home_root)
+        env = {**os.environ, "ES_JAVA_HOME": str(java_home)}
+        env.pop("JAVA_HOME", None)
+        password = self._admin_password(es_home, env)
+
+        pidfile, launcher_log = home_root / "elasticsearch.pid", home_root / "launcher.log"
+        pidfile.unlink(missing_ok=True)
+        server_log = logs / "audit-platform-local.log"
+        with launcher_log.open("w") as out:
+            # -d: the launcher returns once the node has started (or failed), with its PID in -p.
+            done = subprocess.run(
+                [str(es_home / "bin/elasticsearch"), "-d", "-p", str(pidfile)],
+                env={**env, "HOME": "/"} if not self.run_as.is_self else env,
+                stdout=out, stderr=subprocess.STDOUT, timeout=300,
+                **self.run_as.popen_kwargs(),
+            )  # fmt: skip
+        if done.returncode != 0 or not pidfile.exists():
+            raise StackError(
+                f"Elasticsearch did not start (launcher exit {done.returncode}).\n"
+                f"Launcher output ({launcher_log}):\n{log_tail(launcher_log)}\n"
+                f"Server log ({server_log}):\n{log_tail(server_log)}"
+            )
+        pid = int(pidfile.read_text().strip())
+        conn = ElasticsearchConnection(
+            url=f"https://127.0.0.1:{self.http_port}",
+            username=ADMIN_USER,
+            password=password,
+            ca_certs=config / "certs/ca.crt",
+        )
+        client = elasticsearch_client(conn, request_timeout=10)
+        wait_until(
+            lambda: _healthy(client),
+            timeout=180,
+            what="Elasticsearch cluster health to be yellow or green",
+            abort=lambda: (
+                None
+                if pid_alive(pid)
+                else f"Elasticsearch exited during start.\nServer log:\n{log_tail(server_log)}"
+            ),
+        )
+        record = ServerRecord(
+            name=NAME,
+            pid=pid,
+            marker=str(es_home),
+            home=home_root,
+            log=server_log,
+            url=conn.url,
+            env={
+                "AUDIT_ES_URL": conn.url,
+                "AUDIT_ES_USERNAME": ADMIN_USER,
+                "AUDIT_ES_PASSWORD": password,
+                "AUDIT_ES_CA_CERTS": str(conn.ca_certs),
+            },
+        )
+        record.save(self.stack_dir)
+        return record, True
+
+    def down(self) -> bool:
+        record = self.record()
+        if record is None:
+            return False
+        stop_pid(record.pid, record.marker, timeout=90)
+        record.forget(self.stack_dir)
+        return True
+
+    def _admin_password(self, es_home: Path, env: dict[str, str]) -> str:
+        """A file-realm superuser for the platform, created once with Elasticsearch's own tool."""
+        secret = self.stack_dir / "elasticsearch.secret"
+        users = es_home / "config/users"
+        if secret.exists() and users.exists() and ADMIN_USER in users.read_text():
+            return secret.read_text().strip()
+        password = secrets.token_urlsafe(24)
+        tool = str(es_home / "bin/elasticsearch-users")
+        if users.exists() and ADMIN_USER in users.read_text():  # secret lost: reset it
+            args = [tool, "passwd", ADMIN_USER, "-p", password]
+        else:
+            args = [tool, "useradd", ADMIN_USER, "-p", password, "-r", "superuser"]
+        done = self.run_as.run(args, env=env)
+        if done.returncode != 0:
+            raise StackError(
+                f"elasticsearch-users could not create {ADMIN_USER}: {done.stdout} {done.stderr}"
+            )
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password)
+        return password
+
+
+def _healthy(client: Elasticsearch) -> bool:
+    try:
+        health = client.cluster.health(wait_for_status="yellow", timeout="5s")
+    except Exception:
+        return False
+    return health["status"] in {"yellow", "green"}
+
+
+def server_version(client: Elasticsearch) -> str:
+    # GET / lives in the rest-root module, which integ-test-zip lacks; node info does not.
+    nodes = client.nodes.info(node_id="_local", metric="_none")["nodes"]
+    return next(iter(nodes.values()))["version"]
+
+
+def describe(client: Elasticsearch) -> str:
+    health = client.cluster.health()
+    return f"Elasticsearch {server_version(client)}, cluster {health['status']}"

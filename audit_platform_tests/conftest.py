@@ -1,0 +1,102 @@
+"""Real servers for the whole test session, and isolated state for each test.
+
+Servers come from AUDIT_PG_URL / AUDIT_ES_URL when set, else from containers where a Docker
+engine answers, else from this checkout's local stack (started here and stopped at the end if
+this session started it). A test that needs a server and cannot get one errors with the reason:
+nothing here skips.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from elasticsearch import Elasticsearch
+from psycopg import sql
+
+from audit_platform.clients import elasticsearch_client
+from audit_platform.settings import Settings
+from audit_platform.stack import served
+
+
+@dataclass(frozen=True)
+class Servers:
+    settings: Settings
+
+    @property
+    def pg_url(self) -> str:
+        assert self.settings.pg_url
+        return self.settings.pg_url
+
+    def es_client(self) -> Elasticsearch:
+        assert self.settings.elasticsearch is not None
+        return elasticsearch_client(self.settings.elasticsearch)
+
+
+def _with_env(settings: Settings, env: dict[str, str]) -> Settings:
+    fields = {key.removeprefix("AUDIT_").lower(): value for key, value in env.items()}
+    return settings.model_copy(update=Settings(**fields).model_dump(include=set(fields)))
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    settings = Settings()
+    with served(settings) as env:
+        yield Servers(_with_env(settings, env))
+
+
+def database_url(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{dbname}"))
+
+
+@pytest.fixture
+def pg_database(servers: Servers) -> Iterator[str]:
+    """A fresh database of this test's own; its replication slots and it are dropped after."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(servers.pg_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield database_url(servers.pg_url, name)
+    finally:
+        with psycopg.connect(servers.pg_url, autocommit=True) as admin:
+            slots = admin.execute(
+                "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s",
+                (name,),
+            ).fetchall()
+            for slot, active_pid in slots:
+                if active_pid:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (active_pid,))
+                admin.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(scope="session")
+def es(servers: Servers) -> Iterator[Elasticsearch]:
+    client = servers.es_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def es_prefix(es: Elasticsearch) -> Iterator[str]:
+    """An index-name prefix of this test's own; every index and template under it is removed.
+
+    Names are resolved first and deleted explicitly, so cleanup works on clusters that keep
+    ``action.destructive_requires_name`` at its safe default.
+    """
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    indices = list(es.indices.get(index=f"{prefix}*", expand_wildcards="all").keys())
+    if indices:
+        es.indices.delete(index=",".join(indices))
+    found = es.options(ignore_status=404).indices.get_index_template(name=f"{prefix}*")
+    templates = found.get("index_templates", [])
+    for template in templates:
+        es.indices.delete_index_template(name=template["name"])

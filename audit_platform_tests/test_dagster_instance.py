@@ -1,0 +1,35 @@
+"""The deployment files load: dagster.yaml on real PostgreSQL storage, and the code location."""
+
+from __future__ import annotations
+
+import shutil
+
+import dagster as dg
+import yaml
+from dagster._core.instance import DagsterInstance
+
+from audit_platform.settings import PROJECT_ROOT
+
+
+def test_dagster_yaml_runs_on_postgres_storage_with_one_run_per_slot(
+    pg_database, tmp_path, monkeypatch
+):
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
+    monkeypatch.setenv("AUDIT_DAGSTER_PG_URL", pg_database)
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        limits = instance.run_coordinator.get_run_queue_config().tag_concurrency_limits
+        assert {"key": "audit/slot", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in (
+            limits
+        )
+        assert instance.run_monitoring_enabled
+        assert instance.run_retries_enabled
+
+
+def test_workspace_points_at_a_loadable_code_location():
+    workspace = yaml.safe_load((PROJECT_ROOT / "workspace.yaml").read_text())
+    module = workspace["load_from"][0]["python_module"]["module_name"]
+    assert module == "audit_platform.defs"
+    from audit_platform.defs import defs
+
+    dg.Definitions.validate_loadable(defs)

@@ -1,0 +1,39 @@
+"""Configuration is validated at the boundary with messages that say what to do."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from audit_platform.settings import Settings
+
+
+def test_environment_name_comes_from_audit_env(monkeypatch):
+    monkeypatch.setenv("AUDIT_ENV", "staging")
+    assert Settings().env == "staging"
+
+
+@pytest.mark.parametrize("bad", ["Prod", "prod-eu", "", "1dev", "x" * 33, "dev;drop"])
+def test_environment_name_that_cannot_name_a_slot_or_index_is_refused(bad):
+    with pytest.raises(ValidationError, match="not a valid environment name"):
+        Settings(env=bad)
+
+
+def test_elasticsearch_connection_carries_credentials_and_ca(tmp_path):
+    ca = tmp_path / "ca.crt"
+    settings = Settings(
+        es_url="https://es.internal:9200", es_api_key="k3y", es_ca_certs=ca, es_username="u"
+    )
+    conn = settings.elasticsearch
+    assert conn is not None
+    assert (conn.url, conn.api_key.get_secret_value(), conn.ca_certs) == (
+        "https://es.internal:9200",
+        "k3y",
+        ca,
+    )
+    assert "k3y" not in repr(settings)
+
+
+def test_unknown_stack_backend_is_refused():
+    with pytest.raises(ValidationError, match="expected auto, local or docker"):
+        Settings(stack_backend="podman")

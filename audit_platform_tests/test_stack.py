@@ -1,0 +1,139 @@
+"""`audit-platform stack`: idempotent start, stop by PID, and failures that say what to do."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from audit_platform.settings import Settings
+from audit_platform.stack import LocalStack, StackError, elasticsearch, postgres
+from audit_platform.stack.system import ensure_memory, free_port, pid_alive
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and pid_alive(int(proc.name)):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
+    settings = Settings(
+        stack_dir=tmp_path / "stack",
+        stack_pg_port=free_port(),
+        stack_es_port=free_port(),
+        stack_es_transport_port=free_port(),
+        stack_es_heap="512m",
+        pg_url=None,
+        es_url=None,
+    )
+    stack = LocalStack(settings)
+    try:
+        first = stack.up()
+        assert [(s.name, s.source) for s in first] == [
+            ("postgres", "started"),
+            ("elasticsearch", "started"),
+        ]
+        records = {"pg": stack.postgres.record(), "es": stack.elasticsearch.record()}
+        pids = {name: record.pid for name, record in records.items()}
+
+        second = LocalStack(settings).up()
+        assert [(s.name, s.source) for s in second] == [
+            ("postgres", "reused"),
+            ("elasticsearch", "reused"),
+        ]
+        assert {"pg": stack.postgres.record().pid, "es": stack.elasticsearch.record().pid} == pids
+        with psycopg.connect(stack.env()["AUDIT_PG_URL"]) as conn:
+            assert conn.execute("SHOW port").fetchone()[0] == str(settings.stack_pg_port)
+    finally:
+        stopped = stack.down()
+    assert [(s.name, s.source) for s in stopped] == [
+        ("elasticsearch", "stopped"),
+        ("postgres", "stopped"),
+    ]
+    assert not any(pid_alive(pid) for pid in pids.values())
+    for record in records.values():
+        assert _processes_mentioning(str(record.home)) == []
+    assert [s.source for s in LocalStack(settings).down()] == ["not running", "not running"]
+
+
+def test_down_never_signals_a_process_it_did_not_start(tmp_path):
+    """A stale record whose PID now belongs to someone else is forgotten, not killed."""
+    from audit_platform.stack.records import ServerRecord
+
+    ServerRecord(
+        name="postgres",
+        pid=1,  # init: alive, but not our server (its command line lacks the marker)
+        marker=str(tmp_path / "not-our-data-dir"),
+        home=tmp_path,
+        log=tmp_path / "log",
+        url="postgresql://x",
+        env={},
+    ).save(tmp_path)
+    assert postgres.LocalPostgres(tmp_path, free_port()).down() is False
+    assert pid_alive(1)
+    assert not (tmp_path / "postgres.json").exists()
+
+
+def test_taken_port_is_reported_with_the_variable_to_change(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(StackError, match=rf"Port {port} .*AUDIT_STACK_PG_PORT"):
+            postgres.LocalPostgres(tmp_path, port).up()
+
+
+def _fake_jdk(root: Path, name: str, version: str) -> Path:
+    home = root / name
+    (home / "bin").mkdir(parents=True)
+    (home / "bin/java").write_text("")
+    (home / "release").write_text(f'JAVA_VERSION="{version}"\n')
+    return home
+
+
+def test_newest_jdk_of_at_least_21_is_chosen(tmp_path):
+    _fake_jdk(tmp_path, "java-17", "17.0.15")
+    _fake_jdk(tmp_path, "jdk-21", "21.0.5")
+    newest = _fake_jdk(tmp_path, "temurin-25", "25.0.3")
+    assert elasticsearch.find_java_home(env={}, jvm_root=tmp_path) == newest
+
+
+def test_missing_jdk_says_which_version_and_variable(tmp_path):
+    _fake_jdk(tmp_path, "java-17", "17.0.15")
+    with pytest.raises(StackError, match=r"No Java 21 or newer found.*ES_JAVA_HOME"):
+        elasticsearch.find_java_home(env={}, jvm_root=tmp_path)
+
+
+def test_es_java_home_pointing_at_an_old_jdk_is_refused_plainly(tmp_path):
+    old = _fake_jdk(tmp_path, "java-17", "17.0.15")
+    with pytest.raises(StackError, match=r"ES_JAVA_HOME=.* is not a JDK 21 or newer \(found 17\)"):
+        elasticsearch.find_java_home(env={"ES_JAVA_HOME": str(old)}, jvm_root=tmp_path)
+
+
+def test_too_little_memory_is_reported_with_advice():
+    with pytest.raises(StackError, match=r"needs about 1536 MiB and 97 MiB is available\. Lower"):
+        ensure_memory(
+            1536 * 2**20,
+            what="Elasticsearch",
+            advice="Lower the heap.",
+            meminfo="MemTotal: 1000 kB\nMemAvailable:      100000 kB\n",
+        )
+
+
+def test_maven_failure_names_the_artifact(tmp_path, monkeypatch):
+    missing = "org.elasticsearch.distribution.integ-test-zip:elasticsearch:0.0.0-missing:zip"
+    monkeypatch.setattr(elasticsearch, "ARTIFACT", missing)
+    with pytest.raises(StackError, match=r"Maven could not fetch .*0\.0\.0-missing"):
+        elasticsearch.fetch_distribution(tmp_path)
