@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from typing import Annotated
 
 import typer
 
+from audit_platform.policy import PolicyError, load_policy, policy_path
 from audit_platform.settings import Settings
+from audit_platform.sources.check import check_source
+from audit_platform.sources.setup import SetupError, setup_source, teardown_source
 from audit_platform.stack import LocalStack, StackError, run_with_stack
 
 app = typer.Typer(
@@ -20,6 +24,22 @@ stack_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(stack_app, name="stack")
+source_app = typer.Typer(
+    help="Install, check and remove the platform's objects in a source database.",
+    no_args_is_help=True,
+)
+app.add_typer(source_app, name="source")
+
+EnvOption = Annotated[
+    str | None, typer.Option("--env", help="Environment name (default: AUDIT_ENV).")
+]
+SourceOption = Annotated[
+    str, typer.Option("--source", help="Source name, as in resources/sources.")
+]
+UrlOption = Annotated[
+    str | None,
+    typer.Option("--url", help="libpq URL of the source (default: AUDIT_SOURCE_<SOURCE>_URL)."),
+]
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -85,6 +105,64 @@ def stack_run(
     except StackError as exc:
         raise _fail(exc) from exc
     raise typer.Exit(code=code)
+
+
+def _source_target(env: str | None, source: str, url: str | None):
+    settings = Settings() if env is None else Settings(env=env)
+    variable = f"AUDIT_SOURCE_{source.upper()}_URL"
+    url = url or os.environ.get(variable)
+    if not url:
+        raise _fail(ValueError(f"no URL for source {source!r}: pass --url or set {variable}"))
+    try:
+        policy = load_policy(policy_path(settings.resources_dir, source))
+    except PolicyError as exc:
+        raise _fail(exc) from exc
+    return settings, policy, url
+
+
+@source_app.command("setup")
+def source_setup(source: SourceOption, env: EnvOption = None, url: UrlOption = None) -> None:
+    """Install or upgrade the audit schema, and set up this environment's publication and slot."""
+    settings, policy, url = _source_target(env, source, url)
+    try:
+        report = setup_source(url, settings.env, policy, settings.resources_dir / "sql")
+    except SetupError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"migrations applied: {', '.join(report.applied_migrations) or 'none (current)'}")
+    typer.echo(f"publication {report.publication}: {', '.join(report.publication_tables)}")
+    typer.echo(f"slot {report.slot}: {'created' if report.slot_created else 'exists'}")
+
+
+@source_app.command("check")
+def source_check(source: SourceOption, env: EnvOption = None, url: UrlOption = None) -> None:
+    """Say whether capture from this source will work and be complete; exit 1 on any error."""
+    settings, policy, url = _source_target(env, source, url)
+    findings = check_source(url, settings.env, policy, settings.resources_dir / "sql")
+    for finding in findings:
+        color = {"ok": None, "warning": typer.colors.YELLOW, "error": typer.colors.RED}
+        typer.secho(str(finding), fg=color[finding.level.value])
+    if any(f.level.value == "error" for f in findings):
+        raise typer.Exit(code=1)
+
+
+@source_app.command("teardown")
+def source_teardown(
+    source: SourceOption,
+    env: EnvOption = None,
+    url: UrlOption = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Also drop the audit schema (no other env may remain).")
+    ] = False,
+) -> None:
+    """Drop this environment's slot and publication (and with --all, the audit schema)."""
+    settings, _, url = _source_target(env, source, url)
+    try:
+        removed = teardown_source(
+            url, settings.env, source, settings.resources_dir / "sql", everything=everything
+        )
+    except SetupError as exc:
+        raise _fail(exc) from exc
+    typer.echo("removed: " + (", ".join(removed) or "nothing (already gone)"))
 
 
 @app.command("demo")

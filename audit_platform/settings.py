@@ -6,14 +6,13 @@ configuration here, so a variable means the same thing everywhere.
 
 from __future__ import annotations
 
-import re
 from functools import cached_property
 from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ENV_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+from audit_platform.naming import check_identifier
 
 #: The checkout (or installed package's parent) that holds resources/ and the local stack.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -66,12 +65,7 @@ class Settings(BaseSettings):
     @field_validator("env")
     @classmethod
     def _env_is_identifier(cls, value: str) -> str:
-        if not ENV_NAME.match(value):
-            raise ValueError(
-                f"AUDIT_ENV={value!r} is not a valid environment name: use 1 to 32 characters, "
-                "lowercase letters, digits and underscores, starting with a letter (e.g. 'prod')"
-            )
-        return value
+        return check_identifier("AUDIT_ENV: environment", value)
 
     @field_validator("stack_backend")
     @classmethod

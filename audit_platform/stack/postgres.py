@@ -76,9 +76,11 @@ def ensure_installed() -> Path:
 class LocalPostgres:
     """Start, reuse and stop one PostgreSQL server for this checkout."""
 
-    def __init__(self, stack_dir: Path, port: int) -> None:
+    def __init__(self, stack_dir: Path, port: int, overrides: dict[str, str] | None = None) -> None:
         self.stack_dir = stack_dir
         self.port = port
+        #: Extra server settings, e.g. a test that needs a server without logical decoding.
+        self.overrides = overrides or {}
         self.run_as = RunAs.service("postgres")
 
     def record(self) -> ServerRecord | None:
@@ -99,7 +101,9 @@ class LocalPostgres:
         password = self._password()
         if not (data / "PG_VERSION").exists():
             self._initdb(bindir, home, data, password)
-        (data / "audit_platform.conf").write_text(SERVER_CONF.format(port=self.port))
+        conf = SERVER_CONF.format(port=self.port)
+        conf += "".join(f"{key} = {value}\n" for key, value in self.overrides.items())
+        (data / "audit_platform.conf").write_text(conf)
         self.run_as.chown_tree(data)
         started = self.run_as.run(
             [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "120", "start"]

@@ -1,0 +1,124 @@
+"""Tracking policy per source: which tables are captured and what happens to each column.
+
+Policies are data (DESIGN.md, invariant 7): ``resources/sources/<source>.yaml``. They are
+validated here, and a mistake is reported with the file, the key and the problem, because the
+person fixing it is editing that file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from audit_platform.naming import check_identifier
+
+
+class PolicyError(ValueError):
+    """A policy file is missing or invalid; the message names the file, key and problem."""
+
+
+class TablePolicy(BaseModel):
+    """What is captured from one table.
+
+    ``include`` (only these columns) and ``exclude`` are mutually exclusive; ``mask`` columns
+    are replaced by a keyed hash so equal values stay comparable and changes stay visible;
+    updates that change only ``ignore_changes_to`` columns (say ``updated_at``) are dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: list[str] | None = Field(
+        default=None, description="Columns that identify the object; default: the primary key."
+    )
+    include: list[str] | None = None
+    exclude: list[str] = []
+    mask: list[str] = []
+    ignore_changes_to: list[str] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TablePolicy:
+        if self.include is not None and self.exclude:
+            raise ValueError("use either include or exclude, not both")
+        if overlap := set(self.mask) & set(self.exclude):
+            raise ValueError(f"columns both masked and excluded: {sorted(overlap)}")
+        if self.include is not None and (missing := set(self.mask) - set(self.include)):
+            raise ValueError(f"masked columns not in include: {sorted(missing)}")
+        if self.key and (hidden := set(self.key) & set(self.exclude)):
+            raise ValueError(f"key columns cannot be excluded: {sorted(hidden)}")
+        return self
+
+    def keeps(self, column: str) -> bool:
+        if self.key and column in self.key:
+            return True
+        if self.include is not None:
+            return column in self.include
+        return column not in self.exclude
+
+
+class SourcePolicy(BaseModel):
+    """The policy of one source database."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    version: int = Field(ge=1, description="Bump on every change; records carry it.")
+    tables: dict[str, TablePolicy] = Field(min_length=1)
+
+    @field_validator("source")
+    @classmethod
+    def _source_identifier(cls, value: str) -> str:
+        return check_identifier("source", value)
+
+    @field_validator("tables")
+    @classmethod
+    def _qualified_names(cls, tables: dict[str, TablePolicy]) -> dict[str, TablePolicy]:
+        for name in tables:
+            if name.count(".") != 1 or not all(name.split(".")):
+                raise ValueError(f"table {name!r} must be written schema.table, e.g. public.orders")
+        return tables
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the policy's content, to tell two edits under one version apart."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+    @property
+    def policy_version(self) -> str:
+        """What every record carries: the declared version and the content fingerprint."""
+        return f"{self.version}:{self.fingerprint}"
+
+    def table_names(self) -> list[tuple[str, str]]:
+        return [tuple(name.split(".", 1)) for name in sorted(self.tables)]  # type: ignore[misc]
+
+
+def policy_path(resources_dir: Path, source: str) -> Path:
+    return resources_dir / "sources" / f"{check_identifier('source', source)}.yaml"
+
+
+def load_policy(path: Path) -> SourcePolicy:
+    if not path.exists():
+        raise PolicyError(f"{path}: no policy file for this source; create it (see README)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path}: expected a mapping with source, version and tables")
+    try:
+        policy = SourcePolicy.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise PolicyError(f"{path}: {problems}") from exc
+    if policy.source != path.stem:
+        raise PolicyError(
+            f"{path}: source: {policy.source!r} does not match the file name {path.stem!r}"
+        )
+    return policy

@@ -1,0 +1,1 @@
+"""What the platform installs in, checks on, and removes from a source database."""

@@ -1,0 +1,256 @@
+"""Plain-spoken checks of a source database: can capture work, and will it be complete?
+
+Each finding says what is wrong and the exact statement or setting that fixes it. The same
+findings feed `audit-platform source check` and the Dagster asset checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import psycopg
+from psycopg import sql
+
+from audit_platform.naming import publication_name, slot_name
+from audit_platform.policy import SourcePolicy
+from audit_platform.sources.setup import migrations
+
+#: Warn when a slot holds back more WAL than this (the consumer is behind or stopped).
+LAG_WARN_BYTES = 1024**3
+
+
+class Level(StrEnum):
+    ok = "ok"
+    warning = "warning"
+    error = "error"
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Level
+    subject: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        text = f"[{self.level.value}] {self.subject}: {self.message}"
+        return f"{text}\n    fix: {self.fix}" if self.fix else text
+
+
+def _wal_level(conn: psycopg.Connection) -> Finding:
+    level = conn.execute("SHOW wal_level").fetchone()[0]
+    if level == "logical":
+        return Finding(Level.ok, "wal_level", "logical")
+    return Finding(
+        Level.error,
+        "wal_level",
+        f"is {level!r}; logical decoding needs 'logical'",
+        "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL",
+    )
+
+
+def _may_replicate(conn: psycopg.Connection) -> Finding:
+    user, can = conn.execute(
+        "SELECT rolname, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if can:
+        return Finding(Level.ok, "role", f"{user} may read replication slots")
+    return Finding(
+        Level.error,
+        "role",
+        f"{user} has neither REPLICATION nor superuser, so it cannot read the slot",
+        f"ALTER ROLE {sql.Identifier(user).as_string(conn)} REPLICATION;",
+    )
+
+
+def _schema(conn: psycopg.Connection, sql_dir) -> Finding:
+    latest = max((v for v, _, _ in migrations(sql_dir)), default=0)
+    exists = conn.execute("SELECT to_regclass('audit.schema_migrations')").fetchone()[0]
+    installed = (
+        conn.execute("SELECT coalesce(max(version), 0) FROM audit.schema_migrations").fetchone()[0]
+        if exists
+        else 0
+    )
+    if installed >= latest:
+        return Finding(Level.ok, "audit schema", f"at migration {installed:03d}")
+    return Finding(
+        Level.error,
+        "audit schema",
+        f"at migration {installed:03d}, latest is {latest:03d}"
+        + ("" if installed else ": audit.set_context is not installed"),
+        "audit-platform source setup --env ENV --source SOURCE",
+    )
+
+
+def _table(conn: psycopg.Connection, schema: str, table: str, policy) -> list[Finding]:
+    subject = f"{schema}.{table}"
+    row = conn.execute(
+        "SELECT c.oid, c.relkind, c.relreplident FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (schema, table),
+    ).fetchone()
+    if row is None:
+        return [
+            Finding(
+                Level.error,
+                subject,
+                "is in the policy but does not exist",
+                "create it, or remove it from the source's policy file",
+            )
+        ]
+    oid, relkind, identity = row
+    findings: list[Finding] = []
+    columns = {
+        r[0]
+        for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
+            " AND NOT attisdropped",
+            (oid,),
+        )
+    }
+    has_pk = conn.execute(
+        "SELECT 1 FROM pg_constraint WHERE conrelid = %s AND contype = 'p'", (oid,)
+    ).fetchone()
+    if policy.key:
+        if unknown := sorted(set(policy.key) - columns):
+            findings.append(
+                Finding(Level.error, subject, f"policy key columns do not exist: {unknown}")
+            )
+    elif not has_pk:
+        findings.append(
+            Finding(
+                Level.error,
+                subject,
+                "has no primary key, so records could not say which object changed",
+                f"add a primary key, or set key: [columns] for {subject} in the policy",
+            )
+        )
+    named = set(policy.include or []) | set(policy.exclude) | set(policy.mask)
+    if unknown := sorted(named - columns):
+        findings.append(
+            Finding(
+                Level.warning,
+                subject,
+                f"policy names columns that do not exist: {unknown}",
+                "fix the names in the policy file (a typo here could leave a value unmasked)",
+            )
+        )
+    # Before-images come from each leaf table; for a partitioned table, that is every partition
+    # (pg_partition_tree lists nothing for a plain table).
+    leaves = [(schema, table, identity)]
+    if relkind == "p":
+        leaves = conn.execute(
+            "SELECT n.nspname, c.relname, c.relreplident FROM pg_partition_tree(%s) t"
+            " JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE t.isleaf",
+            (oid,),
+        ).fetchall()
+    not_full = [(s, t) for s, t, ident in leaves if ident != "f"]
+    if not_full:
+        statements = " ".join(
+            f"ALTER TABLE {sql.Identifier(s, t).as_string(conn)} REPLICA IDENTITY FULL;"
+            for s, t in not_full
+        )
+        findings.append(
+            Finding(
+                Level.error,
+                subject,
+                "does not have REPLICA IDENTITY FULL, so updates and deletes would arrive "
+                "without their before-image (old values)"
+                + (f" (partitions: {len(not_full)})" if relkind == "p" else ""),
+                statements,
+            )
+        )
+    if not findings:
+        findings.append(Finding(Level.ok, subject, "tracked, keyed, REPLICA IDENTITY FULL"))
+    return findings
+
+
+def _publication(conn: psycopg.Connection, name: str, policy: SourcePolicy) -> Finding:
+    if not conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone():
+        return Finding(
+            Level.error, "publication", f"{name} does not exist", "audit-platform source setup"
+        )
+    published = {
+        f"{s}.{t}"
+        for s, t in conn.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,)
+        )
+    }
+    wanted = {f"{s}.{t}" for s, t in policy.table_names()}
+    # Partitioned roots are listed as their root (publish_via_partition_root), so compare sets.
+    if wanted - published:
+        return Finding(
+            Level.error,
+            "publication",
+            f"{name} lacks tables of the policy: {sorted(wanted - published)}",
+            "audit-platform source setup (it sets the publication to the policy's tables)",
+        )
+    return Finding(Level.ok, "publication", f"{name} publishes {len(wanted)} table(s)")
+
+
+def _slot(conn: psycopg.Connection, name: str, lag_warn_bytes: int) -> list[Finding]:
+    row = conn.execute(
+        "SELECT plugin, wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (name,),
+    ).fetchone()
+    keep = conn.execute("SHOW max_slot_wal_keep_size").fetchone()[0]
+    findings = []
+    if row is None:
+        findings.append(
+            Finding(Level.error, "slot", f"{name} does not exist", "audit-platform source setup")
+        )
+    else:
+        plugin, wal_status, lag = row
+        lag = int(lag or 0)
+        if wal_status == "lost":
+            findings.append(
+                Finding(
+                    Level.error,
+                    "slot",
+                    f"{name} has lost WAL it needed (max_slot_wal_keep_size exceeded): changes "
+                    "were lost; re-create the slot and backfill from the source",
+                    "audit-platform source teardown, then source setup",
+                )
+            )
+        elif lag > lag_warn_bytes:
+            findings.append(
+                Finding(
+                    Level.warning,
+                    "slot",
+                    f"{name} is {lag} bytes behind; the source keeps that much WAL for it",
+                    "check that the capture sensor is running in this environment",
+                )
+            )
+        else:
+            findings.append(
+                Finding(Level.ok, "slot", f"{name} ({plugin}) is {lag} bytes behind, {wal_status}")
+            )
+    if keep == "-1":
+        findings.append(
+            Finding(
+                Level.warning,
+                "max_slot_wal_keep_size",
+                "is unlimited: a stopped consumer makes the source keep WAL until its disk fills",
+                "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf(); "
+                "(size it to hours of your WAL rate)",
+            )
+        )
+    else:
+        findings.append(Finding(Level.ok, "max_slot_wal_keep_size", keep))
+    return findings
+
+
+def check_source(
+    url: str, env: str, policy: SourcePolicy, sql_dir, *, lag_warn_bytes: int = LAG_WARN_BYTES
+) -> list[Finding]:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        findings = [_wal_level(conn), _may_replicate(conn), _schema(conn, sql_dir)]
+        for name, table_policy in sorted(policy.tables.items()):
+            schema, table = name.split(".", 1)
+            findings.extend(_table(conn, schema, table, table_policy))
+        findings.append(_publication(conn, publication_name(env, policy.source), policy))
+        findings.extend(_slot(conn, slot_name(env, policy.source), lag_warn_bytes))
+    return findings

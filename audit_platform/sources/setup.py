@@ -1,0 +1,185 @@
+"""Install, upgrade and remove the platform's objects in one source database.
+
+Setup is idempotent and upgradable: SQL migrations under resources/sql/source are applied once
+each, in order, under an advisory lock so two setups cannot interleave; the publication is set to
+exactly the policy's tables; the slot is created if missing (never recreated: that would lose
+whatever it still holds).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from audit_platform.naming import publication_name, slot_name
+from audit_platform.policy import SourcePolicy
+
+#: Any 64-bit number; it only has to be the same for every setup of every source.
+_SETUP_LOCK = 0x61756469745F7365
+_MIGRATION = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+
+class SetupError(RuntimeError):
+    """Setup cannot proceed; the message says what is wrong in the source database."""
+
+
+@dataclass
+class SetupReport:
+    applied_migrations: list[str] = field(default_factory=list)
+    publication: str = ""
+    publication_tables: list[str] = field(default_factory=list)
+    slot: str = ""
+    slot_created: bool = False
+
+
+def migrations(sql_dir: Path) -> list[tuple[int, str, Path]]:
+    found = []
+    for path in sorted((sql_dir / "source").glob("*.sql")):
+        if match := _MIGRATION.match(path.name):
+            found.append((int(match.group(1)), match.group(2), path))
+    return found
+
+
+def apply_migrations(conn: psycopg.Connection, sql_dir: Path) -> list[str]:
+    applied: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK,))
+        conn.execute("CREATE SCHEMA IF NOT EXISTS audit")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS audit.schema_migrations (version integer PRIMARY KEY,"
+            " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM audit.schema_migrations")}
+        for version, name, path in migrations(sql_dir):
+            if version in done:
+                continue
+            conn.execute(path.read_text())
+            conn.execute(
+                "INSERT INTO audit.schema_migrations (version, name) VALUES (%s, %s)",
+                (version, name),
+            )
+            applied.append(f"{version:03d}_{name}")
+    return applied
+
+
+def _missing_tables(conn: psycopg.Connection, tables: list[tuple[str, str]]) -> list[str]:
+    missing = []
+    for schema, table in tables:
+        found = conn.execute(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+            (schema, table),
+        ).fetchone()
+        if not found:
+            missing.append(f"{schema}.{table}")
+    return missing
+
+
+def ensure_publication(conn: psycopg.Connection, name: str, tables: list[tuple[str, str]]) -> None:
+    """Exactly the policy's tables; partitions are published under their root table."""
+    table_list = sql.SQL(", ").join(sql.Identifier(s, t) for s, t in tables)
+    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+    with conn.transaction():
+        if exists:
+            conn.execute(
+                sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
+                    sql.Identifier(name), table_list
+                )
+            )
+        else:
+            conn.execute(
+                sql.SQL(
+                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = "
+                    "'insert, update, delete, truncate', publish_via_partition_root = true)"
+                ).format(sql.Identifier(name), table_list)
+            )
+
+
+def ensure_slot(conn: psycopg.Connection, name: str) -> bool:
+    """Create the pgoutput slot if missing. Returns whether it was created now."""
+    row = conn.execute(
+        "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = %s", (name,)
+    ).fetchone()
+    if row is not None:
+        plugin, database = row
+        current = conn.info.dbname
+        if plugin != "pgoutput" or database != current:
+            raise SetupError(
+                f"slot {name} exists but uses plugin {plugin!r} on database {database!r}; "
+                f"expected pgoutput on {current!r}. Drop it (after checking nobody needs it) "
+                f"with SELECT pg_drop_replication_slot('{name}')"
+            )
+        return False
+    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+    return True
+
+
+def setup_source(url: str, env: str, policy: SourcePolicy, sql_dir: Path) -> SetupReport:
+    report = SetupReport()
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        level = conn.execute("SHOW wal_level").fetchone()[0]
+        if level != "logical":
+            raise SetupError(
+                f"wal_level is {level!r}; change capture needs 'logical'. Run "
+                "ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"
+            )
+        tables = policy.table_names()
+        if missing := _missing_tables(conn, tables):
+            raise SetupError(
+                f"tables in the policy of source {policy.source!r} do not exist: "
+                f"{', '.join(missing)}. Create them or remove them from the policy."
+            )
+        report.applied_migrations = apply_migrations(conn, sql_dir)
+        report.publication = publication_name(env, policy.source)
+        ensure_publication(conn, report.publication, tables)
+        report.publication_tables = [f"{s}.{t}" for s, t in tables]
+        report.slot = slot_name(env, policy.source)
+        report.slot_created = ensure_slot(conn, report.slot)
+    return report
+
+
+def teardown_source(
+    url: str, env: str, source: str, sql_dir: Path, *, everything: bool
+) -> list[str]:
+    """Drop this environment's slot and publication; with ``everything``, the audit schema too.
+
+    The schema is shared by every environment capturing from this database, so it is removed
+    only when no other environment's slot remains.
+    """
+    removed: list[str] = []
+    slot, publication = slot_name(env, source), publication_name(env, source)
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        active = conn.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+        if active is not None:
+            if active[0] is not None:
+                raise SetupError(
+                    f"slot {slot} is in use by process {active[0]}; stop capture for "
+                    f"environment {env!r} first"
+                )
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            removed.append(f"slot {slot}")
+        if conn.execute(
+            "SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)
+        ).fetchone():
+            conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
+            removed.append(f"publication {publication}")
+        if everything:
+            others = conn.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+                " AND slot_name LIKE 'audit\\_%%'"
+            ).fetchall()
+            if others:
+                names = ", ".join(row[0] for row in others)
+                raise SetupError(
+                    f"other environments still capture from this database ({names}); "
+                    "tear them down first, or drop only this environment's objects"
+                )
+            conn.execute((sql_dir / "source" / "uninstall.sql").read_text())
+            removed.append("schema audit")
+    return removed

@@ -1,0 +1,52 @@
+"""Small helpers shared by tests: reading a slot the simple way, making policies."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import psycopg
+
+from audit_platform.policy import SourcePolicy, TablePolicy
+
+CONTEXT_PREFIX = "audit_platform.context.v1"
+ATTACH_PREFIX = "audit_platform.attach.v1"
+
+
+@dataclass(frozen=True)
+class DecodedRow:
+    xid: int
+    data: str
+
+
+def read_test_decoding(url: str, slot: str) -> list[DecodedRow]:
+    """Consume a test_decoding slot: one row per change or message, with its transaction id."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT xid::text::bigint, data FROM pg_logical_slot_get_changes(%s, NULL, NULL)",
+            (slot,),
+        ).fetchall()
+    return [DecodedRow(xid, data) for xid, data in rows]
+
+
+def messages(rows: list[DecodedRow], prefix: str = CONTEXT_PREFIX) -> list[tuple[int, dict]]:
+    """(xid, payload) of each transactional message with ``prefix``."""
+    found = []
+    marker = f"message: transactional: 1 prefix: {prefix}, sz: "
+    for row in rows:
+        if row.data.startswith(marker):
+            content = row.data.split(" content:", 1)[1]
+            found.append((row.xid, json.loads(content)))
+    return found
+
+
+def changes(rows: list[DecodedRow], table: str) -> list[tuple[int, str]]:
+    return [(r.xid, r.data) for r in rows if r.data.startswith(f"table {table}: ")]
+
+
+def policy_for(source: str, **tables: dict) -> SourcePolicy:
+    return SourcePolicy(
+        source=source,
+        version=1,
+        tables={name.replace("__", "."): TablePolicy(**spec) for name, spec in tables.items()},
+    )

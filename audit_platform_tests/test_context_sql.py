@@ -1,0 +1,207 @@
+"""audit.set_context and audit.attach_context in a real source database."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+
+from audit_platform.settings import Settings
+from audit_platform.sources.setup import apply_migrations
+from audit_platform_tests.helpers import (
+    ATTACH_PREFIX,
+    changes,
+    messages,
+    read_test_decoding,
+)
+
+USER = {"actor": {"type": "user", "id": "u-17", "name": "Ada"}, "reason": "refund"}
+
+
+@pytest.fixture
+def source_db(pg_database):
+    """A database with the audit schema, a table, and a test_decoding slot to read it back."""
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        apply_migrations(conn, Settings().resources_dir / "sql")
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
+        conn.execute("SELECT pg_create_logical_replication_slot('t_ctx', 'test_decoding')")
+    return pg_database
+
+
+def test_context_and_writes_share_the_transaction_id_in_the_slot(source_db):
+    with psycopg.connect(source_db) as conn:
+        conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(USER),))
+        conn.execute("INSERT INTO orders VALUES (1, 'paid')")
+        conn.execute("UPDATE orders SET status = 'refunded' WHERE id = 1")
+    rows = read_test_decoding(source_db, "t_ctx")
+    [(ctx_xid, ctx)] = messages(rows)
+    order_changes = changes(rows, "public.orders")
+    assert ctx == USER
+    assert len(order_changes) == 2
+    assert {xid for xid, _ in order_changes} == {ctx_xid}
+
+
+def test_rolled_back_context_leaves_nothing(source_db):
+    with psycopg.connect(source_db) as conn:
+        conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(USER),))
+        conn.execute("INSERT INTO orders VALUES (2, 'paid')")
+        conn.rollback()
+    assert messages(read_test_decoding(source_db, "t_ctx")) == []
+
+
+def test_set_context_if_writing_costs_nothing_in_a_read_only_transaction(source_db):
+    with psycopg.connect(source_db) as conn:
+        conn.execute("SELECT count(*) FROM orders")
+        conn.execute("SELECT audit.set_context_if_writing(%s::jsonb)", (json.dumps(USER),))
+        assigned = conn.execute("SELECT pg_current_xact_id_if_assigned()").fetchone()[0]
+    assert assigned is None
+    assert messages(read_test_decoding(source_db, "t_ctx")) == []
+
+
+def test_a_role_without_privileges_can_set_context(source_db):
+    with psycopg.connect(source_db, autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS t_app_role")
+        admin.execute("CREATE ROLE t_app_role LOGIN PASSWORD 'app-pw'")
+        admin.execute("GRANT INSERT ON orders TO t_app_role")
+    app_url = psycopg.conninfo.make_conninfo(source_db, user="t_app_role", password="app-pw")
+    try:
+        with psycopg.connect(app_url) as conn:
+            conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(USER),))
+            conn.execute("INSERT INTO orders VALUES (3, 'new')")
+        [(_, ctx)] = messages(read_test_decoding(source_db, "t_ctx"))
+        assert ctx["actor"]["id"] == "u-17"
+    finally:
+        with psycopg.connect(source_db, autocommit=True) as admin:
+            admin.execute("DROP OWNED BY t_app_role")
+            admin.execute("DROP ROLE t_app_role")
+
+
+def test_attach_context_to_a_committed_transaction_is_captured(source_db):
+    with psycopg.connect(source_db) as conn:
+        conn.execute("INSERT INTO orders VALUES (4, 'paid')")
+        xid = conn.execute("SELECT pg_current_xact_id()").fetchone()[0]
+    with psycopg.connect(source_db) as conn:
+        conn.execute(
+            "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(xid), json.dumps(USER))
+        )
+    rows = read_test_decoding(source_db, "t_ctx")
+    [(insert_xid, _)] = changes(rows, "public.orders")
+    [(_, attached)] = messages(rows, ATTACH_PREFIX)
+    assert attached == {"xid": str(xid), "context": USER}
+    assert int(attached["xid"]) % 2**32 == insert_xid
+    assert messages(rows) == []
+
+
+def test_attach_context_refuses_a_transaction_that_did_not_commit(source_db):
+    with psycopg.connect(source_db) as conn:
+        conn.execute("INSERT INTO orders VALUES (5, 'paid')")
+        aborted = conn.execute("SELECT pg_current_xact_id()").fetchone()[0]
+        conn.rollback()
+    with (
+        psycopg.connect(source_db) as conn,
+        pytest.raises(
+            psycopg.errors.InvalidParameterValue, match=rf"transaction {aborted} is aborted"
+        ),
+    ):
+        conn.execute(
+            "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(aborted), json.dumps(USER))
+        )
+
+
+def test_attach_context_refuses_the_current_transaction(source_db):
+    with (
+        psycopg.connect(source_db) as conn,
+        pytest.raises(
+            psycopg.errors.InvalidParameterValue, match=r"use audit\.set_context instead"
+        ),
+    ):
+        conn.execute("INSERT INTO orders VALUES (6, 'paid')")
+        conn.execute(
+            "SELECT audit.attach_context(pg_current_xact_id(), %s::jsonb)", (json.dumps(USER),)
+        )
+
+
+@pytest.mark.parametrize(
+    ("context", "message"),
+    [
+        ("[1, 2]", "audit context must be a JSON object, got array"),
+        ('"text"', "audit context must be a JSON object, got string"),
+        ("{}", 'field "actor" must be an object'),
+        ('{"actor": {"type": "robot", "id": "1"}}', '"actor.type" must be one of user, service, job, system; got "robot"'),
+        ('{"actor": {"type": "user"}}', '"actor.id" must be a non-empty string; got nothing'),
+        ('{"actor": {"type": "user", "id": 42}}', '"actor.id" must be a non-empty string; got 42'),
+        ('{"actor": {"type": "user", "id": "1", "email": "x"}}', 'unknown field "actor.email"'),
+        ('{"actor": {"type": "user", "id": "1"}, "who": "me"}', 'unknown field "who"'),
+        ('{"actor": {"type": "user", "id": "1"}, "reason": 5}', 'field "reason" must be a string; got number'),
+        ('{"actor": {"type": "user", "id": "1"}, "trace_id": "abc"}', '"trace_id" must be a W3C trace-id'),
+        ('{"actor": {"type": "user", "id": "1"}, "client_addr": "here"}', '"client_addr" must be an IP address; got here'),
+        ('{"actor": {"type": "user", "id": "1"}, "job": {"name": "x", "pid": "1"}}', '"job.pid" is not allowed'),
+        ('{"actor": {"type": "user", "id": "1"}, "attributes": [1]}', '"attributes" must be an object; got array'),
+    ],
+)  # fmt: skip
+def test_invalid_context_fails_the_transaction_naming_the_field(source_db, context, message):
+    with psycopg.connect(source_db) as conn:
+        conn.execute("INSERT INTO orders VALUES (7, 'paid')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
+            conn.execute("SELECT audit.set_context(%s::jsonb)", (context,))
+        assert message in str(refused.value)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+    with psycopg.connect(source_db) as conn:
+        assert conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 0
+
+
+def test_oversized_context_is_refused_with_the_limit(source_db):
+    big = json.dumps({"actor": {"type": "user", "id": "1"}, "attributes": {"blob": "x" * 9000}})
+    with (
+        psycopg.connect(source_db) as conn,
+        pytest.raises(psycopg.errors.InvalidParameterValue, match=r"bytes; the limit is 8192"),
+    ):
+        conn.execute("SELECT audit.set_context(%s::jsonb)", (big,))
+
+
+def test_published_json_schema_is_the_python_model():
+    from audit_platform.context.model import TransactionContext
+
+    published = json.loads((Settings().resources_dir / "context.schema.json").read_text())
+    for key in ("$schema", "$id"):
+        published.pop(key)
+    assert published == TransactionContext.model_json_schema(), (
+        "resources/context.schema.json is stale; regenerate it from TransactionContext"
+    )
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"actor": {"type": "user", "id": "1"}},
+        {"actor": {"type": "job", "id": "n", "name": "Nightly"}, "job": {"name": "n", "run_id": "r"}},
+        {"actor": {"type": "system", "id": "x"}, "client_addr": "2001:db8::1", "trace_id": "a" * 32},
+        {"actor": {"type": "service", "id": "x"}, "attributes": {"k": [1, {"n": None}]}},
+        {"actor": {"type": "robot", "id": "1"}},
+        {"actor": {"type": "user", "id": ""}},
+        {"actor": {"type": "user", "id": "1"}, "extra": 1},
+        {"actor": {"type": "user", "id": "1"}, "trace_id": "0" * 32},
+        {"actor": {"type": "user", "id": "1"}, "client_addr": "256.1.1.1"},
+        {"actor": {"type": "user", "id": "1"}, "job": {"name": 1}},
+        {"actor": {"type": "user", "id": "1"}, "reason": None, "job": None, "attributes": None},
+        {"actor": None},
+    ],
+)  # fmt: skip
+def test_python_model_and_database_agree_on_what_is_valid(source_db, context):
+    from pydantic import ValidationError
+
+    from audit_platform.context.model import TransactionContext
+
+    try:
+        TransactionContext.model_validate(context)
+        python_ok = True
+    except ValidationError:
+        python_ok = False
+    with psycopg.connect(source_db) as conn:
+        try:
+            conn.execute("SELECT audit.validate_context(%s::jsonb)", (json.dumps(context),))
+            database_ok = True
+        except psycopg.errors.InvalidParameterValue:
+            database_ok = False
+    assert python_ok == database_ok
