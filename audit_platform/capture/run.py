@@ -1,0 +1,239 @@
+"""One capture: read a source's slot up to a fixed LSN and stage it, batch by batch.
+
+Per batch, in this order (DESIGN.md, invariant 1): decode and apply the column policy, announce
+the files in an in-flight manifest, write them durably, confirm the batch's end LSN to the slot,
+wait until the server has taken it, then settle the manifest. A crash anywhere re-reads from the
+slot's confirmed position; ``StagingStore.recover`` first removes what an unconfirmed attempt
+wrote, so the result is the same files, once each.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import polars as pl
+import psycopg
+
+from audit_platform.capture.pgoutput import ChangeBatch, Masker, PgOutputDecoder
+from audit_platform.capture.stream import SlotBusy, SlotStream
+from audit_platform.naming import publication_name, slot_name
+from audit_platform.policy import SourcePolicy
+from audit_platform.staging import StagedFile, StagingStore, parse_lsn
+
+CHANGES_SCHEMA = {
+    "lsn": pl.Int64,
+    "xid": pl.Int64,
+    "commit_time_us": pl.Int64,
+    "change_index": pl.Int32,
+    "operation": pl.String,
+    "schema": pl.String,
+    "table": pl.String,
+    "key_columns": pl.List(pl.String),
+    "before": pl.String,
+    "after": pl.String,
+    "unchanged_toast": pl.List(pl.String),
+    "column_types": pl.String,
+}
+CONTEXTS_SCHEMA = {
+    "lsn": pl.Int64,
+    "xid": pl.Int64,
+    "commit_time_us": pl.Int64,
+    "seq": pl.Int32,
+    "kind": pl.String,
+    "target_xid": pl.Int64,
+    "context": pl.String,
+}
+
+
+@dataclass
+class SlotState:
+    confirmed_lsn: int
+    current_lsn: int
+    active_pid: int | None
+
+    @property
+    def lag_bytes(self) -> int:
+        return max(0, self.current_lsn - self.confirmed_lsn)
+
+
+@dataclass
+class CaptureResult:
+    slot: str
+    start_lsn: int
+    target_lsn: int
+    confirmed_lsn: int = 0
+    batches: int = 0
+    transactions: int = 0
+    changes: int = 0
+    contexts: int = 0
+    payload_bytes: int = 0
+    staged_bytes: int = 0
+    files: list[StagedFile] = field(default_factory=list)
+    recovered_files: list[str] = field(default_factory=list)
+    lag_bytes_after: int = 0
+    seconds: float = 0.0
+
+    @property
+    def hours(self) -> list[datetime]:
+        return sorted({f.hour for f in self.files})
+
+
+def slot_state(conn: psycopg.Connection, slot: str) -> SlotState:
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text, active_pid"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    if row is None:
+        raise LookupError(
+            f"slot {slot} does not exist; run `audit-platform source setup` for this "
+            "environment and source"
+        )
+    return SlotState(parse_lsn(row[0]), parse_lsn(row[1]), row[2])
+
+
+def frames(batch: ChangeBatch, *, env: str, source: str, policy_version: str):
+    """The batch as the two staged datasets, with the columns every record needs."""
+    changes = pl.DataFrame(
+        {
+            "lsn": batch.lsn,
+            "xid": batch.xid,
+            "commit_time_us": batch.commit_time_us,
+            "change_index": batch.change_index,
+            "operation": batch.operation,
+            "schema": batch.schema,
+            "table": batch.table,
+            "key_columns": batch.key_columns,
+            "before": batch.before,
+            "after": batch.after,
+            "unchanged_toast": batch.unchanged_toast,
+            "column_types": batch.column_types,
+        },
+        schema=CHANGES_SCHEMA,
+    )
+    contexts = pl.DataFrame(
+        {
+            "lsn": batch.ctx_lsn,
+            "xid": batch.ctx_xid,
+            "commit_time_us": batch.ctx_commit_time_us,
+            "seq": batch.ctx_seq,
+            "kind": batch.ctx_kind,
+            "target_xid": batch.ctx_target_xid,
+            "context": batch.ctx_context,
+        },
+        schema=CONTEXTS_SCHEMA,
+    )
+    extra = [
+        pl.from_epoch("commit_time_us", time_unit="us")
+        .dt.replace_time_zone("UTC")
+        .alias("commit_time"),
+        pl.lit(env).alias("env"),
+        pl.lit(source).alias("source"),
+    ]
+    changes = changes.with_columns(*extra, pl.lit(policy_version).alias("policy_version"))
+    contexts = contexts.with_columns(*extra)
+    return changes.drop("commit_time_us"), contexts.drop("commit_time_us")
+
+
+def capture(
+    url: str,
+    env: str,
+    policy: SourcePolicy,
+    store: StagingStore,
+    *,
+    mask_key: bytes | None,
+    target_lsn: int | None = None,
+    batch_changes: int = 50_000,
+    crash_at: str | None = None,
+) -> CaptureResult:
+    """Stage everything committed up to ``target_lsn`` (default: the current WAL position).
+
+    ``crash_at`` exists for the crash tests: "before_staging", "after_staging" (before the
+    slot moves) or "during_advance" (feedback sent, not yet settled) raise there.
+    """
+    if mask_key is None and any(t.mask for t in policy.tables.values()):
+        raise ValueError(
+            f"policy of source {policy.source!r} masks columns but no masking key is set; "
+            "set AUDIT_MASK_KEY (a secret per environment) before capturing"
+        )
+    started = time.monotonic()
+    slot, publication = slot_name(env, policy.source), publication_name(env, policy.source)
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        state = slot_state(conn, slot)
+        if state.active_pid is not None:
+            raise SlotBusy(
+                f"slot {slot} is in use by process {state.active_pid}; only one capture per "
+                "slot may run at a time"
+            )
+        result = CaptureResult(
+            slot=slot, start_lsn=state.confirmed_lsn, target_lsn=target_lsn or state.current_lsn
+        )
+        result.recovered_files = store.recover(state.confirmed_lsn)
+
+        def type_names(oids: list[int]) -> dict[int, str]:
+            rows = conn.execute(
+                "SELECT oid::bigint, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(%s)",
+                (oids,),
+            ).fetchall()
+            return dict(rows)
+
+        decoder = PgOutputDecoder(policy, Masker(mask_key or b""), type_names)
+        stream = SlotStream(url, slot, publication)
+        try:
+            stream.start()
+            for raw in stream.batches(result.target_lsn, batch_changes):
+                batch = decoder.decode(raw.messages, ChangeBatch())
+                result.payload_bytes += raw.payload_bytes
+                if batch.end_lsn is None:
+                    continue
+                _stage(batch, store, env, policy, stream, conn, slot, result, crash_at)
+            # Nothing (more) to stage up to the target: let the slot release that WAL too.
+            if stream.server_wal_end >= result.target_lsn > result.confirmed_lsn:
+                stream.confirm(result.target_lsn)
+                _wait_confirmed(conn, slot, result.target_lsn)
+                result.confirmed_lsn = result.target_lsn
+        finally:
+            stream.close()
+        result.confirmed_lsn = max(result.confirmed_lsn, result.start_lsn)
+        result.lag_bytes_after = slot_state(conn, slot).lag_bytes
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _stage(batch, store, env, policy, stream, conn, slot, result, crash_at) -> None:
+    changes, contexts = frames(
+        batch, env=env, source=policy.source, policy_version=policy.policy_version
+    )
+    if crash_at == "before_staging":
+        raise RuntimeError("simulated crash before staging")
+    planned = [
+        path
+        for d, f in (("changes", changes), ("contexts", contexts))
+        for _, path, _ in store.plan(d, f)
+    ]
+    manifest = store.announce(batch.first_lsn, batch.end_lsn, planned)
+    written = store.write("changes", changes) + store.write("contexts", contexts)
+    if crash_at == "after_staging":
+        raise RuntimeError("simulated crash after staging, before the slot advanced")
+    stream.confirm(batch.end_lsn)
+    if crash_at == "during_advance":
+        raise RuntimeError("simulated crash during the advance")
+    _wait_confirmed(conn, slot, batch.end_lsn)
+    store.settle(manifest)
+    result.confirmed_lsn = batch.end_lsn
+    result.batches += 1
+    result.transactions += batch.transactions
+    result.changes += changes.height
+    result.contexts += contexts.height
+    result.files.extend(written)
+    result.staged_bytes += sum(store.fs.size(f.path) for f in written)
+
+
+def _wait_confirmed(conn: psycopg.Connection, slot: str, lsn: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while slot_state(conn, slot).confirmed_lsn < lsn:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"slot {slot} did not confirm LSN {lsn} within {timeout:.0f}s")
+        time.sleep(0.02)

@@ -1,0 +1,125 @@
+"""Reading a logical replication slot over the streaming replication protocol.
+
+Why streaming rather than the SQL functions: ``pg_logical_slot_peek_*`` decodes from the slot's
+restart point on every call and the later advance decodes the same WAL again; a stream decodes
+each change once, and the slot moves exactly when we confirm (``send_feedback``), which is what
+"advance only after staging is durable" needs. psycopg 3 has no replication protocol support;
+psycopg2's ``LogicalReplicationConnection`` does.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg2
+import psycopg2.errors
+from psycopg2.extras import LogicalReplicationConnection
+
+_BEGIN, _COMMIT = 66, 67
+_ROW_CHANGES = frozenset(b"IUDT")
+
+
+class SlotBusy(RuntimeError):
+    """Another consumer holds the slot: at most one capture per slot runs at a time."""
+
+
+@dataclass
+class RawBatch:
+    """pgoutput messages of whole transactions, at most about ``batch_changes`` row changes."""
+
+    messages: list[bytes]
+    changes: int
+    payload_bytes: int
+
+
+class SlotStream:
+    """A replication connection reading one slot up to a target LSN, in bounded batches."""
+
+    def __init__(self, url: str, slot: str, publication: str) -> None:
+        self.slot = slot
+        self.publication = publication
+        try:
+            self.conn = psycopg2.connect(url, connection_factory=LogicalReplicationConnection)
+        except psycopg2.OperationalError as exc:
+            raise RuntimeError(
+                f"cannot open a replication connection for slot {slot}: {exc}"
+            ) from exc
+        self.cursor = self.conn.cursor()
+
+    def start(self) -> None:
+        try:
+            self.cursor.start_replication(
+                slot_name=self.slot,
+                decode=False,
+                options={
+                    "proto_version": "1",
+                    "publication_names": self.publication,
+                    "messages": "true",
+                },
+                status_interval=10,
+            )
+        except psycopg2.errors.ObjectInUse as exc:
+            raise SlotBusy(
+                f"slot {self.slot} is in use by another consumer (another capture run is "
+                "reading it); only one capture per slot may run at a time"
+            ) from exc
+
+    def batches(
+        self, target_lsn: int, batch_changes: int, idle_timeout: float = 60.0
+    ) -> Iterator[RawBatch]:
+        """Yield batches of complete transactions that committed at or before ``target_lsn``.
+
+        Ends when the server reports it has sent everything up to the target. A batch closes at
+        the first commit after ``batch_changes`` row changes, so a transaction is never split.
+        """
+        messages: list[bytes] = []
+        changes = size = 0
+        in_txn = False
+        deadline = time.monotonic() + idle_timeout
+        while True:
+            message = self.cursor.read_message()
+            if message is None:
+                if not in_txn and self.cursor.wal_end >= target_lsn:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"slot {self.slot}: no progress for {idle_timeout:.0f}s before reaching "
+                        f"the target LSN (server at {self.cursor.wal_end}, target {target_lsn})"
+                    )
+                # Ask for a keepalive so wal_end tells us how far the server has read.
+                self.cursor.send_feedback(reply=True)
+                select.select([self.conn], [], [], 0.5)
+                continue
+            deadline = time.monotonic() + idle_timeout
+            payload = message.payload
+            kind = payload[0]
+            if kind == _BEGIN:
+                final_lsn = int.from_bytes(payload[1:9], "big")
+                if final_lsn > target_lsn:
+                    break  # committed after the target: the next capture takes it
+                in_txn = True
+            messages.append(payload)
+            size += len(payload)
+            if kind in _ROW_CHANGES:
+                changes += 1
+            elif kind == _COMMIT:
+                in_txn = False
+                if changes >= batch_changes:
+                    yield RawBatch(messages, changes, size)
+                    messages, changes, size = [], 0, 0
+        if messages:
+            yield RawBatch(messages, changes, size)
+
+    @property
+    def server_wal_end(self) -> int:
+        return self.cursor.wal_end
+
+    def confirm(self, lsn: int) -> None:
+        """Tell the server everything up to ``lsn`` is durable; it may release that WAL."""
+        self.cursor.send_feedback(write_lsn=lsn, flush_lsn=lsn, reply=True, force=True)
+
+    def close(self) -> None:
+        self.conn.close()

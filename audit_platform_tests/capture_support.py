@@ -1,0 +1,52 @@
+"""A source database set up for capture, for the capture tests."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import psycopg
+
+from audit_platform.capture.run import CaptureResult, capture
+from audit_platform.policy import SourcePolicy
+from audit_platform.settings import Settings
+from audit_platform.sources.setup import setup_source
+from audit_platform.staging import StagingStore
+
+MASK_KEY = b"test-mask-key"
+
+
+@dataclass
+class CaptureSource:
+    url: str
+    env: str
+    policy: SourcePolicy
+    store: StagingStore
+
+    def execute(self, statements: str, params=None) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(statements, params)
+
+    def capture(self, **kwargs) -> CaptureResult:
+        return capture(self.url, self.env, self.policy, self.store, mask_key=MASK_KEY, **kwargs)
+
+    def staged(self, dataset: str = "changes") -> pl.DataFrame:
+        frame = self.store.read_all(dataset)
+        assert frame is not None, f"nothing staged in {dataset}"
+        return frame.sort("lsn", "change_index" if dataset == "changes" else "seq")
+
+
+def make_source(
+    url: str, tmp_path: Path, ddl: str, policy: SourcePolicy, env: str = "test"
+) -> CaptureSource:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(ddl)
+    setup_source(url, env, policy, Settings().resources_dir / "sql")
+    store = StagingStore(str(tmp_path / "staging"), env, policy.source)
+    return CaptureSource(url, env, policy, store)
+
+
+def images(frame: pl.DataFrame, column: str) -> list[dict | None]:
+    return [None if v is None else json.loads(v) for v in frame[column]]
