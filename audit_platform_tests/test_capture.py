@@ -116,7 +116,7 @@ def test_unchanged_toasted_value_comes_from_the_before_image(pg_database, tmp_pa
     _, update_before = images(staged, "before")
     assert update_after["body"] == big == update_before["body"]
     assert update_after["title"] == "final"
-    assert staged["unchanged_toast"][1].to_list() == []
+    assert staged["unchanged_toast"][1] is None
 
 
 def test_truncate_is_one_event_per_table(pg_database, tmp_path):
@@ -164,7 +164,7 @@ def test_partitioned_table_is_recorded_under_its_root(pg_database, tmp_path):
     source.capture()
     staged = source.staged()
     assert staged["table"].unique().to_list() == ["events"]
-    assert staged["key_columns"][0].to_list() == ["id", "at"]
+    assert json.loads(staged["key_columns"][0]) == ["id", "at"]
     assert images(staged, "before")[2]["note"] == "b"
 
 

@@ -11,7 +11,6 @@ Message layouts: https://www.postgresql.org/docs/current/protocol-logicalrep-mes
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import struct
 from collections.abc import Callable, Iterable
@@ -48,6 +47,7 @@ class Relation:
     #: Per column: None to drop it, False to keep it as is, True to mask it.
     plan: list[bool | None] = field(default_factory=list)
     key_columns: list[str] = field(default_factory=list)
+    key_json: str = "[]"
     tracked: bool = True
 
     @property
@@ -67,10 +67,10 @@ class ChangeBatch:
     operation: list[str] = field(default_factory=list)
     schema: list[str] = field(default_factory=list)
     table: list[str] = field(default_factory=list)
-    key_columns: list[list[str]] = field(default_factory=list)
+    key_columns: list[str] = field(default_factory=list)
     before: list[str | None] = field(default_factory=list)
     after: list[str | None] = field(default_factory=list)
-    unchanged_toast: list[list[str]] = field(default_factory=list)
+    unchanged_toast: list[str | None] = field(default_factory=list)
     column_types: list[str] = field(default_factory=list)
     # contexts
     ctx_lsn: list[int] = field(default_factory=list)
@@ -104,14 +104,17 @@ class ChangeBatch:
 
 
 class Masker:
-    """Keyed hash for masked columns: equal values stay equal, the value itself is gone."""
+    """Keyed hash for masked columns: equal values stay equal, the value itself is gone.
+
+    BLAKE2b in keyed mode is a MAC in one C call, several times cheaper per value than HMAC.
+    """
 
     def __init__(self, key: bytes) -> None:
-        self._key = key
+        self._key = hashlib.blake2b(key, digest_size=32).digest()  # any length in, 32 bytes out
 
     def __call__(self, value: str) -> str:
-        digest = hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()
-        return f"masked:{digest[:32]}"
+        digest = hashlib.blake2b(value.encode(), key=self._key, digest_size=16).hexdigest()
+        return f"masked:{digest}"
 
 
 class PgOutputDecoder:
@@ -219,6 +222,7 @@ class PgOutputDecoder:
             relation.key_columns = [
                 c for c, k in zip(relation.columns, relation.key_flags, strict=True) if k
             ]
+        relation.key_json = _json(relation.key_columns)
 
     def _column_types(self, relation: Relation) -> str:
         cached = self._relation_types.get(relation.relid)
@@ -297,10 +301,10 @@ class PgOutputDecoder:
         batch.operation.append(operation)
         batch.schema.append(relation.schema)
         batch.table.append(relation.name)
-        batch.key_columns.append(relation.key_columns)
+        batch.key_columns.append(relation.key_json)
         batch.before.append(None if before is None else _json(before))
         batch.after.append(None if after is None else _json(after))
-        batch.unchanged_toast.append(unchanged)
+        batch.unchanged_toast.append(_json(unchanged) if unchanged else None)
         batch.column_types.append(self._column_types(relation))
 
     def _insert(self, data: memoryview, batch: ChangeBatch) -> None:

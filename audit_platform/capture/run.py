@@ -30,10 +30,10 @@ CHANGES_SCHEMA = {
     "operation": pl.String,
     "schema": pl.String,
     "table": pl.String,
-    "key_columns": pl.List(pl.String),
+    "key_columns": pl.String,  # JSON array of column names
     "before": pl.String,
     "after": pl.String,
-    "unchanged_toast": pl.List(pl.String),
+    "unchanged_toast": pl.String,  # JSON array, or null when every value was sent
     "column_types": pl.String,
 }
 CONTEXTS_SCHEMA = {

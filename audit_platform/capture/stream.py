@@ -89,9 +89,10 @@ class SlotStream:
                         f"slot {self.slot}: no progress for {idle_timeout:.0f}s before reaching "
                         f"the target LSN (server at {self.cursor.wal_end}, target {target_lsn})"
                     )
-                # Ask for a keepalive so wal_end tells us how far the server has read.
-                self.cursor.send_feedback(reply=True)
-                select.select([self.conn], [], [], 0.5)
+                readable, _, _ = select.select([self.conn], [], [], 0.2)
+                if not readable:
+                    # Quiet: ask for a keepalive, whose wal_end says how far the server has read.
+                    self.cursor.send_feedback(reply=True)
                 continue
             deadline = time.monotonic() + idle_timeout
             payload = message.payload
