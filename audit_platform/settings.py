@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     es_verify_certs: bool = True
 
     resources_dir: Path = PROJECT_ROOT / "resources"
+    staging_root: str = Field(
+        default=str(PROJECT_ROOT / ".staging"),
+        description="Folder or s3:// URL under which staged batches are written.",
+    )
+    mask_key: SecretStr | None = Field(
+        default=None, description="Secret key of this environment for masked columns."
+    )
 
     # The local stack of real servers (audit-platform stack ...).
     stack_dir: Path = PROJECT_ROOT / ".stack"

@@ -17,10 +17,11 @@ import polars as pl
 import psycopg
 
 from audit_platform.capture.pgoutput import ChangeBatch, Masker, PgOutputDecoder
+from audit_platform.capture.slot import slot_state
 from audit_platform.capture.stream import SlotBusy, SlotStream
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
-from audit_platform.staging import StagedFile, StagingStore, parse_lsn
+from audit_platform.staging import StagedFile, StagingStore
 
 CHANGES_SCHEMA = {
     "lsn": pl.Int64,
@@ -48,17 +49,6 @@ CONTEXTS_SCHEMA = {
 
 
 @dataclass
-class SlotState:
-    confirmed_lsn: int
-    current_lsn: int
-    active_pid: int | None
-
-    @property
-    def lag_bytes(self) -> int:
-        return max(0, self.current_lsn - self.confirmed_lsn)
-
-
-@dataclass
 class CaptureResult:
     slot: str
     start_lsn: int
@@ -78,20 +68,6 @@ class CaptureResult:
     @property
     def hours(self) -> list[datetime]:
         return sorted({f.hour for f in self.files})
-
-
-def slot_state(conn: psycopg.Connection, slot: str) -> SlotState:
-    row = conn.execute(
-        "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text, active_pid"
-        " FROM pg_replication_slots WHERE slot_name = %s",
-        (slot,),
-    ).fetchone()
-    if row is None:
-        raise LookupError(
-            f"slot {slot} does not exist; run `audit-platform source setup` for this "
-            "environment and source"
-        )
-    return SlotState(parse_lsn(row[0]), parse_lsn(row[1]), row[2])
 
 
 def frames(batch: ChangeBatch, *, env: str, source: str, policy_version: str):

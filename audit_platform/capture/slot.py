@@ -1,0 +1,62 @@
+"""What a slot holds, asked cheaply: the questions a sensor or an asset check asks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+
+from audit_platform.staging import parse_lsn
+
+
+@dataclass(frozen=True)
+class SlotState:
+    confirmed_lsn: int
+    current_lsn: int
+    active_pid: int | None
+
+    @property
+    def lag_bytes(self) -> int:
+        return max(0, self.current_lsn - self.confirmed_lsn)
+
+
+def slot_state(conn: psycopg.Connection, slot: str) -> SlotState:
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text, active_pid"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    if row is None:
+        raise LookupError(
+            f"slot {slot} does not exist; run `audit-platform source setup` for this "
+            "environment and source"
+        )
+    return SlotState(parse_lsn(row[0]), parse_lsn(row[1]), row[2])
+
+
+@dataclass(frozen=True)
+class SlotPeek:
+    state: SlotState
+    has_changes: bool
+
+
+def peek(url: str, slot: str, publication: str) -> SlotPeek:
+    """Whether the slot holds at least one change, without consuming anything.
+
+    Decodes from the slot's restart point only until the first change (``upto_nchanges`` 1),
+    which is cheap while capture keeps up. A slot held by a running capture is reported as
+    having no changes for us: that capture is taking them.
+    """
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        state = slot_state(conn, slot)
+        if state.active_pid is not None or state.lag_bytes == 0:
+            return SlotPeek(state, False)
+        try:
+            rows = conn.execute(
+                "SELECT 1 FROM pg_logical_slot_peek_binary_changes(%s, NULL, 1,"
+                " 'proto_version', '1', 'publication_names', %s, 'messages', 'true') LIMIT 1",
+                (slot, publication),
+            ).fetchall()
+        except psycopg.errors.ObjectInUse:
+            return SlotPeek(state, False)
+    return SlotPeek(state, bool(rows))

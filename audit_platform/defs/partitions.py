@@ -1,0 +1,18 @@
+"""The one time partitioning of the data assets: hours of commit time, in UTC."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import dagster as dg
+
+#: Changes committed before this hour are not expected; the range starts early enough for any
+#: source set up today, and a later start keeps the partition count far below Dagster's limits.
+PARTITIONS_START = "2025-01-01-00:00"
+PARTITION_KEY_FORMAT = "%Y-%m-%d-%H:%M"
+
+hourly_partitions_def = dg.HourlyPartitionsDefinition(start_date=PARTITIONS_START, timezone="UTC")
+
+
+def hour_key(hour: datetime) -> str:
+    return hour.strftime(PARTITION_KEY_FORMAT)

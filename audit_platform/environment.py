@@ -1,0 +1,51 @@
+"""Which sources an environment captures, from ``resources/environments/<env>.yaml``.
+
+Each environment's deployment reads only its own file, so a dev deployment cannot even name a
+production source. Connection URLs are never in the file: it names the variable holding each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from audit_platform.naming import check_identifier
+from audit_platform.policy import PolicyError
+
+
+class SourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url_env: str = Field(description="Environment variable holding the source's libpq URL.")
+
+
+class EnvironmentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: dict[str, SourceConfig] = {}
+    capture_interval_seconds: int = Field(default=10, ge=1)
+    capture_batch_changes: int = Field(default=50_000, ge=100)
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, sources: dict[str, SourceConfig]) -> dict[str, SourceConfig]:
+        for name in sources:
+            check_identifier("source", name)
+        return sources
+
+
+def environment_path(resources_dir: Path, env: str) -> Path:
+    return resources_dir / "environments" / f"{check_identifier('environment', env)}.yaml"
+
+
+def load_environment(resources_dir: Path, env: str) -> EnvironmentConfig:
+    """The environment's configuration; an environment without a file captures nothing."""
+    path = environment_path(resources_dir, env)
+    if not path.exists():
+        return EnvironmentConfig()
+    try:
+        return EnvironmentConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{path}: {exc}") from exc

@@ -1,0 +1,103 @@
+"""The capture sensor and job in Dagster, against a real source database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import psycopg
+import pytest
+
+from audit_platform.defs import build_definitions
+from audit_platform.defs.capture.assets import SLOT_TAG
+from audit_platform.defs.partitions import hour_key
+from audit_platform.policy import load_policy
+from audit_platform.settings import Settings
+from audit_platform.sources.setup import setup_source
+
+SHOP_DDL = """
+CREATE TABLE customers (id int PRIMARY KEY, email text, phone text, password_hash text,
+                        updated_at timestamptz);
+CREATE TABLE orders (id int PRIMARY KEY, customer_id int, status text, updated_at timestamptz);
+CREATE TABLE order_lines (id int PRIMARY KEY, order_id int, sku text, quantity int);
+CREATE TABLE payments (id int PRIMARY KEY, order_id int, card_last4 text);
+ALTER TABLE customers REPLICA IDENTITY FULL; ALTER TABLE orders REPLICA IDENTITY FULL;
+ALTER TABLE order_lines REPLICA IDENTITY FULL; ALTER TABLE payments REPLICA IDENTITY FULL;
+"""
+
+
+@pytest.fixture
+def shop(pg_database, tmp_path, monkeypatch):
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute(SHOP_DDL)
+    settings = Settings()
+    policy = load_policy(settings.resources_dir / "sources" / "shop.yaml")
+    setup_source(pg_database, "dev", policy, settings.resources_dir / "sql")
+    monkeypatch.setenv("AUDIT_ENV", "dev")
+    monkeypatch.setenv("AUDIT_SOURCE_SHOP_URL", pg_database)
+    monkeypatch.setenv("AUDIT_STAGING_ROOT", str(tmp_path / "staging"))
+    monkeypatch.setenv("AUDIT_MASK_KEY", "test-key")
+    return pg_database
+
+
+def _tick(defs: dg.Definitions, instance: dg.DagsterInstance):
+    sensor = defs.resolve_sensor_def("capture_shop_sensor")
+    return sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+
+
+def test_sensor_is_idle_on_an_idle_slot_and_requests_one_run_when_not(shop):
+    defs = build_definitions()
+    with dg.instance_for_test() as instance:
+        assert isinstance(_tick(defs, instance), dg.SkipReason)
+
+        with psycopg.connect(shop) as conn:
+            conn.execute("INSERT INTO customers (id, email) VALUES (1, 'ada@example.com')")
+            conn.execute("INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')")
+        result = _tick(defs, instance)
+        [request] = result.run_requests
+        assert request.tags[SLOT_TAG] == "audit_dev_shop"
+        assert result.cursor == request.run_config["ops"]["capture_shop"]["config"]["target_lsn"]
+
+        job = defs.resolve_job_def("capture_shop_job")
+        run = job.execute_in_process(
+            run_config=request.run_config, instance=instance, tags=request.tags
+        )
+        assert run.success
+        [output_event] = [e for e in run.all_events if e.event_type_value == "STEP_OUTPUT"]
+        output = output_event.event_specific_data.metadata
+        assert output["changes"].value == 2
+        materialized = instance.get_latest_materialization_event(
+            dg.AssetKey(["shop", "staged_changes"])
+        )
+        now = datetime.now(UTC)
+        assert materialized.dagster_event.partition in {
+            hour_key(now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=h))
+            for h in (0, 1)
+        }
+
+        assert isinstance(_tick(defs, instance), dg.SkipReason)
+
+
+def test_sensor_waits_while_a_capture_run_for_the_slot_is_in_flight(shop):
+    defs = build_definitions()
+    with psycopg.connect(shop) as conn:
+        conn.execute("INSERT INTO orders (id, status) VALUES (1, 'new')")
+    with dg.instance_for_test() as instance:
+        instance.create_run_for_job(
+            job_def=defs.resolve_job_def("capture_shop_job"),
+            tags={SLOT_TAG: "audit_dev_shop"},
+            status=dg.DagsterRunStatus.STARTED,
+        )
+        skipped = _tick(defs, instance)
+        assert isinstance(skipped, dg.SkipReason)
+        assert "already queued or running" in skipped.skip_message
+
+
+def test_code_location_serves_only_its_environments_sources(monkeypatch):
+    monkeypatch.setenv("AUDIT_ENV", "ci_only_env")
+    defs = build_definitions()
+    assert list(defs.sensors or []) == []
+    monkeypatch.setenv("AUDIT_ENV", "prod")
+    prod = build_definitions()
+    assert [s.name for s in prod.sensors] == ["capture_shop_sensor"]
+    dg.Definitions.validate_loadable(prod)
