@@ -27,6 +27,8 @@ class EnvironmentConfig(BaseModel):
     sources: dict[str, SourceConfig] = {}
     capture_interval_seconds: int = Field(default=10, ge=1)
     capture_batch_changes: int = Field(default=50_000, ge=100)
+    #: How long an orphan waits for a late context before it is indexed as unattributed.
+    enrich_grace_minutes: int = Field(default=10, ge=0)
 
     @field_validator("sources")
     @classmethod

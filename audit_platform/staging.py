@@ -73,27 +73,44 @@ class StagingStore:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def plan(self, dataset: str, frame: pl.DataFrame) -> list[tuple[datetime, str, pl.DataFrame]]:
-        """Split a batch by commit hour: (hour, path, rows) for each file it will write."""
+    def plan(
+        self, dataset: str, frame: pl.DataFrame, part: int | None = None
+    ) -> list[tuple[datetime, str, pl.DataFrame]]:
+        """Split a batch by commit hour: (hour, path, rows) for each file it will write.
+
+        ``part`` names the pieces of one transaction too large for one batch:
+        ``<lsn>-<lsn>.partNNNN.parquet``, numbered in the order they were read.
+        """
         if frame.is_empty():
             return []
         hours = frame.with_columns(pl.col("commit_time").dt.truncate("1h").alias("_hour"))
         planned = []
-        for (hour,), part in hours.sort("_hour").group_by("_hour", maintain_order=True):
-            part = part.drop("_hour")
-            first, last = part["lsn"].min(), part["lsn"].max()
-            name = f"{lsn_hex(first)}-{lsn_hex(last)}.parquet"
-            planned.append((hour, f"{self.hour_dir(dataset, hour)}/{name}", part))
+        suffix = "" if part is None else f".part{part:04d}"
+        for (hour,), rows in hours.sort("_hour").group_by("_hour", maintain_order=True):
+            rows = rows.drop("_hour")
+            first, last = rows["lsn"].min(), rows["lsn"].max()
+            name = f"{lsn_hex(first)}-{lsn_hex(last)}{suffix}.parquet"
+            planned.append((hour, f"{self.hour_dir(dataset, hour)}/{name}", rows))
         return planned
 
-    def write(self, dataset: str, frame: pl.DataFrame) -> list[StagedFile]:
+    def write(self, dataset: str, frame: pl.DataFrame, part: int | None = None) -> list[StagedFile]:
         written = []
-        for hour, path, part in self.plan(dataset, frame):
-            self._write_durably(path, part)
+        for hour, path, rows in self.plan(dataset, frame, part):
+            self._write_durably(path, rows)
             written.append(
-                StagedFile(dataset, hour, path, part.height, part["lsn"].min(), part["lsn"].max())
+                StagedFile(dataset, hour, path, rows.height, rows["lsn"].min(), rows["lsn"].max())
             )
         return written
+
+    def replace_hour(self, dataset: str, hour: datetime, frame: pl.DataFrame) -> str:
+        """Write a derived dataset's one file for an hour, replacing the previous version.
+
+        Derived datasets (records, rejected) are rebuilt whole from the staged hour, so an hour
+        has exactly one file and rebuilding it is idempotent.
+        """
+        path = f"{self.hour_dir(dataset, hour)}/{dataset}.parquet"
+        self._write_durably(path, frame)
+        return path
 
     def _write_durably(self, path: str, frame: pl.DataFrame) -> None:
         directory = path.rsplit("/", 1)[0]
@@ -113,12 +130,15 @@ class StagingStore:
 
     # -- in-flight manifests ------------------------------------------------------------------
 
-    def _manifest_path(self, batch_first_lsn: int) -> str:
-        return f"{self.base}/_inflight/{lsn_hex(batch_first_lsn)}.json"
+    def _manifest_path(self, batch_first_lsn: int, part: int | None) -> str:
+        suffix = "" if part is None else f".part{part:04d}"
+        return f"{self.base}/_inflight/{lsn_hex(batch_first_lsn)}{suffix}.json"
 
-    def announce(self, batch_first_lsn: int, end_lsn: int, paths: Iterable[str]) -> str:
+    def announce(
+        self, batch_first_lsn: int, end_lsn: int, paths: Iterable[str], part: int | None = None
+    ) -> str:
         """Record, before writing, which files a batch will write and where it ends."""
-        path = self._manifest_path(batch_first_lsn)
+        path = self._manifest_path(batch_first_lsn, part)
         body = json.dumps({"end_lsn": end_lsn, "paths": sorted(paths)}).encode()
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
@@ -155,6 +175,17 @@ class StagingStore:
         return removed
 
     # -- reading ------------------------------------------------------------------------------
+
+    def files_by_hour(self, dataset: str) -> list[StagedFile]:
+        """Every staged file of a dataset with the hour its folder names."""
+        found = []
+        for path in self.files(dataset):
+            date = path.rsplit("/date=", 1)[1][:10]
+            hour = path.rsplit("/hour=", 1)[1][:2]
+            stamp = datetime.strptime(f"{date} {hour}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+            first, last = path.rsplit("/", 1)[1].split(".")[0].split("-")
+            found.append(StagedFile(dataset, stamp, path, -1, int(first, 16), int(last, 16)))
+        return found
 
     def files(self, dataset: str) -> list[str]:
         return sorted(self.fs.glob(f"{self.base}/{dataset}/date=*/hour=*/*.parquet"))

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import polars as pl
 import psycopg
 import pytest
 
@@ -79,6 +80,8 @@ def test_type_zoo_round_trips_in_postgres_text_form(zoo):
     first, second = images(staged, "after")
     assert first == ZOO_ROW
     assert second == {"id": "2", **{c: None for c in columns}}
+    # REPLICA IDENTITY FULL flags every column in pgoutput; the key is still the primary key.
+    assert json.loads(staged["key_columns"][0]) == ["id"]
     types = json.loads(staged["column_types"][0])
     assert types["num_scaled"] == "numeric"
     assert (types["m"], types["p"], types["tsr"]) == ("mood", "positive", "tstzrange")
@@ -293,3 +296,21 @@ def test_capture_killed_mid_run_then_rerun_stages_each_change_once(zoo, tmp_path
     staged = zoo.staged()
     assert staged.height == 30000
     assert staged.select("lsn", "change_index").is_duplicated().sum() == 0
+
+
+def test_a_transaction_larger_than_a_batch_is_staged_in_parts_once(zoo):
+    zoo.execute("INSERT INTO zoo (id) VALUES (0)")
+    zoo.execute("INSERT INTO zoo (id, i8) SELECT g, g FROM generate_series(1, 1000) g")
+    zoo.execute("INSERT INTO zoo (id) VALUES (5000)")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        zoo.capture(batch_changes=100, crash_at="after_staging")
+    result = zoo.capture(batch_changes=100)
+    staged = zoo.staged()
+    assert staged.height == 1002
+    assert staged.select("lsn", "change_index").is_duplicated().sum() == 0
+    assert staged.filter(pl.col("lsn") == staged["lsn"][1])["change_index"].to_list() == list(
+        range(1000)
+    )
+    parts = [f.path for f in result.files if ".part" in f.path]
+    assert len(parts) >= 9
+    assert not zoo.store.fs.glob(f"{zoo.store.base}/_inflight/*")

@@ -37,6 +37,7 @@ def shop(pg_database, tmp_path, monkeypatch):
     monkeypatch.setenv("AUDIT_SOURCE_SHOP_URL", pg_database)
     monkeypatch.setenv("AUDIT_STAGING_ROOT", str(tmp_path / "staging"))
     monkeypatch.setenv("AUDIT_MASK_KEY", "test-key")
+    monkeypatch.setenv("AUDIT_PG_URL", pg_database)  # the platform's own state, isolated too
     return pg_database
 
 
@@ -50,8 +51,10 @@ def test_sensor_is_idle_on_an_idle_slot_and_requests_one_run_when_not(shop):
     with dg.instance_for_test() as instance:
         assert isinstance(_tick(defs, instance), dg.SkipReason)
 
-        with psycopg.connect(shop) as conn:
+        with psycopg.connect(shop) as conn:  # a service, with its context
+            conn.execute("""SELECT audit.set_context('{"actor": {"type": "user", "id": "7"}}')""")
             conn.execute("INSERT INTO customers (id, email) VALUES (1, 'ada@example.com')")
+        with psycopg.connect(shop) as conn:  # an administrator's SQL, without
             conn.execute("INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')")
         result = _tick(defs, instance)
         [request] = result.run_requests
@@ -63,8 +66,8 @@ def test_sensor_is_idle_on_an_idle_slot_and_requests_one_run_when_not(shop):
             run_config=request.run_config, instance=instance, tags=request.tags
         )
         assert run.success
-        [output_event] = [e for e in run.all_events if e.event_type_value == "STEP_OUTPUT"]
-        output = output_event.event_specific_data.metadata
+        [capture_output, _] = [e for e in run.all_events if e.event_type_value == "STEP_OUTPUT"]
+        output = capture_output.event_specific_data.metadata
         assert output["changes"].value == 2
         materialized = instance.get_latest_materialization_event(
             dg.AssetKey(["shop", "staged_changes"])
@@ -74,6 +77,16 @@ def test_sensor_is_idle_on_an_idle_slot_and_requests_one_run_when_not(shop):
             hour_key(now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=h))
             for h in (0, 1)
         }
+
+        enriched = instance.get_latest_materialization_event(dg.AssetKey(["shop", "enriched"]))
+        metadata = enriched.asset_materialization.metadata
+        assert (metadata["records"].value, metadata["attributed"].value) == (1, 1)
+        assert metadata["orphans_waiting"].value == 1  # no context: waiting in the quarantine
+        assert metadata["orphan_rate"].value == 0.5
+        check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey(["shop", "enriched"]), "orphan_rate")]
+        )
+        assert check
 
         assert isinstance(_tick(defs, instance), dg.SkipReason)
 
@@ -99,5 +112,5 @@ def test_code_location_serves_only_its_environments_sources(monkeypatch):
     assert list(defs.sensors or []) == []
     monkeypatch.setenv("AUDIT_ENV", "prod")
     prod = build_definitions()
-    assert [s.name for s in prod.sensors] == ["capture_shop_sensor"]
+    assert [s.name for s in prod.sensors] == ["capture_shop_sensor", "quarantine_shop_sensor"]
     dg.Definitions.validate_loadable(prod)

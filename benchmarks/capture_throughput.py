@@ -14,7 +14,6 @@ Writes ``benchmarks/results/capture_throughput.md``.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from typing import Annotated
 
 import psycopg
 import typer
-from psycopg import sql
+from _database import drop_database, fresh_database
 
 from audit_platform.policy import SourcePolicy, TablePolicy
 from audit_platform.settings import Settings
@@ -92,20 +91,8 @@ print(json.dumps({"changes": result.changes, "seconds": seconds, "peak_rss": hwm
 app = typer.Typer(add_completion=False)
 
 
-def _db_url(admin_url: str) -> str:
-    return re.sub(r"/[^/?]*(\?|$)", rf"/{DB}\1", admin_url, count=1)
-
-
 def _fresh_backlog(admin_url: str, changes: int) -> tuple[str, int]:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-            " WHERE database = %s",
-            (DB,),
-        )
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB)))
-    url = _db_url(admin_url)
+    url = fresh_database(admin_url, DB)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(DDL)
     setup_source(url, "bench", POLICY, Settings().resources_dir / "sql")
@@ -162,13 +149,7 @@ def main(
                 rows.append(result)
                 typer.echo(json.dumps(result))
     _report(rows, changes=changes, batch=batch)
-    with psycopg.connect(settings.pg_url, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-            " WHERE database = %s",
-            (DB,),
-        )
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB)))
+    drop_database(settings.pg_url, DB)
 
 
 def _report(rows: list[dict], *, changes: int, batch: int) -> None:

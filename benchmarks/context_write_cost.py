@@ -41,6 +41,7 @@ from typing import Annotated
 
 import psycopg
 import typer
+from _database import drop_database, fresh_database
 from psycopg import sql
 
 from audit_platform.settings import Settings
@@ -115,20 +116,8 @@ $fn$;
 app = typer.Typer(add_completion=False)
 
 
-def _db_url(admin_url: str) -> str:
-    return re.sub(r"/[^/?]*(\?|$)", rf"/{DB}\1", admin_url, count=1)
-
-
 def _prepare(admin_url: str, bindir: Path, scale: int) -> str:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-            " WHERE slot_name = %s",
-            (SLOT,),
-        )
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB)))
-    url = _db_url(admin_url)
+    url = fresh_database(admin_url, DB)
     subprocess.run(
         [str(bindir / "pgbench"), "-i", "-q", "-s", str(scale), url],
         check=True,
@@ -280,13 +269,16 @@ def main(
     clients: Annotated[int, typer.Option(help="pgbench clients.")] = 4,
     scale: Annotated[int, typer.Option(help="pgbench scale factor.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for the variant order.")] = 7,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only these variants (exploration; no report).")
+    ] = None,
 ) -> None:
     settings = Settings()
     if not settings.pg_url:
         raise typer.BadParameter('set AUDIT_PG_URL (eval "$(audit-platform stack env)")')
     bindir = find_bindir()
     url = _prepare(settings.pg_url, bindir, scale)
-    variants = list(VARIANTS)
+    variants = list(only or VARIANTS)
     order = random.Random(seed)
     runs = []
     for round_number in range(repeats):
@@ -296,9 +288,13 @@ def main(
             result["round"] = round_number + 1
             runs.append(result)
             typer.echo(json.dumps(result))
-    _report(runs, repeats=repeats, seconds=seconds, clients=clients, scale=scale, poll=poll)
-    with psycopg.connect(settings.pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB)))
+    if only:
+        for variant in variants:
+            tps = statistics.median(r["tps"] for r in runs if r["variant"] == variant)
+            typer.echo(f"{variant}: median {tps:.0f} tps")
+    else:
+        _report(runs, repeats=repeats, seconds=seconds, clients=clients, scale=scale, poll=poll)
+    drop_database(settings.pg_url, DB)
 
 
 def _report(runs: list[dict], **params: float) -> None:

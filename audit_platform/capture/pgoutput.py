@@ -86,6 +86,9 @@ class ChangeBatch:
     #: End LSN of the last complete transaction: the slot may be advanced to it once staged.
     end_lsn: int | None = None
     transactions: int = 0
+    #: Set when the batch ends inside a transaction: its commit LSN and which part this is.
+    open_txn_lsn: int | None = None
+    open_txn_part: int = 0
 
     def __len__(self) -> int:
         return len(self.lsn)
@@ -125,10 +128,14 @@ class PgOutputDecoder:
         policy: SourcePolicy,
         masker: Callable[[str], str],
         type_names: Callable[[list[int]], dict[int, str]],
+        primary_key: Callable[[str, str], list[str]],
     ) -> None:
         self.policy = policy
         self.masker = masker
         self.type_names = type_names
+        #: pgoutput flags the replica identity's columns, which under REPLICA IDENTITY FULL is
+        #: every column; the object is identified by the primary key, asked of the source.
+        self.primary_key = primary_key
         self.relations: dict[int, Relation] = {}
         self._types: dict[int, str] = {}
         self._relation_types: dict[int, str] = {}
@@ -139,11 +146,21 @@ class PgOutputDecoder:
         self._change_index = 0
         self._ctx_seq = 0
         self._txn_start = (0, 0)
+        self._part = 0
 
     # -- public ------------------------------------------------------------------------------
 
-    def decode(self, messages: Iterable[bytes], batch: ChangeBatch) -> ChangeBatch:
-        """Decode ``messages`` into ``batch``; a trailing incomplete transaction is left out."""
+    def decode(
+        self, messages: Iterable[bytes], batch: ChangeBatch, *, complete: bool = True
+    ) -> ChangeBatch:
+        """Decode ``messages`` into ``batch``.
+
+        With ``complete``, a trailing unfinished transaction is left out (it is read again next
+        time). Without, the batch is one part of a transaction too large for one batch: its rows
+        are kept, and decoding continues with the rest of that transaction on the next call.
+        """
+        if self._in_txn:
+            self._txn_start = (0, 0)  # continuing a transaction cut at the previous batch
         dispatch = {
             66: self._begin,  # B
             67: self._commit,  # C
@@ -161,9 +178,13 @@ class PgOutputDecoder:
             if handler is None:
                 raise DecodeError(f"unknown pgoutput message type {chr(data[0])!r}")
             handler(memoryview(data), batch)
-        if self._in_txn:
+        if self._in_txn and complete:
             batch.truncate(*self._txn_start)
             self._in_txn = False
+        elif self._in_txn:
+            batch.open_txn_lsn = self._final_lsn
+            batch.open_txn_part = self._part
+            self._part += 1
         return batch
 
     # -- transaction framing ------------------------------------------------------------------
@@ -172,6 +193,7 @@ class PgOutputDecoder:
         self._final_lsn, commit_ts, self._xid = _BEGIN.unpack_from(data, 1)
         self._commit_us = commit_ts + PG_EPOCH_US
         self._in_txn = True
+        self._part = 0
         self._change_index = 0
         self._ctx_seq = 0
         self._txn_start = (len(batch.lsn), len(batch.ctx_lsn))
@@ -219,9 +241,7 @@ class PgOutputDecoder:
         if table_policy.key:
             relation.key_columns = list(table_policy.key)
         else:
-            relation.key_columns = [
-                c for c, k in zip(relation.columns, relation.key_flags, strict=True) if k
-            ]
+            relation.key_columns = self.primary_key(relation.schema, relation.name)
         relation.key_json = _json(relation.key_columns)
 
     def _column_types(self, relation: Relation) -> str:
@@ -277,12 +297,16 @@ class PgOutputDecoder:
                 raise DecodeError(f"{relation.qualified}: unsupported tuple kind {chr(kind)!r}")
         return values, unchanged, pos
 
-    def _relation_for(self, data: memoryview) -> Relation:
+    def _tracked(self, data: memoryview) -> Relation | None:
+        """The change's relation, or None (still counting the change) when it is not tracked."""
         (relid,) = _I32.unpack_from(data, 1)
         relation = self.relations.get(relid & 0xFFFFFFFF)
         if relation is None:
             raise DecodeError(f"change for relation {relid} before its Relation message")
-        return relation
+        if relation.tracked:
+            return relation
+        self._change_index += 1
+        return None
 
     def _append(
         self,
@@ -308,17 +332,15 @@ class PgOutputDecoder:
         batch.column_types.append(self._column_types(relation))
 
     def _insert(self, data: memoryview, batch: ChangeBatch) -> None:
-        relation = self._relation_for(data)
-        if not relation.tracked:
-            self._change_index += 1
+        relation = self._tracked(data)
+        if relation is None:
             return
         after, unchanged, _ = self._tuple(data, 6, relation)
         self._append(batch, relation, "insert", None, after, unchanged)
 
     def _update(self, data: memoryview, batch: ChangeBatch) -> None:
-        relation = self._relation_for(data)
-        if not relation.tracked:
-            self._change_index += 1
+        relation = self._tracked(data)
+        if relation is None:
             return
         pos, before = 5, None
         if data[pos] in (75, 79):  # K (key only) or O (old tuple)
@@ -335,9 +357,8 @@ class PgOutputDecoder:
         self._append(batch, relation, "update", before, after, still_unchanged)
 
     def _delete(self, data: memoryview, batch: ChangeBatch) -> None:
-        relation = self._relation_for(data)
-        if not relation.tracked:
-            self._change_index += 1
+        relation = self._tracked(data)
+        if relation is None:
             return
         before, unchanged, _ = self._tuple(data, 6, relation)
         self._append(batch, relation, "delete", before, None, unchanged)

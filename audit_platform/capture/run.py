@@ -155,21 +155,28 @@ def capture(
             ).fetchall()
             return dict(rows)
 
-        decoder = PgOutputDecoder(policy, Masker(mask_key or b""), type_names)
+        def primary_key(schema: str, table: str) -> list[str]:
+            rows = conn.execute(
+                "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)"
+                " WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary"
+                " ORDER BY array_position(i.indkey, a.attnum)",
+                (schema, table),
+            ).fetchall()
+            return [row[0] for row in rows]
+
+        decoder = PgOutputDecoder(policy, Masker(mask_key or b""), type_names, primary_key)
         stream = SlotStream(url, slot, publication)
+        stager = _Stager(store, stream, conn, slot, env, policy, result, crash_at)
         try:
             stream.start()
             for raw in stream.batches(result.target_lsn, batch_changes):
-                batch = decoder.decode(raw.messages, ChangeBatch())
                 result.payload_bytes += raw.payload_bytes
-                if batch.end_lsn is None:
-                    continue
-                _stage(batch, store, env, policy, stream, conn, slot, result, crash_at)
+                stager.stage(decoder.decode(raw.messages, ChangeBatch(), complete=raw.complete))
             # Nothing (more) to stage up to the target: let the slot release that WAL too.
             if stream.server_wal_end >= result.target_lsn > result.confirmed_lsn:
-                stream.confirm(result.target_lsn)
-                _wait_confirmed(conn, slot, result.target_lsn)
-                result.confirmed_lsn = result.target_lsn
+                stager.confirm(result.target_lsn)
         finally:
             stream.close()
         result.confirmed_lsn = max(result.confirmed_lsn, result.start_lsn)
@@ -178,33 +185,68 @@ def capture(
     return result
 
 
-def _stage(batch, store, env, policy, stream, conn, slot, result, crash_at) -> None:
-    changes, contexts = frames(
-        batch, env=env, source=policy.source, policy_version=policy.policy_version
-    )
-    if crash_at == "before_staging":
-        raise RuntimeError("simulated crash before staging")
-    planned = [
-        path
-        for d, f in (("changes", changes), ("contexts", contexts))
-        for _, path, _ in store.plan(d, f)
-    ]
-    manifest = store.announce(batch.first_lsn, batch.end_lsn, planned)
-    written = store.write("changes", changes) + store.write("contexts", contexts)
-    if crash_at == "after_staging":
-        raise RuntimeError("simulated crash after staging, before the slot advanced")
-    stream.confirm(batch.end_lsn)
-    if crash_at == "during_advance":
-        raise RuntimeError("simulated crash during the advance")
-    _wait_confirmed(conn, slot, batch.end_lsn)
-    store.settle(manifest)
-    result.confirmed_lsn = batch.end_lsn
-    result.batches += 1
-    result.transactions += batch.transactions
-    result.changes += changes.height
-    result.contexts += contexts.height
-    result.files.extend(written)
-    result.staged_bytes += sum(store.fs.size(f.path) for f in written)
+class _Stager:
+    """Stages decoded batches and moves the slot, in the order that makes crashes harmless."""
+
+    def __init__(self, store, stream, conn, slot, env, policy, result, crash_at) -> None:
+        self.store, self.stream, self.conn, self.slot = store, stream, conn, slot
+        self.env, self.policy, self.result, self.crash_at = env, policy, result, crash_at
+        #: Manifests of parts of a transaction whose commit has not been staged yet.
+        self.open_parts: list[str] = []
+
+    def stage(self, batch: ChangeBatch) -> None:
+        changes, contexts = frames(
+            batch,
+            env=self.env,
+            source=self.policy.source,
+            policy_version=self.policy.policy_version,
+        )
+        if self.crash_at == "before_staging":
+            raise RuntimeError("simulated crash before staging")
+        if batch.open_txn_lsn is not None:
+            # The batch ends inside a transaction: what is complete is staged and confirmed as
+            # usual; the open transaction's rows become a part file that is confirmed only when
+            # its commit is (until then a crash removes the part, and it is read again).
+            is_open = pl.col("lsn") == batch.open_txn_lsn
+            self._write(
+                changes.filter(is_open),
+                contexts.filter(is_open),
+                first_lsn=batch.open_txn_lsn,
+                end_lsn=batch.open_txn_lsn + 1,
+                part=batch.open_txn_part,
+            )
+            changes, contexts = changes.filter(~is_open), contexts.filter(~is_open)
+        if batch.end_lsn is None:
+            return
+        manifest = self._write(changes, contexts, first_lsn=batch.first_lsn, end_lsn=batch.end_lsn)
+        if self.crash_at == "after_staging":
+            raise RuntimeError("simulated crash after staging, before the slot advanced")
+        self.confirm(batch.end_lsn, [manifest])
+        self.result.batches += 1
+        self.result.transactions += batch.transactions
+
+    def _write(self, changes, contexts, *, first_lsn, end_lsn, part=None) -> str:
+        datasets = (("changes", changes), ("contexts", contexts))
+        planned = [path for d, f in datasets for _, path, _ in self.store.plan(d, f, part)]
+        manifest = self.store.announce(first_lsn, end_lsn, planned, part=part)
+        written = [f for d, frame in datasets for f in self.store.write(d, frame, part)]
+        self.result.changes += changes.height
+        self.result.contexts += contexts.height
+        self.result.files.extend(written)
+        self.result.staged_bytes += sum(self.store.fs.size(f.path) for f in written)
+        if part is not None:
+            self.open_parts.append(manifest)
+        return manifest
+
+    def confirm(self, lsn: int, manifests: list[str] | None = None) -> None:
+        self.stream.confirm(lsn)
+        if self.crash_at == "during_advance":
+            raise RuntimeError("simulated crash during the advance")
+        _wait_confirmed(self.conn, self.slot, lsn)
+        for manifest in [*self.open_parts, *(manifests or [])]:
+            self.store.settle(manifest)
+        self.open_parts = []
+        self.result.confirmed_lsn = lsn
 
 
 def _wait_confirmed(conn: psycopg.Connection, slot: str, lsn: int, timeout: float = 30.0) -> None:

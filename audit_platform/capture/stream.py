@@ -28,11 +28,16 @@ class SlotBusy(RuntimeError):
 
 @dataclass
 class RawBatch:
-    """pgoutput messages of whole transactions, at most about ``batch_changes`` row changes."""
+    """About ``batch_changes`` row changes of pgoutput messages.
+
+    ``complete`` batches end with a commit. A transaction larger than a batch is cut into
+    incomplete batches first, so memory stays bounded however large a transaction is.
+    """
 
     messages: list[bytes]
     changes: int
     payload_bytes: int
+    complete: bool = True
 
 
 class SlotStream:
@@ -73,7 +78,9 @@ class SlotStream:
         """Yield batches of complete transactions that committed at or before ``target_lsn``.
 
         Ends when the server reports it has sent everything up to the target. A batch closes at
-        the first commit after ``batch_changes`` row changes, so a transaction is never split.
+        the first commit after ``batch_changes`` row changes; inside a transaction that is still
+        open after that many changes, it closes incomplete and the transaction goes on in the
+        next batch.
         """
         messages: list[bytes] = []
         changes = size = 0
@@ -106,6 +113,9 @@ class SlotStream:
             size += len(payload)
             if kind in _ROW_CHANGES:
                 changes += 1
+                if changes >= batch_changes:
+                    yield RawBatch(messages, changes, size, complete=False)
+                    messages, changes, size = [], 0, 0
             elif kind == _COMMIT:
                 in_txn = False
                 if changes >= batch_changes:

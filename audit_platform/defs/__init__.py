@@ -7,10 +7,20 @@ cannot be reached from here.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import dagster as dg
 
 from audit_platform.defs.capture.assets import capture_job, staged_asset_specs
 from audit_platform.defs.capture.sensors import capture_sensor
+from audit_platform.defs.enrich.assets import (
+    enrich_op,
+    enriched_asset,
+    enriched_key,
+    quarantine_asset,
+    quarantine_key,
+)
+from audit_platform.defs.enrich.sensors import quarantine_schedule, quarantine_sensor
 from audit_platform.environment import load_environment
 from audit_platform.settings import Settings
 
@@ -18,13 +28,28 @@ from audit_platform.settings import Settings
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings()
     environment = load_environment(settings.resources_dir, settings.env)
-    assets, jobs, sensors = [], [], []
+    assets, jobs, sensors, schedules = [], [], [], []
+    grace = timedelta(minutes=environment.enrich_grace_minutes)
     for source, config in sorted(environment.sources.items()):
         assets.extend(staged_asset_specs(source))
-        job = capture_job(source, config, environment.capture_batch_changes)
-        jobs.append(job)
+        assets.append(enriched_asset(source, grace))
+        assets.append(quarantine_asset(source))
+        job = capture_job(
+            source, config, environment.capture_batch_changes, then=enrich_op(source, grace)
+        )
+        enrich_job = dg.define_asset_job(
+            f"enrich_{source}_job",
+            selection=[enriched_key(source)],
+            description=f"Re-enrich hours of source {source} (quarantine retries, backfills).",
+        )
+        quarantine_job = dg.define_asset_job(
+            f"quarantine_{source}_job", selection=[quarantine_key(source)]
+        )
+        jobs.extend([job, enrich_job, quarantine_job])
         sensors.append(capture_sensor(source, config, job, environment.capture_interval_seconds))
-    return dg.Definitions(assets=assets, jobs=jobs, sensors=sensors)
+        sensors.append(quarantine_sensor(source, enrich_job))
+        schedules.append(quarantine_schedule(source, quarantine_job))
+    return dg.Definitions(assets=assets, jobs=jobs, sensors=sensors, schedules=schedules)
 
 
 defs = build_definitions()

@@ -54,7 +54,14 @@ def source_url(source: str, config: SourceConfig) -> str:
     return url
 
 
-def capture_job(source: str, config: SourceConfig, batch_changes: int) -> dg.JobDefinition:
+def capture_job(
+    source: str, config: SourceConfig, batch_changes: int, then: dg.OpDefinition
+) -> dg.JobDefinition:
+    """Capture, then ``then`` (enrichment) on the hours the capture touched, in one run.
+
+    One run, not a chain of runs, because every run launch costs seconds that a change would
+    otherwise wait before it is searchable.
+    """
     settings = Settings()
     slot = slot_name(settings.env, source)
 
@@ -65,7 +72,7 @@ def capture_job(source: str, config: SourceConfig, batch_changes: int) -> dg.Job
             max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
         ),
     )
-    def capture_op(context: dg.OpExecutionContext, config: CaptureConfig) -> dg.Output[None]:
+    def capture_op(context: dg.OpExecutionContext, config: CaptureConfig) -> dg.Output[list[str]]:
         settings = Settings()
         policy = load_policy(policy_path(settings.resources_dir, source))
         store = StagingStore(settings.staging_root, settings.env, source)
@@ -88,7 +95,7 @@ def capture_job(source: str, config: SourceConfig, batch_changes: int) -> dg.Job
                 )
             )
         return dg.Output(
-            None,
+            [hour_key(h) for h in result.hours],
             metadata={
                 "slot": slot,
                 "lsn_from": lsn_text(result.start_lsn),
@@ -111,6 +118,6 @@ def capture_job(source: str, config: SourceConfig, batch_changes: int) -> dg.Job
         tags={SLOT_TAG: slot},
     )
     def job() -> None:
-        capture_op()
+        then(capture_op())
 
     return job

@@ -28,7 +28,48 @@ CREATE TABLE IF NOT EXISTS audit.schema_migrations (
 -- The serialized context may be at most 8192 bytes. Anything else is refused with an error that
 -- names the field (SQLSTATE 22023), which fails the caller's transaction: a write that cannot be
 -- attributed is a bug in the caller, and it is cheaper to find it at once than in an audit.
+--
+-- Validation runs in every audited transaction, so the usual case is one expression: the
+-- structure is checked with jsonb operators (no loops, no queries, no exception block). Only a
+-- context that fails it goes through audit.explain_invalid_context, which finds the field to
+-- name in the error (or accepts it, e.g. for an IPv6 client address or explicit nulls).
 CREATE OR REPLACE FUNCTION audit.validate_context(ctx jsonb) RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $fn$
+BEGIN
+    IF jsonb_typeof(ctx) = 'object'
+       AND (ctx - ARRAY['actor', 'service', 'request_id', 'job', 'trace_id', 'reason',
+                        'client_addr', 'attributes']) = '{}'::jsonb
+       AND jsonb_typeof(ctx -> 'actor') = 'object'
+       AND ((ctx -> 'actor') - ARRAY['type', 'id', 'name']) = '{}'::jsonb
+       AND jsonb_typeof(ctx -> 'actor' -> 'type') = 'string'
+       AND ctx -> 'actor' ->> 'type' IN ('user', 'service', 'job', 'system')
+       AND jsonb_typeof(ctx -> 'actor' -> 'id') = 'string' AND ctx -> 'actor' ->> 'id' <> ''
+       AND coalesce(jsonb_typeof(ctx -> 'actor' -> 'name'), 'string') = 'string'
+       AND coalesce(jsonb_typeof(ctx -> 'service'), 'string') = 'string'
+       AND coalesce(jsonb_typeof(ctx -> 'request_id'), 'string') = 'string'
+       AND coalesce(jsonb_typeof(ctx -> 'reason'), 'string') = 'string'
+       AND coalesce(jsonb_typeof(ctx -> 'attributes'), 'object') = 'object'
+       AND (ctx -> 'job' IS NULL
+            OR (jsonb_typeof(ctx -> 'job') = 'object'
+                AND ((ctx -> 'job') - ARRAY['name', 'run_id']) = '{}'::jsonb
+                AND coalesce(jsonb_typeof(ctx -> 'job' -> 'name'), 'string') = 'string'
+                AND coalesce(jsonb_typeof(ctx -> 'job' -> 'run_id'), 'string') = 'string'))
+       AND (ctx -> 'trace_id' IS NULL
+            OR (jsonb_typeof(ctx -> 'trace_id') = 'string'
+                AND ctx ->> 'trace_id' ~ '^[0-9a-f]{32}$'
+                AND ctx ->> 'trace_id' <> '00000000000000000000000000000000'))
+       AND (ctx -> 'client_addr' IS NULL
+            OR (jsonb_typeof(ctx -> 'client_addr') = 'string'
+                AND ctx ->> 'client_addr' ~ '^((25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])$'))
+       AND octet_length(ctx::text) <= 8192
+    THEN
+        RETURN;
+    END IF;
+    PERFORM audit.explain_invalid_context(ctx);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION audit.explain_invalid_context(ctx jsonb) RETURNS void
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $fn$
 DECLARE
     field text;
@@ -179,5 +220,6 @@ $fn$;
 GRANT USAGE ON SCHEMA audit TO PUBLIC;
 -- Which migrations are installed is no secret, and `source check` may run as a capture-only role.
 GRANT SELECT ON audit.schema_migrations TO PUBLIC;
-GRANT EXECUTE ON FUNCTION audit.validate_context(jsonb), audit.set_context(jsonb),
+GRANT EXECUTE ON FUNCTION audit.validate_context(jsonb), audit.explain_invalid_context(jsonb),
+    audit.set_context(jsonb),
     audit.set_context_if_writing(jsonb), audit.attach_context(xid8, jsonb) TO PUBLIC;

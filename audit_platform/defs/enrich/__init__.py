@@ -1,0 +1,1 @@
+"""Enrichment wiring: the enriched hourly asset, its orphan-rate check, the quarantine."""

@@ -1,0 +1,250 @@
+"""Enrichment: join each staged change with its transaction's context, into audit records.
+
+A change and the context its transaction recorded share (commit LSN, xid), and travel in the same
+staged batch, so the join is exact. A change whose transaction recorded no context is an orphan:
+it waits in the quarantine for a late context (``audit.attach_context``), and after the grace
+window it is released as ``unattributed``; if the context arrives even later, re-enriching its
+hour replaces the record (same ``_id``). Nothing here does I/O: callers pass frames in and get
+frames and counts out, so a Dagster run, a test and a backfill all get the same result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import polars as pl
+
+from audit_platform.context.model import merge_fields
+from audit_platform.policy import SourcePolicy
+from audit_platform.record import Operation, object_id, record_id
+
+RECORD_SCHEMA = {
+    "id": pl.String,
+    "commit_time": pl.Datetime("us", "UTC"),
+    "env": pl.String,
+    "source": pl.String,
+    "schema": pl.String,
+    "table": pl.String,
+    "operation": pl.String,
+    "object_id": pl.String,
+    "changed_columns": pl.String,  # JSON array
+    "before": pl.String,  # JSON object or null
+    "after": pl.String,
+    "context": pl.String,
+    "attribution_status": pl.String,
+    "attribution_lag_seconds": pl.Float64,
+    "xid": pl.Int64,
+    "lsn": pl.Int64,
+    "change_index": pl.Int32,
+    "policy_version": pl.String,
+}
+
+
+@dataclass
+class Orphan:
+    """A change still waiting for its context."""
+
+    lsn: int
+    change_index: int
+    xid: int
+    commit_time: datetime
+
+
+@dataclass
+class EnrichResult:
+    records: pl.DataFrame
+    orphans: list[Orphan] = field(default_factory=list)
+    ignored: int = 0
+    #: Changes that could not be turned into a record, with the reason (never silently dropped).
+    rejected: list[tuple[int, int, str]] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        statuses = self.records["attribution_status"].value_counts()
+        counts = dict(zip(statuses["attribution_status"], statuses["count"], strict=True))
+        return {
+            "records": self.records.height,
+            "attributed": counts.get("attributed", 0),
+            "late": counts.get("late", 0),
+            "unattributed": counts.get("unattributed", 0),
+            "orphans_waiting": len(self.orphans),
+            "ignored": self.ignored,
+            "rejected": len(self.rejected),
+        }
+
+
+def transaction_contexts(contexts: pl.DataFrame) -> pl.DataFrame:
+    """One context per (lsn, xid): several set_context calls in a transaction merge in order."""
+    own = contexts.filter(pl.col("kind") == "context").sort("lsn", "seq")
+    merged = own.group_by("lsn", "xid", maintain_order=True).agg(pl.col("context"))
+    return merged.with_columns(pl.col("context").map_elements(_merge_json, return_dtype=pl.String))
+
+
+def attached_contexts(contexts: pl.DataFrame) -> pl.DataFrame:
+    """Contexts attached to earlier transactions: (target xid, context, when it committed)."""
+    return contexts.filter(pl.col("kind") == "attach").select(
+        pl.col("target_xid"), pl.col("context"), pl.col("commit_time").alias("attached_at")
+    )
+
+
+def _merge_json(values: pl.Series) -> str:
+    if values.len() == 1:
+        return values[0]
+    merged: dict[str, Any] = {}
+    for value in values:
+        merged = merge_fields(merged, json.loads(value))
+    return json.dumps(merged, separators=(",", ":"), sort_keys=True)
+
+
+def enrich(
+    changes: pl.DataFrame,
+    contexts: pl.DataFrame,
+    policy: SourcePolicy,
+    *,
+    now: datetime,
+    grace: timedelta,
+    late_contexts: pl.DataFrame | None = None,
+) -> EnrichResult:
+    """Turn one hour's staged changes into records; orphans within the grace window wait.
+
+    ``late_contexts`` (target_xid, context, attached_at) are contexts attached after their
+    transaction, from any hour; a change they name becomes ``late`` with its lag.
+    """
+    if changes.is_empty():
+        return EnrichResult(pl.DataFrame(schema=RECORD_SCHEMA))
+    changes = changes.unique(["lsn", "change_index"], keep="first", maintain_order=True)
+    joined = changes.join(transaction_contexts(contexts), on=["lsn", "xid"], how="left")
+    late = (
+        late_contexts
+        if late_contexts is not None
+        else pl.DataFrame(
+            schema={
+                "target_xid": pl.Int64,
+                "context": pl.String,
+                "attached_at": pl.Datetime("us", "UTC"),
+            }
+        )
+    )
+    late = (
+        late.sort("attached_at")
+        .group_by("target_xid", maintain_order=True)
+        .agg(pl.col("context").last().alias("late_context"), pl.col("attached_at").last())
+    )
+    joined = joined.join(late, left_on="xid", right_on="target_xid", how="left")
+
+    result = EnrichResult(pl.DataFrame(schema=RECORD_SCHEMA))
+    ignore = {name: set(t.ignore_changes_to) for name, t in policy.tables.items()}
+    # Slices bound the memory of the Python part: only the computed columns pass through Python
+    # objects; the row images stay in Arrow and are selected into the records as they are.
+    parts = [
+        _enrich_slice(chunk, result, ignore, now, grace)
+        for chunk in joined.iter_slices(n_rows=SLICE_ROWS)
+    ]
+    result.records = pl.concat(parts) if parts else result.records
+    return result
+
+
+SLICE_ROWS = 50_000
+
+
+def _enrich_slice(
+    chunk: pl.DataFrame,
+    result: EnrichResult,
+    ignore: dict[str, set[str]],
+    now: datetime,
+    grace: timedelta,
+) -> pl.DataFrame:
+    columns = (
+        "lsn", "change_index", "xid", "commit_time", "env", "source", "schema", "table",
+        "operation", "before", "after", "key_columns", "unchanged_toast", "context",
+        "late_context", "attached_at",
+    )  # fmt: skip
+    keep: list[bool] = []
+    computed: dict[str, list] = {
+        "id": [], "object_id": [], "changed_columns": [], "context": [],
+        "attribution_status": [], "attribution_lag_seconds": [],
+    }  # fmt: skip
+    for (
+        lsn, index, xid, committed, env, source, schema, table, op, before_text, after_text,
+        key_text, toast_text, context, late_context, attached_at,
+    ) in zip(*(chunk.get_column(c).to_list() for c in columns), strict=True):  # fmt: skip
+        lag, status = None, "attributed"
+        if context is None and late_context is not None and attached_at >= committed:
+            context, status = late_context, "late"
+            lag = (attached_at - committed).total_seconds()
+        if context is None:
+            if now - committed < grace:
+                result.orphans.append(Orphan(lsn, index, xid, committed))
+                keep.append(False)
+                continue
+            status = "unattributed"
+        try:
+            before = json.loads(before_text) if before_text is not None else None
+            after = json.loads(after_text) if after_text is not None else None
+            keys = json.loads(key_text)
+            unchanged = set(json.loads(toast_text or "[]"))
+        except (TypeError, ValueError) as exc:
+            result.rejected.append((lsn, index, f"unreadable change: {exc}"))
+            keep.append(False)
+            continue
+        operation = Operation(op)
+        changed = changed_columns(operation, before, after, unchanged)
+        if (
+            operation is Operation.update
+            and changed
+            and set(changed) <= ignore.get(f"{schema}.{table}", set())
+        ):
+            result.ignored += 1
+            keep.append(False)
+            continue
+        image = after if after is not None else before
+        missing = [k for k in keys if image is None or k not in image]
+        if operation is not Operation.truncate and missing:
+            result.rejected.append((lsn, index, f"key columns {missing} not in the row image"))
+            keep.append(False)
+            continue
+        keep.append(True)
+        computed["id"].append(record_id(env, source, lsn, index))
+        computed["object_id"].append(
+            object_id([image[k] for k in keys])
+            if keys and operation is not Operation.truncate
+            else None
+        )
+        computed["changed_columns"].append(json.dumps(changed))
+        computed["context"].append(context)
+        computed["attribution_status"].append(status)
+        computed["attribution_lag_seconds"].append(lag)
+    kept = chunk.filter(pl.Series(keep, dtype=pl.Boolean)).drop("context")
+    extra = pl.DataFrame(computed, schema={k: RECORD_SCHEMA[k] for k in computed})
+    return pl.concat([kept, extra], how="horizontal").select(
+        pl.col(name).cast(dtype) for name, dtype in RECORD_SCHEMA.items()
+    )
+
+
+def changed_columns(
+    operation: Operation,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    unchanged_toast: set[str],
+) -> list[str]:
+    """Which columns the change touched.
+
+    Inserts: every column given a value; deletes: every column of the old row; updates: columns
+    whose value differs (a column only in one image counts as changed, an unchanged TOASTed value
+    never does); truncate: none.
+    """
+    if operation is Operation.insert:
+        return sorted(k for k, v in (after or {}).items() if v is not None)
+    if operation is Operation.delete:
+        return sorted((before or {}).keys())
+    if operation is Operation.truncate:
+        return []
+    before, after = before or {}, after or {}
+    keys = (before.keys() | after.keys()) - unchanged_toast
+    return sorted(k for k in keys if before.get(k, _ABSENT) != after.get(k, _ABSENT))
+
+
+_ABSENT = object()

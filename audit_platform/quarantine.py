@@ -1,0 +1,179 @@
+"""The quarantine: changes waiting for their context, kept in the platform's PostgreSQL.
+
+An orphan is recorded with its attempts and next retry time (exponential backoff with jitter, so
+a burst of orphans does not retry in lockstep). Nothing waits in memory and nothing blocks: the
+hour an orphan belongs to is simply enriched again when the orphan is due, and the result of that
+enrichment (attributed, late, still waiting, or released as unattributed) is written back here.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import psycopg
+
+from audit_platform.enrich import Orphan
+
+_STATE_LOCK = 0x61756469745F7374
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter, capped."""
+
+    base: timedelta = timedelta(seconds=30)
+    cap: timedelta = timedelta(minutes=30)
+
+    def delay(self, attempts: int, rng: random.Random | None = None) -> timedelta:
+        ceiling = min(self.cap, self.base * (2 ** max(0, attempts - 1)))
+        return ceiling * (rng or random).uniform(0.5, 1.0)
+
+
+def install(conn: psycopg.Connection, sql_dir: Path) -> None:
+    """Create or upgrade the platform's own tables (idempotent, under an advisory lock)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_STATE_LOCK,))
+        conn.execute((sql_dir / "platform" / "001_state.sql").read_text())
+        conn.execute(
+            "INSERT INTO audit_platform.schema_migrations (version, name) VALUES (1, 'state')"
+            " ON CONFLICT DO NOTHING"
+        )
+
+
+def record_orphans(
+    conn: psycopg.Connection,
+    env: str,
+    source: str,
+    orphans: Iterable[Orphan],
+    *,
+    now: datetime,
+    backoff: Backoff = Backoff(),
+) -> int:
+    """Add new orphans, or count another attempt for known ones; returns how many."""
+    rows = list(orphans)
+    with conn.cursor() as cur:
+        for orphan in rows:
+            cur.execute(
+                "INSERT INTO audit_platform.quarantine AS q (env, source, commit_lsn,"
+                " change_index, xid, commit_time, first_seen, next_retry_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (env, source, commit_lsn, change_index) DO UPDATE"
+                " SET attempts = q.attempts + 1, next_retry_at = %s, status = 'waiting'"
+                " WHERE q.status = 'waiting'",
+                (
+                    env, source, orphan.lsn, orphan.change_index, orphan.xid,
+                    orphan.commit_time, now, now + backoff.delay(1), now + backoff.delay(2),
+                ),
+            )  # fmt: skip
+    return len(rows)
+
+
+def settle(
+    conn: psycopg.Connection, env: str, source: str, records: pl.DataFrame, *, now: datetime
+) -> int:
+    """Write back what enrichment decided for changes that were (or now become) orphans.
+
+    Unattributed records are entered as released even if they never waited (they were past the
+    grace window when first seen), so a context attached even later still finds its change.
+    Late records resolve their entry.
+    """
+    settled = 0
+    orphans = records.filter(pl.col("attribution_status") != "attributed").select(
+        "lsn", "change_index", "xid", "commit_time", "attribution_status"
+    )
+    with conn.cursor() as cur:
+        for lsn, index, xid, commit_time, status in orphans.iter_rows():
+            if status == "unattributed":
+                cur.execute(
+                    "INSERT INTO audit_platform.quarantine AS q (env, source, commit_lsn,"
+                    " change_index, xid, commit_time, first_seen, next_retry_at, status,"
+                    " settled_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'released', %s)"
+                    " ON CONFLICT (env, source, commit_lsn, change_index) DO UPDATE"
+                    " SET status = 'released', settled_at = %s WHERE q.status = 'waiting'",
+                    (env, source, lsn, index, xid, commit_time, now, now, now, now),
+                )
+            else:
+                cur.execute(
+                    "UPDATE audit_platform.quarantine SET status = 'resolved', settled_at = %s"
+                    " WHERE env = %s AND source = %s AND commit_lsn = %s AND change_index = %s"
+                    " AND status <> 'resolved'",
+                    (now, env, source, lsn, index),
+                )
+            settled += cur.rowcount
+    return settled
+
+
+def store_late_contexts(
+    conn: psycopg.Connection, env: str, source: str, contexts: pl.DataFrame
+) -> int:
+    """Remember contexts attached to past transactions (kind 'attach') seen in staged data."""
+    attach = contexts.filter(pl.col("kind") == "attach")
+    with conn.cursor() as cur:
+        for xid, lsn, context, at in attach.select(
+            "target_xid", "lsn", "context", "commit_time"
+        ).iter_rows():
+            cur.execute(
+                "INSERT INTO audit_platform.late_contexts (env, source, target_xid, lsn,"
+                " context, attached_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (env, source, xid, lsn, context, at),
+            )
+    return attach.height
+
+
+def late_contexts_for(
+    conn: psycopg.Connection, env: str, source: str, xids: list[int]
+) -> pl.DataFrame:
+    rows = conn.execute(
+        "SELECT target_xid, context, attached_at FROM audit_platform.late_contexts"
+        " WHERE env = %s AND source = %s AND target_xid = ANY(%s)",
+        (env, source, xids),
+    ).fetchall()
+    return pl.DataFrame(
+        rows,
+        schema={
+            "target_xid": pl.Int64,
+            "context": pl.String,
+            "attached_at": pl.Datetime("us", "UTC"),
+        },
+        orient="row",
+    )
+
+
+def hours_to_revisit(
+    conn: psycopg.Connection, env: str, source: str, now: datetime
+) -> list[datetime]:
+    """Hours holding an orphan that is due for a retry, or whose late context has arrived."""
+    rows = conn.execute(
+        "SELECT DISTINCT date_trunc('hour', q.commit_time) FROM audit_platform.quarantine q"
+        " WHERE q.env = %s AND q.source = %s AND ("
+        "   (q.status = 'waiting' AND q.next_retry_at <= %s)"
+        "   OR (q.status <> 'resolved' AND EXISTS (SELECT 1 FROM audit_platform.late_contexts l"
+        "       WHERE l.env = q.env AND l.source = q.source AND l.target_xid = q.xid"
+        "       AND l.attached_at >= q.commit_time)))"
+        " ORDER BY 1",
+        (env, source, now),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+@dataclass(frozen=True)
+class QuarantineStats:
+    waiting: int
+    released: int
+    oldest_waiting: datetime | None
+
+
+def stats(conn: psycopg.Connection, env: str, source: str) -> QuarantineStats:
+    waiting, released, oldest = conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'waiting'),"
+        " count(*) FILTER (WHERE status = 'released'),"
+        " min(commit_time) FILTER (WHERE status = 'waiting')"
+        " FROM audit_platform.quarantine WHERE env = %s AND source = %s",
+        (env, source),
+    ).fetchone()
+    return QuarantineStats(waiting, released, oldest)

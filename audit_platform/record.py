@@ -1,0 +1,152 @@
+"""The audit record: one document per row change. The one definition of its shape.
+
+Field names follow the Elastic Common Schema where ECS has the field (``@timestamp``,
+``event.action``, ``user.id``, ``user.name``, ``service.name``, ``trace.id``, ``client.ip``), so
+Kibana and SIEM tools read the index without mapping work; the rest lives under ``audit``-
+specific names documented here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Operation(StrEnum):
+    insert = "insert"
+    update = "update"
+    delete = "delete"
+    truncate = "truncate"
+
+
+class AttributionStatus(StrEnum):
+    #: The transaction recorded its context itself.
+    attributed = "attributed"
+    #: The context arrived after the change (audit.attach_context), within the grace window
+    #: or after the change had been released.
+    late = "late"
+    #: No context arrived within the grace window; re-enriched if one arrives later.
+    unattributed = "unattributed"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Source(_Model):
+    service: str = Field(description="The source's name in this platform (its policy file).")
+    database: str
+
+
+class Table(_Model):
+    schema_: str = Field(alias="schema")
+    name: str
+
+
+class Attribution(_Model):
+    status: AttributionStatus
+    lag_seconds: float | None = Field(
+        default=None, description="Commit of the change to commit of its late context."
+    )
+
+
+class Transaction(_Model):
+    xid: int
+    commit_lsn: str
+    change_index: int
+
+
+class Event(_Model):
+    action: Operation
+    kind: str = "event"
+    category: list[str] = ["database"]
+    type: list[str] = Field(description="ECS event.type: creation, change or deletion.")
+
+
+class User(_Model):
+    id: str | None = None
+    name: str | None = None
+
+
+class ServiceField(_Model):
+    name: str | None = None
+
+
+class TraceField(_Model):
+    id: str | None = None
+
+
+class Client(_Model):
+    ip: str | None = None
+
+
+ECS_EVENT_TYPE = {
+    Operation.insert: ["creation"],
+    Operation.update: ["change"],
+    Operation.delete: ["deletion"],
+    Operation.truncate: ["deletion"],
+}
+
+
+class AuditRecord(_Model):
+    """One row change, with who, what, where, when and why."""
+
+    id: str = Field(description="Deterministic: env, source, commit LSN, change index.")
+    timestamp: datetime = Field(alias="@timestamp", description="Commit time (UTC).")
+    env: str
+    source: Source
+    table: Table
+    operation: Operation
+    event: Event
+    object_id: str | None = Field(
+        description="Primary key as text; composite keys joined with ',' (',' and '\\' in a "
+        "value are escaped with '\\'). None for a truncate."
+    )
+    changed_columns: list[str]
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    context: dict[str, Any] | None
+    user: User
+    service: ServiceField
+    trace: TraceField
+    client: Client
+    attribution: Attribution
+    transaction: Transaction
+    policy_version: str
+    ingested_at: datetime
+
+    def document(self) -> dict[str, Any]:
+        """The Elasticsearch document (``_id`` is :attr:`id`, not part of the body)."""
+        return self.model_dump(mode="json", by_alias=True, exclude={"id"})
+
+
+def object_id(values: list[str | None]) -> str:
+    """Join key values reversibly: ``\\`` and ``,`` inside a value are escaped with ``\\``."""
+    parts = ["" if v is None else v.replace("\\", "\\\\").replace(",", "\\,") for v in values]
+    return ",".join(parts)
+
+
+def split_object_id(text: str) -> list[str]:
+    """The inverse of :func:`object_id`."""
+    parts, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def record_id(env: str, source: str, commit_lsn: int, change_index: int) -> str:
+    """Re-processing the same change always produces the same ``_id`` (invariant 2)."""
+    return f"{env}:{source}:{commit_lsn:016X}:{change_index}"

@@ -1,0 +1,162 @@
+"""Enrichment of really captured changes, with the quarantine in real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import psycopg
+import pytest
+
+from audit_platform import quarantine
+from audit_platform.enrich_hour import enrich_hour
+from audit_platform.settings import Settings
+from audit_platform_tests.capture_support import make_source
+from audit_platform_tests.helpers import policy_for
+
+ADA = {"actor": {"type": "user", "id": "ada", "name": "Ada"}, "reason": "refund"}
+
+
+@pytest.fixture
+def shop(pg_database, tmp_path):
+    source = make_source(
+        pg_database,
+        tmp_path,
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, secret text);"
+        "ALTER TABLE orders REPLICA IDENTITY FULL;",
+        policy_for("shop", public__orders={"exclude": ["secret"]}),
+    )
+    source.state = psycopg.connect(pg_database, autocommit=True)
+    quarantine.install(source.state, Settings().resources_dir / "sql")
+    yield source
+    source.state.close()
+
+
+def _enrich(source, now=None, grace=timedelta(minutes=10)):
+    [hour] = {f.hour for f in source.store.files_by_hour("changes")} or [None]
+    return enrich_hour(
+        source.store, source.state, source.policy, hour,
+        now=now or datetime.now(UTC), grace=grace,
+    )  # fmt: skip
+
+
+def _write(source, sql, params=(), context=None) -> int:
+    with psycopg.connect(source.url) as conn:
+        if context is not None:
+            conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(context),))
+        conn.execute(sql, params)
+        return int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
+
+
+def test_changes_carry_their_transactions_context(shop):
+    _write(shop, "INSERT INTO orders VALUES (1, 'new', 's3cr3t-value')", context=ADA)
+    _write(shop, "UPDATE orders SET status = 'paid' WHERE id = 1",
+           context={"actor": {"type": "service", "id": "billing"}})  # fmt: skip
+    shop.capture()
+    hour = _enrich(shop)
+    records = hour.result.records
+    assert records["attribution_status"].to_list() == ["attributed", "attributed"]
+    assert [json.loads(c)["actor"]["id"] for c in records["context"]] == ["ada", "billing"]
+    assert json.loads(records["changed_columns"][1]) == ["status"]
+    assert records["object_id"].to_list() == ["1", "1"]
+    for path in shop.store.fs.glob(f"{shop.store.base}/**/*.parquet"):
+        assert b"s3cr3t" not in shop.store.fs.cat_file(path)
+
+
+def test_late_context_is_quarantined_first_then_enriched_as_late_with_its_lag(shop):
+    xid = _write(shop, "INSERT INTO orders VALUES (2, 'new', NULL)")
+    shop.capture()
+    first = _enrich(shop)
+    assert first.result.records.is_empty()
+    assert quarantine.stats(shop.state, "test", "shop").waiting == 1
+
+    with psycopg.connect(shop.url) as conn:
+        conn.execute(
+            "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(xid), json.dumps(ADA))
+        )
+    result = shop.capture()
+    now = datetime.now(UTC)
+    [second] = [  # what the capture run enriches: the hours it touched
+        enrich_hour(shop.store, shop.state, shop.policy, hour, now=now, grace=timedelta(minutes=10))
+        for hour in result.hours
+    ]
+    status, lag = second.result.records.select("attribution_status", "attribution_lag_seconds").row(
+        0
+    )
+    assert status == "late" and lag > 0
+    assert quarantine.stats(shop.state, "test", "shop").waiting == 0
+    assert quarantine.hours_to_revisit(shop.state, "test", "shop", now) == []
+
+
+def test_orphans_hour_is_revisited_when_its_context_arrives_in_another_hour(shop):
+    xid = _write(shop, "INSERT INTO orders VALUES (5, 'new', NULL)")
+    shop.capture()
+    now = datetime.now(UTC)
+    _enrich(shop, now=now)
+    [orphan_hour] = {f.hour for f in shop.store.files_by_hour("changes")}
+    assert quarantine.hours_to_revisit(shop.state, "test", "shop", now) == []  # not due yet
+    attached_next_hour = pl.DataFrame(
+        {"kind": ["attach"], "target_xid": [xid % 2**32], "lsn": [1], "context": [json.dumps(ADA)],
+         "commit_time": [orphan_hour + timedelta(hours=1, minutes=5)]},
+        schema_overrides={"commit_time": pl.Datetime("us", "UTC")},
+    )  # fmt: skip
+    quarantine.store_late_contexts(shop.state, "test", "shop", attached_next_hour)
+    assert quarantine.hours_to_revisit(shop.state, "test", "shop", now) == [orphan_hour]
+    revisited = enrich_hour(shop.store, shop.state, shop.policy, orphan_hour, now=now,
+                            grace=timedelta(minutes=10))  # fmt: skip
+    assert revisited.result.records["attribution_status"].to_list() == ["late"]
+    assert quarantine.hours_to_revisit(shop.state, "test", "shop", now) == []
+
+
+def test_due_orphan_is_revisited_with_backoff(shop):
+    _write(shop, "INSERT INTO orders VALUES (6, 'new', NULL)")
+    shop.capture()
+    now = datetime.now(UTC)
+    _enrich(shop, now=now)
+    assert quarantine.hours_to_revisit(shop.state, "test", "shop", now) == []
+    due = quarantine.hours_to_revisit(shop.state, "test", "shop", now + timedelta(seconds=31))
+    assert len(due) == 1
+    _enrich(shop, now=now + timedelta(seconds=31))
+    attempts, next_retry = shop.state.execute(
+        "SELECT attempts, next_retry_at FROM audit_platform.quarantine"
+    ).fetchone()
+    assert attempts == 2
+    assert (
+        timedelta(seconds=30) <= next_retry - (now + timedelta(seconds=31)) <= timedelta(seconds=60)
+    )
+
+
+def test_orphan_past_grace_is_unattributed_then_late_when_context_finally_comes(shop):
+    xid = _write(shop, "INSERT INTO orders VALUES (3, 'new', NULL)")
+    shop.capture()
+    later = datetime.now(UTC) + timedelta(hours=1)
+    released = _enrich(shop, now=later)
+    assert released.result.records["attribution_status"].to_list() == ["unattributed"]
+    assert quarantine.stats(shop.state, "test", "shop").released == 1  # findable if context comes
+
+    with psycopg.connect(shop.url) as conn:
+        conn.execute(
+            "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(xid), json.dumps(ADA))
+        )
+    result = shop.capture()
+    for hour in result.hours:
+        enrich_hour(
+            shop.store, shop.state, shop.policy, hour, now=later, grace=timedelta(minutes=10)
+        )
+    final = shop.store.read_all("records")
+    assert final.height == 1  # one record, replaced: not a second one
+    assert final["attribution_status"].to_list() == ["late"]
+    assert final["id"].to_list() == released.result.records["id"].to_list()
+
+
+def test_orphan_waiting_then_released_after_grace_is_marked_released(shop):
+    _write(shop, "INSERT INTO orders VALUES (4, 'new', NULL)")
+    shop.capture()
+    now = datetime.now(UTC)
+    _enrich(shop, now=now)
+    waiting = quarantine.stats(shop.state, "test", "shop")
+    assert waiting.waiting == 1 and waiting.oldest_waiting is not None
+    _enrich(shop, now=now + timedelta(minutes=11))
+    after = quarantine.stats(shop.state, "test", "shop")
+    assert (after.waiting, after.released) == (0, 1)

@@ -1,0 +1,144 @@
+"""Pure enrichment logic: changed columns, object ids, context merging, orphans and grace."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pytest
+
+from audit_platform.capture.run import CHANGES_SCHEMA, CONTEXTS_SCHEMA
+from audit_platform.enrich import changed_columns, enrich, transaction_contexts
+from audit_platform.record import Operation, object_id, split_object_id
+from audit_platform_tests.helpers import policy_for
+
+T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
+POLICY = policy_for("shop", public__orders={"ignore_changes_to": ["updated_at"]})
+
+
+def _changes(rows: list[dict]) -> pl.DataFrame:
+    base = {
+        "commit_time_us": 0, "schema": "public", "table": "orders", "key_columns": '["id"]',
+        "unchanged_toast": None, "column_types": "{}", "before": None, "after": None,
+    }  # fmt: skip
+    frame = pl.DataFrame([base | r for r in rows], schema=CHANGES_SCHEMA)
+    return frame.drop("commit_time_us").with_columns(
+        pl.lit(T0).alias("commit_time"),
+        pl.lit("dev").alias("env"),
+        pl.lit("shop").alias("source"),
+        pl.lit("1:abc").alias("policy_version"),
+    )
+
+
+def _contexts(rows: list[dict]) -> pl.DataFrame:
+    base = {"commit_time_us": 0, "kind": "context", "seq": 0}
+    frame = pl.DataFrame([base | r for r in rows], schema=CONTEXTS_SCHEMA)
+    return frame.drop("commit_time_us").with_columns(pl.lit(T0).alias("commit_time"))
+
+
+@pytest.mark.parametrize(
+    ("operation", "before", "after", "toast", "expected"),
+    [
+        (Operation.insert, None, {"id": "1", "note": None, "s": "a"}, set(), ["id", "s"]),
+        (Operation.delete, {"id": "1", "s": "a"}, None, set(), ["id", "s"]),
+        (Operation.update, {"id": "1", "s": "a", "n": None}, {"id": "1", "s": "b", "n": None}, set(), ["s"]),
+        (Operation.update, {"id": "1", "s": None}, {"id": "1", "s": "x"}, set(), ["s"]),
+        (Operation.update, {"id": "1", "old": "x"}, {"id": "1", "new": "y"}, set(), ["new", "old"]),
+        (Operation.update, {"id": "1", "body": "x"}, {"id": "1"}, {"body"}, []),
+        (Operation.truncate, None, None, set(), []),
+    ],
+)  # fmt: skip
+def test_changed_columns(operation, before, after, toast, expected):
+    assert changed_columns(operation, before, after, toast) == expected
+
+
+@pytest.mark.parametrize("values", [["42"], ["a,b", "c\\d", ""], ["2026-01-01", "x\\,y"]])
+def test_object_id_is_reversible(values):
+    assert split_object_id(object_id(values)) == values
+
+
+def test_two_set_context_calls_merge_in_order():
+    merged = transaction_contexts(
+        _contexts(
+            [
+                {
+                    "lsn": 1,
+                    "xid": 9,
+                    "seq": 0,
+                    "target_xid": 9,
+                    "context": '{"actor":{"type":"user","id":"1"},"reason":"a","attributes":{"x":1}}',
+                },
+                {
+                    "lsn": 1,
+                    "xid": 9,
+                    "seq": 1,
+                    "target_xid": 9,
+                    "context": '{"reason":"b","attributes":{"y":2}}',
+                },
+            ]
+        )
+    )
+    assert json.loads(merged["context"][0]) == {
+        "actor": {"type": "user", "id": "1"},
+        "reason": "b",
+        "attributes": {"x": 1, "y": 2},
+    }
+
+
+def test_orphan_waits_within_grace_and_is_released_as_unattributed_after():
+    changes = _changes([{"lsn": 5, "xid": 3, "change_index": 0, "operation": "insert",
+                         "after": '{"id":"1"}'}])  # fmt: skip
+    empty = _contexts([])
+    waiting = enrich(
+        changes, empty, POLICY, now=T0 + timedelta(minutes=5), grace=timedelta(hours=1)
+    )
+    assert waiting.records.is_empty() and [o.lsn for o in waiting.orphans] == [5]
+    released = enrich(changes, empty, POLICY, now=T0 + timedelta(hours=2), grace=timedelta(hours=1))
+    assert released.records["attribution_status"].to_list() == ["unattributed"]
+    assert released.orphans == []
+
+
+def test_late_context_gives_status_late_with_its_lag():
+    changes = _changes([{"lsn": 5, "xid": 3, "change_index": 0, "operation": "insert",
+                         "after": '{"id":"1"}'}])  # fmt: skip
+    late = pl.DataFrame(
+        {"target_xid": [3], "context": ['{"actor":{"type":"user","id":"7"}}'],
+         "attached_at": [T0 + timedelta(seconds=90)]},
+        schema={"target_xid": pl.Int64, "context": pl.String, "attached_at": pl.Datetime("us", "UTC")},
+    )  # fmt: skip
+    result = enrich(changes, _contexts([]), POLICY, now=T0, grace=timedelta(hours=1),
+                    late_contexts=late)  # fmt: skip
+    assert result.records.select("attribution_status", "attribution_lag_seconds").row(0) == (
+        "late",
+        90.0,
+    )
+
+
+def test_update_touching_only_ignored_columns_is_dropped_and_counted():
+    changes = _changes(
+        [{"lsn": 5, "xid": 3, "change_index": 0, "operation": "update",
+          "before": '{"id":"1","updated_at":"a"}', "after": '{"id":"1","updated_at":"b"}'}]
+    )  # fmt: skip
+    ctx = _contexts([{"lsn": 5, "xid": 3, "target_xid": 3,
+                      "context": '{"actor":{"type":"job","id":"touch"}}'}])  # fmt: skip
+    result = enrich(changes, ctx, POLICY, now=T0, grace=timedelta(hours=1))
+    assert (result.records.height, result.ignored) == (0, 1)
+
+
+def test_a_malformed_change_is_set_aside_with_its_reason_and_the_rest_flow():
+    changes = _changes(
+        [
+            {"lsn": 5, "xid": 3, "change_index": 0, "operation": "insert", "after": '{"id":"1"}'},
+            {"lsn": 5, "xid": 3, "change_index": 1, "operation": "insert", "after": "{not json"},
+            {"lsn": 5, "xid": 3, "change_index": 2, "operation": "insert", "after": '{"x":"no key"}'},
+        ]
+    )  # fmt: skip
+    ctx = _contexts([{"lsn": 5, "xid": 3, "target_xid": 3,
+                      "context": '{"actor":{"type":"user","id":"1"}}'}])  # fmt: skip
+    result = enrich(changes, ctx, POLICY, now=T0, grace=timedelta(hours=1))
+    assert result.records["change_index"].to_list() == [0]
+    assert [(i, reason.split(":")[0]) for _, i, reason in result.rejected] == [
+        (1, "unreadable change"),
+        (2, "key columns ['id'] not in the row image"),
+    ]
