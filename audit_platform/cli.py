@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
 
+from audit_platform.clients import NotConfigured
+from audit_platform.environment import load_environment
 from audit_platform.policy import PolicyError, load_policy, policy_path
+from audit_platform.retention import run_for_environment
 from audit_platform.settings import Settings
 from audit_platform.sources.check import check_source
 from audit_platform.sources.setup import SetupError, setup_source, teardown_source
@@ -163,6 +167,34 @@ def source_teardown(
     except SetupError as exc:
         raise _fail(exc) from exc
     typer.echo("removed: " + (", ".join(removed) or "nothing (already gone)"))
+
+
+retention_app = typer.Typer(
+    help="Delete what has outlived the retention period.", no_args_is_help=True
+)
+app.add_typer(retention_app, name="retention")
+
+
+@retention_app.command("run")
+def retention_run(
+    env: EnvOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be deleted; delete nothing.")
+    ] = False,
+) -> None:
+    """Delete this environment's expired indices (where there is no ILM), staged hours and
+    settled quarantine entries; never anything inside the period or of another environment."""
+    settings = Settings() if env is None else Settings(env=env)
+    environment = load_environment(settings.resources_dir, settings.env)
+    try:
+        report = run_for_environment(settings, environment, now=datetime.now(UTC), dry_run=dry_run)
+    except NotConfigured as exc:
+        raise _fail(exc) from exc
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"cutoff {report.cutoff:%Y-%m-%d %H:%M} UTC ({environment.retention_days} days)")
+    typer.echo(f"{verb} indices: {', '.join(report.indices) or 'none'}")
+    typer.echo(f"{verb} staged hours: {len(report.staged_hours)}")
+    typer.echo(f"{verb} quarantine entries: {report.quarantine_entries}")
 
 
 @app.command("demo")

@@ -6,7 +6,6 @@ for the Dagster code location, the API and the command line.
 
 from __future__ import annotations
 
-import psycopg
 from elasticsearch import Elasticsearch
 
 from audit_platform.settings import ElasticsearchConnection, Settings
@@ -16,7 +15,9 @@ class NotConfigured(RuntimeError):
     """A server URL is missing; the message says which variable to set."""
 
 
-def elasticsearch_client(conn: ElasticsearchConnection, *, request_timeout: float = 30.0):
+def elasticsearch_client(
+    conn: ElasticsearchConnection, *, request_timeout: float = 30.0
+) -> Elasticsearch:
     """A client with the configured auth (API key wins over user/password) and CA file.
 
     Retries on timeouts are left to the client's own transport: it retries connection errors
@@ -45,11 +46,6 @@ def es_from_settings(settings: Settings) -> Elasticsearch:
             '`eval "$(audit-platform stack env)"`, or point AUDIT_ES_URL at your cluster'
         )
     return elasticsearch_client(settings.elasticsearch)
-
-
-def pg_connect(url: str, *, autocommit: bool = False, **kwargs) -> psycopg.Connection:
-    """Connect with any libpq URL or keyword string; a short connect timeout fails fast."""
-    return psycopg.connect(url, autocommit=autocommit, connect_timeout=10, **kwargs)
 
 
 def pg_url_from_settings(settings: Settings) -> str:

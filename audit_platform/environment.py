@@ -29,6 +29,10 @@ class EnvironmentConfig(BaseModel):
     capture_batch_changes: int = Field(default=50_000, ge=100)
     #: How long an orphan waits for a late context before it is indexed as unattributed.
     enrich_grace_minutes: int = Field(default=10, ge=0)
+    #: Replicas of each audit index (0 on a single-node development cluster).
+    index_replicas: int = Field(default=0, ge=0)
+    #: Days audit records, staged data and settled quarantine entries are kept.
+    retention_days: int = Field(default=30, ge=1)
 
     @field_validator("sources")
     @classmethod

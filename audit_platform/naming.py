@@ -30,3 +30,19 @@ def slot_name(env: str, source: str) -> str:
 def publication_name(env: str, source: str) -> str:
     """Publication listing the tracked tables of one source for one environment."""
     return slot_name(env, source)
+
+
+def index_name(env: str, source: str, year: int, month: int) -> str:
+    """Monthly index per environment and source: retention drops whole months, and one month
+    of one source stays a comfortable shard size for the volumes this platform expects."""
+    env, source = check_identifier("environment", env), check_identifier("source", source)
+    return f"audit-{env}-{source}-{year:04d}.{month:02d}"
+
+
+def read_alias(env: str) -> str:
+    """Every index of one environment, for queries; never spans environments."""
+    return f"audit-{check_identifier('environment', env)}"
+
+
+def template_name(env: str) -> str:
+    return f"audit-{check_identifier('environment', env)}"

@@ -108,6 +108,7 @@ class AuditRecord(_Model):
     changed_columns: list[str]
     before: dict[str, Any] | None
     after: dict[str, Any] | None
+    values_text: str = Field(description="The row's values as free text, for full-text search.")
     context: dict[str, Any] | None
     user: User
     service: ServiceField

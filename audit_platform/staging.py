@@ -177,15 +177,23 @@ class StagingStore:
     # -- reading ------------------------------------------------------------------------------
 
     def files_by_hour(self, dataset: str) -> list[StagedFile]:
-        """Every staged file of a dataset with the hour its folder names."""
+        """Every staged file of a raw dataset, with its hour and LSN range (rows unknown: -1)."""
         found = []
         for path in self.files(dataset):
-            date = path.rsplit("/date=", 1)[1][:10]
-            hour = path.rsplit("/hour=", 1)[1][:2]
-            stamp = datetime.strptime(f"{date} {hour}", "%Y-%m-%d %H").replace(tzinfo=UTC)
             first, last = path.rsplit("/", 1)[1].split(".")[0].split("-")
-            found.append(StagedFile(dataset, stamp, path, -1, int(first, 16), int(last, 16)))
+            found.append(
+                StagedFile(dataset, hour_from_path(path), path, -1, int(first, 16), int(last, 16))
+            )
         return found
+
+    def hours(self, dataset: str) -> list[datetime]:
+        """The hours a dataset has files for, in order."""
+        return sorted({hour_from_path(path) for path in self.files(dataset)})
+
+    def hour_folders(self) -> list[tuple[datetime, str]]:
+        """(hour, folder) for every dataset of this environment and source."""
+        folders = self.fs.glob(f"{self.base}/*/date=*/hour=*")
+        return sorted((hour_from_path(folder + "/"), folder) for folder in folders)
 
     def files(self, dataset: str) -> list[str]:
         return sorted(self.fs.glob(f"{self.base}/{dataset}/date=*/hour=*/*.parquet"))
@@ -208,10 +216,11 @@ class StagingStore:
         return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
 
-def hour_of(timestamp_us: int) -> datetime:
-    return datetime.fromtimestamp(timestamp_us / 1e6, tz=UTC).replace(
-        minute=0, second=0, microsecond=0
-    )
+def hour_from_path(path: str) -> datetime:
+    """The hour a staged path's ``date=``/``hour=`` folders name."""
+    date = path.rsplit("/date=", 1)[1][:10]
+    hour = path.rsplit("/hour=", 1)[1][:2]
+    return datetime.strptime(f"{date} {hour}", "%Y-%m-%d %H").replace(tzinfo=UTC)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

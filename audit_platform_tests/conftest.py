@@ -44,8 +44,12 @@ def _with_env(settings: Settings, env: dict[str, str]) -> Settings:
 
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
+    """The servers; their AUDIT_* variables are also exported for code that reads Settings()
+    itself (Dagster ops in execute_in_process, the CLI)."""
     settings = Settings()
-    with served(settings) as env:
+    with served(settings) as env, pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
         yield Servers(_with_env(settings, env))
 
 

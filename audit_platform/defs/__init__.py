@@ -21,6 +21,13 @@ from audit_platform.defs.enrich.assets import (
     quarantine_key,
 )
 from audit_platform.defs.enrich.sensors import quarantine_schedule, quarantine_sensor
+from audit_platform.defs.index.assets import index_op, indexed_asset, indexed_key, template_asset
+from audit_platform.defs.index.schedules import (
+    reconcile_job,
+    reconcile_schedule,
+    retention_job,
+    retention_schedule,
+)
 from audit_platform.environment import load_environment
 from audit_platform.settings import Settings
 
@@ -28,27 +35,45 @@ from audit_platform.settings import Settings
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings()
     environment = load_environment(settings.resources_dir, settings.env)
-    assets, jobs, sensors, schedules = [], [], [], []
+    assets, jobs, sensors, schedules = [template_asset(environment)], [], [], []
     grace = timedelta(minutes=environment.enrich_grace_minutes)
     for source, config in sorted(environment.sources.items()):
         assets.extend(staged_asset_specs(source))
         assets.append(enriched_asset(source, grace))
         assets.append(quarantine_asset(source))
+        assets.append(indexed_asset(source, config, environment))
         job = capture_job(
-            source, config, environment.capture_batch_changes, then=enrich_op(source, grace)
+            source,
+            config,
+            environment.capture_batch_changes,
+            then=[enrich_op(source, grace), index_op(source, config, environment)],
         )
         enrich_job = dg.define_asset_job(
             f"enrich_{source}_job",
-            selection=[enriched_key(source)],
-            description=f"Re-enrich hours of source {source} (quarantine retries, backfills).",
+            selection=[enriched_key(source), indexed_key(source)],
+            description=f"Rebuild hours of source {source}: enrich, then index (quarantine "
+            "retries, backfills).",
         )
+        reconcile = reconcile_job(source, config, environment)
         quarantine_job = dg.define_asset_job(
             f"quarantine_{source}_job", selection=[quarantine_key(source)]
         )
-        jobs.extend([job, enrich_job, quarantine_job])
+        jobs.extend([job, enrich_job, quarantine_job, reconcile])
+        schedules.append(reconcile_schedule(source, reconcile))
         sensors.append(capture_sensor(source, config, job, environment.capture_interval_seconds))
         sensors.append(quarantine_sensor(source, enrich_job))
         schedules.append(quarantine_schedule(source, quarantine_job))
+    retention = retention_job(environment)
+    jobs.append(retention)
+    schedules.append(retention_schedule(retention))
+    sensors.append(
+        dg.AutomationConditionSensorDefinition(
+            "automation_sensor",
+            target=dg.AssetSelection.all(),
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            description="Materializes the index template when it is missing or has changed.",
+        )
+    )
     return dg.Definitions(assets=assets, jobs=jobs, sensors=sensors, schedules=schedules)
 
 

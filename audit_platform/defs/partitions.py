@@ -11,7 +11,11 @@ import dagster as dg
 PARTITIONS_START = "2025-01-01-00:00"
 PARTITION_KEY_FORMAT = "%Y-%m-%d-%H:%M"
 
-hourly_partitions_def = dg.HourlyPartitionsDefinition(start_date=PARTITIONS_START, timezone="UTC")
+#: ``end_offset=1``: the hour in progress is a partition too. Capture appends to it as changes
+#: commit, and it can be rebuilt like any other hour.
+hourly_partitions_def = dg.HourlyPartitionsDefinition(
+    start_date=PARTITIONS_START, timezone="UTC", end_offset=1
+)
 
 
 def hour_key(hour: datetime) -> str:

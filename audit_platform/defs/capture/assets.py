@@ -55,9 +55,9 @@ def source_url(source: str, config: SourceConfig) -> str:
 
 
 def capture_job(
-    source: str, config: SourceConfig, batch_changes: int, then: dg.OpDefinition
+    source: str, config: SourceConfig, batch_changes: int, then: list[dg.OpDefinition]
 ) -> dg.JobDefinition:
-    """Capture, then ``then`` (enrichment) on the hours the capture touched, in one run.
+    """Capture, then each op of ``then`` (enrich, index) on the hours it touched, in one run.
 
     One run, not a chain of runs, because every run launch costs seconds that a change would
     otherwise wait before it is searchable.
@@ -118,6 +118,8 @@ def capture_job(
         tags={SLOT_TAG: slot},
     )
     def job() -> None:
-        then(capture_op())
+        hours = capture_op()
+        for step in then:
+            hours = step(hours)
 
     return job

@@ -29,43 +29,47 @@ CREATE TABLE IF NOT EXISTS audit.schema_migrations (
 -- names the field (SQLSTATE 22023), which fails the caller's transaction: a write that cannot be
 -- attributed is a bug in the caller, and it is cheaper to find it at once than in an audit.
 --
--- Validation runs in every audited transaction, so the usual case is one expression: the
--- structure is checked with jsonb operators (no loops, no queries, no exception block). Only a
--- context that fails it goes through audit.explain_invalid_context, which finds the field to
--- name in the error (or accepts it, e.g. for an IPv6 client address or explicit nulls).
+-- Validation runs in every audited transaction, so the usual case is one expression
+-- (audit.context_is_valid, an SQL function PostgreSQL inlines): the structure is checked with
+-- jsonb operators (no loops, no queries, no exception block). Only a context that fails it goes
+-- through audit.explain_invalid_context, which finds the field to name in the error (or accepts
+-- it, e.g. for an IPv6 client address or explicit nulls).
+CREATE OR REPLACE FUNCTION audit.context_is_valid(ctx jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT jsonb_typeof(ctx) = 'object'
+        AND (ctx - ARRAY['actor', 'service', 'request_id', 'job', 'trace_id', 'reason',
+                         'client_addr', 'attributes']) = '{}'::jsonb
+        AND jsonb_typeof(ctx -> 'actor') = 'object'
+        AND ((ctx -> 'actor') - ARRAY['type', 'id', 'name']) = '{}'::jsonb
+        AND jsonb_typeof(ctx -> 'actor' -> 'type') = 'string'
+        AND ctx -> 'actor' ->> 'type' IN ('user', 'service', 'job', 'system')
+        AND jsonb_typeof(ctx -> 'actor' -> 'id') = 'string' AND ctx -> 'actor' ->> 'id' <> ''
+        AND coalesce(jsonb_typeof(ctx -> 'actor' -> 'name'), 'string') = 'string'
+        AND coalesce(jsonb_typeof(ctx -> 'service'), 'string') = 'string'
+        AND coalesce(jsonb_typeof(ctx -> 'request_id'), 'string') = 'string'
+        AND coalesce(jsonb_typeof(ctx -> 'reason'), 'string') = 'string'
+        AND coalesce(jsonb_typeof(ctx -> 'attributes'), 'object') = 'object'
+        AND (ctx -> 'job' IS NULL
+             OR (jsonb_typeof(ctx -> 'job') = 'object'
+                 AND ((ctx -> 'job') - ARRAY['name', 'run_id']) = '{}'::jsonb
+                 AND coalesce(jsonb_typeof(ctx -> 'job' -> 'name'), 'string') = 'string'
+                 AND coalesce(jsonb_typeof(ctx -> 'job' -> 'run_id'), 'string') = 'string'))
+        AND (ctx -> 'trace_id' IS NULL
+             OR (jsonb_typeof(ctx -> 'trace_id') = 'string'
+                 AND ctx ->> 'trace_id' ~ '^[0-9a-f]{32}$'
+                 AND ctx ->> 'trace_id' <> '00000000000000000000000000000000'))
+        AND (ctx -> 'client_addr' IS NULL
+             OR (jsonb_typeof(ctx -> 'client_addr') = 'string'
+                 AND ctx ->> 'client_addr' ~ '^((25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])$'))
+        AND octet_length(ctx::text) <= 8192;
+$fn$;
+
 CREATE OR REPLACE FUNCTION audit.validate_context(ctx jsonb) RETURNS void
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $fn$
 BEGIN
-    IF jsonb_typeof(ctx) = 'object'
-       AND (ctx - ARRAY['actor', 'service', 'request_id', 'job', 'trace_id', 'reason',
-                        'client_addr', 'attributes']) = '{}'::jsonb
-       AND jsonb_typeof(ctx -> 'actor') = 'object'
-       AND ((ctx -> 'actor') - ARRAY['type', 'id', 'name']) = '{}'::jsonb
-       AND jsonb_typeof(ctx -> 'actor' -> 'type') = 'string'
-       AND ctx -> 'actor' ->> 'type' IN ('user', 'service', 'job', 'system')
-       AND jsonb_typeof(ctx -> 'actor' -> 'id') = 'string' AND ctx -> 'actor' ->> 'id' <> ''
-       AND coalesce(jsonb_typeof(ctx -> 'actor' -> 'name'), 'string') = 'string'
-       AND coalesce(jsonb_typeof(ctx -> 'service'), 'string') = 'string'
-       AND coalesce(jsonb_typeof(ctx -> 'request_id'), 'string') = 'string'
-       AND coalesce(jsonb_typeof(ctx -> 'reason'), 'string') = 'string'
-       AND coalesce(jsonb_typeof(ctx -> 'attributes'), 'object') = 'object'
-       AND (ctx -> 'job' IS NULL
-            OR (jsonb_typeof(ctx -> 'job') = 'object'
-                AND ((ctx -> 'job') - ARRAY['name', 'run_id']) = '{}'::jsonb
-                AND coalesce(jsonb_typeof(ctx -> 'job' -> 'name'), 'string') = 'string'
-                AND coalesce(jsonb_typeof(ctx -> 'job' -> 'run_id'), 'string') = 'string'))
-       AND (ctx -> 'trace_id' IS NULL
-            OR (jsonb_typeof(ctx -> 'trace_id') = 'string'
-                AND ctx ->> 'trace_id' ~ '^[0-9a-f]{32}$'
-                AND ctx ->> 'trace_id' <> '00000000000000000000000000000000'))
-       AND (ctx -> 'client_addr' IS NULL
-            OR (jsonb_typeof(ctx -> 'client_addr') = 'string'
-                AND ctx ->> 'client_addr' ~ '^((25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])$'))
-       AND octet_length(ctx::text) <= 8192
-    THEN
-        RETURN;
+    IF audit.context_is_valid(ctx) IS NOT TRUE THEN
+        PERFORM audit.explain_invalid_context(ctx);
     END IF;
-    PERFORM audit.explain_invalid_context(ctx);
 END
 $fn$;
 
@@ -175,7 +179,10 @@ $fn$;
 CREATE OR REPLACE FUNCTION audit.set_context(ctx jsonb) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $fn$
 BEGIN
-    PERFORM audit.validate_context(ctx);
+    -- The check is an inlined expression, not a query: no cost beyond evaluating it.
+    IF audit.context_is_valid(ctx) IS NOT TRUE THEN
+        PERFORM audit.explain_invalid_context(ctx);
+    END IF;
     PERFORM pg_logical_emit_message(true, 'audit_platform.context.v1', ctx::text);
 END
 $fn$;
@@ -220,6 +227,7 @@ $fn$;
 GRANT USAGE ON SCHEMA audit TO PUBLIC;
 -- Which migrations are installed is no secret, and `source check` may run as a capture-only role.
 GRANT SELECT ON audit.schema_migrations TO PUBLIC;
-GRANT EXECUTE ON FUNCTION audit.validate_context(jsonb), audit.explain_invalid_context(jsonb),
+GRANT EXECUTE ON FUNCTION audit.context_is_valid(jsonb), audit.validate_context(jsonb),
+    audit.explain_invalid_context(jsonb),
     audit.set_context(jsonb),
     audit.set_context_if_writing(jsonb), audit.attach_context(xid8, jsonb) TO PUBLIC;

@@ -1,0 +1,1 @@
+"""Elasticsearch wiring: the index template, indexed hours, reconciliation, retention."""

@@ -1,0 +1,117 @@
+"""Indexing into real Elasticsearch: template, deterministic ids, per-document failures."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import psycopg
+import pytest
+
+from audit_platform import quarantine
+from audit_platform.enrich_hour import enrich_hour
+from audit_platform.index import documents, index_records, install_template, validate_document
+from audit_platform.naming import read_alias
+from audit_platform.settings import Settings
+from audit_platform_tests.capture_support import make_source
+from audit_platform_tests.helpers import policy_for
+
+RESOURCES = Settings().resources_dir
+
+
+@pytest.fixture
+def env(es_prefix):
+    """An environment name of this test's own, so its template and indices are its own."""
+    return es_prefix.replace("-", "_")
+
+
+@pytest.fixture
+def captured(pg_database, tmp_path, es, env):
+    source = make_source(
+        pg_database,
+        tmp_path,
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, note text);"
+        "ALTER TABLE orders REPLICA IDENTITY FULL;",
+        policy_for("shop", public__orders={}),
+        env=env,
+    )
+    ctx = {"actor": {"type": "user", "id": "u-9", "name": "Grace"}, "reason": "refund",
+           "request_id": "req-1", "client_addr": "203.0.113.9"}  # fmt: skip
+    with psycopg.connect(pg_database) as conn:
+        conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(ctx),))
+        conn.execute("INSERT INTO orders VALUES (1, 'new', 'first order')")
+        conn.execute("UPDATE orders SET status = 'refunded' WHERE id = 1")
+    result = source.capture()
+    with psycopg.connect(pg_database, autocommit=True) as state:
+        quarantine.install(state, RESOURCES / "sql")
+        [hour] = result.hours
+        enriched = enrich_hour(source.store, state, source.policy, hour,
+                               now=datetime.now(UTC), grace=timedelta(minutes=10))  # fmt: skip
+    yield enriched.result.records
+    for name in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+        es.indices.delete(index=name)
+    es.options(ignore_status=404).indices.delete_index_template(name=f"audit-{env}")
+
+
+def test_template_install_is_idempotent_and_reports_changes(es, env):
+    first = install_template(es, RESOURCES, env, replicas=0)
+    second = install_template(es, RESOURCES, env, replicas=0)
+    third = install_template(es, RESOURCES, env, replicas=1)
+    assert (first.changed, second.changed, third.changed) == (True, False, True)
+    es.indices.delete_index_template(name=first.name)
+
+
+def test_records_from_a_real_capture_are_searchable_by_every_filter(es, env, captured):
+    install_template(es, RESOURCES, env, replicas=0)
+    result = index_records(es, captured, database="shopdb", ingested_at=datetime.now(UTC))
+    assert (result.indexed, result.failed.height) == (2, 0)
+    es.indices.refresh(index=read_alias(env))
+    alias = read_alias(env)
+
+    def hits(query: dict) -> list[str]:
+        found = es.search(index=alias, query=query, sort=[{"transaction.change_index": "asc"}])
+        return [h["_source"]["operation"] for h in found["hits"]["hits"]]
+
+    assert hits({"term": {"user.id": "u-9"}}) == ["insert", "update"]
+    assert hits({"term": {"table.name": "orders"}}) == ["insert", "update"]
+    assert hits({"term": {"changed_columns": "status"}}) == ["insert", "update"]
+    assert hits({"term": {"changed_columns": "note"}}) == ["insert"]
+    assert hits({"term": {"object_id": "1"}}) == ["insert", "update"]
+    assert hits({"term": {"after.status": "refunded"}}) == ["update"]
+    assert hits({"term": {"before.status": "new"}}) == ["update"]
+    assert hits({"term": {"context.request_id": "req-1"}}) == ["insert", "update"]
+    assert hits({"match": {"context.reason": "refund"}}) == ["insert", "update"]
+    assert hits({"match": {"values_text": "first"}}) == ["insert", "update"]
+    assert hits({"term": {"client.ip": "203.0.113.9"}}) == ["insert", "update"]
+    assert hits({"term": {"attribution.status": "attributed"}}) == ["insert", "update"]
+    assert hits({"range": {"@timestamp": {"gte": "now-1h"}}}) == ["insert", "update"]
+    for index, doc_id, document in documents(captured, database="shopdb",
+                                             ingested_at=datetime.now(UTC)):  # fmt: skip
+        validate_document(doc_id, document)
+        assert index.startswith(f"audit-{env}-shop-")
+
+
+def test_indexing_the_same_hour_twice_leaves_one_copy(es, env, captured):
+    install_template(es, RESOURCES, env, replicas=0)
+    for _ in range(2):
+        index_records(es, captured, database="shopdb", ingested_at=datetime.now(UTC))
+    es.indices.refresh(index=read_alias(env))
+    assert es.count(index=read_alias(env))["count"] == 2
+
+
+def test_a_document_elasticsearch_refuses_is_set_aside_and_the_rest_indexed(es, env, captured):
+    install_template(es, RESOURCES, env, replicas=0)
+    bad_context = json.dumps({"actor": {"type": "user", "id": "x"}, "client_addr": "not-an-ip"})
+    broken = captured.with_columns(
+        pl.when(pl.col("change_index") == 1)
+        .then(pl.lit(bad_context))
+        .otherwise(pl.col("context"))
+        .alias("context")
+    )
+    result = index_records(es, broken, database="shopdb", ingested_at=datetime.now(UTC))
+    assert result.indexed == 1
+    [failure] = result.failed.to_dicts()
+    assert failure["id"] == captured["id"][1]
+    assert failure["status"] == 400
+    assert failure["reason"].startswith("document_parsing_exception")

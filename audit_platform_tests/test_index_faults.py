@@ -1,0 +1,93 @@
+"""Elasticsearch stopped in the middle of indexing: the retry ends with every document once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pytest
+
+from audit_platform.clients import elasticsearch_client
+from audit_platform.enrich import RECORD_SCHEMA
+from audit_platform.index import index_records, install_template
+from audit_platform.naming import read_alias
+from audit_platform.settings import ElasticsearchConnection, Settings
+from audit_platform.stack.elasticsearch import LocalElasticsearch
+from audit_platform.stack.system import free_port
+
+T0 = datetime(2026, 11, 26, 10, tzinfo=UTC)
+
+
+def _records(n: int) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "id": [f"faults:shop:{i:016X}:0" for i in range(n)],
+            "commit_time": [T0 + timedelta(seconds=i) for i in range(n)],
+            "env": ["faults"] * n,
+            "source": ["shop"] * n,
+            "schema": ["public"] * n,
+            "table": ["orders"] * n,
+            "operation": ["insert"] * n,
+            "object_id": [str(i) for i in range(n)],
+            "changed_columns": ['["id","note"]'] * n,
+            "before": [None] * n,
+            "after": [f'{{"id":"{i}","note":"{"x" * 200}"}}' for i in range(n)],
+            "context": ['{"actor":{"type":"job","id":"load"}}'] * n,
+            "attribution_status": ["attributed"] * n,
+            "attribution_lag_seconds": [None] * n,
+            "xid": list(range(n)),
+            "lsn": list(range(n)),
+            "change_index": [0] * n,
+            "policy_version": ["1:x"] * n,
+        },
+        schema=RECORD_SCHEMA,
+    )
+
+
+@pytest.mark.slow
+def test_elasticsearch_stopped_during_indexing_then_retried_indexes_each_document_once(tmp_path):
+    node = LocalElasticsearch(tmp_path / "stack", free_port(), free_port(), "512m")
+    record, _ = node.up()
+    conn = ElasticsearchConnection(
+        url=record.url,
+        username=record.env["AUDIT_ES_USERNAME"],
+        password=record.env["AUDIT_ES_PASSWORD"],
+        ca_certs=record.env["AUDIT_ES_CA_CERTS"],
+    )
+    records = _records(20_000)
+    try:
+        client = elasticsearch_client(conn, request_timeout=5)
+        install_template(client, Settings().resources_dir, "faults", replicas=0)
+        outcome: dict[str, object] = {}
+
+        def index() -> None:
+            try:
+                outcome["result"] = index_records(
+                    client, records, database="shopdb", ingested_at=T0, chunk_size=200
+                )
+            except Exception as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=index)
+        worker.start()
+        time.sleep(1.5)
+        node.down()  # in the middle of the bulk requests
+        worker.join(timeout=120)
+        assert "error" in outcome, "indexing finished before Elasticsearch stopped; use more"
+
+        node.up()
+        client = elasticsearch_client(conn, request_timeout=30)
+        client.cluster.health(wait_for_status="green", timeout="60s")
+        retried = index_records(client, records, database="shopdb", ingested_at=T0)
+        assert (retried.indexed, retried.failed.height) == (20_000, 0)
+        client.indices.refresh(index=read_alias("faults"))
+        assert client.count(index=read_alias("faults"))["count"] == 20_000
+        ids = client.search(
+            index=read_alias("faults"), size=0,
+            aggs={"distinct": {"cardinality": {"field": "object_id", "precision_threshold": 40000}}},
+        )["aggregations"]["distinct"]["value"]  # fmt: skip
+        assert ids == 20_000
+    finally:
+        node.down()

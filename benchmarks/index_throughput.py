@@ -1,0 +1,116 @@
+"""Documents per second indexed by this code, next to raw bulk indexing with the bare client.
+
+Both index the same documents into a fresh index of the local cluster, interleaved, in one run:
+``ours`` is ``index_records`` (records to documents, streaming_bulk with per-document failure
+handling); ``raw`` is ``elasticsearch.helpers.bulk`` over the same documents built beforehand,
+so the difference is the cost of this code's document building and bookkeeping.
+
+Run: ``eval "$(audit-platform stack env)"; .venv/bin/python benchmarks/index_throughput.py``
+Writes ``benchmarks/results/index_throughput.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+from elasticsearch.helpers import bulk
+
+from audit_platform.clients import es_from_settings
+from audit_platform.enrich import RECORD_SCHEMA
+from audit_platform.index import documents, index_records, install_template
+from audit_platform.naming import read_alias, template_name
+from audit_platform.settings import Settings
+
+RESULTS = Path(__file__).parent / "results" / "index_throughput.md"
+ENV = "benchidx"
+T0 = datetime(2026, 11, 26, 10, tzinfo=UTC)
+app = typer.Typer(add_completion=False)
+
+
+def records(n: int) -> pl.DataFrame:
+    context = json.dumps({"actor": {"type": "user", "id": "u-1", "name": "Ada"},
+                          "request_id": "req-1", "reason": "refund"})  # fmt: skip
+    return pl.DataFrame(
+        {
+            "id": [f"{ENV}:shop:{i:016X}:0" for i in range(n)],
+            "commit_time": [T0 + timedelta(milliseconds=i) for i in range(n)],
+            "env": [ENV] * n, "source": ["shop"] * n, "schema": ["public"] * n,
+            "table": ["orders"] * n, "operation": ["update"] * n,
+            "object_id": [str(i) for i in range(n)],
+            "changed_columns": ['["status"]'] * n,
+            "before": [f'{{"id":"{i}","status":"new","amount":"12.50","note":"{"n" * 40}"}}'
+                       for i in range(n)],
+            "after": [f'{{"id":"{i}","status":"paid","amount":"12.50","note":"{"n" * 40}"}}'
+                      for i in range(n)],
+            "context": [context] * n, "attribution_status": ["attributed"] * n,
+            "attribution_lag_seconds": [None] * n, "xid": list(range(n)),
+            "lsn": list(range(n)), "change_index": [0] * n, "policy_version": ["1:x"] * n,
+        },
+        schema=RECORD_SCHEMA,
+    )  # fmt: skip
+
+
+def _reset(client) -> None:
+    found = client.options(ignore_status=404).indices.get(index=f"audit-{ENV}-*")
+    for name in found:
+        client.indices.delete(index=name)
+
+
+@app.command()
+def main(
+    count: Annotated[int, typer.Option(help="Documents per run.")] = 200_000,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds.")] = 2,
+) -> None:
+    settings = Settings()
+    client = es_from_settings(settings)
+    install_template(client, settings.resources_dir, ENV, replicas=0)
+    frame = records(count)
+    prepared = [
+        {"_index": index, "_id": doc_id, "_source": doc}
+        for index, doc_id, doc in documents(frame, database="shopdb", ingested_at=T0)
+    ]
+    rows = []
+    for round_number in range(1, rounds + 1):
+        order = ["ours", "raw"] if round_number % 2 else ["raw", "ours"]
+        for kind in order:
+            _reset(client)
+            start = time.monotonic()
+            if kind == "ours":
+                result = index_records(client, frame, database="shopdb", ingested_at=T0)
+                assert result.failed.height == 0
+            else:
+                bulk(client, prepared, chunk_size=1000)
+            seconds = time.monotonic() - start
+            client.indices.refresh(index=read_alias(ENV))
+            indexed = client.count(index=read_alias(ENV))["count"]
+            rows.append({"round": round_number, "kind": kind, "docs": indexed, "seconds": seconds})
+            typer.echo(json.dumps(rows[-1]))
+    _reset(client)
+    client.indices.delete_index_template(name=template_name(ENV))
+    lines = [
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC against the local single-node cluster "
+        f"(Elasticsearch 9.5.4, 1 GB heap, 2 cores shared with this client): {count:,} "
+        "documents per run into a fresh index, chunks of 1,000.",
+        "",
+        "| round | what | documents | seconds | docs/s |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        what = "this code (index_records)" if r["kind"] == "ours" else "bare client helpers.bulk"
+        lines.append(
+            f"| {r['round']} | {what} | {r['docs']:,} | {r['seconds']:.1f} "
+            f"| {r['docs'] / r['seconds']:,.0f} |"
+        )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("# Indexing throughput\n\n" + "\n".join(lines) + "\n")
+    typer.echo("\n".join(lines))
+
+
+if __name__ == "__main__":
+    app()
