@@ -167,3 +167,29 @@ def test_code_location_serves_only_its_environments_sources(monkeypatch):
     prod = build_definitions()
     assert {"capture_shop_sensor", "quarantine_shop_sensor"} <= {s.name for s in prod.sensors}
     dg.Definitions.validate_loadable(prod)
+
+
+def test_reconciliation_reindexes_a_missing_document_and_its_check_passes(shop, es, env):
+    defs = build_definitions()
+    with psycopg.connect(shop) as conn:
+        conn.execute("""SELECT audit.set_context('{"actor": {"type": "user", "id": "7"}}')""")
+        conn.execute("INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')")
+        conn.execute("INSERT INTO orders (id, customer_id, status) VALUES (2, 1, 'new')")
+    with dg.instance_for_test() as instance:
+        assert (
+            defs.resolve_job_def("capture_shop_job").execute_in_process(instance=instance).success
+        )
+        documents = _documents(es, env)
+        lost = sorted(documents)[0]
+        [index] = {h["_index"] for h in es.search(index=f"audit-{env}")["hits"]["hits"]}
+        es.delete(index=index, id=lost, refresh=True)
+        assert len(_documents(es, env)) == 1
+        run = defs.resolve_job_def("reconcile_shop_job").execute_in_process(instance=instance)
+        assert run.success
+        assert _documents(es, env) == documents
+        checks = [
+            e.event_specific_data for e in run.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        ]  # fmt: skip
+        assert [c.passed for c in checks] == [True]
+        assert checks[0].metadata["indexed"].value == 2
