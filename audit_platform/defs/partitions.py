@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -20,3 +20,7 @@ hourly_partitions_def = dg.HourlyPartitionsDefinition(
 
 def hour_key(hour: datetime) -> str:
     return hour.strftime(PARTITION_KEY_FORMAT)
+
+
+def parse_hour_key(key: str) -> datetime:
+    return datetime.strptime(key, PARTITION_KEY_FORMAT).replace(tzinfo=UTC)

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from audit_platform.capture.run import capture
 from audit_platform.defs.partitions import hour_key, hourly_partitions_def
+from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import SourceConfig
 from audit_platform.naming import slot_name
 from audit_platform.policy import load_policy, policy_path
@@ -68,9 +69,7 @@ def capture_job(
     @dg.op(
         name=f"capture_{source}",
         description=f"Stage everything source {source} committed up to the target LSN.",
-        retry_policy=dg.RetryPolicy(
-            max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-        ),
+        retry_policy=transient_retry_policy,
     )
     def capture_op(context: dg.OpExecutionContext, config: CaptureConfig) -> dg.Output[list[str]]:
         settings = Settings()

@@ -13,7 +13,8 @@ import psycopg
 from audit_platform import quarantine
 from audit_platform.clients import pg_url_from_settings
 from audit_platform.defs.capture.assets import staged_key
-from audit_platform.defs.partitions import PARTITION_KEY_FORMAT, hour_key, hourly_partitions_def
+from audit_platform.defs.partitions import hour_key, hourly_partitions_def, parse_hour_key
+from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.enrich_hour import HourResult, enrich_hour
 from audit_platform.naming import slot_name
 from audit_platform.policy import load_policy, policy_path
@@ -83,12 +84,10 @@ def enrich_op(source: str, grace: timedelta) -> dg.OpDefinition:
     @dg.op(
         name=f"enrich_{source}",
         description=f"Enrich the hours of source {source} that the capture just touched.",
-        retry_policy=dg.RetryPolicy(
-            max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-        ),
+        retry_policy=transient_retry_policy,
     )
     def op(context: dg.OpExecutionContext, hours: list[str]) -> list[str]:
-        parsed = [datetime.strptime(h, PARTITION_KEY_FORMAT).replace(tzinfo=UTC) for h in hours]
+        parsed = [parse_hour_key(h) for h in hours]
         for result in enrich_hours(source, parsed, grace):
             for event in hour_events(source, result):
                 context.log_event(event)
@@ -112,9 +111,7 @@ def enriched_asset(source: str, grace: timedelta) -> dg.AssetsDefinition:
         owners=["team:platform"],
         pool=slot,
         check_specs=[dg.AssetCheckSpec("orphan_rate", asset=enriched_key(source))],
-        retry_policy=dg.RetryPolicy(
-            max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-        ),
+        retry_policy=transient_retry_policy,
     )
     def asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         hour = context.partition_time_window.start.astimezone(UTC)

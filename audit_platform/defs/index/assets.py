@@ -12,7 +12,8 @@ import psycopg
 from audit_platform.clients import es_from_settings
 from audit_platform.defs.capture.assets import source_url
 from audit_platform.defs.enrich.assets import enriched_key
-from audit_platform.defs.partitions import PARTITION_KEY_FORMAT, hour_key, hourly_partitions_def
+from audit_platform.defs.partitions import hour_key, hourly_partitions_def, parse_hour_key
+from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.index import install_template
 from audit_platform.index_hour import HourIndexed, hour_counts, index_hour
@@ -117,12 +118,10 @@ def index_op(source: str, config: SourceConfig, environment: EnvironmentConfig) 
     @dg.op(
         name=f"index_{source}",
         description=f"Index the hours of source {source} that were just enriched.",
-        retry_policy=dg.RetryPolicy(
-            max_retries=5, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-        ),
+        retry_policy=transient_retry_policy,
     )
     def op(context: dg.OpExecutionContext, hours: list[str]) -> list[str]:
-        parsed = [datetime.strptime(h, PARTITION_KEY_FORMAT).replace(tzinfo=UTC) for h in hours]
+        parsed = [parse_hour_key(h) for h in hours]
         for indexed in index_hours(source, config, parsed, environment):
             context.log_event(
                 dg.AssetMaterialization(
@@ -152,9 +151,7 @@ def indexed_asset(
         owners=["team:platform"],
         pool=slot,
         check_specs=[dg.AssetCheckSpec("staged_vs_indexed", asset=indexed_key(source))],
-        retry_policy=dg.RetryPolicy(
-            max_retries=5, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-        ),
+        retry_policy=transient_retry_policy,
     )
     def asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         hour = context.partition_time_window.start.astimezone(UTC)
