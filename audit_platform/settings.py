@@ -81,6 +81,11 @@ class Settings(BaseSettings):
             raise ValueError(f"AUDIT_STACK_BACKEND={value!r}: expected auto, local or docker")
         return value
 
+    def with_exports(self, exports: dict[str, str]) -> Settings:
+        """These settings with ``AUDIT_*`` exports (as `stack env` prints them) applied on top."""
+        fields = {key.removeprefix("AUDIT_").lower(): value for key, value in exports.items()}
+        return self.model_copy(update=Settings(**fields).model_dump(include=set(fields)))
+
     @cached_property
     def elasticsearch(self) -> ElasticsearchConnection | None:
         if not self.es_url:

@@ -37,11 +37,6 @@ class Servers:
         return elasticsearch_client(self.settings.elasticsearch)
 
 
-def _with_env(settings: Settings, env: dict[str, str]) -> Settings:
-    fields = {key.removeprefix("AUDIT_").lower(): value for key, value in env.items()}
-    return settings.model_copy(update=Settings(**fields).model_dump(include=set(fields)))
-
-
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
     """The servers; their AUDIT_* variables are also exported for code that reads Settings()
@@ -50,7 +45,7 @@ def servers() -> Iterator[Servers]:
     with served(settings) as env, pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
-        yield Servers(_with_env(settings, env))
+        yield Servers(settings.with_exports(env))
 
 
 def database_url(url: str, dbname: str) -> str:

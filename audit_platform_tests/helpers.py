@@ -19,6 +19,18 @@ class DecodedRow:
     data: str
 
 
+def context_source(url: str, ddl: str, slot: str) -> str:
+    """A database with the audit schema, ``ddl`` applied, and a test_decoding slot to read."""
+    from audit_platform.settings import Settings
+    from audit_platform.sources.setup import apply_migrations
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        apply_migrations(conn, Settings().resources_dir / "sql")
+        conn.execute(ddl)
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (slot,))
+    return url
+
+
 def read_test_decoding(url: str, slot: str) -> list[DecodedRow]:
     """Consume a test_decoding slot: one row per change or message, with its transaction id."""
     with psycopg.connect(url, autocommit=True) as conn:

@@ -59,6 +59,14 @@ def shop(pg_database, tmp_path, monkeypatch, env):
     return pg_database
 
 
+def _write_as_user(url: str, *statements: str) -> None:
+    """One transaction of a service: its context, then its writes."""
+    with psycopg.connect(url) as conn:
+        conn.execute("""SELECT audit.set_context('{"actor": {"type": "user", "id": "7"}}')""")
+        for statement in statements:
+            conn.execute(statement)
+
+
 def _tick(defs: dg.Definitions, instance: dg.DagsterInstance):
     sensor = defs.resolve_sensor_def("capture_shop_sensor")
     return sensor(dg.build_sensor_context(instance=instance, definitions=defs))
@@ -69,9 +77,7 @@ def test_sensor_is_idle_on_an_idle_slot_and_requests_one_run_when_not(shop, env)
     with dg.instance_for_test() as instance:
         assert isinstance(_tick(defs, instance), dg.SkipReason)
 
-        with psycopg.connect(shop) as conn:  # a service, with its context
-            conn.execute("""SELECT audit.set_context('{"actor": {"type": "user", "id": "7"}}')""")
-            conn.execute("INSERT INTO customers (id, email) VALUES (1, 'ada@example.com')")
+        _write_as_user(shop, "INSERT INTO customers (id, email) VALUES (1, 'ada@example.com')")
         with psycopg.connect(shop) as conn:  # an administrator's SQL, without
             conn.execute("INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')")
         result = _tick(defs, instance)
@@ -120,10 +126,11 @@ def _documents(es, env: str) -> dict[str, dict]:
 
 def test_backfill_of_an_hour_through_dagster_leaves_the_index_identical(shop, es, env):
     defs = build_definitions()
-    with psycopg.connect(shop) as conn:
-        conn.execute("""SELECT audit.set_context('{"actor": {"type": "user", "id": "7"}}')""")
-        conn.execute("INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')")
-        conn.execute("UPDATE orders SET status = 'paid' WHERE id = 1")
+    _write_as_user(
+        shop,
+        "INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')",
+        "UPDATE orders SET status = 'paid' WHERE id = 1",
+    )
     with dg.instance_for_test() as instance:
         capture = defs.resolve_job_def("capture_shop_job").execute_in_process(instance=instance)
         assert capture.success
@@ -171,10 +178,11 @@ def test_code_location_serves_only_its_environments_sources(monkeypatch):
 
 def test_reconciliation_reindexes_a_missing_document_and_its_check_passes(shop, es, env):
     defs = build_definitions()
-    with psycopg.connect(shop) as conn:
-        conn.execute("""SELECT audit.set_context('{"actor": {"type": "user", "id": "7"}}')""")
-        conn.execute("INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')")
-        conn.execute("INSERT INTO orders (id, customer_id, status) VALUES (2, 1, 'new')")
+    _write_as_user(
+        shop,
+        "INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')",
+        "INSERT INTO orders (id, customer_id, status) VALUES (2, 1, 'new')",
+    )
     with dg.instance_for_test() as instance:
         assert (
             defs.resolve_job_def("capture_shop_job").execute_in_process(instance=instance).success

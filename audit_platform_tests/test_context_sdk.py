@@ -17,21 +17,19 @@ from audit_platform.context import Actor, audit_context, audit_job, current_cont
 from audit_platform.context.asgi import AuditContextMiddleware, trace_id_from_traceparent
 from audit_platform.context.psycopg_hook import connect, connect_async
 from audit_platform.context.sqlalchemy_hook import instrument_engine
-from audit_platform.settings import Settings
-from audit_platform.sources.setup import apply_migrations
-from audit_platform_tests.helpers import changes, messages, read_test_decoding
+from audit_platform_tests.helpers import changes, context_source, messages, read_test_decoding
 
 ADA = Actor(type="user", id="u-1", name="Ada")
 
 
 @pytest.fixture
 def source_db(pg_database):
-    with psycopg.connect(pg_database, autocommit=True) as conn:
-        apply_migrations(conn, Settings().resources_dir / "sql")
-        conn.execute("CREATE TABLE notes (id serial PRIMARY KEY, author text, body text)")
-        conn.execute("GRANT ALL ON notes, notes_id_seq TO PUBLIC")
-        conn.execute("SELECT pg_create_logical_replication_slot('t_sdk', 'test_decoding')")
-    return pg_database
+    return context_source(
+        pg_database,
+        "CREATE TABLE notes (id serial PRIMARY KEY, author text, body text);"
+        "GRANT ALL ON notes, notes_id_seq TO PUBLIC",
+        "t_sdk",
+    )
 
 
 # --- scopes (pure) ---------------------------------------------------------------------------

@@ -8,10 +8,10 @@ import psycopg
 import pytest
 
 from audit_platform.settings import Settings
-from audit_platform.sources.setup import apply_migrations
 from audit_platform_tests.helpers import (
     ATTACH_PREFIX,
     changes,
+    context_source,
     messages,
     read_test_decoding,
 )
@@ -21,12 +21,9 @@ USER = {"actor": {"type": "user", "id": "u-17", "name": "Ada"}, "reason": "refun
 
 @pytest.fixture
 def source_db(pg_database):
-    """A database with the audit schema, a table, and a test_decoding slot to read it back."""
-    with psycopg.connect(pg_database, autocommit=True) as conn:
-        apply_migrations(conn, Settings().resources_dir / "sql")
-        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
-        conn.execute("SELECT pg_create_logical_replication_slot('t_ctx', 'test_decoding')")
-    return pg_database
+    return context_source(
+        pg_database, "CREATE TABLE orders (id int PRIMARY KEY, status text)", "t_ctx"
+    )
 
 
 def test_context_and_writes_share_the_transaction_id_in_the_slot(source_db):

@@ -103,7 +103,7 @@ class LocalStack:
             return self.settings.elasticsearch
         if self.elasticsearch.record() is None:
             return None
-        return Settings(**_settings_fields(self.env())).elasticsearch
+        return self.settings.with_exports(self.env()).elasticsearch
 
 
 def _redacted(url: str) -> str:
@@ -113,10 +113,6 @@ def _redacted(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _settings_fields(env: dict[str, str]) -> dict[str, str]:
-    return {key.removeprefix("AUDIT_").lower(): value for key, value in env.items()}
 
 
 @contextmanager
