@@ -8,9 +8,18 @@ import sys
 from datetime import UTC, datetime
 from typing import Annotated
 
+import psycopg
 import typer
 
-from audit_platform.clients import NotConfigured
+from audit_platform import platform_db
+from audit_platform.api_keys import (
+    ApiKey,
+    ApiKeyError,
+    create_key,
+    list_keys,
+    revoke_key,
+)
+from audit_platform.clients import NotConfigured, pg_url_from_settings
 from audit_platform.environment import load_environment
 from audit_platform.policy import PolicyError, load_policy, policy_path
 from audit_platform.retention import run_for_environment
@@ -195,6 +204,98 @@ def retention_run(
     typer.echo(f"{verb} indices: {', '.join(report.indices) or 'none'}")
     typer.echo(f"{verb} staged hours: {len(report.staged_hours)}")
     typer.echo(f"{verb} quarantine entries: {report.quarantine_entries}")
+
+
+keys_app = typer.Typer(
+    help="API keys of the Audit API (one environment each, optionally narrowed).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _platform_connection(settings: Settings) -> psycopg.Connection:
+    try:
+        conn = psycopg.connect(pg_url_from_settings(settings), autocommit=True)
+    except (NotConfigured, psycopg.OperationalError) as exc:
+        raise _fail(exc) from exc
+    platform_db.install(conn, settings.resources_dir / "sql")
+    return conn
+
+
+def _scope_text(key: ApiKey) -> str:
+    sources = ",".join(sorted(key.scope.sources)) if key.scope.sources else "all sources"
+    tables = ",".join(sorted(key.scope.tables)) if key.scope.tables else "all tables"
+    return f"{key.scope.env}: {sources}; {tables}"
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="Who uses the key, e.g. support-team.")],
+    env: EnvOption = None,
+    source: Annotated[
+        list[str] | None, typer.Option("--source", help="Limit to this source (repeatable).")
+    ] = None,
+    table: Annotated[
+        list[str] | None,
+        typer.Option("--table", help="Limit to this table, as schema.table (repeatable)."),
+    ] = None,
+) -> None:
+    """Create a key and print it once; only its digest is stored."""
+    settings = Settings() if env is None else Settings(env=env)
+    with _platform_connection(settings) as conn:
+        try:
+            new = create_key(conn, settings.env, name, sources=source, tables=table)
+        except (ApiKeyError, ValueError) as exc:
+            raise _fail(exc) from exc
+    typer.echo(f"key id {new.key.key_id} ({_scope_text(new.key)})", err=True)
+    typer.echo("The key is shown once; store it in your secret manager:", err=True)
+    typer.echo(new.secret)
+
+
+@keys_app.command("list")
+def keys_list(env: EnvOption = None) -> None:
+    """The environment's keys (ids, names, scopes; never secrets)."""
+    settings = Settings() if env is None else Settings(env=env)
+    with _platform_connection(settings) as conn:
+        keys = list_keys(conn, settings.env)
+    for key in keys:
+        state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+        typer.echo(f"{key.key_id}  {key.name:<20} {state:<24} {_scope_text(key)}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id, as `keys list` shows it.")],
+    env: EnvOption = None,
+) -> None:
+    """Revoke a key; the API refuses it within AUDIT_API_KEY_CACHE_SECONDS."""
+    settings = Settings() if env is None else Settings(env=env)
+    with _platform_connection(settings) as conn:
+        if not revoke_key(conn, settings.env, key_id):
+            raise _fail(ValueError(f"no active key {key_id!r} in environment {settings.env!r}"))
+    typer.echo(f"revoked {key_id}")
+
+
+api_app = typer.Typer(help="The Audit API.", no_args_is_help=True)
+app.add_typer(api_app, name="api")
+
+
+@api_app.command("serve")
+def api_serve(
+    host: Annotated[str | None, typer.Option(help="Default: AUDIT_API_HOST.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: AUDIT_API_PORT.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """Serve the Audit API of AUDIT_ENV (docs at /docs, OpenAPI at /openapi.json)."""
+    import uvicorn
+
+    from audit_platform.api.config import ApiSettings
+
+    api = ApiSettings()
+    uvicorn.run(
+        "audit_platform.api.main:create_app", factory=True, host=host or api.host,
+        port=port or api.port, workers=workers, log_level="info",
+    )  # fmt: skip
 
 
 @app.command("demo")

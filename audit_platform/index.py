@@ -109,6 +109,7 @@ def documents(
             "transaction": {
                 "xid": row["xid"],
                 "commit_lsn": f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}",
+                "lsn": lsn,
                 "change_index": row["change_index"],
             },
             "policy_version": row["policy_version"],

@@ -12,14 +12,11 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import polars as pl
 import psycopg
 
 from audit_platform.enrich import Orphan
-
-_STATE_LOCK = 0x61756469745F7374
 
 
 @dataclass(frozen=True)
@@ -32,17 +29,6 @@ class Backoff:
     def delay(self, attempts: int, rng: random.Random | None = None) -> timedelta:
         ceiling = min(self.cap, self.base * (2 ** max(0, attempts - 1)))
         return ceiling * (rng or random).uniform(0.5, 1.0)
-
-
-def install(conn: psycopg.Connection, sql_dir: Path) -> None:
-    """Create or upgrade the platform's own tables (idempotent, under an advisory lock)."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_STATE_LOCK,))
-        conn.execute((sql_dir / "platform" / "001_state.sql").read_text())
-        conn.execute(
-            "INSERT INTO audit_platform.schema_migrations (version, name) VALUES (1, 'state')"
-            " ON CONFLICT DO NOTHING"
-        )
 
 
 def record_orphans(

@@ -55,7 +55,8 @@ class Attribution(_Model):
 
 class Transaction(_Model):
     xid: int
-    commit_lsn: str
+    commit_lsn: str = Field(description="Commit LSN as PostgreSQL prints it (X/X).")
+    lsn: int = Field(description="The same LSN as a number: the order of commits in a source.")
     change_index: int
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 import psycopg
+from elasticsearch import Elasticsearch
 
 from audit_platform.capture.run import CaptureResult, capture
+from audit_platform.enrich_hour import enrich_hour
+from audit_platform.index import index_records, install_template
+from audit_platform.naming import read_alias
 from audit_platform.policy import SourcePolicy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
@@ -50,3 +55,28 @@ def make_source(
 
 def images(frame: pl.DataFrame, column: str) -> list[dict | None]:
     return [None if v is None else json.loads(v) for v in frame[column]]
+
+
+def capture_enrich_index(
+    source: CaptureSource,
+    state: psycopg.Connection,
+    es: Elasticsearch,
+    *,
+    grace: timedelta = timedelta(minutes=10),
+    database: str = "shopdb",
+) -> int:
+    """Run the pipeline's three steps on everything written so far; returns records indexed.
+
+    The template is installed first, as the Dagster template asset does before any index run.
+    """
+    install_template(es, Settings().resources_dir, source.env, replicas=0)
+    result = source.capture()
+    indexed = 0
+    now = datetime.now(UTC)
+    for hour in result.hours:
+        enriched = enrich_hour(source.store, state, source.policy, hour, now=now, grace=grace)
+        outcome = index_records(es, enriched.result.records, database=database, ingested_at=now)
+        assert outcome.failed.is_empty(), outcome.failed.to_dicts()
+        indexed += outcome.indexed
+    es.indices.refresh(index=read_alias(source.env))
+    return indexed

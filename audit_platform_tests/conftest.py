@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -53,9 +54,9 @@ def database_url(url: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path=f"/{dbname}"))
 
 
-@pytest.fixture
-def pg_database(servers: Servers) -> Iterator[str]:
-    """A fresh database of this test's own; its replication slots and it are dropped after."""
+@contextmanager
+def new_database(servers: Servers) -> Iterator[str]:
+    """A fresh database; its replication slots and it are dropped after."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(servers.pg_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -74,6 +75,13 @@ def pg_database(servers: Servers) -> Iterator[str]:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture
+def pg_database(servers: Servers) -> Iterator[str]:
+    """A fresh database of this test's own."""
+    with new_database(servers) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import polars as pl
 import psycopg
 import pytest
 
-from audit_platform import quarantine
+from audit_platform import platform_db, quarantine
 from audit_platform.enrich_hour import enrich_hour
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import make_source
@@ -28,7 +28,7 @@ def shop(pg_database, tmp_path):
         policy_for("shop", public__orders={"exclude": ["secret"]}),
     )
     source.state = psycopg.connect(pg_database, autocommit=True)
-    quarantine.install(source.state, Settings().resources_dir / "sql")
+    platform_db.install(source.state, Settings().resources_dir / "sql")
     yield source
     source.state.close()
 

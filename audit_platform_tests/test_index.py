@@ -9,7 +9,7 @@ import polars as pl
 import psycopg
 import pytest
 
-from audit_platform import quarantine
+from audit_platform import platform_db
 from audit_platform.enrich_hour import enrich_hour
 from audit_platform.index import documents, index_records, install_template, validate_document
 from audit_platform.naming import read_alias
@@ -44,7 +44,7 @@ def captured(pg_database, tmp_path, es, env):
         conn.execute("UPDATE orders SET status = 'refunded' WHERE id = 1")
     result = source.capture()
     with psycopg.connect(pg_database, autocommit=True) as state:
-        quarantine.install(state, RESOURCES / "sql")
+        platform_db.install(state, RESOURCES / "sql")
         [hour] = result.hours
         enriched = enrich_hour(source.store, state, source.policy, hour,
                                now=datetime.now(UTC), grace=timedelta(minutes=10))  # fmt: skip

@@ -8,7 +8,7 @@ import polars as pl
 import psycopg
 import pytest
 
-from audit_platform import quarantine
+from audit_platform import platform_db
 from audit_platform.retention import cluster_has_ilm, ilm_policy, run_retention
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
@@ -45,7 +45,7 @@ def test_retention_deletes_expired_indices_files_and_entries_of_its_environment_
         _stage(store, old.replace(minute=0))
         _stage(store, recent.replace(minute=0))
     state = psycopg.connect(pg_database, autocommit=True)
-    quarantine.install(state, RESOURCES / "sql")
+    platform_db.install(state, RESOURCES / "sql")
     for env, status, when in [(a, "released", old), (a, "waiting", old), (a, "released", recent),
                               (b, "released", old)]:  # fmt: skip
         state.execute(

@@ -10,7 +10,7 @@ from functools import cache
 import dagster as dg
 import psycopg
 
-from audit_platform import quarantine
+from audit_platform import platform_db, quarantine
 from audit_platform.clients import pg_url_from_settings
 from audit_platform.defs.capture.assets import staged_key
 from audit_platform.defs.partitions import hour_key, hourly_partitions_def, parse_hour_key
@@ -36,7 +36,7 @@ def quarantine_key(source: str) -> dg.AssetKey:
 @cache
 def _installed(url: str) -> bool:
     with psycopg.connect(url, autocommit=True) as conn:
-        quarantine.install(conn, Settings().resources_dir / "sql")
+        platform_db.install(conn, Settings().resources_dir / "sql")
     return True
 
 

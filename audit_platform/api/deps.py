@@ -1,0 +1,78 @@
+"""What every request needs: the servers, and the caller's key and scope.
+
+Every endpoint except health depends on :func:`scope`, which turns the request's API key into the
+:class:`~audit_platform.api_keys.Scope` that the query layer applies; no key, no answer.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from cachetools import TTLCache
+from elasticsearch import Elasticsearch
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from psycopg_pool import ConnectionPool
+
+from audit_platform.api.config import ApiSettings
+from audit_platform.api_keys import ApiKey, Scope, key_id_of, verify_key
+from audit_platform.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    api: ApiSettings
+    es: Elasticsearch
+    pool: ConnectionPool
+    keys: TTLCache | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def verify(self, text: str) -> ApiKey | None:
+        if self.keys is not None:
+            with self.lock:
+                if text in self.keys:
+                    return self.keys[text]
+        with self.pool.connection() as conn:
+            key = verify_key(conn, self.settings.env, text)
+        if key is not None and self.keys is not None:
+            with self.lock:
+                self.keys[text] = key
+        return key
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
+_bearer = HTTPBearer(auto_error=False, description="The same key as a bearer token.")
+
+UNAUTHORIZED = HTTPException(
+    status_code=401,
+    detail="a valid API key of this environment is required: send it as 'X-API-Key: <key>' or "
+    "'Authorization: Bearer <key>' (create one with `audit-platform keys create`)",
+    headers={"WWW-Authenticate": "Bearer"},
+)
+
+
+def scope(
+    request: Request,
+    svc: Annotated[Services, Depends(services)],
+    header: Annotated[str | None, Security(_header)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> Scope:
+    text = header or (bearer.credentials if bearer else None)
+    if not text:
+        raise UNAUTHORIZED
+    request.state.key_id = key_id_of(text) or "malformed"
+    key = svc.verify(text)
+    if key is None:
+        raise UNAUTHORIZED
+    return key.scope
+
+
+ScopeDep = Annotated[Scope, Depends(scope)]
+ServicesDep = Annotated[Services, Depends(services)]

@@ -1,0 +1,88 @@
+"""The Audit API application: ``uvicorn --factory audit_platform.api.main:create_app``.
+
+One deployment serves one environment (``AUDIT_ENV``): it reads only that environment's alias and
+accepts only that environment's keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from cachetools import TTLCache
+from fastapi import FastAPI, Request, Response
+from psycopg_pool import ConnectionPool
+
+from audit_platform import platform_db
+from audit_platform.api.config import ApiSettings
+from audit_platform.api.deps import Services
+from audit_platform.api.errors import install_handlers
+from audit_platform.api.routers import activity, events, export, health, objects
+from audit_platform.clients import elasticsearch_client, pg_url_from_settings
+from audit_platform.settings import Settings
+
+access_log = logging.getLogger("audit_platform.api.access")
+
+DESCRIPTION = """
+Who changed what, where, when and why, from the audit trail of one environment.
+
+Every endpoint except `/healthz` and `/readyz` needs an API key (`X-API-Key` header or
+`Authorization: Bearer`). A key belongs to one environment and may be limited to some sources and
+tables; whatever the parameters say, a key sees nothing outside that scope.
+"""
+
+
+def create_app(settings: Settings | None = None, api: ApiSettings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    api = api or ApiSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.elasticsearch is None:
+            raise RuntimeError("AUDIT_ES_URL is not set: the API reads from Elasticsearch")
+        # Few retries and a short timeout: a caller should get a quick 503, not a long wait.
+        es = elasticsearch_client(settings.elasticsearch, request_timeout=api.es_timeout_seconds)
+        es = es.options(max_retries=1)
+        pool = ConnectionPool(pg_url_from_settings(settings), min_size=1, max_size=8,
+                              open=False, kwargs={"autocommit": True})  # fmt: skip
+        pool.open(wait=False)
+        try:
+            with pool.connection(timeout=30) as conn:
+                platform_db.install(conn, settings.resources_dir / "sql")
+            cache = TTLCache(maxsize=4096, ttl=api.key_cache_seconds)
+            app.state.services = Services(settings, api, es, pool,
+                                          cache if api.key_cache_seconds > 0 else None)  # fmt: skip
+            yield
+        finally:
+            pool.close()
+            es.close()
+
+    app = FastAPI(
+        title=f"audit-platform Audit API ({settings.env})",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_handlers(app)
+    for module in (events, objects, activity, export, health):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def log_request(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """One line per request with the key id (never the key) and the route's template (never
+        the values in the path or query, which may be personal data such as an e-mail key)."""
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        access_log.info(
+            "key=%s %s %s %d %.1fms", getattr(request.state, "key_id", "-"), request.method,
+            getattr(route, "path", "(no route)"), response.status_code,
+            (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
+        return response
+
+    return app

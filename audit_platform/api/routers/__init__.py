@@ -1,0 +1,1 @@
+"""One router per kind of question; each depends on the caller's scope."""

@@ -1,0 +1,33 @@
+"""Counts over a time range, and one actor's activity."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from audit_platform.api.deps import ScopeDep, ServicesDep
+from audit_platform.api.params import StatsParams
+from audit_platform.query import reads
+from audit_platform.query.models import ActorActivity, Stats
+
+router = APIRouter(prefix="/v1", tags=["activity"])
+
+
+@router.get("/stats", response_model=Stats)
+def stats(params: Annotated[StatsParams, Query()], scope: ScopeDep, svc: ServicesDep) -> Stats:
+    """Counts by source, table, operation, actor, attribution and time bucket."""
+    return reads.stats(svc.es, scope, params.filter(), interval=params.interval,
+                       limits=svc.api.limits)  # fmt: skip
+
+
+@router.get("/actors/{actor_id}/activity", response_model=ActorActivity)
+def actor_activity(
+    actor_id: Annotated[str, Path(max_length=256)],
+    params: Annotated[StatsParams, Query()],
+    scope: ScopeDep,
+    svc: ServicesDep,
+) -> ActorActivity:
+    """What one actor changed: counts, first and last seen, and the latest records."""
+    return reads.actor_activity(svc.es, scope, actor_id, params.filter(),
+                                interval=params.interval, limits=svc.api.limits)  # fmt: skip

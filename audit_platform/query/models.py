@@ -1,0 +1,107 @@
+"""The answers the query layer gives: pages of records, transactions, histories, states, counts.
+
+These are the Audit API's response bodies, so they are the API's contract too; every record in
+them is an :class:`~audit_platform.record.AuditRecord`, the one shape of an audit document.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from audit_platform.record import Attribution, AuditRecord
+
+
+class Total(BaseModel):
+    value: int
+    exact: bool = Field(description="False when there are more than `value` matches.")
+
+
+class EventPage(BaseModel):
+    events: list[AuditRecord]
+    total: Total
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+class TransactionView(BaseModel):
+    source: str
+    xid: int
+    commit_lsn: str
+    timestamp: datetime = Field(description="Commit time (UTC).")
+    context: dict[str, Any] | None
+    attribution: Attribution
+    changes: list[AuditRecord]
+    next_cursor: str | None
+
+
+class ColumnDiff(BaseModel):
+    column: str
+    before: Any = None
+    after: Any = None
+
+
+class HistoryEntry(BaseModel):
+    event: AuditRecord
+    diff: list[ColumnDiff] = Field(description="Each changed column with its old and new value.")
+
+
+class ObjectHistory(BaseModel):
+    source: str
+    table: str
+    object_id: str
+    changes: list[HistoryEntry]
+    next_cursor: str | None
+
+
+class ObjectState(BaseModel):
+    source: str
+    table: str
+    object_id: str
+    at: datetime
+    status: Literal["present", "deleted", "unknown"] = Field(
+        description="present: `row` is the row at `at`; deleted: deleted (or truncated) by then; "
+        "unknown: no record at or before `at` is kept, see `explanation`."
+    )
+    row: dict[str, Any] | None = Field(
+        description="Columns as the tracking policy records them (masked columns are hashes, "
+        "excluded columns are absent)."
+    )
+    as_of: AuditRecord | None = Field(description="The record the state was taken from.")
+    explanation: str | None = None
+    earliest_retained: datetime | None = Field(
+        default=None, description="Oldest record kept for this source (when status is unknown)."
+    )
+
+
+class Bucket(BaseModel):
+    key: str
+    count: int
+
+
+class TimeBucket(BaseModel):
+    start: datetime
+    count: int
+
+
+class Stats(BaseModel):
+    since: datetime
+    until: datetime
+    total: int
+    by_source: list[Bucket]
+    by_table: list[Bucket]
+    by_operation: list[Bucket]
+    by_actor: list[Bucket]
+    by_attribution: list[Bucket]
+    over_time: list[TimeBucket]
+
+
+class ActorActivity(BaseModel):
+    actor_id: str
+    first_seen: datetime | None
+    last_seen: datetime | None
+    stats: Stats
+    recent: list[AuditRecord]

@@ -1,0 +1,315 @@
+"""The questions investigators ask, answered from Elasticsearch.
+
+Each function takes the caller's :class:`~audit_platform.api_keys.Scope`, reads only the
+environment's alias, and builds its query with :func:`~audit_platform.query.filters.bool_query`,
+so scope is applied in one place. Pagination is ``search_after`` on a total order (never deep
+from/size): a page costs the same at record ten million as at record ten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from elasticsearch import Elasticsearch
+
+from audit_platform.api_keys import Scope
+from audit_platform.naming import read_alias
+from audit_platform.query.filters import (
+    EventFilter,
+    Order,
+    QueryError,
+    bool_query,
+    decode_cursor,
+    encode_cursor,
+    filter_clauses,
+    sort,
+    time_range,
+)
+from audit_platform.query.models import (
+    ActorActivity,
+    Bucket,
+    ColumnDiff,
+    EventPage,
+    HistoryEntry,
+    ObjectHistory,
+    ObjectState,
+    Stats,
+    TimeBucket,
+    Total,
+    TransactionView,
+)
+from audit_platform.record import AuditRecord, Operation
+
+#: Totals are counted exactly up to here; beyond, "at least" (counting every hit costs time).
+TOTAL_HITS_LIMIT = 10_000
+INTERVALS = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1),
+             "day": timedelta(days=1), "week": timedelta(weeks=1)}  # fmt: skip
+MAX_BUCKETS = 2_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one request may ask for; documented in the API's parameter descriptions."""
+
+    default_range: timedelta = timedelta(days=7)
+    max_range: timedelta = timedelta(days=400)
+    max_page: int = 500
+
+
+def record(hit: dict[str, Any]) -> AuditRecord:
+    return AuditRecord.model_validate({"id": hit["_id"], **hit["_source"]})
+
+
+def _search(es: Elasticsearch, scope: Scope, **body: Any) -> dict[str, Any]:
+    # A new environment has no index yet: that is an empty answer, not an error.
+    return es.search(
+        index=read_alias(scope.env), ignore_unavailable=True, allow_no_indices=True, **body
+    ).body
+
+
+def _page(
+    es: Elasticsearch,
+    scope: Scope,
+    clauses: list[dict[str, Any]],
+    *,
+    order: Order,
+    limit: int,
+    cursor: str | None,
+    text: str | None = None,
+    count: bool = False,
+) -> tuple[list[dict[str, Any]], str | None, Total | None]:
+    """One page and the cursor of the next; one extra hit is fetched to know if there is one."""
+    body: dict[str, Any] = {
+        "query": bool_query(scope, clauses, text),
+        "sort": sort(order),
+        "size": limit + 1,
+        "track_total_hits": TOTAL_HITS_LIMIT if count else False,
+    }
+    if cursor is not None:
+        body["search_after"] = decode_cursor(cursor, order)
+    found = _search(es, scope, **body)
+    hits = found["hits"]["hits"]
+    following = encode_cursor(hits[limit - 1]["sort"], order) if len(hits) > limit else None
+    total = None
+    if count:
+        reported = found["hits"]["total"]
+        total = Total(value=reported["value"], exact=reported["relation"] == "eq")
+    return hits[:limit], following, total
+
+
+def search_events(
+    es: Elasticsearch,
+    scope: Scope,
+    f: EventFilter,
+    *,
+    order: Order = "desc",
+    limit: int = 50,
+    cursor: str | None = None,
+    limits: Limits = Limits(),
+    now: datetime | None = None,
+) -> EventPage:
+    start, end = time_range(f.since, f.until, now=now or datetime.now(UTC),
+                            default=limits.default_range, maximum=limits.max_range)  # fmt: skip
+    hits, following, total = _page(
+        es, scope, filter_clauses(f, start, end), order=order, limit=limit, cursor=cursor,
+        text=f.q, count=True,
+    )  # fmt: skip
+    assert total is not None
+    return EventPage(events=[record(h) for h in hits], total=total, next_cursor=following)
+
+
+def get_event(es: Elasticsearch, scope: Scope, event_id: str) -> AuditRecord | None:
+    found = _search(es, scope, query=bool_query(scope, [{"ids": {"values": [event_id]}}]), size=1)
+    hits = found["hits"]["hits"]
+    return record(hits[0]) if hits else None
+
+
+def get_transaction(
+    es: Elasticsearch, scope: Scope, source: str, xid: int, *, limit: int,
+    cursor: str | None = None,
+) -> TransactionView | None:  # fmt: skip
+    clauses = [{"term": {"source.service": source}}, {"term": {"transaction.xid": xid}}]
+    hits, following, _ = _page(es, scope, clauses, order="asc", limit=limit, cursor=cursor)
+    if not hits:
+        return None
+    changes = [record(h) for h in hits]
+    first = changes[0]
+    return TransactionView(
+        source=source, xid=xid, commit_lsn=first.transaction.commit_lsn,
+        timestamp=first.timestamp, context=first.context, attribution=first.attribution,
+        changes=changes, next_cursor=following,
+    )  # fmt: skip
+
+
+def _object_clauses(source: str, table: str, object_id: str) -> list[dict[str, Any]]:
+    return [
+        {"term": {"source.service": source}},
+        *filter_clauses(EventFilter(table=[table]), None, None),
+        {"term": {"object_id": object_id}},
+    ]
+
+
+def diff(event: AuditRecord) -> list[ColumnDiff]:
+    before, after = event.before or {}, event.after or {}
+    return [ColumnDiff(column=c, before=before.get(c), after=after.get(c))
+            for c in event.changed_columns]  # fmt: skip
+
+
+def object_history(
+    es: Elasticsearch, scope: Scope, source: str, table: str, object_id: str, *,
+    order: Order = "asc", limit: int = 100, cursor: str | None = None,
+) -> ObjectHistory:  # fmt: skip
+    clauses = _object_clauses(source, table, object_id)
+    hits, following, _ = _page(es, scope, clauses, order=order, limit=limit, cursor=cursor)
+    entries = []
+    for hit in hits:
+        event = record(hit)
+        entries.append(HistoryEntry(event=event, diff=diff(event)))
+    return ObjectHistory(source=source, table=table, object_id=object_id, changes=entries,
+                         next_cursor=following)  # fmt: skip
+
+
+def _edge(es: Elasticsearch, scope: Scope, clauses: list[dict], order: Order) -> datetime | None:
+    """Commit time of the first (asc) or last (desc) matching record, at full precision
+    (a min/max aggregation would round nanosecond dates to milliseconds)."""
+    hits, _, _ = _page(es, scope, clauses, order=order, limit=1, cursor=None)
+    return record(hits[0]).timestamp if hits else None
+
+
+def earliest_record(es: Elasticsearch, scope: Scope, source: str) -> datetime | None:
+    return _edge(es, scope, [{"term": {"source.service": source}}], "asc")
+
+
+def object_state(
+    es: Elasticsearch, scope: Scope, source: str, table: str, object_id: str, at: datetime,
+) -> ObjectState:  # fmt: skip
+    """The row as it was at ``at``: the after-image of its last change at or before then.
+
+    A truncate of the table after that change means the row was gone. With no record at all,
+    the answer is "unknown", and says how far back the kept records reach: the row may have
+    been last changed before retention removed that record, or may not have existed.
+    """
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    table_clause = filter_clauses(EventFilter(table=[table]), None, None)
+    clauses = [
+        {"term": {"source.service": source}},
+        *table_clause,
+        {"range": {"@timestamp": {"lte": at.isoformat()}}},
+        {"bool": {"should": [{"term": {"object_id": object_id}},
+                             {"term": {"operation": Operation.truncate.value}}],
+                  "minimum_should_match": 1}},
+    ]  # fmt: skip
+    hits, _, _ = _page(es, scope, clauses, order="desc", limit=1, cursor=None)
+    base = {"source": source, "table": table, "object_id": object_id, "at": at}
+    if not hits:
+        earliest = earliest_record(es, scope, source)
+        if earliest is None:
+            why = f"no record of source {source!r} is kept (none indexed yet, or all expired)"
+        else:
+            why = (
+                f"no change to this object is recorded at or before {at.isoformat()}; records "
+                f"of source {source!r} are kept from {earliest.isoformat()}, so either the "
+                "object was last changed before that (retention has removed the record) or it "
+                "did not exist then"
+            )
+        return ObjectState(**base, status="unknown", row=None, as_of=None, explanation=why,
+                           earliest_retained=earliest)  # fmt: skip
+    event = record(hits[0])
+    if event.operation in (Operation.delete, Operation.truncate):
+        return ObjectState(**base, status="deleted", row=None, as_of=event)
+    return ObjectState(**base, status="present", row=event.after, as_of=event)
+
+
+def _buckets(aggregation: dict[str, Any]) -> list[Bucket]:
+    return [Bucket(key=str(b["key"]), count=b["doc_count"]) for b in aggregation["buckets"]]
+
+
+def stats(
+    es: Elasticsearch, scope: Scope, f: EventFilter, *, interval: str = "hour",
+    limits: Limits = Limits(), now: datetime | None = None,
+) -> Stats:  # fmt: skip
+    start, end = time_range(f.since, f.until, now=now or datetime.now(UTC),
+                            default=limits.default_range, maximum=limits.max_range)  # fmt: skip
+    step = INTERVALS[interval]
+    if (end - start) / step > MAX_BUCKETS:
+        raise QueryError("interval", f"{interval} buckets over this range would be more than "
+                                     f"{MAX_BUCKETS}: choose a longer interval")  # fmt: skip
+    terms = {
+        "by_source": "source.service", "by_operation": "operation",
+        "by_actor": "context.actor.id", "by_attribution": "attribution.status",
+    }  # fmt: skip
+    aggs: dict[str, Any] = {
+        name: {"terms": {"field": field, "size": 50, "missing": "(none)"}}
+        for name, field in terms.items()
+    }
+    aggs["by_table"] = {
+        "terms": {"field": "table.name", "size": 50},
+        "aggs": {"schema": {"terms": {"field": "table.schema", "size": 10}}},
+    }
+    fixed = {"minute": "1m", "hour": "1h", "day": "1d", "week": "7d"}[interval]
+    aggs["over_time"] = {"date_histogram": {
+        "field": "@timestamp", "fixed_interval": fixed, "min_doc_count": 0,
+        "extended_bounds": {"min": start.isoformat(),
+                            "max": (end - timedelta(milliseconds=1)).isoformat()},
+    }}  # fmt: skip
+    found = _search(es, scope, size=0, track_total_hits=True, aggs=aggs,
+                    query=bool_query(scope, filter_clauses(f, start, end), f.q))  # fmt: skip
+    results = found.get("aggregations")
+    if results is None:  # no index yet
+        return Stats(since=start, until=end, total=0, by_source=[], by_table=[],
+                     by_operation=[], by_actor=[], by_attribution=[], over_time=[])  # fmt: skip
+    tables = [
+        Bucket(key=f"{s['key']}.{t['key']}", count=s["doc_count"])
+        for t in results["by_table"]["buckets"] for s in t["schema"]["buckets"]
+    ]  # fmt: skip
+    return Stats(
+        since=start, until=end, total=found["hits"]["total"]["value"],
+        by_table=sorted(tables, key=lambda b: -b.count),
+        over_time=[TimeBucket(start=datetime.fromtimestamp(b["key"] / 1000, UTC),
+                              count=b["doc_count"])
+                   for b in results["over_time"]["buckets"]],
+        **{name: _buckets(results[name]) for name in terms},
+    )  # fmt: skip
+
+
+def actor_activity(
+    es: Elasticsearch, scope: Scope, actor_id: str, f: EventFilter, *, interval: str = "day",
+    recent: int = 20, limits: Limits = Limits(), now: datetime | None = None,
+) -> ActorActivity:  # fmt: skip
+    f = f.model_copy(update={"actor_id": actor_id})
+    summary = stats(es, scope, f, interval=interval, limits=limits, now=now)
+    bounded = f.model_copy(update={"since": summary.since, "until": summary.until})
+    page = search_events(es, scope, bounded, order="desc", limit=recent, limits=limits, now=now)
+    actor = [{"term": {"context.actor.id": actor_id}}]
+    return ActorActivity(
+        actor_id=actor_id, first_seen=_edge(es, scope, actor, "asc"),
+        last_seen=_edge(es, scope, actor, "desc"), stats=summary, recent=page.events,
+    )  # fmt: skip
+
+
+def iter_hits(
+    es: Elasticsearch, scope: Scope, f: EventFilter, *, order: Order = "asc",
+    page_size: int = 1_000, limits: Limits = Limits(), now: datetime | None = None,
+) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Every matching hit, a page at a time: memory holds one page, whatever the total.
+
+    The range is resolved (and validated) before the first page, so a bad parameter is an
+    error before any byte of an export is sent.
+    """
+    start, end = time_range(f.since, f.until, now=now or datetime.now(UTC),
+                            default=limits.default_range, maximum=limits.max_range)  # fmt: skip
+    clauses = filter_clauses(f, start, end)
+
+    def pages() -> Iterator[dict[str, Any]]:
+        cursor = None
+        while True:
+            hits, cursor, _ = _page(es, scope, clauses, order=order, limit=page_size,
+                                    cursor=cursor, text=f.q)  # fmt: skip
+            yield from hits
+            if cursor is None:
+                return
+
+    return pages()

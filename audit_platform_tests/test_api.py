@@ -1,0 +1,459 @@
+"""The Audit API against real Elasticsearch and PostgreSQL, with records from a real capture.
+
+One shop database is captured into two environments (A and B). Environment A's API is asked
+every question an investigator asks; the security tests try to read B's records and records
+outside a key's scope through every endpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from audit_platform import platform_db
+from audit_platform.api.config import ApiSettings
+from audit_platform.api.main import create_app
+from audit_platform.api_keys import create_key, revoke_key
+from audit_platform.naming import read_alias
+from audit_platform.settings import Settings
+from audit_platform_tests.capture_support import capture_enrich_index, make_source
+from audit_platform_tests.conftest import new_database
+from audit_platform_tests.helpers import policy_for
+
+DDL = """
+CREATE TABLE customers (id int PRIMARY KEY, name text, email text);
+CREATE TABLE orders (id int PRIMARY KEY, customer_id int, status text, note text,
+                     total numeric(12,2));
+CREATE TABLE order_lines (order_id int, line int, sku text, qty int, PRIMARY KEY (order_id, line));
+ALTER TABLE customers REPLICA IDENTITY FULL;
+ALTER TABLE orders REPLICA IDENTITY FULL;
+ALTER TABLE order_lines REPLICA IDENTITY FULL;
+"""
+POLICY = policy_for(
+    "shop", public__customers={"mask": ["email"]}, public__orders={}, public__order_lines={}
+)
+ADA = {"actor": {"type": "user", "id": "ada", "name": "Ada"}, "request_id": "req-ada-1",
+       "reason": "new customer signup", "service": "shop-api"}  # fmt: skip
+CHECKOUT_ORDERS = 40
+
+
+@dataclass
+class Shop:
+    env: str
+    other_env: str
+    url: str
+    xid_signup: int
+    xid_admin: int
+    keys: dict[str, str]
+    written: dict[str, datetime]
+
+
+def _write(url: str, statements: list[tuple[str, tuple]], context: dict | None = None) -> int:
+    with psycopg.connect(url) as conn:
+        if context is not None:
+            conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(context),))
+        for sql, params in statements:
+            conn.execute(sql, params)
+        return int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
+
+
+def _traffic(url: str) -> tuple[int, int, dict[str, datetime]]:
+    written = {}
+    xid_signup = _write(url, [
+        ("INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com')", ()),
+        ("INSERT INTO orders VALUES (1, 1, 'new', 'fragile glass vase', 19.99)", ()),
+        ("INSERT INTO order_lines VALUES (1, 1, 'VASE-1', 2)", ()),
+    ], ADA)  # fmt: skip
+    written["signup"] = datetime.now(UTC)
+    for i in range(2, CHECKOUT_ORDERS + 2):
+        _write(url, [("INSERT INTO orders VALUES (%s, 1, 'new', NULL, %s)", (i, i))],
+               {"actor": {"type": "service", "id": "checkout"}, "request_id": f"req-{i}"})  # fmt: skip
+    written["checkout"] = datetime.now(UTC)
+    _write(url, [("UPDATE orders SET status = 'paid' WHERE id = 1", ())],
+           {"actor": {"type": "service", "id": "billing"}, "reason": "payment captured"})  # fmt: skip
+    written["paid"] = datetime.now(UTC)
+    _write(url, [("UPDATE orders SET status = 'closed' WHERE id BETWEEN 2 AND 6", ())],
+           {"actor": {"type": "job", "id": "nightly-close"},
+            "job": {"name": "nightly-close", "run_id": "run-7"}})  # fmt: skip
+    _write(url, [("UPDATE customers SET email = 'ada@new.example' WHERE id = 1", ())],
+           {**ADA, "request_id": "req-ada-2", "reason": "gdpr request"})  # fmt: skip
+    xid_admin = _write(url, [("DELETE FROM orders WHERE id = %s", (CHECKOUT_ORDERS + 1,))])
+    return xid_signup, xid_admin, written
+
+
+@pytest.fixture(scope="module")
+def shop(servers, es, tmp_path_factory):
+    env, other_env = (f"api_{uuid.uuid4().hex[:8]}" for _ in range(2))
+    with new_database(servers) as url:
+        tmp = tmp_path_factory.mktemp("api")
+        source = make_source(url, tmp / "a", DDL, POLICY, env=env)
+        other = make_source(url, tmp / "b", "SELECT 1", POLICY, env=other_env)
+        xid_signup, xid_admin, written = _traffic(url)
+        with psycopg.connect(servers.pg_url, autocommit=True) as state:
+            platform_db.install(state, Settings().resources_dir / "sql")
+            for each in (source, other):
+                # No grace: the administrator's change is released as unattributed at once.
+                assert capture_enrich_index(each, state, es, grace=timedelta(0)) == 51
+            keys = {
+                "a": create_key(state, env, "all of A").secret,
+                "b": create_key(state, other_env, "all of B").secret,
+                "orders": create_key(
+                    state, env, "orders only", sources=["shop"], tables=["public.orders"]
+                ).secret,
+                "other_source": create_key(state, env, "billing only", sources=["billing"]).secret,
+            }
+            revoked = create_key(state, env, "to revoke")
+            revoke_key(state, env, revoked.key.key_id)
+            keys["revoked"] = revoked.secret
+        yield Shop(env, other_env, url, xid_signup, xid_admin, keys, written)
+        for name in (env, other_env):
+            for index in es.indices.get(index=f"audit-{name}-*", expand_wildcards="all"):
+                es.indices.delete(index=index)
+            es.indices.delete_index_template(name=f"audit-{name}")
+
+
+def _client(env: str, **settings) -> TestClient:
+    return TestClient(create_app(Settings(env=env, **settings), ApiSettings(key_cache_seconds=0)))
+
+
+@pytest.fixture(scope="module")
+def api_a(shop):
+    with _client(shop.env) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def api_b(shop):
+    with _client(shop.other_env) as client:
+        yield client
+
+
+def get(client: TestClient, path: str, key: str | None, **params):
+    headers = {"X-API-Key": key} if key else {}
+    return client.get(path, params=params, headers=headers)
+
+
+def events(client, key, **params) -> list[dict]:
+    response = get(client, "/v1/events", key, limit=500, **params)
+    assert response.status_code == 200, response.text
+    return response.json()["events"]
+
+
+# --- search and filters --------------------------------------------------------------------
+
+
+def test_every_filter_narrows_the_search_to_what_it_names(shop, api_a):
+    key = shop.keys["a"]
+
+    def count(**params) -> int:
+        return len(events(api_a, key, **params))
+
+    assert count() == 51
+    assert count(source="shop") == 51 and count(source="other") == 0
+    assert count(table="customers") == 2 and count(table="public.order_lines") == 1
+    assert count(table=["customers", "order_lines"]) == 3
+    assert count(table="other_schema.orders") == 0
+    assert count(operation="delete") == 1
+    assert count(operation=["insert", "delete"]) == 44
+    assert count(column="status", table="orders", operation="update") == 6
+    assert count(column="email") == 2
+    assert count(object_id="1", table="orders") == 2
+    assert count(actor_id="ada") == 4
+    assert count(actor_type="job") == 5
+    assert count(actor_type="service") == CHECKOUT_ORDERS + 1
+    assert count(request_id="req-ada-1") == 3
+    assert count(job="nightly-close") == 5 and count(job="run-7") == 5
+    assert count(xid=shop.xid_signup) == 3
+    assert count(attribution="unattributed") == 1
+    assert count(attribution=["attributed", "unattributed"]) == 51
+    assert count(q="fragile glass") == 2  # the insert and the update of order 1
+    assert count(q="fragile plastic") == 0  # all words must match
+    assert count(since=shop.written["checkout"].isoformat()) == 8
+    assert count(until=shop.written["signup"].isoformat()) == 3
+
+
+def test_results_are_audit_records_in_time_order_either_way(shop, api_a):
+    newest_first = events(api_a, shop.keys["a"])
+    oldest_first = events(api_a, shop.keys["a"], order="asc")
+    assert [e["id"] for e in newest_first] == [e["id"] for e in reversed(oldest_first)]
+    first = oldest_first[0]
+    assert first["id"].startswith(f"{shop.env}:shop:")
+    assert first["context"]["actor"]["id"] == "ada" and first["user"]["id"] == "ada"
+    assert first["@timestamp"] <= oldest_first[-1]["@timestamp"]
+    assert [e["operation"] for e in oldest_first[-1:]] == ["delete"]
+
+
+def test_pagination_walks_every_record_once_in_order(shop, api_a):
+    everything = [e["id"] for e in events(api_a, shop.keys["a"], order="asc")]
+    for order, expected in (("asc", everything), ("desc", everything[::-1])):
+        seen, cursor, pages = [], None, 0
+        while True:
+            params = {"limit": 7, "order": order, **({"cursor": cursor} if cursor else {})}
+            page = get(api_a, "/v1/events", shop.keys["a"], **params).json()
+            seen += [e["id"] for e in page["events"]]
+            pages += 1
+            assert page["total"] == {"value": 51, "exact": True}
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == expected  # no gap, no repeat, same order
+        assert pages == 8  # 51 records in pages of 7; the last page says it is the last
+
+
+# --- one event, one transaction ------------------------------------------------------------
+
+
+def test_one_event_and_one_transaction_with_its_context(shop, api_a):
+    key = shop.keys["a"]
+    [insert] = events(api_a, key, table="order_lines")
+    response = get(api_a, f"/v1/events/{insert['id']}", key)
+    assert response.status_code == 200 and response.json() == insert
+    assert get(api_a, f"/v1/events/{shop.env}:shop:0000000000000000:0", key).status_code == 404
+
+    tx = get(api_a, f"/v1/transactions/shop/{shop.xid_signup}", key).json()
+    assert [c["table"]["name"] for c in tx["changes"]] == ["customers", "orders", "order_lines"]
+    assert [c["transaction"]["change_index"] for c in tx["changes"]] == [0, 1, 2]
+    assert tx["context"]["reason"] == "new customer signup"
+    assert tx["attribution"]["status"] == "attributed"
+    admin = get(api_a, f"/v1/transactions/shop/{shop.xid_admin}", key).json()
+    assert admin["context"] is None and admin["attribution"]["status"] == "unattributed"
+    assert get(api_a, "/v1/transactions/shop/1", key).status_code == 404
+
+
+# --- objects -------------------------------------------------------------------------------
+
+
+def test_object_history_has_every_change_with_its_column_diff(shop, api_a):
+    history = get(api_a, "/v1/objects/shop/orders/1/history", shop.keys["a"]).json()
+    changes = history["changes"]
+    assert [c["event"]["operation"] for c in changes] == ["insert", "update"]
+    update = changes[1]
+    assert update["diff"] == [{"column": "status", "before": "new", "after": "paid"}]
+    assert update["event"]["context"]["actor"]["id"] == "billing"
+    composite = get(api_a, "/v1/objects/shop/public.order_lines/1,1/history", shop.keys["a"])
+    assert [c["event"]["after"]["sku"] for c in composite.json()["changes"]] == ["VASE-1"]
+
+
+def test_object_state_at_a_moment(shop, api_a):
+    key = shop.keys["a"]
+    path = "/v1/objects/shop/orders/1/state"
+    then = get(api_a, path, key, at=shop.written["signup"].isoformat()).json()
+    assert then["status"] == "present" and then["row"]["status"] == "new"
+    assert then["row"]["total"] == "19.99"  # numeric keeps its precision as text
+    now = get(api_a, path, key).json()
+    assert now["status"] == "present" and now["row"]["status"] == "paid"
+    gone = get(api_a, f"/v1/objects/shop/orders/{CHECKOUT_ORDERS + 1}/state", key).json()
+    assert gone["status"] == "deleted" and gone["row"] is None
+    assert gone["as_of"]["operation"] == "delete"
+    before = (shop.written["signup"] - timedelta(hours=1)).isoformat()
+    unknown = get(api_a, path, key, at=before).json()
+    assert unknown["status"] == "unknown" and unknown["row"] is None
+    assert "are kept from" in unknown["explanation"]
+    assert unknown["earliest_retained"] is not None
+
+
+def test_object_state_says_unknown_when_retention_removed_the_records_it_needs(
+    es, servers, tmp_path
+):
+    """An object's first record is removed (as retention removes old indices); its state at a
+    moment that only that record covered is then unknown, never guessed."""
+    env = f"api_{uuid.uuid4().hex[:8]}"
+    with new_database(servers) as url:
+        source = make_source(url, tmp_path, DDL, POLICY, env=env)
+        _write(url, [("INSERT INTO orders VALUES (7, 1, 'new', NULL, 1)", ())], ADA)
+        _write(url, [("UPDATE orders SET status = 'late' WHERE id = 7", ())], ADA)
+        with psycopg.connect(servers.pg_url, autocommit=True) as state:
+            capture_enrich_index(source, state, es)
+            key = create_key(state, env, "retention test").secret
+        with _client(env) as api:
+            first, second = get(api, "/v1/objects/shop/orders/7/history", key).json()["changes"]
+            at = first["event"]["@timestamp"]
+            assert get(api, "/v1/objects/shop/orders/7/state", key, at=at).json()["row"][
+                "status"] == "new"  # fmt: skip
+            es.delete(index=read_alias(env), id=first["event"]["id"], refresh=True)
+            answer = get(api, "/v1/objects/shop/orders/7/state", key, at=at).json()
+            assert answer["status"] == "unknown" and answer["row"] is None
+            assert "retention has removed the record" in answer["explanation"]
+            assert answer["earliest_retained"] == second["event"]["@timestamp"]
+            assert (
+                get(api, "/v1/objects/shop/orders/7/state", key).json()["row"]["status"] == "late"
+            )
+    for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+        es.indices.delete(index=index)
+    es.indices.delete_index_template(name=f"audit-{env}")
+
+
+# --- activity and statistics ---------------------------------------------------------------
+
+
+def test_statistics_count_by_table_operation_actor_and_time(shop, api_a):
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    since, until = (hour - timedelta(hours=23)).isoformat(), (hour + timedelta(hours=1)).isoformat()
+    stats = get(api_a, "/v1/stats", shop.keys["a"], since=since, until=until).json()
+    assert stats["total"] == 51
+    by = {name: {b["key"]: b["count"] for b in stats[name]}
+          for name in ("by_table", "by_operation", "by_actor", "by_attribution")}  # fmt: skip
+    assert by["by_table"] == {"public.orders": 48, "public.customers": 2, "public.order_lines": 1}
+    assert by["by_operation"] == {"insert": 43, "update": 7, "delete": 1}
+    assert by["by_actor"]["checkout"] == CHECKOUT_ORDERS and by["by_actor"]["(none)"] == 1
+    assert by["by_attribution"] == {"attributed": 50, "unattributed": 1}
+    assert sum(b["count"] for b in stats["over_time"]) == 51
+    assert len(stats["over_time"]) == 24  # every hour of the range, the empty ones too
+
+
+def test_an_actors_activity(shop, api_a):
+    activity = get(api_a, "/v1/actors/ada/activity", shop.keys["a"]).json()
+    assert activity["stats"]["total"] == 4
+    assert activity["recent"][0]["context"]["request_id"] == "req-ada-2"
+    assert activity["first_seen"] <= activity["last_seen"]
+    assert {b["key"] for b in activity["stats"]["by_table"]} == {
+        "public.customers", "public.orders", "public.order_lines"}  # fmt: skip
+
+
+# --- export --------------------------------------------------------------------------------
+
+
+def test_export_as_ndjson_and_csv_holds_exactly_the_search_result(shop, api_a):
+    key = shop.keys["a"]
+    expected = [e["id"] for e in events(api_a, key, order="asc", table="orders")]
+    ndjson = get(api_a, "/v1/export", key, table="orders")
+    assert ndjson.headers["content-type"] == "application/x-ndjson"
+    assert "attachment" in ndjson.headers["content-disposition"]
+    assert [json.loads(line)["id"] for line in ndjson.text.splitlines()] == expected
+    text = get(api_a, "/v1/export", key, table="orders", format="csv").text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["id"] for r in rows] == expected
+    assert rows[0]["actor_id"] == "ada" and json.loads(rows[0]["after"])["status"] == "new"
+
+
+# --- security ------------------------------------------------------------------------------
+
+PATHS = ["/v1/events", "/v1/stats", "/v1/export", "/v1/actors/ada/activity",
+         "/v1/objects/shop/orders/1/history", "/v1/objects/shop/orders/1/state"]  # fmt: skip
+
+
+def test_every_endpoint_but_health_needs_a_valid_key_of_this_environment(shop, api_a, api_b):
+    malformed = "not-a-key"
+    wrong_secret = shop.keys["a"][:-4] + "AAAA"
+    for path in [*PATHS, f"/v1/transactions/shop/{shop.xid_signup}"]:
+        for key in (None, malformed, wrong_secret, shop.keys["b"], shop.keys["revoked"]):
+            response = get(api_a, path, key)
+            assert response.status_code == 401, (path, key, response.text)
+            assert "API key" in response.json()["detail"]
+        assert get(api_b, path, shop.keys["a"]).status_code == 401
+    assert get(api_a, "/healthz", None).status_code == 200
+    assert get(api_a, "/readyz", None).json()["ready"] is True
+
+
+def test_bearer_authorization_works_like_the_header(shop, api_a):
+    response = api_a.get("/v1/events", headers={"Authorization": f"Bearer {shop.keys['a']}"})
+    assert response.status_code == 200 and len(response.json()["events"]) == 50
+
+
+def test_a_key_never_sees_another_environments_records(shop, api_a, api_b):
+    a_ids = {e["id"] for e in events(api_a, shop.keys["a"])}
+    b_ids = {e["id"] for e in events(api_b, shop.keys["b"])}
+    assert len(a_ids) == len(b_ids) == 51 and not a_ids & b_ids  # same changes, two envs
+    for b_id in list(b_ids)[:5]:
+        assert get(api_a, f"/v1/events/{b_id}", shop.keys["a"]).status_code == 404
+    assert all(e["env"] == shop.env for e in events(api_a, shop.keys["a"], source="shop"))
+
+
+def test_a_scoped_key_gets_nothing_outside_its_scope(shop, api_a):
+    key = shop.keys["orders"]
+    found = events(api_a, key)
+    assert len(found) == 48 and {e["table"]["name"] for e in found} == {"orders"}
+    assert events(api_a, key, table="customers") == []
+    assert events(api_a, key, table=["customers", "orders"], operation="delete")[0]["table"][
+        "name"] == "orders"  # fmt: skip
+    customer_event = events(api_a, shop.keys["a"], table="customers")[0]["id"]
+    assert get(api_a, f"/v1/events/{customer_event}", key).status_code == 404
+    tx = get(api_a, f"/v1/transactions/shop/{shop.xid_signup}", key).json()
+    assert [c["table"]["name"] for c in tx["changes"]] == ["orders"]
+    assert get(api_a, "/v1/objects/shop/customers/1/history", key).json()["changes"] == []
+    assert get(api_a, "/v1/objects/shop/customers/1/state", key).json()["status"] == "unknown"
+    assert get(api_a, "/v1/stats", key).json()["total"] == 48
+    assert get(api_a, "/v1/actors/ada/activity", key).json()["stats"]["total"] == 1
+    exported = get(api_a, "/v1/export", key, format="csv").text
+    assert "public.customers" not in exported and exported.count("public.orders") == 48
+    assert events(api_a, shop.keys["other_source"]) == []  # a source this env does not have
+
+
+def test_masked_columns_stay_masked_in_every_answer(shop, api_a):
+    key = shop.keys["a"]
+    customer = events(api_a, key, table="customers", order="asc")
+    emails = [e["after"]["email"] for e in customer]
+    assert "ada@example.com" not in emails and "ada@new.example" not in emails
+    assert customer[1]["changed_columns"] == ["email"]  # the change is still recorded
+    assert events(api_a, key, q="ada@example.com") == []
+    exported = get(api_a, "/v1/export", key).text
+    assert "ada@example.com" not in exported and "ada@new.example" not in exported
+
+
+def test_each_request_is_logged_with_its_key_id_and_never_the_key(shop, api_a, caplog):
+    with caplog.at_level(logging.INFO, logger="audit_platform.api.access"):
+        get(api_a, "/v1/objects/shop/customers/1/history", shop.keys["a"])
+    key_id = shop.keys["a"].split("_")[1]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "audit_platform.api.access"]
+    assert f"key={key_id}" in line and "200" in line
+    assert shop.keys["a"] not in line and shop.keys["a"].split("_")[2] not in line
+    assert "/customers/1/" not in line  # the route's template, not the values in the path
+
+
+# --- errors and limits ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 501}, "limit"),
+        ({"operation": "drop"}, "operation"),
+        ({"since": "yesterday"}, "since"),
+        ({"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, "since"),
+        ({"since": "2020-01-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, "since"),
+        ({"cursor": "bm90IGEgY3Vyc29y"}, "cursor"),
+        ({"tabel": "orders"}, "tabel"),
+        ({"xid": -1}, "xid"),
+    ],
+)
+def test_bad_parameters_get_422_naming_the_field(shop, api_a, params, field):
+    response = get(api_a, "/v1/events", shop.keys["a"], **params)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert field in error["loc"] and error["msg"]
+
+
+def test_a_cursor_only_works_for_its_own_order(shop, api_a):
+    page = get(api_a, "/v1/events", shop.keys["a"], limit=5).json()
+    response = get(api_a, "/v1/events", shop.keys["a"], cursor=page["next_cursor"], order="asc")
+    assert response.status_code == 422 and "order" in response.json()["detail"][0]["msg"]
+
+
+def test_query_text_is_data_not_query_syntax(shop, api_a):
+    for text in ("status:paid OR *", '"unbalanced', "a AND (b", "\\", "*:*", "{}", "new"):
+        assert get(api_a, "/v1/events", shop.keys["a"], q=text).status_code == 200
+    assert events(api_a, shop.keys["a"], q="*:*") == []
+
+
+def test_elasticsearch_unavailable_is_503_with_a_retry_hint(shop, servers):
+    """The API pointed at a port where no Elasticsearch listens: a real refused connection."""
+    with _client(shop.env, es_url="https://127.0.0.1:9") as api:
+        response = get(api, "/v1/events", shop.keys["a"])
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert "Elasticsearch is unavailable" in response.json()["detail"]
+        assert "Traceback" not in response.text
+        ready = get(api, "/readyz", None)
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["elasticsearch"].startswith("unavailable")
+        assert get(api, "/healthz", None).status_code == 200
