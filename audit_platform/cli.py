@@ -299,11 +299,26 @@ def api_serve(
 
 
 @app.command("demo")
-def demo() -> None:
-    """Start the local stack and say what runs where (the pipeline demo grows from here)."""
-    stack_up()
-    for state in LocalStack().status():
-        typer.echo(f"{state.name:<14} {state.detail}")
+def demo(
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (default: at Ctrl-C).")
+    ] = None,
+    dagster_port: Annotated[int, typer.Option(help="Dagster webserver port.")] = 3000,
+    api_port: Annotated[int, typer.Option(help="Audit API port.")] = 8000,
+    shop_port: Annotated[int, typer.Option(help="Demo shop service port.")] = 8100,
+) -> None:
+    """Run the whole platform locally with a demo shop service and its traffic (Ctrl-C stops
+    everything this started)."""
+    from audit_platform.demo.run import run_demo
+    from audit_platform.stack.processes import ProcessFailed
+
+    try:
+        code = run_demo(Settings(), say=typer.echo, duration=duration,
+                        dagster_port=dagster_port, api_port=api_port,
+                        shop_port=shop_port)  # fmt: skip
+    except (StackError, ProcessFailed) as exc:
+        raise _fail(exc) from exc
+    raise typer.Exit(code=code)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -29,6 +29,8 @@ class EnvironmentConfig(BaseModel):
     capture_batch_changes: int = Field(default=50_000, ge=100)
     #: How long an orphan waits for a late context before it is indexed as unattributed.
     enrich_grace_minutes: int = Field(default=10, ge=0)
+    #: WAL a slot may hold back before the slot_lag check fails (the source keeps that WAL).
+    slot_lag_threshold_bytes: int = Field(default=1024**3, ge=1)
     #: Replicas of each audit index (0 on a single-node development cluster).
     index_replicas: int = Field(default=0, ge=0)
     #: Days audit records, staged data and settled quarantine entries are kept.

@@ -52,18 +52,27 @@ class TemplateInstall:
 
 
 def install_template(
-    client: Elasticsearch, resources_dir: Path, env: str, replicas: int
+    client: Elasticsearch,
+    resources_dir: Path,
+    env: str,
+    replicas: int,
+    lifecycle: str | None = None,
 ) -> TemplateInstall:
     """Create or update the environment's index template; new indices pick up a change."""
     name = template_name(env)
-    body = render_template(resources_dir, env, replicas)
-    found = client.options(ignore_status=404).indices.get_index_template(name=name)
-    previous = None
-    for template in found.get("index_templates", []):
-        previous = template["index_template"].get("_meta", {}).get("template_hash")
+    body = render_template(resources_dir, env, replicas, lifecycle)
+    previous = installed_template_hash(client, env)
     if previous != body["_meta"]["template_hash"]:
         client.indices.put_index_template(name=name, **body)
     return TemplateInstall(name, body["_meta"]["template_hash"], previous)
+
+
+def installed_template_hash(client: Elasticsearch, env: str) -> str | None:
+    """The ``_meta.template_hash`` of the environment's installed template, if any."""
+    found = client.options(ignore_status=404).indices.get_index_template(name=template_name(env))
+    for template in found.get("index_templates", []):
+        return template["index_template"].get("_meta", {}).get("template_hash")
+    return None
 
 
 def documents(

@@ -9,15 +9,19 @@ import yaml
 from dagster._core.instance import DagsterInstance
 
 from audit_platform.settings import PROJECT_ROOT
+from audit_platform.stack.deployment import dagster_storage_url
 
 
 def test_dagster_yaml_runs_on_postgres_storage_with_one_run_per_slot(
     pg_database, tmp_path, monkeypatch
 ):
     shutil.copy(PROJECT_ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
-    monkeypatch.setenv("AUDIT_DAGSTER_PG_URL", pg_database)
+    monkeypatch.setenv("AUDIT_DAGSTER_PG_URL", dagster_storage_url(pg_database))
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        # Events are written (with a bare postgresql:// URL and SQLAlchemy 2.1 this fails).
+        instance.report_runless_asset_event(dg.AssetMaterialization("probe"))
+        assert instance.get_latest_materialization_event(dg.AssetKey("probe")) is not None
         limits = instance.run_coordinator.get_run_queue_config().tag_concurrency_limits
         assert {"key": "audit/slot", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in (
             limits

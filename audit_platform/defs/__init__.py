@@ -21,6 +21,12 @@ from audit_platform.defs.enrich.assets import (
     quarantine_key,
 )
 from audit_platform.defs.enrich.sensors import quarantine_schedule, quarantine_sensor
+from audit_platform.defs.health import (
+    health_checks_job,
+    health_checks_schedule,
+    source_checks,
+    template_check,
+)
 from audit_platform.defs.index.assets import index_op, indexed_asset, indexed_key, template_asset
 from audit_platform.defs.index.schedules import (
     reconcile_job,
@@ -36,6 +42,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings()
     environment = load_environment(settings.resources_dir, settings.env)
     assets, jobs, sensors, schedules = [template_asset(environment)], [], [], []
+    checks = [template_check(environment)]
     grace = timedelta(minutes=environment.enrich_grace_minutes)
     for source, config in sorted(environment.sources.items()):
         assets.extend(staged_asset_specs(source))
@@ -58,11 +65,15 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         quarantine_job = dg.define_asset_job(
             f"quarantine_{source}_job", selection=[quarantine_key(source)]
         )
+        checks.extend(source_checks(source, config, environment))
         jobs.extend([job, enrich_job, quarantine_job, reconcile])
         schedules.append(reconcile_schedule(source, reconcile))
         sensors.append(capture_sensor(source, config, job, environment.capture_interval_seconds))
         sensors.append(quarantine_sensor(source, enrich_job))
         schedules.append(quarantine_schedule(source, quarantine_job))
+    health = health_checks_job(checks)
+    jobs.append(health)
+    schedules.append(health_checks_schedule(health))
     retention = retention_job(environment)
     jobs.append(retention)
     schedules.append(retention_schedule(retention))
@@ -74,7 +85,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             description="Materializes the index template when it is missing or has changed.",
         )
     )
-    return dg.Definitions(assets=assets, jobs=jobs, sensors=sensors, schedules=schedules)
+    return dg.Definitions(
+        assets=assets, asset_checks=checks, jobs=jobs, sensors=sensors, schedules=schedules
+    )
 
 
 defs = build_definitions()

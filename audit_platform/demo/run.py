@@ -1,0 +1,124 @@
+"""`audit-platform demo`: the whole product on one machine, with a service that uses it.
+
+Starts (or reuses) the local stack, creates the shop's database and sets up its source, starts
+the shop service, Dagster's webserver and daemon and the Audit API, and runs traffic until
+Ctrl-C; then stops everything it started.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from audit_platform.api_keys import create_key
+from audit_platform.demo.traffic import Traffic
+from audit_platform.policy import load_policy, policy_path
+from audit_platform.settings import PROJECT_ROOT, Settings
+from audit_platform.sources.setup import setup_source
+from audit_platform.stack import processes, served
+from audit_platform.stack.deployment import LocalDeployment, ensure_database
+
+
+def prepare_shop(admin_url: str, env: str, resources_dir: Path) -> str:
+    """The shop's database with its schema and this environment's publication and slot."""
+    url = ensure_database(admin_url, f"shop_{env}")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute((resources_dir / "demo" / "shop.sql").read_text())
+    policy = load_policy(policy_path(resources_dir, "shop"))
+    setup_source(url, env, policy, resources_dir / "sql")
+    return url
+
+
+def _mask_key(root: Path) -> str:
+    """A demo-only masking key, kept so masked values stay comparable across restarts."""
+    path = root / "mask_key"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def first_record_seconds(api_url: str, key: str, started: float, timeout: float) -> float | None:
+    """Seconds from ``started`` until the API returns a record, or None on timeout."""
+    while time.monotonic() - started < timeout:
+        try:
+            reply = httpx.get(f"{api_url}/v1/events", params={"limit": 1},
+                              headers={"X-API-Key": key}, timeout=5)  # fmt: skip
+            if reply.status_code == 200 and reply.json()["events"]:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    return None
+
+
+def run_demo(
+    settings: Settings, *, say: Callable[[str], None], duration: float | None = None,
+    dagster_port: int = 3000, api_port: int = 8000, shop_port: int = 8100,
+) -> int:  # fmt: skip
+    """Run until Ctrl-C (or ``duration`` seconds); 0 when records reached the API."""
+    env = settings.env
+    root = settings.stack_dir / "demo" / env
+    with served(settings) as exports:
+        say(f"stack: PostgreSQL {exports['AUDIT_PG_URL'].split('@')[-1]}, "
+            f"Elasticsearch {exports['AUDIT_ES_URL']}")  # fmt: skip
+        shop_url = prepare_shop(exports["AUDIT_PG_URL"], env, settings.resources_dir)
+        deployment = LocalDeployment(exports, env, root, {"shop": shop_url},
+                                     dagster_port=dagster_port, api_port=api_port,
+                                     mask_key=_mask_key(root))  # fmt: skip
+        deployment.prepare()
+        with psycopg.connect(exports["AUDIT_PG_URL"], autocommit=True) as conn:
+            key = create_key(conn, env, "demo").secret
+        stop = threading.Event()
+        traffic_thread = None
+        try:
+            shop = processes.start("shop-service", [
+                sys.executable, "-m", "uvicorn", "--factory",
+                "audit_platform.demo.service:app_from_environment", "--port", str(shop_port)],
+                {**deployment.environ(), "SHOP_DATABASE_URL": shop_url},
+                deployment.logs, PROJECT_ROOT)  # fmt: skip
+            deployment.add(shop)
+            shop.wait_http(f"http://127.0.0.1:{shop_port}/openapi.json", 60)
+            say("starting Dagster (webserver, daemon) and the Audit API ...")
+            started = time.monotonic()
+            deployment.start()
+            traffic = Traffic(f"http://127.0.0.1:{shop_port}", shop_url)
+            traffic_thread = threading.Thread(target=traffic.run, args=(stop,), daemon=True)
+            traffic_thread.start()
+            say(f"""
+  Dagster UI      {deployment.dagster_url}   (asset graph, sensors, runs, backfills)
+  Audit API       {deployment.api_url}/docs
+  shop service    http://127.0.0.1:{shop_port}/docs   (traffic is running against it)
+  API key (demo)  {key}
+  logs            {deployment.logs}
+
+  Try:  curl -s -H 'X-API-Key: {key}' '{deployment.api_url}/v1/events?limit=3'
+        curl -s -H 'X-API-Key: {key}' '{deployment.api_url}/v1/stats?interval=minute&since=...'
+
+Waiting for the first audit records (the capture sensor runs every few seconds) ...""")
+            seconds = first_record_seconds(deployment.api_url, key, started, timeout=180)
+            if seconds is None:
+                say("no record reached the API within 180 s; see the logs above")
+                return 1
+            say(f"first audit records searchable {seconds:.0f} s after start. "
+                "Press Ctrl-C to stop everything.")  # fmt: skip
+            deadline = None if duration is None else time.monotonic() + duration
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(1)
+            return 0
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            say("stopping traffic, the shop service, Dagster and the API ...")
+            stop.set()
+            if traffic_thread is not None:
+                traffic_thread.join(timeout=10)
+            deployment.stop()

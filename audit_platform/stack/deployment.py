@@ -1,0 +1,134 @@
+"""One environment's deployment on the local stack: Dagster (webserver and daemon) and the API.
+
+This is what `audit-platform demo` runs, what the end-to-end test starts, and what the freshness
+benchmark measures: the same processes a production deployment runs, configured only through
+environment variables, with a Dagster instance (storage database and DAGSTER_HOME) of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+from psycopg import sql
+
+from audit_platform import platform_db
+from audit_platform.settings import PROJECT_ROOT, Settings
+from audit_platform.stack import processes
+from audit_platform.stack.processes import Process
+
+
+def database_url(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` on the same server."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def dagster_storage_url(url: str) -> str:
+    """dagster-postgres's SQL needs the psycopg2 driver; SQLAlchemy 2.1 picks psycopg 3 for a
+    bare ``postgresql://`` URL, with which every event write fails (``NOTIFY ..., $1``)."""
+    scheme, rest = url.split("://", 1)
+    return f"postgresql+psycopg2://{rest}" if scheme in {"postgresql", "postgres"} else url
+
+
+def ensure_database(admin_url: str, name: str) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not found:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return database_url(admin_url, name)
+
+
+@dataclass
+class LocalDeployment:
+    exports: dict[str, str]  # AUDIT_* of the running stack
+    env: str
+    root: Path  # DAGSTER_HOME, staging and logs live under here
+    sources: dict[str, str]  # source name -> libpq URL
+    dagster_port: int = 3000
+    api_port: int = 8000
+    resources_dir: Path | None = None
+    mask_key: str = "demo-mask-key-change-me"
+    running: list[Process] = field(default_factory=list)
+
+    @property
+    def dagster_url(self) -> str:
+        return f"http://127.0.0.1:{self.dagster_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def environ(self) -> dict[str, str]:
+        env = {
+            **os.environ, **self.exports,
+            "AUDIT_ENV": self.env,
+            "AUDIT_DAGSTER_PG_URL": dagster_storage_url(
+                database_url(self.exports["AUDIT_PG_URL"], f"dagster_{self.env}")),
+            "AUDIT_STAGING_ROOT": str(self.root / "staging"),
+            "AUDIT_MASK_KEY": self.mask_key,
+            "AUDIT_API_PORT": str(self.api_port),
+            "DAGSTER_HOME": str(self.root / "dagster_home"),
+        }  # fmt: skip
+        if self.resources_dir is not None:
+            env["AUDIT_RESOURCES_DIR"] = str(self.resources_dir)
+        for source, url in self.sources.items():
+            env[f"AUDIT_SOURCE_{source.upper()}_URL"] = url
+        return env
+
+    def settings(self) -> Settings:
+        exports = {k: v for k, v in self.environ().items() if k.startswith("AUDIT_")}
+        return Settings(env=self.env).with_exports(exports)
+
+    def prepare(self) -> None:
+        """The instance database and DAGSTER_HOME, and the platform's own tables."""
+        ensure_database(self.exports["AUDIT_PG_URL"], f"dagster_{self.env}")
+        home = self.root / "dagster_home"
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+        with psycopg.connect(self.exports["AUDIT_PG_URL"], autocommit=True) as conn:
+            platform_db.install(conn, self.settings().resources_dir / "sql")
+
+    def start(self, *, timeout: float = 180) -> None:
+        """Webserver, daemon and API; returns when the webserver and the API answer."""
+        environ, workspace = self.environ(), str(PROJECT_ROOT / "workspace.yaml")
+        self.running += [
+            processes.start("dagster-webserver", [
+                processes.tool("dagster-webserver"), "-h", "127.0.0.1",
+                "-p", str(self.dagster_port), "-w", workspace], environ, self.logs, PROJECT_ROOT),
+            processes.start("dagster-daemon", [
+                processes.tool("dagster-daemon"), "run", "-w", workspace],
+                environ, self.logs, PROJECT_ROOT),
+            processes.start("audit-api", [
+                processes.tool("audit-platform"), "api", "serve", "--port", str(self.api_port)],
+                environ, self.logs, PROJECT_ROOT),
+        ]  # fmt: skip
+        self.running[0].wait_http(f"{self.dagster_url}/server_info", timeout)
+        self.running[2].wait_http(f"{self.api_url}/readyz", timeout)
+
+    def add(self, process: Process) -> None:
+        self.running.append(process)
+
+    def stop(self) -> None:
+        for process in reversed(self.running):
+            process.stop()
+        self.running.clear()
+
+    def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Dagster's own GraphQL interface (what its UI uses)."""
+        reply = httpx.post(f"{self.dagster_url}/graphql", timeout=60,
+                           json={"query": query, "variables": variables or {}})  # fmt: skip
+        reply.raise_for_status()
+        body = reply.json()
+        if body.get("errors"):
+            raise RuntimeError(f"Dagster GraphQL error: {body['errors']}")
+        return body["data"]
