@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 AP := $(BIN)/audit-platform
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format stack-up stack-down clean
+.PHONY: install demo test lint format stack-up stack-down clean screenshot
 
 $(BIN)/python:
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { \
@@ -22,9 +22,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Starts PostgreSQL, Elasticsearch and (as the pipeline grows) Dagster and the API.
+# Starts PostgreSQL and Elasticsearch, a demo shop service with traffic, Dagster (webserver and
+# daemon) and the Audit API; Ctrl-C stops everything it started.
 demo: install
 	$(AP) demo
+
+# With the demo running: a headless-Chromium screenshot of the Dagster asset graph for README.
+screenshot: install
+	@command -v chromium >/dev/null || apt-get install -y --no-install-recommends chromium
+	$(BIN)/pip install --quiet -e '.[docs]'
+	$(BIN)/python -m audit_platform.demo.screenshot --out docs/asset-graph.png
 
 # Starts the servers this checkout needs (reusing running ones), runs every test, and stops
 # only what it started. pytest's exit code, including 5 for "no tests", is make's.

@@ -289,12 +289,10 @@ def api_serve(
     """Serve the Audit API of AUDIT_ENV (docs at /docs, OpenAPI at /openapi.json)."""
     import uvicorn
 
-    from audit_platform.api.config import ApiSettings
-
-    api = ApiSettings()
+    settings = Settings()
     uvicorn.run(
-        "audit_platform.api.main:create_app", factory=True, host=host or api.host,
-        port=port or api.port, workers=workers, log_level="info",
+        "audit_platform.api.main:create_app", factory=True, host=host or settings.api_host,
+        port=port or settings.api_port, workers=workers, log_level="info",
     )  # fmt: skip
 
 

@@ -58,6 +58,22 @@ class Settings(BaseSettings):
         default=None, description="Secret key of this environment for masked columns."
     )
 
+    # The Audit API (audit-platform api serve).
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_default_range_days: int = Field(default=7, ge=1, description="Search range without since.")
+    api_max_range_days: int = Field(
+        default=400, ge=1, description="Longest range one request asks."
+    )
+    api_key_cache_seconds: float = Field(
+        default=5.0, ge=0, description="How long a verified key is trusted before it is looked "
+        "up again: a revoked key stops working within this time.",
+    )  # fmt: skip
+    api_es_timeout_seconds: float = Field(default=10.0, gt=0)
+    api_retry_after_seconds: int = Field(
+        default=5, ge=1, description="Retry-After sent with a 503 when a server is unavailable."
+    )
+
     # The local stack of real servers (audit-platform stack ...).
     stack_dir: Path = PROJECT_ROOT / ".stack"
     stack_pg_port: int = 55432

@@ -20,7 +20,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from audit_platform import platform_db
-from audit_platform.api.config import ApiSettings
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key, revoke_key
 from audit_platform.naming import read_alias
@@ -122,7 +121,7 @@ def shop(servers, es, tmp_path_factory):
 
 
 def _client(env: str, **settings) -> TestClient:
-    return TestClient(create_app(Settings(env=env, **settings), ApiSettings(key_cache_seconds=0)))
+    return TestClient(create_app(Settings(env=env, api_key_cache_seconds=0, **settings)))
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 import pytest
 from typer.testing import CliRunner
@@ -16,6 +18,10 @@ from audit_platform.stack.system import free_port
 from audit_platform_tests.helpers import policy_for
 
 SQL_DIR = Settings().resources_dir / "sql"
+#: An environment of this module's own: slots are named per server, and a `make demo` on the
+#: same server holds the `dev` ones.
+ENV = f"src_{uuid.uuid4().hex[:8]}"
+SLOT = f"audit_{ENV}_shop"
 
 GOOD_TABLES = """
 CREATE TABLE orders (id int PRIMARY KEY, status text, updated_at timestamptz);
@@ -38,13 +44,13 @@ def _by_subject(findings) -> dict[str, list]:
 def test_setup_is_idempotent_and_check_passes(pg_database):
     _exec(pg_database, GOOD_TABLES)
     policy = policy_for("shop", public__orders={})
-    first = setup_source(pg_database, "dev", policy, SQL_DIR)
-    second = setup_source(pg_database, "dev", policy, SQL_DIR)
+    first = setup_source(pg_database, ENV, policy, SQL_DIR)
+    second = setup_source(pg_database, ENV, policy, SQL_DIR)
     assert first.applied_migrations == ["001_audit_schema"]
-    assert (first.slot, first.slot_created) == ("audit_dev_shop", True)
+    assert (first.slot, first.slot_created) == (SLOT, True)
     assert second.applied_migrations == []
     assert second.slot_created is False
-    findings = check_source(pg_database, "dev", policy, SQL_DIR)
+    findings = check_source(pg_database, ENV, policy, SQL_DIR)
     assert [f for f in findings if f.level is not Level.ok] == []
 
 
@@ -62,14 +68,14 @@ def test_two_environments_get_separate_slots_and_publications(pg_database):
 
 def test_publication_follows_the_policy_when_tables_are_added(pg_database):
     _exec(pg_database, GOOD_TABLES + "CREATE TABLE refunds (id int PRIMARY KEY);")
-    setup_source(pg_database, "dev", policy_for("shop", public__orders={}), SQL_DIR)
+    setup_source(pg_database, ENV, policy_for("shop", public__orders={}), SQL_DIR)
     wider = policy_for("shop", public__orders={}, public__refunds={})
-    setup_source(pg_database, "dev", wider, SQL_DIR)
+    setup_source(pg_database, ENV, wider, SQL_DIR)
     with psycopg.connect(pg_database) as conn:
         tables = {
             r[0]
             for r in conn.execute(
-                "SELECT tablename FROM pg_publication_tables WHERE pubname = 'audit_dev_shop'"
+                "SELECT tablename FROM pg_publication_tables WHERE pubname = %s", (SLOT,)
             )
         }
     assert tables == {"orders", "refunds"}
@@ -79,7 +85,7 @@ def test_setup_refuses_a_policy_naming_missing_tables(pg_database):
     policy = policy_for("shop", public__orders={}, public__ghosts={})
     _exec(pg_database, GOOD_TABLES)
     with pytest.raises(SetupError, match=r"do not exist: public\.ghosts"):
-        setup_source(pg_database, "dev", policy, SQL_DIR)
+        setup_source(pg_database, ENV, policy, SQL_DIR)
 
 
 def test_check_reports_each_table_problem_with_its_fix(pg_database):
@@ -99,8 +105,8 @@ def test_check_reports_each_table_problem_with_its_fix(pg_database):
         public__default_identity={"mask": ["vv"]},
         public__events={},
     )
-    setup_source(pg_database, "dev", policy, SQL_DIR)
-    found = _by_subject(check_source(pg_database, "dev", policy, SQL_DIR))
+    setup_source(pg_database, ENV, policy, SQL_DIR)
+    found = _by_subject(check_source(pg_database, ENV, policy, SQL_DIR))
     [no_pk] = found["public.no_pk"]
     assert (no_pk.level, "no primary key" in no_pk.message) == (Level.error, True)
     identity, typo = sorted(found["public.default_identity"], key=lambda f: f.level.value)
@@ -114,11 +120,11 @@ def test_check_reports_each_table_problem_with_its_fix(pg_database):
 def test_check_reports_a_role_that_cannot_replicate(pg_database):
     _exec(pg_database, GOOD_TABLES)
     policy = policy_for("shop", public__orders={})
-    setup_source(pg_database, "dev", policy, SQL_DIR)
+    setup_source(pg_database, ENV, policy, SQL_DIR)
     _exec(pg_database, "DROP ROLE IF EXISTS t_reader; CREATE ROLE t_reader LOGIN PASSWORD 'pw'")
     try:
         url = psycopg.conninfo.make_conninfo(pg_database, user="t_reader", password="pw")
-        [role] = _by_subject(check_source(url, "dev", policy, SQL_DIR))["role"]
+        [role] = _by_subject(check_source(url, ENV, policy, SQL_DIR))["role"]
         assert role.level is Level.error
         assert role.fix == 'ALTER ROLE "t_reader" REPLICATION;'
     finally:
@@ -128,20 +134,20 @@ def test_check_reports_a_role_that_cannot_replicate(pg_database):
 def test_check_reports_missing_schema_publication_and_slot(pg_database):
     _exec(pg_database, GOOD_TABLES)
     found = _by_subject(
-        check_source(pg_database, "dev", policy_for("shop", public__orders={}), SQL_DIR)
+        check_source(pg_database, ENV, policy_for("shop", public__orders={}), SQL_DIR)
     )
     assert found["audit schema"][0].level is Level.error
     assert "audit.set_context is not installed" in found["audit schema"][0].message
     assert found["publication"][0].level is Level.error
-    assert found["slot"][0].message == "audit_dev_shop does not exist"
+    assert found["slot"][0].message == f"{SLOT} does not exist"
 
 
 def test_check_warns_when_the_slot_falls_behind(pg_database):
     _exec(pg_database, GOOD_TABLES)
     policy = policy_for("shop", public__orders={})
-    setup_source(pg_database, "dev", policy, SQL_DIR)
+    setup_source(pg_database, ENV, policy, SQL_DIR)
     _exec(pg_database, "INSERT INTO orders SELECT g, 'x' FROM generate_series(1, 2000) g")
-    found = _by_subject(check_source(pg_database, "dev", policy, SQL_DIR, lag_warn_bytes=1024))
+    found = _by_subject(check_source(pg_database, ENV, policy, SQL_DIR, lag_warn_bytes=1024))
     [slot] = found["slot"]
     assert slot.level is Level.warning
     assert "bytes behind" in slot.message
@@ -159,8 +165,8 @@ def test_check_reports_wal_level_and_unbounded_wal_on_a_server_without_logical(t
         _exec(record.url, GOOD_TABLES)
         policy = policy_for("shop", public__orders={})
         with pytest.raises(SetupError, match="wal_level is 'replica'"):
-            setup_source(record.url, "dev", policy, SQL_DIR)
-        found = _by_subject(check_source(record.url, "dev", policy, SQL_DIR))
+            setup_source(record.url, ENV, policy, SQL_DIR)
+        found = _by_subject(check_source(record.url, ENV, policy, SQL_DIR))
         assert found["wal_level"][0].level is Level.error
         assert found["wal_level"][0].fix.startswith("ALTER SYSTEM SET wal_level = logical")
         assert found["max_slot_wal_keep_size"][0].level is Level.warning
@@ -171,15 +177,15 @@ def test_check_reports_wal_level_and_unbounded_wal_on_a_server_without_logical(t
 def test_teardown_drops_this_environment_only_and_all_removes_the_schema(pg_database):
     _exec(pg_database, GOOD_TABLES)
     policy = policy_for("shop", public__orders={})
-    setup_source(pg_database, "dev", policy, SQL_DIR)
+    setup_source(pg_database, ENV, policy, SQL_DIR)
     setup_source(pg_database, "uat", policy, SQL_DIR)
     with pytest.raises(SetupError, match="audit_uat_shop"):
-        teardown_source(pg_database, "dev", "shop", SQL_DIR, everything=True)
+        teardown_source(pg_database, ENV, "shop", SQL_DIR, everything=True)
     assert teardown_source(pg_database, "uat", "shop", SQL_DIR, everything=False) == [
         "slot audit_uat_shop",
         "publication audit_uat_shop",
     ]
-    assert teardown_source(pg_database, "dev", "shop", SQL_DIR, everything=True) == ["schema audit"]
+    assert teardown_source(pg_database, ENV, "shop", SQL_DIR, everything=True) == ["schema audit"]
     with psycopg.connect(pg_database) as conn:
         assert conn.execute("SELECT to_regnamespace('audit')").fetchone()[0] is None
 
@@ -197,15 +203,15 @@ def test_cli_setup_and_check_against_the_demo_policy(pg_database, monkeypatch):
     )
     monkeypatch.setenv("AUDIT_SOURCE_SHOP_URL", pg_database)
     runner = CliRunner()
-    setup = runner.invoke(app, ["source", "setup", "--env", "dev", "--source", "shop"])
+    setup = runner.invoke(app, ["source", "setup", "--env", ENV, "--source", "shop"])
     assert setup.exit_code == 0, setup.output
-    assert "slot audit_dev_shop: created" in setup.output
-    check = runner.invoke(app, ["source", "check", "--env", "dev", "--source", "shop"])
+    assert f"slot {SLOT}: created" in setup.output
+    check = runner.invoke(app, ["source", "check", "--env", ENV, "--source", "shop"])
     assert check.exit_code == 1
     assert 'ALTER TABLE "public"."customers" REPLICA IDENTITY FULL;' in check.output
     for table in ("customers", "orders", "order_lines", "payments"):
         _exec(pg_database, f"ALTER TABLE {table} REPLICA IDENTITY FULL")
-    check = runner.invoke(app, ["source", "check", "--env", "dev", "--source", "shop"])
+    check = runner.invoke(app, ["source", "check", "--env", ENV, "--source", "shop"])
     assert check.exit_code == 0, check.output
 
 

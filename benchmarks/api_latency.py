@@ -175,7 +175,7 @@ def main(
         for name, path, params, body in queries:
             api_times, es_times = [], []
             for i in range(repeats + 5):  # 5 warm-up rounds, not counted
-                for side in (("api", "es") if i % 2 else ("es", "api")):
+                for side in ("api", "es") if i % 2 else ("es", "api"):
                     start = time.perf_counter()
                     if side == "api":
                         response = client.get(path, params=params)

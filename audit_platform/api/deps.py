@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Annotated
 
 from cachetools import TTLCache
@@ -16,19 +17,25 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool
 
-from audit_platform.api.config import ApiSettings
 from audit_platform.api_keys import ApiKey, Scope, key_id_of, verify_key
+from audit_platform.query.reads import Limits
 from audit_platform.settings import Settings
 
 
 @dataclass
 class Services:
     settings: Settings
-    api: ApiSettings
     es: Elasticsearch
     pool: ConnectionPool
     keys: TTLCache | None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            default_range=timedelta(days=self.settings.api_default_range_days),
+            max_range=timedelta(days=self.settings.api_max_range_days),
+        )
 
     def verify(self, text: str) -> ApiKey | None:
         if self.keys is not None:

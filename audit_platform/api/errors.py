@@ -26,7 +26,7 @@ def _unprocessable(field: str, message: str) -> JSONResponse:
 
 
 def _unavailable(request: Request, what: str) -> JSONResponse:
-    seconds = request.app.state.services.api.retry_after_seconds
+    seconds = request.app.state.services.settings.api_retry_after_seconds
     return JSONResponse(
         status_code=503,
         headers={"Retry-After": str(seconds)},

@@ -16,7 +16,6 @@ from fastapi import FastAPI, Request, Response
 from psycopg_pool import ConnectionPool
 
 from audit_platform import platform_db
-from audit_platform.api.config import ApiSettings
 from audit_platform.api.deps import Services
 from audit_platform.api.errors import install_handlers
 from audit_platform.api.routers import activity, events, export, health, objects
@@ -34,16 +33,17 @@ tables; whatever the parameters say, a key sees nothing outside that scope.
 """
 
 
-def create_app(settings: Settings | None = None, api: ApiSettings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    api = api or ApiSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.elasticsearch is None:
             raise RuntimeError("AUDIT_ES_URL is not set: the API reads from Elasticsearch")
         # Few retries and a short timeout: a caller should get a quick 503, not a long wait.
-        es = elasticsearch_client(settings.elasticsearch, request_timeout=api.es_timeout_seconds)
+        es = elasticsearch_client(
+            settings.elasticsearch, request_timeout=settings.api_es_timeout_seconds
+        )
         es = es.options(max_retries=1)
         pool = ConnectionPool(pg_url_from_settings(settings), min_size=1, max_size=8,
                               open=False, kwargs={"autocommit": True})  # fmt: skip
@@ -51,9 +51,9 @@ def create_app(settings: Settings | None = None, api: ApiSettings | None = None)
         try:
             with pool.connection(timeout=30) as conn:
                 platform_db.install(conn, settings.resources_dir / "sql")
-            cache = TTLCache(maxsize=4096, ttl=api.key_cache_seconds)
-            app.state.services = Services(settings, api, es, pool,
-                                          cache if api.key_cache_seconds > 0 else None)  # fmt: skip
+            ttl = settings.api_key_cache_seconds
+            cache = TTLCache(maxsize=4096, ttl=ttl) if ttl > 0 else None
+            app.state.services = Services(settings, es, pool, cache)
             yield
         finally:
             pool.close()

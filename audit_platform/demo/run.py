@@ -8,6 +8,7 @@ Ctrl-C; then stops everything it started.
 from __future__ import annotations
 
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -60,6 +61,10 @@ def first_record_seconds(api_url: str, key: str, started: float, timeout: float)
     return None
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(
     settings: Settings, *, say: Callable[[str], None], duration: float | None = None,
     dagster_port: int = 3000, api_port: int = 8000, shop_port: int = 8100,
@@ -67,6 +72,9 @@ def run_demo(
     """Run until Ctrl-C (or ``duration`` seconds); 0 when records reached the API."""
     env = settings.env
     root = settings.stack_dir / "demo" / env
+    # A SIGTERM (from `kill`, a terminal closing, a supervisor) stops things like Ctrl-C does:
+    # the servers run in their own sessions and would otherwise be left behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     with served(settings) as exports:
         say(f"stack: PostgreSQL {exports['AUDIT_PG_URL'].split('@')[-1]}, "
             f"Elasticsearch {exports['AUDIT_ES_URL']}")  # fmt: skip
@@ -80,6 +88,7 @@ def run_demo(
         stop = threading.Event()
         traffic_thread = None
         try:
+            processes.ensure_port_free(shop_port, "the demo shop service")
             shop = processes.start("shop-service", [
                 sys.executable, "-m", "uvicorn", "--factory",
                 "audit_platform.demo.service:app_from_environment", "--port", str(shop_port)],
@@ -110,6 +119,9 @@ Waiting for the first audit records (the capture sensor runs every few seconds) 
                 return 1
             say(f"first audit records searchable {seconds:.0f} s after start. "
                 "Press Ctrl-C to stop everything.")  # fmt: skip
+            # Show the operator's checks at once rather than at the next five-minute tick.
+            deployment.launch("__ASSET_JOB", [["elasticsearch", "index_template"]])
+            deployment.launch("health_checks_job")
             deadline = None if duration is None else time.monotonic() + duration
             while deadline is None or time.monotonic() < deadline:
                 time.sleep(1)

@@ -107,7 +107,7 @@ class Traffic:
         """Direct SQL from a console: no middleware, no context."""
         with psycopg.connect(self.database_url) as conn:
             fixed = conn.execute(
-                "UPDATE orders SET total = round(total, 1), updated_at = now()"
+                "UPDATE orders SET total = total + 0.01, updated_at = now()"
                 " WHERE id = (SELECT id FROM orders ORDER BY random() LIMIT 1)"
             ).rowcount
         self._count("admin direct SQL")

@@ -23,6 +23,16 @@ from audit_platform.settings import PROJECT_ROOT, Settings
 from audit_platform.stack import processes
 from audit_platform.stack.processes import Process
 
+LAUNCH_RUN = """
+mutation ($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+
 
 def database_url(url: str, name: str) -> str:
     """``url`` pointing at database ``name`` on the same server."""
@@ -100,6 +110,8 @@ class LocalDeployment:
 
     def start(self, *, timeout: float = 180) -> None:
         """Webserver, daemon and API; returns when the webserver and the API answer."""
+        processes.ensure_port_free(self.dagster_port, "the Dagster webserver")
+        processes.ensure_port_free(self.api_port, "the Audit API")
         environ, workspace = self.environ(), str(PROJECT_ROOT / "workspace.yaml")
         self.running += [
             processes.start("dagster-webserver", [
@@ -122,6 +134,21 @@ class LocalDeployment:
         for process in reversed(self.running):
             process.stop()
         self.running.clear()
+
+    def launch(self, job: str, assets: list[list[str]] | None = None) -> str:
+        """Launch a job (or, for ``__ASSET_JOB``, these assets) as the UI's Launch button does;
+        returns the run id."""
+        selector: dict[str, Any] = {
+            "repositoryLocationName": "audit_platform",
+            "repositoryName": "__repository__",
+            "jobName": job,
+        }
+        if assets is not None:
+            selector["assetSelection"] = [{"path": path} for path in assets]
+        result = self.graphql(LAUNCH_RUN, {"params": {"selector": selector}})["launchRun"]
+        if result["__typename"] != "LaunchRunSuccess":
+            raise RuntimeError(f"Dagster did not launch {job}: {result}")
+        return result["run"]["runId"]
 
     def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
         """Dagster's own GraphQL interface (what its UI uses)."""

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1", tags=["activity"])
 def stats(params: Annotated[StatsParams, Query()], scope: ScopeDep, svc: ServicesDep) -> Stats:
     """Counts by source, table, operation, actor, attribution and time bucket."""
     return reads.stats(svc.es, scope, params.filter(), interval=params.interval,
-                       limits=svc.api.limits)  # fmt: skip
+                       limits=svc.limits)  # fmt: skip
 
 
 @router.get("/actors/{actor_id}/activity", response_model=ActorActivity)
@@ -30,4 +30,4 @@ def actor_activity(
 ) -> ActorActivity:
     """What one actor changed: counts, first and last seen, and the latest records."""
     return reads.actor_activity(svc.es, scope, actor_id, params.filter(),
-                                interval=params.interval, limits=svc.api.limits)  # fmt: skip
+                                interval=params.interval, limits=svc.limits)  # fmt: skip

@@ -27,7 +27,7 @@ def search_events(
     """
     return reads.search_events(
         svc.es, scope, params.filter(), order=params.order, limit=params.limit,
-        cursor=params.cursor, limits=svc.api.limits,
+        cursor=params.cursor, limits=svc.limits,
     )  # fmt: skip
 
 

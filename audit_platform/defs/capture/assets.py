@@ -115,6 +115,9 @@ def capture_job(
         name=f"capture_{source}_job",
         description=f"Capture from source {source} into staging (one run per slot at a time).",
         tags={SLOT_TAG: slot},
+        # The steps run one after another anyway; one process per run instead of one per step
+        # saves two interpreter start-ups (seconds each) on the path from commit to searchable.
+        executor_def=dg.in_process_executor,
     )
     def job() -> None:
         hours = capture_op()

@@ -9,12 +9,11 @@ from audit_platform.naming import publication_name, slot_name
 from audit_platform.settings import Settings
 from audit_platform.staging import lsn_text
 
-IN_FLIGHT = [
+#: A run in one of these states has not read the slot yet: another request would add nothing.
+WAITING = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
 ]
 
 
@@ -26,27 +25,32 @@ def capture_sensor(
 
     @dg.sensor(
         name=f"capture_{source}_sensor",
-        description=f"Peeks at slot {slot}; requests a capture run when it holds changes. "
-        "Cursor: the WAL position the last run was asked to reach.",
+        description=f"Peeks at slot {slot}; requests a capture run when it holds changes that "
+        "no run is about to read. Cursor: the WAL position seen at the last request.",
         job=job,
         minimum_interval_seconds=interval,
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
     def sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        in_flight = context.instance.get_run_records(
-            filters=dg.RunsFilter(tags={SLOT_TAG: slot}, statuses=IN_FLIGHT), limit=1
+        # One run may wait behind a running one: it starts the moment the running one ends
+        # (dagster.yaml allows one run in flight per slot), so changes committed while a run
+        # enriches and indexes do not also wait for the next tick. A running capture step holds
+        # the slot, and peek then reports nothing: no request while the slot is being read.
+        waiting = context.instance.get_run_records(
+            filters=dg.RunsFilter(tags={SLOT_TAG: slot}, statuses=WAITING), limit=1
         )
-        if in_flight:
-            return dg.SkipReason(f"a capture run for {slot} is already queued or running")
+        if waiting:
+            return dg.SkipReason(f"a capture run for {slot} is already queued")
         seen = peek(source_url(source, config), slot, publication)
         if not seen.has_changes:
             return dg.SkipReason(f"{slot} holds no changes ({seen.state.lag_bytes} bytes behind)")
+        # The run reads up to the WAL position at its own start, not this tick's: a queued run
+        # then also takes what was committed while it waited.
         target = lsn_text(seen.state.current_lsn)
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
                     run_key=f"{slot}@{target}",
-                    run_config={"ops": {f"capture_{source}": {"config": {"target_lsn": target}}}},
                     tags={SLOT_TAG: slot},
                 )
             ],
