@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 from audit_platform import platform_db
 from audit_platform.api_keys import create_key
 from audit_platform.settings import Settings
+from audit_platform.stack.system import free_port
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import policy_for
@@ -43,12 +43,6 @@ class Server:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         raise AssertionError("no VmHWM in /proc status")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +67,7 @@ def server(servers, es, tmp_path_factory) -> Iterator[Server]:
             platform_db.install(state, Settings().resources_dir / "sql")
             assert capture_enrich_index(source, state, es) == ROWS
             key = create_key(state, env, "server tests").secret
-        port = _free_port()
+        port = free_port()
         command = [str(Path(sys.executable).with_name("audit-platform")), "api", "serve", "--port",
                    str(port)]  # fmt: skip
         process = subprocess.Popen(command, env={**os.environ, "AUDIT_ENV": env},

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from audit_platform.demo.service import create_shop_app
 from audit_platform.demo.traffic import Traffic
 from audit_platform.settings import Settings
 from audit_platform.stack.deployment import LocalDeployment
+from audit_platform.stack.system import free_port
 from audit_platform_tests.conftest import new_database
 
 TABLES = ("customers", "orders", "order_lines", "payments")
@@ -52,12 +52,6 @@ query ($id: String!) {
 }"""
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def deployment(servers, es, tmp_path_factory) -> Iterator[tuple[LocalDeployment, str, str]]:
     env = f"e2e_{uuid.uuid4().hex[:8]}"
@@ -72,8 +66,8 @@ def deployment(servers, es, tmp_path_factory) -> Iterator[tuple[LocalDeployment,
     exports = {k: v for k, v in os.environ.items() if k.startswith("AUDIT_")}
     with new_database(servers) as admin_db:
         shop_url = prepare_shop(admin_db, env, resources)
-        deployed = LocalDeployment(exports, env, root, {"shop": shop_url}, dagster_port=_port(),
-                                   api_port=_port(), resources_dir=resources)  # fmt: skip
+        deployed = LocalDeployment(exports, env, root, {"shop": shop_url}, dagster_port=free_port(),
+                                   api_port=free_port(), resources_dir=resources)  # fmt: skip
         deployed.prepare()
         with psycopg.connect(servers.pg_url, autocommit=True) as conn:
             key = create_key(conn, env, "e2e").secret

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from audit_platform.index import index_records, install_template
 from audit_platform.naming import read_alias
 from audit_platform.query.filters import EventFilter, bool_query, filter_clauses, sort
 from audit_platform.settings import Settings
+from audit_platform.stack.system import free_port
 
 RESULTS = Path(__file__).parent / "results" / "api_latency.md"
 ENV = "benchapi"
@@ -94,12 +94,6 @@ def load(es, settings: Settings, count: int, reload: bool) -> datetime:
     return t0
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _quantiles(samples: list[float]) -> tuple[float, float]:
     ordered = sorted(samples)
     return statistics.median(ordered), ordered[int(0.95 * (len(ordered) - 1))]
@@ -117,7 +111,7 @@ def main(
     with psycopg.connect(settings.pg_url, autocommit=True) as conn:
         platform_db.install(conn, settings.resources_dir / "sql")
         key = create_key(conn, ENV, "api latency benchmark").secret
-    port = _port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("audit-platform")), "api", "serve", "--port",
          str(port)], env={**os.environ, "AUDIT_ENV": ENV}, stderr=subprocess.DEVNULL,

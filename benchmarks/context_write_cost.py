@@ -13,6 +13,9 @@ machine's noise hits them alike:
   audit table.
 - ``slot``: REPLICA IDENTITY FULL and the consumed slot without any context call: the part of
   ``message``'s cost that is change data capture itself.
+- ``statement``: ``slot`` plus an empty ``SELECT NULL`` in the same message as ``BEGIN``: what
+  one more statement costs by itself, to tell the context function's cost from the statement's
+  (a diagnostic; run it with ``--only``).
 - ``message_stream``: ``message`` with the slot streamed continuously by ``pg_recvlogical``
   instead, to show what an always-connected consumer costs on the same two cores.
 
@@ -52,8 +55,9 @@ RESULTS = Path(__file__).parent / "results" / "context_write_cost.md"
 DB = "bench_write_cost"
 SLOT = "bench_write_cost"
 VARIANTS = ["none", "message", "row", "trigger", "slot", "message_stream"]
+DIAGNOSTICS = ["statement"]
 #: Variants that run with a logical slot consumed during the run.
-CAPTURED = {"message", "row", "slot", "message_stream"}
+CAPTURED = {"message", "row", "slot", "message_stream", "statement"}
 TABLES = ["pgbench_accounts", "pgbench_tellers", "pgbench_branches", "pgbench_history"]
 
 CONTEXT = {
@@ -149,6 +153,7 @@ def _script(variant: str) -> str:
         "none": "BEGIN;",
         "slot": "BEGIN;",
         "trigger": "BEGIN;",
+        "statement": "BEGIN \\; SELECT NULL;",
         # \; joins statements into one message: the context costs no round trip of its own.
         "message": f"BEGIN \\; SELECT audit.set_context('{context}');",
         "message_stream": f"BEGIN \\; SELECT audit.set_context('{context}');",

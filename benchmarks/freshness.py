@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import threading
@@ -35,6 +34,7 @@ from audit_platform.demo.run import prepare_shop
 from audit_platform.environment import load_environment
 from audit_platform.settings import Settings
 from audit_platform.stack.deployment import LocalDeployment
+from audit_platform.stack.system import free_port
 
 RESULTS = Path(__file__).parent / "results" / "freshness.md"
 ENV = "benchfresh"
@@ -42,12 +42,6 @@ RUNS = """
 query { runsOrError(filter: {pipelineName: "capture_shop_job"}, limit: 1000) {
   ... on Runs { results { status creationTime startTime endTime } } } }"""
 app = typer.Typer(add_completion=False)
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -77,8 +71,8 @@ def main(
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     es_indices = f"audit-{ENV}-*"
     shop_url = prepare_shop(exports["AUDIT_PG_URL"], ENV, resources)
-    deployment = LocalDeployment(exports, ENV, root, {"shop": shop_url}, dagster_port=_port(),
-                                 api_port=_port(), resources_dir=resources)  # fmt: skip
+    deployment = LocalDeployment(exports, ENV, root, {"shop": shop_url}, dagster_port=free_port(),
+                                 api_port=free_port(), resources_dir=resources)  # fmt: skip
     deployment.prepare()
     with psycopg.connect(exports["AUDIT_PG_URL"], autocommit=True) as conn:
         key = create_key(conn, ENV, "freshness benchmark").secret

@@ -25,6 +25,7 @@ from audit_platform.settings import PROJECT_ROOT, Settings
 from audit_platform.sources.setup import setup_source
 from audit_platform.stack import processes, served
 from audit_platform.stack.deployment import LocalDeployment, ensure_database
+from audit_platform.stack.system import ensure_port_free
 
 
 def prepare_shop(admin_url: str, env: str, resources_dir: Path) -> str:
@@ -88,7 +89,7 @@ def run_demo(
         stop = threading.Event()
         traffic_thread = None
         try:
-            processes.ensure_port_free(shop_port, "the demo shop service")
+            ensure_port_free(shop_port, what="the demo shop service", variable="--shop-port")
             shop = processes.start("shop-service", [
                 sys.executable, "-m", "uvicorn", "--factory",
                 "audit_platform.demo.service:app_from_environment", "--port", str(shop_port)],

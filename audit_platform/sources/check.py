@@ -12,9 +12,9 @@ from enum import StrEnum
 import psycopg
 from psycopg import sql
 
+from audit_platform.migrations import migrations
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
-from audit_platform.sources.setup import migrations
 
 #: Warn when a slot holds back more WAL than this (the consumer is behind or stopped).
 LAG_WARN_BYTES = 1024**3
@@ -65,7 +65,7 @@ def _may_replicate(conn: psycopg.Connection) -> Finding:
 
 
 def _schema(conn: psycopg.Connection, sql_dir) -> Finding:
-    latest = max((v for v, _, _ in migrations(sql_dir)), default=0)
+    latest = max((v for v, _, _ in migrations(sql_dir / "source")), default=0)
     exists = conn.execute("SELECT to_regclass('audit.schema_migrations')").fetchone()[0]
     installed = (
         conn.execute("SELECT coalesce(max(version), 0) FROM audit.schema_migrations").fetchone()[0]

@@ -8,19 +8,18 @@ whatever it still holds).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
+from audit_platform import migrations
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
 
 #: Any 64-bit number; it only has to be the same for every setup of every source.
 _SETUP_LOCK = 0x61756469745F7365
-_MIGRATION = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 
 
 class SetupError(RuntimeError):
@@ -36,34 +35,8 @@ class SetupReport:
     slot_created: bool = False
 
 
-def migrations(sql_dir: Path) -> list[tuple[int, str, Path]]:
-    found = []
-    for path in sorted((sql_dir / "source").glob("*.sql")):
-        if match := _MIGRATION.match(path.name):
-            found.append((int(match.group(1)), match.group(2), path))
-    return found
-
-
 def apply_migrations(conn: psycopg.Connection, sql_dir: Path) -> list[str]:
-    applied: list[str] = []
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK,))
-        conn.execute("CREATE SCHEMA IF NOT EXISTS audit")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS audit.schema_migrations (version integer PRIMARY KEY,"
-            " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {row[0] for row in conn.execute("SELECT version FROM audit.schema_migrations")}
-        for version, name, path in migrations(sql_dir):
-            if version in done:
-                continue
-            conn.execute(path.read_text())
-            conn.execute(
-                "INSERT INTO audit.schema_migrations (version, name) VALUES (%s, %s)",
-                (version, name),
-            )
-            applied.append(f"{version:03d}_{name}")
-    return applied
+    return migrations.apply(conn, "audit", sql_dir / "source", _SETUP_LOCK)
 
 
 def _missing_tables(conn: psycopg.Connection, tables: list[tuple[str, str]]) -> list[str]:

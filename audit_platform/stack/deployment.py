@@ -22,6 +22,7 @@ from audit_platform import platform_db
 from audit_platform.settings import PROJECT_ROOT, Settings
 from audit_platform.stack import processes
 from audit_platform.stack.processes import Process
+from audit_platform.stack.system import ensure_port_free
 
 LAUNCH_RUN = """
 mutation ($params: ExecutionParams!) {
@@ -110,8 +111,8 @@ class LocalDeployment:
 
     def start(self, *, timeout: float = 180) -> None:
         """Webserver, daemon and API; returns when the webserver and the API answer."""
-        processes.ensure_port_free(self.dagster_port, "the Dagster webserver")
-        processes.ensure_port_free(self.api_port, "the Audit API")
+        ensure_port_free(self.dagster_port, what="the Dagster webserver", variable="--dagster-port")
+        ensure_port_free(self.api_port, what="the Audit API", variable="--api-port")
         environ, workspace = self.environ(), str(PROJECT_ROOT / "workspace.yaml")
         self.running += [
             processes.start("dagster-webserver", [

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -58,19 +57,6 @@ class Process:
                 self.popen.wait(timeout=timeout)
             except ProcessLookupError:
                 pass
-
-
-def ensure_port_free(port: int, what: str) -> None:
-    """Fail before starting rather than let a stale server on the port answer for us."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise ProcessFailed(
-                f"port {port} for {what} is in use ({exc.strerror}): stop what listens there "
-                f"(see `ss -ltnp 'sport = :{port}'`) or choose another port"
-            ) from exc
 
 
 def tool(name: str) -> str:
