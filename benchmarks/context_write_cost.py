@@ -14,8 +14,9 @@ machine's noise hits them alike:
 - ``slot``: REPLICA IDENTITY FULL and the consumed slot without any context call: the part of
   ``message``'s cost that is change data capture itself.
 - ``statement``: ``slot`` plus an empty ``SELECT NULL`` in the same message as ``BEGIN``: what
-  one more statement costs by itself, to tell the context function's cost from the statement's
-  (a diagnostic; run it with ``--only``).
+  one more statement costs by itself, to tell the context function's cost from the statement's.
+- ``emit`` (a diagnostic, only with ``--only``): ``pg_logical_emit_message`` called directly with
+  the same context, no validation and no PL/pgSQL: the message's own cost.
 - ``message_stream``: ``message`` with the slot streamed continuously by ``pg_recvlogical``
   instead, to show what an always-connected consumer costs on the same two cores.
 
@@ -54,10 +55,9 @@ from audit_platform.stack.postgres import find_bindir
 RESULTS = Path(__file__).parent / "results" / "context_write_cost.md"
 DB = "bench_write_cost"
 SLOT = "bench_write_cost"
-VARIANTS = ["none", "message", "row", "trigger", "slot", "message_stream"]
-DIAGNOSTICS = ["statement"]
+VARIANTS = ["none", "message", "row", "trigger", "slot", "statement", "message_stream"]
 #: Variants that run with a logical slot consumed during the run.
-CAPTURED = {"message", "row", "slot", "message_stream", "statement"}
+CAPTURED = {"message", "row", "slot", "message_stream", "statement", "emit"}
 TABLES = ["pgbench_accounts", "pgbench_tellers", "pgbench_branches", "pgbench_history"]
 
 CONTEXT = {
@@ -154,6 +154,9 @@ def _script(variant: str) -> str:
         "slot": "BEGIN;",
         "trigger": "BEGIN;",
         "statement": "BEGIN \\; SELECT NULL;",
+        # Diagnostic (run with --only): the message alone, without validation or PL/pgSQL.
+        "emit": f"BEGIN \\; SELECT pg_logical_emit_message(true, 'audit_platform.context.v1',"
+        f" '{context}');",
         # \; joins statements into one message: the context costs no round trip of its own.
         "message": f"BEGIN \\; SELECT audit.set_context('{context}');",
         "message_stream": f"BEGIN \\; SELECT audit.set_context('{context}');",

@@ -111,7 +111,9 @@ def run_demo(
   logs            {deployment.logs}
 
   Try:  curl -s -H 'X-API-Key: {key}' '{deployment.api_url}/v1/events?limit=3'
-        curl -s -H 'X-API-Key: {key}' '{deployment.api_url}/v1/stats?interval=minute&since=...'
+        curl -s -H 'X-API-Key: {key}' '{deployment.api_url}/v1/events?actor_id=alice&limit=3'
+        curl -s -H 'X-API-Key: {key}' '{deployment.api_url}/v1/objects/shop/orders/1/history'
+        curl -s -H 'X-API-Key: {key}' '{deployment.api_url}/v1/stats?interval=hour'
 
 Waiting for the first audit records (the capture sensor runs every few seconds) ...""")
             seconds = first_record_seconds(deployment.api_url, key, started, timeout=180)
