@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -22,6 +21,7 @@ from psycopg import sql
 from audit_platform.clients import elasticsearch_client
 from audit_platform.settings import Settings
 from audit_platform.stack import served
+from audit_platform.stack.deployment import database_url
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,6 @@ def servers() -> Iterator[Servers]:
         for key, value in env.items():
             patch.setenv(key, value)
         yield Servers(settings.with_exports(env))
-
-
-def database_url(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{dbname}"))
 
 
 @contextmanager

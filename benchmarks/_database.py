@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import psycopg
 from psycopg import sql
 
-
-def database_url(admin_url: str, name: str) -> str:
-    return re.sub(r"/[^/?]*(\?|$)", rf"/{name}\1", admin_url, count=1)
+from audit_platform.stack.deployment import database_url
 
 
 def drop_database(admin_url: str, name: str) -> None:

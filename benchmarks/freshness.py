@@ -26,6 +26,7 @@ from typing import Annotated
 import httpx
 import psycopg
 import typer
+from _database import drop_database
 
 from audit_platform.api_keys import create_key
 from audit_platform.context import Actor, audit_context
@@ -62,13 +63,8 @@ def main(
     shutil.copyfile(resources / "environments" / "dev.yaml",
                     resources / "environments" / f"{ENV}.yaml")  # fmt: skip
     interval = load_environment(resources, ENV).capture_interval_seconds
-    with psycopg.connect(exports["AUDIT_PG_URL"], autocommit=True) as conn:
-        for name in (f"shop_{ENV}", f"dagster_{ENV}"):
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-                " WHERE database = %s", (name,),
-            )  # fmt: skip
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    for name in (f"shop_{ENV}", f"dagster_{ENV}"):
+        drop_database(exports["AUDIT_PG_URL"], name)
     es_indices = f"audit-{ENV}-*"
     shop_url = prepare_shop(exports["AUDIT_PG_URL"], ENV, resources)
     deployment = LocalDeployment(exports, ENV, root, {"shop": shop_url}, dagster_port=free_port(),
