@@ -20,9 +20,17 @@ machine's noise hits them alike:
 - ``message_stream``: ``message`` with the slot streamed continuously by ``pg_recvlogical``
   instead, to show what an always-connected consumer costs on the same two cores.
 
-The consumer's last bulk read happens after pgbench stops, so at most ``--poll`` seconds of
-decoding fall outside each timed run; runs are long (90 s) to keep that share small, and the
-report says so.
+Throughput counts the consumer's whole work: a captured run's transactions are divided by
+pgbench's time plus the time the consumer then needs to catch up with the slot (its last bulk
+read, or the walsender sending the last commit), so no decoding falls outside the clock.
+
+Each round runs every variant once, in random order; a variant is compared with ``none`` of the
+same round, and the report gives the median and the range of those paired ratios (the machine's
+speed drifts between rounds by more than the differences being measured).
+
+Beside pgbench, the script times the context call itself inside the database (a PL/pgSQL loop of
+``audit.set_context`` against the same loop of ``pg_logical_emit_message`` and of nothing), which
+gives its cost in microseconds per transaction without pgbench's noise.
 
 Run: ``eval "$(audit-platform stack env)"; .venv/bin/python benchmarks/context_write_cost.py``
 Writes ``benchmarks/results/context_write_cost.md`` and prints the same table.
@@ -219,6 +227,11 @@ def _streamer(bindir: Path, url: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def _wal_lsn(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])
+
+
 def _slot_lag(url: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(
@@ -227,6 +240,66 @@ def _slot_lag(url: str) -> int:
             (SLOT,),
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+def _wait_sent(url: str, timeout: float = 300) -> None:
+    """Wait until the walsender has decoded and sent everything written so far.
+
+    Sent, not confirmed: pg_recvlogical confirms once a second, which would charge the stream
+    for a wait that is not work.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        target = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sent = conn.execute(
+                "SELECT r.sent_lsn >= %s::pg_lsn FROM pg_replication_slots s"
+                " JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = %s",
+                (target, SLOT),
+            ).fetchone()
+            if sent and sent[0]:
+                return
+            time.sleep(0.02)
+    raise RuntimeError(f"the streaming consumer did not catch up within {timeout} s")
+
+
+CALL_LOOP = """
+DO $$
+DECLARE c jsonb;
+BEGIN
+    FOR i IN 1..{calls} LOOP
+        c := jsonb_build_object('actor', jsonb_build_object('type', 'user', 'id', 'u-' || i,
+                 'name', 'Bench User'), 'service', 'payments-api', 'request_id', 'req-' || i,
+                 'trace_id', '4bf92f3577b34da6a3ce929d0e0e4736', 'reason', 'transfer',
+                 'client_addr', '203.0.113.7');
+        {call}
+    END LOOP;
+END
+$$
+"""
+CALLS = {
+    "nothing": "",
+    "emit": "PERFORM pg_logical_emit_message(true, 'audit_platform.context.v1', c::text);",
+    "set_context": "PERFORM audit.set_context(c);",
+}
+
+
+def _call_cost(url: str, calls: int = 50_000, repeats: int = 5) -> dict[str, float]:
+    """Microseconds per call of the context call and of the bare message, less the loop itself.
+
+    Each loop runs in a transaction that is rolled back; the fastest of ``repeats`` counts, as
+    the least disturbed by the rest of the machine.
+    """
+    best = dict.fromkeys(CALLS, float("inf"))
+    with psycopg.connect(url) as conn:
+        for _ in range(repeats):
+            for name, call in CALLS.items():
+                started = time.perf_counter()
+                conn.execute(CALL_LOOP.format(calls=calls, call=call))
+                best[name] = min(best[name], time.perf_counter() - started)
+                conn.rollback()
+    per_call = {name: seconds / calls * 1e6 for name, seconds in best.items()}
+    return {name: per_call[name] - per_call["nothing"] for name in ("emit", "set_context")}
 
 
 def _run_once(
@@ -240,6 +313,7 @@ def _run_once(
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(_script(variant))
     try:
+        wal_start = _wal_lsn(url)
         done = subprocess.run(
             [
                 str(bindir / "pgbench"), "-n", "-M", "simple", "-c", str(clients), "-j", "2",
@@ -247,19 +321,31 @@ def _run_once(
             ],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
-        if not match:
+        ended = time.monotonic()
+        tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
+        count = re.search(r"number of transactions actually processed: (\d+)", done.stdout)
+        if not tps or not count:
             raise RuntimeError(f"pgbench printed no tps:\n{done.stdout}\n{done.stderr}")
-        lag = 0
-        if streamer is not None:
-            time.sleep(2)  # one status interval: what the consumer has confirmed by now
-            lag = _slot_lag(url)
+        transactions = int(count.group(1))
+        wal_per_transaction = (_wal_lsn(url) - wal_start) / transactions
+        lag = _slot_lag(url) if variant in CAPTURED else 0  # WAL the consumer still has to read
         if reader is not None:
-            lag = _slot_lag(url)  # what the last bulk read, after pgbench, still had to do
-        return {"variant": variant, "tps": float(match.group(1)), "lag_after_bytes": lag}
+            reader.stop()  # its last bulk read, now, without waiting for the interval
+        if streamer is not None:
+            _wait_sent(url)
+        catch_up = time.monotonic() - ended if variant in CAPTURED else 0.0
+        seconds_timed = transactions / float(tps.group(1)) + catch_up
+        return {
+            "variant": variant,
+            "tps": round(transactions / seconds_timed, 1),
+            "pgbench_tps": float(tps.group(1)),
+            "catch_up_s": round(catch_up, 2),
+            "wal_bytes_per_tx": round(wal_per_transaction),
+            "lag_after_bytes": lag,
+        }
     finally:
         Path(f.name).unlink()
-        if reader is not None:
+        if reader is not None and reader.is_alive():
             reader.stop()
         if streamer is not None:
             streamer.send_signal(signal.SIGINT)
@@ -271,14 +357,15 @@ def _run_once(
 
 @app.command()
 def main(
-    repeats: Annotated[int, typer.Option(help="Interleaved rounds.")] = 3,
-    seconds: Annotated[int, typer.Option(help="pgbench duration per run.")] = 90,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds.")] = 6,
+    seconds: Annotated[int, typer.Option(help="pgbench duration per run.")] = 40,
     poll: Annotated[float, typer.Option(help="Seconds between the consumer's bulk reads.")] = 10,
     clients: Annotated[int, typer.Option(help="pgbench clients.")] = 4,
     scale: Annotated[int, typer.Option(help="pgbench scale factor.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for the variant order.")] = 7,
     only: Annotated[
-        list[str] | None, typer.Option(help="Run only these variants (exploration; no report).")
+        list[str] | None,
+        typer.Option(help="Run only these variants, with none (exploration; no report)."),
     ] = None,
 ) -> None:
     settings = Settings()
@@ -286,7 +373,9 @@ def main(
         raise typer.BadParameter('set AUDIT_PG_URL (eval "$(audit-platform stack env)")')
     bindir = find_bindir()
     url = _prepare(settings.pg_url, bindir, scale)
-    variants = list(only or VARIANTS)
+    variants = sorted({"none", *only}) if only else list(VARIANTS)
+    call_cost = [_call_cost(url)]
+    typer.echo(json.dumps({"call_cost_us": call_cost[0]}))
     order = random.Random(seed)
     runs = []
     for round_number in range(repeats):
@@ -296,42 +385,67 @@ def main(
             result["round"] = round_number + 1
             runs.append(result)
             typer.echo(json.dumps(result))
-    if only:
-        for variant in variants:
-            tps = statistics.median(r["tps"] for r in runs if r["variant"] == variant)
-            typer.echo(f"{variant}: median {tps:.0f} tps")
-    else:
-        _report(runs, repeats=repeats, seconds=seconds, clients=clients, scale=scale, poll=poll)
+    call_cost.append(_call_cost(url))
+    typer.echo(json.dumps({"call_cost_us": call_cost[1]}))
+    params = {"repeats": repeats, "seconds": seconds, "clients": clients, "scale": scale}
+    table = _report(runs, call_cost, poll=poll, **params)
+    typer.echo(table)
+    if not only:
+        _write(table)
     drop_database(settings.pg_url, DB)
 
 
-def _report(runs: list[dict], **params: float) -> None:
-    by_variant: dict[str, list[float]] = {}
-    for run in runs:
-        by_variant.setdefault(run["variant"], []).append(run["tps"])
-    base = statistics.median(by_variant["none"])
+def _paired_ratios(runs: list[dict], variant: str) -> list[float]:
+    """``variant`` against ``none`` of the same round: drift between rounds cancels out."""
+    rounds = {r["round"] for r in runs}
+    tps = {(r["round"], r["variant"]): r["tps"] for r in runs}
+    return [tps[n, variant] / tps[n, "none"] for n in sorted(rounds)]
+
+
+def _report(runs: list[dict], call_cost: list[dict[str, float]], **params: float) -> str:
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    variants += sorted({r["variant"] for r in runs} - set(variants))
     with psycopg.connect(Settings().pg_url) as conn:
         version = conn.execute("SHOW server_version").fetchone()[0]
     lines = [
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on this repo's local stack "
         f"(PostgreSQL {version}, 2 cores): pgbench tpcb-like, scale {params['scale']}, "
         f"{params['clients']} clients, {params['seconds']} s per run, {params['repeats']} "
-        f"interleaved rounds in random order; bulk reads every {params['poll']} s.",
+        f"rounds, each running every variant once in random order; bulk reads every "
+        f"{params['poll']} s. Throughput of a captured run includes the consumer's catch-up "
+        "after pgbench ends. Catch-up and WAL per transaction are medians.",
         "",
-        "| variant | median tps | runs (tps) | vs none |",
-        "| --- | ---: | --- | ---: |",
+        "| variant | vs none, same round: median (min-max) | median tps | runs (tps) "
+        "| catch-up s | WAL bytes per transaction |",
+        "| --- | ---: | ---: | --- | ---: | ---: |",
     ]
-    for variant in VARIANTS:
-        values = by_variant[variant]
-        median = statistics.median(values)
+    for variant in variants:
+        tps = [r["tps"] for r in runs if r["variant"] == variant]
+        ratios = _paired_ratios(runs, variant)
+        catch_up = statistics.median(r["catch_up_s"] for r in runs if r["variant"] == variant)
+        wal = statistics.median(r["wal_bytes_per_tx"] for r in runs if r["variant"] == variant)
         lines.append(
-            f"| {variant} | {median:.0f} | {', '.join(f'{v:.0f}' for v in values)} "
-            f"| {median / base:.2f}x |"
+            f"| {variant} | {statistics.median(ratios):.2f}x "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) | {statistics.median(tps):.0f} "
+            f"| {', '.join(f'{v:.0f}' for v in tps)} | {catch_up:.1f} | {wal:.0f} |"
         )
-    lags = [r["lag_after_bytes"] for r in runs if r["variant"] in CAPTURED]
-    lines += ["", f"WAL bytes left for the consumer when each captured run ended: {lags}"]
+    base = statistics.median(r["tps"] for r in runs if r["variant"] == "none")
+    first, last = call_cost
+    share = max(first["set_context"], last["set_context"]) * base / 2e6
+    lines += [
+        "",
+        "The call alone, inside the database (PL/pgSQL loop of 50,000 calls, fastest of 5, "
+        "before / after the rounds): `audit.set_context` "
+        f"{first['set_context']:.1f} / {last['set_context']:.1f} µs per call, the bare "
+        f"`pg_logical_emit_message` {first['emit']:.1f} / {last['emit']:.1f} µs. At the "
+        f"baseline's {base:.0f} tps the two cores give a transaction {2e6 / base:.0f} µs, so "
+        f"the call can cost at most about {share:.1%} of throughput.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _write(table: str) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    table = "\n".join(lines) + "\n"
     text = RESULTS.read_text() if RESULTS.exists() else ""
     marker = "<!-- results -->"
     if marker in text:
@@ -339,7 +453,6 @@ def _report(runs: list[dict], **params: float) -> None:
         RESULTS.write_text(f"{head}{marker}\n{table}")
     else:
         RESULTS.write_text(f"# Context write cost\n\n{marker}\n{table}")
-    typer.echo(table)
 
 
 if __name__ == "__main__":

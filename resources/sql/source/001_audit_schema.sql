@@ -6,7 +6,8 @@
 -- WAL inside the transaction, decoded in the same slot stream as the transaction's row changes,
 -- and disappears with a rollback. No table row is written, so the source pays no heap, index or
 -- vacuum cost for it. benchmarks/context_write_cost.py measured this against a context row and a
--- trigger-based audit table; docs/context-write-cost.md has the numbers and the decision.
+-- trigger-based audit table; benchmarks/results/context_write_cost.md has the numbers and the
+-- decision.
 
 CREATE SCHEMA IF NOT EXISTS audit;
 COMMENT ON SCHEMA audit IS 'audit-platform: transaction context for change data capture';
