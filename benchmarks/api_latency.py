@@ -95,8 +95,7 @@ def load(es, settings: Settings, count: int, reload: bool) -> datetime:
 
 
 def _quantiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[int(0.95 * (len(ordered) - 1))]
+    return statistics.median(samples), statistics.quantiles(samples, n=20, method="inclusive")[18]
 
 
 @app.command()
