@@ -21,8 +21,8 @@ from audit_platform.api_keys import (
 )
 from audit_platform.clients import NotConfigured, pg_url_from_settings
 from audit_platform.environment import load_environment
+from audit_platform.index.retention import run_for_environment
 from audit_platform.policy import PolicyError, load_policy, policy_path
-from audit_platform.retention import run_for_environment
 from audit_platform.settings import Settings
 from audit_platform.sources.check import check_source
 from audit_platform.sources.setup import SetupError, setup_source, teardown_source

@@ -12,8 +12,9 @@ import psycopg
 from elasticsearch import Elasticsearch
 
 from audit_platform.capture.run import CaptureResult, capture
-from audit_platform.enrich_hour import enrich_hour
-from audit_platform.index import index_records, install_template
+from audit_platform.enrich.batch import enrich_pending
+from audit_platform.index.batch import index_pending
+from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.policy import SourcePolicy
 from audit_platform.settings import Settings
@@ -65,18 +66,17 @@ def capture_enrich_index(
     grace: timedelta = timedelta(minutes=10),
     database: str = "shopdb",
 ) -> int:
-    """Run the pipeline's three steps on everything written so far; returns records indexed.
+    """Run the pipeline's three steps on everything written so far, as a capture run does;
+    returns records indexed.
 
     The template is installed first, as the Dagster template asset does before any index run.
     """
     install_template(es, Settings().resources_dir, source.env, replicas=0)
-    result = source.capture()
-    indexed = 0
+    source.capture()
     now = datetime.now(UTC)
-    for hour in result.hours:
-        enriched = enrich_hour(source.store, state, source.policy, hour, now=now, grace=grace)
-        outcome = index_records(es, enriched.result.records, database=database, ingested_at=now)
-        assert outcome.failed.is_empty(), outcome.failed.to_dicts()
-        indexed += outcome.indexed
+    enrich_pending(source.store, state, source.policy, now=now, grace=grace)
+    hours = index_pending(es, source.store, database=database, now=now)
+    assert not any(h.failed for h in hours), [h.metadata for h in hours]
+    indexed = sum(h.indexed for h in hours)
     es.indices.refresh(index=read_alias(source.env))
     return indexed

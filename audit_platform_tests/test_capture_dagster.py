@@ -15,6 +15,7 @@ from audit_platform.defs.partitions import hour_key
 from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
+from audit_platform.staging import StagingStore
 
 SHOP_DDL = """
 CREATE TABLE customers (id int PRIMARY KEY, email text, phone text, password_hash text,
@@ -203,3 +204,107 @@ def test_reconciliation_reindexes_a_missing_document_and_its_check_passes(shop, 
         ]  # fmt: skip
         assert [c.passed for c in checks] == [True]
         assert checks[0].metadata["indexed"].value == 2
+
+
+def _index_ops(es, env: str) -> int:
+    """Index operations Elasticsearch itself counted on this environment's indices."""
+    found = es.indices.stats(index=f"audit-{env}-*", metric="indexing")
+    return found["_all"]["primaries"].get("indexing", {}).get("index_total", 0)
+
+
+def _run_metadata(run, asset: str) -> list[dict]:
+    return [
+        {k: v.value for k, v in e.event_specific_data.materialization.metadata.items()}
+        for e in run.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+        and e.event_specific_data.materialization.asset_key == dg.AssetKey(["shop", asset])
+    ]
+
+
+def test_a_long_hour_is_not_a_slow_hour_each_run_indexes_only_its_own_batch(shop, es, env):
+    """20 capture runs into one hour: run k sends its own 5 documents, not 5 * k."""
+    defs = build_definitions()
+    job = defs.resolve_job_def("capture_shop_job")
+    with dg.instance_for_test() as instance:
+        for run_number in range(20):
+            before = _index_ops(es, env) if run_number else 0
+            _write_as_user(
+                shop,
+                *(
+                    f"INSERT INTO orders (id, customer_id, status) VALUES ({run_number * 5 + i}, 1, 'new')"
+                    for i in range(5)
+                ),
+            )
+            run = job.execute_in_process(instance=instance)
+            assert run.success
+            assert sum(m["changes"] for m in _run_metadata(run, "enriched")) == 5
+            assert sum(m["indexed"] for m in _run_metadata(run, "indexed")) == 5
+            assert _index_ops(es, env) - before == 5, f"run {run_number + 1}"
+        assert len(_documents(es, env)) == 100
+
+
+def test_a_late_context_rewrites_and_reindexes_only_its_own_record(shop, es, env, tmp_path):
+    defs = build_definitions()
+    job = defs.resolve_job_def("capture_shop_job")
+    with dg.instance_for_test() as instance:
+        for batch in range(4):
+            _write_as_user(shop, f"INSERT INTO orders (id, status) VALUES ({batch}, 'new')")
+            assert job.execute_in_process(instance=instance).success
+        with psycopg.connect(shop) as conn:  # no context: an orphan, waiting
+            conn.execute("INSERT INTO orders (id, status) VALUES (99, 'new')")
+            xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+        assert job.execute_in_process(instance=instance).success
+        _write_as_user(shop, "INSERT INTO orders (id, status) VALUES (5, 'new')")
+        assert job.execute_in_process(instance=instance).success
+        store = StagingStore(str(tmp_path / "staging"), env, "shop")
+        files = {p: store.fs.cat_file(p) for p in store.files("records")}
+        assert len(_documents(es, env)) == 5
+        before = _index_ops(es, env)
+
+        with psycopg.connect(shop) as conn:
+            conn.execute(
+                "SELECT audit.attach_context(%s::xid8, %s::jsonb)",
+                (xid, '{"actor": {"type": "user", "id": "late-ada"}}'),
+            )
+        assert job.execute_in_process(instance=instance).success
+        assert _index_ops(es, env) - before == 1  # the one record, not its hour
+        after = {p: store.fs.cat_file(p) for p in store.files("records")}
+        assert [p for p in files if after[p] != files[p]] == [
+            p for p in files if "99" in store.read([p])["object_id"].to_list()
+        ]
+        documents = _documents(es, env)
+        assert len(documents) == 6
+        [late] = [d for d in documents.values() if d["object_id"] == "99"]
+        assert late["attribution"]["status"] == "late"
+        assert late["user"]["id"] == "late-ada"
+
+
+def test_quarantine_sensor_starts_a_resolve_run_that_touches_only_orphans(shop, es, env):
+    defs = build_definitions()
+    with dg.instance_for_test() as instance:
+        with psycopg.connect(shop) as conn:
+            conn.execute("INSERT INTO orders (id, status) VALUES (7, 'new')")
+            xid = int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
+        assert (
+            defs.resolve_job_def("capture_shop_job").execute_in_process(instance=instance).success
+        )
+        sensor = defs.resolve_sensor_def("quarantine_shop_sensor")
+        context = dg.build_sensor_context(instance=instance, definitions=defs)
+        assert isinstance(sensor(context), dg.SkipReason)  # waiting, not due yet
+        with psycopg.connect(shop, autocommit=True) as state:
+            state.execute(
+                "INSERT INTO audit_platform.late_contexts VALUES (%s, 'shop', %s, 1, %s, now())",
+                (env, xid % 2**32, '{"actor": {"type": "job", "id": "nightly"}}'),
+            )
+        request = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+        assert isinstance(request, dg.RunRequest)
+        resolve = defs.resolve_job_def("resolve_shop_job")
+        assert resolve.tags[SLOT_TAG] == f"audit_{env}_shop"  # queues behind capture runs
+        run = resolve.execute_in_process(instance=instance, tags=request.tags)
+        assert run.success
+        assert sum(m["late"] for m in _run_metadata(run, "enriched")) == 1
+        [document] = _documents(es, env).values()
+        assert document["attribution"]["status"] == "late"
+        assert isinstance(
+            sensor(dg.build_sensor_context(instance=instance, definitions=defs)), dg.SkipReason
+        )

@@ -9,8 +9,9 @@ import polars as pl
 import psycopg
 import pytest
 
-from audit_platform import platform_db, quarantine
-from audit_platform.enrich_hour import enrich_hour
+from audit_platform import platform_db
+from audit_platform.enrich import quarantine
+from audit_platform.enrich.batch import enrich_hour, enrich_pending, resolve_quarantine
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import make_source
 from audit_platform_tests.helpers import policy_for
@@ -33,12 +34,30 @@ def shop(pg_database, tmp_path):
     source.state.close()
 
 
-def _enrich(source, now=None, grace=timedelta(minutes=10)):
+GRACE = timedelta(minutes=10)
+
+
+def _enrich(source, now=None, grace=GRACE):
+    """Rebuild the one staged hour whole, as a backfill does."""
     [hour] = {f.hour for f in source.store.files_by_hour("changes")} or [None]
     return enrich_hour(
         source.store, source.state, source.policy, hour,
         now=now or datetime.now(UTC), grace=grace,
     )  # fmt: skip
+
+
+def _run(source, now=None, grace=GRACE) -> pl.DataFrame:
+    """What a capture run's enrich step does: its pending batches, then the due orphans.
+    Returns every record staged so far."""
+    now = now or datetime.now(UTC)
+    enrich_pending(source.store, source.state, source.policy, now=now, grace=grace)
+    resolve_quarantine(source.store, source.state, source.policy, now=now, grace=grace)
+    return source.store.read_all("records")
+
+
+def _revisit(source, now) -> list[tuple[int, int]]:
+    due = quarantine.entries_to_revisit(source.state, "test", "shop", now)
+    return due.select("lsn", "change_index").rows()
 
 
 def _write(source, sql, params=(), context=None) -> int:
@@ -54,8 +73,7 @@ def test_changes_carry_their_transactions_context(shop):
     _write(shop, "UPDATE orders SET status = 'paid' WHERE id = 1",
            context={"actor": {"type": "service", "id": "billing"}})  # fmt: skip
     shop.capture()
-    hour = _enrich(shop)
-    records = hour.result.records
+    records = _run(shop).sort("lsn")
     assert records["attribution_status"].to_list() == ["attributed", "attributed"]
     assert [json.loads(c)["actor"]["id"] for c in records["context"]] == ["ada", "billing"]
     assert json.loads(records["changed_columns"][1]) == ["status"]
@@ -64,60 +82,71 @@ def test_changes_carry_their_transactions_context(shop):
         assert b"s3cr3t" not in shop.store.fs.cat_file(path)
 
 
+def test_records_are_written_per_staged_batch_under_its_name(shop):
+    for i in range(3):
+        _write(shop, f"INSERT INTO orders VALUES ({10 + i}, 'new', NULL)", context=ADA)
+        shop.capture()
+        _run(shop)
+    names = [p.rsplit("/", 1)[1] for p in shop.store.files("changes")]
+    assert len(names) == 3
+    assert [p.rsplit("/", 1)[1] for p in shop.store.files("records")] == names
+    assert shop.store.pending() and all(e.records for e in shop.store.pending())
+
+
+def test_batch_left_unenriched_by_a_failed_run_is_enriched_by_the_next(shop):
+    _write(shop, "INSERT INTO orders VALUES (20, 'new', NULL)", context=ADA)
+    shop.capture()  # its run's enrich step never happened
+    _write(shop, "INSERT INTO orders VALUES (21, 'new', NULL)", context=ADA)
+    shop.capture()
+    records = _run(shop)
+    assert sorted(records["object_id"].to_list()) == ["20", "21"]
+
+
 def test_late_context_is_quarantined_first_then_enriched_as_late_with_its_lag(shop):
     xid = _write(shop, "INSERT INTO orders VALUES (2, 'new', NULL)")
     shop.capture()
-    first = _enrich(shop)
-    assert first.result.records.is_empty()
+    assert _run(shop).is_empty()
     assert quarantine.stats(shop.state, "test", "shop").waiting == 1
 
     with psycopg.connect(shop.url) as conn:
         conn.execute(
             "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(xid), json.dumps(ADA))
         )
-    result = shop.capture()
+    shop.capture()
     now = datetime.now(UTC)
-    [second] = [  # what the capture run enriches: the hours it touched
-        enrich_hour(shop.store, shop.state, shop.policy, hour, now=now, grace=timedelta(minutes=10))
-        for hour in result.hours
-    ]
-    status, lag = second.result.records.select("attribution_status", "attribution_lag_seconds").row(
-        0
-    )
+    records = _run(shop, now=now)  # the next capture run's enrich step
+    status, lag = records.select("attribution_status", "attribution_lag_seconds").row(0)
     assert status == "late" and lag > 0
     assert quarantine.stats(shop.state, "test", "shop").waiting == 0
-    assert quarantine.hours_to_revisit(shop.state, "test", "shop", now) == []
+    assert _revisit(shop, now) == []
 
 
-def test_orphans_hour_is_revisited_when_its_context_arrives_in_another_hour(shop):
+def test_orphan_is_revisited_when_its_context_arrives_in_another_hour(shop):
     xid = _write(shop, "INSERT INTO orders VALUES (5, 'new', NULL)")
     shop.capture()
     now = datetime.now(UTC)
-    _enrich(shop, now=now)
+    _run(shop, now=now)
     [orphan_hour] = {f.hour for f in shop.store.files_by_hour("changes")}
-    assert quarantine.hours_to_revisit(shop.state, "test", "shop", now) == []  # not due yet
+    assert _revisit(shop, now) == []  # not due yet
     attached_next_hour = pl.DataFrame(
         {"kind": ["attach"], "target_xid": [xid % 2**32], "lsn": [1], "context": [json.dumps(ADA)],
          "commit_time": [orphan_hour + timedelta(hours=1, minutes=5)]},
         schema_overrides={"commit_time": pl.Datetime("us", "UTC")},
     )  # fmt: skip
     quarantine.store_late_contexts(shop.state, "test", "shop", attached_next_hour)
-    assert quarantine.hours_to_revisit(shop.state, "test", "shop", now) == [orphan_hour]
-    revisited = enrich_hour(shop.store, shop.state, shop.policy, orphan_hour, now=now,
-                            grace=timedelta(minutes=10))  # fmt: skip
-    assert revisited.result.records["attribution_status"].to_list() == ["late"]
-    assert quarantine.hours_to_revisit(shop.state, "test", "shop", now) == []
+    assert len(_revisit(shop, now)) == 1
+    assert _run(shop, now=now)["attribution_status"].to_list() == ["late"]
+    assert _revisit(shop, now) == []
 
 
 def test_due_orphan_is_revisited_with_backoff(shop):
     _write(shop, "INSERT INTO orders VALUES (6, 'new', NULL)")
     shop.capture()
     now = datetime.now(UTC)
-    _enrich(shop, now=now)
-    assert quarantine.hours_to_revisit(shop.state, "test", "shop", now) == []
-    due = quarantine.hours_to_revisit(shop.state, "test", "shop", now + timedelta(seconds=31))
-    assert len(due) == 1
-    _enrich(shop, now=now + timedelta(seconds=31))
+    _run(shop, now=now)
+    assert _revisit(shop, now) == []
+    assert len(_revisit(shop, now + timedelta(seconds=31))) == 1
+    assert _run(shop, now=now + timedelta(seconds=31)).is_empty()  # still within grace
     attempts, next_retry = shop.state.execute(
         "SELECT attempts, next_retry_at FROM audit_platform.quarantine"
     ).fetchone()
@@ -131,32 +160,44 @@ def test_orphan_past_grace_is_unattributed_then_late_when_context_finally_comes(
     xid = _write(shop, "INSERT INTO orders VALUES (3, 'new', NULL)")
     shop.capture()
     later = datetime.now(UTC) + timedelta(hours=1)
-    released = _enrich(shop, now=later)
-    assert released.result.records["attribution_status"].to_list() == ["unattributed"]
+    released = _run(shop, now=later)
+    assert released["attribution_status"].to_list() == ["unattributed"]
     assert quarantine.stats(shop.state, "test", "shop").released == 1  # findable if context comes
 
     with psycopg.connect(shop.url) as conn:
         conn.execute(
             "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(xid), json.dumps(ADA))
         )
-    result = shop.capture()
-    for hour in result.hours:
-        enrich_hour(
-            shop.store, shop.state, shop.policy, hour, now=later, grace=timedelta(minutes=10)
-        )
-    final = shop.store.read_all("records")
+    shop.capture()
+    final = _run(shop, now=later)
     assert final.height == 1  # one record, replaced: not a second one
     assert final["attribution_status"].to_list() == ["late"]
-    assert final["id"].to_list() == released.result.records["id"].to_list()
+    assert final["id"].to_list() == released["id"].to_list()
 
 
 def test_orphan_waiting_then_released_after_grace_is_marked_released(shop):
     _write(shop, "INSERT INTO orders VALUES (4, 'new', NULL)")
     shop.capture()
     now = datetime.now(UTC)
-    _enrich(shop, now=now)
+    _run(shop, now=now)
     waiting = quarantine.stats(shop.state, "test", "shop")
     assert waiting.waiting == 1 and waiting.oldest_waiting is not None
-    _enrich(shop, now=now + timedelta(minutes=11))
+    assert _run(shop, now=now + timedelta(minutes=11))["attribution_status"].to_list() == [
+        "unattributed"
+    ]
     after = quarantine.stats(shop.state, "test", "shop")
     assert (after.waiting, after.released) == (0, 1)
+
+
+def test_rebuilding_an_hour_gives_the_records_the_runs_wrote(shop):
+    for i in range(3):
+        _write(shop, f"INSERT INTO orders VALUES ({30 + i}, 'new', NULL)", context=ADA)
+        shop.capture()
+        _run(shop)
+    _write(shop, "INSERT INTO orders VALUES (33, 'new', NULL)")  # an orphan
+    shop.capture()
+    now = datetime.now(UTC)
+    _run(shop, now=now)
+    before = {p: shop.store.fs.cat_file(p) for p in shop.store.files("records")}
+    _enrich(shop, now=now)
+    assert {p: shop.store.fs.cat_file(p) for p in shop.store.files("records")} == before

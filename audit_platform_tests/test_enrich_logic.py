@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
-from audit_platform.capture.run import CHANGES_SCHEMA, CONTEXTS_SCHEMA
-from audit_platform.enrich import changed_columns, enrich, transaction_contexts
+from audit_platform.enrich.join import changed_columns, enrich, transaction_contexts
 from audit_platform.record import Operation, object_id, split_object_id
+from audit_platform.staging import DECODED_CHANGES as CHANGES_SCHEMA
+from audit_platform.staging import DECODED_CONTEXTS as CONTEXTS_SCHEMA
 from audit_platform_tests.helpers import policy_for
 
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
@@ -138,7 +139,7 @@ def test_a_malformed_change_is_set_aside_with_its_reason_and_the_rest_flow():
                       "context": '{"actor":{"type":"user","id":"1"}}'}])  # fmt: skip
     result = enrich(changes, ctx, POLICY, now=T0, grace=timedelta(hours=1))
     assert result.records["change_index"].to_list() == [0]
-    assert [(i, reason.split(":")[0]) for _, i, reason in result.rejected] == [
+    assert [(i, reason.split(":")[0]) for _, i, reason, _ in result.rejected] == [
         (1, "unreadable change"),
         (2, "key columns ['id'] not in the row image"),
     ]

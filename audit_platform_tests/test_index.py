@@ -10,8 +10,10 @@ import psycopg
 import pytest
 
 from audit_platform import platform_db
-from audit_platform.enrich_hour import enrich_hour
-from audit_platform.index import documents, index_records, install_template, validate_document
+from audit_platform.enrich.batch import enrich_hour
+from audit_platform.index.bulk import index_records
+from audit_platform.index.documents import documents, validate_document
+from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import make_source
@@ -46,9 +48,9 @@ def captured(pg_database, tmp_path, es, env):
     with psycopg.connect(pg_database, autocommit=True) as state:
         platform_db.install(state, RESOURCES / "sql")
         [hour] = result.hours
-        enriched = enrich_hour(source.store, state, source.policy, hour,
-                               now=datetime.now(UTC), grace=timedelta(minutes=10))  # fmt: skip
-    yield enriched.result.records
+        enrich_hour(source.store, state, source.policy, hour,
+                    now=datetime.now(UTC), grace=timedelta(minutes=10))  # fmt: skip
+    yield source.store.read_all("records")
     for name in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
         es.indices.delete(index=name)
     es.options(ignore_status=404).indices.delete_index_template(name=f"audit-{env}")

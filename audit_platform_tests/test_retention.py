@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from audit_platform import platform_db
-from audit_platform.retention import cluster_has_ilm, ilm_policy, run_retention
+from audit_platform.index.retention import cluster_has_ilm, ilm_policy, run_retention
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
 
@@ -32,7 +32,9 @@ def envs(es_prefix, es):
 
 def _stage(store: StagingStore, hour: datetime) -> None:
     frame = pl.DataFrame({"lsn": [1], "commit_time": [hour]})
-    store.replace_hour("records", hour, frame)
+    store.write_file(
+        f"{store.hour_dir('records', hour)}/0000000000000001-0000000000000001.parquet", frame
+    )
 
 
 def test_retention_deletes_expired_indices_files_and_entries_of_its_environment_only(

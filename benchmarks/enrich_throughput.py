@@ -26,7 +26,7 @@ CHILD = """
 import json, sys, time
 from datetime import UTC, datetime, timedelta
 import polars as pl
-from audit_platform.enrich import enrich
+from audit_platform.enrich.join import enrich
 from audit_platform.policy import SourcePolicy, TablePolicy
 
 n = int(sys.argv[1])

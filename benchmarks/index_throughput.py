@@ -22,8 +22,10 @@ import typer
 from elasticsearch.helpers import bulk
 
 from audit_platform.clients import es_from_settings
-from audit_platform.enrich import RECORD_SCHEMA
-from audit_platform.index import documents, index_records, install_template
+from audit_platform.enrich.join import RECORD_SCHEMA
+from audit_platform.index.bulk import index_records
+from audit_platform.index.documents import documents
+from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias, template_name
 from audit_platform.settings import Settings
 

@@ -2,9 +2,10 @@
 
 Per batch, in this order (DESIGN.md, invariant 1): decode and apply the column policy, announce
 the files in an in-flight manifest, write them durably, confirm the batch's end LSN to the slot,
-wait until the server has taken it, then settle the manifest. A crash anywhere re-reads from the
-slot's confirmed position; ``StagingStore.recover`` first removes what an unconfirmed attempt
-wrote, so the result is the same files, once each.
+wait until the server has taken it, then settle the manifest into the pending ledger (what
+enrichment and indexing still owe). A crash anywhere re-reads from the slot's confirmed
+position; ``StagingStore.recover`` first removes what an unconfirmed attempt wrote and settles
+what the slot did confirm, so the result is the same files, once each, none forgotten.
 """
 
 from __future__ import annotations
@@ -21,31 +22,7 @@ from audit_platform.capture.slot import slot_state
 from audit_platform.capture.stream import SlotBusy, SlotStream
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
-from audit_platform.staging import StagedFile, StagingStore
-
-CHANGES_SCHEMA = {
-    "lsn": pl.Int64,
-    "xid": pl.Int64,
-    "commit_time_us": pl.Int64,
-    "change_index": pl.Int32,
-    "operation": pl.String,
-    "schema": pl.String,
-    "table": pl.String,
-    "key_columns": pl.String,  # JSON array of column names
-    "before": pl.String,
-    "after": pl.String,
-    "unchanged_toast": pl.String,  # JSON array, or null when every value was sent
-    "column_types": pl.String,
-}
-CONTEXTS_SCHEMA = {
-    "lsn": pl.Int64,
-    "xid": pl.Int64,
-    "commit_time_us": pl.Int64,
-    "seq": pl.Int32,
-    "kind": pl.String,
-    "target_xid": pl.Int64,
-    "context": pl.String,
-}
+from audit_platform.staging import DECODED_CHANGES, DECODED_CONTEXTS, StagedFile, StagingStore
 
 
 @dataclass
@@ -87,7 +64,7 @@ def frames(batch: ChangeBatch, *, env: str, source: str, policy_version: str):
             "unchanged_toast": batch.unchanged_toast,
             "column_types": batch.column_types,
         },
-        schema=CHANGES_SCHEMA,
+        schema=DECODED_CHANGES,
     )
     contexts = pl.DataFrame(
         {
@@ -99,7 +76,7 @@ def frames(batch: ChangeBatch, *, env: str, source: str, policy_version: str):
             "target_xid": batch.ctx_target_xid,
             "context": batch.ctx_context,
         },
-        schema=CONTEXTS_SCHEMA,
+        schema=DECODED_CONTEXTS,
     )
     extra = [
         pl.from_epoch("commit_time_us", time_unit="us")
@@ -243,8 +220,7 @@ class _Stager:
         if self.crash_at == "during_advance":
             raise RuntimeError("simulated crash during the advance")
         _wait_confirmed(self.conn, self.slot, lsn)
-        for manifest in [*self.open_parts, *(manifests or [])]:
-            self.store.settle(manifest)
+        self.store.settle([*self.open_parts, *(manifests or [])])
         self.open_parts = []
         self.result.confirmed_lsn = lsn
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from audit_platform.defs.capture.assets import capture_job, staged_asset_specs
+from audit_platform.defs.capture.assets import capture_job, resolve_job, staged_asset_specs
 from audit_platform.defs.capture.sensors import capture_sensor
 from audit_platform.defs.enrich.assets import (
     enrich_op,
@@ -49,27 +49,31 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         assets.append(enriched_asset(source, grace))
         assets.append(quarantine_asset(source))
         assets.append(indexed_asset(source, config, environment))
+        index = index_op(source, config, environment)  # one op, in the capture and resolve jobs
         job = capture_job(
             source,
             config,
             environment.capture_batch_changes,
-            then=[enrich_op(source, grace), index_op(source, config, environment)],
+            then=[enrich_op(source, grace), index],
         )
         enrich_job = dg.define_asset_job(
             f"enrich_{source}_job",
             selection=[enriched_key(source), indexed_key(source)],
-            description=f"Rebuild hours of source {source}: enrich, then index (quarantine "
-            "retries, backfills).",
+            description=f"Rebuild whole hours of source {source}: enrich, then index (backfills).",
+        )
+        resolve = resolve_job(
+            source,
+            then=[enrich_op(source, grace, batches=False), index],
         )
         reconcile = reconcile_job(source, config, environment)
         quarantine_job = dg.define_asset_job(
             f"quarantine_{source}_job", selection=[quarantine_key(source)]
         )
         checks.extend(source_checks(source, config, environment))
-        jobs.extend([job, enrich_job, quarantine_job, reconcile])
+        jobs.extend([job, enrich_job, resolve, quarantine_job, reconcile])
         schedules.append(reconcile_schedule(source, reconcile))
         sensors.append(capture_sensor(source, config, job, environment.capture_interval_seconds))
-        sensors.append(quarantine_sensor(source, enrich_job))
+        sensors.append(quarantine_sensor(source, resolve))
         schedules.append(quarantine_schedule(source, quarantine_job))
     health = health_checks_job(checks)
     jobs.append(health)

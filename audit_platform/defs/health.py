@@ -20,10 +20,10 @@ from audit_platform.clients import es_from_settings
 from audit_platform.defs.capture.assets import source_url, staged_key
 from audit_platform.defs.index.assets import TEMPLATE_KEY
 from audit_platform.environment import EnvironmentConfig, SourceConfig
-from audit_platform.index import installed_template_hash, render_template
+from audit_platform.index.retention import cluster_has_ilm
+from audit_platform.index.template import installed_template_hash, render_template
 from audit_platform.naming import slot_name, template_name
 from audit_platform.policy import load_policy, policy_path
-from audit_platform.retention import cluster_has_ilm
 from audit_platform.settings import Settings
 from audit_platform.sources.check import Level, check_source
 

@@ -10,12 +10,19 @@ from functools import cache
 import dagster as dg
 import psycopg
 
-from audit_platform import platform_db, quarantine
+from audit_platform import platform_db
 from audit_platform.clients import pg_url_from_settings
 from audit_platform.defs.capture.assets import staged_key
-from audit_platform.defs.partitions import hour_key, hourly_partitions_def, parse_hour_key
+from audit_platform.defs.partitions import hour_key, hourly_partitions_def
 from audit_platform.defs.retries import transient_retry_policy
-from audit_platform.enrich_hour import HourResult, enrich_hour
+from audit_platform.enrich import quarantine
+from audit_platform.enrich.batch import (
+    HourResult,
+    enrich_hour,
+    enrich_pending,
+    merge_hours,
+    resolve_quarantine,
+)
 from audit_platform.naming import slot_name
 from audit_platform.policy import load_policy, policy_path
 from audit_platform.settings import Settings
@@ -47,10 +54,15 @@ def state_connection() -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True)
 
 
-def enrich_hours(source: str, hours: Iterable[datetime], grace: timedelta) -> list[HourResult]:
+def _enrich_context(source: str):
     settings = Settings()
     policy = load_policy(policy_path(settings.resources_dir, source))
-    store = StagingStore(settings.staging_root, settings.env, source)
+    return policy, StagingStore(settings.staging_root, settings.env, source)
+
+
+def enrich_hours(source: str, hours: Iterable[datetime], grace: timedelta) -> list[HourResult]:
+    """Rebuild whole hours (backfills, reconciliation)."""
+    policy, store = _enrich_context(source)
     now = datetime.now(UTC)
     with state_connection() as state:
         return [
@@ -58,40 +70,61 @@ def enrich_hours(source: str, hours: Iterable[datetime], grace: timedelta) -> li
         ]
 
 
+def enrich_increment(source: str, grace: timedelta, *, batches: bool) -> list[HourResult]:
+    """A run's own work: its pending batches (when ``batches``), then the orphans that are due
+    or whose context has arrived. Never whole hours."""
+    policy, store = _enrich_context(source)
+    now = datetime.now(UTC)
+    with state_connection() as state:
+        done = enrich_pending(store, state, policy, now=now, grace=grace) if batches else []
+        resolved = resolve_quarantine(store, state, policy, now=now, grace=grace)
+    return merge_hours([*done, *resolved])
+
+
+def orphan_check(source: str, result: HourResult) -> dg.AssetCheckEvaluation:
+    rate = result.metadata["orphan_rate"]
+    return dg.AssetCheckEvaluation(
+        asset_key=enriched_key(source),
+        check_name="orphan_rate",
+        passed=rate <= ORPHAN_RATE_WARN,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "partition": hour_key(result.hour),
+            "orphan_rate": rate,
+            "threshold": ORPHAN_RATE_WARN,
+        },
+    )
+
+
 def hour_events(source: str, result: HourResult) -> list:
-    """What an enrichment of one hour reports: its materialization and its orphan-rate check."""
-    metadata = result.metadata
-    partition = hour_key(result.hour)
-    return [
-        dg.AssetMaterialization(
-            asset_key=enriched_key(source), partition=partition, metadata=metadata
-        ),
-        dg.AssetCheckEvaluation(
-            asset_key=enriched_key(source),
-            check_name="orphan_rate",
-            passed=metadata["orphan_rate"] <= ORPHAN_RATE_WARN,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={
-                "partition": partition,
-                "orphan_rate": metadata["orphan_rate"],
-                "threshold": ORPHAN_RATE_WARN,
-            },
-        ),
-    ]
+    """What an enrichment of one hour reports: its materialization and, where it enriched new
+    changes, their orphan rate (of this increment; of the whole hour for a rebuild)."""
+    materialization = dg.AssetMaterialization(
+        asset_key=enriched_key(source), partition=hour_key(result.hour), metadata=result.metadata
+    )
+    return [materialization, orphan_check(source, result)] if result.changes else [materialization]
 
 
-def enrich_op(source: str, grace: timedelta) -> dg.OpDefinition:
+def enrich_op(source: str, grace: timedelta, *, batches: bool = True) -> dg.OpDefinition:
+    """The enrich step of a capture run (``batches``), or of a quarantine run (orphans only)."""
+
     @dg.op(
-        name=f"enrich_{source}",
-        description=f"Enrich the hours of source {source} that the capture just touched.",
+        name=f"enrich_{source}" if batches else f"resolve_{source}",
+        description=f"Enrich the batches of source {source} that are staged but not enriched "
+        "(this run's and any left by an earlier run), then the orphans that are due or whose "
+        "context has arrived."
+        if batches
+        else f"Re-enrich the orphans of source {source} that are due or whose context has "
+        "arrived, and only them.",
         retry_policy=transient_retry_policy,
+        ins={"hours": dg.In(list[str], default_value=[])},
     )
     def op(context: dg.OpExecutionContext, hours: list[str]) -> list[str]:
-        parsed = [parse_hour_key(h) for h in hours]
-        for result in enrich_hours(source, parsed, grace):
+        results = enrich_increment(source, grace, batches=batches)
+        for result in results:
             for event in hour_events(source, result):
                 context.log_event(event)
-        return hours
+        return sorted({*hours, *(hour_key(r.hour) for r in results)})
 
     return op
 
@@ -102,8 +135,9 @@ def enriched_asset(source: str, grace: timedelta) -> dg.AssetsDefinition:
     @dg.asset(
         key=enriched_key(source),
         description=f"Audit records of source {source}: each staged change joined with its "
-        "transaction's context, by commit hour. Rebuilt whole from staged data on every "
-        "materialization, so a backfill reproduces the original.",
+        "transaction's context, by commit hour, one records file per staged batch. Capture "
+        "runs add their own batches; materializing an hour (a backfill) rebuilds it whole from "
+        "staged data, with the same record ids.",
         partitions_def=hourly_partitions_def,
         deps=[staged_key(source, "changes"), staged_key(source, "contexts")],
         group_name="enrich",
@@ -116,7 +150,7 @@ def enriched_asset(source: str, grace: timedelta) -> dg.AssetsDefinition:
     def asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         hour = context.partition_time_window.start.astimezone(UTC)
         [result] = enrich_hours(source, [hour], grace)
-        _, check = hour_events(source, result)
+        check = orphan_check(source, result)
         return dg.MaterializeResult(
             metadata=result.metadata,
             check_results=[

@@ -1,38 +1,31 @@
-"""Per source: revisit hours whose orphans are due, or whose late context has arrived."""
+"""Per source: re-enrich the orphans that are due, or whose late context has arrived."""
 
 from datetime import UTC, datetime
 
 import dagster as dg
 
-from audit_platform import quarantine
 from audit_platform.defs.enrich.assets import state_connection
-from audit_platform.defs.partitions import hour_key
+from audit_platform.enrich import quarantine
 from audit_platform.settings import Settings
 
 
-def quarantine_sensor(source: str, job) -> dg.SensorDefinition:  # job: an asset job
+def quarantine_sensor(source: str, job: dg.JobDefinition) -> dg.SensorDefinition:
     @dg.sensor(
         name=f"quarantine_{source}_sensor",
-        description=f"Re-enriches hours of source {source} holding orphans that are due for a "
-        "retry or whose context was attached late.",
+        description=f"Starts a run that re-enriches the orphans of source {source} that are due "
+        "for a retry or whose context was attached late (only those records, not their hours).",
         job=job,
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
-    def sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    def sensor(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.SkipReason:
         now = datetime.now(UTC)
         with state_connection() as state:
-            hours = quarantine.hours_to_revisit(state, Settings().env, source, now)
-        if not hours:
+            due = quarantine.revisit_count(state, Settings().env, source, now)
+        if not due:
             return dg.SkipReason("no orphan is due and no late context has arrived")
-        # One request per hour and minute: a retry is not requested twice in the same minute.
-        stamp = now.strftime("%Y%m%d%H%M")
-        return dg.SensorResult(
-            run_requests=[
-                dg.RunRequest(partition_key=hour_key(h), run_key=f"{hour_key(h)}@{stamp}")
-                for h in hours
-            ]
-        )
+        # At most one request per minute: a retry is not requested twice in the same minute.
+        return dg.RunRequest(run_key=f"{source}@{now:%Y%m%d%H%M}", tags={"orphans_due": str(due)})
 
     return sensor
 

@@ -12,13 +12,14 @@ import psycopg
 from audit_platform.clients import es_from_settings
 from audit_platform.defs.capture.assets import source_url
 from audit_platform.defs.enrich.assets import enriched_key
-from audit_platform.defs.partitions import hour_key, hourly_partitions_def, parse_hour_key
+from audit_platform.defs.partitions import hour_key, hourly_partitions_def
 from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import EnvironmentConfig, SourceConfig
-from audit_platform.index import install_template
-from audit_platform.index_hour import HourIndexed, hour_counts, index_hour
+from audit_platform.index.batch import HourIndexed, index_hour, index_pending
+from audit_platform.index.reconcile import hour_counts
+from audit_platform.index.retention import cluster_has_ilm, ilm_policy
+from audit_platform.index.template import install_template
 from audit_platform.naming import slot_name, template_name
-from audit_platform.retention import cluster_has_ilm, ilm_policy
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
 
@@ -77,13 +78,10 @@ def database_of(url: str) -> str:
     return psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "postgres"
 
 
-def index_hours(
-    source: str, config: SourceConfig, hours: list[datetime], environment: EnvironmentConfig
-) -> list[HourIndexed]:
+def _index_with(source: str, config: SourceConfig, environment: EnvironmentConfig, work):
     settings = Settings()
     store = StagingStore(settings.staging_root, settings.env, source)
     database = database_of(source_url(source, config))
-    now = datetime.now(UTC)
     with es_from_settings(settings) as client:
         # An index must never be created before its template exists (it would get dynamic
         # mappings); the template asset keeps it current, this only covers a first run.
@@ -91,9 +89,35 @@ def index_hours(
             install_template(
                 client, settings.resources_dir, settings.env, environment.index_replicas
             )
-        return [
+        return work(client, store, database, datetime.now(UTC))
+
+
+def index_hours(
+    source: str, config: SourceConfig, hours: list[datetime], environment: EnvironmentConfig
+) -> list[HourIndexed]:
+    """Index whole hours again (backfills, reconciliation)."""
+    return _index_with(
+        source,
+        config,
+        environment,
+        lambda client, store, database, now: [
             index_hour(client, store, hour, database=database, now=now) for hour in sorted(hours)
-        ]
+        ],
+    )
+
+
+def index_increment(
+    source: str, config: SourceConfig, environment: EnvironmentConfig
+) -> list[HourIndexed]:
+    """A run's own work: every enriched batch or resolution on the pending ledger."""
+    return _index_with(
+        source,
+        config,
+        environment,
+        lambda client, store, database, now: index_pending(
+            client, store, database=database, now=now
+        ),
+    )
 
 
 def count_check(
@@ -117,12 +141,12 @@ def count_check(
 def index_op(source: str, config: SourceConfig, environment: EnvironmentConfig) -> dg.OpDefinition:
     @dg.op(
         name=f"index_{source}",
-        description=f"Index the hours of source {source} that were just enriched.",
+        description=f"Index what was just enriched for source {source} (and anything an "
+        "earlier run enriched but could not index), never whole hours.",
         retry_policy=transient_retry_policy,
     )
     def op(context: dg.OpExecutionContext, hours: list[str]) -> list[str]:
-        parsed = [parse_hour_key(h) for h in hours]
-        for indexed in index_hours(source, config, parsed, environment):
+        for indexed in index_increment(source, config, environment):
             context.log_event(
                 dg.AssetMaterialization(
                     asset_key=indexed_key(source),

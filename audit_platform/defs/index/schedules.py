@@ -12,8 +12,8 @@ from audit_platform.clients import es_from_settings
 from audit_platform.defs.enrich.assets import enrich_hours
 from audit_platform.defs.index.assets import count_check, index_hours
 from audit_platform.environment import EnvironmentConfig, SourceConfig
+from audit_platform.index.retention import run_for_environment
 from audit_platform.naming import slot_name
-from audit_platform.retention import run_for_environment
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
 

@@ -4,7 +4,7 @@ A change and the context its transaction recorded share (commit LSN, xid), and t
 staged batch, so the join is exact. A change whose transaction recorded no context is an orphan:
 it waits in the quarantine for a late context (``audit.attach_context``), and after the grace
 window it is released as ``unattributed``; if the context arrives even later, re-enriching its
-hour replaces the record (same ``_id``). Nothing here does I/O: callers pass frames in and get
+batch replaces the record (same ``_id``). Nothing here does I/O: callers pass frames in and get
 frames and counts out, so a Dagster run, a test and a backfill all get the same result.
 """
 
@@ -20,6 +20,7 @@ import polars as pl
 from audit_platform.context.model import merge_fields
 from audit_platform.policy import SourcePolicy
 from audit_platform.record import Operation, object_id, record_id
+from audit_platform.staging.store import FILE
 
 RECORD_SCHEMA = {
     "id": pl.String,
@@ -51,6 +52,8 @@ class Orphan:
     change_index: int
     xid: int
     commit_time: datetime
+    #: The staged changes file it is in, where the caller read it with ``StagingStore.read``.
+    file: str | None = None
 
 
 @dataclass
@@ -58,8 +61,9 @@ class EnrichResult:
     records: pl.DataFrame
     orphans: list[Orphan] = field(default_factory=list)
     ignored: int = 0
-    #: Changes that could not be turned into a record, with the reason (never silently dropped).
-    rejected: list[tuple[int, int, str]] = field(default_factory=list)
+    #: Changes that could not be turned into a record: (lsn, change index, reason, file);
+    #: set aside, never silently dropped.
+    rejected: list[tuple[int, int, str, str | None]] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -108,13 +112,16 @@ def enrich(
     grace: timedelta,
     late_contexts: pl.DataFrame | None = None,
 ) -> EnrichResult:
-    """Turn one hour's staged changes into records; orphans within the grace window wait.
+    """Turn staged changes into records; orphans within the grace window wait.
 
+    A ``file`` column on ``changes`` (see ``StagingStore.read``) is kept on the records and the
+    orphans, so callers can write each record back beside the staged file it came from.
     ``late_contexts`` (target_xid, context, attached_at) are contexts attached after their
     transaction, from any hour; a change they name becomes ``late`` with its lag.
     """
+    schema = {**RECORD_SCHEMA, FILE: pl.String} if FILE in changes.columns else RECORD_SCHEMA
     if changes.is_empty():
-        return EnrichResult(pl.DataFrame(schema=RECORD_SCHEMA))
+        return EnrichResult(pl.DataFrame(schema=schema))
     changes = changes.unique(["lsn", "change_index"], keep="first", maintain_order=True)
     joined = changes.join(transaction_contexts(contexts), on=["lsn", "xid"], how="left")
     late = (
@@ -135,7 +142,9 @@ def enrich(
     )
     joined = joined.join(late, left_on="xid", right_on="target_xid", how="left")
 
-    result = EnrichResult(pl.DataFrame(schema=RECORD_SCHEMA))
+    if FILE not in joined.columns:
+        joined = joined.with_columns(pl.lit(None, pl.String).alias(FILE))
+    result = EnrichResult(pl.DataFrame(schema=schema))
     ignore = {name: set(t.ignore_changes_to) for name, t in policy.tables.items()}
     # Slices bound the memory of the Python part: only the computed columns pass through Python
     # objects; the row images stay in Arrow and are selected into the records as they are.
@@ -143,7 +152,7 @@ def enrich(
         _enrich_slice(chunk, result, ignore, now, grace)
         for chunk in joined.iter_slices(n_rows=SLICE_ROWS)
     ]
-    result.records = pl.concat(parts) if parts else result.records
+    result.records = pl.concat(parts).select(list(schema)) if parts else result.records
     return result
 
 
@@ -160,7 +169,7 @@ def _enrich_slice(
     columns = (
         "lsn", "change_index", "xid", "commit_time", "env", "source", "schema", "table",
         "operation", "before", "after", "key_columns", "unchanged_toast", "context",
-        "late_context", "attached_at",
+        "late_context", "attached_at", FILE,
     )  # fmt: skip
     keep: list[bool] = []
     computed: dict[str, list] = {
@@ -169,7 +178,7 @@ def _enrich_slice(
     }  # fmt: skip
     for (
         lsn, index, xid, committed, env, source, schema, table, op, before_text, after_text,
-        key_text, toast_text, context, late_context, attached_at,
+        key_text, toast_text, context, late_context, attached_at, file,
     ) in zip(*(chunk.get_column(c).to_list() for c in columns), strict=True):  # fmt: skip
         lag, status = None, "attributed"
         if context is None and late_context is not None and attached_at >= committed:
@@ -177,7 +186,7 @@ def _enrich_slice(
             lag = (attached_at - committed).total_seconds()
         if context is None:
             if now - committed < grace:
-                result.orphans.append(Orphan(lsn, index, xid, committed))
+                result.orphans.append(Orphan(lsn, index, xid, committed, file))
                 keep.append(False)
                 continue
             status = "unattributed"
@@ -187,7 +196,7 @@ def _enrich_slice(
             keys = json.loads(key_text)
             unchanged = set(json.loads(toast_text or "[]"))
         except (TypeError, ValueError) as exc:
-            result.rejected.append((lsn, index, f"unreadable change: {exc}"))
+            result.rejected.append((lsn, index, f"unreadable change: {exc}", file))
             keep.append(False)
             continue
         operation = Operation(op)
@@ -203,7 +212,9 @@ def _enrich_slice(
         image = after if after is not None else before
         missing = [k for k in keys if image is None or k not in image]
         if operation is not Operation.truncate and missing:
-            result.rejected.append((lsn, index, f"key columns {missing} not in the row image"))
+            result.rejected.append(
+                (lsn, index, f"key columns {missing} not in the row image", file)
+            )
             keep.append(False)
             continue
         keep.append(True)
@@ -220,7 +231,7 @@ def _enrich_slice(
     kept = chunk.filter(pl.Series(keep, dtype=pl.Boolean)).drop("context")
     extra = pl.DataFrame(computed, schema={k: RECORD_SCHEMA[k] for k in computed})
     return pl.concat([kept, extra], how="horizontal").select(
-        pl.col(name).cast(dtype) for name, dtype in RECORD_SCHEMA.items()
+        *(pl.col(name).cast(dtype) for name, dtype in RECORD_SCHEMA.items()), pl.col(FILE)
     )
 
 

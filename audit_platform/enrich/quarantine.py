@@ -1,9 +1,10 @@
 """The quarantine: changes waiting for their context, kept in the platform's PostgreSQL.
 
 An orphan is recorded with its attempts and next retry time (exponential backoff with jitter, so
-a burst of orphans does not retry in lockstep). Nothing waits in memory and nothing blocks: the
-hour an orphan belongs to is simply enriched again when the orphan is due, and the result of that
-enrichment (attributed, late, still waiting, or released as unattributed) is written back here.
+a burst of orphans does not retry in lockstep). Nothing waits in memory and nothing blocks: an
+orphan that is due, or whose context has arrived, is enriched again on its own
+(``enrich.batch.resolve_quarantine``), and the result (attributed, late, still waiting, or
+released as unattributed) is written back here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta
 import polars as pl
 import psycopg
 
-from audit_platform.enrich import Orphan
+from audit_platform.enrich.join import Orphan
 
 
 @dataclass(frozen=True)
@@ -130,21 +131,40 @@ def late_contexts_for(
     )
 
 
-def hours_to_revisit(
-    conn: psycopg.Connection, env: str, source: str, now: datetime
-) -> list[datetime]:
-    """Hours holding an orphan that is due for a retry, or whose late context has arrived."""
+_REVISIT = (
+    " FROM audit_platform.quarantine q WHERE q.env = %s AND q.source = %s AND ("
+    "   (q.status = 'waiting' AND q.next_retry_at <= %s)"
+    "   OR (q.status <> 'resolved' AND EXISTS (SELECT 1 FROM audit_platform.late_contexts l"
+    "       WHERE l.env = q.env AND l.source = q.source AND l.target_xid = q.xid"
+    "       AND l.attached_at >= q.commit_time)))"
+)
+
+
+def entries_to_revisit(
+    conn: psycopg.Connection, env: str, source: str, now: datetime, *, limit: int = 10_000
+) -> pl.DataFrame:
+    """Orphans due for a retry, or whose late context has arrived, oldest first."""
     rows = conn.execute(
-        "SELECT DISTINCT date_trunc('hour', q.commit_time) FROM audit_platform.quarantine q"
-        " WHERE q.env = %s AND q.source = %s AND ("
-        "   (q.status = 'waiting' AND q.next_retry_at <= %s)"
-        "   OR (q.status <> 'resolved' AND EXISTS (SELECT 1 FROM audit_platform.late_contexts l"
-        "       WHERE l.env = q.env AND l.source = q.source AND l.target_xid = q.xid"
-        "       AND l.attached_at >= q.commit_time)))"
-        " ORDER BY 1",
-        (env, source, now),
+        "SELECT q.commit_lsn, q.change_index, q.xid, q.commit_time"
+        + _REVISIT
+        + " ORDER BY q.commit_lsn, q.change_index LIMIT %s",
+        (env, source, now, limit),
     ).fetchall()
-    return [row[0] for row in rows]
+    return pl.DataFrame(
+        rows,
+        schema={
+            "lsn": pl.Int64,
+            "change_index": pl.Int32,
+            "xid": pl.Int64,
+            "commit_time": pl.Datetime("us", "UTC"),
+        },
+        orient="row",
+    )
+
+
+def revisit_count(conn: psycopg.Connection, env: str, source: str, now: datetime) -> int:
+    """How many orphans are due or have their context: what the quarantine sensor asks."""
+    return conn.execute("SELECT count(*)" + _REVISIT, (env, source, now)).fetchone()[0]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,241 @@
+"""Enrich staged files into records: a capture run's pending batches, or a whole hour.
+
+Records are written per staged ``changes`` file, under its name (``StagingStore.derived_path``),
+so a run's cost is the batches it captured, not the hour so far, while an hour stays a set of
+immutable files that a backfill rebuilds as a pure function of its staged batches. Orphans wait
+in the quarantine; a late context or a due retry re-enriches only those changes and rewrites only
+the records files that hold them (``resolve_quarantine``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import polars as pl
+import psycopg
+
+from audit_platform.enrich import quarantine
+from audit_platform.enrich.join import RECORD_SCHEMA, EnrichResult, enrich, transaction_contexts
+from audit_platform.policy import SourcePolicy
+from audit_platform.staging.store import FILE, StagingStore, hour_from_path
+
+REJECTED_SCHEMA = {"lsn": pl.Int64, "change_index": pl.Int32, "reason": pl.String}
+
+
+@dataclass
+class HourResult:
+    """What one enrichment did to one hour: the increment of a run, or a whole rebuild."""
+
+    hour: datetime
+    changes: int = 0
+    records: int = 0
+    attributed: int = 0
+    late: int = 0
+    unattributed: int = 0
+    orphans_waiting: int = 0
+    rejected: int = 0
+
+    @property
+    def metadata(self) -> dict[str, int | float]:
+        orphan_rate = (
+            (self.orphans_waiting + self.unattributed) / self.changes if self.changes else 0.0
+        )
+        return {**vars(self), "hour": self.hour.isoformat(), "orphan_rate": round(orphan_rate, 4)}
+
+
+@dataclass
+class EnrichOutcome:
+    changes: int
+    result: EnrichResult
+    #: Records files written, one per staged changes file.
+    records_paths: list[str] = field(default_factory=list)
+    changes_per_file: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def hours(self) -> list[HourResult]:
+        by_hour: dict[datetime, HourResult] = {}
+
+        def of(path: str | None, committed: datetime | None = None) -> HourResult:
+            hour = hour_from_path(path) if path else _hour(committed)
+            return by_hour.setdefault(hour, HourResult(hour))
+
+        for path, count in self.changes_per_file.items():
+            of(path).changes += count
+        for path, status in self.result.records.select(FILE, "attribution_status").iter_rows():
+            found = of(path)
+            found.records += 1
+            setattr(found, status, getattr(found, status) + 1)
+        for orphan in self.result.orphans:
+            of(orphan.file, orphan.commit_time).orphans_waiting += 1
+        for *_, path in self.result.rejected:
+            of(path).rejected += 1
+        return sorted(by_hour.values(), key=lambda h: h.hour)
+
+
+def enrich_files(
+    store: StagingStore,
+    state: psycopg.Connection,
+    policy: SourcePolicy,
+    changes_paths: list[str],
+    contexts_paths: list[str],
+    *,
+    now: datetime,
+    grace: timedelta,
+) -> EnrichOutcome:
+    """Enrich these staged files together and write one records file per changes file.
+
+    The files must hold whole transactions (a pending batch with its parts, or an hour), so
+    every change meets its transaction's context.
+    """
+    changes = store.read(changes_paths, "changes")
+    contexts = store.read(contexts_paths, "contexts")
+    env, source = store.env, store.source
+    with state.transaction():
+        quarantine.store_late_contexts(state, env, source, contexts)
+        own = transaction_contexts(contexts).select("lsn", "xid")
+        unmatched = changes.join(own, on=["lsn", "xid"], how="anti")["xid"].unique().to_list()
+        late = quarantine.late_contexts_for(state, env, source, unmatched)
+        result = enrich(changes, contexts, policy, now=now, grace=grace, late_contexts=late)
+        per_file = dict(changes.group_by(FILE).len().iter_rows())
+        outcome = EnrichOutcome(changes.height, result, changes_per_file=per_file)
+        by_file = dict(_split(result.records, changes_paths))
+        for path in changes_paths:
+            target = store.derived_path(path, "records")
+            store.write_file(target, by_file.get(path, _EMPTY_RECORDS))
+            outcome.records_paths.append(target)
+        rejected: dict[str, list] = defaultdict(list)
+        for lsn, index, reason, path in result.rejected:
+            rejected[path].append((lsn, index, reason))
+        for path, rows in rejected.items():
+            frame = pl.DataFrame(rows, schema=REJECTED_SCHEMA, orient="row")
+            store.write_file(store.derived_path(path, "rejected"), frame)
+        quarantine.record_orphans(state, env, source, result.orphans, now=now)
+        quarantine.settle(state, env, source, result.records, now=now)
+    return outcome
+
+
+_EMPTY_RECORDS = pl.DataFrame(schema=RECORD_SCHEMA)
+
+
+def _split(records: pl.DataFrame, paths: Iterable[str]) -> Iterable[tuple[str, pl.DataFrame]]:
+    wanted = set(paths)
+    for (path,), rows in records.group_by(FILE):
+        if path in wanted:
+            yield path, rows.drop(FILE).sort("lsn", "change_index")
+
+
+def enrich_hour(
+    store: StagingStore,
+    state: psycopg.Connection,
+    policy: SourcePolicy,
+    hour: datetime,
+    *,
+    now: datetime,
+    grace: timedelta,
+) -> HourResult:
+    """Rebuild an hour's records from its staged files (a backfill, a reconciliation)."""
+    outcome = enrich_files(
+        store,
+        state,
+        policy,
+        store.hour_files("changes", hour),
+        store.hour_files("contexts", hour),
+        now=now,
+        grace=grace,
+    )
+    found = [h for h in outcome.hours if h.hour == hour]
+    return found[0] if found else HourResult(hour)
+
+
+def enrich_pending(
+    store: StagingStore,
+    state: psycopg.Connection,
+    policy: SourcePolicy,
+    *,
+    now: datetime,
+    grace: timedelta,
+) -> list[HourResult]:
+    """Enrich every pending batch not enriched yet: this run's, and any an earlier run left."""
+    hours: list[HourResult] = []
+    for entry in store.pending():
+        if entry.records is not None:
+            continue
+        outcome = enrich_files(
+            store,
+            state,
+            policy,
+            entry.staged_paths("changes"),
+            entry.staged_paths("contexts"),
+            now=now,
+            grace=grace,
+        )
+        store.mark_enriched(entry, outcome.records_paths)
+        hours.extend(outcome.hours)
+    return merge_hours(hours)
+
+
+def resolve_quarantine(
+    store: StagingStore,
+    state: psycopg.Connection,
+    policy: SourcePolicy,
+    *,
+    now: datetime,
+    grace: timedelta,
+    limit: int = 10_000,
+) -> list[HourResult]:
+    """Re-enrich the orphans that are due or whose context has arrived, and only them.
+
+    Each changed record replaces its old version in its batch's records file (same id), and
+    the ids go to the pending ledger, so indexing re-sends just those documents.
+    """
+    env, source = store.env, store.source
+    entries = quarantine.entries_to_revisit(state, env, source, now, limit=limit)
+    if entries.is_empty():
+        return []
+    wanted = entries.select("lsn", "change_index")
+    files = sorted(
+        {
+            path
+            for lsn, committed in entries.select("lsn", "commit_time").unique().iter_rows()
+            for path in store.files_holding("changes", _hour(committed), lsn)
+        }
+    )
+    changes = store.read(files, "changes").join(wanted, on=["lsn", "change_index"], how="semi")
+    contexts = store.read([f.replace("/changes/", "/contexts/", 1) for f in files], "contexts")
+    late = quarantine.late_contexts_for(state, env, source, entries["xid"].unique().to_list())
+    result = enrich(changes, contexts, policy, now=now, grace=grace, late_contexts=late)
+    reindex: dict[str, list[str]] = {}
+    for path, rows in _split(result.records, files):
+        target = store.derived_path(path, "records")
+        existing = store.read([target])
+        kept = (
+            existing.drop(FILE).filter(~pl.col("id").is_in(rows["id"].implode()))
+            if existing.height
+            else rows.clear()
+        )
+        store.write_file(target, pl.concat([kept, rows]).sort("lsn", "change_index"))
+        reindex[target] = rows["id"].to_list()
+    if reindex:
+        store.add_reindex(reindex)
+    with state.transaction():
+        quarantine.record_orphans(state, env, source, result.orphans, now=now)
+        quarantine.settle(state, env, source, result.records, now=now)
+    return EnrichOutcome(0, result).hours
+
+
+def _hour(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def merge_hours(results: Iterable[HourResult]) -> list[HourResult]:
+    """Add up several results of the same hours."""
+    merged: dict[datetime, HourResult] = {}
+    for result in results:
+        total = merged.setdefault(result.hour, HourResult(result.hour))
+        for name, value in vars(result).items():
+            if name != "hour":
+                setattr(total, name, getattr(total, name) + value)
+    return sorted(merged.values(), key=lambda h: h.hour)

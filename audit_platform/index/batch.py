@@ -1,0 +1,123 @@
+"""Index enriched records: a run's pending batches, or a whole hour (backfill, reconciliation).
+
+Both read records from their per-batch files, so indexing again (a retried run, a
+reconciliation, a backfill) sends the same documents under the same ids. A pending entry leaves
+the ledger only after its documents were accepted or dead-lettered: a run that fails here (for
+example while Elasticsearch is down) leaves it for the next run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+from elasticsearch import Elasticsearch
+
+from audit_platform.index.bulk import IndexResult, index_records
+from audit_platform.staging.store import FILE, StagingStore, hour_from_path
+
+
+@dataclass
+class HourIndexed:
+    hour: datetime
+    records: int = 0
+    indexed: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def metadata(self) -> dict[str, float | int]:
+        return {
+            "records": self.records,
+            "indexed": self.indexed,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def index_files(
+    client: Elasticsearch,
+    store: StagingStore,
+    records_paths: list[str],
+    *,
+    database: str,
+    now: datetime,
+    ids: list[str] | None = None,
+) -> list[HourIndexed]:
+    """Index the records of these files (only ``ids``, where given); dead letters per file."""
+    records = store.read(records_paths)
+    if ids is not None and records.height:
+        records = records.filter(pl.col("id").is_in(pl.Series(ids, dtype=pl.String).implode()))
+    if records.is_empty():
+        return []
+    result = index_records(client, records, database=database, ingested_at=now)
+    _write_dead_letters(store, records, result)
+    return _by_hour(records, result)
+
+
+def _write_dead_letters(store: StagingStore, records: pl.DataFrame, result: IndexResult) -> None:
+    """Per records file: keep earlier dead letters of records not sent now, add today's."""
+    failed = result.failed.join(records.select("id", FILE), on="id", how="left")
+    for (path,), sent in records.select("id", FILE).group_by(FILE):
+        target = path.replace("/records/", "/deadletter/", 1)
+        existing = store.read([target])
+        new = failed.filter(pl.col(FILE) == path).drop(FILE)
+        if existing.height:
+            kept = existing.drop(FILE).filter(~pl.col("id").is_in(sent["id"].implode()))
+            new = pl.concat([kept, new])
+        if new.height:
+            store.write_file(target, new)
+        elif existing.height:
+            store.remove([target])
+
+
+def _by_hour(records: pl.DataFrame, result: IndexResult) -> list[HourIndexed]:
+    failed_ids = set(result.failed["id"].to_list())
+    hours: dict[datetime, HourIndexed] = {}
+    for (path,), rows in records.select("id", FILE).group_by(FILE):
+        hour = hour_from_path(path)
+        found = hours.setdefault(hour, HourIndexed(hour, seconds=result.seconds))
+        failed = sum(1 for i in rows["id"].to_list() if i in failed_ids) if failed_ids else 0
+        found.records += rows.height
+        found.failed += failed
+        found.indexed += rows.height - failed
+    return sorted(hours.values(), key=lambda h: h.hour)
+
+
+def index_pending(
+    client: Elasticsearch, store: StagingStore, *, database: str, now: datetime
+) -> list[HourIndexed]:
+    """Index every enriched pending entry (this run's and any an earlier run left), oldest
+    first, and take each off the ledger once its documents are in."""
+    results: list[HourIndexed] = []
+    for entry in store.pending():
+        if entry.records is None:
+            continue  # not enriched yet: the enrich step of this or the next run comes first
+        ids = None if entry.ids is None else list(entry.ids)
+        results.extend(
+            index_files(client, store, list(entry.records), database=database, now=now, ids=ids)
+        )
+        store.done(entry)
+    return merge_indexed(results)
+
+
+def index_hour(
+    client: Elasticsearch, store: StagingStore, hour: datetime, *, database: str, now: datetime
+) -> HourIndexed:
+    """Index every record of an hour again (a backfill, a reconciliation of a short hour)."""
+    found = index_files(
+        client, store, store.hour_files("records", hour), database=database, now=now
+    )
+    return found[0] if found else HourIndexed(hour)
+
+
+def merge_indexed(results: list[HourIndexed]) -> list[HourIndexed]:
+    merged: dict[datetime, HourIndexed] = {}
+    for result in results:
+        total = merged.setdefault(result.hour, HourIndexed(result.hour))
+        total.records += result.records
+        total.indexed += result.indexed
+        total.failed += result.failed
+        total.seconds += result.seconds
+    return sorted(merged.values(), key=lambda h: h.hour)

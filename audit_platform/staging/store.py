@@ -1,0 +1,371 @@
+"""Staged batches: immutable Parquet files laid out by commit hour, local or on S3.
+
+Layout: ``<root>/<env>/<source>/<dataset>/date=YYYY-MM-DD/hour=HH/<first-lsn>-<last-lsn>.parquet``
+with LSNs as 16 hex digits (so names sort in LSN order). The same LSN range always gives the
+same name, so re-staging a range replaces its file instead of adding a second copy. Derived
+datasets (``records``, ``rejected``, ``deadletter``) are kept per staged file, under the same
+name as the ``changes`` file they came from: a batch's records can be rebuilt, re-indexed or
+reconciled without touching the rest of its hour.
+
+Durability before the slot moves (DESIGN.md, invariant 1): a local file is written to a temporary
+name, fsynced, renamed into place and its folder fsynced; an S3 PUT is durable when it returns.
+A batch announces its files in an in-flight manifest before writing them; a capture that starts
+after a crash removes the files of any manifest the slot never confirmed (see ``recover``).
+
+Once the slot has confirmed a batch, its manifest becomes a *pending* entry (``_pending/``): the
+ledger of batches that are staged but not yet enriched and indexed. Enrichment marks an entry
+with the records it wrote; indexing removes it. A run that fails after its retries leaves its
+entries behind, and the next run finishes them first, so no staged batch is forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import fsspec
+import polars as pl
+
+from audit_platform.naming import check_identifier
+from audit_platform.staging.schemas import STAGED_SCHEMAS
+
+RAW_DATASETS = ("changes", "contexts")
+#: The column that names the staged file a row was read from (see :meth:`StagingStore.read`).
+FILE = "file"
+
+
+def lsn_hex(lsn: int) -> str:
+    return f"{lsn:016X}"
+
+
+def lsn_text(lsn: int) -> str:
+    """PostgreSQL's own notation, X/Y, for people and SQL."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    dataset: str
+    hour: datetime
+    path: str
+    rows: int
+    first_lsn: int
+    last_lsn: int
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """A ledger entry: staged files whose records are not all indexed yet.
+
+    ``records`` is None until enrichment has written them. ``ids`` narrows indexing to some
+    records of those files (a quarantine resolution re-indexes only what it changed).
+    """
+
+    name: str
+    path: str
+    staged: tuple[str, ...]
+    records: tuple[str, ...] | None = None
+    ids: tuple[str, ...] | None = None
+
+    def staged_paths(self, dataset: str) -> list[str]:
+        return [p for p in self.staged if f"/{dataset}/date=" in p]
+
+
+class StagingStore:
+    """One environment's and source's staged data under a root folder or URL."""
+
+    def __init__(self, root: str, env: str, source: str) -> None:
+        self.root = root.rstrip("/")
+        self.env = check_identifier("environment", env)
+        self.source = check_identifier("source", source)
+        self.fs, _ = fsspec.core.url_to_fs(self.root)
+        self.local = "file" in _protocols(self.fs)
+
+    @property
+    def base(self) -> str:
+        return f"{self.root}/{self.env}/{self.source}"
+
+    def hour_dir(self, dataset: str, hour: datetime) -> str:
+        return f"{self.base}/{dataset}/date={hour:%Y-%m-%d}/hour={hour:%H}"
+
+    def derived_path(self, staged_path: str, dataset: str) -> str:
+        """The file of a derived dataset that belongs to a staged ``changes`` file."""
+        prefix = f"{self.base}/changes/"
+        if not staged_path.startswith(prefix):
+            raise ValueError(f"{staged_path} is not a staged changes file of {self.base}")
+        return f"{self.base}/{dataset}/{staged_path[len(prefix) :]}"
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def plan(
+        self, dataset: str, frame: pl.DataFrame, part: int | None = None
+    ) -> list[tuple[datetime, str, pl.DataFrame]]:
+        """Split a batch by commit hour: (hour, path, rows) for each file it will write.
+
+        ``part`` names the pieces of one transaction too large for one batch:
+        ``<lsn>-<lsn>.partNNNN.parquet``, numbered in the order they were read.
+        """
+        if frame.is_empty():
+            return []
+        hours = frame.with_columns(pl.col("commit_time").dt.truncate("1h").alias("_hour"))
+        planned = []
+        suffix = "" if part is None else f".part{part:04d}"
+        for (hour,), rows in hours.sort("_hour").group_by("_hour", maintain_order=True):
+            rows = rows.drop("_hour")
+            first, last = rows["lsn"].min(), rows["lsn"].max()
+            name = f"{lsn_hex(first)}-{lsn_hex(last)}{suffix}.parquet"
+            planned.append((hour, f"{self.hour_dir(dataset, hour)}/{name}", rows))
+        return planned
+
+    def write(self, dataset: str, frame: pl.DataFrame, part: int | None = None) -> list[StagedFile]:
+        written = []
+        for hour, path, rows in self.plan(dataset, frame, part):
+            self.write_file(path, rows)
+            written.append(
+                StagedFile(dataset, hour, path, rows.height, rows["lsn"].min(), rows["lsn"].max())
+            )
+        return written
+
+    def write_file(self, path: str, frame: pl.DataFrame) -> None:
+        """Write one Parquet file durably, replacing any previous version whole."""
+        directory = path.rsplit("/", 1)[0]
+        self.fs.makedirs(directory, exist_ok=True)
+        if not self.local:
+            with self.fs.open(path, "wb") as f:
+                frame.write_parquet(f, compression="zstd", statistics=True)
+            return
+        local_path = self.fs._strip_protocol(path)
+        temporary = f"{local_path}.{uuid.uuid4().hex}.tmp"
+        with open(temporary, "wb") as f:
+            frame.write_parquet(f, compression="zstd", statistics=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, local_path)
+        _fsync_dir(os.path.dirname(local_path))
+
+    def _write_json(self, path: str, body: dict) -> None:
+        """A small JSON file, replaced atomically: a reader sees the old or the new, never half
+        (a crash while writing in place once left an empty manifest that wedged capture)."""
+        data = json.dumps(body, sort_keys=True).encode()
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if not self.local:
+            self.fs.pipe_file(path, data)
+            return
+        local_path = self.fs._strip_protocol(path)
+        temporary = f"{local_path}.{uuid.uuid4().hex}.tmp"
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, local_path)
+        _fsync_dir(os.path.dirname(local_path))
+
+    def remove(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    # -- in-flight manifests ------------------------------------------------------------------
+
+    def _manifest_path(self, batch_first_lsn: int, part: int | None) -> str:
+        suffix = "" if part is None else f".part{part:04d}"
+        return f"{self.base}/_inflight/{lsn_hex(batch_first_lsn)}{suffix}.json"
+
+    def announce(
+        self, batch_first_lsn: int, end_lsn: int, paths: Iterable[str], part: int | None = None
+    ) -> str:
+        """Record, before writing, which files a batch will write and where it ends."""
+        path = self._manifest_path(batch_first_lsn, part)
+        self._write_json(path, {"end_lsn": end_lsn, "paths": sorted(paths)})
+        return path
+
+    def settle(self, manifests: list[str]) -> PendingBatch | None:
+        """The slot has confirmed these batches: their files join the pending ledger as one
+        entry (a transaction staged in parts is enriched together with its last part), then the
+        manifests go. A crash in between leaves the manifests, and ``recover`` settles them."""
+        if not manifests:
+            return None
+        paths: set[str] = set()
+        for manifest in manifests:
+            paths.update(self._read_json(manifest)["paths"])
+        name = manifests[-1].rsplit("/", 1)[1].removesuffix(".json")
+        entry = self._write_pending(name, {"staged": sorted(paths)})
+        for manifest in manifests:
+            self.fs.rm(manifest)
+        return entry
+
+    def recover(self, confirmed_lsn: int) -> list[str]:
+        """Undo batches that were staged but never confirmed in the slot; they will be re-read.
+
+        A batch whose end the slot has confirmed stays and joins the pending ledger (the crash
+        came after the advance). An unreadable manifest can only be one whose write was cut
+        short: its batch was never confirmed, and its files are found by their LSN range and
+        removed. Returns the files removed.
+        """
+        removed: list[str] = []
+        confirmed: list[str] = []
+        for manifest in sorted(self.fs.glob(f"{self.base}/_inflight/*.json")):
+            try:
+                entry = self._read_json(manifest)
+            except ValueError:
+                entry = {"end_lsn": confirmed_lsn + 1, "paths": self._unconfirmed(manifest)}
+            if entry["end_lsn"] <= confirmed_lsn:
+                confirmed.append(manifest)
+                continue
+            for path in entry["paths"]:
+                if self.fs.exists(path):
+                    self.fs.rm(path)
+                    removed.append(path)
+            self.fs.rm(manifest)
+        self.settle(confirmed)
+        return removed
+
+    def _unconfirmed(self, manifest: str) -> list[str]:
+        """Staged files at or after the LSN an unreadable manifest is named for."""
+        first = int(manifest.rsplit("/", 1)[1].split(".")[0], 16)
+        return [
+            path
+            for dataset in RAW_DATASETS
+            for path in self.files(dataset)
+            if _name_range(path)[1] >= first
+        ]
+
+    # -- the pending ledger -------------------------------------------------------------------
+
+    def _write_pending(self, name: str, body: dict) -> PendingBatch:
+        path = f"{self.base}/_pending/{name}.json"
+        self._write_json(path, body)
+        return _pending_entry(name, path, body)
+
+    def pending(self) -> list[PendingBatch]:
+        """Entries not yet indexed, oldest first (names sort in LSN order)."""
+        entries = []
+        for path in sorted(self.fs.glob(f"{self.base}/_pending/*.json")):
+            name = path.rsplit("/", 1)[1].removesuffix(".json")
+            entries.append(_pending_entry(name, path, self._read_json(path)))
+        return entries
+
+    def mark_enriched(self, entry: PendingBatch, records: Iterable[str]) -> PendingBatch:
+        return self._write_pending(
+            entry.name, {"staged": list(entry.staged), "records": sorted(records)}
+        )
+
+    def add_reindex(self, records: dict[str, list[str]]) -> PendingBatch:
+        """Some records of some files changed (a quarantine resolution): index just those."""
+        ids = sorted(i for found in records.values() for i in found)
+        name = f"~resolved-{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}"
+        return self._write_pending(name, {"staged": [], "records": sorted(records), "ids": ids})
+
+    def done(self, entry: PendingBatch) -> None:
+        self.fs.rm(entry.path)
+
+    def _read_json(self, path: str) -> dict:
+        return json.loads(self.fs.cat_file(path))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def files_by_hour(self, dataset: str) -> list[StagedFile]:
+        """Every staged file of a dataset, with its hour and LSN range (rows unknown: -1)."""
+        found = []
+        for path in self.files(dataset):
+            first, last = _name_range(path)
+            found.append(StagedFile(dataset, hour_from_path(path), path, -1, first, last))
+        return found
+
+    def hours(self, dataset: str) -> list[datetime]:
+        """The hours a dataset has files for, in order."""
+        return sorted({hour_from_path(path) for path in self.files(dataset)})
+
+    def hour_folders(self) -> list[tuple[datetime, str]]:
+        """(hour, folder) for every dataset of this environment and source."""
+        folders = self.fs.glob(f"{self.base}/*/date=*/hour=*")
+        return sorted((hour_from_path(folder + "/"), folder) for folder in folders)
+
+    def files(self, dataset: str) -> list[str]:
+        return sorted(self.fs.glob(f"{self.base}/{dataset}/date=*/hour=*/*.parquet"))
+
+    def hour_files(self, dataset: str, hour: datetime) -> list[str]:
+        return sorted(self.fs.glob(f"{self.hour_dir(dataset, hour)}/*.parquet"))
+
+    def files_holding(self, dataset: str, hour: datetime, lsn: int) -> list[str]:
+        """The files of an hour whose LSN range holds ``lsn`` (a batch, or parts of one
+        transaction): found by name, without reading any file."""
+        return [
+            path
+            for path in self.hour_files(dataset, hour)
+            if _name_range(path)[0] <= lsn <= _name_range(path)[1]
+        ]
+
+    def read(self, paths: Iterable[str], dataset: str | None = None) -> pl.DataFrame:
+        """Rows of several files in one frame, each row with the ``file`` it came from; a
+        missing file reads as no rows (retention or a recovery may have removed it)."""
+        frames = []
+        for path in paths:
+            try:
+                with self.fs.open(path, "rb") as f:
+                    frame = pl.read_parquet(f)
+            except FileNotFoundError:
+                continue
+            frames.append(frame.with_columns(pl.lit(path).alias(FILE)))
+        if frames:
+            return pl.concat(frames, how="diagonal_relaxed")
+        schema = STAGED_SCHEMAS.get(dataset or "", {})
+        return pl.DataFrame(schema={**schema, FILE: pl.String})
+
+    def count_rows(self, paths: Iterable[str]) -> int:
+        """Rows in files, from their Parquet footers (no data pages are read)."""
+        total = 0
+        for path in paths:
+            with self.fs.open(path, "rb") as f:
+                total += pl.scan_parquet(f).select(pl.len()).collect().item()
+        return total
+
+    def read_all(self, dataset: str) -> pl.DataFrame | None:
+        paths = self.files(dataset)
+        return self.read(paths, dataset).drop(FILE) if paths else None
+
+
+def _pending_entry(name: str, path: str, body: dict) -> PendingBatch:
+    records = body.get("records")
+    ids = body.get("ids")
+    return PendingBatch(
+        name,
+        path,
+        tuple(body.get("staged", ())),
+        None if records is None else tuple(records),
+        None if ids is None else tuple(ids),
+    )
+
+
+def _name_range(path: str) -> tuple[int, int]:
+    first, last = path.rsplit("/", 1)[1].split(".")[0].split("-")
+    return int(first, 16), int(last, 16)
+
+
+def hour_from_path(path: str) -> datetime:
+    """The hour a staged path's ``date=``/``hour=`` folders name."""
+    date = path.rsplit("/date=", 1)[1][:10]
+    hour = path.rsplit("/hour=", 1)[1][:2]
+    return datetime.strptime(f"{date} {hour}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
