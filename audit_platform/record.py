@@ -12,6 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -152,3 +153,29 @@ def split_object_id(text: str) -> list[str]:
 def record_id(env: str, source: str, commit_lsn: int, change_index: int) -> str:
     """Re-processing the same change always produces the same ``_id`` (invariant 2)."""
     return f"{env}:{source}:{commit_lsn:016X}:{change_index}"
+
+
+#: The record as enrichment stages it (``records/`` Parquet, one row per record): flat columns,
+#: with the row images, the context and the changed columns kept as the JSON text capture wrote,
+#: so indexing splices them into documents without parsing them again
+#: (``index.documents.document_frame`` maps these columns onto :class:`AuditRecord`).
+RECORD_SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String,
+    "commit_time": pl.Datetime("us", "UTC"),
+    "env": pl.String,
+    "source": pl.String,
+    "schema": pl.String,
+    "table": pl.String,
+    "operation": pl.String,
+    "object_id": pl.String,
+    "changed_columns": pl.String,  # JSON array
+    "before": pl.String,  # JSON object or null
+    "after": pl.String,
+    "context": pl.String,
+    "attribution_status": pl.String,
+    "attribution_lag_seconds": pl.Float64,
+    "xid": pl.Int64,
+    "lsn": pl.Int64,
+    "change_index": pl.Int32,
+    "policy_version": pl.String,
+}

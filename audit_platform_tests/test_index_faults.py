@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 
 from audit_platform.clients import elasticsearch_client
-from audit_platform.enrich.join import RECORD_SCHEMA
 from audit_platform.index.bulk import index_records
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
+from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import ElasticsearchConnection, Settings
 from audit_platform.stack.elasticsearch import LocalElasticsearch
 from audit_platform.stack.system import free_port

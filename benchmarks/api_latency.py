@@ -32,11 +32,11 @@ import typer
 from audit_platform import platform_db
 from audit_platform.api_keys import Scope, create_key
 from audit_platform.clients import es_from_settings
-from audit_platform.enrich.join import RECORD_SCHEMA
 from audit_platform.index.bulk import index_records
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.query.filters import EventFilter, bool_query, filter_clauses, sort
+from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import Settings
 from audit_platform.stack.system import free_port
 

@@ -9,7 +9,6 @@ the records files that hold them (``resolve_quarantine``).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -18,7 +17,7 @@ import polars as pl
 import psycopg
 
 from audit_platform.enrich import quarantine
-from audit_platform.enrich.join import RECORD_SCHEMA, EnrichResult, enrich, transaction_contexts
+from audit_platform.enrich.join import EnrichResult, enrich, transaction_contexts
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging.store import FILE, StagingStore, hour_from_path
 
@@ -48,31 +47,37 @@ class HourResult:
 
 @dataclass
 class EnrichOutcome:
-    changes: int
-    result: EnrichResult
-    #: Records files written, one per staged changes file.
+    """Counts per hour of one enrichment, and the records files it wrote."""
+
+    changes: int = 0
     records_paths: list[str] = field(default_factory=list)
-    changes_per_file: dict[str, int] = field(default_factory=dict)
+    by_hour: dict[datetime, HourResult] = field(default_factory=dict)
+
+    def add(self, path: str | None, changes: int, result: EnrichResult) -> None:
+        """Count one file's (or one resolution's) result into its hours."""
+
+        def of(where: str | None, committed: datetime | None = None) -> HourResult:
+            hour = hour_from_path(where) if where else _hour(committed)
+            return self.by_hour.setdefault(hour, HourResult(hour))
+
+        self.changes += changes
+        if path is not None and changes:
+            of(path).changes += changes
+        counts = result.records.group_by(
+            FILE, pl.col("commit_time").dt.truncate("1h"), "attribution_status"
+        ).len()
+        for where, hour, status, count in counts.iter_rows():
+            found = of(where, hour)
+            found.records += count
+            setattr(found, status, getattr(found, status) + count)
+        for orphan in result.orphans:
+            of(orphan.file, orphan.commit_time).orphans_waiting += 1
+        for _, _, _, where in result.rejected:
+            of(where).rejected += 1
 
     @property
     def hours(self) -> list[HourResult]:
-        by_hour: dict[datetime, HourResult] = {}
-
-        def of(path: str | None, committed: datetime | None = None) -> HourResult:
-            hour = hour_from_path(path) if path else _hour(committed)
-            return by_hour.setdefault(hour, HourResult(hour))
-
-        for path, count in self.changes_per_file.items():
-            of(path).changes += count
-        for path, status in self.result.records.select(FILE, "attribution_status").iter_rows():
-            found = of(path)
-            found.records += 1
-            setattr(found, status, getattr(found, status) + 1)
-        for orphan in self.result.orphans:
-            of(orphan.file, orphan.commit_time).orphans_waiting += 1
-        for *_, path in self.result.rejected:
-            of(path).rejected += 1
-        return sorted(by_hour.values(), key=lambda h: h.hour)
+        return sorted(self.by_hour.values(), key=lambda h: h.hour)
 
 
 def enrich_files(
@@ -85,39 +90,41 @@ def enrich_files(
     now: datetime,
     grace: timedelta,
 ) -> EnrichOutcome:
-    """Enrich these staged files together and write one records file per changes file.
+    """Enrich these staged files and write one records file per changes file.
 
     The files must hold whole transactions (a pending batch with its parts, or an hour), so
-    every change meets its transaction's context.
+    every change meets its transaction's context. Contexts (one small row per transaction) are
+    read once; changes are joined one file at a time, so memory is bounded by one batch
+    however many batches an hour holds.
     """
-    changes = store.read(changes_paths, "changes")
     contexts = store.read(contexts_paths, "contexts")
     env, source = store.env, store.source
+    outcome = EnrichOutcome()
     with state.transaction():
         quarantine.store_late_contexts(state, env, source, contexts)
-        own = transaction_contexts(contexts).select("lsn", "xid")
-        unmatched = changes.join(own, on=["lsn", "xid"], how="anti")["xid"].unique().to_list()
-        late = quarantine.late_contexts_for(state, env, source, unmatched)
-        result = enrich(changes, contexts, policy, now=now, grace=grace, late_contexts=late)
-        per_file = dict(changes.group_by(FILE).len().iter_rows())
-        outcome = EnrichOutcome(changes.height, result, changes_per_file=per_file)
-        by_file = dict(_split(result.records, changes_paths))
+        own = transaction_contexts(contexts)
         for path in changes_paths:
+            changes = store.read([path], "changes")
+            result = _enrich_known(state, store, policy, changes, contexts, own, now, grace)
             target = store.derived_path(path, "records")
-            store.write_file(target, by_file.get(path, _EMPTY_RECORDS))
+            store.write_file(target, result.records.drop(FILE).sort("lsn", "change_index"))
             outcome.records_paths.append(target)
-        rejected: dict[str, list] = defaultdict(list)
-        for lsn, index, reason, path in result.rejected:
-            rejected[path].append((lsn, index, reason))
-        for path, rows in rejected.items():
-            frame = pl.DataFrame(rows, schema=REJECTED_SCHEMA, orient="row")
-            store.write_file(store.derived_path(path, "rejected"), frame)
-        quarantine.record_orphans(state, env, source, result.orphans, now=now)
-        quarantine.settle(state, env, source, result.records, now=now)
+            if result.rejected:
+                rows = [(lsn, index, reason) for lsn, index, reason, _ in result.rejected]
+                frame = pl.DataFrame(rows, schema=REJECTED_SCHEMA, orient="row")
+                store.write_file(store.derived_path(path, "rejected"), frame)
+            quarantine.record_orphans(state, env, source, result.orphans, now=now)
+            quarantine.settle(state, env, source, result.records, now=now)
+            outcome.add(path, changes.height, result)
     return outcome
 
 
-_EMPTY_RECORDS = pl.DataFrame(schema=RECORD_SCHEMA)
+def _enrich_known(state, store, policy, changes, contexts, own, now, grace) -> EnrichResult:
+    """``enrich`` with the late contexts of the changes that have no context of their own."""
+    unmatched = changes.join(own.select("lsn", "xid"), on=["lsn", "xid"], how="anti")
+    xids = unmatched["xid"].unique().to_list()
+    late = quarantine.late_contexts_for(state, store.env, store.source, xids) if xids else None
+    return enrich(changes, contexts, policy, now=now, grace=grace, late_contexts=late)
 
 
 def _split(records: pl.DataFrame, paths: Iterable[str]) -> Iterable[tuple[str, pl.DataFrame]]:
@@ -204,9 +211,10 @@ def resolve_quarantine(
         }
     )
     changes = store.read(files, "changes").join(wanted, on=["lsn", "change_index"], how="semi")
-    contexts = store.read([f.replace("/changes/", "/contexts/", 1) for f in files], "contexts")
     late = quarantine.late_contexts_for(state, env, source, entries["xid"].unique().to_list())
-    result = enrich(changes, contexts, policy, now=now, grace=grace, late_contexts=late)
+    # Orphans had no context of their own in their batch: only late contexts can attribute them.
+    no_contexts = store.read([], "contexts")
+    result = enrich(changes, no_contexts, policy, now=now, grace=grace, late_contexts=late)
     reindex: dict[str, list[str]] = {}
     for path, rows in _split(result.records, files):
         target = store.derived_path(path, "records")
@@ -223,7 +231,9 @@ def resolve_quarantine(
     with state.transaction():
         quarantine.record_orphans(state, env, source, result.orphans, now=now)
         quarantine.settle(state, env, source, result.records, now=now)
-    return EnrichOutcome(0, result).hours
+    outcome = EnrichOutcome()
+    outcome.add(None, 0, result)
+    return outcome.hours
 
 
 def _hour(moment: datetime) -> datetime:

@@ -19,29 +19,8 @@ import polars as pl
 
 from audit_platform.context.model import merge_fields
 from audit_platform.policy import SourcePolicy
-from audit_platform.record import Operation, object_id, record_id
+from audit_platform.record import RECORD_SCHEMA, Operation, object_id, record_id
 from audit_platform.staging.store import FILE
-
-RECORD_SCHEMA = {
-    "id": pl.String,
-    "commit_time": pl.Datetime("us", "UTC"),
-    "env": pl.String,
-    "source": pl.String,
-    "schema": pl.String,
-    "table": pl.String,
-    "operation": pl.String,
-    "object_id": pl.String,
-    "changed_columns": pl.String,  # JSON array
-    "before": pl.String,  # JSON object or null
-    "after": pl.String,
-    "context": pl.String,
-    "attribution_status": pl.String,
-    "attribution_lag_seconds": pl.Float64,
-    "xid": pl.Int64,
-    "lsn": pl.Int64,
-    "change_index": pl.Int32,
-    "policy_version": pl.String,
-}
 
 
 @dataclass

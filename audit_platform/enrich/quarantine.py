@@ -42,21 +42,21 @@ def record_orphans(
     backoff: Backoff = Backoff(),
 ) -> int:
     """Add new orphans, or count another attempt for known ones; returns how many."""
-    rows = list(orphans)
+    rows = [
+        (env, source, o.lsn, o.change_index, o.xid, o.commit_time, now,
+         now + backoff.delay(1), now + backoff.delay(2))
+        for o in orphans
+    ]  # fmt: skip
     with conn.cursor() as cur:
-        for orphan in rows:
-            cur.execute(
-                "INSERT INTO audit_platform.quarantine AS q (env, source, commit_lsn,"
-                " change_index, xid, commit_time, first_seen, next_retry_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (env, source, commit_lsn, change_index) DO UPDATE"
-                " SET attempts = q.attempts + 1, next_retry_at = %s, status = 'waiting'"
-                " WHERE q.status = 'waiting'",
-                (
-                    env, source, orphan.lsn, orphan.change_index, orphan.xid,
-                    orphan.commit_time, now, now + backoff.delay(1), now + backoff.delay(2),
-                ),
-            )  # fmt: skip
+        cur.executemany(
+            "INSERT INTO audit_platform.quarantine AS q (env, source, commit_lsn,"
+            " change_index, xid, commit_time, first_seen, next_retry_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (env, source, commit_lsn, change_index) DO UPDATE"
+            " SET attempts = q.attempts + 1, next_retry_at = %s, status = 'waiting'"
+            " WHERE q.status = 'waiting'",
+            rows,
+        )
     return len(rows)
 
 
@@ -69,30 +69,35 @@ def settle(
     grace window when first seen), so a context attached even later still finds its change.
     Late records resolve their entry.
     """
-    settled = 0
     orphans = records.filter(pl.col("attribution_status") != "attributed").select(
         "lsn", "change_index", "xid", "commit_time", "attribution_status"
     )
+    released = [
+        (env, source, lsn, index, xid, commit_time, now, now, now, now)
+        for lsn, index, xid, commit_time, status in orphans.iter_rows()
+        if status == "unattributed"
+    ]
+    resolved = [
+        (now, env, source, lsn, index)
+        for lsn, index, _, _, status in orphans.iter_rows()
+        if status != "unattributed"
+    ]
     with conn.cursor() as cur:
-        for lsn, index, xid, commit_time, status in orphans.iter_rows():
-            if status == "unattributed":
-                cur.execute(
-                    "INSERT INTO audit_platform.quarantine AS q (env, source, commit_lsn,"
-                    " change_index, xid, commit_time, first_seen, next_retry_at, status,"
-                    " settled_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'released', %s)"
-                    " ON CONFLICT (env, source, commit_lsn, change_index) DO UPDATE"
-                    " SET status = 'released', settled_at = %s WHERE q.status = 'waiting'",
-                    (env, source, lsn, index, xid, commit_time, now, now, now, now),
-                )
-            else:
-                cur.execute(
-                    "UPDATE audit_platform.quarantine SET status = 'resolved', settled_at = %s"
-                    " WHERE env = %s AND source = %s AND commit_lsn = %s AND change_index = %s"
-                    " AND status <> 'resolved'",
-                    (now, env, source, lsn, index),
-                )
-            settled += cur.rowcount
-    return settled
+        cur.executemany(
+            "INSERT INTO audit_platform.quarantine AS q (env, source, commit_lsn,"
+            " change_index, xid, commit_time, first_seen, next_retry_at, status,"
+            " settled_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'released', %s)"
+            " ON CONFLICT (env, source, commit_lsn, change_index) DO UPDATE"
+            " SET status = 'released', settled_at = %s WHERE q.status = 'waiting'",
+            released,
+        )
+        cur.executemany(
+            "UPDATE audit_platform.quarantine SET status = 'resolved', settled_at = %s"
+            " WHERE env = %s AND source = %s AND commit_lsn = %s AND change_index = %s"
+            " AND status <> 'resolved'",
+            resolved,
+        )
+    return len(released) + len(resolved)
 
 
 def store_late_contexts(

@@ -1,26 +1,46 @@
-"""Bulk indexing of audit records into Elasticsearch.
+"""Bulk indexing of audit records into Elasticsearch: columnar bodies, a few requests in flight.
 
 Each record's ``_id`` is derived from (env, source, commit LSN, change index), so indexing the
 same records again replaces documents instead of adding copies (DESIGN.md, invariant 2).
-Documents Elasticsearch refuses one by one (a mapping conflict, a value too large) are returned
-with their reason for the dead-letter dataset; they never fail the documents around them.
+
+Bodies are NDJSON built by polars (``documents.document_frame``) and sent as they are, with a
+bounded number of requests in flight, because one Python thread serializing dicts, then waiting
+for each response, is what kept indexing at half the cluster's own rate. Per item: 429 (the
+cluster is busy) is retried with exponential backoff and jitter; any other refusal (a mapping
+conflict, a value too large) is returned with its reason for the dead-letter dataset and never
+fails the documents around it. Connection errors and 5xx responses are retried by the client's
+transport; if they persist, the exception propagates and the caller's run is retried later
+(documents already sent are simply overwritten then).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import polars as pl
 from elasticsearch import Elasticsearch
-from elasticsearch.helpers import streaming_bulk
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
-from audit_platform.index.documents import documents
+from audit_platform.index.documents import document_frame
 
 DEAD_LETTER_SCHEMA = {"id": pl.String, "index": pl.String, "status": pl.Int32, "reason": pl.String}
+#: Chosen by measurement (benchmarks/results/index_throughput.md): past about 1,000 documents
+#: (~1 MB) a request gains nothing here, and two in flight keep the node's write threads busy.
+CHUNK_DOCUMENTS = 1000
+IN_FLIGHT = 2
+
+
+class Throttled(RuntimeError):
+    """Elasticsearch answered 429 for some documents: send them again, later."""
 
 
 @dataclass
@@ -36,46 +56,75 @@ def index_records(
     *,
     database: str,
     ingested_at: datetime,
-    chunk_size: int = 1000,
+    chunk_size: int = CHUNK_DOCUMENTS,
+    in_flight: int = IN_FLIGHT,
+    max_attempts: int = 6,
 ) -> IndexResult:
-    """Bulk-index records; 429s are retried with backoff by the helper, 5xx and connection
-    errors by the client's transport; a document refused for itself is returned, not raised."""
+    """Index records; a document refused for itself is returned in ``failed``, not raised."""
     started = time.monotonic()
     result = IndexResult()
+    if records.is_empty():
+        return result
+    lines = document_frame(records, database=database, ingested_at=ingested_at).select(
+        pl.concat_str(
+            pl.lit('{"index":{"_index":"'), "index", pl.lit('","_id":"'), "id",
+            pl.lit('"}}\n'), "document", pl.lit("\n"),
+        ).alias("line")
+    )["line"]  # fmt: skip
     failures: list[tuple[str, str, int, str]] = []
-
-    def actions() -> Iterator[dict[str, Any]]:
-        for index, doc_id, document in documents(
-            records, database=database, ingested_at=ingested_at
-        ):
-            yield {"_op_type": "index", "_index": index, "_id": doc_id, "_source": document}
-
-    for ok, item in streaming_bulk(
-        client,
-        actions(),
-        chunk_size=chunk_size,
-        max_retries=5,
-        initial_backoff=1,
-        max_backoff=30,
-        raise_on_error=False,
-        raise_on_exception=True,
-        yield_ok=True,
-    ):
-        if ok:
-            result.indexed += 1
-            continue
-        outcome = item["index"]
-        error = outcome.get("error", {})
-        reason = error.get("reason", str(error)) if isinstance(error, dict) else str(error)
-        kind = error.get("type", "error") if isinstance(error, dict) else "error"
-        failures.append(
-            (
-                outcome.get("_id"),
-                outcome.get("_index"),
-                outcome.get("status", 0),
-                f"{kind}: {reason}",
-            )
-        )
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bulk") as pool:
+        waiting: deque[Future[tuple[int, list]]] = deque()
+        for offset in range(0, lines.len(), chunk_size):
+            chunk = lines.slice(offset, chunk_size).to_list()
+            waiting.append(pool.submit(_send, client, chunk, max_attempts))
+            if len(waiting) >= in_flight:  # bounded: at most in_flight bodies in memory
+                indexed, failed = waiting.popleft().result()
+                result.indexed += indexed
+                failures.extend(failed)
+        for future in waiting:
+            indexed, failed = future.result()
+            result.indexed += indexed
+            failures.extend(failed)
     result.failed = pl.DataFrame(failures, schema=DEAD_LETTER_SCHEMA, orient="row")
     result.seconds = time.monotonic() - started
     return result
+
+
+def _send(
+    client: Elasticsearch, lines: list[str], max_attempts: int
+) -> tuple[int, list[tuple[str, str, int, str]]]:
+    """One bulk request of NDJSON lines; documents answered 429 are sent again with backoff."""
+    indexed, failures, pending = 0, [], lines
+    retrying = Retrying(
+        retry=retry_if_exception_type(Throttled),
+        wait=wait_exponential_jitter(initial=1, max=30),
+        stop=stop_after_attempt(max_attempts),
+        reraise=True,
+    )
+    for attempt in retrying:
+        with attempt:
+            response = client.bulk(operations="".join(pending))
+            if not response["errors"]:
+                indexed += len(pending)
+                continue
+            throttled = []
+            for line, item in zip(pending, response["items"], strict=True):
+                outcome = item["index"]
+                status = outcome.get("status", 0)
+                if status < 300:
+                    indexed += 1
+                elif status == 429:
+                    throttled.append(line)
+                else:
+                    failures.append(_failure(outcome, status))
+            if throttled:
+                pending = throttled
+                raise Throttled(f"{len(throttled)} documents answered 429")
+    return indexed, failures
+
+
+def _failure(outcome: dict, status: int) -> tuple[str, str, int, str]:
+    error = outcome.get("error", {})
+    reason = error.get("reason", str(error)) if isinstance(error, dict) else str(error)
+    kind = error.get("type", "error") if isinstance(error, dict) else "error"
+    return outcome.get("_id"), outcome.get("_index"), status, f"{kind}: {reason}"

@@ -1,0 +1,109 @@
+"""The audit record is one contract: the model, the index template and the documents the
+columnar builder writes name exactly the same fields, and strange values survive the builder."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+from pydantic import BaseModel
+
+from audit_platform.index.documents import documents, validate_document
+from audit_platform.index.template import render_template
+from audit_platform.record import RECORD_SCHEMA, AuditRecord
+from audit_platform.settings import Settings
+
+T0 = datetime(2026, 11, 26, 10, 0, 0, 1, tzinfo=UTC)
+#: Fields Elasticsearch maps as one value even where the model has structure inside.
+OPAQUE = {"before", "after", "context"}
+
+
+def _model_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    found = set()
+    for name, info in model.model_fields.items():
+        key = prefix + (info.alias or name)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found |= _model_fields(annotation, key + ".")
+        else:
+            found.add(key)
+    return found
+
+
+def _mapping_fields(properties: dict, prefix: str = "") -> set[str]:
+    found = set()
+    for name, spec in properties.items():
+        if "properties" in spec and prefix + name not in OPAQUE:
+            found |= _mapping_fields(spec["properties"], f"{prefix}{name}.")
+        else:
+            found.add(prefix + name)
+    return found
+
+
+def _document_fields(document: dict, prefix: str = "") -> set[str]:
+    found = set()
+    for name, value in document.items():
+        if isinstance(value, dict) and prefix + name not in OPAQUE:
+            found |= _document_fields(value, f"{prefix}{name}.")
+        else:
+            found.add(prefix + name)
+    return found
+
+
+def _record(**overrides) -> pl.DataFrame:
+    row = {
+        "id": "dev:shop:0000000100000002:3", "commit_time": T0, "env": "dev", "source": "shop",
+        "schema": "public", "table": "orders", "operation": "update", "object_id": "7",
+        "changed_columns": '["status"]', "before": '{"id":"7","status":"new"}',
+        "after": '{"id":"7","status":"paid"}',
+        "context": json.dumps({"actor": {"type": "user", "id": "u1", "name": "Ada"},
+                               "service": "shop", "trace_id": "0" * 32,
+                               "client_addr": "203.0.113.9", "reason": "refund"}),
+        "attribution_status": "late", "attribution_lag_seconds": 1.5, "xid": 9,
+        "lsn": (1 << 32) + 2, "change_index": 3, "policy_version": "1:abc",
+    }  # fmt: skip
+    return pl.DataFrame([{**row, **overrides}], schema=RECORD_SCHEMA)
+
+
+def _document(records: pl.DataFrame) -> tuple[str, str, dict]:
+    [found] = documents(records, database="shopdb", ingested_at=T0 + timedelta(seconds=5))
+    return found
+
+
+def test_model_template_and_documents_name_the_same_fields():
+    model = _model_fields(AuditRecord) - {"id"}  # the id is the document's _id
+    template = render_template(Settings().resources_dir, "dev", 0)
+    mapping = _mapping_fields(template["template"]["mappings"]["properties"])
+    _, _, document = _document(_record())
+    assert model == mapping
+    assert _document_fields(document) == model
+
+
+def test_a_document_carries_every_value_of_its_record():
+    index, doc_id, document = _document(_record())
+    record = validate_document(doc_id, document)
+    assert index == "audit-dev-shop-2026.11" and doc_id == "dev:shop:0000000100000002:3"
+    assert document["@timestamp"] == "2026-11-26T10:00:00.000001+00:00"
+    assert record.transaction.commit_lsn == "1/2" and record.transaction.lsn == (1 << 32) + 2
+    assert (record.user.id, record.user.name, record.service.name) == ("u1", "Ada", "shop")
+    assert (record.client.ip, record.trace.id) == ("203.0.113.9", "0" * 32)
+    assert record.attribution.lag_seconds == 1.5
+    assert record.event.type == ["change"] and record.changed_columns == ["status"]
+    assert record.values_text == "7 new 7 paid"
+    assert record.source.database == "shopdb"
+
+
+def test_strange_values_survive_the_columnar_builder():
+    before = {"note": 'quote " backslash \\ newline \n tab \t', "emoji": "\U0001f600 é",
+              "empty": "", "null": None, "json": '{"a": [1, 2]}', "sep": 'x":"y'}  # fmt: skip
+    records = _record(
+        operation="delete", before=json.dumps(before), after=None, context=None,
+        attribution_status="unattributed", attribution_lag_seconds=None, object_id=None,
+    )  # fmt: skip
+    _, doc_id, document = _document(records)
+    record = validate_document(doc_id, document)
+    assert record.before == before and record.after is None and record.context is None
+    assert record.user.id is None and record.event.type == ["deletion"]
+    expected = " ".join(v for v in before.values() if v)
+    assert record.values_text == expected

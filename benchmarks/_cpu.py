@@ -1,0 +1,107 @@
+"""CPU seconds per kind of process, sampled from /proc (Linux), for the load benchmarks.
+
+Short-lived processes (Dagster run workers) are seen by sampling every second; a process that
+lives less than a second, or the CPU a process spends after its last sample, is missed, so the
+shares are slight underestimates for run workers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+KINDS = (
+    # The code server starts each run in a multiprocessing "spawn" child.
+    ("run worker", "spawn_main"),
+    ("run worker", "execute_run"),
+    ("run worker", "execute_step"),
+    ("dagster code server", "code-server"),
+    ("dagster code server", "api grpc"),
+    ("dagster daemon", "dagster-daemon"),
+    ("dagster webserver", "dagster-webserver"),
+    ("audit api", "api serve"),
+    ("elasticsearch", "org.elasticsearch"),
+)
+
+
+def kind_of(pid: int, me: int) -> str | None:
+    if pid == me:
+        return "benchmark (load and probes)"
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+    if comm == "postgres":
+        return "postgresql"
+    for kind, marker in KINDS:
+        if marker in cmdline:
+            return kind
+    return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+class CpuSampler:
+    """Accumulates CPU seconds per kind between ``start`` and ``stop``."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.kinds: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started_pids: set[int] = set()
+
+    def start(self) -> None:
+        self._machine = _machine_busy()
+        self._started_pids = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+        self._sample(initial=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        totals: dict[str, float] = {"whole machine (/proc/stat)": _machine_busy() - self._machine}
+        for pid, last in self.last.items():
+            kind = self.kinds[pid]
+            totals[kind] = totals.get(kind, 0.0) + last - self.first.get(pid, 0.0)
+        return totals
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self, initial: bool = False) -> None:
+        me = os.getpid()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            if pid not in self.kinds:
+                kind = kind_of(pid, me)
+                if kind is None:
+                    continue
+                self.kinds[pid] = kind
+            seconds = cpu_seconds(pid)
+            if seconds is None:
+                continue
+            if pid not in self.first and (initial or pid in self._started_pids):
+                self.first[pid] = seconds  # running before the start: count from here
+            self.last[pid] = seconds
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (all but idle and iowait), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICKS
