@@ -314,3 +314,31 @@ def test_a_transaction_larger_than_a_batch_is_staged_in_parts_once(zoo):
     parts = [f.path for f in result.files if ".part" in f.path]
     assert len(parts) >= 9
     assert not zoo.store.fs.glob(f"{zoo.store.base}/_inflight/*")
+
+
+def test_a_manifest_cut_short_by_a_crash_does_not_wedge_capture(zoo):
+    """A kill while the in-flight manifest was written once left an empty file that failed
+    every later capture; such a manifest is now read as 'never confirmed' and undone."""
+    zoo.execute("INSERT INTO zoo (id) SELECT g FROM generate_series(1, 50) g")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        zoo.capture(batch_changes=20, crash_at="after_staging")
+    manifests = zoo.store.fs.glob(f"{zoo.store.base}/_inflight/*.json")
+    assert manifests  # the batch and its parts, staged, never confirmed
+    for manifest in manifests:
+        zoo.store.fs.pipe_file(manifest, b"")  # what a kill mid-write leaves
+    zoo.capture(batch_changes=20)
+    staged = zoo.staged()
+    assert staged.height == 50
+    assert staged.select("lsn", "change_index").is_duplicated().sum() == 0
+
+
+@pytest.mark.parametrize("point", ["after_staging", "during_advance"])
+def test_every_staged_batch_is_on_the_pending_ledger_after_any_crash(zoo, point):
+    zoo.execute("INSERT INTO zoo (id) SELECT g FROM generate_series(1, 30) g")
+    zoo.execute("INSERT INTO zoo (id) SELECT g FROM generate_series(31, 60) g")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        zoo.capture(batch_changes=20, crash_at=point)
+    zoo.capture(batch_changes=20)
+    on_ledger = {p for entry in zoo.store.pending() for p in entry.staged_paths("changes")}
+    assert on_ledger == set(zoo.store.files("changes"))
+    assert zoo.staged().height == 60

@@ -12,6 +12,7 @@ import pytest
 from audit_platform.defs import build_definitions
 from audit_platform.defs.capture.assets import SLOT_TAG
 from audit_platform.defs.partitions import hour_key
+from audit_platform.defs.resources import AuditPlatform
 from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
@@ -179,31 +180,33 @@ def test_code_location_serves_only_its_environments_sources(monkeypatch):
     dg.Definitions.validate_loadable(prod)
 
 
-def test_reconciliation_reindexes_a_missing_document_and_its_check_passes(shop, es, env):
+def test_reconciliation_reindexes_only_the_batch_missing_a_document(shop, es, env):
     defs = build_definitions()
-    _write_as_user(
-        shop,
-        "INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')",
-        "INSERT INTO orders (id, customer_id, status) VALUES (2, 1, 'new')",
-    )
     with dg.instance_for_test() as instance:
-        assert (
-            defs.resolve_job_def("capture_shop_job").execute_in_process(instance=instance).success
-        )
+        for batch in range(3):  # three capture runs: three batches of two records
+            _write_as_user(
+                shop,
+                f"INSERT INTO orders (id, customer_id, status) VALUES ({batch * 2}, 1, 'new')",
+                f"INSERT INTO orders (id, customer_id, status) VALUES ({batch * 2 + 1}, 1, 'new')",
+            )
+            job = defs.resolve_job_def("capture_shop_job")
+            assert job.execute_in_process(instance=instance).success
         documents = _documents(es, env)
+        assert len(documents) == 6
         lost = sorted(documents)[0]
         [index] = {h["_index"] for h in es.search(index=f"audit-{env}")["hits"]["hits"]}
         es.delete(index=index, id=lost, refresh=True)
-        assert len(_documents(es, env)) == 1
+        before = _index_ops(es, env)
         run = defs.resolve_job_def("reconcile_shop_job").execute_in_process(instance=instance)
         assert run.success
         assert _documents(es, env) == documents
+        assert _index_ops(es, env) - before == 2  # the short batch, not the hour's six
         checks = [
             e.event_specific_data for e in run.all_events
             if e.event_type_value == "ASSET_CHECK_EVALUATION"
         ]  # fmt: skip
-        assert [c.passed for c in checks] == [True]
-        assert checks[0].metadata["indexed"].value == 2
+        assert [c.passed for c in checks] == [True] * len(checks)
+        assert sum(c.metadata["indexed"].value for c in checks) == 6
 
 
 def _index_ops(es, env: str) -> int:
@@ -289,14 +292,19 @@ def test_quarantine_sensor_starts_a_resolve_run_that_touches_only_orphans(shop, 
             defs.resolve_job_def("capture_shop_job").execute_in_process(instance=instance).success
         )
         sensor = defs.resolve_sensor_def("quarantine_shop_sensor")
-        context = dg.build_sensor_context(instance=instance, definitions=defs)
-        assert isinstance(sensor(context), dg.SkipReason)  # waiting, not due yet
+
+        def tick():
+            return sensor(
+                dg.build_sensor_context(instance=instance, resources={"platform": AuditPlatform()})
+            )
+
+        assert isinstance(tick(), dg.SkipReason)  # waiting, not due yet
         with psycopg.connect(shop, autocommit=True) as state:
             state.execute(
                 "INSERT INTO audit_platform.late_contexts VALUES (%s, 'shop', %s, 1, %s, now())",
                 (env, xid % 2**32, '{"actor": {"type": "job", "id": "nightly"}}'),
             )
-        request = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+        request = tick()
         assert isinstance(request, dg.RunRequest)
         resolve = defs.resolve_job_def("resolve_shop_job")
         assert resolve.tags[SLOT_TAG] == f"audit_{env}_shop"  # queues behind capture runs
@@ -305,6 +313,4 @@ def test_quarantine_sensor_starts_a_resolve_run_that_touches_only_orphans(shop, 
         assert sum(m["late"] for m in _run_metadata(run, "enriched")) == 1
         [document] = _documents(es, env).values()
         assert document["attribution"]["status"] == "late"
-        assert isinstance(
-            sensor(dg.build_sensor_context(instance=instance, definitions=defs)), dg.SkipReason
-        )
+        assert isinstance(tick(), dg.SkipReason)

@@ -201,3 +201,15 @@ def test_rebuilding_an_hour_gives_the_records_the_runs_wrote(shop):
     before = {p: shop.store.fs.cat_file(p) for p in shop.store.files("records")}
     _enrich(shop, now=now)
     assert {p: shop.store.fs.cat_file(p) for p in shop.store.files("records")} == before
+
+
+def test_a_transaction_staged_in_parts_joins_its_context(shop):
+    with psycopg.connect(shop.url) as conn:
+        conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(ADA),))
+        conn.execute("INSERT INTO orders SELECT g, 'new', NULL FROM generate_series(1, 450) g")
+    result = shop.capture(batch_changes=100)
+    assert len([f for f in result.files if ".part" in f.path]) >= 4
+    records = _run(shop)
+    assert records.height == 450
+    assert set(records["attribution_status"]) == {"attributed"}
+    assert quarantine.stats(shop.state, "test", "shop").waiting == 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -48,6 +49,7 @@ from elasticsearch import helpers
 from audit_platform.api_keys import create_key
 from audit_platform.clients import elasticsearch_client
 from audit_platform.demo.run import prepare_shop
+from audit_platform.environment import load_environment
 from audit_platform.naming import read_alias, slot_name
 from audit_platform.settings import Settings
 from audit_platform.stack.deployment import LocalDeployment
@@ -270,14 +272,14 @@ def quantile(values: list[float], q: int) -> float:
         values[0] if values else float("nan"))  # fmt: skip
 
 
-def report(steps: list[Step], bare: tuple[int, float], writers: int) -> list[str]:
+def report(steps: list[Step], bare: tuple[int, float], writers: int, interval: int) -> list[str]:
     lines = [
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on the local stack: one 2-core machine "
         "shared by PostgreSQL, Elasticsearch (1 GB heap), the Dagster webserver and daemon with "
         "their code servers and run processes, the Audit API and the load itself "
         f"({writers} writer connections, transactions of {CHANGES_PER_TX} row changes with "
-        "their context, plus one probe transaction a second). Capture sensor interval 10 s "
-        "(the `dev` default).",
+        f"their context, plus one probe transaction a second). Capture sensor interval {interval} "
+        "s (the `dev` default is 10).",
         "",
         "| rate (changes/s) | minutes | committed | indexed | caught up after | runs | run s, "
         "first 10 / last 10 (ratio) | slot lag MB, median / max | fresh p50 / p95 / max s | "
@@ -341,14 +343,20 @@ def main(
         float, typer.Option(help="Seconds to wait for catch-up after a step.")
     ] = 300,
     tag: Annotated[str, typer.Option(help="Suffix of the results file.")] = "",
+    interval: Annotated[
+        int, typer.Option(help="Capture sensor interval, seconds (0: the dev default).")
+    ] = 0,
 ) -> None:
     settings = Settings()
     exports = {k: v for k, v in os.environ.items() if k.startswith("AUDIT_")}
     root = Path(tempfile.mkdtemp(prefix="sustained-"))
     resources = root / "resources"
     shutil.copytree(settings.resources_dir, resources)
-    shutil.copyfile(resources / "environments" / "dev.yaml",
-                    resources / "environments" / f"{ENV}.yaml")  # fmt: skip
+    environment = (resources / "environments" / "dev.yaml").read_text()
+    if interval:
+        environment = re.sub(r"capture_interval_seconds: \d+",
+                             f"capture_interval_seconds: {interval}", environment)  # fmt: skip
+    (resources / "environments" / f"{ENV}.yaml").write_text(environment)
     for name in (f"shop_{ENV}", f"dagster_{ENV}"):
         drop_database(exports["AUDIT_PG_URL"], name)
     es = elasticsearch_client(settings.elasticsearch)
@@ -384,7 +392,8 @@ def main(
     finally:
         deployment.stop()
     bare = bare_bulk_rate(es, ENV, bare_documents)
-    lines = report(steps, bare, writers)
+    interval = load_environment(resources, ENV).capture_interval_seconds
+    lines = report(steps, bare, writers, interval)
     out = RESULTS / f"sustained_load{'-' + tag if tag else ''}.md"
     out.write_text("# Sustained load through the deployment\n\n" + "\n".join(lines) + "\n")
     raw = [{"rate": s.rate, "runs": s.runs, "lag": s.lag, "freshness": s.freshness, "cpu": s.cpu}

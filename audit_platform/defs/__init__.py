@@ -34,23 +34,31 @@ from audit_platform.defs.index.schedules import (
     retention_job,
     retention_schedule,
 )
+from audit_platform.defs.resources import AuditPlatform
 from audit_platform.environment import load_environment
 from audit_platform.settings import Settings
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings()
-    environment = load_environment(settings.resources_dir, settings.env)
-    assets, jobs, sensors, schedules = [template_asset(environment)], [], [], []
+    env = settings.env
+    environment = load_environment(settings.resources_dir, env)
+    assets, jobs, sensors, schedules = (
+        [template_asset(environment, settings.resources_dir)],
+        [],
+        [],
+        [],
+    )
     checks = [template_check(environment)]
     grace = timedelta(minutes=environment.enrich_grace_minutes)
     for source, config in sorted(environment.sources.items()):
         assets.extend(staged_asset_specs(source))
-        assets.append(enriched_asset(source, grace))
+        assets.append(enriched_asset(env, source, grace))
         assets.append(quarantine_asset(source))
-        assets.append(indexed_asset(source, config, environment))
+        assets.append(indexed_asset(env, source, config, environment))
         index = index_op(source, config, environment)  # one op, in the capture and resolve jobs
         job = capture_job(
+            env,
             source,
             config,
             environment.capture_batch_changes,
@@ -62,17 +70,20 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             description=f"Rebuild whole hours of source {source}: enrich, then index (backfills).",
         )
         resolve = resolve_job(
+            env,
             source,
             then=[enrich_op(source, grace, batches=False), index],
         )
-        reconcile = reconcile_job(source, config, environment)
+        reconcile = reconcile_job(env, source, config, environment)
         quarantine_job = dg.define_asset_job(
             f"quarantine_{source}_job", selection=[quarantine_key(source)]
         )
-        checks.extend(source_checks(source, config, environment))
+        checks.extend(source_checks(env, source, config, environment))
         jobs.extend([job, enrich_job, resolve, quarantine_job, reconcile])
         schedules.append(reconcile_schedule(source, reconcile))
-        sensors.append(capture_sensor(source, config, job, environment.capture_interval_seconds))
+        sensors.append(
+            capture_sensor(env, source, config, job, environment.capture_interval_seconds)
+        )
         sensors.append(quarantine_sensor(source, resolve))
         schedules.append(quarantine_schedule(source, quarantine_job))
     health = health_checks_job(checks)
@@ -90,7 +101,12 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         )
     )
     return dg.Definitions(
-        assets=assets, asset_checks=checks, jobs=jobs, sensors=sensors, schedules=schedules
+        assets=assets,
+        asset_checks=checks,
+        jobs=jobs,
+        sensors=sensors,
+        schedules=schedules,
+        resources={"platform": AuditPlatform()},
     )
 
 

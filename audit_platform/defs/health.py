@@ -16,22 +16,20 @@ import dagster as dg
 import psycopg
 
 from audit_platform.capture.slot import slot_state
-from audit_platform.clients import es_from_settings
 from audit_platform.defs.capture.assets import source_url, staged_key
 from audit_platform.defs.index.assets import TEMPLATE_KEY
+from audit_platform.defs.resources import AuditPlatform
 from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.index.retention import cluster_has_ilm
 from audit_platform.index.template import installed_template_hash, render_template
 from audit_platform.naming import slot_name, template_name
-from audit_platform.policy import load_policy, policy_path
-from audit_platform.settings import Settings
 from audit_platform.sources.check import Level, check_source
 
 CHECK_CRON = "*/5 * * * *"
 
 
 def source_checks(
-    source: str, config: SourceConfig, environment: EnvironmentConfig
+    env: str, source: str, config: SourceConfig, environment: EnvironmentConfig
 ) -> list[dg.AssetChecksDefinition]:
     asset = staged_key(source, "changes")
     threshold = environment.slot_lag_threshold_bytes
@@ -41,7 +39,7 @@ def source_checks(
         description=f"WAL held by the slot of source {source}, against {threshold:,} bytes.",
     )  # fmt: skip
     def slot_lag() -> dg.AssetCheckResult:
-        slot = slot_name(Settings().env, source)
+        slot = slot_name(env, source)
         with psycopg.connect(source_url(source, config), autocommit=True,
                              connect_timeout=10) as conn:  # fmt: skip
             state = slot_state(conn, slot)
@@ -59,9 +57,8 @@ def source_checks(
         description=f"Every tracked table of source {source} exists, has a key and REPLICA "
         "IDENTITY FULL.",
     )  # fmt: skip
-    def tracked_tables() -> dg.AssetCheckResult:
-        settings = Settings()
-        policy = load_policy(policy_path(settings.resources_dir, source))
+    def tracked_tables(platform: AuditPlatform) -> dg.AssetCheckResult:
+        settings, policy = platform.settings, platform.policy(source)
         findings = check_source(source_url(source, config), settings.env, policy,
                                 settings.resources_dir / "sql")  # fmt: skip
         tables = [f for f in findings if f.subject in policy.tables]
@@ -81,9 +78,9 @@ def template_check(environment: EnvironmentConfig) -> dg.AssetChecksDefinition:
         asset=TEMPLATE_KEY, name="template_current", blocking=False,
         description="The installed index template is the one this code version renders.",
     )  # fmt: skip
-    def template_current() -> dg.AssetCheckResult:
-        settings = Settings()
-        with es_from_settings(settings) as client:
+    def template_current(platform: AuditPlatform) -> dg.AssetCheckResult:
+        settings = platform.settings
+        with platform.elasticsearch() as client:
             lifecycle = template_name(settings.env) if cluster_has_ilm(client) else None
             installed = installed_template_hash(client, settings.env)
         expected = render_template(settings.resources_dir, settings.env,

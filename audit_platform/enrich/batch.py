@@ -203,12 +203,11 @@ def resolve_quarantine(
     if entries.is_empty():
         return []
     wanted = entries.select("lsn", "change_index")
+    by_hour = entries.group_by(pl.col("commit_time").dt.truncate("1h").alias("hour")).agg("lsn")
     files = sorted(
-        {
-            path
-            for lsn, committed in entries.select("lsn", "commit_time").unique().iter_rows()
-            for path in store.files_holding("changes", _hour(committed), lsn)
-        }
+        path
+        for hour, lsns in by_hour.iter_rows()
+        for path in store.files_holding("changes", hour, lsns)
     )
     changes = store.read(files, "changes").join(wanted, on=["lsn", "change_index"], how="semi")
     late = quarantine.late_contexts_for(state, env, source, entries["xid"].unique().to_list())

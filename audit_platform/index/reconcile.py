@@ -1,4 +1,5 @@
-"""Reconciliation: records staged for an hour against documents indexed for it."""
+"""Reconciliation: records staged for an hour against documents indexed for it, and, for an
+hour that is short, which of its batches are short, so that only those are indexed again."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from datetime import datetime, timedelta
 from elasticsearch import Elasticsearch
 
 from audit_platform.naming import read_alias
-from audit_platform.staging.store import StagingStore
+from audit_platform.staging.store import StagingStore, lsn_range
 
 
 @dataclass(frozen=True)
@@ -32,23 +33,74 @@ def hour_counts(client: Elasticsearch, store: StagingStore, hour: datetime) -> H
     dead = store.count_rows(store.hour_files("deadletter", hour))
     indexed = client.count(
         index=read_alias(store.env),
-        query={
-            "bool": {
-                "filter": [
-                    {"term": {"env": store.env}},
-                    {"term": {"source.service": store.source}},
-                    {
-                        "range": {
-                            "@timestamp": {
-                                "gte": hour.isoformat(),
-                                "lt": (hour + timedelta(hours=1)).isoformat(),
-                            }
-                        }
-                    },
-                ]
-            }
-        },
+        query=_hour_query(store, hour),
         ignore_unavailable=True,
         allow_no_indices=True,
     )["count"]
     return HourCounts(hour, staged, indexed, dead)
+
+
+def short_batches(client: Elasticsearch, store: StagingStore, hour: datetime) -> list[str]:
+    """The records files of an hour with fewer documents indexed than records staged.
+
+    Files are grouped where their LSN ranges overlap (the parts of a transaction lie inside the
+    batch that completed it), so each group's range holds exactly its files' records; one range
+    aggregation then counts the documents of every group.
+    """
+    files = store.hour_files("records", hour)
+    dead = {path.rsplit("/", 1)[1]: path for path in store.hour_files("deadletter", hour)}
+    groups: list[tuple[int, int, list[str]]] = []
+    for path in sorted(files, key=lsn_range):
+        first, last = lsn_range(path)
+        if groups and first <= groups[-1][1]:
+            low, high, members = groups[-1]
+            groups[-1] = (low, max(high, last), [*members, path])
+        else:
+            groups.append((first, last, [path]))
+    if not groups:
+        return []
+    found = client.search(
+        index=read_alias(store.env),
+        size=0,
+        query=_hour_query(store, hour),
+        aggs={
+            "groups": {
+                "range": {
+                    "field": "transaction.lsn",
+                    "ranges": [{"from": low, "to": high + 1} for low, high, _ in groups],
+                }
+            }
+        },
+        ignore_unavailable=True,
+        allow_no_indices=True,
+    )
+    buckets = found.get("aggregations", {}).get("groups", {}).get("buckets", [])
+    indexed = [bucket["doc_count"] for bucket in buckets] or [0] * len(groups)
+    short: list[str] = []
+    for (_, _, members), count in zip(groups, indexed, strict=True):
+        names = [m.rsplit("/", 1)[1] for m in members]
+        expected = store.count_rows(members) - store.count_rows(
+            [dead[n] for n in names if n in dead]
+        )
+        if count < expected:
+            short.extend(members)
+    return short
+
+
+def _hour_query(store: StagingStore, hour: datetime) -> dict:
+    return {
+        "bool": {
+            "filter": [
+                {"term": {"env": store.env}},
+                {"term": {"source.service": store.source}},
+                {
+                    "range": {
+                        "@timestamp": {
+                            "gte": hour.isoformat(),
+                            "lt": (hour + timedelta(hours=1)).isoformat(),
+                        }
+                    }
+                },
+            ]
+        }
+    }

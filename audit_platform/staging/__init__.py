@@ -8,6 +8,7 @@ from audit_platform.staging.store import (
     StagingStore,
     hour_from_path,
     lsn_hex,
+    lsn_range,
     lsn_text,
     parse_lsn,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "StagingStore",
     "hour_from_path",
     "lsn_hex",
+    "lsn_range",
     "lsn_text",
     "parse_lsn",
 ]

@@ -236,7 +236,7 @@ class StagingStore:
             path
             for dataset in RAW_DATASETS
             for path in self.files(dataset)
-            if _name_range(path)[1] >= first
+            if lsn_range(path)[1] >= first
         ]
 
     # -- the pending ledger -------------------------------------------------------------------
@@ -277,7 +277,7 @@ class StagingStore:
         """Every staged file of a dataset, with its hour and LSN range (rows unknown: -1)."""
         found = []
         for path in self.files(dataset):
-            first, last = _name_range(path)
+            first, last = lsn_range(path)
             found.append(StagedFile(dataset, hour_from_path(path), path, -1, first, last))
         return found
 
@@ -296,14 +296,22 @@ class StagingStore:
     def hour_files(self, dataset: str, hour: datetime) -> list[str]:
         return sorted(self.fs.glob(f"{self.hour_dir(dataset, hour)}/*.parquet"))
 
-    def files_holding(self, dataset: str, hour: datetime, lsn: int) -> list[str]:
-        """The files of an hour whose LSN range holds ``lsn`` (a batch, or parts of one
-        transaction): found by name, without reading any file."""
-        return [
-            path
-            for path in self.hour_files(dataset, hour)
-            if _name_range(path)[0] <= lsn <= _name_range(path)[1]
-        ]
+    def files_holding(self, dataset: str, hour: datetime, lsns: Iterable[int]) -> list[str]:
+        """The files of an hour whose LSN range holds any of ``lsns`` (a batch, or the parts of
+        one transaction): one listing of the hour, found by name, without reading any file."""
+        paths = self.hour_files(dataset, hour)
+        if not paths:
+            return []
+        ranges = pl.DataFrame(
+            [(path, *lsn_range(path)) for path in paths],
+            schema={"path": pl.String, "first": pl.Int64, "last": pl.Int64},
+            orient="row",
+        )
+        wanted = pl.DataFrame({"lsn": list(lsns)}, schema={"lsn": pl.Int64})
+        found = ranges.join_where(
+            wanted, pl.col("first") <= pl.col("lsn"), pl.col("lsn") <= pl.col("last")
+        )
+        return sorted(set(found["path"].to_list()))
 
     def read(self, paths: Iterable[str], dataset: str | None = None) -> pl.DataFrame:
         """Rows of several files in one frame, each row with the ``file`` it came from; a
@@ -346,7 +354,8 @@ def _pending_entry(name: str, path: str, body: dict) -> PendingBatch:
     )
 
 
-def _name_range(path: str) -> tuple[int, int]:
+def lsn_range(path: str) -> tuple[int, int]:
+    """The first and last commit LSN a staged (or derived) file's name says it holds."""
     first, last = path.rsplit("/", 1)[1].split(".")[0].split("-")
     return int(first, 16), int(last, 16)
 

@@ -10,12 +10,11 @@ from pydantic import Field
 
 from audit_platform.capture.run import capture
 from audit_platform.defs.partitions import hour_key, hourly_partitions_def
+from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import SourceConfig
 from audit_platform.naming import slot_name
-from audit_platform.policy import load_policy, policy_path
-from audit_platform.settings import Settings
-from audit_platform.staging import StagingStore, lsn_text, parse_lsn
+from audit_platform.staging import lsn_text, parse_lsn
 
 SLOT_TAG = "audit/slot"
 
@@ -56,32 +55,33 @@ def source_url(source: str, config: SourceConfig) -> str:
 
 
 def capture_job(
-    source: str, config: SourceConfig, batch_changes: int, then: list[dg.OpDefinition]
+    env: str,
+    source: str,
+    config: SourceConfig,
+    batch_changes: int,
+    then: list[dg.OpDefinition],
 ) -> dg.JobDefinition:
     """Capture, then each op of ``then`` (enrich, index) on the hours it touched, in one run.
 
     One run, not a chain of runs, because every run launch costs seconds that a change would
     otherwise wait before it is searchable.
     """
-    settings = Settings()
-    slot = slot_name(settings.env, source)
+    slot = slot_name(env, source)
 
     @dg.op(
         name=f"capture_{source}",
         description=f"Stage everything source {source} committed up to the target LSN.",
         retry_policy=transient_retry_policy,
     )
-    def capture_op(context: dg.OpExecutionContext, config: CaptureConfig) -> dg.Output[list[str]]:
-        settings = Settings()
-        policy = load_policy(policy_path(settings.resources_dir, source))
-        store = StagingStore(settings.staging_root, settings.env, source)
-        mask_key = settings.mask_key.get_secret_value().encode() if settings.mask_key else None
+    def capture_op(
+        context: dg.OpExecutionContext, platform: AuditPlatform, config: CaptureConfig
+    ) -> dg.Output[list[str]]:
         result = capture(
             source_url(source, config_of_source),
-            settings.env,
-            policy,
-            store,
-            mask_key=mask_key,
+            platform.env,
+            platform.policy(source),
+            platform.store(source),
+            mask_key=platform.mask_key(),
             target_lsn=parse_lsn(config.target_lsn) if config.target_lsn else None,
             batch_changes=batch_changes,
         )
@@ -127,7 +127,7 @@ def capture_job(
     return job
 
 
-def resolve_job(source: str, then: list[dg.OpDefinition]) -> dg.JobDefinition:
+def resolve_job(env: str, source: str, then: list[dg.OpDefinition]) -> dg.JobDefinition:
     """Re-enrich and re-index due orphans, without capturing. It carries the slot's tag, so it
     queues behind a running capture run instead of racing its ledger."""
 
@@ -135,7 +135,7 @@ def resolve_job(source: str, then: list[dg.OpDefinition]) -> dg.JobDefinition:
         name=f"resolve_{source}_job",
         description=f"Resolve the quarantine of source {source}: orphans that are due or whose "
         "context has arrived, enriched and indexed on their own.",
-        tags={SLOT_TAG: slot_name(Settings().env, source)},
+        tags={SLOT_TAG: slot_name(env, source)},
         executor_def=dg.in_process_executor,
     )
     def job() -> None:

@@ -6,7 +6,6 @@ from audit_platform.capture.slot import peek
 from audit_platform.defs.capture.assets import SLOT_TAG, source_url
 from audit_platform.environment import SourceConfig
 from audit_platform.naming import publication_name, slot_name
-from audit_platform.settings import Settings
 from audit_platform.staging import lsn_text
 
 #: A run in one of these states has not read the slot yet: another request would add nothing.
@@ -18,9 +17,8 @@ WAITING = [
 
 
 def capture_sensor(
-    source: str, config: SourceConfig, job: dg.JobDefinition, interval: int
+    env: str, source: str, config: SourceConfig, job: dg.JobDefinition, interval: int
 ) -> dg.SensorDefinition:
-    env = Settings().env
     slot, publication = slot_name(env, source), publication_name(env, source)
 
     @dg.sensor(

@@ -5,15 +5,12 @@ No ``from __future__ import annotations`` in defs/: Dagster reads config annotat
 
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from functools import cache
 
 import dagster as dg
-import psycopg
 
-from audit_platform import platform_db
-from audit_platform.clients import pg_url_from_settings
 from audit_platform.defs.capture.assets import staged_key
 from audit_platform.defs.partitions import hour_key, hourly_partitions_def
+from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import (
@@ -24,9 +21,6 @@ from audit_platform.enrich.batch import (
     resolve_quarantine,
 )
 from audit_platform.naming import slot_name
-from audit_platform.policy import load_policy, policy_path
-from audit_platform.settings import Settings
-from audit_platform.staging import StagingStore
 
 #: More orphans than this share of an hour's changes fails the check (as a warning).
 ORPHAN_RATE_WARN = 0.05
@@ -40,42 +34,24 @@ def quarantine_key(source: str) -> dg.AssetKey:
     return dg.AssetKey([source, "quarantine"])
 
 
-@cache
-def _installed(url: str) -> bool:
-    with psycopg.connect(url, autocommit=True) as conn:
-        platform_db.install(conn, Settings().resources_dir / "sql")
-    return True
-
-
-def state_connection() -> psycopg.Connection:
-    """The platform's own database (AUDIT_PG_URL), its tables installed on first use."""
-    url = pg_url_from_settings(Settings())
-    _installed(url)
-    return psycopg.connect(url, autocommit=True)
-
-
-def _enrich_context(source: str):
-    settings = Settings()
-    policy = load_policy(policy_path(settings.resources_dir, source))
-    return policy, StagingStore(settings.staging_root, settings.env, source)
-
-
-def enrich_hours(source: str, hours: Iterable[datetime], grace: timedelta) -> list[HourResult]:
+def enrich_hours(
+    platform: AuditPlatform, source: str, hours: Iterable[datetime], grace: timedelta
+) -> list[HourResult]:
     """Rebuild whole hours (backfills, reconciliation)."""
-    policy, store = _enrich_context(source)
-    now = datetime.now(UTC)
-    with state_connection() as state:
+    store, policy, now = platform.store(source), platform.policy(source), datetime.now(UTC)
+    with platform.state() as state:
         return [
             enrich_hour(store, state, policy, hour, now=now, grace=grace) for hour in sorted(hours)
         ]
 
 
-def enrich_increment(source: str, grace: timedelta, *, batches: bool) -> list[HourResult]:
+def enrich_increment(
+    platform: AuditPlatform, source: str, grace: timedelta, *, batches: bool
+) -> list[HourResult]:
     """A run's own work: its pending batches (when ``batches``), then the orphans that are due
     or whose context has arrived. Never whole hours."""
-    policy, store = _enrich_context(source)
-    now = datetime.now(UTC)
-    with state_connection() as state:
+    store, policy, now = platform.store(source), platform.policy(source), datetime.now(UTC)
+    with platform.state() as state:
         done = enrich_pending(store, state, policy, now=now, grace=grace) if batches else []
         resolved = resolve_quarantine(store, state, policy, now=now, grace=grace)
     return merge_hours([*done, *resolved])
@@ -119,8 +95,8 @@ def enrich_op(source: str, grace: timedelta, *, batches: bool = True) -> dg.OpDe
         retry_policy=transient_retry_policy,
         ins={"hours": dg.In(list[str], default_value=[])},
     )
-    def op(context: dg.OpExecutionContext, hours: list[str]) -> list[str]:
-        results = enrich_increment(source, grace, batches=batches)
+    def op(context: dg.OpExecutionContext, platform: AuditPlatform, hours: list[str]) -> list[str]:
+        results = enrich_increment(platform, source, grace, batches=batches)
         for result in results:
             for event in hour_events(source, result):
                 context.log_event(event)
@@ -129,8 +105,8 @@ def enrich_op(source: str, grace: timedelta, *, batches: bool = True) -> dg.OpDe
     return op
 
 
-def enriched_asset(source: str, grace: timedelta) -> dg.AssetsDefinition:
-    slot = slot_name(Settings().env, source)
+def enriched_asset(env: str, source: str, grace: timedelta) -> dg.AssetsDefinition:
+    slot = slot_name(env, source)
 
     @dg.asset(
         key=enriched_key(source),
@@ -147,9 +123,9 @@ def enriched_asset(source: str, grace: timedelta) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec("orphan_rate", asset=enriched_key(source))],
         retry_policy=transient_retry_policy,
     )
-    def asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def asset(context: dg.AssetExecutionContext, platform: AuditPlatform) -> dg.MaterializeResult:
         hour = context.partition_time_window.start.astimezone(UTC)
-        [result] = enrich_hours(source, [hour], grace)
+        [result] = enrich_hours(platform, source, [hour], grace)
         check = orphan_check(source, result)
         return dg.MaterializeResult(
             metadata=result.metadata,
@@ -176,10 +152,9 @@ def quarantine_asset(source: str) -> dg.AssetsDefinition:
         kinds={"postgres"},
         owners=["team:platform"],
     )
-    def asset() -> dg.MaterializeResult:
-        settings = Settings()
-        with state_connection() as state:
-            current = quarantine.stats(state, settings.env, source)
+    def asset(platform: AuditPlatform) -> dg.MaterializeResult:
+        with platform.state() as state:
+            current = quarantine.stats(state, platform.env, source)
         oldest = current.oldest_waiting
         return dg.MaterializeResult(
             metadata={

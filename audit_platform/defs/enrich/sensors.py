@@ -4,9 +4,8 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from audit_platform.defs.enrich.assets import state_connection
+from audit_platform.defs.resources import AuditPlatform
 from audit_platform.enrich import quarantine
-from audit_platform.settings import Settings
 
 
 def quarantine_sensor(source: str, job: dg.JobDefinition) -> dg.SensorDefinition:
@@ -18,10 +17,12 @@ def quarantine_sensor(source: str, job: dg.JobDefinition) -> dg.SensorDefinition
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
-    def sensor(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+    def sensor(
+        context: dg.SensorEvaluationContext, platform: AuditPlatform
+    ) -> dg.RunRequest | dg.SkipReason:
         now = datetime.now(UTC)
-        with state_connection() as state:
-            due = quarantine.revisit_count(state, Settings().env, source, now)
+        with platform.state() as state:
+            due = quarantine.revisit_count(state, platform.env, source, now)
         if not due:
             return dg.SkipReason("no orphan is due and no late context has arrived")
         # At most one request per minute: a retry is not requested twice in the same minute.

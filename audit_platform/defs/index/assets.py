@@ -5,22 +5,22 @@ No ``from __future__ import annotations`` in defs/: Dagster reads config annotat
 
 import hashlib
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 import psycopg
 
-from audit_platform.clients import es_from_settings
 from audit_platform.defs.capture.assets import source_url
 from audit_platform.defs.enrich.assets import enriched_key
 from audit_platform.defs.partitions import hour_key, hourly_partitions_def
+from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import EnvironmentConfig, SourceConfig
-from audit_platform.index.batch import HourIndexed, index_hour, index_pending
+from audit_platform.index.batch import HourIndexed, index_files, index_hour, index_pending
 from audit_platform.index.reconcile import hour_counts
 from audit_platform.index.retention import cluster_has_ilm, ilm_policy
 from audit_platform.index.template import install_template
 from audit_platform.naming import slot_name, template_name
-from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
 
 TEMPLATE_KEY = dg.AssetKey(["elasticsearch", "index_template"])
@@ -30,12 +30,12 @@ def indexed_key(source: str) -> dg.AssetKey:
     return dg.AssetKey([source, "indexed"])
 
 
-def _template_code_version() -> str:
-    path = Settings().resources_dir / "elasticsearch" / "index-template.json"
+def _template_code_version(resources_dir: Path) -> str:
+    path = resources_dir / "elasticsearch" / "index-template.json"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
-def template_asset(environment: EnvironmentConfig) -> dg.AssetsDefinition:
+def template_asset(environment: EnvironmentConfig, resources_dir: Path) -> dg.AssetsDefinition:
     @dg.asset(
         key=TEMPLATE_KEY,
         description="The environment's index template (mappings, settings, read alias). "
@@ -44,14 +44,14 @@ def template_asset(environment: EnvironmentConfig) -> dg.AssetsDefinition:
         group_name="index",
         kinds={"elasticsearch"},
         owners=["team:platform"],
-        code_version=_template_code_version(),
+        code_version=_template_code_version(resources_dir),
         automation_condition=dg.AutomationCondition.on_missing()
         | dg.AutomationCondition.code_version_changed(),
     )
-    def asset() -> dg.MaterializeResult:
-        settings = Settings()
+    def asset(platform: AuditPlatform) -> dg.MaterializeResult:
+        settings = platform.settings
         lifecycle = None
-        with es_from_settings(settings) as client:
+        with platform.elasticsearch() as client:
             if cluster_has_ilm(client):
                 lifecycle = template_name(settings.env)
                 client.ilm.put_lifecycle(
@@ -78,46 +78,45 @@ def database_of(url: str) -> str:
     return psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "postgres"
 
 
-def _index_with(source: str, config: SourceConfig, environment: EnvironmentConfig, work):
-    settings = Settings()
-    store = StagingStore(settings.staging_root, settings.env, source)
-    database = database_of(source_url(source, config))
-    with es_from_settings(settings) as client:
-        # An index must never be created before its template exists (it would get dynamic
-        # mappings); the template asset keeps it current, this only covers a first run.
-        if not client.indices.exists_index_template(name=template_name(settings.env)):
-            install_template(
-                client, settings.resources_dir, settings.env, environment.index_replicas
-            )
-        return work(client, store, database, datetime.now(UTC))
-
-
 def index_hours(
-    source: str, config: SourceConfig, hours: list[datetime], environment: EnvironmentConfig
+    platform: AuditPlatform,
+    source: str,
+    config: SourceConfig,
+    hours: list[datetime],
+    environment: EnvironmentConfig,
 ) -> list[HourIndexed]:
     """Index whole hours again (backfills, reconciliation)."""
-    return _index_with(
-        source,
-        config,
-        environment,
-        lambda client, store, database, now: [
+    store, database, now = platform.store(source), database_of(source_url(source, config)), _now()
+    with platform.elasticsearch(replicas=environment.index_replicas) as client:
+        return [
             index_hour(client, store, hour, database=database, now=now) for hour in sorted(hours)
-        ],
-    )
+        ]
+
+
+def index_batches(
+    platform: AuditPlatform,
+    source: str,
+    config: SourceConfig,
+    records_paths: list[str],
+    environment: EnvironmentConfig,
+) -> list[HourIndexed]:
+    """Index some records files again (reconciliation of short batches)."""
+    store, database = platform.store(source), database_of(source_url(source, config))
+    with platform.elasticsearch(replicas=environment.index_replicas) as client:
+        return index_files(client, store, records_paths, database=database, now=_now())
 
 
 def index_increment(
-    source: str, config: SourceConfig, environment: EnvironmentConfig
+    platform: AuditPlatform, source: str, config: SourceConfig, environment: EnvironmentConfig
 ) -> list[HourIndexed]:
     """A run's own work: every enriched batch or resolution on the pending ledger."""
-    return _index_with(
-        source,
-        config,
-        environment,
-        lambda client, store, database, now: index_pending(
-            client, store, database=database, now=now
-        ),
-    )
+    store, database = platform.store(source), database_of(source_url(source, config))
+    with platform.elasticsearch(replicas=environment.index_replicas) as client:
+        return index_pending(client, store, database=database, now=_now())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def count_check(
@@ -145,8 +144,8 @@ def index_op(source: str, config: SourceConfig, environment: EnvironmentConfig) 
         "earlier run enriched but could not index), never whole hours.",
         retry_policy=transient_retry_policy,
     )
-    def op(context: dg.OpExecutionContext, hours: list[str]) -> list[str]:
-        for indexed in index_increment(source, config, environment):
+    def op(context: dg.OpExecutionContext, platform: AuditPlatform, hours: list[str]) -> list[str]:
+        for indexed in index_increment(platform, source, config, environment):
             context.log_event(
                 dg.AssetMaterialization(
                     asset_key=indexed_key(source),
@@ -160,9 +159,9 @@ def index_op(source: str, config: SourceConfig, environment: EnvironmentConfig) 
 
 
 def indexed_asset(
-    source: str, config: SourceConfig, environment: EnvironmentConfig
+    env: str, source: str, config: SourceConfig, environment: EnvironmentConfig
 ) -> dg.AssetsDefinition:
-    slot = slot_name(Settings().env, source)
+    slot = slot_name(env, source)
 
     @dg.asset(
         key=indexed_key(source),
@@ -177,14 +176,12 @@ def indexed_asset(
         check_specs=[dg.AssetCheckSpec("staged_vs_indexed", asset=indexed_key(source))],
         retry_policy=transient_retry_policy,
     )
-    def asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def asset(context: dg.AssetExecutionContext, platform: AuditPlatform) -> dg.MaterializeResult:
         hour = context.partition_time_window.start.astimezone(UTC)
-        [indexed] = index_hours(source, config, [hour], environment)
-        settings = Settings()
-        store = StagingStore(settings.staging_root, settings.env, source)
-        with es_from_settings(settings) as client:
-            client.indices.refresh(index=f"audit-{settings.env}-{source}-*", allow_no_indices=True)
-            check = count_check(source, client, store, hour)
+        [indexed] = index_hours(platform, source, config, [hour], environment)
+        with platform.elasticsearch() as client:
+            client.indices.refresh(index=f"audit-{platform.env}-{source}-*", allow_no_indices=True)
+            check = count_check(source, client, platform.store(source), hour)
         return dg.MaterializeResult(
             metadata=indexed.metadata,
             check_results=[

@@ -8,14 +8,13 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 from pydantic import Field
 
-from audit_platform.clients import es_from_settings
 from audit_platform.defs.enrich.assets import enrich_hours
-from audit_platform.defs.index.assets import count_check, index_hours
+from audit_platform.defs.index.assets import count_check, index_batches
+from audit_platform.defs.resources import AuditPlatform
 from audit_platform.environment import EnvironmentConfig, SourceConfig
+from audit_platform.index.reconcile import short_batches
 from audit_platform.index.retention import run_for_environment
 from audit_platform.naming import slot_name
-from audit_platform.settings import Settings
-from audit_platform.staging import StagingStore
 
 SLOT_TAG = "audit/slot"
 
@@ -25,16 +24,17 @@ class ReconcileConfig(dg.Config):
 
 
 def reconcile_job(
-    source: str, config: SourceConfig, environment: EnvironmentConfig
+    env: str, source: str, config: SourceConfig, environment: EnvironmentConfig
 ) -> dg.JobDefinition:
     @dg.op(
         name=f"reconcile_{source}",
         description=f"Compare staged records with indexed documents per hour for source "
-        f"{source}; re-index hours with missing documents, then check again.",
+        f"{source}; re-index the batches with missing documents, then check again.",
     )
-    def op(context: dg.OpExecutionContext, config: ReconcileConfig) -> None:
-        settings = Settings()
-        store = StagingStore(settings.staging_root, settings.env, source)
+    def op(
+        context: dg.OpExecutionContext, platform: AuditPlatform, config: ReconcileConfig
+    ) -> None:
+        store = platform.store(source)
         since = (datetime.now(UTC) - timedelta(hours=config.lookback_hours)).replace(
             minute=0, second=0, microsecond=0
         )
@@ -44,16 +44,21 @@ def reconcile_job(
         if unenriched:
             context.log.info(f"enriching {len(unenriched)} hour(s) that have no records")
             grace = timedelta(minutes=environment.enrich_grace_minutes)
-            enrich_hours(source, unenriched, grace)
+            enrich_hours(platform, source, unenriched, grace)
         hours = [h for h in store.hours("records") if h >= since]
-        with es_from_settings(settings) as client:
-            client.indices.refresh(index=f"audit-{settings.env}-{source}-*", allow_no_indices=True)
+        with platform.elasticsearch() as client:
+            client.indices.refresh(index=f"audit-{platform.env}-{source}-*", allow_no_indices=True)
             short = [h for h in hours if count_check(source, client, store, h).passed is False]
-            if short:
-                context.log.info(f"re-indexing {len(short)} hour(s) with missing documents")
-                index_hours(source, source_config, short, environment)
+            # Only the batches that are short go again, not their hours.
+            files = [path for hour in short for path in short_batches(client, store, hour)]
+            if files:
+                context.log.info(
+                    f"re-indexing {len(files)} batch file(s) of {len(short)} hour(s) with "
+                    "missing documents"
+                )
+                index_batches(platform, source, source_config, files, environment)
                 client.indices.refresh(
-                    index=f"audit-{settings.env}-{source}-*", allow_no_indices=True
+                    index=f"audit-{platform.env}-{source}-*", allow_no_indices=True
                 )
             for hour in hours:
                 context.log_event(count_check(source, client, store, hour))
@@ -63,7 +68,7 @@ def reconcile_job(
     @dg.job(
         name=f"reconcile_{source}_job",
         description=f"Hourly reconciliation of source {source}'s index with staged records.",
-        tags={SLOT_TAG: slot_name(Settings().env, source)},
+        tags={SLOT_TAG: slot_name(env, source)},
     )
     def job() -> None:
         op()
@@ -90,9 +95,11 @@ def retention_job(environment: EnvironmentConfig) -> dg.JobDefinition:
         description="Delete what is older than the environment's retention period: indices "
         "(where the cluster has no ILM), staged hours, settled quarantine entries.",
     )
-    def op(context: dg.OpExecutionContext, config: RetentionConfig) -> dg.Output[None]:
+    def op(
+        context: dg.OpExecutionContext, platform: AuditPlatform, config: RetentionConfig
+    ) -> dg.Output[None]:
         report = run_for_environment(
-            Settings(), environment, now=datetime.now(UTC), dry_run=config.dry_run
+            platform.settings, environment, now=datetime.now(UTC), dry_run=config.dry_run
         )
         context.log.info(f"retention: {report.as_metadata()}")
         return dg.Output(None, metadata=report.as_metadata())
