@@ -8,9 +8,10 @@ specific names documented here.
 
 from __future__ import annotations
 
+import types
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
@@ -179,3 +180,24 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "change_index": pl.Int32,
     "policy_version": pl.String,
 }
+
+
+def model_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted names (by alias) of a model's fields, nested models expanded, in declaration
+    order: how exports and contract tests walk the record without restating it."""
+    found: list[str] = []
+    for name, info in model.model_fields.items():
+        key = prefix + (info.alias or name)
+        nested = _model_in(info.annotation)
+        found.extend(model_leaves(nested, key + ".") if nested else [key])
+    return found
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model inside ``Model`` or ``Model | None``, if any."""
+    candidates = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (
+        annotation,)  # fmt: skip
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None

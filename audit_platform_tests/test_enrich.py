@@ -213,3 +213,23 @@ def test_a_transaction_staged_in_parts_joins_its_context(shop):
     assert records.height == 450
     assert set(records["attribution_status"]) == {"attributed"}
     assert quarantine.stats(shop.state, "test", "shop").waiting == 0
+
+
+def test_batches_cut_inside_transactions_keep_every_change_with_its_context(shop):
+    """Under load a batch ends inside a transaction after complete ones: the open
+    transaction's first part (holding its context) must be enriched with the batch that
+    completes it, not with the batch that happened to be confirmed first."""
+    with psycopg.connect(shop.url) as conn:
+        for txn in range(8):
+            conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(ADA),))
+            conn.execute(
+                "INSERT INTO orders SELECT g, 'new', NULL FROM generate_series(%s::int, %s::int) g",
+                (txn * 5, txn * 5 + 4),
+            )
+            conn.commit()
+    result = shop.capture(batch_changes=7)
+    assert [f for f in result.files if ".part" in f.path]  # batches were cut mid-transaction
+    records = _run(shop)
+    assert records.height == 40
+    assert set(records["attribution_status"]) == {"attributed"}
+    assert quarantine.stats(shop.state, "test", "shop").waiting == 0

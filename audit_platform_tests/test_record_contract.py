@@ -7,28 +7,15 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
-from pydantic import BaseModel
 
 from audit_platform.index.documents import documents, validate_document
 from audit_platform.index.template import render_template
-from audit_platform.record import RECORD_SCHEMA, AuditRecord
+from audit_platform.record import RECORD_SCHEMA, AuditRecord, model_leaves
 from audit_platform.settings import Settings
 
 T0 = datetime(2026, 11, 26, 10, 0, 0, 1, tzinfo=UTC)
 #: Fields Elasticsearch maps as one value even where the model has structure inside.
 OPAQUE = {"before", "after", "context"}
-
-
-def _model_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
-    found = set()
-    for name, info in model.model_fields.items():
-        key = prefix + (info.alias or name)
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            found |= _model_fields(annotation, key + ".")
-        else:
-            found.add(key)
-    return found
 
 
 def _mapping_fields(properties: dict, prefix: str = "") -> set[str]:
@@ -72,7 +59,7 @@ def _document(records: pl.DataFrame) -> tuple[str, str, dict]:
 
 
 def test_model_template_and_documents_name_the_same_fields():
-    model = _model_fields(AuditRecord) - {"id"}  # the id is the document's _id
+    model = set(model_leaves(AuditRecord)) - {"id"}  # the id is the document's _id
     template = render_template(Settings().resources_dir, "dev", 0)
     mapping = _mapping_fields(template["template"]["mappings"]["properties"])
     _, _, document = _document(_record())
@@ -107,3 +94,18 @@ def test_strange_values_survive_the_columnar_builder():
     assert record.user.id is None and record.event.type == ["deletion"]
     expected = " ".join(v for v in before.values() if v)
     assert record.values_text == expected
+
+
+def test_csv_export_columns_are_the_record_fields_with_the_context_spread():
+    from audit_platform.query.export import CSV_COLUMNS, csv_row
+
+    _, doc_id, document = _document(_record())
+    row = dict(zip(CSV_COLUMNS, csv_row({"_id": doc_id, "_source": document}), strict=True))
+    assert CSV_COLUMNS[0] == "id" and len(set(CSV_COLUMNS)) == len(CSV_COLUMNS)
+    assert {c for c in CSV_COLUMNS if not c.startswith("context.")} == set(
+        model_leaves(AuditRecord)
+    ) - {"context"}
+    assert (row["id"], row["table.name"], row["context.actor.id"]) == (doc_id, "orders", "u1")
+    assert row["changed_columns"] == "status" and row["event.type"] == "change"
+    assert json.loads(row["after"]) == {"id": "7", "status": "paid"}
+    assert row["context.job.name"] == "" and row["transaction.commit_lsn"] == "1/2"

@@ -168,8 +168,8 @@ class _Stager:
     def __init__(self, store, stream, conn, slot, env, policy, result, crash_at) -> None:
         self.store, self.stream, self.conn, self.slot = store, stream, conn, slot
         self.env, self.policy, self.result, self.crash_at = env, policy, result, crash_at
-        #: Manifests of parts of a transaction whose commit has not been staged yet.
-        self.open_parts: list[str] = []
+        #: (commit LSN, manifest) of parts of transactions whose commit is not confirmed yet.
+        self.open_parts: list[tuple[int, str]] = []
 
     def stage(self, batch: ChangeBatch) -> None:
         changes, contexts = frames(
@@ -212,7 +212,7 @@ class _Stager:
         self.result.files.extend(written)
         self.result.staged_bytes += sum(self.store.fs.size(f.path) for f in written)
         if part is not None:
-            self.open_parts.append(manifest)
+            self.open_parts.append((first_lsn, manifest))
         return manifest
 
     def confirm(self, lsn: int, manifests: list[str] | None = None) -> None:
@@ -220,8 +220,12 @@ class _Stager:
         if self.crash_at == "during_advance":
             raise RuntimeError("simulated crash during the advance")
         _wait_confirmed(self.conn, self.slot, lsn)
-        self.store.settle([*self.open_parts, *(manifests or [])])
-        self.open_parts = []
+        # A part is settled with the batch that confirms its transaction's commit, never
+        # earlier: the pending ledger must hold a transaction's parts and its last piece in one
+        # entry, or its changes would be enriched apart from the context one part carries.
+        done = [manifest for commit, manifest in self.open_parts if commit < lsn]
+        self.open_parts = [(commit, m) for commit, m in self.open_parts if commit >= lsn]
+        self.store.settle([*done, *(manifests or [])])
         self.result.confirmed_lsn = lsn
 
 

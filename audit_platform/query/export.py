@@ -13,12 +13,22 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-#: CSV columns: the record's flat fields, then the images and context as JSON text.
-CSV_COLUMNS = (
-    "id", "@timestamp", "env", "source", "table", "operation", "object_id", "changed_columns",
-    "actor_type", "actor_id", "actor_name", "request_id", "reason", "attribution",
-    "xid", "commit_lsn", "change_index", "before", "after", "context",
-)  # fmt: skip
+from audit_platform.context.model import TransactionContext
+from audit_platform.record import AuditRecord, model_leaves
+
+#: CSV columns, derived from the record and the context contract: every field of
+#: :class:`AuditRecord` (``id`` first) by its dotted name, with ``context`` spread into the
+#: fields of :class:`TransactionContext`; row images and free-form attributes as JSON text,
+#: lists joined with ``;``.
+CSV_COLUMNS = tuple(
+    column
+    for field in model_leaves(AuditRecord)
+    for column in (
+        [f"context.{c}" for c in model_leaves(TransactionContext)]
+        if field == "context"
+        else [field]
+    )
+)
 
 
 CHUNK_BYTES = 64 * 1024
@@ -45,24 +55,28 @@ def ndjson_lines(hits: Iterable[dict[str, Any]]) -> Iterator[str]:
     )
 
 
-def _json(value: Any) -> str:
-    return "" if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ";".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return value
+
+
+def _at(document: dict[str, Any], column: str) -> Any:
+    value: Any = document
+    for part in column.split(".") if column not in document else [column]:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def csv_row(hit: dict[str, Any]) -> list[Any]:
-    doc = hit["_source"]
-    context = doc.get("context") or {}
-    actor = context.get("actor") or {}
-    tx = doc["transaction"]
-    return [
-        hit["_id"], doc["@timestamp"], doc["env"], doc["source"]["service"],
-        f"{doc['table']['schema']}.{doc['table']['name']}", doc["operation"],
-        doc.get("object_id") or "", ";".join(doc.get("changed_columns") or []),
-        actor.get("type", ""), actor.get("id", ""), actor.get("name") or "",
-        context.get("request_id") or "", context.get("reason") or "",
-        doc["attribution"]["status"], tx["xid"], tx["commit_lsn"], tx["change_index"],
-        _json(doc.get("before")), _json(doc.get("after")), _json(doc.get("context")),
-    ]  # fmt: skip
+    document = {"id": hit["_id"], **hit["_source"]}
+    return [_cell(_at(document, column)) for column in CSV_COLUMNS]
 
 
 def csv_lines(hits: Iterable[dict[str, Any]]) -> Iterator[str]:

@@ -230,14 +230,23 @@ class StagingStore:
         return removed
 
     def _unconfirmed(self, manifest: str) -> list[str]:
-        """Staged files at or after the LSN an unreadable manifest is named for."""
+        """Staged files at or after the LSN an unreadable manifest is named for.
+
+        LSNs grow with commit time, so hours are searched newest first, down to the first hour
+        whose files all end before that LSN: the search costs the batch's hours, not the
+        retention period's.
+        """
         first = int(manifest.rsplit("/", 1)[1].split(".")[0], 16)
-        return [
-            path
-            for dataset in RAW_DATASETS
-            for path in self.files(dataset)
-            if lsn_range(path)[1] >= first
-        ]
+        found: list[str] = []
+        raw = [(hour, folder) for hour, folder in self.hour_folders()
+               if folder.rsplit("/", 3)[-3] in RAW_DATASETS]  # fmt: skip
+        for hour in sorted({hour for hour, _ in raw}, reverse=True):
+            paths = [p for dataset in RAW_DATASETS for p in self.hour_files(dataset, hour)]
+            later = [path for path in paths if lsn_range(path)[1] >= first]
+            found.extend(later)
+            if paths and not later:
+                break
+        return found
 
     # -- the pending ledger -------------------------------------------------------------------
 
