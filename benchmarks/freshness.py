@@ -13,10 +13,8 @@ Writes ``benchmarks/results/freshness.md``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime
@@ -24,18 +22,12 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
-import psycopg
 import typer
-from _database import drop_database
+from _deployment import bench_deployment
 
-from audit_platform.api_keys import create_key
 from audit_platform.context import Actor, audit_context
 from audit_platform.context.psycopg_hook import connect
-from audit_platform.demo.run import prepare_shop
 from audit_platform.environment import load_environment
-from audit_platform.settings import Settings
-from audit_platform.stack.deployment import LocalDeployment
-from audit_platform.stack.system import free_port
 
 RESULTS = Path(__file__).parent / "results" / "freshness.md"
 ENV = "benchfresh"
@@ -50,23 +42,9 @@ def main(
     seconds: Annotated[int, typer.Option(help="How long changes are committed.")] = 180,
     rate: Annotated[float, typer.Option(help="Changes committed per second.")] = 1.0,
 ) -> None:
-    settings = Settings()
-    exports = {k: v for k, v in os.environ.items() if k.startswith("AUDIT_")}
-    root = Path(tempfile.mkdtemp(prefix="freshness-"))
-    resources = root / "resources"
-    shutil.copytree(settings.resources_dir, resources)
-    shutil.copyfile(resources / "environments" / "dev.yaml",
-                    resources / "environments" / f"{ENV}.yaml")  # fmt: skip
+    root, resources, shop_url, deployment, key = bench_deployment(ENV, "freshness")
     interval = load_environment(resources, ENV).capture_interval_seconds
-    for name in (f"shop_{ENV}", f"dagster_{ENV}"):
-        drop_database(exports["AUDIT_PG_URL"], name)
     es_indices = f"audit-{ENV}-*"
-    shop_url = prepare_shop(exports["AUDIT_PG_URL"], ENV, resources)
-    deployment = LocalDeployment(exports, ENV, root, {"shop": shop_url}, dagster_port=free_port(),
-                                 api_port=free_port(), resources_dir=resources)  # fmt: skip
-    deployment.prepare()
-    with psycopg.connect(exports["AUDIT_PG_URL"], autocommit=True) as conn:
-        key = create_key(conn, ENV, "freshness benchmark").secret
     committed: dict[str, float] = {}
     seen: dict[str, float] = {}
     done = threading.Event()

@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 import uuid
@@ -43,17 +40,14 @@ import httpx
 import psycopg
 import typer
 from _cpu import CpuSampler
-from _database import drop_database
+from _deployment import bench_deployment
 from elasticsearch import helpers
 
-from audit_platform.api_keys import create_key
 from audit_platform.clients import elasticsearch_client
-from audit_platform.demo.run import prepare_shop
 from audit_platform.environment import load_environment
 from audit_platform.naming import read_alias, slot_name
 from audit_platform.settings import Settings
 from audit_platform.stack.deployment import LocalDeployment
-from audit_platform.stack.system import free_port
 
 RESULTS = Path(__file__).parent / "results"
 ENV = "benchsustain"
@@ -348,26 +342,13 @@ def main(
     ] = 0,
 ) -> None:
     settings = Settings()
-    exports = {k: v for k, v in os.environ.items() if k.startswith("AUDIT_")}
-    root = Path(tempfile.mkdtemp(prefix="sustained-"))
-    resources = root / "resources"
-    shutil.copytree(settings.resources_dir, resources)
-    environment = (resources / "environments" / "dev.yaml").read_text()
-    if interval:
-        environment = re.sub(r"capture_interval_seconds: \d+",
-                             f"capture_interval_seconds: {interval}", environment)  # fmt: skip
-    (resources / "environments" / f"{ENV}.yaml").write_text(environment)
-    for name in (f"shop_{ENV}", f"dagster_{ENV}"):
-        drop_database(exports["AUDIT_PG_URL"], name)
     es = elasticsearch_client(settings.elasticsearch)
     for index in es.indices.get(index=f"audit-{ENV}-*"):
         es.indices.delete(index=index)
-    shop_url = prepare_shop(exports["AUDIT_PG_URL"], ENV, resources)
-    deployment = LocalDeployment(exports, ENV, root, {"shop": shop_url}, dagster_port=free_port(),
-                                 api_port=free_port(), resources_dir=resources)  # fmt: skip
-    deployment.prepare()
-    with psycopg.connect(exports["AUDIT_PG_URL"], autocommit=True) as conn:
-        key = create_key(conn, ENV, "sustained-load benchmark").secret
+    root, resources, shop_url, deployment, key = bench_deployment(
+        ENV, "sustained", interval=interval
+    )
+    pg_url = os.environ["AUDIT_PG_URL"]
     with psycopg.connect(shop_url) as conn:
         conn.execute(
             """SELECT audit.set_context('{"actor": {"type": "service", "id": "bench"}}')"""
@@ -385,7 +366,7 @@ def main(
             time.sleep(1)
         for step in steps:
             typer.echo(f"{datetime.now(UTC):%H:%M:%S} step: {step.rate} changes/s, {minutes} min")
-            run_step(step, deployment, shop_url, customer, key, es, exports["AUDIT_PG_URL"],
+            run_step(step, deployment, shop_url, customer, key, es, pg_url,
                      writers, catch_up)  # fmt: skip
             typer.echo(f"  committed {step.committed}, indexed {step.indexed_after}, "
                        f"caught up after {step.caught_up_seconds}")  # fmt: skip

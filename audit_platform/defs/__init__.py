@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from audit_platform.defs.capture.assets import capture_job, resolve_job, staged_asset_specs
+from audit_platform.defs.capture.assets import capture_job, staged_asset_specs
 from audit_platform.defs.capture.sensors import capture_sensor
 from audit_platform.defs.enrich.assets import (
     enrich_op,
@@ -19,6 +19,7 @@ from audit_platform.defs.enrich.assets import (
     enriched_key,
     quarantine_asset,
     quarantine_key,
+    resolve_job,
 )
 from audit_platform.defs.enrich.sensors import quarantine_schedule, quarantine_sensor
 from audit_platform.defs.health import (
@@ -43,12 +44,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings()
     env = settings.env
     environment = load_environment(settings.resources_dir, env)
-    assets, jobs, sensors, schedules = (
-        [template_asset(environment, settings.resources_dir)],
-        [],
-        [],
-        [],
-    )
+    assets = [template_asset(environment, settings.resources_dir)]
+    jobs, sensors, schedules = [], [], []
     checks = [template_check(environment)]
     grace = timedelta(minutes=environment.enrich_grace_minutes)
     for source, config in sorted(environment.sources.items()):
@@ -69,11 +66,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             selection=[enriched_key(source), indexed_key(source)],
             description=f"Rebuild whole hours of source {source}: enrich, then index (backfills).",
         )
-        resolve = resolve_job(
-            env,
-            source,
-            then=[enrich_op(source, grace, batches=False), index],
-        )
+        resolve = resolve_job(env, source, enrich_op(source, grace, batches=False), index)
         reconcile = reconcile_job(env, source, config, environment)
         quarantine_job = dg.define_asset_job(
             f"quarantine_{source}_job", selection=[quarantine_key(source)]

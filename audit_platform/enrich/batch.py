@@ -49,7 +49,6 @@ class HourResult:
 class EnrichOutcome:
     """Counts per hour of one enrichment, and the records files it wrote."""
 
-    changes: int = 0
     records_paths: list[str] = field(default_factory=list)
     by_hour: dict[datetime, HourResult] = field(default_factory=dict)
 
@@ -60,7 +59,6 @@ class EnrichOutcome:
             hour = hour_from_path(where) if where else _hour(committed)
             return self.by_hour.setdefault(hour, HourResult(hour))
 
-        self.changes += changes
         if path is not None and changes:
             of(path).changes += changes
         counts = result.records.group_by(

@@ -105,15 +105,18 @@ def store_late_contexts(
 ) -> int:
     """Remember contexts attached to past transactions (kind 'attach') seen in staged data."""
     attach = contexts.filter(pl.col("kind") == "attach")
-    with conn.cursor() as cur:
+    rows = [
+        (env, source, xid, lsn, context, at)
         for xid, lsn, context, at in attach.select(
             "target_xid", "lsn", "context", "commit_time"
-        ).iter_rows():
-            cur.execute(
-                "INSERT INTO audit_platform.late_contexts (env, source, target_xid, lsn,"
-                " context, attached_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (env, source, xid, lsn, context, at),
-            )
+        ).iter_rows()
+    ]
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO audit_platform.late_contexts (env, source, target_xid, lsn,"
+            " context, attached_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            rows,
+        )
     return attach.height
 
 

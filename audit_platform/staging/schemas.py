@@ -45,8 +45,3 @@ STAGED_SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         **_STAGED_EXTRA,
     },
 }
-
-
-def empty(dataset: str) -> pl.DataFrame:
-    """No rows, the dataset's columns: what reading an absent file gives."""
-    return pl.DataFrame(schema=STAGED_SCHEMAS[dataset])

@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import BinaryIO
 
 import fsspec
 import polars as pl
@@ -137,33 +138,26 @@ class StagingStore:
 
     def write_file(self, path: str, frame: pl.DataFrame) -> None:
         """Write one Parquet file durably, replacing any previous version whole."""
-        directory = path.rsplit("/", 1)[0]
-        self.fs.makedirs(directory, exist_ok=True)
-        if not self.local:
-            with self.fs.open(path, "wb") as f:
-                frame.write_parquet(f, compression="zstd", statistics=True)
-            return
-        local_path = self.fs._strip_protocol(path)
-        temporary = f"{local_path}.{uuid.uuid4().hex}.tmp"
-        with open(temporary, "wb") as f:
-            frame.write_parquet(f, compression="zstd", statistics=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, local_path)
-        _fsync_dir(os.path.dirname(local_path))
+        self._durably(path, lambda f: frame.write_parquet(f, compression="zstd", statistics=True))
 
     def _write_json(self, path: str, body: dict) -> None:
         """A small JSON file, replaced atomically: a reader sees the old or the new, never half
         (a crash while writing in place once left an empty manifest that wedged capture)."""
         data = json.dumps(body, sort_keys=True).encode()
+        self._durably(path, lambda f: f.write(data))
+
+    def _durably(self, path: str, write: Callable[[BinaryIO], object]) -> None:
+        """Local: a temporary name, fsync, rename into place, fsync the folder. S3: one PUT,
+        durable and atomic when it returns."""
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if not self.local:
-            self.fs.pipe_file(path, data)
+            with self.fs.open(path, "wb") as f:
+                write(f)
             return
         local_path = self.fs._strip_protocol(path)
         temporary = f"{local_path}.{uuid.uuid4().hex}.tmp"
         with open(temporary, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, local_path)

@@ -125,22 +125,3 @@ def capture_job(
             hours = step(hours)
 
     return job
-
-
-def resolve_job(env: str, source: str, then: list[dg.OpDefinition]) -> dg.JobDefinition:
-    """Re-enrich and re-index due orphans, without capturing. It carries the slot's tag, so it
-    queues behind a running capture run instead of racing its ledger."""
-
-    @dg.job(
-        name=f"resolve_{source}_job",
-        description=f"Resolve the quarantine of source {source}: orphans that are due or whose "
-        "context has arrived, enriched and indexed on their own.",
-        tags={SLOT_TAG: slot_name(env, source)},
-        executor_def=dg.in_process_executor,
-    )
-    def job() -> None:
-        hours = None
-        for step in then:
-            hours = step() if hours is None else step(hours)
-
-    return job

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from audit_platform.defs.capture.assets import staged_key
+from audit_platform.defs.capture.assets import SLOT_TAG, staged_key
 from audit_platform.defs.partitions import hour_key, hourly_partitions_def
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
@@ -103,6 +103,25 @@ def enrich_op(source: str, grace: timedelta, *, batches: bool = True) -> dg.OpDe
         return sorted({*hours, *(hour_key(r.hour) for r in results)})
 
     return op
+
+
+def resolve_job(
+    env: str, source: str, resolve: dg.OpDefinition, index: dg.OpDefinition
+) -> dg.JobDefinition:
+    """Re-enrich and re-index due orphans, without capturing. It carries the slot's tag, so it
+    queues behind a running capture run instead of racing its ledger."""
+
+    @dg.job(
+        name=f"resolve_{source}_job",
+        description=f"Resolve the quarantine of source {source}: orphans that are due or whose "
+        "context has arrived, enriched and indexed on their own.",
+        tags={SLOT_TAG: slot_name(env, source)},
+        executor_def=dg.in_process_executor,
+    )
+    def job() -> None:
+        index(resolve())
+
+    return job
 
 
 def enriched_asset(env: str, source: str, grace: timedelta) -> dg.AssetsDefinition:

@@ -4,11 +4,14 @@ No ``from __future__ import annotations`` in defs/: Dagster reads config annotat
 """
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 import psycopg
+from elasticsearch import Elasticsearch
 
 from audit_platform.defs.capture.assets import source_url
 from audit_platform.defs.enrich.assets import enriched_key
@@ -78,6 +81,16 @@ def database_of(url: str) -> str:
     return psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "postgres"
 
 
+@contextmanager
+def _indexing(
+    platform: AuditPlatform, source: str, config: SourceConfig, environment: EnvironmentConfig
+) -> Iterator[tuple[Elasticsearch, StagingStore, str]]:
+    """(client, store, source database name) for indexing; the template is installed first
+    where it is missing."""
+    with platform.elasticsearch(replicas=environment.index_replicas) as client:
+        yield client, platform.store(source), database_of(source_url(source, config))
+
+
 def index_hours(
     platform: AuditPlatform,
     source: str,
@@ -85,9 +98,9 @@ def index_hours(
     hours: list[datetime],
     environment: EnvironmentConfig,
 ) -> list[HourIndexed]:
-    """Index whole hours again (backfills, reconciliation)."""
-    store, database, now = platform.store(source), database_of(source_url(source, config)), _now()
-    with platform.elasticsearch(replicas=environment.index_replicas) as client:
+    """Index whole hours again (backfills)."""
+    now = datetime.now(UTC)
+    with _indexing(platform, source, config, environment) as (client, store, database):
         return [
             index_hour(client, store, hour, database=database, now=now) for hour in sorted(hours)
         ]
@@ -101,22 +114,16 @@ def index_batches(
     environment: EnvironmentConfig,
 ) -> list[HourIndexed]:
     """Index some records files again (reconciliation of short batches)."""
-    store, database = platform.store(source), database_of(source_url(source, config))
-    with platform.elasticsearch(replicas=environment.index_replicas) as client:
-        return index_files(client, store, records_paths, database=database, now=_now())
+    with _indexing(platform, source, config, environment) as (client, store, database):
+        return index_files(client, store, records_paths, database=database, now=datetime.now(UTC))
 
 
 def index_increment(
     platform: AuditPlatform, source: str, config: SourceConfig, environment: EnvironmentConfig
 ) -> list[HourIndexed]:
     """A run's own work: every enriched batch or resolution on the pending ledger."""
-    store, database = platform.store(source), database_of(source_url(source, config))
-    with platform.elasticsearch(replicas=environment.index_replicas) as client:
-        return index_pending(client, store, database=database, now=_now())
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+    with _indexing(platform, source, config, environment) as (client, store, database):
+        return index_pending(client, store, database=database, now=datetime.now(UTC))
 
 
 def count_check(
