@@ -6,7 +6,6 @@ configuration here, so a variable means the same thing everywhere.
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
@@ -102,8 +101,10 @@ class Settings(BaseSettings):
         fields = {key.removeprefix("AUDIT_").lower(): value for key, value in exports.items()}
         return self.model_copy(update=Settings(**fields).model_dump(include=set(fields)))
 
-    @cached_property
+    @property
     def elasticsearch(self) -> ElasticsearchConnection | None:
+        # A plain property, not a cached one: a cache would be copied by ``with_exports`` and
+        # answer None for a URL the exports just set (`stack status` right after `stack up`).
         if not self.es_url:
             return None
         return ElasticsearchConnection(

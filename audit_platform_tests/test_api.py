@@ -457,3 +457,18 @@ def test_elasticsearch_unavailable_is_503_with_a_retry_hint(shop, servers):
         assert ready.status_code == 503
         assert ready.json()["checks"]["elasticsearch"].startswith("unavailable")
         assert get(api, "/healthz", None).status_code == 200
+
+
+def test_the_first_request_after_the_database_dropped_every_connection_succeeds(shop, servers):
+    """What a PostgreSQL restart does to the pool: every pooled connection dies server-side."""
+    with _client(shop.env) as api:
+        assert get(api, "/v1/stats", shop.keys["a"]).status_code == 200
+        with psycopg.connect(servers.pg_url, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (f"audit-api-{shop.env}",),
+            ).fetchone()[0]
+        assert ended >= 1
+        response = get(api, "/v1/stats", shop.keys["a"])
+        assert response.status_code == 200, response.text

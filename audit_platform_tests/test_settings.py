@@ -37,3 +37,13 @@ def test_elasticsearch_connection_carries_credentials_and_ca(tmp_path):
 def test_unknown_stack_backend_is_refused():
     with pytest.raises(ValidationError, match="expected auto, local or docker"):
         Settings(stack_backend="podman")
+
+
+def test_exports_applied_after_a_first_look_still_reach_elasticsearch(monkeypatch):
+    """`stack status` asks before the stack's exports are applied, then again after."""
+    monkeypatch.delenv("AUDIT_ES_URL", raising=False)
+    settings = Settings(es_url=None)
+    assert settings.elasticsearch is None
+    exported = settings.with_exports({"AUDIT_ES_URL": "https://127.0.0.1:59200"})
+    assert exported.elasticsearch is not None
+    assert exported.elasticsearch.url == "https://127.0.0.1:59200"

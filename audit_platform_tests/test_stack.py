@@ -56,6 +56,24 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
         assert {"pg": stack.postgres.record().pid, "es": stack.elasticsearch.record().pid} == pids
         with psycopg.connect(stack.env()["AUDIT_PG_URL"]) as conn:
             assert conn.execute("SHOW port").fetchone()[0] == str(settings.stack_pg_port)
+        # Right after `up`, status finds both (it once cached "no Elasticsearch" too early).
+        assert [s.detail.split()[0] for s in LocalStack(settings).status()] == [
+            "PostgreSQL",
+            "Elasticsearch",
+        ]
+
+        # PostgreSQL restarted outside the stack: a new postmaster on the same data directory
+        # is still ours, so status reports it and down stops it.
+        data = Path(records["pg"].marker)
+        restarted = stack.postgres.run_as.run(
+            [str(postgres.ensure_installed() / "pg_ctl"), "-D", str(data), "-m", "immediate",
+             "-l", str(records["pg"].log), "-w", "restart"]
+        )  # fmt: skip
+        assert restarted.returncode == 0, restarted.stderr
+        new_pid = LocalStack(settings).postgres.record().pid
+        assert new_pid != pids["pg"]
+        assert LocalStack(settings).status()[0].detail.startswith("PostgreSQL")
+        pids["pg-restarted"] = new_pid
     finally:
         stopped = stack.down()
     assert [(s.name, s.source) for s in stopped] == [

@@ -45,8 +45,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.elasticsearch, request_timeout=settings.api_es_timeout_seconds
         )
         es = es.options(max_retries=1)
-        pool = ConnectionPool(pg_url_from_settings(settings), min_size=1, max_size=8,
-                              open=False, kwargs={"autocommit": True})  # fmt: skip
+        # Checked before each hand-out: after the database restarts, a pooled connection is
+        # dead, and handing it out once would answer that request with a 503.
+        pool = ConnectionPool(
+            pg_url_from_settings(settings), min_size=1, max_size=8, open=False,
+            check=ConnectionPool.check_connection,
+            kwargs={"autocommit": True, "application_name": f"audit-api-{settings.env}"},
+        )  # fmt: skip
         pool.open(wait=False)
         try:
             with pool.connection(timeout=30) as conn:

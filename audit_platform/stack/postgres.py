@@ -85,10 +85,16 @@ class LocalPostgres:
 
     def record(self) -> ServerRecord | None:
         record = ServerRecord.load(self.stack_dir, NAME)
-        if record is not None and not pid_matches(record.pid, record.marker):
-            record.forget(self.stack_dir)
-            return None
-        return record
+        if record is None or pid_matches(record.pid, record.marker):
+            return record
+        # Restarted outside the stack (pg_ctl restart, a crash and a service manager): the
+        # same data directory under a new postmaster is still this checkout's server.
+        if (pid := _postmaster_pid(Path(record.marker))) and pid_matches(pid, record.marker):
+            record = record.model_copy(update={"pid": pid})
+            record.save(self.stack_dir)
+            return record
+        record.forget(self.stack_dir)
+        return None
 
     def up(self) -> tuple[ServerRecord, bool]:
         """Return the running server's record, and whether this call started it."""
@@ -114,7 +120,8 @@ class LocalPostgres:
                 f"{started.stdout.strip()} {started.stderr.strip()}\nLog tail ({log}):\n"
                 f"{log_tail(log)}"
             )
-        pid = int((data / "postmaster.pid").read_text().split()[0])
+        pid = _postmaster_pid(data)
+        assert pid is not None, "pg_ctl -w returned before postmaster.pid was written"
         url = f"postgresql://postgres:{quote(password, safe='')}@127.0.0.1:{self.port}/postgres"
         wait_until(lambda: _answers(url), timeout=60, what="PostgreSQL to answer SQL")
         record = ServerRecord(
@@ -169,6 +176,13 @@ class LocalPostgres:
             raise StackError(f"initdb failed (exit {done.returncode}): {done.stderr.strip()}")
         conf = data / "postgresql.conf"
         conf.write_text(conf.read_text() + "\ninclude_if_exists = 'audit_platform.conf'\n")
+
+
+def _postmaster_pid(data: Path) -> int | None:
+    try:
+        return int((data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _answers(url: str) -> bool:
