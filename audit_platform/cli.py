@@ -19,6 +19,7 @@ from audit_platform.api_keys import (
     list_keys,
     revoke_key,
 )
+from audit_platform.capture.gaps import gap_of_new_slot, record_gap
 from audit_platform.clients import NotConfigured, pg_url_from_settings
 from audit_platform.environment import load_environment
 from audit_platform.index.retention import run_for_environment
@@ -27,6 +28,7 @@ from audit_platform.settings import Settings
 from audit_platform.sources.check import check_source
 from audit_platform.sources.setup import SetupError, setup_source, teardown_source
 from audit_platform.stack import LocalStack, StackError, run_with_stack
+from audit_platform.staging import StagingStore
 
 app = typer.Typer(
     help="audit-platform: PostgreSQL changes to a searchable, attributed audit trail.",
@@ -134,16 +136,38 @@ def _source_target(env: str | None, source: str, url: str | None):
 
 
 @source_app.command("setup")
-def source_setup(source: SourceOption, env: EnvOption = None, url: UrlOption = None) -> None:
-    """Install or upgrade the audit schema, and set up this environment's publication and slot."""
+def source_setup(
+    source: SourceOption,
+    env: EnvOption = None,
+    url: UrlOption = None,
+    replace_lost_slot: Annotated[
+        bool,
+        typer.Option(help="Replace a slot PostgreSQL invalidated; its lost range becomes a gap."),
+    ] = False,
+) -> None:
+    """Install or upgrade the audit schema, and set up this environment's publication and slot.
+
+    A slot created where this source was captured before (it was dropped, or invalidated and
+    replaced) records the range it could not capture as a gap in the trail (`GET /v1/gaps`).
+    """
     settings, policy, url = _source_target(env, source, url)
     try:
-        report = setup_source(url, settings.env, policy, settings.resources_dir / "sql")
+        report = setup_source(url, settings.env, policy, settings.resources_dir / "sql",
+                              replace_lost_slot=replace_lost_slot)  # fmt: skip
     except SetupError as exc:
         raise _fail(exc) from exc
     typer.echo(f"migrations applied: {', '.join(report.applied_migrations) or 'none (current)'}")
     typer.echo(f"publication {report.publication}: {', '.join(report.publication_tables)}")
-    typer.echo(f"slot {report.slot}: {'created' if report.slot_created else 'exists'}")
+    state = "replaced" if report.slot_replaced_from is not None else "created"
+    typer.echo(f"slot {report.slot}: {state if report.slot_created else 'exists'}")
+    store = StagingStore(settings.staging_root, settings.env, source)
+    gap = gap_of_new_slot(settings.env, source, store, slot_start=report.slot_start,
+                          replaced_from=report.slot_replaced_from)  # fmt: skip
+    if gap is not None:
+        with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as conn:
+            platform_db.install(conn, settings.resources_dir / "sql")
+            record_gap(conn, gap)
+        typer.secho(f"gap recorded: {gap.describe()}", fg=typer.colors.YELLOW)
 
 
 @source_app.command("check")

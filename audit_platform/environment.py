@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from audit_platform.naming import check_identifier
 from audit_platform.policy import PolicyError
@@ -29,12 +36,28 @@ class EnvironmentConfig(BaseModel):
     capture_batch_changes: int = Field(default=50_000, ge=100)
     #: How long an orphan waits for a late context before it is indexed as unattributed.
     enrich_grace_minutes: int = Field(default=10, ge=0)
-    #: WAL a slot may hold back before the slot_lag check fails (the source keeps that WAL).
-    slot_lag_threshold_bytes: int = Field(default=1024**3, ge=1)
+    #: WAL a slot may hold back before the slot_lag check warns, and before it fails (the
+    #: source keeps that WAL; at its max_slot_wal_keep_size PostgreSQL invalidates the slot).
+    slot_lag_warn_bytes: int = Field(default=256 * 1024**2, ge=1)
+    slot_lag_error_bytes: int = Field(default=1024**3, ge=1)
+    #: WAL a slot may hold back while no tracked table changes before a capture run confirms
+    #: it anyway (a heartbeat): a quiet source on a busy server would otherwise keep WAL without
+    #: bound until PostgreSQL invalidates the slot.
+    slot_heartbeat_bytes: int = Field(default=16 * 1024**2, ge=1)
     #: Replicas of each audit index (0 on a single-node development cluster).
     index_replicas: int = Field(default=0, ge=0)
     #: Days audit records, staged data and settled quarantine entries are kept.
     retention_days: int = Field(default=30, ge=1)
+
+    @model_validator(mode="after")
+    def _thresholds_in_order(self) -> EnvironmentConfig:
+        if not self.slot_heartbeat_bytes < self.slot_lag_warn_bytes <= self.slot_lag_error_bytes:
+            raise ValueError(
+                "slot thresholds must satisfy slot_heartbeat_bytes < slot_lag_warn_bytes <= "
+                f"slot_lag_error_bytes (got {self.slot_heartbeat_bytes:,} < "
+                f"{self.slot_lag_warn_bytes:,} <= {self.slot_lag_error_bytes:,})"
+            )
+        return self
 
     @field_validator("sources")
     @classmethod

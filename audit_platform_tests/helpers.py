@@ -12,6 +12,17 @@ from audit_platform.policy import SourcePolicy, TablePolicy
 CONTEXT_PREFIX = "audit_platform.context.v1"
 ATTACH_PREFIX = "audit_platform.attach.v1"
 
+#: The tables of the demo policy (resources/sources/shop.yaml), keyed and REPLICA IDENTITY FULL.
+SHOP_DDL = """
+CREATE TABLE customers (id int PRIMARY KEY, email text, phone text, password_hash text,
+                        updated_at timestamptz);
+CREATE TABLE orders (id int PRIMARY KEY, customer_id int, status text, updated_at timestamptz);
+CREATE TABLE order_lines (id int PRIMARY KEY, order_id int, sku text, quantity int);
+CREATE TABLE payments (id int PRIMARY KEY, order_id int, card_last4 text);
+ALTER TABLE customers REPLICA IDENTITY FULL; ALTER TABLE orders REPLICA IDENTITY FULL;
+ALTER TABLE order_lines REPLICA IDENTITY FULL; ALTER TABLE payments REPLICA IDENTITY FULL;
+"""
+
 
 @dataclass(frozen=True)
 class DecodedRow:

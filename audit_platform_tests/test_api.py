@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key, revoke_key
+from audit_platform.capture.gaps import Gap, record_gap
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
@@ -472,3 +473,16 @@ def test_the_first_request_after_the_database_dropped_every_connection_succeeds(
         assert ended >= 1
         response = get(api, "/v1/stats", shop.keys["a"])
         assert response.status_code == 200, response.text
+
+
+def test_gaps_are_served_to_keys_that_may_read_their_source(shop, api_a, servers):
+    gap = Gap(env=shop.env, source="shop", from_lsn=100, to_lsn=200, last_captured_at=None,
+              reason="the slot was invalidated by PostgreSQL (wal_status = lost) and replaced")  # fmt: skip
+    with psycopg.connect(servers.pg_url, autocommit=True) as conn:
+        record_gap(conn, gap)
+        record_gap(conn, gap.model_copy(update={"env": shop.other_env}))
+    response = get(api_a, "/v1/gaps", shop.keys["a"])
+    assert response.status_code == 200, response.text
+    [served] = response.json()["gaps"]
+    assert (served["source"], served["from_lsn"], served["to_lsn"]) == ("shop", 100, 200)
+    assert get(api_a, "/v1/gaps", shop.keys["other_source"]).json()["gaps"] == []

@@ -9,24 +9,18 @@ import dagster as dg
 import psycopg
 import pytest
 
+from audit_platform.capture.slot import slot_state
 from audit_platform.defs import build_definitions
 from audit_platform.defs.capture.assets import SLOT_TAG
+from audit_platform.defs.capture.sensors import HEARTBEAT_TAG
 from audit_platform.defs.partitions import hour_key
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
 from audit_platform.staging import StagingStore
-
-SHOP_DDL = """
-CREATE TABLE customers (id int PRIMARY KEY, email text, phone text, password_hash text,
-                        updated_at timestamptz);
-CREATE TABLE orders (id int PRIMARY KEY, customer_id int, status text, updated_at timestamptz);
-CREATE TABLE order_lines (id int PRIMARY KEY, order_id int, sku text, quantity int);
-CREATE TABLE payments (id int PRIMARY KEY, order_id int, card_last4 text);
-ALTER TABLE customers REPLICA IDENTITY FULL; ALTER TABLE orders REPLICA IDENTITY FULL;
-ALTER TABLE order_lines REPLICA IDENTITY FULL; ALTER TABLE payments REPLICA IDENTITY FULL;
-"""
+from audit_platform_tests.conftest import new_database
+from audit_platform_tests.helpers import SHOP_DDL
 
 
 @pytest.fixture
@@ -314,3 +308,37 @@ def test_quarantine_sensor_starts_a_resolve_run_that_touches_only_orphans(shop, 
         [document] = _documents(es, env).values()
         assert document["attribution"]["status"] == "late"
         assert isinstance(tick(), dg.SkipReason)
+
+
+def test_a_quiet_source_on_a_busy_server_gets_its_slot_confirmed_by_a_heartbeat(shop, env, servers):
+    """Another database on the same server writes; no tracked table changes. The slot must not
+    keep that WAL without bound: past the heartbeat threshold a capture run confirms it."""
+    environment = Settings().resources_dir / "environments" / f"{env}.yaml"
+    environment.write_text(environment.read_text() + "slot_heartbeat_bytes: 1048576\n")
+    defs = build_definitions()
+    slot = f"audit_{env}_shop"
+    with dg.instance_for_test() as instance:
+        assert "holds no changes" in _tick(defs, instance).skip_message
+        with new_database(servers) as neighbour, psycopg.connect(neighbour) as conn:
+            conn.execute("CREATE TABLE busy (id int, note text)")
+            conn.execute(
+                "INSERT INTO busy SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g"
+            )
+            conn.commit()
+        with psycopg.connect(shop, autocommit=True) as conn:
+            before = slot_state(conn, slot)
+        assert before.lag_bytes >= 1024**2
+
+        result = _tick(defs, instance)
+        [request] = result.run_requests
+        assert request.tags[HEARTBEAT_TAG] == "true"
+        run = defs.resolve_job_def("capture_shop_job").execute_in_process(
+            instance=instance, tags=request.tags
+        )
+        assert run.success
+        with psycopg.connect(shop, autocommit=True) as conn:
+            after = slot_state(conn, slot)
+        assert after.confirmed_lsn >= before.current_lsn  # the WAL up to the tick is released
+        assert after.lag_bytes < 1024**2
+        assert StagingStore(str(Settings().staging_root), env, "shop").files("changes") == []
+        assert "holds no changes" in _tick(defs, instance).skip_message

@@ -47,3 +47,11 @@ def test_exports_applied_after_a_first_look_still_reach_elasticsearch(monkeypatc
     exported = settings.with_exports({"AUDIT_ES_URL": "https://127.0.0.1:59200"})
     assert exported.elasticsearch is not None
     assert exported.elasticsearch.url == "https://127.0.0.1:59200"
+
+
+def test_slot_thresholds_out_of_order_are_refused_with_the_rule():
+    from audit_platform.environment import EnvironmentConfig
+
+    with pytest.raises(ValidationError, match="slot_heartbeat_bytes < slot_lag_warn_bytes"):
+        EnvironmentConfig(slot_lag_warn_bytes=2048, slot_lag_error_bytes=1024)
+    assert EnvironmentConfig().slot_heartbeat_bytes < EnvironmentConfig().slot_lag_warn_bytes

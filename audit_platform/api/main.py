@@ -18,7 +18,7 @@ from psycopg_pool import ConnectionPool
 from audit_platform import platform_db
 from audit_platform.api.deps import Services
 from audit_platform.api.errors import install_handlers
-from audit_platform.api.routers import activity, events, export, health, objects
+from audit_platform.api.routers import activity, events, export, gaps, health, objects
 from audit_platform.clients import elasticsearch_client, pg_url_from_settings
 from audit_platform.settings import Settings
 
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    for module in (events, objects, activity, export, health):
+    for module in (events, objects, activity, export, gaps, health):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -18,7 +18,7 @@ import polars as pl
 import psycopg
 
 from audit_platform.capture.pgoutput import ChangeBatch, Masker, PgOutputDecoder
-from audit_platform.capture.slot import slot_state
+from audit_platform.capture.slot import slot_state, usable_slot_state
 from audit_platform.capture.stream import SlotBusy, SlotStream
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
@@ -114,7 +114,7 @@ def capture(
     started = time.monotonic()
     slot, publication = slot_name(env, policy.source), publication_name(env, policy.source)
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        state = slot_state(conn, slot)
+        state = usable_slot_state(conn, slot)
         if state.active_pid is not None:
             raise SlotBusy(
                 f"slot {slot} is in use by process {state.active_pid}; only one capture per "

@@ -6,7 +6,19 @@ from dataclasses import dataclass
 
 import psycopg
 
-from audit_platform.staging import parse_lsn
+from audit_platform.staging import lsn_text, parse_lsn
+
+
+class SlotMissing(LookupError):
+    """The slot does not exist: never set up, or dropped by hand."""
+
+
+class SlotLost(RuntimeError):
+    """PostgreSQL invalidated the slot (``wal_status = lost``): WAL it needed was removed.
+
+    Changes after the slot's confirmed position can no longer be read. Capture stops loudly
+    rather than skip them; replacing the slot records the range as a gap in the trail.
+    """
 
 
 @dataclass(frozen=True)
@@ -14,24 +26,45 @@ class SlotState:
     confirmed_lsn: int
     current_lsn: int
     active_pid: int | None
+    #: reserved, extended, unreserved or lost (pg_replication_slots.wal_status).
+    wal_status: str | None = None
 
     @property
     def lag_bytes(self) -> int:
         return max(0, self.current_lsn - self.confirmed_lsn)
 
+    @property
+    def lost(self) -> bool:
+        return self.wal_status == "lost"
+
 
 def slot_state(conn: psycopg.Connection, slot: str) -> SlotState:
     row = conn.execute(
-        "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text, active_pid"
+        "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text, active_pid, wal_status"
         " FROM pg_replication_slots WHERE slot_name = %s",
         (slot,),
     ).fetchone()
     if row is None:
-        raise LookupError(
+        raise SlotMissing(
             f"slot {slot} does not exist; run `audit-platform source setup` for this "
-            "environment and source"
+            "environment and source (if it existed before, setup records the changes it "
+            "missed as a gap)"
         )
-    return SlotState(parse_lsn(row[0]), parse_lsn(row[1]), row[2])
+    return SlotState(parse_lsn(row[0] or "0/0"), parse_lsn(row[1]), row[2], row[3])
+
+
+def usable_slot_state(conn: psycopg.Connection, slot: str) -> SlotState:
+    """The slot's state, or :class:`SlotLost` when PostgreSQL has invalidated it."""
+    state = slot_state(conn, slot)
+    if state.lost:
+        raise SlotLost(
+            f"slot {slot} was invalidated by PostgreSQL (wal_status = lost): WAL after "
+            f"{lsn_text(state.confirmed_lsn)} was removed before it was captured, usually "
+            "because max_slot_wal_keep_size was reached. Run `audit-platform source setup "
+            "--replace-lost-slot` to create a new slot; the range it could not capture is "
+            "recorded as a gap in the trail"
+        )
+    return state
 
 
 @dataclass(frozen=True)
@@ -48,7 +81,7 @@ def peek(url: str, slot: str, publication: str) -> SlotPeek:
     having no changes for us: that capture is taking them.
     """
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        state = slot_state(conn, slot)
+        state = usable_slot_state(conn, slot)
         if state.active_pid is not None or state.lag_bytes == 0:
             return SlotPeek(state, False)
         try:

@@ -74,9 +74,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         checks.extend(source_checks(env, source, config, environment))
         jobs.extend([job, enrich_job, resolve, quarantine_job, reconcile])
         schedules.append(reconcile_schedule(source, reconcile))
-        sensors.append(
-            capture_sensor(env, source, config, job, environment.capture_interval_seconds)
-        )
+        interval, heartbeat = environment.capture_interval_seconds, environment.slot_heartbeat_bytes
+        sensors.append(capture_sensor(env, source, config, job, interval, heartbeat))
         sensors.append(quarantine_sensor(source, resolve))
         schedules.append(quarantine_schedule(source, quarantine_job))
     health = health_checks_job(checks)

@@ -1,8 +1,8 @@
 """Asset checks an operator looks at first, run every five minutes by ``health_checks_job``.
 
-- ``slot_lag`` (on each source's staged changes): WAL the slot holds back, against the
-  environment's threshold; a growing lag means capture is not keeping up or not running, and
-  the source database is keeping WAL for us.
+- ``slot_lag`` (on each source's staged changes): the slot exists and PostgreSQL has not
+  invalidated it; WAL it holds back, against the environment's warning and error thresholds. A
+  growing lag means capture is not keeping up or not running, and the source keeps WAL for us.
 - ``tracked_tables`` (same asset): each tracked table exists, has a key and REPLICA IDENTITY FULL
   (without it updates and deletes have no before-image); the failure says the ALTER to run.
 - ``template_current`` (on the index template): the installed template is the one in
@@ -15,7 +15,7 @@ enrich and index steps of every run.
 import dagster as dg
 import psycopg
 
-from audit_platform.capture.slot import slot_state
+from audit_platform.capture.slot import SlotLost, SlotMissing, usable_slot_state
 from audit_platform.defs.capture.assets import source_url, staged_key
 from audit_platform.defs.index.assets import TEMPLATE_KEY
 from audit_platform.defs.resources import AuditPlatform
@@ -32,24 +32,33 @@ def source_checks(
     env: str, source: str, config: SourceConfig, environment: EnvironmentConfig
 ) -> list[dg.AssetChecksDefinition]:
     asset = staged_key(source, "changes")
-    threshold = environment.slot_lag_threshold_bytes
+    warn, error = environment.slot_lag_warn_bytes, environment.slot_lag_error_bytes
 
     @dg.asset_check(
         asset=asset, name="slot_lag", blocking=False,
-        description=f"WAL held by the slot of source {source}, against {threshold:,} bytes.",
+        description=f"The slot of source {source} exists, is not invalidated, and holds back "
+        f"less WAL than {warn:,} bytes (warning) and {error:,} bytes (error).",
     )  # fmt: skip
     def slot_lag() -> dg.AssetCheckResult:
         slot = slot_name(env, source)
         with psycopg.connect(source_url(source, config), autocommit=True,
                              connect_timeout=10) as conn:  # fmt: skip
-            state = slot_state(conn, slot)
+            try:
+                state = usable_slot_state(conn, slot)
+            except (SlotLost, SlotMissing) as exc:
+                return dg.AssetCheckResult(
+                    passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={"slot": slot}, description=str(exc),
+                )  # fmt: skip
+        lag = state.lag_bytes
         return dg.AssetCheckResult(
-            passed=state.lag_bytes <= threshold,
-            severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"lag_bytes": state.lag_bytes, "threshold_bytes": threshold,
+            passed=lag < warn,
+            severity=dg.AssetCheckSeverity.ERROR if lag >= error else dg.AssetCheckSeverity.WARN,
+            metadata={"lag_bytes": lag, "warn_bytes": warn, "error_bytes": error,
+                      "wal_status": state.wal_status or "unknown",
                       "slot": slot, "consumer_active": state.active_pid is not None},
-            description=None if state.lag_bytes <= threshold else
-            f"slot {slot} holds {state.lag_bytes:,} bytes of WAL: is the capture sensor running?",
+            description=None if lag < warn else
+            f"slot {slot} holds {lag:,} bytes of WAL: is the capture sensor running?",
         )  # fmt: skip
 
     @dg.asset_check(

@@ -3,7 +3,8 @@
 Setup is idempotent and upgradable: SQL migrations under resources/sql/source are applied once
 each, in order, under an advisory lock so two setups cannot interleave; the publication is set to
 exactly the policy's tables; the slot is created if missing (never recreated: that would lose
-whatever it still holds).
+whatever it still holds), and an invalidated one is replaced only when asked, so that the range it
+lost is recorded as a gap (``audit_platform.capture.gaps``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from psycopg import sql
 from audit_platform import migrations
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
+from audit_platform.staging import parse_lsn
 
 #: Any 64-bit number; it only has to be the same for every setup of every source.
 _SETUP_LOCK = 0x61756469745F7365
@@ -33,6 +35,10 @@ class SetupReport:
     publication_tables: list[str] = field(default_factory=list)
     slot: str = ""
     slot_created: bool = False
+    #: Where a slot created now starts: nothing committed before it will be read.
+    slot_start: int | None = None
+    #: For an invalidated slot replaced now, the last position it had confirmed.
+    slot_replaced_from: int | None = None
 
 
 def apply_migrations(conn: psycopg.Connection, sql_dir: Path) -> list[str]:
@@ -72,13 +78,20 @@ def ensure_publication(conn: psycopg.Connection, name: str, tables: list[tuple[s
             )
 
 
-def ensure_slot(conn: psycopg.Connection, name: str) -> bool:
-    """Create the pgoutput slot if missing. Returns whether it was created now."""
+def ensure_slot(conn: psycopg.Connection, name: str, report: SetupReport, *,
+                replace_lost: bool = False) -> None:  # fmt: skip
+    """Create the pgoutput slot if missing; replace it only if invalidated and asked to.
+
+    Fills the report's slot fields: whether it was created, where the new slot starts, and for a
+    replaced slot the position its predecessor had confirmed (the gap begins there).
+    """
     row = conn.execute(
-        "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = %s", (name,)
+        "SELECT plugin, database, wal_status, confirmed_flush_lsn::text"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (name,),
     ).fetchone()
     if row is not None:
-        plugin, database = row
+        plugin, database, wal_status, confirmed = row
         current = conn.info.dbname
         if plugin != "pgoutput" or database != current:
             raise SetupError(
@@ -86,12 +99,25 @@ def ensure_slot(conn: psycopg.Connection, name: str) -> bool:
                 f"expected pgoutput on {current!r}. Drop it (after checking nobody needs it) "
                 f"with SELECT pg_drop_replication_slot('{name}')"
             )
-        return False
-    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
-    return True
+        if wal_status != "lost":
+            return
+        if not replace_lost:
+            raise SetupError(
+                f"slot {name} was invalidated by PostgreSQL (wal_status = lost): changes after "
+                f"{confirmed} were not captured and cannot be. Run setup again with "
+                "--replace-lost-slot to create a new slot; the range is recorded as a gap"
+            )
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+        report.slot_replaced_from = parse_lsn(confirmed or "0/0")
+    created = conn.execute(
+        "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (name,)
+    ).fetchone()
+    report.slot_created, report.slot_start = True, parse_lsn(created[0])
 
 
-def setup_source(url: str, env: str, policy: SourcePolicy, sql_dir: Path) -> SetupReport:
+def setup_source(
+    url: str, env: str, policy: SourcePolicy, sql_dir: Path, *, replace_lost_slot: bool = False
+) -> SetupReport:
     report = SetupReport()
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         level = conn.execute("SHOW wal_level").fetchone()[0]
@@ -111,7 +137,7 @@ def setup_source(url: str, env: str, policy: SourcePolicy, sql_dir: Path) -> Set
         ensure_publication(conn, report.publication, tables)
         report.publication_tables = [f"{s}.{t}" for s, t in tables]
         report.slot = slot_name(env, policy.source)
-        report.slot_created = ensure_slot(conn, report.slot)
+        ensure_slot(conn, report.slot, report, replace_lost=replace_lost_slot)
     return report
 
 

@@ -8,6 +8,9 @@ from audit_platform.environment import SourceConfig
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.staging import lsn_text
 
+#: Marks a run requested only to confirm a quiet slot's position (no tracked change waiting).
+HEARTBEAT_TAG = "audit/heartbeat"
+
 #: A run in one of these states has not read the slot yet: another request would add nothing.
 WAITING = [
     dg.DagsterRunStatus.QUEUED,
@@ -29,14 +32,20 @@ def tick_spacing(interval: int) -> int:
 
 
 def capture_sensor(
-    env: str, source: str, config: SourceConfig, job: dg.JobDefinition, interval: int
+    env: str,
+    source: str,
+    config: SourceConfig,
+    job: dg.JobDefinition,
+    interval: int,
+    heartbeat_bytes: int,
 ) -> dg.SensorDefinition:
     slot, publication = slot_name(env, source), publication_name(env, source)
 
     @dg.sensor(
         name=f"capture_{source}_sensor",
         description=f"Peeks at slot {slot}; requests a capture run when it holds changes that "
-        "no run is about to read. Cursor: the WAL position seen at the last request.",
+        f"no run is about to read, or holds back {heartbeat_bytes:,} bytes of WAL without any "
+        "(a heartbeat). Cursor: the WAL position seen at the last request.",
         job=job,
         minimum_interval_seconds=tick_spacing(interval),
         default_status=dg.DefaultSensorStatus.RUNNING,
@@ -51,19 +60,18 @@ def capture_sensor(
         )
         if waiting:
             return dg.SkipReason(f"a capture run for {slot} is already queued")
+        # An invalidated slot raises here: a failed tick is what an operator must see.
         seen = peek(source_url(source, config), slot, publication)
-        if not seen.has_changes:
+        heartbeat = not seen.has_changes and seen.state.lag_bytes >= heartbeat_bytes
+        if not seen.has_changes and not heartbeat:
             return dg.SkipReason(f"{slot} holds no changes ({seen.state.lag_bytes} bytes behind)")
         # The run reads up to the WAL position at its own start, not this tick's: a queued run
-        # then also takes what was committed while it waited.
+        # then also takes what was committed while it waited. A heartbeat run finds nothing to
+        # stage and confirms that position, so the server may recycle the WAL before it.
         target = lsn_text(seen.state.current_lsn)
+        tags = {SLOT_TAG: slot, **({HEARTBEAT_TAG: "true"} if heartbeat else {})}
         return dg.SensorResult(
-            run_requests=[
-                dg.RunRequest(
-                    run_key=f"{slot}@{target}",
-                    tags={SLOT_TAG: slot},
-                )
-            ],
+            run_requests=[dg.RunRequest(run_key=f"{slot}@{target}", tags=tags)],
             cursor=target,
         )
 

@@ -1,0 +1,109 @@
+"""Gaps: ranges of a source's WAL that capture could not read, recorded as facts of the trail.
+
+A slot is lost when PostgreSQL invalidates it (``max_slot_wal_keep_size`` reached) or when
+someone drops it. Capture then stops loudly (:class:`~audit_platform.capture.slot.SlotLost`,
+:class:`~audit_platform.capture.slot.SlotMissing`); replacing the slot with
+``audit-platform source setup`` records what fell between the old slot's last confirmed position
+and the new slot's start here, so an investigator sees "changes between these positions were
+not captured" instead of a silent hole.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import polars as pl
+import psycopg
+from psycopg.rows import class_row
+from pydantic import BaseModel
+
+from audit_platform.staging import StagingStore, lsn_range, lsn_text
+
+
+class Gap(BaseModel):
+    env: str
+    source: str
+    from_lsn: int
+    to_lsn: int
+    last_captured_at: datetime | None
+    detected_at: datetime | None = None
+    reason: str
+
+    def describe(self) -> str:
+        since = (
+            f" (last change captured at {self.last_captured_at:%Y-%m-%d %H:%M:%S%z})"
+            if (self.last_captured_at)
+            else ""
+        )
+        return (
+            f"changes of source {self.source} committed after {lsn_text(self.from_lsn)} and "
+            f"before {lsn_text(self.to_lsn)} were not captured{since}: {self.reason}"
+        )
+
+
+def last_staged(store: StagingStore) -> tuple[int, datetime | None] | None:
+    """The end LSN of the last staged batch and its last commit time; None if nothing is."""
+    files = store.files("changes")
+    if not files:
+        return None
+    last = max(files, key=lambda path: lsn_range(path)[1])
+    commit = pl.read_parquet(store.fs.open(last, "rb"), columns=["commit_time"])["commit_time"]
+    return lsn_range(last)[1], commit.max()
+
+
+def record_gap(conn: psycopg.Connection, gap: Gap) -> Gap:
+    row = conn.execute(
+        "INSERT INTO audit_platform.capture_gaps"
+        " (env, source, from_lsn, to_lsn, last_captured_at, reason)"
+        " VALUES (%s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (env, source, from_lsn) DO UPDATE SET to_lsn = EXCLUDED.to_lsn"
+        " RETURNING detected_at",
+        (gap.env, gap.source, gap.from_lsn, gap.to_lsn, gap.last_captured_at, gap.reason),
+    ).fetchone()
+    return gap.model_copy(update={"detected_at": row[0]})
+
+
+def list_gaps(conn: psycopg.Connection, env: str, sources: frozenset[str] | None) -> list[Gap]:
+    with conn.cursor(row_factory=class_row(Gap)) as cur:
+        return cur.execute(
+            "SELECT env, source, from_lsn, to_lsn, last_captured_at, detected_at, reason"
+            " FROM audit_platform.capture_gaps"
+            " WHERE env = %s AND (%s::text[] IS NULL OR source = ANY(%s::text[]))"
+            " ORDER BY detected_at, source",
+            (env, *(2 * [sorted(sources) if sources is not None else None])),
+        ).fetchall()
+
+
+def gap_of_new_slot(
+    env: str,
+    source: str,
+    store: StagingStore,
+    *,
+    slot_start: int | None,
+    replaced_from: int | None,
+) -> Gap | None:
+    """The gap a slot created by setup leaves, if any.
+
+    A replaced (invalidated) slot leaves the range after what it had confirmed. A slot created
+    where staging already holds batches of this source replaces one that was dropped: it leaves
+    the range after the last staged batch. A first slot leaves none.
+    """
+    if slot_start is None:
+        return None
+    staged = last_staged(store)
+    if replaced_from is not None:
+        reason = "the slot was invalidated by PostgreSQL (wal_status = lost) and replaced"
+        start = replaced_from
+    elif staged is not None:
+        reason = "the slot was missing (dropped outside audit-platform) and was created again"
+        start = staged[0]
+    else:
+        return None
+    return Gap(
+        env=env,
+        source=source,
+        from_lsn=start,
+        to_lsn=max(start, slot_start),
+        last_captured_at=staged[1] if staged else None,
+        reason=reason,
+    )
