@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -48,6 +49,14 @@ class EnvironmentConfig(BaseModel):
     index_replicas: int = Field(default=0, ge=0)
     #: Days audit records, staged data and settled quarantine entries are kept.
     retention_days: int = Field(default=30, ge=1)
+    #: The first hour of the hourly partitions (where the environment started); when unset, the
+    #: first day retention still keeps.
+    partitions_start: AwareDatetime | None = None
+    #: Days Dagster keeps the runs of this environment's deployment: successful ones (a capture
+    #: run every few seconds adds thousands a day per source), and failed ones, kept longer for
+    #: whoever investigates them.
+    dagster_runs_keep_days: int = Field(default=7, ge=1)
+    dagster_failed_runs_keep_days: int = Field(default=30, ge=1)
 
     @model_validator(mode="after")
     def _thresholds_in_order(self) -> EnvironmentConfig:

@@ -7,7 +7,7 @@ cannot be reached from here.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -28,6 +28,7 @@ from audit_platform.defs.health import (
     source_checks,
     template_check,
 )
+from audit_platform.defs.housekeeping import dagster_runs_job, dagster_runs_schedule
 from audit_platform.defs.index.assets import index_op, indexed_asset, indexed_key, template_asset
 from audit_platform.defs.index.schedules import (
     reconcile_job,
@@ -35,6 +36,7 @@ from audit_platform.defs.index.schedules import (
     retention_job,
     retention_schedule,
 )
+from audit_platform.defs.partitions import hourly_partitions, partitions_start
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.environment import load_environment
 from audit_platform.settings import Settings
@@ -48,11 +50,12 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     jobs, sensors, schedules = [], [], []
     checks = [template_check(environment)]
     grace = timedelta(minutes=environment.enrich_grace_minutes)
+    partitions = hourly_partitions(partitions_start(environment, datetime.now(UTC)))
     for source, config in sorted(environment.sources.items()):
-        assets.extend(staged_asset_specs(source))
-        assets.append(enriched_asset(env, source, grace))
+        assets.extend(staged_asset_specs(source, partitions))
+        assets.append(enriched_asset(env, source, grace, partitions))
         assets.append(quarantine_asset(source))
-        assets.append(indexed_asset(env, source, config, environment))
+        assets.append(indexed_asset(env, source, config, environment, partitions))
         index = index_op(source, config, environment)  # one op, in the capture and resolve jobs
         job = capture_job(
             env,
@@ -84,6 +87,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     retention = retention_job(environment)
     jobs.append(retention)
     schedules.append(retention_schedule(retention))
+    runs = dagster_runs_job(environment)
+    jobs.append(runs)
+    schedules.append(dagster_runs_schedule(runs))
     sensors.append(
         dg.AutomationConditionSensorDefinition(
             "automation_sensor",

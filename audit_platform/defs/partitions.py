@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-#: Changes committed before this hour are not expected; the range starts early enough for any
-#: source set up today, and a later start keeps the partition count far below Dagster's limits.
-PARTITIONS_START = "2025-01-01-00:00"
+from audit_platform.environment import EnvironmentConfig
+
 PARTITION_KEY_FORMAT = "%Y-%m-%d-%H:%M"
 
-#: ``end_offset=1``: the hour in progress is a partition too. Capture appends to it as changes
-#: commit, and it can be rebuilt like any other hour.
-hourly_partitions_def = dg.HourlyPartitionsDefinition(
-    start_date=PARTITIONS_START, timezone="UTC", end_offset=1
-)
+
+def partitions_start(environment: EnvironmentConfig, now: datetime) -> datetime:
+    """Where an environment's hours begin: its ``partitions_start``, else the first day its
+    retention still keeps. Nothing older can be staged or rebuilt, and every hour before it
+    would be one more partition for Dagster to list, check and show (an hour a partition since
+    a fixed date in the past grows without end)."""
+    if environment.partitions_start is not None:
+        start = environment.partitions_start.astimezone(UTC)
+    else:
+        start = now.astimezone(UTC) - timedelta(days=environment.retention_days)
+        start = start.replace(hour=0)
+    return start.replace(minute=0, second=0, microsecond=0)
+
+
+def hourly_partitions(start: datetime) -> dg.HourlyPartitionsDefinition:
+    """``end_offset=1``: the hour in progress is a partition too. Capture appends to it as
+    changes commit, and it can be rebuilt like any other hour."""
+    return dg.HourlyPartitionsDefinition(
+        start_date=hour_key(start), timezone="UTC", end_offset=1, fmt=PARTITION_KEY_FORMAT
+    )
 
 
 def hour_key(hour: datetime) -> str:

@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from audit_platform.capture.run import capture
-from audit_platform.defs.partitions import hour_key, hourly_partitions_def
+from audit_platform.defs.partitions import hour_key
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import SourceConfig
@@ -23,13 +23,15 @@ def staged_key(source: str, dataset: str) -> dg.AssetKey:
     return dg.AssetKey([source, f"staged_{dataset}"])
 
 
-def staged_asset_specs(source: str) -> list[dg.AssetSpec]:
+def staged_asset_specs(
+    source: str, partitions: dg.HourlyPartitionsDefinition
+) -> list[dg.AssetSpec]:
     return [
         dg.AssetSpec(
             staged_key(source, dataset),
             description=f"Raw {dataset} of source {source}, staged as Parquet by commit hour. "
             "Written by the capture job, which the capture sensor runs when the slot has data.",
-            partitions_def=hourly_partitions_def,
+            partitions_def=partitions,
             group_name="capture",
             kinds={"postgres", "parquet"},
             owners=["team:platform"],

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from audit_platform.defs.capture.assets import SLOT_TAG, staged_key
-from audit_platform.defs.partitions import hour_key, hourly_partitions_def
+from audit_platform.defs.partitions import hour_key
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.enrich import quarantine
@@ -124,7 +124,9 @@ def resolve_job(
     return job
 
 
-def enriched_asset(env: str, source: str, grace: timedelta) -> dg.AssetsDefinition:
+def enriched_asset(
+    env: str, source: str, grace: timedelta, partitions: dg.HourlyPartitionsDefinition
+) -> dg.AssetsDefinition:
     slot = slot_name(env, source)
 
     @dg.asset(
@@ -133,7 +135,7 @@ def enriched_asset(env: str, source: str, grace: timedelta) -> dg.AssetsDefiniti
         "transaction's context, by commit hour, one records file per staged batch. Capture "
         "runs add their own batches; materializing an hour (a backfill) rebuilds it whole from "
         "staged data, with the same record ids.",
-        partitions_def=hourly_partitions_def,
+        partitions_def=partitions,
         deps=[staged_key(source, "changes"), staged_key(source, "contexts")],
         group_name="enrich",
         kinds={"polars", "parquet"},

@@ -15,7 +15,7 @@ from elasticsearch import Elasticsearch
 
 from audit_platform.defs.capture.assets import source_url
 from audit_platform.defs.enrich.assets import enriched_key
-from audit_platform.defs.partitions import hour_key, hourly_partitions_def
+from audit_platform.defs.partitions import hour_key
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import EnvironmentConfig, SourceConfig
@@ -166,7 +166,11 @@ def index_op(source: str, config: SourceConfig, environment: EnvironmentConfig) 
 
 
 def indexed_asset(
-    env: str, source: str, config: SourceConfig, environment: EnvironmentConfig
+    env: str,
+    source: str,
+    config: SourceConfig,
+    environment: EnvironmentConfig,
+    partitions: dg.HourlyPartitionsDefinition,
 ) -> dg.AssetsDefinition:
     slot = slot_name(env, source)
 
@@ -174,7 +178,7 @@ def indexed_asset(
         key=indexed_key(source),
         description=f"Records of source {source} indexed into Elasticsearch, by commit hour. "
         "Deterministic document ids: re-indexing an hour replaces, never duplicates.",
-        partitions_def=hourly_partitions_def,
+        partitions_def=partitions,
         deps=[enriched_key(source), TEMPLATE_KEY],
         group_name="index",
         kinds={"elasticsearch"},
