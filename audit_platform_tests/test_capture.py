@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from audit_platform.capture.stream import SlotBusy, SlotStream
+from audit_platform.faults import POINTS, SimulatedCrash, armed
 from audit_platform_tests.capture_support import images, make_source
 from audit_platform_tests.helpers import policy_for
 
@@ -208,13 +209,14 @@ def test_context_messages_are_staged_with_their_transaction(zoo):
 
 def test_crash_at_each_point_then_rerun_yields_each_change_once_in_order(zoo):
     zoo.execute("INSERT INTO zoo (id, i8) SELECT g, g FROM generate_series(1, 50) g")
-    for point in ("before_staging", "after_staging", "during_advance"):
+    points = [p for p in POINTS if p.startswith(("capture.", "staging."))]
+    for point in points:
         zoo.execute("UPDATE zoo SET i8 = i8 + 1 WHERE id <= 10")
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            zoo.capture(batch_changes=5, crash_at=point)
+        with armed(point, nth=2), pytest.raises(SimulatedCrash, match=point):
+            zoo.capture(batch_changes=5)
     result = zoo.capture(batch_changes=5)
     staged = zoo.staged()
-    assert staged.height == 50 + 3 * 10
+    assert staged.height == 50 + len(points) * 10
     assert staged.select("lsn", "change_index").is_duplicated().sum() == 0
     assert staged["lsn"].to_list() == sorted(staged["lsn"].to_list())
     assert result.lag_bytes_after < 1024 * 1024
@@ -223,8 +225,8 @@ def test_crash_at_each_point_then_rerun_yields_each_change_once_in_order(zoo):
 
 def test_rerun_of_the_same_range_replaces_instead_of_duplicating(zoo, tmp_path):
     zoo.execute("INSERT INTO zoo (id) SELECT generate_series(1, 20)")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        zoo.capture(batch_changes=1000, crash_at="after_staging")
+    with armed("capture.staged"), pytest.raises(SimulatedCrash):
+        zoo.capture(batch_changes=1000)
     first_files = zoo.store.files("changes")
     zoo.capture(batch_changes=1000)
     assert zoo.store.files("changes") == first_files
@@ -302,8 +304,8 @@ def test_a_transaction_larger_than_a_batch_is_staged_in_parts_once(zoo):
     zoo.execute("INSERT INTO zoo (id) VALUES (0)")
     zoo.execute("INSERT INTO zoo (id, i8) SELECT g, g FROM generate_series(1, 1000) g")
     zoo.execute("INSERT INTO zoo (id) VALUES (5000)")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        zoo.capture(batch_changes=100, crash_at="after_staging")
+    with armed("capture.staged"), pytest.raises(SimulatedCrash):
+        zoo.capture(batch_changes=100)
     result = zoo.capture(batch_changes=100)
     staged = zoo.staged()
     assert staged.height == 1002
@@ -320,8 +322,8 @@ def test_a_manifest_cut_short_by_a_crash_does_not_wedge_capture(zoo):
     """A kill while the in-flight manifest was written once left an empty file that failed
     every later capture; such a manifest is now read as 'never confirmed' and undone."""
     zoo.execute("INSERT INTO zoo (id) SELECT g FROM generate_series(1, 50) g")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        zoo.capture(batch_changes=20, crash_at="after_staging")
+    with armed("capture.staged"), pytest.raises(SimulatedCrash):
+        zoo.capture(batch_changes=20)
     manifests = zoo.store.fs.glob(f"{zoo.store.base}/_inflight/*.json")
     assert manifests  # the batch and its parts, staged, never confirmed
     for manifest in manifests:
@@ -332,12 +334,12 @@ def test_a_manifest_cut_short_by_a_crash_does_not_wedge_capture(zoo):
     assert staged.select("lsn", "change_index").is_duplicated().sum() == 0
 
 
-@pytest.mark.parametrize("point", ["after_staging", "during_advance"])
+@pytest.mark.parametrize("point", ["capture.staged", "capture.confirmed"])
 def test_every_staged_batch_is_on_the_pending_ledger_after_any_crash(zoo, point):
     zoo.execute("INSERT INTO zoo (id) SELECT g FROM generate_series(1, 30) g")
     zoo.execute("INSERT INTO zoo (id) SELECT g FROM generate_series(31, 60) g")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        zoo.capture(batch_changes=20, crash_at=point)
+    with armed(point), pytest.raises(SimulatedCrash):
+        zoo.capture(batch_changes=20)
     zoo.capture(batch_changes=20)
     on_ledger = {p for entry in zoo.store.pending() for p in entry.staged_paths("changes")}
     assert on_ledger == set(zoo.store.files("changes"))

@@ -20,6 +20,7 @@ import psycopg
 from audit_platform.capture.pgoutput import ChangeBatch, Masker, PgOutputDecoder
 from audit_platform.capture.slot import slot_state, usable_slot_state
 from audit_platform.capture.stream import SlotBusy, SlotStream
+from audit_platform.faults import crash_point
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging import DECODED_CHANGES, DECODED_CONTEXTS, StagedFile, StagingStore
@@ -99,13 +100,8 @@ def capture(
     mask_key: bytes | None,
     target_lsn: int | None = None,
     batch_changes: int = 50_000,
-    crash_at: str | None = None,
 ) -> CaptureResult:
-    """Stage everything committed up to ``target_lsn`` (default: the current WAL position).
-
-    ``crash_at`` exists for the crash tests: "before_staging", "after_staging" (before the
-    slot moves) or "during_advance" (feedback sent, not yet settled) raise there.
-    """
+    """Stage everything committed up to ``target_lsn`` (default: the current WAL position)."""
     if mask_key is None and any(t.mask for t in policy.tables.values()):
         raise ValueError(
             f"policy of source {policy.source!r} masks columns but no masking key is set; "
@@ -145,7 +141,7 @@ def capture(
 
         decoder = PgOutputDecoder(policy, Masker(mask_key or b""), type_names, primary_key)
         stream = SlotStream(url, slot, publication)
-        stager = _Stager(store, stream, conn, slot, env, policy, result, crash_at)
+        stager = _Stager(store, stream, conn, slot, env, policy, result)
         try:
             stream.start()
             for raw in stream.batches(result.target_lsn, batch_changes):
@@ -165,9 +161,9 @@ def capture(
 class _Stager:
     """Stages decoded batches and moves the slot, in the order that makes crashes harmless."""
 
-    def __init__(self, store, stream, conn, slot, env, policy, result, crash_at) -> None:
+    def __init__(self, store, stream, conn, slot, env, policy, result) -> None:
         self.store, self.stream, self.conn, self.slot = store, stream, conn, slot
-        self.env, self.policy, self.result, self.crash_at = env, policy, result, crash_at
+        self.env, self.policy, self.result = env, policy, result
         #: (commit LSN, manifest) of parts of transactions whose commit is not confirmed yet.
         self.open_parts: list[tuple[int, str]] = []
 
@@ -178,8 +174,7 @@ class _Stager:
             source=self.policy.source,
             policy_version=self.policy.policy_version,
         )
-        if self.crash_at == "before_staging":
-            raise RuntimeError("simulated crash before staging")
+        crash_point("capture.decoded")
         if batch.open_txn_lsn is not None:
             # The batch ends inside a transaction: what is complete is staged and confirmed as
             # usual; the open transaction's rows become a part file that is confirmed only when
@@ -196,8 +191,7 @@ class _Stager:
         if batch.end_lsn is None:
             return
         manifest = self._write(changes, contexts, first_lsn=batch.first_lsn, end_lsn=batch.end_lsn)
-        if self.crash_at == "after_staging":
-            raise RuntimeError("simulated crash after staging, before the slot advanced")
+        crash_point("capture.staged")
         self.confirm(batch.end_lsn, [manifest])
         self.result.batches += 1
         self.result.transactions += batch.transactions
@@ -217,8 +211,7 @@ class _Stager:
 
     def confirm(self, lsn: int, manifests: list[str] | None = None) -> None:
         self.stream.confirm(lsn)
-        if self.crash_at == "during_advance":
-            raise RuntimeError("simulated crash during the advance")
+        crash_point("capture.confirmed")
         _wait_confirmed(self.conn, self.slot, lsn)
         # A part is settled with the batch that confirms its transaction's commit, never
         # earlier: the pending ledger must hold a transaction's parts and its last piece in one

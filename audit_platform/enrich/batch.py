@@ -18,6 +18,7 @@ import psycopg
 
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.join import EnrichResult, enrich, transaction_contexts
+from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging.store import FILE, StagingStore, hour_from_path
 
@@ -177,6 +178,7 @@ def enrich_pending(
             now=now,
             grace=grace,
         )
+        crash_point("enrich.records_written")
         store.mark_enriched(entry, outcome.records_paths)
         hours.extend(outcome.hours)
     return merge_hours(hours)

@@ -14,6 +14,7 @@ from datetime import datetime
 import polars as pl
 from elasticsearch import Elasticsearch
 
+from audit_platform.faults import crash_point
 from audit_platform.index.bulk import IndexResult, index_records
 from audit_platform.staging.store import FILE, StagingStore, hour_from_path
 
@@ -98,6 +99,7 @@ def index_pending(
         results.extend(
             index_files(client, store, list(entry.records), database=database, now=now, ids=ids)
         )
+        crash_point("index.documents_sent")
         store.done(entry)
     return merge_indexed(results)
 

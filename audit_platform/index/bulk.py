@@ -30,6 +30,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from audit_platform.faults import crash_point
 from audit_platform.index.documents import document_frame
 
 DEAD_LETTER_SCHEMA = {"id": pl.String, "index": pl.String, "status": pl.Int32, "reason": pl.String}
@@ -72,19 +73,22 @@ def index_records(
         ).alias("line")
     )["line"]  # fmt: skip
     failures: list[tuple[str, str, int, str]] = []
+
+    def collect(future: Future[tuple[int, list]]) -> None:
+        indexed, failed = future.result()
+        result.indexed += indexed
+        failures.extend(failed)
+        crash_point("index.chunk_sent")
+
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bulk") as pool:
         waiting: deque[Future[tuple[int, list]]] = deque()
         for offset in range(0, lines.len(), chunk_size):
             chunk = lines.slice(offset, chunk_size).to_list()
             waiting.append(pool.submit(_send, client, chunk, max_attempts))
             if len(waiting) >= in_flight:  # bounded: at most in_flight bodies in memory
-                indexed, failed = waiting.popleft().result()
-                result.indexed += indexed
-                failures.extend(failed)
+                collect(waiting.popleft())
         for future in waiting:
-            indexed, failed = future.result()
-            result.indexed += indexed
-            failures.extend(failed)
+            collect(future)
     result.failed = pl.DataFrame(failures, schema=DEAD_LETTER_SCHEMA, orient="row")
     result.seconds = time.monotonic() - started
     return result

@@ -31,6 +31,7 @@ from typing import BinaryIO
 import fsspec
 import polars as pl
 
+from audit_platform.faults import crash_point
 from audit_platform.naming import check_identifier
 from audit_platform.staging.schemas import STAGED_SCHEMAS
 
@@ -160,6 +161,7 @@ class StagingStore:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("staging.temporary_written")
         os.replace(temporary, local_path)
         _fsync_dir(os.path.dirname(local_path))
 
@@ -180,6 +182,7 @@ class StagingStore:
         """Record, before writing, which files a batch will write and where it ends."""
         path = self._manifest_path(batch_first_lsn, part)
         self._write_json(path, {"end_lsn": end_lsn, "paths": sorted(paths)})
+        crash_point("staging.announced")
         return path
 
     def settle(self, manifests: list[str]) -> PendingBatch | None:
@@ -193,6 +196,7 @@ class StagingStore:
             paths.update(self._read_json(manifest)["paths"])
         name = manifests[-1].rsplit("/", 1)[1].removesuffix(".json")
         entry = self._write_pending(name, {"staged": sorted(paths)})
+        crash_point("staging.pending_written")
         for manifest in manifests:
             self.fs.rm(manifest)
         return entry

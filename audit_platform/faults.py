@@ -1,0 +1,65 @@
+"""Named crash points: the places where a process can die between two durable steps.
+
+DESIGN.md's invariant 1 says a crash anywhere ends, after a rerun, in the same indexed result.
+A random SIGKILL lands wherever it lands; these points let a test stop the pipeline exactly at
+each place where what is on disk, in the slot and in Elasticsearch disagree for a moment, and
+then check that the next run heals it. Disarmed (always, outside tests) a point costs one set
+lookup.
+
+:class:`SimulatedCrash` derives from ``BaseException``: no ``except Exception`` (a retry
+policy, a cleanup that carries on) may treat a crash as an error it can handle.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+#: Every crash point, in the order a capture run passes them, and what is true when it fires.
+POINTS: dict[str, str] = {
+    "capture.decoded": "a batch is decoded; nothing of it is written",
+    "staging.announced": "the batch's in-flight manifest is written; none of its files",
+    "staging.temporary_written": "a durable write's temporary file is complete, not renamed",
+    "capture.staged": "the batch's files are durable; the slot has not confirmed it",
+    "capture.confirmed": "the slot confirmed the batch; its manifest is not settled",
+    "staging.pending_written": "the ledger entry is written; the manifests are not removed",
+    "enrich.records_written": "records files are durable; the ledger entry is not marked",
+    "index.chunk_sent": "one bulk request is in; the rest of the documents are not",
+    "index.documents_sent": "every document is in; the ledger entry is not removed",
+}
+
+_armed: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+class SimulatedCrash(BaseException):
+    """The process 'died' at a crash point (tests only)."""
+
+
+def crash_point(name: str) -> None:
+    """Die here if a test armed this point (and this is the pass it armed it for)."""
+    if not _armed:
+        return
+    with _lock:
+        if name not in _armed:
+            return
+        _armed[name] -= 1
+        if _armed[name] > 0:
+            return
+        del _armed[name]
+    raise SimulatedCrash(f"simulated crash at {name}: {POINTS[name]}")
+
+
+@contextmanager
+def armed(name: str, *, nth: int = 1) -> Iterator[None]:
+    """Crash at the ``nth`` pass through ``name`` within the block."""
+    if name not in POINTS:
+        raise ValueError(f"unknown crash point {name!r}; known: {', '.join(POINTS)}")
+    with _lock:
+        _armed[name] = nth
+    try:
+        yield
+    finally:
+        with _lock:
+            _armed.pop(name, None)
