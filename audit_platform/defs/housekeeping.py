@@ -7,7 +7,6 @@ cancelled) runs older than ``dagster_runs_keep_days`` and failed ones older than
 asset partition: deleting it would make the UI show that hour as never materialized.
 """
 
-
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg

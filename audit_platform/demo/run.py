@@ -7,6 +7,7 @@ Ctrl-C; then stops everything it started.
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import sys
@@ -66,6 +67,26 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+#: Signals that end the demo like Ctrl-C: `kill`, a supervisor, a closed terminal.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _tolerant(say: Callable[[str], None]) -> Callable[[str], None]:
+    """``say`` that survives closed output: with `make demo | tee demo.log`, Ctrl-C ends tee
+    too, and the next print raised BrokenPipeError before anything was stopped. Once the
+    output is gone, later lines (and the interpreter's last flush) go to /dev/null."""
+
+    def tolerant(text: str) -> None:
+        try:
+            say(text)
+        except OSError:  # BrokenPipeError, or EIO from a terminal that was closed
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+
+    return tolerant
+
+
 def run_demo(
     settings: Settings, *, say: Callable[[str], None], duration: float | None = None,
     dagster_port: int = 3000, api_port: int = 8000, shop_port: int = 8100,
@@ -73,9 +94,18 @@ def run_demo(
     """Run until Ctrl-C (or ``duration`` seconds); 0 when records reached the API."""
     env = settings.env
     root = settings.stack_dir / "demo" / env
-    # A SIGTERM (from `kill`, a terminal closing, a supervisor) stops things like Ctrl-C does:
-    # the servers run in their own sessions and would otherwise be left behind.
-    signal.signal(signal.SIGTERM, _interrupt)
+    say = _tolerant(say)
+    # SIGTERM and SIGHUP stop things like Ctrl-C does: the servers run in their own sessions
+    # and would otherwise be left behind.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    try:
+        return _run(settings, env, root, say, duration, dagster_port, api_port, shop_port)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) -> int:
     with served(settings) as exports:
         say(f"stack: PostgreSQL {exports['AUDIT_PG_URL'].split('@')[-1]}, "
             f"Elasticsearch {exports['AUDIT_ES_URL']}")  # fmt: skip
@@ -132,6 +162,9 @@ Waiting for the first audit records (the capture sensor runs every few seconds) 
         except KeyboardInterrupt:
             return 0
         finally:
+            # A second Ctrl-C (or the terminal's SIGHUP after it) must not cut the stop short.
+            for sig in (signal.SIGINT, *STOP_SIGNALS):
+                signal.signal(sig, signal.SIG_IGN)
             say("stopping traffic, the shop service, Dagster and the API ...")
             stop.set()
             if traffic_thread is not None:

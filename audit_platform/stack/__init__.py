@@ -42,13 +42,15 @@ class LocalStack:
 
     def up(self) -> list[ServerState]:
         states = []
-        for server, external in (
-            (self.postgres, self.settings.pg_url),
-            (self.elasticsearch, self.settings.es_url),
+        for server, external, variable in (
+            (self.postgres, self.settings.pg_url, "AUDIT_PG_URL"),
+            (self.elasticsearch, self.settings.es_url, "AUDIT_ES_URL"),
         ):
             name = server.__module__.rsplit(".", 1)[1]
             if external:
-                states.append(ServerState(name, "external", external, {}))
+                # Its URL is an export too: callers (the demo) read every URL from one place.
+                states.append(ServerState(name, "external", _redacted(external),
+                                          {variable: external}))  # fmt: skip
                 continue
             record, started = server.up()
             detail = f"{_redacted(record.url)} (pid {record.pid}, log {record.log})"

@@ -1,0 +1,93 @@
+"""`audit-platform demo` stops everything it started, however it is ended.
+
+The harshest ending a person produces by accident: `make demo | tee demo.log`, then the terminal
+closes. The pipe's reader is gone (every print fails) and the demo gets SIGHUP. Afterwards no
+process of the demo may remain.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from audit_platform.settings import Settings
+from audit_platform.stack.system import free_port, pid_alive
+
+
+def _processes_with(text: str) -> list[int]:
+    """PIDs whose environment mentions ``text`` (every process the demo starts inherits its
+    DAGSTER_HOME, including the code servers and run workers Dagster starts in turn)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in environ and pid_alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
+def _drop_demo_databases(admin_url: str, env: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        for name in (f"shop_{env}", f"dagster_{env}"):
+            for (slot,) in admin.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
+            ).fetchall():
+                admin.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.mark.slow
+def test_closed_output_and_sighup_stop_every_process_the_demo_started(servers, tmp_path):
+    env = f"demo_{uuid.uuid4().hex[:8]}"
+    resources = tmp_path / "resources"
+    shutil.copytree(Settings().resources_dir, resources)
+    stack_dir = tmp_path / "stack"
+    environ = {**os.environ, "AUDIT_ENV": env, "AUDIT_STACK_DIR": str(stack_dir),
+               "AUDIT_RESOURCES_DIR": str(resources)}  # fmt: skip
+    ports = [str(free_port()) for _ in range(3)]
+    demo = subprocess.Popen(
+        [str(Path(sys.executable).with_name("audit-platform")), "demo", "--dagster-port", ports[0],
+         "--api-port", ports[1], "--shop-port", ports[2]],
+        env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    marker = str(stack_dir / "demo" / env)
+    try:
+        deadline, seen = time.monotonic() + 240, []
+        while time.monotonic() < deadline:
+            line = demo.stdout.readline().decode()
+            seen.append(line)
+            if "Waiting for the first audit records" in line or not line:
+                break
+        assert "Waiting for the first audit records" in "".join(seen), "".join(seen)
+        started = _processes_with(marker)
+        assert len(started) >= 4  # shop service, webserver, daemon, API (and code servers)
+
+        demo.stdout.close()  # the reader of the pipe is gone: every later print fails
+        demo.send_signal(signal.SIGHUP)
+        assert demo.wait(timeout=120) == 0
+        deadline = time.monotonic() + 30
+        while _processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _processes_with(marker) == []
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+        for pid in _processes_with(marker):
+            os.killpg(pid, signal.SIGKILL)
+        _drop_demo_databases(servers.pg_url, env)
