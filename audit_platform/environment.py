@@ -45,6 +45,10 @@ class EnvironmentConfig(BaseModel):
     #: it anyway (a heartbeat): a quiet source on a busy server would otherwise keep WAL without
     #: bound until PostgreSQL invalidates the slot.
     slot_heartbeat_bytes: int = Field(default=16 * 1024**2, ge=1)
+    #: Retries of a capture, enrich or index step, the first after this many seconds, each
+    #: later one after twice as long (with jitter).
+    step_retries: int = Field(default=4, ge=0)
+    step_retry_delay_seconds: float = Field(default=5, ge=0)
     #: Replicas of each audit index (0 on a single-node development cluster).
     index_replicas: int = Field(default=0, ge=0)
     #: Days audit records, staged data and settled quarantine entries are kept.

@@ -22,6 +22,7 @@ from audit_platform.clients import elasticsearch_client
 from audit_platform.settings import Settings
 from audit_platform.stack import served
 from audit_platform.stack.deployment import database_url
+from audit_platform_tests.helpers import SUMMARY
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,10 @@ def es_prefix(es: Elasticsearch) -> Iterator[str]:
     templates = found.get("index_templates", [])
     for template in templates:
         es.indices.delete_index_template(name=template["name"])
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for title, lines in SUMMARY.items():
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)

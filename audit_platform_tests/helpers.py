@@ -9,6 +9,10 @@ import psycopg
 
 from audit_platform.policy import SourcePolicy, TablePolicy
 
+#: Lines a test wants in the session summary (the fault matrix's recovery times); conftest
+#: prints them. Here, not in conftest: pytest may import conftest under another module name.
+SUMMARY: dict[str, list[str]] = {}
+
 CONTEXT_PREFIX = "audit_platform.context.v1"
 ATTACH_PREFIX = "audit_platform.attach.v1"
 

@@ -38,6 +38,7 @@ from audit_platform.defs.index.schedules import (
 )
 from audit_platform.defs.partitions import hourly_partitions, partitions_start
 from audit_platform.defs.resources import AuditPlatform
+from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import load_environment
 from audit_platform.settings import Settings
 
@@ -50,10 +51,11 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     jobs, sensors, schedules = [], [], []
     checks = [template_check(environment)]
     grace = timedelta(minutes=environment.enrich_grace_minutes)
+    retry = transient_retry_policy(environment)
     partitions = hourly_partitions(partitions_start(environment, datetime.now(UTC)))
     for source, config in sorted(environment.sources.items()):
         assets.extend(staged_asset_specs(source, partitions))
-        assets.append(enriched_asset(env, source, grace, partitions))
+        assets.append(enriched_asset(env, source, grace, partitions, retry))
         assets.append(quarantine_asset(source))
         assets.append(indexed_asset(env, source, config, environment, partitions))
         index = index_op(source, config, environment)  # one op, in the capture and resolve jobs
@@ -62,14 +64,15 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             source,
             config,
             environment.capture_batch_changes,
-            then=[enrich_op(source, grace), index],
+            then=[enrich_op(source, grace, retry), index],
+            retry=retry,
         )
         enrich_job = dg.define_asset_job(
             f"enrich_{source}_job",
             selection=[enriched_key(source), indexed_key(source)],
             description=f"Rebuild whole hours of source {source}: enrich, then index (backfills).",
         )
-        resolve = resolve_job(env, source, enrich_op(source, grace, batches=False), index)
+        resolve = resolve_job(env, source, enrich_op(source, grace, retry, batches=False), index)
         reconcile = reconcile_job(env, source, config, environment)
         quarantine_job = dg.define_asset_job(
             f"quarantine_{source}_job", selection=[quarantine_key(source)]

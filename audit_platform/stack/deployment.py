@@ -113,20 +113,43 @@ class LocalDeployment:
         """Webserver, daemon and API; returns when the webserver and the API answer."""
         ensure_port_free(self.dagster_port, what="the Dagster webserver", variable="--dagster-port")
         ensure_port_free(self.api_port, what="the Audit API", variable="--api-port")
-        environ, workspace = self.environ(), str(PROJECT_ROOT / "workspace.yaml")
-        self.running += [
-            processes.start("dagster-webserver", [
-                processes.tool("dagster-webserver"), "-h", "127.0.0.1",
-                "-p", str(self.dagster_port), "-w", workspace], environ, self.logs, PROJECT_ROOT),
-            processes.start("dagster-daemon", [
-                processes.tool("dagster-daemon"), "run", "-w", workspace],
-                environ, self.logs, PROJECT_ROOT),
-            processes.start("audit-api", [
-                processes.tool("audit-platform"), "api", "serve", "--port", str(self.api_port)],
-                environ, self.logs, PROJECT_ROOT),
-        ]  # fmt: skip
-        self.running[0].wait_http(f"{self.dagster_url}/server_info", timeout)
-        self.running[2].wait_http(f"{self.api_url}/readyz", timeout)
+        for name in self._commands():
+            self._spawn(name)
+        self.process("dagster-webserver").wait_http(f"{self.dagster_url}/server_info", timeout)
+        self.process("audit-api").wait_http(f"{self.api_url}/readyz", timeout)
+
+    def _commands(self) -> dict[str, list[str]]:
+        workspace = str(PROJECT_ROOT / "workspace.yaml")
+        return {
+            "dagster-webserver": [processes.tool("dagster-webserver"), "-h", "127.0.0.1",
+                                  "-p", str(self.dagster_port), "-w", workspace],
+            "dagster-daemon": [processes.tool("dagster-daemon"), "run", "-w", workspace],
+            "audit-api": [processes.tool("audit-platform"), "api", "serve",
+                          "--port", str(self.api_port)],
+        }  # fmt: skip
+
+    def _spawn(self, name: str) -> Process:
+        process = processes.start(name, self._commands()[name], self.environ(), self.logs,
+                                  PROJECT_ROOT)  # fmt: skip
+        self.running.append(process)
+        return process
+
+    def process(self, name: str) -> Process:
+        return next(p for p in self.running if p.name == name)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and everything it started (a crash, for the fault tests)."""
+        process = self.process(name)
+        process.kill()
+        self.running.remove(process)
+
+    def restart(self, name: str) -> Process:
+        """Start a process of the deployment again (after :meth:`kill`, or to reload it)."""
+        if any(p.name == name for p in self.running):
+            process = self.process(name)
+            process.stop()
+            self.running.remove(process)
+        return self._spawn(name)
 
     def add(self, process: Process) -> None:
         self.running.append(process)

@@ -6,6 +6,7 @@ spawned (Dagster's code servers and run workers included) and a failure can be r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -57,6 +58,12 @@ class Process:
                 self.popen.wait(timeout=timeout)
             except ProcessLookupError:
                 pass
+
+    def kill(self) -> None:
+        """SIGKILL the process group: nothing gets to clean up, as in a crash."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=30)
 
 
 def tool(name: str) -> str:

@@ -11,7 +11,6 @@ from pydantic import Field
 from audit_platform.capture.run import capture
 from audit_platform.defs.partitions import hour_key
 from audit_platform.defs.resources import AuditPlatform
-from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import SourceConfig
 from audit_platform.naming import slot_name
 from audit_platform.staging import lsn_text, parse_lsn
@@ -62,6 +61,7 @@ def capture_job(
     config: SourceConfig,
     batch_changes: int,
     then: list[dg.OpDefinition],
+    retry: dg.RetryPolicy,
 ) -> dg.JobDefinition:
     """Capture, then each op of ``then`` (enrich, index) on the hours it touched, in one run.
 
@@ -73,7 +73,7 @@ def capture_job(
     @dg.op(
         name=f"capture_{source}",
         description=f"Stage everything source {source} committed up to the target LSN.",
-        retry_policy=transient_retry_policy,
+        retry_policy=retry,
     )
     def capture_op(
         context: dg.OpExecutionContext, platform: AuditPlatform, config: CaptureConfig

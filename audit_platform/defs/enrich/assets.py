@@ -11,7 +11,6 @@ import dagster as dg
 from audit_platform.defs.capture.assets import SLOT_TAG, staged_key
 from audit_platform.defs.partitions import hour_key
 from audit_platform.defs.resources import AuditPlatform
-from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import (
     HourResult,
@@ -81,7 +80,9 @@ def hour_events(source: str, result: HourResult) -> list:
     return [materialization, orphan_check(source, result)] if result.changes else [materialization]
 
 
-def enrich_op(source: str, grace: timedelta, *, batches: bool = True) -> dg.OpDefinition:
+def enrich_op(
+    source: str, grace: timedelta, retry: dg.RetryPolicy, *, batches: bool = True
+) -> dg.OpDefinition:
     """The enrich step of a capture run (``batches``), or of a quarantine run (orphans only)."""
 
     @dg.op(
@@ -92,7 +93,7 @@ def enrich_op(source: str, grace: timedelta, *, batches: bool = True) -> dg.OpDe
         if batches
         else f"Re-enrich the orphans of source {source} that are due or whose context has "
         "arrived, and only them.",
-        retry_policy=transient_retry_policy,
+        retry_policy=retry,
         ins={"hours": dg.In(list[str], default_value=[])},
     )
     def op(context: dg.OpExecutionContext, platform: AuditPlatform, hours: list[str]) -> list[str]:
@@ -125,7 +126,11 @@ def resolve_job(
 
 
 def enriched_asset(
-    env: str, source: str, grace: timedelta, partitions: dg.HourlyPartitionsDefinition
+    env: str,
+    source: str,
+    grace: timedelta,
+    partitions: dg.HourlyPartitionsDefinition,
+    retry: dg.RetryPolicy,
 ) -> dg.AssetsDefinition:
     slot = slot_name(env, source)
 
@@ -142,7 +147,7 @@ def enriched_asset(
         owners=["team:platform"],
         pool=slot,
         check_specs=[dg.AssetCheckSpec("orphan_rate", asset=enriched_key(source))],
-        retry_policy=transient_retry_policy,
+        retry_policy=retry,
     )
     def asset(context: dg.AssetExecutionContext, platform: AuditPlatform) -> dg.MaterializeResult:
         hour = context.partition_time_window.start.astimezone(UTC)

@@ -149,7 +149,7 @@ def index_op(source: str, config: SourceConfig, environment: EnvironmentConfig) 
         name=f"index_{source}",
         description=f"Index what was just enriched for source {source} (and anything an "
         "earlier run enriched but could not index), never whole hours.",
-        retry_policy=transient_retry_policy,
+        retry_policy=transient_retry_policy(environment),
     )
     def op(context: dg.OpExecutionContext, platform: AuditPlatform, hours: list[str]) -> list[str]:
         for indexed in index_increment(platform, source, config, environment):
@@ -185,7 +185,7 @@ def indexed_asset(
         owners=["team:platform"],
         pool=slot,
         check_specs=[dg.AssetCheckSpec("staged_vs_indexed", asset=indexed_key(source))],
-        retry_policy=transient_retry_policy,
+        retry_policy=transient_retry_policy(environment),
     )
     def asset(context: dg.AssetExecutionContext, platform: AuditPlatform) -> dg.MaterializeResult:
         hour = context.partition_time_window.start.astimezone(UTC)
