@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -486,3 +487,161 @@ def test_gaps_are_served_to_keys_that_may_read_their_source(shop, api_a, servers
     [served] = response.json()["gaps"]
     assert (served["source"], served["from_lsn"], served["to_lsn"]) == ("shop", 100, 200)
     assert get(api_a, "/v1/gaps", shop.keys["other_source"]).json()["gaps"] == []
+
+
+# --- value filters and the query language ---------------------------------------------------
+
+
+def test_value_filters_before_after_and_a_transition(shop, api_a):
+    key = shop.keys["a"]
+    paid = events(api_a, key, **{"after.status": "paid"})
+    assert [(e["object_id"], e["before"]["status"]) for e in paid] == [("1", "new")]
+    assert events(api_a, key, after=["status:paid"]) == paid  # the list spelling
+    closed = events(api_a, key, before=["status:new"], after=["status:closed"])
+    assert sorted(int(e["object_id"]) for e in closed) == [2, 3, 4, 5, 6]
+    assert events(api_a, key, before=["status:paid"], after=["status:closed"]) == []
+    # A masked column is filtered by its masked value: equal values stay comparable.
+    [changed] = events(api_a, key, table="customers", operation="update")
+    masked = changed["after"]["email"]
+    assert masked != "ada@new.example"
+    assert [e["id"] for e in events(api_a, key, **{"after.email": masked})] == [changed["id"]]
+    stats = get(api_a, "/v1/stats", key, **{"after.status": "closed"}).json()
+    assert stats["total"] == 5
+
+
+def test_the_query_language_on_search_stats_and_export(shop, api_a):
+    key = shop.keys["a"]
+    found = events(api_a, key, query="actor:nightly-close op:update table:orders "
+                                     "before.status:new after.status:closed")  # fmt: skip
+    assert sorted(int(e["object_id"]) for e in found) == [2, 3, 4, 5, 6]
+    either = events(api_a, key, query="op:update,delete table:public.orders")
+    assert {e["operation"] for e in either} == {"update", "delete"}
+    not_checkout = events(api_a, key, query="table:orders -actor:checkout")
+    assert not_checkout and all(e["context"] is None or e["context"]["actor"]["id"] != "checkout"
+                                for e in not_checkout)  # fmt: skip
+    vase = events(api_a, key, query='"fragile glass"')
+    assert {(e["object_id"], e["operation"]) for e in vase} == {("1", "insert"), ("1", "update")}
+    assert [e["object_id"] for e in events(api_a, key, query="job:run-7 object:4")] == ["4"]
+    recent = events(api_a, key, query="table:orders since:-1h")
+    assert len(recent) == len(events(api_a, key, table="orders"))
+    stats = get(api_a, "/v1/stats", key, query="actor:checkout").json()
+    assert stats["total"] == CHECKOUT_ORDERS
+    exported = get(api_a, "/v1/export", key, query="request:req-ada-2")
+    assert [json.loads(line)["table"]["name"] for line in exported.text.splitlines()] == [
+        "customers"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "message"),
+    [
+        ({"query": "actor:ada acter:bob"}, "query", "term 2 `acter:bob`: unknown field"),
+        ({"query": "op:upsert"}, "query", "'upsert' is not one of"),
+        ({"query": "since:-1h", "since": "2026-01-01T00:00:00Z"}, "query", "given both"),
+        ({"after": "status"}, "after", "pattern"),
+    ],
+)
+def test_a_bad_query_is_a_422_that_points_at_the_term(shop, api_a, params, field, message):
+    response = get(api_a, "/v1/events", shop.keys["a"], **params)
+    assert response.status_code == 422, response.text
+    assert message in response.text
+
+
+def test_an_excluded_column_cannot_be_filtered_by_value(shop, tmp_path):
+    resources = tmp_path / "resources"
+    shutil.copytree(Settings().resources_dir, resources)
+    (resources / "environments" / f"{shop.env}.yaml").write_text(
+        "sources:\n  shop:\n    url_env: AUDIT_SOURCE_SHOP_URL\n"
+    )
+    (resources / "sources" / "shop.yaml").write_text(
+        "source: shop\nversion: 1\ntables:\n  public.customers:\n    exclude: [name]\n"
+        "  public.orders: {}\n"
+    )
+    with _client(shop.env, resources_dir=resources) as api:
+        refused = get(api, "/v1/events", shop.keys["a"], **{"after.name": "Ada"})
+        assert refused.status_code == 422
+        [problem] = refused.json()["detail"]
+        assert problem["loc"] == ["query", "after.name"]
+        assert "excluded by its policy" in problem["msg"]
+        refused = get(api, "/v1/stats", shop.keys["a"], query="before.name:Ada")
+        assert refused.status_code == 422
+        # orders excludes nothing: a column of that name there may be filtered.
+        assert get(api, "/v1/events", shop.keys["a"], table="orders",
+                   **{"after.name": "x"}).status_code == 200  # fmt: skip
+        # A key that cannot read the shop source is told nothing about its policy.
+        assert get(api, "/v1/events", shop.keys["other_source"],
+                   **{"after.name": "Ada"}).status_code == 200  # fmt: skip
+
+
+def test_correlation_filters_trace_service_and_client_ip(shop, api_a):
+    key = shop.keys["a"]
+    assert len(events(api_a, key, service="shop-api")) == 4  # Ada's two requests
+    assert events(api_a, key, trace_id="no-such-trace") == []
+    assert events(api_a, key, client_ip="10.0.0.0/8") == []
+    assert get(api_a, "/v1/events", key, client_ip="nope").status_code == 422
+
+
+# --- correlation ----------------------------------------------------------------------------
+
+
+def test_a_request_and_a_job_run_grouped_by_transaction_within_the_keys_scope(shop, api_a):
+    key = shop.keys["a"]
+    request = get(api_a, "/v1/requests/req-ada-1", key).json()
+    assert (request["kind"], request["key"], request["sources"]) == (
+        "request", {"request_id": "req-ada-1"}, ["shop"])  # fmt: skip
+    [signup] = request["transactions"]
+    assert signup["xid"] == shop.xid_signup and signup["context"]["request_id"] == "req-ada-1"
+    assert [c["table"]["name"] for c in signup["changes"]] == ["customers", "orders",
+                                                               "order_lines"]  # fmt: skip
+    scoped = get(api_a, "/v1/requests/req-ada-1", shop.keys["orders"]).json()
+    assert [c["table"]["name"] for t in scoped["transactions"] for c in t["changes"]] == ["orders"]
+    hidden = get(api_a, "/v1/requests/req-ada-1", shop.keys["other_source"]).json()
+    assert hidden["transactions"] == [] and hidden["sources"] == []
+
+    pages, cursor = [], None
+    while True:
+        page = get(api_a, "/v1/jobs/nightly-close/runs/run-7", key, limit=2,
+                   **({"cursor": cursor} if cursor else {})).json()  # fmt: skip
+        pages.append([c["object_id"] for t in page["transactions"] for c in t["changes"]])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == [["2", "3"], ["4", "5"], ["6"]]
+    assert get(api_a, "/v1/traces/no-such-trace", key).json()["transactions"] == []
+
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_a_request_spanning_two_sources_in_commit_order(servers, es, tmp_path):
+    env = f"corr_{uuid.uuid4().hex[:8]}"
+    ddl = "CREATE TABLE orders (id int PRIMARY KEY, status text);" \
+          "ALTER TABLE orders REPLICA IDENTITY FULL;"  # fmt: skip
+    context = {"actor": {"type": "user", "id": "ada"}, "request_id": "req-x",
+               "trace_id": TRACE}  # fmt: skip
+    with new_database(servers) as shop_db, new_database(servers) as billing_db:
+        shop_src = make_source(shop_db, tmp_path / "s", ddl, policy_for("shop", public__orders={}),
+                               env=env)  # fmt: skip
+        billing = make_source(billing_db, tmp_path / "b", ddl,
+                              policy_for("billing", public__orders={}), env=env)  # fmt: skip
+        xids = [_write(shop_db, [("INSERT INTO orders VALUES (1, 'new')", ())], context),
+                _write(billing_db, [("INSERT INTO orders VALUES (7, 'invoiced')", ())], context),
+                _write(shop_db, [("UPDATE orders SET status = 'paid' WHERE id = 1", ())],
+                       context)]  # fmt: skip
+        with psycopg.connect(servers.pg_url, autocommit=True) as state:
+            for each in (shop_src, billing):
+                capture_enrich_index(each, state, es, grace=timedelta(0))
+            key = create_key(state, env, "all").secret
+        try:
+            with _client(env) as api:
+                found = get(api, "/v1/requests/req-x", key).json()
+                assert [(t["source"], t["xid"]) for t in found["transactions"]] == list(
+                    zip(["shop", "billing", "shop"], xids, strict=True))  # fmt: skip
+                assert found["sources"] == ["billing", "shop"]
+                trace = get(api, f"/v1/traces/{TRACE}", key).json()
+                assert trace["transactions"] == found["transactions"]
+                assert len(events(api, key, trace_id=TRACE)) == 3
+        finally:
+            for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+                es.indices.delete(index=index)
+            es.indices.delete_index_template(name=f"audit-{env}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
 from typing import Annotated
 
 from cachetools import TTLCache
@@ -18,6 +19,9 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from psycopg_pool import ConnectionPool
 
 from audit_platform.api_keys import ApiKey, Scope, key_id_of, verify_key
+from audit_platform.environment import load_environment
+from audit_platform.policy import SourcePolicy, load_policy, policy_path
+from audit_platform.query.filters import EventFilter, check_value_filters
 from audit_platform.query.reads import Limits
 from audit_platform.settings import Settings
 
@@ -36,6 +40,18 @@ class Services:
             default_range=timedelta(days=self.settings.api_default_range_days),
             max_range=timedelta(days=self.settings.api_max_range_days),
         )
+
+    @cached_property
+    def policies(self) -> dict[str, SourcePolicy]:
+        """The tracking policy of each source of this environment (for value filters)."""
+        resources = self.settings.resources_dir
+        sources = load_environment(resources, self.settings.env).sources
+        return {name: load_policy(policy_path(resources, name)) for name in sources}
+
+    def checked(self, f: EventFilter, scope: Scope) -> EventFilter:
+        """``f``, once its value filters are known to name columns records can hold."""
+        check_value_filters(f, self.policies, scope)
+        return f
 
     def verify(self, text: str) -> ApiKey | None:
         if self.keys is not None:

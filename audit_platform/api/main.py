@@ -18,19 +18,50 @@ from psycopg_pool import ConnectionPool
 from audit_platform import platform_db
 from audit_platform.api.deps import Services
 from audit_platform.api.errors import install_handlers
-from audit_platform.api.routers import activity, events, export, gaps, health, objects
+from audit_platform.api.routers import (
+    activity,
+    correlation,
+    events,
+    export,
+    gaps,
+    health,
+    objects,
+)
 from audit_platform.clients import elasticsearch_client, pg_url_from_settings
+from audit_platform.query.language import FIELDS
 from audit_platform.settings import Settings
 
 access_log = logging.getLogger("audit_platform.api.access")
 
-DESCRIPTION = """
+DESCRIPTION = (
+    """
 Who changed what, where, when and why, from the audit trail of one environment.
 
 Every endpoint except `/healthz` and `/readyz` needs an API key (`X-API-Key` header or
 `Authorization: Bearer`). A key belongs to one environment and may be limited to some sources and
 tables; whatever the parameters say, a key sees nothing outside that scope.
+
+## The query language
+
+`/v1/events`, `/v1/stats` and `/v1/export` take `query=`, what an investigator types:
+
+    actor:alice table:orders op:update,delete after.status:refunded -actor:bot since:-24h
+
+- `field:value`; all terms must match. `op:insert,delete`: any of the values.
+- `-field:value` excludes; `"two words"` and `field:"a value, with: commas"` quote.
+- Words without a field search the row's values as text (`-word` excludes).
+- Fields: """
+    + ", ".join(f"`{name}` ({what})" for name, (what, _) in FIELDS.items())
+    + """,
+  `before.<column>` and `after.<column>` (the column's value before or after the change, in the
+  text form records keep; a masked column by its masked value; an excluded column is refused).
+- A transition is both: `before.status:paid after.status:refunded`.
+- Errors (422) name the term by position and text.
+
+The structured parameters keep working and combine with the query (AND); `after.status=refunded`
+and `before.status=paid` are parameters too.
 """
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -71,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    for module in (events, objects, activity, export, gaps, health):
+    for module in (events, objects, activity, correlation, export, gaps, health):
         app.include_router(module.router)
 
     @app.middleware("http")

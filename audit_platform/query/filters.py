@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from audit_platform.api_keys import Scope
 from audit_platform.context.model import ActorType
+from audit_platform.policy import SourcePolicy
+from audit_platform.query.language import (
+    IMAGES,
+    ParsedQuery,
+    QuerySyntaxError,
+    Term,
+    any_of,
+    parse,
+    table_clause,
+    term_clause,
+)
 from audit_platform.record import AttributionStatus, Operation
 
 #: Total order of records in an environment: commit time, then the source, then the commit
@@ -33,6 +46,11 @@ class QueryError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+#: ``column:value``: the value a column held before or after a change, in the text form
+#: records keep (a masked column by its masked value).
+ImageValue = Annotated[str, Field(pattern=r"^[^:]+:.*$", max_length=1024)]
 
 
 class EventFilter(BaseModel):
@@ -53,11 +71,80 @@ class EventFilter(BaseModel):
     actor_type: ActorType | None = None
     request_id: str | None = Field(default=None, max_length=256)
     job: str | None = Field(default=None, max_length=256, description="Job name or run id.")
+    trace_id: str | None = Field(default=None, max_length=256)
+    service: str | None = Field(
+        default=None, max_length=256, description="The service named in the context."
+    )
+    client_ip: str | None = Field(
+        default=None, max_length=64, description="The client's IP address or a CIDR range."
+    )
     xid: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Transaction id.")
     attribution: list[AttributionStatus] = Field(default=[])
+    before: list[ImageValue] = Field(
+        default=[],
+        description="`column:value` the row held before the change; all must hold. Also "
+        "written `before.<column>=<value>`. With `after`, a transition: `before=status:paid"
+        "&after=status:refunded`.",
+    )
+    after: list[ImageValue] = Field(
+        default=[],
+        description="`column:value` the row held after the change; also `after.<column>=`.",
+    )
     q: str | None = Field(
         default=None, max_length=512, description="Free text over the row's values."
     )
+    query: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="The query language: `actor:alice table:orders op:update,delete "
+        "after.status:refunded -actor:bot since:-24h` and free words; see the API "
+        "description.",
+    )
+    _parsed: ParsedQuery = PrivateAttr(default_factory=ParsedQuery)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_parameters(cls, data: Any) -> Any:
+        """``after.status=refunded`` as a parameter is ``after=status:refunded``."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in [k for k in data if isinstance(k, str) and k.startswith(("before.", "after."))]:
+            image, column = key.split(".", 1)
+            values = data.pop(key)
+            values = values if isinstance(values, list) else [values]
+            data[image] = [*data.get(image, []), *(f"{column}:{v}" for v in values)]
+        return data
+
+    @model_validator(mode="after")
+    def _parse_query(self) -> EventFilter:
+        if self.query:
+            try:
+                parsed = parse(self.query, now=datetime.now(UTC))
+            except QuerySyntaxError as exc:
+                raise ValueError(f"query: {exc}") from exc
+            for bound in ("since", "until"):
+                if getattr(parsed, bound) and getattr(self, bound):
+                    raise ValueError(f"{bound} is given both as a parameter and in the query")
+            self._parsed = parsed
+        if self.client_ip:
+            try:
+                ipaddress.ip_network(self.client_ip, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"client_ip {self.client_ip!r} is not an IP address or a "
+                                 "CIDR range") from exc  # fmt: skip
+        return self
+
+    @property
+    def bounds(self) -> tuple[datetime | None, datetime | None]:
+        """since and until, from the parameters or the query."""
+        return self.since or self._parsed.since, self.until or self._parsed.until
+
+    def image_columns(self) -> list[tuple[str, str]]:
+        """(before|after, column) of every value filter, for the policy check."""
+        given = [(image, value.split(":", 1)[0]) for image in IMAGES
+                 for value in getattr(self, image)]  # fmt: skip
+        return [*given, *self._parsed.image_columns()]
 
 
 def _utc(value: datetime) -> datetime:
@@ -84,17 +171,32 @@ def time_range(
     return start, end
 
 
-def _table_clause(table: str) -> dict[str, Any]:
-    if "." in table:
-        schema, name = table.split(".", 1)
-        return {"bool": {"filter": [{"term": {"table.schema": schema}},
-                                    {"term": {"table.name": name}}]}}  # fmt: skip
-    return {"term": {"table.name": table}}
-
-
-def _any(clauses: list[dict[str, Any]]) -> dict[str, Any]:
-    return clauses[0] if len(clauses) == 1 else {"bool": {"should": clauses,
-                                                          "minimum_should_match": 1}}  # fmt: skip
+def check_value_filters(f: EventFilter, policies: Mapping[str, SourcePolicy], scope: Scope) -> None:
+    """Refuse a value filter on a column a policy keeps out of every record (``exclude``, or
+    not in ``include``) in a table this search covers: it could only ever match nothing, and an
+    empty answer would look like "no such change". Name the table to filter a column of the
+    same name that another table does capture."""
+    columns = f.image_columns()
+    if not columns:
+        return
+    for source, policy in sorted(policies.items()):
+        if (scope.sources is not None and source not in scope.sources) or (
+            f.source and source not in f.source
+        ):
+            continue
+        for name, table in sorted(policy.tables.items()):
+            if f.table and name not in f.table and name.split(".", 1)[1] not in f.table:
+                continue
+            for image, column in columns:
+                if column in table.exclude or (
+                    table.include is not None and column not in table.include
+                ):
+                    raise QueryError(
+                        f"{image}.{column}",
+                        f"column {column} of {source} {name} is excluded by its policy: it "
+                        "never leaves the source database, so no record holds its value. "
+                        "Filter on another column, or name a table that captures it",
+                    )
 
 
 def scope_clauses(scope: Scope) -> list[dict[str, Any]]:
@@ -103,7 +205,7 @@ def scope_clauses(scope: Scope) -> list[dict[str, Any]]:
     if scope.sources is not None:
         clauses.append({"terms": {"source.service": sorted(scope.sources)}})
     if scope.tables is not None:
-        clauses.append(_any([_table_clause(t) for t in sorted(scope.tables)]))
+        clauses.append(any_of([table_clause(t) for t in sorted(scope.tables)]))
     return clauses
 
 
@@ -119,7 +221,7 @@ def filter_clauses(f: EventFilter, start: datetime | None, end: datetime | None)
     if f.source:
         clauses.append({"terms": {"source.service": f.source}})
     if f.table:
-        clauses.append(_any([_table_clause(t) for t in f.table]))
+        clauses.append(any_of([table_clause(t) for t in f.table]))
     if f.operation:
         clauses.append({"terms": {"operation": [o.value for o in f.operation]}})
     if f.column:
@@ -131,12 +233,19 @@ def filter_clauses(f: EventFilter, start: datetime | None, end: datetime | None)
         "context.actor.id": f.actor_id,
         "context.actor.type": f.actor_type.value if f.actor_type else None,
         "context.request_id": f.request_id,
+        "trace.id": f.trace_id,
+        "service.name": f.service,
+        "client.ip": f.client_ip,
         "transaction.xid": f.xid,
     }
     clauses.extend({"term": {field: value}} for field, value in terms.items() if value is not None)
+    for image in IMAGES:
+        for value in getattr(f, image):
+            column, _, wanted = value.partition(":")
+            clauses.append({"term": {f"{image}.{column}": wanted}})
     if f.job is not None:
-        clauses.append(_any([{"term": {"context.job.name": f.job}},
-                             {"term": {"context.job.run_id": f.job}}]))  # fmt: skip
+        clauses.append(term_clause(Term("job", (f.job,), False, f.job)))
+    clauses.extend(f._parsed.clauses())
     return clauses
 
 

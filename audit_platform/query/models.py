@@ -27,7 +27,7 @@ class EventPage(BaseModel):
     )
 
 
-class TransactionView(BaseModel):
+class TransactionGroup(BaseModel):
     source: str
     xid: int
     commit_lsn: str
@@ -35,6 +35,23 @@ class TransactionView(BaseModel):
     context: dict[str, Any] | None
     attribution: Attribution
     changes: list[AuditRecord]
+
+
+class TransactionView(TransactionGroup):
+    next_cursor: str | None
+
+
+class Correlation(BaseModel):
+    """Every change made under one request id, job run or trace, across the sources a key may
+    read, in commit order and grouped by transaction."""
+
+    kind: Literal["request", "job_run", "trace"]
+    key: dict[str, str] = Field(description="What the changes share, e.g. the request id.")
+    transactions: list[TransactionGroup] = Field(
+        description="On this page, in commit order. A transaction cut by the page's end goes "
+        "on at the start of the next page."
+    )
+    sources: list[str] = Field(description="Sources with changes on this page.")
     next_cursor: str | None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from elasticsearch import Elasticsearch
 
@@ -32,6 +32,7 @@ from audit_platform.query.models import (
     ActorActivity,
     Bucket,
     ColumnDiff,
+    Correlation,
     EventPage,
     HistoryEntry,
     ObjectHistory,
@@ -39,6 +40,7 @@ from audit_platform.query.models import (
     Stats,
     TimeBucket,
     Total,
+    TransactionGroup,
     TransactionView,
 )
 from audit_platform.record import AuditRecord, Operation
@@ -111,7 +113,7 @@ def search_events(
     limits: Limits = Limits(),
     now: datetime | None = None,
 ) -> EventPage:
-    start, end = time_range(f.since, f.until, now=now or datetime.now(UTC),
+    start, end = time_range(*f.bounds, now=now or datetime.now(UTC),
                             default=limits.default_range, maximum=limits.max_range)  # fmt: skip
     hits, following, total = _page(
         es, scope, filter_clauses(f, start, end), order=order, limit=limit, cursor=cursor,
@@ -141,6 +143,49 @@ def get_transaction(
         source=source, xid=xid, commit_lsn=first.transaction.commit_lsn,
         timestamp=first.timestamp, context=first.context, attribution=first.attribution,
         changes=changes, next_cursor=following,
+    )  # fmt: skip
+
+
+def group_transactions(changes: list[AuditRecord]) -> list[TransactionGroup]:
+    """Consecutive records of one (source, xid) as one transaction (records come in commit
+    order, where a transaction's changes are adjacent)."""
+    groups: list[TransactionGroup] = []
+    for change in changes:
+        last = groups[-1] if groups else None
+        if last is None or (last.source, last.xid) != (change.source.service,
+                                                       change.transaction.xid):  # fmt: skip
+            groups.append(TransactionGroup(
+                source=change.source.service, xid=change.transaction.xid,
+                commit_lsn=change.transaction.commit_lsn, timestamp=change.timestamp,
+                context=change.context, attribution=change.attribution, changes=[change],
+            ))  # fmt: skip
+        else:
+            last.changes.append(change)
+    return groups
+
+
+def correlated(
+    es: Elasticsearch,
+    scope: Scope,
+    kind: Literal["request", "job_run", "trace"],
+    key: dict[str, str],
+    *,
+    limit: int,
+    cursor: str | None = None,
+) -> Correlation:
+    """Every change under one request, job run or trace id, in every source the key may read.
+
+    No time range: a request id names its changes wherever they are, and the term filters on
+    keyword fields keep the search cheap however far back it looks.
+    """
+    fields = {"request": ["context.request_id"], "trace": ["trace.id"],
+              "job_run": ["context.job.name", "context.job.run_id"]}[kind]  # fmt: skip
+    clauses = [{"term": {field: value}} for field, value in zip(fields, key.values(), strict=True)]
+    hits, following, _ = _page(es, scope, clauses, order="asc", limit=limit, cursor=cursor)
+    changes = [record(h) for h in hits]
+    return Correlation(
+        kind=kind, key=key, transactions=group_transactions(changes),
+        sources=sorted({c.source.service for c in changes}), next_cursor=following,
     )  # fmt: skip
 
 
@@ -231,7 +276,7 @@ def stats(
     es: Elasticsearch, scope: Scope, f: EventFilter, *, interval: str = "hour",
     limits: Limits = Limits(), now: datetime | None = None,
 ) -> Stats:  # fmt: skip
-    start, end = time_range(f.since, f.until, now=now or datetime.now(UTC),
+    start, end = time_range(*f.bounds, now=now or datetime.now(UTC),
                             default=limits.default_range, maximum=limits.max_range)  # fmt: skip
     step = INTERVALS[interval]
     if (end - start) / step > MAX_BUCKETS:
@@ -299,7 +344,7 @@ def iter_hits(
     The range is resolved (and validated) before the first page, so a bad parameter is an
     error before any byte of an export is sent.
     """
-    start, end = time_range(f.since, f.until, now=now or datetime.now(UTC),
+    start, end = time_range(*f.bounds, now=now or datetime.now(UTC),
                             default=limits.default_range, maximum=limits.max_range)  # fmt: skip
     clauses = filter_clauses(f, start, end)
 

@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1", tags=["activity"])
 @router.get("/stats", response_model=Stats)
 def stats(params: Annotated[StatsParams, Query()], scope: ScopeDep, svc: ServicesDep) -> Stats:
     """Counts by source, table, operation, actor, attribution and time bucket."""
-    return reads.stats(svc.es, scope, params.filter(), interval=params.interval,
+    return reads.stats(svc.es, scope, svc.checked(params.filter(), scope), interval=params.interval,
                        limits=svc.limits)  # fmt: skip
 
 
@@ -29,5 +29,5 @@ def actor_activity(
     svc: ServicesDep,
 ) -> ActorActivity:
     """What one actor changed: counts, first and last seen, and the latest records."""
-    return reads.actor_activity(svc.es, scope, actor_id, params.filter(),
+    return reads.actor_activity(svc.es, scope, actor_id, svc.checked(params.filter(), scope),
                                 interval=params.interval, limits=svc.limits)  # fmt: skip

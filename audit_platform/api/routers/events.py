@@ -26,7 +26,7 @@ def search_events(
     `next_cursor` for the next one.
     """
     return reads.search_events(
-        svc.es, scope, params.filter(), order=params.order, limit=params.limit,
+        svc.es, scope, svc.checked(params.filter(), scope), order=params.order, limit=params.limit,
         cursor=params.cursor, limits=svc.limits,
     )  # fmt: skip
 

@@ -29,7 +29,7 @@ def export(
 ) -> StreamingResponse:
     """Every record matching the filters (same as /v1/events), streamed page by page: the
     server holds one page in memory whatever the size of the result."""
-    hits = reads.iter_hits(svc.es, scope, params.filter(), order=params.order,
+    hits = reads.iter_hits(svc.es, scope, svc.checked(params.filter(), scope), order=params.order,
                            limits=svc.limits)  # fmt: skip
     lines = csv_lines(hits) if params.format == "csv" else ndjson_lines(hits)
     name = f"audit-{scope.env}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.{params.format}"
