@@ -151,22 +151,29 @@ def source_setup(
     replaced) records the range it could not capture as a gap in the trail (`GET /v1/gaps`).
     """
     settings, policy, url = _source_target(env, source, url)
+    # The platform database first: a slot replaced while its gap cannot be recorded would be
+    # exactly the silent hole this is here to prevent.
     try:
-        report = setup_source(url, settings.env, policy, settings.resources_dir / "sql",
-                              replace_lost_slot=replace_lost_slot)  # fmt: skip
-    except SetupError as exc:
+        platform = psycopg.connect(pg_url_from_settings(settings), autocommit=True)
+    except (NotConfigured, psycopg.OperationalError) as exc:
         raise _fail(exc) from exc
+    with platform:
+        platform_db.install(platform, settings.resources_dir / "sql")
+        try:
+            report = setup_source(url, settings.env, policy, settings.resources_dir / "sql",
+                                  replace_lost_slot=replace_lost_slot)  # fmt: skip
+        except SetupError as exc:
+            raise _fail(exc) from exc
+        store = StagingStore(settings.staging_root, settings.env, source)
+        gap = gap_of_new_slot(settings.env, source, store, slot_start=report.slot_start,
+                              replaced_from=report.slot_replaced_from)  # fmt: skip
+        if gap is not None:
+            record_gap(platform, gap)
     typer.echo(f"migrations applied: {', '.join(report.applied_migrations) or 'none (current)'}")
     typer.echo(f"publication {report.publication}: {', '.join(report.publication_tables)}")
     state = "replaced" if report.slot_replaced_from is not None else "created"
     typer.echo(f"slot {report.slot}: {state if report.slot_created else 'exists'}")
-    store = StagingStore(settings.staging_root, settings.env, source)
-    gap = gap_of_new_slot(settings.env, source, store, slot_start=report.slot_start,
-                          replaced_from=report.slot_replaced_from)  # fmt: skip
     if gap is not None:
-        with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as conn:
-            platform_db.install(conn, settings.resources_dir / "sql")
-            record_gap(conn, gap)
         typer.secho(f"gap recorded: {gap.describe()}", fg=typer.colors.YELLOW)
 
 
