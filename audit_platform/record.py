@@ -94,6 +94,15 @@ ECS_EVENT_TYPE = {
 }
 
 
+class RowShape(_Model):
+    key: list[str] = Field(description="Columns that identify the row: its primary key, or "
+                           "the key its policy names.")  # fmt: skip
+    types: dict[str, str] = Field(
+        description="Each captured column's PostgreSQL type, as format_type prints it "
+        "(what a revert plan casts its literals to)."
+    )
+
+
 class AuditRecord(_Model):
     """One row change, with who, what, where, when and why."""
 
@@ -119,6 +128,10 @@ class AuditRecord(_Model):
     client: Client
     attribution: Attribution
     transaction: Transaction
+    row: RowShape | None = Field(
+        default=None, description="The row's key and column types; absent on records indexed "
+        "before template version 3."
+    )  # fmt: skip
     policy_version: str
     ingested_at: datetime
 
@@ -178,6 +191,8 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "xid": pl.Int64,
     "lsn": pl.Int64,
     "change_index": pl.Int32,
+    "key_columns": pl.String,  # JSON array
+    "column_types": pl.String,  # JSON object: column -> type
     "policy_version": pl.String,
 }
 

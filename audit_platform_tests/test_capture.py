@@ -13,54 +13,7 @@ import pytest
 from audit_platform.capture.stream import SlotBusy, SlotStream
 from audit_platform.faults import POINTS, SimulatedCrash, armed
 from audit_platform_tests.capture_support import images, make_source
-from audit_platform_tests.helpers import policy_for
-
-ZOO_DDL = """
-CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
-CREATE DOMAIN positive AS integer CHECK (VALUE > 0);
-CREATE TABLE zoo (
-    id int PRIMARY KEY,
-    i2 smallint, i8 bigint, num numeric, num_scaled numeric(30, 10),
-    f4 real, f8 double precision, txt text, vc varchar(20), ch char(3), bin bytea, flag boolean,
-    d date, t time, tz timetz, ts timestamp, tstz timestamptz, iv interval, u uuid,
-    j json, jb jsonb, arr int[], tarr text[], m mood, p positive, r int4range, tsr tstzrange,
-    ip inet, money_col money, bits bit varying(8)
-);
-ALTER TABLE zoo REPLICA IDENTITY FULL;
-"""
-
-ZOO_ROW = {
-    "id": "1",
-    "i2": "-32768",
-    "i8": "9223372036854775807",
-    "num": "123456789012345678901234567890.123456789012345678901234567890",
-    "num_scaled": "-0.0000000001",
-    "f4": "NaN",
-    "f8": "-Infinity",
-    "txt": "héllo 世界 🎉 \\ \" ' \t newline\n",
-    "vc": "",
-    "ch": "ab ",
-    "bin": "\\x00ff10",
-    "flag": "f",
-    "d": "infinity",
-    "t": "23:59:59.999999",
-    "tz": "12:00:00+05:30",
-    "ts": "-infinity",
-    "tstz": "2026-11-26 10:00:00.123456+00",
-    "iv": "1 year 2 mons 3 days 04:05:06.789",
-    "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
-    "j": '{"b": 1,   "a": [1, 2]}',
-    "jb": '{"a": [1, 2], "b": 1}',
-    "arr": "{1,NULL,3}",
-    "tarr": '{"a b","c,d",NULL}',
-    "m": "happy",
-    "p": "42",
-    "r": "[1,10)",
-    "tsr": '["2026-01-01 00:00:00+00",infinity)',
-    "ip": "192.168.0.1/24",
-    "money_col": "$1,234.56",
-    "bits": "1011",
-}
+from audit_platform_tests.helpers import ZOO_DDL, ZOO_ROW, policy_for
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
@@ -62,6 +63,33 @@ def test_template_install_is_idempotent_and_reports_changes(es, env):
     third = install_template(es, RESOURCES, env, replicas=1)
     assert (first.changed, second.changed, third.changed) == (True, False, True)
     es.indices.delete_index_template(name=first.name)
+
+
+def test_an_index_made_under_an_older_template_takes_the_new_fields(es, env, captured, tmp_path):
+    """Indices are strict and monthly: without a mapping update, the month in progress would
+    refuse every document carrying a field the new template adds."""
+    old = tmp_path / "resources"
+    shutil.copytree(RESOURCES, old)
+    template = json.loads((old / "elasticsearch" / "index-template.json").read_text())
+    del template["template"]["mappings"]["properties"]["row"]
+    template["_meta"]["template_version"] = 2
+    (old / "elasticsearch" / "index-template.json").write_text(json.dumps(template))
+    install_template(es, old, env, replicas=0)
+    # A document as the previous code version wrote it, creating the month's index.
+    [(index, doc_id, document)] = documents(captured.head(1), database="shopdb",
+                                            ingested_at=datetime.now(UTC))  # fmt: skip
+    del document["row"]
+    es.index(index=index, id=doc_id, document=document)
+    assert "row" not in es.indices.get_mapping(index=index)[index]["mappings"]["properties"]
+
+    assert install_template(es, RESOURCES, env, replicas=0).changed
+    mapping = es.indices.get_mapping(index=index)[index]["mappings"]["properties"]
+    assert mapping["row"]["properties"]["key"] == {"type": "keyword"}
+    result = index_records(es, captured, database="shopdb", ingested_at=datetime.now(UTC))
+    assert (result.indexed, result.failed.height) == (2, 0)
+    es.indices.refresh(index=index)
+    hit = es.search(index=index, query={"term": {"row.key": "id"}})["hits"]["hits"][0]
+    assert hit["_source"]["row"]["types"] == {"id": "integer", "status": "text", "note": "text"}
 
 
 def test_records_from_a_real_capture_are_searchable_by_every_filter(es, env, captured):

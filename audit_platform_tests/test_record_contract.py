@@ -15,7 +15,7 @@ from audit_platform.settings import Settings
 
 T0 = datetime(2026, 11, 26, 10, 0, 0, 1, tzinfo=UTC)
 #: Fields Elasticsearch maps as one value even where the model has structure inside.
-OPAQUE = {"before", "after", "context"}
+OPAQUE = {"before", "after", "context", "row.types"}
 
 
 def _mapping_fields(properties: dict, prefix: str = "") -> set[str]:

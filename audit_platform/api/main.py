@@ -26,6 +26,7 @@ from audit_platform.api.routers import (
     gaps,
     health,
     objects,
+    revert,
 )
 from audit_platform.clients import elasticsearch_client, pg_url_from_settings
 from audit_platform.query.language import FIELDS
@@ -102,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    for module in (events, objects, activity, correlation, export, gaps, health):
+    for module in (events, objects, activity, correlation, revert, export, gaps, health):
         app.include_router(module.router)
 
     @app.middleware("http")

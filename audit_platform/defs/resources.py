@@ -19,8 +19,7 @@ from pydantic import PrivateAttr
 from audit_platform import platform_db
 from audit_platform.clients import es_from_settings, pg_url_from_settings
 from audit_platform.environment import EnvironmentConfig, load_environment
-from audit_platform.index.template import install_template
-from audit_platform.naming import template_name
+from audit_platform.index.template import ensure_template
 from audit_platform.policy import SourcePolicy, load_policy, policy_path
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
@@ -62,14 +61,17 @@ class AuditPlatform(dg.ConfigurableResource):
         return key.get_secret_value().encode() if key else None
 
     @contextmanager
-    def elasticsearch(self, *, replicas: int | None = None) -> Iterator[Elasticsearch]:
-        """A client; with ``replicas``, the environment's template is installed first if it is
-        missing (an index created before its template would get dynamic mappings)."""
+    def elasticsearch(
+        self, environment: EnvironmentConfig | None = None
+    ) -> Iterator[Elasticsearch]:
+        """A client; for indexing (``environment`` given), the environment's template is first
+        made current: installed if missing (an index created before its template would get
+        dynamic mappings) or older than this code (its strict mapping would refuse new fields).
+        """
         with es_from_settings(self.settings) as client:
-            if replicas is not None and not client.indices.exists_index_template(
-                name=template_name(self.env)
-            ):
-                install_template(client, self.settings.resources_dir, self.env, replicas)
+            if environment is not None:
+                ensure_template(client, self.settings.resources_dir, self.env,
+                                environment.index_replicas, environment.retention_days)  # fmt: skip
             yield client
 
     def state(self) -> psycopg.Connection:

@@ -84,6 +84,12 @@ def _raw(name: str, column: pl.Expr) -> list[pl.Expr]:
 
 def document_frame(records: pl.DataFrame, *, database: str, ingested_at: datetime) -> pl.DataFrame:
     """``index``, ``id`` and ``document`` (JSON text) for each record."""
+    # Records files written before the row's shape was kept have neither column.
+    records = records.with_columns(
+        pl.lit(None, pl.String).alias(name)
+        for name in ("key_columns", "column_types")
+        if name not in records.columns
+    )
     lsns = records["lsn"].unique()
     month = pl.concat_str(
         "env", "source", pl.col("commit_time").dt.strftime("%Y/%m"), separator="/"
@@ -107,7 +113,11 @@ def document_frame(records: pl.DataFrame, *, database: str, ingested_at: datetim
             *_raw("before", pl.col("before")),
             *_raw("after", pl.col("after")),
             *_raw("context", pl.col("context")),
-            pl.lit("}"),
+            pl.lit(',"row":{"key":'),
+            pl.col("key_columns").fill_null(pl.lit("[]")),
+            pl.lit(',"types":'),
+            pl.col("column_types").fill_null(pl.lit("{}")),
+            pl.lit("}}"),
         ).alias("document"),
     )
 

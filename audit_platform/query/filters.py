@@ -71,6 +71,7 @@ class EventFilter(BaseModel):
     actor_type: ActorType | None = None
     request_id: str | None = Field(default=None, max_length=256)
     job: str | None = Field(default=None, max_length=256, description="Job name or run id.")
+    job_run_id: str | None = Field(default=None, max_length=256, description="A job run's id.")
     trace_id: str | None = Field(default=None, max_length=256)
     service: str | None = Field(
         default=None, max_length=256, description="The service named in the context."
@@ -233,6 +234,7 @@ def filter_clauses(f: EventFilter, start: datetime | None, end: datetime | None)
         "context.actor.id": f.actor_id,
         "context.actor.type": f.actor_type.value if f.actor_type else None,
         "context.request_id": f.request_id,
+        "context.job.run_id": f.job_run_id,
         "trace.id": f.trace_id,
         "service.name": f.service,
         "client.ip": f.client_ip,

@@ -8,7 +8,7 @@ from/size): a page costs the same at record ten million as at record ten.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -17,6 +17,7 @@ from elasticsearch import Elasticsearch
 
 from audit_platform.api_keys import Scope
 from audit_platform.naming import read_alias
+from audit_platform.policy import SourcePolicy
 from audit_platform.query.filters import (
     EventFilter,
     Order,
@@ -28,6 +29,7 @@ from audit_platform.query.filters import (
     sort,
     time_range,
 )
+from audit_platform.query.language import any_of
 from audit_platform.query.models import (
     ActorActivity,
     Bucket,
@@ -43,6 +45,7 @@ from audit_platform.query.models import (
     TransactionGroup,
     TransactionView,
 )
+from audit_platform.query.revert import RevertPlan, plan_revert
 from audit_platform.record import AuditRecord, Operation
 
 #: Totals are counted exactly up to here; beyond, "at least" (counting every hit costs time).
@@ -358,3 +361,64 @@ def iter_hits(
                 return
 
     return pages()
+
+
+#: Changes one revert plan may cover; a larger set is refused (narrow it) rather than cut.
+MAX_REVERT_CHANGES = 10_000
+
+
+def revert_plan(
+    es: Elasticsearch,
+    scope: Scope,
+    of: dict[str, str],
+    f: EventFilter,
+    policies: Mapping[str, SourcePolicy],
+    *,
+    limits: Limits = Limits(),
+    now: datetime | None = None,
+) -> RevertPlan | None:
+    """The plan undoing every change ``f`` selects (within the key's scope), with the later
+    changes to the same rows as conflicts; None when nothing matches."""
+    now = now or datetime.now(UTC)
+    if f.bounds == (None, None):  # a transaction or a request: wherever it is
+        f = f.model_copy(update={"since": now - limits.max_range})
+    records = []
+    for hit in iter_hits(es, scope, f, limits=limits, now=now):
+        records.append(record(hit))
+        if len(records) > MAX_REVERT_CHANGES:
+            raise QueryError("since", f"more than {MAX_REVERT_CHANGES:,} changes match: narrow "
+                                      "the time range, or revert part by part")  # fmt: skip
+    if not records:
+        return None
+    return plan_revert(of, records, policies, _later_changes(es, scope, records),
+                       generated_at=now)  # fmt: skip
+
+
+def _later_changes(
+    es: Elasticsearch, scope: Scope, records: list[AuditRecord]
+) -> list[AuditRecord]:
+    """Changes to the same rows committed from the plan's first change on (the plan decides
+    which of them came after the change it would undo)."""
+    objects: dict[tuple[str, str, str], set[str]] = {}
+    for r in records:
+        if r.object_id is not None:
+            objects.setdefault((r.source.service, r.table.schema_, r.table.name), set()).add(
+                r.object_id
+            )
+    if not objects:
+        return []
+    groups = [
+        {"bool": {"filter": [{"term": {"source.service": source}},
+                             {"term": {"table.schema": schema}}, {"term": {"table.name": table}},
+                             {"terms": {"object_id": sorted(ids)}}]}}
+        for (source, schema, table), ids in objects.items()
+    ]  # fmt: skip
+    first = min(r.timestamp for r in records)
+    clauses = [{"range": {"@timestamp": {"gte": first.isoformat()}}}, any_of(groups)]
+    found, cursor = [], None
+    while len(found) < MAX_REVERT_CHANGES:
+        hits, cursor, _ = _page(es, scope, clauses, order="asc", limit=1_000, cursor=cursor)
+        found.extend(record(h) for h in hits)
+        if cursor is None:
+            break
+    return found

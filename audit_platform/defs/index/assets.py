@@ -21,9 +21,8 @@ from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.index.batch import HourIndexed, index_files, index_hour, index_pending
 from audit_platform.index.reconcile import hour_counts
-from audit_platform.index.retention import cluster_has_ilm, ilm_policy
-from audit_platform.index.template import install_template
-from audit_platform.naming import slot_name, template_name
+from audit_platform.index.template import ensure_template
+from audit_platform.naming import slot_name
 from audit_platform.staging import StagingStore
 
 TEMPLATE_KEY = dg.AssetKey(["elasticsearch", "index_template"])
@@ -42,8 +41,8 @@ def template_asset(environment: EnvironmentConfig, resources_dir: Path) -> dg.As
     @dg.asset(
         key=TEMPLATE_KEY,
         description="The environment's index template (mappings, settings, read alias). "
-        "Materialized when missing and whenever resources/elasticsearch changes; a changed "
-        "template applies to indices created after it.",
+        "Materialized when missing and whenever resources/elasticsearch changes (every indexing "
+        "run checks it too); the fields a changed template adds are added to existing indices.",
         group_name="index",
         kinds={"elasticsearch"},
         owners=["team:platform"],
@@ -53,17 +52,11 @@ def template_asset(environment: EnvironmentConfig, resources_dir: Path) -> dg.As
     )
     def asset(platform: AuditPlatform) -> dg.MaterializeResult:
         settings = platform.settings
-        lifecycle = None
         with platform.elasticsearch() as client:
-            if cluster_has_ilm(client):
-                lifecycle = template_name(settings.env)
-                client.ilm.put_lifecycle(
-                    name=lifecycle,
-                    **ilm_policy(settings.resources_dir, environment.retention_days),
-                )
-            installed = install_template(
-                client, settings.resources_dir, settings.env, environment.index_replicas, lifecycle
-            )
+            installed, lifecycle = ensure_template(
+                client, settings.resources_dir, settings.env, environment.index_replicas,
+                environment.retention_days,
+            )  # fmt: skip
         return dg.MaterializeResult(
             metadata={
                 "lifecycle": lifecycle or "none: this cluster has no ILM; retention_job deletes",
@@ -87,7 +80,7 @@ def _indexing(
 ) -> Iterator[tuple[Elasticsearch, StagingStore, str]]:
     """(client, store, source database name) for indexing; the template is installed first
     where it is missing."""
-    with platform.elasticsearch(replicas=environment.index_replicas) as client:
+    with platform.elasticsearch(environment) as client:
         yield client, platform.store(source), database_of(source_url(source, config))
 
 

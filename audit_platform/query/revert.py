@@ -1,0 +1,246 @@
+"""Revert plans: the SQL that would undo a set of changes, guarded, for a person to review.
+
+The platform never runs it. Per source, in reverse commit order: a DELETE for an insert, an
+INSERT for a delete, an UPDATE back to the before-values for an update, each literal cast to the
+column's captured type and each row found by its key. Every statement is guarded by the values
+the change left, and the whole plan is one PL/pgSQL block in one transaction that stops at the
+first guard that does not hold: a later change is never overwritten silently, and a plan never
+applies halfway.
+
+What cannot be restored is listed as a conflict instead of being guessed: masked columns (the
+trail keeps a keyed hash, not the value), excluded columns (never captured), truncates (no row
+images), records without a key, and later changes to the same rows (from the audit trail).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from audit_platform.policy import SourcePolicy
+from audit_platform.record import AuditRecord, Operation
+
+ConflictKind = Literal["later_change", "masked", "excluded", "truncate", "no_key", "no_types"]
+
+
+class RevertStatement(BaseModel):
+    record_id: str = Field(description="The change this statement undoes.")
+    table: str
+    object_id: str | None
+    action: Literal["delete", "insert", "update"]
+    sql: str
+
+
+class RevertConflict(BaseModel):
+    record_id: str
+    kind: ConflictKind
+    detail: str
+    later_record_id: str | None = None
+
+
+class SourcePlan(BaseModel):
+    source: str
+    statements: list[RevertStatement]
+    script: str = Field(description="The statements as one guarded transaction to run on the "
+                        "source database, or review and edit first.")  # fmt: skip
+
+
+class RevertPlan(BaseModel):
+    of: dict[str, str] = Field(description="What is reverted: a transaction, a request, ...")
+    changes: int = Field(description="Changes the plan covers.")
+    sources: list[SourcePlan]
+    conflicts: list[RevertConflict]
+
+
+def _order(record: AuditRecord) -> tuple:
+    return (
+        record.timestamp,
+        record.source.service,
+        record.transaction.lsn,
+        (record.transaction.change_index),
+    )
+
+
+def plan_revert(
+    of: dict[str, str],
+    records: Iterable[AuditRecord],
+    policies: Mapping[str, SourcePolicy],
+    later: Iterable[AuditRecord] = (),
+    *,
+    generated_at: datetime,
+) -> RevertPlan:
+    """A plan undoing ``records``; ``later`` are changes to the same objects committed after
+    them (whatever they are, a plan conflicts with the ones it would not itself undo)."""
+    chosen = sorted(records, key=_order, reverse=True)
+    ids = {r.id for r in chosen}
+    conflicts: list[RevertConflict] = []
+    statements: dict[str, list[RevertStatement]] = {}
+    last_of: dict[tuple[str, str, str | None], AuditRecord] = {}
+    for record in chosen:
+        key = (record.source.service, f"{record.table.schema_}.{record.table.name}",
+               record.object_id)  # fmt: skip
+        last_of.setdefault(key, record)  # reverse order: the first seen is the last change
+        statement = _undo(record, policies.get(record.source.service), conflicts)
+        if statement is not None:
+            statements.setdefault(record.source.service, []).append(statement)
+    for change in sorted(later, key=_order):
+        key = (change.source.service, f"{change.table.schema_}.{change.table.name}",
+               change.object_id)  # fmt: skip
+        last = last_of.get(key)
+        if change.id in ids or last is None or _order(change) <= _order(last):
+            continue
+        conflicts.append(RevertConflict(
+            record_id=last.id, kind="later_change", later_record_id=change.id,
+            detail=f"{key[1]} {key[2]} was changed again later ({change.operation.value} at "
+            f"{change.timestamp.isoformat()}): its guard will stop the plan unless that change "
+            "is reverted first or the statement is edited",
+        ))  # fmt: skip
+    sources = [
+        SourcePlan(source=source, statements=found, script=_script(of, source, found, generated_at))
+        for source, found in sorted(statements.items())
+    ]
+    return RevertPlan(of=of, changes=len(chosen), sources=sources, conflicts=conflicts)
+
+
+def _undo(
+    record: AuditRecord, policy: SourcePolicy | None, conflicts: list[RevertConflict]
+) -> RevertStatement | None:
+    table = f"{record.table.schema_}.{record.table.name}"
+    if record.operation is Operation.truncate:
+        conflicts.append(RevertConflict(record_id=record.id, kind="truncate", detail=(
+            f"a truncate of {table} cannot be reverted: the trail has no images of the rows "
+            "it removed")))  # fmt: skip
+        return None
+    if record.row is None or not record.row.types:
+        conflicts.append(RevertConflict(record_id=record.id, kind="no_types", detail=(
+            f"the record of {table} {record.object_id} was indexed before column types were "
+            "kept; rebuild its hour (a backfill) to plan its revert")))  # fmt: skip
+        return None
+    if not record.row.key:
+        conflicts.append(RevertConflict(record_id=record.id, kind="no_key", detail=(
+            f"{table} has no key in its records: a row cannot be found to revert")))  # fmt: skip
+        return None
+    rules = policy.tables.get(table) if policy is not None else None
+    masked = set(rules.mask) if rules else set()
+    excluded = set(rules.exclude) if rules else set()
+    if rules is not None and rules.include is not None:
+        excluded |= set(record.row.types) - set(rules.include)  # not captured either
+    types = record.row.types
+    # An insert is undone by a DELETE, which needs no old values; a delete or an update needs
+    # the old values of the columns it restores, which a masked column does not have.
+    restores = {Operation.insert: [], Operation.delete: list(record.before or {}),
+                Operation.update: record.changed_columns}[record.operation]  # fmt: skip
+    lost = [c for c in restores if c in masked]
+    for column in lost:
+        conflicts.append(RevertConflict(record_id=record.id, kind="masked", detail=(
+            f"{table} {record.object_id}: column {column} is masked by policy; its old value "
+            "is not in the trail and is left as it is")))  # fmt: skip
+    if record.operation is Operation.delete and excluded:
+        conflicts.append(RevertConflict(record_id=record.id, kind="excluded", detail=(
+            f"{table} {record.object_id}: columns {sorted(excluded)} are excluded by policy; "
+            "the row is inserted again without them (their defaults)")))  # fmt: skip
+    name = _table_name(record.table.schema_, record.table.name)
+    if record.operation is Operation.insert:
+        after = record.after or {}
+        guard = [c for c in after if c not in masked]
+        sql = f"DELETE FROM {name} WHERE {_where(after, record.row.key, guard, types)}"
+        action = "delete"
+    elif record.operation is Operation.delete:
+        before = record.before or {}
+        columns = [c for c in before if c not in masked]
+        key = _where(before, record.row.key, [], types)
+        sql = (f"INSERT INTO {name} ({', '.join(_ident(c) for c in columns)}) SELECT "
+               f"{', '.join(_literal(before[c], types.get(c)) for c in columns)} WHERE NOT "
+               f"EXISTS (SELECT 1 FROM {name} WHERE {key})")  # fmt: skip
+        action = "insert"
+    else:
+        before, after = record.before or {}, record.after or {}
+        changed = [c for c in record.changed_columns if c not in masked and c in before]
+        if not changed:
+            return None  # only masked columns changed: nothing to set, the conflict says why
+        sets = ", ".join(f"{_ident(c)} = {_literal(before[c], types.get(c))}" for c in changed)
+        sql = f"UPDATE {name} SET {sets} WHERE {_where(after, record.row.key, changed, types)}"
+        action = "update"
+    return RevertStatement(record_id=record.id, table=table, object_id=record.object_id,
+                           action=action, sql=sql)  # fmt: skip
+
+
+def _where(
+    image: Mapping[str, object], key: list[str], guard: Iterable[str], types: Mapping[str, str]
+) -> str:
+    """The row by its key (typed equality, so the key's index is used), and each guarded
+    column compared in the text form records keep: ``format('%s', col)`` prints a value with
+    its type's output function, as logical decoding does (``col::text`` does not for every
+    type: a boolean casts to 'true' but prints 't', an inet casts with its netmask), and it
+    works for types without an equality operator (json, point)."""
+    found = [f"{_ident(c)} = {_literal(image.get(c), types.get(c))}" for c in key]
+    for column in guard:
+        if column in key:
+            continue
+        value = image.get(column)
+        found.append(
+            f"{_ident(column)} IS NULL" if value is None else
+            f"({_ident(column)} IS NOT NULL AND format('%s', {_ident(column)}) = "
+            f"{_literal(value, None)})"
+        )  # fmt: skip
+    return " AND ".join(found)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _table_name(schema: str, table: str) -> str:
+    return f"{_ident(schema)}.{_ident(table)}"
+
+
+def _literal(value: object, type_name: str | None) -> str:
+    """A value in the text form records keep, cast to the column's type (``text`` if unknown).
+
+    Standard SQL quoting (quotes doubled) is exact with ``standard_conforming_strings`` on, the
+    default since PostgreSQL 9.1; the script sets it to be sure.
+    """
+    cast = f"::{type_name}" if type_name else ""
+    if value is None:
+        return f"NULL{cast}"
+    return "'" + str(value).replace("'", "''") + "'" + cast
+
+
+def _script(of: dict[str, str], source: str, found: list[RevertStatement],
+            generated_at: datetime) -> str:  # fmt: skip
+    body = "\n".join(s.sql for s in found)
+    tag = "revert"
+    while f"${tag}$" in body:
+        tag = f"revert_{secrets.token_hex(4)}"
+    what = ", ".join(f"{k} {v}" for k, v in of.items())
+    lines = [
+        f"-- audit-platform revert plan: {what}; source {source}; {len(found)} statements,",
+        f"-- newest change first; generated {generated_at.isoformat()}. Review before running.",
+        "-- Each statement applies only if its row still holds the values the change left;",
+        "-- the first that does not stops the block and the transaction rolls back.",
+        "BEGIN;",
+        "SET LOCAL standard_conforming_strings = on;",
+        "-- Values compare in the text form capture saw: the server's defaults print it.",
+        "SET LOCAL TimeZone TO DEFAULT;",
+        "SET LOCAL DateStyle TO DEFAULT;",
+        "SET LOCAL IntervalStyle TO DEFAULT;",
+        "SET LOCAL extra_float_digits TO DEFAULT;",
+        f"DO ${tag}$",
+        "BEGIN",
+    ]
+    for number, statement in enumerate(found, start=1):
+        # In RAISE's format string a quote is doubled and % is written %%.
+        where = f"{statement.table} {statement.object_id} (change {statement.record_id})"
+        where = where.replace("'", "''").replace("%", "%%")
+        lines += [
+            f"  -- {number}/{len(found)}: undo {statement.record_id}",
+            f"  {statement.sql};",
+            f"  IF NOT FOUND THEN RAISE EXCEPTION 'revert stopped at {number}/{len(found)}: "
+            f"{where} no longer holds the values that change left'; END IF;",
+        ]
+    lines += ["END", f"${tag}$;", "COMMIT;", ""]
+    return "\n".join(lines)
