@@ -41,6 +41,8 @@ def _records(n: int) -> pl.DataFrame:
             "xid": list(range(n)),
             "lsn": list(range(n)),
             "change_index": [0] * n,
+            "key_columns": ['["id"]'] * n,
+            "column_types": ['{"id":"integer","note":"text"}'] * n,
             "policy_version": ["1:x"] * n,
         },
         schema=RECORD_SCHEMA,

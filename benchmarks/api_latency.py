@@ -46,6 +46,10 @@ TABLES = ["orders", "customers", "payments", "order_lines", "shipments"]
 app = typer.Typer(add_completion=False)
 
 
+#: The column types the benchmark's records carry (``row.types``).
+TYPES = '{"id":"integer","status":"text","note":"text"}'
+
+
 def _records(start: int, n: int, t0: datetime, span: timedelta) -> pl.DataFrame:
     ids = range(start, start + n)
     step = span / 1_000_000
@@ -68,6 +72,7 @@ def _records(start: int, n: int, t0: datetime, span: timedelta) -> pl.DataFrame:
             "context": [ctx(i) for i in ids], "attribution_status": ["attributed"] * n,
             "attribution_lag_seconds": [None] * n, "xid": list(ids), "lsn": list(ids),
             "change_index": [0] * n, "policy_version": ["1:bench"] * n,
+            "key_columns": ['["id"]'] * n, "column_types": [TYPES] * n,
         },
         schema=RECORD_SCHEMA,
     )  # fmt: skip

@@ -37,6 +37,10 @@ T0 = datetime(2026, 11, 26, 10, tzinfo=UTC)
 app = typer.Typer(add_completion=False)
 
 
+#: The column types the benchmark's records carry (``row.types``).
+TYPES = '{"id":"integer","status":"text","amount":"numeric(12,2)","note":"text"}'
+
+
 def records(n: int) -> pl.DataFrame:
     context = json.dumps({"actor": {"type": "user", "id": "u-1", "name": "Ada"},
                           "request_id": "req-1", "reason": "refund"})  # fmt: skip
@@ -55,6 +59,7 @@ def records(n: int) -> pl.DataFrame:
             "context": [context] * n, "attribution_status": ["attributed"] * n,
             "attribution_lag_seconds": [None] * n, "xid": list(range(n)),
             "lsn": list(range(n)), "change_index": [0] * n, "policy_version": ["1:x"] * n,
+            "key_columns": ['["id"]'] * n, "column_types": [TYPES] * n,
         },
         schema=RECORD_SCHEMA,
     )  # fmt: skip
