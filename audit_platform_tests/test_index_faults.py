@@ -52,6 +52,7 @@ def _records(n: int) -> pl.DataFrame:
 @pytest.mark.slow
 def test_elasticsearch_stopped_during_indexing_then_retried_indexes_each_document_once(tmp_path):
     node = LocalElasticsearch(tmp_path / "stack", free_port(), free_port(), "512m")
+    records = _records(20_000)
     record, _ = node.up()
     conn = ElasticsearchConnection(
         url=record.url,
@@ -59,7 +60,6 @@ def test_elasticsearch_stopped_during_indexing_then_retried_indexes_each_documen
         password=record.env["AUDIT_ES_PASSWORD"],
         ca_certs=record.env["AUDIT_ES_CA_CERTS"],
     )
-    records = _records(20_000)
     try:
         client = elasticsearch_client(conn, request_timeout=5)
         install_template(client, Settings().resources_dir, "faults", replicas=0)
