@@ -60,6 +60,14 @@ class Transaction(_Model):
     commit_lsn: str = Field(description="Commit LSN as PostgreSQL prints it (X/X).")
     lsn: int = Field(description="The same LSN as a number: the order of commits in a source.")
     change_index: int
+    changes: int | None = Field(
+        default=None, description="Changes capture staged for this transaction (absent on "
+        "records indexed before template version 4)."
+    )  # fmt: skip
+    ignored: int | None = Field(
+        default=None, description="Of those, how many the policy's ignore_changes_to dropped "
+        "(no record is expected for them)."
+    )  # fmt: skip
 
 
 class Event(_Model):
@@ -193,6 +201,8 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "change_index": pl.Int32,
     "key_columns": pl.String,  # JSON array
     "column_types": pl.String,  # JSON object: column -> type
+    "txn_changes": pl.Int32,  # changes capture staged for the record's transaction
+    "txn_ignored": pl.Int32,  # of those, dropped by the policy's ignore_changes_to
     "policy_version": pl.String,
 }
 

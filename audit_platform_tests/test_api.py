@@ -645,3 +645,55 @@ def test_a_request_spanning_two_sources_in_commit_order(servers, es, tmp_path):
             for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
                 es.indices.delete(index=index)
             es.indices.delete_index_template(name=f"audit-{env}")
+
+
+# --- complete transactions ------------------------------------------------------------------
+
+
+def test_a_transaction_says_how_many_changes_were_captured_ignored_indexed_and_missing(
+    servers, es, tmp_path
+):
+    env = f"txn_{uuid.uuid4().hex[:8]}"
+    ddl = ("CREATE TABLE orders (id int PRIMARY KEY, status text, updated_at int);"
+           "ALTER TABLE orders REPLICA IDENTITY FULL;")  # fmt: skip
+    policy = policy_for("shop", public__orders={"ignore_changes_to": ["updated_at"]})
+    with new_database(servers) as db:
+        source = make_source(db, tmp_path, ddl, policy, env=env)
+        _write(db, [("INSERT INTO orders VALUES (1, 'new', 0), (2, 'new', 0), (3, 'new', 0)", ())],
+               ADA)  # fmt: skip
+        xid = _write(db, [("UPDATE orders SET updated_at = 1 WHERE id = 1", ()),  # ignored
+                          ("UPDATE orders SET status = 'paid' WHERE id IN (2, 3)", ())],
+                     ADA)  # fmt: skip
+        with psycopg.connect(servers.pg_url, autocommit=True) as state:
+            capture_enrich_index(source, state, es, grace=timedelta(0))
+            keys = {"all": create_key(state, env, "all").secret,
+                    "orders": create_key(state, env, "t", tables=["public.orders"]).secret}  # fmt: skip
+        try:
+            with _client(env) as api:
+
+                def completeness(key: str = "all") -> dict:
+                    reply = get(api, f"/v1/transactions/shop/{xid}", keys[key])
+                    assert reply.status_code == 200, reply.text
+                    return reply.json()["completeness"]
+
+                assert completeness() == {
+                    "captured": 3, "ignored": 1, "indexed": 2, "waiting": 0, "missing": 0,
+                    "complete": True,
+                    "explanation": "every change capture staged is indexed or ignored by policy",
+                }  # fmt: skip
+                # A document lost from the index (a dead letter, a deleted document).
+                lost = events(api, keys["all"], xid=xid)[0]["id"]
+                es.delete(index=_index_of(es, env, lost), id=lost, refresh=True)
+                found = completeness()
+                assert (found["indexed"], found["missing"], found["complete"]) == (1, 1, False)
+                assert "1 of 3 neither indexed nor waiting" in found["explanation"]
+                assert completeness("orders")["captured"] is None  # a table-scoped key
+        finally:
+            for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+                es.indices.delete(index=index)
+            es.indices.delete_index_template(name=f"audit-{env}")
+
+
+def _index_of(es, env: str, doc_id: str) -> str:
+    hit = es.search(index=f"audit-{env}", query={"ids": {"values": [doc_id]}})["hits"]["hits"][0]
+    return hit["_index"]

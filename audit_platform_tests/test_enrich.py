@@ -103,10 +103,10 @@ def test_batch_left_unenriched_by_a_failed_run_is_enriched_by_the_next(shop):
 
 
 def test_late_context_is_quarantined_first_then_enriched_as_late_with_its_lag(shop):
-    xid = _write(shop, "INSERT INTO orders VALUES (2, 'new', NULL)")
+    xid = _write(shop, "INSERT INTO orders VALUES (2, 'new', NULL), (12, 'new', NULL)")
     shop.capture()
     assert _run(shop).is_empty()
-    assert quarantine.stats(shop.state, "test", "shop").waiting == 1
+    assert quarantine.stats(shop.state, "test", "shop").waiting == 2
 
     with psycopg.connect(shop.url) as conn:
         conn.execute(
@@ -117,6 +117,8 @@ def test_late_context_is_quarantined_first_then_enriched_as_late_with_its_lag(sh
     records = _run(shop, now=now)  # the next capture run's enrich step
     status, lag = records.select("attribution_status", "attribution_lag_seconds").row(0)
     assert status == "late" and lag > 0
+    # Re-enriched apart from its batch, each still counts its whole transaction.
+    assert records["txn_changes"].to_list() == [2, 2]
     assert quarantine.stats(shop.state, "test", "shop").waiting == 0
     assert _revisit(shop, now) == []
 

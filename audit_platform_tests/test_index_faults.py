@@ -43,6 +43,8 @@ def _records(n: int) -> pl.DataFrame:
             "change_index": [0] * n,
             "key_columns": ['["id"]'] * n,
             "column_types": ['{"id":"integer","note":"text"}'] * n,
+            "txn_changes": [1] * n,
+            "txn_ignored": [0] * n,
             "policy_version": ["1:x"] * n,
         },
         schema=RECORD_SCHEMA,

@@ -49,6 +49,8 @@ def _record(**overrides) -> pl.DataFrame:
                                "client_addr": "203.0.113.9", "reason": "refund"}),
         "attribution_status": "late", "attribution_lag_seconds": 1.5, "xid": 9,
         "lsn": (1 << 32) + 2, "change_index": 3, "policy_version": "1:abc",
+        "key_columns": '["id"]', "column_types": '{"id":"integer","status":"text"}',
+        "txn_changes": 5, "txn_ignored": 1,
     }  # fmt: skip
     return pl.DataFrame([{**row, **overrides}], schema=RECORD_SCHEMA)
 
@@ -76,6 +78,8 @@ def test_a_document_carries_every_value_of_its_record():
     assert (record.user.id, record.user.name, record.service.name) == ("u1", "Ada", "shop")
     assert (record.client.ip, record.trace.id) == ("203.0.113.9", "0" * 32)
     assert record.attribution.lag_seconds == 1.5
+    assert (record.transaction.changes, record.transaction.ignored) == (5, 1)
+    assert record.row.key == ["id"] and record.row.types == {"id": "integer", "status": "text"}
     assert record.event.type == ["change"] and record.changed_columns == ["status"]
     assert record.values_text == "7 new 7 paid"
     assert record.source.database == "shopdb"

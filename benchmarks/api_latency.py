@@ -73,6 +73,7 @@ def _records(start: int, n: int, t0: datetime, span: timedelta) -> pl.DataFrame:
             "attribution_lag_seconds": [None] * n, "xid": list(ids), "lsn": list(ids),
             "change_index": [0] * n, "policy_version": ["1:bench"] * n,
             "key_columns": ['["id"]'] * n, "column_types": [TYPES] * n,
+            "txn_changes": [1] * n, "txn_ignored": [0] * n,
         },
         schema=RECORD_SCHEMA,
     )  # fmt: skip

@@ -60,6 +60,7 @@ def records(n: int) -> pl.DataFrame:
             "attribution_lag_seconds": [None] * n, "xid": list(range(n)),
             "lsn": list(range(n)), "change_index": [0] * n, "policy_version": ["1:x"] * n,
             "key_columns": ['["id"]'] * n, "column_types": [TYPES] * n,
+            "txn_changes": [1] * n, "txn_ignored": [0] * n,
         },
         schema=RECORD_SCHEMA,
     )  # fmt: skip

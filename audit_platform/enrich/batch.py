@@ -209,11 +209,21 @@ def resolve_quarantine(
         for hour, lsns in by_hour.iter_rows()
         for path in store.files_holding("changes", hour, lsns)
     )
-    changes = store.read(files, "changes").join(wanted, on=["lsn", "change_index"], how="semi")
+    whole = store.read(files, "changes")
+    # The orphans are some of their transactions' changes: count each transaction in the
+    # batch files, which hold all of it.
+    captured = (
+        whole.join(wanted.select("lsn").unique(), on="lsn", how="semi")
+        .unique(["lsn", "change_index"])
+        .group_by("lsn")
+        .agg(pl.len().cast(pl.Int32).alias("txn_changes"))
+    )
+    changes = whole.join(wanted, on=["lsn", "change_index"], how="semi")
     late = quarantine.late_contexts_for(state, env, source, entries["xid"].unique().to_list())
     # Orphans had no context of their own in their batch: only late contexts can attribute them.
     no_contexts = store.read([], "contexts")
-    result = enrich(changes, no_contexts, policy, now=now, grace=grace, late_contexts=late)
+    result = enrich(changes, no_contexts, policy, now=now, grace=grace, late_contexts=late,
+                    captured=captured)  # fmt: skip
     reindex: dict[str, list[str]] = {}
     for path, rows in _split(result.records, files):
         target = store.derived_path(path, "records")

@@ -40,6 +40,8 @@ class EnrichResult:
     records: pl.DataFrame
     orphans: list[Orphan] = field(default_factory=list)
     ignored: int = 0
+    #: The commit LSN of each ignored change (how many each transaction lost to the policy).
+    ignored_lsns: list[int] = field(default_factory=list)
     #: Changes that could not be turned into a record: (lsn, change index, reason, file);
     #: set aside, never silently dropped.
     rejected: list[tuple[int, int, str, str | None]] = field(default_factory=list)
@@ -90,6 +92,7 @@ def enrich(
     now: datetime,
     grace: timedelta,
     late_contexts: pl.DataFrame | None = None,
+    captured: pl.DataFrame | None = None,
 ) -> EnrichResult:
     """Turn staged changes into records; orphans within the grace window wait.
 
@@ -97,12 +100,19 @@ def enrich(
     orphans, so callers can write each record back beside the staged file it came from.
     ``late_contexts`` (target_xid, context, attached_at) are contexts attached after their
     transaction, from any hour; a change they name becomes ``late`` with its lag.
+    ``captured`` (lsn, txn_changes) counts each transaction's staged changes where ``changes``
+    holds only some of them (orphans re-enriched on their own); by default they are counted in
+    ``changes``, which then holds whole transactions (a ledger entry holds every part).
     """
     schema = {**RECORD_SCHEMA, FILE: pl.String} if FILE in changes.columns else RECORD_SCHEMA
     if changes.is_empty():
         return EnrichResult(pl.DataFrame(schema=schema))
     changes = changes.unique(["lsn", "change_index"], keep="first", maintain_order=True)
-    joined = changes.join(transaction_contexts(contexts), on=["lsn", "xid"], how="left")
+    if captured is None:
+        captured = changes.group_by("lsn").agg(pl.len().cast(pl.Int32).alias("txn_changes"))
+    joined = changes.join(transaction_contexts(contexts), on=["lsn", "xid"], how="left").join(
+        captured, on="lsn", how="left"
+    )
     late = (
         late_contexts
         if late_contexts is not None
@@ -131,7 +141,15 @@ def enrich(
         _enrich_slice(chunk, result, ignore, now, grace)
         for chunk in joined.iter_slices(n_rows=SLICE_ROWS)
     ]
-    result.records = pl.concat(parts).select(list(schema)) if parts else result.records
+    if parts:
+        ignored = pl.DataFrame({"lsn": result.ignored_lsns}, schema={"lsn": pl.Int64})
+        ignored = ignored.group_by("lsn").agg(pl.len().cast(pl.Int32).alias("txn_ignored"))
+        result.records = (
+            pl.concat(parts)
+            .join(ignored, on="lsn", how="left")
+            .with_columns(pl.col("txn_ignored").fill_null(0))
+            .select(list(schema))
+        )
     return result
 
 
@@ -186,6 +204,7 @@ def _enrich_slice(
             and set(changed) <= ignore.get(f"{schema}.{table}", set())
         ):
             result.ignored += 1
+            result.ignored_lsns.append(lsn)
             keep.append(False)
             continue
         image = after if after is not None else before
@@ -210,7 +229,12 @@ def _enrich_slice(
     kept = chunk.filter(pl.Series(keep, dtype=pl.Boolean)).drop("context")
     extra = pl.DataFrame(computed, schema={k: RECORD_SCHEMA[k] for k in computed})
     return pl.concat([kept, extra], how="horizontal").select(
-        *(pl.col(name).cast(dtype) for name, dtype in RECORD_SCHEMA.items()), pl.col(FILE)
+        *(
+            pl.col(name).cast(dtype)
+            for name, dtype in RECORD_SCHEMA.items()
+            if name != "txn_ignored"
+        ),
+        pl.col(FILE),
     )
 
 

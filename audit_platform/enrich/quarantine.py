@@ -191,3 +191,12 @@ def stats(conn: psycopg.Connection, env: str, source: str) -> QuarantineStats:
         (env, source),
     ).fetchone()
     return QuarantineStats(waiting, released, oldest)
+
+
+def waiting_in_transaction(conn: psycopg.Connection, env: str, source: str, lsn: int) -> int:
+    """Changes of one transaction (by commit LSN) still waiting here for a context."""
+    return conn.execute(
+        "SELECT count(*) FROM audit_platform.quarantine WHERE env = %s AND source = %s"
+        " AND commit_lsn = %s AND status = 'waiting'",
+        (env, source, lsn),
+    ).fetchone()[0]

@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 
 from audit_platform.naming import index_name
-from audit_platform.record import ECS_EVENT_TYPE, AuditRecord
+from audit_platform.record import ECS_EVENT_TYPE, RECORD_SCHEMA, AuditRecord
 from audit_platform.staging.store import lsn_text
 
 #: ``event`` per operation (ECS), as JSON text.
@@ -72,6 +72,8 @@ def _scalars(database: str, ingested_at: datetime) -> pl.Expr:
             commit_lsn=pl.col("commit_lsn"),
             lsn=pl.col("lsn"),
             change_index=pl.col("change_index"),
+            changes=pl.col("txn_changes"),
+            ignored=pl.col("txn_ignored"),
         ).alias("transaction"),
         pl.col("policy_version"),
         pl.lit(ingested_at.isoformat()).alias("ingested_at"),
@@ -84,10 +86,10 @@ def _raw(name: str, column: pl.Expr) -> list[pl.Expr]:
 
 def document_frame(records: pl.DataFrame, *, database: str, ingested_at: datetime) -> pl.DataFrame:
     """``index``, ``id`` and ``document`` (JSON text) for each record."""
-    # Records files written before the row's shape was kept have neither column.
+    # Records files written before these columns were kept lack them.
     records = records.with_columns(
-        pl.lit(None, pl.String).alias(name)
-        for name in ("key_columns", "column_types")
+        pl.lit(None, RECORD_SCHEMA[name]).alias(name)
+        for name in ("key_columns", "column_types", "txn_changes", "txn_ignored")
         if name not in records.columns
     )
     lsns = records["lsn"].unique()

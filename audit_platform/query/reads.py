@@ -8,7 +8,7 @@ from/size): a page costs the same at record ten million as at record ten.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from audit_platform.query.models import (
     ActorActivity,
     Bucket,
     ColumnDiff,
+    Completeness,
     Correlation,
     EventPage,
     HistoryEntry,
@@ -134,19 +135,51 @@ def get_event(es: Elasticsearch, scope: Scope, event_id: str) -> AuditRecord | N
 
 def get_transaction(
     es: Elasticsearch, scope: Scope, source: str, xid: int, *, limit: int,
-    cursor: str | None = None,
+    cursor: str | None = None, waiting: Callable[[int], int] = lambda lsn: 0,
 ) -> TransactionView | None:  # fmt: skip
+    """``waiting(commit LSN)`` counts the transaction's changes still in the quarantine."""
     clauses = [{"term": {"source.service": source}}, {"term": {"transaction.xid": xid}}]
-    hits, following, _ = _page(es, scope, clauses, order="asc", limit=limit, cursor=cursor)
+    hits, following, total = _page(es, scope, clauses, order="asc", limit=limit, cursor=cursor,
+                                   count=True)  # fmt: skip
     if not hits:
         return None
     changes = [record(h) for h in hits]
     first = changes[0]
+    assert total is not None
     return TransactionView(
         source=source, xid=xid, commit_lsn=first.transaction.commit_lsn,
         timestamp=first.timestamp, context=first.context, attribution=first.attribution,
         changes=changes, next_cursor=following,
+        completeness=completeness(first, total.value, waiting(first.transaction.lsn), scope),
     )  # fmt: skip
+
+
+def completeness(first: AuditRecord, indexed: int, waiting: int, scope: Scope) -> Completeness:
+    """How complete a transaction is, from its records' counts (see :class:`Completeness`)."""
+    captured, ignored = first.transaction.changes, first.transaction.ignored
+    if scope.tables is not None:
+        return Completeness(
+            captured=None, ignored=None, indexed=indexed, waiting=waiting, missing=None,
+            complete=None, explanation="counted only for keys that may read every table of "
+            "the source: the transaction may hold changes outside this key's tables",
+        )  # fmt: skip
+    if captured is None:
+        return Completeness(
+            captured=None, ignored=None, indexed=indexed, waiting=waiting, missing=None,
+            complete=None, explanation="indexed before capture counted transactions: rebuild "
+            "its hour (a backfill) to count it",
+        )  # fmt: skip
+    missing = max(0, captured - (ignored or 0) - indexed - waiting)
+    if missing:
+        explanation = (f"{missing} of {captured} neither indexed nor waiting: see the source's "
+                       "dead-letter and rejected datasets, or wait for the next run")  # fmt: skip
+    elif waiting:
+        explanation = f"{waiting} waiting for a context in the quarantine"
+    else:
+        explanation = "every change capture staged is indexed or ignored by policy"
+    return Completeness(captured=captured, ignored=ignored, indexed=indexed, waiting=waiting,
+                        missing=missing, complete=missing == 0 and waiting == 0,
+                        explanation=explanation)  # fmt: skip
 
 
 def group_transactions(changes: list[AuditRecord]) -> list[TransactionGroup]:

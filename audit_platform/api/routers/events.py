@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 
 from audit_platform.api.deps import ScopeDep, ServicesDep
 from audit_platform.api.params import MAX_TRANSACTION_PAGE, SearchParams
+from audit_platform.enrich import quarantine
 from audit_platform.query import reads
 from audit_platform.query.models import EventPage, TransactionView
 from audit_platform.record import AuditRecord
@@ -51,8 +52,16 @@ def get_transaction(
     limit: Annotated[int, Query(ge=1, le=MAX_TRANSACTION_PAGE)] = 500,
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> TransactionView:
-    """Every change of one transaction in commit order, with its context."""
-    found = reads.get_transaction(svc.es, scope, source, xid, limit=limit, cursor=cursor)
+    """Every change of one transaction in commit order, with its context, and whether it is
+    complete: how many changes capture staged, how many are indexed, waiting for a context in
+    the quarantine, ignored by policy, or missing."""
+
+    def waiting(lsn: int) -> int:
+        with svc.pool.connection() as conn:
+            return quarantine.waiting_in_transaction(conn, scope.env, source, lsn)
+
+    found = reads.get_transaction(svc.es, scope, source, xid, limit=limit, cursor=cursor,
+                                  waiting=waiting)  # fmt: skip
     if found is None:
         raise HTTPException(404, f"no transaction {xid} of source {source!r} in this "
                                  "environment and key's scope")  # fmt: skip
