@@ -12,6 +12,7 @@ import pytest
 from audit_platform import platform_db
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import enrich_hour, enrich_pending, resolve_quarantine
+from audit_platform.index.reconcile import HourTransactions, hour_transactions
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import make_source
 from audit_platform_tests.helpers import policy_for
@@ -235,3 +236,17 @@ def test_batches_cut_inside_transactions_keep_every_change_with_its_context(shop
     assert records.height == 40
     assert set(records["attribution_status"]) == {"attributed"}
     assert quarantine.stats(shop.state, "test", "shop").waiting == 0
+
+
+def test_an_hour_names_its_transactions_with_fewer_records_than_changes_captured(shop):
+    _write(shop, "INSERT INTO orders SELECT g, 'new', NULL FROM generate_series(1, 3) g",
+           context=ADA)  # fmt: skip
+    shop.capture()
+    records = _run(shop)
+    [hour] = shop.store.hours("records")
+    assert hour_transactions(shop.store, hour) == HourTransactions(hour, 1, [])
+    # One change rejected at enrichment: its record is not in the batch's records file.
+    [path] = shop.store.hour_files("records", hour)
+    shop.store.write_file(path, records.head(2))
+    [lsn] = records["lsn"].unique().to_list()
+    assert hour_transactions(shop.store, hour).incomplete == [(lsn, 3, 2)]

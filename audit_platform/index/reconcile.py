@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import polars as pl
 from elasticsearch import Elasticsearch
 
 from audit_platform.naming import read_alias
@@ -104,3 +105,30 @@ def _hour_query(store: StagingStore, hour: datetime) -> dict:
             ]
         }
     }
+
+
+@dataclass(frozen=True)
+class HourTransactions:
+    """Transactions of an hour against the records they should have (captured changes less
+    those the policy ignores): fewer means changes were rejected or are still missing."""
+
+    hour: datetime
+    transactions: int
+    incomplete: list[tuple[int, int, int]]  # (commit LSN, records expected, records staged)
+
+
+def hour_transactions(store: StagingStore, hour: datetime) -> HourTransactions:
+    files = store.hour_files("records", hour)
+    if not files:
+        return HourTransactions(hour, 0, [])
+    frame = store.read(files, "records")
+    if "txn_changes" not in frame.columns:  # records written before transactions were counted
+        return HourTransactions(hour, frame["lsn"].n_unique(), [])
+    per = frame.group_by("lsn").agg(
+        (pl.col("txn_changes").first() - pl.col("txn_ignored").first().fill_null(0)).alias(
+            "expected"
+        ),
+        pl.len().alias("staged"),
+    )
+    short = per.filter(pl.col("expected").is_not_null() & (pl.col("staged") < pl.col("expected")))
+    return HourTransactions(hour, per.height, sorted(short.iter_rows()))

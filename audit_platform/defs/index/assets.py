@@ -20,10 +20,10 @@ from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.index.batch import HourIndexed, index_files, index_hour, index_pending
-from audit_platform.index.reconcile import hour_counts
+from audit_platform.index.reconcile import hour_counts, hour_transactions
 from audit_platform.index.template import ensure_template
 from audit_platform.naming import slot_name
-from audit_platform.staging import StagingStore
+from audit_platform.staging import StagingStore, lsn_text
 
 TEMPLATE_KEY = dg.AssetKey(["elasticsearch", "index_template"])
 
@@ -137,6 +137,26 @@ def count_check(
     )
 
 
+def transactions_check(source: str, store: StagingStore, hour: datetime) -> dg.AssetCheckEvaluation:
+    found = hour_transactions(store, hour)
+    return dg.AssetCheckEvaluation(
+        asset_key=indexed_key(source),
+        check_name="complete_transactions",
+        passed=not found.incomplete,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "partition": hour_key(hour),
+            "transactions": found.transactions,
+            "incomplete": len(found.incomplete),
+            "first_incomplete": dg.MetadataValue.md("\n".join(
+                f"- commit LSN {lsn_text(lsn)}: {staged} of {expected} records"
+                for lsn, expected, staged in found.incomplete[:20]) or "none"),
+        },
+        description=None if not found.incomplete else "transactions with fewer records than "
+        "changes captured (less those the policy ignores): see the hour's rejected dataset",
+    )  # fmt: skip
+
+
 def index_op(source: str, config: SourceConfig, environment: EnvironmentConfig) -> dg.OpDefinition:
     @dg.op(
         name=f"index_{source}",
@@ -177,7 +197,10 @@ def indexed_asset(
         kinds={"elasticsearch"},
         owners=["team:platform"],
         pool=slot,
-        check_specs=[dg.AssetCheckSpec("staged_vs_indexed", asset=indexed_key(source))],
+        check_specs=[
+            dg.AssetCheckSpec("staged_vs_indexed", asset=indexed_key(source)),
+            dg.AssetCheckSpec("complete_transactions", asset=indexed_key(source)),
+        ],
         retry_policy=transient_retry_policy(environment),
     )
     def asset(context: dg.AssetExecutionContext, platform: AuditPlatform) -> dg.MaterializeResult:
@@ -185,13 +208,19 @@ def indexed_asset(
         [indexed] = index_hours(platform, source, config, [hour], environment)
         with platform.elasticsearch() as client:
             client.indices.refresh(index=f"audit-{platform.env}-{source}-*", allow_no_indices=True)
-            check = count_check(source, client, platform.store(source), hour)
+            checks = [count_check(source, client, platform.store(source), hour),
+                      transactions_check(source, platform.store(source), hour)]  # fmt: skip
         return dg.MaterializeResult(
             metadata=indexed.metadata,
             check_results=[
                 dg.AssetCheckResult(
-                    check_name="staged_vs_indexed", passed=check.passed, metadata=check.metadata
+                    check_name=c.check_name,
+                    passed=c.passed,
+                    severity=c.severity,
+                    metadata=c.metadata,
+                    description=c.description,
                 )
+                for c in checks
             ],
         )
 

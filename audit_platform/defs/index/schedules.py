@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from audit_platform.defs.enrich.assets import enrich_hours
-from audit_platform.defs.index.assets import count_check, index_batches
+from audit_platform.defs.index.assets import count_check, index_batches, transactions_check
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.index.reconcile import short_batches
@@ -62,6 +62,7 @@ def reconcile_job(
                 )
             for hour in hours:
                 context.log_event(count_check(source, client, store, hour))
+                context.log_event(transactions_check(source, store, hour))
 
     source_config = config
 
