@@ -697,3 +697,14 @@ def test_a_transaction_says_how_many_changes_were_captured_ignored_indexed_and_m
 def _index_of(es, env: str, doc_id: str) -> str:
     hit = es.search(index=f"audit-{env}", query={"ids": {"values": [doc_id]}})["hits"]["hits"][0]
     return hit["_index"]
+
+
+def test_each_answer_says_how_long_it_spent_in_elasticsearch(shop, api_a):
+    timing = get(api_a, "/v1/events", shop.keys["a"]).headers["server-timing"]
+    es_part, total_part = timing.split(", ")
+    assert es_part.startswith("es;dur=") and 'desc="Elasticsearch (1 calls)"' in es_part
+    es_ms = float(es_part.split(";")[1].removeprefix("dur="))
+    total_ms = float(total_part.removeprefix("total;dur="))
+    assert 0 < es_ms <= total_ms
+    assert 'desc="Elasticsearch (0 calls)"' in get(api_a, "/healthz", None).headers[
+        "server-timing"]  # fmt: skip

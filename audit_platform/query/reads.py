@@ -18,6 +18,7 @@ from elasticsearch import Elasticsearch
 from audit_platform.api_keys import Scope
 from audit_platform.naming import read_alias
 from audit_platform.policy import SourcePolicy
+from audit_platform.query import timing
 from audit_platform.query.filters import (
     EventFilter,
     Order,
@@ -71,9 +72,11 @@ def record(hit: dict[str, Any]) -> AuditRecord:
 
 def _search(es: Elasticsearch, scope: Scope, **body: Any) -> dict[str, Any]:
     # A new environment has no index yet: that is an empty answer, not an error.
-    return es.search(
+    response = es.search(
         index=read_alias(scope.env), ignore_unavailable=True, allow_no_indices=True, **body
-    ).body
+    )
+    timing.record(response.meta.duration)
+    return response.body
 
 
 def _page(
