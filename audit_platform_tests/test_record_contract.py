@@ -113,3 +113,14 @@ def test_csv_export_columns_are_the_record_fields_with_the_context_spread():
     assert row["changed_columns"] == "status" and row["event.type"] == "change"
     assert json.loads(row["after"]) == {"id": "7", "status": "paid"}
     assert row["context.job.name"] == "" and row["transaction.commit_lsn"] == "1/2"
+
+
+def test_every_example_in_the_openapi_document_is_a_valid_answer():
+    """Examples are documentation a client copies: each must validate against its model."""
+    from audit_platform.capture.gaps import Gap
+    from audit_platform.query.models import Completeness, Correlation
+    from audit_platform.query.revert import RevertPlan
+
+    for model in (Gap, Completeness, Correlation, RevertPlan):
+        examples = model.model_config["json_schema_extra"]["examples"]
+        assert examples and all(model.model_validate(e) for e in examples)

@@ -15,7 +15,7 @@ from datetime import datetime
 import polars as pl
 import psycopg
 from psycopg.rows import class_row
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from audit_platform.staging import StagingStore, lsn_range, lsn_text
 
@@ -28,6 +28,12 @@ class Gap(BaseModel):
     last_captured_at: datetime | None
     detected_at: datetime | None = None
     reason: str
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "env": "prod", "source": "shop", "from_lsn": 23806728, "to_lsn": 91431168,
+        "last_captured_at": "2026-11-27T03:12:09.123456Z", "detected_at": "2026-11-27T04:00:00Z",
+        "reason": "the slot was invalidated by PostgreSQL (wal_status = lost) and replaced",
+    }]})  # fmt: skip
 
     def describe(self) -> str:
         since = (

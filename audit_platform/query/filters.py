@@ -100,6 +100,7 @@ class EventFilter(BaseModel):
         description="The query language: `actor:alice table:orders op:update,delete "
         "after.status:refunded -actor:bot since:-24h` and free words; see the API "
         "description.",
+        examples=["actor:alice table:orders op:update after.status:refunded since:-24h"],
     )
     _parsed: ParsedQuery = PrivateAttr(default_factory=ParsedQuery)
 

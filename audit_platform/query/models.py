@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from audit_platform.record import Attribution, AuditRecord
 
@@ -51,6 +51,12 @@ class Completeness(BaseModel):
     complete: bool | None
     explanation: str
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "captured": 3, "ignored": 1, "indexed": 1, "waiting": 0, "missing": 1, "complete": False,
+        "explanation": "1 of 3 neither indexed nor waiting: see the source's dead-letter and "
+        "rejected datasets, or wait for the next run",
+    }]})  # fmt: skip
+
 
 class TransactionView(TransactionGroup):
     completeness: Completeness | None = None
@@ -69,6 +75,11 @@ class Correlation(BaseModel):
     )
     sources: list[str] = Field(description="Sources with changes on this page.")
     next_cursor: str | None
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "kind": "request", "key": {"request_id": "req-42"}, "sources": ["billing", "shop"],
+        "transactions": [], "next_cursor": None,
+    }]})  # fmt: skip
 
 
 class ColumnDiff(BaseModel):

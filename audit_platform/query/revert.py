@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from audit_platform.policy import SourcePolicy
 from audit_platform.record import AuditRecord, Operation
@@ -54,6 +54,20 @@ class RevertPlan(BaseModel):
     changes: int = Field(description="Changes the plan covers.")
     sources: list[SourcePlan]
     conflicts: list[RevertConflict]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "of": {"request_id": "req-42"}, "changes": 1,
+        "sources": [{"source": "shop", "statements": [{
+            "record_id": "prod:shop:00000000016B3A28:1", "table": "public.orders",
+            "object_id": "42", "action": "update",
+            "sql": "UPDATE \"public\".\"orders\" SET \"status\" = 'paid'::text WHERE "
+                   "\"id\" = '42'::bigint AND (\"status\" IS NOT NULL AND "
+                   "format('%s', \"status\") = 'refunded')"}],
+            "script": "BEGIN;\n...\nCOMMIT;\n"}],
+        "conflicts": [{"record_id": "prod:shop:00000000016B3A28:1", "kind": "later_change",
+                       "later_record_id": "prod:shop:00000000016C0010:0",
+                       "detail": "public.orders 42 was changed again later (update at ...)"}],
+    }]})  # fmt: skip
 
 
 def _order(record: AuditRecord) -> tuple:
