@@ -101,3 +101,17 @@ def test_a_time_given_twice_or_a_bad_query_is_a_validation_error():
         EventFilter(query="acter:bob")
     with pytest.raises(ValidationError, match="not an IP address"):
         EventFilter(client_ip="nope")
+
+
+def test_a_range_before_1970_is_cut_at_the_epoch_or_refused():
+    """Found by Schemathesis: `until=0.5` made Elasticsearch refuse a date_nanos range in the
+    middle of an export stream."""
+    from audit_platform.query.filters import EPOCH, QueryError, time_range
+
+    week = timedelta(days=7)
+    start, end = time_range(None, EPOCH + timedelta(days=1), now=NOW, default=week,
+                            maximum=timedelta(days=400))  # fmt: skip
+    assert (start, end) == (EPOCH, EPOCH + timedelta(days=1))
+    with pytest.raises(QueryError, match="before 1970-01-01"):
+        time_range(None, datetime(1969, 12, 31, tzinfo=UTC), now=NOW, default=week,
+                   maximum=timedelta(days=400))  # fmt: skip

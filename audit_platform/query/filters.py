@@ -149,6 +149,10 @@ class EventFilter(BaseModel):
         return [*given, *self._parsed.image_columns()]
 
 
+#: The earliest commit time the index can hold (``@timestamp`` is ``date_nanos``).
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
@@ -161,6 +165,12 @@ def time_range(
     before it; a range longer than ``maximum`` is refused rather than silently cut."""
     end = _utc(until) if until else now
     start = _utc(since) if since else end - default
+    if end <= EPOCH:
+        raise QueryError("until", f"until ({end.isoformat()}) is before 1970-01-01: commit "
+                                  "times are kept in nanoseconds since then")  # fmt: skip
+    # Nothing can be older than 1970 (date_nanos); a range reaching further back is cut there,
+    # which changes no answer, instead of failing in Elasticsearch mid-way through an export.
+    start = max(start, EPOCH)
     if start >= end:
         raise QueryError("since", f"since ({start.isoformat()}) must be before until "
                                   f"({end.isoformat()})")  # fmt: skip
