@@ -101,6 +101,8 @@ def test_a_time_given_twice_or_a_bad_query_is_a_validation_error():
         EventFilter(query="acter:bob")
     with pytest.raises(ValidationError, match="not an IP address"):
         EventFilter(client_ip="nope")
+    with pytest.raises(ValidationError, match="not an IP address"):  # found by Schemathesis
+        EventFilter(client_ip="")
 
 
 def test_a_range_before_1970_is_cut_at_the_epoch_or_refused():

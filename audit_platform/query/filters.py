@@ -129,7 +129,7 @@ class EventFilter(BaseModel):
                 if getattr(parsed, bound) and getattr(self, bound):
                     raise ValueError(f"{bound} is given both as a parameter and in the query")
             self._parsed = parsed
-        if self.client_ip:
+        if self.client_ip is not None:
             try:
                 ipaddress.ip_network(self.client_ip, strict=False)
             except ValueError as exc:

@@ -380,23 +380,25 @@ def iter_hits(
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Every matching hit, a page at a time: memory holds one page, whatever the total.
 
-    The range is resolved (and validated) before the first page, so a bad parameter is an
-    error before any byte of an export is sent.
+    The range is resolved and the first page fetched before this returns, so a bad parameter
+    or a query Elasticsearch refuses is an error before any byte of an export is sent (after
+    the status line, a failure could only cut the file short).
     """
     start, end = time_range(*f.bounds, now=now or datetime.now(UTC),
                             default=limits.default_range, maximum=limits.max_range)  # fmt: skip
     clauses = filter_clauses(f, start, end)
+    first, cursor, _ = _page(es, scope, clauses, order=order, limit=page_size, cursor=None,
+                             text=f.q)  # fmt: skip
 
-    def pages() -> Iterator[dict[str, Any]]:
-        cursor = None
+    def pages(hits: list[dict[str, Any]], cursor: str | None) -> Iterator[dict[str, Any]]:
         while True:
-            hits, cursor, _ = _page(es, scope, clauses, order=order, limit=page_size,
-                                    cursor=cursor, text=f.q)  # fmt: skip
             yield from hits
             if cursor is None:
                 return
+            hits, cursor, _ = _page(es, scope, clauses, order=order, limit=page_size,
+                                    cursor=cursor, text=f.q)  # fmt: skip
 
-    return pages()
+    return pages(first, cursor)
 
 
 #: Changes one revert plan may cover; a larger set is refused (narrow it) rather than cut.

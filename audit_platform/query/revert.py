@@ -70,13 +70,10 @@ class RevertPlan(BaseModel):
     }]})  # fmt: skip
 
 
-def _order(record: AuditRecord) -> tuple:
-    return (
-        record.timestamp,
-        record.source.service,
-        record.transaction.lsn,
-        (record.transaction.change_index),
-    )
+def _order(record: AuditRecord) -> tuple[str, int, int]:
+    """Commit order within a source: its LSN, exact where commit timestamps may not be. Plans
+    are per source, so no order across sources is needed."""
+    return record.source.service, record.transaction.lsn, record.transaction.change_index
 
 
 def plan_revert(
