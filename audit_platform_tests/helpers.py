@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 
@@ -126,3 +128,59 @@ def policy_for(source: str, **tables: dict) -> SourcePolicy:
         version=1,
         tables={name.replace("__", "."): TablePolicy(**spec) for name, spec in tables.items()},
     )
+
+
+# --- an independent ground truth: a classic trigger-based audit table ----------------------
+
+
+def ground_truth_ddl(table: str) -> str:
+    """A ``truth`` table and a trigger on ``table`` recording every row change, in the same
+    transaction, with values as the type's output function prints them (``hstore(row)``), as
+    logical decoding does. The platform never reads it."""
+    return f"""
+CREATE EXTENSION IF NOT EXISTS hstore;
+CREATE TABLE truth (seq bigserial PRIMARY KEY, xid bigint, op text, before jsonb, after jsonb);
+CREATE FUNCTION record_truth() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO truth (xid, op, before, after) VALUES (
+        txid_current() % 4294967296, lower(TG_OP),
+        CASE WHEN TG_OP <> 'INSERT' THEN hstore_to_jsonb(hstore(OLD)) END,
+        CASE WHEN TG_OP <> 'DELETE' THEN hstore_to_jsonb(hstore(NEW)) END);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER {table}_truth AFTER INSERT OR UPDATE OR DELETE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION record_truth();
+"""
+
+
+def canonical(image: dict | None) -> str:
+    return json.dumps(image, sort_keys=True)
+
+
+def ground_truth(url: str) -> list[tuple[int, str, str, str]]:
+    """Every change the trigger saw as (xid, operation, before, after), sorted: compare with
+    the same tuples of the audit records."""
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        rows = conn.execute("SELECT xid, op, before, after FROM truth").fetchall()
+    return sorted((xid, op, canonical(b), canonical(a)) for xid, op, b, a in rows)
+
+
+def record_tuple(record: dict) -> tuple[int, str, str, str]:
+    """An audit record (a document or an API answer) as a :func:`ground_truth` tuple."""
+    return (record["transaction"]["xid"], record["operation"], canonical(record["before"]),
+            canonical(record["after"]))  # fmt: skip
+
+
+def processes_with_environ(text: str) -> list[int]:
+    """PIDs (other than this one) whose environment contains ``text``: every process a
+    deployment starts inherits its DAGSTER_HOME, code servers and run workers included."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if text.encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

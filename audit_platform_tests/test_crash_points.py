@@ -24,27 +24,12 @@ from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import make_source
-from audit_platform_tests.helpers import policy_for
+from audit_platform_tests.helpers import ground_truth, ground_truth_ddl, policy_for, record_tuple
 
 DDL = """
 CREATE TABLE orders (id int PRIMARY KEY, status text, note text);
 ALTER TABLE orders REPLICA IDENTITY FULL;
-CREATE TABLE truth (seq bigserial PRIMARY KEY, xid bigint, op text, before jsonb, after jsonb);
-CREATE FUNCTION record_truth() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO truth (xid, op, before, after) VALUES (
-        txid_current() % 4294967296, lower(TG_OP),
-        CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
-        CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);
-    RETURN NULL;
-END $$;
-CREATE TRIGGER orders_truth AFTER INSERT OR UPDATE OR DELETE ON orders
-    FOR EACH ROW EXECUTE FUNCTION record_truth();
-"""
-
-
-def _text(image: dict | None) -> dict | None:
-    return None if image is None else {k: None if v is None else str(v) for k, v in image.items()}
+""" + ground_truth_ddl("orders")
 
 
 def _write_round(url: str, n: int) -> None:
@@ -68,23 +53,11 @@ def _write_round(url: str, n: int) -> None:
         conn.commit()
 
 
-def _truth(url: str) -> list[tuple]:
-    with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT xid, op, before, after FROM truth ORDER BY seq").fetchall()
-    return sorted((xid, op, json.dumps(_text(b), sort_keys=True), json.dumps(_text(a),
-                   sort_keys=True)) for xid, op, b, a in rows)  # fmt: skip
-
-
 def _indexed(es, env: str) -> list[tuple]:
     es.indices.refresh(index=read_alias(env))
     hits = es.search(index=read_alias(env), size=10_000, query={"match_all": {}})["hits"]
     assert hits["total"]["value"] < 10_000
-    return sorted(
-        (d["_source"]["transaction"]["xid"], d["_source"]["operation"],
-         json.dumps(_text(d["_source"]["before"]), sort_keys=True),
-         json.dumps(_text(d["_source"]["after"]), sort_keys=True))
-        for d in hits["hits"]
-    )  # fmt: skip
+    return sorted(record_tuple(d["_source"]) for d in hits["hits"])
 
 
 @pytest.fixture
@@ -115,7 +88,7 @@ def test_a_crash_at_every_point_then_a_rerun_indexes_exactly_the_ground_truth(pi
         with armed(point), pytest.raises(SimulatedCrash, match=point):
             run()
         run()  # the next run heals what the crash left
-        truth = _truth(source.url)
+        truth = ground_truth(source.url)
         assert _indexed(es, env) == truth, f"after a crash at {point}"
         staged = source.store.read_all("changes")
         assert staged.select("lsn", "change_index").is_duplicated().sum() == 0, point

@@ -21,23 +21,8 @@ import pytest
 from psycopg import sql
 
 from audit_platform.settings import Settings
-from audit_platform.stack.system import free_port, pid_alive
-
-
-def _processes_with(text: str) -> list[int]:
-    """PIDs whose environment mentions ``text`` (every process the demo starts inherits its
-    DAGSTER_HOME, including the code servers and run workers Dagster starts in turn)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if text.encode() in environ and pid_alive(int(proc.name)):
-            found.append(int(proc.name))
-    return found
+from audit_platform.stack.system import free_port
+from audit_platform_tests.helpers import processes_with_environ
 
 
 def _drop_demo_databases(admin_url: str, env: str) -> None:
@@ -75,19 +60,19 @@ def test_closed_output_and_sighup_stop_every_process_the_demo_started(servers, t
             if "Waiting for the first audit records" in line or not line:
                 break
         assert "Waiting for the first audit records" in "".join(seen), "".join(seen)
-        started = _processes_with(marker)
+        started = processes_with_environ(marker)
         assert len(started) >= 4  # shop service, webserver, daemon, API (and code servers)
 
         demo.stdout.close()  # the reader of the pipe is gone: every later print fails
         demo.send_signal(signal.SIGHUP)
         assert demo.wait(timeout=120) == 0
         deadline = time.monotonic() + 30
-        while _processes_with(marker) and time.monotonic() < deadline:
+        while processes_with_environ(marker) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert _processes_with(marker) == []
+        assert processes_with_environ(marker) == []
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
-        for pid in _processes_with(marker):
+        for pid in processes_with_environ(marker):
             os.killpg(pid, signal.SIGKILL)
         _drop_demo_databases(servers.pg_url, env)

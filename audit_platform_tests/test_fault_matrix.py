@@ -42,25 +42,15 @@ from audit_platform.settings import Settings
 from audit_platform.stack import elasticsearch, postgres
 from audit_platform.stack.deployment import LocalDeployment
 from audit_platform.stack.system import free_port
-from audit_platform_tests.helpers import SUMMARY
+from audit_platform_tests.helpers import (
+    SUMMARY,
+    ground_truth,
+    ground_truth_ddl,
+    processes_with_environ,
+    record_tuple,
+)
 
 pytestmark = pytest.mark.slow
-
-TRUTH = """
-CREATE EXTENSION IF NOT EXISTS hstore;
-CREATE TABLE truth (seq bigserial PRIMARY KEY, xid bigint, op text, before jsonb, after jsonb);
--- hstore(row) renders each value with its type's output function, as logical decoding does.
-CREATE FUNCTION record_truth() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO truth (xid, op, before, after) VALUES (
-        txid_current() % 4294967296, lower(TG_OP),
-        CASE WHEN TG_OP <> 'INSERT' THEN hstore_to_jsonb(hstore(OLD)) END,
-        CASE WHEN TG_OP <> 'DELETE' THEN hstore_to_jsonb(hstore(NEW)) END);
-    RETURN NULL;
-END $$;
-CREATE TRIGGER orders_truth AFTER INSERT OR UPDATE OR DELETE ON orders
-    FOR EACH ROW EXECUTE FUNCTION record_truth();
-"""
 
 #: What a fault may take to heal before the test fails (run monitoring alone polls every 30 s).
 HEAL_TIMEOUT = 300
@@ -116,9 +106,7 @@ class Matrix:
     since: str = field(default_factory=lambda: (datetime.now(UTC) - timedelta(hours=2)).isoformat())
 
     def truth(self) -> list[tuple]:
-        with psycopg.connect(self.shop_url, connect_timeout=5) as conn:
-            rows = conn.execute("SELECT xid, op, before, after FROM truth").fetchall()
-        return sorted((x, op, _canonical(b), _canonical(a)) for x, op, b, a in rows)
+        return ground_truth(self.shop_url)
 
     def records(self) -> list[dict]:
         reply = httpx.get(f"{self.deployment.api_url}/v1/export",
@@ -128,11 +116,7 @@ class Matrix:
         return [json.loads(line) for line in reply.text.splitlines()]
 
     def indexed(self) -> list[tuple]:
-        return sorted(
-            (r["transaction"]["xid"], r["operation"], _canonical(r["before"]),
-             _canonical(r["after"]))
-            for r in self.records()
-        )  # fmt: skip
+        return sorted(record_tuple(r) for r in self.records())
 
     def heal(self) -> float:
         """Seconds until the API returns every change committed up to now (the writer goes
@@ -165,12 +149,8 @@ class Matrix:
 
     def run_workers(self) -> list[int]:
         home = str(self.deployment.root / "dagster_home")
-        return [pid for pid in _pids_with_environ(f"DAGSTER_HOME={home}")
+        return [pid for pid in processes_with_environ(f"DAGSTER_HOME={home}")
                 if b"spawn_main" in _cmdline(pid)]  # fmt: skip
-
-
-def _canonical(image: dict | None) -> str:
-    return json.dumps(image, sort_keys=True)
 
 
 def _cmdline(pid: int) -> bytes:
@@ -178,18 +158,6 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
-
-
-def _pids_with_environ(text: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if text.encode() in (proc / "environ").read_bytes():
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +182,7 @@ def matrix(tmp_path_factory) -> Iterator[Matrix]:
         }))  # fmt: skip
         shop_url = prepare_shop(exports["AUDIT_PG_URL"], env, resources)
         with psycopg.connect(shop_url, autocommit=True) as conn:
-            conn.execute(TRUTH)
+            conn.execute(ground_truth_ddl("orders"))
             customer = conn.execute(
                 "INSERT INTO customers (name, email, password_hash) VALUES"
                 " ('Fault', 'fault@example.com', 'x') RETURNING id"

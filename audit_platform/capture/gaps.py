@@ -36,11 +36,9 @@ class Gap(BaseModel):
     }]})  # fmt: skip
 
     def describe(self) -> str:
-        since = (
-            f" (last change captured at {self.last_captured_at:%Y-%m-%d %H:%M:%S%z})"
-            if (self.last_captured_at)
-            else ""
-        )
+        since = ""
+        if self.last_captured_at is not None:
+            since = f" (last change captured at {self.last_captured_at:%Y-%m-%d %H:%M:%S%z})"
         return (
             f"changes of source {self.source} committed after {lsn_text(self.from_lsn)} and "
             f"before {lsn_text(self.to_lsn)} were not captured{since}: {self.reason}"
@@ -74,9 +72,10 @@ def list_gaps(conn: psycopg.Connection, env: str, sources: frozenset[str] | None
         return cur.execute(
             "SELECT env, source, from_lsn, to_lsn, last_captured_at, detected_at, reason"
             " FROM audit_platform.capture_gaps"
-            " WHERE env = %s AND (%s::text[] IS NULL OR source = ANY(%s::text[]))"
+            " WHERE env = %(env)s"
+            " AND (%(sources)s::text[] IS NULL OR source = ANY(%(sources)s::text[]))"
             " ORDER BY detected_at, source",
-            (env, *(2 * [sorted(sources) if sources is not None else None])),
+            {"env": env, "sources": sorted(sources) if sources is not None else None},
         ).fetchall()
 
 

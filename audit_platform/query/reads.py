@@ -160,18 +160,15 @@ def get_transaction(
 def completeness(first: AuditRecord, indexed: int, waiting: int, scope: Scope) -> Completeness:
     """How complete a transaction is, from its records' counts (see :class:`Completeness`)."""
     captured, ignored = first.transaction.changes, first.transaction.ignored
-    if scope.tables is not None:
-        return Completeness(
-            captured=None, ignored=None, indexed=indexed, waiting=waiting, missing=None,
-            complete=None, explanation="counted only for keys that may read every table of "
-            "the source: the transaction may hold changes outside this key's tables",
-        )  # fmt: skip
-    if captured is None:
-        return Completeness(
-            captured=None, ignored=None, indexed=indexed, waiting=waiting, missing=None,
-            complete=None, explanation="indexed before capture counted transactions: rebuild "
-            "its hour (a backfill) to count it",
-        )  # fmt: skip
+    unknown = (
+        "counted only for keys that may read every table of the source: the transaction may "
+        "hold changes outside this key's tables" if scope.tables is not None else
+        "indexed before capture counted transactions: rebuild its hour (a backfill) to count it"
+        if captured is None else None
+    )  # fmt: skip
+    if unknown is not None:
+        return Completeness(captured=None, ignored=None, indexed=indexed, waiting=waiting,
+                            missing=None, complete=None, explanation=unknown)  # fmt: skip
     missing = max(0, captured - (ignored or 0) - indexed - waiting)
     if missing:
         explanation = (f"{missing} of {captured} neither indexed nor waiting: see the source's "

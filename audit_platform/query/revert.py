@@ -76,6 +76,11 @@ def _order(record: AuditRecord) -> tuple[str, int, int]:
     return record.source.service, record.transaction.lsn, record.transaction.change_index
 
 
+def _row(record: AuditRecord) -> tuple[str, str, str | None]:
+    """Which row a change is to: source, schema.table, object id."""
+    return record.source.service, f"{record.table.schema_}.{record.table.name}", record.object_id
+
+
 def plan_revert(
     of: dict[str, str],
     records: Iterable[AuditRecord],
@@ -92,15 +97,12 @@ def plan_revert(
     statements: dict[str, list[RevertStatement]] = {}
     last_of: dict[tuple[str, str, str | None], AuditRecord] = {}
     for record in chosen:
-        key = (record.source.service, f"{record.table.schema_}.{record.table.name}",
-               record.object_id)  # fmt: skip
-        last_of.setdefault(key, record)  # reverse order: the first seen is the last change
+        last_of.setdefault(_row(record), record)  # reverse order: the first seen is the last change
         statement = _undo(record, policies.get(record.source.service), conflicts)
         if statement is not None:
             statements.setdefault(record.source.service, []).append(statement)
     for change in sorted(later, key=_order):
-        key = (change.source.service, f"{change.table.schema_}.{change.table.name}",
-               change.object_id)  # fmt: skip
+        key = _row(change)
         last = last_of.get(key)
         if change.id in ids or last is None or _order(change) <= _order(last):
             continue
