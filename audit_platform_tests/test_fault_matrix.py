@@ -221,11 +221,14 @@ def test_each_fault_heals_by_itself_and_the_trail_matches_the_trigger_table(matr
         report.append(f"{name}: fault lasted {outage:.0f} s, healed {healed:.0f} s after it ended")
 
     def kill_run_worker() -> None:
-        matrix.wait_for_capture_step()
-        workers = matrix.run_workers()
-        assert workers, "a capture run holds the slot but no run worker was found"
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
+        # A run can finish between seeing its slot held and finding its process: try again.
+        for _ in range(10):
+            matrix.wait_for_capture_step()
+            if workers := matrix.run_workers():
+                for pid in workers:
+                    os.kill(pid, signal.SIGKILL)
+                return
+        raise AssertionError("capture runs held the slot but no run worker was found")
 
     def kill_daemon() -> None:
         matrix.deployment.kill("dagster-daemon")
