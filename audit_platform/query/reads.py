@@ -278,7 +278,9 @@ def object_state(
     clauses = [
         {"term": {"source.service": source}},
         *table_clause,
-        {"range": {"@timestamp": {"lte": at.isoformat()}}},
+        # With every digit written out: Elasticsearch fills a missing fraction of a second
+        # with its maximum under "lte", so "12:00:00" would include changes up to 12:00:00.999.
+        {"range": {"@timestamp": {"lte": at.isoformat(timespec="microseconds")}}},
         {"bool": {"should": [{"term": {"object_id": object_id}},
                              {"term": {"operation": Operation.truncate.value}}],
                   "minimum_should_match": 1}},
