@@ -13,113 +13,36 @@ import json
 import logging
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from audit_platform import platform_db
 from audit_platform.api.main import create_app
-from audit_platform.api_keys import create_key, revoke_key
+from audit_platform.api_keys import create_key
 from audit_platform.capture.gaps import Gap, record_gap
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import policy_for
-
-DDL = """
-CREATE TABLE customers (id int PRIMARY KEY, name text, email text);
-CREATE TABLE orders (id int PRIMARY KEY, customer_id int, status text, note text,
-                     total numeric(12,2));
-CREATE TABLE order_lines (order_id int, line int, sku text, qty int, PRIMARY KEY (order_id, line));
-ALTER TABLE customers REPLICA IDENTITY FULL;
-ALTER TABLE orders REPLICA IDENTITY FULL;
-ALTER TABLE order_lines REPLICA IDENTITY FULL;
-"""
-POLICY = policy_for(
-    "shop", public__customers={"mask": ["email"]}, public__orders={}, public__order_lines={}
+from audit_platform_tests.shop_data import (
+    ADA,
+    CHECKOUT_ORDERS,
+    DDL,
+    POLICY,
+    Shop,
+    shop_environments,
+    write,
 )
-ADA = {"actor": {"type": "user", "id": "ada", "name": "Ada"}, "request_id": "req-ada-1",
-       "reason": "new customer signup", "service": "shop-api"}  # fmt: skip
-CHECKOUT_ORDERS = 40
-
-
-@dataclass
-class Shop:
-    env: str
-    other_env: str
-    url: str
-    xid_signup: int
-    xid_admin: int
-    keys: dict[str, str]
-    written: dict[str, datetime]
-
-
-def _write(url: str, statements: list[tuple[str, tuple]], context: dict | None = None) -> int:
-    with psycopg.connect(url) as conn:
-        if context is not None:
-            conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(context),))
-        for sql, params in statements:
-            conn.execute(sql, params)
-        return int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
-
-
-def _traffic(url: str) -> tuple[int, int, dict[str, datetime]]:
-    written = {}
-    xid_signup = _write(url, [
-        ("INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com')", ()),
-        ("INSERT INTO orders VALUES (1, 1, 'new', 'fragile glass vase', 19.99)", ()),
-        ("INSERT INTO order_lines VALUES (1, 1, 'VASE-1', 2)", ()),
-    ], ADA)  # fmt: skip
-    written["signup"] = datetime.now(UTC)
-    for i in range(2, CHECKOUT_ORDERS + 2):
-        _write(url, [("INSERT INTO orders VALUES (%s, 1, 'new', NULL, %s)", (i, i))],
-               {"actor": {"type": "service", "id": "checkout"}, "request_id": f"req-{i}"})  # fmt: skip
-    written["checkout"] = datetime.now(UTC)
-    _write(url, [("UPDATE orders SET status = 'paid' WHERE id = 1", ())],
-           {"actor": {"type": "service", "id": "billing"}, "reason": "payment captured"})  # fmt: skip
-    written["paid"] = datetime.now(UTC)
-    _write(url, [("UPDATE orders SET status = 'closed' WHERE id BETWEEN 2 AND 6", ())],
-           {"actor": {"type": "job", "id": "nightly-close"},
-            "job": {"name": "nightly-close", "run_id": "run-7"}})  # fmt: skip
-    _write(url, [("UPDATE customers SET email = 'ada@new.example' WHERE id = 1", ())],
-           {**ADA, "request_id": "req-ada-2", "reason": "gdpr request"})  # fmt: skip
-    xid_admin = _write(url, [("DELETE FROM orders WHERE id = %s", (CHECKOUT_ORDERS + 1,))])
-    return xid_signup, xid_admin, written
 
 
 @pytest.fixture(scope="module")
-def shop(servers, es, tmp_path_factory):
-    env, other_env = (f"api_{uuid.uuid4().hex[:8]}" for _ in range(2))
-    with new_database(servers) as url:
-        tmp = tmp_path_factory.mktemp("api")
-        source = make_source(url, tmp / "a", DDL, POLICY, env=env)
-        other = make_source(url, tmp / "b", "SELECT 1", POLICY, env=other_env)
-        xid_signup, xid_admin, written = _traffic(url)
-        with psycopg.connect(servers.pg_url, autocommit=True) as state:
-            platform_db.install(state, Settings().resources_dir / "sql")
-            for each in (source, other):
-                # No grace: the administrator's change is released as unattributed at once.
-                assert capture_enrich_index(each, state, es, grace=timedelta(0)) == 51
-            keys = {
-                "a": create_key(state, env, "all of A").secret,
-                "b": create_key(state, other_env, "all of B").secret,
-                "orders": create_key(
-                    state, env, "orders only", sources=["shop"], tables=["public.orders"]
-                ).secret,
-                "other_source": create_key(state, env, "billing only", sources=["billing"]).secret,
-            }
-            revoked = create_key(state, env, "to revoke")
-            revoke_key(state, env, revoked.key.key_id)
-            keys["revoked"] = revoked.secret
-        yield Shop(env, other_env, url, xid_signup, xid_admin, keys, written)
-        for name in (env, other_env):
-            for index in es.indices.get(index=f"audit-{name}-*", expand_wildcards="all"):
-                es.indices.delete(index=index)
-            es.indices.delete_index_template(name=f"audit-{name}")
+def shop(servers, es, tmp_path_factory) -> Iterator[Shop]:
+    with shop_environments(servers, es, tmp_path_factory.mktemp("api")) as found:
+        yield found
 
 
 def _client(env: str, **settings) -> TestClient:
@@ -260,6 +183,12 @@ def test_object_state_at_a_moment(shop, api_a):
     assert unknown["status"] == "unknown" and unknown["row"] is None
     assert "are kept from" in unknown["explanation"]
     assert unknown["earliest_retained"] is not None
+    # A moment in whole seconds is that instant, not the whole second: Elasticsearch reads a
+    # missing fraction under "lte" as .999999999, which once showed a row changed later.
+    created = get(api_a, "/v1/objects/shop/orders/1/history", key).json()["changes"][0]
+    first = datetime.fromisoformat(created["event"]["@timestamp"])
+    whole = first.replace(microsecond=0).isoformat()
+    assert first.microsecond > 0 and get(api_a, path, key, at=whole).json()["status"] == "unknown"
 
 
 def test_object_state_says_unknown_when_retention_removed_the_records_it_needs(
@@ -270,8 +199,8 @@ def test_object_state_says_unknown_when_retention_removed_the_records_it_needs(
     env = f"api_{uuid.uuid4().hex[:8]}"
     with new_database(servers) as url:
         source = make_source(url, tmp_path, DDL, POLICY, env=env)
-        _write(url, [("INSERT INTO orders VALUES (7, 1, 'new', NULL, 1)", ())], ADA)
-        _write(url, [("UPDATE orders SET status = 'late' WHERE id = 7", ())], ADA)
+        write(url, [("INSERT INTO orders VALUES (7, 1, 'new', NULL, 1)", ())], ADA)
+        write(url, [("UPDATE orders SET status = 'late' WHERE id = 7", ())], ADA)
         with psycopg.connect(servers.pg_url, autocommit=True) as state:
             capture_enrich_index(source, state, es)
             key = create_key(state, env, "retention test").secret
@@ -624,9 +553,9 @@ def test_a_request_spanning_two_sources_in_commit_order(servers, es, tmp_path):
                                env=env)  # fmt: skip
         billing = make_source(billing_db, tmp_path / "b", ddl,
                               policy_for("billing", public__orders={}), env=env)  # fmt: skip
-        xids = [_write(shop_db, [("INSERT INTO orders VALUES (1, 'new')", ())], context),
-                _write(billing_db, [("INSERT INTO orders VALUES (7, 'invoiced')", ())], context),
-                _write(shop_db, [("UPDATE orders SET status = 'paid' WHERE id = 1", ())],
+        xids = [write(shop_db, [("INSERT INTO orders VALUES (1, 'new')", ())], context),
+                write(billing_db, [("INSERT INTO orders VALUES (7, 'invoiced')", ())], context),
+                write(shop_db, [("UPDATE orders SET status = 'paid' WHERE id = 1", ())],
                        context)]  # fmt: skip
         with psycopg.connect(servers.pg_url, autocommit=True) as state:
             for each in (shop_src, billing):
@@ -659,9 +588,9 @@ def test_a_transaction_says_how_many_changes_were_captured_ignored_indexed_and_m
     policy = policy_for("shop", public__orders={"ignore_changes_to": ["updated_at"]})
     with new_database(servers) as db:
         source = make_source(db, tmp_path, ddl, policy, env=env)
-        _write(db, [("INSERT INTO orders VALUES (1, 'new', 0), (2, 'new', 0), (3, 'new', 0)", ())],
+        write(db, [("INSERT INTO orders VALUES (1, 'new', 0), (2, 'new', 0), (3, 'new', 0)", ())],
                ADA)  # fmt: skip
-        xid = _write(db, [("UPDATE orders SET updated_at = 1 WHERE id = 1", ()),  # ignored
+        xid = write(db, [("UPDATE orders SET updated_at = 1 WHERE id = 1", ()),  # ignored
                           ("UPDATE orders SET status = 'paid' WHERE id IN (2, 3)", ())],
                      ADA)  # fmt: skip
         with psycopg.connect(servers.pg_url, autocommit=True) as state:
