@@ -82,17 +82,19 @@ def create_key(
         " VALUES (%s, %s, %s, %s, %s, %s) RETURNING created_at",
         (key_id, env, name, _digest(secret), sources or None, tables or None),
     ).fetchone()
-    scope = Scope(env, _set(sources), _set(tables))
+    scope = scope_of(env, sources, tables)
     return NewKey(ApiKey(key_id, name, scope, row[0], None), text)
 
 
-def _set(values: list[str] | None) -> frozenset[str] | None:
-    return frozenset(values) if values else None
+def scope_of(env: str, sources: list[str] | None, tables: list[str] | None) -> Scope:
+    """The scope a key's stored row gives (an empty or NULL list means all)."""
+    return Scope(env, frozenset(sources) if sources else None,
+                 frozenset(tables) if tables else None)  # fmt: skip
 
 
 def _key(row: tuple) -> ApiKey:
     key_id, env, name, sources, tables, created_at, revoked_at = row
-    return ApiKey(key_id, name, Scope(env, _set(sources), _set(tables)), created_at, revoked_at)
+    return ApiKey(key_id, name, scope_of(env, sources, tables), created_at, revoked_at)
 
 
 _COLUMNS = "key_id, env, name, sources, tables, created_at, revoked_at"

@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     api_retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After sent with a 503 when a server is unavailable."
     )
+    # The Audit Explorer (/ui): sessions opened by signing in with an API key.
+    ui_session_hours: float = Field(
+        default=8, gt=0, description="A session ends this long after sign-in, used or not."
+    )
+    ui_idle_minutes: float = Field(
+        default=60, gt=0, description="A session not used for this long ends too."
+    )
 
     # The local stack of real servers (audit-platform stack ...).
     stack_dir: Path = PROJECT_ROOT / ".stack"
