@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request, Response
 from psycopg_pool import ConnectionPool
 
 from audit_platform import platform_db
+from audit_platform.api import ui
 from audit_platform.api.deps import Services
 from audit_platform.api.errors import install_handlers
 from audit_platform.api.routers import (
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     for module in (events, objects, activity, correlation, revert, export, gaps, health):
         app.include_router(module.router)
+    ui.install(app)
 
     @app.middleware("http")
     async def log_request(

@@ -31,6 +31,9 @@ class StatsParams(_FilterParams):
     interval: Literal["minute", "hour", "day", "week"] = "hour"
 
 
+ExportFormat = Literal["ndjson", "csv"]
+
+
 class ExportParams(_FilterParams):
-    format: Literal["ndjson", "csv"] = "ndjson"
+    format: ExportFormat = "ndjson"
     order: Literal["asc", "desc"] = "asc"

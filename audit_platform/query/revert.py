@@ -69,6 +69,17 @@ class RevertPlan(BaseModel):
                        "detail": "public.orders 42 was changed again later (update at ...)"}],
     }]})  # fmt: skip
 
+    def sql_file(self) -> str:
+        """The plan as one file to review and run: its conflicts as comments first, then one
+        script per source (each runs on that source's own database)."""
+        header = [f"-- conflict ({c.kind}) {c.record_id}: {c.detail}" for c in self.conflicts]
+        scripts = [f"-- ==== source {p.source}: run on its database ====\n{p.script}"
+                   for p in self.sources]  # fmt: skip
+        return "\n".join([*header, *scripts]) + "\n"
+
+    def file_name(self) -> str:
+        return "revert-" + "-".join(self.of.values()).replace("/", "_")[:80] + ".sql"
+
 
 def _order(record: AuditRecord) -> tuple[str, int, int]:
     """Commit order within a source: its LSN, exact where commit timestamps may not be. Plans

@@ -8,10 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from audit_platform.api.deps import ScopeDep, ServicesDep
-from audit_platform.api.params import ExportParams
+from audit_platform.api.deps import ScopeDep, Services, ServicesDep
+from audit_platform.api.params import ExportFormat, ExportParams
+from audit_platform.api_keys import Scope
 from audit_platform.query import reads
 from audit_platform.query.export import csv_lines, ndjson_lines
+from audit_platform.query.filters import EventFilter, Order
 
 router = APIRouter(prefix="/v1", tags=["export"])
 
@@ -29,11 +31,18 @@ def export(
 ) -> StreamingResponse:
     """Every record matching the filters (same as /v1/events), streamed page by page: the
     server holds one page in memory whatever the size of the result."""
-    hits = reads.iter_hits(svc.es, scope, svc.checked(params.filter(), scope), order=params.order,
-                           limits=svc.limits)  # fmt: skip
-    lines = csv_lines(hits) if params.format == "csv" else ndjson_lines(hits)
-    name = f"audit-{scope.env}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.{params.format}"
+    return streamed(svc, scope, params.filter(), params.format, params.order)
+
+
+def streamed(
+    svc: Services, scope: Scope, f: EventFilter, format: ExportFormat, order: Order
+) -> StreamingResponse:
+    """The export of ``f`` as a download; the first page is read before the response starts,
+    so a refused query is an error status, not a file cut short."""
+    hits = reads.iter_hits(svc.es, scope, svc.checked(f, scope), order=order, limits=svc.limits)
+    lines = csv_lines(hits) if format == "csv" else ndjson_lines(hits)
+    name = f"audit-{scope.env}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.{format}"
     return StreamingResponse(
-        lines, media_type=MEDIA[params.format],
+        lines, media_type=MEDIA[format],
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )  # fmt: skip

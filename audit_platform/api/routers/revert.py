@@ -30,13 +30,13 @@ def _answer(plan: RevertPlan | None, what: str, format: str) -> RevertPlan | Pla
         raise HTTPException(404, f"no change of {what} in this environment and key's scope")
     if format == "json":
         return plan
-    header = [f"-- conflict ({c.kind}) {c.record_id}: {c.detail}" for c in plan.conflicts]
-    scripts = [f"-- ==== source {p.source}: run on its database ====\n{p.script}"
-               for p in plan.sources]  # fmt: skip
-    name = "revert-" + "-".join(plan.of.values()).replace("/", "_")[:80] + ".sql"
+    return sql_download(plan)
+
+
+def sql_download(plan: RevertPlan) -> PlainTextResponse:
     return PlainTextResponse(
-        "\n".join([*header, *scripts]) + "\n", media_type="application/sql",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        plan.sql_file(), media_type="application/sql",
+        headers={"Content-Disposition": f'attachment; filename="{plan.file_name()}"'},
     )  # fmt: skip
 
 
