@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 AP := $(BIN)/audit-platform
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format stack-up stack-down clean screenshot
+.PHONY: install demo test lint format stack-up stack-down clean screenshot chromium
 
 $(BIN)/python:
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { \
@@ -27,15 +27,19 @@ install: $(VENV)/.installed
 demo: install
 	$(AP) demo
 
-# With the demo running: a headless-Chromium screenshot of the Dagster asset graph for README.
-screenshot: install
-	@command -v chromium >/dev/null || apt-get install -y --no-install-recommends chromium
-	$(BIN)/pip install --quiet -e '.[docs]'
-	$(BIN)/python -m audit_platform.demo.screenshot --out docs/asset-graph.png
+# Debian's Chromium, for the Explorer's browser tests and the screenshots.
+chromium:
+	@command -v chromium >/dev/null || { apt-get update && apt-get install -y --no-install-recommends chromium; }
+
+# With the demo running: headless-Chromium screenshots of the Dagster asset graph and of every
+# page of the Audit Explorer, for README.
+screenshot: install chromium
+	$(BIN)/python -m audit_platform.demo.screenshot graph --out docs/asset-graph.png
+	$(BIN)/python -m audit_platform.demo.screenshot explorer --out docs
 
 # Starts the servers this checkout needs (reusing running ones), runs every test, and stops
 # only what it started. pytest's exit code, including 5 for "no tests", is make's.
-test: install
+test: install chromium
 	$(AP) stack run -- $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install

@@ -60,6 +60,8 @@ def test_closed_output_and_sighup_stop_every_process_the_demo_started(servers, t
             if "Waiting for the first audit records" in line or not line:
                 break
         assert "Waiting for the first audit records" in "".join(seen), "".join(seen)
+        # The Explorer's address, with a link that signs in with the demo's key.
+        assert f"http://127.0.0.1:{ports[1]}/ui/login#key=ak_" in "".join(seen)
         started = processes_with_environ(marker)
         assert len(started) >= 4  # shop service, webserver, daemon, API (and code servers)
 

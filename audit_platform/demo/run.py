@@ -116,6 +116,11 @@ def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) 
         deployment.prepare()
         with psycopg.connect(exports["AUDIT_PG_URL"], autocommit=True) as conn:
             key = create_key(conn, env, "demo").secret
+        # For `make screenshot` (python -m audit_platform.demo.screenshot explorer); the stack
+        # directory is local and ignored by git, and the key reads only the demo's data.
+        key_file = root / "api-key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(key)
         stop = threading.Event()
         traffic_thread = None
         try:
@@ -134,6 +139,8 @@ def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) 
             traffic_thread = threading.Thread(target=traffic.run, args=(stop,), daemon=True)
             traffic_thread.start()
             say(f"""
+  Audit Explorer  {deployment.api_url}/ui/   (signed in with the demo key by this link:)
+                  {deployment.api_url}/ui/login#key={key}
   Dagster UI      {deployment.dagster_url}   (asset graph, sensors, runs, backfills)
   Audit API       {deployment.api_url}/docs
   shop service    http://127.0.0.1:{shop_port}/docs   (traffic is running against it)

@@ -1,19 +1,23 @@
-"""A screenshot of the Dagster asset graph, taken with headless Chromium, for README.
+"""Screenshots for README, taken with headless Chromium over the demo's data: the Dagster asset
+graph, and every page of the Audit Explorer.
 
 Run while the demo runs (`make demo` in another terminal; `make screenshot` does the rest)::
 
-    .venv/bin/python -m audit_platform.demo.screenshot --out docs/asset-graph.png
+    .venv/bin/python -m audit_platform.demo.screenshot graph --out docs/asset-graph.png
+    .venv/bin/python -m audit_platform.demo.screenshot explorer --out docs/
 
-Chromium comes from Debian's packages (`apt-get install chromium`), driven by Playwright
-(the `docs` extra), so the page can be used like a person would: the first-visit dialog is
-dismissed and every asset group is expanded before the picture is taken.
+Chromium comes from Debian's packages (`apt-get install chromium`), driven by Playwright, so
+the pages are used like a person would: the first-visit dialog is dismissed, the asset groups
+expanded, the Explorer signed in with the demo's key and its links followed.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -30,8 +34,14 @@ def find_browser() -> str:
     raise SystemExit("no Chromium found: install it with `apt-get install chromium` (Debian)")
 
 
+def launch(playwright):
+    return playwright.chromium.launch(
+        executable_path=find_browser(), args=["--no-sandbox", "--disable-gpu"]
+    )
+
+
 @app.command()
-def main(
+def graph(
     url: Annotated[str, typer.Option(help="Dagster webserver.")] = "http://127.0.0.1:3000",
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("docs/asset-graph.png"),
     width: int = 1800,
@@ -47,9 +57,7 @@ def main(
         ) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=find_browser(), args=["--no-sandbox", "--disable-gpu"]
-        )
+        browser = launch(playwright)
         page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(f"{url}/asset-groups", wait_until="networkidle")
         skip = page.get_by_role("button", name="Skip")
@@ -69,6 +77,67 @@ def main(
         page.screenshot(path=str(out))
         browser.close()
     typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes)")
+
+
+def _demo_key() -> str | None:
+    from audit_platform.settings import Settings
+
+    settings = Settings()
+    path = settings.stack_dir / "demo" / settings.env / "api-key"
+    return os.environ.get("AUDIT_DEMO_KEY") or (path.read_text() if path.exists() else None)
+
+
+@app.command()
+def explorer(
+    url: Annotated[str, typer.Option(help="The Audit API.")] = "http://127.0.0.1:8000",
+    key: Annotated[str | None, typer.Option(help="API key (default: the demo's).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for explorer-*.png.")] = Path("docs"),
+    width: int = 1280,
+    height: int = 900,
+) -> None:
+    """One picture per page of the Explorer, following links from the demo's own data."""
+    from playwright.sync_api import sync_playwright
+
+    key = key or _demo_key()
+    if not key:
+        raise SystemExit("no API key: start `make demo` first (it writes its key), or --key")
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": width, "height": height})
+
+        def shot(name: str, path: str | None = None, full: bool = False) -> None:
+            if path is not None:
+                page.goto(url + path, wait_until="networkidle")
+            target = out / f"explorer-{name}.png"
+            page.screenshot(path=str(target), full_page=full)
+            typer.echo(f"wrote {target} ({target.stat().st_size:,} bytes)")
+
+        shot("sign-in", "/ui/login")
+        page.get_by_label("API key").fill(key)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_load_state("networkidle")
+        shot("overview", "/ui/?range=1h", full=True)
+        shot("search", "/ui/search?q=" + quote("table:orders op:update since:-24h"))
+        page.locator("table.records tbody tr td:first-child a").first.click()
+        page.wait_for_load_state("networkidle")
+        page.locator("details.unchanged summary").first.click()
+        shot("record", full=True)
+        labels = ("Its object's history", "Its transaction", "Its request", "Its actor")
+        links = {name: page.get_by_role("link", name=name) for name in labels}
+        hrefs = {n: link.first.get_attribute("href") for n, link in links.items() if link.count()}
+        if (path := hrefs.get("Its object's history")) is not None:
+            page.goto(url + path, wait_until="networkidle")
+            moments = page.get_by_role("link", name="state then")
+            if moments.count() > 1:
+                moments.nth(1).click()
+                page.wait_for_load_state("networkidle")
+            shot("object", full=True)
+        for name, label in (("transaction", "Its transaction"), ("request", "Its request"),
+                            ("actor", "Its actor")):  # fmt: skip
+            if (path := hrefs.get(label)) is not None:
+                shot(name, path, full=True)
+        browser.close()
 
 
 if __name__ == "__main__":
