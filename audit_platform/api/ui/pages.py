@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
-from audit_platform.api.deps import ServicesDep
+from audit_platform.api.deps import Services, ServicesDep
 from audit_platform.api.params import ExportFormat
 from audit_platform.api.routers.export import streamed
 from audit_platform.api.routers.revert import sql_download
@@ -79,7 +79,7 @@ def interval_for(f: EventFilter, limits: reads.Limits) -> str:
     return "day" if span <= timedelta(days=400) else "week"
 
 
-def _filter(svc, key: ApiKey, query: str) -> EventFilter:
+def _filter(svc: Services, key: ApiKey, query: str) -> EventFilter:
     """The search ``query`` asks for; refused with the language's own message if it is wrong."""
     try:
         f = EventFilter(query=query or None)
@@ -230,22 +230,22 @@ def _moment(at: str | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _plan(svc, key: ApiKey, of: dict[str, str], f: EventFilter) -> RevertPlan | None:
+def _plan(svc: Services, key: ApiKey, of: dict[str, str], f: EventFilter) -> RevertPlan | None:
     return reads.revert_plan(svc.es, key.scope, of, f, svc.policies, limits=svc.limits)
 
 
-def _transaction_plan(svc, key: ApiKey, source: str, xid: int) -> RevertPlan | None:
+def _transaction_plan(svc: Services, key: ApiKey, source: str, xid: int) -> RevertPlan | None:
     return _plan(svc, key, {"source": source, "xid": str(xid)},
                  EventFilter(source=[source], xid=xid))  # fmt: skip
 
 
-def _waiting(svc, key: ApiKey, source: str, lsn: int) -> int:
+def _waiting(svc: Services, key: ApiKey, source: str, lsn: int) -> int:
     """Changes of the transaction at commit ``lsn`` still in the quarantine."""
     with svc.pool.connection() as conn:
         return quarantine.waiting_in_transaction(conn, key.scope.env, source, lsn)
 
 
-def _completeness(svc, key: ApiKey, changes: list[AuditRecord]) -> Completeness:
+def _completeness(svc: Services, key: ApiKey, changes: list[AuditRecord]) -> Completeness:
     """Of a transaction whose every indexed change is ``changes``."""
     first = changes[0]
     waiting = _waiting(svc, key, first.source.service, first.transaction.lsn)
@@ -280,7 +280,7 @@ def transaction_revert(key: SignedIn, svc: ServicesDep, source: SourceName, xid:
     return sql_download(plan)
 
 
-def _request_plan(svc, key: ApiKey, request_id: str) -> RevertPlan | None:
+def _request_plan(svc: Services, key: ApiKey, request_id: str) -> RevertPlan | None:
     return _plan(svc, key, {"request_id": request_id}, EventFilter(request_id=request_id))
 
 
