@@ -26,13 +26,23 @@ class ApiKeyError(ValueError):
     """A key could not be created or changed; the message says why."""
 
 
+#: What a key may do, each role including the ones before it.
+ROLES = ("reader", "auditor", "admin")
+
+
 @dataclass(frozen=True)
 class Scope:
-    """What a key may read: one environment, and within it all or some sources and tables."""
+    """What a key may read: one environment, and within it all or some sources and tables; its
+    role says whether it may also read the read log and proofs (auditor) and manage holds
+    (admin)."""
 
     env: str
     sources: frozenset[str] | None = None
     tables: frozenset[str] | None = None  # 'schema.table'
+    role: str = "reader"
+
+    def has_role(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
 
     def allows(self, source: str, schema: str, table: str) -> bool:
         return (self.sources is None or source in self.sources) and (
@@ -66,8 +76,11 @@ def create_key(
     *,
     sources: list[str] | None = None,
     tables: list[str] | None = None,
+    role: str = "reader",
 ) -> NewKey:
     check_identifier("environment", env)
+    if role not in ROLES:
+        raise ApiKeyError(f"role {role!r}: choose one of {', '.join(ROLES)}")
     if not name.strip():
         raise ApiKeyError("give the key a name that says who uses it, e.g. --name support-team")
     for source in sources or []:
@@ -78,26 +91,29 @@ def create_key(
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     text = f"ak_{key_id}_{secret}"
     row = conn.execute(
-        "INSERT INTO audit_platform.api_keys (key_id, env, name, secret_sha256, sources, tables)"
-        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING created_at",
-        (key_id, env, name, _digest(secret), sources or None, tables or None),
+        "INSERT INTO audit_platform.api_keys"
+        " (key_id, env, name, secret_sha256, sources, tables, role)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING created_at",
+        (key_id, env, name, _digest(secret), sources or None, tables or None, role),
     ).fetchone()
-    scope = scope_of(env, sources, tables)
+    scope = scope_of(env, sources, tables, role)
     return NewKey(ApiKey(key_id, name, scope, row[0], None), text)
 
 
-def scope_of(env: str, sources: list[str] | None, tables: list[str] | None) -> Scope:
+def scope_of(
+    env: str, sources: list[str] | None, tables: list[str] | None, role: str = "reader"
+) -> Scope:
     """The scope a key's stored row gives (an empty or NULL list means all)."""
     return Scope(env, frozenset(sources) if sources else None,
-                 frozenset(tables) if tables else None)  # fmt: skip
+                 frozenset(tables) if tables else None, role)  # fmt: skip
 
 
 def _key(row: tuple) -> ApiKey:
-    key_id, env, name, sources, tables, created_at, revoked_at = row
-    return ApiKey(key_id, name, scope_of(env, sources, tables), created_at, revoked_at)
+    key_id, env, name, sources, tables, role, created_at, revoked_at = row
+    return ApiKey(key_id, name, scope_of(env, sources, tables, role), created_at, revoked_at)
 
 
-_COLUMNS = "key_id, env, name, sources, tables, created_at, revoked_at"
+_COLUMNS = "key_id, env, name, sources, tables, role, created_at, revoked_at"
 
 
 def list_keys(conn: psycopg.Connection, env: str) -> list[ApiKey]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -29,6 +30,8 @@ from audit_platform.sources.check import check_source
 from audit_platform.sources.setup import SetupError, setup_source, teardown_source
 from audit_platform.stack import LocalStack, StackError, run_with_stack
 from audit_platform.staging import StagingStore
+from audit_platform.trust.signing import new_private_key, private_key, public_text
+from audit_platform.trust.verify import report_json, verify_environment
 
 app = typer.Typer(
     help="audit-platform: PostgreSQL changes to a searchable, attributed audit trail.",
@@ -256,7 +259,7 @@ def _platform_connection(settings: Settings) -> psycopg.Connection:
 def _scope_text(key: ApiKey) -> str:
     sources = ",".join(sorted(key.scope.sources)) if key.scope.sources else "all sources"
     tables = ",".join(sorted(key.scope.tables)) if key.scope.tables else "all tables"
-    return f"{key.scope.env}: {sources}; {tables}"
+    return f"{key.scope.env}: {sources}; {tables}; {key.scope.role}"
 
 
 @keys_app.command("create")
@@ -270,12 +273,19 @@ def keys_create(
         list[str] | None,
         typer.Option("--table", help="Limit to this table, as schema.table (repeatable)."),
     ] = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            help="reader (records), auditor (also the read log and proofs), admin "
+            "(also legal holds)."
+        ),
+    ] = "reader",
 ) -> None:
     """Create a key and print it once; only its digest is stored."""
     settings = Settings() if env is None else Settings(env=env)
     with _platform_connection(settings) as conn:
         try:
-            new = create_key(conn, settings.env, name, sources=source, tables=table)
+            new = create_key(conn, settings.env, name, sources=source, tables=table, role=role)
         except (ApiKeyError, ValueError) as exc:
             raise _fail(exc) from exc
     typer.echo(f"key id {new.key.key_id} ({_scope_text(new.key)})", err=True)
@@ -352,3 +362,75 @@ def demo(
 
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+trust_app = typer.Typer(help="The trail's signing keys.", no_args_is_help=True)
+app.add_typer(trust_app, name="trust")
+
+
+@trust_app.command("keygen")
+def trust_keygen() -> None:
+    """Print a new Ed25519 key pair: AUDIT_SIGNING_KEY for the deployment that writes the
+    trail (a secret), AUDIT_VERIFY_KEY for everyone who verifies it (public)."""
+    secret = new_private_key()
+    typer.echo(f"AUDIT_SIGNING_KEY={secret}")
+    typer.echo(f"AUDIT_VERIFY_KEY={public_text(private_key(secret).public_key())}")
+
+
+def _moment(text: str | None, what: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise _fail(ValueError(f"--{what} {text!r}: write an ISO date or time, e.g. "
+                               "2026-11-27 or 2026-11-27T14:00Z")) from exc  # fmt: skip
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+@app.command("verify")
+def verify(
+    env: EnvOption = None,
+    source: Annotated[
+        list[str] | None, typer.Option("--source", help="A source (repeat; default: all).")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="From this commit time (ISO).")] = None,
+    until: Annotated[str | None, typer.Option(help="Until this commit time (ISO).")] = None,
+    staging: Annotated[
+        bool, typer.Option(help="Also recompute the leaves from the staged files.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON report per source.")] = False,
+    limit: Annotated[int, typer.Option(help="Findings listed per source and kind.")] = 20,
+) -> None:
+    """Check the trail: the log against its signed checkpoints, Elasticsearch and staging
+    against the log. Exit status 0 when intact, 1 when something was removed, altered,
+    inserted or forged (each named), 2 when it could not be checked."""
+    settings = Settings() if env is None else Settings(env=env)
+    try:
+        reports = verify_environment(settings, source or [], since=_moment(since, "since"),
+                                     until=_moment(until, "until"), now=datetime.now(UTC),
+                                     staging=staging)  # fmt: skip
+    except (NotConfigured, ValueError, psycopg.OperationalError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    for report in reports:
+        if as_json:
+            typer.echo(json.dumps(report_json(report), sort_keys=True))
+            continue
+        verdict = "intact" if report.ok else f"{len(report.problems)} problem(s)"
+        typer.echo(f"{report.env}/{report.source}: {verdict}; log {report.log_size:,} leaves, "
+                   f"{report.checkpoints:,} checkpoints; {report.documents:,} documents, "
+                   f"{report.logged_changes:,} logged changes, {report.staged_changes:,} "
+                   "staged changes checked")  # fmt: skip
+        shown: dict[str, int] = {}
+        for finding in report.findings:
+            shown[finding.kind] = shown.get(finding.kind, 0) + 1
+            if shown[finding.kind] <= limit:
+                typer.echo(f"  {finding.kind:<20} {finding.subject}: {finding.detail}")
+        for kind, count in sorted(shown.items()):
+            if count > limit:
+                typer.echo(f"  {kind:<20} ... and {count - limit:,} more")
+    if any(f.kind == "unverifiable" for r in reports for f in r.findings):
+        raise typer.Exit(2)
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)

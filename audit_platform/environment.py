@@ -60,6 +60,9 @@ class EnvironmentConfig(BaseModel):
     #: run every few seconds adds thousands a day per source), and failed ones, kept longer for
     #: whoever investigates them.
     dagster_runs_keep_days: int = Field(default=7, ge=1)
+    #: The trail's log is signed at most this often (after a capture run that added to it): a
+    #: record is provable from the first checkpoint after it.
+    checkpoint_every_seconds: int = Field(default=60, ge=0)
     dagster_failed_runs_keep_days: int = Field(default=30, ge=1)
 
     @model_validator(mode="after")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from audit_platform.naming import check_identifier
+from audit_platform.trust.signing import private_key, public_key
 
 #: The checkout (or installed package's parent) that holds resources/ and the local stack.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +57,17 @@ class Settings(BaseSettings):
     )
     mask_key: SecretStr | None = Field(
         default=None, description="Secret key of this environment for masked columns."
+    )
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="Ed25519 private key (base64 of its 32-byte seed) that signs the trail's "
+        "checkpoints; only the deployment that writes the trail holds it "
+        "(`audit-platform trust keygen` makes one).",
+    )
+    verify_key: str | None = Field(
+        default=None,
+        description="The signing key's public half (base64), for verifiers and the API; "
+        "derived from signing_key when that is set.",
     )
 
     # The Audit API (audit-platform api serve).
@@ -122,3 +135,14 @@ class Settings(BaseSettings):
             ca_certs=self.es_ca_certs,
             verify_certs=self.es_verify_certs,
         )
+
+    def signer(self) -> Ed25519PrivateKey | None:
+        """The key that signs checkpoints, if this process holds it."""
+        return private_key(self.signing_key.get_secret_value()) if self.signing_key else None
+
+    def verifier(self) -> Ed25519PublicKey | None:
+        """The key that checks checkpoints: the configured public key, or the signer's."""
+        if self.verify_key:
+            return public_key(self.verify_key)
+        signer = self.signer()
+        return signer.public_key() if signer else None

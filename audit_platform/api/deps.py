@@ -99,3 +99,20 @@ def scope(
 
 ScopeDep = Annotated[Scope, Depends(scope)]
 ServicesDep = Annotated[Services, Depends(services)]
+
+
+def require(role: str):
+    """A dependency refusing keys below ``role`` (403 says which role is needed)."""
+
+    def check(scope: Annotated[Scope, Depends(scope)]) -> Scope:
+        if not scope.has_role(role):
+            raise HTTPException(403, f"this needs a key with role {role} or above; this key is "
+                                     f"a {scope.role} (`audit-platform keys create --role "
+                                     f"{role}`)")  # fmt: skip
+        return scope
+
+    return check
+
+
+AuditorDep = Annotated[Scope, Depends(require("auditor"))]
+AdminDep = Annotated[Scope, Depends(require("admin"))]

@@ -14,11 +14,13 @@ from contextlib import asynccontextmanager
 from cachetools import TTLCache
 from fastapi import FastAPI, Request, Response
 from psycopg_pool import ConnectionPool
+from starlette.concurrency import run_in_threadpool
 
 from audit_platform import platform_db
 from audit_platform.api import ui
 from audit_platform.api.deps import Services
 from audit_platform.api.errors import install_handlers
+from audit_platform.api.reads_logged import is_read, log_read
 from audit_platform.api.routers import (
     activity,
     correlation,
@@ -28,6 +30,7 @@ from audit_platform.api.routers import (
     health,
     objects,
     revert,
+    trust,
 )
 from audit_platform.clients import elasticsearch_client, pg_url_from_settings
 from audit_platform.query import timing
@@ -105,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    for module in (events, objects, activity, correlation, revert, export, gaps, health):
+    for module in (events, objects, activity, correlation, revert, export, gaps, trust, health):
         app.include_router(module.router)
     ui.install(app)
 
@@ -117,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         the values in the path or query, which may be personal data such as an e-mail key)."""
         started = time.perf_counter()
         spent = timing.start()
+        count = timing.start_count()
         response = await call_next(request)
         # Where the time went, for a client's developer tools or a benchmark: Elasticsearch
         # (as its client measured each call) and the whole request inside this process.
@@ -126,6 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             f"total;dur={total_ms:.2f}"
         )
         route = request.scope.get("route")
+        if is_read(request, route):
+            await run_in_threadpool(log_read, request, route.path, response.status_code, count[0])
         access_log.info(
             "key=%s %s %s %d %.1fms", getattr(request.state, "key_id", "-"), request.method,
             getattr(route, "path", "(no route)"), response.status_code,

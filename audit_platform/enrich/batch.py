@@ -21,6 +21,8 @@ from audit_platform.enrich.join import EnrichResult, enrich, transaction_context
 from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging.store import FILE, StagingStore, hour_from_path
+from audit_platform.trust.leaves import attach_leaves, context_leaves, record_leaves
+from audit_platform.trust.log import TrustLog
 
 REJECTED_SCHEMA = {"lsn": pl.Int64, "change_index": pl.Int32, "reason": pl.String}
 
@@ -52,6 +54,8 @@ class EnrichOutcome:
 
     records_paths: list[str] = field(default_factory=list)
     by_hour: dict[datetime, HourResult] = field(default_factory=dict)
+    #: The trail's leaves of what was enriched (when asked for): see ``trust.leaves``.
+    leaves: list[pl.DataFrame] = field(default_factory=list)
 
     def add(self, path: str | None, changes: int, result: EnrichResult) -> None:
         """Count one file's (or one resolution's) result into its hours."""
@@ -88,13 +92,15 @@ def enrich_files(
     *,
     now: datetime,
     grace: timedelta,
+    leaves: bool = False,
 ) -> EnrichOutcome:
     """Enrich these staged files and write one records file per changes file.
 
     The files must hold whole transactions (a pending batch with its parts, or an hour), so
     every change meets its transaction's context. Contexts (one small row per transaction) are
     read once; changes are joined one file at a time, so memory is bounded by one batch
-    however many batches an hour holds.
+    however many batches an hour holds. With ``leaves``, the outcome holds the trail's leaves
+    of every change (records and orphans alike) and context.
     """
     contexts = store.read(contexts_paths, "contexts")
     env, source = store.env, store.source
@@ -102,9 +108,17 @@ def enrich_files(
     with state.transaction():
         quarantine.store_late_contexts(state, env, source, contexts)
         own = transaction_contexts(contexts)
+        if leaves:
+            times = contexts.group_by("lsn").agg(pl.col("commit_time").first())
+            outcome.leaves.append(context_leaves(own.join(times, on="lsn"), env, source))
+            outcome.leaves.append(attach_leaves(contexts, env, source))
         for path in changes_paths:
             changes = store.read([path], "changes")
             result = _enrich_known(state, store, policy, changes, contexts, own, now, grace)
+            if leaves:
+                outcome.leaves.append(record_leaves(result.records))
+                if result.waiting is not None:
+                    outcome.leaves.append(record_leaves(result.waiting))
             target = store.derived_path(path, "records")
             store.write_file(target, result.records.drop(FILE).sort("lsn", "change_index"))
             outcome.records_paths.append(target)
@@ -164,8 +178,10 @@ def enrich_pending(
     now: datetime,
     grace: timedelta,
 ) -> list[HourResult]:
-    """Enrich every pending batch not enriched yet: this run's, and any an earlier run left."""
+    """Enrich every pending batch not enriched yet: this run's, and any an earlier run left,
+    in LSN order, appending each one's leaves to the trail's log before it counts as done."""
     hours: list[HourResult] = []
+    log = TrustLog(store)
     for entry in store.pending():
         if entry.records is not None:
             continue
@@ -177,8 +193,11 @@ def enrich_pending(
             entry.staged_paths("contexts"),
             now=now,
             grace=grace,
+            leaves=True,
         )
         crash_point("enrich.records_written")
+        log.append(pl.concat(outcome.leaves))
+        crash_point("enrich.logged")
         store.mark_enriched(entry, outcome.records_paths)
         hours.extend(outcome.hours)
     return merge_hours(hours)

@@ -45,6 +45,9 @@ class EnrichResult:
     #: Changes that could not be turned into a record: (lsn, change index, reason, file);
     #: set aside, never silently dropped.
     rejected: list[tuple[int, int, str, str | None]] = field(default_factory=list)
+    #: The orphans as the records they will be once attributed (status ``waiting``): what
+    #: the trail's log covers of them before they are indexed (``trust.leaves``).
+    waiting: pl.DataFrame | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -144,16 +147,20 @@ def enrich(
     if parts:
         ignored = pl.DataFrame({"lsn": result.ignored_lsns}, schema={"lsn": pl.Int64})
         ignored = ignored.group_by("lsn").agg(pl.len().cast(pl.Int32).alias("txn_ignored"))
-        result.records = (
+        every = (
             pl.concat(parts)
             .join(ignored, on="lsn", how="left")
             .with_columns(pl.col("txn_ignored").fill_null(0))
             .select(list(schema))
         )
+        waiting = pl.col("attribution_status") == WAITING
+        result.records, result.waiting = every.filter(~waiting), every.filter(waiting)
     return result
 
 
 SLICE_ROWS = 50_000
+#: Status of an orphan's would-be record while it waits for its context (never indexed).
+WAITING = "waiting"
 
 
 def _enrich_slice(
@@ -182,11 +189,7 @@ def _enrich_slice(
             context, status = late_context, "late"
             lag = (attached_at - committed).total_seconds()
         if context is None:
-            if now - committed < grace:
-                result.orphans.append(Orphan(lsn, index, xid, committed, file))
-                keep.append(False)
-                continue
-            status = "unattributed"
+            status = "unattributed" if now - committed >= grace else WAITING
         try:
             before = json.loads(before_text) if before_text is not None else None
             after = json.loads(after_text) if after_text is not None else None
@@ -215,6 +218,8 @@ def _enrich_slice(
             )
             keep.append(False)
             continue
+        if status == WAITING:
+            result.orphans.append(Orphan(lsn, index, xid, committed, file))
         keep.append(True)
         computed["id"].append(record_id(env, source, lsn, index))
         computed["object_id"].append(

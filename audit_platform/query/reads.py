@@ -67,6 +67,7 @@ class Limits:
 
 
 def record(hit: dict[str, Any]) -> AuditRecord:
+    timing.returned(1)
     return AuditRecord.model_validate({"id": hit["_id"], **hit["_source"]})
 
 
@@ -257,7 +258,7 @@ def _edge(es: Elasticsearch, scope: Scope, clauses: list[dict], order: Order) ->
     """Commit time of the first (asc) or last (desc) matching record, at full precision
     (a min/max aggregation would round nanosecond dates to milliseconds)."""
     hits, _, _ = _page(es, scope, clauses, order=order, limit=1, cursor=None)
-    return record(hits[0]).timestamp if hits else None
+    return datetime.fromisoformat(hits[0]["_source"]["@timestamp"]) if hits else None
 
 
 def earliest_record(es: Elasticsearch, scope: Scope, source: str) -> datetime | None:

@@ -19,3 +19,19 @@ def record(seconds: float) -> None:
     spent = _elasticsearch.get()
     if spent is not None:
         spent.append(seconds)
+
+
+#: Audit records one request returned (for the read log): added up as records are read.
+_returned: ContextVar[list[int] | None] = ContextVar("records_returned", default=None)
+
+
+def start_count() -> list[int]:
+    count = [0]
+    _returned.set(count)
+    return count
+
+
+def returned(records: int) -> None:
+    count = _returned.get()
+    if count is not None:
+        count[0] += records

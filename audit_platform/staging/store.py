@@ -141,7 +141,7 @@ class StagingStore:
         """Write one Parquet file durably, replacing any previous version whole."""
         self._durably(path, lambda f: frame.write_parquet(f, compression="zstd", statistics=True))
 
-    def _write_json(self, path: str, body: dict) -> None:
+    def write_json(self, path: str, body: dict) -> None:
         """A small JSON file, replaced atomically: a reader sees the old or the new, never half
         (a crash while writing in place once left an empty manifest that wedged capture)."""
         data = json.dumps(body, sort_keys=True).encode()
@@ -181,7 +181,7 @@ class StagingStore:
     ) -> str:
         """Record, before writing, which files a batch will write and where it ends."""
         path = self._manifest_path(batch_first_lsn, part)
-        self._write_json(path, {"end_lsn": end_lsn, "paths": sorted(paths)})
+        self.write_json(path, {"end_lsn": end_lsn, "paths": sorted(paths)})
         crash_point("staging.announced")
         return path
 
@@ -193,7 +193,7 @@ class StagingStore:
             return None
         paths: set[str] = set()
         for manifest in manifests:
-            paths.update(self._read_json(manifest)["paths"])
+            paths.update(self.read_json(manifest)["paths"])
         name = manifests[-1].rsplit("/", 1)[1].removesuffix(".json")
         entry = self._write_pending(name, {"staged": sorted(paths)})
         crash_point("staging.pending_written")
@@ -213,7 +213,7 @@ class StagingStore:
         confirmed: list[str] = []
         for manifest in sorted(self.fs.glob(f"{self.base}/_inflight/*.json")):
             try:
-                entry = self._read_json(manifest)
+                entry = self.read_json(manifest)
             except ValueError:
                 entry = {"end_lsn": confirmed_lsn + 1, "paths": self._unconfirmed(manifest)}
             if entry["end_lsn"] <= confirmed_lsn:
@@ -250,7 +250,7 @@ class StagingStore:
 
     def _write_pending(self, name: str, body: dict) -> PendingBatch:
         path = f"{self.base}/_pending/{name}.json"
-        self._write_json(path, body)
+        self.write_json(path, body)
         return _pending_entry(name, path, body)
 
     def pending(self) -> list[PendingBatch]:
@@ -258,7 +258,7 @@ class StagingStore:
         entries = []
         for path in sorted(self.fs.glob(f"{self.base}/_pending/*.json")):
             name = path.rsplit("/", 1)[1].removesuffix(".json")
-            entries.append(_pending_entry(name, path, self._read_json(path)))
+            entries.append(_pending_entry(name, path, self.read_json(path)))
         return entries
 
     def mark_enriched(self, entry: PendingBatch, records: Iterable[str]) -> PendingBatch:
@@ -275,7 +275,7 @@ class StagingStore:
     def done(self, entry: PendingBatch) -> None:
         self.fs.rm(entry.path)
 
-    def _read_json(self, path: str) -> dict:
+    def read_json(self, path: str) -> dict:
         return json.loads(self.fs.cat_file(path))
 
     # -- reading ------------------------------------------------------------------------------

@@ -178,11 +178,11 @@ def search(
 
 @router.get("/export")
 def export(
-    key: SignedIn, svc: ServicesDep, q: Annotated[str, Query(max_length=2048)] = "",
-    format: ExportFormat = "csv",
+    request: Request, key: SignedIn, svc: ServicesDep,
+    q: Annotated[str, Query(max_length=2048)] = "", format: ExportFormat = "csv",
 ) -> Response:  # fmt: skip
     """The current search as a file; newest first, like the results table."""
-    return streamed(svc, key.scope, _filter(svc, key, q), format, "desc")
+    return streamed(request, svc, key.scope, _filter(svc, key, q), format, "desc")
 
 
 # --- one record, object, transaction, request, actor --------------------------------------

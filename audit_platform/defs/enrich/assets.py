@@ -20,6 +20,7 @@ from audit_platform.enrich.batch import (
     resolve_quarantine,
 )
 from audit_platform.naming import slot_name
+from audit_platform.trust.log import TrustLog
 
 #: More orphans than this share of an hour's changes fails the check (as a warning).
 ORPHAN_RATE_WARN = 0.05
@@ -53,6 +54,10 @@ def enrich_increment(
     with platform.state() as state:
         done = enrich_pending(store, state, policy, now=now, grace=grace) if batches else []
         resolved = resolve_quarantine(store, state, policy, now=now, grace=grace)
+    signer = platform.settings.signer()
+    if batches and signer is not None:
+        every = timedelta(seconds=platform.environment().checkpoint_every_seconds)
+        TrustLog(store).checkpoint(signer, now, every)
     return merge_hours([*done, *resolved])
 
 

@@ -1,0 +1,44 @@
+"""The read log's side in the API process: which requests are reads, and writing their row.
+
+Every request made with a key (API) or a session (Explorer) to a route that answers with audit
+data is a read, refused or not: an auditor wants the attempts too. Health, documentation,
+static files and signing in are not. An export is logged when its last line is sent, with the
+number of records it held (``audit_platform.api.routers.export``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import Request
+
+from audit_platform.read_log import record_read
+
+NOT_READS = {"/healthz", "/readyz", "/ui", "/ui/login", "/ui/logout"}
+
+
+def is_read(request: Request, route: Any) -> bool:
+    path = getattr(route, "path", None)
+    if path is None or getattr(request.state, "key_id", None) is None:
+        return False
+    if path in NOT_READS or path.endswith("/export") or path.startswith("/ui/static"):
+        return False
+    return path.startswith(("/v1/", "/ui/"))
+
+
+def filters(request: Request) -> dict[str, Any]:
+    """The request's path and query parameters, as the read log keeps them."""
+    query: dict[str, Any] = {}
+    for name in request.query_params:
+        values = request.query_params.getlist(name)
+        query[name] = values[0] if len(values) == 1 else values
+    return {**request.path_params, **query}
+
+
+def log_read(request: Request, route: str, status: int, returned: int | None) -> None:
+    svc = request.app.state.services
+    with svc.pool.connection() as conn:
+        record_read(conn, svc.settings.env, at=datetime.now(UTC), key_id=request.state.key_id,
+                    method=request.method, route=route, params=filters(request), status=status,
+                    returned=returned)  # fmt: skip

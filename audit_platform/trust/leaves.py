@@ -1,0 +1,368 @@
+"""What a leaf of the trail's Merkle log covers, and its canonical bytes.
+
+Three kinds of leaf, each a fact captured from the source's WAL and never rewritten:
+
+- ``change``: one change as its record holds it: identity (id, env, source, commit LSN, xid,
+  change index, commit time), where (schema, table, object id, key and column types), what
+  (operation, changed columns, the row before and after as the tracking policy recorded them),
+  the policy version, and how many changes its transaction had (captured and ignored).
+- ``context``: the context a transaction recorded for itself (several ``set_context`` calls
+  merged), keyed by its commit LSN and xid. A record with ``attribution.status = attributed``
+  carries exactly this context.
+- ``attach``: a context attached to an earlier transaction by a later one
+  (``audit.attach_context``), with the time it committed. A record that becomes ``late`` carries
+  the last such context, and its lag is that time minus its own commit time.
+
+So the later facts that change a record (a late context, ``unattributed`` becoming ``late``) are
+leaves of their own, appended when they are captured; no leaf is ever rewritten. What a leaf does
+not cover is derived from what it does (the record's ``user``, ``service``, ``trace``, ``client``,
+``event``, ``values_text``, ``transaction.lsn``) and is checked by deriving it again; only
+``ingested_at`` and ``source.database`` (settings of the deployment) are outside the trail.
+
+Canonical bytes: the leaf as a JSON object serialized per RFC 8785 (JCS). Every value in a leaf
+is a string, null, an array or an object (numbers are written as strings), so JCS is Python's
+``json.dumps(leaf, ensure_ascii=False, separators=(",", ":"), sort_keys=True)`` encoded as UTF-8;
+keys sort by code point, which is JCS's UTF-16 order for every key without characters beyond
+U+FFFF. The leaf hash is RFC 6962's: SHA-256 of ``0x00`` followed by those bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import polars as pl
+
+from audit_platform.staging.store import lsn_text, parse_lsn
+from audit_platform.trust.merkle import leaf_hash
+
+VERSION = "1"
+KINDS = ("context", "attach", "change")  # the order of a transaction's leaves
+
+#: One row per leaf in the log's files.
+LEAF_SCHEMA = {
+    "position": pl.Int64,
+    "kind": pl.String,
+    "lsn": pl.Int64,  # commit LSN of the transaction the fact was captured in
+    "seq": pl.Int32,  # change index, or the context's sequence in its transaction
+    "xid": pl.Int64,  # the transaction; for ``attach``, the transaction it attaches to
+    "time": pl.Datetime("us", "UTC"),  # that transaction's commit time
+    "record_id": pl.String,  # ``change`` only
+    "hash": pl.Binary,
+}
+
+_canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+
+
+def canonical(leaf: dict[str, Any]) -> bytes:
+    return _canonical(leaf).encode()
+
+
+def moment(value: datetime) -> str:
+    """A commit time as leaves write it: UTC, microseconds, ``Z``."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def change_leaf(
+    *,
+    record_id: str,
+    env: str,
+    source: str,
+    lsn: int,
+    xid: int,
+    change_index: int,
+    time: datetime,
+    schema: str,
+    table: str,
+    operation: str,
+    key: list[str],
+    types: dict[str, str],
+    object_id: str | None,
+    changed: list[str],
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    policy_version: str,
+    txn_changes: int | None,
+    txn_ignored: int | None,
+) -> dict[str, Any]:
+    return {
+        "v": VERSION,
+        "kind": "change",
+        "id": record_id,
+        "env": env,
+        "source": source,
+        "commit_lsn": lsn_text(lsn),
+        "xid": str(xid),
+        "index": str(change_index),
+        "time": moment(time),
+        "schema": schema,
+        "table": table,
+        "op": operation,
+        "key": key,
+        "types": types,
+        "object_id": object_id,
+        "changed": changed,
+        "before": before,
+        "after": after,
+        "policy": policy_version,
+        "txn_changes": _text(txn_changes),
+        "txn_ignored": _text(txn_ignored),
+    }
+
+
+def context_leaf(
+    *, env: str, source: str, lsn: int, xid: int, time: datetime, context: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "v": VERSION,
+        "kind": "context",
+        "env": env,
+        "source": source,
+        "commit_lsn": lsn_text(lsn),
+        "xid": str(xid),
+        "time": moment(time),
+        "context": context,
+    }
+
+
+def attach_leaf(
+    *, env: str, source: str, target_xid: int, time: datetime, context: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "v": VERSION,
+        "kind": "attach",
+        "env": env,
+        "source": source,
+        "xid": str(target_xid),
+        "time": moment(time),
+        "context": context,
+    }
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def record_leaves(records: pl.DataFrame) -> pl.DataFrame:
+    """A ``change`` leaf for each record of a records frame (``RECORD_SCHEMA``)."""
+    columns = (
+        "id",
+        "env",
+        "source",
+        "lsn",
+        "xid",
+        "change_index",
+        "commit_time",
+        "schema",
+        "table",
+        "operation",
+        "key_columns",
+        "column_types",
+        "object_id",
+        "changed_columns",
+        "before",
+        "after",
+        "policy_version",
+        "txn_changes",
+        "txn_ignored",
+    )
+    hashes = []
+    for (
+        rid,
+        env,
+        source,
+        lsn,
+        xid,
+        index,
+        time,
+        schema,
+        table,
+        op,
+        key,
+        types,
+        oid,
+        changed,
+        before,
+        after,
+        policy,
+        txn_changes,
+        txn_ignored,
+    ) in records.select(columns).iter_rows():
+        leaf = change_leaf(
+            record_id=rid,
+            env=env,
+            source=source,
+            lsn=lsn,
+            xid=xid,
+            change_index=index,
+            time=time,
+            schema=schema,
+            table=table,
+            operation=op,
+            key=_loads(key) or [],
+            types=_loads(types) or {},
+            object_id=oid,
+            changed=_loads(changed),
+            before=_loads(before),
+            after=_loads(after),
+            policy_version=policy,
+            txn_changes=txn_changes,
+            txn_ignored=txn_ignored,
+        )
+        hashes.append(leaf_hash(canonical(leaf)))
+    return _frame(
+        records.select(
+            pl.lit("change").alias("kind"),
+            pl.col("lsn"),
+            pl.col("change_index").alias("seq"),
+            pl.col("xid"),
+            pl.col("commit_time").alias("time"),
+            pl.col("id").alias("record_id"),
+        ),
+        hashes,
+    )
+
+
+def context_leaves(own: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
+    """A ``context`` leaf per transaction of ``own`` (lsn, xid, commit_time, merged context)."""
+    hashes = [
+        leaf_hash(
+            canonical(
+                context_leaf(
+                    env=env, source=source, lsn=lsn, xid=xid, time=time, context=json.loads(text)
+                )
+            )
+        )
+        for lsn, xid, time, text in own.select("lsn", "xid", "commit_time", "context").iter_rows()
+    ]
+    return _frame(
+        own.select(
+            pl.lit("context").alias("kind"),
+            "lsn",
+            pl.lit(-1, pl.Int32).alias("seq"),
+            "xid",
+            pl.col("commit_time").alias("time"),
+            pl.lit(None, pl.String).alias("record_id"),
+        ),
+        hashes,
+    )
+
+
+def attach_leaves(contexts: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
+    """An ``attach`` leaf per context attached to an earlier transaction."""
+    attached = contexts.filter(pl.col("kind") == "attach")
+    hashes = [
+        leaf_hash(
+            canonical(
+                attach_leaf(
+                    env=env, source=source, target_xid=target, time=time, context=json.loads(text)
+                )
+            )
+        )
+        for target, time, text in attached.select(
+            "target_xid", "commit_time", "context"
+        ).iter_rows()
+    ]
+    return _frame(
+        attached.select(
+            pl.lit("attach").alias("kind"),
+            "lsn",
+            "seq",
+            pl.col("target_xid").alias("xid"),
+            pl.col("commit_time").alias("time"),
+            pl.lit(None, pl.String).alias("record_id"),
+        ),
+        hashes,
+    )
+
+
+def _frame(meta: pl.DataFrame, hashes: list[bytes]) -> pl.DataFrame:
+    return (
+        meta.with_columns(
+            pl.lit(None, pl.Int64).alias("position"), pl.Series("hash", hashes, dtype=pl.Binary)
+        )
+        .select(list(LEAF_SCHEMA))
+        .cast(LEAF_SCHEMA)
+    )  # type: ignore[arg-type]
+
+
+def in_log_order(leaves: pl.DataFrame) -> pl.DataFrame:
+    """Commit order: by commit LSN; in a transaction its context, attachments, then changes."""
+    rank = pl.col("kind").replace_strict(
+        {k: i for i, k in enumerate(KINDS)}, default=len(KINDS), return_dtype=pl.Int8
+    )
+    return leaves.sort(pl.col("lsn"), rank, pl.col("seq"))
+
+
+# --- the same leaves, from an Elasticsearch document ------------------------------------
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def document_leaves(doc_id: str, doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, leaf) of what a stored document claims: its change, and the context it carries
+    (none when it says ``unattributed``)."""
+    txn, table = doc["transaction"], doc["table"]
+    env, source = doc["env"], doc["source"]["service"]
+    time = _time(doc["@timestamp"])
+    row = doc.get("row") or {}
+    leaves = [
+        (
+            "change",
+            change_leaf(
+                record_id=doc_id,
+                env=env,
+                source=source,
+                lsn=parse_lsn(txn["commit_lsn"]),
+                xid=txn["xid"],
+                change_index=txn["change_index"],
+                time=time,
+                schema=table["schema"],
+                table=table["name"],
+                operation=doc["operation"],
+                key=row.get("key") or [],
+                types=row.get("types") or {},
+                object_id=doc.get("object_id"),
+                changed=doc.get("changed_columns"),
+                before=doc.get("before"),
+                after=doc.get("after"),
+                policy_version=doc["policy_version"],
+                txn_changes=txn.get("changes"),
+                txn_ignored=txn.get("ignored"),
+            ),
+        )
+    ]
+    attribution = doc.get("attribution") or {}
+    status, context = attribution.get("status"), doc.get("context")
+    if status == "attributed":
+        leaves.append(
+            (
+                "context",
+                context_leaf(
+                    env=env,
+                    source=source,
+                    lsn=parse_lsn(txn["commit_lsn"]),
+                    xid=txn["xid"],
+                    time=time,
+                    context=context,
+                ),
+            )
+        )
+    elif status == "late":
+        lag = timedelta(seconds=attribution.get("lag_seconds") or 0)
+        leaves.append(
+            (
+                "attach",
+                attach_leaf(
+                    env=env, source=source, target_xid=txn["xid"], time=time + lag, context=context
+                ),
+            )
+        )
+    return leaves

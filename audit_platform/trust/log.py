@@ -1,0 +1,159 @@
+"""The append-only Merkle log of one environment's source, and its signed checkpoints, kept
+under the staging root (``<root>/<env>/<source>/_trust/``): a place the Elasticsearch writer
+cannot reach, which retention never prunes (it removes ``<dataset>/date=*/hour=*`` folders only).
+
+- ``leaves/<first-lsn>-<last-lsn>.parquet``: the leaves of one enriched batch, in commit order,
+  numbered from where the log stood (``trust.leaves.LEAF_SCHEMA``).
+- ``log.json``: how far the log goes: its size, the last commit LSN it holds, the roots of its
+  perfect subtrees (so appending never rereads old leaves), and its latest checkpoint.
+- ``checkpoints/<seq>.json``: ``{"checkpoint": body, "signature": ...}``; the body holds the
+  tree size, the root, the hash of the previous checkpoint's body, the time and the key id, and
+  the signature is Ed25519 over the body's canonical JSON (as leaves are serialized).
+
+One writer per source: the enrich step of the capture job, whose runs never overlap (one per
+slot). A batch is appended once: a rerun after a crash finds its LSNs already logged and skips
+them; a leaves file written before a crash but not yet counted in ``log.json`` is rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import polars as pl
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from audit_platform.staging.store import StagingStore, lsn_hex, lsn_text
+from audit_platform.trust import signing
+from audit_platform.trust.leaves import LEAF_SCHEMA, canonical, in_log_order, moment
+from audit_platform.trust.merkle import Frontier
+
+
+@dataclass
+class LogState:
+    size: int = 0
+    first_lsn: int | None = None
+    last_lsn: int = -1
+    frontier: Frontier = field(default_factory=Frontier)
+    checkpoint: dict[str, Any] | None = None  # {"seq", "hash", "tree_size", "time"}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "first_lsn": self.first_lsn,
+            "last_lsn": self.last_lsn,
+            "frontier": self.frontier.to_json(),
+            "checkpoint": self.checkpoint,
+        }
+
+
+def checkpoint_hash(body: dict[str, Any]) -> str:
+    """What the next checkpoint names as its ``previous``."""
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+class TrustLog:
+    """A source's log (``folder`` and ``name`` default to its staging folder and name), or the
+    environment's read log (see ``audit_platform.read_log``)."""
+
+    def __init__(
+        self, store: StagingStore, folder: str | None = None, name: str | None = None
+    ) -> None:
+        self.store = store
+        self.dir = folder or f"{store.base}/_trust"
+        self.name = name or store.source
+
+    @property
+    def _state_path(self) -> str:
+        return f"{self.dir}/log.json"
+
+    def state(self) -> LogState:
+        if not self.store.fs.exists(self._state_path):
+            return LogState()
+        body = self.store.read_json(self._state_path)
+        return LogState(
+            body["size"],
+            body["first_lsn"],
+            body["last_lsn"],
+            Frontier.from_json(body["frontier"]),
+            body["checkpoint"],
+        )
+
+    def append(self, leaves: pl.DataFrame) -> int:
+        """Append the leaves of whole transactions newer than the log; returns how many."""
+        state = self.state()
+        new = in_log_order(leaves.filter(pl.col("lsn") > state.last_lsn))
+        if new.is_empty():
+            return 0
+        new = new.with_columns(
+            (pl.int_range(pl.len(), dtype=pl.Int64) + state.size).alias("position")
+        )
+        first, last = new["lsn"].min(), new["lsn"].max()
+        self.store.write_file(f"{self.dir}/leaves/{lsn_hex(first)}-{lsn_hex(last)}.parquet", new)
+        state.frontier.extend(new["hash"].to_list())
+        state.size = state.frontier.size
+        state.first_lsn = first if state.first_lsn is None else state.first_lsn
+        state.last_lsn = last
+        self.store.write_json(self._state_path, state.to_json())
+        return new.height
+
+    def checkpoint(
+        self, key: Ed25519PrivateKey, now: datetime, every: timedelta = timedelta(0)
+    ) -> dict[str, Any] | None:
+        """Sign the log as it stands, unless nothing was appended since the last checkpoint
+        or it is younger than ``every``; returns the stored checkpoint."""
+        state = self.state()
+        last = state.checkpoint
+        if state.size == 0 or (
+            last is not None
+            and (
+                last["tree_size"] == state.size
+                or now - datetime.fromisoformat(last["time"]) < every
+            )
+        ):
+            return None
+        seq = 0 if last is None else last["seq"] + 1
+        body = {
+            "v": "1",
+            "env": self.store.env,
+            "source": self.name,
+            "seq": seq,
+            "tree_size": state.size,
+            "root": state.frontier.root().hex(),
+            "last_lsn": lsn_text(state.last_lsn),
+            "time": moment(now),
+            "previous": None if last is None else last["hash"],
+            "key_id": signing.key_id(key.public_key()),
+        }
+        signed = {"checkpoint": body, "signature": signing.sign(key, canonical(body))}
+        self.store.write_json(f"{self.dir}/checkpoints/{seq:012d}.json", signed)
+        state.checkpoint = {
+            "seq": seq,
+            "hash": checkpoint_hash(body),
+            "tree_size": state.size,
+            "time": now.isoformat(),
+        }
+        self.store.write_json(self._state_path, state.to_json())
+        return signed
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def leaf_files(self) -> list[str]:
+        return sorted(self.store.fs.glob(f"{self.dir}/leaves/*.parquet"))
+
+    def leaves(self) -> pl.DataFrame:
+        """Every leaf the files hold, by position (what verification checks, as found)."""
+        frames = []
+        for path in self.leaf_files():
+            with self.store.fs.open(path, "rb") as f:
+                frames.append(pl.read_parquet(f).with_columns(pl.lit(path).alias("file")))
+        if not frames:
+            return pl.DataFrame(schema={**LEAF_SCHEMA, "file": pl.String})
+        return pl.concat(frames).sort("position")
+
+    def checkpoints(self) -> list[tuple[str, dict[str, Any]]]:
+        """(file, signed checkpoint) of every checkpoint file, by name."""
+        paths = sorted(self.store.fs.glob(f"{self.dir}/checkpoints/*.json"))
+        return [(path, self.store.read_json(path)) for path in paths]

@@ -1,0 +1,618 @@
+"""Verifying a source's trail: the log against its signed checkpoints, and Elasticsearch and
+staging against the log.
+
+1. **The log.** Leaves numbered without gap or overlap, in commit order; each checkpoint signed
+   by the environment's key, chained to the one before (no checkpoint removed or replaced), and
+   its root equal to the root of the leaves it covered, recomputed (no leaf changed since).
+2. **Elasticsearch.** Every document of the range yields the leaves it claims
+   (``trust.leaves.document_leaves``): its change must be the logged change of the same id, and
+   its context the logged context (attributed) or latest attachment (late); every logged change
+   of the range must have its document. Fields derived from the facts are derived again
+   (``index.documents.document_frame``) and must be what the document holds, in the index its
+   commit month names.
+3. **Staging.** The staged changes of each hour, enriched again, and the records files, must
+   give the logged leaves.
+
+A change the log holds but Elasticsearch does not is *removed*, unless it is waiting for its
+context in the quarantine, too recent to be indexed, or older than the retention period; a
+document the log does not hold is *inserted*; a document whose leaf differs is *altered*.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import polars as pl
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from elasticsearch import Elasticsearch
+from elasticsearch.helpers import scan
+
+from audit_platform.clients import es_from_settings, pg_url_from_settings
+from audit_platform.enrich.join import enrich
+from audit_platform.environment import load_environment
+from audit_platform.index.documents import document_frame
+from audit_platform.naming import read_alias
+from audit_platform.policy import SourcePolicy, load_policy, policy_path
+from audit_platform.read_log import read_leaf, read_rows
+from audit_platform.record import RECORD_SCHEMA
+from audit_platform.settings import Settings
+from audit_platform.staging.store import StagingStore, hour_from_path, lsn_text, parse_lsn
+from audit_platform.trust import signing
+from audit_platform.trust.leaves import KINDS, canonical, document_leaves, record_leaves
+from audit_platform.trust.log import TrustLog, checkpoint_hash
+from audit_platform.trust.merkle import Frontier, leaf_hash
+
+#: Problems: what makes verification fail.
+PROBLEMS = (
+    "leaves_missing",
+    "leaves_overlap",
+    "out_of_order",
+    "checkpoint_forged",
+    "checkpoint_missing",
+    "checkpoint_root",
+    "removed",
+    "altered",
+    "inserted",
+    "context_altered",
+    "derived_altered",
+    "staged_altered",
+    "unverifiable",
+)
+#: Explained: logged changes without a document, for a reason that is not tampering.
+EXPLAINED = ("waiting", "not_indexed_yet", "expired", "before_log", "attribution_pending")
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    subject: str  # a record id, a position, a checkpoint, a file
+    detail: str
+
+
+@dataclass
+class VerifyReport:
+    env: str
+    source: str
+    since: datetime | None
+    until: datetime | None
+    log_size: int = 0
+    checkpoints: int = 0
+    documents: int = 0
+    logged_changes: int = 0
+    staged_changes: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    def add(self, kind: str, subject: str, detail: str) -> None:
+        self.findings.append(Finding(kind, subject, detail))
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [f for f in self.findings if f.kind in PROBLEMS]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for finding in self.findings:
+            counts[finding.kind] = counts.get(finding.kind, 0) + 1
+        return counts
+
+
+def report_json(report: VerifyReport) -> dict[str, Any]:
+    return {
+        "env": report.env, "source": report.source, "ok": report.ok,
+        "since": report.since.isoformat() if report.since else None,
+        "until": report.until.isoformat() if report.until else None,
+        "log_size": report.log_size, "checkpoints": report.checkpoints,
+        "documents": report.documents, "logged_changes": report.logged_changes,
+        "staged_changes": report.staged_changes, "counts": report.counts(),
+        "findings": [vars(f) for f in report.findings],
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Window:
+    """What verification accepts as not yet done or already gone."""
+
+    now: datetime
+    #: A logged change this recent may not be indexed yet (the pipeline's freshness).
+    indexing_lag: timedelta = timedelta(minutes=5)
+    retention: timedelta | None = None
+
+
+def verify_source(
+    store: StagingStore,
+    es: Elasticsearch,
+    policy: SourcePolicy,
+    key: Ed25519PublicKey | None,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    window: Window,
+    waiting: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
+    staging: bool = True,
+) -> VerifyReport:
+    report = VerifyReport(store.env, store.source, since, until)
+    log = TrustLog(store)
+    state = log.state()
+    leaves = log.leaves()
+    report.log_size = state.size
+    _check_log(report, leaves, state.size)
+    _check_checkpoints(report, log, leaves, key, state.checkpoint)
+    in_range = _in_range(leaves.filter(pl.col("position") < state.size), since, until)
+    changes = in_range.filter(pl.col("kind") == "change")
+    report.logged_changes = changes.height
+    _check_documents(
+        report, es, store, leaves, changes, since, until, window, waiting, state.first_lsn
+    )
+    if staging:
+        _check_staging(report, store, policy, changes, since, until)
+    return report
+
+
+def _in_range(frame: pl.DataFrame, since: datetime | None, until: datetime | None):
+    if since is not None:
+        frame = frame.filter(pl.col("time") >= since)
+    if until is not None:
+        frame = frame.filter(pl.col("time") < until)
+    return frame
+
+
+# --- 1. the log ---------------------------------------------------------------------------
+
+
+def _check_log(report: VerifyReport, leaves: pl.DataFrame, size: int) -> None:
+    positions = leaves["position"]
+    duplicated = leaves.filter(positions.is_duplicated())
+    for position, files in duplicated.group_by("position").agg("file").sort("position").rows():
+        report.add("leaves_overlap", f"position {position}", f"claimed by {sorted(files)}")
+    present = set(positions.to_list())
+    missing = [p for p in range(size) if p not in present] if len(present) < size else []
+    for first, last in _runs(missing):
+        report.add(
+            "leaves_missing",
+            f"positions {first}-{last}",
+            "a leaves file of the log is gone: its checkpoints cannot be recomputed",
+        )
+    rank = {kind: i for i, kind in enumerate(KINDS)}
+    previous: tuple[int, int, int] | None = None
+    for position, kind, lsn, seq, record in (
+        leaves.unique("position", keep="first")
+        .sort("position")
+        .select("position", "kind", "lsn", "seq", "record_id")
+        .iter_rows()
+    ):
+        order = (lsn, rank.get(kind, 9), seq)
+        if previous is not None and order < previous:
+            report.add(
+                "out_of_order",
+                f"position {position}",
+                f"{kind} {record or ''} at LSN {lsn_text(lsn)} comes after a later "
+                "commit: leaves were reordered",
+            )
+        previous = order
+
+
+def _runs(values: list[int]) -> Iterator[tuple[int, int]]:
+    start = prev = None
+    for value in values:
+        if start is None:
+            start = prev = value
+        elif value == prev + 1:
+            prev = value
+        else:
+            yield start, prev
+            start = prev = value
+    if start is not None:
+        yield start, prev
+
+
+def _check_checkpoints(
+    report: VerifyReport,
+    log: TrustLog,
+    leaves: pl.DataFrame,
+    key: Ed25519PublicKey | None,
+    latest: dict[str, Any] | None,
+) -> None:
+    found = log.checkpoints()
+    report.checkpoints = len(found)
+    if key is None:
+        report.add(
+            "unverifiable",
+            "checkpoints",
+            "no verify key: set AUDIT_VERIFY_KEY (or "
+            "AUDIT_SIGNING_KEY) to check the checkpoints' signatures",
+        )
+    hashes = leaves.unique("position", keep="first").sort("position")["hash"].to_list()
+    frontier, expected_seq, previous = Frontier(), 0, None
+    for path, signed in found:
+        body, signature = signed.get("checkpoint") or {}, signed.get("signature", "")
+        seq, name = body.get("seq"), f"checkpoint {body.get('seq')} ({path.rsplit('/', 1)[-1]})"
+        if key is not None and not signing.signature_valid(key, canonical(body), signature):
+            report.add(
+                "checkpoint_forged",
+                name,
+                "its signature does not verify with the "
+                "environment's key: it was altered or not signed by this deployment",
+            )
+        if seq != expected_seq:
+            report.add(
+                "checkpoint_missing",
+                f"checkpoint {expected_seq}",
+                f"the next checkpoint file is {seq}: checkpoints were removed",
+            )
+        if previous is not None and body.get("previous") != checkpoint_hash(previous):
+            report.add(
+                "checkpoint_missing",
+                name,
+                "its 'previous' is not the hash of the "
+                "checkpoint before it: one was replaced or removed",
+            )
+        size = body.get("tree_size", 0)
+        if size < frontier.size or size > len(hashes):
+            report.add(
+                "checkpoint_root",
+                name,
+                f"covers {size} leaves; the log holds {len(hashes)}: leaves were removed",
+            )
+        else:
+            frontier.extend(hashes[frontier.size : size])
+            if frontier.root().hex() != body.get("root"):
+                report.add(
+                    "checkpoint_root",
+                    name,
+                    f"the root of the first {size} leaves is "
+                    "not the signed root: leaves were changed after it was signed",
+                )
+        expected_seq, previous = (seq if isinstance(seq, int) else expected_seq) + 1, body
+    if latest is not None and latest["seq"] >= expected_seq:
+        report.add(
+            "checkpoint_missing",
+            f"checkpoints {expected_seq}-{latest['seq']}",
+            "the log's state names them but their files are gone",
+        )
+
+
+# --- 2. Elasticsearch ---------------------------------------------------------------------
+
+
+def _documents(es: Elasticsearch, env: str, source: str, since, until) -> Iterator[dict]:
+    bounds = {k: v.isoformat() for k, v in (("gte", since), ("lt", until)) if v is not None}
+    clauses: list[dict] = [{"term": {"env": env}}, {"term": {"source.service": source}}]
+    if bounds:
+        clauses.append({"range": {"@timestamp": bounds}})
+    yield from scan(
+        es,
+        index=read_alias(env),
+        query={"query": {"bool": {"filter": clauses}}},
+        size=5_000,
+        ignore_unavailable=True,
+    )
+
+
+def _check_documents(
+    report: VerifyReport,
+    es: Elasticsearch,
+    store: StagingStore,
+    leaves: pl.DataFrame,
+    changes: pl.DataFrame,
+    since,
+    until,
+    window: Window,
+    waiting: set[tuple[int, int]],
+    first_lsn: int | None,
+) -> None:
+    logged = {
+        rid: (h, lsn, seq, t)
+        for rid, h, lsn, seq, t in changes.select(
+            "record_id", "hash", "lsn", "seq", "time"
+        ).iter_rows()
+    }
+    contexts = {
+        lsn: h
+        for lsn, h in leaves.filter(pl.col("kind") == "context").select("lsn", "hash").iter_rows()
+    }
+    attached: dict[int, tuple[datetime, bytes]] = {}
+    for xid, time, h in (
+        leaves.filter(pl.col("kind") == "attach")
+        .sort("time")
+        .select("xid", "time", "hash")
+        .iter_rows()
+    ):
+        attached[xid] = (time, h)
+    seen: set[str] = set()
+    batch: list[tuple[str, str, dict]] = []
+    for hit in _documents(es, store.env, store.source, since, until):
+        doc_id, doc = hit["_id"], hit["_source"]
+        report.documents += 1
+        seen.add(doc_id)
+        batch.append((hit["_index"], doc_id, doc))
+        if len(batch) >= 5_000:
+            _check_derived(report, batch)
+            batch = []
+        try:
+            claimed = document_leaves(doc_id, doc)
+        except (KeyError, TypeError, ValueError) as exc:
+            report.add("altered", doc_id, f"the document is not a record any more: {exc!r}")
+            continue
+        _, change = claimed[0]
+        found = logged.get(doc_id)
+        lsn = change["commit_lsn"]
+        if found is None:
+            if first_lsn is not None and parse_lsn(lsn) < first_lsn:
+                report.add("before_log", doc_id, "committed before the log began")
+            else:
+                report.add(
+                    "inserted",
+                    doc_id,
+                    "in Elasticsearch but not in the log: a forged or copied document",
+                )
+            continue
+        if leaf_hash(canonical(change)) != found[0]:
+            report.add(
+                "altered",
+                doc_id,
+                "its change differs from the logged one (values, "
+                "columns, operation, time or place)",
+            )
+        status = (doc.get("attribution") or {}).get("status")
+        xid = int(change["xid"])
+        if status in ("attributed", "late"):
+            _, context = claimed[1]
+            expected = (
+                contexts.get(found[1])
+                if status == "attributed"
+                else (attached[xid][1] if xid in attached else None)
+            )
+            if leaf_hash(canonical(context)) != expected:
+                report.add(
+                    "context_altered",
+                    doc_id,
+                    f"says {status} with a context the log "
+                    "does not hold for its transaction (who, why or when was changed)",
+                )
+        elif found[1] in contexts:
+            report.add(
+                "context_altered",
+                doc_id,
+                "says unattributed, but the log holds the "
+                "context its transaction recorded: the context was removed",
+            )
+        elif xid in attached:
+            late = attached[xid][0] > window.now - window.indexing_lag
+            report.add(
+                "attribution_pending" if late else "context_altered",
+                doc_id,
+                "a context was attached later and the record still says unattributed",
+            )
+    _check_derived(report, batch)
+    cutoff = window.now - window.retention if window.retention else None
+    for rid, (_, lsn, seq, time) in logged.items():
+        if rid in seen:
+            continue
+        if (lsn, seq) in waiting:
+            report.add("waiting", rid, "in the quarantine, waiting for its context")
+        elif time > window.now - window.indexing_lag:
+            report.add("not_indexed_yet", rid, "logged moments ago; not indexed yet")
+        elif cutoff is not None and time < cutoff:
+            report.add("expired", rid, "older than the retention period")
+        else:
+            report.add(
+                "removed",
+                rid,
+                f"logged (commit {lsn_text(lsn)}, change {seq}) but "
+                "not in Elasticsearch: the document was deleted",
+            )
+
+
+def _record_row(doc_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """The records row a document was built from, taken from the document itself."""
+    txn, attribution = doc["transaction"], doc.get("attribution") or {}
+    text = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def json_or_none(value: Any) -> str | None:
+        return None if value is None else text(value)
+
+    return {
+        "id": doc_id,
+        "lsn": parse_lsn(txn["commit_lsn"]),
+        "change_index": txn["change_index"],
+        "xid": txn["xid"],
+        "commit_time": datetime.fromisoformat(doc["@timestamp"]),
+        "env": doc["env"],
+        "source": doc["source"]["service"],
+        "schema": doc["table"]["schema"],
+        "table": doc["table"]["name"],
+        "operation": doc["operation"],
+        "object_id": doc.get("object_id"),
+        "changed_columns": json_or_none(doc.get("changed_columns")),
+        "before": json_or_none(doc.get("before")),
+        "after": json_or_none(doc.get("after")),
+        "context": json_or_none(doc.get("context")),
+        "attribution_status": attribution.get("status"),
+        "attribution_lag_seconds": attribution.get("lag_seconds"),
+        "policy_version": doc["policy_version"],
+        "key_columns": json_or_none((doc.get("row") or {}).get("key")),
+        "column_types": json_or_none((doc.get("row") or {}).get("types")),
+        "txn_changes": txn.get("changes"),
+        "txn_ignored": txn.get("ignored"),
+    }
+
+
+def _check_derived(report: VerifyReport, batch: list[tuple[str, str, dict]]) -> None:
+    """Each document, rebuilt from its own facts, must be itself, in the index it is in."""
+    rows, by_key = [], {}
+    for index, doc_id, doc in batch:
+        try:
+            rows.append(_record_row(doc_id, doc))
+        except (KeyError, TypeError, ValueError):
+            continue  # reported as altered by the leaf check
+        by_key[doc_id] = (index, doc)
+    if not rows:
+        return
+    ingested = [by_key[row["id"]][1].get("ingested_at") for row in rows]
+    records = pl.DataFrame(rows, schema=RECORD_SCHEMA)
+    groups = records.with_columns(pl.Series("ingested", ingested)).group_by("ingested")
+    for (ingested,), part in groups:
+        database = by_key[part["id"][0]][1]["source"].get("database", "")
+        try:
+            built = document_frame(
+                part.drop("ingested"),
+                database=database,
+                ingested_at=datetime.fromisoformat(ingested),
+            )
+        except (TypeError, ValueError):
+            continue
+        for index, doc_id, text in built.iter_rows():
+            stored_index, stored = by_key[doc_id]
+            rebuilt = json.loads(text)
+            if stored.get("source", {}).get("database") != database:
+                rebuilt["source"]["database"] = stored["source"].get("database")
+            if rebuilt != stored:
+                fields = sorted(k for k in {*rebuilt, *stored} if rebuilt.get(k) != stored.get(k))
+                report.add(
+                    "derived_altered",
+                    doc_id,
+                    f"fields {', '.join(fields)} are not what its own facts give",
+                )
+            elif index != stored_index:
+                report.add("derived_altered", doc_id, f"in index {stored_index}, not {index}")
+
+
+# --- 3. staging ---------------------------------------------------------------------------
+
+
+def _check_staging(
+    report: VerifyReport,
+    store: StagingStore,
+    policy: SourcePolicy,
+    changes: pl.DataFrame,
+    since,
+    until,
+) -> None:
+    logged = dict(changes.select("record_id", "hash").iter_rows())
+    far = datetime(9999, 1, 1, tzinfo=UTC)
+    for hour in store.hours("changes"):
+        if (since is not None and hour + timedelta(hours=1) <= since) or (
+            until is not None and hour >= until
+        ):
+            continue
+        paths = store.hour_files("changes", hour)
+        staged = store.read(paths, "changes")
+        contexts = store.read(store.hour_files("contexts", hour), "contexts")
+        # Every change as a record (no grace): the change's leaf does not depend on its context.
+        result = enrich(staged, contexts, policy, now=far, grace=timedelta(0))
+        leaves = record_leaves(result.records)
+        report.staged_changes += leaves.height
+        _compare_staged(report, leaves, logged, "changes", hour_from_path(paths[0]))
+        records_paths = [
+            p for p in (store.derived_path(p, "records") for p in paths) if store.fs.exists(p)
+        ]
+        records = store.read(records_paths)
+        if records.height:
+            _compare_staged(report, record_leaves(records.drop("file")), logged, "records", hour)
+
+
+def _compare_staged(
+    report: VerifyReport,
+    leaves: pl.DataFrame,
+    logged: dict[str, bytes],
+    dataset: str,
+    hour: datetime,
+) -> None:
+    for rid, h in leaves.select("record_id", "hash").iter_rows():
+        expected = logged.get(rid)
+        if expected is not None and expected != h:
+            report.add(
+                "staged_altered",
+                rid,
+                f"the staged {dataset} of {hour:%Y-%m-%d %H}:00 "
+                "give a different change than the log holds",
+            )
+
+
+def waiting_changes(state: psycopg.Connection, env: str, source: str) -> set[tuple[int, int]]:
+    """(commit LSN, change index) of the changes waiting in the quarantine."""
+    rows = state.execute(
+        "SELECT commit_lsn, change_index FROM audit_platform.quarantine"
+        " WHERE env = %s AND source = %s AND status = 'waiting'",
+        (env, source),
+    ).fetchall()
+    return {(int(lsn), int(index)) for lsn, index in rows}
+
+
+def verify_environment(
+    settings: Settings,
+    sources: list[str],
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    now: datetime,
+    staging: bool = True,
+) -> list[VerifyReport]:
+    """Verify each source of this environment with its configured servers: what
+    ``audit-platform verify`` and the hourly Dagster check both do."""
+    environment = load_environment(settings.resources_dir, settings.env)
+    unknown = sorted(set(sources) - set(environment.sources))
+    if unknown:
+        raise ValueError(f"environment {settings.env} has no source {', '.join(unknown)}; "
+                         f"it has {', '.join(sorted(environment.sources))}")  # fmt: skip
+    window = Window(now, retention=timedelta(days=environment.retention_days))
+    reports = []
+    with (
+        es_from_settings(settings) as es,
+        psycopg.connect(pg_url_from_settings(settings), autocommit=True) as state,
+    ):
+        for source in sources or sorted(environment.sources):
+            store = StagingStore(settings.staging_root, settings.env, source)
+            policy = load_policy(policy_path(settings.resources_dir, source))
+            reports.append(verify_source(
+                store, es, policy, settings.verifier(), since=since, until=until,
+                window=window, waiting=waiting_changes(state, settings.env, source),
+                staging=staging,
+            ))  # fmt: skip
+    return reports
+
+
+def verify_reads(
+    state: psycopg.Connection, log: TrustLog, env: str, key: Ed25519PublicKey | None
+) -> VerifyReport:
+    """The read log's rows against its trail: each logged row still there, unedited, and no row
+    slipped in among the logged ones."""
+    report = VerifyReport(env, "_reads", None, None)
+    found = log.state()
+    leaves = log.leaves()
+    report.log_size = found.size
+    _check_log(report, leaves, found.size)
+    _check_checkpoints(report, log, leaves, key, found.checkpoint)
+    logged = {
+        int(rid): h
+        for rid, h in leaves.filter(pl.col("position") < found.size)
+        .select("record_id", "hash")
+        .iter_rows()
+    }
+    seen, after = set(), 0
+    while True:
+        rows = read_rows(state, env, after_id=after, limit=50_000)
+        rows = [r for r in rows if r["id"] <= found.last_lsn]
+        if not rows:
+            break
+        for row in rows:
+            seen.add(row["id"])
+            expected = logged.get(row["id"])
+            if expected is None:
+                report.add("inserted", f"read {row['id']}", "a read-log row the trail never held")
+            elif leaf_hash(canonical(read_leaf(row))) != expected:
+                report.add("altered", f"read {row['id']}", "edited after it was logged")
+        after = rows[-1]["id"]
+    report.documents = len(seen)
+    for rid in sorted(set(logged) - seen):
+        report.add("removed", f"read {rid}", "logged, but no longer in the read log")
+    return report

@@ -1,0 +1,346 @@
+"""The trail's log and checkpoints against tampering, on real servers: a real capture is logged,
+signed and indexed, then Elasticsearch, staging and the log are changed the ways an attacker
+with write access would, and ``verify`` must name each change exactly, and pass when nothing
+was touched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from audit_platform import platform_db
+from audit_platform.api.main import create_app
+from audit_platform.api_keys import create_key
+from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
+from audit_platform.index.batch import index_pending
+from audit_platform.index.template import install_template
+from audit_platform.naming import read_alias
+from audit_platform.read_log import append_reads, read_rows, read_trail
+from audit_platform.settings import Settings
+from audit_platform.trust.leaves import canonical
+from audit_platform.trust.log import TrustLog
+from audit_platform.trust.merkle import verify_consistency
+from audit_platform.trust.signing import new_private_key, private_key, public_text, sign
+from audit_platform.trust.verify import Window, verify_reads, verify_source, waiting_changes
+from audit_platform_tests.capture_support import CaptureSource, make_source
+from audit_platform_tests.helpers import policy_for
+
+DDL = """
+CREATE TABLE orders (id int PRIMARY KEY, status text, note text);
+ALTER TABLE orders REPLICA IDENTITY FULL;
+"""
+ALICE = {"actor": {"type": "user", "id": "alice"}, "reason": "refund", "request_id": "r-1"}
+
+
+@dataclass
+class Trail:
+    source: CaptureSource
+    state: psycopg.Connection
+    es: object
+    key: object
+    env: str
+
+    def run(self) -> None:
+        """One capture run: capture, enrich and log, resolve the quarantine, index, sign."""
+        self.source.capture()
+        now = datetime.now(UTC)
+        enrich_pending(self.source.store, self.state, self.source.policy, now=now,
+                       grace=timedelta(0))  # fmt: skip
+        resolve_quarantine(self.source.store, self.state, self.source.policy, now=now,
+                           grace=timedelta(0))  # fmt: skip
+        index_pending(self.es, self.source.store, database="shopdb", now=now)
+        self.es.indices.refresh(index=read_alias(self.env))
+        TrustLog(self.source.store).checkpoint(self.key, now)
+
+    def verify(self, **kwargs):
+        window = Window(datetime.now(UTC) + timedelta(hours=1), indexing_lag=timedelta(0))
+        return verify_source(
+            self.source.store, self.es, self.source.policy, self.key.public_key(),
+            since=None, until=None, window=window,
+            waiting=waiting_changes(self.state, self.env, "shop"), **kwargs,
+        )  # fmt: skip
+
+    def write(self, sql: str, context: dict | None = None) -> int:
+        with psycopg.connect(self.source.url) as conn:
+            if context is not None:
+                conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(context),))
+            conn.execute(sql)
+            return int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
+
+    def hits(self) -> list[dict]:
+        found = self.es.search(index=read_alias(self.env), size=1000, sort=["_doc"])
+        return found["hits"]["hits"]
+
+
+@pytest.fixture
+def trail(pg_database, es, tmp_path):
+    env = f"trust_{uuid.uuid4().hex[:8]}"
+    source = make_source(pg_database, tmp_path, DDL, policy_for("shop", public__orders={}), env)
+    install_template(es, Settings().resources_dir, env, replicas=0)
+    with psycopg.connect(pg_database, autocommit=True) as state:
+        platform_db.install(state, Settings().resources_dir / "sql")
+        found = Trail(source, state, es, private_key(new_private_key()), env)
+        found.write("INSERT INTO orders SELECT i, 'new', 'n' || i FROM generate_series(1, 5) i",
+                    ALICE)  # fmt: skip
+        found.write("UPDATE orders SET status = 'paid' WHERE id = 2", {**ALICE, "reason": "pay"})
+        orphan = found.write("DELETE FROM orders WHERE id = 5")  # no context: unattributed
+        found.run()
+        with psycopg.connect(pg_database, autocommit=True) as conn:  # later: it becomes late
+            conn.execute("SELECT audit.attach_context(%s::text::xid8, %s::jsonb)",
+                         (orphan, json.dumps({"actor": {"type": "job", "id": "cleanup"}})))  # fmt: skip
+        found.write("UPDATE orders SET note = 'x' WHERE id = 3", ALICE)
+        found.run()
+        yield found
+    for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+        es.indices.delete(index=index)
+    es.indices.delete_index_template(name=f"audit-{env}")
+
+
+def kinds(report) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for finding in report.problems:
+        found.setdefault(finding.kind, []).append(finding.subject)
+    return found
+
+
+def doc(trail: Trail, op: str, status: str | None = None) -> dict:
+    for hit in trail.hits():
+        if hit["_source"]["operation"] == op and (status is None or
+                                                  hit["_source"]["attribution"]["status"] == status):  # fmt: skip
+            return hit
+    raise AssertionError(f"no {op} document")
+
+
+def test_an_untouched_trail_verifies(trail):
+    report = trail.verify()
+    assert report.ok, report.problems
+    assert report.documents == report.logged_changes == 8
+    assert report.staged_changes == 8 and report.checkpoints == 2
+    late = doc(trail, "delete")["_source"]
+    assert late["attribution"]["status"] == "late"  # the attached context is logged and checked
+    assert report.log_size == 8 + 3 + 1  # changes, three own contexts, one attachment
+
+
+def test_an_altered_document_is_named(trail):
+    hit = doc(trail, "update")
+    source = hit["_source"]
+    source["after"]["status"] = "refunded"
+    trail.es.index(index=hit["_index"], id=hit["_id"], document=source, refresh=True)
+    report = trail.verify()
+    # Its free-text field no longer matches its values either: one record, named twice.
+    assert kinds(report) == {"altered": [hit["_id"]], "derived_altered": [hit["_id"]]}
+
+
+def test_a_document_with_another_actor_is_named(trail):
+    hit = doc(trail, "insert")
+    source = hit["_source"]
+    source["context"]["actor"]["id"] = "mallory"
+    source["user"]["id"] = "mallory"  # derived fields made consistent too: the log still knows
+    trail.es.index(index=hit["_index"], id=hit["_id"], document=source, refresh=True)
+    assert kinds(trail.verify()) == {"context_altered": [hit["_id"]]}
+
+
+def test_a_derived_field_out_of_step_with_the_facts_is_named(trail):
+    hit = doc(trail, "insert")
+    source = hit["_source"]
+    source["user"]["id"] = "mallory"
+    trail.es.index(index=hit["_index"], id=hit["_id"], document=source, refresh=True)
+    report = trail.verify()
+    assert kinds(report) == {"derived_altered": [hit["_id"]]}
+    assert "user" in report.problems[0].detail
+
+
+def test_a_deleted_document_is_named(trail):
+    hit = doc(trail, "delete")
+    trail.es.delete(index=hit["_index"], id=hit["_id"], refresh=True)
+    assert kinds(trail.verify()) == {"removed": [hit["_id"]]}
+
+
+def test_a_forged_document_is_named(trail):
+    hit = doc(trail, "insert")
+    forged_id = hit["_id"].rsplit(":", 1)[0] + ":99"
+    source = {
+        **hit["_source"],
+        "transaction": {**hit["_source"]["transaction"], "change_index": 99},
+    }
+    trail.es.index(index=hit["_index"], id=forged_id, document=source, refresh=True)
+    assert kinds(trail.verify()) == {"inserted": [forged_id]}
+
+
+def test_two_records_swapped_are_both_named(trail):
+    first, second = [h for h in trail.hits() if h["_source"]["operation"] == "insert"][:2]
+    for hit, other in ((first, second), (second, first)):
+        trail.es.index(index=hit["_index"], id=hit["_id"], document=other["_source"])
+    trail.es.indices.refresh(index=read_alias(trail.env))
+    report = kinds(trail.verify())
+    assert sorted(report.pop("altered")) == sorted([first["_id"], second["_id"]])
+    assert set(report) <= {"derived_altered"}
+
+
+def test_an_edited_staged_file_is_named(trail):
+    store = trail.source.store
+    path = store.files("changes")[0]
+    staged = store.read([path]).drop("file")
+    edited = staged.with_columns(
+        pl.when(pl.col("change_index") == 0).then(pl.col("after").str.replace('"new"', '"void"'))
+        .otherwise(pl.col("after")).alias("after")
+    )  # fmt: skip
+    store.write_file(path, edited)
+    first = staged.sort("lsn", "change_index").row(0, named=True)
+    report = trail.verify()
+    assert {f.kind for f in report.problems} == {"staged_altered"}
+    assert {f.subject for f in report.problems} == {f"{trail.env}:shop:{first['lsn']:016X}:0"}
+
+
+def test_leaves_reordered_in_the_log_are_named_and_break_the_checkpoint(trail):
+    log = TrustLog(trail.source.store)
+    path = log.leaf_files()[0]
+    leaves = pl.read_parquet(path)
+    a, b = leaves.filter(pl.col("kind") == "change")["position"].to_list()[:2]
+    swapped = leaves.with_columns(
+        pl.when(pl.col("position") == a).then(b).when(pl.col("position") == b).then(a)
+        .otherwise(pl.col("position")).alias("position")
+    )  # fmt: skip
+    trail.source.store.write_file(path, swapped)
+    report = kinds(trail.verify())
+    assert report["out_of_order"] and set(report) == {"out_of_order", "checkpoint_root"}
+
+
+def test_a_dropped_or_forged_checkpoint_is_named(trail):
+    log = TrustLog(trail.source.store)
+    (first_path, first), (second_path, second) = log.checkpoints()
+    trail.source.store.fs.rm(first_path)
+    report = kinds(trail.verify())
+    assert set(report) == {"checkpoint_missing"} and "checkpoint 0" in report["checkpoint_missing"]
+    trail.source.store.write_json(first_path, first)
+    forged = {**second, "checkpoint": {**second["checkpoint"], "root": "00" * 32}}
+    trail.source.store.write_json(second_path, forged)
+    report = kinds(trail.verify())
+    assert set(report) == {"checkpoint_forged", "checkpoint_root"}
+    # Re-signed with another key: still forged, whatever the root says.
+    other = private_key(new_private_key())
+    body = second["checkpoint"]
+    trail.source.store.write_json(second_path, {"checkpoint": body,
+                                                "signature": sign(other, canonical(body))})  # fmt: skip
+    assert set(kinds(trail.verify())) == {"checkpoint_forged"}
+
+
+def test_a_leaves_file_removed_from_the_log_is_named(trail):
+    log = TrustLog(trail.source.store)
+    trail.source.store.fs.rm(log.leaf_files()[-1])
+    report = kinds(trail.verify())
+    assert report["leaves_missing"] and "inserted" in report
+
+
+# --- the API's evidence, checked offline ---------------------------------------------------
+
+
+@pytest.fixture
+def api(trail, tmp_path):
+    settings = Settings(env=trail.env, staging_root=trail.source.store.root, pg_url=trail.source.url,
+                        api_key_cache_seconds=0,
+                        verify_key=public_text(trail.key.public_key()))  # fmt: skip
+    keys = {role: create_key(trail.state, trail.env, role, role=role).secret
+            for role in ("reader", "auditor")}  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        yield client, keys
+
+
+def offline(proof: dict, tmp_path, public_key: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "proof.json"
+    path.write_text(json.dumps(proof))
+    script = Path(__file__).parents[1] / "docs" / "verify_record.py"
+    return subprocess.run([sys.executable, str(script), str(path), "--public-key", public_key],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_a_proof_verifies_offline_and_fails_for_an_altered_record(trail, api, tmp_path):
+    client, keys = api
+    public = public_text(trail.key.public_key())
+    for hit in trail.hits():
+        answer = client.get(
+            f"/v1/events/{hit['_id']}/proof", headers={"X-API-Key": keys["auditor"]}
+        )
+        assert answer.status_code == 200, answer.text
+        proof = answer.json()
+        kinds_proven = sorted(p["kind"] for p in proof["leaves"])
+        status = hit["_source"]["attribution"]["status"]
+        assert kinds_proven == sorted({"attributed": ["change", "context"],
+                                       "late": ["change", "attach"]}.get(status, ["change"]))  # fmt: skip
+        checked = offline(proof, tmp_path, public)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    # The record as someone changed it (the proof itself untouched) does not verify.
+    proof["record"]["after" if proof["record"]["after"] else "before"]["note"] = "edited"
+    checked = offline(proof, tmp_path, public)
+    assert checked.returncode == 1 and "NOT in the log" in checked.stdout
+    # Nor does a genuine proof against a checkpoint signed with another key.
+    other = public_text(private_key(new_private_key()).public_key())
+    assert offline(answer.json(), tmp_path, other).returncode == 1
+
+
+def test_checkpoints_come_with_consistency_proofs(trail, api):
+    client, keys = api
+    answer = client.get("/v1/checkpoints", params={"source": "shop"},
+                        headers={"X-API-Key": keys["auditor"]})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    newer, older = (c["checkpoint"] for c in body["checkpoints"])
+    assert body["public_key"] == public_text(trail.key.public_key())
+    sizes = {"first": older["tree_size"], "second": newer["tree_size"]}
+    proof = client.get("/v1/checkpoints", params={"source": "shop", **sizes},
+                       headers={"X-API-Key": keys["auditor"]}).json()["consistency"]  # fmt: skip
+    assert verify_consistency(sizes["first"], sizes["second"], bytes.fromhex(older["root"]),
+                              bytes.fromhex(newer["root"]),
+                              [bytes.fromhex(h) for h in proof["proof"]])  # fmt: skip
+
+
+def test_a_reader_cannot_read_the_read_log_or_proofs_and_every_read_is_logged(trail, api):
+    client, keys = api
+    reader, auditor = ({"X-API-Key": keys[r]} for r in ("reader", "auditor"))
+    assert (
+        client.get("/v1/events", params={"query": "op:update"}, headers=reader).status_code == 200
+    )
+    event_id = trail.hits()[0]["_id"]
+    for path in ("/v1/reads", f"/v1/events/{event_id}/proof", "/v1/checkpoints?source=shop"):
+        refused = client.get(path, headers=reader)
+        assert refused.status_code == 403 and "auditor" in refused.json()["detail"], path
+    export = client.get("/v1/export", params={"format": "ndjson"}, headers=reader)
+    exported = len(export.text.splitlines())
+    rows = client.get("/v1/reads", headers=auditor).json()
+    reader_id = keys["reader"].split("_")[1]
+    mine = [(r["route"], r["status"], r["returned"]) for r in rows if r["key_id"] == reader_id]
+    assert ("/v1/events", 200, 2) in mine  # two updates
+    assert ("/v1/reads", 403, 0) in mine and ("/v1/export", 200, exported) in mine
+    assert exported == 8
+    searched = next(r for r in rows if r["route"] == "/v1/events")
+    assert searched["params"] == {"query": "op:update"}
+
+
+def test_the_read_log_is_a_verifiable_trail(trail, api):
+    client, keys = api
+    for _ in range(3):
+        client.get("/v1/events", headers={"X-API-Key": keys["reader"]})
+    log = read_trail(trail.source.store.root, trail.env)
+    assert append_reads(trail.state, log, trail.env) >= 3
+    log.checkpoint(trail.key, datetime.now(UTC))
+    assert verify_reads(trail.state, log, trail.env, trail.key.public_key()).ok
+    first, second = read_rows(trail.state, trail.env, limit=2)
+    trail.state.execute(
+        "UPDATE audit_platform.read_log SET returned = 0 WHERE id = %s", (first["id"],)
+    )
+    trail.state.execute("DELETE FROM audit_platform.read_log WHERE id = %s", (second["id"],))
+    report = verify_reads(trail.state, log, trail.env, trail.key.public_key())
+    assert {(f.kind, f.subject) for f in report.problems} == {
+        ("altered", f"read {first['id']}"),
+        ("removed", f"read {second['id']}"),
+    }

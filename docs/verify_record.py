@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Check, offline, that an audit record is in its source's signed log. Uses no code of
+audit-platform: only Python's standard library and the `cryptography` package (Ed25519).
+
+    curl -s -H "X-API-Key: $AUDITOR_KEY" "$API/v1/events/$ID/proof" > proof.json
+    python3 verify_record.py proof.json --public-key "$AUDIT_VERIFY_KEY"
+
+It rebuilds the record's leaves from the record itself (the rules are in README, "Verifying the
+trail"), hashes them as RFC 6962 does, walks each audit path to the root (RFC 9162, 2.1.3.2),
+and checks the checkpoint's Ed25519 signature over its RFC 8785 bytes. Give the public key you
+got from a trusted place; the one inside the proof is only used, with a warning, when you don't.
+Exit status 0: the record is in the log as it is; 1: it is not, or the proof is not valid.
+"""
+
+import argparse
+import base64
+import hashlib
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+
+def jcs(value):
+    """RFC 8785 bytes of a leaf (strings, null, arrays and objects only)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+
+
+def leaf_hash(leaf):
+    return hashlib.sha256(b"\x00" + jcs(leaf)).digest()
+
+
+def node(left, right):
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def moment(text):
+    value = datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def text(value):
+    return None if value is None else str(value)
+
+
+def leaves_of(record):
+    """The leaves a record claims: its change, and its context when attributed or late."""
+    txn, row = record["transaction"], record.get("row") or {}
+    common = {"v": "1", "env": record["env"], "source": record["source"]["service"]}
+    change = {
+        **common,
+        "kind": "change",
+        "id": record["id"],
+        "commit_lsn": txn["commit_lsn"],
+        "xid": str(txn["xid"]),
+        "index": str(txn["change_index"]),
+        "time": moment(record["@timestamp"]),
+        "schema": record["table"]["schema"],
+        "table": record["table"]["name"],
+        "op": record["operation"],
+        "key": row.get("key") or [],
+        "types": row.get("types") or {},
+        "object_id": record.get("object_id"),
+        "changed": record.get("changed_columns"),
+        "before": record.get("before"),
+        "after": record.get("after"),
+        "policy": record["policy_version"],
+        "txn_changes": text(txn.get("changes")),
+        "txn_ignored": text(txn.get("ignored")),
+    }
+    leaves = {"change": change}
+    attribution = record.get("attribution") or {}
+    if attribution.get("status") == "attributed":
+        leaves["context"] = {
+            **common,
+            "kind": "context",
+            "commit_lsn": txn["commit_lsn"],
+            "xid": str(txn["xid"]),
+            "time": moment(record["@timestamp"]),
+            "context": record.get("context"),
+        }
+    elif attribution.get("status") == "late":
+        committed = datetime.fromisoformat(record["@timestamp"].replace("Z", "+00:00"))
+        attached = committed + timedelta(seconds=attribution.get("lag_seconds") or 0)
+        leaves["attach"] = {
+            **common,
+            "kind": "attach",
+            "xid": str(txn["xid"]),
+            "time": moment(attached.isoformat()),
+            "context": record.get("context"),
+        }
+    return leaves
+
+
+def root_from_path(leaf, index, size, path):
+    """RFC 9162 2.1.3.2: the root an audit path leads to, or None if it cannot lead anywhere."""
+    if index >= size:
+        return None
+    fn, sn, r = index, size - 1, leaf
+    for p in path:
+        if sn == 0:
+            return None
+        if fn & 1 or fn == sn:
+            r = node(p, r)
+            while fn and not fn & 1:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            r = node(r, p)
+        fn, sn = fn >> 1, sn >> 1
+    return r if sn == 0 else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("proof", help="the JSON of GET /v1/events/{id}/proof")
+    parser.add_argument("--public-key", help="the environment's Ed25519 public key, base64")
+    args = parser.parse_args()
+    with open(args.proof, encoding="utf-8") as f:
+        proof = json.load(f)
+    record, signed = proof["record"], proof["checkpoint"]
+    checkpoint, ok = signed["checkpoint"], True
+
+    key_text = args.public_key or proof.get("public_key")
+    if not args.public_key:
+        print("warning: no --public-key given; using the one the proof carries", file=sys.stderr)
+    key = Ed25519PublicKey.from_public_bytes(base64.b64decode(key_text))
+    try:
+        key.verify(base64.b64decode(signed["signature"]), jcs(checkpoint))
+        print(
+            f"checkpoint {checkpoint['seq']} of {checkpoint['env']}/{checkpoint['source']}: "
+            f"signature valid, {checkpoint['tree_size']} leaves, signed {checkpoint['time']}"
+        )
+    except InvalidSignature:
+        print("checkpoint: the signature is NOT valid for this public key")
+        ok = False
+    root, size = bytes.fromhex(checkpoint["root"]), checkpoint["tree_size"]
+
+    claimed = leaves_of(record)
+    proven = {p["kind"]: p for p in proof["leaves"]}
+    for kind, leaf in claimed.items():
+        entry = proven.get(kind)
+        if entry is None:
+            print(f"{kind}: the proof has no {kind} leaf")
+            ok = False
+            continue
+        mine = leaf_hash(leaf)
+        path = [bytes.fromhex(h) for h in entry["audit_path"]]
+        if root_from_path(mine, entry["leaf_index"], size, path) == root:
+            print(f"{kind}: leaf {entry['leaf_index']} is in the log, as the record has it")
+        else:
+            print(f"{kind}: NOT in the log as the record has it (altered, or a wrong proof)")
+            ok = False
+    print(f"record {record['id']}: {'VERIFIED' if ok else 'NOT VERIFIED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
