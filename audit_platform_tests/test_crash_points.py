@@ -23,6 +23,9 @@ from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
+from audit_platform.trust.log import TrustLog
+from audit_platform.trust.signing import new_private_key, private_key
+from audit_platform.trust.verify import Window, verify_source
 from audit_platform_tests.capture_support import make_source
 from audit_platform_tests.helpers import ground_truth, ground_truth_ddl, policy_for, record_tuple
 
@@ -68,21 +71,30 @@ def pipeline(pg_database, es, tmp_path):
     with psycopg.connect(pg_database, autocommit=True) as state:
         platform_db.install(state, Settings().resources_dir / "sql")
 
+        key = private_key(new_private_key())
+
         def run() -> None:
-            """One capture run's three steps, with small batches so a run has several."""
+            """One capture run's steps, with small batches so a run has several; signed."""
             source.capture(batch_changes=7)
             now = datetime.now(UTC)
             enrich_pending(source.store, state, source.policy, now=now, grace=timedelta(0))
             index_pending(es, source.store, database="shopdb", now=now)
+            TrustLog(source.store).checkpoint(key, now)
 
-        yield source, run, env
+        def verify():
+            es.indices.refresh(index=f"audit-{env}")
+            window = Window(datetime.now(UTC), indexing_lag=timedelta(0))
+            return verify_source(source.store, es, source.policy, key.public_key(), since=None,
+                                 until=None, window=window)  # fmt: skip
+
+        yield source, run, env, verify
     for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
         es.indices.delete(index=index)
     es.indices.delete_index_template(name=f"audit-{env}")
 
 
 def test_a_crash_at_every_point_then_a_rerun_indexes_exactly_the_ground_truth(pipeline, es):
-    source, run, env = pipeline
+    source, run, env, verify = pipeline
     for n, point in enumerate(POINTS, start=1):
         _write_round(source.url, n)
         with armed(point), pytest.raises(SimulatedCrash, match=point):
@@ -94,4 +106,8 @@ def test_a_crash_at_every_point_then_a_rerun_indexes_exactly_the_ground_truth(pi
         assert staged.select("lsn", "change_index").is_duplicated().sum() == 0, point
         assert staged.height == len(truth), point
         assert source.store.pending() == [], point
+        # The trail holds each change once, in commit order, signed: a crash never forks it.
+        report = verify()
+        assert report.ok, (point, report.problems[:5])
+        assert report.logged_changes == report.documents == len(truth), point
     assert len(truth) > 300

@@ -17,7 +17,7 @@ import polars as pl
 import psycopg
 
 from audit_platform.enrich import quarantine
-from audit_platform.enrich.join import EnrichResult, enrich, transaction_contexts
+from audit_platform.enrich.join import EnrichResult, enrich, ignored_counts, transaction_contexts
 from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging.store import FILE, StagingStore, hour_from_path
@@ -112,9 +112,11 @@ def enrich_files(
             times = contexts.group_by("lsn").agg(pl.col("commit_time").first())
             outcome.leaves.append(context_leaves(own.join(times, on="lsn"), env, source))
             outcome.leaves.append(attach_leaves(contexts, env, source))
+        counts = _transaction_counts(store, policy, changes_paths, contexts, now)
         for path in changes_paths:
             changes = store.read([path], "changes")
-            result = _enrich_known(state, store, policy, changes, contexts, own, now, grace)
+            result = _enrich_known(state, store, policy, changes, contexts, own, now, grace,
+                                   counts)  # fmt: skip
             if leaves:
                 outcome.leaves.append(record_leaves(result.records))
                 if result.waiting is not None:
@@ -132,12 +134,35 @@ def enrich_files(
     return outcome
 
 
-def _enrich_known(state, store, policy, changes, contexts, own, now, grace) -> EnrichResult:
+def _transaction_counts(store, policy, paths, contexts, now) -> tuple | None:
+    """(captured, ignored) per transaction over several files, where one transaction may be
+    staged in parts across them (counted file by file, it would have as many totals as
+    parts); None for a single file, which holds its transactions whole."""
+    if len(paths) < 2:
+        return None
+    captured, ignored = [], []
+    for path in paths:
+        changes = store.read([path], "changes")
+        captured.append(changes.select("lsn", "change_index"))
+        if any(t.ignore_changes_to for t in policy.tables.values()):
+            ignored.extend(enrich(changes, contexts, policy, now=now, grace=timedelta(0))
+                           .ignored_lsns)  # fmt: skip
+    captured_counts = (
+        pl.concat(captured).unique().group_by("lsn")
+        .agg(pl.len().cast(pl.Int32).alias("txn_changes"))
+    )  # fmt: skip
+    return captured_counts, ignored_counts(ignored)
+
+
+def _enrich_known(state, store, policy, changes, contexts, own, now, grace,
+                  counts=None) -> EnrichResult:  # fmt: skip
     """``enrich`` with the late contexts of the changes that have no context of their own."""
     unmatched = changes.join(own.select("lsn", "xid"), on=["lsn", "xid"], how="anti")
     xids = unmatched["xid"].unique().to_list()
     late = quarantine.late_contexts_for(state, store.env, store.source, xids) if xids else None
-    return enrich(changes, contexts, policy, now=now, grace=grace, late_contexts=late)
+    captured, ignored = counts if counts is not None else (None, None)
+    return enrich(changes, contexts, policy, now=now, grace=grace, late_contexts=late,
+                  captured=captured, ignored=ignored)  # fmt: skip
 
 
 def _split(records: pl.DataFrame, paths: Iterable[str]) -> Iterable[tuple[str, pl.DataFrame]]:

@@ -96,6 +96,7 @@ def enrich(
     grace: timedelta,
     late_contexts: pl.DataFrame | None = None,
     captured: pl.DataFrame | None = None,
+    ignored: pl.DataFrame | None = None,
 ) -> EnrichResult:
     """Turn staged changes into records; orphans within the grace window wait.
 
@@ -104,8 +105,9 @@ def enrich(
     ``late_contexts`` (target_xid, context, attached_at) are contexts attached after their
     transaction, from any hour; a change they name becomes ``late`` with its lag.
     ``captured`` (lsn, txn_changes) counts each transaction's staged changes where ``changes``
-    holds only some of them (orphans re-enriched on their own); by default they are counted in
-    ``changes``, which then holds whole transactions (a ledger entry holds every part).
+    holds only some of them (orphans re-enriched on their own, one file of a transaction staged
+    in parts); by default they are counted in ``changes``, which then holds whole transactions.
+    ``ignored`` (lsn, txn_ignored) likewise counts the changes the policy ignores.
     """
     schema = {**RECORD_SCHEMA, FILE: pl.String} if FILE in changes.columns else RECORD_SCHEMA
     if changes.is_empty():
@@ -145,8 +147,8 @@ def enrich(
         for chunk in joined.iter_slices(n_rows=SLICE_ROWS)
     ]
     if parts:
-        ignored = pl.DataFrame({"lsn": result.ignored_lsns}, schema={"lsn": pl.Int64})
-        ignored = ignored.group_by("lsn").agg(pl.len().cast(pl.Int32).alias("txn_ignored"))
+        if ignored is None:
+            ignored = ignored_counts(result.ignored_lsns)
         every = (
             pl.concat(parts)
             .join(ignored, on="lsn", how="left")
@@ -156,6 +158,12 @@ def enrich(
         waiting = pl.col("attribution_status") == WAITING
         result.records, result.waiting = every.filter(~waiting), every.filter(waiting)
     return result
+
+
+def ignored_counts(lsns: list[int]) -> pl.DataFrame:
+    """(lsn, txn_ignored): how many changes of each transaction the policy ignored."""
+    frame = pl.DataFrame({"lsn": lsns}, schema={"lsn": pl.Int64})
+    return frame.group_by("lsn").agg(pl.len().cast(pl.Int32).alias("txn_ignored"))
 
 
 SLICE_ROWS = 50_000
