@@ -23,6 +23,7 @@ from audit_platform.api_keys import (
 from audit_platform.capture.gaps import gap_of_new_slot, record_gap
 from audit_platform.clients import NotConfigured, pg_url_from_settings
 from audit_platform.environment import load_environment
+from audit_platform.holds import create_hold, list_holds, release_hold
 from audit_platform.index.retention import run_for_environment
 from audit_platform.policy import PolicyError, load_policy, policy_path
 from audit_platform.settings import Settings
@@ -238,6 +239,9 @@ def retention_run(
     typer.echo(f"{verb} indices: {', '.join(report.indices) or 'none'}")
     typer.echo(f"{verb} staged hours: {len(report.staged_hours)}")
     typer.echo(f"{verb} quarantine entries: {report.quarantine_entries}")
+    for hold_id, kept in sorted(report.held.items()):
+        indices = ", ".join(kept["indices"]) or "no index"
+        typer.echo(f"kept by hold {hold_id}: {indices}; {len(kept['staged_hours'])} staged hours")
 
 
 keys_app = typer.Typer(
@@ -434,3 +438,61 @@ def verify(
         raise typer.Exit(2)
     if not all(r.ok for r in reports):
         raise typer.Exit(1)
+
+
+hold_app = typer.Typer(
+    help="Legal holds: what retention must keep, whatever its age.", no_args_is_help=True
+)
+app.add_typer(hold_app, name="hold")
+ByOption = Annotated[
+    str, typer.Option("--by", help="Who does this (a name or ticket; kept with the hold).")
+]
+
+
+@hold_app.command("create")
+def hold_create(
+    source: SourceOption,
+    reason: Annotated[str, typer.Option(help="Why: a case, a request from counsel.")],
+    by: ByOption,
+    env: EnvOption = None,
+    table: Annotated[str | None, typer.Option(help="Only this table, as schema.table.")] = None,
+    object_id: Annotated[
+        str | None,
+        typer.Option("--object", help="Only this object (its key, as records print it)."),
+    ] = None,
+) -> None:
+    """Hold a source, a table or one object: retention deletes nothing it covers until released."""
+    settings = Settings() if env is None else Settings(env=env)
+    with _platform_connection(settings) as conn:
+        try:
+            hold = create_hold(conn, settings.env, source, reason=reason, created_by=by,
+                               table=table, object_id=object_id)  # fmt: skip
+        except ValueError as exc:
+            raise _fail(exc) from exc
+    typer.echo(f"hold {hold.id}: {hold.covers} ({hold.reason})")
+
+
+@hold_app.command("list")
+def hold_list(
+    env: EnvOption = None,
+    released: Annotated[bool, typer.Option("--all", help="Released holds too.")] = False,
+) -> None:
+    """The environment's holds: what each covers, why, who placed and released it."""
+    settings = Settings() if env is None else Settings(env=env)
+    with _platform_connection(settings) as conn:
+        holds = list_holds(conn, settings.env, active_only=not released)
+    for hold in holds:
+        state = (f"released {hold.released_at:%Y-%m-%d %H:%M} by {hold.released_by}"
+                 if hold.released_at else "active")  # fmt: skip
+        typer.echo(f"{hold.id}\t{hold.covers}\t{state}\tby {hold.created_by} "
+                   f"{hold.created_at:%Y-%m-%d %H:%M}\t{hold.reason}")  # fmt: skip
+
+
+@hold_app.command("release")
+def hold_release(hold_id: int, by: ByOption, env: EnvOption = None) -> None:
+    """Release a hold; retention may then delete what it kept (the hold's record stays)."""
+    settings = Settings() if env is None else Settings(env=env)
+    with _platform_connection(settings) as conn:
+        if not release_hold(conn, settings.env, hold_id, by):
+            raise _fail(ValueError(f"no active hold {hold_id} in environment {settings.env}"))
+    typer.echo(f"hold {hold_id} released")

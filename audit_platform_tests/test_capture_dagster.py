@@ -19,6 +19,8 @@ from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
 from audit_platform.staging import StagingStore
+from audit_platform.trust.log import TrustLog
+from audit_platform.trust.signing import new_private_key
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import SHOP_DDL
 
@@ -346,3 +348,33 @@ def test_a_quiet_source_on_a_busy_server_gets_its_slot_confirmed_by_a_heartbeat(
         assert after.lag_bytes < 1024**2
         assert StagingStore(str(Settings().staging_root), env, "shop").files("changes") == []
         assert "holds no changes" in _tick(defs, instance).skip_message
+
+
+def test_the_trust_job_signs_and_verifies_the_trail_and_fails_on_a_deleted_record(
+    shop, es, env, monkeypatch
+):
+    monkeypatch.setenv("AUDIT_SIGNING_KEY", new_private_key())
+    defs = build_definitions()
+    _write_as_user(shop, "INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')",
+                   "INSERT INTO orders (id, customer_id, status) VALUES (2, 1, 'new')")  # fmt: skip
+    with dg.instance_for_test() as instance:
+        assert (
+            defs.resolve_job_def("capture_shop_job").execute_in_process(instance=instance).success
+        )
+        es.indices.refresh(index=f"audit-{env}")
+
+        def checks() -> dict[str, dg.AssetCheckEvaluation]:
+            run = defs.resolve_job_def("trust_job").execute_in_process(instance=instance,
+                                                                        raise_on_error=False)  # fmt: skip
+            return {e.event_specific_data.check_name: e.event_specific_data
+                    for e in run.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}  # fmt: skip
+
+        found = checks()
+        assert found["trail_verified"].passed, found["trail_verified"].metadata
+        assert found["read_log_verified"].passed
+        assert TrustLog(StagingStore(Settings().staging_root, env, "shop")).checkpoints()
+        hit = es.search(index=f"audit-{env}", size=1)["hits"]["hits"][0]
+        es.delete(index=hit["_index"], id=hit["_id"], refresh=True)
+        failed = checks()["trail_verified"]
+        assert not failed.passed
+        assert f"removed {hit['_id']}" in failed.metadata["problems"].value[0]

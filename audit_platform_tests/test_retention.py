@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from audit_platform import platform_db
+from audit_platform.holds import HoldError, create_hold, list_holds, release_hold
 from audit_platform.index.retention import cluster_has_ilm, ilm_policy, run_retention
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
@@ -96,3 +97,56 @@ def test_ilm_policy_body_deletes_at_the_retention_period():
 
 def test_the_test_cluster_has_no_ilm_so_the_retention_job_deletes_indices(es):
     assert cluster_has_ilm(es) is False
+
+
+def test_retention_keeps_what_legal_holds_cover_and_removes_the_rest(es_prefix, es, tmp_path,
+                                                                     pg_database):  # fmt: skip
+    env = f"{es_prefix.replace('-', '_')}h"
+    old = {s: f"audit-{env}-{s}-2026.08" for s in ("shop", "billing", "crm")}
+    for source, name in old.items():
+        es.indices.create(index=name)
+        es.index(index=name, id="1", refresh=True, document={
+            "source": {"service": source}, "table": {"schema": "public", "name": "orders"},
+            "object_id": "42"})  # fmt: skip
+    stores = [StagingStore(str(tmp_path), env, s) for s in old]
+    hour = (NOW - timedelta(days=40)).replace(minute=0)
+    for store in stores:
+        _stage(store, hour)
+    state = psycopg.connect(pg_database, autocommit=True)
+    platform_db.install(state, RESOURCES / "sql")
+    whole = create_hold(state, env, "shop", reason="case 114", created_by="counsel")
+    one = create_hold(state, env, "billing", reason="case 115", created_by="counsel",
+                      table="public.orders", object_id="42")  # fmt: skip
+    elsewhere = create_hold(state, env, "crm", reason="case 116", created_by="counsel",
+                            table="public.customers")  # fmt: skip
+    with pytest.raises(HoldError, match="reason"):
+        create_hold(state, env, "shop", reason=" ", created_by="x")
+    with pytest.raises(HoldError, match="--table"):
+        create_hold(state, env, "shop", reason="r", created_by="x", object_id="1")
+    holds = list_holds(state, env, active_only=True)
+    try:
+        dry = run_retention(env=env, retention_days=30, client=es, stores=stores, state=state,
+                            now=NOW, dry_run=True, holds=holds)  # fmt: skip
+        assert dry.held[whole.id]["indices"] == [old["shop"]]
+        assert dry.held[one.id]["indices"] == [old["billing"]]
+        assert elsewhere.id not in dry.held or dry.held[elsewhere.id]["indices"] == []
+        assert dry.indices == [old["crm"]]  # its hold covers another table: no record held
+        assert all(len(dry.held[h.id]["staged_hours"]) == 1 for h in (whole, one, elsewhere))
+        run_retention(env=env, retention_days=30, client=es, stores=stores, state=state, now=NOW,
+                      dry_run=False, holds=holds)  # fmt: skip
+        assert es.indices.exists(index=old["shop"]) and es.indices.exists(index=old["billing"])
+        assert not es.indices.exists(index=old["crm"])
+        assert all(len(store.hours("records")) == 1 for store in stores)
+        # Released, the hold no longer keeps anything; its record stays.
+        assert release_hold(state, env, whole.id, "counsel")
+        assert not release_hold(state, env, whole.id, "counsel")
+        holds = list_holds(state, env, active_only=True)
+        done = run_retention(env=env, retention_days=30, client=es, stores=stores, state=state,
+                             now=NOW, dry_run=False, holds=holds)  # fmt: skip
+        assert done.indices == [old["shop"]] and not es.indices.exists(index=old["shop"])
+        released = next(h for h in list_holds(state, env) if h.id == whole.id)
+        assert released.released_by == "counsel" and released.released_at is not None
+    finally:
+        for name in old.values():
+            es.options(ignore_status=404).indices.delete(index=name)
+        state.close()

@@ -39,6 +39,7 @@ from audit_platform.defs.index.schedules import (
 from audit_platform.defs.partitions import hourly_partitions, partitions_start
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
+from audit_platform.defs.trust import reads_check, trail_check, trust_job, trust_schedule
 from audit_platform.environment import load_environment
 from audit_platform.settings import Settings
 
@@ -84,6 +85,12 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         sensors.append(capture_sensor(env, source, config, job, interval, heartbeat))
         sensors.append(quarantine_sensor(source, resolve))
         schedules.append(quarantine_schedule(source, quarantine_job))
+    trail = [trail_check(source) for source in sorted(environment.sources)]
+    if environment.sources:
+        trail.append(reads_check(min(environment.sources)))
+        trust = trust_job(trail)
+        jobs.append(trust)
+        schedules.append(trust_schedule(trust))
     health = health_checks_job(checks)
     jobs.append(health)
     schedules.append(health_checks_schedule(health))
@@ -103,7 +110,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     )
     return dg.Definitions(
         assets=assets,
-        asset_checks=checks,
+        asset_checks=[*checks, *trail],
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,

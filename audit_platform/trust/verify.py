@@ -41,7 +41,13 @@ from audit_platform.policy import SourcePolicy, load_policy, policy_path
 from audit_platform.read_log import read_leaf, read_rows
 from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import Settings
-from audit_platform.staging.store import StagingStore, hour_from_path, lsn_text, parse_lsn
+from audit_platform.staging.store import (
+    StagingStore,
+    hour_from_path,
+    lsn_range,
+    lsn_text,
+    parse_lsn,
+)
 from audit_platform.trust import signing
 from audit_platform.trust.leaves import KINDS, canonical, document_leaves, record_leaves
 from audit_platform.trust.log import TrustLog, checkpoint_hash
@@ -122,7 +128,7 @@ class Window:
     """What verification accepts as not yet done or already gone."""
 
     now: datetime
-    #: A logged change this recent may not be indexed yet (the pipeline's freshness).
+    #: A late context this recent may not have re-attributed its record yet.
     indexing_lag: timedelta = timedelta(minutes=5)
     retention: timedelta | None = None
 
@@ -394,13 +400,14 @@ def _check_documents(
             )
     _check_derived(report, batch)
     cutoff = window.now - window.retention if window.retention else None
+    pending = _pending(store)
     for rid, (_, lsn, seq, time) in logged.items():
         if rid in seen:
             continue
         if (lsn, seq) in waiting:
             report.add("waiting", rid, "in the quarantine, waiting for its context")
-        elif time > window.now - window.indexing_lag:
-            report.add("not_indexed_yet", rid, "logged moments ago; not indexed yet")
+        elif rid in pending.ids or any(first <= lsn <= last for first, last in pending.ranges):
+            report.add("not_indexed_yet", rid, "its batch is staged and not indexed yet")
         elif cutoff is not None and time < cutoff:
             report.add("expired", rid, "older than the retention period")
         else:
@@ -410,6 +417,23 @@ def _check_documents(
                 f"logged (commit {lsn_text(lsn)}, change {seq}) but "
                 "not in Elasticsearch: the document was deleted",
             )
+
+
+@dataclass
+class _Pending:
+    ranges: list[tuple[int, int]]
+    ids: set[str]
+
+
+def _pending(store: StagingStore) -> _Pending:
+    """What the pending ledger still owes the index: staged batches and records to re-send."""
+    found = _Pending([], set())
+    for entry in store.pending():
+        if entry.ids is not None:
+            found.ids.update(entry.ids)
+        else:
+            found.ranges.extend(lsn_range(path) for path in entry.staged_paths("changes"))
+    return found
 
 
 def _record_row(doc_id: str, doc: dict[str, Any]) -> dict[str, Any]:
