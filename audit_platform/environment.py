@@ -63,6 +63,9 @@ class EnvironmentConfig(BaseModel):
     #: The trail's log is signed at most this often (after a capture run that added to it): a
     #: record is provable from the first checkpoint after it.
     checkpoint_every_seconds: int = Field(default=60, ge=0)
+    #: Whether the enrich step appends to the trail's log at all: off only to measure what
+    #: the log costs (benchmarks/sustained_load.py --no-trail); verify fails without it.
+    trail: bool = True
     dagster_failed_runs_keep_days: int = Field(default=30, ge=1)
 
     @model_validator(mode="after")

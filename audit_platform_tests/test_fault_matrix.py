@@ -22,6 +22,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -273,3 +275,13 @@ def test_each_fault_heals_by_itself_and_the_trail_matches_the_trigger_table(matr
     assert len(ids) == len(set(ids))
     assert indexed == truth  # nothing missing, nothing twice, nothing altered
     assert matrix.writer.reconnects >= 1  # the PostgreSQL restart really cut connections
+    # The trail came through the faults whole: one log, in commit order, signed and chained.
+    verified = subprocess.run(
+        [str(Path(sys.executable).with_name("audit-platform")), "verify", "--json"],
+        env=matrix.deployment.environ(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(verified.stdout.splitlines()[0])
+    report.append(f"verify: {result['counts']}, {result['log_size']} leaves, "
+                  f"{result['checkpoints']} checkpoints, exit {verified.returncode}")  # fmt: skip
+    assert verified.returncode == 0 and result["ok"], verified.stdout[:2000] + verified.stderr
+    assert result["documents"] == len(ids) and result["checkpoints"] >= 1

@@ -4,9 +4,11 @@ every proof for every pair of sizes up to a few dozen leaves, valid and mutated.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
+from audit_platform.trust.leaves import canonical
 from audit_platform.trust.merkle import (
     EMPTY_ROOT,
     Frontier,
@@ -104,3 +106,17 @@ def test_proofs_refuse_positions_outside_the_tree():
     with pytest.raises(ValueError):
         consistency_proof(LEAVES, 0, 5)
     assert not verify_inclusion(LEAVES[0], 3, 3, [], LEAVES[0])
+
+
+CHARACTERS = [chr(i) for i in range(0x250)] + ["\u2028", "\u2029", "\ud7ff", "\ue000", "\uffff",
+                                               "\U0001f600", "\U0010ffff"]  # fmt: skip
+
+
+@pytest.mark.parametrize("character", CHARACTERS, ids=lambda c: f"U+{ord(c):04X}")
+def test_leaves_are_serialized_as_the_documented_json_dumps_gives(character):
+    """The offline checker (docs/verify_record.py) uses the standard library; the log uses
+    orjson for speed: both must give the same bytes, escapes and key order included."""
+    leaf = {"k" + character: "v" + character + '"\\', "a": [character, None],
+            "z": {character: "x", "b": None}, character: ""}  # fmt: skip
+    documented = json.dumps(leaf, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    assert canonical(leaf) == documented.encode()

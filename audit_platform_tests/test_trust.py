@@ -27,9 +27,10 @@ from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.read_log import append_reads, read_rows, read_trail
 from audit_platform.settings import Settings
-from audit_platform.trust.leaves import canonical
+from audit_platform.staging import StagingStore
+from audit_platform.trust.leaves import LEAF_SCHEMA, canonical
 from audit_platform.trust.log import TrustLog
-from audit_platform.trust.merkle import verify_consistency
+from audit_platform.trust.merkle import leaf_hash, root, verify_consistency
 from audit_platform.trust.signing import new_private_key, private_key, public_text, sign
 from audit_platform.trust.verify import Window, verify_reads, verify_source, waiting_changes
 from audit_platform_tests.capture_support import CaptureSource, make_source
@@ -344,3 +345,33 @@ def test_the_read_log_is_a_verifiable_trail(trail, api):
         ("altered", f"read {first['id']}"),
         ("removed", f"read {second['id']}"),
     }
+
+
+def test_appends_resume_inside_a_transaction_and_never_repeat_a_leaf(tmp_path):
+    """A rerun appends nothing twice; a transaction whose leaves come in two appends (a batch
+    cut inside it) loses none."""
+    log = TrustLog(StagingStore(str(tmp_path), "unit", "shop"))
+    now = datetime.now(UTC)
+
+    def leaves(rows):
+        return pl.DataFrame(
+            {"position": [None] * len(rows), "kind": [k for k, _, _ in rows],
+             "lsn": [lsn for _, lsn, _ in rows], "seq": [s for _, _, s in rows],
+             "xid": [1] * len(rows), "time": [now] * len(rows),
+             "record_id": [f"{lsn}:{s}" for _, lsn, s in rows],
+             "hash": [leaf_hash(f"{k}{lsn}{s}".encode()) for k, lsn, s in rows]},
+            schema=LEAF_SCHEMA,
+        )  # fmt: skip
+
+    first = [("context", 10, -1), ("change", 10, 0), ("change", 10, 1)]
+    rest = [("change", 10, 2), ("change", 11, 0)]
+    assert log.append(leaves(first)) == 3
+    assert log.append(leaves(first)) == 0  # the same batch again
+    assert log.append(leaves(first[1:] + rest)) == 2  # overlapping: only what is new
+    found = log.leaves()
+    assert found["position"].to_list() == list(range(5))
+    assert [(k, lsn, s) for k, lsn, s in found.select("kind", "lsn", "seq").iter_rows()] == [
+        *first,
+        *rest,
+    ]
+    assert log.state().frontier.root() == root(found["hash"].to_list())

@@ -202,11 +202,12 @@ def enrich_pending(
     *,
     now: datetime,
     grace: timedelta,
+    trail: bool = True,
 ) -> list[HourResult]:
     """Enrich every pending batch not enriched yet: this run's, and any an earlier run left,
     in LSN order, appending each one's leaves to the trail's log before it counts as done."""
     hours: list[HourResult] = []
-    log = TrustLog(store)
+    log = TrustLog(store) if trail else None
     for entry in store.pending():
         if entry.records is not None:
             continue
@@ -218,10 +219,11 @@ def enrich_pending(
             entry.staged_paths("contexts"),
             now=now,
             grace=grace,
-            leaves=True,
+            leaves=log is not None,
         )
         crash_point("enrich.records_written")
-        log.append(pl.concat(outcome.leaves))
+        if log is not None:
+            log.append(pl.concat(outcome.leaves))
         crash_point("enrich.logged")
         store.mark_enriched(entry, outcome.records_paths)
         hours.extend(outcome.hours)

@@ -23,6 +23,7 @@ from audit_platform.settings import PROJECT_ROOT, Settings
 from audit_platform.stack import processes
 from audit_platform.stack.processes import Process
 from audit_platform.stack.system import ensure_port_free
+from audit_platform.trust.signing import new_private_key
 
 LAUNCH_RUN = """
 mutation ($params: ExecutionParams!) {
@@ -87,6 +88,7 @@ class LocalDeployment:
                 database_url(self.exports["AUDIT_PG_URL"], f"dagster_{self.env}")),
             "AUDIT_STAGING_ROOT": str(self.root / "staging"),
             "AUDIT_MASK_KEY": self.mask_key,
+            "AUDIT_SIGNING_KEY": self.signing_key(),
             "AUDIT_API_PORT": str(self.api_port),
             "DAGSTER_HOME": str(self.root / "dagster_home"),
         }  # fmt: skip
@@ -95,6 +97,16 @@ class LocalDeployment:
         for source, url in self.sources.items():
             env[f"AUDIT_SOURCE_{source.upper()}_URL"] = url
         return env
+
+    def signing_key(self) -> str:
+        """This deployment's key for the trail's checkpoints, made once and kept under its
+        root (a restarted deployment goes on with the same key, so the chain goes on)."""
+        path = self.root / "signing_key"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(new_private_key())
+        return path.read_text().strip()
 
     def settings(self) -> Settings:
         exports = {k: v for k, v in self.environ().items() if k.startswith("AUDIT_")}

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
+import orjson
 import polars as pl
 
 from audit_platform.staging.store import lsn_text, parse_lsn
@@ -52,11 +54,12 @@ LEAF_SCHEMA = {
     "hash": pl.Binary,
 }
 
-_canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
-
 
 def canonical(leaf: dict[str, Any]) -> bytes:
-    return _canonical(leaf).encode()
+    """RFC 8785 bytes: orjson's compact, key-sorted UTF-8, which for these values is what
+    ``json.dumps(leaf, ensure_ascii=False, separators=(",", ":"), sort_keys=True)`` gives
+    (tested character by character), at a tenth of the cost."""
+    return orjson.dumps(leaf, option=orjson.OPT_SORT_KEYS)
 
 
 def moment(value: datetime) -> str:
@@ -145,87 +148,54 @@ def attach_leaf(
 
 
 def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    return None if text is None else orjson.loads(text)
 
 
 def record_leaves(records: pl.DataFrame) -> pl.DataFrame:
-    """A ``change`` leaf for each record of a records frame (``RECORD_SCHEMA``)."""
-    columns = (
-        "id",
-        "env",
-        "source",
-        "lsn",
-        "xid",
-        "change_index",
-        "commit_time",
-        "schema",
-        "table",
-        "operation",
-        "key_columns",
-        "column_types",
-        "object_id",
-        "changed_columns",
-        "before",
-        "after",
-        "policy_version",
-        "txn_changes",
-        "txn_ignored",
-    )
+    """A ``change`` leaf for each record of a records frame (``RECORD_SCHEMA``): the leaf
+    :func:`change_leaf` gives, with the scalar fields rendered by polars for the whole frame
+    and the repeated JSON texts (keys, types, changed columns) parsed once each."""
+    text = pl.col("lsn")
+    rendered = records.select(
+        "id", "env", "source",
+        pl.format("{}/{}", (text // 2**32).map_elements(_hex, return_dtype=pl.String),
+                  (text % 2**32).map_elements(_hex, return_dtype=pl.String)),
+        pl.col("xid").cast(pl.String), pl.col("change_index").cast(pl.String),
+        pl.col("commit_time").dt.convert_time_zone("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S.%6fZ"),
+        "schema", "table", "operation", "key_columns", "column_types", "object_id",
+        "changed_columns", "before", "after", "policy_version",
+        pl.col("txn_changes").cast(pl.String), pl.col("txn_ignored").cast(pl.String),
+    )  # fmt: skip
     hashes = []
-    for (
-        rid,
-        env,
-        source,
-        lsn,
-        xid,
-        index,
-        time,
-        schema,
-        table,
-        op,
-        key,
-        types,
-        oid,
-        changed,
-        before,
-        after,
-        policy,
-        txn_changes,
-        txn_ignored,
-    ) in records.select(columns).iter_rows():
-        leaf = change_leaf(
-            record_id=rid,
-            env=env,
-            source=source,
-            lsn=lsn,
-            xid=xid,
-            change_index=index,
-            time=time,
-            schema=schema,
-            table=table,
-            operation=op,
-            key=_loads(key) or [],
-            types=_loads(types) or {},
-            object_id=oid,
-            changed=_loads(changed),
-            before=_loads(before),
-            after=_loads(after),
-            policy_version=policy,
-            txn_changes=txn_changes,
-            txn_ignored=txn_ignored,
-        )
+    for (rid, env, source, lsn, xid, index, time, schema, table, op, key, types, oid, changed,
+         before, after, policy, txn_changes, txn_ignored) in rendered.iter_rows():  # fmt: skip
+        leaf = {
+            "v": VERSION, "kind": "change", "id": rid, "env": env, "source": source,
+            "commit_lsn": lsn, "xid": xid, "index": index, "time": time, "schema": schema,
+            "table": table, "op": op, "key": _parsed(key) or [], "types": _parsed(types) or {},
+            "object_id": oid, "changed": _parsed(changed), "before": _loads(before),
+            "after": _loads(after), "policy": policy, "txn_changes": txn_changes,
+            "txn_ignored": txn_ignored,
+        }  # fmt: skip
         hashes.append(leaf_hash(canonical(leaf)))
     return _frame(
         records.select(
-            pl.lit("change").alias("kind"),
-            pl.col("lsn"),
-            pl.col("change_index").alias("seq"),
-            pl.col("xid"),
-            pl.col("commit_time").alias("time"),
-            pl.col("id").alias("record_id"),
+            pl.lit("change").alias("kind"), pl.col("lsn"), pl.col("change_index").alias("seq"),
+            pl.col("xid"), pl.col("commit_time").alias("time"), pl.col("id").alias("record_id"),
         ),
         hashes,
-    )
+    )  # fmt: skip
+
+
+def _hex(value: int) -> str:
+    return f"{value:X}"
+
+
+@lru_cache(maxsize=4096)
+def _parsed(text: str | None) -> Any:
+    """A JSON text that repeats across records (a table's key and types, changed columns),
+    parsed once. Callers must not change what it returns."""
+    return None if text is None else orjson.loads(text)
 
 
 def context_leaves(own: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
@@ -291,12 +261,16 @@ def _frame(meta: pl.DataFrame, hashes: list[bytes]) -> pl.DataFrame:
     )  # type: ignore[arg-type]
 
 
-def in_log_order(leaves: pl.DataFrame) -> pl.DataFrame:
-    """Commit order: by commit LSN; in a transaction its context, attachments, then changes."""
-    rank = pl.col("kind").replace_strict(
+def kind_rank() -> pl.Expr:
+    """A leaf's place within its transaction: its context, attachments, then changes."""
+    return pl.col("kind").replace_strict(
         {k: i for i, k in enumerate(KINDS)}, default=len(KINDS), return_dtype=pl.Int8
     )
-    return leaves.sort(pl.col("lsn"), rank, pl.col("seq"))
+
+
+def in_log_order(leaves: pl.DataFrame) -> pl.DataFrame:
+    """Commit order: by commit LSN, then within a transaction by :func:`kind_rank` and seq."""
+    return leaves.sort(pl.col("lsn"), kind_rank(), pl.col("seq"))
 
 
 # --- the same leaves, from an Elasticsearch document ------------------------------------

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from audit_platform.staging.store import StagingStore, lsn_hex, lsn_text
 from audit_platform.trust import signing
-from audit_platform.trust.leaves import LEAF_SCHEMA, canonical, in_log_order, moment
+from audit_platform.trust.leaves import LEAF_SCHEMA, canonical, in_log_order, kind_rank, moment
 from audit_platform.trust.merkle import Frontier
 
 
@@ -38,12 +38,15 @@ class LogState:
     last_lsn: int = -1
     frontier: Frontier = field(default_factory=Frontier)
     checkpoint: dict[str, Any] | None = None  # {"seq", "hash", "tree_size", "time"}
+    #: (commit LSN, kind rank, seq) of the last leaf: where an append resumes.
+    last_key: tuple[int, int, int] = (-1, 0, 0)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "size": self.size,
             "first_lsn": self.first_lsn,
             "last_lsn": self.last_lsn,
+            "last_key": list(self.last_key),
             "frontier": self.frontier.to_json(),
             "checkpoint": self.checkpoint,
         }
@@ -79,23 +82,35 @@ class TrustLog:
             body["last_lsn"],
             Frontier.from_json(body["frontier"]),
             body["checkpoint"],
+            tuple(body.get("last_key") or (body["last_lsn"], 9, 2**31)),
         )
 
     def append(self, leaves: pl.DataFrame) -> int:
-        """Append the leaves of whole transactions newer than the log; returns how many."""
+        """Append the leaves the log does not hold yet (those after its last leaf in commit
+        order: a rerun of a batch appends nothing twice); returns how many."""
         state = self.state()
-        new = in_log_order(leaves.filter(pl.col("lsn") > state.last_lsn))
+        lsn, rank, seq = state.last_key
+        ordered = in_log_order(leaves).with_columns(kind_rank().alias("_rank"))
+        same_lsn, same_rank = pl.col("lsn") == lsn, pl.col("_rank") == rank
+        later_in_txn = (pl.col("_rank") > rank) | (same_rank & (pl.col("seq") > seq))
+        after = (pl.col("lsn") > lsn) | (same_lsn & later_in_txn)
+        new = ordered.filter(after)
         if new.is_empty():
             return 0
-        new = new.with_columns(
+        last_row = new.row(-1, named=True)
+        new = new.drop("_rank").with_columns(
             (pl.int_range(pl.len(), dtype=pl.Int64) + state.size).alias("position")
         )
         first, last = new["lsn"].min(), new["lsn"].max()
-        self.store.write_file(f"{self.dir}/leaves/{lsn_hex(first)}-{lsn_hex(last)}.parquet", new)
+        # Named by LSN range (proofs find a record's file by it) and first position (a
+        # transaction continued in the next append gets a file of its own).
+        name = f"{lsn_hex(first)}-{lsn_hex(last)}.{state.size:012d}.parquet"
+        self.store.write_file(f"{self.dir}/leaves/{name}", new)
         state.frontier.extend(new["hash"].to_list())
         state.size = state.frontier.size
         state.first_lsn = first if state.first_lsn is None else state.first_lsn
         state.last_lsn = last
+        state.last_key = (last, last_row["_rank"], last_row["seq"])
         self.store.write_json(self._state_path, state.to_json())
         return new.height
 

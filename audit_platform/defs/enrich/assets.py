@@ -51,12 +51,16 @@ def enrich_increment(
     """A run's own work: its pending batches (when ``batches``), then the orphans that are due
     or whose context has arrived. Never whole hours."""
     store, policy, now = platform.store(source), platform.policy(source), datetime.now(UTC)
+    environment = platform.environment()
     with platform.state() as state:
-        done = enrich_pending(store, state, policy, now=now, grace=grace) if batches else []
+        done = (
+            enrich_pending(store, state, policy, now=now, grace=grace, trail=environment.trail)
+            if batches else []
+        )  # fmt: skip
         resolved = resolve_quarantine(store, state, policy, now=now, grace=grace)
     signer = platform.settings.signer()
-    if batches and signer is not None:
-        every = timedelta(seconds=platform.environment().checkpoint_every_seconds)
+    if batches and signer is not None and environment.trail:
+        every = timedelta(seconds=environment.checkpoint_every_seconds)
         TrustLog(store).checkpoint(signer, now, every)
     return merge_hours([*done, *resolved])
 
