@@ -6,6 +6,7 @@ for the Dagster code location, the API and the command line.
 
 from __future__ import annotations
 
+from elastic_transport import OrjsonSerializer
 from elasticsearch import Elasticsearch
 
 from audit_platform.settings import ElasticsearchConnection, Settings
@@ -36,7 +37,9 @@ def elasticsearch_client(
         kwargs["basic_auth"] = (conn.username, password)
     if conn.ca_certs is not None:
         kwargs["ca_certs"] = str(conn.ca_certs)
-    return Elasticsearch(conn.url, **kwargs)
+    # orjson parses answers several times faster than the standard library (a scan of a
+    # million records spends most of its time there); same JSON in, same objects out.
+    return Elasticsearch(conn.url, serializer=OrjsonSerializer(), **kwargs)
 
 
 def es_from_settings(settings: Settings) -> Elasticsearch:

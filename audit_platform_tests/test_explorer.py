@@ -23,6 +23,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key, revoke_key
 from audit_platform.demo.screenshot import find_browser
+from audit_platform.read_log import read_rows
 from audit_platform.settings import Settings
 from audit_platform.stack.system import free_port
 from audit_platform_tests.shop_data import Shop, shop_environments
@@ -436,3 +437,23 @@ def test_a_missing_page_is_a_page_that_says_so(context, explorer):
     response = page.goto(f"{explorer.base}/ui/objects/shop/public.orders/1?at=yesterday")
     assert response is not None and response.status == 422
     expect(page.get_by_role("alert")).to_contain_text("2026-11-27T14:30")
+
+
+def test_what_the_explorer_shows_is_in_the_read_log(context, explorer):
+    page = sign_in(context, explorer, explorer.shop.keys["a"])
+    search(page, explorer, "actor:ada table:customers")
+    with page.expect_download() as download:
+        page.get_by_role("link", name="CSV").click()
+    download.value.path()
+    key_id = explorer.shop.keys["a"].split("_")[1]
+    deadline = time.monotonic() + 10  # an export's row is written as its last line goes out
+    while True:
+        with psycopg.connect(explorer.pg_url, autocommit=True) as conn:
+            rows = read_rows(conn, explorer.shop.env, key_id=key_id, limit=1_000)
+        seen = [(r["route"], r["params"].get("q"), r["returned"]) for r in rows]
+        if ("/ui/export", "actor:ada table:customers", 2) in seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert ("/ui/search", "actor:ada table:customers", 2) in seen
+    assert ("/ui/export", "actor:ada table:customers", 2) in seen
+    assert all(r["route"] != "/ui/login" for r in rows)

@@ -23,16 +23,24 @@ from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
 from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
 from audit_platform.index.batch import index_pending
+from audit_platform.index.documents import documents
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.read_log import append_reads, read_rows, read_trail
+from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
 from audit_platform.trust.leaves import LEAF_SCHEMA, canonical
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.merkle import leaf_hash, root, verify_consistency
 from audit_platform.trust.signing import new_private_key, private_key, public_text, sign
-from audit_platform.trust.verify import Window, verify_reads, verify_source, waiting_changes
+from audit_platform.trust.verify import (
+    Window,
+    derived_mismatches,
+    verify_reads,
+    verify_source,
+    waiting_changes,
+)
 from audit_platform_tests.capture_support import CaptureSource, make_source
 from audit_platform_tests.helpers import policy_for
 
@@ -375,3 +383,49 @@ def test_appends_resume_inside_a_transaction_and_never_repeat_a_leaf(tmp_path):
         *rest,
     ]
     assert log.state().frontier.root() == root(found["hash"].to_list())
+
+
+def test_verify_derives_fields_as_the_indexing_code_does():
+    """derived_mismatches restates, per document, what index.documents derives column-wise:
+    the two must agree on awkward values, or an untouched trail would fail verification."""
+    now = datetime(2026, 11, 27, 12, 30, 1, 123456, tzinfo=UTC)
+    contexts = [
+        {"actor": {"id": 'ünï "q" \\', "name": None}, "service": "s", "trace_id": "t"},
+        {"actor": {"id": 42, "name": True}, "client_addr": "10.0.0.1", "service": {"a": 1}},
+        {"reason": "no actor"},
+        None,
+    ]
+    images = [{"a": "x", "b": None, "c": ""}, {"é": "line\nbreak", "q": '"quoted"'}, None]
+    rows = [
+        {"id": f"e:shop:{i:016X}:0", "commit_time": now, "env": "e", "source": "shop",
+         "schema": "public", "table": "t", "operation": ("insert", "update", "delete")[i % 3],
+         "object_id": "1", "changed_columns": '["a"]',
+         "before": None if images[i % 3] is None else json.dumps(images[i % 3]),
+         "after": json.dumps(images[(i + 1) % 3]) if images[(i + 1) % 3] else None,
+         "context": None if contexts[i % 4] is None else json.dumps(contexts[i % 4]),
+         "attribution_status": "attributed", "attribution_lag_seconds": None, "xid": 7,
+         "lsn": i, "change_index": 0, "key_columns": '["a"]', "column_types": "{}",
+         "txn_changes": 1, "txn_ignored": 0, "policy_version": "1"}
+        for i in range(12)
+    ]  # fmt: skip
+    records = pl.DataFrame(rows, schema=RECORD_SCHEMA)
+    for index, doc_id, doc in documents(records, database="db", ingested_at=now):
+        assert derived_mismatches(index, doc_id, doc) == [], (doc_id, doc)
+    index, doc_id, doc = next(documents(records, database="db", ingested_at=now))
+    assert derived_mismatches(index, doc_id, {**doc, "values_text": "forged"}) == ["values_text"]
+    assert derived_mismatches("audit-e-shop-2020.01", doc_id, doc) == ["index"]
+
+
+def test_an_edited_records_file_is_named(trail):
+    store = trail.source.store
+    path = store.files("records")[0]
+    records = store.read([path]).drop("file")
+    first = records.row(0, named=True)
+    edited = records.with_columns(
+        pl.when(pl.col("id") == first["id"]).then(pl.lit("[]")).otherwise(pl.col("changed_columns"))
+        .alias("changed_columns")
+    )  # fmt: skip
+    store.write_file(path, edited)
+    report = trail.verify()
+    assert [(f.kind, f.subject) for f in report.problems] == [("staged_altered", first["id"])]
+    assert "records" in report.problems[0].detail

@@ -43,7 +43,7 @@ from audit_platform.trust.signing import new_private_key, private_key
 from audit_platform.trust.verify import Window, verify_source
 
 RESULTS = Path(__file__).parent / "results" / "verify_trail.md"
-ENV, SOURCE, BATCH = "benchtrust", "shop", 50_000
+ENV, SOURCE, BATCH = "benchtrust", "shop", 48_000  # whole transactions (3 changes) per batch
 TABLES = ["orders", "customers", "payments", "order_lines", "shipments"]
 COLUMNS = '{"id":"integer","status":"text","note":"text"}'
 app = typer.Typer(add_completion=False)

@@ -19,14 +19,12 @@ from audit_platform.naming import index_name
 from audit_platform.record import ECS_EVENT_TYPE, RECORD_SCHEMA, AuditRecord
 from audit_platform.staging.store import lsn_text
 
-#: ``event`` per operation (ECS), as JSON text.
-_EVENT = {
-    op.value: json.dumps(
-        {"action": op.value, "kind": "event", "category": ["database"], "type": types},
-        separators=(",", ":"),
-    )
+#: ``event`` per operation (ECS).
+EVENTS = {
+    op.value: {"action": op.value, "kind": "event", "category": ["database"], "type": types}
     for op, types in ECS_EVENT_TYPE.items()
 }
+_EVENT = {op: json.dumps(event, separators=(",", ":")) for op, event in EVENTS.items()}
 _ISO_MICROS = "%Y-%m-%dT%H:%M:%S%.6f+00:00"
 
 
