@@ -135,23 +135,6 @@ class Window:
     retention: timedelta | None = None
 
 
-def verify_source(
-    store: StagingStore,
-    es: Elasticsearch,
-    policy: SourcePolicy,
-    key: Ed25519PublicKey | None,
-    *,
-    since: datetime | None,
-    until: datetime | None,
-    window: Window,
-    waiting: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
-    staging: bool = True,
-) -> VerifyReport:
-    with _without_cyclic_gc():
-        return _verify_source(store, es, policy, key, since=since, until=until, window=window,
-                              waiting=waiting, staging=staging)  # fmt: skip
-
-
 @contextmanager
 def _without_cyclic_gc() -> Iterator[None]:
     """Verification builds millions of small objects (parsed documents, leaves) and no
@@ -166,22 +149,35 @@ def _without_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _verify_source(store, es, policy, key, *, since, until, window, waiting, staging):
+def verify_source(
+    store: StagingStore,
+    es: Elasticsearch,
+    policy: SourcePolicy,
+    key: Ed25519PublicKey | None,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    window: Window,
+    waiting: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
+    staging: bool = True,
+) -> VerifyReport:
+    """One source's trail over commit times [since, until) (the log and its checkpoints are
+    always checked whole); ``waiting`` holds the quarantine's (commit LSN, change index)."""
     report = VerifyReport(store.env, store.source, since, until)
     log = TrustLog(store)
-    state = log.state()
-    leaves = log.leaves()
-    report.log_size = state.size
-    _check_log(report, leaves, state.size)
-    _check_checkpoints(report, log, leaves, key, state.checkpoint)
-    in_range = _in_range(leaves.filter(pl.col("position") < state.size), since, until)
-    changes = in_range.filter(pl.col("kind") == "change")
-    report.logged_changes = changes.height
-    _check_documents(
-        report, es, store, leaves, changes, since, until, window, waiting, state.first_lsn
-    )
-    if staging:
-        _check_staging(report, store, policy, changes, since, until)
+    with _without_cyclic_gc():
+        state = log.state()
+        leaves = log.leaves()
+        report.log_size = state.size
+        _check_log(report, leaves, state.size)
+        _check_checkpoints(report, log, leaves, key, state.checkpoint)
+        in_range = _in_range(leaves.filter(pl.col("position") < state.size), since, until)
+        changes = in_range.filter(pl.col("kind") == "change")
+        report.logged_changes = changes.height
+        _check_documents(report, es, store, leaves, changes, since, until, window, waiting,
+                         state.first_lsn)  # fmt: skip
+        if staging:
+            _check_staging(report, store, policy, changes, since, until)
     return report
 
 
