@@ -14,13 +14,12 @@ from contextlib import asynccontextmanager
 from cachetools import TTLCache
 from fastapi import FastAPI, Request, Response
 from psycopg_pool import ConnectionPool
-from starlette.concurrency import run_in_threadpool
 
 from audit_platform import platform_db
 from audit_platform.api import ui
 from audit_platform.api.deps import Services
 from audit_platform.api.errors import install_handlers
-from audit_platform.api.reads_logged import is_read, log_read
+from audit_platform.api.reads_logged import after_sending, is_read, log_read
 from audit_platform.api.routers import (
     activity,
     correlation,
@@ -131,7 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         route = request.scope.get("route")
         if is_read(request, route):
-            await run_in_threadpool(log_read, request, route.path, response.status_code, count[0])
+            # Written once the answer is sent, so the reader does not wait for it.
+            after_sending(response, log_read, request, route.path, response.status_code,
+                          count[0])  # fmt: skip
         access_log.info(
             "key=%s %s %s %d %.1fms", getattr(request.state, "key_id", "-"), request.method,
             getattr(route, "path", "(no route)"), response.status_code,

@@ -11,7 +11,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
+from starlette.background import BackgroundTask, BackgroundTasks
 
 from audit_platform.read_log import record_read
 
@@ -42,3 +43,10 @@ def log_read(request: Request, route: str, status: int, returned: int | None) ->
         record_read(conn, svc.settings.env, at=datetime.now(UTC), key_id=request.state.key_id,
                     method=request.method, route=route, params=filters(request), status=status,
                     returned=returned)  # fmt: skip
+
+
+def after_sending(response: Response, function, *args) -> None:
+    """Run ``function(*args)`` once the response is sent (after any task it already has)."""
+    tasks = BackgroundTasks([response.background] if response.background else [])
+    tasks.add_task(function, *args)
+    response.background = tasks if response.background else BackgroundTask(function, *args)
