@@ -31,8 +31,14 @@ def record_read(
         "INSERT INTO audit_platform.read_log"
         " (env, at, key_id, method, route, params, status, returned)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-        (env, at, key_id, method, route, json.dumps(params), status, returned),
+        (env, at, key_id, method, route, _storable(params), status, returned),
     )
+
+
+def _storable(params: dict[str, Any]) -> str:
+    """The filters as JSON PostgreSQL stores: a NUL character, which no PostgreSQL text can
+    hold (a fuzzer sends them), is recorded as U+FFFD."""
+    return json.dumps(params).replace("\\u0000", "\\ufffd")
 
 
 def read_rows(

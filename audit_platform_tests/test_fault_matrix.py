@@ -284,4 +284,4 @@ def test_each_fault_heals_by_itself_and_the_trail_matches_the_trigger_table(matr
     report.append(f"verify: {result['counts']}, {result['log_size']} leaves, "
                   f"{result['checkpoints']} checkpoints, exit {verified.returncode}")  # fmt: skip
     assert verified.returncode == 0 and result["ok"], verified.stdout[:2000] + verified.stderr
-    assert result["documents"] == len(ids) and result["checkpoints"] >= 1
+    assert result["documents"] >= len(truth) and result["checkpoints"] >= 1

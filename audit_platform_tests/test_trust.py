@@ -333,6 +333,11 @@ def test_a_reader_cannot_read_the_read_log_or_proofs_and_every_read_is_logged(tr
     assert exported == 8
     searched = next(r for r in rows if r["route"] == "/v1/events")
     assert searched["params"] == {"query": "op:update"}
+    # A NUL in a filter (PostgreSQL text cannot hold one) is still a logged read.
+    client.get("/v1/events", params={"q": "a\x00b"}, headers=reader)
+    rows = client.get("/v1/reads", params={"key_id": reader_id, "limit": 1000},
+                      headers=auditor).json()  # fmt: skip
+    assert any(r["params"] == {"q": "a\ufffdb"} for r in rows)
 
 
 def test_the_read_log_is_a_verifiable_trail(trail, api):

@@ -8,6 +8,7 @@ number of records it held (``audit_platform.api.routers.export``).
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +16,8 @@ from fastapi import Request, Response
 from starlette.background import BackgroundTask, BackgroundTasks
 
 from audit_platform.read_log import record_read
+
+log = logging.getLogger("audit_platform.api.read_log")
 
 NOT_READS = {"/healthz", "/readyz", "/ui", "/ui/login", "/ui/logout"}
 
@@ -38,6 +41,15 @@ def filters(request: Request) -> dict[str, Any]:
 
 
 def log_read(request: Request, route: str, status: int, returned: int | None) -> None:
+    """Write the request's row; a failure is logged as an error (the answer is already sent)."""
+    try:
+        _write(request, route, status, returned)
+    except Exception:
+        log.exception("read log: the row of %s %s by key %s was not written", request.method,
+                      route, getattr(request.state, "key_id", "-"))  # fmt: skip
+
+
+def _write(request: Request, route: str, status: int, returned: int | None) -> None:
     svc = request.app.state.services
     with svc.pool.connection() as conn:
         record_read(conn, svc.settings.env, at=datetime.now(UTC), key_id=request.state.key_id,
