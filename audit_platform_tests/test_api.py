@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
@@ -637,3 +638,31 @@ def test_each_answer_says_how_long_it_spent_in_elasticsearch(shop, api_a):
     assert 0 < es_ms <= total_ms
     assert 'desc="Elasticsearch (0 calls)"' in get(api_a, "/healthz", None).headers[
         "server-timing"]  # fmt: skip
+
+
+def test_prometheus_metrics_count_requests_latency_and_records_by_route_template(shop):
+    with _client(shop.env) as client:
+        key = shop.keys["a"]
+        first = events(client, key, table="orders", operation="update")
+        events(client, key, actor_id="ada")
+        assert get(client, "/v1/events", None).status_code == 401
+        assert get(client, "/v1/events/no-such-id", key).status_code == 404
+        answer = client.get("/metrics")  # no key: aggregates only, no personal data
+        assert answer.status_code == 200
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.text) for s in family.samples
+        }  # fmt: skip
+
+        def value(name: str, **labels: str) -> float:
+            return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+        route = {"route": "/v1/events"}
+        assert value("audit_api_requests_total", method="GET", status="200", **route) == 2
+        assert value("audit_api_requests_total", method="GET", status="401", **route) == 1
+        one = {"route": "/v1/events/{event_id}"}  # the template, never the id asked for
+        assert value("audit_api_requests_total", method="GET", status="404", **one) == 1
+        assert value("audit_api_request_duration_seconds_count", **route) == 3
+        assert value("audit_api_elasticsearch_duration_seconds_sum", **route) > 0
+        assert value("audit_api_records_returned_total", **route) == len(first) + 4
+        assert not any("no-such-id" in str(labels) for _, labels in samples)

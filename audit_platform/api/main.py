@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request, Response
 from psycopg_pool import ConnectionPool
 
 from audit_platform import platform_db
+from audit_platform.api import metrics as api_metrics
 from audit_platform.api import ui
 from audit_platform.api.deps import Services
 from audit_platform.api.errors import install_handlers
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (events, objects, activity, correlation, revert, export, gaps, trust, health):
         app.include_router(module.router)
     ui.install(app)
+    metrics = api_metrics.install(app)
 
     @app.middleware("http")
     async def log_request(
@@ -129,6 +131,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             f"total;dur={total_ms:.2f}"
         )
         route = request.scope.get("route")
+        template = getattr(route, "path", "(no route)")
+        metrics.observe(template, request.method, response.status_code, total_ms / 1000,
+                        sum(spent), count[0])  # fmt: skip
         if is_read(request, route):
             # Written once the answer is sent, so the reader does not wait for it.
             after_sending(response, log_read, request, route.path, response.status_code,

@@ -19,7 +19,7 @@ from audit_platform.read_log import record_read
 
 log = logging.getLogger("audit_platform.api.read_log")
 
-NOT_READS = {"/healthz", "/readyz", "/ui", "/ui/login", "/ui/logout"}
+NOT_READS = {"/healthz", "/readyz", "/metrics", "/ui", "/ui/login", "/ui/logout"}
 
 
 def is_read(request: Request, route: Any) -> bool:

@@ -1,0 +1,55 @@
+"""The API's Prometheus metrics at ``/metrics``: requests by route, method and status, their
+latency, the part of it spent in Elasticsearch, and the audit records returned.
+
+Routes are labelled by template (``/v1/events/{event_id}``), never by the values in a path,
+which may be personal data and would make the label set unbounded. Each application has its
+own registry (tests build several). With ``--workers N`` each worker counts its own requests:
+scrape them separately, or run one worker per pod (what the Kubernetes manifests do).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+#: Seconds: the API answers in milliseconds; exports and revert plans take seconds.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("audit_api_requests", "Requests answered.",
+                                ["route", "method", "status"], registry=self.registry)  # fmt: skip
+        self.latency = Histogram("audit_api_request_duration_seconds",
+                                 "Time to the response, in the API process.", ["route"],
+                                 buckets=BUCKETS, registry=self.registry)  # fmt: skip
+        self.elasticsearch = Histogram("audit_api_elasticsearch_duration_seconds",
+                                       "Time spent in Elasticsearch per request.", ["route"],
+                                       buckets=BUCKETS, registry=self.registry)  # fmt: skip
+        self.records = Counter("audit_api_records_returned", "Audit records returned.",
+                               ["route"], registry=self.registry)  # fmt: skip
+
+    def observe(self, route: str, method: str, status: int, seconds: float,
+                elasticsearch_seconds: float, records: int) -> None:  # fmt: skip
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+        self.elasticsearch.labels(route).observe(elasticsearch_seconds)
+        if records:
+            self.records.labels(route).inc(records)
+
+
+def install(app: FastAPI) -> ApiMetrics:
+    metrics = ApiMetrics()
+
+    @app.get("/metrics", include_in_schema=False)
+    def scrape() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
