@@ -25,7 +25,7 @@ from typing import Any
 import polars as pl
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from audit_platform.staging.store import StagingStore, lsn_hex, lsn_text
+from audit_platform.staging.store import StagingStore, lsn_hex, lsn_range, lsn_text
 from audit_platform.trust import signing
 from audit_platform.trust.leaves import LEAF_SCHEMA, canonical, in_log_order, kind_rank, moment
 from audit_platform.trust.merkle import Frontier
@@ -158,14 +158,21 @@ class TrustLog:
     def leaf_files(self) -> list[str]:
         return sorted(self.store.fs.glob(f"{self.dir}/leaves/*.parquet"))
 
-    def leaves(self) -> pl.DataFrame:
-        """Every leaf the files hold, by position (what verification checks, as found)."""
+    def leaves(self, columns: list[str] | None = None, lsn: int | None = None) -> pl.DataFrame:
+        """The leaves the files hold, by position, each with its ``file`` (what verification
+        checks, as found): all of them, or those of the files whose LSN range holds ``lsn``;
+        all columns, or ``columns`` only."""
         frames = []
         for path in self.leaf_files():
+            first, last = lsn_range(path)
+            if lsn is not None and not first <= lsn <= last:
+                continue
             with self.store.fs.open(path, "rb") as f:
-                frames.append(pl.read_parquet(f).with_columns(pl.lit(path).alias("file")))
+                frame = pl.read_parquet(f, columns=columns)
+            frames.append(frame.with_columns(pl.lit(path).alias("file")))
         if not frames:
-            return pl.DataFrame(schema={**LEAF_SCHEMA, "file": pl.String})
+            schema = {k: v for k, v in LEAF_SCHEMA.items() if columns is None or k in columns}
+            return pl.DataFrame(schema={**schema, "file": pl.String})
         return pl.concat(frames).sort("position")
 
     def checkpoints(self) -> list[tuple[str, dict[str, Any]]]:

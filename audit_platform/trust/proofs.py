@@ -13,7 +13,6 @@ from typing import Any
 
 import polars as pl
 
-from audit_platform.staging.store import lsn_range
 from audit_platform.trust import merkle
 from audit_platform.trust.leaves import document_leaves
 from audit_platform.trust.log import TrustLog
@@ -32,12 +31,7 @@ def leaf_hashes(log: TrustLog, size: int) -> list[bytes]:
         cached = _cache.get(log.dir)
         if cached is not None and cached[0] >= size:
             return cached[1][:size]
-    frames = []
-    for path in log.leaf_files():
-        with log.store.fs.open(path, "rb") as f:
-            frames.append(pl.read_parquet(f, columns=["position", "hash"]))
-    found = pl.concat(frames).sort("position") if frames else pl.DataFrame()
-    hashes = found["hash"].to_list() if found.height else []
+    hashes = log.leaves(columns=["position", "hash"])["hash"].to_list()
     if len(hashes) < size:
         raise NotProvable(f"the log holds {len(hashes)} leaves, fewer than its {size}")
     with _lock:
@@ -50,17 +44,6 @@ def latest_checkpoint(log: TrustLog) -> dict[str, Any] | None:
     return found[-1][1] if found else None
 
 
-def _leaf_rows(log: TrustLog, lsn: int | None = None) -> pl.DataFrame:
-    """Leaf rows of the files that may hold commit ``lsn`` (all files when None)."""
-    frames = []
-    for path in log.leaf_files():
-        first, last = lsn_range(path)
-        if lsn is None or first <= lsn <= last:
-            with log.store.fs.open(path, "rb") as f:
-                frames.append(pl.read_parquet(f))
-    return pl.concat(frames) if frames else pl.DataFrame()
-
-
 def record_proof(log: TrustLog, doc_id: str, doc: dict[str, Any]) -> dict[str, Any]:
     """The proof that a stored record's change (and its context, if it has one) are leaves of
     the latest checkpoint; raises :class:`NotProvable` when they are not (yet)."""
@@ -70,16 +53,16 @@ def record_proof(log: TrustLog, doc_id: str, doc: dict[str, Any]) -> dict[str, A
     size = checkpoint["checkpoint"]["tree_size"]
     claimed = document_leaves(doc_id, doc)
     lsn, xid = int(doc["transaction"]["lsn"]), int(doc["transaction"]["xid"])
-    rows = _leaf_rows(log, lsn)
+    rows = log.leaves(lsn=lsn)
     wanted = {"change": pl.col("record_id") == doc_id,
               "context": (pl.col("kind") == "context") & (pl.col("lsn") == lsn)}  # fmt: skip
     proofs = []
     for kind, leaf in claimed:
         if kind == "attach":
-            found = _leaf_rows(log).filter((pl.col("kind") == "attach") & (pl.col("xid") == xid))
+            found = log.leaves().filter((pl.col("kind") == "attach") & (pl.col("xid") == xid))
             found = found.sort("time").tail(1)
         else:
-            found = rows.filter(wanted[kind]) if rows.height else rows
+            found = rows.filter(wanted[kind])
         if found.is_empty():
             raise NotProvable(f"the log holds no {kind} leaf for {doc_id}")
         position = found["position"][0]

@@ -6,8 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query
 
-from audit_platform.api.deps import ScopeDep, ServicesDep
+from audit_platform.api.deps import ScopeDep, Services, ServicesDep
 from audit_platform.api.params import MAX_TRANSACTION_PAGE, SearchParams
+from audit_platform.api_keys import Scope
 from audit_platform.enrich import quarantine
 from audit_platform.query import reads
 from audit_platform.query.models import EventPage, TransactionView
@@ -56,13 +57,15 @@ def get_transaction(
     complete: how many changes capture staged, how many are indexed, waiting for a context in
     the quarantine, ignored by policy, or missing."""
 
-    def waiting(lsn: int) -> int:
-        with svc.pool.connection() as conn:
-            return quarantine.waiting_in_transaction(conn, scope.env, source, lsn)
-
     found = reads.get_transaction(svc.es, scope, source, xid, limit=limit, cursor=cursor,
-                                  waiting=waiting)  # fmt: skip
+                                  waiting=lambda lsn: waiting(svc, scope, source, lsn))  # fmt: skip
     if found is None:
         raise HTTPException(404, f"no transaction {xid} of source {source!r} in this "
                                  "environment and key's scope")  # fmt: skip
     return found
+
+
+def waiting(svc: Services, scope: Scope, source: str, lsn: int) -> int:
+    """Changes of the transaction at commit ``lsn`` still in the quarantine."""
+    with svc.pool.connection() as conn:
+        return quarantine.waiting_in_transaction(conn, scope.env, source, lsn)

@@ -9,7 +9,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import PlainTextResponse
 
-from audit_platform.api.deps import ScopeDep, ServicesDep
+from audit_platform.api.deps import ScopeDep, Services, ServicesDep
+from audit_platform.api_keys import Scope
 from audit_platform.query import reads
 from audit_platform.query.filters import EventFilter
 from audit_platform.query.revert import RevertPlan
@@ -48,19 +49,28 @@ def revert_transaction(
     scope: ScopeDep, svc: ServicesDep, format: Format = "json",
 ):  # fmt: skip
     """The plan undoing one transaction."""
-    f = EventFilter(source=[source], xid=xid)
-    plan = reads.revert_plan(svc.es, scope, {"source": source, "xid": str(xid)}, f,
-                             svc.policies, limits=svc.limits)  # fmt: skip
+    plan = transaction_plan(svc, scope, source, xid)
     return _answer(plan, f"transaction {xid} of source {source!r}", format)
+
+
+def transaction_plan(svc: Services, scope: Scope, source: str, xid: int) -> RevertPlan | None:
+    """The plan undoing one transaction (the API's and the Explorer's)."""
+    f = EventFilter(source=[source], xid=xid)
+    return reads.revert_plan(svc.es, scope, {"source": source, "xid": str(xid)}, f,
+                             svc.policies, limits=svc.limits)  # fmt: skip
+
+
+def request_plan(svc: Services, scope: Scope, request_id: str) -> RevertPlan | None:
+    """The plan undoing everything one request changed (the API's and the Explorer's)."""
+    return reads.revert_plan(svc.es, scope, {"request_id": request_id},
+                             EventFilter(request_id=request_id), svc.policies,
+                             limits=svc.limits)  # fmt: skip
 
 
 @router.get("/requests/{request_id}/revert", response_model=RevertPlan, responses=RESPONSES)
 def revert_request(request_id: Id, scope: ScopeDep, svc: ServicesDep, format: Format = "json"):
     """The plan undoing everything one request changed, in every source the key may read."""
-    plan = reads.revert_plan(svc.es, scope, {"request_id": request_id},
-                             EventFilter(request_id=request_id), svc.policies,
-                             limits=svc.limits)  # fmt: skip
-    return _answer(plan, f"request {request_id!r}", format)
+    return _answer(request_plan(svc, scope, request_id), f"request {request_id!r}", format)
 
 
 @router.get("/jobs/{name}/runs/{run_id}/revert", response_model=RevertPlan, responses=RESPONSES)

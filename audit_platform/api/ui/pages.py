@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 from audit_platform.api.deps import Services, ServicesDep
 from audit_platform.api.params import ExportFormat
+from audit_platform.api.routers.events import waiting as quarantine_waiting
 from audit_platform.api.routers.export import streamed
-from audit_platform.api.routers.revert import sql_download
+from audit_platform.api.routers.revert import request_plan, sql_download, transaction_plan
 from audit_platform.api.ui import views
 from audit_platform.api.ui.auth import (
     SignedIn,
@@ -32,11 +33,9 @@ from audit_platform.api.ui.auth import (
     set_session_cookie,
 )
 from audit_platform.api_keys import ApiKey, verify_key
-from audit_platform.enrich import quarantine
 from audit_platform.query import reads
 from audit_platform.query.filters import EventFilter, QueryError
 from audit_platform.query.models import Completeness
-from audit_platform.query.revert import RevertPlan
 from audit_platform.record import AuditRecord
 from audit_platform.ui_sessions import close_session, open_session
 
@@ -230,25 +229,10 @@ def _moment(at: str | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _plan(svc: Services, key: ApiKey, of: dict[str, str], f: EventFilter) -> RevertPlan | None:
-    return reads.revert_plan(svc.es, key.scope, of, f, svc.policies, limits=svc.limits)
-
-
-def _transaction_plan(svc: Services, key: ApiKey, source: str, xid: int) -> RevertPlan | None:
-    return _plan(svc, key, {"source": source, "xid": str(xid)},
-                 EventFilter(source=[source], xid=xid))  # fmt: skip
-
-
-def _waiting(svc: Services, key: ApiKey, source: str, lsn: int) -> int:
-    """Changes of the transaction at commit ``lsn`` still in the quarantine."""
-    with svc.pool.connection() as conn:
-        return quarantine.waiting_in_transaction(conn, key.scope.env, source, lsn)
-
-
 def _completeness(svc: Services, key: ApiKey, changes: list[AuditRecord]) -> Completeness:
     """Of a transaction whose every indexed change is ``changes``."""
     first = changes[0]
-    waiting = _waiting(svc, key, first.source.service, first.transaction.lsn)
+    waiting = quarantine_waiting(svc, key.scope, first.source.service, first.transaction.lsn)
     return reads.completeness(first, len(changes), waiting, key.scope)
 
 
@@ -261,27 +245,26 @@ Id = Annotated[str, PathParam(min_length=1, max_length=256)]
 def transaction(request: Request, key: SignedIn, svc: ServicesDep, source: SourceName,
                 xid: Xid, cursor: Annotated[str | None, Query(max_length=1024)] = None,
                 ) -> HTMLResponse:  # fmt: skip
+    def waiting(lsn: int) -> int:
+        return quarantine_waiting(svc, key.scope, source, lsn)
+
     found = reads.get_transaction(svc.es, key.scope, source, xid, limit=500, cursor=cursor,
-                                  waiting=lambda lsn: _waiting(svc, key, source, lsn))  # fmt: skip
+                                  waiting=waiting)  # fmt: skip
     if found is None:
         raise HTTPException(404, f"No transaction {xid} of source {source} in this environment "
                                  "that your key may read.")  # fmt: skip
-    plan = _transaction_plan(svc, key, source, xid)
+    plan = transaction_plan(svc, key.scope, source, xid)
     return page(request, "transaction.html", key, txn=found, plan=plan,
                 download=f"/ui/transactions/{views.segment(source)}/{xid}/revert.sql")  # fmt: skip
 
 
 @router.get("/transactions/{source}/{xid}/revert.sql")
 def transaction_revert(key: SignedIn, svc: ServicesDep, source: SourceName, xid: Xid) -> Response:
-    plan = _transaction_plan(svc, key, source, xid)
+    plan = transaction_plan(svc, key.scope, source, xid)
     if plan is None:
         raise HTTPException(404, f"No change of transaction {xid} of source {source} that your "
                                  "key may read.")  # fmt: skip
     return sql_download(plan)
-
-
-def _request_plan(svc: Services, key: ApiKey, request_id: str) -> RevertPlan | None:
-    return _plan(svc, key, {"request_id": request_id}, EventFilter(request_id=request_id))
 
 
 @router.get("/requests/{request_id}", response_class=HTMLResponse)
@@ -290,7 +273,7 @@ def request_page(request: Request, key: SignedIn, svc: ServicesDep, request_id: 
                  ) -> HTMLResponse:  # fmt: skip
     found = reads.correlated(svc.es, key.scope, "request", {"request_id": request_id},
                              limit=500, cursor=cursor)  # fmt: skip
-    plan = _request_plan(svc, key, request_id) if found.transactions else None
+    plan = request_plan(svc, key.scope, request_id) if found.transactions else None
     # Each whole transaction's completeness; the last one may go on on the next page.
     whole = found.transactions[:-1] if found.next_cursor else found.transactions
     checks = {(g.source, g.xid): _completeness(svc, key, g.changes) for g in whole}
@@ -301,7 +284,7 @@ def request_page(request: Request, key: SignedIn, svc: ServicesDep, request_id: 
 
 @router.get("/requests/{request_id}/revert.sql")
 def request_revert(key: SignedIn, svc: ServicesDep, request_id: Id) -> Response:
-    plan = _request_plan(svc, key, request_id)
+    plan = request_plan(svc, key.scope, request_id)
     if plan is None:
         raise HTTPException(404, f"No change of request {request_id} that your key may read.")
     return sql_download(plan)
