@@ -28,7 +28,10 @@ POINTS: dict[str, str] = {
     "enrich.logged": "the batch's leaves are in the trail's log; the ledger entry is not marked",
     "index.chunk_sent": "one bulk request is in; the rest of the documents are not",
     "index.documents_sent": "every document is in; the ledger entry is not removed",
+    "trust.checkpoint_published": "a signed checkpoint is written; the log does not record it",
 }
+#: Points on the local filesystem's write path only (object storage has no temporary file).
+LOCAL_ONLY_POINTS = frozenset({"staging.temporary_written"})
 
 _armed: dict[str, int] = {}
 _lock = threading.Lock()

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         default=str(PROJECT_ROOT / ".staging"),
         description="Folder or s3:// URL under which staged batches are written.",
     )
+    s3_url: str | None = Field(
+        default=None,
+        description="An s3:// URL (bucket and optional prefix) where the tests and the demo's "
+        "object-storage mode stage; credentials and endpoint come from the standard AWS_* "
+        "variables. The local stack sets it to its S3Proxy's bucket.",
+    )
     mask_key: SecretStr | None = Field(
         default=None, description="Secret key of this environment for masked columns."
     )
@@ -99,6 +105,7 @@ class Settings(BaseSettings):
     stack_es_port: int = 59200
     stack_es_transport_port: int = 59300
     stack_es_heap: str = "1g"
+    stack_s3_port: int = 59400
     stack_backend: str = Field(
         default="auto",
         description="auto (docker when an engine answers, else local), local, docker",

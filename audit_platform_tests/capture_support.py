@@ -45,12 +45,14 @@ class CaptureSource:
 
 
 def make_source(
-    url: str, tmp_path: Path, ddl: str, policy: SourcePolicy, env: str = "test"
+    url: str, staging: Path | str, ddl: str, policy: SourcePolicy, env: str = "test"
 ) -> CaptureSource:
+    """``staging``: a staging root URL, or a test's folder to stage under."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(ddl)
     setup_source(url, env, policy, Settings().resources_dir / "sql")
-    store = StagingStore(str(tmp_path / "staging"), env, policy.source)
+    root = str(staging / "staging") if isinstance(staging, Path) else staging
+    store = StagingStore(root, env, policy.source)
     return CaptureSource(url, env, policy, store)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import fsspec
 import psycopg
 import pytest
 from elasticsearch import Elasticsearch
@@ -78,6 +79,21 @@ def pg_database(servers: Servers) -> Iterator[str]:
     """A fresh database of this test's own."""
     with new_database(servers) as url:
         yield url
+
+
+@pytest.fixture
+def staging_root(request, servers: Servers, tmp_path) -> Iterator[str]:
+    """Where this test stages: a folder of its own, or, for tests marked ``ON_BOTH_STORES``
+    and given "s3", a prefix of its own in the stack's bucket, removed after."""
+    if getattr(request, "param", "local") == "local":
+        yield str(tmp_path / "staging")
+        return
+    assert servers.settings.s3_url, "no S3 server: the stack exports AUDIT_S3_URL"
+    root = f"{servers.settings.s3_url.rstrip('/')}/t-{uuid.uuid4().hex[:12]}"
+    yield root
+    fs, path = fsspec.core.url_to_fs(root)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 @pytest.fixture(scope="session")

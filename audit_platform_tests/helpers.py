@@ -8,12 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from audit_platform.policy import SourcePolicy, TablePolicy
 
 #: Lines a test wants in the session summary (the fault matrix's recovery times); conftest
 #: prints them. Here, not in conftest: pytest may import conftest under another module name.
 SUMMARY: dict[str, list[str]] = {}
+
+#: Run a test with staging on a local folder and on object storage (the stack's S3Proxy): the
+#: paths where the two differ (durable writes, listings, removal) are exercised on both.
+ON_BOTH_STORES = pytest.mark.parametrize("staging_root", ["local", "s3"], indirect=True)
 
 CONTEXT_PREFIX = "audit_platform.context.v1"
 ATTACH_PREFIX = "audit_platform.attach.v1"

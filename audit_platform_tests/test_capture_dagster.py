@@ -22,7 +22,7 @@ from audit_platform.staging import StagingStore
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.signing import new_private_key
 from audit_platform_tests.conftest import new_database
-from audit_platform_tests.helpers import SHOP_DDL
+from audit_platform_tests.helpers import ON_BOTH_STORES, SHOP_DDL
 
 
 @pytest.fixture
@@ -44,14 +44,14 @@ def env(es_prefix, es, tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def shop(pg_database, tmp_path, monkeypatch, env):
+def shop(pg_database, staging_root, monkeypatch, env):
     with psycopg.connect(pg_database, autocommit=True) as conn:
         conn.execute(SHOP_DDL)
     settings = Settings()
     policy = load_policy(settings.resources_dir / "sources" / "shop.yaml")
     setup_source(pg_database, env, policy, settings.resources_dir / "sql")
     monkeypatch.setenv("AUDIT_SOURCE_SHOP_URL", pg_database)
-    monkeypatch.setenv("AUDIT_STAGING_ROOT", str(tmp_path / "staging"))
+    monkeypatch.setenv("AUDIT_STAGING_ROOT", staging_root)
     monkeypatch.setenv("AUDIT_MASK_KEY", "test-key")
     monkeypatch.setenv("AUDIT_PG_URL", pg_database)  # the platform's own state, isolated too
     return pg_database
@@ -122,6 +122,7 @@ def _documents(es, env: str) -> dict[str, dict]:
     return {h["_id"]: {k: v for k, v in h["_source"].items() if k != "ingested_at"} for h in found}
 
 
+@ON_BOTH_STORES
 def test_backfill_of_an_hour_through_dagster_leaves_the_index_identical(shop, es, env):
     defs = build_definitions()
     _write_as_user(
@@ -246,7 +247,8 @@ def test_a_long_hour_is_not_a_slow_hour_each_run_indexes_only_its_own_batch(shop
         assert len(_documents(es, env)) == 100
 
 
-def test_a_late_context_rewrites_and_reindexes_only_its_own_record(shop, es, env, tmp_path):
+@ON_BOTH_STORES
+def test_a_late_context_rewrites_and_reindexes_only_its_own_record(shop, es, env):
     defs = build_definitions()
     job = defs.resolve_job_def("capture_shop_job")
     with dg.instance_for_test() as instance:
@@ -259,7 +261,7 @@ def test_a_late_context_rewrites_and_reindexes_only_its_own_record(shop, es, env
         assert job.execute_in_process(instance=instance).success
         _write_as_user(shop, "INSERT INTO orders (id, status) VALUES (5, 'new')")
         assert job.execute_in_process(instance=instance).success
-        store = StagingStore(str(tmp_path / "staging"), env, "shop")
+        store = StagingStore(Settings().staging_root, env, "shop")
         files = {p: store.fs.cat_file(p) for p in store.files("records")}
         assert len(_documents(es, env)) == 5
         before = _index_ops(es, env)
@@ -350,6 +352,7 @@ def test_a_quiet_source_on_a_busy_server_gets_its_slot_confirmed_by_a_heartbeat(
         assert "holds no changes" in _tick(defs, instance).skip_message
 
 
+@ON_BOTH_STORES
 def test_the_trust_job_signs_and_verifies_the_trail_and_fails_on_a_deleted_record(
     shop, es, env, monkeypatch
 ):

@@ -18,7 +18,7 @@ import pytest
 
 from audit_platform import platform_db
 from audit_platform.enrich.batch import enrich_pending
-from audit_platform.faults import POINTS, SimulatedCrash, armed
+from audit_platform.faults import LOCAL_ONLY_POINTS, POINTS, SimulatedCrash, armed
 from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
@@ -27,7 +27,13 @@ from audit_platform.trust.log import TrustLog
 from audit_platform.trust.signing import new_private_key, private_key
 from audit_platform.trust.verify import Window, verify_source
 from audit_platform_tests.capture_support import make_source
-from audit_platform_tests.helpers import ground_truth, ground_truth_ddl, policy_for, record_tuple
+from audit_platform_tests.helpers import (
+    ON_BOTH_STORES,
+    ground_truth,
+    ground_truth_ddl,
+    policy_for,
+    record_tuple,
+)
 
 DDL = """
 CREATE TABLE orders (id int PRIMARY KEY, status text, note text);
@@ -64,9 +70,9 @@ def _indexed(es, env: str) -> list[tuple]:
 
 
 @pytest.fixture
-def pipeline(pg_database, es, tmp_path):
+def pipeline(pg_database, es, staging_root):
     env = f"crash_{uuid.uuid4().hex[:8]}"
-    source = make_source(pg_database, tmp_path, DDL, policy_for("shop", public__orders={}), env)
+    source = make_source(pg_database, staging_root, DDL, policy_for("shop", public__orders={}), env)
     install_template(es, Settings().resources_dir, env, replicas=0)
     with psycopg.connect(pg_database, autocommit=True) as state:
         platform_db.install(state, Settings().resources_dir / "sql")
@@ -93,9 +99,11 @@ def pipeline(pg_database, es, tmp_path):
     es.indices.delete_index_template(name=f"audit-{env}")
 
 
+@ON_BOTH_STORES
 def test_a_crash_at_every_point_then_a_rerun_indexes_exactly_the_ground_truth(pipeline, es):
     source, run, env, verify = pipeline
-    for n, point in enumerate(POINTS, start=1):
+    points = [p for p in POINTS if source.store.local or p not in LOCAL_ONLY_POINTS]
+    for n, point in enumerate(points, start=1):
         _write_round(source.url, n)
         with armed(point), pytest.raises(SimulatedCrash, match=point):
             run()

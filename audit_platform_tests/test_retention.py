@@ -13,6 +13,7 @@ from audit_platform.holds import HoldError, create_hold, list_holds, release_hol
 from audit_platform.index.retention import cluster_has_ilm, ilm_policy, run_retention
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
+from audit_platform_tests.helpers import ON_BOTH_STORES
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 RESOURCES = Settings().resources_dir
@@ -38,11 +39,12 @@ def _stage(store: StagingStore, hour: datetime) -> None:
     )
 
 
+@ON_BOTH_STORES
 def test_retention_deletes_expired_indices_files_and_entries_of_its_environment_only(
-    envs, es, tmp_path, pg_database
+    envs, es, staging_root, pg_database
 ):
     a, b = envs
-    stores = {env: StagingStore(str(tmp_path), env, "shop") for env in (a, b)}
+    stores = {env: StagingStore(staging_root, env, "shop") for env in (a, b)}
     old, recent = NOW - timedelta(days=40), NOW - timedelta(days=2)
     for store in stores.values():
         _stage(store, old.replace(minute=0))

@@ -11,6 +11,7 @@ import pytest
 from audit_platform.settings import Settings
 from audit_platform.stack import LocalStack, StackError, elasticsearch, postgres
 from audit_platform.stack.system import ensure_memory, free_port, pid_alive
+from audit_platform.staging import StagingStore
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -35,8 +36,10 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
         stack_es_port=free_port(),
         stack_es_transport_port=free_port(),
         stack_es_heap="512m",
+        stack_s3_port=free_port(),
         pg_url=None,
         es_url=None,
+        s3_url=None,
     )
     stack = LocalStack(settings)
     try:
@@ -44,23 +47,41 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
         assert [(s.name, s.source) for s in first] == [
             ("postgres", "started"),
             ("elasticsearch", "started"),
+            ("s3", "started"),
         ]
-        records = {"pg": stack.postgres.record(), "es": stack.elasticsearch.record()}
+        records = {
+            "pg": stack.postgres.record(),
+            "es": stack.elasticsearch.record(),
+            "s3": stack.s3.record(),
+        }
         pids = {name: record.pid for name, record in records.items()}
 
         second = LocalStack(settings).up()
         assert [(s.name, s.source) for s in second] == [
             ("postgres", "reused"),
             ("elasticsearch", "reused"),
+            ("s3", "reused"),
         ]
-        assert {"pg": stack.postgres.record().pid, "es": stack.elasticsearch.record().pid} == pids
+        assert {
+            "pg": stack.postgres.record().pid,
+            "es": stack.elasticsearch.record().pid,
+            "s3": stack.s3.record().pid,
+        } == pids
         with psycopg.connect(stack.env()["AUDIT_PG_URL"]) as conn:
             assert conn.execute("SHOW port").fetchone()[0] == str(settings.stack_pg_port)
-        # Right after `up`, status finds both (it once cached "no Elasticsearch" too early).
+        # Right after `up`, status finds all (it once cached "no Elasticsearch" too early).
         assert [s.detail.split()[0] for s in LocalStack(settings).status()] == [
             "PostgreSQL",
             "Elasticsearch",
+            "S3Proxy",
         ]
+        # The S3 server is real: a file staged through it reads back.
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in stack.env().items():
+                patch.setenv(key, value)
+            store = StagingStore(stack.env()["AUDIT_S3_URL"] + "/lifecycle", "dev", "shop")
+            store.write_json(f"{store.base}/probe.json", {"ok": 1})
+            assert store.read_json(f"{store.base}/probe.json") == {"ok": 1}
 
         # PostgreSQL restarted outside the stack: a new postmaster on the same data directory
         # is still ours, so status reports it and down stops it.
@@ -78,12 +99,13 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
         stopped = stack.down()
     assert [(s.name, s.source) for s in stopped] == [
         ("elasticsearch", "stopped"),
+        ("s3", "stopped"),
         ("postgres", "stopped"),
     ]
     assert not any(pid_alive(pid) for pid in pids.values())
     for record in records.values():
         assert _processes_mentioning(str(record.home)) == []
-    assert [s.source for s in LocalStack(settings).down()] == ["not running", "not running"]
+    assert [s.source for s in LocalStack(settings).down()] == ["not running"] * 3
 
 
 def test_down_never_signals_a_process_it_did_not_start(tmp_path):

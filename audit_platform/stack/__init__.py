@@ -1,8 +1,9 @@
-"""Real PostgreSQL and Elasticsearch for development, tests and the demo, from one place.
+"""Real PostgreSQL, Elasticsearch and S3 for development, tests and the demo, from one place.
 
-Precedence, per server: a URL in the environment (``AUDIT_PG_URL``, ``AUDIT_ES_URL``) is used as
-is and nothing is started; otherwise the local server of this checkout is reused if running,
-or started. ``down`` stops only servers whose PID this checkout recorded when starting them.
+Precedence, per server: a URL in the environment (``AUDIT_PG_URL``, ``AUDIT_ES_URL``,
+``AUDIT_S3_URL``) is used as is and nothing is started; otherwise the local server of this
+checkout is reused if running, or started. ``down`` stops only servers whose PID this
+checkout recorded when starting them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from audit_platform.clients import elasticsearch_client
 from audit_platform.settings import Settings
-from audit_platform.stack import elasticsearch, postgres
+from audit_platform.stack import elasticsearch, postgres, s3
 from audit_platform.stack.containers import docker_engine_answers, start_containers
 from audit_platform.stack.system import StackError
 
@@ -39,12 +40,14 @@ class LocalStack:
         self.elasticsearch = elasticsearch.LocalElasticsearch(
             s.stack_dir, s.stack_es_port, s.stack_es_transport_port, s.stack_es_heap
         )
+        self.s3 = s3.LocalS3(s.stack_dir, s.stack_s3_port)
 
     def up(self) -> list[ServerState]:
         states = []
         for server, external, variable in (
             (self.postgres, self.settings.pg_url, "AUDIT_PG_URL"),
             (self.elasticsearch, self.settings.es_url, "AUDIT_ES_URL"),
+            (self.s3, self.settings.s3_url, "AUDIT_S3_URL"),
         ):
             name = server.__module__.rsplit(".", 1)[1]
             if external:
@@ -60,7 +63,7 @@ class LocalStack:
     def down(self) -> list[ServerState]:
         # Elasticsearch first: it is the slower one and nothing depends on it at shutdown.
         states = []
-        for server in (self.elasticsearch, self.postgres):
+        for server in (self.elasticsearch, self.s3, self.postgres):
             name = server.__module__.rsplit(".", 1)[1]
             stopped = server.down()
             states.append(ServerState(name, "stopped" if stopped else "not running", "", {}))
@@ -90,12 +93,24 @@ class LocalStack:
                 "elasticsearch", "external" if self.settings.es_url else "local", detail, {}
             )
         )
+        s3_record = self.s3.record()
+        endpoint = (
+            os.environ.get("AWS_ENDPOINT_URL_S3")
+            if self.settings.s3_url
+            else (s3_record and s3_record.url)
+        )
+        try:
+            detail = s3.describe(endpoint) if endpoint else "not running"
+        except Exception as exc:
+            detail = f"not answering: {exc}"
+        origin = "external" if self.settings.s3_url else "local"
+        states.append(ServerState("s3", origin, detail, {}))
         return states
 
     def env(self) -> dict[str, str]:
         """The exports that point every platform process at the running servers."""
         exports: dict[str, str] = {}
-        for server in (self.postgres, self.elasticsearch):
+        for server in (self.postgres, self.elasticsearch, self.s3):
             if (record := server.record()) is not None:
                 exports.update(record.env)
         return exports
@@ -131,22 +146,25 @@ def served(settings: Settings | None = None) -> Iterator[dict[str, str]]:
         use_docker = settings.stack_backend == "docker" or (
             settings.stack_backend == "auto" and (need_pg or need_es) and docker_engine_answers()
         )
+        stack = LocalStack(settings)
         if use_docker:
             env.update(start_containers(cleanup, need_pg=need_pg, need_es=need_es))
-        else:
-            stack = LocalStack(settings)
-            states = stack.up()
-            started = {s.name for s in states if s.source == "started"}
-            if started:
-                cleanup.callback(_stop, stack, started)
-            for state in states:
-                env.update(state.env)
+            # Object storage still comes from the local stack: S3Proxy needs only Java.
+            stack = LocalStack(settings.with_exports(env))
+        states = stack.up()
+        started = {s.name for s in states if s.source == "started"}
+        if started:
+            cleanup.callback(_stop, stack, started)
+        for state in states:
+            env.update(state.env)
         yield env
 
 
 def _stop(stack: LocalStack, names: set[str]) -> None:
     if "elasticsearch" in names:
         stack.elasticsearch.down()
+    if "s3" in names:
+        stack.s3.down()
     if "postgres" in names:
         stack.postgres.down()
 

@@ -21,6 +21,7 @@ from elasticsearch import Elasticsearch
 
 from audit_platform.clients import elasticsearch_client
 from audit_platform.settings import ElasticsearchConnection
+from audit_platform.stack import maven
 from audit_platform.stack.records import ServerRecord
 from audit_platform.stack.system import (
     RunAs,
@@ -107,26 +108,7 @@ def find_java_home(
 
 def fetch_distribution(downloads: Path) -> Path:
     """The integ-test-zip, fetched with Maven once and then taken from the local cache."""
-    target = downloads / f"elasticsearch-{VERSION}.zip"
-    if target.exists():
-        return target
-    if shutil.which("mvn") is None:
-        ensure_debian_packages(["maven"], why="Maven (used to fetch Elasticsearch)")
-    downloads.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        [
-            "mvn", "-B", "-q", "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy",
-            f"-Dartifact={ARTIFACT}", f"-DoutputDirectory={downloads}",
-        ],
-        capture_output=True, text=True, cwd=downloads,
-    )  # fmt: skip
-    if done.returncode != 0 or not target.exists():
-        raise StackError(
-            f"Maven could not fetch {ARTIFACT} (exit {done.returncode}). Check that Maven Central "
-            f"is reachable (`mvn dependency:get -Dartifact={ARTIFACT}`).\n"
-            f"{(done.stdout + done.stderr)[-2000:]}"
-        )
-    return target
+    return maven.fetch(ARTIFACT, downloads, f"elasticsearch-{VERSION}.zip")
 
 
 def unpack(archive: Path, into: Path) -> Path:

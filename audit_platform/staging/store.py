@@ -8,9 +8,16 @@ name as the ``changes`` file they came from: a batch's records can be rebuilt, r
 reconciled without touching the rest of its hour.
 
 Durability before the slot moves (DESIGN.md, invariant 1): a local file is written to a temporary
-name, fsynced, renamed into place and its folder fsynced; an S3 PUT is durable when it returns.
-A batch announces its files in an in-flight manifest before writing them; a capture that starts
-after a crash removes the files of any manifest the slot never confirmed (see ``recover``).
+name, fsynced, renamed into place and its folder fsynced. Object storage has no rename and needs
+none: an S3 PUT (or a completed multipart upload) makes the whole object visible at once and is
+durable when it returns, so a reader sees the old object or the new one, never half; a write cut
+short leaves no object at all. Nothing here depends on listing an object the moment it is
+written (S3 lists are strongly consistent now, and listings are never cached here: several
+processes share a root). A batch announces its files in an in-flight manifest before writing
+them; a capture that starts after a crash removes the files of any manifest the slot never
+confirmed (see ``recover``). Files that must never be replaced (signed checkpoints) are written
+with ``create=True``: ``If-None-Match: *`` on S3, a hard link (which refuses an existing name)
+locally, so a second writer cannot overwrite what the first one published.
 
 Once the slot has confirmed a batch, its manifest becomes a *pending* entry (``_pending/``): the
 ledger of batches that are staged but not yet enriched and indexed. Enrichment marks an entry
@@ -89,7 +96,11 @@ class StagingStore:
         self.root = root.rstrip("/")
         self.env = check_identifier("environment", env)
         self.source = check_identifier("source", source)
-        self.fs, _ = fsspec.core.url_to_fs(self.root)
+        remote = fsspec.utils.get_protocol(self.root) not in {"file", "local"}
+        # A listing cache would hide files other processes wrote (the API reading checkpoints
+        # a capture run signed): object stores are listed afresh every time.
+        options = {"use_listings_cache": False} if remote else {}
+        self.fs, _ = fsspec.core.url_to_fs(self.root, **options)
         self.local = "file" in _protocols(self.fs)
 
     @property
@@ -141,20 +152,34 @@ class StagingStore:
         """Write one Parquet file durably, replacing any previous version whole."""
         self._durably(path, lambda f: frame.write_parquet(f, compression="zstd", statistics=True))
 
-    def write_json(self, path: str, body: dict) -> None:
+    def write_json(self, path: str, body: dict, *, create: bool = False) -> bool:
         """A small JSON file, replaced atomically: a reader sees the old or the new, never half
-        (a crash while writing in place once left an empty manifest that wedged capture)."""
-        data = json.dumps(body, sort_keys=True).encode()
-        self._durably(path, lambda f: f.write(data))
+        (a crash while writing in place once left an empty manifest that wedged capture).
 
-    def _durably(self, path: str, write: Callable[[BinaryIO], object]) -> None:
-        """Local: a temporary name, fsync, rename into place, fsync the folder. S3: one PUT,
-        durable and atomic when it returns."""
+        With ``create``, an existing file is left as it is and False is returned.
+        """
+        data = json.dumps(body, sort_keys=True).encode()
+        if create and not self.local:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except OSError:
+                # s3fs reports a failed precondition as a bare EINVAL: tell it apart by looking.
+                if self.fs.exists(path):
+                    return False
+                raise
+            return True
+        return self._durably(path, lambda f: f.write(data), create=create)
+
+    def _durably(
+        self, path: str, write: Callable[[BinaryIO], object], *, create: bool = False
+    ) -> bool:
+        """Local: a temporary name, fsync, rename (or, with ``create``, link) into place, fsync
+        the folder. S3: one PUT, durable and atomic when it returns."""
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if not self.local:
             with self.fs.open(path, "wb") as f:
                 write(f)
-            return
+            return True
         local_path = self.fs._strip_protocol(path)
         temporary = f"{local_path}.{uuid.uuid4().hex}.tmp"
         with open(temporary, "wb") as f:
@@ -162,8 +187,17 @@ class StagingStore:
             f.flush()
             os.fsync(f.fileno())
         crash_point("staging.temporary_written")
-        os.replace(temporary, local_path)
+        if create:
+            try:
+                os.link(temporary, local_path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temporary)
+        else:
+            os.replace(temporary, local_path)
         _fsync_dir(os.path.dirname(local_path))
+        return True
 
     def remove(self, paths: Iterable[str]) -> None:
         for path in paths:
@@ -211,7 +245,7 @@ class StagingStore:
         """
         removed: list[str] = []
         confirmed: list[str] = []
-        for manifest in sorted(self.fs.glob(f"{self.base}/_inflight/*.json")):
+        for manifest in self.glob(f"{self.base}/_inflight/*.json"):
             try:
                 entry = self.read_json(manifest)
             except ValueError:
@@ -256,7 +290,7 @@ class StagingStore:
     def pending(self) -> list[PendingBatch]:
         """Entries not yet indexed, oldest first (names sort in LSN order)."""
         entries = []
-        for path in sorted(self.fs.glob(f"{self.base}/_pending/*.json")):
+        for path in self.glob(f"{self.base}/_pending/*.json"):
             name = path.rsplit("/", 1)[1].removesuffix(".json")
             entries.append(_pending_entry(name, path, self.read_json(path)))
         return entries
@@ -274,6 +308,13 @@ class StagingStore:
 
     def done(self, entry: PendingBatch) -> None:
         self.fs.rm(entry.path)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Paths matching ``pattern``, sorted, in the form this store writes them: fsspec drops
+        the ``s3://`` of an object store's matches, and paths are compared and derived by text
+        (``derived_path``, ledger entries), so it is put back."""
+        found = self.fs.glob(pattern)
+        return sorted(found if self.local else (self.fs.unstrip_protocol(p) for p in found))
 
     def read_json(self, path: str) -> dict:
         return json.loads(self.fs.cat_file(path))
@@ -294,14 +335,14 @@ class StagingStore:
 
     def hour_folders(self) -> list[tuple[datetime, str]]:
         """(hour, folder) for every dataset of this environment and source."""
-        folders = self.fs.glob(f"{self.base}/*/date=*/hour=*")
+        folders = self.glob(f"{self.base}/*/date=*/hour=*")
         return sorted((hour_from_path(folder + "/"), folder) for folder in folders)
 
     def files(self, dataset: str) -> list[str]:
-        return sorted(self.fs.glob(f"{self.base}/{dataset}/date=*/hour=*/*.parquet"))
+        return self.glob(f"{self.base}/{dataset}/date=*/hour=*/*.parquet")
 
     def hour_files(self, dataset: str, hour: datetime) -> list[str]:
-        return sorted(self.fs.glob(f"{self.hour_dir(dataset, hour)}/*.parquet"))
+        return self.glob(f"{self.hour_dir(dataset, hour)}/*.parquet")
 
     def files_holding(self, dataset: str, hour: datetime, lsns: Iterable[int]) -> list[str]:
         """The files of an hour whose LSN range holds any of ``lsns`` (a batch, or the parts of

@@ -25,6 +25,7 @@ from typing import Any
 import polars as pl
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from audit_platform.faults import crash_point
 from audit_platform.staging.store import StagingStore, lsn_hex, lsn_range, lsn_text
 from audit_platform.trust import signing
 from audit_platform.trust.leaves import LEAF_SCHEMA, canonical, in_log_order, kind_rank, moment
@@ -143,12 +144,18 @@ class TrustLog:
             "key_id": signing.key_id(key.public_key()),
         }
         signed = {"checkpoint": body, "signature": signing.sign(key, canonical(body))}
-        self.store.write_json(f"{self.dir}/checkpoints/{seq:012d}.json", signed)
+        path = f"{self.dir}/checkpoints/{seq:012d}.json"
+        if not self.store.write_json(path, signed, create=True):
+            # A run that crashed after publishing this checkpoint but before recording it
+            # (or a second writer): a signed checkpoint is never replaced; adopt it instead.
+            signed = self.store.read_json(path)
+            body = signed["checkpoint"]
+        crash_point("trust.checkpoint_published")
         state.checkpoint = {
             "seq": seq,
             "hash": checkpoint_hash(body),
-            "tree_size": state.size,
-            "time": now.isoformat(),
+            "tree_size": body["tree_size"],
+            "time": datetime.fromisoformat(body["time"]).isoformat(),
         }
         self.store.write_json(self._state_path, state.to_json())
         return signed
@@ -156,7 +163,7 @@ class TrustLog:
     # -- reading ------------------------------------------------------------------------------
 
     def leaf_files(self) -> list[str]:
-        return sorted(self.store.fs.glob(f"{self.dir}/leaves/*.parquet"))
+        return self.store.glob(f"{self.dir}/leaves/*.parquet")
 
     def leaves(self, columns: list[str] | None = None, lsn: int | None = None) -> pl.DataFrame:
         """The leaves the files hold, by position, each with its ``file`` (what verification
@@ -177,5 +184,5 @@ class TrustLog:
 
     def checkpoints(self) -> list[tuple[str, dict[str, Any]]]:
         """(file, signed checkpoint) of every checkpoint file, by name."""
-        paths = sorted(self.store.fs.glob(f"{self.dir}/checkpoints/*.json"))
+        paths = self.store.glob(f"{self.dir}/checkpoints/*.json")
         return [(path, self.store.read_json(path)) for path in paths]
