@@ -24,12 +24,13 @@ from audit_platform.capture.gaps import gap_of_new_slot, record_gap
 from audit_platform.clients import NotConfigured, pg_url_from_settings
 from audit_platform.environment import load_environment
 from audit_platform.holds import create_hold, list_holds, release_hold
+from audit_platform.index import access
 from audit_platform.index.retention import run_for_environment
 from audit_platform.policy import PolicyError, load_policy, policy_path
 from audit_platform.settings import Settings
 from audit_platform.sources.check import check_source
 from audit_platform.sources.setup import SetupError, setup_source, teardown_source
-from audit_platform.stack import LocalStack, StackError, run_with_stack
+from audit_platform.stack import LocalStack, StackError, run_with_stack, setup_es_accounts
 from audit_platform.staging import StagingStore
 from audit_platform.trust.signing import new_private_key, private_key, public_text
 from audit_platform.trust.verify import report_json, verify_environment
@@ -242,6 +243,30 @@ def retention_run(
     for hold_id, kept in sorted(report.held.items()):
         indices = ", ".join(kept["indices"]) or "no index"
         typer.echo(f"kept by hold {hold_id}: {indices}; {len(kept['staged_hours'])} staged hours")
+
+
+es_app = typer.Typer(
+    help="Elasticsearch accounts: least privilege per environment.", no_args_is_help=True
+)
+app.add_typer(es_app, name="es")
+
+
+@es_app.command("setup")
+def es_setup(env: EnvOption = None) -> None:
+    """Create (or update) the environment's writer role and user for the pipeline and its reader
+    role and user for the API, and print the exports each deployment needs. Run it with an
+    account allowed to manage security; give the pipeline and the API only what it prints."""
+    settings = Settings() if env is None else Settings(env=env)
+    try:
+        accounts, where = setup_es_accounts(settings, settings.env)
+    except StackError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"# Elasticsearch accounts of environment {settings.env}, in {where}")
+    for account in accounts:
+        user = "the pipeline (Dagster)" if account.kind == access.WRITER else "the Audit API"
+        typer.echo(f"# {user}: {account.kind}")
+        for key, value in account.exports().items():
+            typer.echo(f"{key}={shlex.quote(value)}")
 
 
 keys_app = typer.Typer(

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     es_api_key: SecretStr | None = None
     es_ca_certs: Path | None = None
     es_verify_certs: bool = True
+    es_file_realm: Path | None = Field(
+        default=None,
+        description="Home of the local stack's Elasticsearch, set by the stack: `es setup` keeps "
+        "accounts in its file realm (that distribution's native realm cannot store users).",
+    )
 
     resources_dir: Path = PROJECT_ROOT / "resources"
     staging_root: str = Field(

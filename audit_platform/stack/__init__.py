@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from audit_platform.clients import elasticsearch_client
+from audit_platform.index import access
 from audit_platform.settings import Settings
 from audit_platform.stack import elasticsearch, postgres, s3
 from audit_platform.stack.containers import docker_engine_answers, start_containers
 from audit_platform.stack.system import StackError
 
-__all__ = ["LocalStack", "StackError", "served"]
+__all__ = ["LocalStack", "StackError", "served", "setup_es_accounts"]
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,21 @@ class LocalStack:
         if self.elasticsearch.record() is None:
             return None
         return self.settings.with_exports(self.env()).elasticsearch
+
+
+def setup_es_accounts(settings: Settings, env: str) -> tuple[list[access.Account], str]:
+    """The environment's writer and reader, and where they were made: in the local stack's file
+    realm when the configured cluster is that node (``AUDIT_ES_FILE_REALM``), else through the
+    security API."""
+    if settings.elasticsearch is not None and settings.es_file_realm is not None:
+        accounts = elasticsearch.install_file_realm_accounts(settings, env)
+        return accounts, "the local stack's file realm"
+    if settings.elasticsearch is None:
+        raise StackError("No Elasticsearch: set AUDIT_ES_URL (and a user allowed to manage "
+                         "security), or start the local stack")  # fmt: skip
+    accounts = access.new_accounts(env)
+    access.install_native(elasticsearch_client(settings.elasticsearch), env, accounts)
+    return accounts, "the native realm (security API)"
 
 
 def _redacted(url: str) -> str:

@@ -19,8 +19,9 @@ import psycopg
 from psycopg import sql
 
 from audit_platform import platform_db
+from audit_platform.index import access
 from audit_platform.settings import PROJECT_ROOT, Settings
-from audit_platform.stack import processes
+from audit_platform.stack import processes, setup_es_accounts
 from audit_platform.stack.processes import Process
 from audit_platform.stack.system import ensure_port_free
 from audit_platform.trust.signing import new_private_key
@@ -67,6 +68,8 @@ class LocalDeployment:
     resources_dir: Path | None = None
     mask_key: str = "demo-mask-key-change-me"
     running: list[Process] = field(default_factory=list)
+    #: Least-privilege Elasticsearch accounts (``prepare`` makes them): kind -> account.
+    es_accounts: dict[str, access.Account] = field(default_factory=dict)
 
     @property
     def dagster_url(self) -> str:
@@ -120,6 +123,8 @@ class LocalDeployment:
         shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
         with psycopg.connect(self.exports["AUDIT_PG_URL"], autocommit=True) as conn:
             platform_db.install(conn, self.settings().resources_dir / "sql")
+        accounts, _ = setup_es_accounts(self.settings(), self.env)
+        self.es_accounts = {account.kind: account for account in accounts}
 
     def start(self, *, timeout: float = 180) -> None:
         """Webserver, daemon and API; returns when the webserver and the API answer."""
@@ -140,9 +145,16 @@ class LocalDeployment:
                           "--port", str(self.api_port)],
         }  # fmt: skip
 
+    def process_environ(self, name: str) -> dict[str, str]:
+        """A process's environment: the API signs in to Elasticsearch as the environment's
+        reader, Dagster (webserver, daemon and the runs they launch) as its writer."""
+        kind = access.READER if name == "audit-api" else access.WRITER
+        account = self.es_accounts.get(kind)
+        return {**self.environ(), **(account.exports() if account else {})}
+
     def _spawn(self, name: str) -> Process:
-        process = processes.start(name, self._commands()[name], self.environ(), self.logs,
-                                  PROJECT_ROOT)  # fmt: skip
+        process = processes.start(name, self._commands()[name], self.process_environ(name),
+                                  self.logs, PROJECT_ROOT)  # fmt: skip
         self.running.append(process)
         return process
 

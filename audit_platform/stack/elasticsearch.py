@@ -9,6 +9,7 @@ time-based indices behind aliases and enforces retention with its own job where 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -17,10 +18,12 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import yaml
 from elasticsearch import Elasticsearch
 
 from audit_platform.clients import elasticsearch_client
-from audit_platform.settings import ElasticsearchConnection
+from audit_platform.index import access
+from audit_platform.settings import ElasticsearchConnection, Settings
 from audit_platform.stack import maven
 from audit_platform.stack.records import ServerRecord
 from audit_platform.stack.system import (
@@ -260,6 +263,7 @@ class LocalElasticsearch:
                 "AUDIT_ES_USERNAME": ADMIN_USER,
                 "AUDIT_ES_PASSWORD": password,
                 "AUDIT_ES_CA_CERTS": str(conn.ca_certs),
+                "AUDIT_ES_FILE_REALM": str(es_home),
             },
         )
         record.save(self.stack_dir)
@@ -294,6 +298,61 @@ class LocalElasticsearch:
         with os.fdopen(fd, "w") as f:
             f.write(password)
         return password
+
+
+def install_file_realm_accounts(settings: Settings, env: str) -> list[access.Account]:
+    """The environment's writer and reader in the local node's file realm (this distribution's
+    native realm cannot store users): its roles merged into ``roles.yml``, its users made with
+    ``elasticsearch-users``, passwords kept beside them so a rerun changes nothing. Returns once
+    both can sign in (the node reloads those files every few seconds)."""
+    assert settings.es_file_realm is not None and settings.elasticsearch is not None
+    es_home, run_as = settings.es_file_realm, RunAs.service(SERVICE_USER)
+    kept_path = es_home / "config/audit-platform-accounts.json"
+    kept = json.loads(kept_path.read_text()) if kept_path.exists() else {}
+    accounts = access.new_accounts(env, kept)
+    roles_file = es_home / "config/roles.yml"
+    roles = (yaml.safe_load(roles_file.read_text()) if roles_file.exists() else None) or {}
+    roles.update(access.role_descriptors(env))
+    roles_file.write_text(yaml.safe_dump(roles, sort_keys=True))
+    run_as.chown_tree(roles_file)
+    env_vars = {**os.environ, "ES_JAVA_HOME": str(find_java_home())}
+    env_vars.pop("JAVA_HOME", None)
+    tool = str(es_home / "bin/elasticsearch-users")
+    users_file = es_home / "config/users"
+    for account in accounts:
+        lines = users_file.read_text().splitlines() if users_file.exists() else []
+        listed = any(line.split(":", 1)[0] == account.name for line in lines)
+        if listed and kept.get(account.name) == account.password:
+            continue
+        if listed:
+            run_as.run([tool, "userdel", account.name], env=env_vars)
+        done = run_as.run(
+            [tool, "useradd", account.name, "-p", account.password, "-r", account.name],
+            env=env_vars,
+        )
+        if done.returncode != 0:
+            raise StackError(
+                f"elasticsearch-users could not create {account.name}: {done.stdout} {done.stderr}"
+            )
+    kept.update({a.name: a.password for a in accounts})
+    fd = os.open(kept_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(kept, f)
+    for account in accounts:
+        conn = settings.elasticsearch.model_dump()
+        conn.update(username=account.name, password=account.password, api_key=None)
+        client = elasticsearch_client(ElasticsearchConnection(**conn), request_timeout=5)
+        what = f"Elasticsearch to load the file-realm user {account.name}"
+        wait_until(lambda c=client: _signs_in(c), timeout=60, what=what)
+    return accounts
+
+
+def _signs_in(client: Elasticsearch) -> bool:
+    try:
+        client.security.authenticate()
+    except Exception:
+        return False
+    return True
 
 
 def _healthy(client: Elasticsearch) -> bool:
