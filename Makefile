@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 AP := $(BIN)/audit-platform
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format stack-up stack-down clean screenshot chromium
+.PHONY: install demo test lint format stack-up stack-down clean screenshot chromium helm
 
 $(BIN)/python:
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { \
@@ -31,6 +31,15 @@ demo: install
 chromium:
 	@command -v chromium >/dev/null || { apt-get update && apt-get install -y --no-install-recommends chromium; }
 
+# Helm, for rendering the Kubernetes chart in the tests: built from the Go module proxy (no
+# download site is needed), once per checkout.
+HELM_VERSION := v3.22.0
+HELM := .stack/tools/helm
+$(HELM):
+	@command -v go >/dev/null || { echo "Go is needed to build Helm $(HELM_VERSION) (go install)"; exit 1; }
+	GOBIN=$(CURDIR)/.stack/tools go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+helm: $(HELM)
+
 # With the demo running: headless-Chromium screenshots of the Dagster asset graph and of every
 # page of the Audit Explorer, for README.
 screenshot: install chromium
@@ -39,7 +48,7 @@ screenshot: install chromium
 
 # Starts the servers this checkout needs (reusing running ones), runs every test, and stops
 # only what it started. pytest's exit code, including 5 for "no tests", is make's.
-test: install chromium
+test: install chromium $(HELM)
 	$(AP) stack run -- $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install
