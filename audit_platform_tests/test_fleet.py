@@ -1,0 +1,130 @@
+"""One environment, several sources: each its own database, slot, sensor and job, and a source
+that is down or whose slot is gone holds up no other. The load side of the fleet (ten sources
+through the real daemon) is ``benchmarks/fleet.py``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import ExitStack
+
+import dagster as dg
+import psycopg
+import pytest
+import yaml
+from psycopg import sql
+
+from audit_platform.defs import build_definitions
+from audit_platform.defs.capture.assets import SLOT_TAG
+from audit_platform.naming import read_alias, slot_name
+from audit_platform.policy import load_policy
+from audit_platform.settings import Settings
+from audit_platform.sources.setup import setup_source
+from audit_platform_tests.conftest import new_database
+
+SOURCES = ("north", "south", "east")
+
+
+@pytest.fixture
+def fleet(servers, es, es_prefix, tmp_path, monkeypatch):
+    """Three shop databases as three sources of one environment of this test's own."""
+    env = es_prefix.replace("-", "_")
+    resources = tmp_path / "resources"
+    shutil.copytree(Settings().resources_dir, resources)
+    shop_policy = (resources / "sources" / "shop.yaml").read_text()
+    environment = yaml.safe_load((resources / "environments" / "dev.yaml").read_text())
+    environment["sources"] = {s: {"url_env": f"AUDIT_SOURCE_{s.upper()}_URL"} for s in SOURCES}
+    (resources / "environments" / f"{env}.yaml").write_text(yaml.safe_dump(environment))
+    for source in SOURCES:
+        policy = shop_policy.replace("source: shop", f"source: {source}")
+        (resources / "sources" / f"{source}.yaml").write_text(policy)
+    monkeypatch.setenv("AUDIT_RESOURCES_DIR", str(resources))
+    monkeypatch.setenv("AUDIT_ENV", env)
+    monkeypatch.setenv("AUDIT_STAGING_ROOT", str(tmp_path / "staging"))
+    monkeypatch.setenv("AUDIT_MASK_KEY", "test-key")
+    with ExitStack() as stack:
+        urls = {}
+        for source in SOURCES:
+            url = stack.enter_context(new_database(servers))
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute((resources / "demo" / "shop.sql").read_text())
+            policy = load_policy(resources / "sources" / f"{source}.yaml")
+            setup_source(url, env, policy, resources / "sql")
+            monkeypatch.setenv(f"AUDIT_SOURCE_{source.upper()}_URL", url)
+            urls[source] = url
+        monkeypatch.setenv("AUDIT_PG_URL", urls["north"])  # the platform's own state
+        yield env, urls
+        for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+            es.indices.delete(index=index)
+        es.options(ignore_status=404).indices.delete_index_template(name=f"audit-{env}")
+        with psycopg.connect(servers.pg_url, autocommit=True) as admin:
+            for url in urls.values():  # let the cleanup in, whatever the test did
+                name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
+                    sql.Identifier(name)))  # fmt: skip
+
+
+def _customers(url: str, n: int, who: str) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute("SELECT audit.set_context(%s::jsonb)",
+                     (json.dumps({"actor": {"type": "user", "id": who}}),))  # fmt: skip
+        for i in range(n):
+            conn.execute("INSERT INTO customers (name, email, password_hash) VALUES (%s, %s, 'x')",
+                         (f"{who}-{i}", f"{who}-{i}@example.com"))  # fmt: skip
+
+
+def _take_down(admin_url: str, url: str) -> None:
+    """What an outage looks like from here: the database refuses every connection."""
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
+            sql.Identifier(name)))  # fmt: skip
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                      (name,))  # fmt: skip
+
+
+def _tick(defs: dg.Definitions, instance: dg.DagsterInstance, source: str):
+    sensor = defs.resolve_sensor_def(f"capture_{source}_sensor")
+    return sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+
+
+def _count(es, env: str, source: str) -> int:
+    es.indices.refresh(index=read_alias(env))
+    return es.count(index=read_alias(env), query={"term": {"source.service": source}})["count"]
+
+
+def test_a_source_down_and_a_source_without_its_slot_hold_up_no_other(fleet, es, servers):
+    env, urls = fleet
+    defs = build_definitions()
+    jobs = {s: defs.resolve_job_def(f"capture_{s}_job") for s in SOURCES}
+    # One slot, sensor and job per source; the run queue allows one run per slot at a time.
+    assert {j.tags[SLOT_TAG] for j in jobs.values()} == {slot_name(env, s) for s in SOURCES}
+    for n, source in enumerate(SOURCES, start=1):
+        _customers(urls[source], n, f"user-{source}")
+
+    _take_down(servers.pg_url, urls["east"])
+    with psycopg.connect(urls["south"], autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot_name(env, "south"),))
+
+    with dg.instance_for_test() as instance:
+        # Each sensor is its own tick in the daemon: two fail, loudly, and say why ...
+        with pytest.raises(Exception, match=r"does not exist|source setup"):
+            _tick(defs, instance, "south")
+        with pytest.raises(Exception, match="not currently accepting connections"):
+            _tick(defs, instance, "east")
+        # ... while the healthy source's sensor requests its run, which captures all of it.
+        [request] = _tick(defs, instance, "north").run_requests
+        assert request.tags[SLOT_TAG] == slot_name(env, "north")
+        assert jobs["north"].execute_in_process(instance=instance, tags=request.tags).success
+        assert _count(es, env, "north") == 1
+        assert _count(es, env, "east") == _count(es, env, "south") == 0
+
+        # The outage ends: the source's slot kept its changes, and nothing is lost.
+        with psycopg.connect(servers.pg_url, autocommit=True) as admin:
+            name = psycopg.conninfo.conninfo_to_dict(urls["east"])["dbname"]
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
+                sql.Identifier(name)))  # fmt: skip
+        [request] = _tick(defs, instance, "east").run_requests
+        assert jobs["east"].execute_in_process(instance=instance, tags=request.tags).success
+        assert _count(es, env, "east") == 3
+        assert _count(es, env, "north") == 1
