@@ -243,6 +243,7 @@ def test_a_long_hour_is_not_a_slow_hour_each_run_indexes_only_its_own_batch(shop
             assert run.success
             assert sum(m["changes"] for m in _run_metadata(run, "enriched")) == 5
             assert sum(m["indexed"] for m in _run_metadata(run, "indexed")) == 5
+            assert all(m["docs_per_second"] > 0 for m in _run_metadata(run, "indexed"))
             assert _index_ops(es, env) - before == 5, f"run {run_number + 1}"
         assert len(_documents(es, env)) == 100
 

@@ -203,12 +203,12 @@ def main(
                 break
             time.sleep(2)
         time.sleep(2)
+        runs = {s: [r for r in deployment_runs(deployment, s) if started <= r[0] <= ended]
+                for s in names}  # fmt: skip
     finally:
         stop.set()
         deployment.stop()
     indexed = {s: index_stats(es, f"{ENV}-{s}")[0] - docs_before[s] for s in names}
-    runs = {s: [r for r in deployment_runs(deployment, s) if started <= r[0] <= ended]
-            for s in names}  # fmt: skip
     interval = load_environment(resources, ENV).capture_interval_seconds
     lines = report(names, loads, seen, lags, runs, committed, indexed, shares, started, ended,
                    fault_at, down, lost, caught_up, rate, interval)  # fmt: skip

@@ -25,7 +25,7 @@ from audit_platform.clients import elasticsearch_client
 from audit_platform.index import access
 from audit_platform.settings import ElasticsearchConnection, Settings
 from audit_platform.stack import maven
-from audit_platform.stack.records import ServerRecord
+from audit_platform.stack.records import ServerRecord, write_private
 from audit_platform.stack.system import (
     RunAs,
     StackError,
@@ -37,7 +37,6 @@ from audit_platform.stack.system import (
     log_tail,
     parse_size,
     pid_alive,
-    pid_matches,
     server_home,
     stop_pid,
     wait_until,
@@ -170,11 +169,7 @@ class LocalElasticsearch:
         self.run_as = RunAs.service(SERVICE_USER)
 
     def record(self) -> ServerRecord | None:
-        record = ServerRecord.load(self.stack_dir, NAME)
-        if record is not None and not pid_matches(record.pid, record.marker):
-            record.forget(self.stack_dir)
-            return None
-        return record
+        return ServerRecord.live(self.stack_dir, NAME)
 
     def up(self) -> tuple[ServerRecord, bool]:
         if (record := self.record()) is not None:
@@ -294,9 +289,7 @@ class LocalElasticsearch:
             raise StackError(
                 f"elasticsearch-users could not create {ADMIN_USER}: {done.stdout} {done.stderr}"
             )
-        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(password)
+        write_private(secret, password)
         return password
 
 
@@ -335,9 +328,7 @@ def install_file_realm_accounts(settings: Settings, env: str) -> list[access.Acc
                 f"elasticsearch-users could not create {account.name}: {done.stdout} {done.stderr}"
             )
     kept.update({a.name: a.password for a in accounts})
-    fd = os.open(kept_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(kept, f)
+    write_private(kept_path, json.dumps(kept))
     for account in accounts:
         conn = settings.elasticsearch.model_dump()
         conn.update(username=account.name, password=account.password, api_key=None)

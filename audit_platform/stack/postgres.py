@@ -8,14 +8,13 @@ configured port can reach it.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
 
-from audit_platform.stack.records import ServerRecord
+from audit_platform.stack.records import ServerRecord, stack_secret
 from audit_platform.stack.system import (
     RunAs,
     StackError,
@@ -146,12 +145,7 @@ class LocalPostgres:
         return True
 
     def _password(self) -> str:
-        path = self.stack_dir / "postgres.secret"
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(24))
-        return path.read_text().strip()
+        return stack_secret(self.stack_dir, "postgres.secret")
 
     def _initdb(self, bindir: Path, home: Path, data: Path, password: str) -> None:
         pwfile = home / "initdb.pw"

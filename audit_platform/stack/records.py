@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from pydantic import BaseModel
+
+from audit_platform.stack.system import pid_matches
 
 
 class ServerRecord(BaseModel):
@@ -27,10 +30,8 @@ class ServerRecord(BaseModel):
 
     def save(self, stack_dir: Path) -> None:
         path = self.path(stack_dir, self.name)
-        # Written with 0600 first: the record holds the server's generated password.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.model_dump_json(indent=2))
+        # Private from the start: the record holds the server's generated password.
+        write_private(path, self.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, stack_dir: Path, name: str) -> ServerRecord | None:
@@ -39,5 +40,29 @@ class ServerRecord(BaseModel):
             return None
         return cls.model_validate(json.loads(path.read_text()))
 
+    @classmethod
+    def live(cls, stack_dir: Path, name: str) -> ServerRecord | None:
+        """The record, if its process is still the server it names; a stale one is forgotten."""
+        record = cls.load(stack_dir, name)
+        if record is not None and not pid_matches(record.pid, record.marker):
+            record.forget(stack_dir)
+            return None
+        return record
+
     def forget(self, stack_dir: Path) -> None:
         self.path(stack_dir, self.name).unlink(missing_ok=True)
+
+
+def write_private(path: Path, text: str) -> None:
+    """A file only this account can read, created that way (never world-readable, even briefly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def stack_secret(stack_dir: Path, name: str) -> str:
+    """A generated secret kept in ``stack_dir/name``: made once, the same on every start."""
+    path = stack_dir / name
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(24))
+    return path.read_text().strip()

@@ -10,7 +10,6 @@ platform has no S3 setting of its own beyond an ``s3://`` staging root.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
 import urllib.error
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from audit_platform.stack import maven
 from audit_platform.stack.elasticsearch import SERVICE_USER, find_java_home
-from audit_platform.stack.records import ServerRecord
+from audit_platform.stack.records import ServerRecord, stack_secret
 from audit_platform.stack.system import (
     RunAs,
     StackError,
@@ -28,7 +27,6 @@ from audit_platform.stack.system import (
     is_root,
     log_tail,
     pid_alive,
-    pid_matches,
     server_home,
     stop_pid,
     wait_until,
@@ -63,11 +61,7 @@ class LocalS3:
         self.run_as = RunAs.service(SERVICE_USER)
 
     def record(self) -> ServerRecord | None:
-        record = ServerRecord.load(self.stack_dir, NAME)
-        if record is not None and not pid_matches(record.pid, record.marker):
-            record.forget(self.stack_dir)
-            return None
-        return record
+        return ServerRecord.live(self.stack_dir, NAME)
 
     def up(self) -> tuple[ServerRecord, bool]:
         if (record := self.record()) is not None:
@@ -83,7 +77,7 @@ class LocalS3:
         data = home / "data"
         # With the filesystem backend a bucket is a folder: creating it here is creating it.
         (data / BUCKET).mkdir(parents=True, exist_ok=True)
-        identity, credential = "audit-local", self._credential()
+        identity, credential = "audit-local", stack_secret(self.stack_dir, "s3.secret")
         conf = home / "s3proxy.conf"
         conf.write_text(
             CONF.format(port=self.port, identity=identity, credential=credential, data=data)
@@ -134,14 +128,6 @@ class LocalS3:
         stop_pid(record.pid, record.marker, timeout=30)
         record.forget(self.stack_dir)
         return True
-
-    def _credential(self) -> str:
-        path = self.stack_dir / "s3.secret"
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(24))
-        return path.read_text().strip()
 
 
 def _answers(endpoint: str) -> bool:
