@@ -80,8 +80,13 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
             for key, value in stack.env().items():
                 patch.setenv(key, value)
             store = StagingStore(stack.env()["AUDIT_S3_URL"] + "/lifecycle", "dev", "shop")
-            store.write_json(f"{store.base}/probe.json", {"ok": 1})
-            assert store.read_json(f"{store.base}/probe.json") == {"ok": 1}
+            try:
+                store.write_json(f"{store.base}/probe.json", {"ok": 1})
+                assert store.read_json(f"{store.base}/probe.json") == {"ok": 1}
+            finally:
+                # fsspec keeps one S3 client per set of options, with the endpoint it was made
+                # for: later tests must not get this short-lived server's.
+                type(store.fs).clear_instance_cache()
 
         # PostgreSQL restarted outside the stack: a new postmaster on the same data directory
         # is still ours, so status reports it and down stops it.
