@@ -162,11 +162,11 @@ def served(settings: Settings | None = None) -> Iterator[dict[str, str]]:
         use_docker = settings.stack_backend == "docker" or (
             settings.stack_backend == "auto" and (need_pg or need_es) and docker_engine_answers()
         )
-        stack = LocalStack(settings)
         if use_docker:
             env.update(start_containers(cleanup, need_pg=need_pg, need_es=need_es))
-            # Object storage still comes from the local stack: S3Proxy needs only Java.
-            stack = LocalStack(settings.with_exports(env))
+        # What containers serve counts as external; object storage comes from the local stack
+        # either way (S3Proxy needs only Java).
+        stack = LocalStack(settings.with_exports(env))
         states = stack.up()
         started = {s.name for s in states if s.source == "started"}
         if started:

@@ -25,20 +25,17 @@ from audit_platform.clients import elasticsearch_client
 from audit_platform.index import access
 from audit_platform.settings import ElasticsearchConnection, Settings
 from audit_platform.stack import maven
-from audit_platform.stack.records import ServerRecord, write_private
+from audit_platform.stack.records import LocalServer, ServerRecord, write_private
 from audit_platform.stack.system import (
-    RunAs,
     StackError,
     ensure_debian_packages,
     ensure_memory,
     ensure_port_free,
-    ensure_system_user,
-    is_root,
     log_tail,
     parse_size,
     pid_alive,
     server_home,
-    stop_pid,
+    service_account,
     wait_until,
 )
 
@@ -156,20 +153,18 @@ def make_certificates(certs: Path) -> None:
     os.chmod(certs / "ca.crt", 0o644)
 
 
-class LocalElasticsearch:
+class LocalElasticsearch(LocalServer):
     """Start, reuse and stop one Elasticsearch node for this checkout."""
+
+    NAME = NAME
+    STOP_TIMEOUT = 90
 
     def __init__(self, stack_dir: Path, http_port: int, transport_port: int, heap: str) -> None:
         self.stack_dir = stack_dir
         self.http_port = http_port
         self.transport_port = transport_port
         self.heap = heap
-        if is_root():
-            ensure_system_user(SERVICE_USER)
-        self.run_as = RunAs.service(SERVICE_USER)
-
-    def record(self) -> ServerRecord | None:
-        return ServerRecord.live(self.stack_dir, NAME)
+        self.run_as = service_account(SERVICE_USER)
 
     def up(self) -> tuple[ServerRecord, bool]:
         if (record := self.record()) is not None:
@@ -264,14 +259,6 @@ class LocalElasticsearch:
         record.save(self.stack_dir)
         return record, True
 
-    def down(self) -> bool:
-        record = self.record()
-        if record is None:
-            return False
-        stop_pid(record.pid, record.marker, timeout=90)
-        record.forget(self.stack_dir)
-        return True
-
     def _admin_password(self, es_home: Path, env: dict[str, str]) -> str:
         """A file-realm superuser for the platform, created once with Elasticsearch's own tool."""
         secret = self.stack_dir / "elasticsearch.secret"
@@ -299,7 +286,7 @@ def install_file_realm_accounts(settings: Settings, env: str) -> list[access.Acc
     ``elasticsearch-users``, passwords kept beside them so a rerun changes nothing. Returns once
     both can sign in (the node reloads those files every few seconds)."""
     assert settings.es_file_realm is not None and settings.elasticsearch is not None
-    es_home, run_as = settings.es_file_realm, RunAs.service(SERVICE_USER)
+    es_home, run_as = settings.es_file_realm, service_account(SERVICE_USER)
     kept_path = es_home / "config/audit-platform-accounts.json"
     kept = json.loads(kept_path.read_text()) if kept_path.exists() else {}
     accounts = access.new_accounts(env, kept)

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import psycopg
 
-from audit_platform.stack.records import ServerRecord, stack_secret
+from audit_platform.stack.records import LocalServer, ServerRecord, stack_secret
 from audit_platform.stack.system import (
     RunAs,
     StackError,
@@ -23,7 +23,6 @@ from audit_platform.stack.system import (
     log_tail,
     pid_matches,
     server_home,
-    stop_pid,
     wait_until,
 )
 
@@ -72,8 +71,12 @@ def ensure_installed() -> Path:
     return bindir
 
 
-class LocalPostgres:
+class LocalPostgres(LocalServer):
     """Start, reuse and stop one PostgreSQL server for this checkout."""
+
+    NAME = NAME
+    # SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit cleanly.
+    STOP_SIGNAL = signal.SIGINT
 
     def __init__(self, stack_dir: Path, port: int, overrides: dict[str, str] | None = None) -> None:
         self.stack_dir = stack_dir
@@ -134,15 +137,6 @@ class LocalPostgres:
         )
         record.save(self.stack_dir)
         return record, True
-
-    def down(self) -> bool:
-        record = self.record()
-        if record is None:
-            return False
-        # SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit cleanly.
-        stop_pid(record.pid, record.marker, sig=signal.SIGINT, timeout=60)
-        record.forget(self.stack_dir)
-        return True
 
     def _password(self) -> str:
         return stack_secret(self.stack_dir, "postgres.secret")

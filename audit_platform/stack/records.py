@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel
 
-from audit_platform.stack.system import pid_matches
+from audit_platform.stack.system import pid_matches, stop_pid
 
 
 class ServerRecord(BaseModel):
@@ -51,6 +53,27 @@ class ServerRecord(BaseModel):
 
     def forget(self, stack_dir: Path) -> None:
         self.path(stack_dir, self.name).unlink(missing_ok=True)
+
+
+class LocalServer:
+    """What every server of the stack shares: finding it by its record, and stopping it (only
+    the process that record names)."""
+
+    NAME: ClassVar[str]
+    STOP_SIGNAL: ClassVar[int] = signal.SIGTERM
+    STOP_TIMEOUT: ClassVar[float] = 60.0
+    stack_dir: Path
+
+    def record(self) -> ServerRecord | None:
+        return ServerRecord.live(self.stack_dir, self.NAME)
+
+    def down(self) -> bool:
+        record = self.record()
+        if record is None:
+            return False
+        stop_pid(record.pid, record.marker, sig=self.STOP_SIGNAL, timeout=self.STOP_TIMEOUT)
+        record.forget(self.stack_dir)
+        return True
 
 
 def write_private(path: Path, text: str) -> None:

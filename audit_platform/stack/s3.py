@@ -18,17 +18,14 @@ from pathlib import Path
 
 from audit_platform.stack import maven
 from audit_platform.stack.elasticsearch import SERVICE_USER, find_java_home
-from audit_platform.stack.records import ServerRecord, stack_secret
+from audit_platform.stack.records import LocalServer, ServerRecord, stack_secret
 from audit_platform.stack.system import (
-    RunAs,
     StackError,
     ensure_port_free,
-    ensure_system_user,
-    is_root,
     log_tail,
     pid_alive,
     server_home,
-    stop_pid,
+    service_account,
     wait_until,
 )
 
@@ -50,18 +47,16 @@ jclouds.filesystem.basedir={data}
 """
 
 
-class LocalS3:
+class LocalS3(LocalServer):
     """Start, reuse and stop one S3Proxy for this checkout."""
+
+    NAME = NAME
+    STOP_TIMEOUT = 30
 
     def __init__(self, stack_dir: Path, port: int) -> None:
         self.stack_dir = stack_dir
         self.port = port
-        if is_root():
-            ensure_system_user(SERVICE_USER)
-        self.run_as = RunAs.service(SERVICE_USER)
-
-    def record(self) -> ServerRecord | None:
-        return ServerRecord.live(self.stack_dir, NAME)
+        self.run_as = service_account(SERVICE_USER)
 
     def up(self) -> tuple[ServerRecord, bool]:
         if (record := self.record()) is not None:
@@ -120,14 +115,6 @@ class LocalS3:
         )
         record.save(self.stack_dir)
         return record, True
-
-    def down(self) -> bool:
-        record = self.record()
-        if record is None:
-            return False
-        stop_pid(record.pid, record.marker, timeout=30)
-        record.forget(self.stack_dir)
-        return True
 
 
 def _answers(endpoint: str) -> bool:

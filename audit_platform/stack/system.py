@@ -112,6 +112,14 @@ class RunAs:
                 os.chown(os.path.join(root, name), self.uid, self.gid, follow_symlinks=False)
 
 
+def service_account(name: str) -> RunAs:
+    """The account a Java server runs as: ``name``, made when we are root (Elasticsearch
+    refuses to run as root), else ourselves."""
+    if is_root():
+        ensure_system_user(name)
+    return RunAs.service(name)
+
+
 def server_home(stack_dir: Path, name: str, run_as: RunAs) -> Path:
     """Where a server keeps its files: inside the stack folder when its user can reach it.
 
