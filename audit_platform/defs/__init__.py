@@ -23,8 +23,7 @@ from audit_platform.defs.enrich.assets import (
 )
 from audit_platform.defs.enrich.sensors import quarantine_schedule, quarantine_sensor
 from audit_platform.defs.health import (
-    health_checks_job,
-    health_checks_schedule,
+    CHECK_CRON,
     source_checks,
     template_check,
 )
@@ -39,7 +38,8 @@ from audit_platform.defs.index.schedules import (
 from audit_platform.defs.partitions import hourly_partitions, partitions_start
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
-from audit_platform.defs.trust import reads_check, trail_check, trust_job, trust_schedule
+from audit_platform.defs.scheduled_checks import scheduled_checks
+from audit_platform.defs.trust import TRUST_CRON, reads_check, trail_check
 from audit_platform.environment import load_environment
 from audit_platform.settings import Settings
 
@@ -85,15 +85,27 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         sensors.append(capture_sensor(env, source, config, job, interval, heartbeat))
         sensors.append(quarantine_sensor(source, resolve))
         schedules.append(quarantine_schedule(source, quarantine_job))
+    checked = [
+        scheduled_checks(
+            "health_checks",
+            checks,
+            CHECK_CRON,
+            "Slot lag, tracked tables and template checks of this environment.",
+        )
+    ]
     trail = [trail_check(source) for source in sorted(environment.sources)]
     if environment.sources:
         trail.append(reads_check(min(environment.sources)))
-        trust = trust_job(trail)
-        jobs.append(trust)
-        schedules.append(trust_schedule(trust))
-    health = health_checks_job(checks)
-    jobs.append(health)
-    schedules.append(health_checks_schedule(health))
+        checked.append(
+            scheduled_checks(
+                "trust",
+                trail,
+                TRUST_CRON,
+                "Sign and verify the trail of every source, and the read log.",
+            )
+        )
+    schedules.extend(checked)
+    jobs.extend(schedule.job for schedule in checked)
     retention = retention_job(environment)
     jobs.append(retention)
     schedules.append(retention_schedule(retention))

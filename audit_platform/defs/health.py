@@ -104,18 +104,3 @@ def template_check(environment: EnvironmentConfig) -> dg.AssetChecksDefinition:
         )  # fmt: skip
 
     return template_current
-
-
-def health_checks_job(checks: list[dg.AssetChecksDefinition]):
-    return dg.define_asset_job(
-        "health_checks_job",
-        selection=dg.AssetSelection.checks(*checks),
-        description="Slot lag, tracked tables and template checks of this environment.",
-    )
-
-
-def health_checks_schedule(job) -> dg.ScheduleDefinition:
-    return dg.ScheduleDefinition(
-        name="health_checks_schedule", job=job, cron_schedule=CHECK_CRON,
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-    )  # fmt: skip

@@ -90,18 +90,3 @@ def reads_check(first_source: str) -> dg.AssetChecksDefinition:
         return _result(report, "the read log")
 
     return read_log_verified
-
-
-def trust_job(checks: list[dg.AssetChecksDefinition]):
-    return dg.define_asset_job(
-        "trust_job",
-        selection=dg.AssetSelection.checks(*checks),
-        description="Sign and verify the trail of every source, and the read log.",
-    )
-
-
-def trust_schedule(job) -> dg.ScheduleDefinition:
-    return dg.ScheduleDefinition(
-        name="trust_schedule", job=job, cron_schedule=TRUST_CRON,
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-    )  # fmt: skip
