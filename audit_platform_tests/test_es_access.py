@@ -16,7 +16,7 @@ from audit_platform.clients import elasticsearch_client
 from audit_platform.index import access
 from audit_platform.index.retention import run_retention
 from audit_platform.naming import read_alias
-from audit_platform.settings import ElasticsearchConnection, Settings
+from audit_platform.settings import Settings
 from audit_platform.stack import setup_es_accounts
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.helpers import policy_for
@@ -35,9 +35,7 @@ def accounts(servers):
 
 
 def _client(servers, account: access.Account):
-    conn = servers.settings.elasticsearch.model_dump()
-    conn.update(username=account.name, password=account.password, api_key=None)
-    return elasticsearch_client(ElasticsearchConnection.model_validate(conn))
+    return elasticsearch_client(account.connection(servers.settings.elasticsearch))
 
 
 @pytest.fixture

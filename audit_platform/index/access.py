@@ -23,6 +23,7 @@ from typing import Any
 from elasticsearch import Elasticsearch
 
 from audit_platform.naming import check_identifier, read_alias
+from audit_platform.settings import ElasticsearchConnection
 
 WRITER, READER = "writer", "reader"
 
@@ -37,6 +38,13 @@ class Account:
 
     def exports(self) -> dict[str, str]:
         return {"AUDIT_ES_USERNAME": self.name, "AUDIT_ES_PASSWORD": self.password}
+
+    def connection(self, cluster: ElasticsearchConnection) -> ElasticsearchConnection:
+        """``cluster`` (URL, CA) signed in as this account instead."""
+        return cluster.model_validate(
+            {**cluster.model_dump(), "username": self.name, "password": self.password,
+             "api_key": None}
+        )  # fmt: skip
 
 
 def account_name(env: str, kind: str) -> str:
@@ -66,10 +74,9 @@ def role_descriptors(env: str) -> dict[str, dict[str, Any]]:
 def new_accounts(env: str, known: dict[str, str] | None = None) -> list[Account]:
     """The writer and reader of ``env``, keeping any password in ``known`` (name -> password)."""
     known = known or {}
-    return [
-        Account(kind, name, known.get(name) or secrets.token_urlsafe(24))
-        for kind, name in ((k, account_name(env, k)) for k in (WRITER, READER))
-    ]
+    names = {kind: account_name(env, kind) for kind in (WRITER, READER)}
+    return [Account(kind, name, known.get(name) or secrets.token_urlsafe(24))
+            for kind, name in names.items()]  # fmt: skip
 
 
 def install_native(client: Elasticsearch, env: str, accounts: list[Account]) -> None:

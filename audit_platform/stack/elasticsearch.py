@@ -317,9 +317,7 @@ def install_file_realm_accounts(settings: Settings, env: str) -> list[access.Acc
     kept.update({a.name: a.password for a in accounts})
     write_private(kept_path, json.dumps(kept))
     for account in accounts:
-        conn = settings.elasticsearch.model_dump()
-        conn.update(username=account.name, password=account.password, api_key=None)
-        client = elasticsearch_client(ElasticsearchConnection(**conn), request_timeout=5)
+        client = elasticsearch_client(account.connection(settings.elasticsearch), request_timeout=5)
         what = f"Elasticsearch to load the file-realm user {account.name}"
         wait_until(lambda c=client: _signs_in(c), timeout=60, what=what)
     return accounts
