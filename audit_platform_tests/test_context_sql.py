@@ -84,10 +84,66 @@ def test_attach_context_to_a_committed_transaction_is_captured(source_db):
         )
     rows = read_test_decoding(source_db, "t_ctx")
     [(insert_xid, _)] = changes(rows, "public.orders")
-    [(_, attached)] = messages(rows, ATTACH_PREFIX)
-    assert attached == {"xid": str(xid), "context": USER}
-    assert int(attached["xid"]) % 2**32 == insert_xid
-    assert messages(rows) == []
+    # A row of audit.attached_contexts, which only the function can write, not a message
+    # that any role could emit itself.
+    [(_, attached)] = changes(rows, "audit.attached_contexts")
+    assert f"target[xid8]:'{xid}'" in attached
+    assert int(str(xid)) % 2**32 == insert_xid
+    assert "attached_by[name]:'postgres'" in attached
+    assert messages(rows, ATTACH_PREFIX) == [] and messages(rows) == []
+
+
+@pytest.fixture
+def roles(source_db):
+    """A role with nothing but CONNECT, and a service role granted late attribution."""
+    suffix = source_db.rsplit("/", 1)[1]
+    intruder, service = f"intruder_{suffix}", f"service_{suffix}"
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        for role in (intruder, service):
+            conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+            conn.execute(f"GRANT CONNECT ON DATABASE {suffix} TO {role}")
+        conn.execute(f"GRANT audit_attributor TO {service}")
+        conn.execute(f"GRANT INSERT ON orders TO {intruder}")
+    yield {"intruder": _as(source_db, intruder), "service": _as(source_db, service)}
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        for role in (intruder, service):
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def _as(url: str, role: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{role}:pw@{parts.hostname}:{parts.port}"))
+
+
+def test_a_role_without_audit_attributor_cannot_attach_context(source_db, roles):
+    with psycopg.connect(roles["intruder"]) as conn:
+        conn.execute("INSERT INTO orders VALUES (6, 'paid')")
+        xid = conn.execute("SELECT pg_current_xact_id()").fetchone()[0]
+    with (
+        psycopg.connect(roles["intruder"]) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute(
+            "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(xid), json.dumps(USER))
+        )
+    with (
+        psycopg.connect(roles["intruder"]) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute(
+            "INSERT INTO audit.attached_contexts (target, context) VALUES (%s, '{}')", (str(xid),)
+        )
+    with psycopg.connect(roles["service"]) as conn:
+        conn.execute(
+            "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(xid), json.dumps(USER))
+        )
+    rows = read_test_decoding(source_db, "t_ctx")
+    [(_, attached)] = changes(rows, "audit.attached_contexts")
+    service = roles["service"].split("://")[1].split(":")[0]
+    assert f"attached_by[name]:'{service}'" in attached
 
 
 def test_attach_context_refuses_a_transaction_that_did_not_commit(source_db):

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
-from audit_platform.index.documents import documents, validate_document
+from audit_platform.index.documents import document_frame, documents, validate_document
 from audit_platform.index.template import render_template
 from audit_platform.record import RECORD_SCHEMA, AuditRecord, model_leaves
 from audit_platform.settings import Settings
@@ -124,3 +124,13 @@ def test_every_example_in_the_openapi_document_is_a_valid_answer():
     for model in (Gap, Completeness, Correlation, RevertPlan):
         examples = model.model_config["json_schema_extra"]["examples"]
         assert examples and all(model.model_validate(e) for e in examples)
+
+
+def test_a_context_staged_with_line_breaks_stays_on_one_bulk_line():
+    # What a file staged before capture re-serialised contexts could hold: valid JSON whose
+    # tokens are separated by line breaks, which would end the bulk request's line.
+    context = '{\n"actor":\r\n{"type": "user", "id": "line\\nbreak"}}'
+    frame = document_frame(_record(context=context), database="shopdb", ingested_at=T0)
+    [text] = frame["document"].to_list()
+    assert "\n" not in text and "\r" not in text
+    assert json.loads(text)["context"] == {"actor": {"type": "user", "id": "line\nbreak"}}

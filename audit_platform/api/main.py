@@ -29,6 +29,7 @@ from audit_platform.api.routers import (
     gaps,
     health,
     objects,
+    rejections,
     revert,
     trust,
 )
@@ -108,7 +109,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    for module in (events, objects, activity, correlation, revert, export, gaps, trust, health):
+    for module in (
+        events,
+        objects,
+        activity,
+        correlation,
+        revert,
+        export,
+        gaps,
+        rejections,
+        trust,
+        health,
+    ):
         app.include_router(module.router)
     ui.install(app)
     metrics = api_metrics.install(app)

@@ -16,18 +16,28 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from audit_platform.capture.messages import (
+    ATTACHMENTS_TABLE,
+    CONTEXT_PREFIX,
+    MAX_MESSAGE_BYTES,
+    OWN_PREFIXES,
+    Rejection,
+    parse_context,
+    rejection_json,
+)
 from audit_platform.policy import SourcePolicy, TablePolicy
 
+_ATTACH_REFUSED = (
+    "attach messages are not accepted: a late context comes only from audit.attach_context "
+    "(source migration 002), which its callers need the audit_attributor role for"
+)
 #: Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 PG_EPOCH_US = 946_684_800_000_000
-CONTEXT_PREFIX = "audit_platform.context.v1"
-ATTACH_PREFIX = "audit_platform.attach.v1"
 
 _BEGIN = struct.Struct("!qqI")
 _COMMIT = struct.Struct("!bqqq")
 _I32 = struct.Struct("!i")
 _I16 = struct.Struct("!h")
-_MSG_HEAD = struct.Struct("!bq")
 
 
 class DecodeError(ValueError):
@@ -49,6 +59,8 @@ class Relation:
     key_columns: list[str] = field(default_factory=list)
     key_json: str = "[]"
     tracked: bool = True
+    #: ``audit.attached_contexts``: its inserts are late contexts, not row changes.
+    attachments: bool = False
 
     @property
     def qualified(self) -> str:
@@ -233,6 +245,10 @@ class PgOutputDecoder:
         self._relation_types.pop(relid, None)
 
     def _plan(self, relation: Relation) -> None:
+        if (relation.schema, relation.name) == ATTACHMENTS_TABLE:
+            relation.tracked, relation.attachments = False, True
+            relation.plan = [False] * len(relation.columns)
+            return
         table_policy = self.policy.tables.get(relation.qualified)
         if table_policy is None:
             relation.tracked = False
@@ -284,7 +300,9 @@ class PgOutputDecoder:
                 pos += 4
                 action = plan[i]
                 if action is not None:
-                    value = str(data[pos : pos + length], "utf-8")
+                    # A UTF8 database only sends valid UTF-8; one in SQL_ASCII may hold any
+                    # bytes, which become U+FFFD rather than stop capture.
+                    value = str(data[pos : pos + length], "utf-8", "replace")
                     values[columns[i]] = masker(value) if action else value
                 pos += length
             elif kind == 110:  # n: null
@@ -305,6 +323,8 @@ class PgOutputDecoder:
             raise DecodeError(f"change for relation {relid} before its Relation message")
         if relation.tracked:
             return relation
+        if relation.attachments:
+            return relation if data[0] == 73 else None  # only inserts: it is append-only
         self._change_index += 1
         return None
 
@@ -334,6 +354,9 @@ class PgOutputDecoder:
     def _insert(self, data: memoryview, batch: ChangeBatch) -> None:
         relation = self._tracked(data)
         if relation is None:
+            return
+        if relation.attachments:
+            self._attachment(data, relation, batch)
             return
         after, unchanged, _ = self._tuple(data, 6, relation)
         self._append(batch, relation, "insert", None, after, unchanged)
@@ -374,31 +397,58 @@ class PgOutputDecoder:
                 raise DecodeError(f"truncate of relation {relid} before its Relation message")
             if relation.tracked:
                 self._append(batch, relation, "truncate", None, None, [])
-            else:
+            elif not relation.attachments:
                 self._change_index += 1
 
-    # -- context messages ---------------------------------------------------------------------
+    # -- contexts ---------------------------------------------------------------------------
 
     def _message(self, data: memoryview, batch: ChangeBatch) -> None:
-        flags, _ = _MSG_HEAD.unpack_from(data, 1)
-        prefix, pos = _cstring(data, 10)
-        (length,) = _I32.unpack_from(data, pos)
-        content = str(data[pos + 4 : pos + 4 + length], "utf-8")
-        if prefix not in (CONTEXT_PREFIX, ATTACH_PREFIX) or not flags & 1:
-            return  # someone else's message, or a non-transactional one: not ours to record
-        target = self._xid
-        if prefix == ATTACH_PREFIX:
-            payload = json.loads(content)
-            target = int(payload["xid"]) & 0xFFFFFFFF
-            content = json.dumps(payload["context"], separators=(",", ":"), sort_keys=True)
+        """A logical message: ours becomes a context or a recorded rejection; others are
+        skipped before their content is looked at (docs/design.md, invariant 10)."""
+        flags, raw = data[1], data.obj
+        # The prefix is compared as bytes: someone else's need not even be UTF-8.
+        end = raw.find(0, 10) if isinstance(raw, bytes | bytearray) else bytes(data).find(0, 10)
+        prefix = bytes(data[10:end])
+        if prefix not in OWN_PREFIXES or not flags & 1:
+            # Someone else's message, or a non-transactional one, which belongs to no
+            # transaction and so can attribute nothing.
+            return
+        (length,) = _I32.unpack_from(data, end + 1)
+        name = prefix.decode()
+        try:
+            if name != CONTEXT_PREFIX:
+                raise Rejection(_ATTACH_REFUSED)
+            if length > MAX_MESSAGE_BYTES:
+                raise Rejection(f"message is {length} bytes; the limit is {MAX_MESSAGE_BYTES}")
+            context = parse_context(data[end + 5 : end + 5 + length])
+        except Rejection as exc:
+            self._reject(batch, name, length, str(exc))
+            return
+        self._context(batch, "context", self._xid, context)
+
+    def _attachment(self, data: memoryview, relation: Relation, batch: ChangeBatch) -> None:
+        """A row ``audit.attach_context`` wrote: a context for an earlier transaction."""
+        row, _, _ = self._tuple(data, 6, relation)
+        try:
+            target = int(row.get("target") or "")
+            context = parse_context((row.get("context") or "").encode())
+        except (ValueError, Rejection) as exc:
+            self._reject(batch, "audit.attached_contexts", 0, f"unreadable attachment: {exc}")
+            return
+        self._context(batch, "attach", target & 0xFFFFFFFF, context)
+
+    def _reject(self, batch: ChangeBatch, prefix: str, size: int, reason: str) -> None:
+        self._context(batch, "rejected", self._xid, rejection_json(prefix, size, reason))
+
+    def _context(self, batch: ChangeBatch, kind: str, target: int, text: str) -> None:
         batch.ctx_lsn.append(self._final_lsn)
         batch.ctx_xid.append(self._xid)
         batch.ctx_commit_time_us.append(self._commit_us)
         batch.ctx_seq.append(self._ctx_seq)
         self._ctx_seq += 1
-        batch.ctx_kind.append("context" if prefix == CONTEXT_PREFIX else "attach")
+        batch.ctx_kind.append(kind)
         batch.ctx_target_xid.append(target)
-        batch.ctx_context.append(content)
+        batch.ctx_context.append(text)
 
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -408,7 +458,7 @@ def _cstring(data: memoryview, pos: int) -> tuple[str, int]:
     end = pos
     while data[end]:
         end += 1
-    return str(data[pos:end], "utf-8"), end + 1
+    return str(data[pos:end], "utf-8", "replace"), end + 1
 
 
 def _column_plan(policy: TablePolicy, column: str) -> bool | None:

@@ -18,8 +18,22 @@ import psycopg2
 import psycopg2.errors
 from psycopg2.extras import LogicalReplicationConnection
 
-_BEGIN, _COMMIT = 66, 67
+from audit_platform.capture.messages import MAX_MESSAGE_BYTES, OWN_PREFIXES
+
+_BEGIN, _COMMIT, _MESSAGE = 66, 67, 77
 _ROW_CHANGES = frozenset(b"IUDT")
+
+
+def kept_message(payload: bytes) -> bytes | None:
+    """A logical message as a batch keeps it: someone else's is dropped here, before it is
+    buffered, and one of ours keeps at most MAX_MESSAGE_BYTES of content (with its declared
+    length, so the decoder rejects it by size). So one oversized message costs the one read
+    the driver makes of it, and a batch never holds many.
+    """
+    end = payload.find(0, 10)
+    if payload[10:end] not in OWN_PREFIXES or not payload[1] & 1:
+        return None
+    return payload[: end + 5 + MAX_MESSAGE_BYTES]
 
 
 class SlotBusy(RuntimeError):
@@ -109,6 +123,8 @@ class SlotStream:
                 if final_lsn > target_lsn:
                     break  # committed after the target: the next capture takes it
                 in_txn = True
+            elif kind == _MESSAGE and (payload := kept_message(payload)) is None:
+                continue
             messages.append(payload)
             size += len(payload)
             if kind in _ROW_CHANGES:

@@ -16,12 +16,18 @@ from datetime import datetime, timedelta
 import polars as pl
 import psycopg
 
+from audit_platform.capture.rejections import rejected_frame, store_rejections
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.join import EnrichResult, enrich, ignored_counts, transaction_contexts
 from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging.store import FILE, StagingStore, hour_from_path
-from audit_platform.trust.leaves import attach_leaves, context_leaves, record_leaves
+from audit_platform.trust.leaves import (
+    attach_leaves,
+    context_leaves,
+    record_leaves,
+    rejected_leaves,
+)
 from audit_platform.trust.log import TrustLog
 
 REJECTED_SCHEMA = {"lsn": pl.Int64, "change_index": pl.Int32, "reason": pl.String}
@@ -39,6 +45,8 @@ class HourResult:
     unattributed: int = 0
     orphans_waiting: int = 0
     rejected: int = 0
+    #: Messages under the platform's prefix that were not valid contexts (capture.messages).
+    rejected_messages: int = 0
 
     @property
     def metadata(self) -> dict[str, int | float]:
@@ -78,6 +86,11 @@ class EnrichOutcome:
         for _, _, _, where in result.rejected:
             of(where).rejected += 1
 
+    def add_rejected_messages(self, rejected: pl.DataFrame) -> None:
+        for committed in rejected["commit_time"]:
+            hour = _hour(committed)
+            self.by_hour.setdefault(hour, HourResult(hour)).rejected_messages += 1
+
     @property
     def hours(self) -> list[HourResult]:
         return sorted(self.by_hour.values(), key=lambda h: h.hour)
@@ -107,11 +120,15 @@ def enrich_files(
     outcome = EnrichOutcome()
     with state.transaction():
         quarantine.store_late_contexts(state, env, source, contexts)
+        rejected = rejected_frame(contexts)
+        store_rejections(state, env, source, rejected)
+        outcome.add_rejected_messages(rejected)
         own = transaction_contexts(contexts)
         if leaves:
             times = contexts.group_by("lsn").agg(pl.col("commit_time").first())
             outcome.leaves.append(context_leaves(own.join(times, on="lsn"), env, source))
             outcome.leaves.append(attach_leaves(contexts, env, source))
+            outcome.leaves.append(rejected_leaves(contexts, env, source))
         counts = _transaction_counts(store, policy, changes_paths, contexts, now)
         for path in changes_paths:
             changes = store.read([path], "changes")

@@ -112,7 +112,10 @@ def document_frame(records: pl.DataFrame, *, database: str, ingested_at: datetim
             *_raw("changed_columns", pl.col("changed_columns")),
             *_raw("before", pl.col("before")),
             *_raw("after", pl.col("after")),
-            *_raw("context", pl.col("context")),
+            # Capture stages contexts as compact JSON (capture.messages); a file staged before
+            # it did may hold a context with line breaks between its tokens, which would end
+            # the bulk body's line. Outside strings they are only whitespace.
+            *_raw("context", pl.col("context").str.replace_all("[\r\n]", " ")),
             pl.lit(',"row":{"key":'),
             pl.col("key_columns").fill_null(pl.lit("[]")),
             pl.lit(',"types":'),

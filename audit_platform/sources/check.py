@@ -12,6 +12,7 @@ from enum import StrEnum
 import psycopg
 from psycopg import sql
 
+from audit_platform.capture.messages import ATTACHMENTS_TABLE
 from audit_platform.migrations import migrations
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
@@ -178,7 +179,7 @@ def _publication(conn: psycopg.Connection, name: str, policy: SourcePolicy) -> F
             "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,)
         )
     }
-    wanted = {f"{s}.{t}" for s, t in policy.table_names()}
+    wanted = {f"{s}.{t}" for s, t in [*policy.table_names(), ATTACHMENTS_TABLE]}
     # Partitioned roots are listed as their root (publish_via_partition_root), so compare sets.
     if wanted - published:
         return Finding(

@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from audit_platform import migrations
+from audit_platform.capture.messages import ATTACHMENTS_TABLE
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging import parse_lsn
@@ -59,8 +60,10 @@ def _missing_tables(conn: psycopg.Connection, tables: list[tuple[str, str]]) -> 
 
 
 def ensure_publication(conn: psycopg.Connection, name: str, tables: list[tuple[str, str]]) -> None:
-    """Exactly the policy's tables; partitions are published under their root table."""
-    table_list = sql.SQL(", ").join(sql.Identifier(s, t) for s, t in tables)
+    """Exactly the policy's tables and ``audit.attached_contexts`` (late contexts travel as its
+    rows); partitions are published under their root table."""
+    published = [*tables, ATTACHMENTS_TABLE] if ATTACHMENTS_TABLE not in tables else tables
+    table_list = sql.SQL(", ").join(sql.Identifier(s, t) for s, t in published)
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
     with conn.transaction():
         if exists:

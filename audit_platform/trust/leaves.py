@@ -13,6 +13,10 @@ Three kinds of leaf, each a fact captured from the source's WAL and never rewrit
   (``audit.attach_context``), with the time it committed. A record that becomes ``late`` carries
   the last such context, and its lag is that time minus its own commit time.
 
+- ``rejected``: a message a transaction emitted under the platform's prefix that is not a valid
+  context (``capture.messages``): where it was, its prefix, size and why it was refused. It
+  covers no record; it makes the refusal itself a fact nobody can remove unseen.
+
 So the later facts that change a record (a late context, ``unattributed`` becoming ``late``) are
 leaves of their own, appended when they are captured; no leaf is ever rewritten. What a leaf does
 not cover is derived from what it does (the record's ``user``, ``service``, ``trace``, ``client``,
@@ -40,7 +44,7 @@ from audit_platform.staging.store import lsn_text, parse_lsn
 from audit_platform.trust.merkle import leaf_hash
 
 VERSION = "1"
-KINDS = ("context", "attach", "change")  # the order of a transaction's leaves
+KINDS = ("context", "attach", "rejected", "change")  # the order of a transaction's leaves
 
 #: One row per leaf in the log's files.
 LEAF_SCHEMA = {
@@ -147,6 +151,24 @@ def attach_leaf(
     }
 
 
+def rejected_leaf(
+    *, env: str, source: str, lsn: int, xid: int, seq: int, time: datetime, detail: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "v": VERSION,
+        "kind": "rejected",
+        "env": env,
+        "source": source,
+        "commit_lsn": lsn_text(lsn),
+        "xid": str(xid),
+        "seq": str(seq),
+        "time": moment(time),
+        "prefix": detail["prefix"],
+        "bytes": str(detail["bytes"]),
+        "reason": detail["reason"],
+    }
+
+
 def _loads(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
@@ -244,6 +266,39 @@ def attach_leaves(contexts: pl.DataFrame, env: str, source: str) -> pl.DataFrame
             "lsn",
             "seq",
             pl.col("target_xid").alias("xid"),
+            pl.col("commit_time").alias("time"),
+            pl.lit(None, pl.String).alias("record_id"),
+        ),
+        hashes,
+    )
+
+
+def rejected_leaves(contexts: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
+    """A ``rejected`` leaf per refused message (``capture.rejections``)."""
+    rejected = contexts.filter(pl.col("kind") == "rejected")
+    rows = rejected.select("lsn", "xid", "seq", "commit_time", "context").iter_rows()
+    hashes = [
+        leaf_hash(
+            canonical(
+                rejected_leaf(
+                    env=env,
+                    source=source,
+                    lsn=lsn,
+                    xid=xid,
+                    seq=seq,
+                    time=time,
+                    detail=orjson.loads(text),
+                )
+            )
+        )
+        for lsn, xid, seq, time, text in rows
+    ]
+    return _frame(
+        rejected.select(
+            pl.lit("rejected").alias("kind"),
+            "lsn",
+            "seq",
+            "xid",
             pl.col("commit_time").alias("time"),
             pl.lit(None, pl.String).alias("record_id"),
         ),

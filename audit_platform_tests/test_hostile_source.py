@@ -1,0 +1,292 @@
+"""A role with nothing but CONNECT (and INSERT on one tracked table) attacks the audit from a
+source database, through the real pipeline (PostgreSQL, capture, enrichment, the trail,
+Elasticsearch): every kind of logical message, hostile values in every column type, forged late
+contexts. Capture keeps going, nothing of anyone else's is lost or misattributed, every
+refusal is recorded (docs/design.md, invariant 10). The trigger table is the ground truth."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from audit_platform import platform_db
+from audit_platform.api.main import create_app
+from audit_platform.api_keys import create_key
+from audit_platform.capture.messages import ATTACH_PREFIX, CONTEXT_PREFIX, MAX_MESSAGE_BYTES
+from audit_platform.capture.rejections import list_rejections
+from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
+from audit_platform.index.batch import index_pending
+from audit_platform.index.template import install_template
+from audit_platform.naming import read_alias
+from audit_platform.settings import Settings
+from audit_platform.trust.log import TrustLog
+from audit_platform.trust.signing import new_private_key, private_key
+from audit_platform.trust.verify import Window, verify_source, waiting_changes
+from audit_platform_tests.capture_support import make_source
+from audit_platform_tests.helpers import (
+    ZOO_DDL,
+    ZOO_ROW,
+    ground_truth,
+    ground_truth_ddl,
+    policy_for,
+    record_tuple,
+)
+
+SERVICE = {"actor": {"type": "service", "id": "billing"}, "request_id": "r-1"}
+#: Text that tries to leave whatever it is rendered into: SQL comments and literals, psql
+#: meta-commands, NDJSON lines, CSV formulas, HTML, templates.
+HOSTILE = [
+    "line\nbreak",
+    "cr\r\nlf",
+    "\\! echo PWNED",
+    "*/ SELECT 1; /*",
+    "$$; DROP TABLE zoo; $$",
+    "'; DROP TABLE zoo; --",
+    '=HYPERLINK("http://x","y")',
+    "<script>alert(1)</script>",
+    "{{7*7}} ${7*7}",
+    "\u2028\u2029\ufeff\u200b",
+    "🎉" * 1000,
+]
+
+VALID = json.dumps({"actor": {"type": "user", "id": "mallory"}})
+#: (transactional, prefix, content, the rejection's reason, or None when it is not ours to
+#: record: someone else's message, or a non-transactional one that attributes nothing)
+MESSAGES: list[tuple[bool, str, bytes, str | None]] = [
+    (True, "other.tool", b"\xff\xfe binary", None),
+    (False, "other.tool", b"\xff", None),
+    (True, "audit_platform.context.v2", b"\xff", None),
+    (False, CONTEXT_PREFIX, VALID.encode(), None),
+    (True, ATTACH_PREFIX, b"x", "attach messages are not accepted"),
+    (True, CONTEXT_PREFIX, b"not json", "not JSON"),
+    (True, CONTEXT_PREFIX, b"\xff\xfe", "not JSON"),
+    (True, CONTEXT_PREFIX, b"[]", "must be a JSON object"),
+    (True, CONTEXT_PREFIX, b'{"actor": {"type": "god", "id": "x"}}', "actor.type"),
+    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": ""}}', "actor.id"),
+    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": "x"}, "x": 1}', "x: Extra"),
+    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": "\\ud800"}}', "not JSON"),
+    (
+        True,
+        CONTEXT_PREFIX,
+        b'{"actor": {"type": "user", "id": "x"}, "attributes": {"n": NaN}}',
+        "not JSON",
+    ),
+    (
+        True,
+        CONTEXT_PREFIX,
+        b'{"actor": {"type": "user", "id": "x"}, "attributes": {"n": 1e999}}',
+        "not JSON",
+    ),
+    (True, CONTEXT_PREFIX, b"{" * 100_000, "limit"),
+    (True, CONTEXT_PREFIX, b" " * (64 * 1024 * 1024), "limit"),
+]
+
+
+def _as(url: str, role: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{role}:pw@{parts.hostname}:{parts.port}"))
+
+
+@pytest.fixture
+def attacked(pg_database, es, tmp_path):
+    env = f"hostile_{uuid.uuid4().hex[:8]}"
+    source = make_source(
+        pg_database,
+        tmp_path,
+        ZOO_DDL + ground_truth_ddl("zoo"),
+        policy_for("zoo", public__zoo={}),
+        env,
+    )
+    database = urlsplit(pg_database).path.lstrip("/")
+    intruder, attributor = f"intruder_{database}", f"attributor_{database}"
+    with psycopg.connect(pg_database, autocommit=True) as admin:
+        # The trigger writes the ground truth whoever writes the table.
+        admin.execute("ALTER FUNCTION record_truth() SECURITY DEFINER")
+        for role in (intruder, attributor):
+            admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+        admin.execute(f"GRANT INSERT, UPDATE ON zoo TO {intruder}")
+        admin.execute(f"GRANT audit_attributor TO {attributor}")
+        platform_db.install(admin, Settings().resources_dir / "sql")
+    install_template(es, Settings().resources_dir, env, replicas=0)
+    yield source, _as(pg_database, intruder), _as(pg_database, attributor)
+    for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+        es.indices.delete(index=index)
+    es.indices.delete_index_template(name=f"audit-{env}")
+    with psycopg.connect(pg_database, autocommit=True) as admin:
+        for role in (intruder, attributor):
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
+
+
+def _run(source, state, es, key) -> None:
+    """One capture run as the deployment makes it, with no grace: orphans are released."""
+    source.capture(batch_changes=7)
+    now = datetime.now(UTC)
+    enrich_pending(source.store, state, source.policy, now=now, grace=timedelta(0))
+    resolve_quarantine(source.store, state, source.policy, now=now, grace=timedelta(0))
+    hours = index_pending(es, source.store, database="zoo", now=now)
+    assert not any(h.failed for h in hours), [h.metadata for h in hours]
+    es.indices.refresh(index=read_alias(source.env))
+    TrustLog(source.store).checkpoint(key, now)
+
+
+def _records(es, env: str) -> dict[int, list[dict]]:
+    hits = es.search(index=read_alias(env), size=1000, sort=["_doc"])["hits"]["hits"]
+    by_id: dict[int, list[dict]] = {}
+    for hit in hits:
+        by_id.setdefault(int(hit["_source"]["object_id"]), []).append(hit["_source"])
+    return by_id
+
+
+def test_a_connect_only_role_cannot_stop_capture_misattribute_or_hide(attacked, es):
+    source, intruder, attributor = attacked
+    columns = [c for c in ZOO_ROW if c != "id"]
+    with psycopg.connect(source.url) as service:  # attributed work before and after
+        service.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(SERVICE),))
+        service.execute("INSERT INTO zoo (id, txt) VALUES (1, 'before the attack')")
+    with psycopg.connect(source.url) as victim:  # a transaction that recorded no context
+        victim.execute("INSERT INTO zoo (id, txt) VALUES (2, 'victim')")
+        victim_xid = victim.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+
+    expected_reasons: list[str] = []
+    with psycopg.connect(intruder, autocommit=True) as conn:
+        for n, (transactional, prefix, content, reason) in enumerate(MESSAGES, start=100):
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO zoo (id, txt) VALUES (%s, %s)", (n, HOSTILE[n % len(HOSTILE)])
+                )
+                conn.execute(
+                    "SELECT pg_logical_emit_message(%s, %s, %s::bytea)",
+                    (transactional, prefix, content),
+                )
+            if reason:
+                expected_reasons.append(reason)
+        # A whitespace-laden but valid context: accepted, and re-serialised on one line.
+        with conn.transaction():
+            conn.execute("INSERT INTO zoo (id, txt) VALUES (200, 'own context')")
+            conn.execute(
+                "SELECT pg_logical_emit_message(true, %s, %s)",
+                (CONTEXT_PREFIX, '{\n"actor":\n{"type": "user", "id": "mallory"}}'),
+            )
+        # Hostile values in every column type, and in every hostile string.
+        for n, text in enumerate(HOSTILE, start=300):
+            row = {
+                **ZOO_ROW,
+                "txt": text,
+                "vc": text[:20],
+                "tarr": json.dumps([text, "b"]).replace("[", "{").replace("]", "}"),
+                "jb": json.dumps({text: text}),
+            }
+            conn.execute(
+                f"INSERT INTO zoo (id, {', '.join(columns)}) VALUES (%s, "
+                f"{', '.join(['%s'] * len(columns))})",
+                [n, *(row[c] for c in columns)],
+            )
+        # Forging a late context for the victim's transaction, both ways.
+        forged = json.dumps({"xid": victim_xid, "context": json.loads(VALID)})
+        conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (ATTACH_PREFIX, forged))
+        expected_reasons.append("attach messages are not accepted")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT audit.attach_context(%s::xid8, %s::jsonb)", (victim_xid, VALID))
+
+    key = private_key(new_private_key())
+    with psycopg.connect(source.url, autocommit=True) as state:
+        _run(source, state, es, key)
+        records = _records(es, source.env)
+        # Nothing lost, nothing twice, every value as the trigger saw it.
+        assert sorted(record_tuple(r) for rs in records.values() for r in rs) == ground_truth(
+            source.url
+        )
+        assert records[1][0]["context"] == SERVICE
+        assert records[2][0]["attribution"]["status"] == "unattributed"  # the forgery failed
+        assert records[200][0]["context"] == json.loads(VALID)
+        for n in range(100, 100 + len(MESSAGES)):
+            assert records[n][0]["attribution"]["status"] == "unattributed", n
+        rejected = list_rejections(state, source.env, None, limit=1000)
+        unmatched = [r.reason for r in rejected]
+        for reason in expected_reasons:
+            found = next((text for text in unmatched if reason in text), None)
+            assert found is not None, (reason, unmatched)
+            unmatched.remove(found)
+        assert unmatched == []
+        assert all(r.source == "zoo" for r in rejected)
+        assert any(r.bytes == 64 * 1024 * 1024 for r in rejected)  # sized, never read
+        assert max(len(r.reason) for r in rejected) <= 600
+        assert not any("mallory" in r.reason or "\\ud800" in r.reason for r in rejected)
+        leaves = TrustLog(source.store).leaves()
+        assert leaves.filter(leaves["kind"] == "rejected").height == len(expected_reasons)
+
+        # Capture goes on, and a role allowed to attribute still can.
+        with psycopg.connect(attributor) as conn:
+            conn.execute(
+                "SELECT audit.attach_context(%s::xid8, %s::jsonb)",
+                (victim_xid, json.dumps(SERVICE)),
+            )
+        with psycopg.connect(source.url) as service:
+            service.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(SERVICE),))
+            service.execute("UPDATE zoo SET txt = 'after the attack' WHERE id = 1")
+        _run(source, state, es, key)
+        records = _records(es, source.env)
+        assert records[2][0]["attribution"]["status"] == "late"
+        assert records[2][0]["context"] == SERVICE
+        assert {r["operation"] for r in records[1]} == {"insert", "update"}
+
+        settings = Settings(
+            env=source.env,
+            pg_url=source.url,
+            api_key_cache_seconds=0,
+            staging_root=source.store.root,
+        )
+        auditor = create_key(state, source.env, "a", role="auditor").secret
+        narrow = create_key(state, source.env, "n", role="auditor", tables=["public.zoo"]).secret
+        with TestClient(create_app(settings)) as client:
+            listed = client.get("/v1/rejections?limit=1000", headers={"X-API-Key": auditor})
+            assert listed.status_code == 200, listed.text
+            assert len(listed.json()["rejections"]) == len(expected_reasons)
+            refused = client.get("/v1/rejections", headers={"X-API-Key": narrow})
+            assert refused.status_code == 403 and "limited to some tables" in refused.text
+
+        window = Window(datetime.now(UTC) + timedelta(hours=1), indexing_lag=timedelta(0))
+        report = verify_source(
+            source.store,
+            es,
+            source.policy,
+            key.public_key(),
+            since=None,
+            until=None,
+            window=window,
+            waiting=waiting_changes(state, source.env, "zoo"),
+        )
+        assert report.ok, report.problems
+
+
+def test_the_stream_keeps_only_a_bounded_prefix_of_an_oversized_message():
+    from audit_platform.capture.stream import kept_message
+
+    def message(prefix: bytes, content: bytes, flags: int = 1) -> bytes:
+        return (
+            b"M"
+            + bytes([flags])
+            + (0).to_bytes(8, "big")
+            + prefix
+            + b"\0"
+            + len(content).to_bytes(4, "big")
+            + content
+        )
+
+    huge = message(CONTEXT_PREFIX.encode(), b"x" * (10 * MAX_MESSAGE_BYTES))
+    kept = kept_message(huge)
+    assert kept is not None and len(kept) < 2 * MAX_MESSAGE_BYTES
+    assert int.from_bytes(kept[11 + len(CONTEXT_PREFIX) : 15 + len(CONTEXT_PREFIX)], "big") == (
+        10 * MAX_MESSAGE_BYTES
+    )
+    assert kept_message(message(b"other", b"\xff" * 100)) is None
+    assert kept_message(message(CONTEXT_PREFIX.encode(), b"{}", flags=0)) is None
+    small = message(CONTEXT_PREFIX.encode(), b"{}")
+    assert kept_message(small) == small

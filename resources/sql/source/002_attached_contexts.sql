@@ -1,0 +1,61 @@
+-- audit-platform, source database schema, migration 002: late attribution nobody can forge.
+--
+-- Migration 001 let any role call audit.attach_context, and the function emitted a logical
+-- message that any role could also emit itself with pg_logical_emit_message: either way, a role
+-- with nothing but CONNECT could attribute another role's transaction to anyone. Now a late
+-- context is a row of audit.attached_contexts, which only audit.attach_context can write (it runs
+-- as its owner), and only members of audit_attributor may call it. Capture reads the table's
+-- inserts from the slot (setup adds it to every environment's publication) and rejects
+-- attach messages, so emitting the old prefix attributes nothing (docs/design.md, invariant 10).
+--
+-- Give a service the right with: GRANT audit_attributor TO <the service's role>;
+
+CREATE TABLE IF NOT EXISTS audit.attached_contexts (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    target      xid8 NOT NULL,
+    context     jsonb NOT NULL,
+    attached_by name NOT NULL DEFAULT session_user,
+    attached_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+COMMENT ON TABLE audit.attached_contexts IS
+    'audit-platform: contexts attached to committed transactions; written by audit.attach_context only';
+REVOKE ALL ON audit.attached_contexts FROM PUBLIC;
+
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'audit_attributor') THEN
+        CREATE ROLE audit_attributor NOLOGIN;
+    END IF;
+END
+$do$;
+COMMENT ON ROLE audit_attributor IS
+    'audit-platform: may attach a context to an already committed transaction (audit.attach_context)';
+
+-- Context for a transaction that has already committed (a late arrival that capture's quarantine
+-- resolves). It is recorded when the calling transaction commits.
+CREATE OR REPLACE FUNCTION audit.attach_context(target xid8, ctx jsonb) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    status text;
+BEGIN
+    PERFORM audit.validate_context(ctx);
+    IF target IS NULL THEN
+        RAISE EXCEPTION 'attach_context needs a transaction id; got NULL' USING ERRCODE = '22023';
+    END IF;
+    IF target = pg_current_xact_id_if_assigned() THEN
+        RAISE EXCEPTION 'transaction % is the current one: use audit.set_context instead', target
+            USING ERRCODE = '22023';
+    END IF;
+    status := pg_xact_status(target);
+    IF status IS DISTINCT FROM 'committed' THEN
+        RAISE EXCEPTION 'transaction % is %; context can be attached only to a committed transaction',
+            target, coalesce(status, 'too old to look up (its commit status was truncated)')
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO audit.attached_contexts (target, context) VALUES (target, ctx);
+END
+$fn$;
+
+REVOKE EXECUTE ON FUNCTION audit.attach_context(xid8, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION audit.attach_context(xid8, jsonb) TO audit_attributor;
