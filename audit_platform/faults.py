@@ -1,6 +1,6 @@
 """Named crash points: the places where a process can die between two durable steps.
 
-DESIGN.md's invariant 1 says a crash anywhere ends, after a rerun, in the same indexed result.
+docs/design.md's invariant 1 says a crash anywhere ends, after a rerun, in the same indexed result.
 A random SIGKILL lands wherever it lands; these points let a test stop the pipeline exactly at
 each place where what is on disk, in the slot and in Elasticsearch disagree for a moment, and
 then check that the next run heals it. Disarmed (always, outside tests) a point costs one set

@@ -1,4 +1,4 @@
-"""The names of every per-environment resource, in one place (DESIGN.md, invariant 6).
+"""The names of every per-environment resource, in one place (docs/design.md, invariant 6).
 
 An environment name and a source name together identify one capture stream; every resource that
 belongs to that stream is named from both, so two environments can share a database server (or

@@ -1,6 +1,6 @@
 """Tracking policy per source: which tables are captured and what happens to each column.
 
-Policies are data (DESIGN.md, invariant 7): ``resources/sources/<source>.yaml``. They are
+Policies are data (docs/design.md, invariant 7): ``resources/sources/<source>.yaml``. They are
 validated here, and a mistake is reported with the file, the key and the problem, because the
 person fixing it is editing that file.
 """

@@ -1,6 +1,6 @@
 """One capture: read a source's slot up to a fixed LSN and stage it, batch by batch.
 
-Per batch, in this order (DESIGN.md, invariant 1): decode and apply the column policy, announce
+Per batch, in this order (docs/design.md, invariant 1): decode and apply the column policy, announce
 the files in an in-flight manifest, write them durably, confirm the batch's end LSN to the slot,
 wait until the server has taken it, then settle the manifest into the pending ledger (what
 enrichment and indexing still owe). A crash anywhere re-reads from the slot's confirmed

@@ -1,7 +1,7 @@
 """Bulk indexing of audit records into Elasticsearch: columnar bodies, a few requests in flight.
 
 Each record's ``_id`` is derived from (env, source, commit LSN, change index), so indexing the
-same records again replaces documents instead of adding copies (DESIGN.md, invariant 2).
+same records again replaces documents instead of adding copies (docs/design.md, invariant 2).
 
 Bodies are NDJSON built by polars (``documents.document_frame``) and sent as they are, with a
 bounded number of requests in flight, because one Python thread serializing dicts, then waiting
