@@ -6,6 +6,7 @@ because the person reading it is usually a newcomer whose first command just wen
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pwd
@@ -226,6 +227,88 @@ def stop_pid(pid: int, marker: str, *, sig: int = signal.SIGTERM, timeout: float
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not pid_alive(pid), timeout=10, what=f"process {pid} to exit")
     return True
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """What /proc/<pid>/stat says about a process that matters for stopping a tree of them."""
+
+    pid: int
+    ppid: int
+    session: int
+    #: Clock ticks after boot at which it started: tells a reused pid from the process seen.
+    started: int
+    zombie: bool
+
+
+def process_table(proc: Path = Path("/proc")) -> dict[int, ProcStat]:
+    table = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The command name (field 2) may hold spaces and parentheses: split after the last.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(entry.name)
+        table[pid] = ProcStat(pid, int(fields[1]), int(fields[3]), int(fields[19]),
+                              fields[0] in {"Z", "X"})  # fmt: skip
+    return table
+
+
+def stop_tree(leader: int, *, grace: float, sig: int = signal.SIGTERM) -> list[int]:
+    """Stop ``leader`` (started in a session of its own) and every process it started, however
+    deep: SIGTERM to each, up to ``grace`` seconds for all to exit, then SIGKILL to those
+    left. Returns the pids that had to be killed.
+
+    Signalling the process group and waiting for the leader alone is not enough: a leader
+    that exits first leaves children that take their time (Dagster's code servers and their
+    multiprocessing workers) or ignore SIGTERM, and a child that made a session of its own is
+    not in the group. So the tree is followed by parent (from before anyone exits, as an
+    orphan's parent becomes init) and by session, and waited for as a whole.
+    """
+    seen: dict[int, int] = {}  # pid -> start time, of every member seen so far
+
+    def members() -> set[int]:
+        table = process_table()
+        alive = {pid for pid, started in seen.items() if pid in table
+                 and table[pid].started == started and not table[pid].zombie}  # fmt: skip
+        parents, grew = alive | {leader}, True
+        while grew:
+            grew = False
+            for p in table.values():
+                if not p.zombie and p.pid not in alive and (p.session == leader
+                                                            or p.ppid in parents):  # fmt: skip
+                    alive.add(p.pid)
+                    parents.add(p.pid)
+                    seen[p.pid] = p.started
+                    grew = True
+        return alive
+
+    def send(pids: set[int], signum: int) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+    signalled: set[int] = set()
+    deadline = time.monotonic() + grace
+    while alive := members():
+        if time.monotonic() >= deadline:
+            break
+        send(alive - signalled, sig)
+        signalled |= alive
+        time.sleep(0.1)
+    else:
+        return []
+    killed = sorted(alive)
+    deadline = time.monotonic() + 10
+    while alive := members():
+        if time.monotonic() >= deadline:
+            raise StackError(f"processes {sorted(alive)} started by {leader} survived SIGKILL")
+        send(alive, signal.SIGKILL)
+        time.sleep(0.1)
+    return killed
 
 
 def wait_until(
