@@ -104,13 +104,14 @@ class Settings(BaseSettings):
         default=60, gt=0, description="A session not used for this long ends too."
     )
 
-    # The local stack of real servers (audit-platform stack ...).
+    # The local stack of real servers (audit-platform stack ...). Its ports lie below Linux's
+    # ephemeral range (32768-60999), where an outgoing connection's local end can hold them.
     stack_dir: Path = PROJECT_ROOT / ".stack"
-    stack_pg_port: int = 55432
-    stack_es_port: int = 59200
-    stack_es_transport_port: int = 59300
+    stack_pg_port: int = 25432
+    stack_es_port: int = 29200
+    stack_es_transport_port: int = 29300
     stack_es_heap: str = "1g"
-    stack_s3_port: int = 59400
+    stack_s3_port: int = 29400
     stack_backend: str = Field(
         default="auto",
         description="auto (docker when an engine answers, else local), local, docker",

@@ -143,16 +143,84 @@ def server_home(stack_dir: Path, name: str, run_as: RunAs) -> Path:
     return home
 
 
+#: TCP states in /proc/net/tcp, for saying what a socket holding a port is doing.
+_TCP_STATES = {"01": "connected", "02": "connecting", "06": "closing (TIME_WAIT)",
+               "08": "closing", "0A": "listening"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    """A socket bound to a local port, and the process holding it (None: another user's, or
+    a connection in TIME_WAIT that no process holds any more)."""
+
+    state: str
+    remote: str
+    pid: int | None
+    command: str
+
+    def __str__(self) -> str:
+        doing = self.state if self.state != "connected" else f"connected to {self.remote}"
+        if self.pid is None:
+            return f"a socket no process of ours holds ({doing})"
+        return f"pid {self.pid} ({self.command or '?'}), {doing}"
+
+
+def _address(text: str) -> str:
+    """``0100007F:1F90`` (/proc/net/tcp's little-endian hex) as ``127.0.0.1:8080``; IPv6
+    addresses are kept in hex, enough to tell which connection it is."""
+    host, port = text.split(":")
+    if len(host) == 8:
+        host = socket.inet_ntoa(bytes.fromhex(host)[::-1])
+    return f"{host}:{int(port, 16)}"
+
+
+def port_holders(port: int, proc: Path = Path("/proc")) -> list[PortHolder]:
+    """Who holds local TCP ``port``, read from /proc/net/tcp{,6} and each process's fds.
+
+    psutil's ``net_connections`` does the same; it is not a dependency of the platform, and
+    the local stack only runs on Linux, where these files are the source psutil reads too.
+    """
+    sockets: dict[str, tuple[str, str]] = {}  # inode -> (state, remote)
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                state = _TCP_STATES.get(fields[3], f"state {fields[3]}")
+                sockets[fields[9]] = (state, _address(fields[2]))
+    owners: dict[str, int] = {}
+    wanted = {f"socket:[{inode}]": inode for inode in sockets if inode != "0"}
+    for entry in proc.iterdir():
+        if not wanted or not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                inode = wanted.pop(os.readlink(fd), None)
+                if inode is not None:
+                    owners[inode] = int(entry.name)
+        except OSError:  # gone, or another user's process
+            continue
+    return [
+        PortHolder(state, remote, owners.get(inode),
+                   pid_cmdline(owners[inode]).strip() if inode in owners else "")
+        for inode, (state, remote) in sockets.items()
+    ]  # fmt: skip
+
+
 def ensure_port_free(port: int, *, what: str, variable: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError as exc:
+            holders = "; ".join(str(h) for h in port_holders(port)) or "not found in /proc"
             raise StackError(
-                f"Port {port} for {what} is taken by another process ({exc.strerror}). "
-                f"Set {variable} to a free port, or find the owner with "
-                f"`ss -ltnp 'sport = :{port}'`."
+                f"Port {port} for {what} is taken ({exc.strerror}) by {holders}. "
+                f"Set {variable} to a free port, or stop that process "
+                f"(`ss -tanp 'sport = :{port}'` shows it too)."
             ) from exc
 
 
