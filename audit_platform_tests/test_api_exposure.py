@@ -59,28 +59,38 @@ DOCS = ("/docs", "/redoc", "/openapi.json")
 @pytest.mark.parametrize(
     ("mode", "without_key", "with_key"),
     [
-        ("open", {"/docs": 200, "/redoc": 200, "/openapi.json": 200},
-         {"/docs": 200, "/redoc": 200, "/openapi.json": 200}),
+        (
+            "open",
+            {"/docs": 200, "/redoc": 200, "/openapi.json": 200},
+            {"/docs": 200, "/redoc": 200, "/openapi.json": 200},
+        ),
         # The browser pages cannot send a key: keyed serves the document to tools only.
-        ("keyed", {"/docs": 404, "/redoc": 404, "/openapi.json": 401},
-         {"/docs": 404, "/redoc": 404, "/openapi.json": 200}),
-        ("off", {"/docs": 404, "/redoc": 404, "/openapi.json": 404},
-         {"/docs": 404, "/redoc": 404, "/openapi.json": 404}),
+        (
+            "keyed",
+            {"/docs": 404, "/redoc": 404, "/openapi.json": 401},
+            {"/docs": 404, "/redoc": 404, "/openapi.json": 200},
+        ),
+        (
+            "off",
+            {"/docs": 404, "/redoc": 404, "/openapi.json": 404},
+            {"/docs": 404, "/redoc": 404, "/openapi.json": 404},
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_api_documents_are_served_as_the_setting_says(env, mode, without_key, with_key):
     with _client(env, api_docs=mode) as client:
         assert {path: client.get(path).status_code for path in DOCS} == without_key
         headers = {"X-API-Key": env.key}
-        assert {path: client.get(path, headers=headers).status_code
-                for path in DOCS} == with_key  # fmt: skip
+        assert {path: client.get(path, headers=headers).status_code for path in DOCS} == with_key
         if with_key["/openapi.json"] == 200:
             document = client.get("/openapi.json", headers=headers).json()
             assert "/v1/events" in document["paths"]
 
 
-@pytest.mark.parametrize(("mode", "without_key", "with_key"),
-                         [("open", 200, 200), ("keyed", 401, 200), ("off", 404, 404)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("mode", "without_key", "with_key"),
+    [("open", 200, 200), ("keyed", 401, 200), ("off", 404, 404)],
+)
 def test_the_metrics_are_served_as_the_setting_says(env, mode, without_key, with_key):
     with _client(env, api_metrics=mode) as client:
         assert client.get("/metrics").status_code == without_key
@@ -114,10 +124,19 @@ def served_api(env, tmp_path_factory) -> Iterator[Served]:
     environ = {**os.environ, "AUDIT_ENV": env.name, "AUDIT_API_TRUSTED_PROXIES": PROXY}
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("audit-platform")), "api", "serve",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=environ, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                str(Path(sys.executable).with_name("audit-platform")),
+                "api",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -141,10 +160,13 @@ def _sign_in(served: Served, env: Env, source: str, origin_scheme: str) -> httpx
     transport = httpx.HTTPTransport(local_address=source)
     with httpx.Client(transport=transport) as client:
         return client.post(
-            f"{served.url}/ui/login", data={"key": env.key, "next": "/ui/"},
-            headers={"X-Forwarded-Proto": "https",
-                     "Origin": f"{origin_scheme}://127.0.0.1:{served.port}"},
-        )  # fmt: skip
+            f"{served.url}/ui/login",
+            data={"key": env.key, "next": "/ui/"},
+            headers={
+                "X-Forwarded-Proto": "https",
+                "Origin": f"{origin_scheme}://127.0.0.1:{served.port}",
+            },
+        )
 
 
 def test_behind_a_trusted_tls_proxy_sign_in_passes_and_the_cookie_is_secure(served_api, env):
@@ -169,8 +191,9 @@ def test_the_access_log_holds_no_query_string(served_api, env):
     """Filters are personal data (e-mail addresses, names): the access log has the route's
     template, the key id and the status, never the query."""
     headers = {"X-API-Key": env.key}
-    httpx.get(f"{served_api.url}/v1/events", params={"query": "actor:alice@example.com"},
-              headers=headers)  # fmt: skip
+    httpx.get(
+        f"{served_api.url}/v1/events", params={"query": "actor:alice@example.com"}, headers=headers
+    )
     httpx.get(f"{served_api.url}/v1/objects/shop/public.customers/bob@example.com/history")
     httpx.get(f"{served_api.url}/ui/search", params={"q": "carol@example.com"})
     deadline = time.monotonic() + 10

@@ -54,8 +54,9 @@ time.sleep(600)
 
 def test_stopping_a_process_stops_every_process_it_started_at_once(tmp_path):
     marker = f"tree-{uuid.uuid4().hex}"
-    tree = processes.start("tree", [sys.executable, "-c", TREE],
-                           {**os.environ, "TREE_MARKER": marker}, tmp_path)  # fmt: skip
+    tree = processes.start(
+        "tree", [sys.executable, "-c", TREE], {**os.environ, "TREE_MARKER": marker}, tmp_path
+    )
     try:
         deadline = time.monotonic() + 30
         while len(processes_with_environ(marker)) < 4:  # leader, 2 children, 1 orphan

@@ -148,18 +148,27 @@ def test_default_ports_are_outside_the_ephemeral_range():
     end; a server's fixed port inside it is then "taken" with no server listening there."""
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     settings = Settings()
-    ports = {settings.stack_pg_port, settings.stack_es_port, settings.stack_es_transport_port,
-             settings.stack_s3_port}  # fmt: skip
+    ports = {
+        settings.stack_pg_port,
+        settings.stack_es_port,
+        settings.stack_es_transport_port,
+        settings.stack_s3_port,
+    }
     assert [port for port in ports if low <= port <= high] == []
 
 
 def test_taken_port_names_the_listening_process():
     squatter = subprocess.Popen(
-        [sys.executable, "-c", "import socket, time; s = socket.socket(); "
-         "s.bind(('127.0.0.1', 0)); s.listen(); print(s.getsockname()[1], flush=True); "
-         "time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import socket, time; s = socket.socket(); "
+            "s.bind(('127.0.0.1', 0)); s.listen(); print(s.getsockname()[1], flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = int(squatter.stdout.readline())
         with pytest.raises(StackError) as raised:

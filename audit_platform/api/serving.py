@@ -22,11 +22,15 @@ def log_config() -> dict[str, Any]:
     """uvicorn's logging configuration, with the API's access logger on standard output."""
     config = copy.deepcopy(LOGGING_CONFIG)
     config["handlers"]["api_access"] = {
-        "formatter": "default", "class": "logging.StreamHandler", "stream": "ext://sys.stdout",
-    }  # fmt: skip
+        "formatter": "default",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stdout",
+    }
     config["loggers"]["audit_platform.api.access"] = {
-        "handlers": ["api_access"], "level": "INFO", "propagate": False,
-    }  # fmt: skip
+        "handlers": ["api_access"],
+        "level": "INFO",
+        "propagate": False,
+    }
     return config
 
 

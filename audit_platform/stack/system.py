@@ -144,8 +144,13 @@ def server_home(stack_dir: Path, name: str, run_as: RunAs) -> Path:
 
 
 #: TCP states in /proc/net/tcp, for saying what a socket holding a port is doing.
-_TCP_STATES = {"01": "connected", "02": "connecting", "06": "closing (TIME_WAIT)",
-               "08": "closing", "0A": "listening"}  # fmt: skip
+_TCP_STATES = {
+    "01": "connected",
+    "02": "connecting",
+    "06": "closing (TIME_WAIT)",
+    "08": "closing",
+    "0A": "listening",
+}
 
 
 @dataclass(frozen=True)
@@ -204,10 +209,14 @@ def port_holders(port: int, proc: Path = Path("/proc")) -> list[PortHolder]:
         except OSError:  # gone, or another user's process
             continue
     return [
-        PortHolder(state, remote, owners.get(inode),
-                   pid_cmdline(owners[inode]).strip() if inode in owners else "")
+        PortHolder(
+            state,
+            remote,
+            owners.get(inode),
+            pid_cmdline(owners[inode]).strip() if inode in owners else "",
+        )
         for inode, (state, remote) in sockets.items()
-    ]  # fmt: skip
+    ]
 
 
 def ensure_port_free(port: int, *, what: str, variable: str) -> None:
@@ -320,8 +329,9 @@ def process_table(proc: Path = Path("/proc")) -> dict[int, ProcStat]:
         except (OSError, IndexError):
             continue
         pid = int(entry.name)
-        table[pid] = ProcStat(pid, int(fields[1]), int(fields[3]), int(fields[19]),
-                              fields[0] in {"Z", "X"})  # fmt: skip
+        table[pid] = ProcStat(
+            pid, int(fields[1]), int(fields[3]), int(fields[19]), fields[0] in {"Z", "X"}
+        )
     return table
 
 
@@ -340,14 +350,20 @@ def stop_tree(leader: int, *, grace: float, sig: int = signal.SIGTERM) -> list[i
 
     def members() -> set[int]:
         table = process_table()
-        alive = {pid for pid, started in seen.items() if pid in table
-                 and table[pid].started == started and not table[pid].zombie}  # fmt: skip
+        alive = {
+            pid
+            for pid, started in seen.items()
+            if pid in table and table[pid].started == started and not table[pid].zombie
+        }
         parents, grew = alive | {leader}, True
         while grew:
             grew = False
             for p in table.values():
-                if not p.zombie and p.pid not in alive and (p.session == leader
-                                                            or p.ppid in parents):  # fmt: skip
+                if (
+                    not p.zombie
+                    and p.pid not in alive
+                    and (p.session == leader or p.ppid in parents)
+                ):
                     alive.add(p.pid)
                     parents.add(p.pid)
                     seen[p.pid] = p.started
