@@ -356,13 +356,17 @@ def api_serve(
     port: Annotated[int | None, typer.Option(help="Default: AUDIT_API_PORT.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
 ) -> None:
-    """Serve the Audit API of AUDIT_ENV (docs at /docs, OpenAPI at /openapi.json)."""
+    """Serve the Audit API of AUDIT_ENV (docs at /docs, OpenAPI at /openapi.json, as
+    AUDIT_API_DOCS allows)."""
     import uvicorn
+
+    from audit_platform.api.serving import uvicorn_options
 
     settings = Settings()
     uvicorn.run(
         "audit_platform.api.main:create_app", factory=True, host=host or settings.api_host,
         port=port or settings.api_port, workers=workers, log_level="info",
+        **uvicorn_options(settings),
     )  # fmt: skip
 
 

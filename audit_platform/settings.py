@@ -7,6 +7,7 @@ configuration here, so a variable means the same thing everywhere.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, Field, SecretStr, field_validator
@@ -14,6 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from audit_platform.naming import check_identifier
 from audit_platform.trust.signing import private_key, public_key
+
+#: Who may read an endpoint that holds no audit data (the API's documents, its metrics).
+Exposure = Literal["off", "keyed", "open"]
 
 #: The checkout (or installed package's parent) that holds resources/ and the local stack.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +100,25 @@ class Settings(BaseSettings):
     api_retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After sent with a 503 when a server is unavailable."
     )
+    api_trusted_proxies: str = Field(
+        default="127.0.0.1",
+        description="Addresses (comma-separated IPs or CIDR networks, or *) of the reverse "
+        "proxies whose X-Forwarded-Proto and X-Forwarded-For are believed (uvicorn's "
+        "forwarded_allow_ips). Behind a TLS ingress it must name the ingress, or the API takes "
+        "every request for plain http: the Explorer's cookie is not Secure and its sign-in "
+        "fails the Origin check. A header from any other address is ignored.",
+    )
+    api_docs: Exposure = Field(
+        default="open",
+        description="/docs, /redoc and /openapi.json: open (no key, the default for a "
+        "developer's machine), keyed (/openapi.json needs a key, for tools; the browser pages, "
+        "which cannot send one, are off) or off.",
+    )
+    api_metrics: Exposure = Field(
+        default="open",
+        description="/metrics: open (no key, the default for a developer's machine), keyed "
+        "(a scraper sends a key as a bearer token) or off.",
+    )
     # The Audit Explorer (/ui): sessions opened by signing in with an API key.
     ui_session_hours: float = Field(
         default=8, gt=0, description="A session ends this long after sign-in, used or not."
@@ -104,13 +127,14 @@ class Settings(BaseSettings):
         default=60, gt=0, description="A session not used for this long ends too."
     )
 
-    # The local stack of real servers (audit-platform stack ...).
+    # The local stack of real servers (audit-platform stack ...). Its ports lie below Linux's
+    # ephemeral range (32768-60999), where an outgoing connection's local end can hold them.
     stack_dir: Path = PROJECT_ROOT / ".stack"
-    stack_pg_port: int = 55432
-    stack_es_port: int = 59200
-    stack_es_transport_port: int = 59300
+    stack_pg_port: int = 25432
+    stack_es_port: int = 29200
+    stack_es_transport_port: int = 29300
     stack_es_heap: str = "1g"
-    stack_s3_port: int = 59400
+    stack_s3_port: int = 29400
     stack_backend: str = Field(
         default="auto",
         description="auto (docker when an engine answers, else local), local, docker",

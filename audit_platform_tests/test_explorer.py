@@ -414,18 +414,28 @@ def test_every_control_is_labelled_and_the_keyboard_reaches_the_search(context, 
     expect(page.get_by_label("Search the audit trail")).to_be_focused()
 
 
-def test_the_demo_sign_in_link_carries_the_key_in_the_fragment_only(context, explorer):
-    """`audit-platform demo` prints /ui/login#key=...: the browser signs in by itself, the key
-    never reaches the server in a URL (a fragment is not sent), and leaves the address bar."""
+def test_a_sign_in_link_fills_in_its_key_and_waits_for_a_click(context, explorer):
+    """`audit-platform demo` prints /ui/login#key=...: the key rides in the fragment (never sent
+    to the server in a URL) and leaves the address bar. Opening the link signs nobody in: a
+    link that did would let anyone sign a person in under their key (login CSRF). The page
+    names the key, and the person's click signs in."""
+    key = explorer.shop.keys["a"]
     seen = []
     context.on("request", lambda request: seen.append(request.url))
     page = context.new_page()
-    page.goto(f"{explorer.base}/ui/login#key={explorer.shop.keys['a']}")
+    page.goto(f"{explorer.base}/ui/login#key={key}")
+    page.wait_for_load_state("networkidle")
+    expect(page).to_have_url(f"{explorer.base}/ui/login")
+    assert context.cookies() == [], "opening the link opened a session"
+    expect(page.get_by_role("status")).to_contain_text(key[:15])  # ak_<12 hex>, the key id
+    expect(page.get_by_label("API key")).to_have_value(key)
+    page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(f"{explorer.base}/ui/")
     expect(page.get_by_role("heading", name="Overview")).to_be_visible()
-    assert not [url for url in seen if explorer.shop.keys["a"] in url]
+    assert [c["name"] for c in context.cookies()] == [f"audit_ui_{explorer.shop.env}"]
+    assert not [url for url in seen if key in url]
     page.go_back()
-    assert explorer.shop.keys["a"] not in page.url
+    assert key not in page.url
 
 
 def test_a_missing_page_is_a_page_that_says_so(context, explorer):

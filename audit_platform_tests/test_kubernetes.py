@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from audit_platform.settings import PROJECT_ROOT
+from audit_platform.settings import PROJECT_ROOT, Settings
 
 CHART = PROJECT_ROOT / "deploy/helm/audit-platform"
 ENVIRONMENTS = ("dev", "staging", "uat", "prod")
@@ -81,6 +81,31 @@ def test_the_api_reads_with_the_reader_and_the_pipeline_writes_with_the_writer()
     assert config["data"]["AUDIT_ENV"] == "prod"
     assert config["data"]["AUDIT_STAGING_ROOT"].startswith("s3://")
     assert config["data"]["AUDIT_ES_CA_CERTS"] == "/etc/audit-platform/es-ca/ca.crt"
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_the_api_sees_the_ingress_tls_and_keeps_its_documents_and_metrics_closed(env):
+    """Production values: the ingress is a trusted proxy (its X-Forwarded-Proto is believed),
+    the API documents are off and the metrics need a key; the settings parse as the API's."""
+    objects = render(env)
+    [config] = _by_kind(objects, "ConfigMap").values()
+    data = config["data"]
+    assert data["AUDIT_API_DOCS"] == "off" and data["AUDIT_API_METRICS"] == "keyed"
+    assert data["AUDIT_API_TRUSTED_PROXIES"] not in {"", "127.0.0.1"}
+    settings = Settings(
+        **{
+            name.removeprefix("AUDIT_").lower(): value
+            for name, value in data.items()
+            if name.startswith("AUDIT_API_")
+        }
+    )
+    assert settings.api_trusted_proxies == data["AUDIT_API_TRUSTED_PROXIES"]
+    api = _by_kind(objects, "Deployment")[f"audit-platform-{env}-api"]
+    # Annotation-based scraping sends no credentials: only an open /metrics is announced so.
+    assert "prometheus.io/scrape" not in api["spec"]["template"]["metadata"]["annotations"]
+    opened = _by_kind(render(env, "--set", "api.metrics=open"), "Deployment")
+    annotations = opened[f"audit-platform-{env}-api"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
 
 
 def test_a_missing_required_setting_fails_the_render_with_its_name():

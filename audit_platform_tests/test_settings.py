@@ -44,9 +44,9 @@ def test_exports_applied_after_a_first_look_still_reach_elasticsearch(monkeypatc
     monkeypatch.delenv("AUDIT_ES_URL", raising=False)
     settings = Settings(es_url=None)
     assert settings.elasticsearch is None
-    exported = settings.with_exports({"AUDIT_ES_URL": "https://127.0.0.1:59200"})
+    exported = settings.with_exports({"AUDIT_ES_URL": "https://127.0.0.1:29200"})
     assert exported.elasticsearch is not None
-    assert exported.elasticsearch.url == "https://127.0.0.1:59200"
+    assert exported.elasticsearch.url == "https://127.0.0.1:29200"
 
 
 def test_slot_thresholds_out_of_order_are_refused_with_the_rule():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -10,7 +13,7 @@ import pytest
 
 from audit_platform.settings import Settings
 from audit_platform.stack import LocalStack, StackError, elasticsearch, postgres
-from audit_platform.stack.system import ensure_memory, free_port, pid_alive
+from audit_platform.stack.system import ensure_memory, ensure_port_free, free_port, pid_alive
 from audit_platform.staging import StagingStore
 
 
@@ -138,6 +141,60 @@ def test_taken_port_is_reported_with_the_variable_to_change(tmp_path):
         port = squatter.getsockname()[1]
         with pytest.raises(StackError, match=rf"Port {port} .*AUDIT_STACK_PG_PORT"):
             postgres.LocalPostgres(tmp_path, port).up()
+
+
+def test_default_ports_are_outside_the_ephemeral_range():
+    """An outgoing connection may take any port of the kernel's ephemeral range as its own
+    end; a server's fixed port inside it is then "taken" with no server listening there."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    settings = Settings()
+    ports = {
+        settings.stack_pg_port,
+        settings.stack_es_port,
+        settings.stack_es_transport_port,
+        settings.stack_s3_port,
+    }
+    assert [port for port in ports if low <= port <= high] == []
+
+
+def test_taken_port_names_the_listening_process():
+    squatter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, time; s = socket.socket(); "
+            "s.bind(('127.0.0.1', 0)); s.listen(); print(s.getsockname()[1], flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(squatter.stdout.readline())
+        with pytest.raises(StackError) as raised:
+            ensure_port_free(port, what="Elasticsearch HTTP", variable="AUDIT_STACK_ES_PORT")
+        message = str(raised.value)
+        assert f"pid {squatter.pid} ({sys.executable} -c import socket" in message, message
+        assert "listening" in message and "AUDIT_STACK_ES_PORT" in message, message
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+def test_a_port_held_by_an_outgoing_connection_names_it():
+    """What refused to restart Elasticsearch: no server listened on its port, but a client's
+    connection elsewhere had been given it as its local end."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        listening = server.getsockname()[1]
+        with socket.create_connection(server.getsockname()) as client:
+            port = client.getsockname()[1]
+            with pytest.raises(StackError) as raised:
+                ensure_port_free(port, what="S3 (S3Proxy)", variable="AUDIT_STACK_S3_PORT")
+    message = str(raised.value)
+    assert f"pid {os.getpid()} (" in message, message
+    assert f"connected to 127.0.0.1:{listening}" in message, message
 
 
 def _fake_jdk(root: Path, name: str, version: str) -> Path:

@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from cachetools import TTLCache
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
 
 from audit_platform import platform_db
 from audit_platform.api import metrics as api_metrics
 from audit_platform.api import ui
-from audit_platform.api.deps import Services
+from audit_platform.api.deps import Services, scope
 from audit_platform.api.errors import install_handlers
 from audit_platform.api.reads_logged import after_sending, is_read, log_read
 from audit_platform.api.routers import (
@@ -45,8 +46,10 @@ DESCRIPTION = (
 Who changed what, where, when and why, from the audit trail of one environment.
 
 Every endpoint except `/healthz` and `/readyz` needs an API key (`X-API-Key` header or
-`Authorization: Bearer`). A key belongs to one environment and may be limited to some sources and
-tables; whatever the parameters say, a key sees nothing outside that scope.
+`Authorization: Bearer`); so do this document and `/metrics` unless the deployment leaves them
+open (`AUDIT_API_DOCS`, `AUDIT_API_METRICS`). A key belongs to one environment and may be
+limited to some sources and tables; whatever the parameters say, a key sees nothing outside that
+scope.
 
 ## The query language
 
@@ -102,12 +105,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pool.close()
             es.close()
 
+    # The documents hold no audit data, but they map the whole API: AUDIT_API_DOCS says who may
+    # read them (open on a developer's machine, off or keyed in the Helm chart).
+    docs_open = settings.api_docs == "open"
     app = FastAPI(
         title=f"audit-platform Audit API ({settings.env})",
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_url="/openapi.json" if docs_open else None,
+        docs_url="/docs" if docs_open else None,
+        redoc_url="/redoc" if docs_open else None,
     )
+    if settings.api_docs == "keyed":
+        # For tools (code generators, Schemathesis) that send a key; the browser pages cannot.
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(scope)])
+        def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
     install_handlers(app)
     for module in (
         events,
@@ -123,7 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(module.router)
     ui.install(app)
-    metrics = api_metrics.install(app)
+    metrics = api_metrics.install(app, settings.api_metrics)
 
     @app.middleware("http")
     async def log_request(

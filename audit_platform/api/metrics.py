@@ -5,11 +5,15 @@ Routes are labelled by template (``/v1/events/{event_id}``), never by the values
 which may be personal data and would make the label set unbounded. Each application has its
 own registry (tests build several). With ``--workers N`` each worker counts its own requests:
 scrape them separately, or run one worker per pod (what the Kubernetes manifests do).
+
+Who may scrape is AUDIT_API_METRICS: open on a developer's machine; keyed in the Helm chart (the
+counts hold no audit data, but show who uses the API how much), where Prometheus sends a key of
+the environment as a bearer token; or off.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -17,6 +21,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from audit_platform.api.deps import scope
+from audit_platform.settings import Exposure
 
 #: Seconds: the API answers in milliseconds; exports and revert plans take seconds.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -45,10 +52,14 @@ class ApiMetrics:
             self.records.labels(route).inc(records)
 
 
-def install(app: FastAPI) -> ApiMetrics:
+def install(app: FastAPI, exposure: Exposure) -> ApiMetrics:
+    """Count every request; serve ``/metrics`` as ``exposure`` says (AUDIT_API_METRICS)."""
     metrics = ApiMetrics()
+    if exposure == "off":
+        return metrics
+    keyed = [Depends(scope)] if exposure == "keyed" else []
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=keyed)
     def scrape() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -139,7 +139,7 @@ def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) 
             traffic_thread = threading.Thread(target=traffic.run, args=(stop,), daemon=True)
             traffic_thread.start()
             say(f"""
-  Audit Explorer  {deployment.api_url}/ui/   (signed in with the demo key by this link:)
+  Audit Explorer  {deployment.api_url}/ui/   (this link fills in the demo key; click Sign in)
                   {deployment.api_url}/ui/login#key={key}
   Dagster UI      {deployment.dagster_url}   (asset graph, sensors, runs, backfills)
   Audit API       {deployment.api_url}/docs

@@ -1,14 +1,12 @@
 """Long-running local processes (Dagster webserver and daemon, the API, the demo service).
 
-Each runs in its own session with its output in a log file, so stopping it stops everything it
-spawned (Dagster's code servers and run workers included) and a failure can be read afterwards.
+Each runs in its own session with its output in a log file. Stopping one stops everything it
+spawned (Dagster's code servers, their multiprocessing workers, run workers) and waits until all
+of it is gone, and a failure can be read afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from audit_platform.stack.system import stop_tree
 
 
 class ProcessFailed(RuntimeError):
@@ -49,20 +49,15 @@ class Process:
                             f"log {self.log}:\n{self.tail()}")  # fmt: skip
 
     def stop(self, timeout: float = 20) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=timeout)
-            except ProcessLookupError:
-                pass
+        """SIGTERM the process and everything it started, wait up to ``timeout`` seconds for
+        all of them, then SIGKILL what is left (:func:`~audit_platform.stack.system.stop_tree`)."""
+        stop_tree(self.popen.pid, grace=timeout)
+        self.popen.wait(timeout=timeout)
 
     def kill(self) -> None:
-        """SIGKILL the process group: nothing gets to clean up, as in a crash."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        """SIGKILL the process and everything it started: nothing gets to clean up, as in a
+        crash."""
+        stop_tree(self.popen.pid, grace=0)
         self.popen.wait(timeout=30)
 
 

@@ -6,6 +6,7 @@ because the person reading it is usually a newcomer whose first command just wen
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pwd
@@ -142,16 +143,93 @@ def server_home(stack_dir: Path, name: str, run_as: RunAs) -> Path:
     return home
 
 
+#: TCP states in /proc/net/tcp, for saying what a socket holding a port is doing.
+_TCP_STATES = {
+    "01": "connected",
+    "02": "connecting",
+    "06": "closing (TIME_WAIT)",
+    "08": "closing",
+    "0A": "listening",
+}
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    """A socket bound to a local port, and the process holding it (None: another user's, or
+    a connection in TIME_WAIT that no process holds any more)."""
+
+    state: str
+    remote: str
+    pid: int | None
+    command: str
+
+    def __str__(self) -> str:
+        doing = self.state if self.state != "connected" else f"connected to {self.remote}"
+        if self.pid is None:
+            return f"a socket no process of ours holds ({doing})"
+        return f"pid {self.pid} ({self.command or '?'}), {doing}"
+
+
+def _address(text: str) -> str:
+    """``0100007F:1F90`` (/proc/net/tcp's little-endian hex) as ``127.0.0.1:8080``; IPv6
+    addresses are kept in hex, enough to tell which connection it is."""
+    host, port = text.split(":")
+    if len(host) == 8:
+        host = socket.inet_ntoa(bytes.fromhex(host)[::-1])
+    return f"{host}:{int(port, 16)}"
+
+
+def port_holders(port: int, proc: Path = Path("/proc")) -> list[PortHolder]:
+    """Who holds local TCP ``port``, read from /proc/net/tcp{,6} and each process's fds.
+
+    psutil's ``net_connections`` does the same; it is not a dependency of the platform, and
+    the local stack only runs on Linux, where these files are the source psutil reads too.
+    """
+    sockets: dict[str, tuple[str, str]] = {}  # inode -> (state, remote)
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                state = _TCP_STATES.get(fields[3], f"state {fields[3]}")
+                sockets[fields[9]] = (state, _address(fields[2]))
+    owners: dict[str, int] = {}
+    wanted = {f"socket:[{inode}]": inode for inode in sockets if inode != "0"}
+    for entry in proc.iterdir():
+        if not wanted or not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                inode = wanted.pop(os.readlink(fd), None)
+                if inode is not None:
+                    owners[inode] = int(entry.name)
+        except OSError:  # gone, or another user's process
+            continue
+    return [
+        PortHolder(
+            state,
+            remote,
+            owners.get(inode),
+            pid_cmdline(owners[inode]).strip() if inode in owners else "",
+        )
+        for inode, (state, remote) in sockets.items()
+    ]
+
+
 def ensure_port_free(port: int, *, what: str, variable: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError as exc:
+            holders = "; ".join(str(h) for h in port_holders(port)) or "not found in /proc"
             raise StackError(
-                f"Port {port} for {what} is taken by another process ({exc.strerror}). "
-                f"Set {variable} to a free port, or find the owner with "
-                f"`ss -ltnp 'sport = :{port}'`."
+                f"Port {port} for {what} is taken ({exc.strerror}) by {holders}. "
+                f"Set {variable} to a free port, or stop that process "
+                f"(`ss -tanp 'sport = :{port}'` shows it too)."
             ) from exc
 
 
@@ -226,6 +304,95 @@ def stop_pid(pid: int, marker: str, *, sig: int = signal.SIGTERM, timeout: float
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not pid_alive(pid), timeout=10, what=f"process {pid} to exit")
     return True
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """What /proc/<pid>/stat says about a process that matters for stopping a tree of them."""
+
+    pid: int
+    ppid: int
+    session: int
+    #: Clock ticks after boot at which it started: tells a reused pid from the process seen.
+    started: int
+    zombie: bool
+
+
+def process_table(proc: Path = Path("/proc")) -> dict[int, ProcStat]:
+    table = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The command name (field 2) may hold spaces and parentheses: split after the last.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(entry.name)
+        table[pid] = ProcStat(
+            pid, int(fields[1]), int(fields[3]), int(fields[19]), fields[0] in {"Z", "X"}
+        )
+    return table
+
+
+def stop_tree(leader: int, *, grace: float, sig: int = signal.SIGTERM) -> list[int]:
+    """Stop ``leader`` (started in a session of its own) and every process it started, however
+    deep: SIGTERM to each, up to ``grace`` seconds for all to exit, then SIGKILL to those
+    left. Returns the pids that had to be killed.
+
+    Signalling the process group and waiting for the leader alone is not enough: a leader
+    that exits first leaves children that take their time (Dagster's code servers and their
+    multiprocessing workers) or ignore SIGTERM, and a child that made a session of its own is
+    not in the group. So the tree is followed by parent (from before anyone exits, as an
+    orphan's parent becomes init) and by session, and waited for as a whole.
+    """
+    seen: dict[int, int] = {}  # pid -> start time, of every member seen so far
+
+    def members() -> set[int]:
+        table = process_table()
+        alive = {
+            pid
+            for pid, started in seen.items()
+            if pid in table and table[pid].started == started and not table[pid].zombie
+        }
+        parents, grew = alive | {leader}, True
+        while grew:
+            grew = False
+            for p in table.values():
+                if (
+                    not p.zombie
+                    and p.pid not in alive
+                    and (p.session == leader or p.ppid in parents)
+                ):
+                    alive.add(p.pid)
+                    parents.add(p.pid)
+                    seen[p.pid] = p.started
+                    grew = True
+        return alive
+
+    def send(pids: set[int], signum: int) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+    signalled: set[int] = set()
+    deadline = time.monotonic() + grace
+    while alive := members():
+        if time.monotonic() >= deadline:
+            break
+        send(alive - signalled, sig)
+        signalled |= alive
+        time.sleep(0.1)
+    else:
+        return []
+    killed = sorted(alive)
+    deadline = time.monotonic() + 10
+    while alive := members():
+        if time.monotonic() >= deadline:
+            raise StackError(f"processes {sorted(alive)} started by {leader} survived SIGKILL")
+        send(alive, signal.SIGKILL)
+        time.sleep(0.1)
+    return killed
 
 
 def wait_until(

@@ -27,12 +27,19 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
   // A sign-in link of the form /ui/login#key=ak_... (printed by `audit-platform demo`): the key
-  // rides in the fragment, which the browser never sends to a server or puts in a Referer.
+  // rides in the fragment, which the browser never sends to a server or puts in a Referer. It
+  // is only filled in, never sent by itself: a link submitted on opening would let anyone sign
+  // a person in under their own key (login CSRF) and replace that person's session. The page
+  // says which key it is and waits for a click on Sign in.
   const form = document.getElementById("login");
   const fragment = new URLSearchParams(window.location.hash.slice(1));
   if (form && fragment.get("key")) {
-    form.elements.key.value = fragment.get("key");
+    const key = fragment.get("key");
+    form.elements.key.value = key;
     history.replaceState(null, "", window.location.pathname + window.location.search);
-    form.submit();
+    const id = /^(ak_[0-9a-f]{12})_/.exec(key);
+    document.getElementById("link-key-id").textContent = id ? id[1] : "(not a key of the form ak_…)";
+    document.getElementById("link-key").hidden = false;
+    form.querySelector("button[type=submit]").focus();
   }
 });
