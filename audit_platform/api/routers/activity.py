@@ -21,7 +21,7 @@ def stats(params: Annotated[StatsParams, Query()], scope: ScopeDep, svc: Service
                        limits=svc.limits)  # fmt: skip
 
 
-@router.get("/actors/{actor_id}/activity", response_model=ActorActivity)
+@router.get("/actors/{actor_id:path}/activity", response_model=ActorActivity)
 def actor_activity(
     actor_id: Annotated[str, Path(max_length=256)],
     params: Annotated[StatsParams, Query()],

@@ -18,7 +18,7 @@ Cursor = Annotated[str | None, Query(max_length=1024, description="`next_cursor`
 Id = Annotated[str, Path(min_length=1, max_length=256)]
 
 
-@router.get("/requests/{request_id}", response_model=Correlation)
+@router.get("/requests/{request_id:path}", response_model=Correlation)
 def request_changes(
     request_id: Id, scope: ScopeDep, svc: ServicesDep, limit: Limit = 500, cursor: Cursor = None
 ) -> Correlation:
@@ -28,7 +28,7 @@ def request_changes(
                             limit=limit, cursor=cursor)  # fmt: skip
 
 
-@router.get("/jobs/{name}/runs/{run_id}", response_model=Correlation)
+@router.get("/jobs/{name:path}/runs/{run_id:path}", response_model=Correlation)
 def job_run_changes(
     name: Id, run_id: Id, scope: ScopeDep, svc: ServicesDep, limit: Limit = 500,
     cursor: Cursor = None,

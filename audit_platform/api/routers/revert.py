@@ -67,13 +67,15 @@ def request_plan(svc: Services, scope: Scope, request_id: str) -> RevertPlan | N
                              limits=svc.limits)  # fmt: skip
 
 
-@router.get("/requests/{request_id}/revert", response_model=RevertPlan, responses=RESPONSES)
+@router.get("/requests/{request_id:path}/revert", response_model=RevertPlan, responses=RESPONSES)
 def revert_request(request_id: Id, scope: ScopeDep, svc: ServicesDep, format: Format = "json"):
     """The plan undoing everything one request changed, in every source the key may read."""
     return _answer(request_plan(svc, scope, request_id), f"request {request_id!r}", format)
 
 
-@router.get("/jobs/{name}/runs/{run_id}/revert", response_model=RevertPlan, responses=RESPONSES)
+@router.get(
+    "/jobs/{name:path}/runs/{run_id:path}/revert", response_model=RevertPlan, responses=RESPONSES
+)
 def revert_job_run(
     name: Id, run_id: Id, scope: ScopeDep, svc: ServicesDep, format: Format = "json"
 ):
@@ -84,7 +86,7 @@ def revert_job_run(
     return _answer(plan, f"run {run_id!r} of job {name!r}", format)
 
 
-@router.get("/actors/{actor_id}/revert", response_model=RevertPlan, responses=RESPONSES)
+@router.get("/actors/{actor_id:path}/revert", response_model=RevertPlan, responses=RESPONSES)
 def revert_actor(
     actor_id: Id,
     since: Annotated[datetime, Query(description="From this commit time (inclusive).")],

@@ -267,7 +267,17 @@ def transaction_revert(key: SignedIn, svc: ServicesDep, source: SourceName, xid:
     return sql_download(plan)
 
 
-@router.get("/requests/{request_id}", response_class=HTMLResponse)
+# Before the request's page: an id may hold a slash, and that page's route would take
+# "x/revert.sql" as an id.
+@router.get("/requests/{request_id:path}/revert.sql")
+def request_revert(key: SignedIn, svc: ServicesDep, request_id: Id) -> Response:
+    plan = request_plan(svc, key.scope, request_id)
+    if plan is None:
+        raise HTTPException(404, f"No change of request {request_id} that your key may read.")
+    return sql_download(plan)
+
+
+@router.get("/requests/{request_id:path}", response_class=HTMLResponse)
 def request_page(request: Request, key: SignedIn, svc: ServicesDep, request_id: Id,
                  cursor: Annotated[str | None, Query(max_length=1024)] = None,
                  ) -> HTMLResponse:  # fmt: skip
@@ -282,15 +292,7 @@ def request_page(request: Request, key: SignedIn, svc: ServicesDep, request_id: 
                 download=f"/ui/requests/{views.segment(request_id)}/revert.sql")  # fmt: skip
 
 
-@router.get("/requests/{request_id}/revert.sql")
-def request_revert(key: SignedIn, svc: ServicesDep, request_id: Id) -> Response:
-    plan = request_plan(svc, key.scope, request_id)
-    if plan is None:
-        raise HTTPException(404, f"No change of request {request_id} that your key may read.")
-    return sql_download(plan)
-
-
-@router.get("/actors/{actor_id}", response_class=HTMLResponse)
+@router.get("/actors/{actor_id:path}", response_class=HTMLResponse)
 def actor(request: Request, key: SignedIn, svc: ServicesDep, actor_id: Id,
           range: Range = "7d") -> HTMLResponse:  # fmt: skip
     interval = RANGES[range][1]

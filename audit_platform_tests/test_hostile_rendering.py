@@ -1,0 +1,173 @@
+"""Hostile values from the trail, rendered: a revert script run with real psql, CSV exports,
+download names, ids with a slash in API and Explorer paths, times out of range.
+
+The values come from where an attacker can put them: the transaction context a service sets
+from an HTTP request (request id, actor, job, reason), and the rows and names of the source
+database, captured, enriched and indexed by the platform's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from audit_platform import platform_db
+from audit_platform.api.main import create_app
+from audit_platform.api_keys import create_key
+from audit_platform.policy import SourcePolicy
+from audit_platform.settings import Settings
+from audit_platform_tests.capture_support import capture_enrich_index, make_source
+
+PSQL = "/usr/bin/psql"
+
+
+def escape(marker: Path, field: str) -> str:
+    """A value that, pasted raw into a script, leaves a comment, a literal, an identifier or a
+    dollar quote and runs a psql shell command creating ``marker``."""
+    touch = f"\\! touch {marker.name}"  # relative: psql runs in the marker's folder
+    return (f"{field}\n{touch}\n\r{touch}\r*/ $$ $revert$ '; DROP TABLE canary; -- \" "
+            f"\u2028{touch}\u2029 end")  # fmt: skip
+
+
+@pytest.fixture
+def hostile(servers, pg_database, es, tmp_path):
+    marker = tmp_path / "PWNED"
+    env = f"hr_{uuid.uuid4().hex[:8]}"
+    table = escape(marker, "tbl").replace(".", "_")
+    key_col, note, secret, dropped = (escape(marker, c) for c in ("k", "note", "secret", "gone"))
+    ddl = (
+        f"CREATE TABLE canary (x int);"
+        f"CREATE TABLE {_id(table)} ({_id(key_col)} text PRIMARY KEY, {_id(note)} text, "
+        f"{_id(secret)} text, {_id(dropped)} text, plain text);"
+        f"ALTER TABLE {_id(table)} REPLICA IDENTITY FULL;"
+        f"CREATE TABLE slashed (id text PRIMARY KEY, v text);"
+        f"ALTER TABLE slashed REPLICA IDENTITY FULL;"
+    )  # fmt: skip
+    policy = SourcePolicy.model_validate(
+        {
+            "source": "hostile",
+            "version": 1,
+            "tables": {
+                f"public.{table}": {"mask": [secret], "exclude": [dropped]},
+                "public.slashed": {},
+            },
+        }
+    )
+    source = make_source(pg_database, tmp_path, ddl, policy, env=env)
+    rows = [escape(marker, f"row{i}") for i in range(3)]
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        for row in rows[:2]:
+            conn.execute(f"INSERT INTO {_id(table)} VALUES (%s, %s, 's', 'd', 'p')",
+                         (row, escape(marker, "value")))  # fmt: skip
+        conn.execute("INSERT INTO slashed VALUES ('a/b', 'x'), ('a/b/history', 'y')")
+    with psycopg.connect(servers.pg_url, autocommit=True) as state:
+        platform_db.install(state, Settings().resources_dir / "sql")
+        capture_enrich_index(source, state, es, grace=timedelta(0))
+        key = create_key(state, env, "hostile").secret
+        with TestClient(create_app(Settings(env=env, api_key_cache_seconds=0))) as api:
+            api.headers["X-API-Key"] = key
+            yield Hostile(
+                pg_database,
+                api,
+                key,
+                marker,
+                table,
+                key_col,
+                note,
+                secret,
+                rows,
+                lambda: capture_enrich_index(source, state, es, grace=timedelta(0)),
+            )
+    for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+        es.indices.delete(index=index)
+    es.indices.delete_index_template(name=f"audit-{env}")
+
+
+class Hostile:
+    def __init__(self, url, api, key, marker, table, key_col, note, secret, rows, sync):
+        self.url, self.api, self.key, self.marker, self.table = url, api, key, marker, table
+        self.key_col, self.note, self.secret, self.rows, self.sync = (
+            key_col,
+            note,
+            secret,
+            rows,
+            sync,
+        )
+
+    def in_context(self, context: dict, *statements: tuple[str, tuple]) -> None:
+        with psycopg.connect(self.url) as conn:
+            conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(context),))
+            for statement, params in statements:
+                conn.execute(statement, params)
+
+    def snapshot(self) -> list[tuple]:
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(f"SELECT * FROM {_id(self.table)} ORDER BY 1").fetchall()
+
+    def sign_in(self) -> None:
+        reply = self.api.post("/ui/login", data={"key": self.key, "next": "/ui/"},
+                              follow_redirects=False)  # fmt: skip
+        assert reply.status_code == 303, reply.text
+
+
+def _id(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def psql(url: str, script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``psql -f`` as an operator runs a plan: the shell commands it would run are real."""
+    path = tmp_path / "plan.sql"
+    path.write_text(script)
+    return subprocess.run([PSQL, "-X", "-v", "ON_ERROR_STOP=1", "-d", url, "-f", str(path)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+
+
+# --- ids with a slash ------------------------------------------------------------------------
+
+
+def test_ids_with_a_slash_open_in_the_api_and_the_explorer(hostile):
+    h = hostile
+    h.in_context({"actor": {"type": "user", "id": "team/alice"}, "request_id": "req/1"},
+                 ("UPDATE slashed SET v = 'changed' WHERE id = 'a/b'", ()))  # fmt: skip
+    h.sync()
+    api = h.api
+    for object_id, value in (("a/b", "changed"), ("a/b/history", "y")):
+        history = api.get(f"/v1/objects/hostile/public.slashed/{object_id}/history")
+        assert history.status_code == 200, history.text
+        assert {c["event"]["object_id"] for c in history.json()["changes"]} == {object_id}
+        state = api.get(f"/v1/objects/hostile/public.slashed/{quote(object_id, safe='')}/state")
+        assert state.status_code == 200 and state.json()["row"]["v"] == value, state.text
+    request = api.get(f"/v1/requests/{quote('req/1', safe='')}")
+    assert request.status_code == 200, request.text
+    assert [c["object_id"] for t in request.json()["transactions"] for c in t["changes"]] == [
+        "a/b"
+    ]  # fmt: skip
+    plan = api.get("/v1/requests/req/1/revert")  # unencoded works too
+    assert plan.status_code == 200 and plan.json()["of"] == {"request_id": "req/1"}
+    activity = api.get("/v1/actors/team%2Falice/activity")
+    assert activity.status_code == 200 and activity.json()["stats"]["total"] == 1, activity.text
+    since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    actor_plan = api.get("/v1/actors/team%2Falice/revert", params={"since": since})
+    assert actor_plan.status_code == 200 and actor_plan.json()["changes"] == 1
+
+    h.sign_in()
+    page = api.get("/ui/objects/hostile/public.slashed/a%2Fb")
+    assert page.status_code == 200 and "changed" in page.text
+    record_page = api.get(f"/ui/requests/{quote('req/1', safe='')}")
+    assert record_page.status_code == 200, record_page.text
+    # The page's own links lead to the object, the actor and the plan's download.
+    links = {"/ui/objects/hostile/public.slashed/a%2Fb", "/ui/actors/team%2Falice",
+             "/ui/requests/req%2F1/revert.sql"}  # fmt: skip
+    for link in links:
+        assert f'href="{link}"' in record_page.text, link
+        opened = api.get(link)
+        assert opened.status_code == 200, (link, opened.text[:300])
+    assert "team/alice" in api.get("/ui/actors/team%2Falice").text
