@@ -37,12 +37,17 @@ def escape(marker: Path, field: str) -> str:
             f"\u2028{touch}\u2029 end")  # fmt: skip
 
 
+def name(marker: Path, field: str) -> str:
+    """A hostile table or column name: short, as PostgreSQL cuts names at 63 bytes."""
+    return f"{field}\n\\! touch {marker.name}\r*/$$'\"\u2028"
+
+
 @pytest.fixture
 def hostile(servers, pg_database, es, tmp_path):
     marker = tmp_path / "PWNED"
     env = f"hr_{uuid.uuid4().hex[:8]}"
-    table = escape(marker, "tbl").replace(".", "_")
-    key_col, note, secret, dropped = (escape(marker, c) for c in ("k", "note", "secret", "gone"))
+    table = name(marker, "tbl")
+    key_col, note, secret, dropped = (name(marker, c) for c in ("k", "note", "secret", "gone"))
     ddl = (
         f"CREATE TABLE canary (x int);"
         f"CREATE TABLE {_id(table)} ({_id(key_col)} text PRIMARY KEY, {_id(note)} text, "
@@ -74,6 +79,9 @@ def hostile(servers, pg_database, es, tmp_path):
         key = create_key(state, env, "hostile").secret
         with TestClient(create_app(Settings(env=env, api_key_cache_seconds=0))) as api:
             api.headers["X-API-Key"] = key
+            # The test's source is in no environment file: its plan masks and excludes as
+            # the test's policy says.
+            api.app.state.services.policies = {"hostile": policy}
             yield Hostile(
                 pg_database,
                 api,
@@ -171,3 +179,36 @@ def test_ids_with_a_slash_open_in_the_api_and_the_explorer(hostile):
         opened = api.get(link)
         assert opened.status_code == 200, (link, opened.text[:300])
     assert "team/alice" in api.get("/ui/actors/team%2Falice").text
+
+
+# --- NUL, and line breaks in ids -------------------------------------------------------------
+
+
+NUL_PATHS = [
+    "/v1/requests/a%00b", "/v1/requests/a%00b/revert", "/v1/jobs/a%00b/runs/1",
+    "/v1/jobs/j/runs/a%00b/revert", "/v1/actors/a%00b/activity",
+    "/v1/actors/a%00b/revert?since=2026-01-01T00:00:00Z",
+    "/v1/objects/hostile/public.slashed/a%00b/history",
+    "/v1/objects/hostile/public.slashed/a%00b/state", "/v1/events?request_id=a%00b",
+    "/v1/events?actor_id=a%00b", "/v1/export?object_id=a%00b", "/v1/events?query=actor:a%00b",
+    "/ui/requests/a%00b", "/ui/requests/a%00b/revert.sql", "/ui/actors/a%00b",
+    "/ui/objects/hostile/public.slashed/a%00b", "/ui/search?q=actor:a%00b",
+]  # fmt: skip
+
+
+def test_a_nul_in_an_id_is_a_422_that_says_so(hostile):
+    hostile.sign_in()
+    for path in NUL_PATHS:
+        reply = hostile.api.get(path)
+        assert reply.status_code == 422, (path, reply.text)
+        assert "NUL character (U+0000)" in reply.text, path
+
+
+def test_ids_with_line_breaks_reach_their_routes(hostile):
+    h = hostile
+    h.in_context({"actor": {"type": "user", "id": "a\nb"}, "request_id": "r\r\n1"},
+                 ("UPDATE slashed SET v = 'changed' WHERE id = 'a/b'", ()))  # fmt: skip
+    h.sync()
+    assert h.api.get("/v1/requests/r%0D%0A1").json()["transactions"]
+    assert h.api.get("/v1/requests/r%0D%0A1/revert").json()["changes"] == 1
+    assert h.api.get("/v1/actors/a%0Ab/activity").json()["stats"]["total"] == 1

@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    # Ids may hold a slash ({id:path}; the server decodes %2F before routing), so revert's
+    # Ids may hold a slash ({name:id}, api/paths.py; %2F is decoded before routing), so revert's
     # /requests/{id}/revert is tried before correlation's /requests/{id}, which would take
     # "x/revert" as an id. An id that itself ends in "/revert" reads as that id's plan.
     for module in (events, objects, activity, revert, correlation, export, gaps, trust, health):

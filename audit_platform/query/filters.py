@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from audit_platform.api_keys import Scope
 from audit_platform.context.model import ActorType
@@ -46,6 +46,17 @@ class QueryError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+def no_nul(value: str) -> str:
+    """Refuse NUL: PostgreSQL text cannot hold it, so no value in the trail has one, and the
+    read log (jsonb) could not record the request that asked for it."""
+    if "\x00" in value:
+        raise ValueError(
+            "holds a NUL character (U+0000), which no value in the trail can hold "
+            "(PostgreSQL text cannot store it): remove it"
+        )
+    return value
 
 
 #: ``column:value``: the value a column held before or after a change, in the text form
@@ -117,6 +128,14 @@ class EventFilter(BaseModel):
             values = values if isinstance(values, list) else [values]
             data[image] = [*data.get(image, []), *(f"{column}:{v}" for v in values)]
         return data
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                no_nul(text)
+        return value
 
     @model_validator(mode="after")
     def _parse_query(self) -> EventFilter:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import PlainTextResponse
 
 from audit_platform.api.deps import ScopeDep, Services, ServicesDep
+from audit_platform.api.paths import Id
 from audit_platform.api_keys import Scope
 from audit_platform.query import reads
 from audit_platform.query.filters import EventFilter
@@ -22,7 +23,6 @@ Format = Annotated[
     Query(description="`json`: statements and conflicts; `sql`: one file to review and run, "
           "a script per source (each on its own database)."),
 ]  # fmt: skip
-Id = Annotated[str, Path(min_length=1, max_length=256)]
 RESPONSES = {200: {"content": {"application/sql": {}}, "description": "format=sql: the file."}}
 
 
@@ -67,14 +67,14 @@ def request_plan(svc: Services, scope: Scope, request_id: str) -> RevertPlan | N
                              limits=svc.limits)  # fmt: skip
 
 
-@router.get("/requests/{request_id:path}/revert", response_model=RevertPlan, responses=RESPONSES)
+@router.get("/requests/{request_id:id}/revert", response_model=RevertPlan, responses=RESPONSES)
 def revert_request(request_id: Id, scope: ScopeDep, svc: ServicesDep, format: Format = "json"):
     """The plan undoing everything one request changed, in every source the key may read."""
     return _answer(request_plan(svc, scope, request_id), f"request {request_id!r}", format)
 
 
 @router.get(
-    "/jobs/{name:path}/runs/{run_id:path}/revert", response_model=RevertPlan, responses=RESPONSES
+    "/jobs/{name:id}/runs/{run_id:id}/revert", response_model=RevertPlan, responses=RESPONSES
 )
 def revert_job_run(
     name: Id, run_id: Id, scope: ScopeDep, svc: ServicesDep, format: Format = "json"
@@ -86,7 +86,7 @@ def revert_job_run(
     return _answer(plan, f"run {run_id!r} of job {name!r}", format)
 
 
-@router.get("/actors/{actor_id:path}/revert", response_model=RevertPlan, responses=RESPONSES)
+@router.get("/actors/{actor_id:id}/revert", response_model=RevertPlan, responses=RESPONSES)
 def revert_actor(
     actor_id: Id,
     since: Annotated[datetime, Query(description="From this commit time (inclusive).")],
