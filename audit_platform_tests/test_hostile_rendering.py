@@ -13,7 +13,7 @@ import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import psycopg
 import pytest
@@ -212,3 +212,34 @@ def test_ids_with_line_breaks_reach_their_routes(hostile):
     assert h.api.get("/v1/requests/r%0D%0A1").json()["transactions"]
     assert h.api.get("/v1/requests/r%0D%0A1/revert").json()["changes"] == 1
     assert h.api.get("/v1/actors/a%0Ab/activity").json()["stats"]["total"] == 1
+
+
+# --- download names ----------------------------------------------------------------------------
+
+NAMES = ['say "hi"', "日本語/ü", "line\nbreak\r\n", "tab\there; x=y", "C:\\evil\\..\\name"]
+
+
+def test_a_download_is_named_by_rfc_6266_whatever_the_id_holds(hostile):
+    h = hostile
+    for request_id in NAMES:
+        h.in_context({"actor": {"type": "user", "id": "n"}, "request_id": request_id},
+                     ("UPDATE slashed SET v = %s WHERE id = 'a/b'", (request_id,)))  # fmt: skip
+    h.sync()
+    h.sign_in()
+    for request_id in NAMES:
+        segment = quote(request_id, safe="")
+        for path in (f"/v1/requests/{segment}/revert?format=sql",
+                     f"/ui/requests/{segment}/revert.sql"):  # fmt: skip
+            reply = h.api.get(path)
+            assert reply.status_code == 200, (path, reply.text)
+            value = reply.headers["content-disposition"]
+            value.encode("ascii")  # raises if not
+            fallback = value.split('filename="', 1)[1].split('"', 1)[0]
+            assert fallback.isprintable() and not set(fallback) & set('/\\"')
+            exact = unquote(value.split("filename*=UTF-8''", 1)[1])
+            # The exact name keeps every character a file name can hold.
+            kept = "".join(c for c in request_id if c.isprintable() and c not in '/\\:*?"<>|')
+            assert exact.startswith("revert-") and exact.endswith(".sql"), exact
+            assert exact.replace("_", "") == f"revert-{kept}.sql".replace("_", ""), exact
+    export = h.api.get("/v1/export")
+    assert export.headers["content-disposition"].startswith('attachment; filename="audit-')

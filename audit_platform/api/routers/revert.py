@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import PlainTextResponse
 
 from audit_platform.api.deps import ScopeDep, Services, ServicesDep
+from audit_platform.api.downloads import attachment
 from audit_platform.api.paths import Id
 from audit_platform.api_keys import Scope
 from audit_platform.query import reads
@@ -37,7 +38,7 @@ def _answer(plan: RevertPlan | None, what: str, format: str) -> RevertPlan | Pla
 def sql_download(plan: RevertPlan) -> PlainTextResponse:
     return PlainTextResponse(
         plan.sql_file(), media_type="application/sql",
-        headers={"Content-Disposition": f'attachment; filename="{plan.file_name()}"'},
+        headers=attachment(plan.file_name()),
     )  # fmt: skip
 
 
