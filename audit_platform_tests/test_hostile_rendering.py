@@ -23,6 +23,8 @@ from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
 from audit_platform.policy import SourcePolicy
+from audit_platform.query.revert import plan_revert
+from audit_platform.record import AuditRecord
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 
@@ -136,6 +138,116 @@ def psql(url: str, script: str, tmp_path: Path) -> subprocess.CompletedProcess:
     path.write_text(script)
     return subprocess.run([PSQL, "-X", "-v", "ON_ERROR_STOP=1", "-d", url, "-f", str(path)],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+
+
+#: What psql prints for a plan that ran as written: the transaction, its settings, the block.
+ONLY_THE_PLAN = ["BEGIN", "SET", "SET", "SET", "SET", "SET", "DO", "COMMIT"]
+
+
+def _break_the_trail(h: Hostile) -> dict:
+    """One hostile request: an update, a delete and an insert of rows with hostile keys and
+    values, under a context whose every string field is hostile; then a later change to a
+    column the plan does not guard, so the plan has a conflict but still applies."""
+    m = h.marker
+    context = {
+        "actor": {"type": "user", "id": escape(m, "actor"), "name": escape(m, "name")},
+        "service": escape(m, "service"), "request_id": escape(m, "request"),
+        "job": {"name": escape(m, "job"), "run_id": escape(m, "run")},
+        "reason": escape(m, "reason"),
+    }  # fmt: skip
+    t, k, note, secret = _id(h.table), _id(h.key_col), _id(h.note), _id(h.secret)
+    h.in_context(
+        context,
+        (f"UPDATE {t} SET {note} = %s, {secret} = 's2' WHERE {k} = %s",
+         (escape(m, "new value $revert_1$"), h.rows[0])),
+        (f"DELETE FROM {t} WHERE {k} = %s", (h.rows[1],)),
+        (f"INSERT INTO {t} ({k}, {note}) VALUES (%s, %s)", (h.rows[2], escape(m, "ins"))),
+    )  # fmt: skip
+    h.in_context({"actor": {"type": "user", "id": "later"}},
+                 (f"UPDATE {t} SET plain = 'later' WHERE {k} = %s", (h.rows[0],)))  # fmt: skip
+    h.sync()
+    return context
+
+
+def test_a_revert_script_runs_only_its_guarded_statements_whatever_the_trail_holds(
+    hostile, tmp_path
+):
+    h = hostile
+    before = h.snapshot()
+    context = _break_the_trail(h)
+    after_break = h.snapshot()
+    # Row 0 back to its note (its masked secret and the later change stay), row 1 back without
+    # its masked and excluded columns, row 2 gone.
+    (row0, row1) = before
+    expected = [(row0[0], row0[1], "s2", row0[3], "later"), (*row1[:2], None, None, row1[4])]
+    assert after_break != expected
+    since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    paths = {
+        "request": f"/v1/requests/{quote(context['request_id'], safe='')}/revert",
+        "actor": f"/v1/actors/{quote(context['actor']['id'], safe='')}/revert?since={quote(since)}",
+        "job": f"/v1/jobs/{quote(context['job']['name'], safe='')}/runs/"
+        f"{quote(context['job']['run_id'], safe='')}/revert",
+    }
+    for what, path in paths.items():
+        plan = h.api.get(path)
+        assert plan.status_code == 200, (what, plan.text)
+        kinds = sorted(c["kind"] for c in plan.json()["conflicts"])
+        assert kinds == ["excluded", "later_change", "masked", "masked"], what
+        sep = "&" if "?" in path else "?"
+        download = h.api.get(f"{path}{sep}format=sql")
+        assert download.status_code == 200, (what, download.text)
+        script = download.text
+        ran = psql(h.url, script, tmp_path)
+        assert ran.returncode == 0, (what, ran.stderr)
+        assert ran.stdout.split() == ONLY_THE_PLAN, (what, ran.stdout)
+        assert not h.marker.exists(), what
+        assert h.snapshot() == expected, what  # the plan, exactly, and nothing else
+        with psycopg.connect(h.url) as conn:
+            assert conn.execute("SELECT count(*) FROM canary").fetchone() == (0,)
+        _restore(h, after_break)  # the broken state again, for the next form of the plan
+
+
+def _restore(h: Hostile, rows: list[tuple]) -> None:
+    """The table back to ``rows`` (test plumbing: never captured, the test syncs no more)."""
+    with psycopg.connect(h.url) as conn:
+        conn.execute(f"DELETE FROM {_id(h.table)}")
+        with conn.cursor() as cursor:
+            cursor.executemany(f"INSERT INTO {_id(h.table)} VALUES (%s, %s, %s, %s, %s)", rows)
+
+
+def test_a_plan_of_ids_holding_nul_and_line_breaks_is_one_script_psql_runs_as_written(
+    pg_database, tmp_path
+):
+    """NUL never reaches a plan through the API (a 422), but a plan made by other code must
+    not break either: every comment stays one line and holds no NUL."""
+    marker = tmp_path / "PWNED"
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'b')")
+    hostile_id = "a\x00" + escape(marker, "id") + "\x85\u2028\u202e\ufeff"
+    record = AuditRecord.model_validate({
+        "id": f"dev:shop:{escape(marker, 'rec')}:0", "@timestamp": datetime.now(UTC),
+        "env": "dev", "source": {"service": "shop", "database": "shop"},
+        "table": {"schema": "public", "name": "t"}, "operation": "update",
+        "event": {"action": "update", "type": ["change"]}, "object_id": "1",
+        "changed_columns": ["v"], "before": {"id": "1", "v": "a"}, "after": {"id": "1", "v": "b"},
+        "values_text": "", "context": None, "user": {}, "service": {}, "trace": {}, "client": {},
+        "attribution": {"status": "unattributed"},
+        "transaction": {"xid": 1, "commit_lsn": "0/1", "lsn": 1, "change_index": 0},
+        "row": {"key": ["id"], "types": {"id": "integer", "v": "text"}},
+        "policy_version": "1", "ingested_at": datetime.now(UTC),
+    })  # fmt: skip
+    plan = plan_revert({"request_id": hostile_id, "actor": hostile_id}, [record], {},
+                       generated_at=datetime.now(UTC))  # fmt: skip
+    script = plan.sql_file()
+    assert "\x00" not in script
+    comments = [line for line in script.split("\n") if line.lstrip().startswith("--")]
+    assert all(line.isprintable() for line in comments), comments
+    ran = psql(pg_database, script, tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ONLY_THE_PLAN, ran.stdout
+    assert not marker.exists()
+    with psycopg.connect(pg_database) as conn:
+        assert conn.execute("SELECT v FROM t").fetchone() == ("a",)
 
 
 # --- ids with a slash ------------------------------------------------------------------------
