@@ -392,3 +392,37 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_text_and_ndjson_stays_exact(
     assert [r["context"]["actor"]["id"] for r in found] == FORMULAS
     assert [r["context"]["request_id"] for r in found] == [f"{f}{n}" for n, f in
                                                          enumerate(FORMULAS)]  # fmt: skip
+
+
+# --- times out of range ------------------------------------------------------------------------
+
+YEAR_ONE = "0001-01-01T00:00:00+01:00"  # 0000-12-31T23:00Z: before the first representable time
+OUT_OF_RANGE = [
+    ("/v1/events", {"query": "since:-999999w"}),
+    ("/v1/events", {"query": "since:-99999999999d"}),
+    ("/v1/events", {"query": "until:-99999999999m"}),
+    ("/v1/events", {"query": f"since:{YEAR_ONE}"}),
+    ("/v1/events", {"since": YEAR_ONE}),
+    ("/v1/events", {"until": "9999-12-31T23:59:59-01:00"}),
+    ("/v1/stats", {"since": YEAR_ONE}),
+    ("/v1/export", {"query": "since:-999999w"}),
+    ("/v1/actors/ada/activity", {"since": YEAR_ONE}),
+    ("/v1/actors/ada/revert", {"since": YEAR_ONE}),
+    ("/v1/actors/ada/revert", {"since": "2026-01-01T00:00:00Z", "until": YEAR_ONE}),
+    ("/v1/objects/hostile/public.slashed/a%2Fb/state", {"at": YEAR_ONE}),
+    ("/ui/search", {"q": "since:-999999w"}),
+    ("/ui/search", {"q": "since:-99999999999d"}),
+    ("/ui/search", {"q": f"until:{YEAR_ONE}"}),
+    ("/ui/objects/hostile/public.slashed/a%2Fb", {"at": YEAR_ONE}),
+]
+
+
+def test_a_time_out_of_range_is_a_422_that_says_which_times_are_accepted(hostile):
+    hostile.sign_in()
+    for path, params in OUT_OF_RANGE:
+        reply = hostile.api.get(path, params=params)
+        assert reply.status_code == 422, (path, params, reply.status_code, reply.text[:300])
+        assert "0001-01-01" in reply.text and "9999-12-31" in reply.text, (path, params, reply.text)
+    # A time that is valid but so early that the default range before it is not: the reason.
+    early = hostile.api.get("/v1/events", params={"until": "0001-01-02T00:00:00Z"})
+    assert early.status_code == 422 and "is before 1970-01-01" in early.text, early.text

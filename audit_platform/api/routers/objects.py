@@ -11,6 +11,7 @@ from audit_platform.api.deps import ScopeDep, ServicesDep
 from audit_platform.api.params import MAX_HISTORY_PAGE
 from audit_platform.api.paths import ObjectId
 from audit_platform.query import reads
+from audit_platform.query.filters import Moment
 from audit_platform.query.models import ObjectHistory, ObjectState
 
 router = APIRouter(prefix="/v1/objects", tags=["objects"])
@@ -42,7 +43,7 @@ def state(
     object_id: ObjectId,
     scope: ScopeDep,
     svc: ServicesDep,
-    at: Annotated[datetime | None, Query(description="Moment (default: now).")] = None,
+    at: Annotated[Moment | None, Query(description="Moment (default: now).")] = None,
 ) -> ObjectState:
     """The row as it was at `at`, rebuilt from its records; `unknown` says why when it
     cannot be (for example, retention has removed the records needed)."""

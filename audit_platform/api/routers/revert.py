@@ -3,7 +3,6 @@ changes in a window. Returned as text to review; the platform never runs it."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
@@ -14,7 +13,7 @@ from audit_platform.api.downloads import attachment
 from audit_platform.api.paths import Id
 from audit_platform.api_keys import Scope
 from audit_platform.query import reads
-from audit_platform.query.filters import EventFilter
+from audit_platform.query.filters import EventFilter, Moment
 from audit_platform.query.revert import RevertPlan
 
 router = APIRouter(prefix="/v1", tags=["revert"])
@@ -90,10 +89,10 @@ def revert_job_run(
 @router.get("/actors/{actor_id:id}/revert", response_model=RevertPlan, responses=RESPONSES)
 def revert_actor(
     actor_id: Id,
-    since: Annotated[datetime, Query(description="From this commit time (inclusive).")],
+    since: Annotated[Moment, Query(description="From this commit time (inclusive).")],
     scope: ScopeDep,
     svc: ServicesDep,
-    until: Annotated[datetime | None, Query(description="Until (exclusive); default now.")] = None,
+    until: Annotated[Moment | None, Query(description="Until (exclusive); default now.")] = None,
     format: Format = "json",
 ):
     """The plan undoing what one actor changed in a time window."""

@@ -36,6 +36,7 @@ from audit_platform.api.ui.auth import (
 from audit_platform.api_keys import ApiKey, verify_key
 from audit_platform.query import reads
 from audit_platform.query.filters import EventFilter, QueryError
+from audit_platform.query.language import utc_time
 from audit_platform.query.models import Completeness
 from audit_platform.record import AuditRecord
 from audit_platform.ui_sessions import close_session, open_session
@@ -227,7 +228,10 @@ def _moment(at: str | None) -> datetime | None:
     except ValueError as exc:
         raise QueryError("at", f"{at!r} is not a moment: write it as 2026-11-27T14:30 "
                                "(UTC) or in ISO 8601 with an offset") from exc  # fmt: skip
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        return utc_time(moment)
+    except ValueError as exc:
+        raise QueryError("at", str(exc)) from exc
 
 
 def _completeness(svc: Services, key: ApiKey, changes: list[AuditRecord]) -> Completeness:
