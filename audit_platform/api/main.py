@@ -124,12 +124,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse(app.openapi())
 
     install_handlers(app)
+    # Ids may hold a slash ({name:id}, api/paths.py; %2F is decoded before routing), so revert's
+    # /requests/{id}/revert is tried before correlation's /requests/{id}, which would take
+    # "x/revert" as an id. An id that itself ends in "/revert" reads as that id's plan.
     for module in (
         events,
         objects,
         activity,
-        correlation,
         revert,
+        correlation,
         export,
         gaps,
         rejections,

@@ -1,5 +1,11 @@
 """Search results as NDJSON or CSV, produced line by line from a hit iterator.
 
+NDJSON holds every value exactly. CSV is for spreadsheets, which run a cell starting with
+``=``, ``+``, ``-`` or ``@`` as a formula (and strip a leading tab or carriage return first);
+the trail's values come from the audited service (an actor id, a request id from an HTTP
+header), so such a cell is written with a leading single quote, and every cell is quoted, as
+OWASP's CSV-injection rule says. The exact values are in the NDJSON export.
+
 Nothing here holds more than one record: the iterator pages through Elasticsearch, and each
 record is written out as soon as it is read, so an export of millions of records runs in the
 memory of one page.
@@ -55,13 +61,19 @@ def ndjson_lines(hits: Iterable[dict[str, Any]]) -> Iterator[str]:
     )
 
 
+#: A spreadsheet reads a cell starting with one of these as a formula (OWASP, CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, list):
-        return ";".join(str(v) for v in value)
-    if isinstance(value, dict):
-        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+        value = ";".join(str(v) for v in value)
+    elif isinstance(value, dict):
+        value = json.dumps(value, separators=(",", ":"), sort_keys=True)
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return value
 
 
@@ -82,7 +94,7 @@ def csv_row(hit: dict[str, Any]) -> list[Any]:
 def csv_lines(hits: Iterable[dict[str, Any]]) -> Iterator[str]:
     def rows() -> Iterator[str]:
         buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
+        writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
         writer.writerow(CSV_COLUMNS)
         yield buffer.getvalue()
         for hit in hits:

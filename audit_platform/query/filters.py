@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from audit_platform.api_keys import Scope
 from audit_platform.context.model import ActorType
@@ -29,6 +37,7 @@ from audit_platform.query.language import (
     parse,
     table_clause,
     term_clause,
+    utc_time,
 )
 from audit_platform.record import AttributionStatus, Operation
 
@@ -48,6 +57,20 @@ class QueryError(ValueError):
         self.field = field
 
 
+def no_nul(value: str) -> str:
+    """Refuse NUL: PostgreSQL text cannot hold it, so no value in the trail has one, and the
+    read log (jsonb) could not record the request that asked for it."""
+    if "\x00" in value:
+        raise ValueError(
+            "holds a NUL character (U+0000), which no value in the trail can hold "
+            "(PostgreSQL text cannot store it): remove it"
+        )
+    return value
+
+
+#: A time a caller gives, in UTC; one out of range is a 422 saying which times are accepted.
+Moment = Annotated[datetime, AfterValidator(utc_time)]
+
 #: ``column:value``: the value a column held before or after a change, in the text form
 #: records keep (a masked column by its masked value).
 ImageValue = Annotated[str, Field(pattern=r"^[^:]+:.*$", max_length=1024)]
@@ -58,8 +81,8 @@ class EventFilter(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    since: datetime | None = Field(default=None, description="Commit time from (inclusive).")
-    until: datetime | None = Field(default=None, description="Commit time until (exclusive).")
+    since: Moment | None = Field(default=None, description="Commit time from (inclusive).")
+    until: Moment | None = Field(default=None, description="Commit time until (exclusive).")
     source: list[str] = Field(default=[], description="Source (service) names; any of them.")
     table: list[str] = Field(
         default=[], description="Tables as 'name' or 'schema.name'; any of them."
@@ -118,6 +141,14 @@ class EventFilter(BaseModel):
             data[image] = [*data.get(image, []), *(f"{column}:{v}" for v in values)]
         return data
 
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                no_nul(text)
+        return value
+
     @model_validator(mode="after")
     def _parse_query(self) -> EventFilter:
         if self.query:
@@ -153,21 +184,17 @@ class EventFilter(BaseModel):
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def time_range(
     since: datetime | None, until: datetime | None, *, now: datetime, default: timedelta,
     maximum: timedelta,
 ) -> tuple[datetime, datetime]:  # fmt: skip
     """The bounded range a search covers: ``until`` defaults to now, ``since`` to ``default``
     before it; a range longer than ``maximum`` is refused rather than silently cut."""
-    end = _utc(until) if until else now
-    start = _utc(since) if since else end - default
-    if end <= EPOCH:
+    end = utc_time(until) if until else now
+    if end <= EPOCH:  # before computing a default since, which could go back past year 1
         raise QueryError("until", f"until ({end.isoformat()}) is before 1970-01-01: commit "
                                   "times are kept in nanoseconds since then")  # fmt: skip
+    start = utc_time(since) if since else end - default
     # Nothing can be older than 1970 (date_nanos); a range reaching further back is cut there,
     # which changes no answer, instead of failing in Elasticsearch mid-way through an export.
     start = max(start, EPOCH)

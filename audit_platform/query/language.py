@@ -50,6 +50,24 @@ _RELATIVE = re.compile(r"^-(\d+)([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+#: What a time may be: Python's datetime holds years 1 to 9999; the index holds 1970 on.
+ACCEPTED_TIMES = (
+    "times from 0001-01-01 to 9999-12-31 UTC are accepted, and no record is older than 1970-01-01"
+)
+
+
+def utc_time(moment: datetime) -> datetime:
+    """``moment`` in UTC (a time without an offset is taken as UTC). An offset can carry a
+    time of year 1 or 9999 past what a datetime holds: that is a ValueError saying what is
+    accepted, so a caller answers 422, not an OverflowError's 500."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError(f"{moment.isoformat()} is out of range in UTC: {ACCEPTED_TIMES}") from exc
+
+
 class QuerySyntaxError(ValueError):
     """The query text is unusable; the message names the term and says what to do."""
 
@@ -182,7 +200,10 @@ def _check_value(name: str, value: str, where: str) -> None:
 
 def _time(value: str, now: datetime, where: str) -> datetime:
     if match := _RELATIVE.match(value):
-        return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        try:
+            return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        except OverflowError as exc:
+            raise QuerySyntaxError(f"{where}: {value} goes back too far: {ACCEPTED_TIMES}") from exc
     try:
         moment = datetime.fromisoformat(value)
     except ValueError as exc:
@@ -190,7 +211,10 @@ def _time(value: str, now: datetime, where: str) -> datetime:
             f"{where}: {value!r} is not a time; write -30m, -24h, -7d, -2w, "
             "2026-11-27 or 2026-11-27T08:00:00Z"
         ) from exc
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        return utc_time(moment)
+    except ValueError as exc:
+        raise QuerySyntaxError(f"{where}: {exc}") from exc
 
 
 def _tokens(text: str):

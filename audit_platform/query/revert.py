@@ -14,6 +14,7 @@ images), records without a key, and later changes to the same rows (from the aud
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -72,9 +73,14 @@ class RevertPlan(BaseModel):
     def sql_file(self) -> str:
         """The plan as one file to review and run: its conflicts as comments first, then one
         script per source (each runs on that source's own database)."""
-        header = [f"-- conflict ({c.kind}) {c.record_id}: {c.detail}" for c in self.conflicts]
-        scripts = [f"-- ==== source {p.source}: run on its database ====\n{p.script}"
-                   for p in self.sources]  # fmt: skip
+        header = [
+            _comment(f"conflict ({c.kind}) {_quoted(c.record_id)}: {c.detail}")
+            for c in self.conflicts
+        ]
+        scripts = [
+            _comment(f"==== source {_quoted(p.source)}: run on its database ====") + "\n" + p.script
+            for p in self.sources
+        ]
         return "\n".join([*header, *scripts]) + "\n"
 
     def file_name(self) -> str:
@@ -234,15 +240,48 @@ def _literal(value: object, type_name: str | None) -> str:
     return "'" + str(value).replace("'", "''") + "'" + cast
 
 
+def _quoted(value: object) -> str:
+    """A value from the trail as a comment shows it: a JSON string, so quotes, backslashes and
+    control characters are escaped and where the value ends is plain."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _comment(text: str) -> str:
+    """``text`` as one ``--`` comment line, whatever it holds.
+
+    The trail's values come from the audited service (a request id from an HTTP header) and
+    from the source's names and rows. A line break in one would end the comment, and psql runs
+    what follows, before BEGIN and outside every guard (``\\! command`` runs a shell command on
+    the operator's machine). PostgreSQL and psql end a ``--`` comment only at a line feed or
+    a carriage return, but an editor may also break a line at U+2028, U+0085 and the like, and
+    show a reviewer a line psql does not see: every character that is not printable (control,
+    format and separator characters other than the space) is written as an escape instead.
+    """
+    return "-- " + "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
+
+
 def _script(of: dict[str, str], source: str, found: list[RevertStatement],
             generated_at: datetime) -> str:  # fmt: skip
-    body = "\n".join(s.sql for s in found)
+    what = ", ".join(f"{k} {_quoted(v)}" for k, v in of.items())
+    block = []
+    for number, statement in enumerate(found, start=1):
+        # In RAISE's format string a quote is doubled and % is written %%.
+        where = f"{statement.table} {statement.object_id} (change {statement.record_id})"
+        where = where.replace("'", "''").replace("%", "%%")
+        block += [
+            "  " + _comment(f"{number}/{len(found)}: undo {_quoted(statement.record_id)}"),
+            f"  {statement.sql};",
+            f"  IF NOT FOUND THEN RAISE EXCEPTION 'revert stopped at {number}/{len(found)}: "
+            f"{where} no longer holds the values that change left'; END IF;",
+        ]
+    # The block is one dollar-quoted string: its tag must not occur anywhere in it.
+    body = "\n".join(block)
     tag = "revert"
     while f"${tag}$" in body:
         tag = f"revert_{secrets.token_hex(4)}"
-    what = ", ".join(f"{k} {v}" for k, v in of.items())
+    title = f"audit-platform revert plan: {what}; source {_quoted(source)}; {len(found)}"
     lines = [
-        f"-- audit-platform revert plan: {what}; source {source}; {len(found)} statements,",
+        _comment(f"{title} statements,"),
         f"-- newest change first; generated {generated_at.isoformat()}. Review before running.",
         "-- Each statement applies only if its row still holds the values the change left;",
         "-- the first that does not stops the block and the transaction rolls back.",
@@ -255,16 +294,10 @@ def _script(of: dict[str, str], source: str, found: list[RevertStatement],
         "SET LOCAL extra_float_digits TO DEFAULT;",
         f"DO ${tag}$",
         "BEGIN",
+        *block,
+        "END",
+        f"${tag}$;",
+        "COMMIT;",
+        "",
     ]
-    for number, statement in enumerate(found, start=1):
-        # In RAISE's format string a quote is doubled and % is written %%.
-        where = f"{statement.table} {statement.object_id} (change {statement.record_id})"
-        where = where.replace("'", "''").replace("%", "%%")
-        lines += [
-            f"  -- {number}/{len(found)}: undo {statement.record_id}",
-            f"  {statement.sql};",
-            f"  IF NOT FOUND THEN RAISE EXCEPTION 'revert stopped at {number}/{len(found)}: "
-            f"{where} no longer holds the values that change left'; END IF;",
-        ]
-    lines += ["END", f"${tag}$;", "COMMIT;", ""]
     return "\n".join(lines)

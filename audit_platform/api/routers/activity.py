@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 
 from audit_platform.api.deps import ScopeDep, ServicesDep
 from audit_platform.api.params import StatsParams
+from audit_platform.api.paths import Id
 from audit_platform.query import reads
 from audit_platform.query.models import ActorActivity, Stats
 
@@ -21,9 +22,9 @@ def stats(params: Annotated[StatsParams, Query()], scope: ScopeDep, svc: Service
                        limits=svc.limits)  # fmt: skip
 
 
-@router.get("/actors/{actor_id}/activity", response_model=ActorActivity)
+@router.get("/actors/{actor_id:id}/activity", response_model=ActorActivity)
 def actor_activity(
-    actor_id: Annotated[str, Path(max_length=256)],
+    actor_id: Id,
     params: Annotated[StatsParams, Query()],
     scope: ScopeDep,
     svc: ServicesDep,

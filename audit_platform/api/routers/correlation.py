@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 
 from audit_platform.api.deps import ScopeDep, ServicesDep
 from audit_platform.api.params import MAX_TRANSACTION_PAGE
+from audit_platform.api.paths import Id
 from audit_platform.query import reads
 from audit_platform.query.models import Correlation
 
@@ -15,10 +16,9 @@ router = APIRouter(prefix="/v1", tags=["correlation"])
 
 Limit = Annotated[int, Query(ge=1, le=MAX_TRANSACTION_PAGE, description="Changes per page.")]
 Cursor = Annotated[str | None, Query(max_length=1024, description="`next_cursor` of the last.")]
-Id = Annotated[str, Path(min_length=1, max_length=256)]
 
 
-@router.get("/requests/{request_id}", response_model=Correlation)
+@router.get("/requests/{request_id:id}", response_model=Correlation)
 def request_changes(
     request_id: Id, scope: ScopeDep, svc: ServicesDep, limit: Limit = 500, cursor: Cursor = None
 ) -> Correlation:
@@ -28,7 +28,7 @@ def request_changes(
                             limit=limit, cursor=cursor)  # fmt: skip
 
 
-@router.get("/jobs/{name}/runs/{run_id}", response_model=Correlation)
+@router.get("/jobs/{name:id}/runs/{run_id:id}", response_model=Correlation)
 def job_run_changes(
     name: Id, run_id: Id, scope: ScopeDep, svc: ServicesDep, limit: Limit = 500,
     cursor: Cursor = None,

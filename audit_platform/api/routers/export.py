@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from audit_platform.api.deps import ScopeDep, Services, ServicesDep
+from audit_platform.api.downloads import attachment
 from audit_platform.api.params import ExportFormat, ExportParams
 from audit_platform.api.reads_logged import log_read
 from audit_platform.api_keys import Scope
@@ -59,5 +60,5 @@ def streamed(
     name = f"audit-{scope.env}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.{format}"
     return StreamingResponse(
         lines, media_type=MEDIA[format],
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        headers=attachment(name),
     )  # fmt: skip

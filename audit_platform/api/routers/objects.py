@@ -9,20 +9,18 @@ from fastapi import APIRouter, Path, Query
 
 from audit_platform.api.deps import ScopeDep, ServicesDep
 from audit_platform.api.params import MAX_HISTORY_PAGE
+from audit_platform.api.paths import ObjectId
 from audit_platform.query import reads
+from audit_platform.query.filters import Moment
 from audit_platform.query.models import ObjectHistory, ObjectState
 
 router = APIRouter(prefix="/v1/objects", tags=["objects"])
 
 Source = Annotated[str, Path(max_length=64, description="Source (service) name.")]
 Table = Annotated[str, Path(max_length=128, description="'name' or 'schema.name'.")]
-ObjectId = Annotated[
-    str,
-    Path(max_length=1024, description="Primary key as text; composite keys joined with ','."),
-]
 
 
-@router.get("/{source}/{table}/{object_id:path}/history", response_model=ObjectHistory)
+@router.get("/{source}/{table}/{object_id:id}/history", response_model=ObjectHistory)
 def history(
     source: Source,
     table: Table,
@@ -38,14 +36,14 @@ def history(
                                 limit=limit, cursor=cursor)  # fmt: skip
 
 
-@router.get("/{source}/{table}/{object_id:path}/state", response_model=ObjectState)
+@router.get("/{source}/{table}/{object_id:id}/state", response_model=ObjectState)
 def state(
     source: Source,
     table: Table,
     object_id: ObjectId,
     scope: ScopeDep,
     svc: ServicesDep,
-    at: Annotated[datetime | None, Query(description="Moment (default: now).")] = None,
+    at: Annotated[Moment | None, Query(description="Moment (default: now).")] = None,
 ) -> ObjectState:
     """The row as it was at `at`, rebuilt from its records; `unknown` says why when it
     cannot be (for example, retention has removed the records needed)."""

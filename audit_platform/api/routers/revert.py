@@ -3,16 +3,17 @@ changes in a window. Returned as text to review; the platform never runs it."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import PlainTextResponse
 
 from audit_platform.api.deps import ScopeDep, Services, ServicesDep
+from audit_platform.api.downloads import attachment
+from audit_platform.api.paths import Id
 from audit_platform.api_keys import Scope
 from audit_platform.query import reads
-from audit_platform.query.filters import EventFilter
+from audit_platform.query.filters import EventFilter, Moment
 from audit_platform.query.revert import RevertPlan
 
 router = APIRouter(prefix="/v1", tags=["revert"])
@@ -22,7 +23,6 @@ Format = Annotated[
     Query(description="`json`: statements and conflicts; `sql`: one file to review and run, "
           "a script per source (each on its own database)."),
 ]  # fmt: skip
-Id = Annotated[str, Path(min_length=1, max_length=256)]
 RESPONSES = {200: {"content": {"application/sql": {}}, "description": "format=sql: the file."}}
 
 
@@ -37,7 +37,7 @@ def _answer(plan: RevertPlan | None, what: str, format: str) -> RevertPlan | Pla
 def sql_download(plan: RevertPlan) -> PlainTextResponse:
     return PlainTextResponse(
         plan.sql_file(), media_type="application/sql",
-        headers={"Content-Disposition": f'attachment; filename="{plan.file_name()}"'},
+        headers=attachment(plan.file_name()),
     )  # fmt: skip
 
 
@@ -67,13 +67,15 @@ def request_plan(svc: Services, scope: Scope, request_id: str) -> RevertPlan | N
                              limits=svc.limits)  # fmt: skip
 
 
-@router.get("/requests/{request_id}/revert", response_model=RevertPlan, responses=RESPONSES)
+@router.get("/requests/{request_id:id}/revert", response_model=RevertPlan, responses=RESPONSES)
 def revert_request(request_id: Id, scope: ScopeDep, svc: ServicesDep, format: Format = "json"):
     """The plan undoing everything one request changed, in every source the key may read."""
     return _answer(request_plan(svc, scope, request_id), f"request {request_id!r}", format)
 
 
-@router.get("/jobs/{name}/runs/{run_id}/revert", response_model=RevertPlan, responses=RESPONSES)
+@router.get(
+    "/jobs/{name:id}/runs/{run_id:id}/revert", response_model=RevertPlan, responses=RESPONSES
+)
 def revert_job_run(
     name: Id, run_id: Id, scope: ScopeDep, svc: ServicesDep, format: Format = "json"
 ):
@@ -84,13 +86,13 @@ def revert_job_run(
     return _answer(plan, f"run {run_id!r} of job {name!r}", format)
 
 
-@router.get("/actors/{actor_id}/revert", response_model=RevertPlan, responses=RESPONSES)
+@router.get("/actors/{actor_id:id}/revert", response_model=RevertPlan, responses=RESPONSES)
 def revert_actor(
     actor_id: Id,
-    since: Annotated[datetime, Query(description="From this commit time (inclusive).")],
+    since: Annotated[Moment, Query(description="From this commit time (inclusive).")],
     scope: ScopeDep,
     svc: ServicesDep,
-    until: Annotated[datetime | None, Query(description="Until (exclusive); default now.")] = None,
+    until: Annotated[Moment | None, Query(description="Until (exclusive); default now.")] = None,
     format: Format = "json",
 ):
     """The plan undoing what one actor changed in a time window."""

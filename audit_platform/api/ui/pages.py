@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from audit_platform.api.deps import Services, ServicesDep
 from audit_platform.api.params import ExportFormat
+from audit_platform.api.paths import Id, ObjectId
 from audit_platform.api.routers.events import waiting as quarantine_waiting
 from audit_platform.api.routers.export import streamed
 from audit_platform.api.routers.revert import request_plan, sql_download, transaction_plan
@@ -35,6 +36,7 @@ from audit_platform.api.ui.auth import (
 from audit_platform.api_keys import ApiKey, verify_key
 from audit_platform.query import reads
 from audit_platform.query.filters import EventFilter, QueryError
+from audit_platform.query.language import utc_time
 from audit_platform.query.models import Completeness
 from audit_platform.record import AuditRecord
 from audit_platform.ui_sessions import close_session, open_session
@@ -199,12 +201,12 @@ def event(request: Request, key: SignedIn, svc: ServicesDep,
                 folded=sum(1 for r in rows if not (r.changed or r.key)))  # fmt: skip
 
 
-@router.get("/objects/{source}/{table}/{object_id:path}", response_class=HTMLResponse)
+@router.get("/objects/{source}/{table}/{object_id:id}", response_class=HTMLResponse)
 def object_page(
     request: Request, key: SignedIn, svc: ServicesDep,
     source: Annotated[str, PathParam(max_length=64)],
     table: Annotated[str, PathParam(max_length=128)],
-    object_id: Annotated[str, PathParam(max_length=1024)],
+    object_id: ObjectId,
     at: Annotated[str | None, Query(max_length=40)] = None,
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> HTMLResponse:  # fmt: skip
@@ -226,7 +228,10 @@ def _moment(at: str | None) -> datetime | None:
     except ValueError as exc:
         raise QueryError("at", f"{at!r} is not a moment: write it as 2026-11-27T14:30 "
                                "(UTC) or in ISO 8601 with an offset") from exc  # fmt: skip
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        return utc_time(moment)
+    except ValueError as exc:
+        raise QueryError("at", str(exc)) from exc
 
 
 def _completeness(svc: Services, key: ApiKey, changes: list[AuditRecord]) -> Completeness:
@@ -238,7 +243,6 @@ def _completeness(svc: Services, key: ApiKey, changes: list[AuditRecord]) -> Com
 
 Xid = Annotated[int, PathParam(ge=0, le=2**63 - 1)]
 SourceName = Annotated[str, PathParam(max_length=64)]
-Id = Annotated[str, PathParam(min_length=1, max_length=256)]
 
 
 @router.get("/transactions/{source}/{xid}", response_class=HTMLResponse)
@@ -267,7 +271,17 @@ def transaction_revert(key: SignedIn, svc: ServicesDep, source: SourceName, xid:
     return sql_download(plan)
 
 
-@router.get("/requests/{request_id}", response_class=HTMLResponse)
+# Before the request's page: an id may hold a slash, and that page's route would take
+# "x/revert.sql" as an id.
+@router.get("/requests/{request_id:id}/revert.sql")
+def request_revert(key: SignedIn, svc: ServicesDep, request_id: Id) -> Response:
+    plan = request_plan(svc, key.scope, request_id)
+    if plan is None:
+        raise HTTPException(404, f"No change of request {request_id} that your key may read.")
+    return sql_download(plan)
+
+
+@router.get("/requests/{request_id:id}", response_class=HTMLResponse)
 def request_page(request: Request, key: SignedIn, svc: ServicesDep, request_id: Id,
                  cursor: Annotated[str | None, Query(max_length=1024)] = None,
                  ) -> HTMLResponse:  # fmt: skip
@@ -282,15 +296,7 @@ def request_page(request: Request, key: SignedIn, svc: ServicesDep, request_id: 
                 download=f"/ui/requests/{views.segment(request_id)}/revert.sql")  # fmt: skip
 
 
-@router.get("/requests/{request_id}/revert.sql")
-def request_revert(key: SignedIn, svc: ServicesDep, request_id: Id) -> Response:
-    plan = request_plan(svc, key.scope, request_id)
-    if plan is None:
-        raise HTTPException(404, f"No change of request {request_id} that your key may read.")
-    return sql_download(plan)
-
-
-@router.get("/actors/{actor_id}", response_class=HTMLResponse)
+@router.get("/actors/{actor_id:id}", response_class=HTMLResponse)
 def actor(request: Request, key: SignedIn, svc: ServicesDep, actor_id: Id,
           range: Range = "7d") -> HTMLResponse:  # fmt: skip
     interval = RANGES[range][1]
