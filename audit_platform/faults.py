@@ -25,6 +25,7 @@ POINTS: dict[str, str] = {
     "capture.confirmed": "the slot confirmed the batch; its manifest is not settled",
     "staging.pending_written": "the ledger entry is written; the manifests are not removed",
     "enrich.records_written": "records files are durable; the trail's log is not appended",
+    "trust.tile_written": "one tile of an append is rewritten; its other tiles and log.json not",
     "enrich.logged": "the batch's leaves are in the trail's log; the ledger entry is not marked",
     "index.chunk_sent": "one bulk request is in; the rest of the documents are not",
     "index.documents_sent": "every document is in; the ledger entry is not removed",

@@ -152,6 +152,10 @@ class StagingStore:
         """Write one Parquet file durably, replacing any previous version whole."""
         self._durably(path, lambda f: frame.write_parquet(f, compression="zstd", statistics=True))
 
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """A small file of bytes (the trail's tiles), replaced whole and durably."""
+        self._durably(path, lambda f: f.write(data))
+
     def write_json(self, path: str, body: dict, *, create: bool = False) -> bool:
         """A small JSON file, replaced atomically: a reader sees the old or the new, never half
         (a crash while writing in place once left an empty manifest that wedged capture).

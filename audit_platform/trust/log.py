@@ -4,15 +4,20 @@ cannot reach, which retention never prunes (it removes ``<dataset>/date=*/hour=*
 
 - ``leaves/<first-lsn>-<last-lsn>.parquet``: the leaves of one enriched batch, in commit order,
   numbered from where the log stood (``trust.leaves.LEAF_SCHEMA``).
+- ``tiles/<level>/<index>``: the tree's hashes in tiles of 256 (``trust.tiles``), written by
+  each append before ``log.json`` counts it, so a proof reads ``O(log n)`` tiles.
 - ``log.json``: how far the log goes: its size, the last commit LSN it holds, the roots of its
-  perfect subtrees (so appending never rereads old leaves), and its latest checkpoint.
+  perfect subtrees (so appending never rereads old leaves), how many leaves its tiles hold
+  (``tiled``; a log from before tiles has none and is tiled once, see
+  :meth:`TrustLog.build_tiles`), and its latest checkpoint.
 - ``checkpoints/<seq>.json``: ``{"checkpoint": body, "signature": ...}``; the body holds the
   tree size, the root, the hash of the previous checkpoint's body, the time and the key id, and
   the signature is Ed25519 over the body's canonical JSON (as leaves are serialized).
 
 One writer per source: the enrich step of the capture job, whose runs never overlap (one per
 slot). A batch is appended once: a rerun after a crash finds its LSNs already logged and skips
-them; a leaves file written before a crash but not yet counted in ``log.json`` is rewritten.
+them; a leaves file written before a crash but not yet counted in ``log.json`` is rewritten,
+and so are the tiles it reached.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from audit_platform.staging.store import StagingStore, lsn_hex, lsn_range, lsn_t
 from audit_platform.trust import signing
 from audit_platform.trust.leaves import LEAF_SCHEMA, canonical, in_log_order, kind_rank, moment
 from audit_platform.trust.merkle import Frontier
+from audit_platform.trust.tiles import Tiles
+
+#: Leaf hashes handed to the tiles at once while tiling an existing log: about 6 MB of them.
+TILE_CHUNK = 65_536
 
 
 @dataclass
@@ -41,6 +50,8 @@ class LogState:
     checkpoint: dict[str, Any] | None = None  # {"seq", "hash", "tree_size", "time"}
     #: (commit LSN, kind rank, seq) of the last leaf: where an append resumes.
     last_key: tuple[int, int, int] = (-1, 0, 0)
+    #: Leaves the tiles hold: ``size`` once appends write tiles, 0 for a log from before.
+    tiled: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +61,7 @@ class LogState:
             "last_key": list(self.last_key),
             "frontier": self.frontier.to_json(),
             "checkpoint": self.checkpoint,
+            "tiled": self.tiled,
         }
 
 
@@ -68,6 +80,7 @@ class TrustLog:
         self.store = store
         self.dir = folder or f"{store.base}/_trust"
         self.name = name or store.source
+        self.tiles = Tiles(store, f"{self.dir}/tiles")
 
     @property
     def _state_path(self) -> str:
@@ -84,12 +97,14 @@ class TrustLog:
             Frontier.from_json(body["frontier"]),
             body["checkpoint"],
             tuple(body.get("last_key") or (body["last_lsn"], 9, 2**31)),
+            body.get("tiled", 0),
         )
 
     def append(self, leaves: pl.DataFrame) -> int:
         """Append the leaves the log does not hold yet (those after its last leaf in commit
         order: a rerun of a batch appends nothing twice); returns how many."""
         state = self.state()
+        tiled = self.build_tiles(state)
         lsn, rank, seq = state.last_key
         ordered = in_log_order(leaves).with_columns(kind_rank().alias("_rank"))
         same_lsn, same_rank = pl.col("lsn") == lsn, pl.col("_rank") == rank
@@ -97,6 +112,8 @@ class TrustLog:
         after = (pl.col("lsn") > lsn) | (same_lsn & later_in_txn)
         new = ordered.filter(after)
         if new.is_empty():
+            if tiled:
+                self.store.write_json(self._state_path, state.to_json())
             return 0
         last_row = new.row(-1, named=True)
         new = new.drop("_rank").with_columns(
@@ -107,8 +124,10 @@ class TrustLog:
         # transaction continued in the next append gets a file of its own).
         name = f"{lsn_hex(first)}-{lsn_hex(last)}.{state.size:012d}.parquet"
         self.store.write_file(f"{self.dir}/leaves/{name}", new)
-        state.frontier.extend(new["hash"].to_list())
-        state.size = state.frontier.size
+        hashes = new["hash"].to_list()
+        self.tiles.append(state.size, hashes)
+        state.frontier.extend(hashes)
+        state.size = state.tiled = state.frontier.size
         state.first_lsn = first if state.first_lsn is None else state.first_lsn
         state.last_lsn = last
         state.last_key = (last, last_row["_rank"], last_row["seq"])
@@ -159,6 +178,39 @@ class TrustLog:
         }
         self.store.write_json(self._state_path, state.to_json())
         return signed
+
+    def build_tiles(self, state: LogState) -> bool:
+        """Tile the leaves ``state`` counts that its tiles do not hold yet (a log written before
+        tiles existed, all of it, once), reading the leaves files one at a time and handing
+        their hashes to the tiles :data:`TILE_CHUNK` at a time: memory stays bounded whatever
+        the log's size. Sets ``state.tiled``; the caller records it. Returns whether it tiled
+        anything. Only the log's one writer calls it, from :meth:`append` (a checkpoint, signed
+        by the hourly job too, may run beside an append, and two writers of a tile could leave
+        it shorter than ``log.json`` says); a crash midway leaves ``tiled`` as it was, and the
+        next call rewrites the same tiles."""
+        if state.tiled >= state.size:
+            return False
+        at, chunk = state.tiled, []
+        for path in self.leaf_files():
+            with self.store.fs.open(path, "rb") as f:
+                frame = pl.read_parquet(f, columns=["position", "hash"])
+            frame = frame.filter(pl.col("position").is_between(at + len(chunk), state.size - 1))
+            if frame.is_empty():
+                continue
+            positions = frame["position"].sort()
+            if positions[0] != at + len(chunk) or positions[-1] - positions[0] + 1 != len(frame):
+                raise ValueError(f"{path}: leaves from position {positions[0]} are not the "
+                                 f"next ones ({at + len(chunk)}); run verify")  # fmt: skip
+            chunk.extend(frame.sort("position")["hash"].to_list())
+            if len(chunk) >= TILE_CHUNK:
+                self.tiles.append(at, chunk)
+                at, chunk = at + len(chunk), []
+        self.tiles.append(at, chunk)
+        at += len(chunk)
+        if at != state.size:
+            raise ValueError(f"the leaves files hold {at} of the log's {state.size} leaves")
+        state.tiled = at
+        return True
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -1,47 +1,73 @@
 """Proofs an auditor checks without trusting us: a record's leaves are in the signed log
 (inclusion), and a later checkpoint extends an earlier one (consistency).
 
-Proving needs the leaf hashes of the whole tree (RFC 9162 paths reach across it). They are read
-from the log's files once per tree size and kept for the next proof; a proof then costs
-``O(n)`` hashing of subtrees, about a second per million leaves here.
+Proofs are read from the log's tiles (``trust.tiles``): each reads ``O(log n)`` tiles of at
+most 8 KiB and hashes at most a few thousand nodes, whatever the size of the log, so a request's
+memory and time stay flat as the log grows (``benchmarks/results/proofs.md``). They were
+computed from every leaf hash held in memory, ``O(n)`` per request, which at 1,000 changes a
+second outgrows the API pod's memory limit within weeks. The answers are the same bytes:
+``merkle.inclusion_proof`` and ``merkle.consistency_proof`` are kept as the reference they are
+tested against.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import polars as pl
 
-from audit_platform.trust import merkle
 from audit_platform.trust.leaves import document_leaves
 from audit_platform.trust.log import TrustLog
-
-_cache: dict[str, tuple[int, list[bytes]]] = {}
-_lock = threading.Lock()
+from audit_platform.trust.tiles import TileReader, TilesMissing
 
 
 class NotProvable(LookupError):
     """The log cannot prove this (yet): the message says why."""
 
 
-def leaf_hashes(log: TrustLog, size: int) -> list[bytes]:
-    """The first ``size`` leaf hashes, by position."""
-    with _lock:
-        cached = _cache.get(log.dir)
-        if cached is not None and cached[0] >= size:
-            return cached[1][:size]
-    hashes = log.leaves(columns=["position", "hash"])["hash"].to_list()
-    if len(hashes) < size:
-        raise NotProvable(f"the log holds {len(hashes)} leaves, fewer than its {size}")
-    with _lock:
-        _cache[log.dir] = (len(hashes), hashes)
-    return hashes[:size]
-
-
 def latest_checkpoint(log: TrustLog) -> dict[str, Any] | None:
-    found = log.checkpoints()
-    return found[-1][1] if found else None
+    """The checkpoint the log records as its latest: one file read, however many there are."""
+    recorded = log.state().checkpoint
+    if recorded is None:
+        return None
+    return log.store.read_json(f"{log.dir}/checkpoints/{recorded['seq']:012d}.json")
+
+
+def _tiles(log: TrustLog, size: int, root: str | None = None) -> TileReader:
+    """A reader of the log's tiles that hold at least ``size`` leaves; with ``root``, one
+    whose tree of ``size`` leaves has that root (a proof from tiles that disagree with the
+    signed checkpoint would not verify: better to say so here)."""
+    tiles = log.tiles.reader()
+    try:
+        if root is not None and tiles.root(size).hex() != root:
+            raise NotProvable(f"the log's tiles do not give the root of its checkpoint of {size} "
+                              "leaves; run verify")  # fmt: skip
+    except TilesMissing as exc:
+        raise _untiled(log, size) from exc
+    return tiles
+
+
+def _untiled(log: TrustLog, size: int) -> NotProvable:
+    return NotProvable(
+        f"the log's tiles do not hold its first {size} leaves yet ({log.state().tiled} tiled): a "
+        "log from before tiles is tiled once by its next append"
+    )
+
+
+def _last_attach(log: TrustLog, xid: int) -> int | None:
+    """The position of the latest ``attach`` leaf for transaction ``xid`` (a late record
+    carries the last context attached to it). Its file is not known from the record, so every
+    leaves file is read, one at a time and four columns only: memory stays bounded, time grows
+    with the log."""
+    best: tuple[Any, int] | None = None
+    for path in log.leaf_files():
+        with log.store.fs.open(path, "rb") as f:
+            found = pl.read_parquet(f, columns=["kind", "xid", "time", "position"])
+        found = found.filter((pl.col("kind") == "attach") & (pl.col("xid") == xid))
+        for time, position in found.select("time", "position").iter_rows():
+            if best is None or (time, position) > best:
+                best = (time, position)
+    return None if best is None else best[1]
 
 
 def record_proof(log: TrustLog, doc_id: str, doc: dict[str, Any]) -> dict[str, Any]:
@@ -53,31 +79,44 @@ def record_proof(log: TrustLog, doc_id: str, doc: dict[str, Any]) -> dict[str, A
     size = checkpoint["checkpoint"]["tree_size"]
     claimed = document_leaves(doc_id, doc)
     lsn, xid = int(doc["transaction"]["lsn"]), int(doc["transaction"]["xid"])
-    rows = log.leaves(lsn=lsn)
+    rows = log.leaves(columns=["position", "kind", "lsn", "record_id"], lsn=lsn)
     wanted = {"change": pl.col("record_id") == doc_id,
               "context": (pl.col("kind") == "context") & (pl.col("lsn") == lsn)}  # fmt: skip
+    tiles = _tiles(log, size, checkpoint["checkpoint"]["root"])
     proofs = []
     for kind, leaf in claimed:
         if kind == "attach":
-            found = log.leaves().filter((pl.col("kind") == "attach") & (pl.col("xid") == xid))
-            found = found.sort("time").tail(1)
+            position = _last_attach(log, xid)
         else:
             found = rows.filter(wanted[kind])
-        if found.is_empty():
+            position = None if found.is_empty() else found["position"][0]
+        if position is None:
             raise NotProvable(f"the log holds no {kind} leaf for {doc_id}")
-        position = found["position"][0]
         if position >= size:
             raise NotProvable(f"{doc_id} is logged after the latest checkpoint (tree size "
                               f"{size}); the next checkpoint will cover it")  # fmt: skip
-        hashes = leaf_hashes(log, size)
-        proofs.append({
-            "kind": kind, "leaf": leaf, "leaf_hash": hashes[position].hex(),
-            "leaf_index": position,
-            "audit_path": [h.hex() for h in merkle.inclusion_proof(hashes, position, size)],
-        })  # fmt: skip
+        try:
+            proofs.append({
+                "kind": kind, "leaf": leaf, "leaf_hash": tiles.leaf(position).hex(),
+                "leaf_index": position,
+                "audit_path": [h.hex() for h in tiles.inclusion(position, size)],
+            })  # fmt: skip
+        except TilesMissing as exc:
+            raise _untiled(log, size) from exc
     return {"tree_size": size, "leaves": proofs, "checkpoint": checkpoint}
 
 
+def inclusion(log: TrustLog, index: int, size: int) -> list[str]:
+    """The audit path of leaf ``index`` in the tree of ``size`` leaves, hex."""
+    try:
+        return [h.hex() for h in _tiles(log, size).inclusion(index, size)]
+    except TilesMissing as exc:
+        raise _untiled(log, size) from exc
+
+
 def consistency(log: TrustLog, first: int, second: int) -> list[str]:
-    hashes = leaf_hashes(log, second)
-    return [h.hex() for h in merkle.consistency_proof(hashes, first, second)]
+    """The proof that the tree of ``first`` leaves is a prefix of the tree of ``second``, hex."""
+    try:
+        return [h.hex() for h in _tiles(log, second).consistency(first, second)]
+    except TilesMissing as exc:
+        raise _untiled(log, second) from exc

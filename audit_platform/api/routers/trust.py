@@ -105,7 +105,10 @@ def checkpoints(
         if first not in sizes or second not in sizes or first > second:
             raise HTTPException(422, "first and second must be tree sizes of checkpoints, "
                                      f"first <= second; sizes: {sorted(sizes)[-10:]}")  # fmt: skip
-        proof = {"first": first, "second": second, "proof": consistency(log, first, second)}
+        try:
+            proof = {"first": first, "second": second, "proof": consistency(log, first, second)}
+        except NotProvable as exc:
+            raise HTTPException(409, str(exc)) from exc
     public, key_id = _public(svc)
     return Checkpoints(source=source, public_key=public, key_id=key_id,
                        checkpoints=signed[::-1][:limit], consistency=proof)  # fmt: skip
