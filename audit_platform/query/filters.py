@@ -2,7 +2,8 @@
 
 Every value a caller gives travels as data inside a term, range or match clause; nothing is
 spliced into query-string syntax. Every query of the API is built by :func:`bool_query`, which
-always adds the key's scope, so no parameter can widen what a key sees (docs/design.md, invariant 6).
+always adds the key's scope, so no parameter can widen what a key sees (docs/design.md,
+invariant 6).
 """
 
 from __future__ import annotations

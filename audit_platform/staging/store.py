@@ -7,9 +7,9 @@ datasets (``records``, ``rejected``, ``deadletter``) are kept per staged file, u
 name as the ``changes`` file they came from: a batch's records can be rebuilt, re-indexed or
 reconciled without touching the rest of its hour.
 
-Durability before the slot moves (docs/design.md, invariant 1): a local file is written to a temporary
-name, fsynced, renamed into place and its folder fsynced. Object storage has no rename and needs
-none: an S3 PUT (or a completed multipart upload) makes the whole object visible at once and is
+Durability before the slot moves (docs/design.md, invariant 1): a local file is written to a
+temporary name, fsynced, renamed into place and its folder fsynced. Object storage has no rename
+and needs none: an S3 PUT (or a completed multipart upload) makes the whole object visible at once and is
 durable when it returns, so a reader sees the old object or the new one, never half; a write cut
 short leaves no object at all. Nothing here depends on listing an object the moment it is
 written (S3 lists are strongly consistent now, and listings are never cached here: several
