@@ -8,16 +8,16 @@ name as the ``changes`` file they came from: a batch's records can be rebuilt, r
 reconciled without touching the rest of its hour.
 
 Durability before the slot moves (docs/design.md, invariant 1): a local file is written to a
-temporary name, fsynced, renamed into place and its folder fsynced. Object storage has no rename
-and needs none: an S3 PUT (or a completed multipart upload) makes the whole object visible at once and is
-durable when it returns, so a reader sees the old object or the new one, never half; a write cut
-short leaves no object at all. Nothing here depends on listing an object the moment it is
-written (S3 lists are strongly consistent now, and listings are never cached here: several
-processes share a root). A batch announces its files in an in-flight manifest before writing
-them; a capture that starts after a crash removes the files of any manifest the slot never
-confirmed (see ``recover``). Files that must never be replaced (signed checkpoints) are written
-with ``create=True``: ``If-None-Match: *`` on S3, a hard link (which refuses an existing name)
-locally, so a second writer cannot overwrite what the first one published.
+temporary name, fsynced, renamed into place and its folder fsynced. Object storage has no rename and
+needs none: an S3 PUT (or a completed multipart upload) makes the whole object visible at once and
+is durable when it returns, so a reader sees the old object or the new one, never half; a write cut
+short leaves no object at all. Nothing here depends on listing an object the moment it is written
+(S3 lists are strongly consistent now, and listings are never cached here: several processes share a
+root). A batch announces its files in an in-flight manifest before writing them; a capture that
+starts after a crash removes the files of any manifest the slot never confirmed (see ``recover``).
+Files that must never be replaced (signed checkpoints) are written with ``create=True``: ``If-None-
+Match: *`` on S3, a hard link (which refuses an existing name) locally, so a second writer cannot
+overwrite what the first one published.
 
 Once the slot has confirmed a batch, its manifest becomes a *pending* entry (``_pending/``): the
 ledger of batches that are staged but not yet enriched and indexed. Enrichment marks an entry
