@@ -15,9 +15,9 @@ short leaves no object at all. Nothing here depends on listing an object the mom
 (S3 lists are strongly consistent now, and listings are never cached here: several processes share a
 root). A batch announces its files in an in-flight manifest before writing them; a capture that
 starts after a crash removes the files of any manifest the slot never confirmed (see ``recover``).
-Files that must never be replaced (signed checkpoints) are written with ``create=True``: ``If-None-
-Match: *`` on S3, a hard link (which refuses an existing name) locally, so a second writer cannot
-overwrite what the first one published.
+Files that must never be replaced (signed checkpoints) are written with ``create=True``:
+``If-None-Match: *`` on S3, a hard link (which refuses an existing name) locally, so a second writer
+cannot overwrite what the first one published.
 
 Once the slot has confirmed a batch, its manifest becomes a *pending* entry (``_pending/``): the
 ledger of batches that are staged but not yet enriched and indexed. Enrichment marks an entry
