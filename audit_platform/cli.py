@@ -28,7 +28,7 @@ from audit_platform.index import access
 from audit_platform.index.retention import run_for_environment
 from audit_platform.policy import PolicyError, load_policy, policy_path
 from audit_platform.settings import Settings
-from audit_platform.sources.check import check_source
+from audit_platform.sources.check import MESSAGES_FIX, MESSAGES_OPEN, check_source
 from audit_platform.sources.setup import SetupError, setup_source, teardown_source
 from audit_platform.stack import LocalStack, StackError, run_with_stack, setup_es_accounts
 from audit_platform.staging import StagingStore
@@ -178,6 +178,8 @@ def source_setup(
     typer.echo(f"publication {report.publication}: {', '.join(report.publication_tables)}")
     state = "replaced" if report.slot_replaced_from is not None else "created"
     typer.echo(f"slot {report.slot}: {state if report.slot_created else 'exists'}")
+    if not report.messages_restricted:
+        typer.echo(f"warning: {MESSAGES_OPEN}; {MESSAGES_FIX}", err=True)
     if gap is not None:
         typer.secho(f"gap recorded: {gap.describe()}", fg=typer.colors.YELLOW)
 

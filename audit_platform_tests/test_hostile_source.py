@@ -25,6 +25,7 @@ from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
+from audit_platform.sources.check import Level, check_source
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.signing import new_private_key, private_key
 from audit_platform.trust.verify import Window, verify_source, waiting_changes
@@ -38,6 +39,7 @@ from audit_platform_tests.helpers import (
     record_tuple,
 )
 
+SQL = Settings().resources_dir / "sql"
 SERVICE = {"actor": {"type": "service", "id": "billing"}, "request_id": "r-1"}
 #: Text that tries to leave whatever it is rendered into: SQL comments and literals, psql
 #: meta-commands, NDJSON lines, CSV formulas, HTML, templates.
@@ -111,6 +113,12 @@ def attacked(pg_database, es, tmp_path):
         for role in (intruder, attributor):
             admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
         admin.execute(f"GRANT INSERT, UPDATE ON zoo TO {intruder}")
+        # Setup revoked pg_logical_emit_message from PUBLIC (test below); where it cannot (not
+        # a superuser), every role keeps it, which is the case these attacks are made in.
+        admin.execute(
+            f"GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text),"
+            f" pg_logical_emit_message(boolean, text, bytea) TO {intruder}"
+        )
         admin.execute(f"GRANT audit_attributor TO {attributor}")
         platform_db.install(admin, Settings().resources_dir / "sql")
     install_template(es, Settings().resources_dir, env, replicas=0)
@@ -290,3 +298,36 @@ def test_the_stream_keeps_only_a_bounded_prefix_of_an_oversized_message():
     assert kept_message(message(CONTEXT_PREFIX.encode(), b"{}", flags=0)) is None
     small = message(CONTEXT_PREFIX.encode(), b"{}")
     assert kept_message(small) == small
+
+
+def test_setup_takes_logical_messages_from_public_and_contexts_still_work(attacked):
+    source, intruder, _ = attacked
+    with psycopg.connect(source.url, autocommit=True) as admin:
+        admin.execute("CREATE ROLE plain_connect LOGIN PASSWORD 'pw'")
+        admin.execute("GRANT INSERT ON zoo TO plain_connect")
+    try:
+        plain = intruder.replace(urlsplit(intruder).username, "plain_connect")
+        with (
+            psycopg.connect(plain) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege, match="pg_logical_emit_message"),
+        ):
+            conn.execute("SELECT pg_logical_emit_message(true, 'other.tool', 'x')")
+        with psycopg.connect(plain) as conn:  # set_context emits as its owner
+            conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(SERVICE),))
+            conn.execute("INSERT INTO zoo (id) VALUES (1)")
+        source.capture()
+        [context] = source.staged("contexts")["context"].to_list()
+        assert json.loads(context) == SERVICE
+        findings = check_source(source.url, source.env, source.policy, SQL)
+        assert [f.level for f in findings if f.subject == "logical messages"] == [Level.ok]
+        with psycopg.connect(source.url, autocommit=True) as admin:
+            admin.execute(
+                "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO PUBLIC"
+            )
+        findings = check_source(source.url, source.env, source.policy, SQL)
+        [open_] = [f for f in findings if f.subject == "logical messages"]
+        assert open_.level is Level.warning and "REVOKE EXECUTE" in open_.fix
+    finally:
+        with psycopg.connect(source.url, autocommit=True) as admin:
+            admin.execute("DROP OWNED BY plain_connect")
+            admin.execute("DROP ROLE plain_connect")

@@ -46,7 +46,7 @@ def test_setup_is_idempotent_and_check_passes(pg_database):
     policy = policy_for("shop", public__orders={})
     first = setup_source(pg_database, ENV, policy, SQL_DIR)
     second = setup_source(pg_database, ENV, policy, SQL_DIR)
-    assert first.applied_migrations == ["001_audit_schema", "002_attached_contexts"]
+    assert first.applied_migrations == ["001_audit_schema", "002_untrusted_roles"]
     assert (first.slot, first.slot_created) == (SLOT, True)
     assert second.applied_migrations == []
     assert second.slot_created is False

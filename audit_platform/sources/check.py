@@ -16,6 +16,7 @@ from audit_platform.capture.messages import ATTACHMENTS_TABLE
 from audit_platform.migrations import migrations
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
+from audit_platform.sources.setup import public_may_emit_messages
 
 #: Warn when a slot holds back more WAL than this (the consumer is behind or stopped).
 LAG_WARN_BYTES = 1024**3
@@ -244,11 +245,29 @@ def _slot(conn: psycopg.Connection, name: str, lag_warn_bytes: int) -> list[Find
     return findings
 
 
+MESSAGES_OPEN = (
+    "every role may call pg_logical_emit_message in this database: capture refuses messages "
+    "that are not valid contexts, but reads each whole first, and one may be 1 GB (about 3 GB "
+    "of the capture process's memory)"
+)
+MESSAGES_FIX = (
+    "run `audit-platform source setup` as a superuser, or REVOKE EXECUTE ON FUNCTION "
+    "pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, "
+    "bytea) FROM PUBLIC"
+)
+
+
+def _messages(conn: psycopg.Connection) -> Finding:
+    if public_may_emit_messages(conn):
+        return Finding(Level.warning, "logical messages", MESSAGES_OPEN, MESSAGES_FIX)
+    return Finding(Level.ok, "logical messages", "only roles granted it may emit them")
+
+
 def check_source(
     url: str, env: str, policy: SourcePolicy, sql_dir, *, lag_warn_bytes: int = LAG_WARN_BYTES
 ) -> list[Finding]:
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        findings = [_wal_level(conn), _may_replicate(conn), _schema(conn, sql_dir)]
+        findings = [_wal_level(conn), _may_replicate(conn), _schema(conn, sql_dir), _messages(conn)]
         for name, table_policy in sorted(policy.tables.items()):
             schema, table = name.split(".", 1)
             findings.extend(_table(conn, schema, table, table_policy))

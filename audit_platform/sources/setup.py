@@ -40,6 +40,8 @@ class SetupReport:
     slot_start: int | None = None
     #: For an invalidated slot replaced now, the last position it had confirmed.
     slot_replaced_from: int | None = None
+    #: Whether PUBLIC may no longer call pg_logical_emit_message (see restrict_messages).
+    messages_restricted: bool = False
 
 
 def apply_migrations(conn: psycopg.Connection, sql_dir: Path) -> list[str]:
@@ -79,6 +81,35 @@ def ensure_publication(conn: psycopg.Connection, name: str, tables: list[tuple[s
                     "'insert, update, delete, truncate', publish_via_partition_root = true)"
                 ).format(sql.Identifier(name), table_list)
             )
+
+
+def public_may_emit_messages(conn: psycopg.Connection) -> bool:
+    """Whether every role may call some form of pg_logical_emit_message in this database."""
+    row = conn.execute(
+        "SELECT coalesce(bool_or(a.grantee = 0), false) FROM pg_catalog.pg_proc p,"
+        " aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a"
+        " WHERE p.proname = 'pg_logical_emit_message' AND a.privilege_type = 'EXECUTE'"
+    ).fetchone()
+    return bool(row[0])
+
+
+def restrict_messages(conn: psycopg.Connection) -> bool:
+    """Revoke pg_logical_emit_message from PUBLIC; True if PUBLIC no longer has it.
+
+    Capture refuses any message that is not a valid context, but the driver must read a message
+    whole before anyone can refuse it, and one can be 1 GB (docs/design.md, invariant 10). Only
+    a superuser may change a system function's privileges; for anyone else PostgreSQL only
+    warns, and ``source check`` reports the database as still open. A tool that needs to emit
+    messages (a CDC heartbeat, say) is granted them by name.
+    """
+    if public_may_emit_messages(conn):
+        for (signature,) in conn.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p"
+            " WHERE p.proname = 'pg_logical_emit_message'"
+        ).fetchall():
+            revoke = sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC")
+            conn.execute(revoke.format(sql.SQL(signature)))
+    return not public_may_emit_messages(conn)
 
 
 def ensure_slot(conn: psycopg.Connection, name: str, report: SetupReport, *,
@@ -136,6 +167,7 @@ def setup_source(
                 f"{', '.join(missing)}. Create them or remove them from the policy."
             )
         report.applied_migrations = apply_migrations(conn, sql_dir)
+        report.messages_restricted = restrict_messages(conn)
         report.publication = publication_name(env, policy.source)
         ensure_publication(conn, report.publication, tables)
         report.publication_tables = [f"{s}.{t}" for s, t in tables]

@@ -1,5 +1,7 @@
--- audit-platform, source database schema, migration 002: late attribution nobody can forge.
+-- audit-platform, source database schema, migration 002: roles on the source are not trusted
+-- (docs/design.md, invariant 10).
 --
+-- 1. Late attribution nobody can forge.
 -- Migration 001 let any role call audit.attach_context, and the function emitted a logical
 -- message that any role could also emit itself with pg_logical_emit_message: either way, a role
 -- with nothing but CONNECT could attribute another role's transaction to anyone. Now a late
@@ -59,3 +61,23 @@ $fn$;
 
 REVOKE EXECUTE ON FUNCTION audit.attach_context(xid8, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION audit.attach_context(xid8, jsonb) TO audit_attributor;
+
+-- 2. Contexts without pg_logical_emit_message for everyone.
+--
+-- Any role may call pg_logical_emit_message by default, and one message of up to 1 GB costs the
+-- capture process about three times its size in memory while the driver reads it. `source
+-- setup` revokes it from PUBLIC where it can (as a superuser: it is a system function), so
+-- set_context now runs as its owner to emit the context for whoever calls it. The transaction,
+-- and so the rollback of the context with it, is still the caller's. Cost: about 2 us per call
+-- more (SET search_path on a SECURITY DEFINER function), on a transaction that commits.
+CREATE OR REPLACE FUNCTION audit.set_context(ctx jsonb) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    -- The check is an inlined expression, not a query: no cost beyond evaluating it.
+    IF audit.context_is_valid(ctx) IS NOT TRUE THEN
+        PERFORM audit.explain_invalid_context(ctx);
+    END IF;
+    PERFORM pg_logical_emit_message(true, 'audit_platform.context.v1', ctx::text);
+END
+$fn$;
