@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from audit_platform.api.main import create_app
+from audit_platform.api.refusals import LOGGED_PER_MINUTE
 from audit_platform.api_keys import create_key
 from audit_platform.capture.gaps import Gap, record_gap
 from audit_platform.naming import read_alias
@@ -339,6 +340,49 @@ def test_each_request_is_logged_with_its_key_id_and_never_the_key(shop, api_a, c
     assert f"key={key_id}" in line and "200" in line
     assert shop.keys["a"] not in line and secret not in line
     assert "/customers/1/" not in line  # the route's template, not the values in the path
+
+
+def _read_log(servers, env: str) -> list[tuple]:
+    with psycopg.connect(servers.pg_url) as conn:
+        return conn.execute(
+            "SELECT id, key_id, route, params FROM audit_platform.read_log WHERE env = %s"
+            " ORDER BY id",
+            (env,),
+        ).fetchall()
+
+
+def test_a_failed_authentication_is_no_read_and_a_flood_of_them_logs_a_bounded_few_lines(
+    shop, servers, caplog
+):
+    """A made-up request, even one naming a real key id, never reaches the signed read log; a
+    flood of them is counted exactly at /metrics but logs at most a few lines a minute."""
+    _, real_id, _ = shop.keys["a"].split("_", 2)
+    forged = f"ak_{real_id}_{'A' * 43}"  # a real key id with a guessed secret
+    flood = 100
+    with _client(shop.env) as api:  # its own process-wide allowance of log lines
+        before = _read_log(servers, shop.env)
+        with caplog.at_level(logging.DEBUG, logger="audit_platform"):
+            for i in range(flood):
+                for key in (None, "not-a-key", forged):
+                    response = get(api, "/v1/events", key, q=f"made up {i}")
+                    assert response.status_code == 401, response.text
+        assert _read_log(servers, shop.env) == before
+        problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert 1 <= len(problems) <= LOGGED_PER_MINUTE
+        assert all(r.name == "audit_platform.api.auth" for r in problems)
+        assert any(real_id in r.getMessage() for r in problems)  # someone tries this key
+        assert all(forged not in r.getMessage() for r in problems)  # never the secret
+        counted = {
+            s.labels["reason"]: s.value
+            for family in text_string_to_metric_families(get(api, "/metrics", None).text)
+            for s in family.samples
+            if s.name == "audit_api_failed_authentications_total"
+        }
+        assert counted == {"missing": flood, "malformed": flood, "unknown": flood}
+        # The key itself still leaves its row, attributed to it.
+        assert get(api, "/v1/events", shop.keys["a"], q="genuine").status_code == 200
+        [(_, key_id, route, params)] = _read_log(servers, shop.env)[len(before) :]
+        assert (key_id, route, params) == (real_id, "/v1/events", {"q": "genuine"})
 
 
 # --- errors and limits ---------------------------------------------------------------------

@@ -35,6 +35,12 @@ class ApiMetrics:
                                        buckets=BUCKETS, registry=self.registry)  # fmt: skip
         self.records = Counter("audit_api_records_returned", "Audit records returned.",
                                ["route"], registry=self.registry)  # fmt: skip
+        self.failed_authentications = Counter(
+            "audit_api_failed_authentications",
+            "Requests refused for a missing, malformed or unknown key (api/refusals.py).",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def observe(self, route: str, method: str, status: int, seconds: float,
                 elasticsearch_seconds: float, records: int) -> None:  # fmt: skip
@@ -47,6 +53,7 @@ class ApiMetrics:
 
 def install(app: FastAPI) -> ApiMetrics:
     metrics = ApiMetrics()
+    app.state.metrics = metrics  # the key check counts failed authentications here
 
     @app.get("/metrics", include_in_schema=False)
     def scrape() -> Response:
