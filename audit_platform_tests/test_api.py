@@ -321,6 +321,38 @@ def test_a_scoped_key_gets_nothing_outside_its_scope(shop, api_a):
     assert events(api_a, shop.keys["other_source"]) == []  # a source this env does not have
 
 
+def test_a_table_scoped_key_learns_no_count_of_the_tables_outside_its_scope(shop, api_a):
+    """The signup transaction changed customers, orders and order_lines: a key of orders alone
+    must not learn how many changes the transaction held, nor how many wait in the quarantine."""
+    whole = get(api_a, f"/v1/transactions/shop/{shop.xid_signup}", shop.keys["a"]).json()
+    assert {c["transaction"]["changes"] for c in whole["changes"]} == {3}
+    assert whole["completeness"]["waiting"] == 0
+    path = f"/v1/transactions/shop/{shop.xid_signup}"
+    scoped = get(api_a, path, shop.keys["orders"]).json()
+    assert scoped["completeness"] == {
+        "captured": None,
+        "ignored": None,
+        "indexed": 1,
+        "waiting": None,
+        "missing": None,
+        "complete": None,
+        "explanation": scoped["completeness"]["explanation"],
+    }
+    key = shop.keys["orders"]
+    records = [*scoped["changes"], *events(api_a, key, xid=shop.xid_signup)]
+    records.append(get(api_a, f"/v1/events/{scoped['changes'][0]['id']}", key).json())
+    records += get(api_a, "/v1/requests/req-ada-1", key).json()["transactions"][0]["changes"]
+    exported = get(api_a, "/v1/export", key, xid=shop.xid_signup).text.splitlines()
+    records += [json.loads(line) for line in exported]
+    assert len(records) == 5
+    for found in records:
+        assert found["transaction"].get("changes") is None, found
+        assert found["transaction"].get("ignored") is None, found
+    csv_export = get(api_a, "/v1/export", key, xid=shop.xid_signup, format="csv").text
+    [row] = csv.DictReader(io.StringIO(csv_export))
+    assert not row.get("transaction.changes") and not row.get("transaction.ignored")
+
+
 def test_masked_columns_stay_masked_in_every_answer(shop, api_a):
     key = shop.keys["a"]
     customer = events(api_a, key, table="customers", order="asc")
@@ -463,6 +495,53 @@ def test_gaps_are_served_to_keys_that_may_read_their_source(shop, api_a, servers
     assert get(api_a, "/v1/gaps", shop.keys["other_source"]).json()["gaps"] == []
 
 
+def test_a_key_limited_to_tables_gets_the_gaps_of_the_sources_holding_them(servers, tmp_path):
+    """A gap covers every table of its source; a key of tables (any source) is told of the
+    sources whose policy captures one of its tables, and never of the others."""
+    env = f"gaps_{uuid.uuid4().hex[:8]}"  # its own gaps, whatever other tests record
+    resources = tmp_path / "resources"
+    shutil.copytree(Settings().resources_dir, resources)
+    (resources / "environments" / f"{env}.yaml").write_text(
+        "sources:\n  shop:\n    url_env: AUDIT_SOURCE_SHOP_URL\n"
+        "  billing:\n    url_env: AUDIT_SOURCE_BILLING_URL\n"
+    )
+    (resources / "sources" / "shop.yaml").write_text(
+        "source: shop\nversion: 1\ntables:\n  public.customers: {}\n  public.orders: {}\n"
+    )
+    (resources / "sources" / "billing.yaml").write_text(
+        "source: billing\nversion: 1\ntables:\n  public.invoices: {}\n"
+    )
+    with psycopg.connect(servers.pg_url, autocommit=True) as conn:
+        for source in ("shop", "billing", "retired"):
+            record_gap(
+                conn,
+                Gap(
+                    env=env,
+                    source=source,
+                    from_lsn=300,
+                    to_lsn=400,
+                    last_captured_at=None,
+                    reason="dropped",
+                ),
+            )
+        keys = {
+            tables: create_key(conn, env, "t", tables=[tables]).secret
+            for tables in ("public.orders", "public.invoices", "public.nowhere")
+        }
+        keys["all"] = create_key(conn, env, "all").secret
+    with _client(env, resources_dir=resources) as api:
+
+        def sources(key: str) -> set[str]:
+            response = get(api, "/v1/gaps", key)
+            assert response.status_code == 200, response.text
+            return {gap["source"] for gap in response.json()["gaps"]}
+
+        assert sources(keys["public.orders"]) == {"shop"}
+        assert sources(keys["public.invoices"]) == {"billing"}
+        assert sources(keys["public.nowhere"]) == set()
+        assert sources(keys["all"]) == {"shop", "billing", "retired"}
+
+
 # --- value filters and the query language ---------------------------------------------------
 
 
@@ -542,9 +621,10 @@ def test_an_excluded_column_cannot_be_filtered_by_value(shop, tmp_path):
         # orders excludes nothing: a column of that name there may be filtered.
         assert get(api, "/v1/events", shop.keys["a"], table="orders",
                    **{"after.name": "x"}).status_code == 200  # fmt: skip
-        # A key that cannot read the shop source is told nothing about its policy.
-        assert get(api, "/v1/events", shop.keys["other_source"],
-                   **{"after.name": "Ada"}).status_code == 200  # fmt: skip
+        # A key that cannot read the shop source, or its customers, is told nothing about them.
+        for other in ("other_source", "orders"):
+            answer = get(api, "/v1/events", shop.keys[other], **{"after.name": "Ada"})
+            assert answer.status_code == 200, answer.text
 
 
 def test_correlation_filters_trace_service_and_client_ip(shop, api_a):
