@@ -49,6 +49,21 @@ class Scope:
             self.tables is None or f"{schema}.{table}" in self.tables
         )
 
+    def allows_source(self, source: str) -> bool:
+        """Whether the key may read some table of ``source``; every one only if
+        :attr:`whole_sources`."""
+        return self.sources is None or source in self.sources
+
+    @property
+    def whole_sources(self) -> bool:
+        """Not limited to tables: a figure about a whole source (a transaction's change
+        count, a checkpoint's size) tells it nothing it may not read."""
+        return self.tables is None
+
+    @property
+    def whole_environment(self) -> bool:
+        return self.sources is None and self.tables is None
+
 
 @dataclass(frozen=True)
 class ApiKey:

@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 import psycopg
 
+from audit_platform.api_keys import Scope
 from audit_platform.staging.store import StagingStore
 from audit_platform.trust.leaves import LEAF_SCHEMA, VERSION, canonical, moment
 from audit_platform.trust.log import TrustLog
@@ -44,13 +45,39 @@ def _storable(params: dict[str, Any]) -> str:
 def read_rows(
     conn: psycopg.Connection, env: str, *, after_id: int = 0, since: datetime | None = None,
     until: datetime | None = None, key_id: str | None = None, limit: int = 1_000,
+    within: Scope | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Rows of the read log in id order, from after ``after_id``."""
+    """Rows of the read log in id order, from after ``after_id``.
+
+    ``within`` a key's scope: only the rows of keys whose own scope lies inside it (their
+    sources among its sources, their tables among its tables, where it has a limit). Whatever
+    such a key asked for and was told is about records the asking key may read too; a row of a
+    wider key (its filters, the count it got) may be about records it may not. A row whose key
+    id names no key of the environment counts as the widest."""
+    sources = None if within is None or within.sources is None else sorted(within.sources)
+    tables = None if within is None or within.tables is None else sorted(within.tables)
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM audit_platform.read_log WHERE env = %s AND id > %s"
-        " AND (%s::timestamptz IS NULL OR at >= %s) AND (%s::timestamptz IS NULL OR at < %s)"
-        " AND (%s::text IS NULL OR key_id = %s) ORDER BY id LIMIT %s",
-        (env, after_id, since, since, until, until, key_id, key_id, limit),
+        f"SELECT {_COLUMNS} FROM audit_platform.read_log r WHERE env = %(env)s AND id > %(after)s"
+        " AND (%(since)s::timestamptz IS NULL OR at >= %(since)s)"
+        " AND (%(until)s::timestamptz IS NULL OR at < %(until)s)"
+        " AND (%(key_id)s::text IS NULL OR key_id = %(key_id)s)"
+        " AND ((%(sources)s::text[] IS NULL AND %(tables)s::text[] IS NULL) OR EXISTS ("
+        "   SELECT FROM audit_platform.api_keys k WHERE k.key_id = r.key_id AND k.env = r.env"
+        "   AND (%(sources)s::text[] IS NULL OR cardinality(k.sources) > 0"
+        "        AND k.sources <@ %(sources)s::text[])"
+        "   AND (%(tables)s::text[] IS NULL OR cardinality(k.tables) > 0"
+        "        AND k.tables <@ %(tables)s::text[])))"
+        " ORDER BY id LIMIT %(limit)s",
+        {
+            "env": env,
+            "after": after_id,
+            "since": since,
+            "until": until,
+            "key_id": key_id,
+            "sources": sources,
+            "tables": tables,
+            "limit": limit,
+        },
     ).fetchall()
     names = [c.strip() for c in _COLUMNS.split(",")]
     return [dict(zip(names, row, strict=True)) for row in rows]

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from audit_platform.api.main import create_app
+from audit_platform.api.refusals import LOGGED_PER_MINUTE
 from audit_platform.api_keys import create_key
 from audit_platform.capture.gaps import Gap, record_gap
 from audit_platform.naming import read_alias
@@ -320,6 +321,38 @@ def test_a_scoped_key_gets_nothing_outside_its_scope(shop, api_a):
     assert events(api_a, shop.keys["other_source"]) == []  # a source this env does not have
 
 
+def test_a_table_scoped_key_learns_no_count_of_the_tables_outside_its_scope(shop, api_a):
+    """The signup transaction changed customers, orders and order_lines: a key of orders alone
+    must not learn how many changes the transaction held, nor how many wait in the quarantine."""
+    whole = get(api_a, f"/v1/transactions/shop/{shop.xid_signup}", shop.keys["a"]).json()
+    assert {c["transaction"]["changes"] for c in whole["changes"]} == {3}
+    assert whole["completeness"]["waiting"] == 0
+    path = f"/v1/transactions/shop/{shop.xid_signup}"
+    scoped = get(api_a, path, shop.keys["orders"]).json()
+    assert scoped["completeness"] == {
+        "captured": None,
+        "ignored": None,
+        "indexed": 1,
+        "waiting": None,
+        "missing": None,
+        "complete": None,
+        "explanation": scoped["completeness"]["explanation"],
+    }
+    key = shop.keys["orders"]
+    records = [*scoped["changes"], *events(api_a, key, xid=shop.xid_signup)]
+    records.append(get(api_a, f"/v1/events/{scoped['changes'][0]['id']}", key).json())
+    records += get(api_a, "/v1/requests/req-ada-1", key).json()["transactions"][0]["changes"]
+    exported = get(api_a, "/v1/export", key, xid=shop.xid_signup).text.splitlines()
+    records += [json.loads(line) for line in exported]
+    assert len(records) == 5
+    for found in records:
+        assert found["transaction"].get("changes") is None, found
+        assert found["transaction"].get("ignored") is None, found
+    csv_export = get(api_a, "/v1/export", key, xid=shop.xid_signup, format="csv").text
+    [row] = csv.DictReader(io.StringIO(csv_export))
+    assert not row.get("transaction.changes") and not row.get("transaction.ignored")
+
+
 def test_masked_columns_stay_masked_in_every_answer(shop, api_a):
     key = shop.keys["a"]
     customer = events(api_a, key, table="customers", order="asc")
@@ -339,6 +372,49 @@ def test_each_request_is_logged_with_its_key_id_and_never_the_key(shop, api_a, c
     assert f"key={key_id}" in line and "200" in line
     assert shop.keys["a"] not in line and secret not in line
     assert "/customers/1/" not in line  # the route's template, not the values in the path
+
+
+def _read_log(servers, env: str) -> list[tuple]:
+    with psycopg.connect(servers.pg_url) as conn:
+        return conn.execute(
+            "SELECT id, key_id, route, params FROM audit_platform.read_log WHERE env = %s"
+            " ORDER BY id",
+            (env,),
+        ).fetchall()
+
+
+def test_a_failed_authentication_is_no_read_and_a_flood_of_them_logs_a_bounded_few_lines(
+    shop, servers, caplog
+):
+    """A made-up request, even one naming a real key id, never reaches the signed read log; a
+    flood of them is counted exactly at /metrics but logs at most a few lines a minute."""
+    _, real_id, _ = shop.keys["a"].split("_", 2)
+    forged = f"ak_{real_id}_{'A' * 43}"  # a real key id with a guessed secret
+    flood = 100
+    with _client(shop.env) as api:  # its own process-wide allowance of log lines
+        before = _read_log(servers, shop.env)
+        with caplog.at_level(logging.DEBUG, logger="audit_platform"):
+            for i in range(flood):
+                for key in (None, "not-a-key", forged):
+                    response = get(api, "/v1/events", key, q=f"made up {i}")
+                    assert response.status_code == 401, response.text
+        assert _read_log(servers, shop.env) == before
+        problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert 1 <= len(problems) <= LOGGED_PER_MINUTE
+        assert all(r.name == "audit_platform.api.auth" for r in problems)
+        assert any(real_id in r.getMessage() for r in problems)  # someone tries this key
+        assert all(forged not in r.getMessage() for r in problems)  # never the secret
+        counted = {
+            s.labels["reason"]: s.value
+            for family in text_string_to_metric_families(get(api, "/metrics", None).text)
+            for s in family.samples
+            if s.name == "audit_api_failed_authentications_total"
+        }
+        assert counted == {"missing": flood, "malformed": flood, "unknown": flood}
+        # The key itself still leaves its row, attributed to it.
+        assert get(api, "/v1/events", shop.keys["a"], q="genuine").status_code == 200
+        [(_, key_id, route, params)] = _read_log(servers, shop.env)[len(before) :]
+        assert (key_id, route, params) == (real_id, "/v1/events", {"q": "genuine"})
 
 
 # --- errors and limits ---------------------------------------------------------------------
@@ -417,6 +493,53 @@ def test_gaps_are_served_to_keys_that_may_read_their_source(shop, api_a, servers
     [served] = response.json()["gaps"]
     assert (served["source"], served["from_lsn"], served["to_lsn"]) == ("shop", 100, 200)
     assert get(api_a, "/v1/gaps", shop.keys["other_source"]).json()["gaps"] == []
+
+
+def test_a_key_limited_to_tables_gets_the_gaps_of_the_sources_holding_them(servers, tmp_path):
+    """A gap covers every table of its source; a key of tables (any source) is told of the
+    sources whose policy captures one of its tables, and never of the others."""
+    env = f"gaps_{uuid.uuid4().hex[:8]}"  # its own gaps, whatever other tests record
+    resources = tmp_path / "resources"
+    shutil.copytree(Settings().resources_dir, resources)
+    (resources / "environments" / f"{env}.yaml").write_text(
+        "sources:\n  shop:\n    url_env: AUDIT_SOURCE_SHOP_URL\n"
+        "  billing:\n    url_env: AUDIT_SOURCE_BILLING_URL\n"
+    )
+    (resources / "sources" / "shop.yaml").write_text(
+        "source: shop\nversion: 1\ntables:\n  public.customers: {}\n  public.orders: {}\n"
+    )
+    (resources / "sources" / "billing.yaml").write_text(
+        "source: billing\nversion: 1\ntables:\n  public.invoices: {}\n"
+    )
+    with psycopg.connect(servers.pg_url, autocommit=True) as conn:
+        for source in ("shop", "billing", "retired"):
+            record_gap(
+                conn,
+                Gap(
+                    env=env,
+                    source=source,
+                    from_lsn=300,
+                    to_lsn=400,
+                    last_captured_at=None,
+                    reason="dropped",
+                ),
+            )
+        keys = {
+            tables: create_key(conn, env, "t", tables=[tables]).secret
+            for tables in ("public.orders", "public.invoices", "public.nowhere")
+        }
+        keys["all"] = create_key(conn, env, "all").secret
+    with _client(env, resources_dir=resources) as api:
+
+        def sources(key: str) -> set[str]:
+            response = get(api, "/v1/gaps", key)
+            assert response.status_code == 200, response.text
+            return {gap["source"] for gap in response.json()["gaps"]}
+
+        assert sources(keys["public.orders"]) == {"shop"}
+        assert sources(keys["public.invoices"]) == {"billing"}
+        assert sources(keys["public.nowhere"]) == set()
+        assert sources(keys["all"]) == {"shop", "billing", "retired"}
 
 
 # --- value filters and the query language ---------------------------------------------------
@@ -498,9 +621,10 @@ def test_an_excluded_column_cannot_be_filtered_by_value(shop, tmp_path):
         # orders excludes nothing: a column of that name there may be filtered.
         assert get(api, "/v1/events", shop.keys["a"], table="orders",
                    **{"after.name": "x"}).status_code == 200  # fmt: skip
-        # A key that cannot read the shop source is told nothing about its policy.
-        assert get(api, "/v1/events", shop.keys["other_source"],
-                   **{"after.name": "Ada"}).status_code == 200  # fmt: skip
+        # A key that cannot read the shop source, or its customers, is told nothing about them.
+        for other in ("other_source", "orders"):
+            answer = get(api, "/v1/events", shop.keys[other], **{"after.name": "Ada"})
+            assert answer.status_code == 200, answer.text
 
 
 def test_correlation_filters_trace_service_and_client_ip(shop, api_a):

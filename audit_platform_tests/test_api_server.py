@@ -2,11 +2,13 @@
 
 Two promises need the real server rather than an in-process client: an export of a result far
 larger than a page streams in bounded memory (measured on the server process), and Schemathesis,
-generating requests from the OpenAPI document, finds no server error.
+generating requests from the OpenAPI document, finds no server error, with a key of each role,
+and no answer outside the scope of a narrow key (``schemathesis_scope.py``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -23,6 +25,7 @@ import pytest
 
 from audit_platform import platform_db
 from audit_platform.api_keys import create_key
+from audit_platform.capture.gaps import Gap, record_gap
 from audit_platform.settings import Settings
 from audit_platform.stack.system import free_port
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
@@ -30,12 +33,16 @@ from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import policy_for
 
 ROWS = 100_000
+#: Rows of a table the narrow key may not read, written in the orders' transaction.
+SECRET_ROWS = 3
 
 
 @dataclass
 class Server:
     url: str
+    env: str
     key: str
+    keys: dict[str, str]  # reader, auditor, admin, and narrow: one source, one table (auditor)
     process: subprocess.Popen
     log: Path
 
@@ -54,8 +61,9 @@ def server(servers, es, tmp_path_factory) -> Iterator[Server]:
         source = make_source(
             url, tmp_path_factory.mktemp("srv"),
             "CREATE TABLE orders (id int PRIMARY KEY, status text, note text);"
-            "ALTER TABLE orders REPLICA IDENTITY FULL;",
-            policy_for("shop", public__orders={}), env=env,
+            "ALTER TABLE orders REPLICA IDENTITY FULL;"
+            "CREATE TABLE payroll_secret (id int PRIMARY KEY, amount int);",
+            policy_for("shop", public__orders={}, public__payroll_secret={}), env=env,
         )  # fmt: skip
         with psycopg.connect(url) as conn:
             conn.execute("SELECT audit.set_context(%s::jsonb)",
@@ -64,10 +72,32 @@ def server(servers, es, tmp_path_factory) -> Iterator[Server]:
                 "INSERT INTO orders SELECT i, 'new', repeat('x', 200) || i"
                 " FROM generate_series(1, %s) AS i", (ROWS,),
             )  # fmt: skip
+            conn.execute(
+                "INSERT INTO payroll_secret SELECT i, i FROM generate_series(1, %s) i",
+                (SECRET_ROWS,),
+            )
         with psycopg.connect(servers.pg_url, autocommit=True) as state:
             platform_db.install(state, Settings().resources_dir / "sql")
-            assert capture_enrich_index(source, state, es) == ROWS
-            key = create_key(state, env, "server tests").secret
+            assert capture_enrich_index(source, state, es) == ROWS + SECRET_ROWS
+            keys = {
+                role: create_key(state, env, role, role=role).secret
+                for role in ("reader", "auditor", "admin")
+            }
+            keys["narrow"] = create_key(
+                state, env, "narrow", sources=["shop"], tables=["public.orders"], role="auditor"
+            ).secret
+            # A source the narrow key may not read, known to the environment by its gap.
+            record_gap(
+                state,
+                Gap(
+                    env=env,
+                    source="hr_secret",
+                    from_lsn=1,
+                    to_lsn=2,
+                    last_captured_at=None,
+                    reason="dropped",
+                ),
+            )
         port = free_port()
         command = [str(Path(sys.executable).with_name("audit-platform")), "api", "serve", "--port",
                    str(port)]  # fmt: skip
@@ -89,7 +119,7 @@ def server(servers, es, tmp_path_factory) -> Iterator[Server]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"the API did not start: {log.read_text()[-3000:]}")
                 time.sleep(0.3)
-            yield Server(base, key, process, log)
+            yield Server(base, env, keys["reader"], keys, process, log)
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -108,7 +138,7 @@ def test_a_large_export_streams_in_bounded_memory(server):
             lines += chunk.count(b"\n")
             size += len(chunk)
     growth = server.peak_rss_mib() - before
-    assert lines == ROWS
+    assert lines == ROWS + SECRET_ROWS
     exported_mib = size / 2**20
     # Holding the result would cost several times its size in Python objects; a page of 1,000
     # records costs a few MiB. The bound leaves room for allocator noise, not for the result.
@@ -116,19 +146,73 @@ def test_a_large_export_streams_in_bounded_memory(server):
     print(f"exported {exported_mib:.0f} MiB; server peak RSS grew {growth:.1f} MiB")
 
 
-def test_schemathesis_finds_no_server_error(server, tmp_path):
-    """Requests generated from the OpenAPI document (valid and invalid ones) never get a 5xx."""
-    report = tmp_path / "schemathesis.txt"
+def _key_id(key: str) -> str:
+    return key.split("_")[1]
+
+
+def schemathesis(
+    server: Server, key: str, scope: dict, examples: int, phases: str, report: Path
+) -> str:
+    """One Schemathesis run with ``key``: no server error, nothing outside ``scope``."""
     command = [
-        str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/openapi.json",
-        "--checks", "not_a_server_error", "--header", f"X-API-Key: {server.key}",
-        "--max-examples", "25", "--seed", "20261126", "--request-timeout", "30",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"{server.url}/openapi.json",
+        "--checks",
+        "not_a_server_error,within_the_keys_scope",
+        "--header",
+        f"X-API-Key: {server.keys[key]}",
+        "--max-examples",
+        str(examples),
+        "--phases",
+        phases,
+        "--seed",
+        "20261126",
+        "--request-timeout",
+        "30",
+    ]
+    hooks = Path(__file__).with_name("schemathesis_scope.py")
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(hooks), "AUDIT_TEST_SCOPE": json.dumps(scope)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     report.write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, key + result.stdout[-6000:] + result.stderr[-2000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
-    assert generated and generated[1] == generated[2] and int(generated[1]) > 500, result.stdout
+    assert generated and generated[1] == generated[2], result.stdout
+    return generated[1]
+
+
+#: Examples per operation and phases, per key. The admin key (every operation answers) and the
+#: narrow one (whose answers the scope check can catch) get every phase; the reader and the
+#: auditor differ from the admin only in which operations refuse them, so a quick pass each.
+RUNS = {
+    "admin": (10, "examples,coverage,fuzzing,stateful"),
+    "narrow": (20, "examples,coverage,fuzzing,stateful"),
+    "auditor": (5, "examples,fuzzing"),
+    "reader": (5, "examples,fuzzing"),
+}
+
+
+def test_schemathesis_finds_no_server_error_nor_an_answer_outside_the_keys_scope(server, tmp_path):
+    """Requests generated from the OpenAPI document (valid and invalid ones), with a key of
+    each role and a narrow one, never get a 5xx, and the narrow key never gets a record, name,
+    count or read from outside its one source and table."""
+    whole = {"env": server.env, "sources": None, "tables": None, "readers": None, "hidden": []}
+    narrow = {
+        "env": server.env,
+        "sources": ["shop"],
+        "tables": ["public.orders"],
+        "readers": [_key_id(server.keys["narrow"])],
+        "hidden": [
+            "payroll_secret",
+            "hr_secret",
+            *(_key_id(k) for name, k in server.keys.items() if name != "narrow"),
+        ],
+    }
+    for key, (examples, phases) in RUNS.items():
+        scope = narrow if key == "narrow" else whole
+        report = tmp_path / f"{key}.txt"
+        generated = schemathesis(server, key, scope, examples, phases, report)
+        assert int(generated) > 10 * examples, (key, generated)
     # A failure after the status line (a streamed export) reaches no client as a 5xx: the
     # server's own log must not have one either.
     log = server.log.read_text().splitlines()

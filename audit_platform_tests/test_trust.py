@@ -340,6 +340,49 @@ def test_a_reader_cannot_read_the_read_log_or_proofs_and_every_read_is_logged(tr
     assert any(r["params"] == {"q": "a\ufffdb"} for r in rows)
 
 
+def test_checkpoints_proofs_and_the_read_log_stay_within_an_auditors_scope(trail, api):
+    """A source's evidence goes to keys that may read all of it; the read log shows a scoped
+    auditor the reads of keys that could see nothing it cannot."""
+    client, keys = api
+    limits = {"shop": {"sources": ["shop"]}, "billing": {"sources": ["billing"]},
+              "orders": {"tables": ["public.orders"]},
+              "shop_orders": {"sources": ["shop"], "tables": ["public.orders"]}}  # fmt: skip
+    made = {name: create_key(trail.state, trail.env, name, role="auditor", **limit)
+            for name, limit in limits.items()}  # fmt: skip
+    names = {new.key.key_id: name for name, new in made.items()}
+    names[keys["reader"].split("_")[1]] = "reader"
+
+    def ask(name: str, path: str, **params):
+        key = keys[name] if name in keys else made[name].secret
+        return client.get(path, params=params, headers={"X-API-Key": key})
+
+    assert ask("shop", "/v1/checkpoints", source="shop").status_code == 200
+    for name, source, status in [("billing", "shop", 404), ("orders", "shop", 403),
+                                 ("shop", "_reads", 403), ("orders", "_reads", 403)]:  # fmt: skip
+        refused = ask(name, "/v1/checkpoints", source=source)
+        assert refused.status_code == status, (name, source, refused.text)
+        assert "billing" not in refused.text and "orders" not in refused.text
+    assert ask("auditor", "/v1/checkpoints", source="_reads").status_code == 200
+    event_id = trail.hits()[0]["_id"]
+    assert ask("shop", f"/v1/events/{event_id}/proof").status_code == 200
+    refused = ask("orders", f"/v1/events/{event_id}/proof")
+    assert refused.status_code == 403 and "not limited to tables" in refused.json()["detail"]
+
+    for name in ("reader", "shop_orders", "shop", "orders", "billing"):
+        assert ask(name, "/v1/events").status_code == 200
+
+    def readers(name: str) -> set[str]:
+        rows = ask(name, "/v1/reads", limit=1000)
+        assert rows.status_code == 200, rows.text
+        return {names.get(r["key_id"], r["key_id"]) for r in rows.json()}
+
+    assert readers("auditor") >= {"reader", "shop_orders", "shop", "orders", "billing"}
+    assert readers("shop") == {"shop", "shop_orders"}
+    assert readers("orders") == {"orders", "shop_orders"}
+    assert readers("shop_orders") == {"shop_orders"}
+    assert readers("billing") == {"billing"}
+
+
 def test_the_read_log_is_a_verifiable_trail(trail, api):
     client, keys = api
     for _ in range(3):

@@ -1,7 +1,9 @@
 """What every request needs: the servers, and the caller's key and scope.
 
 Every endpoint except health depends on :func:`scope`, which turns the request's API key into the
-:class:`~audit_platform.api_keys.Scope` that the query layer applies; no key, no answer.
+:class:`~audit_platform.api_keys.Scope` that the query layer applies; no key, no answer. Only a
+key that authenticated names the request in the read log; a failed authentication goes to
+:mod:`audit_platform.api.refusals` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool
 
+from audit_platform.api.refusals import FailedAuthentications
 from audit_platform.api_keys import ApiKey, Scope, key_id_of, verify_key
 from audit_platform.environment import load_environment
 from audit_platform.policy import SourcePolicy, load_policy, policy_path
@@ -33,6 +36,7 @@ class Services:
     pool: ConnectionPool
     keys: TTLCache | None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    failed: FailedAuthentications = field(default_factory=FailedAuthentications)
 
     @property
     def limits(self) -> Limits:
@@ -88,13 +92,24 @@ def scope(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
 ) -> Scope:
     text = header or (bearer.credentials if bearer else None)
-    if not text:
-        raise UNAUTHORIZED
-    request.state.key_id = key_id_of(text) or "malformed"
-    key = svc.verify(text)
+    claimed = key_id_of(text) if text else None
+    key = svc.verify(text) if claimed else None
     if key is None:
+        reason = "missing" if not text else "malformed" if claimed is None else "unknown"
+        _refused(request, svc, reason, claimed)
         raise UNAUTHORIZED
+    # Set only now: what names a request in the read log is a key that proved itself.
+    request.state.key_id = key.key_id
     return key.scope
+
+
+def _refused(request: Request, svc: Services, reason: str, claimed: str | None) -> None:
+    route = getattr(request.scope.get("route"), "path", "(no route)")
+    client = request.client.host if request.client else "-"
+    svc.failed.record(reason, claimed, client, route)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.failed_authentications.labels(reason).inc()
 
 
 ScopeDep = Annotated[Scope, Depends(scope)]

@@ -42,6 +42,12 @@ class ApiMetrics:
                                        buckets=BUCKETS, registry=self.registry)  # fmt: skip
         self.records = Counter("audit_api_records_returned", "Audit records returned.",
                                ["route"], registry=self.registry)  # fmt: skip
+        self.failed_authentications = Counter(
+            "audit_api_failed_authentications",
+            "Requests refused for a missing, malformed or unknown key (api/refusals.py).",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def observe(self, route: str, method: str, status: int, seconds: float,
                 elasticsearch_seconds: float, records: int) -> None:  # fmt: skip
@@ -55,6 +61,7 @@ class ApiMetrics:
 def install(app: FastAPI, exposure: Exposure) -> ApiMetrics:
     """Count every request; serve ``/metrics`` as ``exposure`` says (AUDIT_API_METRICS)."""
     metrics = ApiMetrics()
+    app.state.metrics = metrics  # the key check counts failed authentications here
     if exposure == "off":
         return metrics
     keyed = [Depends(scope)] if exposure == "keyed" else []

@@ -1,8 +1,10 @@
 """The read log's side in the API process: which requests are reads, and writing their row.
 
-Every request made with a key (API) or a session (Explorer) to a route that answers with audit
-data is a read, refused or not: an auditor wants the attempts too. Health, documentation,
-static files and signing in are not. An export is logged when its last line is sent, with the
+Every request made with a key that authenticated (API) or a session (Explorer) to a route that
+answers with audit data is a read, refused or not: an auditor wants the attempts too. A request
+whose key fails to authenticate is not: nobody is proven to have made it, and anyone could send
+it (:mod:`audit_platform.api.refusals` counts and logs those). Health, documentation, static
+files and signing in are not reads either. An export is logged when its last line is sent, with the
 number of records it held (``audit_platform.api.routers.export``).
 """
 

@@ -215,7 +215,8 @@ def check_value_filters(f: EventFilter, policies: Mapping[str, SourcePolicy], sc
     """Refuse a value filter on a column a policy keeps out of every record (``exclude``, or
     not in ``include``) in a table this search covers: it could only ever match nothing, and an
     empty answer would look like "no such change". Name the table to filter a column of the
-    same name that another table does capture."""
+    same name that another table does capture. Only tables the key may read are checked, so
+    the refusal never names, nor betrays, a table outside its scope."""
     columns = f.image_columns()
     if not columns:
         return
@@ -226,6 +227,8 @@ def check_value_filters(f: EventFilter, policies: Mapping[str, SourcePolicy], sc
             continue
         for name, table in sorted(policy.tables.items()):
             if f.table and name not in f.table and name.split(".", 1)[1] not in f.table:
+                continue
+            if not scope.allows(source, *name.split(".", 1)):
                 continue
             for image, column in columns:
                 if column in table.exclude or (

@@ -39,13 +39,17 @@ class TransactionGroup(BaseModel):
 
 class Completeness(BaseModel):
     """Whether every change capture staged for a transaction is searchable, as Debezium's
-    transaction metadata lets a consumer check its event count."""
+    transaction metadata lets a consumer check its event count.
+
+    For a key limited to tables, only ``indexed`` is given (counted within its tables); the
+    others are null: they are figures of the whole transaction, which may hold changes of
+    tables the key may not read."""
 
     captured: int | None = Field(description="Changes capture staged for the transaction.")
     ignored: int | None = Field(description="Of those, dropped by the policy's "
                                 "ignore_changes_to: no record is expected.")  # fmt: skip
     indexed: int = Field(description="Records of the transaction in the index.")
-    waiting: int = Field(description="Changes in the quarantine, waiting for a context.")
+    waiting: int | None = Field(description="Changes in the quarantine, waiting for a context.")
     missing: int | None = Field(description="Expected but neither indexed nor waiting: "
                                 "dead-lettered, rejected, or not indexed yet.")  # fmt: skip
     complete: bool | None

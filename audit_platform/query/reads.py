@@ -71,7 +71,14 @@ def record(hit: dict[str, Any]) -> AuditRecord:
     return AuditRecord.model_validate({"id": hit["_id"], **hit["_source"]})
 
 
+#: Figures of a record about its whole transaction, which may span tables a key limited to
+#: tables may not read: left out of every record such a key gets (API, Explorer, exports).
+WHOLE_TRANSACTION_FIELDS = ["transaction.changes", "transaction.ignored"]
+
+
 def _search(es: Elasticsearch, scope: Scope, **body: Any) -> dict[str, Any]:
+    if not scope.whole_sources:
+        body["source_excludes"] = WHOLE_TRANSACTION_FIELDS
     # A new environment has no index yet: that is an empty answer, not an error.
     response = es.search(
         index=read_alias(scope.env), ignore_unavailable=True, allow_no_indices=True, **body
@@ -139,7 +146,7 @@ def get_event(es: Elasticsearch, scope: Scope, event_id: str) -> AuditRecord | N
 
 def get_transaction(
     es: Elasticsearch, scope: Scope, source: str, xid: int, *, limit: int,
-    cursor: str | None = None, waiting: Callable[[int], int] = lambda lsn: 0,
+    cursor: str | None = None, waiting: Callable[[int], int | None] = lambda lsn: 0,
 ) -> TransactionView | None:  # fmt: skip
     """``waiting(commit LSN)`` counts the transaction's changes still in the quarantine."""
     clauses = [{"term": {"source.service": source}}, {"term": {"transaction.xid": xid}}]
@@ -158,18 +165,38 @@ def get_transaction(
     )  # fmt: skip
 
 
-def completeness(first: AuditRecord, indexed: int, waiting: int, scope: Scope) -> Completeness:
-    """How complete a transaction is, from its records' counts (see :class:`Completeness`)."""
+def completeness(
+    first: AuditRecord, indexed: int, waiting: int | None, scope: Scope
+) -> Completeness:
+    """How complete a transaction is, from its records' counts (see :class:`Completeness`).
+    For a key limited to tables only ``indexed`` is given, counted within them: the other
+    figures are of the whole transaction, which may hold changes of tables it may not read
+    (the quarantine does not record tables, so ``waiting`` cannot be narrowed either)."""
     captured, ignored = first.transaction.changes, first.transaction.ignored
-    unknown = (
-        "counted only for keys that may read every table of the source: the transaction may "
-        "hold changes outside this key's tables" if scope.tables is not None else
-        "indexed before capture counted transactions: rebuild its hour (a backfill) to count it"
-        if captured is None else None
-    )  # fmt: skip
-    if unknown is not None:
-        return Completeness(captured=None, ignored=None, indexed=indexed, waiting=waiting,
-                            missing=None, complete=None, explanation=unknown)  # fmt: skip
+    if not scope.whole_sources or waiting is None:
+        why = "counted only for keys that may read every table of the source: the transaction "
+        why += "may hold changes outside this key's tables"
+        return Completeness(
+            captured=None,
+            ignored=None,
+            indexed=indexed,
+            waiting=None,
+            missing=None,
+            complete=None,
+            explanation=why,
+        )
+    if captured is None:
+        why = "indexed before capture counted transactions: rebuild its hour (a backfill) to "
+        why += "count it"
+        return Completeness(
+            captured=None,
+            ignored=None,
+            indexed=indexed,
+            waiting=waiting,
+            missing=None,
+            complete=None,
+            explanation=why,
+        )
     missing = max(0, captured - (ignored or 0) - indexed - waiting)
     if missing:
         explanation = (f"{missing} of {captured} neither indexed nor waiting: see the source's "

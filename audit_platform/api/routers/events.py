@@ -65,7 +65,11 @@ def get_transaction(
     return found
 
 
-def waiting(svc: Services, scope: Scope, source: str, lsn: int) -> int:
-    """Changes of the transaction at commit ``lsn`` still in the quarantine."""
+def waiting(svc: Services, scope: Scope, source: str, lsn: int) -> int | None:
+    """Changes of the transaction at commit ``lsn`` still in the quarantine; None for a key
+    limited to tables (the quarantine does not know a change's table, so the count would
+    include tables the key may not read)."""
+    if not scope.whole_sources:
+        return None
     with svc.pool.connection() as conn:
         return quarantine.waiting_in_transaction(conn, scope.env, source, lsn)

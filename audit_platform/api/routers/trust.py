@@ -1,5 +1,13 @@
 """The trail's evidence for auditors: a record's inclusion proof, the signed checkpoints with
-consistency proofs between them, and the read log. Keys with role auditor or admin only."""
+consistency proofs between them, and the read log. Keys with role auditor or admin only.
+
+Within a key's scope, like every answer: a source's checkpoints and proofs go to keys that may
+read every table of that source (a leaf carries its transaction's change count and a checkpoint
+the size of the source's log, figures about the tables a table-limited key may not read); the
+read trail's checkpoints, which count every key's reads, to keys of the whole environment; and
+the read log shows the rows of keys that could read nothing the asking key cannot
+(:func:`audit_platform.read_log.read_rows`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
 from audit_platform.api.deps import AuditorDep, Services, ServicesDep
+from audit_platform.api_keys import Scope
 from audit_platform.query import reads
 from audit_platform.read_log import read_rows, read_trail
 from audit_platform.record import AuditRecord
@@ -56,6 +65,22 @@ def _public(svc: Services) -> tuple[str | None, str | None]:
     return (signing.public_text(key), signing.key_id(key)) if key else (None, None)
 
 
+WHOLE_SOURCES = (
+    "proofs and checkpoints cover every table of a source (a leaf holds its transaction's change "
+    "count, a checkpoint the size of the source's log): they need a key not limited to tables "
+    "(`audit-platform keys create --role auditor` without --table)"
+)
+WHOLE_ENVIRONMENT = (
+    "the read trail's checkpoints count every key's reads: they need a key of the whole "
+    "environment (`audit-platform keys create --role auditor` without --source or --table)"
+)
+
+
+def _whole_tables(scope: Scope) -> None:
+    if not scope.whole_sources:
+        raise HTTPException(403, WHOLE_SOURCES)
+
+
 def _log(svc: Services, source: str) -> TrustLog:
     try:
         return TrustLog(StagingStore(svc.settings.staging_root, svc.settings.env, source))
@@ -70,6 +95,7 @@ def event_proof(
     """The proof that this record, as stored, is in its source's signed log: one leaf for the
     change and, when attributed or late, one for its context, each with its audit path to the
     root of the latest checkpoint."""
+    _whole_tables(scope)
     found = reads.get_event(svc.es, scope, event_id)
     if found is None:
         raise HTTPException(404, f"no event {event_id!r} in this environment and key's scope")
@@ -93,9 +119,17 @@ def checkpoints(
     second: Annotated[int | None, Query(ge=1, description="Tree size of a newer one.")] = None,
 ) -> Checkpoints:
     """The source's signed checkpoints, newest first, and the public key; with ``first`` and
-    ``second`` (two checkpoints' tree sizes), the proof that the second extends the first."""
-    log = read_trail(svc.settings.staging_root, svc.settings.env) if source == "_reads" else (
-        _log(svc, source))  # fmt: skip
+    ``second`` (two checkpoints' tree sizes), the proof that the second extends the first.
+    A source needs a key that may read all of it; `_reads`, a key of the whole environment."""
+    if source == "_reads":
+        if not scope.whole_environment:
+            raise HTTPException(403, WHOLE_ENVIRONMENT)
+        log = read_trail(svc.settings.staging_root, svc.settings.env)
+    else:
+        if not scope.allows_source(source):
+            raise HTTPException(404, f"no source {source!r} among those this key may read")
+        _whole_tables(scope)
+        log = _log(svc, source)
     signed = [c for _, c in log.checkpoints()]
     proof = None
     if (first is None) != (second is None):
@@ -135,9 +169,13 @@ def read_log(
     after: Annotated[int, Query(ge=0, description="Rows after this id (paging).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1_000)] = 100,
 ) -> list[ReadRow]:
-    """Who read what: every request for audit data, by key, route and filters, with how many
-    records it returned; in id order (page with ``after``)."""
+    """Who read what: every request for audit data made with a key, by key, route and
+    filters, with how many records it returned; in id order (page with ``after``).
+
+    A key limited to sources or tables sees the reads of keys limited to the same or fewer:
+    only those keys' filters and counts are sure to be about what it may read itself. Failed
+    authentications are not reads (they are counted at /metrics)."""
     with svc.pool.connection() as conn:
         rows = read_rows(conn, scope.env, after_id=after, since=since, until=until,
-                         key_id=key_id, limit=limit)  # fmt: skip
+                         key_id=key_id, limit=limit, within=scope)  # fmt: skip
     return [ReadRow(**{k: v for k, v in row.items() if k != "env"}) for row in rows]
