@@ -178,6 +178,7 @@ def source_setup(
     typer.echo(f"publication {report.publication}: {', '.join(report.publication_tables)}")
     state = "replaced" if report.slot_replaced_from is not None else "created"
     typer.echo(f"slot {report.slot}: {state if report.slot_created else 'exists'}")
+    typer.echo(f"late attribution: GRANT {report.attributor_role} TO <the service's role>")
     if not report.messages_restricted:
         typer.echo(f"warning: {MESSAGES_OPEN}; {MESSAGES_FIX}", err=True)
     if gap is not None:

@@ -123,6 +123,12 @@ def messages(rows: list[DecodedRow], prefix: str = CONTEXT_PREFIX) -> list[tuple
     return found
 
 
+def raw_messages(rows: list[DecodedRow], prefix: str = CONTEXT_PREFIX) -> list[tuple[int, str]]:
+    """(xid, content as sent) of each transactional message with ``prefix``."""
+    marker = f"message: transactional: 1 prefix: {prefix}, sz: "
+    return [(r.xid, r.data.split(" content:", 1)[1]) for r in rows if r.data.startswith(marker)]
+
+
 def changes(rows: list[DecodedRow], table: str) -> list[tuple[int, str]]:
     return [(r.xid, r.data) for r in rows if r.data.startswith(f"table {table}: ")]
 

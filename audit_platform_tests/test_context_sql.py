@@ -6,13 +6,17 @@ import json
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
+from audit_platform.capture.messages import parse_context
 from audit_platform.settings import Settings
 from audit_platform_tests.helpers import (
     ATTACH_PREFIX,
     changes,
     context_source,
     messages,
+    raw_messages,
     read_test_decoding,
 )
 
@@ -102,7 +106,8 @@ def roles(source_db):
         for role in (intruder, service):
             conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
             conn.execute(f"GRANT CONNECT ON DATABASE {suffix} TO {role}")
-        conn.execute(f"GRANT audit_attributor TO {service}")
+        attributor = conn.execute("SELECT audit.attributor_role()").fetchone()[0]
+        conn.execute(f'GRANT "{attributor}" TO {service}')
         conn.execute(f"GRANT INSERT ON orders TO {intruder}")
     yield {"intruder": _as(source_db, intruder), "service": _as(source_db, service)}
     with psycopg.connect(source_db, autocommit=True) as conn:
@@ -118,7 +123,7 @@ def _as(url: str, role: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{role}:pw@{parts.hostname}:{parts.port}"))
 
 
-def test_a_role_without_audit_attributor_cannot_attach_context(source_db, roles):
+def test_only_the_databases_attributor_role_may_attach_context(source_db, roles):
     with psycopg.connect(roles["intruder"]) as conn:
         conn.execute("INSERT INTO orders VALUES (6, 'paid')")
         xid = conn.execute("SELECT pg_current_xact_id()").fetchone()[0]
@@ -258,3 +263,55 @@ def test_python_model_and_database_agree_on_what_is_valid(source_db, context):
         except psycopg.errors.InvalidParameterValue:
             database_ok = False
     assert python_ok == database_ok
+
+
+_texts = st.text(max_size=40)
+_numbers = st.one_of(
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["1e300", "1e-300", "0.10000000000000001", "-0", "12345678901234567890123"]),
+)
+_contexts = st.fixed_dictionaries(
+    {"actor": st.fixed_dictionaries(
+        {"type": st.sampled_from(["user", "service", "job", "system"]),
+         "id": st.text(min_size=1, max_size=30)},
+        optional={"name": st.one_of(st.none(), st.text(max_size=300))})},
+    optional={
+        "request_id": st.one_of(st.none(), _texts),
+        "reason": _texts,
+        "client_addr": st.sampled_from(["01.02.03.04", "10.1.2.3/24", "::1", "fe80::1%eth0",
+                                        "192.168.0.1", "1.2.3", "::ffff:1.2.3.4", "not an ip"]),
+        "attributes": st.dictionaries(_texts, st.one_of(st.none(), _texts, _numbers,
+                                                        st.lists(_numbers, max_size=3))),
+    },
+)  # fmt: skip
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(context=_contexts)
+@example(context={"actor": {"type": "user", "id": "u", "name": "€" * 2000}})
+@example(context={"actor": {"type": "user", "id": "u"}, "client_addr": "01.02.03.04"})
+@example(context={"actor": {"type": "user", "id": "u"}, "client_addr": "10.1.2.3/24"})
+@example(context={"actor": {"type": "user", "id": "u"}, "attributes": {"n": 10**29}})
+@example(
+    context={"actor": {"type": "user", "id": "u"}, "attributes": {str(i): None for i in range(900)}}
+)
+def test_whatever_set_context_accepts_capture_accepts_as_the_database_sent_it(source_db, context):
+    """The contract is enforced twice (the database, then capture): a context the database
+    took must never become a rejection, or whoever fills a field could unattribute writes."""
+    text = json.dumps(context)
+    for number in ("1e300", "1e-300", "0.10000000000000001", "-0", "12345678901234567890123"):
+        text = text.replace(json.dumps(number), number)  # as numbers, not strings
+    try:
+        with psycopg.connect(source_db) as conn:
+            conn.execute("SELECT audit.set_context(%s::jsonb)", (text,))
+            conn.execute("SELECT pg_current_xact_id()")
+    except psycopg.errors.DataError:
+        return  # refused by the database: nothing reaches capture
+    [(_, emitted)] = raw_messages(read_test_decoding(source_db, "t_ctx"))
+    staged = json.loads(parse_context(emitted.encode()))
+    assert staged["actor"]["id"] == context["actor"]["id"]

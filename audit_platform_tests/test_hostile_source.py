@@ -67,12 +67,20 @@ MESSAGES: list[tuple[bool, str, bytes, str | None]] = [
     (False, CONTEXT_PREFIX, VALID.encode(), None),
     (True, ATTACH_PREFIX, b"x", "attach messages are not accepted"),
     (True, CONTEXT_PREFIX, b"not json", "not JSON"),
-    (True, CONTEXT_PREFIX, b"\xff\xfe", "not JSON"),
+    (True, CONTEXT_PREFIX, b"\xff\xfe", "not UTF-8"),
     (True, CONTEXT_PREFIX, b"[]", "must be a JSON object"),
-    (True, CONTEXT_PREFIX, b'{"actor": {"type": "god", "id": "x"}}', "actor.type"),
-    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": ""}}', "actor.id"),
-    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": "x"}, "x": 1}', "x: Extra"),
-    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": "\\ud800"}}', "not JSON"),
+    (True, CONTEXT_PREFIX, b'{"actor": {"type": "god", "id": "x"}}', "actor.type: enum"),
+    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": ""}}', "actor.id: string_too"),
+    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": "x"}, "x": 1}', "<unknown field>"),
+    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": "\\ud800"}}', "lone surrogate"),
+    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": "a\\u0000b"}}', "NUL"),
+    (True, CONTEXT_PREFIX, b'{"actor": {"type": "user", "id": "x", "\\u0000": 1}}', "NUL"),
+    (
+        True,
+        CONTEXT_PREFIX,
+        b'{"actor": {"type": "user", "id": "x", "<img src=x>\\nINFO forged": 1}}',
+        "actor.<unknown field>: extra_forbidden",
+    ),
     (
         True,
         CONTEXT_PREFIX,
@@ -83,11 +91,28 @@ MESSAGES: list[tuple[bool, str, bytes, str | None]] = [
         True,
         CONTEXT_PREFIX,
         b'{"actor": {"type": "user", "id": "x"}, "attributes": {"n": 1e999}}',
-        "not JSON",
+        "beyond a double",
     ),
     (True, CONTEXT_PREFIX, b"{" * 100_000, "limit"),
     (True, CONTEXT_PREFIX, b" " * (64 * 1024 * 1024), "limit"),
 ]
+#: Contexts audit.set_context accepts that a stricter reading would refuse: whoever fills such a
+#: field (an end user's display name, a forwarded address) must not be able to make their own
+#: writes unattributed.
+ODD_BUT_VALID = [
+    {"actor": {"type": "user", "id": "u", "name": "€" * 2000}},
+    {"actor": {"type": "user", "id": "u"}, "client_addr": "01.02.03.04"},
+    {"actor": {"type": "user", "id": "u"}, "client_addr": "10.1.2.3/24"},
+    {"actor": {"type": "user", "id": "u"}, "attributes": {"n": 123456789012345678901234567890}},
+    {"actor": {"type": "user", "id": "u"}, "attributes": {f"k{i}": None for i in range(2000)}},
+]
+#: How the record shows each of them where it differs: past 64 bits an integer's digits as a
+#: string; fields set to null stripped, as set_context strips them when it had to explain.
+EXPECTED_CONTEXT = {
+    13: {"attributes": {"n": "123456789012345678901234567890"}},
+    14: {"attributes": {}},
+}
+FLOOD = 300  # messages of ours in one transaction
 
 
 def _as(url: str, role: str) -> str:
@@ -119,7 +144,8 @@ def attacked(pg_database, es, tmp_path):
             f"GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text),"
             f" pg_logical_emit_message(boolean, text, bytea) TO {intruder}"
         )
-        admin.execute(f"GRANT audit_attributor TO {attributor}")
+        role = admin.execute("SELECT audit.attributor_role()").fetchone()[0]
+        admin.execute(f'GRANT "{role}" TO {attributor}')
         platform_db.install(admin, Settings().resources_dir / "sql")
     install_template(es, Settings().resources_dir, env, replicas=0)
     yield source, _as(pg_database, intruder), _as(pg_database, attributor)
@@ -158,6 +184,10 @@ def test_a_connect_only_role_cannot_stop_capture_misattribute_or_hide(attacked, 
     with psycopg.connect(source.url) as service:  # attributed work before and after
         service.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(SERVICE),))
         service.execute("INSERT INTO zoo (id, txt) VALUES (1, 'before the attack')")
+    for n, context in enumerate(ODD_BUT_VALID, start=10):
+        with psycopg.connect(source.url) as service:
+            service.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(context),))
+            service.execute("INSERT INTO zoo (id) VALUES (%s)", (n,))
     with psycopg.connect(source.url) as victim:  # a transaction that recorded no context
         victim.execute("INSERT INTO zoo (id, txt) VALUES (2, 'victim')")
         victim_xid = victim.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
@@ -175,6 +205,14 @@ def test_a_connect_only_role_cannot_stop_capture_misattribute_or_hide(attacked, 
                 )
             if reason:
                 expected_reasons.append(reason)
+        # A flood of messages in one transaction: a hundred are read, the rest counted once.
+        with conn.transaction():
+            conn.execute("INSERT INTO zoo (id) VALUES (201)")
+            conn.execute(
+                "SELECT count(pg_logical_emit_message(true, %s, 'x')) FROM generate_series(1, %s)",
+                (CONTEXT_PREFIX, FLOOD),
+            )
+        expected_reasons += ["not JSON"] * 100 + [f"{FLOOD - 100} more messages"]
         # A whitespace-laden but valid context: accepted, and re-serialised on one line.
         with conn.transaction():
             conn.execute("INSERT INTO zoo (id, txt) VALUES (200, 'own context')")
@@ -214,11 +252,17 @@ def test_a_connect_only_role_cannot_stop_capture_misattribute_or_hide(attacked, 
         assert records[1][0]["context"] == SERVICE
         assert records[2][0]["attribution"]["status"] == "unattributed"  # the forgery failed
         assert records[200][0]["context"] == json.loads(VALID)
+        assert records[201][0]["attribution"]["status"] == "unattributed"
+        for n, context in enumerate(ODD_BUT_VALID, start=10):
+            [record] = records[n]
+            assert record["attribution"]["status"] == "attributed", (n, record)
+            expected = {**context, **EXPECTED_CONTEXT.get(n, {})}
+            assert record["context"] == expected, n
         for n in range(100, 100 + len(MESSAGES)):
             assert records[n][0]["attribution"]["status"] == "unattributed", n
         rejected = list_rejections(state, source.env, None, limit=1000)
         unmatched = [r.reason for r in rejected]
-        for reason in expected_reasons:
+        for reason in sorted(expected_reasons, key=len, reverse=True):  # specific first
             found = next((text for text in unmatched if reason in text), None)
             assert found is not None, (reason, unmatched)
             unmatched.remove(found)
@@ -226,7 +270,8 @@ def test_a_connect_only_role_cannot_stop_capture_misattribute_or_hide(attacked, 
         assert all(r.source == "zoo" for r in rejected)
         assert any(r.bytes == 64 * 1024 * 1024 for r in rejected)  # sized, never read
         assert max(len(r.reason) for r in rejected) <= 600
-        assert not any("mallory" in r.reason or "\\ud800" in r.reason for r in rejected)
+        for text in ("mallory", "\\ud800", "<img", "forged", "\x00"):
+            assert not any(text in r.reason for r in rejected), text
         leaves = TrustLog(source.store).leaves()
         assert leaves.filter(leaves["kind"] == "rejected").height == len(expected_reasons)
 
@@ -257,6 +302,9 @@ def test_a_connect_only_role_cannot_stop_capture_misattribute_or_hide(attacked, 
             listed = client.get("/v1/rejections?limit=1000", headers={"X-API-Key": auditor})
             assert listed.status_code == 200, listed.text
             assert len(listed.json()["rejections"]) == len(expected_reasons)
+            for path in ("/v1/rejections?source=%00", "/v1/reads?key_id=%00"):
+                nul = client.get(path, headers={"X-API-Key": auditor})
+                assert nul.status_code == 422 and "NUL" in nul.text, (path, nul.text)
             refused = client.get("/v1/rejections", headers={"X-API-Key": narrow})
             assert refused.status_code == 403 and "limited to some tables" in refused.text
 

@@ -12,6 +12,7 @@ import pytest
 
 from audit_platform import platform_db
 from audit_platform.enrich.batch import enrich_hour
+from audit_platform.index import bulk
 from audit_platform.index.bulk import index_records
 from audit_platform.index.documents import documents, validate_document
 from audit_platform.index.template import install_template
@@ -132,12 +133,11 @@ def test_indexing_the_same_hour_twice_leaves_one_copy(es, env, captured):
 
 def test_a_document_elasticsearch_refuses_is_set_aside_and_the_rest_indexed(es, env, captured):
     install_template(es, RESOURCES, env, replicas=0)
-    bad_context = json.dumps({"actor": {"type": "user", "id": "x"}, "client_addr": "not-an-ip"})
     broken = captured.with_columns(
         pl.when(pl.col("change_index") == 1)
-        .then(pl.lit(bad_context))
-        .otherwise(pl.col("context"))
-        .alias("context")
+        .then(pl.lit('{"not": "a list of columns"}'))
+        .otherwise(pl.col("changed_columns"))
+        .alias("changed_columns")
     )
     result = index_records(es, broken, database="shopdb", ingested_at=datetime.now(UTC))
     assert result.indexed == 1
@@ -145,3 +145,48 @@ def test_a_document_elasticsearch_refuses_is_set_aside_and_the_rest_indexed(es, 
     assert failure["id"] == captured["id"][1]
     assert failure["status"] == 400
     assert failure["reason"].startswith("document_parsing_exception")
+
+
+def test_a_client_address_elasticsearch_cannot_read_still_indexes_its_record(es, env, captured):
+    # What audit.set_context accepts as a client address (anything inet reads, CIDR included)
+    # is more than an ip field takes; the record must not be refused for it.
+    install_template(es, RESOURCES, env, replicas=0)
+    odd = json.dumps({"actor": {"type": "user", "id": "x"}, "client_addr": "10.1.2.3/24"})
+    records = captured.with_columns(pl.lit(odd).alias("context"))
+    result = index_records(es, records, database="shopdb", ingested_at=datetime.now(UTC))
+    assert (result.indexed, result.failed.height) == (2, 0)
+    es.indices.refresh(index=read_alias(env))
+    hit = es.search(index=read_alias(env), query={"term": {"user.id": "x"}})["hits"]["hits"][0]
+    assert hit["_source"]["context"]["client_addr"] == "10.1.2.3/24"
+
+
+def test_requests_close_by_bytes_and_a_document_too_large_is_set_aside(
+    es, env, captured, monkeypatch
+):
+    # Rows are as large as a source makes them: a request of many large documents, or one
+    # document past http.max_content_length, would be refused whole (413), run after run.
+    install_template(es, RESOURCES, env, replicas=0)
+    big = captured.with_columns(
+        pl.when(pl.col("change_index") == 0)
+        .then(pl.lit(json.dumps({"id": "1", "note": "x" * 300_000})))
+        .otherwise(pl.col("after"))
+        .alias("after")
+    )
+    monkeypatch.setattr(bulk, "MAX_DOCUMENT_BYTES", 200_000)
+    sent: list[int] = []
+    real = es.bulk
+    monkeypatch.setattr(
+        es, "bulk", lambda operations: sent.append(len(operations)) or real(operations=operations)
+    )
+    result = index_records(
+        es, big, database="shopdb", ingested_at=datetime.now(UTC), chunk_bytes=1_000
+    )
+    assert result.indexed == 1
+    [failure] = result.failed.to_dicts()
+    assert failure["id"] == captured["id"][0] and failure["status"] == 413
+    assert failure["reason"].startswith("document_too_large")
+    assert len(sent) == 1  # the one document left, in a request of its own
+
+    lines = pl.DataFrame({"line": ["a" * 10] * 5, "bytes": [10] * 5})
+    assert [len(c) for c in bulk._chunks(lines, 1000, 25)] == [2, 2, 1]
+    assert [len(c) for c in bulk._chunks(lines, 3, 10**6)] == [3, 2]

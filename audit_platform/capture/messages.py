@@ -16,10 +16,13 @@ role that may not attribute cannot forge an attachment by emitting our prefix it
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+
 import orjson
 from pydantic import ValidationError
 
-from audit_platform.context.model import MAX_CONTEXT_BYTES, TransactionContext
+from audit_platform.context.model import MAX_CONTEXT_BYTES, Actor, Job, TransactionContext
 
 CONTEXT_PREFIX = "audit_platform.context.v1"
 ATTACH_PREFIX = "audit_platform.attach.v1"
@@ -35,42 +38,103 @@ ATTACHMENTS_TABLE = ("audit", "attached_contexts")
 MAX_MESSAGE_BYTES = 2 * MAX_CONTEXT_BYTES
 
 
+#: At most this many of our messages are read per transaction (``set_context`` is called once or
+#: a few times); the rest are counted in one rejection, so a transaction of a million messages
+#: costs one row and one leaf, not a million.
+MAX_MESSAGES_PER_TRANSACTION = 100
+
+
 class Rejection(ValueError):
-    """Why a message with our prefix is not a context (its text says so, never its content)."""
+    """Why a message with our prefix is not a context. Its text is built from the contract's
+    own field names and fixed words, never from the message (that is the untrusted part: it
+    would otherwise reach the trail, which can never forget it, and the API)."""
 
 
 def parse_context(content: bytes | memoryview) -> str:
     """The context a message carries as compact, key-sorted JSON, or :class:`Rejection`.
 
-    orjson is strict where the standard library is lenient in ways that matter here: it
-    refuses invalid UTF-8, lone surrogates, ``NaN`` and numbers that overflow a double, each
-    of which would otherwise travel on and fail a later stage (the bulk body, the Parquet
-    writer) instead of being rejected here.
+    Everything ``audit.set_context`` accepts passes, as the record will show it: integers past
+    64 bits become strings of their digits, numbers with a fraction or exponent are doubles (as
+    every JSON reader downstream reads them), and the size is counted in UTF-8 as PostgreSQL
+    counts it.
+    What jsonb can never hold is refused: invalid UTF-8, NUL, lone surrogates, ``NaN`` and
+    numbers beyond a double, each of which would otherwise fail a later stage (the Parquet
+    writer, the bulk body) instead of being recorded here.
     """
     if len(content) > MAX_MESSAGE_BYTES:
-        raise Rejection(
-            f"message content is {len(content)} bytes; the limit is {MAX_MESSAGE_BYTES}"
-        )
+        raise Rejection(f"message is {len(content)} bytes; the limit is {MAX_MESSAGE_BYTES}")
     try:
-        value = orjson.loads(bytes(content))
-    except orjson.JSONDecodeError as exc:
-        raise Rejection(f"message content is not JSON: {exc}") from None
+        value = json.loads(bytes(content).decode(), parse_constant=_no_constant, parse_int=_integer)
+    except UnicodeDecodeError:
+        raise Rejection("message is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise Rejection(f"message is not JSON (at character {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:
+        raise Rejection(f"message is not JSON that jsonb holds ({type(exc).__name__})") from None
     if not isinstance(value, dict):
-        raise Rejection(f"a context must be a JSON object, got {type(value).__name__}")
+        raise Rejection(f"a context must be a JSON object, not {type(value).__name__}")
+    for item in _scalars(value):
+        if isinstance(item, float) and item in (_INF, -_INF):
+            raise Rejection("a number in the context is beyond a double's range")
+        if isinstance(item, str) and "\x00" in item:
+            raise Rejection("a context cannot hold NUL (U+0000), which jsonb refuses")
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise Rejection("a context cannot hold a lone surrogate, which jsonb refuses") from None
     try:
         TransactionContext.model_validate(value)
     except ValidationError as exc:
         raise Rejection(f"not a valid context: {_errors(exc)}") from None
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return text
+
+
+def _integer(text: str) -> int | str:
+    """An integer, or its digits as a string past 64 bits: a number no JSON reader downstream
+    can hold (Elasticsearch, its client, the trail's canonical bytes) would otherwise come back
+    changed, and the trail would call the record altered."""
+    value = int(text)
+    return value if -(2**63) <= value < 2**64 else text
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(name)
+
+
+_INF = float("inf")
+
+
+def _scalars(value: object) -> Iterator[object]:
+    """Every key and every leaf value of a parsed JSON value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _scalars(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _scalars(item)
+    else:
+        yield value
+
+
+#: The contract's field names: the only names a rejection may repeat.
+_FIELDS = frozenset(
+    name for model in (TransactionContext, Actor, Job) for name in model.model_fields
+)
 
 
 def _errors(exc: ValidationError) -> str:
-    """Where and what, never the offending input: that is the untrusted part."""
-    parts = [
-        f"{'.'.join(str(p) for p in error['loc']) or 'context'}: {error['msg']}"
-        for error in exc.errors(include_input=False, include_url=False)
-    ]
-    text = "; ".join(parts)
+    """Where (the contract's field names) and what (pydantic's error type), nothing else."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False, include_context=False):
+        path = ".".join(
+            p if isinstance(p, str) and p in _FIELDS else "<unknown field>"
+            for p in error["loc"]
+            if not isinstance(p, int)
+        )
+        parts.append(f"{path or 'context'}: {error['type']}")
+    text = "; ".join(dict.fromkeys(parts))
     return text if len(text) <= 500 else text[:497] + "..."
 
 

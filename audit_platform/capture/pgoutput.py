@@ -20,6 +20,7 @@ from audit_platform.capture.messages import (
     ATTACHMENTS_TABLE,
     CONTEXT_PREFIX,
     MAX_MESSAGE_BYTES,
+    MAX_MESSAGES_PER_TRANSACTION,
     OWN_PREFIXES,
     Rejection,
     parse_context,
@@ -29,7 +30,7 @@ from audit_platform.policy import SourcePolicy, TablePolicy
 
 _ATTACH_REFUSED = (
     "attach messages are not accepted: a late context comes only from audit.attach_context "
-    "(source migration 002), which its callers need the audit_attributor role for"
+    "(source migration 002), which only the database's attributor role may call"
 )
 #: Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 PG_EPOCH_US = 946_684_800_000_000
@@ -157,6 +158,7 @@ class PgOutputDecoder:
         self._commit_us = 0
         self._change_index = 0
         self._ctx_seq = 0
+        self._unread = 0  # our messages past MAX_MESSAGES_PER_TRANSACTION, counted at commit
         self._txn_start = (0, 0)
         self._part = 0
 
@@ -208,10 +210,21 @@ class PgOutputDecoder:
         self._part = 0
         self._change_index = 0
         self._ctx_seq = 0
+        self._unread = 0
         self._txn_start = (len(batch.lsn), len(batch.ctx_lsn))
 
     def _commit(self, data: memoryview, batch: ChangeBatch) -> None:
         _, commit_lsn, end_lsn, _ = _COMMIT.unpack_from(data, 1)
+        if self._unread:
+            self._reject(
+                batch,
+                CONTEXT_PREFIX,
+                0,
+                f"{self._unread} more messages with the "
+                f"platform's prefix in this transaction were not read (at most "
+                f"{MAX_MESSAGES_PER_TRANSACTION} are)",
+            )
+            self._unread = 0
         self._in_txn = False
         batch.transactions += 1
         batch.end_lsn = end_lsn
@@ -412,6 +425,9 @@ class PgOutputDecoder:
         if prefix not in OWN_PREFIXES or not flags & 1:
             # Someone else's message, or a non-transactional one, which belongs to no
             # transaction and so can attribute nothing.
+            return
+        if self._ctx_seq >= MAX_MESSAGES_PER_TRANSACTION:
+            self._unread += 1
             return
         (length,) = _I32.unpack_from(data, end + 1)
         name = prefix.decode()

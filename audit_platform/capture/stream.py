@@ -21,6 +21,8 @@ from psycopg2.extras import LogicalReplicationConnection
 from audit_platform.capture.messages import MAX_MESSAGE_BYTES, OWN_PREFIXES
 
 _BEGIN, _COMMIT, _MESSAGE = 66, 67, 77
+#: A batch closes past this many bytes of messages, whatever it counts in changes.
+BATCH_BYTES = 64 * 1024 * 1024
 _ROW_CHANGES = frozenset(b"IUDT")
 
 
@@ -87,17 +89,22 @@ class SlotStream:
             ) from exc
 
     def batches(
-        self, target_lsn: int, batch_changes: int, idle_timeout: float = 60.0
+        self,
+        target_lsn: int,
+        batch_changes: int,
+        idle_timeout: float = 60.0,
+        batch_bytes: int = BATCH_BYTES,
     ) -> Iterator[RawBatch]:
         """Yield batches of complete transactions that committed at or before ``target_lsn``.
 
         Ends when the server reports it has sent everything up to the target. A batch closes at
-        the first commit after ``batch_changes`` row changes; inside a transaction that is still
-        open after that many changes, it closes incomplete and the transaction goes on in the
-        next batch.
+        the first commit after ``batch_changes`` row changes and kept messages, or
+        ``batch_bytes`` of them; inside a transaction that is still open then, it closes
+        incomplete and the transaction goes on in the next batch. So memory is bounded by the
+        batch whatever a transaction holds: many rows, large rows, or a flood of messages.
         """
         messages: list[bytes] = []
-        changes = size = 0
+        changes = units = size = 0
         in_txn = False
         deadline = time.monotonic() + idle_timeout
         while True:
@@ -127,16 +134,17 @@ class SlotStream:
                 continue
             messages.append(payload)
             size += len(payload)
-            if kind in _ROW_CHANGES:
-                changes += 1
-                if changes >= batch_changes:
+            if kind in _ROW_CHANGES or kind == _MESSAGE:
+                changes += kind != _MESSAGE
+                units += 1
+                if units >= batch_changes or size >= batch_bytes:
                     yield RawBatch(messages, changes, size, complete=False)
-                    messages, changes, size = [], 0, 0
+                    messages, changes, units, size = [], 0, 0, 0
             elif kind == _COMMIT:
                 in_txn = False
-                if changes >= batch_changes:
+                if units >= batch_changes or size >= batch_bytes:
                     yield RawBatch(messages, changes, size)
-                    messages, changes, size = [], 0, 0
+                    messages, changes, units, size = [], 0, 0, 0
         if messages:
             yield RawBatch(messages, changes, size)
 

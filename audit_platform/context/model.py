@@ -68,13 +68,21 @@ class TransactionContext(BaseModel):
     @field_validator("client_addr")
     @classmethod
     def _client_addr_is_ip(cls, value: str | None) -> str | None:
-        if value is not None:
-            ipaddress.ip_address(value)
+        if value is not None and not _is_inet(value):
+            raise ValueError("client_addr must be an IP address")
         return value
 
     @model_validator(mode="after")
     def _within_size_limit(self) -> TransactionContext:
-        size = len(self.to_json().encode())
+        # Counted in UTF-8 without escapes, as audit.set_context counts the jsonb it is given
+        # (which adds spaces, so whatever the database accepts passes here too).
+        size = len(
+            json.dumps(
+                self.model_dump(mode="json", exclude_none=True),
+                ensure_ascii=False,
+                separators=(",", ":"),
+            ).encode()
+        )
         if size > MAX_CONTEXT_BYTES:
             raise ValueError(f"context is {size} bytes; the limit is {MAX_CONTEXT_BYTES}")
         return self
@@ -83,6 +91,20 @@ class TransactionContext(BaseModel):
         """Compact JSON without unset fields: what audit.set_context receives."""
         return json.dumps(
             self.model_dump(mode="json", exclude_none=True), separators=(",", ":"), sort_keys=True
+        )
+
+
+def _is_inet(value: str) -> bool:
+    """What audit.set_context accepts as a client address: anything PostgreSQL's inet reads
+    (an address, or one with a prefix length), and dotted IPv4 with leading zeros, which its
+    fast path lets through."""
+    try:
+        ipaddress.ip_interface(value)
+        return True
+    except ValueError:
+        octets = value.split(".")
+        return len(octets) == 4 and all(
+            o.isascii() and o.isdigit() and len(o) <= 3 and int(o) <= 255 for o in octets
         )
 
 

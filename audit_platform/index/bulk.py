@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +39,13 @@ DEAD_LETTER_SCHEMA = {"id": pl.String, "index": pl.String, "status": pl.Int32, "
 #: (~1 MB) a request gains nothing here, and two in flight keep the node's write threads busy.
 CHUNK_DOCUMENTS = 1000
 IN_FLIGHT = 2
+#: A request also closes past this many bytes: rows are as large as a source makes them, and
+#: Elasticsearch refuses a whole request over http.max_content_length (100 MB by default)
+#: with a 413 that no item of it could be retried past.
+CHUNK_BYTES = 8 * 1024 * 1024
+#: A document larger than this is dead-lettered instead of sent: alone it would still be
+#: refused whole, and every later run would fail on it again.
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 
 
 class Throttled(RuntimeError):
@@ -58,6 +66,7 @@ def index_records(
     database: str,
     ingested_at: datetime,
     chunk_size: int = CHUNK_DOCUMENTS,
+    chunk_bytes: int = CHUNK_BYTES,
     in_flight: int = IN_FLIGHT,
     max_attempts: int = 6,
 ) -> IndexResult:
@@ -66,13 +75,26 @@ def index_records(
     result = IndexResult()
     if records.is_empty():
         return result
-    lines = document_frame(records, database=database, ingested_at=ingested_at).select(
+    frame = document_frame(records, database=database, ingested_at=ingested_at).select(
+        "index",
+        "id",
         pl.concat_str(
-            pl.lit('{"index":{"_index":"'), "index", pl.lit('","_id":"'), "id",
-            pl.lit('"}}\n'), "document", pl.lit("\n"),
-        ).alias("line")
-    )["line"]  # fmt: skip
-    failures: list[tuple[str, str, int, str]] = []
+            pl.lit('{"index":{"_index":"'),
+            "index",
+            pl.lit('","_id":"'),
+            "id",
+            pl.lit('"}}\n'),
+            "document",
+            pl.lit("\n"),
+        ).alias("line"),
+    )
+    frame = frame.with_columns(pl.col("line").str.len_bytes().alias("bytes"))
+    too_large = frame.filter(pl.col("bytes") > MAX_DOCUMENT_BYTES)
+    failures = [
+        (doc_id, index, 413, _TOO_LARGE.format(size=size, limit=MAX_DOCUMENT_BYTES))
+        for index, doc_id, _, size in too_large.iter_rows()
+    ]
+    sendable = frame.filter(pl.col("bytes") <= MAX_DOCUMENT_BYTES)
 
     def collect(future: Future[tuple[int, list]]) -> None:
         indexed, failed = future.result()
@@ -82,8 +104,7 @@ def index_records(
 
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bulk") as pool:
         waiting: deque[Future[tuple[int, list]]] = deque()
-        for offset in range(0, lines.len(), chunk_size):
-            chunk = lines.slice(offset, chunk_size).to_list()
+        for chunk in _chunks(sendable, chunk_size, chunk_bytes):
             waiting.append(pool.submit(_send, client, chunk, max_attempts))
             if len(waiting) >= in_flight:  # bounded: at most in_flight bodies in memory
                 collect(waiting.popleft())
@@ -92,6 +113,26 @@ def index_records(
     result.failed = pl.DataFrame(failures, schema=DEAD_LETTER_SCHEMA, orient="row")
     result.seconds = time.monotonic() - started
     return result
+
+
+_TOO_LARGE = (
+    "document_too_large: {size} bytes; documents over {limit} are not sent (the record stays "
+    "staged and in the trail)"
+)
+
+
+def _chunks(frame: pl.DataFrame, documents: int, size: int) -> Iterator[list[str]]:
+    """NDJSON lines in requests of at most ``documents`` lines and about ``size`` bytes."""
+    chunk: list[str] = []
+    total = 0
+    for line, length in frame.select("line", "bytes").iter_rows():
+        if chunk and (len(chunk) >= documents or total + length > size):
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(line)
+        total += length
+    if chunk:
+        yield chunk
 
 
 def _send(

@@ -14,7 +14,7 @@ import ipaddress
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -58,10 +58,13 @@ class QueryError(ValueError):
         self.field = field
 
 
-def no_nul(value: str) -> str:
+_Text = TypeVar("_Text", str, str | None)
+
+
+def no_nul(value: _Text) -> _Text:
     """Refuse NUL: PostgreSQL text cannot hold it, so no value in the trail has one, and the
     read log (jsonb) could not record the request that asked for it."""
-    if "\x00" in value:
+    if value is not None and "\x00" in value:
         raise ValueError(
             "holds a NUL character (U+0000), which no value in the trail can hold "
             "(PostgreSQL text cannot store it): remove it"

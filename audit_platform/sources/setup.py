@@ -42,6 +42,8 @@ class SetupReport:
     slot_replaced_from: int | None = None
     #: Whether PUBLIC may no longer call pg_logical_emit_message (see restrict_messages).
     messages_restricted: bool = False
+    #: The role whose members may attach a late context (audit.attach_context) here.
+    attributor_role: str = ""
 
 
 def apply_migrations(conn: psycopg.Connection, sql_dir: Path) -> list[str]:
@@ -168,6 +170,7 @@ def setup_source(
             )
         report.applied_migrations = apply_migrations(conn, sql_dir)
         report.messages_restricted = restrict_messages(conn)
+        report.attributor_role = conn.execute("SELECT audit.attributor_role()").fetchone()[0]
         report.publication = publication_name(env, policy.source)
         ensure_publication(conn, report.publication, tables)
         report.publication_tables = [f"{s}.{t}" for s, t in tables]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 from audit_platform.api.deps import AuditorDep, ServicesDep
 from audit_platform.capture.rejections import RejectedMessage, list_rejections
+from audit_platform.query.filters import Moment, no_nul
 
 router = APIRouter(prefix="/v1", tags=["gaps"])
 _TABLE_LIMITED = (
@@ -26,9 +26,13 @@ class Rejections(BaseModel):
 def rejections(
     scope: AuditorDep,
     svc: ServicesDep,
-    source: Annotated[str | None, Query(description="One source of the key's.")] = None,
-    since: Annotated[datetime | None, Query(description="Committed at or after.")] = None,
-    until: Annotated[datetime | None, Query(description="Committed before.")] = None,
+    source: Annotated[
+        str | None,
+        Query(max_length=64, description="One source of the key's."),
+        AfterValidator(no_nul),
+    ] = None,
+    since: Annotated[Moment | None, Query(description="Committed at or after.")] = None,
+    until: Annotated[Moment | None, Query(description="Committed before.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Rejections:
     """Newest first: logical messages with the platform's prefix that were not valid contexts

@@ -15,11 +15,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from audit_platform.api.deps import AuditorDep, Services, ServicesDep
 from audit_platform.api_keys import Scope
 from audit_platform.query import reads
+from audit_platform.query.filters import no_nul
 from audit_platform.read_log import read_rows, read_trail
 from audit_platform.record import AuditRecord
 from audit_platform.staging.store import StagingStore
@@ -111,7 +112,9 @@ def event_proof(
 def checkpoints(
     scope: AuditorDep,
     svc: ServicesDep,
-    source: Annotated[str, Query(max_length=64, description="A source, or _reads.")],
+    source: Annotated[
+        str, Query(max_length=64, description="A source, or _reads."), AfterValidator(no_nul)
+    ],
     limit: Annotated[int, Query(ge=1, le=1_000)] = 100,
     first: Annotated[
         int | None, Query(ge=1, description="Tree size of an older checkpoint.")
@@ -165,7 +168,7 @@ def read_log(
     svc: ServicesDep,
     since: datetime | None = None,
     until: datetime | None = None,
-    key_id: Annotated[str | None, Query(max_length=64)] = None,
+    key_id: Annotated[str | None, Query(max_length=64), AfterValidator(no_nul)] = None,
     after: Annotated[int, Query(ge=0, description="Rows after this id (paging).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1_000)] = 100,
 ) -> list[ReadRow]:

@@ -6,11 +6,12 @@
 -- message that any role could also emit itself with pg_logical_emit_message: either way, a role
 -- with nothing but CONNECT could attribute another role's transaction to anyone. Now a late
 -- context is a row of audit.attached_contexts, which only audit.attach_context can write (it runs
--- as its owner), and only members of audit_attributor may call it. Capture reads the table's
+-- as its owner), and only members of the database's attributor role may call it. Capture reads the table's
 -- inserts from the slot (setup adds it to every environment's publication) and rejects
 -- attach messages, so emitting the old prefix attributes nothing (docs/design.md, invariant 10).
 --
--- Give a service the right with: GRANT audit_attributor TO <the service's role>;
+-- Give a service the right with: GRANT <SELECT audit.attributor_role()> TO <its role>; the role
+-- is named after the database (audit_attributor_<database>), and `source setup` prints it.
 
 CREATE TABLE IF NOT EXISTS audit.attached_contexts (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -23,15 +24,15 @@ COMMENT ON TABLE audit.attached_contexts IS
     'audit-platform: contexts attached to committed transactions; written by audit.attach_context only';
 REVOKE ALL ON audit.attached_contexts FROM PUBLIC;
 
-DO $do$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'audit_attributor') THEN
-        CREATE ROLE audit_attributor NOLOGIN;
-    END IF;
-END
-$do$;
-COMMENT ON ROLE audit_attributor IS
-    'audit-platform: may attach a context to an already committed transaction (audit.attach_context)';
+-- The role that may attach: one per database (roles are shared by the whole server, and a
+-- member of a shared one could attribute in every source database it can connect to).
+CREATE OR REPLACE FUNCTION audit.attributor_role() RETURNS name
+LANGUAGE sql STABLE AS $fn$
+    SELECT ('audit_attributor_' || CASE WHEN length(current_database()) <= 46
+                                        THEN current_database()
+                                        ELSE left(current_database(), 37) || '_'
+                                             || left(md5(current_database()), 8) END)::name;
+$fn$;
 
 -- Context for a transaction that has already committed (a late arrival that capture's quarantine
 -- resolves). It is recorded when the calling transaction commits.
@@ -55,12 +56,26 @@ BEGIN
             target, coalesce(status, 'too old to look up (its commit status was truncated)')
             USING ERRCODE = '22023';
     END IF;
-    INSERT INTO audit.attached_contexts (target, context) VALUES (target, ctx);
+    -- Stored as validated: a null field means an absent one (validate_context's rule), so a
+    -- context padded with nulls is not larger here than the size it was checked at.
+    INSERT INTO audit.attached_contexts (target, context) VALUES (target, jsonb_strip_nulls(ctx));
 END
 $fn$;
 
 REVOKE EXECUTE ON FUNCTION audit.attach_context(xid8, jsonb) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION audit.attach_context(xid8, jsonb) TO audit_attributor;
+DO $do$
+DECLARE
+    attributor name := audit.attributor_role();
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = attributor) THEN
+        EXECUTE format('CREATE ROLE %I NOLOGIN', attributor);
+    END IF;
+    EXECUTE format('COMMENT ON ROLE %I IS %L', attributor,
+                   'audit-platform: may attach a context to a committed transaction of database '
+                   || current_database() || ' (audit.attach_context)');
+    EXECUTE format('GRANT EXECUTE ON FUNCTION audit.attach_context(xid8, jsonb) TO %I', attributor);
+END
+$do$;
 
 -- 2. Contexts without pg_logical_emit_message for everyone.
 --
@@ -77,6 +92,9 @@ BEGIN
     -- The check is an inlined expression, not a query: no cost beyond evaluating it.
     IF audit.context_is_valid(ctx) IS NOT TRUE THEN
         PERFORM audit.explain_invalid_context(ctx);
+        -- Accepted only once its nulls are gone (a null field means an absent one): emit it
+        -- so, or a context padded with nulls would be larger than the size it was checked at.
+        ctx := jsonb_strip_nulls(ctx);
     END IF;
     PERFORM pg_logical_emit_message(true, 'audit_platform.context.v1', ctx::text);
 END
