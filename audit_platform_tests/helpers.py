@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -195,3 +201,38 @@ def processes_with_environ(text: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+@contextmanager
+def serving_api(
+    env: dict[str, str], log: Path, *args: str
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``audit-platform api serve`` on a free port of 127.0.0.1, until the block ends: its URL
+    once ``/readyz`` answers, and its process.
+
+    Its output goes to ``log``: a pipe nobody reads fills up (64 KB of log lines, a few
+    thousand requests) and then blocks the server in the middle of a request.
+    """
+    from audit_platform.stack.system import free_port
+
+    port = free_port()
+    serve = [str(Path(sys.executable).with_name("audit-platform")), "api", "serve"]
+    command = [*serve, "--host", "127.0.0.1", "--port", str(port), *args]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the API did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

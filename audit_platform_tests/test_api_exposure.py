@@ -10,8 +10,6 @@ another loopback address (Linux answers on all of 127/8).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +25,7 @@ from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
 from audit_platform.settings import Settings
-from audit_platform.stack.system import free_port
+from audit_platform_tests.helpers import serving_api
 
 PROXY = "127.0.0.2"  # the ingress, trusted by the server below
 STRANGER = "127.0.0.3"  # any other client
@@ -119,40 +117,10 @@ class Served:
 @pytest.fixture(scope="module")
 def served_api(env, tmp_path_factory) -> Iterator[Served]:
     """`audit-platform api serve` trusting :data:`PROXY` only, its output in a file."""
-    port = free_port()
     log = tmp_path_factory.mktemp("exposure") / "api.log"
     environ = {**os.environ, "AUDIT_ENV": env.name, "AUDIT_API_TRUSTED_PROXIES": PROXY}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("audit-platform")),
-                "api",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=environ,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the API did not start: {log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield Served(url, port, log)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with serving_api(environ, log) as (url, _):
+        yield Served(url, int(url.rsplit(":", 1)[1]), log)
 
 
 def _sign_in(served: Served, env: Env, source: str, origin_scheme: str) -> httpx.Response:

@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,10 +26,9 @@ from audit_platform import platform_db
 from audit_platform.api_keys import create_key
 from audit_platform.capture.gaps import Gap, record_gap
 from audit_platform.settings import Settings
-from audit_platform.stack.system import free_port
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
-from audit_platform_tests.helpers import policy_for
+from audit_platform_tests.helpers import policy_for, serving_api
 
 ROWS = 100_000
 #: Rows of a table the narrow key may not read, written in the orders' transaction.
@@ -98,31 +96,11 @@ def server(servers, es, tmp_path_factory) -> Iterator[Server]:
                     reason="dropped",
                 ),
             )
-        port = free_port()
-        command = [str(Path(sys.executable).with_name("audit-platform")), "api", "serve", "--port",
-                   str(port)]  # fmt: skip
-        # Its log goes to a file: a pipe nobody reads fills up (64 KB of access log lines,
-        # a few thousand requests) and then blocks the server in the middle of a request.
         log = tmp_path_factory.mktemp("srv-log") / "api.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(command, env={**os.environ, "AUDIT_ENV": env},
-                                       stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"the API did not start: {log.read_text()[-3000:]}")
-                time.sleep(0.3)
-            yield Server(base, env, keys["reader"], keys, process, log)
+            with serving_api({**os.environ, "AUDIT_ENV": env}, log) as (base, process):
+                yield Server(base, env, keys["reader"], keys, process, log)
         finally:
-            process.terminate()
-            process.wait(timeout=30)
             for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
                 es.indices.delete(index=index)
             es.indices.delete_index_template(name=f"audit-{env}")
