@@ -23,11 +23,12 @@ from audit_platform.environment import EnvironmentConfig
 from audit_platform.index.bulk import index_records
 from audit_platform.index.documents import documents
 from audit_platform.index.migrate import migrate_layout
-from audit_platform.index.template import install_template
+from audit_platform.index.template import install_template, render_template
 from audit_platform.naming import (
     index_name,
     index_pattern,
     legacy_index_name,
+    lifecycle_name,
     read_alias,
     template_name,
 )
@@ -324,3 +325,16 @@ def test_migrate_keeps_an_old_index_whose_documents_did_not_all_arrive(es, env_n
     assert "documents were refused" in move.problem or "wrote" in move.problem, move.problem
     assert es.indices.exists(index=old) and es.count(index=old)["count"] == 4
     assert "NOT moved" in report.lines()[0] and "the old index is kept" in report.lines()[0]
+
+
+def test_where_the_cluster_has_ilm_each_class_has_a_template_naming_its_policy():
+    """Tested as data: the test cluster has no ILM. A class's template matches only its
+    indices, above the environment's (an index takes one template's settings)."""
+    base = render_template(RESOURCES, "prod", 1)
+    long = render_template(RESOURCES, "prod", 1, lifecycle_name("prod", "long"), "long")
+    assert base["index_patterns"] == [index_pattern("prod")]
+    assert "index.lifecycle.name" not in base["template"]["settings"]
+    assert long["index_patterns"] == ["audit-prod-class-long-*"]
+    assert long["priority"] == base["priority"] + 1
+    assert long["template"]["settings"]["index.lifecycle.name"] == "audit-prod-class-long"
+    assert long["template"]["mappings"] == base["template"]["mappings"]
