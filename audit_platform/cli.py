@@ -21,11 +21,13 @@ from audit_platform.api_keys import (
     revoke_key,
 )
 from audit_platform.capture.gaps import gap_of_new_slot, record_gap
-from audit_platform.clients import NotConfigured, pg_url_from_settings
+from audit_platform.clients import NotConfigured, es_from_settings, pg_url_from_settings
 from audit_platform.environment import load_environment
 from audit_platform.holds import create_hold, list_holds, release_hold
 from audit_platform.index import access
+from audit_platform.index.migrate import MigrationError, migrate_layout
 from audit_platform.index.retention import run_for_environment
+from audit_platform.index.template import ensure_template
 from audit_platform.policy import PolicyError, load_policy, policy_path
 from audit_platform.settings import Settings
 from audit_platform.sources.check import MESSAGES_FIX, MESSAGES_OPEN, check_source
@@ -239,13 +241,53 @@ def retention_run(
     except NotConfigured as exc:
         raise _fail(exc) from exc
     verb = "would delete" if dry_run else "deleted"
-    typer.echo(f"cutoff {report.cutoff:%Y-%m-%d %H:%M} UTC ({environment.retention_days} days)")
+    for name, cutoff in report.cutoffs.items():
+        days = environment.classes[name]
+        typer.echo(f"class {name}: cutoff {cutoff:%Y-%m-%d %H:%M} UTC ({days} days)")
     typer.echo(f"{verb} indices: {', '.join(report.indices) or 'none'}")
     typer.echo(f"{verb} staged hours: {len(report.staged_hours)}")
     typer.echo(f"{verb} quarantine entries: {report.quarantine_entries}")
     for hold_id, kept in sorted(report.held.items()):
         indices = ", ".join(kept["indices"]) or "no index"
         typer.echo(f"kept by hold {hold_id}: {indices}; {len(kept['staged_hours'])} staged hours")
+    for name, count in sorted(report.kept_with_holds.items()):
+        typer.echo(
+            f"{name} is kept whole for its holds: {count} documents no hold covers stay "
+            "past their period with it (an index is never thinned by delete-by-query)"
+        )
+    for name in report.unknown_class:
+        typer.echo(f"kept {name}: its retention class is not in the environment's file")
+
+
+index_app = typer.Typer(help="The environment's Elasticsearch indices.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("migrate")
+def index_migrate(
+    env: EnvOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would move; change nothing.")
+    ] = False,
+) -> None:
+    """Move the indices of the layout per source (audit-<env>-<source>-YYYY.MM) into the
+    indices per retention class (audit-<env>-class-<class>-YYYY.MM) with Elasticsearch's
+    reindex, same ids; delete each old index only once every id of it is found in its class
+    index. Safe to run again."""
+    settings = Settings() if env is None else Settings(env=env)
+    environment = load_environment(settings.resources_dir, settings.env)
+    try:
+        with es_from_settings(settings) as client:
+            if not dry_run:
+                replicas, classes = environment.index_replicas, environment.classes
+                ensure_template(client, settings.resources_dir, settings.env, replicas, classes)
+            report = migrate_layout(client, settings.env, environment, dry_run=dry_run)
+    except (NotConfigured, MigrationError) as exc:
+        raise _fail(exc) from exc
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 es_app = typer.Typer(

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from audit_platform.naming import check_identifier
+from audit_platform.naming import STANDARD_CLASS, check_identifier
 from audit_platform.policy import PolicyError
 
 
@@ -27,6 +27,10 @@ class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     url_env: str = Field(description="Environment variable holding the source's libpq URL.")
+    #: The retention class whose period this source's records are kept (one of the
+    #: environment's ``retention_classes``); none: ``standard``, the environment's
+    #: ``retention_days``.
+    retention_class: str | None = None
 
 
 class EnvironmentConfig(BaseModel):
@@ -51,8 +55,13 @@ class EnvironmentConfig(BaseModel):
     step_retry_delay_seconds: float = Field(default=5, ge=0)
     #: Replicas of each audit index (0 on a single-node development cluster).
     index_replicas: int = Field(default=0, ge=0)
-    #: Days audit records, staged data and settled quarantine entries are kept.
+    #: Days audit records, staged data and settled quarantine entries are kept: the period of
+    #: the ``standard`` retention class, which every source that names no class is in.
     retention_days: int = Field(default=30, ge=1)
+    #: Named retention periods in days (e.g. ``{standard: 30, long: 400}``); a source picks one
+    #: with ``retention_class``. Indices are per class and month, so retention is per class:
+    #: sources that must be kept for different periods need different classes.
+    retention_classes: dict[str, int] = {}
     #: The first hour of the hourly partitions (where the environment started); when unset, the
     #: first day retention still keeps.
     partitions_start: AwareDatetime | None = None
@@ -77,6 +86,58 @@ class EnvironmentConfig(BaseModel):
                 f"{self.slot_lag_warn_bytes:,} <= {self.slot_lag_error_bytes:,})"
             )
         return self
+
+    @field_validator("retention_classes")
+    @classmethod
+    def _class_names(cls, classes: dict[str, int]) -> dict[str, int]:
+        for name, days in classes.items():
+            check_identifier("retention class", name)
+            if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+                raise ValueError(
+                    f"retention class {name!r}: give its period as a whole number of days, "
+                    f"at least 1 (got {days!r})"
+                )
+        return classes
+
+    @model_validator(mode="after")
+    def _classes_of_sources(self) -> EnvironmentConfig:
+        given = self.retention_classes.get(STANDARD_CLASS)
+        both = given is not None and "retention_days" in self.model_fields_set
+        if both and given != self.retention_days:
+            raise ValueError(
+                f"retention_days ({self.retention_days}) and retention_classes.{STANDARD_CLASS}"
+                f" ({given}) are both the period of class {STANDARD_CLASS!r} and disagree: "
+                "give one of them"
+            )
+        classes = self.classes
+        for name, source in sorted(self.sources.items()):
+            if source.retention_class is not None and source.retention_class not in classes:
+                raise ValueError(
+                    f"source {name!r}: retention_class {source.retention_class!r} is not one "
+                    f"of the environment's retention classes ({', '.join(sorted(classes))}); "
+                    "add it under retention_classes"
+                )
+        return self
+
+    @property
+    def classes(self) -> dict[str, int]:
+        """Every retention class and its days, ``standard`` always among them."""
+        found = dict(self.retention_classes)
+        found.setdefault(STANDARD_CLASS, self.retention_days)
+        return dict(sorted(found.items()))
+
+    def retention_class_of(self, source: str) -> str:
+        """The class of a source; a source this file does not list (any more) is standard."""
+        config = self.sources.get(source)
+        return (config.retention_class if config else None) or STANDARD_CLASS
+
+    def retention_days_of(self, source: str) -> int:
+        return self.classes[self.retention_class_of(source)]
+
+    @property
+    def longest_retention_days(self) -> int:
+        """What environment-wide data (partitions, late contexts) must keep."""
+        return max(self.classes.values())
 
     @field_validator("sources")
     @classmethod

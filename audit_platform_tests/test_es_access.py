@@ -13,9 +13,11 @@ from elasticsearch import AuthorizationException
 
 from audit_platform import platform_db
 from audit_platform.clients import elasticsearch_client
+from audit_platform.environment import EnvironmentConfig
 from audit_platform.index import access
+from audit_platform.index.migrate import migrate_layout
 from audit_platform.index.retention import run_retention
-from audit_platform.naming import read_alias
+from audit_platform.naming import index_name, legacy_index_name, read_alias
 from audit_platform.settings import Settings
 from audit_platform.stack import setup_es_accounts
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
@@ -64,29 +66,52 @@ def test_the_writer_runs_the_index_step_and_cannot_reach_another_environment(
         assert capture_enrich_index(source, state, writer, grace=timedelta(0)) == 5
     assert writer.count(index=read_alias(ENV_A))["count"] == 5
 
-    es.indices.create(index=f"audit-{ENV_B}-shop-2026.11")
-    es.index(index=f"audit-{ENV_B}-shop-2026.11", document={"secret": 1}, refresh=True)
+    theirs = index_name(ENV_B, "standard", 2026, 11)
+    es.indices.create(index=theirs)
+    es.index(index=theirs, document={"secret": 1}, refresh=True)
     with pytest.raises(AuthorizationException):
         writer.search(index=read_alias(ENV_B))
     # A wildcard resolves to the indices one may read: none of the other environment's.
     assert es.count(index=f"audit-{ENV_B}-*")["count"] == 1
     assert writer.search(index=f"audit-{ENV_B}-*")["hits"]["total"]["value"] == 0
     with pytest.raises(AuthorizationException):
-        writer.index(index=f"audit-{ENV_B}-shop-2026.11", document={"x": 1})
+        writer.index(index=theirs, document={"x": 1})
     with pytest.raises(AuthorizationException):
-        writer.indices.delete(index=f"audit-{ENV_B}-shop-2026.11")
+        writer.indices.delete(index=theirs)
 
     # Retention, as the writer: its own expired month goes, the other environment's stays.
-    es.indices.create(index=f"audit-{ENV_A}-shop-2020.01")
-    report = run_retention(env=ENV_A, retention_days=30, client=writer, stores=[], state=None,
-                           now=datetime.now(UTC), dry_run=False)  # fmt: skip
-    assert f"audit-{ENV_A}-shop-2020.01" in report.indices
-    assert es.indices.exists(index=f"audit-{ENV_B}-shop-2026.11")
+    expired = index_name(ENV_A, "standard", 2020, 1)
+    es.indices.create(index=expired)
+    report = run_retention(
+        env=ENV_A,
+        environment=EnvironmentConfig(retention_days=30),
+        client=writer,
+        stores=[],
+        state=None,
+        now=datetime.now(UTC),
+        dry_run=False,
+    )
+    assert expired in report.indices
+    assert es.indices.exists(index=theirs)
+
+    # The migration from the layout per source, as the writer: its own old index moves, the
+    # other environment's is neither seen nor touched.
+    mine, old_theirs = (
+        legacy_index_name(ENV_A, "shop", 2026, 1),
+        legacy_index_name(ENV_B, "shop", 2026, 1),
+    )
+    for name in (mine, old_theirs):
+        es.index(index=name, id="x", document={"env": name}, refresh=True)
+    migrated = migrate_layout(writer, ENV_A, EnvironmentConfig(), dry_run=False)
+    assert migrated.ok and [m.legacy for m in migrated.moves] == [mine]
+    assert not es.indices.exists(index=mine)
+    assert es.count(index=index_name(ENV_A, "standard", 2026, 1))["count"] == 1
+    assert es.count(index=old_theirs)["count"] == 1
 
 
 def test_the_reader_reads_its_alias_only_and_writes_nothing(servers, accounts, clean, es):
     reader = _client(servers, accounts[ENV_A][access.READER])
-    own, other = f"audit-{ENV_A}-shop-2026.11", f"audit-{ENV_B}-shop-2026.11"
+    own, other = index_name(ENV_A, "standard", 2026, 11), index_name(ENV_B, "standard", 2026, 11)
     es.indices.create(index=own, aliases={read_alias(ENV_A): {}})
     es.indices.create(index=other, aliases={read_alias(ENV_B): {}})
     es.index(index=own, id="1", document={"v": "mine"}, refresh=True)

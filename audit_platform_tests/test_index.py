@@ -120,7 +120,7 @@ def test_records_from_a_real_capture_are_searchable_by_every_filter(es, env, cap
     for index, doc_id, document in documents(captured, database="shopdb",
                                              ingested_at=datetime.now(UTC)):  # fmt: skip
         validate_document(doc_id, document)
-        assert index.startswith(f"audit-{env}-shop-")
+        assert index.startswith(f"audit-{env}-class-standard-")
 
 
 def test_indexing_the_same_hour_twice_leaves_one_copy(es, env, captured):

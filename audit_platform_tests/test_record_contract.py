@@ -72,7 +72,7 @@ def test_model_template_and_documents_name_the_same_fields():
 def test_a_document_carries_every_value_of_its_record():
     index, doc_id, document = _document(_record())
     record = validate_document(doc_id, document)
-    assert index == "audit-dev-shop-2026.11" and doc_id == "dev:shop:0000000100000002:3"
+    assert index == "audit-dev-class-standard-2026.11" and doc_id == "dev:shop:0000000100000002:3"
     assert document["@timestamp"] == "2026-11-26T10:00:00.000001+00:00"
     assert record.transaction.commit_lsn == "1/2" and record.transaction.lsn == (1 << 32) + 2
     assert (record.user.id, record.user.name, record.service.name) == ("u1", "Ada", "shop")

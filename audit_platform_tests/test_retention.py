@@ -1,4 +1,5 @@
-"""Retention removes exactly what expired, and nothing of another environment."""
+"""Retention removes exactly what expired, per retention class, and nothing of another
+environment nor anything a legal hold covers."""
 
 from __future__ import annotations
 
@@ -9,22 +10,33 @@ import psycopg
 import pytest
 
 from audit_platform import platform_db
+from audit_platform.environment import EnvironmentConfig
 from audit_platform.holds import HoldError, create_hold, list_holds, release_hold
 from audit_platform.index.retention import cluster_has_ilm, ilm_policy, run_retention
+from audit_platform.naming import index_name, legacy_index_name
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
 from audit_platform_tests.helpers import ON_BOTH_STORES
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 RESOURCES = Settings().resources_dir
+#: Standard keeps 30 days, long 400.
+CLASSES = EnvironmentConfig(retention_days=30, retention_classes={"long": 400})
 
 
 @pytest.fixture
 def envs(es_prefix, es):
-    """Two environment names of this test's own, and their indices: old and current months."""
+    """Two environment names of this test's own, and their indices: old and current months of
+    two classes, and an index of the layout per source not migrated yet."""
     a, b = f"{es_prefix.replace('-', '_')}a", f"{es_prefix.replace('-', '_')}b"
-    names = [f"audit-{a}-shop-2026.08", f"audit-{a}-shop-2026.10", f"audit-{a}-shop-2026.11",
-             f"audit-{b}-shop-2026.08"]  # fmt: skip
+    names = [
+        index_name(a, "standard", 2026, 8),
+        index_name(a, "standard", 2026, 10),
+        index_name(a, "standard", 2026, 11),
+        index_name(b, "standard", 2026, 8),
+        index_name(a, "long", 2026, 8),
+        legacy_index_name(a, "shop", 2026, 8),
+    ]
     for name in names:
         es.indices.create(index=name)
     yield a, b
@@ -60,19 +72,23 @@ def test_retention_deletes_expired_indices_files_and_entries_of_its_environment_
             (env, when, when, when, status),
         )
 
-    dry = run_retention(env=a, retention_days=30, client=es, stores=[stores[a]], state=state,
+    dry = run_retention(env=a, environment=CLASSES, client=es, stores=[stores[a]], state=state,
                         now=NOW, dry_run=True)  # fmt: skip
-    assert dry.indices == [f"audit-{a}-shop-2026.08"]  # October ends inside the 30 days
+    # October ends inside the 30 days; August of class long inside its 400; the old layout's
+    # index of shop (a source of class standard) expires with standard.
+    expired = sorted([index_name(a, "standard", 2026, 8), legacy_index_name(a, "shop", 2026, 8)])
+    assert dry.indices == expired
     assert len(dry.staged_hours) == 1 and dry.quarantine_entries == 1
-    assert es.indices.exists(index=f"audit-{a}-shop-2026.08")
+    assert all(es.indices.exists(index=name) for name in expired)
     assert len(stores[a].hours("records")) == 2
 
-    done = run_retention(env=a, retention_days=30, client=es, stores=[stores[a]], state=state,
+    done = run_retention(env=a, environment=CLASSES, client=es, stores=[stores[a]], state=state,
                          now=NOW, dry_run=False)  # fmt: skip
     assert done.indices == dry.indices and done.quarantine_entries == 1
-    assert not es.indices.exists(index=f"audit-{a}-shop-2026.08")
-    assert es.indices.exists(index=f"audit-{a}-shop-2026.10")
-    assert es.indices.exists(index=f"audit-{b}-shop-2026.08")
+    assert not any(es.indices.exists(index=name) for name in expired)
+    assert es.indices.exists(index=index_name(a, "standard", 2026, 10))
+    assert es.indices.exists(index=index_name(a, "long", 2026, 8))
+    assert es.indices.exists(index=index_name(b, "standard", 2026, 8))
     assert stores[a].hours("records") == [recent.replace(minute=0, second=0, microsecond=0)]
     assert len(stores[b].hours("records")) == 2
     remaining = state.execute(
@@ -84,7 +100,7 @@ def test_retention_deletes_expired_indices_files_and_entries_of_its_environment_
 
 def test_retention_refuses_another_environments_staging(tmp_path):
     with pytest.raises(ValueError, match="staging of environment 'other'"):
-        run_retention(env="mine", retention_days=1, client=None,
+        run_retention(env="mine", environment=EnvironmentConfig(retention_days=1), client=None,
                       stores=[StagingStore(str(tmp_path), "other", "shop")], state=None,
                       now=NOW, dry_run=True)  # fmt: skip
 
@@ -101,16 +117,82 @@ def test_the_test_cluster_has_no_ilm_so_the_retention_job_deletes_indices(es):
     assert cluster_has_ilm(es) is False
 
 
+def test_a_source_expires_with_its_class_and_a_class_nobody_has_any_more_is_kept(
+    es_prefix, es, tmp_path
+):
+    env = f"{es_prefix.replace('-', '_')}c"
+    environment = EnvironmentConfig.model_validate(
+        {
+            "retention_days": 30,
+            "retention_classes": {"long": 400},
+            "sources": {
+                "shop": {"url_env": "A"},
+                "crm": {"url_env": "B", "retention_class": "long"},
+            },
+        }
+    )
+    names = [
+        index_name(env, "long", 2025, 9),
+        index_name(env, "long", 2025, 10),
+        index_name(env, "gone", 2020, 1),
+        legacy_index_name(env, "crm", 2026, 8),
+    ]
+    for name in names:
+        es.indices.create(index=name)
+    stores = {s: StagingStore(str(tmp_path), env, s) for s in ("shop", "crm")}
+    for store in stores.values():
+        _stage(store, (NOW - timedelta(days=40)).replace(minute=0))
+    try:
+        report = run_retention(
+            env=env,
+            environment=environment,
+            client=es,
+            stores=list(stores.values()),
+            state=None,
+            now=NOW,
+            dry_run=False,
+        )
+        # September 2025 ended 451 days ago, October 421: both past 400. crm's index of the
+        # layout per source is crm's class's, long: inside.
+        assert report.indices == [index_name(env, "long", 2025, 9)]
+        assert report.unknown_class == [index_name(env, "gone", 2020, 1)]
+        assert es.indices.exists(index=index_name(env, "gone", 2020, 1))
+        assert es.indices.exists(index=legacy_index_name(env, "crm", 2026, 8))
+        assert report.staged_hours and all("/shop/" in h for h in report.staged_hours)
+        assert len(stores["crm"].hours("records")) == 1
+    finally:
+        for name in names:
+            es.options(ignore_status=404).indices.delete(index=name)
+
+
 def test_retention_keeps_what_legal_holds_cover_and_removes_the_rest(es_prefix, es, tmp_path,
                                                                      pg_database):  # fmt: skip
+    """Sources of a class share its monthly indices: a hold keeps the whole index holding a
+    record it covers, with the records of everyone else in it (counted in the report), and
+    never thins it with a delete-by-query."""
     env = f"{es_prefix.replace('-', '_')}h"
-    old = {s: f"audit-{env}-{s}-2026.08" for s in ("shop", "billing", "crm")}
-    for source, name in old.items():
-        es.indices.create(index=name)
-        es.index(index=name, id="1", refresh=True, document={
-            "source": {"service": source}, "table": {"schema": "public", "name": "orders"},
-            "object_id": "42"})  # fmt: skip
-    stores = [StagingStore(str(tmp_path), env, s) for s in old]
+    environment = EnvironmentConfig(retention_days=30)
+    july, august = index_name(env, "standard", 2026, 7), index_name(env, "standard", 2026, 8)
+    documents = [
+        (july, "shop", "42"),
+        (july, "billing", "42"),
+        (july, "billing", "7"),
+        (july, "crm", "42"),
+        (august, "billing", "1"),
+        (august, "crm", "2"),
+    ]
+    for number, (name, source, object_id) in enumerate(documents):
+        es.index(
+            index=name,
+            id=str(number),
+            document={
+                "source": {"service": source},
+                "table": {"schema": "public", "name": "orders"},
+                "object_id": object_id,
+            },
+        )
+    es.indices.refresh(index=f"{july},{august}")
+    stores = [StagingStore(str(tmp_path), env, s) for s in ("shop", "billing", "crm")]
     hour = (NOW - timedelta(days=40)).replace(minute=0)
     for store in stores:
         _stage(store, hour)
@@ -127,28 +209,68 @@ def test_retention_keeps_what_legal_holds_cover_and_removes_the_rest(es_prefix, 
         create_hold(state, env, "shop", reason="r", created_by="x", object_id="1")
     holds = list_holds(state, env, active_only=True)
     try:
-        dry = run_retention(env=env, retention_days=30, client=es, stores=stores, state=state,
-                            now=NOW, dry_run=True, holds=holds)  # fmt: skip
-        assert dry.held[whole.id]["indices"] == [old["shop"]]
-        assert dry.held[one.id]["indices"] == [old["billing"]]
+        dry = run_retention(
+            env=env,
+            environment=environment,
+            client=es,
+            stores=stores,
+            state=state,
+            now=NOW,
+            dry_run=True,
+            holds=holds,
+        )
+        assert dry.held[whole.id]["indices"] == [july]
+        assert dry.held[one.id]["indices"] == [july]
         assert elsewhere.id not in dry.held or dry.held[elsewhere.id]["indices"] == []
-        assert dry.indices == [old["crm"]]  # its hold covers another table: no record held
+        assert dry.indices == [august]  # its records are neither shop's nor billing's 42
+        # July is kept whole: billing's object 7 and crm's record stay with the held ones.
+        assert dry.kept_with_holds == {july: 2}
         assert all(len(dry.held[h.id]["staged_hours"]) == 1 for h in (whole, one, elsewhere))
-        run_retention(env=env, retention_days=30, client=es, stores=stores, state=state, now=NOW,
-                      dry_run=False, holds=holds)  # fmt: skip
-        assert es.indices.exists(index=old["shop"]) and es.indices.exists(index=old["billing"])
-        assert not es.indices.exists(index=old["crm"])
+        run_retention(
+            env=env,
+            environment=environment,
+            client=es,
+            stores=stores,
+            state=state,
+            now=NOW,
+            dry_run=False,
+            holds=holds,
+        )
+        assert es.count(index=july)["count"] == 4  # nothing deleted from it by query
+        assert not es.indices.exists(index=august)
         assert all(len(store.hours("records")) == 1 for store in stores)
-        # Released, the hold no longer keeps anything; its record stays.
+        # Released, a hold no longer keeps anything; its record stays. July is still held by
+        # the other hold.
         assert release_hold(state, env, whole.id, "counsel")
         assert not release_hold(state, env, whole.id, "counsel")
         holds = list_holds(state, env, active_only=True)
-        done = run_retention(env=env, retention_days=30, client=es, stores=stores, state=state,
-                             now=NOW, dry_run=False, holds=holds)  # fmt: skip
-        assert done.indices == [old["shop"]] and not es.indices.exists(index=old["shop"])
+        done = run_retention(
+            env=env,
+            environment=environment,
+            client=es,
+            stores=stores,
+            state=state,
+            now=NOW,
+            dry_run=False,
+            holds=holds,
+        )
+        assert done.indices == [] and done.kept_with_holds == {july: 3}
+        assert release_hold(state, env, one.id, "counsel")
+        holds = list_holds(state, env, active_only=True)
+        done = run_retention(
+            env=env,
+            environment=environment,
+            client=es,
+            stores=stores,
+            state=state,
+            now=NOW,
+            dry_run=False,
+            holds=holds,
+        )
+        assert done.indices == [july] and not es.indices.exists(index=july)
         released = next(h for h in list_holds(state, env) if h.id == whole.id)
         assert released.released_by == "counsel" and released.released_at is not None
     finally:
-        for name in old.values():
+        for name in (july, august):
             es.options(ignore_status=404).indices.delete(index=name)
         state.close()

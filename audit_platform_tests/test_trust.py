@@ -25,7 +25,7 @@ from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
 from audit_platform.index.batch import index_pending
 from audit_platform.index.documents import documents
 from audit_platform.index.template import install_template
-from audit_platform.naming import read_alias
+from audit_platform.naming import index_name, legacy_index_name, read_alias
 from audit_platform.read_log import append_reads, read_rows, read_trail
 from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import Settings
@@ -167,6 +167,33 @@ def test_a_derived_field_out_of_step_with_the_facts_is_named(trail):
     report = trail.verify()
     assert kinds(report) == {"derived_altered": [hit["_id"]]}
     assert "user" in report.problems[0].detail
+
+
+def test_a_document_in_another_retention_class_index_is_named(trail):
+    """Sources share the indices of their class: a document moved to another class's index
+    (where a reader scoped by index, or retention, would treat it by the wrong period) is
+    named, as is every document when the source's class says they belong elsewhere."""
+    hit = doc(trail, "insert")
+    committed = datetime.fromisoformat(hit["_source"]["@timestamp"])
+    elsewhere = index_name(trail.env, "long", committed.year, committed.month)
+    trail.es.index(index=elsewhere, id=hit["_id"], document=hit["_source"], refresh=True)
+    trail.es.delete(index=hit["_index"], id=hit["_id"], refresh=True)
+    report = trail.verify()
+    assert kinds(report) == {"derived_altered": [hit["_id"]]}
+    assert "index" in report.problems[0].detail
+    others = {h["_id"] for h in trail.hits()} - {hit["_id"]}
+    assert set(kinds(trail.verify(retention_class="long"))["derived_altered"]) == others
+
+
+def test_a_document_left_in_the_layout_per_source_is_named_with_what_to_do(trail):
+    hit = doc(trail, "update")
+    committed = datetime.fromisoformat(hit["_source"]["@timestamp"])
+    old = legacy_index_name(trail.env, "shop", committed.year, committed.month)
+    trail.es.index(index=old, id=hit["_id"], document=hit["_source"], refresh=True)
+    trail.es.delete(index=hit["_index"], id=hit["_id"], refresh=True)
+    report = trail.verify()
+    assert kinds(report) == {"derived_altered": [hit["_id"]]}
+    assert "run audit-platform index migrate" in report.problems[0].detail
 
 
 def test_a_deleted_document_is_named(trail):
@@ -462,6 +489,10 @@ def test_verify_derives_fields_as_the_indexing_code_does():
     index, doc_id, doc = next(documents(records, database="db", ingested_at=now))
     assert derived_mismatches(index, doc_id, {**doc, "values_text": "forged"}) == ["values_text"]
     assert derived_mismatches("audit-e-shop-2020.01", doc_id, doc) == ["index"]
+    # The index follows from the month and the source's retention class.
+    assert index == index_name("e", "standard", 2026, 11)
+    assert derived_mismatches(index, doc_id, doc, "long") == ["index"]
+    assert derived_mismatches(index_name("e", "long", 2026, 11), doc_id, doc, "long") == []
 
 
 def test_an_edited_records_file_is_named(trail):

@@ -20,9 +20,8 @@ from audit_platform.defs.capture.assets import source_url, staged_key
 from audit_platform.defs.index.assets import TEMPLATE_KEY
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.environment import EnvironmentConfig, SourceConfig
-from audit_platform.index.retention import cluster_has_ilm
 from audit_platform.index.template import installed_template_hash, render_template
-from audit_platform.naming import slot_name, template_name
+from audit_platform.naming import slot_name
 from audit_platform.sources.check import Level, check_source
 
 CHECK_CRON = "*/5 * * * *"
@@ -90,10 +89,11 @@ def template_check(environment: EnvironmentConfig) -> dg.AssetChecksDefinition:
     def template_current(platform: AuditPlatform) -> dg.AssetCheckResult:
         settings = platform.settings
         with platform.elasticsearch() as client:
-            lifecycle = template_name(settings.env) if cluster_has_ilm(client) else None
             installed = installed_template_hash(client, settings.env)
-        expected = render_template(settings.resources_dir, settings.env,
-                                   environment.index_replicas, lifecycle)["_meta"]  # fmt: skip
+        # Lifecycles are named by the templates of the classes; the environment's has none.
+        expected = render_template(
+            settings.resources_dir, settings.env, environment.index_replicas
+        )["_meta"]
         return dg.AssetCheckResult(
             passed=installed == expected["template_hash"],
             metadata={"installed_hash": installed or "none (not installed)",

@@ -13,13 +13,13 @@ PARTITION_KEY_FORMAT = "%Y-%m-%d-%H:%M"
 
 def partitions_start(environment: EnvironmentConfig, now: datetime) -> datetime:
     """Where an environment's hours begin: its ``partitions_start``, else the first day its
-    retention still keeps. Nothing older can be staged or rebuilt, and every hour before it
-    would be one more partition for Dagster to list, check and show (an hour a partition since
-    a fixed date in the past grows without end)."""
+    longest retention class still keeps. Nothing older can be staged or rebuilt, and every
+    hour before it would be one more partition for Dagster to list, check and show (an hour a
+    partition since a fixed date in the past grows without end)."""
     if environment.partitions_start is not None:
         start = environment.partitions_start.astimezone(UTC)
     else:
-        start = now.astimezone(UTC) - timedelta(days=environment.retention_days)
+        start = now.astimezone(UTC) - timedelta(days=environment.longest_retention_days)
         start = start.replace(hour=0)
     return start.replace(minute=0, second=0, microsecond=0)
 

@@ -70,8 +70,13 @@ class AuditPlatform(dg.ConfigurableResource):
         """
         with es_from_settings(self.settings) as client:
             if environment is not None:
-                ensure_template(client, self.settings.resources_dir, self.env,
-                                environment.index_replicas, environment.retention_days)  # fmt: skip
+                ensure_template(
+                    client,
+                    self.settings.resources_dir,
+                    self.env,
+                    environment.index_replicas,
+                    environment.classes,
+                )
             yield client
 
     def state(self) -> psycopg.Connection:

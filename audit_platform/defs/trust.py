@@ -60,12 +60,13 @@ def trail_check(source: str) -> dg.AssetChecksDefinition:
             TrustLog(store).checkpoint(signer, now)
         since = now - VERIFIED
         environment = platform.environment()
-        window = Window(now, retention=timedelta(days=environment.retention_days))
+        window = Window(now, retention=timedelta(days=environment.retention_days_of(source)))
         with platform.elasticsearch() as es, platform.state() as state:
             report = verify_source(
                 store, es, load_policy(policy_path(settings.resources_dir, source)),
                 settings.verifier(), since=since, until=None,
                 window=window, waiting=waiting_changes(state, settings.env, source),
+                retention_class=environment.retention_class_of(source),
             )  # fmt: skip
         return _result(report, f"{source}'s changes since {since:%H:%M} UTC")
 

@@ -1,10 +1,12 @@
 """Least privilege in Elasticsearch: per environment, a writer for the pipeline and a reader for
 the API, so neither holds a superuser's password and neither reaches another environment.
 
-- ``audit_<env>_writer`` (role and user): everything on ``audit-<env>-*`` and its alias
-  ``audit-<env>`` (create, write, read for reconciliation and verification, manage for aliases
-  and retention's deletes); index templates and ILM policies at cluster level, because
-  Elasticsearch has no per-name privilege for those; ``monitor`` for health.
+- ``audit_<env>_writer`` (role and user): everything on ``audit-<env>-*`` (the indices per
+  retention class, and those of the layout per source until ``index migrate`` moves them) and
+  its alias ``audit-<env>`` (create, write, read for reconciliation and verification, manage
+  for aliases, retention's deletes and the migration's reindex); index templates and ILM
+  policies at cluster level, because Elasticsearch has no per-name privilege for those;
+  ``monitor`` for health.
 - ``audit_<env>_reader``: ``read`` on the alias ``audit-<env>`` only, which is all the API
   queries; ``monitor`` for its readiness check.
 
@@ -22,7 +24,7 @@ from typing import Any
 
 from elasticsearch import Elasticsearch
 
-from audit_platform.naming import check_identifier, read_alias
+from audit_platform.naming import check_identifier, index_pattern, read_alias
 from audit_platform.settings import ElasticsearchConnection
 
 WRITER, READER = "writer", "reader"
@@ -59,7 +61,7 @@ def role_descriptors(env: str) -> dict[str, dict[str, Any]]:
             "cluster": ["monitor", "manage_index_templates", "manage_ilm"],
             "indices": [
                 {
-                    "names": [f"{alias}-*", alias],
+                    "names": [index_pattern(env), alias],
                     "privileges": ["create_index", "write", "read", "manage"],
                 }
             ],

@@ -16,6 +16,7 @@ from elasticsearch import Elasticsearch
 
 from audit_platform.faults import crash_point
 from audit_platform.index.bulk import IndexResult, index_records
+from audit_platform.naming import STANDARD_CLASS
 from audit_platform.staging.store import FILE, StagingStore, hour_from_path
 
 
@@ -47,14 +48,18 @@ def index_files(
     database: str,
     now: datetime,
     ids: list[str] | None = None,
+    retention_class: str = STANDARD_CLASS,
 ) -> list[HourIndexed]:
-    """Index the records of these files (only ``ids``, where given); dead letters per file."""
+    """Index the records of these files (only ``ids``, where given); dead letters per file.
+    ``retention_class``: the source's, naming the indices (``EnvironmentConfig``)."""
     records = store.read(records_paths)
     if ids is not None and records.height:
         records = records.filter(pl.col("id").is_in(pl.Series(ids, dtype=pl.String).implode()))
     if records.is_empty():
         return []
-    result = index_records(client, records, database=database, ingested_at=now)
+    result = index_records(
+        client, records, database=database, ingested_at=now, retention_class=retention_class
+    )
     _write_dead_letters(store, records, result)
     return _by_hour(records, result)
 
@@ -89,7 +94,12 @@ def _by_hour(records: pl.DataFrame, result: IndexResult) -> list[HourIndexed]:
 
 
 def index_pending(
-    client: Elasticsearch, store: StagingStore, *, database: str, now: datetime
+    client: Elasticsearch,
+    store: StagingStore,
+    *,
+    database: str,
+    now: datetime,
+    retention_class: str = STANDARD_CLASS,
 ) -> list[HourIndexed]:
     """Index every enriched pending entry (this run's and any an earlier run left), oldest
     first, and take each off the ledger once its documents are in."""
@@ -99,7 +109,15 @@ def index_pending(
             continue  # not enriched yet: the enrich step of this or the next run comes first
         ids = None if entry.ids is None else list(entry.ids)
         results.extend(
-            index_files(client, store, list(entry.records), database=database, now=now, ids=ids)
+            index_files(
+                client,
+                store,
+                list(entry.records),
+                database=database,
+                now=now,
+                ids=ids,
+                retention_class=retention_class,
+            )
         )
         crash_point("index.documents_sent")
         store.done(entry)
@@ -107,11 +125,22 @@ def index_pending(
 
 
 def index_hour(
-    client: Elasticsearch, store: StagingStore, hour: datetime, *, database: str, now: datetime
+    client: Elasticsearch,
+    store: StagingStore,
+    hour: datetime,
+    *,
+    database: str,
+    now: datetime,
+    retention_class: str = STANDARD_CLASS,
 ) -> HourIndexed:
     """Index every record of an hour again (a backfill, a reconciliation of a short hour)."""
     found = index_files(
-        client, store, store.hour_files("records", hour), database=database, now=now
+        client,
+        store,
+        store.hour_files("records", hour),
+        database=database,
+        now=now,
+        retention_class=retention_class,
     )
     return found[0] if found else HourIndexed(hour)
 

@@ -33,6 +33,7 @@ from tenacity import (
 
 from audit_platform.faults import crash_point
 from audit_platform.index.documents import document_frame
+from audit_platform.naming import STANDARD_CLASS
 
 DEAD_LETTER_SCHEMA = {"id": pl.String, "index": pl.String, "status": pl.Int32, "reason": pl.String}
 #: Chosen by measurement (benchmarks/results/index_throughput.md): past about 1,000 documents
@@ -69,13 +70,18 @@ def index_records(
     chunk_bytes: int = CHUNK_BYTES,
     in_flight: int = IN_FLIGHT,
     max_attempts: int = 6,
+    retention_class: str = STANDARD_CLASS,
 ) -> IndexResult:
-    """Index records; a document refused for itself is returned in ``failed``, not raised."""
+    """Index records; a document refused for itself is returned in ``failed``, not raised.
+
+    ``retention_class`` is the records' source's: it names the monthly index they go to."""
     started = time.monotonic()
     result = IndexResult()
     if records.is_empty():
         return result
-    frame = document_frame(records, database=database, ingested_at=ingested_at).select(
+    frame = document_frame(
+        records, database=database, ingested_at=ingested_at, retention_class=retention_class
+    ).select(
         "index",
         "id",
         pl.concat_str(

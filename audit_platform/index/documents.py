@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 
-from audit_platform.naming import index_name
+from audit_platform.naming import STANDARD_CLASS, index_name
 from audit_platform.record import ECS_EVENT_TYPE, RECORD_SCHEMA, AuditRecord
 from audit_platform.staging.store import lsn_text
 
@@ -82,8 +82,15 @@ def _raw(name: str, column: pl.Expr) -> list[pl.Expr]:
     return [pl.lit(f',"{name}":'), column.fill_null(pl.lit("null"))]
 
 
-def document_frame(records: pl.DataFrame, *, database: str, ingested_at: datetime) -> pl.DataFrame:
-    """``index``, ``id`` and ``document`` (JSON text) for each record."""
+def document_frame(
+    records: pl.DataFrame,
+    *,
+    database: str,
+    ingested_at: datetime,
+    retention_class: str = STANDARD_CLASS,
+) -> pl.DataFrame:
+    """``index``, ``id`` and ``document`` (JSON text) for each record; ``retention_class`` is
+    their source's (``EnvironmentConfig.retention_class_of``), naming the monthly index."""
     # Records files written before these columns were kept lack them.
     records = records.with_columns(
         pl.lit(None, RECORD_SCHEMA[name]).alias(name)
@@ -91,13 +98,11 @@ def document_frame(records: pl.DataFrame, *, database: str, ingested_at: datetim
         if name not in records.columns
     )
     lsns = records["lsn"].unique()
-    month = pl.concat_str(
-        "env", "source", pl.col("commit_time").dt.strftime("%Y/%m"), separator="/"
-    )
-    keys = records.select(month.alias("key"), "env", "source", "commit_time").unique("key")
+    month = pl.concat_str("env", pl.col("commit_time").dt.strftime("%Y/%m"), separator="/")
+    keys = records.select(month.alias("key"), "env", "commit_time").unique("key")
     names = {  # through naming.index_name, the one definition of index names
-        key: index_name(env, source, committed.year, committed.month)
-        for key, env, source, committed in keys.iter_rows()
+        key: index_name(env, retention_class, committed.year, committed.month)
+        for key, env, committed in keys.iter_rows()
     }
     return records.with_columns(
         pl.col("lsn")
@@ -126,10 +131,16 @@ def document_frame(records: pl.DataFrame, *, database: str, ingested_at: datetim
 
 
 def documents(
-    records: pl.DataFrame, *, database: str, ingested_at: datetime
+    records: pl.DataFrame,
+    *,
+    database: str,
+    ingested_at: datetime,
+    retention_class: str = STANDARD_CLASS,
 ) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """(index, _id, document as a dict): for tests, exports and comparisons, not for indexing."""
-    frame = document_frame(records, database=database, ingested_at=ingested_at)
+    frame = document_frame(
+        records, database=database, ingested_at=ingested_at, retention_class=retention_class
+    )
     for index, doc_id, document in frame.iter_rows():
         yield index, doc_id, json.loads(document)
 

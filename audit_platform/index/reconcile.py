@@ -1,5 +1,9 @@
 """Reconciliation: records staged for an hour against documents indexed for it, and, for an
-hour that is short, which of its batches are short, so that only those are indexed again."""
+hour that is short, which of its batches are short, so that only those are indexed again.
+
+Documents are counted in the indices of the source's retention class, which every source of the
+class shares, with a ``source.service`` term: where the source's records must be, not wherever
+the read alias finds a copy (an index of the layout before classes, until it is migrated)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from datetime import datetime, timedelta
 import polars as pl
 from elasticsearch import Elasticsearch
 
-from audit_platform.naming import read_alias
+from audit_platform.naming import STANDARD_CLASS, class_index_pattern
 from audit_platform.staging.store import StagingStore, lsn_range
 
 
@@ -25,7 +29,12 @@ class HourCounts:
         return self.staged - self.dead_lettered - self.indexed
 
 
-def hour_counts(client: Elasticsearch, store: StagingStore, hour: datetime) -> HourCounts:
+def hour_counts(
+    client: Elasticsearch,
+    store: StagingStore,
+    hour: datetime,
+    retention_class: str = STANDARD_CLASS,
+) -> HourCounts:
     """Records staged for an hour against documents indexed for it (dead letters excluded).
 
     Staged counts come from the Parquet footers of the hour's files, so this reads no data.
@@ -33,7 +42,7 @@ def hour_counts(client: Elasticsearch, store: StagingStore, hour: datetime) -> H
     staged = store.count_rows(store.hour_files("records", hour))
     dead = store.count_rows(store.hour_files("deadletter", hour))
     indexed = client.count(
-        index=read_alias(store.env),
+        index=class_index_pattern(store.env, retention_class),
         query=_hour_query(store, hour),
         ignore_unavailable=True,
         allow_no_indices=True,
@@ -41,7 +50,12 @@ def hour_counts(client: Elasticsearch, store: StagingStore, hour: datetime) -> H
     return HourCounts(hour, staged, indexed, dead)
 
 
-def short_batches(client: Elasticsearch, store: StagingStore, hour: datetime) -> list[str]:
+def short_batches(
+    client: Elasticsearch,
+    store: StagingStore,
+    hour: datetime,
+    retention_class: str = STANDARD_CLASS,
+) -> list[str]:
     """The records files of an hour with fewer documents indexed than records staged.
 
     Files are grouped where their LSN ranges overlap (the parts of a transaction lie inside the
@@ -61,7 +75,7 @@ def short_batches(client: Elasticsearch, store: StagingStore, hour: datetime) ->
     if not groups:
         return []
     found = client.search(
-        index=read_alias(store.env),
+        index=class_index_pattern(store.env, retention_class),
         size=0,
         query=_hour_query(store, hour),
         aggs={

@@ -38,7 +38,12 @@ from audit_platform.clients import es_from_settings, pg_url_from_settings
 from audit_platform.enrich.join import enrich
 from audit_platform.environment import load_environment
 from audit_platform.index.documents import EVENTS
-from audit_platform.naming import index_name, read_alias
+from audit_platform.naming import (
+    STANDARD_CLASS,
+    index_name,
+    parse_index_name,
+    read_alias,
+)
 from audit_platform.policy import SourcePolicy, load_policy, policy_path
 from audit_platform.read_log import read_leaf, read_rows
 from audit_platform.record import record_id
@@ -160,9 +165,11 @@ def verify_source(
     window: Window,
     waiting: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
     staging: bool = True,
+    retention_class: str = STANDARD_CLASS,
 ) -> VerifyReport:
     """One source's trail over commit times [since, until) (the log and its checkpoints are
-    always checked whole); ``waiting`` holds the quarantine's (commit LSN, change index)."""
+    always checked whole); ``waiting`` holds the quarantine's (commit LSN, change index);
+    ``retention_class`` is the source's, naming the indices its documents must be in."""
     report = VerifyReport(store.env, store.source, since, until)
     log = TrustLog(store)
     with _without_cyclic_gc():
@@ -174,8 +181,19 @@ def verify_source(
         in_range = _in_range(leaves.filter(pl.col("position") < state.size), since, until)
         changes = in_range.filter(pl.col("kind") == "change")
         report.logged_changes = changes.height
-        _check_documents(report, es, store, leaves, changes, since, until, window, waiting,
-                         state.first_lsn)  # fmt: skip
+        _check_documents(
+            report,
+            es,
+            store,
+            leaves,
+            changes,
+            since,
+            until,
+            window,
+            waiting,
+            state.first_lsn,
+            retention_class,
+        )
         if staging:
             _check_staging(report, store, policy, changes, since, until)
     return report
@@ -332,6 +350,7 @@ def _check_documents(
     window: Window,
     waiting: set[tuple[int, int]],
     first_lsn: int | None,
+    retention_class: str,
 ) -> None:
     logged = {
         rid: (h, lsn, seq, t)
@@ -358,13 +377,12 @@ def _check_documents(
         seen.add(doc_id)
         try:
             claimed = document_leaves(doc_id, doc)
-            derived = derived_mismatches(hit["_index"], doc_id, doc)
+            derived = derived_mismatches(hit["_index"], doc_id, doc, retention_class)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             report.add("altered", doc_id, f"the document is not a record any more: {exc!r}")
             continue
         if derived:
-            report.add("derived_altered", doc_id, f"fields {', '.join(derived)} are not what "
-                       "its own facts give")  # fmt: skip
+            report.add("derived_altered", doc_id, _derived_text(derived, hit["_index"]))
         _, change = claimed[0]
         found = logged.get(doc_id)
         lsn = change["commit_lsn"]
@@ -435,6 +453,17 @@ def _check_documents(
             )
 
 
+def _derived_text(derived: list[str], index: str) -> str:
+    text = f"fields {', '.join(derived)} are not what its own facts give"
+    parsed = parse_index_name(index)
+    if "index" in derived and parsed is not None and parsed.source is not None:
+        text += (
+            f" (it is in {index}, of the layout before retention classes: run "
+            "audit-platform index migrate)"
+        )
+    return text
+
+
 @dataclass
 class _Pending:
     ranges: list[tuple[int, int]]
@@ -452,10 +481,14 @@ def _pending(store: StagingStore) -> _Pending:
     return found
 
 
-def derived_mismatches(index: str, doc_id: str, doc: dict[str, Any]) -> list[str]:
+def derived_mismatches(
+    index: str, doc_id: str, doc: dict[str, Any], retention_class: str = STANDARD_CLASS
+) -> list[str]:
     """Fields of a document that do not follow from its own facts (its id, index, event,
     free text, and the user, service, trace and client its context names), as the indexing
-    code derives them (``index.documents``; a test holds the two to the same answers)."""
+    code derives them (``index.documents``; a test holds the two to the same answers).
+    The index follows from the commit month and the source's ``retention_class``: a document
+    copied into another class's index, or another month's, is caught here."""
     txn, context = doc["transaction"], doc.get("context") or {}
     actor = context.get("actor") if isinstance(context.get("actor"), dict) else {}
     lsn = parse_lsn(txn["commit_lsn"])
@@ -463,8 +496,7 @@ def derived_mismatches(index: str, doc_id: str, doc: dict[str, Any]) -> list[str
     images = [*(doc.get("before") or {}).values(), *(doc.get("after") or {}).values()]
     expected = {
         "id": record_id(doc["env"], doc["source"]["service"], lsn, txn["change_index"]),
-        "index": index_name(doc["env"], doc["source"]["service"], committed.year,
-                            committed.month),
+        "index": index_name(doc["env"], retention_class, committed.year, committed.month),
         "event": EVENTS.get(doc.get("operation")),
         "values_text": " ".join(v for v in images if isinstance(v, str) and v != ""),
         "user": {"id": _text_of(actor.get("id")), "name": _text_of(actor.get("name"))},
@@ -579,7 +611,6 @@ def verify_environment(
     if unknown:
         raise ValueError(f"environment {settings.env} has no source {', '.join(unknown)}; "
                          f"it has {', '.join(sorted(environment.sources))}")  # fmt: skip
-    window = Window(now, retention=timedelta(days=environment.retention_days))
     reports = []
     with (
         es_from_settings(settings) as es,
@@ -588,10 +619,12 @@ def verify_environment(
         for source in sources or sorted(environment.sources):
             store = StagingStore(settings.staging_root, settings.env, source)
             policy = load_policy(policy_path(settings.resources_dir, source))
+            days = environment.retention_days_of(source)
             reports.append(verify_source(
                 store, es, policy, settings.verifier(), since=since, until=until,
-                window=window, waiting=waiting_changes(state, settings.env, source),
-                staging=staging,
+                window=Window(now, retention=timedelta(days=days)),
+                waiting=waiting_changes(state, settings.env, source), staging=staging,
+                retention_class=environment.retention_class_of(source),
             ))  # fmt: skip
     return reports
 

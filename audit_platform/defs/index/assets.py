@@ -22,7 +22,7 @@ from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.index.batch import HourIndexed, index_files, index_hour, index_pending
 from audit_platform.index.reconcile import hour_counts, hour_transactions
 from audit_platform.index.template import ensure_template
-from audit_platform.naming import slot_name
+from audit_platform.naming import class_index_pattern, slot_name
 from audit_platform.staging import StagingStore, lsn_text
 
 TEMPLATE_KEY = dg.AssetKey(["elasticsearch", "index_template"])
@@ -53,13 +53,14 @@ def template_asset(environment: EnvironmentConfig, resources_dir: Path) -> dg.As
     def asset(platform: AuditPlatform) -> dg.MaterializeResult:
         settings = platform.settings
         with platform.elasticsearch() as client:
-            installed, lifecycle = ensure_template(
+            installed, lifecycles = ensure_template(
                 client, settings.resources_dir, settings.env, environment.index_replicas,
-                environment.retention_days,
+                environment.classes,
             )  # fmt: skip
         return dg.MaterializeResult(
             metadata={
-                "lifecycle": lifecycle or "none: this cluster has no ILM; retention_job deletes",
+                "lifecycle": ", ".join(lifecycles)
+                or "none: this cluster has no ILM; retention_job deletes",
                 "template": installed.name,
                 "template_hash": installed.template_hash,
                 "previous_hash": installed.previous_hash or "none",
@@ -94,8 +95,12 @@ def index_hours(
     """Index whole hours again (backfills)."""
     now = datetime.now(UTC)
     with _indexing(platform, source, config, environment) as (client, store, database):
+        retention_class = environment.retention_class_of(source)
         return [
-            index_hour(client, store, hour, database=database, now=now) for hour in sorted(hours)
+            index_hour(
+                client, store, hour, database=database, now=now, retention_class=retention_class
+            )
+            for hour in sorted(hours)
         ]
 
 
@@ -108,7 +113,14 @@ def index_batches(
 ) -> list[HourIndexed]:
     """Index some records files again (reconciliation of short batches)."""
     with _indexing(platform, source, config, environment) as (client, store, database):
-        return index_files(client, store, records_paths, database=database, now=datetime.now(UTC))
+        return index_files(
+            client,
+            store,
+            records_paths,
+            database=database,
+            now=datetime.now(UTC),
+            retention_class=environment.retention_class_of(source),
+        )
 
 
 def index_increment(
@@ -116,13 +128,19 @@ def index_increment(
 ) -> list[HourIndexed]:
     """A run's own work: every enriched batch or resolution on the pending ledger."""
     with _indexing(platform, source, config, environment) as (client, store, database):
-        return index_pending(client, store, database=database, now=datetime.now(UTC))
+        return index_pending(
+            client,
+            store,
+            database=database,
+            now=datetime.now(UTC),
+            retention_class=environment.retention_class_of(source),
+        )
 
 
 def count_check(
-    source: str, client, store: StagingStore, hour: datetime
+    source: str, client, store: StagingStore, hour: datetime, retention_class: str
 ) -> dg.AssetCheckEvaluation:
-    counts = hour_counts(client, store, hour)
+    counts = hour_counts(client, store, hour, retention_class)
     return dg.AssetCheckEvaluation(
         asset_key=indexed_key(source),
         check_name="staged_vs_indexed",
@@ -206,9 +224,12 @@ def indexed_asset(
     def asset(context: dg.AssetExecutionContext, platform: AuditPlatform) -> dg.MaterializeResult:
         hour = context.partition_time_window.start.astimezone(UTC)
         [indexed] = index_hours(platform, source, config, [hour], environment)
+        retention_class = environment.retention_class_of(source)
         with platform.elasticsearch() as client:
-            client.indices.refresh(index=f"audit-{platform.env}-{source}-*", allow_no_indices=True)
-            checks = [count_check(source, client, platform.store(source), hour),
+            client.indices.refresh(
+                index=class_index_pattern(platform.env, retention_class), allow_no_indices=True
+            )
+            checks = [count_check(source, client, platform.store(source), hour, retention_class),
                       transactions_check(source, platform.store(source), hour)]  # fmt: skip
         return dg.MaterializeResult(
             metadata=indexed.metadata,

@@ -14,7 +14,7 @@ from audit_platform.defs.resources import AuditPlatform
 from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.index.reconcile import short_batches
 from audit_platform.index.retention import run_for_environment
-from audit_platform.naming import slot_name
+from audit_platform.naming import class_index_pattern, slot_name
 
 SLOT_TAG = "audit/slot"
 
@@ -46,22 +46,32 @@ def reconcile_job(
             grace = timedelta(minutes=environment.enrich_grace_minutes)
             enrich_hours(platform, source, unenriched, grace)
         hours = [h for h in store.hours("records") if h >= since]
+        # The source's records are in its retention class's indices, shared with the class's
+        # other sources: counts filter on source.service.
+        retention_class = environment.retention_class_of(source)
+        indices = class_index_pattern(platform.env, retention_class)
         with platform.elasticsearch() as client:
-            client.indices.refresh(index=f"audit-{platform.env}-{source}-*", allow_no_indices=True)
-            short = [h for h in hours if count_check(source, client, store, h).passed is False]
+            client.indices.refresh(index=indices, allow_no_indices=True)
+            short = [
+                h
+                for h in hours
+                if count_check(source, client, store, h, retention_class).passed is False
+            ]
             # Only the batches that are short go again, not their hours.
-            files = [path for hour in short for path in short_batches(client, store, hour)]
+            files = [
+                path
+                for hour in short
+                for path in short_batches(client, store, hour, retention_class)
+            ]
             if files:
                 context.log.info(
                     f"re-indexing {len(files)} batch file(s) of {len(short)} hour(s) with "
                     "missing documents"
                 )
                 index_batches(platform, source, source_config, files, environment)
-                client.indices.refresh(
-                    index=f"audit-{platform.env}-{source}-*", allow_no_indices=True
-                )
+                client.indices.refresh(index=indices, allow_no_indices=True)
             for hour in hours:
-                context.log_event(count_check(source, client, store, hour))
+                context.log_event(count_check(source, client, store, hour, retention_class))
                 context.log_event(transactions_check(source, store, hour))
 
     source_config = config
