@@ -84,21 +84,33 @@ def _source(url: str, staging_root, name: str, env: str) -> CaptureSource:
 
 
 def _worker(source: CaptureSource, es, state_url, report=None, settings=FAST, signer=None):
-    live = LiveSource(source.policy.source, lambda: source.url, lambda: source.policy,
-                      source.store, "shopdb")  # fmt: skip
-    return SourceWorker(source.env, live, state_url=state_url,
-                        elasticsearch=lambda: nullcontext(es), mask_key=MASK_KEY,
-                        signer=signer, settings=settings,
-                        report=report or LiveReport())  # fmt: skip
+    live = LiveSource(
+        source.policy.source, lambda: source.url, lambda: source.policy, source.store, "shopdb"
+    )
+    return SourceWorker(
+        source.env,
+        live,
+        state_url=state_url,
+        elasticsearch=lambda: nullcontext(es),
+        mask_key=MASK_KEY,
+        signer=signer,
+        settings=settings,
+        report=report or LiveReport(),
+    )
 
 
 def _write(url: str, n: int, rows: int = 3) -> None:
     """One transaction of a service, with its context."""
     with psycopg.connect(url) as conn:
-        conn.execute("SELECT audit.set_context(%s::jsonb)",
-                     (json.dumps({"actor": {"type": "user", "id": f"u{n}"}}),))  # fmt: skip
-        conn.execute("INSERT INTO orders (id, status, note) SELECT g, 'new', 'ü' FROM"
-                     " generate_series(%s::int, %s::int) g", (n * 100, n * 100 + rows - 1))  # fmt: skip
+        conn.execute(
+            "SELECT audit.set_context(%s::jsonb)",
+            (json.dumps({"actor": {"type": "user", "id": f"u{n}"}}),),
+        )
+        conn.execute(
+            "INSERT INTO orders (id, status, note) SELECT g, 'new', 'ü' FROM"
+            " generate_series(%s::int, %s::int) g",
+            (n * 100, n * 100 + rows - 1),
+        )
         if n % 3 == 0:
             conn.execute("UPDATE orders SET status = 'paid' WHERE id = %s", (n * 100 - 300,))
 
@@ -107,8 +119,9 @@ def _indexed(es, env: str, source: str) -> list[tuple]:
     if not es.indices.exists_alias(name=read_alias(env)):
         return []  # nothing indexed yet
     es.indices.refresh(index=read_alias(env))
-    hits = es.search(index=read_alias(env), size=10_000,
-                     query={"term": {"source.service": source}})["hits"]  # fmt: skip
+    hits = es.search(
+        index=read_alias(env), size=10_000, query={"term": {"source.service": source}}
+    )["hits"]
     assert hits["total"]["value"] < 10_000
     return sorted(record_tuple(d["_source"]) for d in hits["hits"])
 
@@ -180,8 +193,11 @@ def test_a_single_change_on_a_quiet_source_is_searchable_within_seconds(
     settings = LiveSettings(grace=timedelta(0), backoff_seconds=0.2)  # default flush interval
     workers = {"shop": _worker(source, es, state_url, report, settings)}
     with _running(Supervisor(lambda: workers, lifetime=timedelta(minutes=5), report=report)):
-        _wait_for(lambda: report.statuses().get("shop") and report.statuses()["shop"].state
-                  == "live", 30, "the worker is live")  # fmt: skip
+        _wait_for(
+            lambda: report.statuses().get("shop") and report.statuses()["shop"].state == "live",
+            30,
+            "the worker is live",
+        )
         time.sleep(2)  # quiet for a while: the worker waits on its socket
         _write(source.url, 1, rows=1)
         written = time.monotonic()
@@ -195,32 +211,50 @@ def test_a_single_change_on_a_quiet_source_is_searchable_within_seconds(
     _exactly_once(es, env, source)
 
 
-def test_each_source_on_its_own_down_dropped_added_while_live(servers, tmp_path, env, es,
-                                                               state_url):  # fmt: skip
+def test_each_source_on_its_own_down_dropped_added_while_live(
+    servers, tmp_path, env, es, state_url
+):
     with ExitStack() as stack:
-        urls = {n: stack.enter_context(new_database(servers)) for n in ("north", "south", "east",
-                                                                          "west")}  # fmt: skip
+        urls = {
+            n: stack.enter_context(new_database(servers))
+            for n in ("north", "south", "east", "west")
+        }
         sources = {n: _source(u, tmp_path, n, env) for n, u in urls.items()}
         report = LiveReport()
         live = {n: _worker(sources[n], es, state_url, report) for n in ("north", "south", "east")}
-        supervisor = Supervisor(lambda: dict(live), lifetime=timedelta(minutes=5),
-                                refresh_seconds=0.5, report=report)  # fmt: skip
+        supervisor = Supervisor(
+            lambda: dict(live), lifetime=timedelta(minutes=5), refresh_seconds=0.5, report=report
+        )
         with _running(supervisor):
-            _wait_for(lambda: all(s.state == "live" for s in report.statuses().values())
-                      and len(report.statuses()) == 3, 30, "three workers live")  # fmt: skip
+            _wait_for(
+                lambda: (
+                    all(s.state == "live" for s in report.statuses().values())
+                    and len(report.statuses()) == 3
+                ),
+                30,
+                "three workers live",
+            )
             # east goes down, south's slot is dropped: north goes on.
             name = psycopg.conninfo.conninfo_to_dict(urls["east"])["dbname"]
             with psycopg.connect(servers.pg_url, autocommit=True) as admin:
-                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
-                    sql.Identifier(name)))  # fmt: skip
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                              " WHERE datname = %s", (name,))  # fmt: skip
+                admin.execute(
+                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
+                        sql.Identifier(name)
+                    )
+                )
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                )
             slot = slot_name(env, "south")
             with psycopg.connect(urls["south"], autocommit=True) as conn:
                 _write(urls["south"], 1)  # committed before the slot goes: lost with it
                 for _ in range(50):
-                    conn.execute("SELECT pg_terminate_backend(active_pid) FROM"
-                                 " pg_replication_slots WHERE slot_name = %s", (slot,))  # fmt: skip
+                    conn.execute(
+                        "SELECT pg_terminate_backend(active_pid) FROM"
+                        " pg_replication_slots WHERE slot_name = %s",
+                        (slot,),
+                    )
                     try:
                         conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
                         break
@@ -228,11 +262,19 @@ def test_each_source_on_its_own_down_dropped_added_while_live(servers, tmp_path,
                         time.sleep(0.1)
             for n in range(1, 6):
                 _write(urls["north"], n)
-            _wait_for(lambda: len(_indexed(es, env, "north")) == len(ground_truth(urls["north"])),
-                      30, "north is captured while east is down and south has no slot")  # fmt: skip
-            _wait_for(lambda: report.statuses()["east"].state == "retrying"
-                      and report.statuses()["south"].state == "retrying", 30,
-                      "east and south report their failures")  # fmt: skip
+            _wait_for(
+                lambda: len(_indexed(es, env, "north")) == len(ground_truth(urls["north"])),
+                30,
+                "north is captured while east is down and south has no slot",
+            )
+            _wait_for(
+                lambda: (
+                    report.statuses()["east"].state == "retrying"
+                    and report.statuses()["south"].state == "retrying"
+                ),
+                30,
+                "east and south report their failures",
+            )
             assert "does not exist" in report.statuses()["south"].error
             assert report.statuses()["north"].state == "live"
             # A source added to the environment while the run is live gets a worker.
@@ -242,13 +284,18 @@ def test_each_source_on_its_own_down_dropped_added_while_live(servers, tmp_path,
             # east comes back: its slot kept what was committed before the outage.
             _write(urls["north"], 6)
             with psycopg.connect(servers.pg_url, autocommit=True) as admin:
-                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(name)))  # fmt: skip
+                admin.execute(
+                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
+                )
             _write(urls["east"], 1)
             _wait_for(lambda: len(_indexed(es, env, "east")) == 3, 30, "east resumes")
-            _wait_for(lambda: len(_indexed(es, env, "north")) == len(ground_truth(urls["north"])),
-                      30, "north goes on")  # fmt: skip
+            _wait_for(
+                lambda: len(_indexed(es, env, "north")) == len(ground_truth(urls["north"])),
+                30,
+                "north goes on",
+            )
             assert report.statuses()["south"].state == "retrying"
+        assert report.statuses()["south"].state == "failed"
         for name in ("north", "east", "west"):
             _exactly_once(es, env, sources[name])
         assert _indexed(es, env, "south") == []
@@ -266,10 +313,10 @@ def test_runs_that_reach_their_lifetime_hand_over_nothing_lost_nothing_twice(
         def run(lifetime: float) -> None:
             report = LiveReport()
             workers = {s.policy.source: _worker(s, es, state_url, report) for s in sources}
-            Supervisor(lambda: workers, lifetime=timedelta(seconds=lifetime),
-                       report=report).run()  # fmt: skip
-            assert all(s.state == "stopped" and s.error is None
-                       for s in report.statuses().values()), report.statuses()  # fmt: skip
+            Supervisor(lambda: workers, lifetime=timedelta(seconds=lifetime), report=report).run()
+            assert all(
+                s.state == "stopped" and s.error is None for s in report.statuses().values()
+            ), report.statuses()
 
         with _writing(urls):
             for _ in range(4):  # four runs back to back, each ended by its lifetime
@@ -314,11 +361,16 @@ def test_a_run_killed_mid_batch_is_resumed_by_the_next_nothing_lost_nothing_twic
         root = sources[0].store.root
         pairs = [f"{s.policy.source}={s.url}" for s in sources]
         with _writing(urls):
-            process = subprocess.Popen([sys.executable, "-c", LIVE_SCRIPT, env, root, state_url,
-                                        *pairs], cwd=str(Path.cwd()))  # fmt: skip
+            process = subprocess.Popen(
+                [sys.executable, "-c", LIVE_SCRIPT, env, root, state_url, *pairs],
+                cwd=str(Path.cwd()),
+            )
             # Every source has staged and indexed batches, and goes on doing so: kill it there.
-            _wait_for(lambda: all(_indexed(es, env, s.policy.source) for s in sources), 60,
-                      "every source is captured by the run")  # fmt: skip
+            _wait_for(
+                lambda: all(_indexed(es, env, s.policy.source) for s in sources),
+                60,
+                "every source is captured by the run",
+            )
             time.sleep(1.5)
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -330,8 +382,11 @@ def test_a_run_killed_mid_batch_is_resumed_by_the_next_nothing_lost_nothing_twic
             supervisor = Supervisor(lambda: workers, lifetime=timedelta(minutes=5), report=report)
             stack.enter_context(_running(supervisor))
             time.sleep(2)
-        _wait_for(lambda: all(_indexed(es, env, s.policy.source) == ground_truth(s.url)
-                              for s in sources), 60, "the next run catches up")  # fmt: skip
+        _wait_for(
+            lambda: all(_indexed(es, env, s.policy.source) == ground_truth(s.url) for s in sources),
+            60,
+            "the next run catches up",
+        )
         supervisor.stop.set()
         time.sleep(1)
         for source in sources:

@@ -42,6 +42,7 @@ from audit_platform.capture.pgoutput import ChangeBatch, Masker, PgOutputDecoder
 from audit_platform.capture.run import CaptureResult, _Stager
 from audit_platform.capture.slot import usable_slot_state
 from audit_platform.capture.stream import BATCH_BYTES, SlotBusy, SlotStream
+from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import HourResult, enrich_pending, resolve_quarantine
 from audit_platform.index.batch import HourIndexed, index_pending
 from audit_platform.naming import publication_name, slot_name
@@ -85,14 +86,15 @@ class LiveSource:
     url: Callable[[], str]
     policy: Callable[[], SourcePolicy]
     store: StagingStore
-    #: The source database's name, as records carry it.
-    database: str
+    #: The source database's name, as records carry it (default: the URL's).
+    database: str | None = None
 
 
 @dataclass
 class SourceStatus:
     source: str
-    #: starting, live, retrying, stopped, or crashed (a BaseException ended the worker).
+    #: starting, live, retrying (after a failure), stopped, failed (stopped while failing), or
+    #: crashed (a BaseException ended the worker).
     state: str = "starting"
     error: str | None = None
     failures: int = 0
@@ -101,6 +103,8 @@ class SourceStatus:
     records_indexed: int = 0
     confirmed_lsn: int = 0
     last_batch_at: datetime | None = None
+    #: Quiet, with everything committed before the attempt started staged, enriched, indexed.
+    caught_up: bool = False
     updated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -193,12 +197,12 @@ class SourceWorker:
                     self.settings.backoff_seconds * 2 ** (failures - 1),
                 )
                 log.warning("source %s: %s; retrying in %.0f s", self.source.name, exc, delay)
-                self._set(state="retrying", error=f"{type(exc).__name__}: {exc}",
-                          failures=failures)  # fmt: skip
+                self._set(state="retrying", error=f"{type(exc).__name__}: {exc}", failures=failures)
                 stop.wait(delay)
             else:
                 break
-        self._set(state="stopped")
+        # Stopped while failing: the last error stands, for whoever reads the run's report.
+        self._set(state="stopped" if self.status.error is None else "failed")
 
     def attempt(self, stop: threading.Event) -> None:
         """One connection's worth of live capture, until ``stop`` (returns) or a failure
@@ -217,7 +221,10 @@ class SourceWorker:
             slot = usable_slot_state(conn, self.slot)
             if slot.active_pid is not None:
                 raise SlotBusy(f"slot {self.slot} is in use by process {slot.active_pid}")
-            result = CaptureResult(self.slot, start_lsn=slot.confirmed_lsn, target_lsn=0)
+            result = CaptureResult(
+                self.slot, start_lsn=slot.confirmed_lsn, target_lsn=slot.current_lsn
+            )
+            database = source.database or _database_of(url)
             source.store.recover(slot.confirmed_lsn)
             decoder = _decoder(conn, policy, self.mask_key)
             stream = SlotStream(url, self.slot, self.publication)
@@ -225,14 +232,16 @@ class SourceWorker:
             try:
                 stream.start()
                 # What an earlier run staged and did not finish comes first.
-                self._downstream(state, client, policy, resolve=True)
-                self._set(state="live", error=None, confirmed_lsn=slot.confirmed_lsn)
-                self._loop(stop, stream, decoder, stager, state, client, policy, result)
+                self._downstream(state, client, policy, database, resolve=True)
+                self._set(
+                    state="live", error=None, confirmed_lsn=slot.confirmed_lsn, caught_up=False
+                )
+                self._loop(stop, stream, decoder, stager, state, client, policy, database, result)
             finally:
                 stream.close()
         self.status.failures = 0
 
-    def _loop(self, stop, stream, decoder, stager, state, client, policy, result) -> None:
+    def _loop(self, stop, stream, decoder, stager, state, client, policy, database, result) -> None:
         settings = self.settings
         resolved_at = checkpointed_at = time.monotonic()
         behind = False  # pending work the ledger lock kept us from doing
@@ -249,12 +258,15 @@ class SourceWorker:
                 stager.stage(decoder.decode(raw.messages, ChangeBatch(), complete=raw.complete))
                 self.report.staged(self.source.name, result.files[before:])
                 del result.files[:]  # a run lasts long: keep no history of its files
-                self._set(changes=result.changes, confirmed_lsn=result.confirmed_lsn,
-                          last_batch_at=datetime.now(UTC))  # fmt: skip
+                self._set(
+                    changes=result.changes,
+                    confirmed_lsn=result.confirmed_lsn,
+                    last_batch_at=datetime.now(UTC),
+                )
                 if not raw.complete:
                     continue  # a transaction in parts: enrich it when it is whole
                 resolve = now - resolved_at >= settings.resolve_every_seconds
-                behind = not self._downstream(state, client, policy, resolve=resolve)
+                behind = not self._downstream(state, client, policy, database, resolve=resolve)
                 if resolve and not behind:
                     resolved_at = now
                 continue
@@ -265,14 +277,17 @@ class SourceWorker:
                 self._set(confirmed_lsn=result.confirmed_lsn)
             resolve = now - resolved_at >= settings.resolve_every_seconds
             if behind or resolve:
-                behind = not self._downstream(state, client, policy, resolve=resolve)
+                behind = not self._downstream(state, client, policy, database, resolve=resolve)
                 if resolve and not behind:
                     resolved_at = now
+            caught_up = not behind and stream.server_wal_end >= result.target_lsn
+            if caught_up and not self.status.caught_up:
+                self._set(caught_up=True)
             if now - checkpointed_at >= settings.checkpoint_every.total_seconds():
                 self._checkpoint()
                 checkpointed_at = now
 
-    def _downstream(self, state, client, policy, *, resolve: bool) -> bool:
+    def _downstream(self, state, client, policy, database: str, *, resolve: bool) -> bool:
         """Enrich and index the source's pending batches (and, with ``resolve``, its due
         orphans); False if another process holds the source's ledger (a backfill) and
         nothing was done: the next quiet moment tries again, capture goes on meanwhile."""
@@ -281,11 +296,15 @@ class SourceWorker:
             if not held:
                 return False
             now = datetime.now(UTC)
-            enriched = enrich_pending(store, state, policy, now=now, grace=settings.grace,
-                                      trail=settings.trail)  # fmt: skip
-            if resolve:
+            enriched = enrich_pending(
+                store, state, policy, now=now, grace=settings.grace, trail=settings.trail
+            )
+            # Orphans due for a retry, or whose late context has just been enriched, now rather
+            # than at the next periodic look (one count query when there are none).
+            env, name = self.env, self.source.name
+            if resolve or quarantine.revisit_count(state, env, name, now):
                 enriched += resolve_quarantine(store, state, policy, now=now, grace=settings.grace)
-            indexed = index_pending(client, store, database=self.source.database, now=now)
+            indexed = index_pending(client, store, database=database, now=now)
             if enriched:
                 self._checkpoint()
         self.report.enriched(self.source.name, enriched)
@@ -299,6 +318,10 @@ class SourceWorker:
             TrustLog(self.source.store).checkpoint(
                 self.signer, datetime.now(UTC), self.settings.checkpoint_every
             )
+
+
+def _database_of(url: str) -> str:
+    return psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "postgres"
 
 
 def _decoder(conn: psycopg.Connection, policy: SourcePolicy, mask_key: bytes | None):
@@ -327,7 +350,9 @@ class Supervisor:
     """Runs a worker per source until ``stop`` is set or ``lifetime`` has passed.
 
     ``sources`` is asked again every ``refresh_seconds``: a source that appears gets a worker,
-    one that is gone has its worker stopped (the environment file is the truth).
+    one that is gone has its worker stopped (the environment file is the truth). With
+    ``until_caught_up`` it also stops once every worker has caught up with what was committed
+    when it started, or is failing (a one-off catch-up run, and what tests run).
     """
 
     def __init__(
@@ -338,8 +363,10 @@ class Supervisor:
         stop: threading.Event | None = None,
         refresh_seconds: float = 30.0,
         report: LiveReport | None = None,
+        until_caught_up: bool = False,
     ) -> None:
         self.sources, self.lifetime = sources, lifetime
+        self.until_caught_up = until_caught_up
         self.stop = stop or threading.Event()
         self.refresh_seconds = refresh_seconds
         self.report = report or LiveReport()
@@ -394,6 +421,11 @@ class Supervisor:
                     self.refresh()
                     refreshed = time.monotonic()
                 yield
+                if self.until_caught_up and all(
+                    s.caught_up or s.state in {"retrying", "crashed"}
+                    for s in self.statuses().values()
+                ):
+                    break
         finally:
             self.shutdown()
 
