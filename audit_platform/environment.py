@@ -37,7 +37,20 @@ class EnvironmentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     sources: dict[str, SourceConfig] = {}
-    capture_interval_seconds: int = Field(default=10, ge=1)
+    #: Long-lived capture (docs/design.md; README "The Dagster deployment"): a batch closes at
+    #: the first commit after its first change is this old (or by size, before).
+    capture_flush_seconds: float = Field(default=0.5, gt=0, le=60)
+    #: Sources are split over this many capture runs, by crc32 of the name: each shard is one
+    #: long-lived run, kept alive by the capture keeper sensor.
+    capture_shards: int = Field(default=1, ge=1, le=64)
+    #: A live capture run ends after this long, and the next one takes over.
+    capture_run_minutes: float = Field(default=30, gt=0)
+    #: A live run reports (coalesced materializations, a heartbeat) this often.
+    capture_report_seconds: int = Field(default=30, ge=1)
+    #: A STARTED live run that reported nothing for this long is dead: the keeper fails it.
+    capture_stale_seconds: int = Field(default=180, ge=10)
+    #: The live run re-enriches due orphans and late contexts this often.
+    quarantine_resolve_seconds: int = Field(default=30, ge=1)
     capture_batch_changes: int = Field(default=50_000, ge=100)
     #: How long an orphan waits for a late context before it is indexed as unattributed.
     enrich_grace_minutes: int = Field(default=10, ge=0)

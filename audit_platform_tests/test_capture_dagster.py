@@ -1,8 +1,9 @@
-"""The capture sensor and job in Dagster, against a real source database."""
+"""The live capture job and its keeper sensor in Dagster, against a real source database."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -11,10 +12,8 @@ import pytest
 
 from audit_platform.capture.slot import slot_state
 from audit_platform.defs import build_definitions
-from audit_platform.defs.capture.assets import SLOT_TAG
-from audit_platform.defs.capture.sensors import HEARTBEAT_TAG
+from audit_platform.defs.capture.live import SHARD_TAG
 from audit_platform.defs.partitions import hour_key
-from audit_platform.defs.resources import AuditPlatform
 from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
@@ -65,35 +64,35 @@ def _write_as_user(url: str, *statements: str) -> None:
             conn.execute(statement)
 
 
-def _tick(defs: dg.Definitions, instance: dg.DagsterInstance):
-    sensor = defs.resolve_sensor_def("capture_shop_sensor")
+LIVE = "capture_shard_0_job"
+
+
+def _capture(defs: dg.Definitions, instance: dg.DagsterInstance, **kwargs):
+    """A live capture run that stops once it has caught up (what a test can wait for)."""
+    config = {"ops": {"capture_live_0": {"config": {"until_caught_up": True}}}}
+    return defs.resolve_job_def(LIVE).execute_in_process(
+        instance=instance, run_config=config, **kwargs
+    )
+
+
+def _keep(defs: dg.Definitions, instance: dg.DagsterInstance):
+    sensor = defs.resolve_sensor_def("capture_keeper_sensor")
     return sensor(dg.build_sensor_context(instance=instance, definitions=defs))
 
 
-def test_sensor_is_idle_on_an_idle_slot_and_requests_one_run_when_not(shop, env):
+def test_a_live_run_captures_enriches_indexes_and_reports_coalesced(shop, env):
     defs = build_definitions()
+    _write_as_user(shop, "INSERT INTO customers (id, email) VALUES (1, 'ada@example.com')")
+    with psycopg.connect(shop) as conn:  # an administrator's SQL, without context
+        conn.execute("INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')")
     with dg.instance_for_test() as instance:
-        assert isinstance(_tick(defs, instance), dg.SkipReason)
-
-        _write_as_user(shop, "INSERT INTO customers (id, email) VALUES (1, 'ada@example.com')")
-        with psycopg.connect(shop) as conn:  # an administrator's SQL, without
-            conn.execute("INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')")
-        result = _tick(defs, instance)
-        [request] = result.run_requests
-        assert request.tags[SLOT_TAG] == f"audit_{env}_shop"
-        assert request.run_key == f"audit_{env}_shop@{result.cursor}"
-
-        job = defs.resolve_job_def("capture_shop_job")
-        run = job.execute_in_process(
-            run_config=request.run_config, instance=instance, tags=request.tags
-        )
+        run = _capture(defs, instance)
         assert run.success
-        capture_output = next(e for e in run.all_events if e.event_type_value == "STEP_OUTPUT")
-        output = capture_output.event_specific_data.metadata
-        assert output["changes"].value == 2
+        assert run.dagster_run.tags[SHARD_TAG] == "0"
         materialized = instance.get_latest_materialization_event(
             dg.AssetKey(["shop", "staged_changes"])
         )
+        assert materialized.asset_materialization.metadata["rows"].value == 2
         now = datetime.now(UTC)
         assert materialized.dagster_event.partition in {
             hour_key(now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=h))
@@ -112,8 +111,78 @@ def test_sensor_is_idle_on_an_idle_slot_and_requests_one_run_when_not(shop, env)
 
         indexed = instance.get_latest_materialization_event(dg.AssetKey(["shop", "indexed"]))
         assert indexed.asset_materialization.metadata["indexed"].value == 1
+        # One materialization per asset and hour for the run, not one per batch.
+        staged = [
+            e
+            for e in run.all_events
+            if e.event_type_value == "ASSET_MATERIALIZATION"
+            and e.event_specific_data.materialization.asset_key.path[-1] == "staged_changes"
+        ]
+        assert len(staged) == 1
+        [live] = [
+            e.event_specific_data
+            for e in run.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            and e.event_specific_data.check_name == "capture_live"
+        ]
+        assert live.passed and live.metadata["state"].value == "stopped"
 
-        assert isinstance(_tick(defs, instance), dg.SkipReason)
+
+def test_a_live_run_reports_a_failing_source_as_failed(shop, env, monkeypatch):
+    defs = build_definitions()
+    monkeypatch.setenv("AUDIT_SOURCE_SHOP_URL", shop + "_gone")  # a database that does not exist
+    with dg.instance_for_test() as instance:
+        run = _capture(defs, instance)
+        assert run.success  # the run goes on; the source's check fails
+        [live] = [
+            e.event_specific_data
+            for e in run.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            and e.event_specific_data.check_name == "capture_live"
+        ]
+        assert not live.passed
+        assert live.metadata["state"].value == "failed"  # stopped while it was failing
+        assert "does not exist" in live.metadata["error"].value
+
+
+def test_keeper_starts_one_run_per_shard_and_no_more(shop, env):
+    environment = Settings().resources_dir / "environments" / f"{env}.yaml"
+    environment.write_text(
+        environment.read_text().replace("capture_shards: 1", "capture_shards: 2")
+    )
+    defs = build_definitions()
+    with dg.instance_for_test() as instance:
+        requests = _keep(defs, instance).run_requests
+        assert sorted((r.job_name, r.tags[SHARD_TAG]) for r in requests) == [
+            ("capture_shard_0_job", "0"),
+            ("capture_shard_1_job", "1"),
+        ]
+        for request in requests:
+            job = defs.resolve_job_def(request.job_name)
+            instance.create_run_for_job(
+                job_def=job, tags=request.tags, status=dg.DagsterRunStatus.NOT_STARTED
+            )
+        result = _keep(defs, instance)
+        assert not result.run_requests
+        assert "every shard has its run" in result.skip_reason.skip_message
+
+
+def test_keeper_fails_a_started_run_whose_events_stopped_and_starts_another(shop, env):
+    """A run left STARTED by a dead worker never holds its shard's sources."""
+    environment = Settings().resources_dir / "environments" / f"{env}.yaml"
+    environment.write_text(environment.read_text() + "capture_stale_seconds: 10\n")
+    defs = build_definitions()
+    with dg.instance_for_test() as instance:
+        job = defs.resolve_job_def(LIVE)
+        dead = instance.create_run_for_job(
+            job_def=job, tags={SHARD_TAG: "0"}, status=dg.DagsterRunStatus.STARTED
+        )
+        instance.report_engine_event("live capture of shard 0: shop: live", dead)
+        assert not _keep(defs, instance).run_requests  # it reported moments ago: alive
+        time.sleep(11)  # then nothing: its process is gone
+        [request] = _keep(defs, instance).run_requests
+        assert request.job_name == LIVE and request.tags[SHARD_TAG] == "0"
+        assert instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.FAILURE
 
 
 def _documents(es, env: str) -> dict[str, dict]:
@@ -131,7 +200,7 @@ def test_backfill_of_an_hour_through_dagster_leaves_the_index_identical(shop, es
         "UPDATE orders SET status = 'paid' WHERE id = 1",
     )
     with dg.instance_for_test() as instance:
-        capture = defs.resolve_job_def("capture_shop_job").execute_in_process(instance=instance)
+        capture = _capture(defs, instance)
         assert capture.success
         hour = instance.get_latest_materialization_event(
             dg.AssetKey(["shop", "indexed"])
@@ -150,30 +219,18 @@ def test_backfill_of_an_hour_through_dagster_leaves_the_index_identical(shop, es
         assert check.event_specific_data.passed
 
 
-def test_sensor_queues_one_run_behind_a_running_one_and_no_more(shop, env):
-    defs = build_definitions()
-    with psycopg.connect(shop) as conn:
-        conn.execute("INSERT INTO orders (id, status) VALUES (1, 'new')")
-    with dg.instance_for_test() as instance:
-        job, tags = defs.resolve_job_def("capture_shop_job"), {SLOT_TAG: f"audit_{env}_shop"}
-        instance.create_run_for_job(job_def=job, tags=tags, status=dg.DagsterRunStatus.STARTED)
-        # The running run is past its capture step (the slot is free) and changes are waiting:
-        # one run is requested, to start when the running one ends.
-        requested = _tick(defs, instance)
-        assert len(requested.run_requests) == 1
-        instance.create_run_for_job(job_def=job, tags=tags, status=dg.DagsterRunStatus.NOT_STARTED)
-        skipped = _tick(defs, instance)
-        assert isinstance(skipped, dg.SkipReason)
-        assert "already queued" in skipped.skip_message
-
-
 def test_code_location_serves_only_its_environments_sources(monkeypatch):
     monkeypatch.setenv("AUDIT_ENV", "ci_only_env")
     defs = build_definitions()
-    assert not [s.name for s in defs.sensors if s.name.startswith(("capture_", "quarantine_"))]
+    assert not [j.name for j in defs.jobs if j.name.endswith("_shop_job")]
     monkeypatch.setenv("AUDIT_ENV", "prod")
     prod = build_definitions()
-    assert {"capture_shop_sensor", "quarantine_shop_sensor"} <= {s.name for s in prod.sensors}
+    # One way to capture: the live run of each shard, kept by one sensor; no per-source sensor.
+    assert {s.name for s in prod.sensors if s.name.startswith("capture_")} == {
+        "capture_keeper_sensor"
+    }
+    assert {j.name for j in prod.jobs if j.name.startswith("capture_")} == {LIVE}
+    assert "reconcile_shop_job" in {j.name for j in prod.jobs}
     dg.Definitions.validate_loadable(prod)
 
 
@@ -186,8 +243,7 @@ def test_reconciliation_reindexes_only_the_batch_missing_a_document(shop, es, en
                 f"INSERT INTO orders (id, customer_id, status) VALUES ({batch * 2}, 1, 'new')",
                 f"INSERT INTO orders (id, customer_id, status) VALUES ({batch * 2 + 1}, 1, 'new')",
             )
-            job = defs.resolve_job_def("capture_shop_job")
-            assert job.execute_in_process(instance=instance).success
+            assert _capture(defs, instance).success
         documents = _documents(es, env)
         assert len(documents) == 6
         lost = sorted(documents)[0]
@@ -226,11 +282,10 @@ def _run_metadata(run, asset: str) -> list[dict]:
 
 
 def test_a_long_hour_is_not_a_slow_hour_each_run_indexes_only_its_own_batch(shop, es, env):
-    """20 capture runs into one hour: run k sends its own 5 documents, not 5 * k."""
+    """8 capture runs into one hour: run k sends its own 5 documents, not 5 * k."""
     defs = build_definitions()
-    job = defs.resolve_job_def("capture_shop_job")
     with dg.instance_for_test() as instance:
-        for run_number in range(20):
+        for run_number in range(8):
             before = _index_ops(es, env) if run_number else 0
             _write_as_user(
                 shop,
@@ -239,29 +294,29 @@ def test_a_long_hour_is_not_a_slow_hour_each_run_indexes_only_its_own_batch(shop
                     for i in range(5)
                 ),
             )
-            run = job.execute_in_process(instance=instance)
+            run = _capture(defs, instance)
             assert run.success
             assert sum(m["changes"] for m in _run_metadata(run, "enriched")) == 5
             assert sum(m["indexed"] for m in _run_metadata(run, "indexed")) == 5
             assert all(m["docs_per_second"] > 0 for m in _run_metadata(run, "indexed"))
             assert _index_ops(es, env) - before == 5, f"run {run_number + 1}"
-        assert len(_documents(es, env)) == 100
+        assert len(_documents(es, env)) == 40
 
 
 @ON_BOTH_STORES
 def test_a_late_context_rewrites_and_reindexes_only_its_own_record(shop, es, env):
     defs = build_definitions()
-    job = defs.resolve_job_def("capture_shop_job")
     with dg.instance_for_test() as instance:
+        job = _capture
         for batch in range(4):
             _write_as_user(shop, f"INSERT INTO orders (id, status) VALUES ({batch}, 'new')")
-            assert job.execute_in_process(instance=instance).success
+            assert job(defs, instance).success
         with psycopg.connect(shop) as conn:  # no context: an orphan, waiting
             conn.execute("INSERT INTO orders (id, status) VALUES (99, 'new')")
             xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
-        assert job.execute_in_process(instance=instance).success
+        assert job(defs, instance).success
         _write_as_user(shop, "INSERT INTO orders (id, status) VALUES (5, 'new')")
-        assert job.execute_in_process(instance=instance).success
+        assert job(defs, instance).success
         store = StagingStore(Settings().staging_root, env, "shop")
         files = {p: store.fs.cat_file(p) for p in store.files("records")}
         assert len(_documents(es, env)) == 5
@@ -272,7 +327,7 @@ def test_a_late_context_rewrites_and_reindexes_only_its_own_record(shop, es, env
                 "SELECT audit.attach_context(%s::xid8, %s::jsonb)",
                 (xid, '{"actor": {"type": "user", "id": "late-ada"}}'),
             )
-        assert job.execute_in_process(instance=instance).success
+        assert job(defs, instance).success
         assert _index_ops(es, env) - before == 1  # the one record, not its hour
         after = {p: store.fs.cat_file(p) for p in store.files("records")}
         assert [p for p in files if after[p] != files[p]] == [
@@ -285,49 +340,14 @@ def test_a_late_context_rewrites_and_reindexes_only_its_own_record(shop, es, env
         assert late["user"]["id"] == "late-ada"
 
 
-def test_quarantine_sensor_starts_a_resolve_run_that_touches_only_orphans(shop, es, env):
-    defs = build_definitions()
-    with dg.instance_for_test() as instance:
-        with psycopg.connect(shop) as conn:
-            conn.execute("INSERT INTO orders (id, status) VALUES (7, 'new')")
-            xid = int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
-        assert (
-            defs.resolve_job_def("capture_shop_job").execute_in_process(instance=instance).success
-        )
-        sensor = defs.resolve_sensor_def("quarantine_shop_sensor")
-
-        def tick():
-            return sensor(
-                dg.build_sensor_context(instance=instance, resources={"platform": AuditPlatform()})
-            )
-
-        assert isinstance(tick(), dg.SkipReason)  # waiting, not due yet
-        with psycopg.connect(shop, autocommit=True) as state:
-            state.execute(
-                "INSERT INTO audit_platform.late_contexts VALUES (%s, 'shop', %s, 1, %s, now())",
-                (env, xid % 2**32, '{"actor": {"type": "job", "id": "nightly"}}'),
-            )
-        request = tick()
-        assert isinstance(request, dg.RunRequest)
-        resolve = defs.resolve_job_def("resolve_shop_job")
-        assert resolve.tags[SLOT_TAG] == f"audit_{env}_shop"  # queues behind capture runs
-        run = resolve.execute_in_process(instance=instance, tags=request.tags)
-        assert run.success
-        assert sum(m["late"] for m in _run_metadata(run, "enriched")) == 1
-        [document] = _documents(es, env).values()
-        assert document["attribution"]["status"] == "late"
-        assert isinstance(tick(), dg.SkipReason)
-
-
 def test_a_quiet_source_on_a_busy_server_gets_its_slot_confirmed_by_a_heartbeat(shop, env, servers):
     """Another database on the same server writes; no tracked table changes. The slot must not
-    keep that WAL without bound: past the heartbeat threshold a capture run confirms it."""
+    keep that WAL without bound: past the heartbeat threshold the live run confirms it."""
     environment = Settings().resources_dir / "environments" / f"{env}.yaml"
     environment.write_text(environment.read_text() + "slot_heartbeat_bytes: 1048576\n")
     defs = build_definitions()
     slot = f"audit_{env}_shop"
     with dg.instance_for_test() as instance:
-        assert "holds no changes" in _tick(defs, instance).skip_message
         with new_database(servers) as neighbour, psycopg.connect(neighbour) as conn:
             conn.execute("CREATE TABLE busy (id int, note text)")
             conn.execute(
@@ -338,19 +358,11 @@ def test_a_quiet_source_on_a_busy_server_gets_its_slot_confirmed_by_a_heartbeat(
             before = slot_state(conn, slot)
         assert before.lag_bytes >= 1024**2
 
-        result = _tick(defs, instance)
-        [request] = result.run_requests
-        assert request.tags[HEARTBEAT_TAG] == "true"
-        run = defs.resolve_job_def("capture_shop_job").execute_in_process(
-            instance=instance, tags=request.tags
-        )
-        assert run.success
+        assert _capture(defs, instance).success
         with psycopg.connect(shop, autocommit=True) as conn:
             after = slot_state(conn, slot)
-        assert after.confirmed_lsn >= before.current_lsn  # the WAL up to the tick is released
-        assert after.lag_bytes < 1024**2
+        assert after.confirmed_lsn >= before.current_lsn  # the neighbour's WAL is released
         assert StagingStore(str(Settings().staging_root), env, "shop").files("changes") == []
-        assert "holds no changes" in _tick(defs, instance).skip_message
 
 
 @ON_BOTH_STORES
@@ -362,9 +374,7 @@ def test_the_trust_job_signs_and_verifies_the_trail_and_fails_on_a_deleted_recor
     _write_as_user(shop, "INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')",
                    "INSERT INTO orders (id, customer_id, status) VALUES (2, 1, 'new')")  # fmt: skip
     with dg.instance_for_test() as instance:
-        assert (
-            defs.resolve_job_def("capture_shop_job").execute_in_process(instance=instance).success
-        )
+        assert _capture(defs, instance).success
         es.indices.refresh(index=f"audit-{env}")
 
         def checks() -> dict[str, dg.AssetCheckEvaluation]:

@@ -61,7 +61,7 @@ def deployment(servers, es, tmp_path_factory) -> Iterator[tuple[LocalDeployment,
     # This environment captures the shop every 5 seconds, and releases orphans at once.
     (resources / "environments" / f"{env}.yaml").write_text(yaml.safe_dump({
         "sources": {"shop": {"url_env": "AUDIT_SOURCE_SHOP_URL"}},
-        "capture_interval_seconds": 5, "enrich_grace_minutes": 0, "retention_days": 7,
+        "capture_report_seconds": 5, "enrich_grace_minutes": 0, "retention_days": 7,
     }))  # fmt: skip
     exports = {k: v for k, v in os.environ.items() if k.startswith("AUDIT_")}
     with new_database(servers) as admin_db:

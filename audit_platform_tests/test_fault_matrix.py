@@ -176,10 +176,11 @@ def matrix(tmp_path_factory) -> Iterator[Matrix]:
         env = f"faults_{uuid.uuid4().hex[:6]}"
         resources = root / "resources"
         shutil.copytree(Settings().resources_dir, resources)
-        # Captures every 5 s; step retries short enough that a 40 s outage outlasts them.
+        # The live run reports every 5 s and is presumed dead after 20 s without; step retries
+        # (backfill, reconciliation) short enough that a 40 s outage outlasts them.
         (resources / "environments" / f"{env}.yaml").write_text(yaml.safe_dump({
             "sources": {"shop": {"url_env": "AUDIT_SOURCE_SHOP_URL"}},
-            "capture_interval_seconds": 5, "enrich_grace_minutes": 0,
+            "capture_report_seconds": 5, "capture_stale_seconds": 20, "enrich_grace_minutes": 0,
             "step_retries": 2, "step_retry_delay_seconds": 2,
         }))  # fmt: skip
         shop_url = prepare_shop(exports["AUDIT_PG_URL"], env, resources)

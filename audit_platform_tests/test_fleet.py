@@ -1,6 +1,6 @@
-"""One environment, several sources: each its own database, slot, sensor and job, and a source
-that is down or whose slot is gone holds up no other. The load side of the fleet (ten sources
-through the real daemon) is ``benchmarks/fleet.py``."""
+"""One environment, several sources: each its own database and slot, all in one live capture
+run, and a source that is down or whose slot is gone holds up no other. The load side of the
+fleet (ten sources through the real daemon) is ``benchmarks/fleet.py``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import yaml
 from psycopg import sql
 
 from audit_platform.defs import build_definitions
-from audit_platform.defs.capture.assets import SLOT_TAG
+from audit_platform.defs.capture.live import SHARD_TAG
 from audit_platform.naming import read_alias, slot_name
 from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
@@ -83,9 +83,19 @@ def _take_down(admin_url: str, url: str) -> None:
                       (name,))  # fmt: skip
 
 
-def _tick(defs: dg.Definitions, instance: dg.DagsterInstance, source: str):
-    sensor = defs.resolve_sensor_def(f"capture_{source}_sensor")
-    return sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+def _capture(defs: dg.Definitions, instance: dg.DagsterInstance):
+    config = {"ops": {"capture_live_0": {"config": {"until_caught_up": True}}}}
+    job = defs.resolve_job_def("capture_shard_0_job")
+    return job.execute_in_process(instance=instance, run_config=config)
+
+
+def _live_checks(run) -> dict[str, dg.AssetCheckEvaluation]:
+    return {
+        e.event_specific_data.asset_key.path[0]: e.event_specific_data
+        for e in run.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.event_specific_data.check_name == "capture_live"
+    }
 
 
 def _count(es, env: str, source: str) -> int:
@@ -96,9 +106,10 @@ def _count(es, env: str, source: str) -> int:
 def test_a_source_down_and_a_source_without_its_slot_hold_up_no_other(fleet, es, servers):
     env, urls = fleet
     defs = build_definitions()
-    jobs = {s: defs.resolve_job_def(f"capture_{s}_job") for s in SOURCES}
-    # One slot, sensor and job per source; the run queue allows one run per slot at a time.
-    assert {j.tags[SLOT_TAG] for j in jobs.values()} == {slot_name(env, s) for s in SOURCES}
+    # One live run (one shard) captures every source; no job or sensor per source.
+    job = defs.resolve_job_def("capture_shard_0_job")
+    assert job.tags[SHARD_TAG] == "0"
+    assert not [j.name for j in defs.jobs if j.name in {f"capture_{s}_job" for s in SOURCES}]
     for n, source in enumerate(SOURCES, start=1):
         _customers(urls[source], n, f"user-{source}")
 
@@ -107,15 +118,15 @@ def test_a_source_down_and_a_source_without_its_slot_hold_up_no_other(fleet, es,
         conn.execute("SELECT pg_drop_replication_slot(%s)", (slot_name(env, "south"),))
 
     with dg.instance_for_test() as instance:
-        # Each sensor is its own tick in the daemon: two fail, loudly, and say why ...
-        with pytest.raises(Exception, match=r"does not exist|source setup"):
-            _tick(defs, instance, "south")
-        with pytest.raises(Exception, match="not currently accepting connections"):
-            _tick(defs, instance, "east")
-        # ... while the healthy source's sensor requests its run, which captures all of it.
-        [request] = _tick(defs, instance, "north").run_requests
-        assert request.tags[SLOT_TAG] == slot_name(env, "north")
-        assert jobs["north"].execute_in_process(instance=instance, tags=request.tags).success
+        run = _capture(defs, instance)
+        assert run.success
+        # Two sources fail, loudly, each in its own check, and say why ...
+        checks = _live_checks(run)
+        assert not checks["south"].passed and not checks["east"].passed
+        assert "does not exist" in checks["south"].metadata["error"].value
+        assert "not currently accepting connections" in checks["east"].metadata["error"].value
+        # ... while the healthy source is captured, all of it.
+        assert checks["north"].passed
         assert _count(es, env, "north") == 1
         assert _count(es, env, "east") == _count(es, env, "south") == 0
 
@@ -124,7 +135,7 @@ def test_a_source_down_and_a_source_without_its_slot_hold_up_no_other(fleet, es,
             name = psycopg.conninfo.conninfo_to_dict(urls["east"])["dbname"]
             admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
                 sql.Identifier(name)))  # fmt: skip
-        [request] = _tick(defs, instance, "east").run_requests
-        assert jobs["east"].execute_in_process(instance=instance, tags=request.tags).success
+        run = _capture(defs, instance)
+        assert run.success and _live_checks(run)["east"].passed
         assert _count(es, env, "east") == 3
         assert _count(es, env, "north") == 1

@@ -119,7 +119,8 @@ def test_a_missing_required_setting_fails_the_render_with_its_name():
 
 def test_the_dagster_values_keep_the_run_queue_and_recovery_of_dagster_yaml():
     """On Kubernetes the instance is configured by the official chart's values, locally by
-    dagster.yaml: one run per slot and run monitoring must mean the same in both."""
+    dagster.yaml: one capture run per shard, one reconciliation per slot and run monitoring
+    must mean the same in both."""
     local = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
     values = yaml.safe_load((PROJECT_ROOT / "deploy/dagster/values.yaml").read_text())
     daemon = values["dagsterDaemon"]

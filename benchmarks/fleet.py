@@ -209,7 +209,7 @@ def main(
         stop.set()
         deployment.stop()
     indexed = {s: index_stats(es, f"{ENV}-{s}")[0] - docs_before[s] for s in names}
-    interval = load_environment(resources, ENV).capture_interval_seconds
+    interval = load_environment(resources, ENV).capture_flush_seconds
     lines = report(names, loads, seen, lags, runs, committed, indexed, shares, started, ended,
                    fault_at, down, lost, caught_up, rate, interval)  # fmt: skip
     out = RESULTS / f"fleet{'-' + tag if tag else ''}.md"

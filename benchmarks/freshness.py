@@ -43,7 +43,7 @@ def main(
     rate: Annotated[float, typer.Option(help="Changes committed per second.")] = 1.0,
 ) -> None:
     root, resources, shop_url, deployment, key = bench_deployment(ENV, "freshness")
-    interval = load_environment(resources, ENV).capture_interval_seconds
+    interval = load_environment(resources, ENV).capture_flush_seconds
     es_indices = f"audit-{ENV}-*"
     committed: dict[str, float] = {}
     seen: dict[str, float] = {}

@@ -404,7 +404,7 @@ def main(
     finally:
         deployment.stop()
     bare = bare_bulk_rate(es, ENV, bare_documents)
-    interval = load_environment(resources, ENV).capture_interval_seconds
+    interval = load_environment(resources, ENV).capture_flush_seconds
     lines = report(steps, bare, writers, interval)
     out = RESULTS / f"sustained_load{'-' + tag if tag else ''}.md"
     out.write_text("# Sustained load through the deployment\n\n" + "\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ psycopg2's ``LogicalReplicationConnection`` does.
 from __future__ import annotations
 
 import select
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,6 +148,87 @@ class SlotStream:
                     messages, changes, units, size = [], 0, 0, 0
         if messages:
             yield RawBatch(messages, changes, size)
+
+    def live_batches(
+        self,
+        stop: threading.Event,
+        *,
+        flush_seconds: float,
+        batch_changes: int,
+        batch_bytes: int = BATCH_BYTES,
+        idle_seconds: float = 1.0,
+    ) -> Iterator[RawBatch | None]:
+        """Read the slot until ``stop`` is set: batches as :meth:`batches` closes them (by
+        changes, bytes and messages) and also by time, at the first commit once the batch's
+        first message is ``flush_seconds`` old, so a quiet source's single change is not held.
+
+        Yields None when quiet (nothing held, between transactions) about every
+        ``idle_seconds``, so the caller does its periodic work (heartbeat, quarantine); while
+        quiet it waits on the socket, not in a busy loop. When ``stop`` is set it ends at the
+        next transaction boundary, yielding what it holds; inside a transaction it ends at
+        once and drops the transaction's unconfirmed messages (the next reader reads them
+        again from the slot's confirmed position).
+        """
+        messages: list[bytes] = []
+        changes = units = size = 0
+        in_txn = False
+        opened = 0.0  # when the held batch got its first message
+        quiet_since = time.monotonic()
+
+        def take(complete: bool = True) -> RawBatch:
+            nonlocal messages, changes, units, size
+            batch = RawBatch(messages, changes, size, complete=complete)
+            messages, changes, units, size = [], 0, 0, 0
+            return batch
+
+        while True:
+            message = self.cursor.read_message()
+            if message is None:
+                now = time.monotonic()
+                if stop.is_set():
+                    if messages and not in_txn:
+                        yield take()
+                    return
+                if not in_txn and messages and now - opened >= flush_seconds:
+                    yield take()
+                    quiet_since = time.monotonic()
+                    continue
+                if not in_txn and not messages and now - quiet_since >= idle_seconds:
+                    yield None
+                    # Ask for a keepalive: its wal_end says how far the server has read.
+                    self.cursor.send_feedback(reply=True)
+                    quiet_since = time.monotonic()
+                    continue
+                wait = idle_seconds - (now - quiet_since)
+                if messages and not in_txn:
+                    wait = min(wait, opened + flush_seconds - now)
+                select.select([self.conn], [], [], max(0.01, min(wait, idle_seconds)))
+                continue
+            payload = message.payload
+            kind = payload[0]
+            if kind == _BEGIN:
+                in_txn = True
+            elif kind == _MESSAGE and (payload := kept_message(payload)) is None:
+                continue
+            if not messages:
+                opened = time.monotonic()
+            messages.append(payload)
+            size += len(payload)
+            if kind in _ROW_CHANGES or kind == _MESSAGE:
+                changes += kind != _MESSAGE
+                units += 1
+                if units >= batch_changes or size >= batch_bytes:
+                    yield take(complete=False)
+                    if stop.is_set():
+                        return  # mid-transaction: its parts stay unconfirmed, read again
+            elif kind == _COMMIT:
+                in_txn = False
+                full = units >= batch_changes or size >= batch_bytes
+                if full or stop.is_set() or time.monotonic() - opened >= flush_seconds:
+                    yield take()
+                    quiet_since = time.monotonic()
+                    if stop.is_set():
+                        return
 
     @property
     def server_wal_end(self) -> int:

@@ -11,24 +11,22 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from audit_platform.defs.capture.assets import capture_job, staged_asset_specs
-from audit_platform.defs.capture.sensors import capture_sensor
+from audit_platform.defs.capture.assets import staged_asset_specs
+from audit_platform.defs.capture.live import capture_live_checks, keeper_sensor, live_capture_job
 from audit_platform.defs.enrich.assets import (
-    enrich_op,
     enriched_asset,
     enriched_key,
     quarantine_asset,
     quarantine_key,
-    resolve_job,
 )
-from audit_platform.defs.enrich.sensors import quarantine_schedule, quarantine_sensor
+from audit_platform.defs.enrich.sensors import quarantine_schedule
 from audit_platform.defs.health import (
     CHECK_CRON,
     source_checks,
     template_check,
 )
 from audit_platform.defs.housekeeping import dagster_runs_job, dagster_runs_schedule
-from audit_platform.defs.index.assets import index_op, indexed_asset, indexed_key, template_asset
+from audit_platform.defs.index.assets import indexed_asset, indexed_key, template_asset
 from audit_platform.defs.index.schedules import (
     reconcile_job,
     reconcile_schedule,
@@ -51,6 +49,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     assets = [template_asset(environment, settings.resources_dir)]
     jobs, sensors, schedules = [], [], []
     checks = [template_check(environment)]
+    live_checks = []
     grace = timedelta(minutes=environment.enrich_grace_minutes)
     retry = transient_retry_policy(environment)
     partitions = hourly_partitions(partitions_start(environment, datetime.now(UTC)))
@@ -59,32 +58,26 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         assets.append(enriched_asset(env, source, grace, partitions, retry))
         assets.append(quarantine_asset(source))
         assets.append(indexed_asset(env, source, config, environment, partitions))
-        index = index_op(source, config, environment)  # one op, in the capture and resolve jobs
-        job = capture_job(
-            env,
-            source,
-            config,
-            environment.capture_batch_changes,
-            then=[enrich_op(source, grace, retry), index],
-            retry=retry,
-        )
         enrich_job = dg.define_asset_job(
             f"enrich_{source}_job",
             selection=[enriched_key(source), indexed_key(source)],
             description=f"Rebuild whole hours of source {source}: enrich, then index (backfills).",
         )
-        resolve = resolve_job(env, source, enrich_op(source, grace, retry, batches=False), index)
         reconcile = reconcile_job(env, source, config, environment)
         quarantine_job = dg.define_asset_job(
             f"quarantine_{source}_job", selection=[quarantine_key(source)]
         )
         checks.extend(source_checks(env, source, config, environment))
-        jobs.extend([job, enrich_job, resolve, quarantine_job, reconcile])
+        live_checks.append(capture_live_checks(env, source, config))
+        jobs.extend([enrich_job, quarantine_job, reconcile])
         schedules.append(reconcile_schedule(source, reconcile))
-        interval, heartbeat = environment.capture_interval_seconds, environment.slot_heartbeat_bytes
-        sensors.append(capture_sensor(env, source, config, job, interval, heartbeat))
-        sensors.append(quarantine_sensor(source, resolve))
         schedules.append(quarantine_schedule(source, quarantine_job))
+    # Capture: one long-lived run per shard of the environment, kept alive by one sensor.
+    live = {
+        shard: live_capture_job(environment, shard) for shard in range(environment.capture_shards)
+    }
+    jobs.extend(live.values())
+    sensors.append(keeper_sensor(environment, live))
     checked = [
         scheduled_checks(
             "health_checks",
@@ -122,7 +115,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     )
     return dg.Definitions(
         assets=assets,
-        asset_checks=[*checks, *trail],
+        asset_checks=[*checks, *live_checks, *trail],
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,

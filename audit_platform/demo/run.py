@@ -141,7 +141,7 @@ def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) 
             say(f"""
   Audit Explorer  {deployment.api_url}/ui/   (this link fills in the demo key; click Sign in)
                   {deployment.api_url}/ui/login#key={key}
-  Dagster UI      {deployment.dagster_url}   (asset graph, sensors, runs, backfills)
+  Dagster UI      {deployment.dagster_url}   (asset graph, the live capture run, backfills)
   Audit API       {deployment.api_url}/docs
   shop service    http://127.0.0.1:{shop_port}/docs   (traffic is running against it)
   API key (demo)  {key}
@@ -152,7 +152,7 @@ def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) 
         curl -s -H 'X-API-Key: {key}' '{deployment.api_url}/v1/objects/shop/orders/1/history'
         curl -s -H 'X-API-Key: {key}' '{deployment.api_url}/v1/stats?interval=hour'
 
-Waiting for the first audit records (the capture sensor runs every few seconds) ...""")
+Waiting for the first audit records (the keeper sensor starts the live capture run) ...""")
             seconds = first_record_seconds(deployment.api_url, key, started, timeout=180)
             if seconds is None:
                 say("no record reached the API within 180 s; see the logs above")

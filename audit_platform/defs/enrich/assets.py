@@ -8,19 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from audit_platform.defs.capture.assets import SLOT_TAG, staged_key
+from audit_platform.defs.capture.assets import staged_key
 from audit_platform.defs.partitions import hour_key
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.enrich import quarantine
-from audit_platform.enrich.batch import (
-    HourResult,
-    enrich_hour,
-    enrich_pending,
-    merge_hours,
-    resolve_quarantine,
-)
+from audit_platform.enrich.batch import HourResult, enrich_hour
 from audit_platform.naming import slot_name
-from audit_platform.trust.log import TrustLog
+from audit_platform.staging.lock import ledger_lock
 
 #: More orphans than this share of an hour's changes fails the check (as a warning).
 ORPHAN_RATE_WARN = 0.05
@@ -39,30 +33,11 @@ def enrich_hours(
 ) -> list[HourResult]:
     """Rebuild whole hours (backfills, reconciliation)."""
     store, policy, now = platform.store(source), platform.policy(source), datetime.now(UTC)
-    with platform.state() as state:
+    # The live capture run writes this source's records too: one writer at a time.
+    with platform.state() as state, ledger_lock(state, platform.env, source):
         return [
             enrich_hour(store, state, policy, hour, now=now, grace=grace) for hour in sorted(hours)
         ]
-
-
-def enrich_increment(
-    platform: AuditPlatform, source: str, grace: timedelta, *, batches: bool
-) -> list[HourResult]:
-    """A run's own work: its pending batches (when ``batches``), then the orphans that are due
-    or whose context has arrived. Never whole hours."""
-    store, policy, now = platform.store(source), platform.policy(source), datetime.now(UTC)
-    environment = platform.environment()
-    with platform.state() as state:
-        done = (
-            enrich_pending(store, state, policy, now=now, grace=grace, trail=environment.trail)
-            if batches else []
-        )  # fmt: skip
-        resolved = resolve_quarantine(store, state, policy, now=now, grace=grace)
-    signer = platform.settings.signer()
-    if batches and signer is not None and environment.trail:
-        every = timedelta(seconds=environment.checkpoint_every_seconds)
-        TrustLog(store).checkpoint(signer, now, every)
-    return merge_hours([*done, *resolved])
 
 
 def orphan_check(source: str, result: HourResult) -> dg.AssetCheckEvaluation:
@@ -87,51 +62,6 @@ def hour_events(source: str, result: HourResult) -> list:
         asset_key=enriched_key(source), partition=hour_key(result.hour), metadata=result.metadata
     )
     return [materialization, orphan_check(source, result)] if result.changes else [materialization]
-
-
-def enrich_op(
-    source: str, grace: timedelta, retry: dg.RetryPolicy, *, batches: bool = True
-) -> dg.OpDefinition:
-    """The enrich step of a capture run (``batches``), or of a quarantine run (orphans only)."""
-
-    @dg.op(
-        name=f"enrich_{source}" if batches else f"resolve_{source}",
-        description=f"Enrich the batches of source {source} that are staged but not enriched "
-        "(this run's and any left by an earlier run), then the orphans that are due or whose "
-        "context has arrived."
-        if batches
-        else f"Re-enrich the orphans of source {source} that are due or whose context has "
-        "arrived, and only them.",
-        retry_policy=retry,
-        ins={"hours": dg.In(list[str], default_value=[])},
-    )
-    def op(context: dg.OpExecutionContext, platform: AuditPlatform, hours: list[str]) -> list[str]:
-        results = enrich_increment(platform, source, grace, batches=batches)
-        for result in results:
-            for event in hour_events(source, result):
-                context.log_event(event)
-        return sorted({*hours, *(hour_key(r.hour) for r in results)})
-
-    return op
-
-
-def resolve_job(
-    env: str, source: str, resolve: dg.OpDefinition, index: dg.OpDefinition
-) -> dg.JobDefinition:
-    """Re-enrich and re-index due orphans, without capturing. It carries the slot's tag, so it
-    queues behind a running capture run instead of racing its ledger."""
-
-    @dg.job(
-        name=f"resolve_{source}_job",
-        description=f"Resolve the quarantine of source {source}: orphans that are due or whose "
-        "context has arrived, enriched and indexed on their own.",
-        tags={SLOT_TAG: slot_name(env, source)},
-        executor_def=dg.in_process_executor,
-    )
-    def job() -> None:
-        index(resolve())
-
-    return job
 
 
 def enriched_asset(

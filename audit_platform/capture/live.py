@@ -1,0 +1,445 @@
+"""Long-lived capture: per source a worker that keeps its slot open, a supervisor that runs many.
+
+A :class:`SourceWorker` holds one source's replication connection and decoder for as long as it
+runs and loops: read what the slot sends, close a batch by size (as :meth:`SlotStream.batches`)
+or by time (``flush_seconds``), stage and confirm it with the same :class:`_Stager` a one-shot
+:func:`capture` uses (so every crash point holds as it does there), then enrich and index the
+source's pending batches, sign a checkpoint when due, and now and then resolve the quarantine.
+While the slot is quiet it waits on the socket; when the server has read
+``heartbeat_bytes`` of WAL past the slot's confirmed position without a tracked change (a quiet
+database next to a busy one), it confirms that position so the server may recycle the WAL.
+
+A failure (the source unreachable, its slot dropped or lost, Elasticsearch down, a bug) ends
+the worker's attempt: it closes its connections and tries again after a backoff, doubling up
+to ``backoff_max_seconds``; its status says why. Nothing is lost: the slot was confirmed only
+up to staged batches, the pending ledger keeps what was not indexed, and the next attempt
+starts with the same recovery a one-shot capture does.
+
+A :class:`Supervisor` runs one worker per source in threads (they wait on sockets and on
+Elasticsearch, not on the CPU), each on its own: one that fails or waits never delays another.
+It stops on its stop event or after its lifetime: each worker finishes the batch in hand,
+confirms it and closes its connections, so the next run takes over with nothing lost or twice.
+
+No Dagster here: ``audit_platform/defs/capture/`` runs a supervisor inside a Dagster run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from elasticsearch import Elasticsearch
+
+from audit_platform.capture.pgoutput import ChangeBatch, Masker, PgOutputDecoder
+from audit_platform.capture.run import CaptureResult, _Stager
+from audit_platform.capture.slot import usable_slot_state
+from audit_platform.capture.stream import BATCH_BYTES, SlotBusy, SlotStream
+from audit_platform.enrich import quarantine
+from audit_platform.enrich.batch import HourResult, enrich_pending, resolve_quarantine
+from audit_platform.index.batch import HourIndexed, index_pending
+from audit_platform.naming import publication_name, slot_name
+from audit_platform.policy import SourcePolicy
+from audit_platform.staging import StagedFile, StagingStore
+from audit_platform.staging.lock import ledger_lock
+from audit_platform.trust.log import TrustLog
+
+log = logging.getLogger(__name__)
+
+
+def shard_of(source: str, shards: int) -> int:
+    """The shard a source belongs to: stable across runs, processes and machines."""
+    return zlib.crc32(source.encode()) % max(1, shards)
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    #: A batch closes at the first commit after its first message is this old.
+    flush_seconds: float = 0.5
+    batch_changes: int = 50_000
+    batch_bytes: int = BATCH_BYTES
+    #: WAL the server may read past the slot's position, without a tracked change, before the
+    #: worker confirms it anyway.
+    heartbeat_bytes: int = 16 * 1024**2
+    grace: timedelta = timedelta(minutes=10)
+    trail: bool = True
+    checkpoint_every: timedelta = timedelta(seconds=60)
+    resolve_every_seconds: float = 30.0
+    #: How often a quiet worker wakes (to notice a stop, a heartbeat or work due).
+    idle_seconds: float = 1.0
+    backoff_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class LiveSource:
+    """What a worker needs of one source; ``url`` and ``policy`` are read at each attempt."""
+
+    name: str
+    url: Callable[[], str]
+    policy: Callable[[], SourcePolicy]
+    store: StagingStore
+    #: The source database's name, as records carry it (default: the URL's).
+    database: str | None = None
+
+
+@dataclass
+class SourceStatus:
+    source: str
+    #: starting, live, retrying (after a failure), stopped, failed (stopped while failing), or
+    #: crashed (a BaseException ended the worker).
+    state: str = "starting"
+    error: str | None = None
+    failures: int = 0
+    attempts: int = 0
+    changes: int = 0
+    records_indexed: int = 0
+    confirmed_lsn: int = 0
+    last_batch_at: datetime | None = None
+    #: Quiet, with everything committed before the attempt started staged, enriched, indexed.
+    caught_up: bool = False
+    updated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def healthy(self) -> bool:
+        return self.state in {"starting", "live", "stopped"} and self.error is None
+
+
+class LiveReport:
+    """What the workers did since the last :meth:`drain`, summed per source, asset and hour,
+    and each source's status: what a caller reports (Dagster coalesces it into events)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._staged: dict[tuple[str, str, datetime], dict[str, int]] = {}
+        self._enriched: list[tuple[str, HourResult]] = []
+        self._indexed: list[tuple[str, HourIndexed]] = []
+        self._status: dict[str, SourceStatus] = {}
+
+    def staged(self, source: str, files: list[StagedFile]) -> None:
+        with self._lock:
+            for file in files:
+                found = self._staged.setdefault(
+                    (source, file.dataset, file.hour), {"files": 0, "rows": 0}
+                )
+                found["files"] += 1
+                found["rows"] += file.rows
+
+    def enriched(self, source: str, hours: list[HourResult]) -> None:
+        with self._lock:
+            self._enriched.extend((source, h) for h in hours)
+
+    def indexed(self, source: str, hours: list[HourIndexed]) -> None:
+        with self._lock:
+            self._indexed.extend((source, h) for h in hours)
+
+    def status(self, status: SourceStatus) -> None:
+        with self._lock:
+            self._status[status.source] = replace(status, updated_at=datetime.now(UTC))
+
+    def statuses(self) -> dict[str, SourceStatus]:
+        with self._lock:
+            return dict(self._status)
+
+    def drain(self) -> tuple[dict, list[tuple[str, HourResult]], list[tuple[str, HourIndexed]]]:
+        with self._lock:
+            found = (self._staged, self._enriched, self._indexed)
+            self._staged, self._enriched, self._indexed = {}, [], []
+        return found
+
+
+class SourceWorker:
+    """One source's live capture: see the module's description."""
+
+    def __init__(
+        self,
+        env: str,
+        source: LiveSource,
+        *,
+        state_url: str,
+        elasticsearch: Callable[[], AbstractContextManager[Elasticsearch]],
+        mask_key: bytes | None,
+        signer: Ed25519PrivateKey | None,
+        settings: LiveSettings,
+        report: LiveReport,
+    ) -> None:
+        self.env, self.source, self.settings, self.report = env, source, settings, report
+        self.state_url, self.elasticsearch = state_url, elasticsearch
+        self.mask_key, self.signer = mask_key, signer
+        self.slot = slot_name(env, source.name)
+        self.publication = publication_name(env, source.name)
+        self.status = SourceStatus(source.name)
+
+    def _set(self, **changes) -> None:
+        for name, value in changes.items():
+            setattr(self.status, name, value)
+        self.report.status(self.status)
+
+    def run(self, stop: threading.Event) -> None:
+        """Attempt after attempt until ``stop``: a failure is reported and retried after a
+        backoff; a :class:`BaseException` (a simulated crash, an interrupt) ends the worker."""
+        self._set(state="starting")
+        while not stop.is_set():
+            self.status.attempts += 1
+            try:
+                self.attempt(stop)
+            except Exception as exc:  # reported and retried; the others go on
+                failures = self.status.failures + 1
+                delay = min(
+                    self.settings.backoff_max_seconds,
+                    self.settings.backoff_seconds * 2 ** (failures - 1),
+                )
+                log.warning("source %s: %s; retrying in %.0f s", self.source.name, exc, delay)
+                self._set(state="retrying", error=f"{type(exc).__name__}: {exc}", failures=failures)
+                stop.wait(delay)
+            else:
+                break
+        # Stopped while failing: the last error stands, for whoever reads the run's report.
+        self._set(state="stopped" if self.status.error is None else "failed")
+
+    def attempt(self, stop: threading.Event) -> None:
+        """One connection's worth of live capture, until ``stop`` (returns) or a failure
+        (raises). Everything is closed on the way out."""
+        source = self.source
+        policy, url = source.policy(), source.url()
+        if self.mask_key is None and any(t.mask for t in policy.tables.values()):
+            raise ValueError(
+                f"policy of source {source.name!r} masks columns but no masking key is set"
+            )
+        with (
+            psycopg.connect(url, autocommit=True, connect_timeout=10) as conn,
+            psycopg.connect(self.state_url, autocommit=True, connect_timeout=10) as state,
+            self.elasticsearch() as client,
+        ):
+            slot = usable_slot_state(conn, self.slot)
+            if slot.active_pid is not None:
+                raise SlotBusy(f"slot {self.slot} is in use by process {slot.active_pid}")
+            result = CaptureResult(
+                self.slot, start_lsn=slot.confirmed_lsn, target_lsn=slot.current_lsn
+            )
+            database = source.database or _database_of(url)
+            source.store.recover(slot.confirmed_lsn)
+            decoder = _decoder(conn, policy, self.mask_key)
+            stream = SlotStream(url, self.slot, self.publication)
+            stager = _Stager(source.store, stream, conn, self.slot, self.env, policy, result)
+            try:
+                stream.start()
+                # What an earlier run staged and did not finish comes first.
+                self._downstream(state, client, policy, database, resolve=True)
+                self._set(
+                    state="live", error=None, confirmed_lsn=slot.confirmed_lsn, caught_up=False
+                )
+                self._loop(stop, stream, decoder, stager, state, client, policy, database, result)
+            finally:
+                stream.close()
+        self.status.failures = 0
+
+    def _loop(self, stop, stream, decoder, stager, state, client, policy, database, result) -> None:
+        settings = self.settings
+        resolved_at = checkpointed_at = time.monotonic()
+        behind = False  # pending work the ledger lock kept us from doing
+        for raw in stream.live_batches(
+            stop,
+            flush_seconds=settings.flush_seconds,
+            batch_changes=settings.batch_changes,
+            batch_bytes=settings.batch_bytes,
+            idle_seconds=settings.idle_seconds,
+        ):
+            now = time.monotonic()
+            if raw is not None:
+                before = len(result.files)
+                stager.stage(decoder.decode(raw.messages, ChangeBatch(), complete=raw.complete))
+                self.report.staged(self.source.name, result.files[before:])
+                del result.files[:]  # a run lasts long: keep no history of its files
+                self._set(
+                    changes=result.changes,
+                    confirmed_lsn=result.confirmed_lsn,
+                    last_batch_at=datetime.now(UTC),
+                )
+                if not raw.complete:
+                    continue  # a transaction in parts: enrich it when it is whole
+                resolve = now - resolved_at >= settings.resolve_every_seconds
+                behind = not self._downstream(state, client, policy, database, resolve=resolve)
+                if resolve and not behind:
+                    resolved_at = now
+                continue
+            # Quiet: confirm WAL read without a tracked change, past the heartbeat threshold.
+            confirmed = max(result.confirmed_lsn, result.start_lsn)
+            if stream.server_wal_end - confirmed >= settings.heartbeat_bytes:
+                stager.confirm(stream.server_wal_end)
+                self._set(confirmed_lsn=result.confirmed_lsn)
+            resolve = now - resolved_at >= settings.resolve_every_seconds
+            if behind or resolve:
+                behind = not self._downstream(state, client, policy, database, resolve=resolve)
+                if resolve and not behind:
+                    resolved_at = now
+            caught_up = not behind and stream.server_wal_end >= result.target_lsn
+            if caught_up and not self.status.caught_up:
+                self._set(caught_up=True)
+            if now - checkpointed_at >= settings.checkpoint_every.total_seconds():
+                self._checkpoint()
+                checkpointed_at = now
+
+    def _downstream(self, state, client, policy, database: str, *, resolve: bool) -> bool:
+        """Enrich and index the source's pending batches (and, with ``resolve``, its due
+        orphans); False if another process holds the source's ledger (a backfill) and
+        nothing was done: the next quiet moment tries again, capture goes on meanwhile."""
+        store, settings = self.source.store, self.settings
+        with ledger_lock(state, self.env, self.source.name, wait=0) as held:
+            if not held:
+                return False
+            now = datetime.now(UTC)
+            enriched = enrich_pending(
+                store, state, policy, now=now, grace=settings.grace, trail=settings.trail
+            )
+            # Orphans due for a retry, or whose late context has just been enriched, now rather
+            # than at the next periodic look (one count query when there are none).
+            env, name = self.env, self.source.name
+            if resolve or quarantine.revisit_count(state, env, name, now):
+                enriched += resolve_quarantine(store, state, policy, now=now, grace=settings.grace)
+            indexed = index_pending(client, store, database=database, now=now)
+            if enriched:
+                self._checkpoint()
+        self.report.enriched(self.source.name, enriched)
+        self.report.indexed(self.source.name, indexed)
+        if indexed:
+            self._set(records_indexed=self.status.records_indexed + sum(h.indexed for h in indexed))
+        return True
+
+    def _checkpoint(self) -> None:
+        if self.signer is not None and self.settings.trail:
+            TrustLog(self.source.store).checkpoint(
+                self.signer, datetime.now(UTC), self.settings.checkpoint_every
+            )
+
+
+def _database_of(url: str) -> str:
+    return psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "postgres"
+
+
+def _decoder(conn: psycopg.Connection, policy: SourcePolicy, mask_key: bytes | None):
+    def type_names(oids: list[int]) -> dict[int, str]:
+        rows = conn.execute(
+            "SELECT oid::bigint, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(%s)",
+            (oids,),
+        ).fetchall()
+        return dict(rows)
+
+    def primary_key(schema: str, table: str) -> list[str]:
+        rows = conn.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)"
+            " WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary"
+            " ORDER BY array_position(i.indkey, a.attnum)",
+            (schema, table),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    return PgOutputDecoder(policy, Masker(mask_key or b""), type_names, primary_key)
+
+
+class Supervisor:
+    """Runs a worker per source until ``stop`` is set or ``lifetime`` has passed.
+
+    ``sources`` is asked again every ``refresh_seconds``: a source that appears gets a worker,
+    one that is gone has its worker stopped (the environment file is the truth). With
+    ``until_caught_up`` it also stops once every worker has caught up with what was committed
+    when it started, or is failing (a one-off catch-up run, and what tests run).
+    """
+
+    def __init__(
+        self,
+        sources: Callable[[], dict[str, SourceWorker]],
+        *,
+        lifetime: timedelta,
+        stop: threading.Event | None = None,
+        refresh_seconds: float = 30.0,
+        report: LiveReport | None = None,
+        until_caught_up: bool = False,
+    ) -> None:
+        self.sources, self.lifetime = sources, lifetime
+        self.until_caught_up = until_caught_up
+        self.stop = stop or threading.Event()
+        self.refresh_seconds = refresh_seconds
+        self.report = report or LiveReport()
+        self.workers: dict[str, tuple[SourceWorker, threading.Event, threading.Thread]] = {}
+        self.crashed: dict[str, BaseException] = {}
+        self._started = time.monotonic()
+
+    @property
+    def deadline(self) -> float:
+        return self._started + self.lifetime.total_seconds()
+
+    def _start(self, name: str, worker: SourceWorker) -> None:
+        own = threading.Event()
+
+        def run() -> None:
+            try:
+                worker.run(own)
+            except BaseException as exc:  # the worker is dead; the others go on
+                self.crashed[name] = exc
+                worker._set(state="crashed", error=f"{type(exc).__name__}: {exc}")
+                log.exception("source %s: worker ended", name)
+
+        thread = threading.Thread(target=run, name=f"capture-{name}", daemon=True)
+        self.workers[name] = (worker, own, thread)
+        thread.start()
+
+    def refresh(self) -> None:
+        """Start workers for sources that appeared, stop those of sources that are gone."""
+        try:
+            wanted = self.sources()
+        except Exception:  # keep the workers we have
+            log.exception("cannot read the sources; keeping the current workers")
+            return
+        for name, worker in wanted.items():
+            if name not in self.workers:
+                self._start(name, worker)
+        for name in [n for n in self.workers if n not in wanted]:
+            _, own, thread = self.workers.pop(name)
+            own.set()
+            thread.join()
+
+    def ticks(self, every: float = 1.0) -> Iterator[None]:
+        """Run the workers, yielding about every ``every`` seconds until the end (so a caller
+        reports progress from its own thread); then stop and join every worker."""
+        self._started = time.monotonic()
+        self.refresh()
+        refreshed = time.monotonic()
+        try:
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                self.stop.wait(min(every, max(0.0, self.deadline - time.monotonic())))
+                if time.monotonic() - refreshed >= self.refresh_seconds:
+                    self.refresh()
+                    refreshed = time.monotonic()
+                yield
+                if self.until_caught_up and all(
+                    s.caught_up or s.state in {"retrying", "crashed"}
+                    for s in self.statuses().values()
+                ):
+                    break
+        finally:
+            self.shutdown()
+
+    def run(self) -> None:
+        for _ in self.ticks():
+            pass
+
+    def shutdown(self) -> None:
+        """Each worker finishes its batch in hand, confirms it and closes its connections."""
+        self.stop.set()
+        for _, own, _ in self.workers.values():
+            own.set()
+        for _, _, thread in self.workers.values():
+            thread.join()
+
+    def statuses(self) -> dict[str, SourceStatus]:
+        return {name: worker.status for name, (worker, _, _) in self.workers.items()}

@@ -1,0 +1,308 @@
+"""The live capture run: per shard of the environment one job whose op runs the supervisor of
+audit_platform/capture/live.py for its lifetime, and the keeper sensor that keeps one such run
+alive per shard.
+
+What the run reports, coalesced (a busy source stages a batch a second; an event per batch would
+fill the event log): every ``capture_report_seconds``, and at the end, one materialization per
+source, asset and hour of what it staged, enriched and indexed since the last report (with the
+orphan-rate check), the ``capture_live`` check of every source whose status changed (or is
+failing), and one log line of every source's status. That line is the run's heartbeat: the
+keeper treats a STARTED run whose last event is older than ``capture_stale_seconds`` as dead.
+
+No ``from __future__ import annotations`` in defs/: Dagster reads config annotations at runtime.
+"""
+
+import time
+from datetime import timedelta
+
+import dagster as dg
+import psycopg
+from pydantic import Field
+
+from audit_platform.capture.live import (
+    LiveReport,
+    LiveSettings,
+    LiveSource,
+    SourceStatus,
+    SourceWorker,
+    Supervisor,
+    shard_of,
+)
+from audit_platform.capture.slot import SlotLost, SlotMissing, usable_slot_state
+from audit_platform.clients import pg_url_from_settings
+from audit_platform.defs.capture.assets import source_url, staged_key
+from audit_platform.defs.enrich.assets import hour_events
+from audit_platform.defs.index.assets import indexed_key
+from audit_platform.defs.partitions import hour_key
+from audit_platform.defs.resources import AuditPlatform
+from audit_platform.enrich.batch import merge_hours
+from audit_platform.environment import EnvironmentConfig, SourceConfig
+from audit_platform.index.batch import merge_indexed
+from audit_platform.naming import slot_name
+from audit_platform.staging import lsn_text
+
+#: The live capture run of a shard carries its number here; dagster.yaml runs one per shard.
+SHARD_TAG = "audit/capture-shard"
+CHECK = "capture_live"
+#: Run states in which a run holds (or is about to hold) its shard.
+ALIVE = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def shard_sources(environment: EnvironmentConfig, shard: int) -> dict[str, SourceConfig]:
+    n = environment.capture_shards
+    return {s: c for s, c in sorted(environment.sources.items()) if shard_of(s, n) == shard}
+
+
+def live_settings(environment: EnvironmentConfig) -> LiveSettings:
+    return LiveSettings(
+        flush_seconds=environment.capture_flush_seconds,
+        batch_changes=environment.capture_batch_changes,
+        heartbeat_bytes=environment.slot_heartbeat_bytes,
+        grace=timedelta(minutes=environment.enrich_grace_minutes),
+        trail=environment.trail,
+        checkpoint_every=timedelta(seconds=environment.checkpoint_every_seconds),
+        resolve_every_seconds=environment.quarantine_resolve_seconds,
+    )
+
+
+class LiveRunConfig(dg.Config):
+    lifetime_minutes: float = Field(
+        default=0, description="Stop after this long (0: the environment's capture_run_minutes)."
+    )
+    until_caught_up: bool = Field(
+        default=False,
+        description="Stop as soon as every source has caught up with what was committed when "
+        "the run started (a one-off catch-up).",
+    )
+
+
+def job_name(shard: int) -> str:
+    return f"capture_shard_{shard}_job"
+
+
+def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefinition:
+    @dg.op(
+        name=f"capture_live_{shard}",
+        description=f"Capture, enrich and index the sources of shard {shard} continuously, until "
+        "the run's lifetime ends; each source on its own (one that fails is retried and "
+        "reported, the others go on).",
+    )
+    def op(context: dg.OpExecutionContext, platform: AuditPlatform, config: LiveRunConfig) -> None:
+        started = platform.environment()
+        report, workers = LiveReport(), {}
+
+        def sources() -> dict[str, SourceWorker]:
+            """The environment file, read again: sources added or removed are picked up."""
+            current = platform.environment()
+            found = {}
+            for name, source_config in shard_sources(current, shard).items():
+                found[name] = workers.get(name) or _worker(
+                    platform, current, name, source_config, report
+                )
+            workers.clear()
+            workers.update(found)
+            return found
+
+        minutes = config.lifetime_minutes or started.capture_run_minutes
+        supervisor = Supervisor(
+            sources,
+            lifetime=timedelta(minutes=minutes),
+            report=report,
+            refresh_seconds=60,
+            until_caught_up=config.until_caught_up,
+        )
+        reported: dict[str, tuple] = {}
+        every = started.capture_report_seconds
+        context.log.info(f"live capture of shard {shard} for {minutes:g} min")
+        last = time.monotonic()
+        try:
+            for _ in supervisor.ticks(every=min(1.0, every)):
+                if time.monotonic() - last >= every:
+                    _emit(context, report, reported, shard)
+                    last = time.monotonic()
+        finally:
+            _emit(context, report, reported, shard, final=True)
+        failing = sorted(s for s, st in report.statuses().items() if st.state == "crashed")
+        if failing:
+            raise dg.Failure(f"capture workers ended by a crash: {', '.join(failing)}")
+
+    @dg.job(
+        name=job_name(shard),
+        description=f"Live capture of shard {shard} of {environment.capture_shards}: one run "
+        "at a time, kept alive by capture_keeper_sensor.",
+        # One run per shard (dagster.yaml); no run retries: the keeper starts the next run.
+        tags={SHARD_TAG: str(shard), "dagster/max_retries": "0"},
+        executor_def=dg.in_process_executor,
+    )
+    def job() -> None:
+        op()
+
+    return job
+
+
+def _worker(platform, environment, name, config, report) -> SourceWorker:
+    live = LiveSource(
+        name, lambda: source_url(name, config), lambda: platform.policy(name), platform.store(name)
+    )
+    return SourceWorker(
+        platform.env,
+        live,
+        state_url=_state_url(platform),
+        elasticsearch=lambda: platform.elasticsearch(environment),
+        mask_key=platform.mask_key(),
+        signer=platform.settings.signer(),
+        settings=live_settings(environment),
+        report=report,
+    )
+
+
+def _state_url(platform: AuditPlatform) -> str:
+    platform.state().close()  # installs the platform's tables on first use
+    return pg_url_from_settings(platform.settings)
+
+
+def _status_key(status: SourceStatus) -> tuple:
+    return (status.state, status.error)
+
+
+def status_check(status: SourceStatus, shard: int, run_id: str) -> dg.AssetCheckEvaluation:
+    return dg.AssetCheckEvaluation(
+        asset_key=staged_key(status.source, "changes"),
+        check_name=CHECK,
+        passed=status.healthy,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "state": status.state,
+            "error": status.error or "",
+            "failures": status.failures,
+            "attempts": status.attempts,
+            "changes_this_attempt": status.changes,
+            "records_indexed": status.records_indexed,
+            "confirmed_lsn": lsn_text(status.confirmed_lsn),
+            "last_batch_at": status.last_batch_at.isoformat() if status.last_batch_at else "",
+            "shard": shard,
+            "run_id": run_id,
+        },
+        description=status.error,
+    )
+
+
+def _emit(context, report: LiveReport, reported: dict, shard: int, final: bool = False) -> None:
+    """What happened since the last report, coalesced; statuses that changed or fail."""
+    staged, enriched, indexed = report.drain()
+    for (source, dataset, hour), counts in sorted(staged.items()):
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=staged_key(source, dataset), partition=hour_key(hour), metadata=counts
+            )
+        )
+    for source in sorted({s for s, _ in enriched}):
+        for result in merge_hours(h for s, h in enriched if s == source):
+            for event in hour_events(source, result):
+                context.log_event(event)
+    for source in sorted({s for s, _ in indexed}):
+        for result in merge_indexed([h for s, h in indexed if s == source]):
+            context.log_event(
+                dg.AssetMaterialization(
+                    asset_key=indexed_key(source),
+                    partition=hour_key(result.hour),
+                    metadata=result.metadata,
+                )
+            )
+    statuses = report.statuses()
+    for source, status in sorted(statuses.items()):
+        if final or not status.healthy or reported.get(source) != _status_key(status):
+            context.log_event(status_check(status, shard, context.run_id))
+            reported[source] = _status_key(status)
+    summary = ", ".join(f"{s}: {st.state}" for s, st in sorted(statuses.items())) or "no sources"
+    context.log.info(f"live capture of shard {shard}: {summary}")  # the heartbeat
+
+
+def capture_live_checks(env: str, source: str, config: SourceConfig) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=staged_key(source, "changes"),
+        name=CHECK,
+        blocking=False,
+        description=f"Source {source} is captured live: evaluated by the live capture run of "
+        "its shard (its worker's state, failures and last error). Run on its own, it checks "
+        "that a consumer holds the slot.",
+    )
+    def check() -> dg.AssetCheckResult:
+        slot = slot_name(env, source)
+        try:
+            with psycopg.connect(
+                source_url(source, config), autocommit=True, connect_timeout=10
+            ) as conn:
+                state = usable_slot_state(conn, slot)
+        except (SlotLost, SlotMissing, psycopg.OperationalError) as exc:
+            return dg.AssetCheckResult(passed=False, description=str(exc))
+        return dg.AssetCheckResult(
+            passed=state.active_pid is not None,
+            metadata={"slot": slot, "consumer_pid": state.active_pid or 0},
+        )
+
+    return check
+
+
+def _last_event_time(instance: dg.DagsterInstance, run_id: str) -> float | None:
+    found = instance.event_log_storage.get_records_for_run(run_id, ascending=False, limit=1)
+    return found.records[0].event_log_entry.timestamp if found.records else None
+
+
+def keeper_sensor(environment: EnvironmentConfig, jobs: dict[int, dg.JobDefinition]):
+    stale = environment.capture_stale_seconds
+    lifetime = environment.capture_run_minutes * 60
+
+    @dg.sensor(
+        name="capture_keeper_sensor",
+        description="Keeps one live capture run per shard: starts one when none is queued or "
+        "running; fails a STARTED run whose last event is older than "
+        f"{stale} s (its process is gone) and starts another; queues the successor of a run "
+        "near the end of its lifetime, so it starts the moment that one ends.",
+        jobs=list(jobs.values()),
+        minimum_interval_seconds=10,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        requests, notes = [], []
+        now = time.time()
+        for shard, job in sorted(jobs.items()):
+            records = context.instance.get_run_records(
+                filters=dg.RunsFilter(job_name=job.name, statuses=ALIVE)
+            )
+            alive = []
+            for record in records:
+                run = record.dagster_run
+                if run.status == dg.DagsterRunStatus.STARTED:
+                    last = _last_event_time(context.instance, run.run_id) or record.start_time
+                    if last is not None and now - last > stale:
+                        context.instance.report_run_failed(
+                            run,
+                            message=f"no event for {now - last:.0f} s (more than {stale} s): "
+                            "its process is gone; the capture keeper starts another run",
+                        )
+                        notes.append(f"shard {shard}: failed stale run {run.run_id}")
+                        continue
+                alive.append(record)
+            waiting = [r for r in alive if r.dagster_run.status != dg.DagsterRunStatus.STARTED]
+            ending = [
+                r
+                for r in alive
+                if r.dagster_run.status == dg.DagsterRunStatus.STARTED
+                and r.start_time
+                and now - r.start_time > lifetime - 60
+            ]
+            if not alive or (ending and not waiting and len(alive) == 1):
+                requests.append(dg.RunRequest(job_name=job.name, tags={SHARD_TAG: str(shard)}))
+                notes.append(f"shard {shard}: run requested")
+        if not requests:
+            return dg.SensorResult(skip_reason="; ".join(notes) or "every shard has its run")
+        return dg.SensorResult(run_requests=requests)
+
+    return sensor

@@ -1,0 +1,449 @@
+"""Long-lived capture (audit_platform/capture/live.py) against real servers: each source on its
+own, handover between runs, a SIGKILL and every crash point, each compared with a trigger-based
+ground truth (nothing lost, nothing twice); and freshness as behaviour, not a benchmark."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import ExitStack, contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from audit_platform import platform_db
+from audit_platform.capture.live import (
+    LiveReport,
+    LiveSettings,
+    LiveSource,
+    SourceWorker,
+    Supervisor,
+    shard_of,
+)
+from audit_platform.faults import LOCAL_ONLY_POINTS, POINTS, SimulatedCrash, armed
+from audit_platform.index.template import install_template
+from audit_platform.naming import read_alias, slot_name
+from audit_platform.settings import Settings
+from audit_platform.trust.signing import new_private_key, private_key
+from audit_platform.trust.verify import Window, verify_source
+from audit_platform_tests.capture_support import MASK_KEY, CaptureSource, make_source
+from audit_platform_tests.conftest import new_database
+from audit_platform_tests.helpers import (
+    ON_BOTH_STORES,
+    ground_truth,
+    ground_truth_ddl,
+    policy_for,
+    record_tuple,
+)
+
+DDL = """
+CREATE TABLE orders (id int PRIMARY KEY, status text, note text);
+ALTER TABLE orders REPLICA IDENTITY FULL;
+""" + ground_truth_ddl("orders")
+
+FAST = LiveSettings(
+    flush_seconds=0.2,
+    batch_changes=50,
+    grace=timedelta(0),
+    checkpoint_every=timedelta(0),
+    resolve_every_seconds=1,
+    idle_seconds=0.2,
+    backoff_seconds=0.2,
+    backoff_max_seconds=1,
+)
+
+
+@pytest.fixture
+def env(es):
+    name = f"live_{uuid.uuid4().hex[:8]}"
+    install_template(es, Settings().resources_dir, name, replicas=0)
+    yield name
+    for index in es.indices.get(index=f"audit-{name}-*", expand_wildcards="all"):
+        es.indices.delete(index=index)
+    es.options(ignore_status=404).indices.delete_index_template(name=f"audit-{name}")
+
+
+@pytest.fixture
+def state_url(servers):
+    with new_database(servers) as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            platform_db.install(conn, Settings().resources_dir / "sql")
+        yield url
+
+
+def _source(url: str, staging_root, name: str, env: str) -> CaptureSource:
+    return make_source(url, staging_root, DDL, policy_for(name, public__orders={}), env)
+
+
+def _worker(source: CaptureSource, es, state_url, report=None, settings=FAST, signer=None):
+    live = LiveSource(
+        source.policy.source, lambda: source.url, lambda: source.policy, source.store, "shopdb"
+    )
+    return SourceWorker(
+        source.env,
+        live,
+        state_url=state_url,
+        elasticsearch=lambda: nullcontext(es),
+        mask_key=MASK_KEY,
+        signer=signer,
+        settings=settings,
+        report=report or LiveReport(),
+    )
+
+
+def _write(url: str, n: int, rows: int = 3) -> None:
+    """One transaction of a service, with its context."""
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "SELECT audit.set_context(%s::jsonb)",
+            (json.dumps({"actor": {"type": "user", "id": f"u{n}"}}),),
+        )
+        conn.execute(
+            "INSERT INTO orders (id, status, note) SELECT g, 'new', 'ü' FROM"
+            " generate_series(%s::int, %s::int) g",
+            (n * 100, n * 100 + rows - 1),
+        )
+        if n % 3 == 0:
+            conn.execute("UPDATE orders SET status = 'paid' WHERE id = %s", (n * 100 - 300,))
+
+
+def _indexed(es, env: str, source: str) -> list[tuple]:
+    if not es.indices.exists_alias(name=read_alias(env)):
+        return []  # nothing indexed yet
+    es.indices.refresh(index=read_alias(env))
+    hits = es.search(
+        index=read_alias(env), size=10_000, query={"term": {"source.service": source}}
+    )["hits"]
+    assert hits["total"]["value"] < 10_000
+    return sorted(record_tuple(d["_source"]) for d in hits["hits"])
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.2)
+
+
+def _exactly_once(es, env: str, source: CaptureSource) -> None:
+    truth = ground_truth(source.url)
+    assert _indexed(es, env, source.policy.source) == truth
+    staged = source.store.read_all("changes")
+    assert staged.select("lsn", "change_index").is_duplicated().sum() == 0
+    assert staged.height == len(truth)
+    assert source.store.pending() == []
+
+
+@contextmanager
+def _running(supervisor: Supervisor):
+    thread = threading.Thread(target=supervisor.run)
+    thread.start()
+    try:
+        yield supervisor
+    finally:
+        supervisor.stop.set()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+
+
+@contextmanager
+def _writing(urls: list[str], start: int = 1):
+    """A writer per source, one transaction every few milliseconds, until the block ends."""
+    stop, threads = threading.Event(), []
+
+    def write(url: str) -> None:
+        n = start
+        while not stop.is_set():
+            _write(url, n)
+            n += 1
+            time.sleep(0.01)
+
+    for url in urls:
+        threads.append(threading.Thread(target=write, args=(url,)))
+        threads[-1].start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def test_shards_are_stable_and_spread():
+    assert shard_of("shop", 1) == 0
+    assert shard_of("shop", 4) == shard_of("shop", 4)
+    assert len({shard_of(f"source{i}", 4) for i in range(40)}) == 4
+
+
+@ON_BOTH_STORES
+def test_a_single_change_on_a_quiet_source_is_searchable_within_seconds(
+    pg_database, staging_root, env, es, state_url
+):
+    source = _source(pg_database, staging_root, "shop", env)
+    report = LiveReport()
+    settings = LiveSettings(grace=timedelta(0), backoff_seconds=0.2)  # default flush interval
+    workers = {"shop": _worker(source, es, state_url, report, settings)}
+    with _running(Supervisor(lambda: workers, lifetime=timedelta(minutes=5), report=report)):
+        _wait_for(
+            lambda: report.statuses().get("shop") and report.statuses()["shop"].state == "live",
+            30,
+            "the worker is live",
+        )
+        time.sleep(2)  # quiet for a while: the worker waits on its socket
+        _write(source.url, 1, rows=1)
+        written = time.monotonic()
+        # Generous: the default flush interval is half a second.
+        _wait_for(lambda: len(_indexed(es, env, "shop")) == 1, 10, "the change is searchable")
+        assert time.monotonic() - written < 10
+    staged, _, indexed = report.drain()
+    assert sum(v["rows"] for (s, d, _), v in staged.items() if d == "changes") == 1
+    assert sum(h.indexed for _, h in indexed) == 1
+    assert report.statuses()["shop"].state == "stopped"
+    _exactly_once(es, env, source)
+
+
+def test_each_source_on_its_own_down_dropped_added_while_live(
+    servers, tmp_path, env, es, state_url
+):
+    with ExitStack() as stack:
+        urls = {
+            n: stack.enter_context(new_database(servers))
+            for n in ("north", "south", "east", "west")
+        }
+        sources = {n: _source(u, tmp_path, n, env) for n, u in urls.items()}
+        report = LiveReport()
+        live = {n: _worker(sources[n], es, state_url, report) for n in ("north", "south", "east")}
+        supervisor = Supervisor(
+            lambda: dict(live), lifetime=timedelta(minutes=5), refresh_seconds=0.5, report=report
+        )
+        with _running(supervisor):
+            _wait_for(
+                lambda: (
+                    all(s.state == "live" for s in report.statuses().values())
+                    and len(report.statuses()) == 3
+                ),
+                30,
+                "three workers live",
+            )
+            # east goes down, south's slot is dropped: north goes on.
+            name = psycopg.conninfo.conninfo_to_dict(urls["east"])["dbname"]
+            with psycopg.connect(servers.pg_url, autocommit=True) as admin:
+                admin.execute(
+                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
+                        sql.Identifier(name)
+                    )
+                )
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                )
+            slot = slot_name(env, "south")
+            with psycopg.connect(urls["south"], autocommit=True) as conn:
+                _write(urls["south"], 1)  # committed before the slot goes: lost with it
+                for _ in range(50):
+                    conn.execute(
+                        "SELECT pg_terminate_backend(active_pid) FROM"
+                        " pg_replication_slots WHERE slot_name = %s",
+                        (slot,),
+                    )
+                    try:
+                        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                        break
+                    except psycopg.errors.ObjectInUse:
+                        time.sleep(0.1)
+            for n in range(1, 6):
+                _write(urls["north"], n)
+            _wait_for(
+                lambda: len(_indexed(es, env, "north")) == len(ground_truth(urls["north"])),
+                30,
+                "north is captured while east is down and south has no slot",
+            )
+            _wait_for(
+                lambda: (
+                    report.statuses()["east"].state == "retrying"
+                    and report.statuses()["south"].state == "retrying"
+                ),
+                30,
+                "east and south report their failures",
+            )
+            assert "does not exist" in report.statuses()["south"].error
+            assert report.statuses()["north"].state == "live"
+            # A source added to the environment while the run is live gets a worker.
+            live["west"] = _worker(sources["west"], es, state_url, report)
+            _write(urls["west"], 1)
+            _wait_for(lambda: len(_indexed(es, env, "west")) == 3, 30, "west, added, captured")
+            # east comes back: its slot kept what was committed before the outage.
+            _write(urls["north"], 6)
+            with psycopg.connect(servers.pg_url, autocommit=True) as admin:
+                admin.execute(
+                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
+                )
+            _write(urls["east"], 1)
+            _wait_for(lambda: len(_indexed(es, env, "east")) == 3, 30, "east resumes")
+            _wait_for(
+                lambda: len(_indexed(es, env, "north")) == len(ground_truth(urls["north"])),
+                30,
+                "north goes on",
+            )
+            assert report.statuses()["south"].state == "retrying"
+        assert report.statuses()["south"].state == "failed"
+        for name in ("north", "east", "west"):
+            _exactly_once(es, env, sources[name])
+        assert _indexed(es, env, "south") == []
+        statuses = report.statuses()
+        assert statuses["south"].failures >= 1 and statuses["north"].failures == 0
+
+
+def test_runs_that_reach_their_lifetime_hand_over_nothing_lost_nothing_twice(
+    servers, tmp_path, env, es, state_url
+):
+    with ExitStack() as stack:
+        urls = [stack.enter_context(new_database(servers)) for _ in range(2)]
+        sources = [_source(u, tmp_path, f"s{i}", env) for i, u in enumerate(urls)]
+
+        def run(lifetime: float) -> None:
+            report = LiveReport()
+            workers = {s.policy.source: _worker(s, es, state_url, report) for s in sources}
+            Supervisor(lambda: workers, lifetime=timedelta(seconds=lifetime), report=report).run()
+            assert all(
+                s.state == "stopped" and s.error is None for s in report.statuses().values()
+            ), report.statuses()
+
+        with _writing(urls):
+            for _ in range(4):  # four runs back to back, each ended by its lifetime
+                run(2.5)
+        run(3)  # the last takes what the writers committed since
+        for source in sources:
+            assert len(ground_truth(source.url)) > 30
+            _exactly_once(es, env, source)
+
+
+LIVE_SCRIPT = """
+import sys, threading
+from contextlib import nullcontext
+from datetime import timedelta
+from audit_platform.capture.live import LiveReport, LiveSettings, LiveSource, SourceWorker, Supervisor
+from audit_platform.clients import elasticsearch_client
+from audit_platform.settings import Settings
+from audit_platform.staging import StagingStore
+from audit_platform_tests.capture_support import MASK_KEY
+from audit_platform_tests.helpers import policy_for
+env, root, state_url, *pairs = sys.argv[1:]
+es = elasticsearch_client(Settings().elasticsearch)
+settings = LiveSettings(flush_seconds=0.2, batch_changes=50, grace=timedelta(0), idle_seconds=0.2)
+workers = {}
+for pair in pairs:
+    name, url = pair.split("=", 1)
+    policy = policy_for(name, public__orders={})
+    live = LiveSource(name, (lambda u=url: u), (lambda p=policy: p), StagingStore(root, env, name),
+                      "shopdb")
+    workers[name] = SourceWorker(env, live, state_url=state_url, elasticsearch=lambda: nullcontext(es),
+                                 mask_key=MASK_KEY, signer=None, settings=settings, report=LiveReport())
+Supervisor(lambda: workers, lifetime=timedelta(minutes=10)).run()
+"""
+
+
+def test_a_run_killed_mid_batch_is_resumed_by_the_next_nothing_lost_nothing_twice(
+    servers, tmp_path, env, es, state_url
+):
+    with ExitStack() as stack:
+        urls = [stack.enter_context(new_database(servers)) for _ in range(3)]
+        sources = [_source(u, tmp_path, f"k{i}", env) for i, u in enumerate(urls)]
+        root = sources[0].store.root
+        pairs = [f"{s.policy.source}={s.url}" for s in sources]
+        with _writing(urls):
+            process = subprocess.Popen(
+                [sys.executable, "-c", LIVE_SCRIPT, env, root, state_url, *pairs],
+                cwd=str(Path.cwd()),
+            )
+            # Every source has staged and indexed batches, and goes on doing so: kill it there.
+            _wait_for(
+                lambda: all(_indexed(es, env, s.policy.source) for s in sources),
+                60,
+                "every source is captured by the run",
+            )
+            time.sleep(1.5)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            killed_at = {s.policy.source: len(s.store.files("changes")) for s in sources}
+            report = LiveReport()
+            workers = {s.policy.source: _worker(s, es, state_url, report) for s in sources}
+            # The next run starts while the writers still write (the old walsenders may take a
+            # moment to notice: the workers retry), then drains after they stop.
+            supervisor = Supervisor(lambda: workers, lifetime=timedelta(minutes=5), report=report)
+            stack.enter_context(_running(supervisor))
+            time.sleep(2)
+        _wait_for(
+            lambda: all(_indexed(es, env, s.policy.source) == ground_truth(s.url) for s in sources),
+            60,
+            "the next run catches up",
+        )
+        supervisor.stop.set()
+        time.sleep(1)
+        for source in sources:
+            assert killed_at[source.policy.source] > 0
+            _exactly_once(es, env, source)
+
+
+@ON_BOTH_STORES
+def test_a_crash_at_every_point_of_the_live_loop_then_the_next_worker_heals_it(
+    pg_database, staging_root, env, es, state_url
+):
+    source = _source(pg_database, staging_root, "shop", env)
+    key = private_key(new_private_key())
+    points = [p for p in POINTS if source.store.local or p not in LOCAL_ONLY_POINTS]
+
+    def until_done(worker: SourceWorker) -> None:
+        """A worker that stops once everything written is indexed."""
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                if _indexed(es, env, "shop") == ground_truth(source.url):
+                    stop.set()
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        timer = threading.Timer(60, stop.set)
+        timer.start()
+        try:
+            worker.attempt(stop)
+        finally:
+            stop.set()
+            timer.cancel()
+            watcher.join()
+
+    for n, point in enumerate(points, start=1):
+        for txn in range(4):
+            _write(source.url, n * 10 + txn, rows=20)
+        stop = threading.Event()
+        timer = threading.Timer(60, stop.set)  # no crash in 60 s fails the test below
+        timer.start()
+        with armed(point), pytest.raises(SimulatedCrash, match=point):
+            _worker(source, es, state_url, signer=key).attempt(stop)
+        timer.cancel()
+        _write(source.url, n * 10 + 5)  # committed after the crash, before the next worker
+        until_done(_worker(source, es, state_url, signer=key))
+        _exactly_once(es, env, source)
+    es.indices.refresh(index=f"audit-{env}")
+    report = verify_source(
+        source.store, es, source.policy, key.public_key(), since=None, until=None, window=_window()
+    )
+    assert report.ok, report.problems[:5]
+    assert report.logged_changes == report.documents == len(ground_truth(source.url))
+
+
+def _window():
+    from datetime import UTC, datetime
+
+    return Window(datetime.now(UTC), indexing_lag=timedelta(0))
