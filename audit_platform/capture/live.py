@@ -45,7 +45,7 @@ from audit_platform.capture.stream import BATCH_BYTES, SlotBusy, SlotStream
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import HourResult, enrich_pending, resolve_quarantine
 from audit_platform.index.batch import HourIndexed, index_pending
-from audit_platform.naming import publication_name, slot_name
+from audit_platform.naming import STANDARD_CLASS, publication_name, slot_name
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging import StagedFile, StagingStore
 from audit_platform.staging.lock import ledger_lock
@@ -88,6 +88,8 @@ class LiveSource:
     store: StagingStore
     #: The source database's name, as records carry it (default: the URL's).
     database: str | None = None
+    #: The retention class whose indices its records go to (the environment file says).
+    retention_class: str = STANDARD_CLASS
 
 
 @dataclass
@@ -304,7 +306,13 @@ class SourceWorker:
             env, name = self.env, self.source.name
             if resolve or quarantine.revisit_count(state, env, name, now):
                 enriched += resolve_quarantine(store, state, policy, now=now, grace=settings.grace)
-            indexed = index_pending(client, store, database=database, now=now)
+            indexed = index_pending(
+                client,
+                store,
+                database=database,
+                now=now,
+                retention_class=self.source.retention_class,
+            )
             if enriched:
                 self._checkpoint()
         self.report.enriched(self.source.name, enriched)

@@ -148,7 +148,11 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
 
 def _worker(platform, environment, name, config, report) -> SourceWorker:
     live = LiveSource(
-        name, lambda: source_url(name, config), lambda: platform.policy(name), platform.store(name)
+        name,
+        lambda: source_url(name, config),
+        lambda: platform.policy(name),
+        platform.store(name),
+        retention_class=environment.retention_class_of(name),
     )
     return SourceWorker(
         platform.env,
