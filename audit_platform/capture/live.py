@@ -75,7 +75,10 @@ class LiveSettings:
     #: How often a quiet worker wakes (to notice a stop, a heartbeat or work due).
     idle_seconds: float = 1.0
     backoff_seconds: float = 1.0
-    backoff_max_seconds: float = 60.0
+    #: The longest wait between attempts: a failed attempt costs a connection, and the wait
+    #: is what a source's freshness pays after its outage ends (the fault matrix measured 61
+    #: to 63 s of healing with 60 s here).
+    backoff_max_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
