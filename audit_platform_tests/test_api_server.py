@@ -13,9 +13,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -25,6 +27,7 @@ import pytest
 from audit_platform import platform_db
 from audit_platform.api_keys import create_key
 from audit_platform.capture.gaps import Gap, record_gap
+from audit_platform.demo.run import first_record_seconds
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
@@ -196,3 +199,14 @@ def test_schemathesis_finds_no_server_error_nor_an_answer_outside_the_keys_scope
     log = server.log.read_text().splitlines()
     errors = [i for i, line in enumerate(log) if "Exception in ASGI application" in line]
     assert errors == [], "\n".join(line[:300] for line in log[errors[0] : errors[0] + 60])
+
+
+def test_the_demos_first_records_check_ignores_records_from_before_it_started(server):
+    # After a restart the demo must see capture run again, not the last demo's records.
+    started = time.monotonic()
+    assert (
+        first_record_seconds(server.url, server.key, started, timeout=3, since=datetime.now(UTC))
+        is None
+    )
+    earlier = datetime.now(UTC) - timedelta(hours=1)
+    assert first_record_seconds(server.url, server.key, started, timeout=30, since=earlier) >= 0

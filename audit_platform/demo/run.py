@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -49,12 +50,18 @@ def _mask_key(root: Path) -> str:
     return path.read_text().strip()
 
 
-def first_record_seconds(api_url: str, key: str, started: float, timeout: float) -> float | None:
-    """Seconds from ``started`` until the API returns a record, or None on timeout."""
+def first_record_seconds(
+    api_url: str, key: str, started: float, timeout: float, *, since: datetime
+) -> float | None:
+    """Seconds from ``started`` until the API returns a record committed at or after ``since``,
+    or None on timeout. Records of an earlier demo do not count: after a restart, "searchable"
+    must mean that capture runs again, not that old records are still there."""
+    params = {"limit": 1, "since": since.isoformat()}
     while time.monotonic() - started < timeout:
         try:
-            reply = httpx.get(f"{api_url}/v1/events", params={"limit": 1},
-                              headers={"X-API-Key": key}, timeout=5)  # fmt: skip
+            reply = httpx.get(
+                f"{api_url}/v1/events", params=params, headers={"X-API-Key": key}, timeout=5
+            )
             if reply.status_code == 200 and reply.json()["events"]:
                 return time.monotonic() - started
         except httpx.TransportError:
@@ -133,7 +140,7 @@ def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) 
             deployment.add(shop)
             shop.wait_http(f"http://127.0.0.1:{shop_port}/openapi.json", 60)
             say("starting Dagster (webserver, daemon) and the Audit API ...")
-            started = time.monotonic()
+            started, started_at = time.monotonic(), datetime.now(UTC)
             deployment.start()
             traffic = Traffic(f"http://127.0.0.1:{shop_port}", shop_url)
             traffic_thread = threading.Thread(target=traffic.run, args=(stop,), daemon=True)
@@ -153,7 +160,9 @@ def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) 
         curl -s -H 'X-API-Key: {key}' '{deployment.api_url}/v1/stats?interval=hour'
 
 Waiting for the first audit records (the keeper sensor starts the live capture run) ...""")
-            seconds = first_record_seconds(deployment.api_url, key, started, timeout=180)
+            seconds = first_record_seconds(
+                deployment.api_url, key, started, timeout=180, since=started_at
+            )
             if seconds is None:
                 say("no record reached the API within 180 s; see the logs above")
                 return 1
