@@ -29,7 +29,15 @@ KINDS = (
 )
 
 
-def kind_of(pid: int, me: int) -> str | None:
+#: Dagster and API processes of another deployment on the same (shared) machine.
+OTHERS = "other deployments' dagster and api processes"
+#: Kinds that are shared servers: every such process on the machine is counted.
+SHARED = {"postgresql", "elasticsearch"}
+
+
+def kind_of(pid: int, me: int, mine: bytes | None = None) -> str | None:
+    """``mine``: text in the environment of this benchmark's deployment's processes (its
+    DAGSTER_HOME); Dagster and API processes without it are another deployment's."""
     if pid == me:
         return "benchmark (load and probes)"
     try:
@@ -41,6 +49,12 @@ def kind_of(pid: int, me: int) -> str | None:
         return "postgresql"
     for kind, marker in KINDS:
         if marker in cmdline:
+            if mine is not None and kind not in SHARED:
+                try:
+                    if mine not in Path(f"/proc/{pid}/environ").read_bytes():
+                        return OTHERS
+                except OSError:
+                    return OTHERS
             return kind
     return None
 
@@ -61,14 +75,17 @@ class CpuSampler:
         interval: float = 1.0,
         series_every: float = 0,
         extra: Callable[[], dict[int, str]] | None = None,
+        mine: str | None = None,
     ) -> None:
         """``series_every``: also keep the totals so far every so many seconds (``series``);
         ``extra``: called at each sample, pid -> kind for processes to count apart (e.g. the
-        walsenders of some slots, which would otherwise be "postgresql")."""
+        walsenders of some slots, which would otherwise be "postgresql"); ``mine``: text in
+        the environment of the benchmark's own Dagster and API processes (see ``kind_of``)."""
         self.interval = interval
         self.series_every = series_every
         self.series: list[tuple[float, dict[str, float]]] = []
         self.extra = extra
+        self.mine = mine.encode() if mine else None
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}
         self.kinds: dict[int, str] = {}
@@ -114,7 +131,7 @@ class CpuSampler:
                 continue
             pid = int(name)
             if pid not in self.kinds:
-                kind = kind_of(pid, me)
+                kind = kind_of(pid, me, self.mine)
                 if kind is None:
                     continue
                 self.kinds[pid] = kind

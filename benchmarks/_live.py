@@ -129,9 +129,14 @@ def all_runs(deployment) -> int:
     return len(deployment.graphql(RUNS)["runsOrError"]["results"])
 
 
+def marker(deployment) -> str:
+    """Text in the environment of every process of this deployment (for ``CpuSampler``)."""
+    return f"DAGSTER_HOME={deployment.root / 'dagster_home'}"
+
+
 def run_workers(deployment) -> list[int]:
     """PIDs of the deployment's run processes (they inherit its DAGSTER_HOME)."""
-    home = f"DAGSTER_HOME={deployment.root / 'dagster_home'}".encode()
+    home = marker(deployment).encode()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():

@@ -52,6 +52,7 @@ from _live import (
     elasticsearch_pid,
     indexed_by_source,
     machine_load,
+    marker,
     quantile,
     retained_wal,
     run_workers,
@@ -271,7 +272,8 @@ def run_phase(
         ),
     )
     wal.start()
-    cpu, steady = CpuSampler(), CpuSampler()
+    mine = marker(bench.deployment)
+    cpu, steady = CpuSampler(mine=mine), CpuSampler(mine=mine)
     cpu.start()
     steady.start()
     injector = None
@@ -479,7 +481,8 @@ def report(
     lines += [
         "",
         "CPU, in cores (the whole machine and per process group, from /proc; "
-        "PostgreSQL and Elasticsearch are shared with whatever else runs on the machine):",
+        "PostgreSQL and Elasticsearch count every such process on the machine, shared with "
+        "other work; Dagster and API processes of other deployments are counted apart):",
         "",
         "| process | " + " | ".join(p for p, _ in phases) + " |",
         "| --- |" + " ---: |" * len(phases),

@@ -41,6 +41,7 @@ from _live import (
     capture_runs,
     indexed_by_source,
     machine_load,
+    marker,
     retained_wal,
     slot_pids,
     truth_count,
@@ -103,12 +104,23 @@ def main(
                 time.sleep(2)
             held = len(slot_pids(conn, slots))
             typer.echo(f"{datetime.now(UTC):%H:%M:%S} {held} of {sources} idle slots held")
+            held_at = time.time()
 
             def walsenders() -> dict[int, str]:
                 with psycopg.connect(admin, autocommit=True) as c:
                     return dict.fromkeys(slot_pids(c, slots), WALSENDERS)
 
-            cpu = CpuSampler(extra=walsenders)
+            # Warm: every idle slot confirmed past the WAL of the setup (databases made, slots
+            # created), so the window measures the steady state, not that backlog.
+            first = retained_wal(conn, slots)
+            setup_backlog = max((r for r, _ in first.values()), default=0)
+            while time.time() < deadline:
+                kept = [r for r, _ in retained_wal(conn, slots).values()]
+                if kept and max(kept) < heartbeat:
+                    break
+                time.sleep(2)
+            warmed = time.time()
+            cpu = CpuSampler(extra=walsenders, mine=marker(deployment))
             cpu.start()
             started = time.time()
             lsn0 = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
@@ -151,7 +163,10 @@ def main(
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on the local stack ({os.cpu_count()} "
         f"cores, shared; machine load before: {load_before}; after: {machine_load()}). "
         f"{sources} idle sources of one environment ({shards} capture shard(s)), "
-        f"{held} of their slots held by the live run when the window began; a neighbour "
+        f"{held} of their slots held by the live run; before the window, each idle slot was "
+        f"waited for until it retained less than the heartbeat threshold (the setup's WAL, at "
+        f"most {setup_backlog / mb:.0f} MiB, was confirmed {warmed - held_at:.0f} s after the "
+        f"slots were held). Then a neighbour "
         f"database committed {written[0]} transactions of one ~1 KB row ({written[0] / seconds:.0f}"
         f"/s) for {seconds / 60:.1f} min, {wal / mb:.0f} MiB of WAL. Heartbeat threshold "
         f"{heartbeat / mb:.0f} MiB (`slot_heartbeat_bytes`).",
@@ -162,7 +177,9 @@ def main(
         f"documents were indexed. Capture runs alive in the window: "
         f"{sum(r.alive_during(started, ended) for r in runs)}.",
         "",
-        "CPU, in cores (from /proc; the walsenders by the pids serving the idle slots):",
+        "CPU, in cores (from /proc; the walsenders by the pids serving the idle slots; "
+        "PostgreSQL and Elasticsearch count every such process on the machine, shared with "
+        "other work; Dagster and API processes of other deployments are counted apart):",
         "",
         "| process | cores |",
         "| --- | ---: |",

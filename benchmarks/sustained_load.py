@@ -46,7 +46,14 @@ import psycopg
 import typer
 from _cpu import CpuSampler
 from _deployment import bench_deployment, remove_environment
-from _live import capture_runs, indexed_by_source, machine_load, truth_count, truth_seq
+from _live import (
+    capture_runs,
+    indexed_by_source,
+    machine_load,
+    marker,
+    truth_count,
+    truth_seq,
+)
 from elasticsearch import helpers
 
 from audit_platform.clients import elasticsearch_client
@@ -254,7 +261,7 @@ def run_step(
     for thread in threads:
         thread.start()
     try:
-        cpu = CpuSampler(series_every=30)
+        cpu = CpuSampler(series_every=30, mine=marker(deployment))
         cpu.start()
         before = truth_seq(shop_url)
         load = Load(shop_url, customer, step.rate, writers)
@@ -378,7 +385,13 @@ def report(
             lines.append(
                 f"| {n} | {s.rate} | {'on' if s.trail else 'off'} | {cores:.2f} | {per:.0f} |"
             )
-    lines += ["", "CPU, in cores, per step (the whole machine and per process group):", ""]
+    lines += [
+        "",
+        "CPU, in cores, per step (the whole machine and per process group, from /proc; "
+        "PostgreSQL and Elasticsearch count every such process on the machine, shared with "
+        "other work; Dagster and API processes of other deployments are counted apart):",
+        "",
+    ]
     kinds = sorted({k for s in steps for k in s.cpu})
     lines.append("| rate | " + " | ".join(kinds) + " |")
     lines.append("| ---: |" + " ---: |" * len(kinds))
