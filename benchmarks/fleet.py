@@ -10,14 +10,17 @@ end. It reports, per source: committed (trigger table) against indexed, freshnes
 searchable through the API) p50 / p95 / max, retained WAL; in total: whole-machine CPU and CPU per
 process group, and the Dagster runs in the window.
 
-Faults (``--faults outage,slot,kill,es`` or ``all``), one after another from 30% of the load
-on: the last source's database refuses connections for ``--outage-seconds`` (then accepts them
-again); the one before it loses its slot (dropped, as an invalidated slot is gone to capture),
-and ``source setup`` makes it again ``--slot-setup-after`` seconds later (an operator's fix; what
-was committed meanwhile is the gap setup records); the capture run's process is SIGKILLed (the
-keeper fails the stale run and starts another); Elasticsearch is paused (SIGSTOP, then SIGCONT)
-for ``--es-pause-seconds``. Each fault's freshness recovery is reported: when the probes of the
-affected source, and of the others, were searchable within the steady state's bound again.
+Faults (``--faults outage,slot,kill,es`` or ``all``), one at a time from 30% of the load on
+(due at 30, 45, 60 and 75%, each at least ``--fault-gap`` seconds after the one before ended; a
+fault still going on when the load's time is up extends the load until it ends): the last
+source's database refuses connections for ``--outage-seconds`` (then accepts them again); the
+one before it loses its slot (dropped, as an invalidated slot is gone to capture), and ``source
+setup`` makes it again ``--slot-setup-after`` seconds later (an operator's fix; what was
+committed meanwhile is the gap setup records); the capture run's process is SIGKILLed (Dagster's
+run monitoring, or the keeper's stale check, fails the run and the keeper starts another);
+Elasticsearch is paused (SIGSTOP, then SIGCONT) for ``--es-pause-seconds``. Each fault's
+freshness recovery is reported: when the probes of the affected source, and of the others, were
+searchable within the steady state's bound again.
 
 Then (``--compare-minutes``, in the same script run) one source alone at the fleet's total rate,
 on a deployment of its own: its CPU beside the fleet's.
@@ -166,12 +169,17 @@ def run_faults(
     outage: float,
     setup_after: float,
     es_pause: float,
+    gap: float,
     done: list[Fault],
 ) -> None:
-    """Each selected fault at its point of the load, one at a time."""
+    """Each selected fault at its point of the load, one at a time, at least ``gap`` seconds
+    after the one before ended (its recovery is measured in between)."""
     bench, names = phase.bench, sorted(phase.loads)
     for name, at in zip(selected, FAULT_AT, strict=False):
-        wait = phase.started + at * seconds - time.time()
+        due = phase.started + at * seconds
+        if done:
+            due = max(due, done[-1].ended + gap)
+        wait = due - time.time()
         if wait > 0:
             time.sleep(wait)
         stamp = f"{datetime.now(UTC):%H:%M:%S}"
@@ -235,7 +243,7 @@ def run_phase(
     catch_up: float,
     admin: str,
     faults: list[str],
-    options: tuple[float, float, float],
+    options: tuple[float, float, float, float],
     done: list[Fault],
 ) -> None:
     bench, loads = phase.bench, phase.loads
@@ -504,6 +512,9 @@ def main(
         float, typer.Option(help="Seconds from a slot's drop to `source setup`.")
     ] = 60,
     es_pause_seconds: Annotated[float, typer.Option(help="How long ES is paused.")] = 30,
+    fault_gap: Annotated[
+        float, typer.Option(help="Seconds at least between a fault's end and the next.")
+    ] = 90,
     compare_minutes: Annotated[
         float, typer.Option(help="Minutes of one source at the total rate (0: none).")
     ] = 10,
@@ -531,7 +542,7 @@ def main(
             catch_up,
             admin,
             selected,
-            (outage_seconds, slot_setup_after, es_pause_seconds),
+            (outage_seconds, slot_setup_after, es_pause_seconds, fault_gap),
             done,
         )
     finally:
@@ -552,7 +563,7 @@ def main(
             SINGLE_ENV, "fleet-one", ["single"], total, max(1, math.ceil(total / 400)), 1
         )
         try:
-            run_phase(single, compare_minutes * 60, catch_up, admin, [], (0, 0, 0), [])
+            run_phase(single, compare_minutes * 60, catch_up, admin, [], (0, 0, 0, 0), [])
         finally:
             for load in single.loads.values():
                 load.stop.set()
