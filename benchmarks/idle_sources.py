@@ -208,6 +208,17 @@ def main(
         f"{max(per_slot_max.values()) / mb:.1f} MiB; {over} of {sources} slots ever above the "
         f"heartbeat threshold. Unconfirmed slot at the end: {samples[-1][2] / mb:.1f} MiB.",
     ]
+    lines += [
+        "",
+        "Each idle slot: retained WAL (MiB) max over the window and at the end:",
+        "",
+        "| slot | max | at the end |",
+        "| --- | ---: | ---: |",
+        *(
+            f"| {slot} | {per_slot_max[slot] / mb:.1f} | {samples[-1][1].get(slot, 0) / mb:.1f} |"
+            for slot in slots
+        ),
+    ]
     out = RESULTS / f"idle_sources{'-' + tag if tag else ''}.md"
     out.write_text(
         "# Idle sources on a busy server: CPU and retained WAL\n\n" + "\n".join(lines) + "\n"
