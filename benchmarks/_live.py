@@ -151,6 +151,18 @@ def run_workers(deployment) -> list[int]:
     return found
 
 
+def capture_run_process(deployment) -> int | None:
+    """The live capture run's process: of the deployment's run processes, the one with the
+    most threads (a worker thread per source)."""
+    found = []
+    for pid in run_workers(deployment):
+        try:
+            found.append((len(os.listdir(f"/proc/{pid}/task")), pid))
+        except OSError:
+            continue
+    return max(found)[1] if found else None
+
+
 def elasticsearch_pid() -> int:
     for proc in Path("/proc").iterdir():
         try:

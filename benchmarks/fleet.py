@@ -51,6 +51,7 @@ from _live import (
     ProbePoller,
     SourceLoad,
     all_runs,
+    capture_run_process,
     capture_runs,
     elasticsearch_pid,
     indexed_by_source,
@@ -58,7 +59,6 @@ from _live import (
     marker,
     quantile,
     retained_wal,
-    run_workers,
     truth_count,
 )
 from psycopg import sql
@@ -206,12 +206,12 @@ def run_faults(
             )
         elif name == "kill":
             fault = Fault(name, None, time.time())
-            pids = run_workers(bench.deployment)
-            for pid in pids:
+            pid = capture_run_process(bench.deployment)
+            if pid is not None:
                 os.kill(pid, signal.SIGKILL)
             fault.ended = time.time()
-            fault.note = f"the capture run's process SIGKILLed ({len(pids)} process(es))"
-            typer.echo(f"{stamp} fault: run process(es) {pids} SIGKILLed")
+            fault.note = "the capture run's process SIGKILLed" if pid else "no run process found"
+            typer.echo(f"{stamp} fault: run process {pid} SIGKILLed")
         else:
             pid = elasticsearch_pid()
             fault = Fault(name, None, time.time())
