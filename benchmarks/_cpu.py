@@ -7,8 +7,11 @@ shares are slight underestimates for run workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -26,7 +29,15 @@ KINDS = (
 )
 
 
-def kind_of(pid: int, me: int) -> str | None:
+#: Dagster and API processes of another deployment on the same (shared) machine.
+OTHERS = "other deployments' dagster and api processes"
+#: Kinds that are shared servers: every such process on the machine is counted.
+SHARED = {"postgresql", "elasticsearch"}
+
+
+def kind_of(pid: int, me: int, mine: bytes | None = None) -> str | None:
+    """``mine``: text in the environment of this benchmark's deployment's processes (its
+    DAGSTER_HOME); Dagster and API processes without it are another deployment's."""
     if pid == me:
         return "benchmark (load and probes)"
     try:
@@ -38,6 +49,12 @@ def kind_of(pid: int, me: int) -> str | None:
         return "postgresql"
     for kind, marker in KINDS:
         if marker in cmdline:
+            if mine is not None and kind not in SHARED:
+                try:
+                    if mine not in Path(f"/proc/{pid}/environ").read_bytes():
+                        return OTHERS
+                except OSError:
+                    return OTHERS
             return kind
     return None
 
@@ -53,8 +70,22 @@ def cpu_seconds(pid: int) -> float | None:
 class CpuSampler:
     """Accumulates CPU seconds per kind between ``start`` and ``stop``."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        interval: float = 1.0,
+        series_every: float = 0,
+        extra: Callable[[], dict[int, str]] | None = None,
+        mine: str | None = None,
+    ) -> None:
+        """``series_every``: also keep the totals so far every so many seconds (``series``);
+        ``extra``: called at each sample, pid -> kind for processes to count apart (e.g. the
+        walsenders of some slots, which would otherwise be "postgresql"); ``mine``: text in
+        the environment of the benchmark's own Dagster and API processes (see ``kind_of``)."""
         self.interval = interval
+        self.series_every = series_every
+        self.series: list[tuple[float, dict[str, float]]] = []
+        self.extra = extra
+        self.mine = mine.encode() if mine else None
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}
         self.kinds: dict[int, str] = {}
@@ -72,24 +103,35 @@ class CpuSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+        return self.totals()
+
+    def totals(self) -> dict[str, float]:
+        """CPU seconds per kind since ``start``."""
         totals: dict[str, float] = {"whole machine (/proc/stat)": _machine_busy() - self._machine}
-        for pid, last in self.last.items():
+        for pid, last in list(self.last.items()):
             kind = self.kinds[pid]
             totals[kind] = totals.get(kind, 0.0) + last - self.first.get(pid, 0.0)
         return totals
 
     def _run(self) -> None:
+        started = last = time.monotonic()
         while not self._stop.wait(self.interval):
             self._sample()
+            if self.series_every and time.monotonic() - last >= self.series_every:
+                last = time.monotonic()
+                self.series.append((last - started, self.totals()))
 
     def _sample(self, initial: bool = False) -> None:
         me = os.getpid()
+        if self.extra is not None:
+            with contextlib.suppress(Exception):  # a failed look-up skips this sample's
+                self.kinds.update(self.extra())
         for name in os.listdir("/proc"):
             if not name.isdigit():
                 continue
             pid = int(name)
             if pid not in self.kinds:
-                kind = kind_of(pid, me)
+                kind = kind_of(pid, me, self.mine)
                 if kind is None:
                     continue
                 self.kinds[pid] = kind

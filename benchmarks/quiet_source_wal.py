@@ -4,13 +4,14 @@ Logical decoding is per database, WAL is per server. While a neighbouring databa
 tracked database with no changes of its own holds back that WAL through its slot unless
 something confirms the slot. Side by side on one server, for the same minutes:
 
-- the deployed pipeline's slot for a quiet ``shop`` (capture sensor, heartbeat at the
-  environment's ``slot_heartbeat_bytes``);
+- the deployed pipeline's slot for a quiet ``shop`` (its worker in the live capture run
+  confirms past the neighbour's WAL at the environment's ``slot_heartbeat_bytes``);
 - a baseline pgoutput slot on another quiet database that nothing ever confirms (what every
   slot did before the heartbeat).
 
 A neighbour database commits ~1 KB rows at a steady rate meanwhile. Samples each slot's retained
-WAL (``pg_current_wal_lsn() - restart_lsn``) every 5 s, and counts the heartbeat runs.
+WAL (``pg_current_wal_lsn() - restart_lsn``) every 5 s. ``idle_sources.py`` measures the same
+for many idle sources at once, with their CPU.
 
 Run: ``eval "$(audit-platform stack env)"; .venv/bin/python benchmarks/quiet_source_wal.py``
 Writes ``benchmarks/results/quiet_source_wal.md``.
@@ -28,7 +29,8 @@ from typing import Annotated
 import psycopg
 import typer
 from _database import drop_database, fresh_database
-from _deployment import bench_deployment
+from _deployment import bench_deployment, remove_environment
+from _live import capture_runs
 
 from audit_platform.environment import load_environment
 from audit_platform.naming import slot_name
@@ -36,9 +38,6 @@ from audit_platform.naming import slot_name
 RESULTS = Path(__file__).parent / "results" / "quiet_source_wal.md"
 ENV = "benchquiet"
 BASELINE_SLOT = "bench_quiet_baseline"
-RUNS = """
-query { runsOrError(filter: {pipelineName: "capture_shop_job"}, limit: 1000) {
-  ... on Runs { results { tags { key value } status } } } }"""
 app = typer.Typer(add_completion=False)
 
 
@@ -66,7 +65,8 @@ def main(
     rate: Annotated[float, typer.Option(help="Neighbour transactions per second.")] = 100,
 ) -> None:
     admin = os.environ["AUDIT_PG_URL"]
-    _, resources, _, deployment, _ = bench_deployment(ENV, "quiet")
+    bench = bench_deployment(ENV, "quiet")
+    resources, deployment = bench.resources, bench.deployment
     heartbeat = load_environment(resources, ENV).slot_heartbeat_bytes
     neighbour_url = fresh_database(admin, "bench_neighbour")
     baseline_url = fresh_database(admin, "bench_quiet_baseline")
@@ -82,18 +82,23 @@ def main(
         writer.start()
         with psycopg.connect(admin, autocommit=True) as conn:
             while time.monotonic() - started < seconds:
-                samples.append((time.monotonic() - started, retained(conn, slot),
-                                retained(conn, BASELINE_SLOT)))  # fmt: skip
+                samples.append(
+                    (
+                        time.monotonic() - started,
+                        retained(conn, slot),
+                        retained(conn, BASELINE_SLOT),
+                    )
+                )
                 time.sleep(5)
         stop.set()
         writer.join(timeout=10)
-        runs = deployment.graphql(RUNS)["runsOrError"]["results"]
+        runs = capture_runs(deployment)
     finally:
         stop.set()
         deployment.stop()
         drop_database(admin, "bench_neighbour")
         drop_database(admin, "bench_quiet_baseline")
-    beats = [r for r in runs if any(t["key"] == "audit/heartbeat" for t in r["tags"])]
+        remove_environment(ENV, bench)
     mb = 1024**2
     lines = [
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on the local stack: a neighbour "
@@ -107,12 +112,11 @@ def main(
         "",
         f"Deployed slot: max {max(a for _, a, _ in samples) / mb:.1f} MiB, at the end "
         f"{samples[-1][1] / mb:.1f} MiB; baseline: max {max(b for _, _, b in samples) / mb:.1f} "
-        f"MiB, at the end {samples[-1][2] / mb:.1f} MiB. Heartbeat capture runs: {len(beats)} "
-        f"({sum(r['status'] == 'SUCCESS' for r in beats)} succeeded); capture runs in all: "
-        f"{len(runs)}.",
+        f"MiB, at the end {samples[-1][2] / mb:.1f} MiB. Live capture runs: {len(runs)}.",
     ]
-    RESULTS.write_text("# A quiet source on a busy server: retained WAL\n\n"
-                       + "\n".join(lines) + "\n")  # fmt: skip
+    RESULTS.write_text(
+        "# A quiet source on a busy server: retained WAL\n\n" + "\n".join(lines) + "\n"
+    )
     typer.echo("\n".join(lines))
 
 
