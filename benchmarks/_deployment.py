@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,7 +30,6 @@ from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
 from audit_platform.stack.deployment import LocalDeployment, ensure_database
-from audit_platform.stack.processes import tool
 from audit_platform.stack.system import free_port
 
 
@@ -103,16 +101,7 @@ def bench_deployment(
         api_port=free_port(),
         resources_dir=resources,
     )
-    deployment.prepare()
-    # The instance's tables, made once before the webserver and the daemon start: both create
-    # them on an empty database at once otherwise, and the loser exits ("type event_logs
-    # already exists"), which leaves a deployment without its daemon and so without capture.
-    subprocess.run(
-        [tool("dagster"), "instance", "migrate"],
-        env=deployment.environ(),
-        check=True,
-        capture_output=True,
-    )
+    deployment.prepare()  # the instance's tables are made by start(), before its processes
     with psycopg.connect(admin, autocommit=True) as conn:
         key = create_key(conn, env, f"{prefix} benchmark").secret
     return BenchDeployment(root, resources, urls[sources[0]], deployment, key, urls)

@@ -41,7 +41,7 @@ from elasticsearch import Elasticsearch
 from audit_platform.capture.pgoutput import ChangeBatch, Masker, PgOutputDecoder
 from audit_platform.capture.run import CaptureResult, _Stager
 from audit_platform.capture.slot import usable_slot_state
-from audit_platform.capture.stream import BATCH_BYTES, SlotBusy, SlotStream
+from audit_platform.capture.stream import BATCH_BYTES, SlotBusy, SlotStream, StopEvent
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import HourResult, enrich_pending, resolve_quarantine
 from audit_platform.index.batch import HourIndexed, index_pending
@@ -72,8 +72,11 @@ class LiveSettings:
     trail: bool = True
     checkpoint_every: timedelta = timedelta(seconds=60)
     resolve_every_seconds: float = 30.0
-    #: How often a quiet worker wakes (to notice a stop, a heartbeat or work due).
-    idle_seconds: float = 1.0
+    #: How often a quiet worker wakes for its periodic look (heartbeat, work due); a change
+    #: or a stop wakes it at once. Each look asks the server for a keepalive, which is most of
+    #: what an idle source costs (benchmarks/results/idle_sources-smoke.md: about 21 ms of CPU
+    #: per second per idle source when it looked every second).
+    idle_seconds: float = 10.0
     backoff_seconds: float = 1.0
     #: The longest wait between attempts: a failed attempt costs a connection, and the wait
     #: is what a source's freshness pays after its outage ends (the fault matrix measured 61
@@ -390,7 +393,7 @@ class Supervisor:
         return self._started + self.lifetime.total_seconds()
 
     def _start(self, name: str, worker: SourceWorker) -> None:
-        own = threading.Event()
+        own = StopEvent()
 
         def run() -> None:
             try:
@@ -399,6 +402,8 @@ class Supervisor:
                 self.crashed[name] = exc
                 worker._set(state="crashed", error=f"{type(exc).__name__}: {exc}")
                 log.exception("source %s: worker ended", name)
+            finally:
+                own.close()
 
         thread = threading.Thread(target=run, name=f"capture-{name}", daemon=True)
         self.workers[name] = (worker, own, thread)

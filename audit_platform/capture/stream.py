@@ -9,6 +9,8 @@ psycopg2's ``LogicalReplicationConnection`` does.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import threading
 import time
@@ -37,6 +39,28 @@ def kept_message(payload: bytes) -> bytes | None:
     if payload[10:end] not in OWN_PREFIXES or not payload[1] & 1:
         return None
     return payload[: end + 5 + MAX_MESSAGE_BYTES]
+
+
+class StopEvent(threading.Event):
+    """A stop signal a ``select`` can wait on beside the replication socket, so a quiet
+    worker can sleep long between its periodic looks and still stop at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._read, self._write = os.pipe()
+
+    def set(self) -> None:
+        super().set()
+        with contextlib.suppress(OSError):
+            os.write(self._write, b"x")
+
+    def fileno(self) -> int:
+        return self._read
+
+    def close(self) -> None:
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class SlotBusy(RuntimeError):
@@ -202,7 +226,8 @@ class SlotStream:
                 wait = idle_seconds - (now - quiet_since)
                 if messages and not in_txn:
                     wait = min(wait, opened + flush_seconds - now)
-                select.select([self.conn], [], [], max(0.01, min(wait, idle_seconds)))
+                waiting = [self.conn, stop] if isinstance(stop, StopEvent) else [self.conn]
+                select.select(waiting, [], [], max(0.01, min(wait, idle_seconds)))
                 continue
             payload = message.payload
             kind = payload[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,15 @@ class LocalDeployment:
         """Webserver, daemon and API; returns when the webserver and the API answer."""
         ensure_port_free(self.dagster_port, what="the Dagster webserver", variable="--dagster-port")
         ensure_port_free(self.api_port, what="the Audit API", variable="--api-port")
+        # The instance's tables, made once before the webserver and the daemon start: on an
+        # empty database both create them at once otherwise, and the loser exits ("type
+        # event_logs already exists"), leaving a deployment without its daemon, so no capture.
+        subprocess.run(
+            [processes.tool("dagster"), "instance", "migrate"],
+            env=self.process_environ("dagster-daemon"),
+            check=True,
+            capture_output=True,
+        )
         for name in self._commands():
             self._spawn(name)
         self.process("dagster-webserver").wait_http(f"{self.dagster_url}/server_info", timeout)
