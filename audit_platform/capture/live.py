@@ -38,8 +38,8 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from elasticsearch import Elasticsearch
 
-from audit_platform.capture.pgoutput import ChangeBatch, Masker, PgOutputDecoder
-from audit_platform.capture.run import CaptureResult, _Stager
+from audit_platform.capture.pgoutput import ChangeBatch
+from audit_platform.capture.run import CaptureResult, _Stager, source_decoder
 from audit_platform.capture.slot import usable_slot_state
 from audit_platform.capture.stream import BATCH_BYTES, SlotBusy, SlotStream, StopEvent
 from audit_platform.enrich import quarantine
@@ -234,7 +234,7 @@ class SourceWorker:
             )
             database = source.database or _database_of(url)
             source.store.recover(slot.confirmed_lsn)
-            decoder = _decoder(conn, policy, self.mask_key)
+            decoder = source_decoder(conn, policy, self.mask_key)
             stream = SlotStream(url, self.slot, self.publication)
             stager = _Stager(source.store, stream, conn, self.slot, self.env, policy, result)
             try:
@@ -336,28 +336,6 @@ class SourceWorker:
 
 def _database_of(url: str) -> str:
     return psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "postgres"
-
-
-def _decoder(conn: psycopg.Connection, policy: SourcePolicy, mask_key: bytes | None):
-    def type_names(oids: list[int]) -> dict[int, str]:
-        rows = conn.execute(
-            "SELECT oid::bigint, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(%s)",
-            (oids,),
-        ).fetchall()
-        return dict(rows)
-
-    def primary_key(schema: str, table: str) -> list[str]:
-        rows = conn.execute(
-            "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)"
-            " WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary"
-            " ORDER BY array_position(i.indkey, a.attnum)",
-            (schema, table),
-        ).fetchall()
-        return [row[0] for row in rows]
-
-    return PgOutputDecoder(policy, Masker(mask_key or b""), type_names, primary_key)
 
 
 class Supervisor:

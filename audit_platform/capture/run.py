@@ -121,25 +121,7 @@ def capture(
         )
         result.recovered_files = store.recover(state.confirmed_lsn)
 
-        def type_names(oids: list[int]) -> dict[int, str]:
-            rows = conn.execute(
-                "SELECT oid::bigint, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(%s)",
-                (oids,),
-            ).fetchall()
-            return dict(rows)
-
-        def primary_key(schema: str, table: str) -> list[str]:
-            rows = conn.execute(
-                "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)"
-                " WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary"
-                " ORDER BY array_position(i.indkey, a.attnum)",
-                (schema, table),
-            ).fetchall()
-            return [row[0] for row in rows]
-
-        decoder = PgOutputDecoder(policy, Masker(mask_key or b""), type_names, primary_key)
+        decoder = source_decoder(conn, policy, mask_key)
         stream = SlotStream(url, slot, publication)
         stager = _Stager(store, stream, conn, slot, env, policy, result)
         try:
@@ -156,6 +138,32 @@ def capture(
         result.lag_bytes_after = slot_state(conn, slot).lag_bytes
     result.seconds = time.monotonic() - started
     return result
+
+
+def source_decoder(
+    conn: psycopg.Connection, policy: SourcePolicy, mask_key: bytes | None
+) -> PgOutputDecoder:
+    """A decoder that asks the source (``conn``) for type names and primary keys."""
+
+    def type_names(oids: list[int]) -> dict[int, str]:
+        rows = conn.execute(
+            "SELECT oid::bigint, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(%s)",
+            (oids,),
+        ).fetchall()
+        return dict(rows)
+
+    def primary_key(schema: str, table: str) -> list[str]:
+        rows = conn.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)"
+            " WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary"
+            " ORDER BY array_position(i.indkey, a.attnum)",
+            (schema, table),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    return PgOutputDecoder(policy, Masker(mask_key or b""), type_names, primary_key)
 
 
 class _Stager:
