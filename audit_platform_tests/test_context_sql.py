@@ -272,19 +272,35 @@ _numbers = st.one_of(
     st.sampled_from(["1e300", "1e-300", "0.10000000000000001", "-0", "12345678901234567890123"]),
 )
 _contexts = st.fixed_dictionaries(
-    {"actor": st.fixed_dictionaries(
-        {"type": st.sampled_from(["user", "service", "job", "system"]),
-         "id": st.text(min_size=1, max_size=30)},
-        optional={"name": st.one_of(st.none(), st.text(max_size=300))})},
+    {
+        "actor": st.fixed_dictionaries(
+            {
+                "type": st.sampled_from(["user", "service", "job", "system"]),
+                "id": st.text(min_size=1, max_size=30),
+            },
+            optional={"name": st.one_of(st.none(), st.text(max_size=300))},
+        )
+    },
     optional={
         "request_id": st.one_of(st.none(), _texts),
         "reason": _texts,
-        "client_addr": st.sampled_from(["01.02.03.04", "10.1.2.3/24", "::1", "fe80::1%eth0",
-                                        "192.168.0.1", "1.2.3", "::ffff:1.2.3.4", "not an ip"]),
-        "attributes": st.dictionaries(_texts, st.one_of(st.none(), _texts, _numbers,
-                                                        st.lists(_numbers, max_size=3))),
+        "client_addr": st.sampled_from(
+            [
+                "01.02.03.04",
+                "10.1.2.3/24",
+                "::1",
+                "fe80::1%eth0",
+                "192.168.0.1",
+                "1.2.3",
+                "::ffff:1.2.3.4",
+                "not an ip",
+            ]
+        ),
+        "attributes": st.dictionaries(
+            _texts, st.one_of(st.none(), _texts, _numbers, st.lists(_numbers, max_size=3))
+        ),
     },
-)  # fmt: skip
+)
 
 
 @settings(

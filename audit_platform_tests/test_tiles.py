@@ -45,11 +45,18 @@ def leaves(first: int, count: int, salt: str = "") -> pl.DataFrame:
     """``count`` change leaves, one transaction each, LSNs after ``first``'s."""
     lsns = list(range(first + 1, first + count + 1))
     return pl.DataFrame(
-        {"position": [None] * count, "kind": ["change"] * count, "lsn": lsns, "seq": [0] * count,
-         "xid": lsns, "time": [NOW] * count, "record_id": [f"r{lsn}" for lsn in lsns],
-         "hash": hashes(first, count, salt)},
+        {
+            "position": [None] * count,
+            "kind": ["change"] * count,
+            "lsn": lsns,
+            "seq": [0] * count,
+            "xid": lsns,
+            "time": [NOW] * count,
+            "record_id": [f"r{lsn}" for lsn in lsns],
+            "hash": hashes(first, count, salt),
+        },
         schema=LEAF_SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def build(root: str, batches: list[int]) -> tuple[TrustLog, list[bytes]]:
@@ -63,8 +70,9 @@ def build(root: str, batches: list[int]) -> tuple[TrustLog, list[bytes]]:
 
 def tile_files(log: TrustLog) -> dict[str, bytes]:
     store = log.store
-    return {p.rsplit("/tiles/", 1)[1]: store.fs.cat_file(p)
-            for p in store.glob(f"{log.dir}/tiles/*/*")}  # fmt: skip
+    return {
+        p.rsplit("/tiles/", 1)[1]: store.fs.cat_file(p) for p in store.glob(f"{log.dir}/tiles/*/*")
+    }
 
 
 @pytest.fixture(scope="module")

@@ -371,11 +371,16 @@ def test_checkpoints_proofs_and_the_read_log_stay_within_an_auditors_scope(trail
     """A source's evidence goes to keys that may read all of it; the read log shows a scoped
     auditor the reads of keys that could see nothing it cannot."""
     client, keys = api
-    limits = {"shop": {"sources": ["shop"]}, "billing": {"sources": ["billing"]},
-              "orders": {"tables": ["public.orders"]},
-              "shop_orders": {"sources": ["shop"], "tables": ["public.orders"]}}  # fmt: skip
-    made = {name: create_key(trail.state, trail.env, name, role="auditor", **limit)
-            for name, limit in limits.items()}  # fmt: skip
+    limits = {
+        "shop": {"sources": ["shop"]},
+        "billing": {"sources": ["billing"]},
+        "orders": {"tables": ["public.orders"]},
+        "shop_orders": {"sources": ["shop"], "tables": ["public.orders"]},
+    }
+    made = {
+        name: create_key(trail.state, trail.env, name, role="auditor", **limit)
+        for name, limit in limits.items()
+    }
     names = {new.key.key_id: name for name, new in made.items()}
     names[keys["reader"].split("_")[1]] = "reader"
 
@@ -384,8 +389,12 @@ def test_checkpoints_proofs_and_the_read_log_stay_within_an_auditors_scope(trail
         return client.get(path, params=params, headers={"X-API-Key": key})
 
     assert ask("shop", "/v1/checkpoints", source="shop").status_code == 200
-    for name, source, status in [("billing", "shop", 404), ("orders", "shop", 403),
-                                 ("shop", "_reads", 403), ("orders", "_reads", 403)]:  # fmt: skip
+    for name, source, status in [
+        ("billing", "shop", 404),
+        ("orders", "shop", 403),
+        ("shop", "_reads", 403),
+        ("orders", "_reads", 403),
+    ]:
         refused = ask(name, "/v1/checkpoints", source=source)
         assert refused.status_code == status, (name, source, refused.text)
         assert "billing" not in refused.text and "orders" not in refused.text

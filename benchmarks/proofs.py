@@ -57,13 +57,18 @@ def _leaves(start: int, count: int) -> pl.DataFrame:
     lsns = pl.int_range(start + 1, start + count + 1, dtype=pl.Int64, eager=True)
     digests = [hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(start, start + count)]
     return pl.DataFrame(
-        {"position": pl.Series([None] * count, dtype=pl.Int64), "kind": ["change"] * count,
-         "lsn": lsns, "seq": pl.zeros(count, pl.Int32, eager=True), "xid": lsns,
-         "time": [datetime(2026, 11, 27, tzinfo=UTC)] * count,
-         "record_id": pl.Series([None] * count, dtype=pl.String),
-         "hash": pl.Series(digests, dtype=pl.Binary)},
+        {
+            "position": pl.Series([None] * count, dtype=pl.Int64),
+            "kind": ["change"] * count,
+            "lsn": lsns,
+            "seq": pl.zeros(count, pl.Int32, eager=True),
+            "xid": lsns,
+            "time": [datetime(2026, 11, 27, tzinfo=UTC)] * count,
+            "record_id": pl.Series([None] * count, dtype=pl.String),
+            "hash": pl.Series(digests, dtype=pl.Binary),
+        },
         schema=LEAF_SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def build(root: str, size: int) -> float:
@@ -148,8 +153,9 @@ CHILDREN = {"serve": serve, "backfill": backfill}
 
 
 def _child(*args: object) -> dict:
-    done = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True,
-                          text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, __file__, *map(str, args)], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -161,15 +167,20 @@ def _pct(values: list[float], q: float) -> float:
 @app.command()
 def main(
     root: Annotated[str, typer.Option(help="Where the logs are built.")] = "/tmp/benchproofs",
-    size: Annotated[list[int] | None, typer.Option(help="Log sizes (the smallest one is "
-                                                   "also served before).")] = None,
+    size: Annotated[
+        list[int] | None, typer.Option(help="Log sizes (the smallest one is also served before).")
+    ] = None,
     rebuild: Annotated[bool, typer.Option(help="Rebuild the logs even if built.")] = False,
     rounds: Annotated[int, typer.Option(help="Rounds of each variant, alternated.")] = 2,
     requests: Annotated[int, typer.Option(help="Tile proofs of each kind per round.")] = 300,
     before_requests: Annotated[int, typer.Option(help="The same, before.")] = 15,
-    backfill_size: Annotated[int, typer.Option("--backfill", help="Also tile a log of this "
-                                               "size as if written before tiles (0: no).")] = 0,
-) -> None:  # fmt: skip
+    backfill_size: Annotated[
+        int,
+        typer.Option(
+            "--backfill", help="Also tile a log of this size as if written before tiles (0: no)."
+        ),
+    ] = 0,
+) -> None:
     sizes, built = sorted(size or SIZES), {}
     for n in sizes:
         if rebuild or _log(root, n).state().size != n:
@@ -217,8 +228,12 @@ def main(
             f"{f['base']:.0f} | {f['peak']:.0f} |"
         )
     if built:
-        lines += ["", "Build (this run), through `TrustLog.append`: " + ", ".join(
-            f"{n:,} leaves in {seconds:.0f} s" for n, seconds in built.items()) + "."]  # fmt: skip
+        lines += [
+            "",
+            "Build (this run), through `TrustLog.append`: "
+            + ", ".join(f"{n:,} leaves in {seconds:.0f} s" for n, seconds in built.items())
+            + ".",
+        ]
     if filled:
         lines += [
             "",

@@ -199,8 +199,10 @@ class TrustLog:
                 continue
             positions = frame["position"].sort()
             if positions[0] != at + len(chunk) or positions[-1] - positions[0] + 1 != len(frame):
-                raise ValueError(f"{path}: leaves from position {positions[0]} are not the "
-                                 f"next ones ({at + len(chunk)}); run verify")  # fmt: skip
+                raise ValueError(
+                    f"{path}: leaves from position {positions[0]} are not the "
+                    f"next ones ({at + len(chunk)}); run verify"
+                )
             chunk.extend(frame.sort("position")["hash"].to_list())
             if len(chunk) >= TILE_CHUNK:
                 self.tiles.append(at, chunk)

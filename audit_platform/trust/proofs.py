@@ -40,8 +40,10 @@ def _tiles(log: TrustLog, size: int, root: str | None = None) -> TileReader:
     tiles = log.tiles.reader()
     try:
         if root is not None and tiles.root(size).hex() != root:
-            raise NotProvable(f"the log's tiles do not give the root of its checkpoint of {size} "
-                              "leaves; run verify")  # fmt: skip
+            raise NotProvable(
+                f"the log's tiles do not give the root of its checkpoint of {size} "
+                "leaves; run verify"
+            )
     except TilesMissing as exc:
         raise _untiled(log, size) from exc
     return tiles
@@ -96,11 +98,15 @@ def record_proof(log: TrustLog, doc_id: str, doc: dict[str, Any]) -> dict[str, A
             raise NotProvable(f"{doc_id} is logged after the latest checkpoint (tree size "
                               f"{size}); the next checkpoint will cover it")  # fmt: skip
         try:
-            proofs.append({
-                "kind": kind, "leaf": leaf, "leaf_hash": tiles.leaf(position).hex(),
-                "leaf_index": position,
-                "audit_path": [h.hex() for h in tiles.inclusion(position, size)],
-            })  # fmt: skip
+            proofs.append(
+                {
+                    "kind": kind,
+                    "leaf": leaf,
+                    "leaf_hash": tiles.leaf(position).hex(),
+                    "leaf_index": position,
+                    "audit_path": [h.hex() for h in tiles.inclusion(position, size)],
+                }
+            )
         except TilesMissing as exc:
             raise _untiled(log, size) from exc
     return {"tree_size": size, "leaves": proofs, "checkpoint": checkpoint}

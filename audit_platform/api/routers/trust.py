@@ -179,6 +179,14 @@ def read_log(
     only those keys' filters and counts are sure to be about what it may read itself. Failed
     authentications are not reads (they are counted at /metrics)."""
     with svc.pool.connection() as conn:
-        rows = read_rows(conn, scope.env, after_id=after, since=since, until=until,
-                         key_id=key_id, limit=limit, within=scope)  # fmt: skip
+        rows = read_rows(
+            conn,
+            scope.env,
+            after_id=after,
+            since=since,
+            until=until,
+            key_id=key_id,
+            limit=limit,
+            within=scope,
+        )
     return [ReadRow(**{k: v for k, v in row.items() if k != "env"}) for row in rows]
