@@ -45,8 +45,10 @@ class EnvironmentConfig(BaseModel):
     capture_shards: int = Field(default=1, ge=1, le=64)
     #: A live capture run ends after this long, and the next one takes over.
     capture_run_minutes: float = Field(default=30, gt=0)
-    #: A live run reports (coalesced materializations, a heartbeat) this often.
-    capture_report_seconds: int = Field(default=30, ge=1)
+    #: A live run reports its coalesced materializations this often (its heartbeat and status
+    #: checks come six times per capture_stale_seconds): each event is a write to Dagster's
+    #: database, so a fleet's event log grows with time and sources, not with batches.
+    capture_report_seconds: int = Field(default=300, ge=1)
     #: A STARTED live run that reported nothing for this long is dead: the keeper fails it.
     capture_stale_seconds: int = Field(default=180, ge=10)
     #: The live run re-enriches due orphans and late contexts this often.

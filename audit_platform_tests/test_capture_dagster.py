@@ -5,10 +5,12 @@ from __future__ import annotations
 import shutil
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import psycopg
 import pytest
+import yaml
 
 from audit_platform.capture.slot import slot_state
 from audit_platform.defs import build_definitions
@@ -108,6 +110,9 @@ def test_a_live_run_captures_enriches_indexes_and_reports_coalesced(shop, env):
             [dg.AssetCheckKey(dg.AssetKey(["shop", "enriched"]), "orphan_rate")]
         )
         assert check
+        # The run reports the quarantine (no schedule per source does any more).
+        waiting = instance.get_latest_materialization_event(dg.AssetKey(["shop", "quarantine"]))
+        assert waiting.asset_materialization.metadata["waiting"].value == 1
 
         indexed = instance.get_latest_materialization_event(dg.AssetKey(["shop", "indexed"]))
         assert indexed.asset_materialization.metadata["indexed"].value == 1
@@ -230,8 +235,43 @@ def test_code_location_serves_only_its_environments_sources(monkeypatch):
         "capture_keeper_sensor"
     }
     assert {j.name for j in prod.jobs if j.name.startswith("capture_")} == {LIVE}
-    assert "reconcile_shop_job" in {j.name for j in prod.jobs}
+    assert "reconcile_job" in {j.name for j in prod.jobs}
     dg.Definitions.validate_loadable(prod)
+
+
+def test_schedules_and_sensors_do_not_grow_with_the_number_of_sources(env, monkeypatch):
+    """What starts runs (schedules, sensors) is per environment: 40 sources start as many
+    runs as one (#25: a fleet must not fill Dagster's run history)."""
+    environments = Path(Settings().resources_dir) / "environments"
+
+    def automation(sources: int) -> tuple[list[str], list[str]]:
+        names = {f"svc{n:02d}": {"url_env": "AUDIT_SOURCE_SHOP_URL"} for n in range(sources)}
+        (environments / f"{env}.yaml").write_text(yaml.safe_dump({"sources": names}))
+        defs = build_definitions()
+        return (
+            sorted(s.name for s in defs.schedules),
+            sorted(s.name for s in defs.sensors),
+        )
+
+    assert automation(1) == automation(40)
+    schedules, _ = automation(40)
+    assert "reconcile_schedule" in schedules
+
+
+def test_reconciliation_of_an_unknown_source_says_which_sources_exist(shop, env):
+    run = (
+        build_definitions()
+        .resolve_job_def("reconcile_job")
+        .execute_in_process(
+            run_config={"ops": {"reconcile": {"config": {"sources": ["nope"]}}}},
+            raise_on_error=False,
+        )
+    )
+    assert not run.success
+    [failure] = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.event_specific_data.error.message
+    assert "no such source in environment" in message
+    assert "nope" in message and "it has shop" in message
 
 
 def test_reconciliation_reindexes_only_the_batch_missing_a_document(shop, es, env):
@@ -250,7 +290,7 @@ def test_reconciliation_reindexes_only_the_batch_missing_a_document(shop, es, en
         [index] = {h["_index"] for h in es.search(index=f"audit-{env}")["hits"]["hits"]}
         es.delete(index=index, id=lost, refresh=True)
         before = _index_ops(es, env)
-        run = defs.resolve_job_def("reconcile_shop_job").execute_in_process(instance=instance)
+        run = defs.resolve_job_def("reconcile_job").execute_in_process(instance=instance)
         assert run.success
         assert _documents(es, env) == documents
         assert _index_ops(es, env) - before == 2  # the short batch, not the hour's six

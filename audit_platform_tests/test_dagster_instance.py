@@ -23,9 +23,9 @@ def test_dagster_yaml_runs_on_postgres_storage_with_one_capture_run_per_shard(
         instance.report_runless_asset_event(dg.AssetMaterialization("probe"))
         assert instance.get_latest_materialization_event(dg.AssetKey("probe")) is not None
         limits = instance.run_coordinator.get_run_queue_config().tag_concurrency_limits
-        # One live capture run per shard; one reconciliation per slot (they do not wait for
+        # One live capture run per shard; one reconciliation at a time (they do not wait for
         # each other: the ledger lock orders their writes).
-        for key in ("audit/capture-shard", "audit/slot"):
+        for key in ("audit/capture-shard", "audit/reconcile"):
             assert {"key": key, "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
         assert instance.run_monitoring_enabled
         assert instance.run_retries_enabled

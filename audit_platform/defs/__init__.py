@@ -13,13 +13,7 @@ import dagster as dg
 
 from audit_platform.defs.capture.assets import staged_asset_specs
 from audit_platform.defs.capture.live import capture_live_checks, keeper_sensor, live_capture_job
-from audit_platform.defs.enrich.assets import (
-    enriched_asset,
-    enriched_key,
-    quarantine_asset,
-    quarantine_key,
-)
-from audit_platform.defs.enrich.sensors import quarantine_schedule
+from audit_platform.defs.enrich.assets import enriched_asset, enriched_key, quarantine_asset
 from audit_platform.defs.health import (
     CHECK_CRON,
     source_checks,
@@ -63,15 +57,13 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             selection=[enriched_key(source), indexed_key(source)],
             description=f"Rebuild whole hours of source {source}: enrich, then index (backfills).",
         )
-        reconcile = reconcile_job(env, source, config, environment)
-        quarantine_job = dg.define_asset_job(
-            f"quarantine_{source}_job", selection=[quarantine_key(source)]
-        )
         checks.extend(source_checks(env, source, config, environment))
         live_checks.append(capture_live_checks(env, source, config))
-        jobs.extend([enrich_job, quarantine_job, reconcile])
-        schedules.append(reconcile_schedule(source, reconcile))
-        schedules.append(quarantine_schedule(source, quarantine_job))
+        jobs.append(enrich_job)
+    # Per environment, not per source: the number of runs must not grow with the fleet (#25).
+    reconcile = reconcile_job(env, environment)
+    jobs.append(reconcile)
+    schedules.append(reconcile_schedule(reconcile))
     # Capture: one long-lived run per shard of the environment, kept alive by one sensor.
     live = {
         shard: live_capture_job(environment, shard) for shard in range(environment.capture_shards)

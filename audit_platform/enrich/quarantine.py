@@ -183,14 +183,25 @@ class QuarantineStats:
 
 
 def stats(conn: psycopg.Connection, env: str, source: str) -> QuarantineStats:
-    waiting, released, oldest = conn.execute(
-        "SELECT count(*) FILTER (WHERE status = 'waiting'),"
-        " count(*) FILTER (WHERE status = 'released'),"
-        " min(commit_time) FILTER (WHERE status = 'waiting')"
-        " FROM audit_platform.quarantine WHERE env = %s AND source = %s",
-        (env, source),
-    ).fetchone()
-    return QuarantineStats(waiting, released, oldest)
+    return stats_by_source(conn, env, [source])[source]
+
+
+def stats_by_source(
+    conn: psycopg.Connection, env: str, sources: list[str]
+) -> dict[str, QuarantineStats]:
+    """Every named source's figures in one query (a live run reports a whole shard)."""
+    found = {
+        source: QuarantineStats(waiting, released, oldest)
+        for source, waiting, released, oldest in conn.execute(
+            "SELECT source, count(*) FILTER (WHERE status = 'waiting'),"
+            " count(*) FILTER (WHERE status = 'released'),"
+            " min(commit_time) FILTER (WHERE status = 'waiting')"
+            " FROM audit_platform.quarantine WHERE env = %s AND source = ANY(%s)"
+            " GROUP BY source",
+            (env, sources),
+        )
+    }
+    return {s: found.get(s, QuarantineStats(0, 0, None)) for s in sources}
 
 
 def waiting_in_transaction(conn: psycopg.Connection, env: str, source: str, lsn: int) -> int:

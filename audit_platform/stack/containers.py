@@ -32,7 +32,8 @@ def start_containers(stack: ExitStack, *, need_pg: bool, need_es: bool) -> dict[
     env: dict[str, str] = {}
     if need_pg:
         pg = PostgresContainer(PG_IMAGE, driver=None).with_command(
-            "postgres -c wal_level=logical -c max_replication_slots=64 -c max_wal_senders=64"
+            "postgres -c wal_level=logical -c max_replication_slots=256 -c max_wal_senders=256"
+            " -c max_connections=600"
         )
         stack.enter_context(pg)
         env["AUDIT_PG_URL"] = pg.get_connection_url()

@@ -35,9 +35,11 @@ listen_addresses = '127.0.0.1'
 port = {port}
 unix_socket_directories = ''
 wal_level = logical
-max_replication_slots = 64
-max_wal_senders = 64
-max_connections = 200
+# Room for benchmarks/idle_sources.py's 200 sources (a slot, a walsender and two connections
+# each) next to the tests; an idle slot costs the server a few kilobytes of shared memory.
+max_replication_slots = 256
+max_wal_senders = 256
+max_connections = 600
 # Capture must never be the reason a source fills its disk; production sets its own value.
 max_slot_wal_keep_size = '2GB'
 timezone = 'UTC'

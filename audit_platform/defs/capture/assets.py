@@ -9,10 +9,6 @@ import dagster as dg
 
 from audit_platform.environment import SourceConfig
 
-#: Runs that touch one source's derived data outside the live capture run (reconciliation)
-#: carry its slot's name here; dagster.yaml runs at most one of them per slot at a time.
-SLOT_TAG = "audit/slot"
-
 
 def staged_key(source: str, dataset: str) -> dg.AssetKey:
     return dg.AssetKey([source, f"staged_{dataset}"])

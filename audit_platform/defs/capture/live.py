@@ -3,11 +3,14 @@ audit_platform/capture/live.py for its lifetime, and the keeper sensor that keep
 alive per shard.
 
 What the run reports, coalesced (a busy source stages a batch a second; an event per batch would
-fill the event log): every ``capture_report_seconds``, and at the end, one materialization per
-source, asset and hour of what it staged, enriched and indexed since the last report (with the
-orphan-rate check), the ``capture_live`` check of every source whose status changed (or is
-failing), and one log line of every source's status. That line is the run's heartbeat: the
-keeper treats a STARTED run whose last event is older than ``capture_stale_seconds`` as dead.
+fill the event log, and each event is a connection to Dagster's database): every
+``capture_report_seconds``, and at the end, one materialization per source, asset and hour of
+what it staged, enriched and indexed since the last report (with the orphan-rate check) and the
+quarantine of every source whose quarantine changed or is not empty. Six times per
+``capture_stale_seconds`` it writes the ``capture_live`` check of every source whose status
+changed (or is failing) and one log line of every source's status. That line is the run's
+heartbeat: the keeper treats a STARTED run whose last event is older than
+``capture_stale_seconds`` as dead.
 
 No ``from __future__ import annotations`` in defs/: Dagster reads config annotations at runtime.
 """
@@ -31,10 +34,11 @@ from audit_platform.capture.live import (
 from audit_platform.capture.slot import SlotLost, SlotMissing, usable_slot_state
 from audit_platform.clients import pg_url_from_settings
 from audit_platform.defs.capture.assets import source_url, staged_key
-from audit_platform.defs.enrich.assets import hour_events
+from audit_platform.defs.enrich.assets import hour_events, quarantine_key, quarantine_metadata
 from audit_platform.defs.index.assets import indexed_key
 from audit_platform.defs.partitions import hour_key
 from audit_platform.defs.resources import AuditPlatform
+from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import merge_hours
 from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.index.batch import merge_indexed
@@ -119,15 +123,20 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
         )
         reported: dict[str, tuple] = {}
         every = started.capture_report_seconds
+        heartbeat = min(every, started.capture_stale_seconds / 6)
         context.log.info(f"live capture of shard {shard} for {minutes:g} min")
-        last = time.monotonic()
+        last = beat = time.monotonic()
         try:
-            for _ in supervisor.ticks(every=min(1.0, every)):
+            for _ in supervisor.ticks(every=min(1.0, heartbeat)):
                 if time.monotonic() - last >= every:
-                    _emit(context, report, reported, shard)
+                    _materializations(context, platform, report, reported)
                     last = time.monotonic()
+                if time.monotonic() - beat >= heartbeat:
+                    _statuses(context, report, reported, shard)
+                    beat = time.monotonic()
         finally:
-            _emit(context, report, reported, shard, final=True)
+            _materializations(context, platform, report, reported)
+            _statuses(context, report, reported, shard, final=True)
         failing = sorted(s for s, st in report.statuses().items() if st.state == "crashed")
         if failing:
             raise dg.Failure(f"capture workers ended by a crash: {', '.join(failing)}")
@@ -197,8 +206,9 @@ def status_check(status: SourceStatus, shard: int, run_id: str) -> dg.AssetCheck
     )
 
 
-def _emit(context, report: LiveReport, reported: dict, shard: int, final: bool = False) -> None:
-    """What happened since the last report, coalesced; statuses that changed or fail."""
+def _materializations(context, platform: AuditPlatform, report: LiveReport, reported: dict) -> None:
+    """What happened since the last report, coalesced per source, asset and hour; the
+    quarantines that changed or are not empty."""
     staged, enriched, indexed = report.drain()
     for (source, dataset, hour), counts in sorted(staged.items()):
         context.log_event(
@@ -219,6 +229,22 @@ def _emit(context, report: LiveReport, reported: dict, shard: int, final: bool =
                     metadata=result.metadata,
                 )
             )
+    sources = sorted(report.statuses())
+    with platform.state() as state:
+        found = quarantine.stats_by_source(state, platform.env, sources)
+    for source, current in found.items():
+        key = ("quarantine", source)
+        if current.waiting or reported.get(key, (0, 0)) != (current.waiting, current.released):
+            context.log_event(
+                dg.AssetMaterialization(
+                    asset_key=quarantine_key(source), metadata=quarantine_metadata(current)
+                )
+            )
+            reported[key] = (current.waiting, current.released)
+
+
+def _statuses(context, report: LiveReport, reported: dict, shard: int, final: bool = False) -> None:
+    """The statuses that changed or fail, and the heartbeat line."""
     statuses = report.statuses()
     for source, status in sorted(statuses.items()):
         if final or not status.healthy or reported.get(source) != _status_key(status):

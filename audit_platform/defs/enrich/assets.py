@@ -107,11 +107,24 @@ def enriched_asset(
     return asset
 
 
+def quarantine_metadata(current: quarantine.QuarantineStats) -> dict:
+    oldest = current.oldest_waiting
+    return {
+        "waiting": current.waiting,
+        "released_unattributed": current.released,
+        "oldest_waiting": oldest.isoformat() if oldest else "none",
+        "oldest_waiting_age_seconds": (datetime.now(UTC) - oldest).total_seconds()
+        if oldest
+        else 0.0,
+    }
+
+
 def quarantine_asset(source: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=quarantine_key(source),
         description=f"Changes of source {source} still waiting for their context, in the "
-        "platform database. Its materialization reports size and oldest entry.",
+        "platform database. Its materialization reports size and oldest entry: the live "
+        "capture run reports it while it changes or is not empty.",
         deps=[enriched_key(source)],
         group_name="enrich",
         kinds={"postgres"},
@@ -120,16 +133,6 @@ def quarantine_asset(source: str) -> dg.AssetsDefinition:
     def asset(platform: AuditPlatform) -> dg.MaterializeResult:
         with platform.state() as state:
             current = quarantine.stats(state, platform.env, source)
-        oldest = current.oldest_waiting
-        return dg.MaterializeResult(
-            metadata={
-                "waiting": current.waiting,
-                "released_unattributed": current.released,
-                "oldest_waiting": oldest.isoformat() if oldest else "none",
-                "oldest_waiting_age_seconds": (datetime.now(UTC) - oldest).total_seconds()
-                if oldest
-                else 0.0,
-            }
-        )
+        return dg.MaterializeResult(metadata=quarantine_metadata(current))
 
     return asset
