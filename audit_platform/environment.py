@@ -40,6 +40,9 @@ class EnvironmentConfig(BaseModel):
     #: Long-lived capture (docs/design.md; README "The Dagster deployment"): a batch closes at
     #: the first commit after its first change is this old (or by size, before).
     capture_flush_seconds: float = Field(default=0.5, gt=0, le=60)
+    #: The batches a capture run's busy sources close per second together: with more busy
+    #: sources than this times capture_flush_seconds, each flushes less often (FlushPacer).
+    capture_batches_per_second: float = Field(default=20, gt=0)
     #: Sources are split over this many capture runs, by crc32 of the name: each shard is one
     #: long-lived run, kept alive by the capture keeper sensor.
     capture_shards: int = Field(default=1, ge=1, le=64)

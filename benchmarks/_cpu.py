@@ -32,7 +32,7 @@ KINDS = (
 #: Dagster and API processes of another deployment on the same (shared) machine.
 OTHERS = "other deployments' dagster and api processes"
 #: Kinds that are shared servers: every such process on the machine is counted.
-SHARED = {"postgresql", "elasticsearch"}
+SHARED = {"postgresql", "postgresql walsenders", "elasticsearch"}
 
 
 def kind_of(pid: int, me: int, mine: bytes | None = None) -> str | None:
@@ -46,7 +46,9 @@ def kind_of(pid: int, me: int, mine: bytes | None = None) -> str | None:
     except OSError:
         return None
     if comm == "postgres":
-        return "postgresql"
+        # Each walsender decodes the whole server's WAL, every database's: with many source
+        # databases on one server (as here, not as in a fleet of servers) they add up.
+        return "postgresql walsenders" if "walsender" in cmdline else "postgresql"
     for kind, marker in KINDS:
         if marker in cmdline:
             if mine is not None and kind not in SHARED:

@@ -61,8 +61,15 @@ def shard_of(source: str, shards: int) -> int:
 
 @dataclass(frozen=True)
 class LiveSettings:
-    #: A batch closes at the first commit after its first message is this old.
+    #: A batch closes at the first commit after its first message is this old (at least: see
+    #: ``batches_per_second``).
     flush_seconds: float = 0.5
+    #: The batches a run's busy sources may close per second together. Each batch costs about
+    #: the same fixed work (files written, the ledger, a bulk request) whatever it holds, so
+    #: when many sources are busy each waits longer and batches more: 50 sources at 20
+    #: changes/s flush every 2.5 s instead of 0.5 (benchmarks/results/fleet.md), one busy
+    #: source still every ``flush_seconds``.
+    batches_per_second: float = 20.0
     batch_changes: int = 50_000
     batch_bytes: int = BATCH_BYTES
     #: WAL the server may read past the slot's position, without a tracked change, before the
@@ -82,6 +89,36 @@ class LiveSettings:
     #: is what a source's freshness pays after its outage ends (the fault matrix measured 61
     #: to 63 s of healing with 60 s here).
     backoff_max_seconds: float = 10.0
+
+
+class FlushPacer:
+    """Shares a run's batch budget among the sources that are busy now.
+
+    A source is busy if it closed a batch in the last ``window`` seconds; each batch that opens
+    waits ``max(floor, busy / batches_per_second)``. Quiet sources cost nothing here, so one
+    busy source beside 200 idle ones keeps the floor.
+    """
+
+    def __init__(
+        self,
+        floor: float,
+        batches_per_second: float,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.floor, self.rate, self.window, self.clock = floor, batches_per_second, window, clock
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def batched(self, source: str) -> None:
+        with self._lock:
+            self._last[source] = self.clock()
+
+    def interval(self) -> float:
+        since = self.clock() - self.window
+        with self._lock:
+            busy = sum(1 for t in self._last.values() if t >= since)
+        return max(self.floor, busy / self.rate)
 
 
 @dataclass(frozen=True)
@@ -177,8 +214,10 @@ class SourceWorker:
         signer: Ed25519PrivateKey | None,
         settings: LiveSettings,
         report: LiveReport,
+        pacer: FlushPacer | None = None,
     ) -> None:
         self.env, self.source, self.settings, self.report = env, source, settings, report
+        self.pacer = pacer or FlushPacer(settings.flush_seconds, settings.batches_per_second)
         self.state_url, self.elasticsearch = state_url, elasticsearch
         self.mask_key, self.signer = mask_key, signer
         self.slot = slot_name(env, source.name)
@@ -255,13 +294,14 @@ class SourceWorker:
         behind = False  # pending work the ledger lock kept us from doing
         for raw in stream.live_batches(
             stop,
-            flush_seconds=settings.flush_seconds,
+            flush_seconds=self.pacer.interval,
             batch_changes=settings.batch_changes,
             batch_bytes=settings.batch_bytes,
             idle_seconds=settings.idle_seconds,
         ):
             now = time.monotonic()
             if raw is not None:
+                self.pacer.batched(self.source.name)
                 before = len(result.files)
                 stager.stage(decoder.decode(raw.messages, ChangeBatch(), complete=raw.complete))
                 self.report.staged(self.source.name, result.files[before:])

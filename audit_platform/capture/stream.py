@@ -14,7 +14,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psycopg2
@@ -177,7 +177,7 @@ class SlotStream:
         self,
         stop: threading.Event,
         *,
-        flush_seconds: float,
+        flush_seconds: float | Callable[[], float],
         batch_changes: int,
         batch_bytes: int = BATCH_BYTES,
         idle_seconds: float = 1.0,
@@ -185,6 +185,8 @@ class SlotStream:
         """Read the slot until ``stop`` is set: batches as :meth:`batches` closes them (by
         changes, bytes and messages) and also by time, at the first commit once the batch's
         first message is ``flush_seconds`` old, so a quiet source's single change is not held.
+        ``flush_seconds`` may be a function, asked as each batch opens (a pacer shared by
+        many sources, ``capture/live.py``).
 
         Yields None when quiet (nothing held, between transactions) about every
         ``idle_seconds``, so the caller does its periodic work (heartbeat, quarantine); while
@@ -197,6 +199,8 @@ class SlotStream:
         changes = units = size = 0
         in_txn = False
         opened = 0.0  # when the held batch got its first message
+        flush = flush_seconds if callable(flush_seconds) else lambda: flush_seconds
+        flush_after = flush()  # the held batch's flush interval, fixed as it opens
         quiet_since = time.monotonic()
 
         def take(complete: bool = True) -> RawBatch:
@@ -213,7 +217,7 @@ class SlotStream:
                     if messages and not in_txn:
                         yield take()
                     return
-                if not in_txn and messages and now - opened >= flush_seconds:
+                if not in_txn and messages and now - opened >= flush_after:
                     yield take()
                     quiet_since = time.monotonic()
                     continue
@@ -225,7 +229,7 @@ class SlotStream:
                     continue
                 wait = idle_seconds - (now - quiet_since)
                 if messages and not in_txn:
-                    wait = min(wait, opened + flush_seconds - now)
+                    wait = min(wait, opened + flush_after - now)
                 waiting = [self.conn, stop] if isinstance(stop, StopEvent) else [self.conn]
                 select.select(waiting, [], [], max(0.01, min(wait, idle_seconds)))
                 continue
@@ -236,7 +240,7 @@ class SlotStream:
             elif kind == _MESSAGE and (payload := kept_message(payload)) is None:
                 continue
             if not messages:
-                opened = time.monotonic()
+                opened, flush_after = time.monotonic(), flush()
             messages.append(payload)
             size += len(payload)
             if kind in _ROW_CHANGES or kind == _MESSAGE:
@@ -249,7 +253,7 @@ class SlotStream:
             elif kind == _COMMIT:
                 in_txn = False
                 full = units >= batch_changes or size >= batch_bytes
-                if full or stop.is_set() or time.monotonic() - opened >= flush_seconds:
+                if full or stop.is_set() or time.monotonic() - opened >= flush_after:
                     yield take()
                     quiet_since = time.monotonic()
                     if stop.is_set():

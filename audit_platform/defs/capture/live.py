@@ -23,6 +23,7 @@ import psycopg
 from pydantic import Field
 
 from audit_platform.capture.live import (
+    FlushPacer,
     LiveReport,
     LiveSettings,
     LiveSource,
@@ -66,6 +67,7 @@ def shard_sources(environment: EnvironmentConfig, shard: int) -> dict[str, Sourc
 def live_settings(environment: EnvironmentConfig) -> LiveSettings:
     return LiveSettings(
         flush_seconds=environment.capture_flush_seconds,
+        batches_per_second=environment.capture_batches_per_second,
         batch_changes=environment.capture_batch_changes,
         heartbeat_bytes=environment.slot_heartbeat_bytes,
         grace=timedelta(minutes=environment.enrich_grace_minutes),
@@ -100,6 +102,8 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
     def op(context: dg.OpExecutionContext, platform: AuditPlatform, config: LiveRunConfig) -> None:
         started = platform.environment()
         report, workers = LiveReport(), {}
+        settings = live_settings(started)
+        pacer = FlushPacer(settings.flush_seconds, settings.batches_per_second)
 
         def sources() -> dict[str, SourceWorker]:
             """The environment file, read again: sources added or removed are picked up."""
@@ -107,7 +111,7 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
             found = {}
             for name, source_config in shard_sources(current, shard).items():
                 found[name] = workers.get(name) or _worker(
-                    platform, current, name, source_config, report
+                    platform, current, name, source_config, report, pacer
                 )
             workers.clear()
             workers.update(found)
@@ -155,7 +159,7 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
     return job
 
 
-def _worker(platform, environment, name, config, report) -> SourceWorker:
+def _worker(platform, environment, name, config, report, pacer) -> SourceWorker:
     live = LiveSource(
         name,
         lambda: source_url(name, config),
@@ -172,6 +176,7 @@ def _worker(platform, environment, name, config, report) -> SourceWorker:
         signer=platform.settings.signer(),
         settings=live_settings(environment),
         report=report,
+        pacer=pacer,
     )
 
 
