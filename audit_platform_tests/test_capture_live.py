@@ -28,9 +28,10 @@ from audit_platform.capture.live import (
     Supervisor,
     shard_of,
 )
+from audit_platform.capture.stream import SlotStream
 from audit_platform.faults import LOCAL_ONLY_POINTS, POINTS, SimulatedCrash, armed
 from audit_platform.index.template import install_template
-from audit_platform.naming import read_alias, slot_name
+from audit_platform.naming import publication_name, read_alias, slot_name
 from audit_platform.settings import Settings
 from audit_platform.trust.signing import new_private_key, private_key
 from audit_platform.trust.verify import Window, verify_source
@@ -209,6 +210,65 @@ def test_a_single_change_on_a_quiet_source_is_searchable_within_seconds(
     assert sum(h.indexed for _, h in indexed) == 1
     assert report.statuses()["shop"].state == "stopped"
     _exactly_once(es, env, source)
+
+
+def test_a_quiet_slot_beside_a_busy_database_wakes_a_few_times_a_second(servers, tmp_path, env):
+    """The server sends a quiet slot's reader a keepalive per neighbour commit; with a quiet
+    poll the reader looks a few times a second (and still gets its own change), without it
+    once per keepalive. Counts reads, not time."""
+    with new_database(servers) as quiet_url, new_database(servers) as busy_url:
+        quiet = _source(quiet_url, tmp_path / "quiet", "quiet", env)
+        with psycopg.connect(busy_url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id serial PRIMARY KEY, v text)")
+
+        def reads(quiet_poll: float, write: bool) -> tuple[int, int]:
+            slot = slot_name(env, "quiet")
+            stream = SlotStream(quiet.url, slot, publication_name(env, "quiet"))
+            stream.start()
+            calls = 0
+            read = stream.cursor.read_message
+
+            def counted():
+                nonlocal calls
+                calls += 1
+                return read()
+
+            stream.cursor.read_message = counted
+            stop, changes = threading.Event(), 0
+            threading.Timer(3.0, stop.set).start()
+            if write:
+                threading.Timer(1.5, lambda: _write(quiet.url, 1, rows=1)).start()
+            with _writing_to(busy_url, stop):
+                for batch in stream.live_batches(
+                    stop, flush_seconds=0.1, batch_changes=100, quiet_poll_seconds=quiet_poll
+                ):
+                    changes += batch.changes if batch is not None else 0
+            stream.close()
+            return calls, changes
+
+        polled, seen = reads(0.25, write=True)
+        assert seen == 1  # its own change still arrives
+        eager, _ = reads(0.0, write=False)
+        assert polled < 60  # a few looks a second for 3 s
+        assert eager > 3 * polled, (eager, polled)
+
+
+@contextmanager
+def _writing_to(url: str, stop: threading.Event):
+    """A neighbour committing as fast as one connection can, until ``stop``."""
+
+    def write() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("INSERT INTO t (v) VALUES ('x')")
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_each_source_on_its_own_down_dropped_added_while_live(

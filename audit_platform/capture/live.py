@@ -84,6 +84,10 @@ class LiveSettings:
     #: what an idle source costs (benchmarks/results/idle_sources-smoke.md: about 21 ms of CPU
     #: per second per idle source when it looked every second).
     idle_seconds: float = 10.0
+    #: While quiet, the socket is looked at this often at most after a wake-up that brought
+    #: only keepalives (``SlotStream.live_batches``): what a quiet source's first change may
+    #: wait more, against hundreds of wake-ups a second next to a busy neighbour database.
+    quiet_poll_seconds: float = 0.25
     backoff_seconds: float = 1.0
     #: The longest wait between attempts: a failed attempt costs a connection, and the wait
     #: is what a source's freshness pays after its outage ends (the fault matrix measured 61
@@ -298,6 +302,7 @@ class SourceWorker:
             batch_changes=settings.batch_changes,
             batch_bytes=settings.batch_bytes,
             idle_seconds=settings.idle_seconds,
+            quiet_poll_seconds=settings.quiet_poll_seconds,
         ):
             now = time.monotonic()
             if raw is not None:

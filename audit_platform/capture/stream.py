@@ -181,12 +181,23 @@ class SlotStream:
         batch_changes: int,
         batch_bytes: int = BATCH_BYTES,
         idle_seconds: float = 1.0,
+        quiet_poll_seconds: float = 0.0,
     ) -> Iterator[RawBatch | None]:
         """Read the slot until ``stop`` is set: batches as :meth:`batches` closes them (by
         changes, bytes and messages) and also by time, at the first commit once the batch's
         first message is ``flush_seconds`` old, so a quiet source's single change is not held.
         ``flush_seconds`` may be a function, asked as each batch opens (a pacer shared by
         many sources, ``capture/live.py``).
+
+        ``quiet_poll_seconds``: between transactions, after a wake-up that brought no change,
+        the socket is not watched again for this long (the stop event and a held batch's
+        flush time still are). A walsender
+        sends its client a keepalive each time it has decoded WAL past the client's confirmed
+        position, so a quiet slot on a server with a busy neighbour database gets one per
+        neighbour commit (hundreds a second); read one wake-up at a time, they were most of
+        what an idle source cost (benchmarks/results/idle_sources-issue25.md). The driver
+        reads every keepalive waiting in one call, so looking a few times a second costs a few
+        wake-ups, and a quiet source's next change waits at most this long more.
 
         Yields None when quiet (nothing held, between transactions) about every
         ``idle_seconds``, so the caller does its periodic work (heartbeat, quarantine); while
@@ -202,6 +213,8 @@ class SlotStream:
         flush = flush_seconds if callable(flush_seconds) else lambda: flush_seconds
         flush_after = flush()  # the held batch's flush interval, fixed as it opens
         quiet_since = time.monotonic()
+        woke = False  # the socket was readable at the last wait
+        empty_wake = 0.0  # when a readable socket last brought no change (keepalives)
 
         def take(complete: bool = True) -> RawBatch:
             nonlocal messages, changes, units, size
@@ -213,6 +226,8 @@ class SlotStream:
             message = self.cursor.read_message()
             if message is None:
                 now = time.monotonic()
+                if woke:
+                    empty_wake, woke = now, False
                 if stop.is_set():
                     if messages and not in_txn:
                         yield take()
@@ -231,8 +246,18 @@ class SlotStream:
                 if messages and not in_txn:
                     wait = min(wait, opened + flush_after - now)
                 waiting = [self.conn, stop] if isinstance(stop, StopEvent) else [self.conn]
-                select.select(waiting, [], [], max(0.01, min(wait, idle_seconds)))
+                if not in_txn and now - empty_wake < quiet_poll_seconds:
+                    # Between transactions, and the last wake-up was keepalives: let them
+                    # gather (a held batch still flushes at its time).
+                    wait = min(wait, empty_wake + quiet_poll_seconds - now)
+                    waiting = waiting[1:]
+                timeout = max(0.01, min(wait, idle_seconds))
+                if waiting:
+                    woke = self.conn in select.select(waiting, [], [], timeout)[0]
+                else:
+                    time.sleep(timeout)
                 continue
+            woke = False
             payload = message.payload
             kind = payload[0]
             if kind == _BEGIN:
