@@ -91,7 +91,7 @@ def _worker(source: CaptureSource, es, state_url, report=None, settings=FAST, si
     return SourceWorker(
         source.env,
         live,
-        state_url=state_url,
+        state=lambda: psycopg.connect(state_url, autocommit=True),
         elasticsearch=lambda: nullcontext(es),
         mask_key=MASK_KEY,
         signer=signer,
@@ -391,6 +391,7 @@ LIVE_SCRIPT = """
 import sys, threading
 from contextlib import nullcontext
 from datetime import timedelta
+from psycopg_pool import ConnectionPool
 from audit_platform.capture.live import LiveReport, LiveSettings, LiveSource, SourceWorker, Supervisor
 from audit_platform.clients import elasticsearch_client
 from audit_platform.settings import Settings
@@ -399,6 +400,7 @@ from audit_platform_tests.capture_support import MASK_KEY
 from audit_platform_tests.helpers import policy_for
 env, root, state_url, *pairs = sys.argv[1:]
 es = elasticsearch_client(Settings().elasticsearch)
+pool = ConnectionPool(state_url, min_size=1, max_size=4, kwargs={"autocommit": True})  # as a run
 settings = LiveSettings(flush_seconds=0.2, batch_changes=50, grace=timedelta(0), idle_seconds=0.2)
 workers = {}
 for pair in pairs:
@@ -406,7 +408,7 @@ for pair in pairs:
     policy = policy_for(name, public__orders={})
     live = LiveSource(name, (lambda u=url: u), (lambda p=policy: p), StagingStore(root, env, name),
                       "shopdb")
-    workers[name] = SourceWorker(env, live, state_url=state_url, elasticsearch=lambda: nullcontext(es),
+    workers[name] = SourceWorker(env, live, state=pool.connection, elasticsearch=lambda: nullcontext(es),
                                  mask_key=MASK_KEY, signer=None, settings=settings, report=LiveReport())
 Supervisor(lambda: workers, lifetime=timedelta(minutes=10)).run()
 """

@@ -212,7 +212,7 @@ class SourceWorker:
         env: str,
         source: LiveSource,
         *,
-        state_url: str,
+        state: Callable[[], AbstractContextManager[psycopg.Connection]],
         elasticsearch: Callable[[], AbstractContextManager[Elasticsearch]],
         mask_key: bytes | None,
         signer: Ed25519PrivateKey | None,
@@ -222,7 +222,9 @@ class SourceWorker:
     ) -> None:
         self.env, self.source, self.settings, self.report = env, source, settings, report
         self.pacer = pacer or FlushPacer(settings.flush_seconds, settings.batches_per_second)
-        self.state_url, self.elasticsearch = state_url, elasticsearch
+        #: The platform database, for the downstream steps only: a run's workers share a small
+        #: pool, so an idle source holds no connection to it (``defs/capture/live.py``).
+        self.state, self.elasticsearch = state, elasticsearch
         self.mask_key, self.signer = mask_key, signer
         self.slot = slot_name(env, source.name)
         self.publication = publication_name(env, source.name)
@@ -266,7 +268,6 @@ class SourceWorker:
             )
         with (
             psycopg.connect(url, autocommit=True, connect_timeout=10) as conn,
-            psycopg.connect(self.state_url, autocommit=True, connect_timeout=10) as state,
             self.elasticsearch() as client,
         ):
             slot = usable_slot_state(conn, self.slot)
@@ -283,16 +284,16 @@ class SourceWorker:
             try:
                 stream.start()
                 # What an earlier run staged and did not finish comes first.
-                self._downstream(state, client, policy, database, resolve=True)
+                self._downstream(client, policy, database, resolve=True)
                 self._set(
                     state="live", error=None, confirmed_lsn=slot.confirmed_lsn, caught_up=False
                 )
-                self._loop(stop, stream, decoder, stager, state, client, policy, database, result)
+                self._loop(stop, stream, decoder, stager, client, policy, database, result)
             finally:
                 stream.close()
         self.status.failures = 0
 
-    def _loop(self, stop, stream, decoder, stager, state, client, policy, database, result) -> None:
+    def _loop(self, stop, stream, decoder, stager, client, policy, database, result) -> None:
         settings = self.settings
         resolved_at = checkpointed_at = time.monotonic()
         behind = False  # pending work the ledger lock kept us from doing
@@ -319,7 +320,7 @@ class SourceWorker:
                 if not raw.complete:
                     continue  # a transaction in parts: enrich it when it is whole
                 resolve = now - resolved_at >= settings.resolve_every_seconds
-                behind = not self._downstream(state, client, policy, database, resolve=resolve)
+                behind = not self._downstream(client, policy, database, resolve=resolve)
                 if resolve and not behind:
                     resolved_at = now
                 continue
@@ -330,7 +331,7 @@ class SourceWorker:
                 self._set(confirmed_lsn=result.confirmed_lsn)
             resolve = now - resolved_at >= settings.resolve_every_seconds
             if behind or resolve:
-                behind = not self._downstream(state, client, policy, database, resolve=resolve)
+                behind = not self._downstream(client, policy, database, resolve=resolve)
                 if resolve and not behind:
                     resolved_at = now
             caught_up = not behind and stream.server_wal_end >= result.target_lsn
@@ -340,12 +341,12 @@ class SourceWorker:
                 self._checkpoint()
                 checkpointed_at = now
 
-    def _downstream(self, state, client, policy, database: str, *, resolve: bool) -> bool:
+    def _downstream(self, client, policy, database: str, *, resolve: bool) -> bool:
         """Enrich and index the source's pending batches (and, with ``resolve``, its due
         orphans); False if another process holds the source's ledger (a backfill) and
         nothing was done: the next quiet moment tries again, capture goes on meanwhile."""
         store, settings = self.source.store, self.settings
-        with ledger_lock(state, self.env, self.source.name, wait=0) as held:
+        with self.state() as state, ledger_lock(state, self.env, self.source.name, wait=0) as held:
             if not held:
                 return False
             now = datetime.now(UTC)

@@ -7,7 +7,7 @@ rather than patching environment variables, and every op of a run sees the same 
 """
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cache
 from pathlib import Path
 
@@ -62,13 +62,15 @@ class AuditPlatform(dg.ConfigurableResource):
 
     @contextmanager
     def elasticsearch(
-        self, environment: EnvironmentConfig | None = None
+        self, environment: EnvironmentConfig | None = None, client: Elasticsearch | None = None
     ) -> Iterator[Elasticsearch]:
-        """A client; for indexing (``environment`` given), the environment's template is first
-        made current: installed if missing (an index created before its template would get
-        dynamic mappings) or older than this code (its strict mapping would refuse new fields).
+        """A client (``client``, or a new one); for indexing (``environment`` given), the
+        environment's template is first made current: installed if missing (an index created
+        before its template would get dynamic mappings) or older than this code (its strict
+        mapping would refuse new fields).
         """
-        with es_from_settings(self.settings) as client:
+        opened = nullcontext(client) if client is not None else es_from_settings(self.settings)
+        with opened as client:
             if environment is not None:
                 ensure_template(
                     client,

@@ -16,10 +16,15 @@ No ``from __future__ import annotations`` in defs/: Dagster reads config annotat
 """
 
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
 from datetime import timedelta
 
 import dagster as dg
 import psycopg
+from elasticsearch import Elasticsearch
+from psycopg_pool import ConnectionPool
 from pydantic import Field
 
 from audit_platform.capture.live import (
@@ -100,6 +105,10 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
         "reported, the others go on).",
     )
     def op(context: dg.OpExecutionContext, platform: AuditPlatform, config: LiveRunConfig) -> None:
+        with ExitStack() as stack:
+            _run(context, platform, config, stack)
+
+    def _run(context, platform: AuditPlatform, config: LiveRunConfig, stack: ExitStack) -> None:
         started = platform.environment()
         report, workers = LiveReport(), {}
         settings = live_settings(started)
@@ -111,13 +120,26 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
             found = {}
             for name, source_config in shard_sources(current, shard).items():
                 found[name] = workers.get(name) or _worker(
-                    platform, current, name, source_config, report, pacer
+                    platform, current, name, source_config, report, pacer, shared
                 )
             workers.clear()
             workers.update(found)
             return found
 
         minutes = config.lifetime_minutes or started.capture_run_minutes
+        # Shared by the run's workers: a few connections to the platform database, taken for a
+        # downstream step only, and one Elasticsearch client (it pools its own connections).
+        # A source's own connections are its worker's: its slot's stream and one for queries.
+        state = ConnectionPool(
+            _state_url(platform),
+            min_size=1,
+            max_size=STATE_CONNECTIONS,
+            kwargs={"autocommit": True},
+            name=f"capture-shard-{shard}",
+        )
+        client = stack.enter_context(platform.elasticsearch())
+        stack.enter_context(state)
+        shared = Shared(state.connection, client)
         supervisor = Supervisor(
             sources,
             lifetime=timedelta(minutes=minutes),
@@ -159,7 +181,17 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
     return job
 
 
-def _worker(platform, environment, name, config, report, pacer) -> SourceWorker:
+#: Connections to the platform database a live run's workers share (``Shared``).
+STATE_CONNECTIONS = 8
+
+
+@dataclass(frozen=True)
+class Shared:
+    state: Callable[[], AbstractContextManager[psycopg.Connection]]
+    client: Elasticsearch
+
+
+def _worker(platform, environment, name, config, report, pacer, shared: Shared) -> SourceWorker:
     live = LiveSource(
         name,
         lambda: source_url(name, config),
@@ -170,8 +202,8 @@ def _worker(platform, environment, name, config, report, pacer) -> SourceWorker:
     return SourceWorker(
         platform.env,
         live,
-        state_url=_state_url(platform),
-        elasticsearch=lambda: platform.elasticsearch(environment),
+        state=shared.state,
+        elasticsearch=lambda: platform.elasticsearch(environment, shared.client),
         mask_key=platform.mask_key(),
         signer=platform.settings.signer(),
         settings=live_settings(environment),
