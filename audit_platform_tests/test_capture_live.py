@@ -21,6 +21,7 @@ from psycopg import sql
 
 from audit_platform import platform_db
 from audit_platform.capture.live import (
+    Lanes,
     LiveReport,
     LiveSettings,
     LiveSource,
@@ -84,7 +85,9 @@ def _source(url: str, staging_root, name: str, env: str) -> CaptureSource:
     return make_source(url, staging_root, DDL, policy_for(name, public__orders={}), env)
 
 
-def _worker(source: CaptureSource, es, state_url, report=None, settings=FAST, signer=None):
+def _worker(
+    source: CaptureSource, es, state_url, report=None, settings=FAST, signer=None, lanes=None
+):
     live = LiveSource(
         source.policy.source, lambda: source.url, lambda: source.policy, source.store, "shopdb"
     )
@@ -97,6 +100,7 @@ def _worker(source: CaptureSource, es, state_url, report=None, settings=FAST, si
         signer=signer,
         settings=settings,
         report=report or LiveReport(),
+        lanes=lanes,
     )
 
 
@@ -253,6 +257,32 @@ def test_a_quiet_slot_beside_a_busy_database_wakes_a_few_times_a_second(servers,
         assert eager > 3 * polled, (eager, polled)
 
 
+def test_a_quiet_source_holds_only_its_slots_stream(pg_database, staging_root, env, es, state_url):
+    """An idle source costs its slot's stream: the worker's query connection closes when
+    unused, and opens again for the next change."""
+    source = _source(pg_database, staging_root, "shop", env)
+    report = LiveReport()
+    workers = {"shop": _worker(source, es, state_url, report)}
+
+    def backends() -> dict[str, int]:
+        with psycopg.connect(source.url) as conn:
+            return dict(
+                conn.execute(
+                    "SELECT backend_type, count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " GROUP BY backend_type"
+                ).fetchall()
+            )
+
+    with _running(Supervisor(lambda: workers, lifetime=timedelta(minutes=5), report=report)):
+        _write(source.url, 1, rows=1)
+        _wait_for(lambda: len(_indexed(es, env, "shop")) == 1, 30, "the change is searchable")
+        _wait_for(lambda: backends() == {"walsender": 1}, 30, "only the slot's stream is open")
+        _write(source.url, 2, rows=1)
+        _wait_for(lambda: len(_indexed(es, env, "shop")) == 2, 30, "the next change too")
+    _exactly_once(es, env, source)
+
+
 @contextmanager
 def _writing_to(url: str, stop: threading.Event):
     """A neighbour committing as fast as one connection can, until ``stop``."""
@@ -281,7 +311,13 @@ def test_each_source_on_its_own_down_dropped_added_while_live(
         }
         sources = {n: _source(u, tmp_path, n, env) for n, u in urls.items()}
         report = LiveReport()
-        live = {n: _worker(sources[n], es, state_url, report) for n in ("north", "south", "east")}
+        # One lane each for staging and downstream, shared as in a run: a source that is down
+        # or has lost its slot holds no lane while it waits.
+        lanes = Lanes(1, 1)
+        live = {
+            n: _worker(sources[n], es, state_url, report, lanes=lanes)
+            for n in ("north", "south", "east")
+        }
         supervisor = Supervisor(
             lambda: dict(live), lifetime=timedelta(minutes=5), refresh_seconds=0.5, report=report
         )
@@ -338,7 +374,7 @@ def test_each_source_on_its_own_down_dropped_added_while_live(
             assert "does not exist" in report.statuses()["south"].error
             assert report.statuses()["north"].state == "live"
             # A source added to the environment while the run is live gets a worker.
-            live["west"] = _worker(sources["west"], es, state_url, report)
+            live["west"] = _worker(sources["west"], es, state_url, report, lanes=lanes)
             _write(urls["west"], 1)
             _wait_for(lambda: len(_indexed(es, env, "west")) == 3, 30, "west, added, captured")
             # east comes back: its slot kept what was committed before the outage.

@@ -30,7 +30,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -70,6 +70,9 @@ class LiveSettings:
     #: changes/s flush every 2.5 s instead of 0.5 (benchmarks/results/fleet.md), one busy
     #: source still every ``flush_seconds``.
     batches_per_second: float = 20.0
+    #: Workers of a run that may stage at once, and that may enrich and index at once
+    #: (``Lanes``).
+    lanes: int = 2
     batch_changes: int = 50_000
     batch_bytes: int = BATCH_BYTES
     #: WAL the server may read past the slot's position, without a tracked change, before the
@@ -93,6 +96,23 @@ class LiveSettings:
     #: is what a source's freshness pays after its outage ends (the fault matrix measured 61
     #: to 63 s of healing with 60 s here).
     backoff_max_seconds: float = 10.0
+
+
+class Lanes:
+    """How many of a run's workers may stage at once, and how many may enrich and index.
+
+    The workers are threads of one interpreter. When fifty compute at once, each waits for the
+    interpreter lock after every read and write it makes (a convoy: in the fleet benchmark a
+    Dagster event took a second to write, and slots fell a minute behind on two cores that
+    were busy switching). A worker waits for a lane in a blocking call instead, and what its
+    source sends meanwhile waits in the socket and makes its next batch larger. Staging and
+    the downstream step have lanes of their own, so Elasticsearch being slow does not stop
+    slots from being read and confirmed.
+    """
+
+    def __init__(self, staging: int = 2, downstream: int = 2) -> None:
+        self.staging = threading.BoundedSemaphore(staging)
+        self.downstream = threading.BoundedSemaphore(downstream)
 
 
 class FlushPacer:
@@ -219,9 +239,11 @@ class SourceWorker:
         settings: LiveSettings,
         report: LiveReport,
         pacer: FlushPacer | None = None,
+        lanes: Lanes | None = None,
     ) -> None:
         self.env, self.source, self.settings, self.report = env, source, settings, report
         self.pacer = pacer or FlushPacer(settings.flush_seconds, settings.batches_per_second)
+        self.lanes = lanes or Lanes(settings.lanes, settings.lanes)
         #: The platform database, for the downstream steps only: a run's workers share a small
         #: pool, so an idle source holds no connection to it (``defs/capture/live.py``).
         self.state, self.elasticsearch = state, elasticsearch
@@ -266,10 +288,8 @@ class SourceWorker:
             raise ValueError(
                 f"policy of source {source.name!r} masks columns but no masking key is set"
             )
-        with (
-            psycopg.connect(url, autocommit=True, connect_timeout=10) as conn,
-            self.elasticsearch() as client,
-        ):
+        conn = SourceQueries(url, idle_seconds=2 * self.settings.idle_seconds)
+        with closing(conn), self.elasticsearch() as client:
             slot = usable_slot_state(conn, self.slot)
             if slot.active_pid is not None:
                 raise SlotBusy(f"slot {self.slot} is in use by process {slot.active_pid}")
@@ -309,7 +329,8 @@ class SourceWorker:
             if raw is not None:
                 self.pacer.batched(self.source.name)
                 before = len(result.files)
-                stager.stage(decoder.decode(raw.messages, ChangeBatch(), complete=raw.complete))
+                with self.lanes.staging:
+                    stager.stage(decoder.decode(raw.messages, ChangeBatch(), complete=raw.complete))
                 self.report.staged(self.source.name, result.files[before:])
                 del result.files[:]  # a run lasts long: keep no history of its files
                 self._set(
@@ -334,6 +355,7 @@ class SourceWorker:
                 behind = not self._downstream(client, policy, database, resolve=resolve)
                 if resolve and not behind:
                     resolved_at = now
+            stager.conn.close_if_idle()
             caught_up = not behind and stream.server_wal_end >= result.target_lsn
             if caught_up and not self.status.caught_up:
                 self._set(caught_up=True)
@@ -346,7 +368,11 @@ class SourceWorker:
         orphans); False if another process holds the source's ledger (a backfill) and
         nothing was done: the next quiet moment tries again, capture goes on meanwhile."""
         store, settings = self.source.store, self.settings
-        with self.state() as state, ledger_lock(state, self.env, self.source.name, wait=0) as held:
+        with (
+            self.lanes.downstream,
+            self.state() as state,
+            ledger_lock(state, self.env, self.source.name, wait=0) as held,
+        ):
             if not held:
                 return False
             now = datetime.now(UTC)
@@ -378,6 +404,32 @@ class SourceWorker:
             TrustLog(self.source.store).checkpoint(
                 self.signer, datetime.now(UTC), self.settings.checkpoint_every
             )
+
+
+class SourceQueries:
+    """A worker's connection to its source for queries (type names and keys for the decoder,
+    the slot's confirmed position after each confirm), opened when asked and closed once
+    unused for ``idle_seconds``: a quiet source holds its slot's stream and nothing else."""
+
+    def __init__(self, url: str, idle_seconds: float) -> None:
+        self.url, self.idle_seconds = url, idle_seconds
+        self._conn: psycopg.Connection | None = None
+        self._used = 0.0
+
+    def execute(self, query, params=None) -> psycopg.Cursor:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        self._used = time.monotonic()
+        return self._conn.execute(query, params)
+
+    def close_if_idle(self) -> None:
+        if self._conn is not None and time.monotonic() - self._used >= self.idle_seconds:
+            self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _database_of(url: str) -> str:

@@ -29,6 +29,7 @@ from pydantic import Field
 
 from audit_platform.capture.live import (
     FlushPacer,
+    Lanes,
     LiveReport,
     LiveSettings,
     LiveSource,
@@ -73,6 +74,7 @@ def live_settings(environment: EnvironmentConfig) -> LiveSettings:
     return LiveSettings(
         flush_seconds=environment.capture_flush_seconds,
         batches_per_second=environment.capture_batches_per_second,
+        lanes=environment.capture_lanes,
         batch_changes=environment.capture_batch_changes,
         heartbeat_bytes=environment.slot_heartbeat_bytes,
         grace=timedelta(minutes=environment.enrich_grace_minutes),
@@ -113,6 +115,7 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
         report, workers = LiveReport(), {}
         settings = live_settings(started)
         pacer = FlushPacer(settings.flush_seconds, settings.batches_per_second)
+        lanes = Lanes(settings.lanes, settings.lanes)
 
         def sources() -> dict[str, SourceWorker]:
             """The environment file, read again: sources added or removed are picked up."""
@@ -120,7 +123,7 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
             found = {}
             for name, source_config in shard_sources(current, shard).items():
                 found[name] = workers.get(name) or _worker(
-                    platform, current, name, source_config, report, pacer, shared
+                    platform, current, name, source_config, report, shared
                 )
             workers.clear()
             workers.update(found)
@@ -139,7 +142,7 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
         )
         client = stack.enter_context(platform.elasticsearch())
         stack.enter_context(state)
-        shared = Shared(state.connection, client)
+        shared = Shared(state.connection, client, pacer, lanes)
         supervisor = Supervisor(
             sources,
             lifetime=timedelta(minutes=minutes),
@@ -189,9 +192,11 @@ STATE_CONNECTIONS = 8
 class Shared:
     state: Callable[[], AbstractContextManager[psycopg.Connection]]
     client: Elasticsearch
+    pacer: FlushPacer
+    lanes: Lanes
 
 
-def _worker(platform, environment, name, config, report, pacer, shared: Shared) -> SourceWorker:
+def _worker(platform, environment, name, config, report, shared: Shared) -> SourceWorker:
     live = LiveSource(
         name,
         lambda: source_url(name, config),
@@ -208,7 +213,8 @@ def _worker(platform, environment, name, config, report, pacer, shared: Shared) 
         signer=platform.settings.signer(),
         settings=live_settings(environment),
         report=report,
-        pacer=pacer,
+        pacer=shared.pacer,
+        lanes=shared.lanes,
     )
 
 
