@@ -79,6 +79,50 @@ def graph(
     typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes)")
 
 
+@app.command()
+def capture(
+    url: Annotated[str, typer.Option(help="Dagster webserver.")] = "http://127.0.0.1:3000",
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("docs"),
+    width: int = 1800,
+    height: int = 1000,
+) -> None:
+    """The runs list and the live capture run's page (its per-source status lines), as an
+    operator sees them while the environment's capture runs (README, "Scaling past one
+    machine": taken during the fleet benchmark)."""
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(f"{url}/runs", wait_until="networkidle")
+        page.wait_for_timeout(3000)  # the first-visit dialog comes after the page
+        skip = page.get_by_role("button", name="Skip")
+        if skip.count():
+            skip.first.click()
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(out / "dagster-runs.png"))
+        page.goto(f"{url}/runs/{_live_capture_run(url)}", wait_until="networkidle")
+        page.get_by_text("live capture of shard").first.wait_for(timeout=120_000)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(out / "dagster-capture-run.png"))
+        browser.close()
+    typer.echo(f"wrote {out / 'dagster-runs.png'} and {out / 'dagster-capture-run.png'}")
+
+
+LIVE_RUNS = """{ runsOrError(filter: {statuses: [STARTED]}) {
+  ... on Runs { results { runId jobName } } } }"""
+
+
+def _live_capture_run(url: str) -> str:
+    found = httpx.post(f"{url}/graphql", json={"query": LIVE_RUNS}, timeout=30).json()
+    runs = found["data"]["runsOrError"].get("results", [])
+    for run in runs:
+        if run["jobName"].startswith("capture_shard_"):
+            return run["runId"]
+    raise SystemExit(f"no live capture run is STARTED at {url}")
+
+
 def _demo_key() -> str | None:
     from audit_platform.settings import Settings
 
