@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from audit_platform import platform_db
 from audit_platform.capture.live import (
@@ -280,6 +281,27 @@ def test_a_quiet_source_holds_only_its_slots_stream(pg_database, staging_root, e
         _wait_for(lambda: backends() == {"walsender": 1}, 30, "only the slot's stream is open")
         _write(source.url, 2, rows=1)
         _wait_for(lambda: len(_indexed(es, env, "shop")) == 2, 30, "the next change too")
+    _exactly_once(es, env, source)
+
+
+def test_a_worker_waiting_for_a_lane_keeps_its_stream(
+    pg_database, staging_root, env, es, state_url
+):
+    """A worker that waits for a lane longer than the walsender's timeout still holds its
+    stream: it tells the server it is alive while it waits (one attempt, no failure)."""
+    source = _source(pg_database, staging_root, "shop", env)
+    # This reader's walsender drops it after 7 s without a word (the default is 60 s).
+    source.url = make_conninfo(source.url, options="-c wal_sender_timeout=7s")
+    lanes = Lanes(1, 1)
+    report = LiveReport()
+    worker = _worker(source, es, state_url, report, lanes=lanes)
+    with _running(Supervisor(lambda: {"shop": worker}, lifetime=timedelta(minutes=5))):
+        _wait_for(lambda: worker.status.state == "live", 30, "the worker is live")
+        with lanes.staging:  # another worker's long batch
+            _write(source.url, 1, rows=1)
+            time.sleep(16)
+        _wait_for(lambda: len(_indexed(es, env, "shop")) == 1, 30, "the change is searchable")
+        assert (worker.status.attempts, worker.status.failures) == (1, 0), worker.status
     _exactly_once(es, env, source)
 
 

@@ -30,7 +30,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, closing
+from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -302,9 +302,10 @@ class SourceWorker:
             stream = SlotStream(url, self.slot, self.publication)
             stager = _Stager(source.store, stream, conn, self.slot, self.env, policy, result)
             try:
-                stream.start()
-                # What an earlier run staged and did not finish comes first.
+                # What an earlier run staged and did not finish comes first, before the stream
+                # starts: a backlog takes as long as it takes, with no walsender waiting.
                 self._downstream(client, policy, database, resolve=True)
+                stream.start()
                 self._set(
                     state="live", error=None, confirmed_lsn=slot.confirmed_lsn, caught_up=False
                 )
@@ -329,7 +330,7 @@ class SourceWorker:
             if raw is not None:
                 self.pacer.batched(self.source.name)
                 before = len(result.files)
-                with self.lanes.staging:
+                with self._lane(self.lanes.staging, stream):
                     stager.stage(decoder.decode(raw.messages, ChangeBatch(), complete=raw.complete))
                 self.report.staged(self.source.name, result.files[before:])
                 del result.files[:]  # a run lasts long: keep no history of its files
@@ -341,7 +342,9 @@ class SourceWorker:
                 if not raw.complete:
                     continue  # a transaction in parts: enrich it when it is whole
                 resolve = now - resolved_at >= settings.resolve_every_seconds
-                behind = not self._downstream(client, policy, database, resolve=resolve)
+                behind = not self._downstream(
+                    client, policy, database, resolve=resolve, stream=stream
+                )
                 if resolve and not behind:
                     resolved_at = now
                 continue
@@ -352,7 +355,9 @@ class SourceWorker:
                 self._set(confirmed_lsn=result.confirmed_lsn)
             resolve = now - resolved_at >= settings.resolve_every_seconds
             if behind or resolve:
-                behind = not self._downstream(client, policy, database, resolve=resolve)
+                behind = not self._downstream(
+                    client, policy, database, resolve=resolve, stream=stream
+                )
                 if resolve and not behind:
                     resolved_at = now
             stager.conn.close_if_idle()
@@ -363,13 +368,27 @@ class SourceWorker:
                 self._checkpoint()
                 checkpointed_at = now
 
-    def _downstream(self, client, policy, database: str, *, resolve: bool) -> bool:
+    @contextmanager
+    def _lane(self, lane: threading.BoundedSemaphore, stream: SlotStream | None) -> Iterator[None]:
+        """Hold ``lane``; while waiting for it, keep the stream alive (``SlotStream.keepalive``)."""
+        while not lane.acquire(timeout=1.0):
+            if stream is not None:
+                stream.keepalive()
+        try:
+            yield
+        finally:
+            lane.release()
+
+    def _downstream(
+        self, client, policy, database: str, *, resolve: bool, stream: SlotStream | None = None
+    ) -> bool:
         """Enrich and index the source's pending batches (and, with ``resolve``, its due
         orphans); False if another process holds the source's ledger (a backfill) and
         nothing was done: the next quiet moment tries again, capture goes on meanwhile."""
         store, settings = self.source.store, self.settings
+        keepalive = stream.keepalive if stream is not None else None
         with (
-            self.lanes.downstream,
+            self._lane(self.lanes.downstream, stream),
             self.state() as state,
             ledger_lock(state, self.env, self.source.name, wait=0) as held,
         ):
@@ -377,7 +396,13 @@ class SourceWorker:
                 return False
             now = datetime.now(UTC)
             enriched = enrich_pending(
-                store, state, policy, now=now, grace=settings.grace, trail=settings.trail
+                store,
+                state,
+                policy,
+                now=now,
+                grace=settings.grace,
+                trail=settings.trail,
+                between=keepalive,
             )
             # Orphans due for a retry, or whose late context has just been enriched, now rather
             # than at the next periodic look (one count query when there are none).
@@ -390,6 +415,7 @@ class SourceWorker:
                 database=database,
                 now=now,
                 retention_class=self.source.retention_class,
+                between=keepalive,
             )
             if enriched:
                 self._checkpoint()

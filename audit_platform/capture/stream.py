@@ -94,6 +94,7 @@ class SlotStream:
                 f"cannot open a replication connection for slot {slot}: {exc}"
             ) from exc
         self.cursor = self.conn.cursor()
+        self._kept_alive = 0.0
 
     def start(self) -> None:
         try:
@@ -287,6 +288,15 @@ class SlotStream:
     @property
     def server_wal_end(self) -> int:
         return self.cursor.wal_end
+
+    def keepalive(self, every: float = 5.0) -> None:
+        """Tell the server this reader is alive, at most every ``every`` seconds: a walsender
+        that hears nothing from its reader for ``wal_sender_timeout`` (60 s) drops it, and a
+        worker waiting for a lane or enriching a backlog reads nothing meanwhile."""
+        now = time.monotonic()
+        if now - self._kept_alive >= every:
+            self.cursor.send_feedback(force=True)
+            self._kept_alive = now
 
     def confirm(self, lsn: int) -> None:
         """Tell the server everything up to ``lsn`` is durable; it may release that WAL."""

@@ -103,8 +103,8 @@ def capture(
         page.wait_for_timeout(1000)
         page.screenshot(path=str(out / "dagster-runs.png"))
         page.goto(f"{url}/runs/{_live_capture_run(url)}", wait_until="networkidle")
-        page.get_by_text("live capture of shard").first.wait_for(timeout=120_000)
-        page.wait_for_timeout(2000)
+        page.get_by_text("capture_live_").first.wait_for(timeout=120_000)
+        page.wait_for_timeout(10_000)  # the run's events, as many as its lifetime wrote
         page.screenshot(path=str(out / "dagster-capture-run.png"))
         browser.close()
     typer.echo(f"wrote {out / 'dagster-runs.png'} and {out / 'dagster-capture-run.png'}")

@@ -9,7 +9,7 @@ the records files that hold them (``resolve_quarantine``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -220,9 +220,11 @@ def enrich_pending(
     now: datetime,
     grace: timedelta,
     trail: bool = True,
+    between: Callable[[], None] | None = None,
 ) -> list[HourResult]:
     """Enrich every pending batch not enriched yet: this run's, and any an earlier run left,
-    in LSN order, appending each one's leaves to the trail's log before it counts as done."""
+    in LSN order, appending each one's leaves to the trail's log before it counts as done.
+    ``between`` is called after each batch (a live worker keeps its stream alive with it)."""
     hours: list[HourResult] = []
     log = TrustLog(store) if trail else None
     for entry in store.pending():
@@ -244,6 +246,8 @@ def enrich_pending(
         crash_point("enrich.logged")
         store.mark_enriched(entry, outcome.records_paths)
         hours.extend(outcome.hours)
+        if between is not None:
+            between()
     return merge_hours(hours)
 
 

@@ -8,6 +8,7 @@ example while Elasticsearch is down) leaves it for the next run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -100,9 +101,11 @@ def index_pending(
     database: str,
     now: datetime,
     retention_class: str = STANDARD_CLASS,
+    between: Callable[[], None] | None = None,
 ) -> list[HourIndexed]:
     """Index every enriched pending entry (this run's and any an earlier run left), oldest
-    first, and take each off the ledger once its documents are in."""
+    first, and take each off the ledger once its documents are in; ``between`` is called
+    after each (a live worker keeps its stream alive with it)."""
     results: list[HourIndexed] = []
     for entry in store.pending():
         if entry.records is None:
@@ -121,6 +124,8 @@ def index_pending(
         )
         crash_point("index.documents_sent")
         store.done(entry)
+        if between is not None:
+            between()
     return merge_indexed(results)
 
 
