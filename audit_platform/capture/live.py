@@ -15,8 +15,9 @@ to ``backoff_max_seconds``; its status says why. Nothing is lost: the slot was c
 up to staged batches, the pending ledger keeps what was not indexed, and the next attempt
 starts with the same recovery a one-shot capture does.
 
-A :class:`Supervisor` runs one worker per source in threads (they wait on sockets and on
-Elasticsearch, not on the CPU), each on its own: one that fails or waits never delays another.
+A :class:`Supervisor` runs one worker per source in threads, each on its own: one that fails
+or waits never delays another. What they share (a batch budget, lanes that bound how many
+compute at once, a pool and a client) is described in docs/design.md, "The capture run".
 It stops on its stop event or after its lifetime: each worker finishes the batch in hand,
 confirms it and closes its connections, so the next run takes over with nothing lost or twice.
 
@@ -67,7 +68,7 @@ class LiveSettings:
     #: The batches a run's busy sources may close per second together. Each batch costs about
     #: the same fixed work (files written, the ledger, a bulk request) whatever it holds, so
     #: when many sources are busy each waits longer and batches more: 50 sources at 20
-    #: changes/s flush every 2.5 s instead of 0.5 (benchmarks/results/fleet.md), one busy
+    #: changes/s flush every 2.5 s instead of 0.5 (benchmarks/results/fleet-issue25.md), one busy
     #: source still every ``flush_seconds``.
     batches_per_second: float = 20.0
     #: Workers of a run that may stage at once, and that may enrich and index at once
@@ -302,9 +303,10 @@ class SourceWorker:
             stream = SlotStream(url, self.slot, self.publication)
             stager = _Stager(source.store, stream, conn, self.slot, self.env, policy, result)
             try:
-                # What an earlier run staged and did not finish comes first, before the stream
-                # starts: a backlog takes as long as it takes, with no walsender waiting.
-                self._downstream(client, policy, database, resolve=True)
+                # What an earlier run staged and did not finish is done by the first downstream
+                # step, before this run's batches (the ledger is read in LSN order). Not before
+                # streaming starts: after a crash every worker has such a backlog, and the
+                # lanes would hold most streams back for minutes (the fleet benchmark's kill).
                 stream.start()
                 self._set(
                     state="live", error=None, confirmed_lsn=slot.confirmed_lsn, caught_up=False
@@ -317,7 +319,7 @@ class SourceWorker:
     def _loop(self, stop, stream, decoder, stager, client, policy, database, result) -> None:
         settings = self.settings
         resolved_at = checkpointed_at = time.monotonic()
-        behind = False  # pending work the ledger lock kept us from doing
+        behind = True  # pending work not done yet: an earlier run's, or the ledger lock's
         for raw in stream.live_batches(
             stop,
             flush_seconds=self.pacer.interval,
