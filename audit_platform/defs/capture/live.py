@@ -150,7 +150,8 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
             refresh_seconds=60,
             until_caught_up=config.until_caught_up,
         )
-        reported: dict[str, tuple] = {}
+        reported: dict[str, tuple] = {}  # per source: its last reported status
+        quarantined: dict[str, tuple] = {}  # per source: its last reported quarantine
         every = started.capture_report_seconds
         heartbeat = min(every, started.capture_stale_seconds / 6)
         context.log.info(f"live capture of shard {shard} for {minutes:g} min")
@@ -158,13 +159,13 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
         try:
             for _ in supervisor.ticks(every=min(1.0, heartbeat)):
                 if time.monotonic() - last >= every:
-                    _materializations(context, platform, report, reported)
+                    _materializations(context, platform, report, quarantined)
                     last = time.monotonic()
                 if time.monotonic() - beat >= heartbeat:
                     _statuses(context, report, reported, shard)
                     beat = time.monotonic()
         finally:
-            _materializations(context, platform, report, reported)
+            _materializations(context, platform, report, quarantined)
             _statuses(context, report, reported, shard, final=True)
         failing = sorted(s for s, st in report.statuses().items() if st.state == "crashed")
         if failing:
@@ -249,7 +250,9 @@ def status_check(status: SourceStatus, shard: int, run_id: str) -> dg.AssetCheck
     )
 
 
-def _materializations(context, platform: AuditPlatform, report: LiveReport, reported: dict) -> None:
+def _materializations(
+    context, platform: AuditPlatform, report: LiveReport, quarantined: dict
+) -> None:
     """What happened since the last report, coalesced per source, asset and hour; the
     quarantines that changed or are not empty."""
     staged, enriched, indexed = report.drain()
@@ -276,14 +279,14 @@ def _materializations(context, platform: AuditPlatform, report: LiveReport, repo
     with platform.state() as state:
         found = quarantine.stats_by_source(state, platform.env, sources)
     for source, current in found.items():
-        key = ("quarantine", source)
-        if current.waiting or reported.get(key, (0, 0)) != (current.waiting, current.released):
+        counts = (current.waiting, current.released)
+        if current.waiting or quarantined.get(source, (0, 0)) != counts:
             context.log_event(
                 dg.AssetMaterialization(
                     asset_key=quarantine_key(source), metadata=quarantine_metadata(current)
                 )
             )
-            reported[key] = (current.waiting, current.released)
+            quarantined[source] = counts
 
 
 def _statuses(context, report: LiveReport, reported: dict, shard: int, final: bool = False) -> None:
