@@ -194,10 +194,11 @@ class SlotStream:
         the socket is not watched again for this long (the stop event and a held batch's
         flush time still are). A walsender sends its client a keepalive each time it has
         decoded WAL past the client's confirmed position, so a quiet slot on a server with a
-        busy neighbour database gets one per neighbour commit (hundreds a second); read one wake-up at a time, they were most of
-        what an idle source cost (benchmarks/results/idle_sources-issue25.md). The driver
-        reads every keepalive waiting in one call, so looking a few times a second costs a few
-        wake-ups, and a quiet source's next change waits at most this long more.
+        busy neighbour database gets one per neighbour commit (hundreds a second); read one
+        wake-up at a time, they were most of what an idle source cost
+        (benchmarks/results/idle_sources-issue25.md). The driver reads every keepalive waiting
+        in one call, so looking a few times a second costs a few wake-ups, and a quiet
+        source's next change waits at most this long more.
 
         Yields None when quiet (nothing held, between transactions) about every
         ``idle_seconds``, so the caller does its periodic work (heartbeat, quarantine); while
