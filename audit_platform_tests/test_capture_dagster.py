@@ -241,7 +241,8 @@ def test_code_location_serves_only_its_environments_sources(monkeypatch):
 
 def test_schedules_and_sensors_do_not_grow_with_the_number_of_sources(env, monkeypatch):
     """What starts runs (schedules, sensors) is per environment: 40 sources start as many
-    runs as one (#25: a fleet must not fill Dagster's run history)."""
+    runs as one (#25: a fleet must not fill Dagster's run history), and as many processes:
+    a scheduled run runs its steps (a check per source) in its own process."""
     environments = Path(Settings().resources_dir) / "environments"
 
     def automation(sources: int) -> tuple[list[str], list[str]]:
@@ -256,6 +257,10 @@ def test_schedules_and_sensors_do_not_grow_with_the_number_of_sources(env, monke
     assert automation(1) == automation(40)
     schedules, _ = automation(40)
     assert "reconcile_schedule" in schedules
+    defs = build_definitions()
+    for schedule in defs.schedules:
+        job = defs.resolve_job_def(schedule.job_name)
+        assert job.executor_def is dg.in_process_executor, schedule.job_name
 
 
 def test_reconciliation_of_an_unknown_source_says_which_sources_exist(shop, env):

@@ -20,6 +20,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +162,17 @@ def capture_run_process(deployment) -> int | None:
         except OSError:
             continue
     return max(found)[1] if found else None
+
+
+def capture_run_kind(deployment) -> Callable[[], dict[int, str]]:
+    """For ``CpuSampler(extra=...)``: the live capture run's process counted apart from the
+    deployment's other runs (health checks, reconciliation, the trail's duties)."""
+
+    def kinds() -> dict[int, str]:
+        pid = capture_run_process(deployment)
+        return {} if pid is None else {pid: "capture run"}
+
+    return kinds
 
 
 def elasticsearch_pid() -> int:

@@ -51,6 +51,7 @@ from _live import (
     ProbePoller,
     SourceLoad,
     all_runs,
+    capture_run_kind,
     capture_run_process,
     capture_runs,
     elasticsearch_pid,
@@ -281,7 +282,9 @@ def run_phase(
     )
     wal.start()
     mine = marker(bench.deployment)
-    cpu, steady = CpuSampler(mine=mine), CpuSampler(mine=mine)
+    cpu, steady = (
+        CpuSampler(mine=mine, extra=capture_run_kind(bench.deployment)) for _ in range(2)
+    )
     cpu.start()
     steady.start()
     injector = None
@@ -490,7 +493,9 @@ def report(
         "",
         "CPU, in cores (the whole machine and per process group, from /proc; "
         "PostgreSQL and Elasticsearch count every such process on the machine, shared with "
-        "other work; Dagster and API processes of other deployments are counted apart):",
+        "other work; Dagster and API processes of other deployments are counted apart; "
+        "run worker: the runs other than the capture run, such as health checks and "
+        "reconciliation):",
         "",
         "| process | " + " | ".join(p for p, _ in phases) + " |",
         "| --- |" + " ---: |" * len(phases),

@@ -68,7 +68,11 @@ def dagster_runs_job(environment: EnvironmentConfig) -> dg.JobDefinition:
         context.log.info(f"purged runs: {counts}")
         return dg.Output(None, metadata=counts)
 
-    @dg.job(name="dagster_runs_job", description="Purge old runs of this deployment.")
+    @dg.job(
+        name="dagster_runs_job",
+        description="Purge old runs of this deployment.",
+        executor_def=dg.in_process_executor,
+    )
     def job() -> None:
         op()
 

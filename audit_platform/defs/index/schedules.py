@@ -114,6 +114,7 @@ def reconcile_job(env: str, environment: EnvironmentConfig) -> dg.JobDefinition:
     @dg.job(
         name="reconcile_job",
         tags={RECONCILE_TAG: env},
+        executor_def=dg.in_process_executor,  # one op: no second process to start
         description="Hourly reconciliation of every source's indexed documents with its staged "
         "records (config: `sources` to limit it).",
     )
@@ -151,7 +152,11 @@ def retention_job(environment: EnvironmentConfig) -> dg.JobDefinition:
         context.log.info(f"retention: {report.as_metadata()}")
         return dg.Output(None, metadata=report.as_metadata())
 
-    @dg.job(name="retention_job", description="Daily retention of this environment.")
+    @dg.job(
+        name="retention_job",
+        description="Daily retention of this environment.",
+        executor_def=dg.in_process_executor,
+    )
     def job() -> None:
         op()
 
