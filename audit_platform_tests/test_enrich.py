@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import psycopg
 import pytest
+from polars.testing import assert_frame_equal
 
 from audit_platform import platform_db
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import enrich_hour, enrich_pending, resolve_quarantine
 from audit_platform.index.reconcile import HourTransactions, hour_transactions
 from audit_platform.settings import Settings
+from audit_platform.staging import StagingStore
+from audit_platform.staging.store import FILE
+from audit_platform.trust.log import TrustLog
 from audit_platform_tests.capture_support import make_source
+from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import policy_for
 
 ADA = {"actor": {"type": "user", "id": "ada", "name": "Ada"}, "reason": "refund"}
@@ -250,3 +256,52 @@ def test_an_hour_names_its_transactions_with_fewer_records_than_changes_captured
     shop.store.write_file(path, records.head(2))
     [lsn] = records["lsn"].unique().to_list()
     assert hour_transactions(shop.store, hour).incomplete == [(lsn, 3, 2)]
+
+
+def test_pending_batches_enriched_together_are_what_one_by_one_makes(shop, servers, tmp_path):
+    """A live run enriches a source's waiting batches together (``coalesce``): the records
+    files, the trail and the orphans are those of enriching the batches one at a time."""
+    _write(shop, "INSERT INTO orders VALUES (1, 'new', 'x')", context=ADA)
+    shop.capture()
+    _write(shop, "INSERT INTO orders VALUES (2, 'new', 'x')")  # an orphan, waiting
+    shop.capture()
+    # A transaction staged in parts: its changes files are counted together.
+    bulk = "INSERT INTO orders SELECT g, 'bulk', 'x' FROM generate_series(3, 9) g"
+    _write(shop, bulk, context=ADA)
+    shop.capture(batch_changes=3)
+    _write(shop, "UPDATE orders SET status = 'paid' WHERE id = 1", context=ADA)
+    shop.capture()
+    entries = shop.store.pending()
+    assert len(entries) == 4
+    assert len(entries[2].staged_paths("changes")) > 1
+    copy = tmp_path / "one-by-one"
+    shutil.copytree(shop.store.root, copy)
+    for ledger in copy.glob("*/*/_pending/*.json"):  # its entries name the copy's files
+        ledger.write_text(ledger.read_text().replace(shop.store.root, str(copy)))
+    alone = StagingStore(str(copy), shop.store.env, shop.store.source)
+    now = datetime.now(UTC)
+    together = enrich_pending(shop.store, shop.state, shop.policy, now=now, grace=GRACE)
+    with new_database(servers) as url, psycopg.connect(url, autocommit=True) as state:
+        platform_db.install(state, Settings().resources_dir / "sql")
+        one_by_one = enrich_pending(alone, state, shop.policy, now=now, grace=GRACE, coalesce=1)
+        waiting = _revisit(shop, now + GRACE)
+        assert (
+            waiting
+            == quarantine.entries_to_revisit(state, "test", "shop", now + GRACE)
+            .select("lsn", "change_index")
+            .rows()
+        )
+    assert len(waiting) == 1
+    assert [vars(h) for h in together] == [vars(h) for h in one_by_one]
+    for entry, other in zip(shop.store.pending(), alone.pending(), strict=True):
+        assert entry.records == tuple(
+            sorted(shop.store.derived_path(p, "records") for p in entry.staged_paths("changes"))
+        )
+        assert [p.removeprefix(alone.root) for p in other.records] == [
+            p.removeprefix(shop.store.root) for p in entry.records
+        ]
+        for mine, theirs in zip(entry.records, other.records, strict=True):
+            assert_frame_equal(shop.store.read([mine]).drop(FILE), alone.read([theirs]).drop(FILE))
+    mine, theirs = TrustLog(shop.store).state(), TrustLog(alone).state()
+    assert mine.size == theirs.size > 10  # ten changes and the contexts
+    assert mine.frontier.root() == theirs.frontier.root()

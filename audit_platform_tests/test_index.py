@@ -11,8 +11,9 @@ import psycopg
 import pytest
 
 from audit_platform import platform_db
-from audit_platform.enrich.batch import enrich_hour
+from audit_platform.enrich.batch import enrich_hour, enrich_pending
 from audit_platform.index import bulk
+from audit_platform.index.batch import index_pending
 from audit_platform.index.bulk import index_records
 from audit_platform.index.documents import documents, validate_document
 from audit_platform.index.template import install_template
@@ -190,3 +191,35 @@ def test_requests_close_by_bytes_and_a_document_too_large_is_set_aside(
     lines = pl.DataFrame({"line": ["a" * 10] * 5, "bytes": [10] * 5})
     assert [len(c) for c in bulk._chunks(lines, 1000, 25)] == [2, 2, 1]
     assert [len(c) for c in bulk._chunks(lines, 3, 10**6)] == [3, 2]
+
+
+def test_waiting_batches_are_indexed_together_and_a_reindex_alone(pg_database, tmp_path, es, env):
+    """``index_pending`` sends up to ``coalesce`` waiting batches in one go (``between`` is
+    called after each group) and an entry re-indexing some records on its own, after them."""
+    source = make_source(
+        pg_database,
+        tmp_path,
+        "CREATE TABLE orders (id int PRIMARY KEY, status text);"
+        "ALTER TABLE orders REPLICA IDENTITY FULL;",
+        policy_for("shop", public__orders={}),
+        env=env,
+    )
+    for order in range(3):
+        source.execute("INSERT INTO orders VALUES (%s, 'new')", (order,))
+        source.capture()
+    now = datetime.now(UTC)
+    with psycopg.connect(pg_database, autocommit=True) as state:
+        platform_db.install(state, RESOURCES / "sql")
+        enrich_pending(source.store, state, source.policy, now=now, grace=timedelta(0))
+    first = source.store.pending()[0].records[0]
+    source.store.add_reindex({first: source.store.read([first])["id"].to_list()})
+    install_template(es, RESOURCES, env, replicas=0)
+    calls = []
+    hours = index_pending(
+        es, source.store, database="shopdb", now=now, coalesce=2, between=lambda: calls.append(1)
+    )
+    assert len(calls) == 3  # two batches, the third, then the re-index
+    assert sum(h.indexed for h in hours) == 4  # three records, one of them twice
+    assert source.store.pending() == []
+    es.indices.refresh(index=read_alias(env))
+    assert es.count(index=read_alias(env))["count"] == 3

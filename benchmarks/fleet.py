@@ -32,6 +32,7 @@ the sources): ``eval "$(audit-platform stack env)"; .venv/bin/python benchmarks/
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import signal
@@ -45,6 +46,7 @@ from typing import Annotated
 
 import psycopg
 import typer
+import yaml
 from _cpu import CpuSampler
 from _deployment import BenchDeployment, bench_deployment, remove_environment
 from _live import (
@@ -59,6 +61,7 @@ from _live import (
     machine_load,
     marker,
     quantile,
+    renice_postgres,
     retained_wal,
     truth_count,
 )
@@ -333,10 +336,16 @@ def run_phase(
 
 
 def new_phase(
-    env: str, prefix: str, names: list[str], rate: float, writers: int, shards: int
+    env: str,
+    prefix: str,
+    names: list[str],
+    rate: float,
+    writers: int,
+    overrides: dict,
+    nice: int = 0,
 ) -> Phase:
-    bench = bench_deployment(env, prefix, sources=names, overrides={"capture_shards": shards})
-    loads = {s: SourceLoad(s, bench.urls[s], rate, writers) for s in names}
+    bench = bench_deployment(env, prefix, sources=names, overrides=overrides)
+    loads = {s: SourceLoad(s, bench.urls[s], rate, writers, nice) for s in names}
     poller = ProbePoller(bench.deployment.api_url, bench.key, datetime.now(UTC).isoformat(), loads)
     return Phase(bench, loads, poller)
 
@@ -526,7 +535,19 @@ def main(
     shards: Annotated[int, typer.Option(help="capture_shards of the environment.")] = 1,
     catch_up: Annotated[float, typer.Option(help="Seconds to wait for catch-up.")] = 600,
     tag: Annotated[str, typer.Option(help="Suffix of the results file.")] = "",
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE of the environment file, for both deployments (repeat)."),
+    ] = None,
+    sources_nice: Annotated[
+        int,
+        typer.Option(help="Nice value of PostgreSQL and the load's writers (sources elsewhere)."),
+    ] = 0,
 ) -> None:
+    overrides = {"capture_shards": shards}
+    for item in setting or []:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
     selected = list(FAULTS) if faults == "all" else [f for f in faults.split(",") if f]
     if unknown := set(selected) - set(FAULTS):
         raise typer.BadParameter(f"unknown faults {sorted(unknown)}; choose from {FAULTS}")
@@ -538,7 +559,10 @@ def main(
     load_before = machine_load()
     names = [f"fleet{n:02d}" for n in range(sources)]
     done: list[Fault] = []
-    fleet = new_phase(ENV, "fleet", names, rate, 1, shards)
+    if sources_nice:
+        typer.echo(f"{renice_postgres(sources_nice)} PostgreSQL processes at nice {sources_nice}")
+        atexit.register(renice_postgres, 0)
+    fleet = new_phase(ENV, "fleet", names, rate, 1, overrides, sources_nice)
     single = None
     try:
         run_phase(
@@ -565,7 +589,13 @@ def main(
     if compare_minutes:
         total = rate * sources
         single = new_phase(
-            SINGLE_ENV, "fleet-one", ["single"], total, max(1, math.ceil(total / 400)), 1
+            SINGLE_ENV,
+            "fleet-one",
+            ["single"],
+            total,
+            max(1, math.ceil(total / 400)),
+            {**overrides, "capture_shards": 1},
+            sources_nice,
         )
         try:
             run_phase(single, compare_minutes * 60, catch_up, admin, [], (0, 0, 0, 0), [])
@@ -575,6 +605,14 @@ def main(
             single.bench.deployment.stop()
             remove_environment(SINGLE_ENV, single.bench)
     lines = report(fleet, single, done, rate, shards, command, load_before, machine_load())
+    if sources_nice:
+        lines[:0] = [
+            f"PostgreSQL (standing in for the sources' own servers: its walsenders included) and "
+            f"the load's writers ran at nice {sources_nice}, so that the platform's processes "
+            "(Dagster, the capture run, Elasticsearch, the API) took the CPU first, as they "
+            "would on machines of their own. The whole machine's CPU counts them all.",
+            "",
+        ]
     out = RESULTS / f"fleet{'-' + tag if tag else ''}.md"
     out.write_text(
         "# A fleet of sources through one deployment (live capture)\n\n" + "\n".join(lines) + "\n"

@@ -21,7 +21,14 @@ from audit_platform.enrich import quarantine
 from audit_platform.enrich.join import EnrichResult, enrich, ignored_counts, transaction_contexts
 from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
-from audit_platform.staging.store import FILE, StagingStore, hour_from_path
+from audit_platform.staging.store import (
+    COALESCE,
+    FILE,
+    PendingBatch,
+    StagingStore,
+    hour_from_path,
+    lsn_range,
+)
 from audit_platform.trust.leaves import (
     attach_leaves,
     context_leaves,
@@ -106,6 +113,7 @@ def enrich_files(
     now: datetime,
     grace: timedelta,
     leaves: bool = False,
+    groups: list[list[str]] | None = None,
 ) -> EnrichOutcome:
     """Enrich these staged files and write one records file per changes file.
 
@@ -113,7 +121,9 @@ def enrich_files(
     every change meets its transaction's context. Contexts (one small row per transaction) are
     read once; changes are joined one file at a time, so memory is bounded by one batch
     however many batches an hour holds. With ``leaves``, the outcome holds the trail's leaves
-    of every change (records and orphans alike) and context.
+    of every change (records and orphans alike) and context. ``groups`` splits the changes
+    files into sets no transaction crosses (several pending batches enriched at once): each
+    is counted on its own, and a set of one file needs no counting pass.
     """
     contexts = store.read(contexts_paths, "contexts")
     env, source = store.env, store.source
@@ -129,14 +139,18 @@ def enrich_files(
             outcome.leaves.append(context_leaves(own.join(times, on="lsn"), env, source))
             outcome.leaves.append(attach_leaves(contexts, env, source))
             outcome.leaves.append(rejected_leaves(contexts, env, source))
-        counts = _transaction_counts(store, policy, changes_paths, contexts, now)
+        counts = {}
+        for group in groups if groups is not None else [changes_paths]:
+            found = _transaction_counts(store, policy, group, contexts, now)
+            counts.update(dict.fromkeys(group, found))
         for path in changes_paths:
             changes = store.read([path], "changes")
-            result = _enrich_known(state, store, policy, changes, contexts, own, now, grace,
-                                   counts)  # fmt: skip
+            result = _enrich_known(
+                state, store, policy, changes, contexts, own, now, grace, counts.get(path)
+            )
             if leaves:
                 outcome.leaves.append(record_leaves(result.records))
-                if result.waiting is not None:
+                if result.waiting is not None and not result.waiting.is_empty():
                     outcome.leaves.append(record_leaves(result.waiting))
             target = store.derived_path(path, "records")
             store.write_file(target, result.records.drop(FILE).sort("lsn", "change_index"))
@@ -221,34 +235,61 @@ def enrich_pending(
     grace: timedelta,
     trail: bool = True,
     between: Callable[[], None] | None = None,
+    coalesce: int = COALESCE,
 ) -> list[HourResult]:
     """Enrich every pending batch not enriched yet: this run's, and any an earlier run left,
-    in LSN order, appending each one's leaves to the trail's log before it counts as done.
-    ``between`` is called after each batch (a live worker keeps its stream alive with it)."""
+    in LSN order, appending their leaves to the trail's log before they count as done.
+
+    Up to ``coalesce`` batches are enriched together: what a batch costs whatever it holds
+    (reading the contexts, the quarantine's queries, the trail's append) is paid once for
+    them, so a source that waited for its turn (a live run's lanes, a backlog after a crash)
+    catches up instead of falling further behind (docs/design.md, "The capture run"). Each
+    keeps its own records files, so a backfill still rebuilds the same files. ``between`` is
+    called after each group (a live worker keeps its stream alive with it)."""
     hours: list[HourResult] = []
     log = TrustLog(store) if trail else None
-    for entry in store.pending():
-        if entry.records is not None:
-            continue
+    waiting = [entry for entry in store.pending() if entry.records is None]
+    for start in range(0, len(waiting), coalesce):
+        entries = waiting[start : start + coalesce]
+        groups = [entry.staged_paths("changes") for entry in entries]
         outcome = enrich_files(
             store,
             state,
             policy,
-            entry.staged_paths("changes"),
-            entry.staged_paths("contexts"),
+            [path for group in groups for path in group],
+            [path for entry in entries for path in entry.staged_paths("contexts")],
             now=now,
             grace=grace,
             leaves=log is not None,
+            groups=groups,
         )
         crash_point("enrich.records_written")
         if log is not None:
-            log.append(pl.concat(outcome.leaves))
+            _append_per_entry(log, entries, pl.concat(outcome.leaves))
         crash_point("enrich.logged")
-        store.mark_enriched(entry, outcome.records_paths)
+        for entry, group in zip(entries, groups, strict=True):
+            store.mark_enriched(entry, [store.derived_path(path, "records") for path in group])
         hours.extend(outcome.hours)
         if between is not None:
             between()
     return merge_hours(hours)
+
+
+def _append_per_entry(log: TrustLog, entries: list[PendingBatch], leaves: pl.DataFrame) -> None:
+    """Append each entry's leaves on its own, split by the commit LSNs its files end at: a
+    leaves file is named by its LSN range and first position, so a rerun after a crash in the
+    middle writes the same file again whatever the group holds this time."""
+    low: int | None = None
+    for entry in entries:
+        high = max((lsn_range(path)[1] for path in entry.staged), default=0)
+        if low is not None and high <= low:
+            continue  # an entry overlapping the one before (two entries of one transaction)
+        lsn = pl.col("lsn")
+        log.append(leaves.filter(lsn <= high if low is None else (lsn > low) & (lsn <= high)))
+        low = high
+    rest = leaves if low is None else leaves.filter(pl.col("lsn") > low)
+    if not rest.is_empty():  # nothing, unless a file is misnamed
+        log.append(rest)
 
 
 def resolve_quarantine(

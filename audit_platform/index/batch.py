@@ -8,7 +8,7 @@ example while Elasticsearch is down) leaves it for the next run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,7 +18,13 @@ from elasticsearch import Elasticsearch
 from audit_platform.faults import crash_point
 from audit_platform.index.bulk import IndexResult, index_records
 from audit_platform.naming import STANDARD_CLASS
-from audit_platform.staging.store import FILE, StagingStore, hour_from_path
+from audit_platform.staging.store import (
+    COALESCE,
+    FILE,
+    PendingBatch,
+    StagingStore,
+    hour_from_path,
+)
 
 
 @dataclass
@@ -70,6 +76,8 @@ def _write_dead_letters(store: StagingStore, records: pl.DataFrame, result: Inde
     failed = result.failed.join(records.select("id", FILE), on="id", how="left")
     for (path,), sent in records.select("id", FILE).group_by(FILE):
         target = path.replace("/records/", "/deadletter/", 1)
+        if failed.is_empty() and not store.fs.exists(target):
+            continue  # the usual case, without reading a file that is not there
         existing = store.read([target])
         new = failed.filter(pl.col(FILE) == path).drop(FILE)
         if existing.height:
@@ -102,20 +110,23 @@ def index_pending(
     now: datetime,
     retention_class: str = STANDARD_CLASS,
     between: Callable[[], None] | None = None,
+    coalesce: int = COALESCE,
 ) -> list[HourIndexed]:
     """Index every enriched pending entry (this run's and any an earlier run left), oldest
     first, and take each off the ledger once its documents are in; ``between`` is called
-    after each (a live worker keeps its stream alive with it)."""
+    after each group.
+
+    Up to ``coalesce`` whole batches go in one series of bulk requests (as ``enrich_pending``
+    enriches them: a batch's fixed cost paid once for the group). An entry that re-indexes
+    some records (``ids``) goes alone, after the batches before it."""
     results: list[HourIndexed] = []
-    for entry in store.pending():
-        if entry.records is None:
-            continue  # not enriched yet: the enrich step of this or the next run comes first
-        ids = None if entry.ids is None else list(entry.ids)
+    for entries in _groups(store.pending(), coalesce):
+        ids = None if entries[0].ids is None else list(entries[0].ids)
         results.extend(
             index_files(
                 client,
                 store,
-                list(entry.records),
+                [path for entry in entries for path in entry.records or ()],
                 database=database,
                 now=now,
                 ids=ids,
@@ -123,10 +134,29 @@ def index_pending(
             )
         )
         crash_point("index.documents_sent")
-        store.done(entry)
+        for entry in entries:
+            store.done(entry)
         if between is not None:
             between()
     return merge_indexed(results)
+
+
+def _groups(pending: list[PendingBatch], coalesce: int) -> Iterator[list[PendingBatch]]:
+    """Enriched entries in ledger order, consecutive whole batches grouped by ``coalesce``."""
+    group: list[PendingBatch] = []
+    for entry in pending:
+        if entry.records is None:
+            continue  # not enriched yet: the enrich step of this or the next run comes first
+        if entry.ids is not None or len(group) == coalesce:
+            if group:
+                yield group
+            group = []
+        if entry.ids is not None:
+            yield [entry]
+        else:
+            group.append(entry)
+    if group:
+        yield group
 
 
 def index_hour(

@@ -15,6 +15,7 @@ transport; if they persist, the exception propagates and the caller's run is ret
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -102,20 +103,26 @@ def index_records(
     ]
     sendable = frame.filter(pl.col("bytes") <= MAX_DOCUMENT_BYTES)
 
-    def collect(future: Future[tuple[int, list]]) -> None:
-        indexed, failed = future.result()
+    def collect(sent: tuple[int, list]) -> None:
+        indexed, failed = sent
         result.indexed += indexed
         failures.extend(failed)
         crash_point("index.chunk_sent")
 
-    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bulk") as pool:
-        waiting: deque[Future[tuple[int, list]]] = deque()
-        for chunk in _chunks(sendable, chunk_size, chunk_bytes):
-            waiting.append(pool.submit(_send, client, chunk, max_attempts))
-            if len(waiting) >= in_flight:  # bounded: at most in_flight bodies in memory
-                collect(waiting.popleft())
-        for future in waiting:
-            collect(future)
+    chunks = _chunks(sendable, chunk_size, chunk_bytes)
+    first, second = next(chunks, None), next(chunks, None)
+    if second is None:  # one request (a live batch): no threads to start and hand over to
+        if first is not None:
+            collect(_send(client, first, max_attempts))
+    else:
+        with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bulk") as pool:
+            waiting: deque[Future[tuple[int, list]]] = deque()
+            for chunk in itertools.chain((first, second), chunks):
+                waiting.append(pool.submit(_send, client, chunk, max_attempts))
+                if len(waiting) >= in_flight:  # bounded: at most in_flight bodies in memory
+                    collect(waiting.popleft().result())
+            for future in waiting:
+                collect(future.result())
     result.failed = pl.DataFrame(failures, schema=DEAD_LETTER_SCHEMA, orient="row")
     result.seconds = time.monotonic() - started
     return result

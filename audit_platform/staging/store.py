@@ -71,6 +71,12 @@ class StagedFile:
     last_lsn: int
 
 
+#: Pending entries a downstream step (``enrich_pending``, ``index_pending``) takes together at
+#: most. Each is a batch bounded like any (``LiveSettings.batch_changes``); a live run's are
+#: seconds of one source's changes.
+COALESCE = 16
+
+
 @dataclass(frozen=True)
 class PendingBatch:
     """A ledger entry: staged files whose records are not all indexed yet.

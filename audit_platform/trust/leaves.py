@@ -253,6 +253,8 @@ def context_leaves(own: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
 def attach_leaves(contexts: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
     """An ``attach`` leaf per context attached to an earlier transaction."""
     attached = contexts.filter(pl.col("kind") == "attach")
+    if attached.is_empty():  # the usual batch: no frames to build (a live run's fixed cost)
+        return pl.DataFrame(schema=LEAF_SCHEMA)
     hashes = [
         leaf_hash(
             canonical(
@@ -281,6 +283,8 @@ def attach_leaves(contexts: pl.DataFrame, env: str, source: str) -> pl.DataFrame
 def rejected_leaves(contexts: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
     """A ``rejected`` leaf per refused message (``capture.rejections``)."""
     rejected = contexts.filter(pl.col("kind") == "rejected")
+    if rejected.is_empty():
+        return pl.DataFrame(schema=LEAF_SCHEMA)
     rows = rejected.select("lsn", "xid", "seq", "commit_time", "context").iter_rows()
     hashes = [
         leaf_hash(

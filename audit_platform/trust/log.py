@@ -102,11 +102,17 @@ class TrustLog:
 
     def append(self, leaves: pl.DataFrame) -> int:
         """Append the leaves the log does not hold yet (those after its last leaf in commit
-        order: a rerun of a batch appends nothing twice); returns how many."""
+        order: a rerun of a batch appends nothing twice); returns how many. A leaf given twice
+        is appended once: batches enriched together may overlap, as two ledger entries of one
+        transaction staged in parts can after a crash (``StagingStore.settle``)."""
         state = self.state()
         tiled = self.build_tiles(state)
         lsn, rank, seq = state.last_key
-        ordered = in_log_order(leaves).with_columns(kind_rank().alias("_rank"))
+        ordered = (
+            in_log_order(leaves)
+            .unique(["kind", "lsn", "seq"], keep="first", maintain_order=True)
+            .with_columns(kind_rank().alias("_rank"))
+        )
         same_lsn, same_rank = pl.col("lsn") == lsn, pl.col("_rank") == rank
         later_in_txn = (pl.col("_rank") > rank) | (same_rank & (pl.col("seq") > seq))
         after = (pl.col("lsn") > lsn) | (same_lsn & later_in_txn)
