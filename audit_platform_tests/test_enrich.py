@@ -305,3 +305,25 @@ def test_pending_batches_enriched_together_are_what_one_by_one_makes(shop, serve
     mine, theirs = TrustLog(shop.store).state(), TrustLog(alone).state()
     assert mine.size == theirs.size > 10  # ten changes and the contexts
     assert mine.frontier.root() == theirs.frontier.root()
+
+
+def test_an_entry_repeating_files_of_the_one_before_is_enriched_once_with_whole_counts(shop):
+    """After a crash in ``settle``, a transaction staged in parts can have a second ledger
+    entry holding some of its files. Taken together, each file is enriched once and counted
+    with the whole transaction, in the records and in the trail."""
+    bulk = "INSERT INTO orders SELECT g, 'bulk', 'x' FROM generate_series(1, 7) g"
+    _write(shop, bulk, context=ADA)
+    shop.capture(batch_changes=3)
+    [entry] = shop.store.pending()
+    changes = entry.staged_paths("changes")
+    assert len(changes) == 3
+    repeat = {"staged": [changes[0], *entry.staged_paths("contexts")]}
+    shop.store.write_json(f"{shop.store.base}/_pending/{entry.name}.part0000.json", repeat)
+    hours = enrich_pending(shop.store, shop.state, shop.policy, now=datetime.now(UTC), grace=GRACE)
+    records = shop.store.read_all("records")
+    assert records["txn_changes"].to_list() == [7] * 7
+    assert sum(h.changes for h in hours) == sum(h.records for h in hours) == 7
+    log = TrustLog(shop.store)
+    assert log.state().size == 8  # seven changes and their transaction's context
+    leaves = shop.store.read(shop.store.glob(f"{log.dir}/leaves/*.parquet"))
+    assert leaves.filter(pl.col("kind") == "change").height == 7

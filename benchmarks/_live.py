@@ -89,6 +89,57 @@ def indexed_by_source(es, env: str) -> dict[str, int]:
     return {b["key"]: b["doc_count"] for b in reply["aggregations"]["s"]["buckets"]}
 
 
+class IndexLag:
+    """Every ``every`` seconds, per source, how old the newest searchable change is: now
+    minus the greatest commit time among the source's documents, read from Elasticsearch
+    directly (not refreshed: what a search sees). A second measure of freshness beside the
+    probes: it does not depend on how soon the probe poller looks, and a source written
+    several times a second has a newest change at most a fraction of a second old at its
+    commit. Samples from before a source's first document are not kept."""
+
+    def __init__(self, es, env: str, every: float = 2.0) -> None:
+        self.es, self.index, self.every = es, f"audit-{env}-*", every
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                reply = self.es.search(
+                    index=self.index,
+                    size=0,
+                    allow_no_indices=True,
+                    aggs={
+                        "s": {
+                            "terms": {"field": "source.service", "size": 10_000},
+                            "aggs": {"newest": {"max": {"field": "@timestamp"}}},
+                        }
+                    },
+                )
+            except Exception:  # Elasticsearch paused or restarting: no sample
+                continue
+            now = time.time()
+            for bucket in reply.get("aggregations", {}).get("s", {}).get("buckets", []):
+                newest = bucket["newest"]["value"]
+                if newest is not None:
+                    self.samples.setdefault(bucket["key"], []).append((now, now - newest / 1000))
+
+    def lags(self, source: str, window: tuple[float, float] | None = None) -> list[float]:
+        return [
+            lag
+            for t, lag in self.samples.get(source, [])
+            if window is None or window[0] <= t <= window[1]
+        ]
+
+
 def index_ops(es, env: str) -> int:
     stats = es.indices.stats(index=f"audit-{env}-*", metric="indexing")["_all"]["primaries"]
     return stats.get("indexing", {}).get("index_total", 0)

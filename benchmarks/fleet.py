@@ -50,6 +50,7 @@ import yaml
 from _cpu import CpuSampler
 from _deployment import BenchDeployment, bench_deployment, remove_environment
 from _live import (
+    IndexLag,
     ProbePoller,
     SourceLoad,
     all_runs,
@@ -98,6 +99,7 @@ class Phase:
     bench: BenchDeployment
     loads: dict[str, SourceLoad]
     poller: ProbePoller
+    lag: IndexLag | None = None
     started: float = 0.0
     ended: float = 0.0
     cpu: dict[str, float] | None = None
@@ -257,6 +259,8 @@ def run_phase(
     for load in loads.values():
         load.start()
     phase.poller.start()
+    phase.lag = IndexLag(elasticsearch_client(Settings().elasticsearch), bench.deployment.env)
+    phase.lag.start()
     # Warm: every source's probes searchable, so the window starts with the run going.
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -322,6 +326,7 @@ def run_phase(
         time.sleep(2)
     time.sleep(5)  # the last probes reach the poller; a slot's gap source settles
     phase.poller.close()
+    phase.lag.close()
     stop.set()
     phase.indexed = indexed_by_source(es, bench.deployment.env)
     runs = capture_runs(bench.deployment)
@@ -431,28 +436,35 @@ def report(
         f"{fleet.runs_all} runs in the instance in all.",
         "",
         "| source | committed (truth) | indexed | missing | fresh p50 / p95 / max s | probes "
-        "unseen | retained WAL MB max | slot lag MB max |",
-        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        "unseen | newest searchable age p50 / p95 s | retained WAL MB max | slot lag MB max |",
+        "| --- | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: |",
     ]
     notes = {f.source: f.name for f in faults if f.source}
     for s in names:
         f = fleet.poller.freshness(fleet.loads[s], (fleet.started, fleet.ended))
+        age = fleet.lag.lags(s, (fleet.started, fleet.ended))
         series = fleet.retained.get(s) or [(0, 0, 0)]
         note = {"outage": " (database down)", "slot": " (slot dropped)"}.get(notes.get(s), "")
         lines.append(
             f"| {s}{note} | {fleet.committed[s]} | {fleet.indexed.get(s, 0)} | "
             f"{fleet.committed[s] - fleet.indexed.get(s, 0)} | {quantile(f, 50):.1f} / "
             f"{quantile(f, 95):.1f} / {max(f, default=float('nan')):.1f} | "
-            f"{fleet.poller.unseen(fleet.loads[s])} | {max(r for _, r, _ in series) / 1e6:.1f} | "
+            f"{fleet.poller.unseen(fleet.loads[s])} | {quantile(age, 50):.1f} / "
+            f"{quantile(age, 95):.1f} | {max(r for _, r, _ in series) / 1e6:.1f} | "
             f"{max(g for _, _, g in series) / 1e6:.1f} |"
         )
     every = [x for s in names for x in fleet.poller.freshness(fleet.loads[s])]
+    ages = [x for s in names for x in fleet.lag.lags(s, steady)]
+    every_age = [x for s in names for x in fleet.lag.lags(s, (fleet.started, fleet.ended))]
     lines += [
         "",
         f"All sources: freshness p50 {quantile(every, 50):.1f} s, p95 "
         f"{quantile(every, 95):.1f} s, max {max(every, default=float('nan')):.1f} s; "
         f"steady state (before any fault) p50 {quantile(base, 50):.1f} s, p95 "
-        f"{quantile(base, 95):.1f} s.",
+        f"{quantile(base, 95):.1f} s. The newest searchable change's age (sampled every 2 s "
+        f"from Elasticsearch, `IndexLag`): steady p50 {quantile(ages, 50):.1f} s, p95 "
+        f"{quantile(ages, 95):.1f} s; whole window p50 {quantile(every_age, 50):.1f} s, p95 "
+        f"{quantile(every_age, 95):.1f} s.",
     ]
     for s, gap in (fleet.gaps or {}).items():
         lines.append(
@@ -487,13 +499,16 @@ def report(
     if single is not None:
         s_name = next(iter(single.loads))
         f = single.poller.freshness(single.loads[s_name], (single.started, single.ended))
+        age = single.lag.lags(s_name, (single.started, single.ended))
         lines += [
             "",
             f"One source alone at the fleet's total rate ({single.loads[s_name].rate:g} "
             f"changes/s, {single.loads[s_name].writers} writer connection(s)) on a deployment "
             f"of its own, right after, for {(single.ended - single.started) / 60:.1f} min: "
             f"committed {single.committed[s_name]}, indexed {single.indexed.get(s_name, 0)}, "
-            f"freshness p50 {quantile(f, 50):.1f} s, p95 {quantile(f, 95):.1f} s; capture runs "
+            f"freshness p50 {quantile(f, 50):.1f} s, p95 {quantile(f, 95):.1f} s (newest "
+            f"searchable change's age p50 {quantile(age, 50):.1f} s, p95 "
+            f"{quantile(age, 95):.1f} s); capture runs "
             f"alive {single.runs_alive}.",
         ]
         phases.append((f"one source at {single.loads[s_name].rate:g}/s", single.cpu))

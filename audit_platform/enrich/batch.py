@@ -26,6 +26,7 @@ from audit_platform.staging.store import (
     FILE,
     PendingBatch,
     StagingStore,
+    coalesced,
     hour_from_path,
     lsn_range,
 )
@@ -249,26 +250,33 @@ def enrich_pending(
     hours: list[HourResult] = []
     log = TrustLog(store) if trail else None
     waiting = [entry for entry in store.pending() if entry.records is None]
-    for start in range(0, len(waiting), coalesce):
-        entries = waiting[start : start + coalesce]
-        groups = [entry.staged_paths("changes") for entry in entries]
+    for entries in coalesced(store, waiting, lambda entry: list(entry.staged), coalesce):
+        # An entry may repeat files of the one before it (two entries of one transaction
+        # staged in parts, after a crash in ``StagingStore.settle``): each file is enriched
+        # once, its transactions counted with the first entry that holds it, the whole one.
+        groups: list[list[str]] = []
+        for entry in entries:
+            taken = {path for group in groups for path in group}
+            groups.append([p for p in entry.staged_paths("changes") if p not in taken])
+        contexts = [p for entry in entries for p in entry.staged_paths("contexts")]
         outcome = enrich_files(
             store,
             state,
             policy,
             [path for group in groups for path in group],
-            [path for entry in entries for path in entry.staged_paths("contexts")],
+            list(dict.fromkeys(contexts)),
             now=now,
             grace=grace,
             leaves=log is not None,
-            groups=groups,
+            groups=[group for group in groups if group],
         )
         crash_point("enrich.records_written")
         if log is not None:
             _append_per_entry(log, entries, pl.concat(outcome.leaves))
         crash_point("enrich.logged")
-        for entry, group in zip(entries, groups, strict=True):
-            store.mark_enriched(entry, [store.derived_path(path, "records") for path in group])
+        for entry in entries:
+            changes = entry.staged_paths("changes")
+            store.mark_enriched(entry, [store.derived_path(path, "records") for path in changes])
         hours.extend(outcome.hours)
         if between is not None:
             between()

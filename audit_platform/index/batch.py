@@ -23,6 +23,7 @@ from audit_platform.staging.store import (
     FILE,
     PendingBatch,
     StagingStore,
+    coalesced,
     hour_from_path,
 )
 
@@ -120,7 +121,7 @@ def index_pending(
     enriches them: a batch's fixed cost paid once for the group). An entry that re-indexes
     some records (``ids``) goes alone, after the batches before it."""
     results: list[HourIndexed] = []
-    for entries in _groups(store.pending(), coalesce):
+    for entries in _groups(store, store.pending(), coalesce):
         ids = None if entries[0].ids is None else list(entries[0].ids)
         results.extend(
             index_files(
@@ -141,22 +142,22 @@ def index_pending(
     return merge_indexed(results)
 
 
-def _groups(pending: list[PendingBatch], coalesce: int) -> Iterator[list[PendingBatch]]:
-    """Enriched entries in ledger order, consecutive whole batches grouped by ``coalesce``."""
-    group: list[PendingBatch] = []
+def _groups(
+    store: StagingStore, pending: list[PendingBatch], coalesce: int
+) -> Iterator[list[PendingBatch]]:
+    """Enriched entries in ledger order: runs of whole batches ``coalesced``, a re-index
+    alone."""
+    run: list[PendingBatch] = []
     for entry in pending:
         if entry.records is None:
             continue  # not enriched yet: the enrich step of this or the next run comes first
-        if entry.ids is not None or len(group) == coalesce:
-            if group:
-                yield group
-            group = []
-        if entry.ids is not None:
-            yield [entry]
-        else:
-            group.append(entry)
-    if group:
-        yield group
+        if entry.ids is None:
+            run.append(entry)
+            continue
+        yield from coalesced(store, run, lambda e: list(e.records or ()), coalesce)
+        run = []
+        yield [entry]
+    yield from coalesced(store, run, lambda e: list(e.records or ()), coalesce)
 
 
 def index_hour(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO
@@ -72,9 +72,12 @@ class StagedFile:
 
 
 #: Pending entries a downstream step (``enrich_pending``, ``index_pending``) takes together at
-#: most. Each is a batch bounded like any (``LiveSettings.batch_changes``); a live run's are
-#: seconds of one source's changes.
+#: most (``coalesced``): a live run's are seconds of one source's changes.
 COALESCE = 16
+#: Rows the entries after a group's first may add to it at most (its first is a batch, bounded
+#: as any): a backlog of full batches, or of batches filled with large contexts by any role
+#: that may call ``audit.set_context``, is taken one batch at a time, as before.
+COALESCE_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -398,6 +401,37 @@ class StagingStore:
     def read_all(self, dataset: str) -> pl.DataFrame | None:
         paths = self.files(dataset)
         return self.read(paths, dataset).drop(FILE) if paths else None
+
+
+def coalesced(
+    store: StagingStore,
+    entries: list[PendingBatch],
+    paths: Callable[[PendingBatch], list[str]],
+    most: int = COALESCE,
+) -> Iterator[list[PendingBatch]]:
+    """``entries`` in order, in groups of at most ``most`` whose later entries hold at most
+    ``COALESCE_ROWS`` rows in their ``paths`` together (read from Parquet footers, and only
+    when there is more than one entry to take)."""
+    group: list[PendingBatch] = []
+    rows = 0
+    for entry in entries:
+        if group:
+            added = sum(_rows(store, path) for path in paths(entry))
+            if len(group) >= most or rows + added > COALESCE_ROWS:
+                yield group
+                group, rows = [], 0
+            else:
+                rows += added
+        group.append(entry)
+    if group:
+        yield group
+
+
+def _rows(store: StagingStore, path: str) -> int:
+    try:
+        return store.count_rows([path])
+    except FileNotFoundError:  # read as no rows, as ``StagingStore.read`` does
+        return 0
 
 
 def _pending_entry(name: str, path: str, body: dict) -> PendingBatch:
