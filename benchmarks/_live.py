@@ -89,7 +89,25 @@ def indexed_by_source(es, env: str) -> dict[str, int]:
     return {b["key"]: b["doc_count"] for b in reply["aggregations"]["s"]["buckets"]}
 
 
-class IndexLag:
+class Background:
+    """A sampler's thread: ``start``, then ``close`` sets ``stop`` and waits for ``_run``."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self._thread.join(timeout=60)
+
+
+class IndexLag(Background):
     """Every ``every`` seconds, per source, how old the newest searchable change is: now
     minus the greatest commit time among the source's documents, read from Elasticsearch
     directly (not refreshed: what a search sees). A second measure of freshness beside the
@@ -100,15 +118,7 @@ class IndexLag:
     def __init__(self, es, env: str, every: float = 2.0) -> None:
         self.es, self.index, self.every = es, f"audit-{env}-*", every
         self.samples: dict[str, list[tuple[float, float]]] = {}
-        self.stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self._thread.join(timeout=60)
+        super().__init__()
 
     def _run(self) -> None:
         while not self.stop.wait(self.every):
@@ -370,7 +380,7 @@ def _customer(conn: psycopg.Connection) -> int:
     return found[0]
 
 
-class ProbePoller:
+class ProbePoller(Background):
     """Reads the probes back through the API: every ``every`` seconds the newest page of
     payments (the probes are the only writes to payments), and, for up to ``per_poll``
     sources whose oldest probe still unseen is older than 5 s (a lagging source, whose probes
@@ -390,17 +400,9 @@ class ProbePoller:
         self.api, self.key, self.since, self.loads = api, key, since, loads
         self.every, self.per_poll, self.give_up = every, per_poll, give_up
         self.seen: dict[str, float] = {}
-        self.stop = threading.Event()
         self.requests = 0
         self._next = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self._thread.join(timeout=60)
+        super().__init__()
 
     def _get(self, client: httpx.Client, params: dict) -> None:
         self.requests += 1
