@@ -119,8 +119,9 @@ def scope_of(
     env: str, sources: list[str] | None, tables: list[str] | None, role: str = "reader"
 ) -> Scope:
     """The scope a key's stored row gives (an empty or NULL list means all)."""
-    return Scope(env, frozenset(sources) if sources else None,
-                 frozenset(tables) if tables else None, role)  # fmt: skip
+    return Scope(
+        env, frozenset(sources) if sources else None, frozenset(tables) if tables else None, role
+    )
 
 
 def _key(row: tuple) -> ApiKey:

@@ -104,8 +104,9 @@ def stack_env() -> None:
     """Print the running servers' URLs and credentials as shell exports."""
     exports = LocalStack().env()
     if not exports:
-        typer.secho("No local servers are running; start them with: audit-platform stack up",
-                    err=True)  # fmt: skip
+        typer.secho(
+            "No local servers are running; start them with: audit-platform stack up", err=True
+        )
         raise typer.Exit(code=1)
     for key, value in exports.items():
         typer.echo(f"export {key}={shlex.quote(value)}")
@@ -167,13 +168,23 @@ def source_setup(
     with platform:
         platform_db.install(platform, settings.resources_dir / "sql")
         try:
-            report = setup_source(url, settings.env, policy, settings.resources_dir / "sql",
-                                  replace_lost_slot=replace_lost_slot)  # fmt: skip
+            report = setup_source(
+                url,
+                settings.env,
+                policy,
+                settings.resources_dir / "sql",
+                replace_lost_slot=replace_lost_slot,
+            )
         except SetupError as exc:
             raise _fail(exc) from exc
         store = StagingStore(settings.staging_root, settings.env, source)
-        gap = gap_of_new_slot(settings.env, source, store, slot_start=report.slot_start,
-                              replaced_from=report.slot_replaced_from)  # fmt: skip
+        gap = gap_of_new_slot(
+            settings.env,
+            source,
+            store,
+            slot_start=report.slot_start,
+            replaced_from=report.slot_replaced_from,
+        )
         if gap is not None:
             record_gap(platform, gap)
     typer.echo(f"migrations applied: {', '.join(report.applied_migrations) or 'none (current)'}")
@@ -409,10 +420,14 @@ def api_serve(
 
     settings = Settings()
     uvicorn.run(
-        "audit_platform.api.main:create_app", factory=True, host=host or settings.api_host,
-        port=port or settings.api_port, workers=workers, log_level="info",
+        "audit_platform.api.main:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        log_level="info",
         **uvicorn_options(settings),
-    )  # fmt: skip
+    )
 
 
 @app.command("demo")
@@ -430,9 +445,14 @@ def demo(
     from audit_platform.stack.processes import ProcessFailed
 
     try:
-        code = run_demo(Settings(), say=typer.echo, duration=duration,
-                        dagster_port=dagster_port, api_port=api_port,
-                        shop_port=shop_port)  # fmt: skip
+        code = run_demo(
+            Settings(),
+            say=typer.echo,
+            duration=duration,
+            dagster_port=dagster_port,
+            api_port=api_port,
+            shop_port=shop_port,
+        )
     except (StackError, ProcessFailed) as exc:
         raise _fail(exc) from exc
     raise typer.Exit(code=code)
@@ -461,8 +481,12 @@ def _moment(text: str | None, what: str) -> datetime | None:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError as exc:
-        raise _fail(ValueError(f"--{what} {text!r}: write an ISO date or time, e.g. "
-                               "2026-11-27 or 2026-11-27T14:00Z")) from exc  # fmt: skip
+        raise _fail(
+            ValueError(
+                f"--{what} {text!r}: write an ISO date or time, e.g. "
+                "2026-11-27 or 2026-11-27T14:00Z"
+            )
+        ) from exc
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
@@ -485,9 +509,14 @@ def verify(
     inserted or forged (each named), 2 when it could not be checked."""
     settings = Settings() if env is None else Settings(env=env)
     try:
-        reports = verify_environment(settings, source or [], since=_moment(since, "since"),
-                                     until=_moment(until, "until"), now=datetime.now(UTC),
-                                     staging=staging)  # fmt: skip
+        reports = verify_environment(
+            settings,
+            source or [],
+            since=_moment(since, "since"),
+            until=_moment(until, "until"),
+            now=datetime.now(UTC),
+            staging=staging,
+        )
     except (NotConfigured, ValueError, psycopg.OperationalError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -496,10 +525,12 @@ def verify(
             typer.echo(json.dumps(report_json(report), sort_keys=True))
             continue
         verdict = "intact" if report.ok else f"{len(report.problems)} problem(s)"
-        typer.echo(f"{report.env}/{report.source}: {verdict}; log {report.log_size:,} leaves, "
-                   f"{report.checkpoints:,} checkpoints; {report.documents:,} documents, "
-                   f"{report.logged_changes:,} logged changes, {report.staged_changes:,} "
-                   "staged changes checked")  # fmt: skip
+        typer.echo(
+            f"{report.env}/{report.source}: {verdict}; log {report.log_size:,} leaves, "
+            f"{report.checkpoints:,} checkpoints; {report.documents:,} documents, "
+            f"{report.logged_changes:,} logged changes, {report.staged_changes:,} "
+            "staged changes checked"
+        )
         shown: dict[str, int] = {}
         for finding in report.findings:
             shown[finding.kind] = shown.get(finding.kind, 0) + 1
@@ -539,8 +570,15 @@ def hold_create(
     settings = Settings() if env is None else Settings(env=env)
     with _platform_connection(settings) as conn:
         try:
-            hold = create_hold(conn, settings.env, source, reason=reason, created_by=by,
-                               table=table, object_id=object_id)  # fmt: skip
+            hold = create_hold(
+                conn,
+                settings.env,
+                source,
+                reason=reason,
+                created_by=by,
+                table=table,
+                object_id=object_id,
+            )
         except ValueError as exc:
             raise _fail(exc) from exc
     typer.echo(f"hold {hold.id}: {hold.covers} ({hold.reason})")
@@ -556,10 +594,15 @@ def hold_list(
     with _platform_connection(settings) as conn:
         holds = list_holds(conn, settings.env, active_only=not released)
     for hold in holds:
-        state = (f"released {hold.released_at:%Y-%m-%d %H:%M} by {hold.released_by}"
-                 if hold.released_at else "active")  # fmt: skip
-        typer.echo(f"{hold.id}\t{hold.covers}\t{state}\tby {hold.created_by} "
-                   f"{hold.created_at:%Y-%m-%d %H:%M}\t{hold.reason}")  # fmt: skip
+        state = (
+            f"released {hold.released_at:%Y-%m-%d %H:%M} by {hold.released_by}"
+            if hold.released_at
+            else "active"
+        )
+        typer.echo(
+            f"{hold.id}\t{hold.covers}\t{state}\tby {hold.created_by} "
+            f"{hold.created_at:%Y-%m-%d %H:%M}\t{hold.reason}"
+        )
 
 
 @hold_app.command("release")

@@ -58,14 +58,22 @@ class Hold:
         return {"bool": {"filter": clauses}}
 
 
-_COLUMNS = ("id, env, source, schema_name, table_name, object_id, reason, created_by,"
-            " created_at, released_at, released_by")  # fmt: skip
+_COLUMNS = (
+    "id, env, source, schema_name, table_name, object_id, reason, created_by,"
+    " created_at, released_at, released_by"
+)
 
 
 def create_hold(
-    conn: psycopg.Connection, env: str, source: str, *, reason: str, created_by: str,
-    table: str | None = None, object_id: str | None = None,
-) -> Hold:  # fmt: skip
+    conn: psycopg.Connection,
+    env: str,
+    source: str,
+    *,
+    reason: str,
+    created_by: str,
+    table: str | None = None,
+    object_id: str | None = None,
+) -> Hold:
     check_identifier("environment", env)
     check_identifier("source", source)
     if not reason.strip():

@@ -25,9 +25,17 @@ _COLUMNS = "id, env, at, key_id, method, route, params, status, returned"
 
 
 def record_read(
-    conn: psycopg.Connection, env: str, *, at: datetime, key_id: str, method: str, route: str,
-    params: dict[str, Any], status: int, returned: int | None,
-) -> None:  # fmt: skip
+    conn: psycopg.Connection,
+    env: str,
+    *,
+    at: datetime,
+    key_id: str,
+    method: str,
+    route: str,
+    params: dict[str, Any],
+    status: int,
+    returned: int | None,
+) -> None:
     conn.execute(
         "INSERT INTO audit_platform.read_log"
         " (env, at, key_id, method, route, params, status, returned)"
@@ -43,10 +51,16 @@ def _storable(params: dict[str, Any]) -> str:
 
 
 def read_rows(
-    conn: psycopg.Connection, env: str, *, after_id: int = 0, since: datetime | None = None,
-    until: datetime | None = None, key_id: str | None = None, limit: int = 1_000,
+    conn: psycopg.Connection,
+    env: str,
+    *,
+    after_id: int = 0,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    key_id: str | None = None,
+    limit: int = 1_000,
     within: Scope | None = None,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """Rows of the read log in id order, from after ``after_id``.
 
     ``within`` a key's scope: only the rows of keys whose own scope lies inside it (their
@@ -85,23 +99,34 @@ def read_rows(
 
 def read_leaf(row: dict[str, Any]) -> dict[str, Any]:
     return {
-        "v": VERSION, "kind": "read", "env": row["env"], "id": str(row["id"]),
-        "at": moment(row["at"]), "key_id": row["key_id"], "method": row["method"],
-        "route": row["route"], "params": row["params"], "status": str(row["status"]),
+        "v": VERSION,
+        "kind": "read",
+        "env": row["env"],
+        "id": str(row["id"]),
+        "at": moment(row["at"]),
+        "key_id": row["key_id"],
+        "method": row["method"],
+        "route": row["route"],
+        "params": row["params"],
+        "status": str(row["status"]),
         "returned": None if row["returned"] is None else str(row["returned"]),
-    }  # fmt: skip
+    }
 
 
 def read_leaves(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(
         {
-            "position": [None] * len(rows), "kind": ["read"] * len(rows),
-            "lsn": [r["id"] for r in rows], "seq": [0] * len(rows), "xid": [0] * len(rows),
-            "time": [r["at"] for r in rows], "record_id": [str(r["id"]) for r in rows],
+            "position": [None] * len(rows),
+            "kind": ["read"] * len(rows),
+            "lsn": [r["id"] for r in rows],
+            "seq": [0] * len(rows),
+            "xid": [0] * len(rows),
+            "time": [r["at"] for r in rows],
+            "record_id": [str(r["id"]) for r in rows],
             "hash": [leaf_hash(canonical(read_leaf(r))) for r in rows],
         },
         schema=LEAF_SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def read_trail(staging_root: str, env: str) -> TrustLog:

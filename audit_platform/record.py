@@ -61,13 +61,15 @@ class Transaction(_Model):
     lsn: int = Field(description="The same LSN as a number: the order of commits in a source.")
     change_index: int
     changes: int | None = Field(
-        default=None, description="Changes capture staged for this transaction (absent on "
-        "records indexed before template version 4)."
-    )  # fmt: skip
+        default=None,
+        description="Changes capture staged for this transaction (absent on "
+        "records indexed before template version 4).",
+    )
     ignored: int | None = Field(
-        default=None, description="Of those, how many the policy's ignore_changes_to dropped "
-        "(no record is expected for them)."
-    )  # fmt: skip
+        default=None,
+        description="Of those, how many the policy's ignore_changes_to dropped "
+        "(no record is expected for them).",
+    )
 
 
 class Event(_Model):
@@ -103,8 +105,9 @@ ECS_EVENT_TYPE = {
 
 
 class RowShape(_Model):
-    key: list[str] = Field(description="Columns that identify the row: its primary key, or "
-                           "the key its policy names.")  # fmt: skip
+    key: list[str] = Field(
+        description="Columns that identify the row: its primary key, or the key its policy names."
+    )
     types: dict[str, str] = Field(
         description="Each captured column's PostgreSQL type, as format_type prints it "
         "(what a revert plan casts its literals to)."
@@ -137,9 +140,10 @@ class AuditRecord(_Model):
     attribution: Attribution
     transaction: Transaction
     row: RowShape | None = Field(
-        default=None, description="The row's key and column types; absent on records indexed "
-        "before template version 3."
-    )  # fmt: skip
+        default=None,
+        description="The row's key and column types; absent on records indexed "
+        "before template version 3.",
+    )
     policy_version: str
     ingested_at: datetime
 
@@ -220,8 +224,11 @@ def model_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     """The model inside ``Model`` or ``Model | None``, if any."""
-    candidates = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (
-        annotation,)  # fmt: skip
+    candidates = (
+        get_args(annotation)
+        if get_origin(annotation) in (Union, types.UnionType)
+        else (annotation,)
+    )
     for candidate in candidates:
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate

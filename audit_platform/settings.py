@@ -93,9 +93,11 @@ class Settings(BaseSettings):
         default=400, ge=1, description="Longest range one request asks."
     )
     api_key_cache_seconds: float = Field(
-        default=5.0, ge=0, description="How long a verified key is trusted before it is looked "
+        default=5.0,
+        ge=0,
+        description="How long a verified key is trusted before it is looked "
         "up again: a revoked key stops working within this time.",
-    )  # fmt: skip
+    )
     api_es_timeout_seconds: float = Field(default=10.0, gt=0)
     api_retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After sent with a 503 when a server is unavailable."

@@ -60,5 +60,6 @@ def session_key(conn: psycopg.Connection, env: str, token: str, idle: timedelta)
 
 
 def close_session(conn: psycopg.Connection, token: str) -> None:
-    conn.execute("DELETE FROM audit_platform.ui_sessions WHERE token_sha256 = %s",
-                 (_digest(token),))  # fmt: skip
+    conn.execute(
+        "DELETE FROM audit_platform.ui_sessions WHERE token_sha256 = %s", (_digest(token),)
+    )

@@ -184,8 +184,12 @@ def ground_truth(url: str) -> list[tuple[int, str, str, str]]:
 
 def record_tuple(record: dict) -> tuple[int, str, str, str]:
     """An audit record (a document or an API answer) as a :func:`ground_truth` tuple."""
-    return (record["transaction"]["xid"], record["operation"], canonical(record["before"]),
-            canonical(record["after"]))  # fmt: skip
+    return (
+        record["transaction"]["xid"],
+        record["operation"],
+        canonical(record["before"]),
+        canonical(record["after"]),
+    )
 
 
 def processes_with_environ(text: str) -> list[int]:

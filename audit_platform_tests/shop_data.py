@@ -32,8 +32,12 @@ ALTER TABLE order_lines REPLICA IDENTITY FULL;
 POLICY = policy_for(
     "shop", public__customers={"mask": ["email"]}, public__orders={}, public__order_lines={}
 )
-ADA = {"actor": {"type": "user", "id": "ada", "name": "Ada"}, "request_id": "req-ada-1",
-       "reason": "new customer signup", "service": "shop-api"}  # fmt: skip
+ADA = {
+    "actor": {"type": "user", "id": "ada", "name": "Ada"},
+    "request_id": "req-ada-1",
+    "reason": "new customer signup",
+    "service": "shop-api",
+}
 CHECKOUT_ORDERS = 40
 
 
@@ -59,24 +63,42 @@ def write(url: str, statements: list[tuple[str, tuple]], context: dict | None = 
 
 def traffic(url: str) -> tuple[int, int, dict[str, datetime]]:
     written = {}
-    xid_signup = write(url, [
-        ("INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com')", ()),
-        ("INSERT INTO orders VALUES (1, 1, 'new', 'fragile glass vase', 19.99)", ()),
-        ("INSERT INTO order_lines VALUES (1, 1, 'VASE-1', 2)", ()),
-    ], ADA)  # fmt: skip
+    xid_signup = write(
+        url,
+        [
+            ("INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com')", ()),
+            ("INSERT INTO orders VALUES (1, 1, 'new', 'fragile glass vase', 19.99)", ()),
+            ("INSERT INTO order_lines VALUES (1, 1, 'VASE-1', 2)", ()),
+        ],
+        ADA,
+    )
     written["signup"] = datetime.now(UTC)
     for i in range(2, CHECKOUT_ORDERS + 2):
-        write(url, [("INSERT INTO orders VALUES (%s, 1, 'new', NULL, %s)", (i, i))],
-               {"actor": {"type": "service", "id": "checkout"}, "request_id": f"req-{i}"})  # fmt: skip
+        write(
+            url,
+            [("INSERT INTO orders VALUES (%s, 1, 'new', NULL, %s)", (i, i))],
+            {"actor": {"type": "service", "id": "checkout"}, "request_id": f"req-{i}"},
+        )
     written["checkout"] = datetime.now(UTC)
-    write(url, [("UPDATE orders SET status = 'paid' WHERE id = 1", ())],
-           {"actor": {"type": "service", "id": "billing"}, "reason": "payment captured"})  # fmt: skip
+    write(
+        url,
+        [("UPDATE orders SET status = 'paid' WHERE id = 1", ())],
+        {"actor": {"type": "service", "id": "billing"}, "reason": "payment captured"},
+    )
     written["paid"] = datetime.now(UTC)
-    write(url, [("UPDATE orders SET status = 'closed' WHERE id BETWEEN 2 AND 6", ())],
-           {"actor": {"type": "job", "id": "nightly-close"},
-            "job": {"name": "nightly-close", "run_id": "run-7"}})  # fmt: skip
-    write(url, [("UPDATE customers SET email = 'ada@new.example' WHERE id = 1", ())],
-           {**ADA, "request_id": "req-ada-2", "reason": "gdpr request"})  # fmt: skip
+    write(
+        url,
+        [("UPDATE orders SET status = 'closed' WHERE id BETWEEN 2 AND 6", ())],
+        {
+            "actor": {"type": "job", "id": "nightly-close"},
+            "job": {"name": "nightly-close", "run_id": "run-7"},
+        },
+    )
+    write(
+        url,
+        [("UPDATE customers SET email = 'ada@new.example' WHERE id = 1", ())],
+        {**ADA, "request_id": "req-ada-2", "reason": "gdpr request"},
+    )
     xid_admin = write(url, [("DELETE FROM orders WHERE id = %s", (CHECKOUT_ORDERS + 1,))])
     return xid_signup, xid_admin, written
 

@@ -209,8 +209,10 @@ def test_object_state_says_unknown_when_retention_removed_the_records_it_needs(
         with _client(env) as api:
             first, second = get(api, "/v1/objects/shop/orders/7/history", key).json()["changes"]
             at = first["event"]["@timestamp"]
-            assert get(api, "/v1/objects/shop/orders/7/state", key, at=at).json()["row"][
-                "status"] == "new"  # fmt: skip
+            assert (
+                get(api, "/v1/objects/shop/orders/7/state", key, at=at).json()["row"]["status"]
+                == "new"
+            )
             es.delete(index=read_alias(env), id=first["event"]["id"], refresh=True)
             answer = get(api, "/v1/objects/shop/orders/7/state", key, at=at).json()
             assert answer["status"] == "unknown" and answer["row"] is None
@@ -232,8 +234,10 @@ def test_statistics_count_by_table_operation_actor_and_time(shop, api_a):
     since, until = (hour - timedelta(hours=23)).isoformat(), (hour + timedelta(hours=1)).isoformat()
     stats = get(api_a, "/v1/stats", shop.keys["a"], since=since, until=until).json()
     assert stats["total"] == 51
-    by = {name: {b["key"]: b["count"] for b in stats[name]}
-          for name in ("by_table", "by_operation", "by_actor", "by_attribution")}  # fmt: skip
+    by = {
+        name: {b["key"]: b["count"] for b in stats[name]}
+        for name in ("by_table", "by_operation", "by_actor", "by_attribution")
+    }
     assert by["by_table"] == {"public.orders": 48, "public.customers": 2, "public.order_lines": 1}
     assert by["by_operation"] == {"insert": 43, "update": 7, "delete": 1}
     assert by["by_actor"]["checkout"] == CHECKOUT_ORDERS and by["by_actor"]["(none)"] == 1
@@ -248,7 +252,10 @@ def test_an_actors_activity(shop, api_a):
     assert activity["recent"][0]["context"]["request_id"] == "req-ada-2"
     assert activity["first_seen"] <= activity["last_seen"]
     assert {b["key"] for b in activity["stats"]["by_table"]} == {
-        "public.customers", "public.orders", "public.order_lines"}  # fmt: skip
+        "public.customers",
+        "public.orders",
+        "public.order_lines",
+    }
 
 
 # --- export --------------------------------------------------------------------------------
@@ -269,8 +276,14 @@ def test_export_as_ndjson_and_csv_holds_exactly_the_search_result(shop, api_a):
 
 # --- security ------------------------------------------------------------------------------
 
-PATHS = ["/v1/events", "/v1/stats", "/v1/export", "/v1/actors/ada/activity",
-         "/v1/objects/shop/orders/1/history", "/v1/objects/shop/orders/1/state"]  # fmt: skip
+PATHS = [
+    "/v1/events",
+    "/v1/stats",
+    "/v1/export",
+    "/v1/actors/ada/activity",
+    "/v1/objects/shop/orders/1/history",
+    "/v1/objects/shop/orders/1/state",
+]
 
 
 def test_every_endpoint_but_health_needs_a_valid_key_of_this_environment(shop, api_a, api_b):
@@ -305,8 +318,10 @@ def test_a_scoped_key_gets_nothing_outside_its_scope(shop, api_a):
     found = events(api_a, key)
     assert len(found) == 48 and {e["table"]["name"] for e in found} == {"orders"}
     assert events(api_a, key, table="customers") == []
-    assert events(api_a, key, table=["customers", "orders"], operation="delete")[0]["table"][
-        "name"] == "orders"  # fmt: skip
+    assert (
+        events(api_a, key, table=["customers", "orders"], operation="delete")[0]["table"]["name"]
+        == "orders"
+    )
     customer_event = events(api_a, shop.keys["a"], table="customers")[0]["id"]
     assert get(api_a, f"/v1/events/{customer_event}", key).status_code == 404
     tx = get(api_a, f"/v1/transactions/shop/{shop.xid_signup}", key).json()
@@ -483,8 +498,14 @@ def test_the_first_request_after_the_database_dropped_every_connection_succeeds(
 
 
 def test_gaps_are_served_to_keys_that_may_read_their_source(shop, api_a, servers):
-    gap = Gap(env=shop.env, source="shop", from_lsn=100, to_lsn=200, last_captured_at=None,
-              reason="the slot was invalidated by PostgreSQL (wal_status = lost) and replaced")  # fmt: skip
+    gap = Gap(
+        env=shop.env,
+        source="shop",
+        from_lsn=100,
+        to_lsn=200,
+        last_captured_at=None,
+        reason="the slot was invalidated by PostgreSQL (wal_status = lost) and replaced",
+    )
     with psycopg.connect(servers.pg_url, autocommit=True) as conn:
         record_gap(conn, gap)
         record_gap(conn, gap.model_copy(update={"env": shop.other_env}))
@@ -564,14 +585,18 @@ def test_value_filters_before_after_and_a_transition(shop, api_a):
 
 def test_the_query_language_on_search_stats_and_export(shop, api_a):
     key = shop.keys["a"]
-    found = events(api_a, key, query="actor:nightly-close op:update table:orders "
-                                     "before.status:new after.status:closed")  # fmt: skip
+    found = events(
+        api_a,
+        key,
+        query="actor:nightly-close op:update table:orders before.status:new after.status:closed",
+    )
     assert sorted(int(e["object_id"]) for e in found) == [2, 3, 4, 5, 6]
     either = events(api_a, key, query="op:update,delete table:public.orders")
     assert {e["operation"] for e in either} == {"update", "delete"}
     not_checkout = events(api_a, key, query="table:orders -actor:checkout")
-    assert not_checkout and all(e["context"] is None or e["context"]["actor"]["id"] != "checkout"
-                                for e in not_checkout)  # fmt: skip
+    assert not_checkout and all(
+        e["context"] is None or e["context"]["actor"]["id"] != "checkout" for e in not_checkout
+    )
     vase = events(api_a, key, query='"fragile glass"')
     assert {(e["object_id"], e["operation"]) for e in vase} == {("1", "insert"), ("1", "update")}
     assert [e["object_id"] for e in events(api_a, key, query="job:run-7 object:4")] == ["4"]
@@ -619,8 +644,12 @@ def test_an_excluded_column_cannot_be_filtered_by_value(shop, tmp_path):
         refused = get(api, "/v1/stats", shop.keys["a"], query="before.name:Ada")
         assert refused.status_code == 422
         # orders excludes nothing: a column of that name there may be filtered.
-        assert get(api, "/v1/events", shop.keys["a"], table="orders",
-                   **{"after.name": "x"}).status_code == 200  # fmt: skip
+        assert (
+            get(
+                api, "/v1/events", shop.keys["a"], table="orders", **{"after.name": "x"}
+            ).status_code
+            == 200
+        )
         # A key that cannot read the shop source, or its customers, is told nothing about them.
         for other in ("other_source", "orders"):
             answer = get(api, "/v1/events", shop.keys[other], **{"after.name": "Ada"})
@@ -642,11 +671,13 @@ def test_a_request_and_a_job_run_grouped_by_transaction_within_the_keys_scope(sh
     key = shop.keys["a"]
     request = get(api_a, "/v1/requests/req-ada-1", key).json()
     assert (request["kind"], request["key"], request["sources"]) == (
-        "request", {"request_id": "req-ada-1"}, ["shop"])  # fmt: skip
+        "request",
+        {"request_id": "req-ada-1"},
+        ["shop"],
+    )
     [signup] = request["transactions"]
     assert signup["xid"] == shop.xid_signup and signup["context"]["request_id"] == "req-ada-1"
-    assert [c["table"]["name"] for c in signup["changes"]] == ["customers", "orders",
-                                                               "order_lines"]  # fmt: skip
+    assert [c["table"]["name"] for c in signup["changes"]] == ["customers", "orders", "order_lines"]
     scoped = get(api_a, "/v1/requests/req-ada-1", shop.keys["orders"]).json()
     assert [c["table"]["name"] for t in scoped["transactions"] for c in t["changes"]] == ["orders"]
     hidden = get(api_a, "/v1/requests/req-ada-1", shop.keys["other_source"]).json()
@@ -654,8 +685,13 @@ def test_a_request_and_a_job_run_grouped_by_transaction_within_the_keys_scope(sh
 
     pages, cursor = [], None
     while True:
-        page = get(api_a, "/v1/jobs/nightly-close/runs/run-7", key, limit=2,
-                   **({"cursor": cursor} if cursor else {})).json()  # fmt: skip
+        page = get(
+            api_a,
+            "/v1/jobs/nightly-close/runs/run-7",
+            key,
+            limit=2,
+            **({"cursor": cursor} if cursor else {}),
+        ).json()
         pages.append([c["object_id"] for t in page["transactions"] for c in t["changes"]])
         cursor = page["next_cursor"]
         if cursor is None:
@@ -669,19 +705,23 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 def test_a_request_spanning_two_sources_in_commit_order(servers, es, tmp_path):
     env = f"corr_{uuid.uuid4().hex[:8]}"
-    ddl = "CREATE TABLE orders (id int PRIMARY KEY, status text);" \
-          "ALTER TABLE orders REPLICA IDENTITY FULL;"  # fmt: skip
-    context = {"actor": {"type": "user", "id": "ada"}, "request_id": "req-x",
-               "trace_id": TRACE}  # fmt: skip
+    ddl = (
+        "CREATE TABLE orders (id int PRIMARY KEY, status text);"
+        "ALTER TABLE orders REPLICA IDENTITY FULL;"
+    )
+    context = {"actor": {"type": "user", "id": "ada"}, "request_id": "req-x", "trace_id": TRACE}
     with new_database(servers) as shop_db, new_database(servers) as billing_db:
-        shop_src = make_source(shop_db, tmp_path / "s", ddl, policy_for("shop", public__orders={}),
-                               env=env)  # fmt: skip
-        billing = make_source(billing_db, tmp_path / "b", ddl,
-                              policy_for("billing", public__orders={}), env=env)  # fmt: skip
-        xids = [write(shop_db, [("INSERT INTO orders VALUES (1, 'new')", ())], context),
-                write(billing_db, [("INSERT INTO orders VALUES (7, 'invoiced')", ())], context),
-                write(shop_db, [("UPDATE orders SET status = 'paid' WHERE id = 1", ())],
-                       context)]  # fmt: skip
+        shop_src = make_source(
+            shop_db, tmp_path / "s", ddl, policy_for("shop", public__orders={}), env=env
+        )
+        billing = make_source(
+            billing_db, tmp_path / "b", ddl, policy_for("billing", public__orders={}), env=env
+        )
+        xids = [
+            write(shop_db, [("INSERT INTO orders VALUES (1, 'new')", ())], context),
+            write(billing_db, [("INSERT INTO orders VALUES (7, 'invoiced')", ())], context),
+            write(shop_db, [("UPDATE orders SET status = 'paid' WHERE id = 1", ())], context),
+        ]
         with psycopg.connect(servers.pg_url, autocommit=True) as state:
             for each in (shop_src, billing):
                 capture_enrich_index(each, state, es, grace=timedelta(0))
@@ -690,7 +730,8 @@ def test_a_request_spanning_two_sources_in_commit_order(servers, es, tmp_path):
             with _client(env) as api:
                 found = get(api, "/v1/requests/req-x", key).json()
                 assert [(t["source"], t["xid"]) for t in found["transactions"]] == list(
-                    zip(["shop", "billing", "shop"], xids, strict=True))  # fmt: skip
+                    zip(["shop", "billing", "shop"], xids, strict=True)
+                )
                 assert found["sources"] == ["billing", "shop"]
                 trace = get(api, f"/v1/traces/{TRACE}", key).json()
                 assert trace["transactions"] == found["transactions"]
@@ -708,20 +749,30 @@ def test_a_transaction_says_how_many_changes_were_captured_ignored_indexed_and_m
     servers, es, tmp_path
 ):
     env = f"txn_{uuid.uuid4().hex[:8]}"
-    ddl = ("CREATE TABLE orders (id int PRIMARY KEY, status text, updated_at int);"
-           "ALTER TABLE orders REPLICA IDENTITY FULL;")  # fmt: skip
+    ddl = (
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, updated_at int);"
+        "ALTER TABLE orders REPLICA IDENTITY FULL;"
+    )
     policy = policy_for("shop", public__orders={"ignore_changes_to": ["updated_at"]})
     with new_database(servers) as db:
         source = make_source(db, tmp_path, ddl, policy, env=env)
-        write(db, [("INSERT INTO orders VALUES (1, 'new', 0), (2, 'new', 0), (3, 'new', 0)", ())],
-               ADA)  # fmt: skip
-        xid = write(db, [("UPDATE orders SET updated_at = 1 WHERE id = 1", ()),  # ignored
-                          ("UPDATE orders SET status = 'paid' WHERE id IN (2, 3)", ())],
-                     ADA)  # fmt: skip
+        write(
+            db, [("INSERT INTO orders VALUES (1, 'new', 0), (2, 'new', 0), (3, 'new', 0)", ())], ADA
+        )
+        xid = write(
+            db,
+            [
+                ("UPDATE orders SET updated_at = 1 WHERE id = 1", ()),  # ignored
+                ("UPDATE orders SET status = 'paid' WHERE id IN (2, 3)", ()),
+            ],
+            ADA,
+        )
         with psycopg.connect(servers.pg_url, autocommit=True) as state:
             capture_enrich_index(source, state, es, grace=timedelta(0))
-            keys = {"all": create_key(state, env, "all").secret,
-                    "orders": create_key(state, env, "t", tables=["public.orders"]).secret}  # fmt: skip
+            keys = {
+                "all": create_key(state, env, "all").secret,
+                "orders": create_key(state, env, "t", tables=["public.orders"]).secret,
+            }
         try:
             with _client(env) as api:
 
@@ -731,10 +782,14 @@ def test_a_transaction_says_how_many_changes_were_captured_ignored_indexed_and_m
                     return reply.json()["completeness"]
 
                 assert completeness() == {
-                    "captured": 3, "ignored": 1, "indexed": 2, "waiting": 0, "missing": 0,
+                    "captured": 3,
+                    "ignored": 1,
+                    "indexed": 2,
+                    "waiting": 0,
+                    "missing": 0,
                     "complete": True,
                     "explanation": "every change capture staged is indexed or ignored by policy",
-                }  # fmt: skip
+                }
                 # A document lost from the index (a dead letter, a deleted document).
                 lost = events(api, keys["all"], xid=xid)[0]["id"]
                 es.delete(index=_index_of(es, env, lost), id=lost, refresh=True)
@@ -760,8 +815,7 @@ def test_each_answer_says_how_long_it_spent_in_elasticsearch(shop, api_a):
     es_ms = float(es_part.split(";")[1].removeprefix("dur="))
     total_ms = float(total_part.removeprefix("total;dur="))
     assert 0 < es_ms <= total_ms
-    assert 'desc="Elasticsearch (0 calls)"' in get(api_a, "/healthz", None).headers[
-        "server-timing"]  # fmt: skip
+    assert 'desc="Elasticsearch (0 calls)"' in get(api_a, "/healthz", None).headers["server-timing"]
 
 
 def test_prometheus_metrics_count_requests_latency_and_records_by_route_template(shop):
@@ -775,8 +829,9 @@ def test_prometheus_metrics_count_requests_latency_and_records_by_route_template
         assert answer.status_code == 200
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(answer.text) for s in family.samples
-        }  # fmt: skip
+            for family in text_string_to_metric_families(answer.text)
+            for s in family.samples
+        }
 
         def value(name: str, **labels: str) -> float:
             return samples.get((name, tuple(sorted(labels.items()))), 0.0)

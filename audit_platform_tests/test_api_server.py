@@ -60,19 +60,24 @@ def server(servers, es, tmp_path_factory) -> Iterator[Server]:
     env = f"srv_{uuid.uuid4().hex[:8]}"
     with new_database(servers) as url:
         source = make_source(
-            url, tmp_path_factory.mktemp("srv"),
+            url,
+            tmp_path_factory.mktemp("srv"),
             "CREATE TABLE orders (id int PRIMARY KEY, status text, note text);"
             "ALTER TABLE orders REPLICA IDENTITY FULL;"
             "CREATE TABLE payroll_secret (id int PRIMARY KEY, amount int);",
-            policy_for("shop", public__orders={}, public__payroll_secret={}), env=env,
-        )  # fmt: skip
+            policy_for("shop", public__orders={}, public__payroll_secret={}),
+            env=env,
+        )
         with psycopg.connect(url) as conn:
-            conn.execute("SELECT audit.set_context(%s::jsonb)",
-                         ('{"actor": {"type": "job", "id": "import"}}',))  # fmt: skip
+            conn.execute(
+                "SELECT audit.set_context(%s::jsonb)",
+                ('{"actor": {"type": "job", "id": "import"}}',),
+            )
             conn.execute(
                 "INSERT INTO orders SELECT i, 'new', repeat('x', 200) || i"
-                " FROM generate_series(1, %s) AS i", (ROWS,),
-            )  # fmt: skip
+                " FROM generate_series(1, %s) AS i",
+                (ROWS,),
+            )
             conn.execute(
                 "INSERT INTO payroll_secret SELECT i, i FROM generate_series(1, %s) i",
                 (SECRET_ROWS,),

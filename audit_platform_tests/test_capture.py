@@ -163,8 +163,12 @@ def test_context_messages_are_staged_with_their_transaction(zoo):
 @ON_BOTH_STORES
 def test_crash_at_each_point_then_rerun_yields_each_change_once_in_order(zoo):
     zoo.execute("INSERT INTO zoo (id, i8) SELECT g, g FROM generate_series(1, 50) g")
-    points = [p for p in POINTS if p.startswith(("capture.", "staging."))
-              and (zoo.store.local or p not in LOCAL_ONLY_POINTS)]  # fmt: skip
+    points = [
+        p
+        for p in POINTS
+        if p.startswith(("capture.", "staging."))
+        and (zoo.store.local or p not in LOCAL_ONLY_POINTS)
+    ]
     for point in points:
         zoo.execute("UPDATE zoo SET i8 = i8 + 1 WHERE id <= 10")
         with armed(point, nth=2), pytest.raises(SimulatedCrash, match=point):

@@ -218,9 +218,11 @@ def test_backfill_of_an_hour_through_dagster_leaves_the_index_identical(shop, es
         assert backfill.success
         assert _documents(es, env) == original
         [check] = [
-            e for e in backfill.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            e
+            for e in backfill.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"
             and e.event_specific_data.check_name == "staged_vs_indexed"
-        ]  # fmt: skip
+        ]
         assert check.event_specific_data.passed
 
 
@@ -300,14 +302,18 @@ def test_reconciliation_reindexes_only_the_batch_missing_a_document(shop, es, en
         assert _documents(es, env) == documents
         assert _index_ops(es, env) - before == 2  # the short batch, not the hour's six
         checks = [
-            e.event_specific_data for e in run.all_events
+            e.event_specific_data
+            for e in run.all_events
             if e.event_type_value == "ASSET_CHECK_EVALUATION"
-        ]  # fmt: skip
+        ]
         assert [c.passed for c in checks] == [True] * len(checks)
         counts = [c for c in checks if c.check_name == "staged_vs_indexed"]
         assert sum(c.metadata["indexed"].value for c in counts) == 6
-        [complete] = {c.metadata["incomplete"].value for c in checks
-                      if c.check_name == "complete_transactions"}  # fmt: skip
+        [complete] = {
+            c.metadata["incomplete"].value
+            for c in checks
+            if c.check_name == "complete_transactions"
+        }
         assert complete == 0
 
 
@@ -416,17 +422,24 @@ def test_the_trust_job_signs_and_verifies_the_trail_and_fails_on_a_deleted_recor
 ):
     monkeypatch.setenv("AUDIT_SIGNING_KEY", new_private_key())
     defs = build_definitions()
-    _write_as_user(shop, "INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')",
-                   "INSERT INTO orders (id, customer_id, status) VALUES (2, 1, 'new')")  # fmt: skip
+    _write_as_user(
+        shop,
+        "INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')",
+        "INSERT INTO orders (id, customer_id, status) VALUES (2, 1, 'new')",
+    )
     with dg.instance_for_test() as instance:
         assert _capture(defs, instance).success
         es.indices.refresh(index=f"audit-{env}")
 
         def checks() -> dict[str, dg.AssetCheckEvaluation]:
-            run = defs.resolve_job_def("trust_job").execute_in_process(instance=instance,
-                                                                        raise_on_error=False)  # fmt: skip
-            return {e.event_specific_data.check_name: e.event_specific_data
-                    for e in run.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}  # fmt: skip
+            run = defs.resolve_job_def("trust_job").execute_in_process(
+                instance=instance, raise_on_error=False
+            )
+            return {
+                e.event_specific_data.check_name: e.event_specific_data
+                for e in run.all_events
+                if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            }
 
         found = checks()
         assert found["trail_verified"].passed, found["trail_verified"].metadata

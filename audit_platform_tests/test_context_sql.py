@@ -186,18 +186,36 @@ def test_attach_context_refuses_the_current_transaction(source_db):
         ("[1, 2]", "audit context must be a JSON object, got array"),
         ('"text"', "audit context must be a JSON object, got string"),
         ("{}", 'field "actor" must be an object'),
-        ('{"actor": {"type": "robot", "id": "1"}}', '"actor.type" must be one of user, service, job, system; got "robot"'),
+        (
+            '{"actor": {"type": "robot", "id": "1"}}',
+            '"actor.type" must be one of user, service, job, system; got "robot"',
+        ),
         ('{"actor": {"type": "user"}}', '"actor.id" must be a non-empty string; got nothing'),
         ('{"actor": {"type": "user", "id": 42}}', '"actor.id" must be a non-empty string; got 42'),
         ('{"actor": {"type": "user", "id": "1", "email": "x"}}', 'unknown field "actor.email"'),
         ('{"actor": {"type": "user", "id": "1"}, "who": "me"}', 'unknown field "who"'),
-        ('{"actor": {"type": "user", "id": "1"}, "reason": 5}', 'field "reason" must be a string; got number'),
-        ('{"actor": {"type": "user", "id": "1"}, "trace_id": "abc"}', '"trace_id" must be a W3C trace-id'),
-        ('{"actor": {"type": "user", "id": "1"}, "client_addr": "here"}', '"client_addr" must be an IP address; got here'),
-        ('{"actor": {"type": "user", "id": "1"}, "job": {"name": "x", "pid": "1"}}', '"job.pid" is not allowed'),
-        ('{"actor": {"type": "user", "id": "1"}, "attributes": [1]}', '"attributes" must be an object; got array'),
+        (
+            '{"actor": {"type": "user", "id": "1"}, "reason": 5}',
+            'field "reason" must be a string; got number',
+        ),
+        (
+            '{"actor": {"type": "user", "id": "1"}, "trace_id": "abc"}',
+            '"trace_id" must be a W3C trace-id',
+        ),
+        (
+            '{"actor": {"type": "user", "id": "1"}, "client_addr": "here"}',
+            '"client_addr" must be an IP address; got here',
+        ),
+        (
+            '{"actor": {"type": "user", "id": "1"}, "job": {"name": "x", "pid": "1"}}',
+            '"job.pid" is not allowed',
+        ),
+        (
+            '{"actor": {"type": "user", "id": "1"}, "attributes": [1]}',
+            '"attributes" must be an object; got array',
+        ),
     ],
-)  # fmt: skip
+)
 def test_invalid_context_fails_the_transaction_naming_the_field(source_db, context, message):
     with psycopg.connect(source_db) as conn:
         conn.execute("INSERT INTO orders VALUES (7, 'paid')")
@@ -233,8 +251,15 @@ def test_published_json_schema_is_the_python_model():
     "context",
     [
         {"actor": {"type": "user", "id": "1"}},
-        {"actor": {"type": "job", "id": "n", "name": "Nightly"}, "job": {"name": "n", "run_id": "r"}},
-        {"actor": {"type": "system", "id": "x"}, "client_addr": "2001:db8::1", "trace_id": "a" * 32},
+        {
+            "actor": {"type": "job", "id": "n", "name": "Nightly"},
+            "job": {"name": "n", "run_id": "r"},
+        },
+        {
+            "actor": {"type": "system", "id": "x"},
+            "client_addr": "2001:db8::1",
+            "trace_id": "a" * 32,
+        },
         {"actor": {"type": "service", "id": "x"}, "attributes": {"k": [1, {"n": None}]}},
         {"actor": {"type": "robot", "id": "1"}},
         {"actor": {"type": "user", "id": ""}},
@@ -245,7 +270,7 @@ def test_published_json_schema_is_the_python_model():
         {"actor": {"type": "user", "id": "1"}, "reason": None, "job": None, "attributes": None},
         {"actor": None},
     ],
-)  # fmt: skip
+)
 def test_python_model_and_database_agree_on_what_is_valid(source_db, context):
     from pydantic import ValidationError
 

@@ -90,8 +90,15 @@ def pipeline(pg_database, es, staging_root):
         def verify():
             es.indices.refresh(index=f"audit-{env}")
             window = Window(datetime.now(UTC), indexing_lag=timedelta(0))
-            return verify_source(source.store, es, source.policy, key.public_key(), since=None,
-                                 until=None, window=window)  # fmt: skip
+            return verify_source(
+                source.store,
+                es,
+                source.policy,
+                key.public_key(),
+                since=None,
+                until=None,
+                window=window,
+            )
 
         yield source, run, env, verify
     for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):

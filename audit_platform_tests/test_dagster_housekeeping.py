@@ -40,14 +40,18 @@ def test_old_runs_are_purged_except_the_latest_materialization_of_each_partition
             return dg.materialize([hourly], instance=instance, partition_key=partition).run_id
 
         superseded, latest_first, latest_second = (
-            materialize(first), materialize(first), materialize(second)
-        )  # fmt: skip
+            materialize(first),
+            materialize(first),
+            materialize(second),
+        )
         failed = failing_job.execute_in_process(instance=instance, raise_on_error=False).run_id
         now = datetime.now(UTC)
 
         assert purge_runs(instance, environment, now) == {
-            "deleted_done": 0, "deleted_failed": 0, "kept_latest": 0
-        }  # fmt: skip
+            "deleted_done": 0,
+            "deleted_failed": 0,
+            "kept_latest": 0,
+        }
         counts = purge_runs(instance, environment, now + timedelta(days=8))
         assert counts == {"deleted_done": 1, "deleted_failed": 0, "kept_latest": 2}
         remaining = {r.run_id for r in instance.get_runs()}

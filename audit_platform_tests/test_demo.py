@@ -78,14 +78,29 @@ def test_closed_output_and_sighup_stop_every_process_the_demo_started(servers, t
     resources = tmp_path / "resources"
     shutil.copytree(Settings().resources_dir, resources)
     stack_dir = tmp_path / "stack"
-    environ = {**os.environ, "AUDIT_ENV": env, "AUDIT_STACK_DIR": str(stack_dir),
-               "AUDIT_RESOURCES_DIR": str(resources)}  # fmt: skip
+    environ = {
+        **os.environ,
+        "AUDIT_ENV": env,
+        "AUDIT_STACK_DIR": str(stack_dir),
+        "AUDIT_RESOURCES_DIR": str(resources),
+    }
     ports = [str(free_port()) for _ in range(3)]
     demo = subprocess.Popen(
-        [str(Path(sys.executable).with_name("audit-platform")), "demo", "--dagster-port", ports[0],
-         "--api-port", ports[1], "--shop-port", ports[2]],
-        env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).with_name("audit-platform")),
+            "demo",
+            "--dagster-port",
+            ports[0],
+            "--api-port",
+            ports[1],
+            "--shop-port",
+            ports[2],
+        ],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     marker = str(stack_dir / "demo" / env)
     try:
         deadline, seen = time.monotonic() + 240, []

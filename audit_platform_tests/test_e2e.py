@@ -59,15 +59,28 @@ def deployment(servers, es, tmp_path_factory) -> Iterator[tuple[LocalDeployment,
     resources = root / "resources"
     shutil.copytree(Settings().resources_dir, resources)
     # This environment captures the shop every 5 seconds, and releases orphans at once.
-    (resources / "environments" / f"{env}.yaml").write_text(yaml.safe_dump({
-        "sources": {"shop": {"url_env": "AUDIT_SOURCE_SHOP_URL"}},
-        "capture_report_seconds": 5, "enrich_grace_minutes": 0, "retention_days": 7,
-    }))  # fmt: skip
+    (resources / "environments" / f"{env}.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "sources": {"shop": {"url_env": "AUDIT_SOURCE_SHOP_URL"}},
+                "capture_report_seconds": 5,
+                "enrich_grace_minutes": 0,
+                "retention_days": 7,
+            }
+        )
+    )
     exports = {k: v for k, v in os.environ.items() if k.startswith("AUDIT_")}
     with new_database(servers) as admin_db:
         shop_url = prepare_shop(admin_db, env, resources)
-        deployed = LocalDeployment(exports, env, root, {"shop": shop_url}, dagster_port=free_port(),
-                                   api_port=free_port(), resources_dir=resources)  # fmt: skip
+        deployed = LocalDeployment(
+            exports,
+            env,
+            root,
+            {"shop": shop_url},
+            dagster_port=free_port(),
+            api_port=free_port(),
+            resources_dir=resources,
+        )
         deployed.prepare()
         with psycopg.connect(servers.pg_url, autocommit=True) as conn:
             key = create_key(conn, env, "e2e").secret
@@ -88,8 +101,10 @@ def _rows(shop_url: str) -> dict[str, set[str]]:
     """Object ids of every row now in the shop's tables, as the records name them."""
     keys = {"order_lines": "order_id::text || ',' || line::text"}
     with psycopg.connect(shop_url, autocommit=True) as conn:
-        return {t: {r[0] for r in conn.execute(f"SELECT {keys.get(t, 'id::text')} FROM {t}")}
-                for t in TABLES}  # fmt: skip
+        return {
+            t: {r[0] for r in conn.execute(f"SELECT {keys.get(t, 'id::text')} FROM {t}")}
+            for t in TABLES
+        }
 
 
 def _export(api: str, key: str, **params) -> list[dict]:
@@ -114,9 +129,14 @@ def test_traffic_reaches_the_api_with_its_context_and_a_backfill_changes_nothing
     deadline, inserted = time.monotonic() + 240, {}
     while time.monotonic() < deadline:
         records = _export(deployed.api_url, key)
-        inserted = {t: {r["object_id"] for r in records
-                        if r["table"]["name"] == t and r["operation"] == "insert"}
-                    for t in TABLES}  # fmt: skip
+        inserted = {
+            t: {
+                r["object_id"]
+                for r in records
+                if r["table"]["name"] == t and r["operation"] == "insert"
+            }
+            for t in TABLES
+        }
         admin = [r for r in records if r["attribution"]["status"] == "unattributed"]
         if inserted == rows and admin:
             break
@@ -125,8 +145,9 @@ def test_traffic_reaches_the_api_with_its_context_and_a_backfill_changes_nothing
 
     by_actor = {}
     for record in records:
-        by_actor.setdefault(record["context"]["actor"]["type"] if record["context"] else None,
-                            []).append(record)  # fmt: skip
+        by_actor.setdefault(
+            record["context"]["actor"]["type"] if record["context"] else None, []
+        ).append(record)
     for record in by_actor["user"]:  # requests through the middleware
         context = record["context"]
         assert context["service"] == "shop-api" and context["request_id"]
@@ -142,8 +163,9 @@ def test_traffic_reaches_the_api_with_its_context_and_a_backfill_changes_nothing
     assert not emails & {r["after"].get("email") for r in records if r["after"]}  # masked
 
     # A backfill of one hour through Dagster's own interface leaves the index identical.
-    hour = hour_key(datetime.fromisoformat(records[0]["@timestamp"]).replace(
-        minute=0, second=0, microsecond=0))  # fmt: skip
+    hour = hour_key(
+        datetime.fromisoformat(records[0]["@timestamp"]).replace(minute=0, second=0, microsecond=0)
+    )
     in_hour = [r for r in records if r["@timestamp"][:13] == records[0]["@timestamp"][:13]]
 
     def snapshot() -> dict[str, dict]:
@@ -151,21 +173,30 @@ def test_traffic_reaches_the_api_with_its_context_and_a_backfill_changes_nothing
         return {r["id"]: {k: v for k, v in r.items() if k != "ingested_at"} for r in found}
 
     before = snapshot()
-    launched = deployed.graphql(LAUNCH_BACKFILL, {"params": {
-        "partitionNames": [hour],
-        "assetSelection": [{"path": ["shop", "enriched"]}, {"path": ["shop", "indexed"]}],
-    }})["launchPartitionBackfill"]  # fmt: skip
+    launched = deployed.graphql(
+        LAUNCH_BACKFILL,
+        {
+            "params": {
+                "partitionNames": [hour],
+                "assetSelection": [{"path": ["shop", "enriched"]}, {"path": ["shop", "indexed"]}],
+            }
+        },
+    )["launchPartitionBackfill"]
     assert launched["__typename"] == "LaunchBackfillSuccess", launched
     deadline, status = time.monotonic() + 300, None
     while time.monotonic() < deadline:
         status = deployed.graphql(BACKFILL_STATUS, {"id": launched["backfillId"]})[
-            "partitionBackfillOrError"]["status"]  # fmt: skip
+            "partitionBackfillOrError"
+        ]["status"]
         if status not in {"REQUESTED", "CANCELING", "FAILING"}:
             break
         time.sleep(2)
     assert status in {"COMPLETED", "COMPLETED_SUCCESS"}, status
     after = snapshot()
     assert after == before and len(in_hour) > 0
-    reindexed = [r for r in _export(deployed.api_url, key) if r["@timestamp"][:13]
-                 == records[0]["@timestamp"][:13]]  # fmt: skip
+    reindexed = [
+        r
+        for r in _export(deployed.api_url, key)
+        if r["@timestamp"][:13] == records[0]["@timestamp"][:13]
+    ]
     assert max(r["ingested_at"] for r in reindexed) > max(r["ingested_at"] for r in in_hour)

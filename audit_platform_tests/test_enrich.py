@@ -48,9 +48,13 @@ def _enrich(source, now=None, grace=GRACE):
     """Rebuild the one staged hour whole, as a backfill does."""
     [hour] = {f.hour for f in source.store.files_by_hour("changes")} or [None]
     return enrich_hour(
-        source.store, source.state, source.policy, hour,
-        now=now or datetime.now(UTC), grace=grace,
-    )  # fmt: skip
+        source.store,
+        source.state,
+        source.policy,
+        hour,
+        now=now or datetime.now(UTC),
+        grace=grace,
+    )
 
 
 def _run(source, now=None, grace=GRACE) -> pl.DataFrame:
@@ -77,8 +81,11 @@ def _write(source, sql, params=(), context=None) -> int:
 
 def test_changes_carry_their_transactions_context(shop):
     _write(shop, "INSERT INTO orders VALUES (1, 'new', 's3cr3t-value')", context=ADA)
-    _write(shop, "UPDATE orders SET status = 'paid' WHERE id = 1",
-           context={"actor": {"type": "service", "id": "billing"}})  # fmt: skip
+    _write(
+        shop,
+        "UPDATE orders SET status = 'paid' WHERE id = 1",
+        context={"actor": {"type": "service", "id": "billing"}},
+    )
     shop.capture()
     records = _run(shop).sort("lsn")
     assert records["attribution_status"].to_list() == ["attributed", "attributed"]
@@ -138,10 +145,15 @@ def test_orphan_is_revisited_when_its_context_arrives_in_another_hour(shop):
     [orphan_hour] = {f.hour for f in shop.store.files_by_hour("changes")}
     assert _revisit(shop, now) == []  # not due yet
     attached_next_hour = pl.DataFrame(
-        {"kind": ["attach"], "target_xid": [xid % 2**32], "lsn": [1], "context": [json.dumps(ADA)],
-         "commit_time": [orphan_hour + timedelta(hours=1, minutes=5)]},
+        {
+            "kind": ["attach"],
+            "target_xid": [xid % 2**32],
+            "lsn": [1],
+            "context": [json.dumps(ADA)],
+            "commit_time": [orphan_hour + timedelta(hours=1, minutes=5)],
+        },
         schema_overrides={"commit_time": pl.Datetime("us", "UTC")},
-    )  # fmt: skip
+    )
     quarantine.store_late_contexts(shop.state, "test", "shop", attached_next_hour)
     assert len(_revisit(shop, now)) == 1
     assert _run(shop, now=now)["attribution_status"].to_list() == ["late"]
@@ -245,8 +257,9 @@ def test_batches_cut_inside_transactions_keep_every_change_with_its_context(shop
 
 
 def test_an_hour_names_its_transactions_with_fewer_records_than_changes_captured(shop):
-    _write(shop, "INSERT INTO orders SELECT g, 'new', NULL FROM generate_series(1, 3) g",
-           context=ADA)  # fmt: skip
+    _write(
+        shop, "INSERT INTO orders SELECT g, 'new', NULL FROM generate_series(1, 3) g", context=ADA
+    )
     shop.capture()
     records = _run(shop)
     [hour] = shop.store.hours("records")

@@ -20,9 +20,15 @@ POLICY = policy_for("shop", public__orders={"ignore_changes_to": ["updated_at"]}
 
 def _changes(rows: list[dict]) -> pl.DataFrame:
     base = {
-        "commit_time_us": 0, "schema": "public", "table": "orders", "key_columns": '["id"]',
-        "unchanged_toast": None, "column_types": "{}", "before": None, "after": None,
-    }  # fmt: skip
+        "commit_time_us": 0,
+        "schema": "public",
+        "table": "orders",
+        "key_columns": '["id"]',
+        "unchanged_toast": None,
+        "column_types": "{}",
+        "before": None,
+        "after": None,
+    }
     frame = pl.DataFrame([base | r for r in rows], schema=CHANGES_SCHEMA)
     return frame.drop("commit_time_us").with_columns(
         pl.lit(T0).alias("commit_time"),
@@ -43,13 +49,19 @@ def _contexts(rows: list[dict]) -> pl.DataFrame:
     [
         (Operation.insert, None, {"id": "1", "note": None, "s": "a"}, set(), ["id", "s"]),
         (Operation.delete, {"id": "1", "s": "a"}, None, set(), ["id", "s"]),
-        (Operation.update, {"id": "1", "s": "a", "n": None}, {"id": "1", "s": "b", "n": None}, set(), ["s"]),
+        (
+            Operation.update,
+            {"id": "1", "s": "a", "n": None},
+            {"id": "1", "s": "b", "n": None},
+            set(),
+            ["s"],
+        ),
         (Operation.update, {"id": "1", "s": None}, {"id": "1", "s": "x"}, set(), ["s"]),
         (Operation.update, {"id": "1", "old": "x"}, {"id": "1", "new": "y"}, set(), ["new", "old"]),
         (Operation.update, {"id": "1", "body": "x"}, {"id": "1"}, {"body"}, []),
         (Operation.truncate, None, None, set(), []),
     ],
-)  # fmt: skip
+)
 def test_changed_columns(operation, before, after, toast, expected):
     assert changed_columns(operation, before, after, toast) == expected
 
@@ -88,8 +100,9 @@ def test_two_set_context_calls_merge_in_order():
 
 
 def test_orphan_waits_within_grace_and_is_released_as_unattributed_after():
-    changes = _changes([{"lsn": 5, "xid": 3, "change_index": 0, "operation": "insert",
-                         "after": '{"id":"1"}'}])  # fmt: skip
+    changes = _changes(
+        [{"lsn": 5, "xid": 3, "change_index": 0, "operation": "insert", "after": '{"id":"1"}'}]
+    )
     empty = _contexts([])
     waiting = enrich(
         changes, empty, POLICY, now=T0 + timedelta(minutes=5), grace=timedelta(hours=1)
@@ -101,15 +114,24 @@ def test_orphan_waits_within_grace_and_is_released_as_unattributed_after():
 
 
 def test_late_context_gives_status_late_with_its_lag():
-    changes = _changes([{"lsn": 5, "xid": 3, "change_index": 0, "operation": "insert",
-                         "after": '{"id":"1"}'}])  # fmt: skip
+    changes = _changes(
+        [{"lsn": 5, "xid": 3, "change_index": 0, "operation": "insert", "after": '{"id":"1"}'}]
+    )
     late = pl.DataFrame(
-        {"target_xid": [3], "context": ['{"actor":{"type":"user","id":"7"}}'],
-         "attached_at": [T0 + timedelta(seconds=90)]},
-        schema={"target_xid": pl.Int64, "context": pl.String, "attached_at": pl.Datetime("us", "UTC")},
-    )  # fmt: skip
-    result = enrich(changes, _contexts([]), POLICY, now=T0, grace=timedelta(hours=1),
-                    late_contexts=late)  # fmt: skip
+        {
+            "target_xid": [3],
+            "context": ['{"actor":{"type":"user","id":"7"}}'],
+            "attached_at": [T0 + timedelta(seconds=90)],
+        },
+        schema={
+            "target_xid": pl.Int64,
+            "context": pl.String,
+            "attached_at": pl.Datetime("us", "UTC"),
+        },
+    )
+    result = enrich(
+        changes, _contexts([]), POLICY, now=T0, grace=timedelta(hours=1), late_contexts=late
+    )
     assert result.records.select("attribution_status", "attribution_lag_seconds").row(0) == (
         "late",
         90.0,
@@ -118,11 +140,20 @@ def test_late_context_gives_status_late_with_its_lag():
 
 def test_update_touching_only_ignored_columns_is_dropped_and_counted():
     changes = _changes(
-        [{"lsn": 5, "xid": 3, "change_index": 0, "operation": "update",
-          "before": '{"id":"1","updated_at":"a"}', "after": '{"id":"1","updated_at":"b"}'}]
-    )  # fmt: skip
-    ctx = _contexts([{"lsn": 5, "xid": 3, "target_xid": 3,
-                      "context": '{"actor":{"type":"job","id":"touch"}}'}])  # fmt: skip
+        [
+            {
+                "lsn": 5,
+                "xid": 3,
+                "change_index": 0,
+                "operation": "update",
+                "before": '{"id":"1","updated_at":"a"}',
+                "after": '{"id":"1","updated_at":"b"}',
+            }
+        ]
+    )
+    ctx = _contexts(
+        [{"lsn": 5, "xid": 3, "target_xid": 3, "context": '{"actor":{"type":"job","id":"touch"}}'}]
+    )
     result = enrich(changes, ctx, POLICY, now=T0, grace=timedelta(hours=1))
     assert (result.records.height, result.ignored) == (0, 1)
 
@@ -132,11 +163,18 @@ def test_a_malformed_change_is_set_aside_with_its_reason_and_the_rest_flow():
         [
             {"lsn": 5, "xid": 3, "change_index": 0, "operation": "insert", "after": '{"id":"1"}'},
             {"lsn": 5, "xid": 3, "change_index": 1, "operation": "insert", "after": "{not json"},
-            {"lsn": 5, "xid": 3, "change_index": 2, "operation": "insert", "after": '{"x":"no key"}'},
+            {
+                "lsn": 5,
+                "xid": 3,
+                "change_index": 2,
+                "operation": "insert",
+                "after": '{"x":"no key"}',
+            },
         ]
-    )  # fmt: skip
-    ctx = _contexts([{"lsn": 5, "xid": 3, "target_xid": 3,
-                      "context": '{"actor":{"type":"user","id":"1"}}'}])  # fmt: skip
+    )
+    ctx = _contexts(
+        [{"lsn": 5, "xid": 3, "target_xid": 3, "context": '{"actor":{"type":"user","id":"1"}}'}]
+    )
     result = enrich(changes, ctx, POLICY, now=T0, grace=timedelta(hours=1))
     assert result.records["change_index"].to_list() == [0]
     assert [(i, reason.split(":")[0]) for _, i, reason, _ in result.rejected] == [

@@ -57,8 +57,13 @@ def test_the_writer_runs_the_index_step_and_cannot_reach_another_environment(
     servers, accounts, clean, es, pg_database, tmp_path
 ):
     writer = _client(servers, accounts[ENV_A][access.WRITER])
-    source = make_source(pg_database, tmp_path, "CREATE TABLE t (id int PRIMARY KEY, v text);",
-                         policy_for("shop", public__t={}), env=ENV_A)  # fmt: skip
+    source = make_source(
+        pg_database,
+        tmp_path,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);",
+        policy_for("shop", public__t={}),
+        env=ENV_A,
+    )
     source.execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 5) g")
     with psycopg.connect(pg_database, autocommit=True) as state:
         platform_db.install(state, Settings().resources_dir / "sql")

@@ -131,8 +131,12 @@ def test_signing_in_opens_a_session_held_in_a_cookie_without_the_key(context, ex
 @pytest.mark.parametrize("which", ["wrong", "revoked", "other environment", "malformed"])
 def test_a_key_that_is_not_an_active_key_of_this_environment_is_refused(context, explorer, which):
     keys = explorer.shop.keys
-    key = {"wrong": keys["a"][:-4] + "AAAA", "revoked": keys["revoked"],
-           "other environment": keys["b"], "malformed": "hunter2"}[which]  # fmt: skip
+    key = {
+        "wrong": keys["a"][:-4] + "AAAA",
+        "revoked": keys["revoked"],
+        "other environment": keys["b"],
+        "malformed": "hunter2",
+    }[which]
     page = sign_in(context, explorer, key)
     expect(page).to_have_url(f"{explorer.base}/ui/login")
     expect(page.get_by_role("alert")).to_contain_text("not an active API key")
@@ -154,8 +158,11 @@ def test_revoking_a_key_ends_its_open_sessions(context, explorer):
 def test_a_form_posted_from_another_origin_is_refused(explorer):
     import httpx
 
-    answer = httpx.post(f"{explorer.base}/ui/login", data={"key": explorer.shop.keys["a"]},
-                        headers={"Origin": "https://evil.example"})  # fmt: skip
+    answer = httpx.post(
+        f"{explorer.base}/ui/login",
+        data={"key": explorer.shop.keys["a"]},
+        headers={"Origin": "https://evil.example"},
+    )
     assert answer.status_code == 403 and "set-cookie" not in answer.headers
 
 
@@ -276,9 +283,12 @@ def test_an_object_at_a_moment_picked_on_the_page(context, explorer):
     expect(page.locator("ol.timeline > li")).to_have_count(2)
     # Halfway between the sign-up and the payment (the timeline's "state then" links hold
     # each change's commit time), the row was still new.
-    paid, signup = (datetime.fromisoformat(parse_qs(urlsplit(href).query)["at"][0])
-                    for href in page.get_by_role("link", name="state then").evaluate_all(
-                        "links => links.map(a => a.href)"))  # fmt: skip
+    paid, signup = (
+        datetime.fromisoformat(parse_qs(urlsplit(href).query)["at"][0])
+        for href in page.get_by_role("link", name="state then").evaluate_all(
+            "links => links.map(a => a.href)"
+        )
+    )
     moment = (signup + (paid - signup) / 2).strftime("%Y-%m-%dT%H:%M:%S.%f")[:23]
     page.get_by_label("Moment (UTC)").fill(moment)
     page.get_by_role("button", name="Show the row then").click()
@@ -371,9 +381,14 @@ def test_no_page_sends_a_request_to_another_origin(context, explorer):
     page = sign_in(context, explorer, shop.keys["a"])
     headers = []
     page.on("response", lambda r: headers.append(r.headers) if "/ui/" in r.url else None)
-    for path in ["/ui/", "/ui/search?q=actor%3Aada", "/ui/actors/ada",
-                 f"/ui/transactions/shop/{shop.xid_signup}", "/ui/requests/req-ada-1",
-                 "/ui/objects/shop/public.orders/1"]:  # fmt: skip
+    for path in [
+        "/ui/",
+        "/ui/search?q=actor%3Aada",
+        "/ui/actors/ada",
+        f"/ui/transactions/shop/{shop.xid_signup}",
+        "/ui/requests/req-ada-1",
+        "/ui/objects/shop/public.orders/1",
+    ]:
         page.goto(explorer.base + path)
         page.wait_for_load_state("networkidle")
     page.goto(f"{explorer.base}/ui/search?q=actor%3Aada")
@@ -395,8 +410,15 @@ ACCESSIBLE_NAMES = """() => [...document.querySelectorAll(
 def test_every_control_is_labelled_and_the_keyboard_reaches_the_search(context, explorer):
     shop = explorer.shop
     page = sign_in(context, explorer, shop.keys["a"])
-    for path in ["/ui/login", "/ui/", "/ui/search", "/ui/actors/ada", f"/ui/transactions/shop/{shop.xid_signup}",
-                 "/ui/objects/shop/public.orders/1", "/ui/requests/req-ada-1"]:  # fmt: skip
+    for path in [
+        "/ui/login",
+        "/ui/",
+        "/ui/search",
+        "/ui/actors/ada",
+        f"/ui/transactions/shop/{shop.xid_signup}",
+        "/ui/objects/shop/public.orders/1",
+        "/ui/requests/req-ada-1",
+    ]:
         page.goto(explorer.base + path)
         assert page.evaluate(ACCESSIBLE_NAMES) == [], path
     page.goto(f"{explorer.base}/ui/")

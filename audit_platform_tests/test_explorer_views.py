@@ -31,10 +31,23 @@ from audit_platform.ui_sessions import close_session, open_session, session_key
 NOW = datetime(2026, 11, 27, 12, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("value", [
-    "alice", "public.orders", "u-12", "a b", "a,b", "key:value", 'say "hi"', "back\\slash",
-    "-leading-dash", "(paren)", "ünïcödé", "x" * 300,
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "value",
+    [
+        "alice",
+        "public.orders",
+        "u-12",
+        "a b",
+        "a,b",
+        "key:value",
+        'say "hi"',
+        "back\\slash",
+        "-leading-dash",
+        "(paren)",
+        "ünïcödé",
+        "x" * 300,
+    ],
+)
 def test_a_facet_value_is_read_back_by_the_query_language_as_itself(value):
     (term,) = parse(f"actor:{quote(value)}", now=NOW).terms
     assert term.field == "actor" and term.values == (value,) and not term.negated
@@ -46,18 +59,29 @@ def test_refining_adds_a_term_once():
     assert refine("op:update table:x", "table", "x") == "op:update table:x"
 
 
-@pytest.mark.parametrize(("env", "tone"), [
-    ("production", "production"), ("prod", "production"), ("eu-prod", "production"),
-    ("prd_2", "production"), ("staging", "staging"), ("uat", "staging"), ("qa-eu", "staging"),
-    ("dev", "development"), ("product_demo", "development"), ("produce", "development"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("env", "tone"),
+    [
+        ("production", "production"),
+        ("prod", "production"),
+        ("eu-prod", "production"),
+        ("prd_2", "production"),
+        ("staging", "staging"),
+        ("uat", "staging"),
+        ("qa-eu", "staging"),
+        ("dev", "development"),
+        ("product_demo", "development"),
+        ("produce", "development"),
+    ],
+)
 def test_production_looks_like_production(env, tone):
     assert environment_tone(env) == tone
 
 
 def test_a_chart_scales_to_its_peak_and_never_hides_a_bucket_with_changes():
-    buckets = [TimeBucket(start=NOW + timedelta(hours=i), count=c)
-               for i, c in enumerate([0, 1, 1000, 500])]  # fmt: skip
+    buckets = [
+        TimeBucket(start=NOW + timedelta(hours=i), count=c) for i, c in enumerate([0, 1, 1000, 500])
+    ]
     chart = time_chart(buckets, width=400, height=100)
     assert [b.x for b in chart.bars] == [0, 100, 200, 300]
     heights = [b.height for b in chart.bars]
@@ -69,27 +93,48 @@ def test_a_chart_scales_to_its_peak_and_never_hides_a_bucket_with_changes():
 
 
 def _record(operation: str, before: dict | None, after: dict | None, changed: list[str]):
-    return AuditRecord.model_validate({
-        "id": "dev:shop:1:0", "@timestamp": NOW, "env": "dev",
-        "source": {"service": "shop", "database": "shop"},
-        "table": {"schema": "public", "name": "orders"}, "operation": operation,
-        "event": {"action": operation, "type": ["change"]}, "object_id": "7/8",
-        "changed_columns": changed, "before": before, "after": after, "values_text": "",
-        "context": {"actor": {"id": "a/b"}, "request_id": "r?1"}, "user": {}, "service": {},
-        "trace": {}, "client": {}, "attribution": {"status": "attributed"},
-        "transaction": {"xid": 5, "commit_lsn": "0/1", "lsn": 1, "change_index": 0},
-        "row": {"key": ["id"], "types": {}}, "policy_version": "1", "ingested_at": NOW,
-    })  # fmt: skip
+    return AuditRecord.model_validate(
+        {
+            "id": "dev:shop:1:0",
+            "@timestamp": NOW,
+            "env": "dev",
+            "source": {"service": "shop", "database": "shop"},
+            "table": {"schema": "public", "name": "orders"},
+            "operation": operation,
+            "event": {"action": operation, "type": ["change"]},
+            "object_id": "7/8",
+            "changed_columns": changed,
+            "before": before,
+            "after": after,
+            "values_text": "",
+            "context": {"actor": {"id": "a/b"}, "request_id": "r?1"},
+            "user": {},
+            "service": {},
+            "trace": {},
+            "client": {},
+            "attribution": {"status": "attributed"},
+            "transaction": {"xid": 5, "commit_lsn": "0/1", "lsn": 1, "change_index": 0},
+            "row": {"key": ["id"], "types": {}},
+            "policy_version": "1",
+            "ingested_at": NOW,
+        }
+    )
 
 
 def test_a_record_lists_key_and_changed_columns_first_and_marks_only_the_changed():
-    record = _record("update", {"id": 7, "note": "x", "status": "new", "total": None},
-                     {"id": 7, "note": "x", "status": "paid", "total": None}, ["status"])  # fmt: skip
+    record = _record(
+        "update",
+        {"id": 7, "note": "x", "status": "new", "total": None},
+        {"id": 7, "note": "x", "status": "paid", "total": None},
+        ["status"],
+    )
     rows = columns(record)
     assert [(r.column, r.changed, r.key) for r in rows] == [
-        ("id", False, True), ("status", True, False), ("note", False, False),
+        ("id", False, True),
+        ("status", True, False),
+        ("note", False, False),
         ("total", False, False),
-    ]  # fmt: skip
+    ]
     assert (rows[1].before, rows[1].after) == ("new", "paid")
     assert (rows[0].before, rows[3].after) == ("7", "null")  # values as text, NULL as null
     inserted = columns(_record("insert", None, {"id": 7, "note": "x"}, ["id", "note"]))
@@ -106,11 +151,19 @@ def test_links_keep_slashes_and_question_marks_inside_one_path_segment():
     }
 
 
-@pytest.mark.parametrize(("asked", "goes"), [
-    ("/ui/search?q=actor%3Aada", "/ui/search?q=actor%3Aada"), ("/ui/", "/ui/"),
-    (None, "/ui/"), ("https://evil.example/ui/", "/ui/"), ("//evil.example/ui", "/ui/"),
-    ("/ui\\@evil.example", "/ui/"), ("/v1/events", "/ui/"), ("javascript:alert(1)", "/ui/"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("asked", "goes"),
+    [
+        ("/ui/search?q=actor%3Aada", "/ui/search?q=actor%3Aada"),
+        ("/ui/", "/ui/"),
+        (None, "/ui/"),
+        ("https://evil.example/ui/", "/ui/"),
+        ("//evil.example/ui", "/ui/"),
+        ("/ui\\@evil.example", "/ui/"),
+        ("/v1/events", "/ui/"),
+        ("javascript:alert(1)", "/ui/"),
+    ],
+)
 def test_sign_in_returns_only_to_a_page_of_the_explorer(asked, goes):
     assert safe_next(asked) == goes
 
@@ -136,8 +189,9 @@ def test_a_session_ends_at_its_lifetime_when_idle_for_too_long_on_sign_out_and_o
     assert found is not None and found.key_id == key.key_id and found.scope.env == env
     assert session_key(platform, "another_env", token, idle=hour) is None
     assert session_key(platform, env, token + "x", idle=hour) is None
-    stored = platform.execute("SELECT token_sha256 FROM audit_platform.ui_sessions"
-                              " WHERE key_id = %s", (key.key_id,)).fetchone()[0]  # fmt: skip
+    stored = platform.execute(
+        "SELECT token_sha256 FROM audit_platform.ui_sessions WHERE key_id = %s", (key.key_id,)
+    ).fetchone()[0]
     assert token.encode() not in bytes(stored)
 
     short = open_session(platform, key, timedelta(seconds=1))
@@ -153,6 +207,7 @@ def test_a_session_ends_at_its_lifetime_when_idle_for_too_long_on_sign_out_and_o
     assert session_key(platform, env, kept, idle=hour) is None
     # Signing in again purges expired sessions (the short one) of every key.
     open_session(platform, create_key(platform, env, "other").key, hour)
-    left = platform.execute("SELECT count(*) FROM audit_platform.ui_sessions"
-                            " WHERE expires_at < now()").fetchone()[0]  # fmt: skip
+    left = platform.execute(
+        "SELECT count(*) FROM audit_platform.ui_sessions WHERE expires_at < now()"
+    ).fetchone()[0]
     assert left == 0

@@ -86,8 +86,9 @@ class Writer:
             "SELECT audit.set_context(%s::jsonb)",
             (json.dumps({"actor": {"type": "user", "id": f"u{n % 7}"}, "request_id": f"r{n}"}),),
         )
-        conn.execute("INSERT INTO orders (customer_id, total) VALUES (%s, %s)",
-                     (self.customer, n % 1000))  # fmt: skip
+        conn.execute(
+            "INSERT INTO orders (customer_id, total) VALUES (%s, %s)", (self.customer, n % 1000)
+        )
         if n % 5 == 0:
             conn.execute(
                 "UPDATE orders SET status = 'paid' WHERE id = (SELECT min(id) FROM orders"
@@ -111,9 +112,12 @@ class Matrix:
         return ground_truth(self.shop_url)
 
     def records(self) -> list[dict]:
-        reply = httpx.get(f"{self.deployment.api_url}/v1/export",
-                          params={"table": "orders", "since": self.since},
-                          headers={"X-API-Key": self.key}, timeout=60)  # fmt: skip
+        reply = httpx.get(
+            f"{self.deployment.api_url}/v1/export",
+            params={"table": "orders", "since": self.since},
+            headers={"X-API-Key": self.key},
+            timeout=60,
+        )
         reply.raise_for_status()
         return [json.loads(line) for line in reply.text.splitlines()]
 
@@ -151,8 +155,11 @@ class Matrix:
 
     def run_workers(self) -> list[int]:
         home = str(self.deployment.root / "dagster_home")
-        return [pid for pid in processes_with_environ(f"DAGSTER_HOME={home}")
-                if b"spawn_main" in _cmdline(pid)]  # fmt: skip
+        return [
+            pid
+            for pid in processes_with_environ(f"DAGSTER_HOME={home}")
+            if b"spawn_main" in _cmdline(pid)
+        ]
 
 
 def _cmdline(pid: int) -> bytes:
@@ -178,11 +185,18 @@ def matrix(tmp_path_factory) -> Iterator[Matrix]:
         shutil.copytree(Settings().resources_dir, resources)
         # The live run reports every 5 s and is presumed dead after 20 s without; step retries
         # (backfill, reconciliation) short enough that a 40 s outage outlasts them.
-        (resources / "environments" / f"{env}.yaml").write_text(yaml.safe_dump({
-            "sources": {"shop": {"url_env": "AUDIT_SOURCE_SHOP_URL"}},
-            "capture_report_seconds": 5, "capture_stale_seconds": 20, "enrich_grace_minutes": 0,
-            "step_retries": 2, "step_retry_delay_seconds": 2,
-        }))  # fmt: skip
+        (resources / "environments" / f"{env}.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "sources": {"shop": {"url_env": "AUDIT_SOURCE_SHOP_URL"}},
+                    "capture_report_seconds": 5,
+                    "capture_stale_seconds": 20,
+                    "enrich_grace_minutes": 0,
+                    "step_retries": 2,
+                    "step_retry_delay_seconds": 2,
+                }
+            )
+        )
         shop_url = prepare_shop(exports["AUDIT_PG_URL"], env, resources)
         with psycopg.connect(shop_url, autocommit=True) as conn:
             conn.execute(ground_truth_ddl("orders"))
@@ -190,9 +204,15 @@ def matrix(tmp_path_factory) -> Iterator[Matrix]:
                 "INSERT INTO customers (name, email, password_hash) VALUES"
                 " ('Fault', 'fault@example.com', 'x') RETURNING id"
             ).fetchone()[0]
-        deployment = LocalDeployment(exports, env, root / "deployment", {"shop": shop_url},
-                                     dagster_port=free_port(), api_port=free_port(),
-                                     resources_dir=resources)  # fmt: skip
+        deployment = LocalDeployment(
+            exports,
+            env,
+            root / "deployment",
+            {"shop": shop_url},
+            dagster_port=free_port(),
+            api_port=free_port(),
+            resources_dir=resources,
+        )
         deployment.prepare()
         with psycopg.connect(exports["AUDIT_PG_URL"], autocommit=True) as conn:
             key = create_key(conn, env, "fault matrix").secret
@@ -254,9 +274,18 @@ def test_each_fault_heals_by_itself_and_the_trail_matches_the_trigger_table(matr
     def restart_postgres() -> None:
         record = matrix.pg.record()
         done = matrix.pg.run_as.run(
-            [str(postgres.ensure_installed() / "pg_ctl"), "-D", record.marker, "-m", "immediate",
-             "-l", str(record.log), "-w", "restart"]
-        )  # fmt: skip
+            [
+                str(postgres.ensure_installed() / "pg_ctl"),
+                "-D",
+                record.marker,
+                "-m",
+                "immediate",
+                "-l",
+                str(record.log),
+                "-w",
+                "restart",
+            ]
+        )
         assert done.returncode == 0, done.stderr
 
     fault("run worker SIGKILLed mid-capture", kill_run_worker)
@@ -270,19 +299,26 @@ def test_each_fault_heals_by_itself_and_the_trail_matches_the_trigger_table(matr
     settled = matrix.heal()
     truth, indexed = matrix.truth(), matrix.indexed()
     ids = [r["id"] for r in matrix.records()]
-    report.append(f"end: {len(truth)} changes in the trigger table, {len(indexed)} records, "
-                  f"{len(ids) - len(set(ids))} duplicate ids, writer reconnects "
-                  f"{matrix.writer.reconnects}, settled {settled:.0f} s after the last write")  # fmt: skip
+    report.append(
+        f"end: {len(truth)} changes in the trigger table, {len(indexed)} records, "
+        f"{len(ids) - len(set(ids))} duplicate ids, writer reconnects "
+        f"{matrix.writer.reconnects}, settled {settled:.0f} s after the last write"
+    )
     assert len(ids) == len(set(ids))
     assert indexed == truth  # nothing missing, nothing twice, nothing altered
     assert matrix.writer.reconnects >= 1  # the PostgreSQL restart really cut connections
     # The trail came through the faults whole: one log, in commit order, signed and chained.
     verified = subprocess.run(
         [str(Path(sys.executable).with_name("audit-platform")), "verify", "--json"],
-        env=matrix.deployment.environ(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=matrix.deployment.environ(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     result = json.loads(verified.stdout.splitlines()[0])
-    report.append(f"verify: {result['counts']}, {result['log_size']} leaves, "
-                  f"{result['checkpoints']} checkpoints, exit {verified.returncode}")  # fmt: skip
+    report.append(
+        f"verify: {result['counts']}, {result['log_size']} leaves, "
+        f"{result['checkpoints']} checkpoints, exit {verified.returncode}"
+    )
     assert verified.returncode == 0 and result["ok"], verified.stdout[:2000] + verified.stderr
     assert result["documents"] >= len(truth) and result["checkpoints"] >= 1

@@ -60,27 +60,34 @@ def fleet(servers, es, es_prefix, tmp_path, monkeypatch):
         with psycopg.connect(servers.pg_url, autocommit=True) as admin:
             for url in urls.values():  # let the cleanup in, whatever the test did
                 name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
-                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(name)))  # fmt: skip
+                admin.execute(
+                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
+                )
 
 
 def _customers(url: str, n: int, who: str) -> None:
     with psycopg.connect(url) as conn:
-        conn.execute("SELECT audit.set_context(%s::jsonb)",
-                     (json.dumps({"actor": {"type": "user", "id": who}}),))  # fmt: skip
+        conn.execute(
+            "SELECT audit.set_context(%s::jsonb)",
+            (json.dumps({"actor": {"type": "user", "id": who}}),),
+        )
         for i in range(n):
-            conn.execute("INSERT INTO customers (name, email, password_hash) VALUES (%s, %s, 'x')",
-                         (f"{who}-{i}", f"{who}-{i}@example.com"))  # fmt: skip
+            conn.execute(
+                "INSERT INTO customers (name, email, password_hash) VALUES (%s, %s, 'x')",
+                (f"{who}-{i}", f"{who}-{i}@example.com"),
+            )
 
 
 def _take_down(admin_url: str, url: str) -> None:
     """What an outage looks like from here: the database refuses every connection."""
     name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
     with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
-            sql.Identifier(name)))  # fmt: skip
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                      (name,))  # fmt: skip
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name))
+        )
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
 
 
 def _capture(defs: dg.Definitions, instance: dg.DagsterInstance):
@@ -133,8 +140,9 @@ def test_a_source_down_and_a_source_without_its_slot_hold_up_no_other(fleet, es,
         # The outage ends: the source's slot kept its changes, and nothing is lost.
         with psycopg.connect(servers.pg_url, autocommit=True) as admin:
             name = psycopg.conninfo.conninfo_to_dict(urls["east"])["dbname"]
-            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
-                sql.Identifier(name)))  # fmt: skip
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
+            )
         run = _capture(defs, instance)
         assert run.success and _live_checks(run)["east"].passed
         assert _count(es, env, "east") == 3

@@ -41,8 +41,12 @@ def captured(pg_database, tmp_path, es, env):
         policy_for("shop", public__orders={}),
         env=env,
     )
-    ctx = {"actor": {"type": "user", "id": "u-9", "name": "Grace"}, "reason": "refund",
-           "request_id": "req-1", "client_addr": "203.0.113.9"}  # fmt: skip
+    ctx = {
+        "actor": {"type": "user", "id": "u-9", "name": "Grace"},
+        "reason": "refund",
+        "request_id": "req-1",
+        "client_addr": "203.0.113.9",
+    }
     with psycopg.connect(pg_database) as conn:
         conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(ctx),))
         conn.execute("INSERT INTO orders VALUES (1, 'new', 'first order')")
@@ -51,8 +55,14 @@ def captured(pg_database, tmp_path, es, env):
     with psycopg.connect(pg_database, autocommit=True) as state:
         platform_db.install(state, RESOURCES / "sql")
         [hour] = result.hours
-        enrich_hour(source.store, state, source.policy, hour,
-                    now=datetime.now(UTC), grace=timedelta(minutes=10))  # fmt: skip
+        enrich_hour(
+            source.store,
+            state,
+            source.policy,
+            hour,
+            now=datetime.now(UTC),
+            grace=timedelta(minutes=10),
+        )
     yield source.store.read_all("records")
     for name in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
         es.indices.delete(index=name)
@@ -78,8 +88,9 @@ def test_an_index_made_under_an_older_template_takes_the_new_fields(es, env, cap
     (old / "elasticsearch" / "index-template.json").write_text(json.dumps(template))
     install_template(es, old, env, replicas=0)
     # A document as the previous code version wrote it, creating the month's index.
-    [(index, doc_id, document)] = documents(captured.head(1), database="shopdb",
-                                            ingested_at=datetime.now(UTC))  # fmt: skip
+    [(index, doc_id, document)] = documents(
+        captured.head(1), database="shopdb", ingested_at=datetime.now(UTC)
+    )
     del document["row"]
     es.index(index=index, id=doc_id, document=document)
     assert "row" not in es.indices.get_mapping(index=index)[index]["mappings"]["properties"]
@@ -118,8 +129,9 @@ def test_records_from_a_real_capture_are_searchable_by_every_filter(es, env, cap
     assert hits({"term": {"client.ip": "203.0.113.9"}}) == ["insert", "update"]
     assert hits({"term": {"attribution.status": "attributed"}}) == ["insert", "update"]
     assert hits({"range": {"@timestamp": {"gte": "now-1h"}}}) == ["insert", "update"]
-    for index, doc_id, document in documents(captured, database="shopdb",
-                                             ingested_at=datetime.now(UTC)):  # fmt: skip
+    for index, doc_id, document in documents(
+        captured, database="shopdb", ingested_at=datetime.now(UTC)
+    ):
         validate_document(doc_id, document)
         assert index.startswith(f"audit-{env}-class-standard-")
 

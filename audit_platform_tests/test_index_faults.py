@@ -90,9 +90,12 @@ def test_elasticsearch_stopped_during_indexing_then_retried_indexes_each_documen
         client.indices.refresh(index=read_alias("faults"))
         assert client.count(index=read_alias("faults"))["count"] == 20_000
         ids = client.search(
-            index=read_alias("faults"), size=0,
-            aggs={"distinct": {"cardinality": {"field": "object_id", "precision_threshold": 40000}}},
-        )["aggregations"]["distinct"]["value"]  # fmt: skip
+            index=read_alias("faults"),
+            size=0,
+            aggs={
+                "distinct": {"cardinality": {"field": "object_id", "precision_threshold": 40000}}
+            },
+        )["aggregations"]["distinct"]["value"]
         assert ids == 20_000
     finally:
         node.down()

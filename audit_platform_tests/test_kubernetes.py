@@ -30,10 +30,20 @@ def _helm() -> str:
 def render(env: str, *extra: str) -> list[dict]:
     values = PROJECT_ROOT / f"deploy/helm/environments/{env}.yaml"
     done = subprocess.run(
-        [_helm(), "template", f"audit-{env}", str(CHART), "-n", f"audit-{env}", "-f", str(values),
-         *extra],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            _helm(),
+            "template",
+            f"audit-{env}",
+            str(CHART),
+            "-n",
+            f"audit-{env}",
+            "-f",
+            str(values),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
@@ -45,8 +55,13 @@ def _by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_the_chart_renders_objects_kubernetes_accepts(env):
     objects = render(env)
-    assert {o["kind"] for o in objects} >= {"ConfigMap", "Deployment", "Service",
-                                            "ServiceAccount", "PodDisruptionBudget"}  # fmt: skip
+    assert {o["kind"] for o in objects} >= {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "PodDisruptionBudget",
+    }
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     assert all(o["metadata"]["name"].startswith(f"audit-platform-{env}") for o in objects)
@@ -65,9 +80,10 @@ def test_the_api_reads_with_the_reader_and_the_pipeline_writes_with_the_writer()
     deployments = _by_kind(objects, "Deployment")
     api = deployments["audit-platform-prod-api"]["spec"]["template"]["spec"]
     code = deployments["audit-platform-prod-code-location"]["spec"]["template"]["spec"]
-    secrets = {name: [s["secretRef"]["name"] for s in spec["containers"][0]["envFrom"]
-                      if "secretRef" in s]
-               for name, spec in (("api", api), ("code", code))}  # fmt: skip
+    secrets = {
+        name: [s["secretRef"]["name"] for s in spec["containers"][0]["envFrom"] if "secretRef" in s]
+        for name, spec in (("api", api), ("code", code))
+    }
     assert secrets == {"api": ["audit-platform-api"], "code": ["audit-platform-pipeline"]}
     env = {e["name"]: e["value"] for e in code["containers"][0]["env"]}
     assert env["DAGSTER_CURRENT_IMAGE"] == "registry.example.com/audit-platform:0.1.0"
@@ -76,7 +92,9 @@ def test_the_api_reads_with_the_reader_and_the_pipeline_writes_with_the_writer()
         container = spec["containers"][0]
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert {m["mountPath"] for m in container["volumeMounts"]} == {
-            "/tmp", "/etc/audit-platform/es-ca"}  # fmt: skip
+            "/tmp",
+            "/etc/audit-platform/es-ca",
+        }
     [config] = _by_kind(objects, "ConfigMap").values()
     assert config["data"]["AUDIT_ENV"] == "prod"
     assert config["data"]["AUDIT_STAGING_ROOT"].startswith("s3://")
@@ -111,8 +129,9 @@ def test_the_api_sees_the_ingress_tls_and_keeps_its_documents_and_metrics_closed
 def test_a_missing_required_setting_fails_the_render_with_its_name():
     done = subprocess.run(
         [_helm(), "template", "x", str(CHART), "--set", "settings.stagingRoot="],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0
     assert "settings.stagingRoot is required" in done.stderr
 
@@ -129,14 +148,20 @@ def test_the_dagster_values_keep_the_run_queue_and_recovery_of_dagster_yaml():
     assert queued["maxConcurrentRuns"] == coordinator["max_concurrent_runs"]
     assert queued["dequeueIntervalSeconds"] == coordinator["dequeue_interval_seconds"]
     assert [
-        {"key": t["key"], "limit": t["limit"],
-         "applyLimitPerUniqueValue": t["value"]["applyLimitPerUniqueValue"]}
+        {
+            "key": t["key"],
+            "limit": t["limit"],
+            "applyLimitPerUniqueValue": t["value"]["applyLimitPerUniqueValue"],
+        }
         for t in queued["tagConcurrencyLimits"]
     ] == [
-        {"key": t["key"], "limit": t["limit"],
-         "applyLimitPerUniqueValue": t["value"]["applyLimitPerUniqueValue"]}
+        {
+            "key": t["key"],
+            "limit": t["limit"],
+            "applyLimitPerUniqueValue": t["value"]["applyLimitPerUniqueValue"],
+        }
         for t in coordinator["tag_concurrency_limits"]
-    ]  # fmt: skip
+    ]
     monitoring = local["run_monitoring"]
     assert daemon["runMonitoring"]["startTimeoutSeconds"] == monitoring["start_timeout_seconds"]
     assert daemon["runRetries"]["maxRetries"] == local["run_retries"]["max_retries"]
@@ -153,9 +178,12 @@ def test_the_image_installs_the_package_and_ships_the_resources():
     """No Docker engine here to build it: the Dockerfile's inputs exist and its commands are
     the ones the chart runs."""
     dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
-    copied = [path for line in dockerfile.splitlines()
-              if line.startswith("COPY ") and "--from" not in line
-              for path in line.split()[1:-1]]  # fmt: skip
+    copied = [
+        path
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+        for path in line.split()[1:-1]
+    ]
     assert all((PROJECT_ROOT / path).exists() for path in copied), copied
     assert "ENV AUDIT_RESOURCES_DIR=/app/resources" in dockerfile
     assert "USER 10001" in dockerfile

@@ -23,8 +23,16 @@ from audit_platform.trust.merkle import (
 
 #: The leaves of the test tree in Certificate Transparency's merkle_tree_test, and its roots
 #: for sizes 1 to 8.
-CT_LEAVES = [b"", b"\x00", b"\x10", b"\x20\x21", b"\x30\x31", b"\x40\x41\x42\x43",
-             bytes(range(0x50, 0x58)), bytes(range(0x60, 0x70))]  # fmt: skip
+CT_LEAVES = [
+    b"",
+    b"\x00",
+    b"\x10",
+    b"\x20\x21",
+    b"\x30\x31",
+    b"\x40\x41\x42\x43",
+    bytes(range(0x50, 0x58)),
+    bytes(range(0x60, 0x70)),
+]
 CT_ROOTS = [
     "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
     "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
@@ -108,15 +116,26 @@ def test_proofs_refuse_positions_outside_the_tree():
     assert not verify_inclusion(LEAVES[0], 3, 3, [], LEAVES[0])
 
 
-CHARACTERS = [chr(i) for i in range(0x250)] + ["\u2028", "\u2029", "\ud7ff", "\ue000", "\uffff",
-                                               "\U0001f600", "\U0010ffff"]  # fmt: skip
+CHARACTERS = [chr(i) for i in range(0x250)] + [
+    "\u2028",
+    "\u2029",
+    "\ud7ff",
+    "\ue000",
+    "\uffff",
+    "\U0001f600",
+    "\U0010ffff",
+]
 
 
 @pytest.mark.parametrize("character", CHARACTERS, ids=lambda c: f"U+{ord(c):04X}")
 def test_leaves_are_serialized_as_the_documented_json_dumps_gives(character):
     """The offline checker (docs/verify_record.py) uses the standard library; the log uses
     orjson for speed: both must give the same bytes, escapes and key order included."""
-    leaf = {"k" + character: "v" + character + '"\\', "a": [character, None],
-            "z": {character: "x", "b": None}, character: ""}  # fmt: skip
+    leaf = {
+        "k" + character: "v" + character + '"\\',
+        "a": [character, None],
+        "z": {character: "x", "b": None},
+        character: "",
+    }
     documented = json.dumps(leaf, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     assert canonical(leaf) == documented.encode()

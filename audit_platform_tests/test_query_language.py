@@ -24,9 +24,12 @@ def test_fields_or_negation_and_free_words():
     assert parsed.not_words == ("test",)
     clauses = parsed.clauses()
     assert {"term": {"context.actor.id": "alice"}} in clauses
-    assert {"bool": {"should": [{"term": {"operation": "insert"}},
-                                {"term": {"operation": "delete"}}],
-                     "minimum_should_match": 1}} in clauses  # fmt: skip
+    assert {
+        "bool": {
+            "should": [{"term": {"operation": "insert"}}, {"term": {"operation": "delete"}}],
+            "minimum_should_match": 1,
+        }
+    } in clauses
     [negative] = [c for c in clauses if "bool" in c and "must_not" in c["bool"]]
     assert {"term": {"context.actor.id": "bot"}} in negative["bool"]["must_not"]
 
@@ -35,14 +38,19 @@ def test_quotes_keep_spaces_commas_and_colons_in_a_value():
     parsed = parse(r'after.note:"on hold, see: \"ticket\"" table:public.orders', now=NOW)
     assert parsed.terms[0].values == ('on hold, see: "ticket"',)
     assert parsed.clauses()[0] == {"term": {"after.note": 'on hold, see: "ticket"'}}
-    assert parsed.clauses()[1] == {"bool": {"filter": [{"term": {"table.schema": "public"}},
-                                                       {"term": {"table.name": "orders"}}]}}  # fmt: skip
+    assert parsed.clauses()[1] == {
+        "bool": {
+            "filter": [{"term": {"table.schema": "public"}}, {"term": {"table.name": "orders"}}]
+        }
+    }
 
 
 def test_a_transition_is_a_before_and_an_after_value_on_the_same_record():
     parsed = parse("before.status:paid after.status:refunded", now=NOW)
-    assert parsed.clauses() == [{"term": {"before.status": "paid"}},
-                                {"term": {"after.status": "refunded"}}]  # fmt: skip
+    assert parsed.clauses() == [
+        {"term": {"before.status": "paid"}},
+        {"term": {"after.status": "refunded"}},
+    ]
     assert parsed.image_columns() == [("before", "status"), ("after", "status")]
 
 
@@ -76,14 +84,17 @@ def test_errors_point_at_the_term_and_say_what_works(text, message):
 def test_values_are_data_never_syntax():
     """Characters that mean something in Lucene query syntax reach a term clause as is."""
     parsed = parse('actor:"*" after.note:"a OR b" object:(1)', now=NOW)
-    assert parsed.clauses() == [{"term": {"context.actor.id": "*"}},
-                                {"term": {"after.note": "a OR b"}},
-                                {"term": {"object_id": "(1)"}}]  # fmt: skip
+    assert parsed.clauses() == [
+        {"term": {"context.actor.id": "*"}},
+        {"term": {"after.note": "a OR b"}},
+        {"term": {"object_id": "(1)"}},
+    ]
 
 
 def test_the_filter_takes_the_query_and_value_parameters_in_both_spellings():
-    f = EventFilter.model_validate({"query": "actor:alice since:-1h", "after.status": "refunded",
-                                    "before": ["status:paid"]})  # fmt: skip
+    f = EventFilter.model_validate(
+        {"query": "actor:alice since:-1h", "after.status": "refunded", "before": ["status:paid"]}
+    )
     assert f.after == ["status:refunded"] and f.before == ["status:paid"]
     since, until = f.bounds
     assert since is not None and until is None
@@ -111,9 +122,15 @@ def test_a_range_before_1970_is_cut_at_the_epoch_or_refused():
     from audit_platform.query.filters import EPOCH, QueryError, time_range
 
     week = timedelta(days=7)
-    start, end = time_range(None, EPOCH + timedelta(days=1), now=NOW, default=week,
-                            maximum=timedelta(days=400))  # fmt: skip
+    start, end = time_range(
+        None, EPOCH + timedelta(days=1), now=NOW, default=week, maximum=timedelta(days=400)
+    )
     assert (start, end) == (EPOCH, EPOCH + timedelta(days=1))
     with pytest.raises(QueryError, match="before 1970-01-01"):
-        time_range(None, datetime(1969, 12, 31, tzinfo=UTC), now=NOW, default=week,
-                   maximum=timedelta(days=400))  # fmt: skip
+        time_range(
+            None,
+            datetime(1969, 12, 31, tzinfo=UTC),
+            now=NOW,
+            default=week,
+            maximum=timedelta(days=400),
+        )

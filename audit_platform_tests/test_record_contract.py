@@ -40,18 +40,37 @@ def _document_fields(document: dict, prefix: str = "") -> set[str]:
 
 def _record(**overrides) -> pl.DataFrame:
     row = {
-        "id": "dev:shop:0000000100000002:3", "commit_time": T0, "env": "dev", "source": "shop",
-        "schema": "public", "table": "orders", "operation": "update", "object_id": "7",
-        "changed_columns": '["status"]', "before": '{"id":"7","status":"new"}',
+        "id": "dev:shop:0000000100000002:3",
+        "commit_time": T0,
+        "env": "dev",
+        "source": "shop",
+        "schema": "public",
+        "table": "orders",
+        "operation": "update",
+        "object_id": "7",
+        "changed_columns": '["status"]',
+        "before": '{"id":"7","status":"new"}',
         "after": '{"id":"7","status":"paid"}',
-        "context": json.dumps({"actor": {"type": "user", "id": "u1", "name": "Ada"},
-                               "service": "shop", "trace_id": "0" * 32,
-                               "client_addr": "203.0.113.9", "reason": "refund"}),
-        "attribution_status": "late", "attribution_lag_seconds": 1.5, "xid": 9,
-        "lsn": (1 << 32) + 2, "change_index": 3, "policy_version": "1:abc",
-        "key_columns": '["id"]', "column_types": '{"id":"integer","status":"text"}',
-        "txn_changes": 5, "txn_ignored": 1,
-    }  # fmt: skip
+        "context": json.dumps(
+            {
+                "actor": {"type": "user", "id": "u1", "name": "Ada"},
+                "service": "shop",
+                "trace_id": "0" * 32,
+                "client_addr": "203.0.113.9",
+                "reason": "refund",
+            }
+        ),
+        "attribution_status": "late",
+        "attribution_lag_seconds": 1.5,
+        "xid": 9,
+        "lsn": (1 << 32) + 2,
+        "change_index": 3,
+        "policy_version": "1:abc",
+        "key_columns": '["id"]',
+        "column_types": '{"id":"integer","status":"text"}',
+        "txn_changes": 5,
+        "txn_ignored": 1,
+    }
     return pl.DataFrame([{**row, **overrides}], schema=RECORD_SCHEMA)
 
 
@@ -86,12 +105,23 @@ def test_a_document_carries_every_value_of_its_record():
 
 
 def test_strange_values_survive_the_columnar_builder():
-    before = {"note": 'quote " backslash \\ newline \n tab \t', "emoji": "\U0001f600 é",
-              "empty": "", "null": None, "json": '{"a": [1, 2]}', "sep": 'x":"y'}  # fmt: skip
+    before = {
+        "note": 'quote " backslash \\ newline \n tab \t',
+        "emoji": "\U0001f600 é",
+        "empty": "",
+        "null": None,
+        "json": '{"a": [1, 2]}',
+        "sep": 'x":"y',
+    }
     records = _record(
-        operation="delete", before=json.dumps(before), after=None, context=None,
-        attribution_status="unattributed", attribution_lag_seconds=None, object_id=None,
-    )  # fmt: skip
+        operation="delete",
+        before=json.dumps(before),
+        after=None,
+        context=None,
+        attribution_status="unattributed",
+        attribution_lag_seconds=None,
+        object_id=None,
+    )
     _, doc_id, document = _document(records)
     record = validate_document(doc_id, document)
     assert record.before == before and record.after is None and record.context is None

@@ -63,8 +63,12 @@ def test_retention_deletes_expired_indices_files_and_entries_of_its_environment_
         _stage(store, recent.replace(minute=0))
     state = psycopg.connect(pg_database, autocommit=True)
     platform_db.install(state, RESOURCES / "sql")
-    for env, status, when in [(a, "released", old), (a, "waiting", old), (a, "released", recent),
-                              (b, "released", old)]:  # fmt: skip
+    for env, status, when in [
+        (a, "released", old),
+        (a, "waiting", old),
+        (a, "released", recent),
+        (b, "released", old),
+    ]:
         state.execute(
             "INSERT INTO audit_platform.quarantine (env, source, commit_lsn, change_index, xid,"
             " commit_time, first_seen, next_retry_at, status) VALUES (%s, 'shop',"
@@ -72,8 +76,15 @@ def test_retention_deletes_expired_indices_files_and_entries_of_its_environment_
             (env, when, when, when, status),
         )
 
-    dry = run_retention(env=a, environment=CLASSES, client=es, stores=[stores[a]], state=state,
-                        now=NOW, dry_run=True)  # fmt: skip
+    dry = run_retention(
+        env=a,
+        environment=CLASSES,
+        client=es,
+        stores=[stores[a]],
+        state=state,
+        now=NOW,
+        dry_run=True,
+    )
     # October ends inside the 30 days; August of class long inside its 400; the old layout's
     # index of shop (a source of class standard) expires with standard.
     expired = sorted([index_name(a, "standard", 2026, 8), legacy_index_name(a, "shop", 2026, 8)])
@@ -82,8 +93,15 @@ def test_retention_deletes_expired_indices_files_and_entries_of_its_environment_
     assert all(es.indices.exists(index=name) for name in expired)
     assert len(stores[a].hours("records")) == 2
 
-    done = run_retention(env=a, environment=CLASSES, client=es, stores=[stores[a]], state=state,
-                         now=NOW, dry_run=False)  # fmt: skip
+    done = run_retention(
+        env=a,
+        environment=CLASSES,
+        client=es,
+        stores=[stores[a]],
+        state=state,
+        now=NOW,
+        dry_run=False,
+    )
     assert done.indices == dry.indices and done.quarantine_entries == 1
     assert not any(es.indices.exists(index=name) for name in expired)
     assert es.indices.exists(index=index_name(a, "standard", 2026, 10))
@@ -100,9 +118,15 @@ def test_retention_deletes_expired_indices_files_and_entries_of_its_environment_
 
 def test_retention_refuses_another_environments_staging(tmp_path):
     with pytest.raises(ValueError, match="staging of environment 'other'"):
-        run_retention(env="mine", environment=EnvironmentConfig(retention_days=1), client=None,
-                      stores=[StagingStore(str(tmp_path), "other", "shop")], state=None,
-                      now=NOW, dry_run=True)  # fmt: skip
+        run_retention(
+            env="mine",
+            environment=EnvironmentConfig(retention_days=1),
+            client=None,
+            stores=[StagingStore(str(tmp_path), "other", "shop")],
+            state=None,
+            now=NOW,
+            dry_run=True,
+        )
 
 
 def test_ilm_policy_body_deletes_at_the_retention_period():
@@ -165,8 +189,9 @@ def test_a_source_expires_with_its_class_and_a_class_nobody_has_any_more_is_kept
             es.options(ignore_status=404).indices.delete(index=name)
 
 
-def test_retention_keeps_what_legal_holds_cover_and_removes_the_rest(es_prefix, es, tmp_path,
-                                                                     pg_database):  # fmt: skip
+def test_retention_keeps_what_legal_holds_cover_and_removes_the_rest(
+    es_prefix, es, tmp_path, pg_database
+):
     """Sources of a class share its monthly indices: a hold keeps the whole index holding a
     record it covers, with the records of everyone else in it (counted in the report), and
     never thins it with a delete-by-query."""
@@ -199,10 +224,18 @@ def test_retention_keeps_what_legal_holds_cover_and_removes_the_rest(es_prefix, 
     state = psycopg.connect(pg_database, autocommit=True)
     platform_db.install(state, RESOURCES / "sql")
     whole = create_hold(state, env, "shop", reason="case 114", created_by="counsel")
-    one = create_hold(state, env, "billing", reason="case 115", created_by="counsel",
-                      table="public.orders", object_id="42")  # fmt: skip
-    elsewhere = create_hold(state, env, "crm", reason="case 116", created_by="counsel",
-                            table="public.customers")  # fmt: skip
+    one = create_hold(
+        state,
+        env,
+        "billing",
+        reason="case 115",
+        created_by="counsel",
+        table="public.orders",
+        object_id="42",
+    )
+    elsewhere = create_hold(
+        state, env, "crm", reason="case 116", created_by="counsel", table="public.customers"
+    )
     with pytest.raises(HoldError, match="reason"):
         create_hold(state, env, "shop", reason=" ", created_by="x")
     with pytest.raises(HoldError, match="--table"):

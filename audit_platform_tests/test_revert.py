@@ -34,9 +34,10 @@ def _snapshot(url: str) -> dict[str, list[tuple]]:
         zoo_columns = ", ".join(f"{c}::text" for c in ZOO_ROW)
         return {
             "zoo": conn.execute(f"SELECT {zoo_columns} FROM zoo ORDER BY id").fetchall(),
-            "lines": conn.execute("SELECT order_id, line, qty, note FROM lines ORDER BY 1, 2")
-            .fetchall(),
-        }  # fmt: skip
+            "lines": conn.execute(
+                "SELECT order_id, line, qty, note FROM lines ORDER BY 1, 2"
+            ).fetchall(),
+        }
 
 
 def _in_request(url: str, request_id: str, *statements: str) -> None:
@@ -53,9 +54,11 @@ def shop(servers, pg_database, es, tmp_path):
     policy = policy_for("zoo", public__zoo={}, public__lines={})
     source = make_source(pg_database, tmp_path, ZOO_DDL + LINES_DDL, policy, env=env)
     with psycopg.connect(pg_database, autocommit=True) as conn:
-        conn.execute(f"INSERT INTO zoo (id, {', '.join(COLUMNS)}) VALUES "
-                     f"(1, {', '.join(['%s'] * len(COLUMNS))})",
-                     [ZOO_ROW[c] for c in COLUMNS])  # fmt: skip
+        conn.execute(
+            f"INSERT INTO zoo (id, {', '.join(COLUMNS)}) VALUES "
+            f"(1, {', '.join(['%s'] * len(COLUMNS))})",
+            [ZOO_ROW[c] for c in COLUMNS],
+        )
         conn.execute("INSERT INTO zoo (id) VALUES (2)")  # every other column NULL
         conn.execute("INSERT INTO zoo (id, txt, jb) VALUES (3, 'three', '[]')")
         conn.execute("INSERT INTO lines VALUES (1, 1, 2, 'a'), (1, 2, 5, NULL)")
@@ -103,8 +106,13 @@ def test_a_revert_plan_puts_every_row_back_across_the_type_zoo(shop):
     [source] = plan["sources"]
     # Newest first: the second transaction's changes, from its last, then the first's.
     assert [s["action"] for s in source["statements"]] == [
-        "delete", "insert", "update", "delete", "insert", "update"
-    ]  # fmt: skip
+        "delete",
+        "insert",
+        "update",
+        "delete",
+        "insert",
+        "update",
+    ]
     script = api.get("/v1/requests/req-broken/revert", params={"format": "sql"})
     assert script.headers["content-type"].startswith("application/sql")
     assert "attachment" in script.headers["content-disposition"]
@@ -154,29 +162,53 @@ def test_plans_for_a_transaction_a_job_run_and_an_actor_window(shop):
 
 
 def _record(operation: str, before: dict | None, after: dict | None, **extra) -> AuditRecord:
-    return AuditRecord.model_validate({
-        "id": f"dev:shop:{uuid.uuid4().hex[:8]}:0", "@timestamp": datetime.now(UTC),
-        "env": "dev", "source": {"service": "shop", "database": "shop"},
-        "table": {"schema": "public", "name": "customers"}, "operation": operation,
-        "event": {"action": operation, "type": ["change"]}, "object_id": "1",
-        "changed_columns": ["email", "name"] if operation == "update" else [],
-        "before": before, "after": after, "values_text": "", "context": None, "user": {},
-        "service": {}, "trace": {}, "client": {}, "attribution": {"status": "unattributed"},
-        "transaction": {"xid": 1, "commit_lsn": "0/1", "lsn": 1, "change_index": 0},
-        "row": {"key": ["id"], "types": {"id": "integer", "name": "text", "email": "text"}},
-        "policy_version": "1", "ingested_at": datetime.now(UTC), **extra,
-    })  # fmt: skip
+    return AuditRecord.model_validate(
+        {
+            "id": f"dev:shop:{uuid.uuid4().hex[:8]}:0",
+            "@timestamp": datetime.now(UTC),
+            "env": "dev",
+            "source": {"service": "shop", "database": "shop"},
+            "table": {"schema": "public", "name": "customers"},
+            "operation": operation,
+            "event": {"action": operation, "type": ["change"]},
+            "object_id": "1",
+            "changed_columns": ["email", "name"] if operation == "update" else [],
+            "before": before,
+            "after": after,
+            "values_text": "",
+            "context": None,
+            "user": {},
+            "service": {},
+            "trace": {},
+            "client": {},
+            "attribution": {"status": "unattributed"},
+            "transaction": {"xid": 1, "commit_lsn": "0/1", "lsn": 1, "change_index": 0},
+            "row": {"key": ["id"], "types": {"id": "integer", "name": "text", "email": "text"}},
+            "policy_version": "1",
+            "ingested_at": datetime.now(UTC),
+            **extra,
+        }
+    )
 
 
 def test_masked_excluded_and_truncated_values_are_conflicts_never_guesses():
-    policy = SourcePolicy.model_validate({"source": "shop", "version": 1, "tables": {
-        "public.customers": {"mask": ["email"], "exclude": ["password_hash"]}}})  # fmt: skip
-    update = _record("update", {"id": "1", "name": "Ada", "email": "h1"},
-                     {"id": "1", "name": "Bob", "email": "h2"})  # fmt: skip
+    policy = SourcePolicy.model_validate(
+        {
+            "source": "shop",
+            "version": 1,
+            "tables": {"public.customers": {"mask": ["email"], "exclude": ["password_hash"]}},
+        }
+    )
+    update = _record(
+        "update",
+        {"id": "1", "name": "Ada", "email": "h1"},
+        {"id": "1", "name": "Bob", "email": "h2"},
+    )
     delete = _record("delete", {"id": "1", "name": "Ada", "email": "h1"}, None)
     truncate = _record("truncate", None, None, object_id=None)
-    plan = plan_revert({"test": "1"}, [update, delete, truncate], {"shop": policy},
-                       generated_at=datetime.now(UTC))  # fmt: skip
+    plan = plan_revert(
+        {"test": "1"}, [update, delete, truncate], {"shop": policy}, generated_at=datetime.now(UTC)
+    )
     kinds = sorted(c.kind for c in plan.conflicts)
     assert kinds == ["excluded", "masked", "masked", "truncate"]
     sql = {s.record_id: s.sql for s in plan.sources[0].statements}
@@ -187,10 +219,12 @@ def test_masked_excluded_and_truncated_values_are_conflicts_never_guesses():
 
 
 def test_a_literal_is_data_and_an_identifier_is_quoted():
-    odd = _record("update", {"id": "1", "name": "O'Brien $revert$ %s", "email": None},
-                  {"id": "1", "name": "x", "email": None},
-                  row={"key": ["id"], "types": {"id": "integer", "name": "text",
-                                                "email": "text"}})  # fmt: skip
+    odd = _record(
+        "update",
+        {"id": "1", "name": "O'Brien $revert$ %s", "email": None},
+        {"id": "1", "name": "x", "email": None},
+        row={"key": ["id"], "types": {"id": "integer", "name": "text", "email": "text"}},
+    )
     plan = plan_revert({"test": "1"}, [odd], {}, generated_at=datetime.now(UTC))
     script = plan.sources[0].script
     assert "'O''Brien $revert$ %s'::text" in script

@@ -64,8 +64,11 @@ def test_lost_and_dropped_slots_stop_capture_and_their_replacements_record_gaps(
         url = record.url
         policy = load_policy(Settings().resources_dir / "sources" / "shop.yaml")
         source = make_source(url, tmp_path, SHOP_DDL, policy, env=ENV)
-        for key, value in {"AUDIT_ENV": ENV, "AUDIT_PG_URL": url,
-                           "AUDIT_STAGING_ROOT": str(tmp_path / "staging")}.items():  # fmt: skip
+        for key, value in {
+            "AUDIT_ENV": ENV,
+            "AUDIT_PG_URL": url,
+            "AUDIT_STAGING_ROOT": str(tmp_path / "staging"),
+        }.items():
             monkeypatch.setenv(key, value)
         slot = slot_name(ENV, "shop")
         monkeypatch.setenv("AUDIT_SOURCE_SHOP_URL", url)
@@ -91,8 +94,9 @@ def test_lost_and_dropped_slots_stop_capture_and_their_replacements_record_gaps(
         refused = cli.invoke(app, ["source", "setup", "--source", "shop", "--url", url])
         assert refused.exit_code == 1
         assert "invalidated" in refused.output and "--replace-lost-slot" in refused.output
-        replaced = cli.invoke(app, ["source", "setup", "--source", "shop", "--url", url,
-                                    "--replace-lost-slot"])  # fmt: skip
+        replaced = cli.invoke(
+            app, ["source", "setup", "--source", "shop", "--url", url, "--replace-lost-slot"]
+        )
         assert replaced.exit_code == 0, replaced.output
         assert f"slot {slot}: replaced" in replaced.output
         assert "gap recorded" in replaced.output

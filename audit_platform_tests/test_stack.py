@@ -95,9 +95,18 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
         # is still ours, so status reports it and down stops it.
         data = Path(records["pg"].marker)
         restarted = stack.postgres.run_as.run(
-            [str(postgres.ensure_installed() / "pg_ctl"), "-D", str(data), "-m", "immediate",
-             "-l", str(records["pg"].log), "-w", "restart"]
-        )  # fmt: skip
+            [
+                str(postgres.ensure_installed() / "pg_ctl"),
+                "-D",
+                str(data),
+                "-m",
+                "immediate",
+                "-l",
+                str(records["pg"].log),
+                "-w",
+                "restart",
+            ]
+        )
         assert restarted.returncode == 0, restarted.stderr
         new_pid = LocalStack(settings).postgres.record().pid
         assert new_pid != pids["pg"]

@@ -63,10 +63,12 @@ class Trail:
         """One capture run: capture, enrich and log, resolve the quarantine, index, sign."""
         self.source.capture()
         now = datetime.now(UTC)
-        enrich_pending(self.source.store, self.state, self.source.policy, now=now,
-                       grace=timedelta(0))  # fmt: skip
-        resolve_quarantine(self.source.store, self.state, self.source.policy, now=now,
-                           grace=timedelta(0))  # fmt: skip
+        enrich_pending(
+            self.source.store, self.state, self.source.policy, now=now, grace=timedelta(0)
+        )
+        resolve_quarantine(
+            self.source.store, self.state, self.source.policy, now=now, grace=timedelta(0)
+        )
         index_pending(self.es, self.source.store, database="shopdb", now=now)
         self.es.indices.refresh(index=read_alias(self.env))
         TrustLog(self.source.store).checkpoint(self.key, now)
@@ -74,10 +76,16 @@ class Trail:
     def verify(self, **kwargs):
         window = Window(datetime.now(UTC) + timedelta(hours=1), indexing_lag=timedelta(0))
         return verify_source(
-            self.source.store, self.es, self.source.policy, self.key.public_key(),
-            since=None, until=None, window=window,
-            waiting=waiting_changes(self.state, self.env, "shop"), **kwargs,
-        )  # fmt: skip
+            self.source.store,
+            self.es,
+            self.source.policy,
+            self.key.public_key(),
+            since=None,
+            until=None,
+            window=window,
+            waiting=waiting_changes(self.state, self.env, "shop"),
+            **kwargs,
+        )
 
     def write(self, sql: str, context: dict | None = None) -> int:
         with psycopg.connect(self.source.url) as conn:
@@ -99,14 +107,17 @@ def trail(pg_database, es, tmp_path):
     with psycopg.connect(pg_database, autocommit=True) as state:
         platform_db.install(state, Settings().resources_dir / "sql")
         found = Trail(source, state, es, private_key(new_private_key()), env)
-        found.write("INSERT INTO orders SELECT i, 'new', 'n' || i FROM generate_series(1, 5) i",
-                    ALICE)  # fmt: skip
+        found.write(
+            "INSERT INTO orders SELECT i, 'new', 'n' || i FROM generate_series(1, 5) i", ALICE
+        )
         found.write("UPDATE orders SET status = 'paid' WHERE id = 2", {**ALICE, "reason": "pay"})
         orphan = found.write("DELETE FROM orders WHERE id = 5")  # no context: unattributed
         found.run()
         with psycopg.connect(pg_database, autocommit=True) as conn:  # later: it becomes late
-            conn.execute("SELECT audit.attach_context(%s::text::xid8, %s::jsonb)",
-                         (orphan, json.dumps({"actor": {"type": "job", "id": "cleanup"}})))  # fmt: skip
+            conn.execute(
+                "SELECT audit.attach_context(%s::text::xid8, %s::jsonb)",
+                (orphan, json.dumps({"actor": {"type": "job", "id": "cleanup"}})),
+            )
         found.write("UPDATE orders SET note = 'x' WHERE id = 3", ALICE)
         found.run()
         yield found
@@ -124,8 +135,9 @@ def kinds(report) -> dict[str, list[str]]:
 
 def doc(trail: Trail, op: str, status: str | None = None) -> dict:
     for hit in trail.hits():
-        if hit["_source"]["operation"] == op and (status is None or
-                                                  hit["_source"]["attribution"]["status"] == status):  # fmt: skip
+        if hit["_source"]["operation"] == op and (
+            status is None or hit["_source"]["attribution"]["status"] == status
+        ):
             return hit
     raise AssertionError(f"no {op} document")
 
@@ -228,9 +240,11 @@ def test_an_edited_staged_file_is_named(trail):
     path = store.files("changes")[0]
     staged = store.read([path]).drop("file")
     edited = staged.with_columns(
-        pl.when(pl.col("change_index") == 0).then(pl.col("after").str.replace('"new"', '"void"'))
-        .otherwise(pl.col("after")).alias("after")
-    )  # fmt: skip
+        pl.when(pl.col("change_index") == 0)
+        .then(pl.col("after").str.replace('"new"', '"void"'))
+        .otherwise(pl.col("after"))
+        .alias("after")
+    )
     store.write_file(path, edited)
     first = staged.sort("lsn", "change_index").row(0, named=True)
     report = trail.verify()
@@ -244,9 +258,13 @@ def test_leaves_reordered_in_the_log_are_named_and_break_the_checkpoint(trail):
     leaves = pl.read_parquet(path)
     a, b = leaves.filter(pl.col("kind") == "change")["position"].to_list()[:2]
     swapped = leaves.with_columns(
-        pl.when(pl.col("position") == a).then(b).when(pl.col("position") == b).then(a)
-        .otherwise(pl.col("position")).alias("position")
-    )  # fmt: skip
+        pl.when(pl.col("position") == a)
+        .then(b)
+        .when(pl.col("position") == b)
+        .then(a)
+        .otherwise(pl.col("position"))
+        .alias("position")
+    )
     trail.source.store.write_file(path, swapped)
     report = kinds(trail.verify())
     assert report["out_of_order"] and set(report) == {"out_of_order", "checkpoint_root"}
@@ -266,8 +284,9 @@ def test_a_dropped_or_forged_checkpoint_is_named(trail):
     # Re-signed with another key: still forged, whatever the root says.
     other = private_key(new_private_key())
     body = second["checkpoint"]
-    trail.source.store.write_json(second_path, {"checkpoint": body,
-                                                "signature": sign(other, canonical(body))})  # fmt: skip
+    trail.source.store.write_json(
+        second_path, {"checkpoint": body, "signature": sign(other, canonical(body))}
+    )
     assert set(kinds(trail.verify())) == {"checkpoint_forged"}
 
 
@@ -283,11 +302,17 @@ def test_a_leaves_file_removed_from_the_log_is_named(trail):
 
 @pytest.fixture
 def api(trail, tmp_path):
-    settings = Settings(env=trail.env, staging_root=trail.source.store.root, pg_url=trail.source.url,
-                        api_key_cache_seconds=0,
-                        verify_key=public_text(trail.key.public_key()))  # fmt: skip
-    keys = {role: create_key(trail.state, trail.env, role, role=role).secret
-            for role in ("reader", "auditor")}  # fmt: skip
+    settings = Settings(
+        env=trail.env,
+        staging_root=trail.source.store.root,
+        pg_url=trail.source.url,
+        api_key_cache_seconds=0,
+        verify_key=public_text(trail.key.public_key()),
+    )
+    keys = {
+        role: create_key(trail.state, trail.env, role, role=role).secret
+        for role in ("reader", "auditor")
+    }
     with TestClient(create_app(settings)) as client:
         yield client, keys
 
@@ -296,8 +321,11 @@ def offline(proof: dict, tmp_path, public_key: str) -> subprocess.CompletedProce
     path = tmp_path / "proof.json"
     path.write_text(json.dumps(proof))
     script = Path(__file__).parents[1] / "docs" / "verify_record.py"
-    return subprocess.run([sys.executable, str(script), str(path), "--public-key", public_key],
-                          capture_output=True, text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(script), str(path), "--public-key", public_key],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_a_proof_verifies_offline_and_fails_for_an_altered_record(trail, api, tmp_path):
@@ -311,8 +339,11 @@ def test_a_proof_verifies_offline_and_fails_for_an_altered_record(trail, api, tm
         proof = answer.json()
         kinds_proven = sorted(p["kind"] for p in proof["leaves"])
         status = hit["_source"]["attribution"]["status"]
-        assert kinds_proven == sorted({"attributed": ["change", "context"],
-                                       "late": ["change", "attach"]}.get(status, ["change"]))  # fmt: skip
+        assert kinds_proven == sorted(
+            {"attributed": ["change", "context"], "late": ["change", "attach"]}.get(
+                status, ["change"]
+            )
+        )
         checked = offline(proof, tmp_path, public)
         assert checked.returncode == 0, checked.stdout + checked.stderr
     # The record as someone changed it (the proof itself untouched) does not verify.
@@ -326,18 +357,26 @@ def test_a_proof_verifies_offline_and_fails_for_an_altered_record(trail, api, tm
 
 def test_checkpoints_come_with_consistency_proofs(trail, api):
     client, keys = api
-    answer = client.get("/v1/checkpoints", params={"source": "shop"},
-                        headers={"X-API-Key": keys["auditor"]})  # fmt: skip
+    answer = client.get(
+        "/v1/checkpoints", params={"source": "shop"}, headers={"X-API-Key": keys["auditor"]}
+    )
     assert answer.status_code == 200, answer.text
     body = answer.json()
     newer, older = (c["checkpoint"] for c in body["checkpoints"])
     assert body["public_key"] == public_text(trail.key.public_key())
     sizes = {"first": older["tree_size"], "second": newer["tree_size"]}
-    proof = client.get("/v1/checkpoints", params={"source": "shop", **sizes},
-                       headers={"X-API-Key": keys["auditor"]}).json()["consistency"]  # fmt: skip
-    assert verify_consistency(sizes["first"], sizes["second"], bytes.fromhex(older["root"]),
-                              bytes.fromhex(newer["root"]),
-                              [bytes.fromhex(h) for h in proof["proof"]])  # fmt: skip
+    proof = client.get(
+        "/v1/checkpoints",
+        params={"source": "shop", **sizes},
+        headers={"X-API-Key": keys["auditor"]},
+    ).json()["consistency"]
+    assert verify_consistency(
+        sizes["first"],
+        sizes["second"],
+        bytes.fromhex(older["root"]),
+        bytes.fromhex(newer["root"]),
+        [bytes.fromhex(h) for h in proof["proof"]],
+    )
 
 
 def test_a_reader_cannot_read_the_read_log_or_proofs_and_every_read_is_logged(trail, api):
@@ -362,8 +401,9 @@ def test_a_reader_cannot_read_the_read_log_or_proofs_and_every_read_is_logged(tr
     assert searched["params"] == {"query": "op:update"}
     # A NUL in a filter (PostgreSQL text cannot hold one) is still a logged read.
     client.get("/v1/events", params={"q": "a\x00b"}, headers=reader)
-    rows = client.get("/v1/reads", params={"key_id": reader_id, "limit": 1000},
-                      headers=auditor).json()  # fmt: skip
+    rows = client.get(
+        "/v1/reads", params={"key_id": reader_id, "limit": 1000}, headers=auditor
+    ).json()
     assert any(r["params"] == {"q": "a\ufffdb"} for r in rows)
 
 
@@ -447,13 +487,18 @@ def test_appends_resume_inside_a_transaction_and_never_repeat_a_leaf(tmp_path):
 
     def leaves(rows):
         return pl.DataFrame(
-            {"position": [None] * len(rows), "kind": [k for k, _, _ in rows],
-             "lsn": [lsn for _, lsn, _ in rows], "seq": [s for _, _, s in rows],
-             "xid": [1] * len(rows), "time": [now] * len(rows),
-             "record_id": [f"{lsn}:{s}" for _, lsn, s in rows],
-             "hash": [leaf_hash(f"{k}{lsn}{s}".encode()) for k, lsn, s in rows]},
+            {
+                "position": [None] * len(rows),
+                "kind": [k for k, _, _ in rows],
+                "lsn": [lsn for _, lsn, _ in rows],
+                "seq": [s for _, _, s in rows],
+                "xid": [1] * len(rows),
+                "time": [now] * len(rows),
+                "record_id": [f"{lsn}:{s}" for _, lsn, s in rows],
+                "hash": [leaf_hash(f"{k}{lsn}{s}".encode()) for k, lsn, s in rows],
+            },
             schema=LEAF_SCHEMA,
-        )  # fmt: skip
+        )
 
     first = [("context", 10, -1), ("change", 10, 0), ("change", 10, 1)]
     rest = [("change", 10, 2), ("change", 11, 0)]
@@ -481,17 +526,32 @@ def test_verify_derives_fields_as_the_indexing_code_does():
     ]
     images = [{"a": "x", "b": None, "c": ""}, {"é": "line\nbreak", "q": '"quoted"'}, None]
     rows = [
-        {"id": f"e:shop:{i:016X}:0", "commit_time": now, "env": "e", "source": "shop",
-         "schema": "public", "table": "t", "operation": ("insert", "update", "delete")[i % 3],
-         "object_id": "1", "changed_columns": '["a"]',
-         "before": None if images[i % 3] is None else json.dumps(images[i % 3]),
-         "after": json.dumps(images[(i + 1) % 3]) if images[(i + 1) % 3] else None,
-         "context": None if contexts[i % 4] is None else json.dumps(contexts[i % 4]),
-         "attribution_status": "attributed", "attribution_lag_seconds": None, "xid": 7,
-         "lsn": i, "change_index": 0, "key_columns": '["a"]', "column_types": "{}",
-         "txn_changes": 1, "txn_ignored": 0, "policy_version": "1"}
+        {
+            "id": f"e:shop:{i:016X}:0",
+            "commit_time": now,
+            "env": "e",
+            "source": "shop",
+            "schema": "public",
+            "table": "t",
+            "operation": ("insert", "update", "delete")[i % 3],
+            "object_id": "1",
+            "changed_columns": '["a"]',
+            "before": None if images[i % 3] is None else json.dumps(images[i % 3]),
+            "after": json.dumps(images[(i + 1) % 3]) if images[(i + 1) % 3] else None,
+            "context": None if contexts[i % 4] is None else json.dumps(contexts[i % 4]),
+            "attribution_status": "attributed",
+            "attribution_lag_seconds": None,
+            "xid": 7,
+            "lsn": i,
+            "change_index": 0,
+            "key_columns": '["a"]',
+            "column_types": "{}",
+            "txn_changes": 1,
+            "txn_ignored": 0,
+            "policy_version": "1",
+        }
         for i in range(12)
-    ]  # fmt: skip
+    ]
     records = pl.DataFrame(rows, schema=RECORD_SCHEMA)
     for index, doc_id, doc in documents(records, database="db", ingested_at=now):
         assert derived_mismatches(index, doc_id, doc) == [], (doc_id, doc)
@@ -510,9 +570,11 @@ def test_an_edited_records_file_is_named(trail):
     records = store.read([path]).drop("file")
     first = records.row(0, named=True)
     edited = records.with_columns(
-        pl.when(pl.col("id") == first["id"]).then(pl.lit("[]")).otherwise(pl.col("changed_columns"))
+        pl.when(pl.col("id") == first["id"])
+        .then(pl.lit("[]"))
+        .otherwise(pl.col("changed_columns"))
         .alias("changed_columns")
-    )  # fmt: skip
+    )
     store.write_file(path, edited)
     report = trail.verify()
     assert [(f.kind, f.subject) for f in report.problems] == [("staged_altered", first["id"])]

@@ -58,28 +58,41 @@ def _records(start: int, n: int, t0: datetime, span: timedelta) -> pl.DataFrame:
     step = span / 1_000_000
 
     def ctx(i: int) -> str:
-        return json.dumps({"actor": {"type": "user", "id": f"u-{i % 200}"},
-                           "request_id": f"req-{i // 3}", "reason": "support ticket"})  # fmt: skip
+        return json.dumps(
+            {
+                "actor": {"type": "user", "id": f"u-{i % 200}"},
+                "request_id": f"req-{i // 3}",
+                "reason": "support ticket",
+            }
+        )
 
     return pl.DataFrame(
         {
             "id": [f"{ENV}:shop:{i:016X}:0" for i in ids],
             "commit_time": [t0 + step * i for i in ids],
-            "env": [ENV] * n, "source": ["shop"] * n, "schema": ["public"] * n,
+            "env": [ENV] * n,
+            "source": ["shop"] * n,
+            "schema": ["public"] * n,
             "table": [TABLES[i % 5] for i in ids],
             "operation": [("insert", "update", "update", "delete")[i % 4] for i in ids],
             "object_id": [str(i % 100_000) for i in ids],
             "changed_columns": ['["status"]'] * n,
             "before": [f'{{"id":"{i % 100_000}","status":"new","note":"item {i}"}}' for i in ids],
             "after": [f'{{"id":"{i % 100_000}","status":"paid","note":"item {i}"}}' for i in ids],
-            "context": [ctx(i) for i in ids], "attribution_status": ["attributed"] * n,
-            "attribution_lag_seconds": [None] * n, "xid": list(ids), "lsn": list(ids),
-            "change_index": [0] * n, "policy_version": ["1:bench"] * n,
-            "key_columns": ['["id"]'] * n, "column_types": [TYPES] * n,
-            "txn_changes": [1] * n, "txn_ignored": [0] * n,
+            "context": [ctx(i) for i in ids],
+            "attribution_status": ["attributed"] * n,
+            "attribution_lag_seconds": [None] * n,
+            "xid": list(ids),
+            "lsn": list(ids),
+            "change_index": [0] * n,
+            "policy_version": ["1:bench"] * n,
+            "key_columns": ['["id"]'] * n,
+            "column_types": [TYPES] * n,
+            "txn_changes": [1] * n,
+            "txn_ignored": [0] * n,
         },
         schema=RECORD_SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def load(es, settings: Settings, count: int, reload: bool) -> datetime:
@@ -130,9 +143,16 @@ def main(
         key = create_key(conn, ENV, "api latency benchmark").secret
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("audit-platform")), "api", "serve", "--port",
-         str(port)], env={**os.environ, "AUDIT_ENV": ENV}, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).with_name("audit-platform")),
+            "api",
+            "serve",
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, "AUDIT_ENV": ENV},
+        stderr=subprocess.DEVNULL,
+    )
     scope = Scope(ENV)
     week = (datetime.now(UTC) - timedelta(days=7)).isoformat()
     month = (t0 - timedelta(hours=1)).isoformat()
@@ -140,51 +160,121 @@ def main(
     def search(f: EventFilter, since: str | None, size: int = 50) -> dict[str, Any]:
         start = datetime.fromisoformat(since) if since else datetime.now(UTC) - timedelta(days=7)
         clauses = filter_clauses(f, start, datetime.now(UTC))
-        return {"query": bool_query(scope, clauses, f.q), "sort": sort("desc"),
-                "size": size + 1, "track_total_hits": 10_000}  # fmt: skip
+        return {
+            "query": bool_query(scope, clauses, f.q),
+            "sort": sort("desc"),
+            "size": size + 1,
+            "track_total_hits": 10_000,
+        }
 
     # (name, API path and params, the equivalent Elasticsearch body)
     queries: list[tuple[str, str, dict, Callable[[], dict]]] = [
-        ("latest changes, last 7 days", "/v1/events", {},
-         lambda: search(EventFilter(), None)),
-        ("one actor, last 7 days", "/v1/events", {"actor_id": "u-17"},
-         lambda: search(EventFilter(actor_id="u-17"), None)),
-        ("table + changed column, 30 days", "/v1/events",
-         {"table": "payments", "column": "status", "since": month},
-         lambda: search(EventFilter(table=["payments"], column=["status"]), month)),
-        ("free text, 30 days", "/v1/events", {"q": "item 123456", "since": month},
-         lambda: search(EventFilter(q="item 123456"), month)),
-        ("object history", "/v1/objects/shop/orders/4242/history", {},
-         lambda: {"query": bool_query(scope, [{"term": {"source.service": "shop"}},
-                                              {"term": {"table.name": "orders"}},
-                                              {"term": {"object_id": "4242"}}]),
-                  "sort": sort("asc"), "size": 101, "track_total_hits": False}),
-        ("counts by hour, 7 days", "/v1/stats", {"since": week},
-         lambda: {"size": 0, "track_total_hits": True,
-                  "query": bool_query(scope, filter_clauses(
-                      EventFilter(), datetime.fromisoformat(week), datetime.now(UTC))),
-                  "aggs": {"t": {"date_histogram": {"field": "@timestamp",
-                                                    "fixed_interval": "1h"}},
-                           **{k: {"terms": {"field": f, "size": 50}} for k, f in (
-                               ("s", "source.service"), ("o", "operation"),
-                               ("a", "context.actor.id"), ("n", "table.name"),
-                               ("r", "attribution.status"))}}}),
+        ("latest changes, last 7 days", "/v1/events", {}, lambda: search(EventFilter(), None)),
+        (
+            "one actor, last 7 days",
+            "/v1/events",
+            {"actor_id": "u-17"},
+            lambda: search(EventFilter(actor_id="u-17"), None),
+        ),
+        (
+            "table + changed column, 30 days",
+            "/v1/events",
+            {"table": "payments", "column": "status", "since": month},
+            lambda: search(EventFilter(table=["payments"], column=["status"]), month),
+        ),
+        (
+            "free text, 30 days",
+            "/v1/events",
+            {"q": "item 123456", "since": month},
+            lambda: search(EventFilter(q="item 123456"), month),
+        ),
+        (
+            "object history",
+            "/v1/objects/shop/orders/4242/history",
+            {},
+            lambda: {
+                "query": bool_query(
+                    scope,
+                    [
+                        {"term": {"source.service": "shop"}},
+                        {"term": {"table.name": "orders"}},
+                        {"term": {"object_id": "4242"}},
+                    ],
+                ),
+                "sort": sort("asc"),
+                "size": 101,
+                "track_total_hits": False,
+            },
+        ),
+        (
+            "counts by hour, 7 days",
+            "/v1/stats",
+            {"since": week},
+            lambda: {
+                "size": 0,
+                "track_total_hits": True,
+                "query": bool_query(
+                    scope,
+                    filter_clauses(EventFilter(), datetime.fromisoformat(week), datetime.now(UTC)),
+                ),
+                "aggs": {
+                    "t": {"date_histogram": {"field": "@timestamp", "fixed_interval": "1h"}},
+                    **{
+                        k: {"terms": {"field": f, "size": 50}}
+                        for k, f in (
+                            ("s", "source.service"),
+                            ("o", "operation"),
+                            ("a", "context.actor.id"),
+                            ("n", "table.name"),
+                            ("r", "attribution.status"),
+                        )
+                    },
+                },
+            },
+        ),
         # The endpoints of investigations (#15).
-        ("query language: actor and op", "/v1/events", {"query": "actor:u-17 op:update"},
-         lambda: search(EventFilter(query="actor:u-17 op:update"), None)),
-        ("value filter: after.status, 7 days", "/v1/events", {"after.status": "paid"},
-         lambda: search(EventFilter(after=["status:paid"]), None)),
-        ("a request, across sources", "/v1/requests/req-123456", {},
-         lambda: {"query": bool_query(scope, [{"term": {"context.request_id": "req-123456"}}]),
-                  "sort": sort("asc"), "size": 501, "track_total_hits": False}),
-        ("a transaction, with completeness", f"/v1/transactions/shop/{XID}", {},
-         lambda: {"query": bool_query(scope, [{"term": {"source.service": "shop"}},
-                                              {"term": {"transaction.xid": XID}}]),
-                  "sort": sort("asc"), "size": 501, "track_total_hits": 10_000}),
-    ]  # fmt: skip
+        (
+            "query language: actor and op",
+            "/v1/events",
+            {"query": "actor:u-17 op:update"},
+            lambda: search(EventFilter(query="actor:u-17 op:update"), None),
+        ),
+        (
+            "value filter: after.status, 7 days",
+            "/v1/events",
+            {"after.status": "paid"},
+            lambda: search(EventFilter(after=["status:paid"]), None),
+        ),
+        (
+            "a request, across sources",
+            "/v1/requests/req-123456",
+            {},
+            lambda: {
+                "query": bool_query(scope, [{"term": {"context.request_id": "req-123456"}}]),
+                "sort": sort("asc"),
+                "size": 501,
+                "track_total_hits": False,
+            },
+        ),
+        (
+            "a transaction, with completeness",
+            f"/v1/transactions/shop/{XID}",
+            {},
+            lambda: {
+                "query": bool_query(
+                    scope,
+                    [{"term": {"source.service": "shop"}}, {"term": {"transaction.xid": XID}}],
+                ),
+                "sort": sort("asc"),
+                "size": 501,
+                "track_total_hits": 10_000,
+            },
+        ),
+    ]
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}",
-                              headers={"X-API-Key": key}, timeout=60)  # fmt: skip
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=60
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -219,10 +309,13 @@ def main(
                             inside.append(total_ms)
                             inside_es.append(es_ms)
             (a50, a95), (e50, e95) = _quantiles(api_times), _quantiles(es_times)
-            rows.append((name, a50, a95, e50, e95, statistics.median(inside),
-                         statistics.median(inside_es)))  # fmt: skip
-            typer.echo(f"{name}: api p50 {a50:.1f} ms p95 {a95:.1f} ms | "
-                       f"es p50 {e50:.1f} ms p95 {e95:.1f} ms")  # fmt: skip
+            rows.append(
+                (name, a50, a95, e50, e95, statistics.median(inside), statistics.median(inside_es))
+            )
+            typer.echo(
+                f"{name}: api p50 {a50:.1f} ms p95 {a95:.1f} ms | "
+                f"es p50 {e50:.1f} ms p95 {e95:.1f} ms"
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -239,12 +332,17 @@ def main(
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, a50, a95, e50, e95, inside, inside_es in rows:
-        lines.append(f"| {name} | {a50:.1f} | {a95:.1f} | {e50:.1f} | {e95:.1f} "
-                     f"| {a50 / e50:.2f}x | {inside:.1f} | {inside_es:.1f} "
-                     f"| {inside - inside_es:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {a50:.1f} | {a95:.1f} | {e50:.1f} | {e95:.1f} "
+            f"| {a50 / e50:.2f}x | {inside:.1f} | {inside_es:.1f} "
+            f"| {inside - inside_es:.1f} |"
+        )
     f50, f95 = _quantiles(floor)
-    lines += ["", f"The floor, `GET /healthz` through the same client and server (HTTP and the "
-              f"framework, no key, no query): p50 {f50:.1f} ms, p95 {f95:.1f} ms."]  # fmt: skip
+    lines += [
+        "",
+        f"The floor, `GET /healthz` through the same client and server (HTTP and the "
+        f"framework, no key, no query): p50 {f50:.1f} ms, p95 {f95:.1f} ms.",
+    ]
     RESULTS.write_text("# Audit API latency\n\n" + "\n".join(lines) + "\n")
     typer.echo("\n".join(lines))
 

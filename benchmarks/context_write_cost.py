@@ -218,13 +218,26 @@ class BulkReader(threading.Thread):
 def _streamer(bindir: Path, url: str) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            str(bindir / "pg_recvlogical"), "-d", url, "--slot", SLOT, "--start",
-            "-o", "proto_version=1", "-o", "publication_names=bench", "-o", "messages=true",
-            "--fsync-interval=1", "--status-interval=1", "-f", "/dev/null",
+            str(bindir / "pg_recvlogical"),
+            "-d",
+            url,
+            "--slot",
+            SLOT,
+            "--start",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=bench",
+            "-o",
+            "messages=true",
+            "--fsync-interval=1",
+            "--status-interval=1",
+            "-f",
+            "/dev/null",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-    )  # fmt: skip
+    )
 
 
 def _wal_lsn(url: str) -> int:
@@ -316,11 +329,24 @@ def _run_once(
         wal_start = _wal_lsn(url)
         done = subprocess.run(
             [
-                str(bindir / "pgbench"), "-n", "-M", "simple", "-c", str(clients), "-j", "2",
-                "-T", str(seconds), "-f", f.name, url,
+                str(bindir / "pgbench"),
+                "-n",
+                "-M",
+                "simple",
+                "-c",
+                str(clients),
+                "-j",
+                "2",
+                "-T",
+                str(seconds),
+                "-f",
+                f.name,
+                url,
             ],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         ended = time.monotonic()
         tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
         count = re.search(r"number of transactions actually processed: (\d+)", done.stdout)

@@ -85,24 +85,31 @@ def stage_hour(root: str, n: int, batch: int) -> None:
     )
     image = pl.concat_str([pl.lit('{"id":"'), position.cast(pl.String), pl.lit('",' + rest)])
     changes = pl.DataFrame({"position": position}).select(
-        (txn * 1000 + 1).alias("lsn"), (txn + 100).alias("xid"),
+        (txn * 1000 + 1).alias("lsn"),
+        (txn + 100).alias("xid"),
         (position % 1000).cast(pl.Int32).alias("change_index"),
         pl.when(is_update).then(pl.lit("update")).otherwise(pl.lit("insert")).alias("operation"),
-        pl.lit("public").alias("schema"), pl.lit("orders").alias("table"),
+        pl.lit("public").alias("schema"),
+        pl.lit("orders").alias("table"),
         pl.lit('["id"]').alias("key_columns"),
         pl.when(is_update).then(image + pl.lit('new"}')).alias("before"),
         (image + pl.lit('paid"}')).alias("after"),
-        pl.lit(None, pl.String).alias("unchanged_toast"), pl.lit("{}").alias("column_types"),
-        pl.lit(T0).alias("commit_time"), pl.lit(ENV).alias("env"), pl.lit("bench").alias("source"),
+        pl.lit(None, pl.String).alias("unchanged_toast"),
+        pl.lit("{}").alias("column_types"),
+        pl.lit(T0).alias("commit_time"),
+        pl.lit(ENV).alias("env"),
+        pl.lit("bench").alias("source"),
         pl.lit("1:abcd").alias("policy_version"),
-    )  # fmt: skip
+    )
     txns = changes.select("lsn", "xid", "commit_time", "env", "source").unique()
     contexts = txns.filter(pl.col("xid") % 100 != 0).with_columns(
-        pl.lit(0, pl.Int32).alias("seq"), pl.lit("context").alias("kind"),
+        pl.lit(0, pl.Int32).alias("seq"),
+        pl.lit("context").alias("kind"),
         pl.col("xid").alias("target_xid"),
-        pl.lit(json.dumps({"actor": {"type": "user", "id": "u1"}, "reason": "bench"}))
-        .alias("context"),
-    )  # fmt: skip
+        pl.lit(json.dumps({"actor": {"type": "user", "id": "u1"}, "reason": "bench"})).alias(
+            "context"
+        ),
+    )
     store = StagingStore(root, ENV, "bench")
     for offset in range(0, n, batch):
         rows = changes.slice(offset, batch)

@@ -72,27 +72,51 @@ def main(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("audit-platform")), "api", "serve", "--port",
-         str(port)], env={**os.environ, "AUDIT_ENV": ENV}, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).with_name("audit-platform")),
+            "api",
+            "serve",
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, "AUDIT_ENV": ENV},
+        stderr=subprocess.DEVNULL,
+    )
     # (name, Explorer path, JSON twins fetched one after the other)
     pages: list[tuple[str, str, list[str]]] = [
-        ("search, first page (last 7 days, with facets and chart)", "/ui/search",
-         ["/v1/events?limit=50", "/v1/stats?interval=hour"]),
-        ("search: actor and operation", "/ui/search?q=" + _q("actor:u-17 op:update"),
-         [f"/v1/events?limit=50&query={_q('actor:u-17 op:update')}",
-          f"/v1/stats?interval=hour&query={_q('actor:u-17 op:update')}"]),
-        ("search: table and after-value, 30 days", "/ui/search?q="
-         + _q("table:payments after.status:paid since:-30d"),
-         [f"/v1/events?limit=50&query={_q('table:payments after.status:paid since:-30d')}",
-          f"/v1/stats?interval=day&query={_q('table:payments after.status:paid since:-30d')}"]),
+        (
+            "search, first page (last 7 days, with facets and chart)",
+            "/ui/search",
+            ["/v1/events?limit=50", "/v1/stats?interval=hour"],
+        ),
+        (
+            "search: actor and operation",
+            "/ui/search?q=" + _q("actor:u-17 op:update"),
+            [
+                f"/v1/events?limit=50&query={_q('actor:u-17 op:update')}",
+                f"/v1/stats?interval=hour&query={_q('actor:u-17 op:update')}",
+            ],
+        ),
+        (
+            "search: table and after-value, 30 days",
+            "/ui/search?q=" + _q("table:payments after.status:paid since:-30d"),
+            [
+                f"/v1/events?limit=50&query={_q('table:payments after.status:paid since:-30d')}",
+                f"/v1/stats?interval=day&query={_q('table:payments after.status:paid since:-30d')}",
+            ],
+        ),
         ("overview, last 24 hours", "/ui/", ["/v1/stats?interval=hour&query=since%3A-24h"]),
         ("overview, last 30 days", "/ui/?range=30d", ["/v1/stats?interval=day&query=since%3A-30d"]),
-        ("an object: timeline and state now", "/ui/objects/shop/orders/4242",
-         ["/v1/objects/shop/orders/4242/history?order=desc&limit=50",
-          "/v1/objects/shop/orders/4242/state"]),
+        (
+            "an object: timeline and state now",
+            "/ui/objects/shop/orders/4242",
+            [
+                "/v1/objects/shop/orders/4242/history?order=desc&limit=50",
+                "/v1/objects/shop/orders/4242/state",
+            ],
+        ),
         ("an actor, last 7 days", "/ui/actors/u-17", ["/v1/actors/u-17/activity?interval=hour"]),
-    ]  # fmt: skip
+    ]
     rows = []
     try:
         client = httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=60)
@@ -127,8 +151,7 @@ def main(
                         html.append(received)
                         loaded.append(done)
                         api.append(spent)
-                rows.append((name, path, *_quantiles(html), *_quantiles(loaded),
-                             *_quantiles(api)))  # fmt: skip
+                rows.append((name, path, *_quantiles(html), *_quantiles(loaded), *_quantiles(api)))
                 typer.echo(f"{name}: loaded p50 {rows[-1][4]:.0f} ms, p95 {rows[-1][5]:.0f} ms")
             browser.close()
     finally:
@@ -151,11 +174,14 @@ def main(
         "",
         "| page | HTML received p50 | p95 | page loaded p50 | p95 | JSON twins p50 | p95 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        *(f"| {name} (`{path}`) | {h50:.0f} | {h95:.0f} | {l50:.0f} | {l95:.0f} | {a50:.0f} "
-          f"| {a95:.0f} |" for name, path, h50, h95, l50, l95, a50, a95 in rows),
+        *(
+            f"| {name} (`{path}`) | {h50:.0f} | {h95:.0f} | {l50:.0f} | {l95:.0f} | {a50:.0f} "
+            f"| {a95:.0f} |"
+            for name, path, h50, h95, l50, l95, a50, a95 in rows
+        ),
         "",
         f"Run: `.venv/bin/python benchmarks/explorer_pages.py --repeats {repeats}`",
-    ]  # fmt: skip
+    ]
     RESULTS.write_text("\n".join(lines) + "\n")
     typer.echo(f"wrote {RESULTS}")
 

@@ -42,28 +42,46 @@ TYPES = '{"id":"integer","status":"text","amount":"numeric(12,2)","note":"text"}
 
 
 def records(n: int) -> pl.DataFrame:
-    context = json.dumps({"actor": {"type": "user", "id": "u-1", "name": "Ada"},
-                          "request_id": "req-1", "reason": "refund"})  # fmt: skip
+    context = json.dumps(
+        {
+            "actor": {"type": "user", "id": "u-1", "name": "Ada"},
+            "request_id": "req-1",
+            "reason": "refund",
+        }
+    )
     return pl.DataFrame(
         {
             "id": [f"{ENV}:shop:{i:016X}:0" for i in range(n)],
             "commit_time": [T0 + timedelta(milliseconds=i) for i in range(n)],
-            "env": [ENV] * n, "source": ["shop"] * n, "schema": ["public"] * n,
-            "table": ["orders"] * n, "operation": ["update"] * n,
+            "env": [ENV] * n,
+            "source": ["shop"] * n,
+            "schema": ["public"] * n,
+            "table": ["orders"] * n,
+            "operation": ["update"] * n,
             "object_id": [str(i) for i in range(n)],
             "changed_columns": ['["status"]'] * n,
-            "before": [f'{{"id":"{i}","status":"new","amount":"12.50","note":"{"n" * 40}"}}'
-                       for i in range(n)],
-            "after": [f'{{"id":"{i}","status":"paid","amount":"12.50","note":"{"n" * 40}"}}'
-                      for i in range(n)],
-            "context": [context] * n, "attribution_status": ["attributed"] * n,
-            "attribution_lag_seconds": [None] * n, "xid": list(range(n)),
-            "lsn": list(range(n)), "change_index": [0] * n, "policy_version": ["1:x"] * n,
-            "key_columns": ['["id"]'] * n, "column_types": [TYPES] * n,
-            "txn_changes": [1] * n, "txn_ignored": [0] * n,
+            "before": [
+                f'{{"id":"{i}","status":"new","amount":"12.50","note":"{"n" * 40}"}}'
+                for i in range(n)
+            ],
+            "after": [
+                f'{{"id":"{i}","status":"paid","amount":"12.50","note":"{"n" * 40}"}}'
+                for i in range(n)
+            ],
+            "context": [context] * n,
+            "attribution_status": ["attributed"] * n,
+            "attribution_lag_seconds": [None] * n,
+            "xid": list(range(n)),
+            "lsn": list(range(n)),
+            "change_index": [0] * n,
+            "policy_version": ["1:x"] * n,
+            "key_columns": ['["id"]'] * n,
+            "column_types": [TYPES] * n,
+            "txn_changes": [1] * n,
+            "txn_ignored": [0] * n,
         },
         schema=RECORD_SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def _reset(client) -> None:
@@ -97,8 +115,14 @@ def main(
             start = time.monotonic()
             if kind != "raw":
                 chunk, in_flight = (int(v) for v in kind.split("x"))
-                result = index_records(client, frame, database="shopdb", ingested_at=T0,
-                                       chunk_size=chunk, in_flight=in_flight)  # fmt: skip
+                result = index_records(
+                    client,
+                    frame,
+                    database="shopdb",
+                    ingested_at=T0,
+                    chunk_size=chunk,
+                    in_flight=in_flight,
+                )
                 assert result.failed.height == 0
             else:
                 bulk(client, prepared, chunk_size=1000)

@@ -55,28 +55,45 @@ def _batch(start: int, n: int, t0: datetime, step: timedelta) -> tuple[pl.DataFr
     lsn = [10_000 + i // 3 for i in ids]
     changes = pl.DataFrame(
         {
-            "lsn": lsn, "xid": [1_000 + i // 3 for i in ids],
+            "lsn": lsn,
+            "xid": [1_000 + i // 3 for i in ids],
             "change_index": [i % 3 for i in ids],
             "operation": [("insert", "update", "delete")[i % 3] for i in ids],
-            "schema": ["public"] * n, "table": [TABLES[(i // 3) % 5] for i in ids],
+            "schema": ["public"] * n,
+            "table": [TABLES[(i // 3) % 5] for i in ids],
             "key_columns": ['["id"]'] * n,
-            "before": [None if i % 3 == 0 else f'{{"id":"{i}","status":"new","note":"item {i}"}}'
-                       for i in ids],
-            "after": [None if i % 3 == 2 else f'{{"id":"{i}","status":"paid","note":"item {i}"}}'
-                      for i in ids],
-            "unchanged_toast": [None] * n, "column_types": [COLUMNS] * n,
-            "commit_time": [t0 + step * (i // 3) for i in ids], "env": [ENV] * n,
-            "source": [SOURCE] * n, "policy_version": ["1:bench"] * n,
+            "before": [
+                None if i % 3 == 0 else f'{{"id":"{i}","status":"new","note":"item {i}"}}'
+                for i in ids
+            ],
+            "after": [
+                None if i % 3 == 2 else f'{{"id":"{i}","status":"paid","note":"item {i}"}}'
+                for i in ids
+            ],
+            "unchanged_toast": [None] * n,
+            "column_types": [COLUMNS] * n,
+            "commit_time": [t0 + step * (i // 3) for i in ids],
+            "env": [ENV] * n,
+            "source": [SOURCE] * n,
+            "policy_version": ["1:bench"] * n,
         }
-    )  # fmt: skip
+    )
     transactions = changes.unique("lsn", keep="first").filter(pl.col("xid") % 100 != 0)
     contexts = transactions.select(
-        "lsn", "xid", pl.lit(0, pl.Int32).alias("seq"), pl.lit("context").alias("kind"),
+        "lsn",
+        "xid",
+        pl.lit(0, pl.Int32).alias("seq"),
+        pl.lit("context").alias("kind"),
         pl.lit(None, pl.Int64).alias("target_xid"),
-        pl.format('{{"actor":{{"id":"u-{}","type":"user"}},"reason":"ticket {}"}}',
-                  pl.col("xid") % 200, pl.col("xid")).alias("context"),
-        "commit_time", "env", "source",
-    )  # fmt: skip
+        pl.format(
+            '{{"actor":{{"id":"u-{}","type":"user"}},"reason":"ticket {}"}}',
+            pl.col("xid") % 200,
+            pl.col("xid"),
+        ).alias("context"),
+        "commit_time",
+        "env",
+        "source",
+    )
     return changes, contexts
 
 
@@ -109,10 +126,13 @@ def build(settings: Settings, count: int, key_path: Path) -> dict[str, float]:
             # The leaves enrich_pending appends, built from the same batch (timed apart).
             read = store.read(context_paths, "contexts")
             times = read.group_by("lsn").agg(pl.col("commit_time").first())
-            leaves = pl.concat([
-                context_leaves(transaction_contexts(read).join(times, on="lsn"), ENV, SOURCE),
-                attach_leaves(read, ENV, SOURCE), record_leaves(records),
-            ])  # fmt: skip
+            leaves = pl.concat(
+                [
+                    context_leaves(transaction_contexts(read).join(times, on="lsn"), ENV, SOURCE),
+                    attach_leaves(read, ENV, SOURCE),
+                    record_leaves(records),
+                ]
+            )
             log.append(leaves)
             spent["leaves"] += time.perf_counter() - began
             began = time.perf_counter()
@@ -143,13 +163,22 @@ def main(
     rows = []
     for staging in (False, True, False, True):
         began = time.perf_counter()
-        report = verify_source(store, es, policy, key.public_key(), since=None, until=None,
-                               window=Window(datetime.now(UTC)), staging=staging)  # fmt: skip
+        report = verify_source(
+            store,
+            es,
+            policy,
+            key.public_key(),
+            since=None,
+            until=None,
+            window=Window(datetime.now(UTC)),
+            staging=staging,
+        )
         seconds = time.perf_counter() - began
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         assert report.ok, report.problems[:5]
-        rows.append((staging, report.documents, report.log_size, report.staged_changes, seconds,
-                     peak))  # fmt: skip
+        rows.append(
+            (staging, report.documents, report.log_size, report.staged_changes, seconds, peak)
+        )
         typer.echo(f"staging={staging}: {seconds:.1f} s, {report.documents:,} documents")
     lines = [
         "# Verifying the trail: 1,000,000 records",

@@ -121,9 +121,12 @@ def require(role: str):
 
     def check(scope: Annotated[Scope, Depends(scope)]) -> Scope:
         if not scope.has_role(role):
-            raise HTTPException(403, f"this needs a key with role {role} or above; this key is "
-                                     f"a {scope.role} (`audit-platform keys create --role "
-                                     f"{role}`)")  # fmt: skip
+            raise HTTPException(
+                403,
+                f"this needs a key with role {role} or above; this key is "
+                f"a {scope.role} (`audit-platform keys create --role "
+                f"{role}`)",
+            )
         return scope
 
     return check

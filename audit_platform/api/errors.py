@@ -62,8 +62,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
-                            for e in exc.errors())  # fmt: skip
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors()
+        )
         if page := _page(request, 422, reasons):
             return page
         return await request_validation_exception_handler(request, exc)
@@ -78,8 +79,9 @@ def install_handlers(app: FastAPI) -> None:
         if exc.meta.status == 400:
             # Parameters are validated before a query is sent; this is a last line of defence.
             log.warning("elasticsearch refused a query: %s", exc)
-            return _unprocessable(request, "query",
-                                  f"Elasticsearch refused the query: {exc.message}")  # fmt: skip
+            return _unprocessable(
+                request, "query", f"Elasticsearch refused the query: {exc.message}"
+            )
         log.error("elasticsearch error %s: %s", exc.meta.status, exc)
         return _unavailable(request, "Elasticsearch")
 

@@ -89,10 +89,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Checked before each hand-out: after the database restarts, a pooled connection is
         # dead, and handing it out once would answer that request with a 503.
         pool = ConnectionPool(
-            pg_url_from_settings(settings), min_size=1, max_size=8, open=False,
+            pg_url_from_settings(settings),
+            min_size=1,
+            max_size=8,
+            open=False,
             check=ConnectionPool.check_connection,
             kwargs={"autocommit": True, "application_name": f"audit-api-{settings.env}"},
-        )  # fmt: skip
+        )
         pool.open(wait=False)
         try:
             with pool.connection(timeout=30) as conn:
@@ -162,17 +165,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         route = request.scope.get("route")
         template = getattr(route, "path", "(no route)")
-        metrics.observe(template, request.method, response.status_code, total_ms / 1000,
-                        sum(spent), count[0])  # fmt: skip
+        metrics.observe(
+            template, request.method, response.status_code, total_ms / 1000, sum(spent), count[0]
+        )
         if is_read(request, route):
             # Written once the answer is sent, so the reader does not wait for it.
-            after_sending(response, log_read, request, route.path, response.status_code,
-                          count[0])  # fmt: skip
+            after_sending(response, log_read, request, route.path, response.status_code, count[0])
         access_log.info(
-            "key=%s %s %s %d %.1fms", getattr(request.state, "key_id", "-"), request.method,
-            getattr(route, "path", "(no route)"), response.status_code,
+            "key=%s %s %s %d %.1fms",
+            getattr(request.state, "key_id", "-"),
+            request.method,
+            getattr(route, "path", "(no route)"),
+            response.status_code,
             (time.perf_counter() - started) * 1000,
-        )  # fmt: skip
+        )
         return response
 
     return app

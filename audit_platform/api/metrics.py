@@ -32,16 +32,32 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("audit_api_requests", "Requests answered.",
-                                ["route", "method", "status"], registry=self.registry)  # fmt: skip
-        self.latency = Histogram("audit_api_request_duration_seconds",
-                                 "Time to the response, in the API process.", ["route"],
-                                 buckets=BUCKETS, registry=self.registry)  # fmt: skip
-        self.elasticsearch = Histogram("audit_api_elasticsearch_duration_seconds",
-                                       "Time spent in Elasticsearch per request.", ["route"],
-                                       buckets=BUCKETS, registry=self.registry)  # fmt: skip
-        self.records = Counter("audit_api_records_returned", "Audit records returned.",
-                               ["route"], registry=self.registry)  # fmt: skip
+        self.requests = Counter(
+            "audit_api_requests",
+            "Requests answered.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "audit_api_request_duration_seconds",
+            "Time to the response, in the API process.",
+            ["route"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.elasticsearch = Histogram(
+            "audit_api_elasticsearch_duration_seconds",
+            "Time spent in Elasticsearch per request.",
+            ["route"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.records = Counter(
+            "audit_api_records_returned",
+            "Audit records returned.",
+            ["route"],
+            registry=self.registry,
+        )
         self.failed_authentications = Counter(
             "audit_api_failed_authentications",
             "Requests refused for a missing, malformed or unknown key (api/refusals.py).",
@@ -49,8 +65,15 @@ class ApiMetrics:
             registry=self.registry,
         )
 
-    def observe(self, route: str, method: str, status: int, seconds: float,
-                elasticsearch_seconds: float, records: int) -> None:  # fmt: skip
+    def observe(
+        self,
+        route: str,
+        method: str,
+        status: int,
+        seconds: float,
+        elasticsearch_seconds: float,
+        records: int,
+    ) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(seconds)
         self.elasticsearch.labels(route).observe(elasticsearch_seconds)

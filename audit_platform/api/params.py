@@ -23,8 +23,9 @@ class _FilterParams(EventFilter):
 class SearchParams(_FilterParams):
     order: Literal["asc", "desc"] = Field(default="desc", description="By commit time.")
     limit: int = Field(default=50, ge=1, le=MAX_PAGE_SIZE, description="Page size.")
-    cursor: str | None = Field(default=None, max_length=1024,
-                               description="`next_cursor` of the previous page.")  # fmt: skip
+    cursor: str | None = Field(
+        default=None, max_length=1024, description="`next_cursor` of the previous page."
+    )
 
 
 class StatsParams(_FilterParams):

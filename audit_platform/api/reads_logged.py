@@ -47,16 +47,28 @@ def log_read(request: Request, route: str, status: int, returned: int | None) ->
     try:
         _write(request, route, status, returned)
     except Exception:
-        log.exception("read log: the row of %s %s by key %s was not written", request.method,
-                      route, getattr(request.state, "key_id", "-"))  # fmt: skip
+        log.exception(
+            "read log: the row of %s %s by key %s was not written",
+            request.method,
+            route,
+            getattr(request.state, "key_id", "-"),
+        )
 
 
 def _write(request: Request, route: str, status: int, returned: int | None) -> None:
     svc = request.app.state.services
     with svc.pool.connection() as conn:
-        record_read(conn, svc.settings.env, at=datetime.now(UTC), key_id=request.state.key_id,
-                    method=request.method, route=route, params=filters(request), status=status,
-                    returned=returned)  # fmt: skip
+        record_read(
+            conn,
+            svc.settings.env,
+            at=datetime.now(UTC),
+            key_id=request.state.key_id,
+            method=request.method,
+            route=route,
+            params=filters(request),
+            status=status,
+            returned=returned,
+        )
 
 
 def after_sending(response: Response, function, *args) -> None:

@@ -29,11 +29,22 @@ class Gap(BaseModel):
     detected_at: datetime | None = None
     reason: str
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "env": "prod", "source": "shop", "from_lsn": 23806728, "to_lsn": 91431168,
-        "last_captured_at": "2026-11-27T03:12:09.123456Z", "detected_at": "2026-11-27T04:00:00Z",
-        "reason": "the slot was invalidated by PostgreSQL (wal_status = lost) and replaced",
-    }]})  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "env": "prod",
+                    "source": "shop",
+                    "from_lsn": 23806728,
+                    "to_lsn": 91431168,
+                    "last_captured_at": "2026-11-27T03:12:09.123456Z",
+                    "detected_at": "2026-11-27T04:00:00Z",
+                    "reason": "the slot was invalidated by PostgreSQL (wal_status = lost) "
+                    "and replaced",
+                }
+            ]
+        }
+    )
 
     def describe(self) -> str:
         since = ""

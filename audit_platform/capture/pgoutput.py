@@ -108,14 +108,29 @@ class ChangeBatch:
 
     def truncate(self, changes: int, contexts: int) -> None:
         for name in (
-            "lsn", "xid", "commit_time_us", "change_index", "operation", "schema", "table",
-            "key_columns", "before", "after", "unchanged_toast", "column_types",
-        ):  # fmt: skip
+            "lsn",
+            "xid",
+            "commit_time_us",
+            "change_index",
+            "operation",
+            "schema",
+            "table",
+            "key_columns",
+            "before",
+            "after",
+            "unchanged_toast",
+            "column_types",
+        ):
             del getattr(self, name)[changes:]
         for name in (
-            "ctx_lsn", "ctx_xid", "ctx_commit_time_us", "ctx_seq", "ctx_kind",
-            "ctx_target_xid", "ctx_context",
-        ):  # fmt: skip
+            "ctx_lsn",
+            "ctx_xid",
+            "ctx_commit_time_us",
+            "ctx_seq",
+            "ctx_kind",
+            "ctx_target_xid",
+            "ctx_context",
+        ):
             del getattr(self, name)[contexts:]
 
 

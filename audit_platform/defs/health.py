@@ -36,58 +36,75 @@ def source_checks(
     warn, error = environment.slot_lag_warn_bytes, environment.slot_lag_error_bytes
 
     @dg.asset_check(
-        asset=asset, name="slot_lag", blocking=False,
+        asset=asset,
+        name="slot_lag",
+        blocking=False,
         description=f"The slot of source {source} exists, is not invalidated, and holds back "
         f"less WAL than {warn:,} bytes (warning) and {error:,} bytes (error).",
-    )  # fmt: skip
+    )
     def slot_lag() -> dg.AssetCheckResult:
         slot = slot_name(env, source)
-        with psycopg.connect(source_url(source, config), autocommit=True,
-                             connect_timeout=10) as conn:  # fmt: skip
+        with psycopg.connect(
+            source_url(source, config), autocommit=True, connect_timeout=10
+        ) as conn:
             try:
                 state = usable_slot_state(conn, slot)
             except (SlotLost, SlotMissing) as exc:
                 return dg.AssetCheckResult(
-                    passed=False, severity=dg.AssetCheckSeverity.ERROR,
-                    metadata={"slot": slot}, description=str(exc),
-                )  # fmt: skip
+                    passed=False,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={"slot": slot},
+                    description=str(exc),
+                )
         lag = state.lag_bytes
         return dg.AssetCheckResult(
             passed=lag < warn,
             severity=dg.AssetCheckSeverity.ERROR if lag >= error else dg.AssetCheckSeverity.WARN,
-            metadata={"lag_bytes": lag, "warn_bytes": warn, "error_bytes": error,
-                      "wal_status": state.wal_status or "unknown",
-                      "slot": slot, "consumer_active": state.active_pid is not None},
-            description=None if lag < warn else
-            f"slot {slot} holds {lag:,} bytes of WAL: is the capture sensor running?",
-        )  # fmt: skip
+            metadata={
+                "lag_bytes": lag,
+                "warn_bytes": warn,
+                "error_bytes": error,
+                "wal_status": state.wal_status or "unknown",
+                "slot": slot,
+                "consumer_active": state.active_pid is not None,
+            },
+            description=None
+            if lag < warn
+            else f"slot {slot} holds {lag:,} bytes of WAL: is the capture sensor running?",
+        )
 
     @dg.asset_check(
-        asset=asset, name="tracked_tables", blocking=False,
+        asset=asset,
+        name="tracked_tables",
+        blocking=False,
         description=f"Every tracked table of source {source} exists, has a key and REPLICA "
         "IDENTITY FULL.",
-    )  # fmt: skip
+    )
     def tracked_tables(platform: AuditPlatform) -> dg.AssetCheckResult:
         settings, policy = platform.settings, platform.policy(source)
-        findings = check_source(source_url(source, config), settings.env, policy,
-                                settings.resources_dir / "sql")  # fmt: skip
+        findings = check_source(
+            source_url(source, config), settings.env, policy, settings.resources_dir / "sql"
+        )
         tables = [f for f in findings if f.subject in policy.tables]
         problems = [f for f in tables if f.level == Level.error]
         return dg.AssetCheckResult(
             passed=not problems,
-            metadata={"tables": len(policy.tables),
-                      "problems": dg.MetadataValue.md(
-                          "\n".join(f"- {f}" for f in problems) or "none")},
-        )  # fmt: skip
+            metadata={
+                "tables": len(policy.tables),
+                "problems": dg.MetadataValue.md("\n".join(f"- {f}" for f in problems) or "none"),
+            },
+        )
 
     return [slot_lag, tracked_tables]
 
 
 def template_check(environment: EnvironmentConfig) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=TEMPLATE_KEY, name="template_current", blocking=False,
+        asset=TEMPLATE_KEY,
+        name="template_current",
+        blocking=False,
         description="The installed index template is the one this code version renders.",
-    )  # fmt: skip
+    )
     def template_current(platform: AuditPlatform) -> dg.AssetCheckResult:
         settings = platform.settings
         with platform.elasticsearch() as client:
@@ -98,11 +115,14 @@ def template_check(environment: EnvironmentConfig) -> dg.AssetChecksDefinition:
         )["_meta"]
         return dg.AssetCheckResult(
             passed=installed == expected["template_hash"],
-            metadata={"installed_hash": installed or "none (not installed)",
-                      "expected_hash": expected["template_hash"],
-                      "template_version": expected["template_version"]},
-            description=None if installed == expected["template_hash"] else
-            "materialize elasticsearch/index_template (the automation sensor does this)",
-        )  # fmt: skip
+            metadata={
+                "installed_hash": installed or "none (not installed)",
+                "expected_hash": expected["template_hash"],
+                "template_version": expected["template_version"],
+            },
+            description=None
+            if installed == expected["template_hash"]
+            else "materialize elasticsearch/index_template (the automation sensor does this)",
+        )
 
     return template_current

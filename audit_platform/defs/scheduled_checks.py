@@ -21,7 +21,9 @@ def scheduled_checks(
         executor_def=dg.in_process_executor,
     )
     schedule = dg.ScheduleDefinition(
-        name=f"{name}_schedule", job=job, cron_schedule=cron,
+        name=f"{name}_schedule",
+        job=job,
+        cron_schedule=cron,
         default_status=dg.DefaultScheduleStatus.RUNNING,
-    )  # fmt: skip
+    )
     return schedule

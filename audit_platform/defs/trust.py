@@ -38,20 +38,28 @@ def _result(report, what: str) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=report.ok,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"counts": summary["counts"], "log_size": report.log_size,
-                  "checkpoints": report.checkpoints, "documents": report.documents,
-                  "problems": problems[:50]},
-        description=None if report.ok else f"{len(problems)} problem(s) in {what}; "
+        metadata={
+            "counts": summary["counts"],
+            "log_size": report.log_size,
+            "checkpoints": report.checkpoints,
+            "documents": report.documents,
+            "problems": problems[:50],
+        },
+        description=None
+        if report.ok
+        else f"{len(problems)} problem(s) in {what}; "
         "run `audit-platform verify` for the whole list",
-    )  # fmt: skip
+    )
 
 
 def trail_check(source: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=indexed_key(source), name="trail_verified", blocking=False,
+        asset=indexed_key(source),
+        name="trail_verified",
+        blocking=False,
         description=f"Source {source}'s trail: checkpoints signed and chained, and the last "
         "70 minutes in Elasticsearch and staging equal to the log.",
-    )  # fmt: skip
+    )
     def trail_verified(platform: AuditPlatform) -> dg.AssetCheckResult:
         settings, now = platform.settings, datetime.now(UTC)
         store = platform.store(source)
@@ -63,11 +71,16 @@ def trail_check(source: str) -> dg.AssetChecksDefinition:
         window = Window(now, retention=timedelta(days=environment.retention_days_of(source)))
         with platform.elasticsearch() as es, platform.state() as state:
             report = verify_source(
-                store, es, load_policy(policy_path(settings.resources_dir, source)),
-                settings.verifier(), since=since, until=None,
-                window=window, waiting=waiting_changes(state, settings.env, source),
+                store,
+                es,
+                load_policy(policy_path(settings.resources_dir, source)),
+                settings.verifier(),
+                since=since,
+                until=None,
+                window=window,
+                waiting=waiting_changes(state, settings.env, source),
                 retention_class=environment.retention_class_of(source),
-            )  # fmt: skip
+            )
         return _result(report, f"{source}'s changes since {since:%H:%M} UTC")
 
     return trail_verified
@@ -75,10 +88,12 @@ def trail_check(source: str) -> dg.AssetChecksDefinition:
 
 def reads_check(first_source: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=indexed_key(first_source), name="read_log_verified", blocking=False,
+        asset=indexed_key(first_source),
+        name="read_log_verified",
+        blocking=False,
         description="The environment's read log: new rows appended to its trail and signed, "
         "and every logged row still there, unedited.",
-    )  # fmt: skip
+    )
     def read_log_verified(platform: AuditPlatform) -> dg.AssetCheckResult:
         settings = platform.settings
         log = read_trail(settings.staging_root, settings.env)

@@ -95,9 +95,14 @@ def _tolerant(say: Callable[[str], None]) -> Callable[[str], None]:
 
 
 def run_demo(
-    settings: Settings, *, say: Callable[[str], None], duration: float | None = None,
-    dagster_port: int = 3000, api_port: int = 8000, shop_port: int = 8100,
-) -> int:  # fmt: skip
+    settings: Settings,
+    *,
+    say: Callable[[str], None],
+    duration: float | None = None,
+    dagster_port: int = 3000,
+    api_port: int = 8000,
+    shop_port: int = 8100,
+) -> int:
     """Run until Ctrl-C (or ``duration`` seconds); 0 when records reached the API."""
     env = settings.env
     root = settings.stack_dir / "demo" / env
@@ -114,12 +119,20 @@ def run_demo(
 
 def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) -> int:
     with served(settings) as exports:
-        say(f"stack: PostgreSQL {exports['AUDIT_PG_URL'].split('@')[-1]}, "
-            f"Elasticsearch {exports['AUDIT_ES_URL']}")  # fmt: skip
+        say(
+            f"stack: PostgreSQL {exports['AUDIT_PG_URL'].split('@')[-1]}, "
+            f"Elasticsearch {exports['AUDIT_ES_URL']}"
+        )
         shop_url = prepare_shop(exports["AUDIT_PG_URL"], env, settings.resources_dir)
-        deployment = LocalDeployment(exports, env, root, {"shop": shop_url},
-                                     dagster_port=dagster_port, api_port=api_port,
-                                     mask_key=_mask_key(root))  # fmt: skip
+        deployment = LocalDeployment(
+            exports,
+            env,
+            root,
+            {"shop": shop_url},
+            dagster_port=dagster_port,
+            api_port=api_port,
+            mask_key=_mask_key(root),
+        )
         deployment.prepare()
         with psycopg.connect(exports["AUDIT_PG_URL"], autocommit=True) as conn:
             key = create_key(conn, env, "demo").secret
@@ -132,11 +145,21 @@ def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) 
         traffic_thread = None
         try:
             ensure_port_free(shop_port, what="the demo shop service", variable="--shop-port")
-            shop = processes.start("shop-service", [
-                sys.executable, "-m", "uvicorn", "--factory",
-                "audit_platform.demo.service:app_from_environment", "--port", str(shop_port)],
+            shop = processes.start(
+                "shop-service",
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "audit_platform.demo.service:app_from_environment",
+                    "--port",
+                    str(shop_port),
+                ],
                 {**deployment.environ(), "SHOP_DATABASE_URL": shop_url},
-                deployment.logs, PROJECT_ROOT)  # fmt: skip
+                deployment.logs,
+                PROJECT_ROOT,
+            )
             deployment.add(shop)
             shop.wait_http(f"http://127.0.0.1:{shop_port}/openapi.json", 60)
             say("starting Dagster (webserver, daemon) and the Audit API ...")
@@ -166,8 +189,10 @@ Waiting for the first audit records (the keeper sensor starts the live capture r
             if seconds is None:
                 say("no record reached the API within 180 s; see the logs above")
                 return 1
-            say(f"first audit records searchable {seconds:.0f} s after start. "
-                "Press Ctrl-C to stop everything.")  # fmt: skip
+            say(
+                f"first audit records searchable {seconds:.0f} s after start. "
+                "Press Ctrl-C to stop everything."
+            )
             # Show the operator's checks at once rather than at the next five-minute tick.
             deployment.launch("__ASSET_JOB", [["elasticsearch", "index_template"]])
             deployment.launch("health_checks_job")

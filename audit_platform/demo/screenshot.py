@@ -177,8 +177,11 @@ def explorer(
                 moments.nth(1).click()
                 page.wait_for_load_state("networkidle")
             shot("object", full=True)
-        for name, label in (("transaction", "Its transaction"), ("request", "Its request"),
-                            ("actor", "Its actor")):  # fmt: skip
+        for name, label in (
+            ("transaction", "Its transaction"),
+            ("request", "Its request"),
+            ("actor", "Its actor"),
+        ):
             if (path := hrefs.get(label)) is not None:
                 shot(name, path, full=True)
         browser.close()

@@ -70,8 +70,9 @@ class Payment(BaseModel):
 
 
 def create_shop_app(database_url: str) -> FastAPI:
-    pool = ConnectionPool(database_url, connection_class=AuditedConnection, min_size=1,
-                          max_size=4, open=False)  # fmt: skip
+    pool = ConnectionPool(
+        database_url, connection_class=AuditedConnection, min_size=1, max_size=4, open=False
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,14 +129,16 @@ def create_shop_app(database_url: str) -> FastAPI:
         with pool.connection() as conn:
             row = conn.execute(
                 "UPDATE orders SET status = 'paid', updated_at = now()"
-                " WHERE id = %s AND status = 'new' RETURNING total", (order_id,),
-            ).fetchone()  # fmt: skip
+                " WHERE id = %s AND status = 'new' RETURNING total",
+                (order_id,),
+            ).fetchone()
             if row is None:
                 raise HTTPException(409, "order is not awaiting payment")
             payment = conn.execute(
                 "INSERT INTO payments (order_id, amount, card_last4) VALUES (%s, %s, %s)"
-                " RETURNING id", (order_id, row[0], body.card_last4),
-            ).fetchone()[0]  # fmt: skip
+                " RETURNING id",
+                (order_id, row[0], body.card_last4),
+            ).fetchone()[0]
         return {"id": payment}
 
     @app.post("/orders/{order_id}/cancel")
@@ -143,8 +146,9 @@ def create_shop_app(database_url: str) -> FastAPI:
         with audit_context(reason="customer asked to cancel"), pool.connection() as conn:
             cancelled = conn.execute(
                 "UPDATE orders SET status = 'cancelled', updated_at = now()"
-                " WHERE id = %s AND status IN ('new', 'paid')", (order_id,),
-            ).rowcount  # fmt: skip
+                " WHERE id = %s AND status IN ('new', 'paid')",
+                (order_id,),
+            ).rowcount
         if not cancelled:
             raise HTTPException(409, "order cannot be cancelled")
         return {"id": order_id}

@@ -58,28 +58,45 @@ class Traffic:
         customer = self.rng.choice(CUSTOMERS)
         if roll < 0.15 or not self._ids("SELECT id FROM customers LIMIT 1"):
             n = self.rng.randrange(10_000)
-            self._call(customer, "POST", "/customers", {
-                "name": f"{customer.title()} {n}", "email": f"{customer}{n}@example.com",
-                "phone": f"+1-555-{n:04d}"})  # fmt: skip
+            self._call(
+                customer,
+                "POST",
+                "/customers",
+                {
+                    "name": f"{customer.title()} {n}",
+                    "email": f"{customer}{n}@example.com",
+                    "phone": f"+1-555-{n:04d}",
+                },
+            )
         elif roll < 0.55:
             [customer_id] = self._ids("SELECT id FROM customers ORDER BY random() LIMIT 1")
-            lines = [{"sku": sku, "quantity": self.rng.randint(1, 3), "unit_price": price}
-                     for sku, price in self.rng.sample(sorted(SKUS.items()),
-                                                       self.rng.randint(1, 3))]  # fmt: skip
+            lines = [
+                {"sku": sku, "quantity": self.rng.randint(1, 3), "unit_price": price}
+                for sku, price in self.rng.sample(sorted(SKUS.items()), self.rng.randint(1, 3))
+            ]
             self._call(customer, "POST", "/orders", {"customer_id": customer_id, "lines": lines})
         elif roll < 0.8:
             for order_id in self._ids("SELECT id FROM orders WHERE status = 'new' LIMIT 1"):
-                self._call(customer, "POST", f"/orders/{order_id}/pay",
-                           {"card_last4": f"{self.rng.randrange(10_000):04d}"})  # fmt: skip
+                self._call(
+                    customer,
+                    "POST",
+                    f"/orders/{order_id}/pay",
+                    {"card_last4": f"{self.rng.randrange(10_000):04d}"},
+                )
         elif roll < 0.92:
             agent = self.rng.choice(AGENTS)
             [customer_id] = self._ids("SELECT id FROM customers ORDER BY random() LIMIT 1")
-            self._call(agent, "PATCH", f"/customers/{customer_id}",
-                       {"phone": f"+1-555-{self.rng.randrange(10_000):04d}"})  # fmt: skip
+            self._call(
+                agent,
+                "PATCH",
+                f"/customers/{customer_id}",
+                {"phone": f"+1-555-{self.rng.randrange(10_000):04d}"},
+            )
         else:
             agent = self.rng.choice(AGENTS)
-            for order_id in self._ids("SELECT id FROM orders WHERE status IN ('new', 'paid')"
-                                      " ORDER BY random() LIMIT 1"):  # fmt: skip
+            for order_id in self._ids(
+                "SELECT id FROM orders WHERE status IN ('new', 'paid') ORDER BY random() LIMIT 1"
+            ):
                 self._call(agent, "POST", f"/orders/{order_id}/cancel")
 
     @audit_job("ship-paid-orders", reason="warehouse pick-up")
@@ -113,13 +130,22 @@ class Traffic:
         self._count("admin direct SQL")
         return fixed
 
-    def run(self, stop: threading.Event, *, requests_per_second: float = 2.0,
-            job_every: float = 20.0, batch_every: float = 60.0,
-            admin_every: float = 45.0) -> None:  # fmt: skip
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        requests_per_second: float = 2.0,
+        job_every: float = 20.0,
+        batch_every: float = 60.0,
+        admin_every: float = 45.0,
+    ) -> None:
         """Until ``stop`` is set: user requests at the given rate, jobs on their intervals."""
         started = time.monotonic()
-        due = {"job": started + job_every, "batch": started + batch_every,
-               "admin": started + admin_every}  # fmt: skip
+        due = {
+            "job": started + job_every,
+            "batch": started + batch_every,
+            "admin": started + admin_every,
+        }
         while not stop.is_set():
             now = time.monotonic()
             if now >= due["job"]:

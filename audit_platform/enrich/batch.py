@@ -177,24 +177,36 @@ def _transaction_counts(store, policy, paths, contexts, now) -> tuple | None:
         changes = store.read([path], "changes")
         captured.append(changes.select("lsn", "change_index"))
         if any(t.ignore_changes_to for t in policy.tables.values()):
-            ignored.extend(enrich(changes, contexts, policy, now=now, grace=timedelta(0))
-                           .ignored_lsns)  # fmt: skip
+            ignored.extend(
+                enrich(changes, contexts, policy, now=now, grace=timedelta(0)).ignored_lsns
+            )
     captured_counts = (
-        pl.concat(captured).unique().group_by("lsn")
+        pl.concat(captured)
+        .unique()
+        .group_by("lsn")
         .agg(pl.len().cast(pl.Int32).alias("txn_changes"))
-    )  # fmt: skip
+    )
     return captured_counts, ignored_counts(ignored)
 
 
-def _enrich_known(state, store, policy, changes, contexts, own, now, grace,
-                  counts=None) -> EnrichResult:  # fmt: skip
+def _enrich_known(
+    state, store, policy, changes, contexts, own, now, grace, counts=None
+) -> EnrichResult:
     """``enrich`` with the late contexts of the changes that have no context of their own."""
     unmatched = changes.join(own.select("lsn", "xid"), on=["lsn", "xid"], how="anti")
     xids = unmatched["xid"].unique().to_list()
     late = quarantine.late_contexts_for(state, store.env, store.source, xids) if xids else None
     captured, ignored = counts if counts is not None else (None, None)
-    return enrich(changes, contexts, policy, now=now, grace=grace, late_contexts=late,
-                  captured=captured, ignored=ignored)  # fmt: skip
+    return enrich(
+        changes,
+        contexts,
+        policy,
+        now=now,
+        grace=grace,
+        late_contexts=late,
+        captured=captured,
+        ignored=ignored,
+    )
 
 
 def _split(records: pl.DataFrame, paths: Iterable[str]) -> Iterable[tuple[str, pl.DataFrame]]:
@@ -338,8 +350,9 @@ def resolve_quarantine(
     late = quarantine.late_contexts_for(state, env, source, entries["xid"].unique().to_list())
     # Orphans had no context of their own in their batch: only late contexts can attribute them.
     no_contexts = store.read([], "contexts")
-    result = enrich(changes, no_contexts, policy, now=now, grace=grace, late_contexts=late,
-                    captured=captured)  # fmt: skip
+    result = enrich(
+        changes, no_contexts, policy, now=now, grace=grace, late_contexts=late, captured=captured
+    )
     reindex: dict[str, list[str]] = {}
     for path, rows in _split(result.records, files):
         target = store.derived_path(path, "records")

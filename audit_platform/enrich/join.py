@@ -179,19 +179,52 @@ def _enrich_slice(
     grace: timedelta,
 ) -> pl.DataFrame:
     columns = (
-        "lsn", "change_index", "xid", "commit_time", "env", "source", "schema", "table",
-        "operation", "before", "after", "key_columns", "unchanged_toast", "context",
-        "late_context", "attached_at", FILE,
-    )  # fmt: skip
+        "lsn",
+        "change_index",
+        "xid",
+        "commit_time",
+        "env",
+        "source",
+        "schema",
+        "table",
+        "operation",
+        "before",
+        "after",
+        "key_columns",
+        "unchanged_toast",
+        "context",
+        "late_context",
+        "attached_at",
+        FILE,
+    )
     keep: list[bool] = []
     computed: dict[str, list] = {
-        "id": [], "object_id": [], "changed_columns": [], "context": [],
-        "attribution_status": [], "attribution_lag_seconds": [],
-    }  # fmt: skip
+        "id": [],
+        "object_id": [],
+        "changed_columns": [],
+        "context": [],
+        "attribution_status": [],
+        "attribution_lag_seconds": [],
+    }
     for (
-        lsn, index, xid, committed, env, source, schema, table, op, before_text, after_text,
-        key_text, toast_text, context, late_context, attached_at, file,
-    ) in zip(*(chunk.get_column(c).to_list() for c in columns), strict=True):  # fmt: skip
+        lsn,
+        index,
+        xid,
+        committed,
+        env,
+        source,
+        schema,
+        table,
+        op,
+        before_text,
+        after_text,
+        key_text,
+        toast_text,
+        context,
+        late_context,
+        attached_at,
+        file,
+    ) in zip(*(chunk.get_column(c).to_list() for c in columns), strict=True):
         lag, status = None, "attributed"
         if context is None and late_context is not None and attached_at >= committed:
             context, status = late_context, "late"

@@ -43,10 +43,19 @@ def record_orphans(
 ) -> int:
     """Add new orphans, or count another attempt for known ones; returns how many."""
     rows = [
-        (env, source, o.lsn, o.change_index, o.xid, o.commit_time, now,
-         now + backoff.delay(1), now + backoff.delay(2))
+        (
+            env,
+            source,
+            o.lsn,
+            o.change_index,
+            o.xid,
+            o.commit_time,
+            now,
+            now + backoff.delay(1),
+            now + backoff.delay(2),
+        )
         for o in orphans
-    ]  # fmt: skip
+    ]
     with conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO audit_platform.quarantine AS q (env, source, commit_lsn,"

@@ -44,9 +44,13 @@ class Account:
     def connection(self, cluster: ElasticsearchConnection) -> ElasticsearchConnection:
         """``cluster`` (URL, CA) signed in as this account instead."""
         return cluster.model_validate(
-            {**cluster.model_dump(), "username": self.name, "password": self.password,
-             "api_key": None}
-        )  # fmt: skip
+            {
+                **cluster.model_dump(),
+                "username": self.name,
+                "password": self.password,
+                "api_key": None,
+            }
+        )
 
 
 def account_name(env: str, kind: str) -> str:
@@ -77,8 +81,10 @@ def new_accounts(env: str, known: dict[str, str] | None = None) -> list[Account]
     """The writer and reader of ``env``, keeping any password in ``known`` (name -> password)."""
     known = known or {}
     names = {kind: account_name(env, kind) for kind in (WRITER, READER)}
-    return [Account(kind, name, known.get(name) or secrets.token_urlsafe(24))
-            for kind, name in names.items()]  # fmt: skip
+    return [
+        Account(kind, name, known.get(name) or secrets.token_urlsafe(24))
+        for kind, name in names.items()
+    ]
 
 
 def install_native(client: Elasticsearch, env: str, accounts: list[Account]) -> None:

@@ -84,12 +84,17 @@ def update_existing_indices(client: Elasticsearch, env: str, mappings: dict[str,
     when the template is installed, instead of at the next bulk request.
     """
     found = client.indices.get(
-        index=index_pattern(env), expand_wildcards="all", ignore_unavailable=True,
+        index=index_pattern(env),
+        expand_wildcards="all",
+        ignore_unavailable=True,
         allow_no_indices=True,
-    )  # fmt: skip
+    )
     if found:
-        client.indices.put_mapping(index=",".join(found), properties=mappings["properties"],
-                                   dynamic=mappings.get("dynamic"))  # fmt: skip
+        client.indices.put_mapping(
+            index=",".join(found),
+            properties=mappings["properties"],
+            dynamic=mappings.get("dynamic"),
+        )
 
 
 def ensure_template(

@@ -168,8 +168,9 @@ class EventFilter(BaseModel):
             try:
                 ipaddress.ip_network(self.client_ip, strict=False)
             except ValueError as exc:
-                raise ValueError(f"client_ip {self.client_ip!r} is not an IP address or a "
-                                 "CIDR range") from exc  # fmt: skip
+                raise ValueError(
+                    f"client_ip {self.client_ip!r} is not an IP address or a CIDR range"
+                ) from exc
         return self
 
     @property
@@ -179,8 +180,9 @@ class EventFilter(BaseModel):
 
     def image_columns(self) -> list[tuple[str, str]]:
         """(before|after, column) of every value filter, for the policy check."""
-        given = [(image, value.split(":", 1)[0]) for image in IMAGES
-                 for value in getattr(self, image)]  # fmt: skip
+        given = [
+            (image, value.split(":", 1)[0]) for image in IMAGES for value in getattr(self, image)
+        ]
         return [*given, *self._parsed.image_columns()]
 
 
@@ -189,22 +191,30 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def time_range(
-    since: datetime | None, until: datetime | None, *, now: datetime, default: timedelta,
+    since: datetime | None,
+    until: datetime | None,
+    *,
+    now: datetime,
+    default: timedelta,
     maximum: timedelta,
-) -> tuple[datetime, datetime]:  # fmt: skip
+) -> tuple[datetime, datetime]:
     """The bounded range a search covers: ``until`` defaults to now, ``since`` to ``default``
     before it; a range longer than ``maximum`` is refused rather than silently cut."""
     end = utc_time(until) if until else now
     if end <= EPOCH:  # before computing a default since, which could go back past year 1
-        raise QueryError("until", f"until ({end.isoformat()}) is before 1970-01-01: commit "
-                                  "times are kept in nanoseconds since then")  # fmt: skip
+        raise QueryError(
+            "until",
+            f"until ({end.isoformat()}) is before 1970-01-01: commit "
+            "times are kept in nanoseconds since then",
+        )
     start = utc_time(since) if since else end - default
     # Nothing can be older than 1970 (date_nanos); a range reaching further back is cut there,
     # which changes no answer, instead of failing in Elasticsearch mid-way through an export.
     start = max(start, EPOCH)
     if start >= end:
-        raise QueryError("since", f"since ({start.isoformat()}) must be before until "
-                                  f"({end.isoformat()})")  # fmt: skip
+        raise QueryError(
+            "since", f"since ({start.isoformat()}) must be before until ({end.isoformat()})"
+        )
     if end - start > maximum:
         raise QueryError(
             "since",
@@ -324,12 +334,18 @@ def decode_cursor(cursor: str, order: Order) -> list[Any]:
         after, cursor_order = data["after"], data["order"]
     except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise QueryError("cursor", problem) from exc
-    if not isinstance(after, list) or len(after) != len(_SORT_TYPES) or not all(
-        isinstance(v, t) and not isinstance(v, bool) for v, t in zip(after, _SORT_TYPES,
-                                                                   strict=True)
-    ):  # fmt: skip
+    if (
+        not isinstance(after, list)
+        or len(after) != len(_SORT_TYPES)
+        or not all(
+            isinstance(v, t) and not isinstance(v, bool)
+            for v, t in zip(after, _SORT_TYPES, strict=True)
+        )
+    ):
         raise QueryError("cursor", problem)
     if cursor_order != order:
-        raise QueryError("cursor", f"the cursor belongs to order={cursor_order}; "
-                                   "keep the order of the first page")  # fmt: skip
+        raise QueryError(
+            "cursor",
+            f"the cursor belongs to order={cursor_order}; keep the order of the first page",
+        )
     return after

@@ -42,8 +42,14 @@ FIELDS: dict[str, tuple[str, str]] = {
     "since": ("from this time: -30m, -24h, -7d, -2w, or an ISO date or time", "@timestamp"),
     "until": ("until this time, exclusive; same forms as since", "@timestamp"),
 }
-ALIASES = {"operation": "op", "request_id": "request", "trace_id": "trace", "object_id": "object",
-           "client_ip": "ip", "actor.type": "actor_type"}  # fmt: skip
+ALIASES = {
+    "operation": "op",
+    "request_id": "request",
+    "trace_id": "trace",
+    "object_id": "object",
+    "client_ip": "ip",
+    "actor.type": "actor_type",
+}
 #: ``before.<column>`` and ``after.<column>``: the column's value before or after the change.
 IMAGES = ("before", "after")
 _RELATIVE = re.compile(r"^-(\d+)([mhdw])$")
@@ -124,8 +130,9 @@ def parse(text: str, *, now: datetime) -> ParsedQuery:
         for value in values:
             _check_value(name, value, where)
         terms.append(Term(name, tuple(values), negated, raw))
-    return ParsedQuery(tuple(terms), tuple(words), tuple(not_words), bounds.get("since"),
-                       bounds.get("until"))  # fmt: skip
+    return ParsedQuery(
+        tuple(terms), tuple(words), tuple(not_words), bounds.get("since"), bounds.get("until")
+    )
 
 
 def term_clause(term: Term) -> dict[str, Any]:
@@ -140,8 +147,9 @@ def _value_clause(name: str, value: str) -> dict[str, Any]:
     if name == "table":
         return table_clause(value)
     if name == "job":
-        return any_of([{"term": {"context.job.name": value}},
-                     {"term": {"context.job.run_id": value}}])  # fmt: skip
+        return any_of(
+            [{"term": {"context.job.name": value}}, {"term": {"context.job.run_id": value}}]
+        )
     if name == "reason":
         return {"match": {target: {"query": value, "operator": "and"}}}
     if name == "xid":
@@ -152,14 +160,18 @@ def _value_clause(name: str, value: str) -> dict[str, Any]:
 def table_clause(table: str) -> dict[str, Any]:
     if "." in table:
         schema, name = table.split(".", 1)
-        return {"bool": {"filter": [{"term": {"table.schema": schema}},
-                                    {"term": {"table.name": name}}]}}  # fmt: skip
+        return {
+            "bool": {"filter": [{"term": {"table.schema": schema}}, {"term": {"table.name": name}}]}
+        }
     return {"term": {"table.name": table}}
 
 
 def any_of(clauses: list[dict[str, Any]]) -> dict[str, Any]:
-    return clauses[0] if len(clauses) == 1 else {"bool": {"should": clauses,
-                                                          "minimum_should_match": 1}}  # fmt: skip
+    return (
+        clauses[0]
+        if len(clauses) == 1
+        else {"bool": {"should": clauses, "minimum_should_match": 1}}
+    )
 
 
 def _words_clause(words: str) -> dict[str, Any]:

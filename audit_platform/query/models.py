@@ -46,20 +46,34 @@ class Completeness(BaseModel):
     tables the key may not read."""
 
     captured: int | None = Field(description="Changes capture staged for the transaction.")
-    ignored: int | None = Field(description="Of those, dropped by the policy's "
-                                "ignore_changes_to: no record is expected.")  # fmt: skip
+    ignored: int | None = Field(
+        description="Of those, dropped by the policy's ignore_changes_to: no record is expected."
+    )
     indexed: int = Field(description="Records of the transaction in the index.")
     waiting: int | None = Field(description="Changes in the quarantine, waiting for a context.")
-    missing: int | None = Field(description="Expected but neither indexed nor waiting: "
-                                "dead-lettered, rejected, or not indexed yet.")  # fmt: skip
+    missing: int | None = Field(
+        description="Expected but neither indexed nor waiting: "
+        "dead-lettered, rejected, or not indexed yet."
+    )
     complete: bool | None
     explanation: str
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "captured": 3, "ignored": 1, "indexed": 1, "waiting": 0, "missing": 1, "complete": False,
-        "explanation": "1 of 3 neither indexed nor waiting: see the source's dead-letter and "
-        "rejected datasets, or wait for the next run",
-    }]})  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "captured": 3,
+                    "ignored": 1,
+                    "indexed": 1,
+                    "waiting": 0,
+                    "missing": 1,
+                    "complete": False,
+                    "explanation": "1 of 3 neither indexed nor waiting: see the source's "
+                    "dead-letter and rejected datasets, or wait for the next run",
+                }
+            ]
+        }
+    )
 
 
 class TransactionView(TransactionGroup):
@@ -80,10 +94,19 @@ class Correlation(BaseModel):
     sources: list[str] = Field(description="Sources with changes on this page.")
     next_cursor: str | None
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "kind": "request", "key": {"request_id": "req-42"}, "sources": ["billing", "shop"],
-        "transactions": [], "next_cursor": None,
-    }]})  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "kind": "request",
+                    "key": {"request_id": "req-42"},
+                    "sources": ["billing", "shop"],
+                    "transactions": [],
+                    "next_cursor": None,
+                }
+            ]
+        }
+    )
 
 
 class ColumnDiff(BaseModel):

@@ -52,8 +52,12 @@ from audit_platform.record import AuditRecord, Operation
 
 #: Totals are counted exactly up to here; beyond, "at least" (counting every hit costs time).
 TOTAL_HITS_LIMIT = 10_000
-INTERVALS = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1),
-             "day": timedelta(days=1), "week": timedelta(weeks=1)}  # fmt: skip
+INTERVALS = {
+    "minute": timedelta(minutes=1),
+    "hour": timedelta(hours=1),
+    "day": timedelta(days=1),
+    "week": timedelta(weeks=1),
+}
 MAX_BUCKETS = 2_000
 
 
@@ -128,12 +132,22 @@ def search_events(
     limits: Limits = Limits(),
     now: datetime | None = None,
 ) -> EventPage:
-    start, end = time_range(*f.bounds, now=now or datetime.now(UTC),
-                            default=limits.default_range, maximum=limits.max_range)  # fmt: skip
+    start, end = time_range(
+        *f.bounds,
+        now=now or datetime.now(UTC),
+        default=limits.default_range,
+        maximum=limits.max_range,
+    )
     hits, following, total = _page(
-        es, scope, filter_clauses(f, start, end), order=order, limit=limit, cursor=cursor,
-        text=f.q, count=True,
-    )  # fmt: skip
+        es,
+        scope,
+        filter_clauses(f, start, end),
+        order=order,
+        limit=limit,
+        cursor=cursor,
+        text=f.q,
+        count=True,
+    )
     assert total is not None
     return EventPage(events=[record(h) for h in hits], total=total, next_cursor=following)
 
@@ -145,24 +159,36 @@ def get_event(es: Elasticsearch, scope: Scope, event_id: str) -> AuditRecord | N
 
 
 def get_transaction(
-    es: Elasticsearch, scope: Scope, source: str, xid: int, *, limit: int,
-    cursor: str | None = None, waiting: Callable[[int], int | None] = lambda lsn: 0,
-) -> TransactionView | None:  # fmt: skip
+    es: Elasticsearch,
+    scope: Scope,
+    source: str,
+    xid: int,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    waiting: Callable[[int], int | None] = lambda lsn: 0,
+) -> TransactionView | None:
     """``waiting(commit LSN)`` counts the transaction's changes still in the quarantine."""
     clauses = [{"term": {"source.service": source}}, {"term": {"transaction.xid": xid}}]
-    hits, following, total = _page(es, scope, clauses, order="asc", limit=limit, cursor=cursor,
-                                   count=True)  # fmt: skip
+    hits, following, total = _page(
+        es, scope, clauses, order="asc", limit=limit, cursor=cursor, count=True
+    )
     if not hits:
         return None
     changes = [record(h) for h in hits]
     first = changes[0]
     assert total is not None
     return TransactionView(
-        source=source, xid=xid, commit_lsn=first.transaction.commit_lsn,
-        timestamp=first.timestamp, context=first.context, attribution=first.attribution,
-        changes=changes, next_cursor=following,
+        source=source,
+        xid=xid,
+        commit_lsn=first.transaction.commit_lsn,
+        timestamp=first.timestamp,
+        context=first.context,
+        attribution=first.attribution,
+        changes=changes,
+        next_cursor=following,
         completeness=completeness(first, total.value, waiting(first.transaction.lsn), scope),
-    )  # fmt: skip
+    )
 
 
 def completeness(
@@ -199,15 +225,23 @@ def completeness(
         )
     missing = max(0, captured - (ignored or 0) - indexed - waiting)
     if missing:
-        explanation = (f"{missing} of {captured} neither indexed nor waiting: see the source's "
-                       "dead-letter and rejected datasets, or wait for the next run")  # fmt: skip
+        explanation = (
+            f"{missing} of {captured} neither indexed nor waiting: see the source's "
+            "dead-letter and rejected datasets, or wait for the next run"
+        )
     elif waiting:
         explanation = f"{waiting} waiting for a context in the quarantine"
     else:
         explanation = "every change capture staged is indexed or ignored by policy"
-    return Completeness(captured=captured, ignored=ignored, indexed=indexed, waiting=waiting,
-                        missing=missing, complete=missing == 0 and waiting == 0,
-                        explanation=explanation)  # fmt: skip
+    return Completeness(
+        captured=captured,
+        ignored=ignored,
+        indexed=indexed,
+        waiting=waiting,
+        missing=missing,
+        complete=missing == 0 and waiting == 0,
+        explanation=explanation,
+    )
 
 
 def group_transactions(changes: list[AuditRecord]) -> list[TransactionGroup]:
@@ -216,13 +250,21 @@ def group_transactions(changes: list[AuditRecord]) -> list[TransactionGroup]:
     groups: list[TransactionGroup] = []
     for change in changes:
         last = groups[-1] if groups else None
-        if last is None or (last.source, last.xid) != (change.source.service,
-                                                       change.transaction.xid):  # fmt: skip
-            groups.append(TransactionGroup(
-                source=change.source.service, xid=change.transaction.xid,
-                commit_lsn=change.transaction.commit_lsn, timestamp=change.timestamp,
-                context=change.context, attribution=change.attribution, changes=[change],
-            ))  # fmt: skip
+        if last is None or (last.source, last.xid) != (
+            change.source.service,
+            change.transaction.xid,
+        ):
+            groups.append(
+                TransactionGroup(
+                    source=change.source.service,
+                    xid=change.transaction.xid,
+                    commit_lsn=change.transaction.commit_lsn,
+                    timestamp=change.timestamp,
+                    context=change.context,
+                    attribution=change.attribution,
+                    changes=[change],
+                )
+            )
         else:
             last.changes.append(change)
     return groups
@@ -242,15 +284,21 @@ def correlated(
     No time range: a request id names its changes wherever they are, and the term filters on
     keyword fields keep the search cheap however far back it looks.
     """
-    fields = {"request": ["context.request_id"], "trace": ["trace.id"],
-              "job_run": ["context.job.name", "context.job.run_id"]}[kind]  # fmt: skip
+    fields = {
+        "request": ["context.request_id"],
+        "trace": ["trace.id"],
+        "job_run": ["context.job.name", "context.job.run_id"],
+    }[kind]
     clauses = [{"term": {field: value}} for field, value in zip(fields, key.values(), strict=True)]
     hits, following, _ = _page(es, scope, clauses, order="asc", limit=limit, cursor=cursor)
     changes = [record(h) for h in hits]
     return Correlation(
-        kind=kind, key=key, transactions=group_transactions(changes),
-        sources=sorted({c.source.service for c in changes}), next_cursor=following,
-    )  # fmt: skip
+        kind=kind,
+        key=key,
+        transactions=group_transactions(changes),
+        sources=sorted({c.source.service for c in changes}),
+        next_cursor=following,
+    )
 
 
 def _object_clauses(source: str, table: str, object_id: str) -> list[dict[str, Any]]:
@@ -263,22 +311,32 @@ def _object_clauses(source: str, table: str, object_id: str) -> list[dict[str, A
 
 def diff(event: AuditRecord) -> list[ColumnDiff]:
     before, after = event.before or {}, event.after or {}
-    return [ColumnDiff(column=c, before=before.get(c), after=after.get(c))
-            for c in event.changed_columns]  # fmt: skip
+    return [
+        ColumnDiff(column=c, before=before.get(c), after=after.get(c))
+        for c in event.changed_columns
+    ]
 
 
 def object_history(
-    es: Elasticsearch, scope: Scope, source: str, table: str, object_id: str, *,
-    order: Order = "asc", limit: int = 100, cursor: str | None = None,
-) -> ObjectHistory:  # fmt: skip
+    es: Elasticsearch,
+    scope: Scope,
+    source: str,
+    table: str,
+    object_id: str,
+    *,
+    order: Order = "asc",
+    limit: int = 100,
+    cursor: str | None = None,
+) -> ObjectHistory:
     clauses = _object_clauses(source, table, object_id)
     hits, following, _ = _page(es, scope, clauses, order=order, limit=limit, cursor=cursor)
     entries = []
     for hit in hits:
         event = record(hit)
         entries.append(HistoryEntry(event=event, diff=diff(event)))
-    return ObjectHistory(source=source, table=table, object_id=object_id, changes=entries,
-                         next_cursor=following)  # fmt: skip
+    return ObjectHistory(
+        source=source, table=table, object_id=object_id, changes=entries, next_cursor=following
+    )
 
 
 def _edge(es: Elasticsearch, scope: Scope, clauses: list[dict], order: Order) -> datetime | None:
@@ -293,8 +351,13 @@ def earliest_record(es: Elasticsearch, scope: Scope, source: str) -> datetime | 
 
 
 def object_state(
-    es: Elasticsearch, scope: Scope, source: str, table: str, object_id: str, at: datetime,
-) -> ObjectState:  # fmt: skip
+    es: Elasticsearch,
+    scope: Scope,
+    source: str,
+    table: str,
+    object_id: str,
+    at: datetime,
+) -> ObjectState:
     """The row as it was at ``at``: the after-image of its last change at or before then.
 
     A truncate of the table after that change means the row was gone. With no record at all,
@@ -309,10 +372,16 @@ def object_state(
         # With every digit written out: Elasticsearch fills a missing fraction of a second
         # with its maximum under "lte", so "12:00:00" would include changes up to 12:00:00.999.
         {"range": {"@timestamp": {"lte": at.isoformat(timespec="microseconds")}}},
-        {"bool": {"should": [{"term": {"object_id": object_id}},
-                             {"term": {"operation": Operation.truncate.value}}],
-                  "minimum_should_match": 1}},
-    ]  # fmt: skip
+        {
+            "bool": {
+                "should": [
+                    {"term": {"object_id": object_id}},
+                    {"term": {"operation": Operation.truncate.value}},
+                ],
+                "minimum_should_match": 1,
+            }
+        },
+    ]
     hits, _, _ = _page(es, scope, clauses, order="desc", limit=1, cursor=None)
     base = {"source": source, "table": table, "object_id": object_id, "at": at}
     if not hits:
@@ -326,8 +395,14 @@ def object_state(
                 "object was last changed before that (retention has removed the record) or it "
                 "did not exist then"
             )
-        return ObjectState(**base, status="unknown", row=None, as_of=None, explanation=why,
-                           earliest_retained=earliest)  # fmt: skip
+        return ObjectState(
+            **base,
+            status="unknown",
+            row=None,
+            as_of=None,
+            explanation=why,
+            earliest_retained=earliest,
+        )
     event = record(hits[0])
     if event.operation in (Operation.delete, Operation.truncate):
         return ObjectState(**base, status="deleted", row=None, as_of=event)
@@ -339,19 +414,33 @@ def _buckets(aggregation: dict[str, Any]) -> list[Bucket]:
 
 
 def stats(
-    es: Elasticsearch, scope: Scope, f: EventFilter, *, interval: str = "hour",
-    limits: Limits = Limits(), now: datetime | None = None,
-) -> Stats:  # fmt: skip
-    start, end = time_range(*f.bounds, now=now or datetime.now(UTC),
-                            default=limits.default_range, maximum=limits.max_range)  # fmt: skip
+    es: Elasticsearch,
+    scope: Scope,
+    f: EventFilter,
+    *,
+    interval: str = "hour",
+    limits: Limits = Limits(),
+    now: datetime | None = None,
+) -> Stats:
+    start, end = time_range(
+        *f.bounds,
+        now=now or datetime.now(UTC),
+        default=limits.default_range,
+        maximum=limits.max_range,
+    )
     step = INTERVALS[interval]
     if (end - start) / step > MAX_BUCKETS:
-        raise QueryError("interval", f"{interval} buckets over this range would be more than "
-                                     f"{MAX_BUCKETS}: choose a longer interval")  # fmt: skip
+        raise QueryError(
+            "interval",
+            f"{interval} buckets over this range would be more than "
+            f"{MAX_BUCKETS}: choose a longer interval",
+        )
     terms = {
-        "by_source": "source.service", "by_operation": "operation",
-        "by_actor": "context.actor.id", "by_attribution": "attribution.status",
-    }  # fmt: skip
+        "by_source": "source.service",
+        "by_operation": "operation",
+        "by_actor": "context.actor.id",
+        "by_attribution": "attribution.status",
+    }
     aggs: dict[str, Any] = {
         name: {"terms": {"field": field, "size": 50, "missing": "(none)"}}
         for name, field in terms.items()
@@ -361,69 +450,116 @@ def stats(
         "aggs": {"schema": {"terms": {"field": "table.schema", "size": 10}}},
     }
     fixed = {"minute": "1m", "hour": "1h", "day": "1d", "week": "7d"}[interval]
-    aggs["over_time"] = {"date_histogram": {
-        "field": "@timestamp", "fixed_interval": fixed, "min_doc_count": 0,
-        "extended_bounds": {"min": start.isoformat(),
-                            "max": (end - timedelta(milliseconds=1)).isoformat()},
-    }}  # fmt: skip
-    found = _search(es, scope, size=0, track_total_hits=True, aggs=aggs,
-                    query=bool_query(scope, filter_clauses(f, start, end), f.q))  # fmt: skip
+    aggs["over_time"] = {
+        "date_histogram": {
+            "field": "@timestamp",
+            "fixed_interval": fixed,
+            "min_doc_count": 0,
+            "extended_bounds": {
+                "min": start.isoformat(),
+                "max": (end - timedelta(milliseconds=1)).isoformat(),
+            },
+        }
+    }
+    found = _search(
+        es,
+        scope,
+        size=0,
+        track_total_hits=True,
+        aggs=aggs,
+        query=bool_query(scope, filter_clauses(f, start, end), f.q),
+    )
     results = found.get("aggregations")
     if results is None:  # no index yet
-        return Stats(since=start, until=end, total=0, by_source=[], by_table=[],
-                     by_operation=[], by_actor=[], by_attribution=[], over_time=[])  # fmt: skip
+        return Stats(
+            since=start,
+            until=end,
+            total=0,
+            by_source=[],
+            by_table=[],
+            by_operation=[],
+            by_actor=[],
+            by_attribution=[],
+            over_time=[],
+        )
     tables = [
         Bucket(key=f"{s['key']}.{t['key']}", count=s["doc_count"])
-        for t in results["by_table"]["buckets"] for s in t["schema"]["buckets"]
-    ]  # fmt: skip
+        for t in results["by_table"]["buckets"]
+        for s in t["schema"]["buckets"]
+    ]
     return Stats(
-        since=start, until=end, total=found["hits"]["total"]["value"],
+        since=start,
+        until=end,
+        total=found["hits"]["total"]["value"],
         by_table=sorted(tables, key=lambda b: -b.count),
-        over_time=[TimeBucket(start=datetime.fromtimestamp(b["key"] / 1000, UTC),
-                              count=b["doc_count"])
-                   for b in results["over_time"]["buckets"]],
+        over_time=[
+            TimeBucket(start=datetime.fromtimestamp(b["key"] / 1000, UTC), count=b["doc_count"])
+            for b in results["over_time"]["buckets"]
+        ],
         **{name: _buckets(results[name]) for name in terms},
-    )  # fmt: skip
+    )
 
 
 def actor_activity(
-    es: Elasticsearch, scope: Scope, actor_id: str, f: EventFilter, *, interval: str = "day",
-    recent: int = 20, limits: Limits = Limits(), now: datetime | None = None,
-) -> ActorActivity:  # fmt: skip
+    es: Elasticsearch,
+    scope: Scope,
+    actor_id: str,
+    f: EventFilter,
+    *,
+    interval: str = "day",
+    recent: int = 20,
+    limits: Limits = Limits(),
+    now: datetime | None = None,
+) -> ActorActivity:
     f = f.model_copy(update={"actor_id": actor_id})
     summary = stats(es, scope, f, interval=interval, limits=limits, now=now)
     bounded = f.model_copy(update={"since": summary.since, "until": summary.until})
     page = search_events(es, scope, bounded, order="desc", limit=recent, limits=limits, now=now)
     actor = [{"term": {"context.actor.id": actor_id}}]
     return ActorActivity(
-        actor_id=actor_id, first_seen=_edge(es, scope, actor, "asc"),
-        last_seen=_edge(es, scope, actor, "desc"), stats=summary, recent=page.events,
-    )  # fmt: skip
+        actor_id=actor_id,
+        first_seen=_edge(es, scope, actor, "asc"),
+        last_seen=_edge(es, scope, actor, "desc"),
+        stats=summary,
+        recent=page.events,
+    )
 
 
 def iter_hits(
-    es: Elasticsearch, scope: Scope, f: EventFilter, *, order: Order = "asc",
-    page_size: int = 1_000, limits: Limits = Limits(), now: datetime | None = None,
-) -> Iterator[dict[str, Any]]:  # fmt: skip
+    es: Elasticsearch,
+    scope: Scope,
+    f: EventFilter,
+    *,
+    order: Order = "asc",
+    page_size: int = 1_000,
+    limits: Limits = Limits(),
+    now: datetime | None = None,
+) -> Iterator[dict[str, Any]]:
     """Every matching hit, a page at a time: memory holds one page, whatever the total.
 
     The range is resolved and the first page fetched before this returns, so a bad parameter
     or a query Elasticsearch refuses is an error before any byte of an export is sent (after
     the status line, a failure could only cut the file short).
     """
-    start, end = time_range(*f.bounds, now=now or datetime.now(UTC),
-                            default=limits.default_range, maximum=limits.max_range)  # fmt: skip
+    start, end = time_range(
+        *f.bounds,
+        now=now or datetime.now(UTC),
+        default=limits.default_range,
+        maximum=limits.max_range,
+    )
     clauses = filter_clauses(f, start, end)
-    first, cursor, _ = _page(es, scope, clauses, order=order, limit=page_size, cursor=None,
-                             text=f.q)  # fmt: skip
+    first, cursor, _ = _page(
+        es, scope, clauses, order=order, limit=page_size, cursor=None, text=f.q
+    )
 
     def pages(hits: list[dict[str, Any]], cursor: str | None) -> Iterator[dict[str, Any]]:
         while True:
             yield from hits
             if cursor is None:
                 return
-            hits, cursor, _ = _page(es, scope, clauses, order=order, limit=page_size,
-                                    cursor=cursor, text=f.q)  # fmt: skip
+            hits, cursor, _ = _page(
+                es, scope, clauses, order=order, limit=page_size, cursor=cursor, text=f.q
+            )
 
     return pages(first, cursor)
 
@@ -451,12 +587,14 @@ def revert_plan(
     for hit in iter_hits(es, scope, f, limits=limits, now=now):
         records.append(record(hit))
         if len(records) > MAX_REVERT_CHANGES:
-            raise QueryError("since", f"more than {MAX_REVERT_CHANGES:,} changes match: narrow "
-                                      "the time range, or revert part by part")  # fmt: skip
+            raise QueryError(
+                "since",
+                f"more than {MAX_REVERT_CHANGES:,} changes match: narrow "
+                "the time range, or revert part by part",
+            )
     if not records:
         return None
-    return plan_revert(of, records, policies, _later_changes(es, scope, records),
-                       generated_at=now)  # fmt: skip
+    return plan_revert(of, records, policies, _later_changes(es, scope, records), generated_at=now)
 
 
 def _later_changes(
@@ -473,11 +611,18 @@ def _later_changes(
     if not objects:
         return []
     groups = [
-        {"bool": {"filter": [{"term": {"source.service": source}},
-                             {"term": {"table.schema": schema}}, {"term": {"table.name": table}},
-                             {"terms": {"object_id": sorted(ids)}}]}}
+        {
+            "bool": {
+                "filter": [
+                    {"term": {"source.service": source}},
+                    {"term": {"table.schema": schema}},
+                    {"term": {"table.name": table}},
+                    {"terms": {"object_id": sorted(ids)}},
+                ]
+            }
+        }
         for (source, schema, table), ids in objects.items()
-    ]  # fmt: skip
+    ]
     first = min(r.timestamp for r in records)
     clauses = [{"range": {"@timestamp": {"gte": first.isoformat()}}}, any_of(groups)]
     found, cursor = [], None

@@ -46,8 +46,10 @@ class RevertConflict(BaseModel):
 class SourcePlan(BaseModel):
     source: str
     statements: list[RevertStatement]
-    script: str = Field(description="The statements as one guarded transaction to run on the "
-                        "source database, or review and edit first.")  # fmt: skip
+    script: str = Field(
+        description="The statements as one guarded transaction to run on the "
+        "source database, or review and edit first."
+    )
 
 
 class RevertPlan(BaseModel):
@@ -56,19 +58,41 @@ class RevertPlan(BaseModel):
     sources: list[SourcePlan]
     conflicts: list[RevertConflict]
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "of": {"request_id": "req-42"}, "changes": 1,
-        "sources": [{"source": "shop", "statements": [{
-            "record_id": "prod:shop:00000000016B3A28:1", "table": "public.orders",
-            "object_id": "42", "action": "update",
-            "sql": "UPDATE \"public\".\"orders\" SET \"status\" = 'paid'::text WHERE "
-                   "\"id\" = '42'::bigint AND (\"status\" IS NOT NULL AND "
-                   "format('%s', \"status\") = 'refunded')"}],
-            "script": "BEGIN;\n...\nCOMMIT;\n"}],
-        "conflicts": [{"record_id": "prod:shop:00000000016B3A28:1", "kind": "later_change",
-                       "later_record_id": "prod:shop:00000000016C0010:0",
-                       "detail": "public.orders 42 was changed again later (update at ...)"}],
-    }]})  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "of": {"request_id": "req-42"},
+                    "changes": 1,
+                    "sources": [
+                        {
+                            "source": "shop",
+                            "statements": [
+                                {
+                                    "record_id": "prod:shop:00000000016B3A28:1",
+                                    "table": "public.orders",
+                                    "object_id": "42",
+                                    "action": "update",
+                                    "sql": 'UPDATE "public"."orders" SET "status" = \'paid\'::text '
+                                    'WHERE "id" = \'42\'::bigint AND ("status" IS NOT NULL '
+                                    "AND format('%s', \"status\") = 'refunded')",
+                                }
+                            ],
+                            "script": "BEGIN;\n...\nCOMMIT;\n",
+                        }
+                    ],
+                    "conflicts": [
+                        {
+                            "record_id": "prod:shop:00000000016B3A28:1",
+                            "kind": "later_change",
+                            "later_record_id": "prod:shop:00000000016C0010:0",
+                            "detail": "public.orders 42 was changed again later (update at ...)",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
 
     def sql_file(self) -> str:
         """The plan as one file to review and run: its conflicts as comments first, then one
@@ -123,12 +147,16 @@ def plan_revert(
         last = last_of.get(key)
         if change.id in ids or last is None or _order(change) <= _order(last):
             continue
-        conflicts.append(RevertConflict(
-            record_id=last.id, kind="later_change", later_record_id=change.id,
-            detail=f"{key[1]} {key[2]} was changed again later ({change.operation.value} at "
-            f"{change.timestamp.isoformat()}): its guard will stop the plan unless that change "
-            "is reverted first or the statement is edited",
-        ))  # fmt: skip
+        conflicts.append(
+            RevertConflict(
+                record_id=last.id,
+                kind="later_change",
+                later_record_id=change.id,
+                detail=f"{key[1]} {key[2]} was changed again later ({change.operation.value} at "
+                f"{change.timestamp.isoformat()}): its guard will stop the plan unless that change "
+                "is reverted first or the statement is edited",
+            )
+        )
     sources = [
         SourcePlan(source=source, statements=found, script=_script(of, source, found, generated_at))
         for source, found in sorted(statements.items())
@@ -141,18 +169,37 @@ def _undo(
 ) -> RevertStatement | None:
     table = f"{record.table.schema_}.{record.table.name}"
     if record.operation is Operation.truncate:
-        conflicts.append(RevertConflict(record_id=record.id, kind="truncate", detail=(
-            f"a truncate of {table} cannot be reverted: the trail has no images of the rows "
-            "it removed")))  # fmt: skip
+        conflicts.append(
+            RevertConflict(
+                record_id=record.id,
+                kind="truncate",
+                detail=(
+                    f"a truncate of {table} cannot be reverted: the trail has no images of the "
+                    "rows it removed"
+                ),
+            )
+        )
         return None
     if record.row is None or not record.row.types:
-        conflicts.append(RevertConflict(record_id=record.id, kind="no_types", detail=(
-            f"the record of {table} {record.object_id} was indexed before column types were "
-            "kept; rebuild its hour (a backfill) to plan its revert")))  # fmt: skip
+        conflicts.append(
+            RevertConflict(
+                record_id=record.id,
+                kind="no_types",
+                detail=(
+                    f"the record of {table} {record.object_id} was indexed before column types "
+                    "were kept; rebuild its hour (a backfill) to plan its revert"
+                ),
+            )
+        )
         return None
     if not record.row.key:
-        conflicts.append(RevertConflict(record_id=record.id, kind="no_key", detail=(
-            f"{table} has no key in its records: a row cannot be found to revert")))  # fmt: skip
+        conflicts.append(
+            RevertConflict(
+                record_id=record.id,
+                kind="no_key",
+                detail=(f"{table} has no key in its records: a row cannot be found to revert"),
+            )
+        )
         return None
     rules = policy.tables.get(table) if policy is not None else None
     masked = set(rules.mask) if rules else set()
@@ -162,17 +209,34 @@ def _undo(
     types = record.row.types
     # An insert is undone by a DELETE, which needs no old values; a delete or an update needs
     # the old values of the columns it restores, which a masked column does not have.
-    restores = {Operation.insert: [], Operation.delete: list(record.before or {}),
-                Operation.update: record.changed_columns}[record.operation]  # fmt: skip
+    restores = {
+        Operation.insert: [],
+        Operation.delete: list(record.before or {}),
+        Operation.update: record.changed_columns,
+    }[record.operation]
     lost = [c for c in restores if c in masked]
     for column in lost:
-        conflicts.append(RevertConflict(record_id=record.id, kind="masked", detail=(
-            f"{table} {record.object_id}: column {column} is masked by policy; its old value "
-            "is not in the trail and is left as it is")))  # fmt: skip
+        conflicts.append(
+            RevertConflict(
+                record_id=record.id,
+                kind="masked",
+                detail=(
+                    f"{table} {record.object_id}: column {column} is masked by policy; its old "
+                    "value is not in the trail and is left as it is"
+                ),
+            )
+        )
     if record.operation is Operation.delete and excluded:
-        conflicts.append(RevertConflict(record_id=record.id, kind="excluded", detail=(
-            f"{table} {record.object_id}: columns {sorted(excluded)} are excluded by policy; "
-            "the row is inserted again without them (their defaults)")))  # fmt: skip
+        conflicts.append(
+            RevertConflict(
+                record_id=record.id,
+                kind="excluded",
+                detail=(
+                    f"{table} {record.object_id}: columns {sorted(excluded)} are excluded by "
+                    "policy; the row is inserted again without them (their defaults)"
+                ),
+            )
+        )
     name = _table_name(record.table.schema_, record.table.name)
     if record.operation is Operation.insert:
         after = record.after or {}
@@ -183,9 +247,11 @@ def _undo(
         before = record.before or {}
         columns = [c for c in before if c not in masked]
         key = _where(before, record.row.key, [], types)
-        sql = (f"INSERT INTO {name} ({', '.join(_ident(c) for c in columns)}) SELECT "
-               f"{', '.join(_literal(before[c], types.get(c)) for c in columns)} WHERE NOT "
-               f"EXISTS (SELECT 1 FROM {name} WHERE {key})")  # fmt: skip
+        sql = (
+            f"INSERT INTO {name} ({', '.join(_ident(c) for c in columns)}) SELECT "
+            f"{', '.join(_literal(before[c], types.get(c)) for c in columns)} WHERE NOT "
+            f"EXISTS (SELECT 1 FROM {name} WHERE {key})"
+        )
         action = "insert"
     else:
         before, after = record.before or {}, record.after or {}
@@ -195,8 +261,9 @@ def _undo(
         sets = ", ".join(f"{_ident(c)} = {_literal(before[c], types.get(c))}" for c in changed)
         sql = f"UPDATE {name} SET {sets} WHERE {_where(after, record.row.key, changed, types)}"
         action = "update"
-    return RevertStatement(record_id=record.id, table=table, object_id=record.object_id,
-                           action=action, sql=sql)  # fmt: skip
+    return RevertStatement(
+        record_id=record.id, table=table, object_id=record.object_id, action=action, sql=sql
+    )
 
 
 def _where(
@@ -213,10 +280,11 @@ def _where(
             continue
         value = image.get(column)
         found.append(
-            f"{_ident(column)} IS NULL" if value is None else
-            f"({_ident(column)} IS NOT NULL AND format('%s', {_ident(column)}) = "
+            f"{_ident(column)} IS NULL"
+            if value is None
+            else f"({_ident(column)} IS NOT NULL AND format('%s', {_ident(column)}) = "
             f"{_literal(value, None)})"
-        )  # fmt: skip
+        )
     return " AND ".join(found)
 
 
@@ -260,8 +328,9 @@ def _comment(text: str) -> str:
     return "-- " + "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
-def _script(of: dict[str, str], source: str, found: list[RevertStatement],
-            generated_at: datetime) -> str:  # fmt: skip
+def _script(
+    of: dict[str, str], source: str, found: list[RevertStatement], generated_at: datetime
+) -> str:
     what = ", ".join(f"{k} {_quoted(v)}" for k, v in of.items())
     block = []
     for number, statement in enumerate(found, start=1):

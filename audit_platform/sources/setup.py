@@ -114,8 +114,9 @@ def restrict_messages(conn: psycopg.Connection) -> bool:
     return not public_may_emit_messages(conn)
 
 
-def ensure_slot(conn: psycopg.Connection, name: str, report: SetupReport, *,
-                replace_lost: bool = False) -> None:  # fmt: skip
+def ensure_slot(
+    conn: psycopg.Connection, name: str, report: SetupReport, *, replace_lost: bool = False
+) -> None:
     """Create the pgoutput slot if missing; replace it only if invalidated and asked to.
 
     Fills the report's slot fields: whether it was created, where the new slot starts, and for a

@@ -53,8 +53,9 @@ class LocalStack:
             name = server.__module__.rsplit(".", 1)[1]
             if external:
                 # Its URL is an export too: callers (the demo) read every URL from one place.
-                states.append(ServerState(name, "external", _redacted(external),
-                                          {variable: external}))  # fmt: skip
+                states.append(
+                    ServerState(name, "external", _redacted(external), {variable: external})
+                )
                 continue
             record, started = server.up()
             detail = f"{_redacted(record.url)} (pid {record.pid}, log {record.log})"
@@ -132,8 +133,10 @@ def setup_es_accounts(settings: Settings, env: str) -> tuple[list[access.Account
         accounts = elasticsearch.install_file_realm_accounts(settings, env)
         return accounts, "the local stack's file realm"
     if settings.elasticsearch is None:
-        raise StackError("No Elasticsearch: set AUDIT_ES_URL (and a user allowed to manage "
-                         "security), or start the local stack")  # fmt: skip
+        raise StackError(
+            "No Elasticsearch: set AUDIT_ES_URL (and a user allowed to manage "
+            "security), or start the local stack"
+        )
     accounts = access.new_accounts(env)
     access.install_native(elasticsearch_client(settings.elasticsearch), env, accounts)
     return accounts, "the native realm (security API)"

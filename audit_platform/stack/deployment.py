@@ -86,16 +86,18 @@ class LocalDeployment:
 
     def environ(self) -> dict[str, str]:
         env = {
-            **os.environ, **self.exports,
+            **os.environ,
+            **self.exports,
             "AUDIT_ENV": self.env,
             "AUDIT_DAGSTER_PG_URL": dagster_storage_url(
-                database_url(self.exports["AUDIT_PG_URL"], f"dagster_{self.env}")),
+                database_url(self.exports["AUDIT_PG_URL"], f"dagster_{self.env}")
+            ),
             "AUDIT_STAGING_ROOT": str(self.root / "staging"),
             "AUDIT_MASK_KEY": self.mask_key,
             "AUDIT_SIGNING_KEY": self.signing_key(),
             "AUDIT_API_PORT": str(self.api_port),
             "DAGSTER_HOME": str(self.root / "dagster_home"),
-        }  # fmt: skip
+        }
         if self.resources_dir is not None:
             env["AUDIT_RESOURCES_DIR"] = str(self.resources_dir)
         for source, url in self.sources.items():
@@ -148,12 +150,24 @@ class LocalDeployment:
     def _commands(self) -> dict[str, list[str]]:
         workspace = str(PROJECT_ROOT / "workspace.yaml")
         return {
-            "dagster-webserver": [processes.tool("dagster-webserver"), "-h", "127.0.0.1",
-                                  "-p", str(self.dagster_port), "-w", workspace],
+            "dagster-webserver": [
+                processes.tool("dagster-webserver"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.dagster_port),
+                "-w",
+                workspace,
+            ],
             "dagster-daemon": [processes.tool("dagster-daemon"), "run", "-w", workspace],
-            "audit-api": [processes.tool("audit-platform"), "api", "serve",
-                          "--port", str(self.api_port)],
-        }  # fmt: skip
+            "audit-api": [
+                processes.tool("audit-platform"),
+                "api",
+                "serve",
+                "--port",
+                str(self.api_port),
+            ],
+        }
 
     def process_environ(self, name: str) -> dict[str, str]:
         """A process's environment: the API signs in to Elasticsearch as the environment's
@@ -163,8 +177,9 @@ class LocalDeployment:
         return {**self.environ(), **(account.exports() if account else {})}
 
     def _spawn(self, name: str) -> Process:
-        process = processes.start(name, self._commands()[name], self.process_environ(name),
-                                  self.logs, PROJECT_ROOT)  # fmt: skip
+        process = processes.start(
+            name, self._commands()[name], self.process_environ(name), self.logs, PROJECT_ROOT
+        )
         self.running.append(process)
         return process
 
@@ -210,8 +225,11 @@ class LocalDeployment:
 
     def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
         """Dagster's own GraphQL interface (what its UI uses)."""
-        reply = httpx.post(f"{self.dagster_url}/graphql", timeout=60,
-                           json={"query": query, "variables": variables or {}})  # fmt: skip
+        reply = httpx.post(
+            f"{self.dagster_url}/graphql",
+            timeout=60,
+            json={"query": query, "variables": variables or {}},
+        )
         reply.raise_for_status()
         body = reply.json()
         if body.get("errors"):

@@ -136,13 +136,54 @@ def make_certificates(certs: Path) -> None:
     ext = certs / "san.ext"
     ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     steps = [
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
-         "-subj", "/CN=audit-platform local CA", "-keyout", "ca.key", "-out", "ca.crt"],
-        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-         "-keyout", "node.key", "-out", "node.csr"],
-        ["openssl", "x509", "-req", "-in", "node.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-         "-CAcreateserial", "-days", "3650", "-extfile", "san.ext", "-out", "node.crt"],
-    ]  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=audit-platform local CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "node.key",
+            "-out",
+            "node.csr",
+        ],
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "node.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "node.crt",
+        ],
+    ]
     if shutil.which("openssl") is None:
         ensure_debian_packages(["openssl"], why="openssl (used for the local CA)")
     for step in steps:
@@ -214,9 +255,11 @@ class LocalElasticsearch(LocalServer):
             done = subprocess.run(
                 [str(es_home / "bin/elasticsearch"), "-d", "-p", str(pidfile)],
                 env={**env, "HOME": "/"} if not self.run_as.is_self else env,
-                stdout=out, stderr=subprocess.STDOUT, timeout=300,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=300,
                 **self.run_as.popen_kwargs(),
-            )  # fmt: skip
+            )
         if done.returncode != 0 or not pidfile.exists():
             raise StackError(
                 f"Elasticsearch did not start (launcher exit {done.returncode}).\n"

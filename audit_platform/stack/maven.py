@@ -20,11 +20,17 @@ def fetch(artifact: str, downloads: Path, filename: str) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
         [
-            "mvn", "-B", "-q", "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy",
-            f"-Dartifact={artifact}", f"-DoutputDirectory={downloads}",
+            "mvn",
+            "-B",
+            "-q",
+            "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy",
+            f"-Dartifact={artifact}",
+            f"-DoutputDirectory={downloads}",
         ],
-        capture_output=True, text=True, cwd=downloads,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=downloads,
+    )
     if done.returncode != 0 or not target.exists():
         raise StackError(
             f"Maven could not fetch {artifact} (exit {done.returncode}). Check that Maven Central "

@@ -152,14 +152,16 @@ class LocalPostgres(LocalServer):
             done = self.run_as.run(
                 [
                     str(bindir / "initdb"),
-                    "-D", str(data),
-                    "-U", "postgres",
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
                     "--auth=scram-sha-256",
                     f"--pwfile={pwfile}",
                     "--encoding=UTF8",
                     "--locale=C.UTF-8",
                 ]
-            )  # fmt: skip
+            )
         finally:
             pwfile.unlink(missing_ok=True)
         if done.returncode != 0:

@@ -37,16 +37,20 @@ class Process:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
-                raise ProcessFailed(f"{self.name} exited with {self.popen.returncode}; "
-                                    f"log {self.log}:\n{self.tail()}")  # fmt: skip
+                raise ProcessFailed(
+                    f"{self.name} exited with {self.popen.returncode}; "
+                    f"log {self.log}:\n{self.tail()}"
+                )
             try:
                 if httpx.get(url, timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise ProcessFailed(f"{self.name} did not answer {url} within {timeout:.0f} s; "
-                            f"log {self.log}:\n{self.tail()}")  # fmt: skip
+        raise ProcessFailed(
+            f"{self.name} did not answer {url} within {timeout:.0f} s; "
+            f"log {self.log}:\n{self.tail()}"
+        )
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM the process and everything it started, wait up to ``timeout`` seconds for
@@ -69,12 +73,19 @@ def tool(name: str) -> str:
     return str(path)
 
 
-def start(name: str, args: list[str], environ: dict[str, str], log_dir: Path,
-          cwd: Path | None = None) -> Process:  # fmt: skip
+def start(
+    name: str, args: list[str], environ: dict[str, str], log_dir: Path, cwd: Path | None = None
+) -> Process:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     with log.open("ab") as out:
-        popen = subprocess.Popen(args, env=environ, stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, cwd=cwd,
-                                 start_new_session=True)  # fmt: skip
+        popen = subprocess.Popen(
+            args,
+            env=environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            start_new_session=True,
+        )
     return Process(name, popen, log)

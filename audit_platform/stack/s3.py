@@ -62,8 +62,9 @@ class LocalS3(LocalServer):
         if (record := self.record()) is not None:
             return record, False
         ensure_port_free(self.port, what="S3 (S3Proxy)", variable="AUDIT_STACK_S3_PORT")
-        fetched = maven.fetch(ARTIFACT, self.stack_dir / "downloads",
-                              f"s3proxy-{VERSION}-jar-with-dependencies.jar")  # fmt: skip
+        fetched = maven.fetch(
+            ARTIFACT, self.stack_dir / "downloads", f"s3proxy-{VERSION}-jar-with-dependencies.jar"
+        )
         home = server_home(self.stack_dir, NAME, self.run_as)
         # The server's account may not reach the checkout (a private CI clone): its own copy.
         jar = home / fetched.name
@@ -84,9 +85,13 @@ class LocalS3(LocalServer):
         with log.open("w") as out:
             process = subprocess.Popen(
                 [str(java), "-Xmx256m", "-jar", str(jar), "--properties", str(conf)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=home, **self.run_as.popen_kwargs(),
-            )  # fmt: skip
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=home,
+                **self.run_as.popen_kwargs(),
+            )
         endpoint = f"http://127.0.0.1:{self.port}"
         wait_until(
             lambda: _answers(endpoint),

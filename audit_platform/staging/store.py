@@ -283,8 +283,11 @@ class StagingStore:
         """
         first = int(manifest.rsplit("/", 1)[1].split(".")[0], 16)
         found: list[str] = []
-        raw = [(hour, folder) for hour, folder in self.hour_folders()
-               if folder.rsplit("/", 3)[-3] in RAW_DATASETS]  # fmt: skip
+        raw = [
+            (hour, folder)
+            for hour, folder in self.hour_folders()
+            if folder.rsplit("/", 3)[-3] in RAW_DATASETS
+        ]
         for hour in sorted({hour for hour, _ in raw}, reverse=True):
             paths = [p for dataset in RAW_DATASETS for p in self.hour_files(dataset, hour)]
             later = [path for path in paths if lsn_range(path)[1] >= first]

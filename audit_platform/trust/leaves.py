@@ -184,34 +184,87 @@ def record_leaves(records: pl.DataFrame) -> pl.DataFrame:
     and the repeated JSON texts (keys, types, changed columns) parsed once each."""
     text = pl.col("lsn")
     rendered = records.select(
-        "id", "env", "source",
-        pl.format("{}/{}", (text // 2**32).map_elements(_hex, return_dtype=pl.String),
-                  (text % 2**32).map_elements(_hex, return_dtype=pl.String)),
-        pl.col("xid").cast(pl.String), pl.col("change_index").cast(pl.String),
+        "id",
+        "env",
+        "source",
+        pl.format(
+            "{}/{}",
+            (text // 2**32).map_elements(_hex, return_dtype=pl.String),
+            (text % 2**32).map_elements(_hex, return_dtype=pl.String),
+        ),
+        pl.col("xid").cast(pl.String),
+        pl.col("change_index").cast(pl.String),
         pl.col("commit_time").dt.convert_time_zone("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S.%6fZ"),
-        "schema", "table", "operation", "key_columns", "column_types", "object_id",
-        "changed_columns", "before", "after", "policy_version",
-        pl.col("txn_changes").cast(pl.String), pl.col("txn_ignored").cast(pl.String),
-    )  # fmt: skip
+        "schema",
+        "table",
+        "operation",
+        "key_columns",
+        "column_types",
+        "object_id",
+        "changed_columns",
+        "before",
+        "after",
+        "policy_version",
+        pl.col("txn_changes").cast(pl.String),
+        pl.col("txn_ignored").cast(pl.String),
+    )
     hashes = []
-    for (rid, env, source, lsn, xid, index, time, schema, table, op, key, types, oid, changed,
-         before, after, policy, txn_changes, txn_ignored) in rendered.iter_rows():  # fmt: skip
+    for (
+        rid,
+        env,
+        source,
+        lsn,
+        xid,
+        index,
+        time,
+        schema,
+        table,
+        op,
+        key,
+        types,
+        oid,
+        changed,
+        before,
+        after,
+        policy,
+        txn_changes,
+        txn_ignored,
+    ) in rendered.iter_rows():
         leaf = {
-            "v": VERSION, "kind": "change", "id": rid, "env": env, "source": source,
-            "commit_lsn": lsn, "xid": xid, "index": index, "time": time, "schema": schema,
-            "table": table, "op": op, "key": _parsed(key) or [], "types": _parsed(types) or {},
-            "object_id": oid, "changed": _parsed(changed), "before": _loads(before),
-            "after": _loads(after), "policy": policy, "txn_changes": txn_changes,
+            "v": VERSION,
+            "kind": "change",
+            "id": rid,
+            "env": env,
+            "source": source,
+            "commit_lsn": lsn,
+            "xid": xid,
+            "index": index,
+            "time": time,
+            "schema": schema,
+            "table": table,
+            "op": op,
+            "key": _parsed(key) or [],
+            "types": _parsed(types) or {},
+            "object_id": oid,
+            "changed": _parsed(changed),
+            "before": _loads(before),
+            "after": _loads(after),
+            "policy": policy,
+            "txn_changes": txn_changes,
             "txn_ignored": txn_ignored,
-        }  # fmt: skip
+        }
         hashes.append(leaf_hash(canonical(leaf)))
     return _frame(
         records.select(
-            pl.lit("change").alias("kind"), pl.col("lsn"), pl.col("change_index").alias("seq"),
-            pl.col("xid"), pl.col("commit_time").alias("time"), pl.col("id").alias("record_id"),
+            pl.lit("change").alias("kind"),
+            pl.col("lsn"),
+            pl.col("change_index").alias("seq"),
+            pl.col("xid"),
+            pl.col("commit_time").alias("time"),
+            pl.col("id").alias("record_id"),
         ),
         hashes,
-    )  # fmt: skip
+    )
 
 
 def _hex(value: int) -> str:

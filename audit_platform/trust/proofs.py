@@ -82,8 +82,10 @@ def record_proof(log: TrustLog, doc_id: str, doc: dict[str, Any]) -> dict[str, A
     claimed = document_leaves(doc_id, doc)
     lsn, xid = int(doc["transaction"]["lsn"]), int(doc["transaction"]["xid"])
     rows = log.leaves(columns=["position", "kind", "lsn", "record_id"], lsn=lsn)
-    wanted = {"change": pl.col("record_id") == doc_id,
-              "context": (pl.col("kind") == "context") & (pl.col("lsn") == lsn)}  # fmt: skip
+    wanted = {
+        "change": pl.col("record_id") == doc_id,
+        "context": (pl.col("kind") == "context") & (pl.col("lsn") == lsn),
+    }
     tiles = _tiles(log, size, checkpoint["checkpoint"]["root"])
     proofs = []
     for kind, leaf in claimed:
@@ -95,8 +97,10 @@ def record_proof(log: TrustLog, doc_id: str, doc: dict[str, Any]) -> dict[str, A
         if position is None:
             raise NotProvable(f"the log holds no {kind} leaf for {doc_id}")
         if position >= size:
-            raise NotProvable(f"{doc_id} is logged after the latest checkpoint (tree size "
-                              f"{size}); the next checkpoint will cover it")  # fmt: skip
+            raise NotProvable(
+                f"{doc_id} is logged after the latest checkpoint (tree size "
+                f"{size}); the next checkpoint will cover it"
+            )
         try:
             proofs.append(
                 {

@@ -120,14 +120,19 @@ class VerifyReport:
 
 def report_json(report: VerifyReport) -> dict[str, Any]:
     return {
-        "env": report.env, "source": report.source, "ok": report.ok,
+        "env": report.env,
+        "source": report.source,
+        "ok": report.ok,
         "since": report.since.isoformat() if report.since else None,
         "until": report.until.isoformat() if report.until else None,
-        "log_size": report.log_size, "checkpoints": report.checkpoints,
-        "documents": report.documents, "logged_changes": report.logged_changes,
-        "staged_changes": report.staged_changes, "counts": report.counts(),
+        "log_size": report.log_size,
+        "checkpoints": report.checkpoints,
+        "documents": report.documents,
+        "logged_changes": report.logged_changes,
+        "staged_changes": report.staged_changes,
+        "counts": report.counts(),
         "findings": [vars(f) for f in report.findings],
-    }  # fmt: skip
+    }
 
 
 @dataclass(frozen=True)
@@ -504,7 +509,7 @@ def derived_mismatches(
         "trace": {"id": _text_of(context.get("trace_id"))},
         "client": {"ip": _text_of(context.get("client_addr"))},
         "transaction.lsn": lsn,
-    }  # fmt: skip
+    }
     found = {**doc, "id": doc_id, "index": index, "transaction.lsn": txn.get("lsn")}
     return [name for name, value in expected.items() if found.get(name) != value]
 
@@ -551,20 +556,42 @@ def _check_staging(
 
 
 #: The records columns a change's leaf covers (the context is covered by its own leaves).
-_COVERED = ("env", "source", "lsn", "xid", "change_index", "commit_time", "schema", "table",
-            "operation", "key_columns", "column_types", "object_id", "changed_columns",
-            "before", "after", "policy_version", "txn_changes", "txn_ignored")  # fmt: skip
+_COVERED = (
+    "env",
+    "source",
+    "lsn",
+    "xid",
+    "change_index",
+    "commit_time",
+    "schema",
+    "table",
+    "operation",
+    "key_columns",
+    "column_types",
+    "object_id",
+    "changed_columns",
+    "before",
+    "after",
+    "policy_version",
+    "txn_changes",
+    "txn_ignored",
+)
 
 
-def _compare_records(report: VerifyReport, records: pl.DataFrame, enriched: pl.DataFrame,
-                     hour: datetime) -> None:  # fmt: skip
+def _compare_records(
+    report: VerifyReport, records: pl.DataFrame, enriched: pl.DataFrame, hour: datetime
+) -> None:
     """The records files against the staged changes enriched again (whose leaves were just
     compared with the log): a column join, no hashing, so the records files cost little."""
     joined = records.join(enriched.select("id", *_COVERED), on="id", how="inner", suffix="_")
     differs = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_")) for c in _COVERED)
     for rid in joined.filter(differs)["id"].to_list():
-        report.add("staged_altered", rid, f"the staged records of {hour:%Y-%m-%d %H}:00 "
-                   "give a different change than the log holds")  # fmt: skip
+        report.add(
+            "staged_altered",
+            rid,
+            f"the staged records of {hour:%Y-%m-%d %H}:00 "
+            "give a different change than the log holds",
+        )
 
 
 def _compare_staged(
@@ -609,8 +636,10 @@ def verify_environment(
     environment = load_environment(settings.resources_dir, settings.env)
     unknown = sorted(set(sources) - set(environment.sources))
     if unknown:
-        raise ValueError(f"environment {settings.env} has no source {', '.join(unknown)}; "
-                         f"it has {', '.join(sorted(environment.sources))}")  # fmt: skip
+        raise ValueError(
+            f"environment {settings.env} has no source {', '.join(unknown)}; "
+            f"it has {', '.join(sorted(environment.sources))}"
+        )
     reports = []
     with (
         es_from_settings(settings) as es,
@@ -620,12 +649,20 @@ def verify_environment(
             store = StagingStore(settings.staging_root, settings.env, source)
             policy = load_policy(policy_path(settings.resources_dir, source))
             days = environment.retention_days_of(source)
-            reports.append(verify_source(
-                store, es, policy, settings.verifier(), since=since, until=until,
-                window=Window(now, retention=timedelta(days=days)),
-                waiting=waiting_changes(state, settings.env, source), staging=staging,
-                retention_class=environment.retention_class_of(source),
-            ))  # fmt: skip
+            reports.append(
+                verify_source(
+                    store,
+                    es,
+                    policy,
+                    settings.verifier(),
+                    since=since,
+                    until=until,
+                    window=Window(now, retention=timedelta(days=days)),
+                    waiting=waiting_changes(state, settings.env, source),
+                    staging=staging,
+                    retention_class=environment.retention_class_of(source),
+                )
+            )
     return reports
 
 

@@ -18,8 +18,13 @@ router = APIRouter(prefix="/v1", tags=["activity"])
 @router.get("/stats", response_model=Stats)
 def stats(params: Annotated[StatsParams, Query()], scope: ScopeDep, svc: ServicesDep) -> Stats:
     """Counts by source, table, operation, actor, attribution and time bucket."""
-    return reads.stats(svc.es, scope, svc.checked(params.filter(), scope), interval=params.interval,
-                       limits=svc.limits)  # fmt: skip
+    return reads.stats(
+        svc.es,
+        scope,
+        svc.checked(params.filter(), scope),
+        interval=params.interval,
+        limits=svc.limits,
+    )
 
 
 @router.get("/actors/{actor_id:id}/activity", response_model=ActorActivity)
@@ -30,5 +35,11 @@ def actor_activity(
     svc: ServicesDep,
 ) -> ActorActivity:
     """What one actor changed: counts, first and last seen, and the latest records."""
-    return reads.actor_activity(svc.es, scope, actor_id, svc.checked(params.filter(), scope),
-                                interval=params.interval, limits=svc.limits)  # fmt: skip
+    return reads.actor_activity(
+        svc.es,
+        scope,
+        actor_id,
+        svc.checked(params.filter(), scope),
+        interval=params.interval,
+        limits=svc.limits,
+    )

@@ -24,18 +24,24 @@ def request_changes(
 ) -> Correlation:
     """Every change made under one request id, in every source this key may read, in commit
     order, grouped by transaction. Sources the key may not read are left out silently."""
-    return reads.correlated(svc.es, scope, "request", {"request_id": request_id},
-                            limit=limit, cursor=cursor)  # fmt: skip
+    return reads.correlated(
+        svc.es, scope, "request", {"request_id": request_id}, limit=limit, cursor=cursor
+    )
 
 
 @router.get("/jobs/{name:id}/runs/{run_id:id}", response_model=Correlation)
 def job_run_changes(
-    name: Id, run_id: Id, scope: ScopeDep, svc: ServicesDep, limit: Limit = 500,
+    name: Id,
+    run_id: Id,
+    scope: ScopeDep,
+    svc: ServicesDep,
+    limit: Limit = 500,
     cursor: Cursor = None,
-) -> Correlation:  # fmt: skip
+) -> Correlation:
     """Every change one run of a job made, in every source this key may read."""
-    return reads.correlated(svc.es, scope, "job_run", {"job": name, "run_id": run_id},
-                            limit=limit, cursor=cursor)  # fmt: skip
+    return reads.correlated(
+        svc.es, scope, "job_run", {"job": name, "run_id": run_id}, limit=limit, cursor=cursor
+    )
 
 
 @router.get("/traces/{trace_id}", response_model=Correlation)
@@ -43,5 +49,6 @@ def trace_changes(
     trace_id: Id, scope: ScopeDep, svc: ServicesDep, limit: Limit = 500, cursor: Cursor = None
 ) -> Correlation:
     """Every change made under one trace id (a distributed trace across services)."""
-    return reads.correlated(svc.es, scope, "trace", {"trace_id": trace_id},
-                            limit=limit, cursor=cursor)  # fmt: skip
+    return reads.correlated(
+        svc.es, scope, "trace", {"trace_id": trace_id}, limit=limit, cursor=cursor
+    )

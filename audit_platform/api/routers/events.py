@@ -28,9 +28,14 @@ def search_events(
     `next_cursor` for the next one.
     """
     return reads.search_events(
-        svc.es, scope, svc.checked(params.filter(), scope), order=params.order, limit=params.limit,
-        cursor=params.cursor, limits=svc.limits,
-    )  # fmt: skip
+        svc.es,
+        scope,
+        svc.checked(params.filter(), scope),
+        order=params.order,
+        limit=params.limit,
+        cursor=params.cursor,
+        limits=svc.limits,
+    )
 
 
 @router.get("/events/{event_id}", response_model=AuditRecord)
@@ -57,11 +62,19 @@ def get_transaction(
     complete: how many changes capture staged, how many are indexed, waiting for a context in
     the quarantine, ignored by policy, or missing."""
 
-    found = reads.get_transaction(svc.es, scope, source, xid, limit=limit, cursor=cursor,
-                                  waiting=lambda lsn: waiting(svc, scope, source, lsn))  # fmt: skip
+    found = reads.get_transaction(
+        svc.es,
+        scope,
+        source,
+        xid,
+        limit=limit,
+        cursor=cursor,
+        waiting=lambda lsn: waiting(svc, scope, source, lsn),
+    )
     if found is None:
-        raise HTTPException(404, f"no transaction {xid} of source {source!r} in this "
-                                 "environment and key's scope")  # fmt: skip
+        raise HTTPException(
+            404, f"no transaction {xid} of source {source!r} in this environment and key's scope"
+        )
     return found
 
 

@@ -26,9 +26,13 @@ MEDIA = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 @router.get(
     "/export",
     response_class=StreamingResponse,
-    responses={200: {"content": {MEDIA["ndjson"]: {}, MEDIA["csv"]: {}},
-                     "description": "The matching records, streamed."}},
-)  # fmt: skip
+    responses={
+        200: {
+            "content": {MEDIA["ndjson"]: {}, MEDIA["csv"]: {}},
+            "description": "The matching records, streamed.",
+        }
+    },
+)
 def export(
     request: Request, params: Annotated[ExportParams, Query()], scope: ScopeDep, svc: ServicesDep
 ) -> StreamingResponse:
@@ -38,9 +42,13 @@ def export(
 
 
 def streamed(
-    request: Request, svc: Services, scope: Scope, f: EventFilter, format: ExportFormat,
+    request: Request,
+    svc: Services,
+    scope: Scope,
+    f: EventFilter,
+    format: ExportFormat,
     order: Order,
-) -> StreamingResponse:  # fmt: skip
+) -> StreamingResponse:
     """The export of ``f`` as a download; the first page is read before the response starts,
     so a refused query is an error status, not a file cut short. The read log gets its row
     when the last record is sent (or the client goes away), with how many were sent."""
@@ -59,6 +67,7 @@ def streamed(
     lines = csv_lines(counted()) if format == "csv" else ndjson_lines(counted())
     name = f"audit-{scope.env}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.{format}"
     return StreamingResponse(
-        lines, media_type=MEDIA[format],
+        lines,
+        media_type=MEDIA[format],
         headers=attachment(name),
-    )  # fmt: skip
+    )

@@ -32,5 +32,6 @@ def readyz(svc: ServicesDep) -> JSONResponse:
     except Exception as exc:
         checks["platform_database"] = f"unavailable: {type(exc).__name__}"
     ready = checks["elasticsearch"] in {"green", "yellow"} and checks["platform_database"] == "ok"
-    return JSONResponse(status_code=200 if ready else 503,
-                        content={"ready": ready, "checks": checks})  # fmt: skip
+    return JSONResponse(
+        status_code=200 if ready else 503, content={"ready": ready, "checks": checks}
+    )

@@ -32,8 +32,9 @@ def history(
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> ObjectHistory:
     """The object's changes in commit order, each with its column diff."""
-    return reads.object_history(svc.es, scope, source, table, object_id, order=order,
-                                limit=limit, cursor=cursor)  # fmt: skip
+    return reads.object_history(
+        svc.es, scope, source, table, object_id, order=order, limit=limit, cursor=cursor
+    )
 
 
 @router.get("/{source}/{table}/{object_id:id}/state", response_model=ObjectState)

@@ -20,9 +20,11 @@ router = APIRouter(prefix="/v1", tags=["revert"])
 
 Format = Annotated[
     Literal["json", "sql"],
-    Query(description="`json`: statements and conflicts; `sql`: one file to review and run, "
-          "a script per source (each on its own database)."),
-]  # fmt: skip
+    Query(
+        description="`json`: statements and conflicts; `sql`: one file to review and run, "
+        "a script per source (each on its own database)."
+    ),
+]
 RESPONSES = {200: {"content": {"application/sql": {}}, "description": "format=sql: the file."}}
 
 
@@ -36,18 +38,20 @@ def _answer(plan: RevertPlan | None, what: str, format: str) -> RevertPlan | Pla
 
 def sql_download(plan: RevertPlan) -> PlainTextResponse:
     return PlainTextResponse(
-        plan.sql_file(), media_type="application/sql",
+        plan.sql_file(),
+        media_type="application/sql",
         headers=attachment(plan.file_name()),
-    )  # fmt: skip
+    )
 
 
-@router.get("/transactions/{source}/{xid}/revert", response_model=RevertPlan,
-            responses=RESPONSES)  # fmt: skip
+@router.get("/transactions/{source}/{xid}/revert", response_model=RevertPlan, responses=RESPONSES)
 def revert_transaction(
     source: Annotated[str, Path(max_length=64)],
     xid: Annotated[int, Path(ge=0, le=2**63 - 1)],
-    scope: ScopeDep, svc: ServicesDep, format: Format = "json",
-):  # fmt: skip
+    scope: ScopeDep,
+    svc: ServicesDep,
+    format: Format = "json",
+):
     """The plan undoing one transaction."""
     plan = transaction_plan(svc, scope, source, xid)
     return _answer(plan, f"transaction {xid} of source {source!r}", format)
@@ -56,15 +60,21 @@ def revert_transaction(
 def transaction_plan(svc: Services, scope: Scope, source: str, xid: int) -> RevertPlan | None:
     """The plan undoing one transaction (the API's and the Explorer's)."""
     f = EventFilter(source=[source], xid=xid)
-    return reads.revert_plan(svc.es, scope, {"source": source, "xid": str(xid)}, f,
-                             svc.policies, limits=svc.limits)  # fmt: skip
+    return reads.revert_plan(
+        svc.es, scope, {"source": source, "xid": str(xid)}, f, svc.policies, limits=svc.limits
+    )
 
 
 def request_plan(svc: Services, scope: Scope, request_id: str) -> RevertPlan | None:
     """The plan undoing everything one request changed (the API's and the Explorer's)."""
-    return reads.revert_plan(svc.es, scope, {"request_id": request_id},
-                             EventFilter(request_id=request_id), svc.policies,
-                             limits=svc.limits)  # fmt: skip
+    return reads.revert_plan(
+        svc.es,
+        scope,
+        {"request_id": request_id},
+        EventFilter(request_id=request_id),
+        svc.policies,
+        limits=svc.limits,
+    )
 
 
 @router.get("/requests/{request_id:id}/revert", response_model=RevertPlan, responses=RESPONSES)
@@ -81,8 +91,9 @@ def revert_job_run(
 ):
     """The plan undoing what one run of a job changed (the broken nightly job)."""
     f = EventFilter(job=name, job_run_id=run_id)
-    plan = reads.revert_plan(svc.es, scope, {"job": name, "run_id": run_id}, f, svc.policies,
-                             limits=svc.limits)  # fmt: skip
+    plan = reads.revert_plan(
+        svc.es, scope, {"job": name, "run_id": run_id}, f, svc.policies, limits=svc.limits
+    )
     return _answer(plan, f"run {run_id!r} of job {name!r}", format)
 
 
@@ -97,7 +108,10 @@ def revert_actor(
 ):
     """The plan undoing what one actor changed in a time window."""
     f = EventFilter(actor_id=actor_id, since=since, until=until)
-    of = {"actor": actor_id, "since": since.isoformat(),
-          **({"until": until.isoformat()} if until else {})}  # fmt: skip
+    of = {
+        "actor": actor_id,
+        "since": since.isoformat(),
+        **({"until": until.isoformat()} if until else {}),
+    }
     plan = reads.revert_plan(svc.es, scope, of, f, svc.policies, limits=svc.limits)
     return _answer(plan, f"actor {actor_id!r} in that window", format)

@@ -47,8 +47,9 @@ class RecordProof(BaseModel):
     tree_size: int
     leaves: list[LeafProof]
     checkpoint: dict[str, Any] = Field(description="The signed checkpoint the proof is against.")
-    public_key: str | None = Field(description="Ed25519, base64; get it from a trusted place "
-                                   "too (README), not only from here.")  # fmt: skip
+    public_key: str | None = Field(
+        description="Ed25519, base64; get it from a trusted place too (README), not only from here."
+    )
 
 
 class Checkpoints(BaseModel):
@@ -140,15 +141,23 @@ def checkpoints(
     if first is not None and second is not None:
         sizes = {c["checkpoint"]["tree_size"] for c in signed}
         if first not in sizes or second not in sizes or first > second:
-            raise HTTPException(422, "first and second must be tree sizes of checkpoints, "
-                                     f"first <= second; sizes: {sorted(sizes)[-10:]}")  # fmt: skip
+            raise HTTPException(
+                422,
+                "first and second must be tree sizes of checkpoints, "
+                f"first <= second; sizes: {sorted(sizes)[-10:]}",
+            )
         try:
             proof = {"first": first, "second": second, "proof": consistency(log, first, second)}
         except NotProvable as exc:
             raise HTTPException(409, str(exc)) from exc
     public, key_id = _public(svc)
-    return Checkpoints(source=source, public_key=public, key_id=key_id,
-                       checkpoints=signed[::-1][:limit], consistency=proof)  # fmt: skip
+    return Checkpoints(
+        source=source,
+        public_key=public,
+        key_id=key_id,
+        checkpoints=signed[::-1][:limit],
+        consistency=proof,
+    )
 
 
 class ReadRow(BaseModel):

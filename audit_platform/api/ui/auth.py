@@ -39,8 +39,9 @@ def signed_in(request: Request, svc: Annotated[Services, Depends(services)]) -> 
         with svc.pool.connection() as conn:
             key = session_key(conn, svc.settings.env, token, idle)
     if key is None:
-        raise SignInRequired(str(request.url.path) + (f"?{request.url.query}"
-                                                      if request.url.query else ""))  # fmt: skip
+        raise SignInRequired(
+            str(request.url.path) + (f"?{request.url.query}" if request.url.query else "")
+        )
     request.state.key_id = key.key_id
     return key
 
@@ -48,12 +49,18 @@ def signed_in(request: Request, svc: Annotated[Services, Depends(services)]) -> 
 SignedIn = Annotated[ApiKey, Depends(signed_in)]
 
 
-def set_session_cookie(response: Response, request: Request, env: str, token: str,
-                       lifetime: timedelta) -> None:  # fmt: skip
+def set_session_cookie(
+    response: Response, request: Request, env: str, token: str, lifetime: timedelta
+) -> None:
     response.set_cookie(
-        cookie_name(env), token, max_age=int(lifetime.total_seconds()), path="/ui",
-        httponly=True, samesite="strict", secure=request.url.scheme == "https",
-    )  # fmt: skip
+        cookie_name(env),
+        token,
+        max_age=int(lifetime.total_seconds()),
+        path="/ui",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
 
 
 def clear_session_cookie(response: Response, env: str) -> None:

@@ -43,25 +43,37 @@ from audit_platform.ui_sessions import close_session, open_session
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
-templates.env.globals.update(utc=views.utc, show=views.show, term=views.term,
-                             refine=views.refine, FACETS=views.FACETS,
-                             NONE_KEY=views.NONE_KEY)  # fmt: skip
+templates.env.globals.update(
+    utc=views.utc,
+    show=views.show,
+    term=views.term,
+    refine=views.refine,
+    FACETS=views.FACETS,
+    NONE_KEY=views.NONE_KEY,
+)
 
 PAGE_SIZE = 50
-RANGES = {"1h": ("hour", "minute"), "24h": ("day", "hour"), "7d": ("7 days", "hour"),
-          "30d": ("30 days", "day"), "90d": ("90 days", "day")}  # fmt: skip
+RANGES = {
+    "1h": ("hour", "minute"),
+    "24h": ("day", "hour"),
+    "7d": ("7 days", "hour"),
+    "30d": ("30 days", "day"),
+    "90d": ("90 days", "day"),
+}
 Range = Literal["1h", "24h", "7d", "30d", "90d"]
 
 
-def page(request: Request, name: str, key: ApiKey | None, status: int = 200,
-         **context: Any) -> HTMLResponse:  # fmt: skip
+def page(
+    request: Request, name: str, key: ApiKey | None, status: int = 200, **context: Any
+) -> HTMLResponse:
     """A page with what every page shows: the environment, how it looks, who is signed in."""
     settings = request.app.state.services.settings
     return templates.TemplateResponse(
-        request, name, {"env": settings.env, "tone": views.environment_tone(settings.env),
-                        "key": key, **context},
+        request,
+        name,
+        {"env": settings.env, "tone": views.environment_tone(settings.env), "key": key, **context},
         status_code=status,
-    )  # fmt: skip
+    )
 
 
 def error_page(request: Request, status: int, message: str) -> HTMLResponse:
@@ -85,8 +97,9 @@ def _filter(svc: Services, key: ApiKey, query: str) -> EventFilter:
     try:
         f = EventFilter(query=query or None)
     except ValidationError as exc:
-        raise QueryError("query", "; ".join(e["msg"].removeprefix("Value error, ")
-                                            for e in exc.errors())) from exc  # fmt: skip
+        raise QueryError(
+            "query", "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        ) from exc
     return svc.checked(f, key.scope)
 
 
@@ -100,20 +113,26 @@ def login_form(request: Request, next: str | None = None) -> HTMLResponse:
 
 @router.post("/login")
 def login(
-    request: Request, svc: ServicesDep, key: Annotated[str, Form(max_length=200)],
+    request: Request,
+    svc: ServicesDep,
+    key: Annotated[str, Form(max_length=200)],
     next: Annotated[str, Form(max_length=2048)] = "/ui/",
-) -> Response:  # fmt: skip
+) -> Response:
     same_origin(request)
     # No cache here: a key revoked a second ago must not open a session.
     with svc.pool.connection() as conn:
         found = verify_key(conn, svc.settings.env, key.strip())
         if found is None:
             return page(
-                request, "login.html", None, status=401, next=safe_next(next),
+                request,
+                "login.html",
+                None,
+                status=401,
+                next=safe_next(next),
                 error=f"That is not an active API key of environment {svc.settings.env}. Keys "
                 "look like ak_<12 hex>_<secret>; ask for one (`audit-platform keys create`), "
                 "or check that it was not revoked.",
-            )  # fmt: skip
+            )
         lifetime = timedelta(hours=svc.settings.ui_session_hours)
         token = open_session(conn, found, lifetime)
     response = RedirectResponse(safe_next(next), status_code=303)
@@ -137,51 +156,82 @@ def logout(request: Request, svc: ServicesDep) -> Response:
 
 
 @router.get("/", response_class=HTMLResponse)
-def overview(request: Request, key: SignedIn, svc: ServicesDep,
-             range: Range = "24h") -> HTMLResponse:  # fmt: skip
+def overview(
+    request: Request, key: SignedIn, svc: ServicesDep, range: Range = "24h"
+) -> HTMLResponse:
     since = f"since:-{range}"
     interval = RANGES[range][1]
-    summary = reads.stats(svc.es, key.scope, EventFilter(query=since), interval=interval,
-                          limits=svc.limits)  # fmt: skip
+    summary = reads.stats(
+        svc.es, key.scope, EventFilter(query=since), interval=interval, limits=svc.limits
+    )
     unattributed_query = f"{since} attribution:unattributed"
-    unattributed = reads.search_events(svc.es, key.scope, EventFilter(query=unattributed_query),
-                                       limit=20, limits=svc.limits)  # fmt: skip
+    unattributed = reads.search_events(
+        svc.es, key.scope, EventFilter(query=unattributed_query), limit=20, limits=svc.limits
+    )
     return page(
-        request, "overview.html", key, range=range, ranges=RANGES, stats=summary,
+        request,
+        "overview.html",
+        key,
+        range=range,
+        ranges=RANGES,
+        stats=summary,
         chart=views.time_chart(summary.over_time, unit=interval),
         unattributed_share=views.share(summary.by_attribution, "unattributed"),
-        unattributed=unattributed, unattributed_query=unattributed_query,
-    )  # fmt: skip
+        unattributed=unattributed,
+        unattributed_query=unattributed_query,
+    )
 
 
 @router.get("/search", response_class=HTMLResponse)
 def search(
-    request: Request, key: SignedIn, svc: ServicesDep,
+    request: Request,
+    key: SignedIn,
+    svc: ServicesDep,
     q: Annotated[str, Query(max_length=2048)] = "",
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
     page_number: Annotated[int, Query(alias="page", ge=1, le=100_000)] = 1,
-) -> HTMLResponse:  # fmt: skip
+) -> HTMLResponse:
     try:
         f = _filter(svc, key, q)
-        results = reads.search_events(svc.es, key.scope, f, limit=PAGE_SIZE, cursor=cursor,
-                                      limits=svc.limits)  # fmt: skip
+        results = reads.search_events(
+            svc.es, key.scope, f, limit=PAGE_SIZE, cursor=cursor, limits=svc.limits
+        )
         interval = interval_for(f, svc.limits)
         facets = reads.stats(svc.es, key.scope, f, interval=interval, limits=svc.limits)
     except QueryError as exc:
-        return page(request, "search.html", key, status=422, q=q, error=str(exc),
-                    results=None, facets=None, chart=None)  # fmt: skip
+        return page(
+            request,
+            "search.html",
+            key,
+            status=422,
+            q=q,
+            error=str(exc),
+            results=None,
+            facets=None,
+            chart=None,
+        )
     return page(
-        request, "search.html", key, q=q, error=None, results=results, facets=facets,
+        request,
+        "search.html",
+        key,
+        q=q,
+        error=None,
+        results=results,
+        facets=facets,
         chart=views.time_chart(facets.over_time, unit=interval, height=80),
-        page_number=page_number, cursor=cursor,
-    )  # fmt: skip
+        page_number=page_number,
+        cursor=cursor,
+    )
 
 
 @router.get("/export")
 def export(
-    request: Request, key: SignedIn, svc: ServicesDep,
-    q: Annotated[str, Query(max_length=2048)] = "", format: ExportFormat = "csv",
-) -> Response:  # fmt: skip
+    request: Request,
+    key: SignedIn,
+    svc: ServicesDep,
+    q: Annotated[str, Query(max_length=2048)] = "",
+    format: ExportFormat = "csv",
+) -> Response:
     """The current search as a file; newest first, like the results table."""
     return streamed(request, svc, key.scope, _filter(svc, key, q), format, "desc")
 
@@ -190,33 +240,58 @@ def export(
 
 
 @router.get("/events/{event_id}", response_class=HTMLResponse)
-def event(request: Request, key: SignedIn, svc: ServicesDep,
-          event_id: Annotated[str, PathParam(max_length=256)]) -> HTMLResponse:  # fmt: skip
+def event(
+    request: Request,
+    key: SignedIn,
+    svc: ServicesDep,
+    event_id: Annotated[str, PathParam(max_length=256)],
+) -> HTMLResponse:
     found = reads.get_event(svc.es, key.scope, event_id)
     if found is None:
-        raise HTTPException(404, f"No record {event_id} in this environment that your key may "
-                                 "read.")  # fmt: skip
+        raise HTTPException(
+            404, f"No record {event_id} in this environment that your key may read."
+        )
     rows = views.columns(found)
-    return page(request, "event.html", key, record=found, rows=rows,
-                folded=sum(1 for r in rows if not (r.changed or r.key)))  # fmt: skip
+    return page(
+        request,
+        "event.html",
+        key,
+        record=found,
+        rows=rows,
+        folded=sum(1 for r in rows if not (r.changed or r.key)),
+    )
 
 
 @router.get("/objects/{source}/{table}/{object_id:id}", response_class=HTMLResponse)
 def object_page(
-    request: Request, key: SignedIn, svc: ServicesDep,
+    request: Request,
+    key: SignedIn,
+    svc: ServicesDep,
     source: Annotated[str, PathParam(max_length=64)],
     table: Annotated[str, PathParam(max_length=128)],
     object_id: ObjectId,
     at: Annotated[str | None, Query(max_length=40)] = None,
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
-) -> HTMLResponse:  # fmt: skip
+) -> HTMLResponse:
     moment = _moment(at)
-    history = reads.object_history(svc.es, key.scope, source, table, object_id, order="desc",
-                                   limit=PAGE_SIZE, cursor=cursor)  # fmt: skip
-    state = reads.object_state(svc.es, key.scope, source, table, object_id,
-                               moment or datetime.now(UTC))  # fmt: skip
-    return page(request, "object.html", key, source=source, table=table, object_id=object_id,
-                history=history, state=state, at=moment, cursor=cursor)  # fmt: skip
+    history = reads.object_history(
+        svc.es, key.scope, source, table, object_id, order="desc", limit=PAGE_SIZE, cursor=cursor
+    )
+    state = reads.object_state(
+        svc.es, key.scope, source, table, object_id, moment or datetime.now(UTC)
+    )
+    return page(
+        request,
+        "object.html",
+        key,
+        source=source,
+        table=table,
+        object_id=object_id,
+        history=history,
+        state=state,
+        at=moment,
+        cursor=cursor,
+    )
 
 
 def _moment(at: str | None) -> datetime | None:
@@ -226,8 +301,11 @@ def _moment(at: str | None) -> datetime | None:
     try:
         moment = datetime.fromisoformat(at)
     except ValueError as exc:
-        raise QueryError("at", f"{at!r} is not a moment: write it as 2026-11-27T14:30 "
-                               "(UTC) or in ISO 8601 with an offset") from exc  # fmt: skip
+        raise QueryError(
+            "at",
+            f"{at!r} is not a moment: write it as 2026-11-27T14:30 "
+            "(UTC) or in ISO 8601 with an offset",
+        ) from exc
     try:
         return utc_time(moment)
     except ValueError as exc:
@@ -246,28 +324,43 @@ SourceName = Annotated[str, PathParam(max_length=64)]
 
 
 @router.get("/transactions/{source}/{xid}", response_class=HTMLResponse)
-def transaction(request: Request, key: SignedIn, svc: ServicesDep, source: SourceName,
-                xid: Xid, cursor: Annotated[str | None, Query(max_length=1024)] = None,
-                ) -> HTMLResponse:  # fmt: skip
+def transaction(
+    request: Request,
+    key: SignedIn,
+    svc: ServicesDep,
+    source: SourceName,
+    xid: Xid,
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
+) -> HTMLResponse:
     def waiting(lsn: int) -> int:
         return quarantine_waiting(svc, key.scope, source, lsn)
 
-    found = reads.get_transaction(svc.es, key.scope, source, xid, limit=500, cursor=cursor,
-                                  waiting=waiting)  # fmt: skip
+    found = reads.get_transaction(
+        svc.es, key.scope, source, xid, limit=500, cursor=cursor, waiting=waiting
+    )
     if found is None:
-        raise HTTPException(404, f"No transaction {xid} of source {source} in this environment "
-                                 "that your key may read.")  # fmt: skip
+        raise HTTPException(
+            404,
+            f"No transaction {xid} of source {source} in this environment that your key may read.",
+        )
     plan = transaction_plan(svc, key.scope, source, xid)
-    return page(request, "transaction.html", key, txn=found, plan=plan,
-                download=f"/ui/transactions/{views.segment(source)}/{xid}/revert.sql")  # fmt: skip
+    return page(
+        request,
+        "transaction.html",
+        key,
+        txn=found,
+        plan=plan,
+        download=f"/ui/transactions/{views.segment(source)}/{xid}/revert.sql",
+    )
 
 
 @router.get("/transactions/{source}/{xid}/revert.sql")
 def transaction_revert(key: SignedIn, svc: ServicesDep, source: SourceName, xid: Xid) -> Response:
     plan = transaction_plan(svc, key.scope, source, xid)
     if plan is None:
-        raise HTTPException(404, f"No change of transaction {xid} of source {source} that your "
-                                 "key may read.")  # fmt: skip
+        raise HTTPException(
+            404, f"No change of transaction {xid} of source {source} that your key may read."
+        )
     return sql_download(plan)
 
 
@@ -282,29 +375,54 @@ def request_revert(key: SignedIn, svc: ServicesDep, request_id: Id) -> Response:
 
 
 @router.get("/requests/{request_id:id}", response_class=HTMLResponse)
-def request_page(request: Request, key: SignedIn, svc: ServicesDep, request_id: Id,
-                 cursor: Annotated[str | None, Query(max_length=1024)] = None,
-                 ) -> HTMLResponse:  # fmt: skip
-    found = reads.correlated(svc.es, key.scope, "request", {"request_id": request_id},
-                             limit=500, cursor=cursor)  # fmt: skip
+def request_page(
+    request: Request,
+    key: SignedIn,
+    svc: ServicesDep,
+    request_id: Id,
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
+) -> HTMLResponse:
+    found = reads.correlated(
+        svc.es, key.scope, "request", {"request_id": request_id}, limit=500, cursor=cursor
+    )
     plan = request_plan(svc, key.scope, request_id) if found.transactions else None
     # Each whole transaction's completeness; the last one may go on on the next page.
     whole = found.transactions[:-1] if found.next_cursor else found.transactions
     checks = {(g.source, g.xid): _completeness(svc, key, g.changes) for g in whole}
-    return page(request, "request.html", key, request_id=request_id, found=found, plan=plan,
-                checks=checks,
-                download=f"/ui/requests/{views.segment(request_id)}/revert.sql")  # fmt: skip
+    return page(
+        request,
+        "request.html",
+        key,
+        request_id=request_id,
+        found=found,
+        plan=plan,
+        checks=checks,
+        download=f"/ui/requests/{views.segment(request_id)}/revert.sql",
+    )
 
 
 @router.get("/actors/{actor_id:id}", response_class=HTMLResponse)
-def actor(request: Request, key: SignedIn, svc: ServicesDep, actor_id: Id,
-          range: Range = "7d") -> HTMLResponse:  # fmt: skip
+def actor(
+    request: Request, key: SignedIn, svc: ServicesDep, actor_id: Id, range: Range = "7d"
+) -> HTMLResponse:
     interval = RANGES[range][1]
-    activity = reads.actor_activity(svc.es, key.scope, actor_id,
-                                    EventFilter(query=f"since:-{range}"), interval=interval,
-                                    limits=svc.limits)  # fmt: skip
-    return page(request, "actor.html", key, activity=activity, range=range, ranges=RANGES,
-                chart=views.time_chart(activity.stats.over_time, unit=interval))  # fmt: skip
+    activity = reads.actor_activity(
+        svc.es,
+        key.scope,
+        actor_id,
+        EventFilter(query=f"since:-{range}"),
+        interval=interval,
+        limits=svc.limits,
+    )
+    return page(
+        request,
+        "actor.html",
+        key,
+        activity=activity,
+        range=range,
+        ranges=RANGES,
+        chart=views.time_chart(activity.stats.over_time, unit=interval),
+    )
 
 
 templates.env.globals["links"] = views.record_links

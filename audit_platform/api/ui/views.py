@@ -99,14 +99,25 @@ def time_chart(
         if bucket.count and tall < 1:
             tall = 1.0  # a bucket with changes is never invisible
         label = f"{bucket.start.strftime(layout)} UTC: {bucket.count:,}"
-        bars.append(Bar(round(i * step, 2), round(height - tall, 2), round(max(step - gap, 0.5), 2),
-                        round(tall, 2), label, bucket.count))  # fmt: skip
+        bars.append(
+            Bar(
+                round(i * step, 2),
+                round(height - tall, 2),
+                round(max(step - gap, 0.5), 2),
+                round(tall, 2),
+                label,
+                bucket.count,
+            )
+        )
     return Chart(
-        width, height, bars, peak,
+        width,
+        height,
+        bars,
+        peak,
         first=buckets[0].start.strftime(layout) if buckets else "",
         last=buckets[-1].start.strftime(layout) if buckets else "",
         total=sum(b.count for b in buckets),
-    )  # fmt: skip
+    )
 
 
 def share(buckets: list[Bucket], key: str) -> float:

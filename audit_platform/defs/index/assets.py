@@ -54,9 +54,12 @@ def template_asset(environment: EnvironmentConfig, resources_dir: Path) -> dg.As
         settings = platform.settings
         with platform.elasticsearch() as client:
             installed, lifecycles = ensure_template(
-                client, settings.resources_dir, settings.env, environment.index_replicas,
+                client,
+                settings.resources_dir,
+                settings.env,
+                environment.index_replicas,
                 environment.classes,
-            )  # fmt: skip
+            )
         return dg.MaterializeResult(
             metadata={
                 "lifecycle": ", ".join(lifecycles)
@@ -166,13 +169,19 @@ def transactions_check(source: str, store: StagingStore, hour: datetime) -> dg.A
             "partition": hour_key(hour),
             "transactions": found.transactions,
             "incomplete": len(found.incomplete),
-            "first_incomplete": dg.MetadataValue.md("\n".join(
-                f"- commit LSN {lsn_text(lsn)}: {staged} of {expected} records"
-                for lsn, expected, staged in found.incomplete[:20]) or "none"),
+            "first_incomplete": dg.MetadataValue.md(
+                "\n".join(
+                    f"- commit LSN {lsn_text(lsn)}: {staged} of {expected} records"
+                    for lsn, expected, staged in found.incomplete[:20]
+                )
+                or "none"
+            ),
         },
-        description=None if not found.incomplete else "transactions with fewer records than "
+        description=None
+        if not found.incomplete
+        else "transactions with fewer records than "
         "changes captured (less those the policy ignores): see the hour's rejected dataset",
-    )  # fmt: skip
+    )
 
 
 def index_op(source: str, config: SourceConfig, environment: EnvironmentConfig) -> dg.OpDefinition:
@@ -229,8 +238,10 @@ def indexed_asset(
             client.indices.refresh(
                 index=class_index_pattern(platform.env, retention_class), allow_no_indices=True
             )
-            checks = [count_check(source, client, platform.store(source), hour, retention_class),
-                      transactions_check(source, platform.store(source), hour)]  # fmt: skip
+            checks = [
+                count_check(source, client, platform.store(source), hour, retention_class),
+                transactions_check(source, platform.store(source), hour),
+            ]
         return dg.MaterializeResult(
             metadata=indexed.metadata,
             check_results=[
