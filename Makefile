@@ -54,6 +54,7 @@ test: install chromium $(HELM)
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	@! grep -rn --include='*.py' -e 'fmt: skip' -e 'fmt: off' audit_platform audit_platform_tests benchmarks docs \
 	  || { echo "ruff format owns layout: remove the formatter suppressions above"; exit 1; }
 

@@ -17,6 +17,7 @@ from datetime import datetime
 import psycopg
 
 from audit_platform.naming import check_identifier
+from audit_platform.platform_db import one
 
 _KEY = re.compile(r"^ak_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$")
@@ -105,12 +106,14 @@ def create_key(
             raise ApiKeyError(f"table {table!r}: write it as schema.table, e.g. public.orders")
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     text = f"ak_{key_id}_{secret}"
-    row = conn.execute(
-        "INSERT INTO audit_platform.api_keys"
-        " (key_id, env, name, secret_sha256, sources, tables, role)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING created_at",
-        (key_id, env, name, _digest(secret), sources or None, tables or None, role),
-    ).fetchone()
+    row = one(
+        conn.execute(
+            "INSERT INTO audit_platform.api_keys"
+            " (key_id, env, name, secret_sha256, sources, tables, role)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING created_at",
+            (key_id, env, name, _digest(secret), sources or None, tables or None, role),
+        )
+    )
     scope = scope_of(env, sources, tables, role)
     return NewKey(ApiKey(key_id, name, scope, row[0], None), text)
 

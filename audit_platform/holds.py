@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 
 from audit_platform.naming import check_identifier
+from audit_platform.platform_db import one
 
 
 class HoldError(ValueError):
@@ -85,12 +86,14 @@ def create_hold(
         if table.count(".") != 1:
             raise HoldError(f"table {table!r}: write it as schema.table, e.g. public.orders")
         schema, name = table.split(".")
-    row = conn.execute(
-        f"INSERT INTO audit_platform.legal_holds (env, source, schema_name, table_name,"
-        f" object_id, reason, created_by) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-        f" RETURNING {_COLUMNS}",
-        (env, source, schema, name, object_id, reason.strip(), created_by),
-    ).fetchone()
+    row = one(
+        conn.execute(
+            f"INSERT INTO audit_platform.legal_holds (env, source, schema_name, table_name,"
+            f" object_id, reason, created_by) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            f" RETURNING {_COLUMNS}",
+            (env, source, schema, name, object_id, reason.strip(), created_by),
+        )
+    )
     return Hold(*row)
 
 

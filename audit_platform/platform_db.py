@@ -7,6 +7,7 @@ Every process that needs the schema (Dagster assets, the API, the command line, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -18,3 +19,12 @@ _STATE_LOCK = 0x61756469745F7374
 def install(conn: psycopg.Connection, sql_dir: Path) -> list[str]:
     """Create or upgrade the platform's tables; returns the names of migrations applied."""
     return migrations.apply(conn, "audit_platform", sql_dir / "platform", _STATE_LOCK)
+
+
+def one(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The row a statement always returns (a count, an ``INSERT ... RETURNING``): no row is a
+    bug in the statement, raised as one rather than as an error indexing ``None``."""
+    row = cursor.fetchone()
+    if row is None:
+        raise LookupError("a statement that always returns a row returned none")
+    return row

@@ -185,30 +185,32 @@ def record_id(env: str, source: str, commit_lsn: int, change_index: int) -> str:
 #: with the row images, the context and the changed columns kept as the JSON text capture wrote,
 #: so indexing splices them into documents without parsing them again
 #: (``index.documents.document_frame`` maps these columns onto :class:`AuditRecord`).
-RECORD_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String,
-    "commit_time": pl.Datetime("us", "UTC"),
-    "env": pl.String,
-    "source": pl.String,
-    "schema": pl.String,
-    "table": pl.String,
-    "operation": pl.String,
-    "object_id": pl.String,
-    "changed_columns": pl.String,  # JSON array
-    "before": pl.String,  # JSON object or null
-    "after": pl.String,
-    "context": pl.String,
-    "attribution_status": pl.String,
-    "attribution_lag_seconds": pl.Float64,
-    "xid": pl.Int64,
-    "lsn": pl.Int64,
-    "change_index": pl.Int32,
-    "key_columns": pl.String,  # JSON array
-    "column_types": pl.String,  # JSON object: column -> type
-    "txn_changes": pl.Int32,  # changes capture staged for the record's transaction
-    "txn_ignored": pl.Int32,  # of those, dropped by the policy's ignore_changes_to
-    "policy_version": pl.String,
-}
+RECORD_SCHEMA = pl.Schema(
+    {
+        "id": pl.String(),
+        "commit_time": pl.Datetime("us", "UTC"),
+        "env": pl.String(),
+        "source": pl.String(),
+        "schema": pl.String(),
+        "table": pl.String(),
+        "operation": pl.String(),
+        "object_id": pl.String(),
+        "changed_columns": pl.String(),  # JSON array
+        "before": pl.String(),  # JSON object or null
+        "after": pl.String(),
+        "context": pl.String(),
+        "attribution_status": pl.String(),
+        "attribution_lag_seconds": pl.Float64(),
+        "xid": pl.Int64(),
+        "lsn": pl.Int64(),
+        "change_index": pl.Int32(),
+        "key_columns": pl.String(),  # JSON array
+        "column_types": pl.String(),  # JSON object: column -> type
+        "txn_changes": pl.Int32(),  # changes capture staged for the record's transaction
+        "txn_ignored": pl.Int32(),  # of those, dropped by the policy's ignore_changes_to
+        "policy_version": pl.String(),
+    }
+)
 
 
 def model_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -7,7 +7,7 @@ configuration here, so a variable means the same thing everywhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, Field, SecretStr, field_validator
@@ -156,7 +156,11 @@ class Settings(BaseSettings):
 
     def with_exports(self, exports: dict[str, str]) -> Settings:
         """These settings with ``AUDIT_*`` exports (as `stack env` prints them) applied on top."""
-        fields = {key.removeprefix("AUDIT_").lower(): value for key, value in exports.items()}
+        # Any, not str: text that pydantic converts to each field's type, as it does the
+        # environment's variables.
+        fields: dict[str, Any] = {
+            key.removeprefix("AUDIT_").lower(): value for key, value in exports.items()
+        }
         return self.model_copy(update=Settings(**fields).model_dump(include=set(fields)))
 
     @property

@@ -34,7 +34,7 @@ class Services:
     settings: Settings
     es: Elasticsearch
     pool: ConnectionPool
-    keys: TTLCache | None
+    keys: TTLCache[str, ApiKey] | None
     lock: threading.Lock = field(default_factory=threading.Lock)
     failed: FailedAuthentications = field(default_factory=FailedAuthentications)
 
@@ -93,7 +93,7 @@ def scope(
 ) -> Scope:
     text = header or (bearer.credentials if bearer else None)
     claimed = key_id_of(text) if text else None
-    key = svc.verify(text) if claimed else None
+    key = svc.verify(text) if text and claimed else None
     if key is None:
         reason = "missing" if not text else "malformed" if claimed is None else "unknown"
         _refused(request, svc, reason, claimed)

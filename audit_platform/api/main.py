@@ -34,6 +34,7 @@ from audit_platform.api.routers import (
     revert,
     trust,
 )
+from audit_platform.api_keys import ApiKey
 from audit_platform.clients import elasticsearch_client, pg_url_from_settings
 from audit_platform.query import timing
 from audit_platform.query.language import FIELDS
@@ -101,7 +102,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with pool.connection(timeout=30) as conn:
                 platform_db.install(conn, settings.resources_dir / "sql")
             ttl = settings.api_key_cache_seconds
-            cache = TTLCache(maxsize=4096, ttl=ttl) if ttl > 0 else None
+            cache: TTLCache[str, ApiKey] | None = (
+                TTLCache(maxsize=4096, ttl=ttl) if ttl > 0 else None
+            )
             app.state.services = Services(settings, es, pool, cache)
             yield
         finally:
@@ -170,7 +173,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if is_read(request, route):
             # Written once the answer is sent, so the reader does not wait for it.
-            after_sending(response, log_read, request, route.path, response.status_code, count[0])
+            # A read has a route with a path (is_read checks), so the template is that path.
+            after_sending(response, log_read, request, template, response.status_code, count[0])
         access_log.info(
             "key=%s %s %s %d %.1fms",
             getattr(request.state, "key_id", "-"),

@@ -17,6 +17,7 @@ import psycopg
 from psycopg.rows import class_row
 from pydantic import BaseModel, ConfigDict
 
+from audit_platform.platform_db import one
 from audit_platform.staging import StagingStore, lsn_range, lsn_text
 
 
@@ -63,18 +64,21 @@ def last_staged(store: StagingStore) -> tuple[int, datetime | None] | None:
         return None
     last = max(files, key=lambda path: lsn_range(path)[1])
     commit = pl.read_parquet(store.fs.open(last, "rb"), columns=["commit_time"])["commit_time"]
-    return lsn_range(last)[1], commit.max()
+    latest = commit.max()
+    return lsn_range(last)[1], latest if isinstance(latest, datetime) else None
 
 
 def record_gap(conn: psycopg.Connection, gap: Gap) -> Gap:
-    row = conn.execute(
-        "INSERT INTO audit_platform.capture_gaps"
-        " (env, source, from_lsn, to_lsn, last_captured_at, reason)"
-        " VALUES (%s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (env, source, from_lsn) DO UPDATE SET to_lsn = EXCLUDED.to_lsn"
-        " RETURNING detected_at",
-        (gap.env, gap.source, gap.from_lsn, gap.to_lsn, gap.last_captured_at, gap.reason),
-    ).fetchone()
+    row = one(
+        conn.execute(
+            "INSERT INTO audit_platform.capture_gaps"
+            " (env, source, from_lsn, to_lsn, last_captured_at, reason)"
+            " VALUES (%s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (env, source, from_lsn) DO UPDATE SET to_lsn = EXCLUDED.to_lsn"
+            " RETURNING detected_at",
+            (gap.env, gap.source, gap.from_lsn, gap.to_lsn, gap.last_captured_at, gap.reason),
+        )
+    )
     return gap.model_copy(update={"detected_at": row[0]})
 
 

@@ -34,10 +34,12 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from elasticsearch import Elasticsearch
+from psycopg.abc import Params
 
 from audit_platform.capture.pgoutput import ChangeBatch
 from audit_platform.capture.run import CaptureResult, _Stager, source_decoder
@@ -444,7 +446,7 @@ class SourceQueries:
         self._conn: psycopg.Connection | None = None
         self._used = 0.0
 
-    def execute(self, query, params=None) -> psycopg.Cursor:
+    def execute(self, query: str, params: Params | None = None) -> psycopg.Cursor[Any]:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         self._used = time.monotonic()
@@ -461,7 +463,7 @@ class SourceQueries:
 
 
 def _database_of(url: str) -> str:
-    return psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "postgres"
+    return str(psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "postgres")
 
 
 class Supervisor:

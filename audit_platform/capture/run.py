@@ -18,7 +18,7 @@ import polars as pl
 import psycopg
 
 from audit_platform.capture.pgoutput import ChangeBatch, Masker, PgOutputDecoder
-from audit_platform.capture.slot import slot_state, usable_slot_state
+from audit_platform.capture.slot import Queries, slot_state, usable_slot_state
 from audit_platform.capture.stream import SlotBusy, SlotStream
 from audit_platform.faults import crash_point
 from audit_platform.naming import publication_name, slot_name
@@ -140,9 +140,7 @@ def capture(
     return result
 
 
-def source_decoder(
-    conn: psycopg.Connection, policy: SourcePolicy, mask_key: bytes | None
-) -> PgOutputDecoder:
+def source_decoder(conn: Queries, policy: SourcePolicy, mask_key: bytes | None) -> PgOutputDecoder:
     """A decoder that asks the source (``conn``) for type names and primary keys."""
 
     def type_names(oids: list[int]) -> dict[int, str]:

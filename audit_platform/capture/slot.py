@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import psycopg
+from psycopg.abc import Params
 
 from audit_platform.staging import lsn_text, parse_lsn
+
+
+class Queries(Protocol):
+    """What capture asks a source with: a connection, or a worker's ``SourceQueries`` that
+    opens one when asked and closes it when idle."""
+
+    def execute(self, query: str, params: Params | None = None) -> psycopg.Cursor[Any]: ...
 
 
 class SlotMissing(LookupError):
@@ -38,7 +47,7 @@ class SlotState:
         return self.wal_status == "lost"
 
 
-def slot_state(conn: psycopg.Connection, slot: str) -> SlotState:
+def slot_state(conn: Queries, slot: str) -> SlotState:
     row = conn.execute(
         "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text, active_pid, wal_status"
         " FROM pg_replication_slots WHERE slot_name = %s",
@@ -53,7 +62,7 @@ def slot_state(conn: psycopg.Connection, slot: str) -> SlotState:
     return SlotState(parse_lsn(row[0] or "0/0"), parse_lsn(row[1]), row[2], row[3])
 
 
-def usable_slot_state(conn: psycopg.Connection, slot: str) -> SlotState:
+def usable_slot_state(conn: Queries, slot: str) -> SlotState:
     """The slot's state, or :class:`SlotLost` when PostgreSQL has invalidated it."""
     state = slot_state(conn, slot)
     if state.lost:

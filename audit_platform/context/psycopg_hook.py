@@ -13,20 +13,32 @@ pyproject.toml and the tests guard it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import errors, generators, pq, sql
 
 from audit_platform.context.scope import current_context
 
+if TYPE_CHECKING:
+    from psycopg.abc import PQGen, QueryNoTemplate
+    from psycopg.pq.abc import PGresult
+
+    # The mixin only ever sits in front of a psycopg connection, so mypy checks it against one;
+    # at run time it stays a plain class so the MRO of the two connections is unchanged.
+    _ConnectionBase = psycopg.BaseConnection[Any]
+else:
+    _ConnectionBase = object
+
 _COMMIT = b"COMMIT"
 
 
-class _RecordsContextAtCommit:
+class _RecordsContextAtCommit(_ConnectionBase):
     """Shared by the sync and async connections: both commit through ``_exec_command``."""
 
-    def _exec_command(self, command: Any, result_format: pq.Format = pq.Format.TEXT):
+    def _exec_command(
+        self, command: QueryNoTemplate, result_format: pq.Format = pq.Format.TEXT
+    ) -> PQGen[PGresult | None]:
         context = current_context() if command == _COMMIT else None
         if context is None or self._pipeline:
             return (yield from super()._exec_command(command, result_format))

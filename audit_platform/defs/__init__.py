@@ -40,8 +40,12 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings()
     env = settings.env
     environment = load_environment(settings.resources_dir, env)
-    assets = [template_asset(environment, settings.resources_dir)]
-    jobs, sensors, schedules = [], [], []
+    assets: list[dg.AssetsDefinition | dg.AssetSpec] = [
+        template_asset(environment, settings.resources_dir)
+    ]
+    jobs: list[dg.JobDefinition | dg.UnresolvedAssetJobDefinition] = []
+    sensors: list[dg.SensorDefinition] = []
+    schedules: list[dg.ScheduleDefinition] = []
     checks = [template_check(environment)]
     live_checks = []
     grace = timedelta(minutes=environment.enrich_grace_minutes)

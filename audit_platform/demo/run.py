@@ -56,7 +56,7 @@ def first_record_seconds(
     """Seconds from ``started`` until the API returns a record committed at or after ``since``,
     or None on timeout. Records of an earlier demo do not count: after a restart, "searchable"
     must mean that capture runs again, not that old records are still there."""
-    params = {"limit": 1, "since": since.isoformat()}
+    params: dict[str, str | int] = {"limit": 1, "since": since.isoformat()}
     while time.monotonic() - started < timeout:
         try:
             reply = httpx.get(

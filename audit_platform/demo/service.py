@@ -92,6 +92,7 @@ def create_shop_app(database_url: str) -> FastAPI:
                 " ON CONFLICT (email) DO UPDATE SET name = excluded.name RETURNING id",
                 (body.name, body.email, body.phone, password_hash),
             ).fetchone()
+        assert row is not None  # the upsert returns its row whether it inserted or updated
         return {"id": row[0]}
 
     @app.patch("/customers/{customer_id}")
@@ -113,10 +114,12 @@ def create_shop_app(database_url: str) -> FastAPI:
     def place_order(body: NewOrder) -> dict[str, int]:
         total = sum(line.quantity * line.unit_price for line in body.lines)
         with pool.connection() as conn:
-            order_id = conn.execute(
+            row = conn.execute(
                 "INSERT INTO orders (customer_id, total) VALUES (%s, %s) RETURNING id",
                 (body.customer_id, total),
-            ).fetchone()[0]
+            ).fetchone()
+            assert row is not None  # INSERT ... RETURNING always returns the inserted row
+            order_id = row[0]
             for number, line in enumerate(body.lines, start=1):
                 conn.execute(
                     "INSERT INTO order_lines VALUES (%s, %s, %s, %s, %s)",
@@ -134,11 +137,13 @@ def create_shop_app(database_url: str) -> FastAPI:
             ).fetchone()
             if row is None:
                 raise HTTPException(409, "order is not awaiting payment")
-            payment = conn.execute(
+            inserted = conn.execute(
                 "INSERT INTO payments (order_id, amount, card_last4) VALUES (%s, %s, %s)"
                 " RETURNING id",
                 (order_id, row[0], body.card_last4),
-            ).fetchone()[0]
+            ).fetchone()
+            assert inserted is not None  # INSERT ... RETURNING always returns the inserted row
+            payment = inserted[0]
         return {"id": payment}
 
     @app.post("/orders/{order_id}/cancel")

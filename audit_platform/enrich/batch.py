@@ -38,7 +38,7 @@ from audit_platform.trust.leaves import (
 )
 from audit_platform.trust.log import TrustLog
 
-REJECTED_SCHEMA = {"lsn": pl.Int64, "change_index": pl.Int32, "reason": pl.String}
+REJECTED_SCHEMA = pl.Schema({"lsn": pl.Int64, "change_index": pl.Int32, "reason": pl.String})
 
 
 @dataclass
@@ -77,7 +77,12 @@ class EnrichOutcome:
         """Count one file's (or one resolution's) result into its hours."""
 
         def of(where: str | None, committed: datetime | None = None) -> HourResult:
-            hour = hour_from_path(where) if where else _hour(committed)
+            if where:
+                hour = hour_from_path(where)
+            elif committed is not None:
+                hour = _hour(committed)
+            else:  # a rejected change read without its file: no hour to count it in
+                raise ValueError("a result with neither its file nor its commit time has no hour")
             return self.by_hour.setdefault(hour, HourResult(hour))
 
         if path is not None and changes:
@@ -140,7 +145,7 @@ def enrich_files(
             outcome.leaves.append(context_leaves(own.join(times, on="lsn"), env, source))
             outcome.leaves.append(attach_leaves(contexts, env, source))
             outcome.leaves.append(rejected_leaves(contexts, env, source))
-        counts = {}
+        counts: dict[str, tuple | None] = {}
         for group in groups if groups is not None else [changes_paths]:
             found = _transaction_counts(store, policy, group, contexts, now)
             counts.update(dict.fromkeys(group, found))

@@ -109,7 +109,11 @@ def enrich(
     in parts); by default they are counted in ``changes``, which then holds whole transactions.
     ``ignored`` (lsn, txn_ignored) likewise counts the changes the policy ignores.
     """
-    schema = {**RECORD_SCHEMA, FILE: pl.String} if FILE in changes.columns else RECORD_SCHEMA
+    schema = (
+        pl.Schema({**RECORD_SCHEMA, FILE: pl.String()})
+        if FILE in changes.columns
+        else RECORD_SCHEMA
+    )
     if changes.is_empty():
         return EnrichResult(pl.DataFrame(schema=schema))
     changes = changes.unique(["lsn", "change_index"], keep="first", maintain_order=True)
@@ -265,7 +269,7 @@ def _enrich_slice(
         computed["id"].append(record_id(env, source, lsn, index))
         computed["object_id"].append(
             object_id([image[k] for k in keys])
-            if keys and operation is not Operation.truncate
+            if keys and image is not None and operation is not Operation.truncate
             else None
         )
         computed["changed_columns"].append(json.dumps(changed))

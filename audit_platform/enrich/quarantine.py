@@ -18,6 +18,7 @@ import polars as pl
 import psycopg
 
 from audit_platform.enrich.join import Orphan
+from audit_platform.platform_db import one
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def entries_to_revisit(
 
 def revisit_count(conn: psycopg.Connection, env: str, source: str, now: datetime) -> int:
     """How many orphans are due or have their context: what the quarantine sensor asks."""
-    return conn.execute("SELECT count(*)" + _REVISIT, (env, source, now)).fetchone()[0]
+    return one(conn.execute("SELECT count(*)" + _REVISIT, (env, source, now)))[0]
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,10 @@ def stats_by_source(
 
 def waiting_in_transaction(conn: psycopg.Connection, env: str, source: str, lsn: int) -> int:
     """Changes of one transaction (by commit LSN) still waiting here for a context."""
-    return conn.execute(
-        "SELECT count(*) FROM audit_platform.quarantine WHERE env = %s AND source = %s"
-        " AND commit_lsn = %s AND status = 'waiting'",
-        (env, source, lsn),
-    ).fetchone()[0]
+    return one(
+        conn.execute(
+            "SELECT count(*) FROM audit_platform.quarantine WHERE env = %s AND source = %s"
+            " AND commit_lsn = %s AND status = 'waiting'",
+            (env, source, lsn),
+        )
+    )[0]

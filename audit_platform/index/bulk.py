@@ -36,7 +36,9 @@ from audit_platform.faults import crash_point
 from audit_platform.index.documents import document_frame
 from audit_platform.naming import STANDARD_CLASS
 
-DEAD_LETTER_SCHEMA = {"id": pl.String, "index": pl.String, "status": pl.Int32, "reason": pl.String}
+DEAD_LETTER_SCHEMA = pl.Schema(
+    {"id": pl.String, "index": pl.String, "status": pl.Int32, "reason": pl.String}
+)
 #: Chosen by measurement (benchmarks/results/index_throughput.md): past about 1,000 documents
 #: (~1 MB) a request gains nothing here, and two in flight keep the node's write threads busy.
 CHUNK_DOCUMENTS = 1000
@@ -117,6 +119,7 @@ def index_records(
     else:
         with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bulk") as pool:
             waiting: deque[Future[tuple[int, list]]] = deque()
+            assert first is not None  # there is a second chunk, so there is a first
             for chunk in itertools.chain((first, second), chunks):
                 waiting.append(pool.submit(_send, client, chunk, max_attempts))
                 if len(waiting) >= in_flight:  # bounded: at most in_flight bodies in memory
@@ -150,7 +153,7 @@ def _chunks(frame: pl.DataFrame, documents: int, size: int) -> Iterator[list[str
 
 def _send(
     client: Elasticsearch, lines: list[str], max_attempts: int
-) -> tuple[int, list[tuple[str, str, int, str]]]:
+) -> tuple[int, list[tuple[str | None, str | None, int, str]]]:
     """One bulk request of NDJSON lines; documents answered 429 are sent again with backoff."""
     indexed, failures, pending = 0, [], lines
     retrying = Retrying(
@@ -161,7 +164,9 @@ def _send(
     )
     for attempt in retrying:
         with attempt:
-            response = client.bulk(operations="".join(pending))
+            # NDJSON already serialized: the client sends a str body as it is (its type
+            # hints name only a list of actions).
+            response = client.bulk(operations="".join(pending))  # type: ignore[arg-type]
             if not response["errors"]:
                 indexed += len(pending)
                 continue
@@ -181,7 +186,7 @@ def _send(
     return indexed, failures
 
 
-def _failure(outcome: dict, status: int) -> tuple[str, str, int, str]:
+def _failure(outcome: dict, status: int) -> tuple[str | None, str | None, int, str]:
     error = outcome.get("error", {})
     reason = error.get("reason", str(error)) if isinstance(error, dict) else str(error)
     kind = error.get("type", "error") if isinstance(error, dict) else "error"

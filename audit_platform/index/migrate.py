@@ -155,7 +155,8 @@ def _copy(
             for hit in helpers.scan(client, index=legacy, size=1000)
         )
         written, errors = helpers.bulk(client, actions, raise_on_error=False, chunk_size=1000)
-        return _problem(written, errors, documents)
+        # A list of the refused actions (an int only with ``stats_only``).
+        return _problem(written, errors if isinstance(errors, list) else [], documents)
     # As a task: a large index outlasts any request timeout.
     task = client.reindex(
         source={"index": legacy},

@@ -27,6 +27,7 @@ from audit_platform.clients import es_from_settings, pg_url_from_settings
 from audit_platform.environment import EnvironmentConfig
 from audit_platform.holds import Hold, list_holds
 from audit_platform.naming import STANDARD_CLASS, check_identifier, index_pattern, parse_index_name
+from audit_platform.platform_db import one
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
 
@@ -111,11 +112,12 @@ def expired_indices(
         parsed = parse_index_name(name)
         if parsed is None or parsed.env != env:
             continue
-        if parsed.source is not None:
-            retention_class = environment.retention_class_of(parsed.source)
-        else:
-            retention_class = parsed.retention_class
-        if retention_class not in classes:
+        retention_class: str | None = (
+            environment.retention_class_of(parsed.source)
+            if parsed.source is not None
+            else parsed.retention_class
+        )
+        if retention_class is None or retention_class not in classes:
             unknown.append(name)
             continue
         cutoff = now - timedelta(days=classes[retention_class])
@@ -207,7 +209,7 @@ def _expire_quarantine(
             f" AND commit_time < %s AND {where}"
         )
         if dry_run:
-            total += state.execute(f"SELECT count(*) {query}", params).fetchone()[0]
+            total += one(state.execute(f"SELECT count(*) {query}", params))[0]
         else:
             total += state.execute(f"DELETE {query}", params).rowcount
     return total

@@ -106,7 +106,8 @@ class ParsedQuery:
 
     def image_columns(self) -> list[tuple[str, str]]:
         """(before|after, column) of every value filter, for the policy check."""
-        return [tuple(t.field.split(".", 1)) for t in self.terms if t.field.startswith(IMAGES)]
+        images = [t.field.partition(".") for t in self.terms if t.field.startswith(IMAGES)]
+        return [(image, column) for image, _, column in images]
 
 
 def parse(text: str, *, now: datetime) -> ParsedQuery:

@@ -169,7 +169,10 @@ def get_transaction(
     waiting: Callable[[int], int | None] = lambda lsn: 0,
 ) -> TransactionView | None:
     """``waiting(commit LSN)`` counts the transaction's changes still in the quarantine."""
-    clauses = [{"term": {"source.service": source}}, {"term": {"transaction.xid": xid}}]
+    clauses: list[dict[str, Any]] = [
+        {"term": {"source.service": source}},
+        {"term": {"transaction.xid": xid}},
+    ]
     hits, following, total = _page(
         es, scope, clauses, order="asc", limit=limit, cursor=cursor, count=True
     )
@@ -625,7 +628,8 @@ def _later_changes(
     ]
     first = min(r.timestamp for r in records)
     clauses = [{"range": {"@timestamp": {"gte": first.isoformat()}}}, any_of(groups)]
-    found, cursor = [], None
+    found: list[AuditRecord] = []
+    cursor: str | None = None
     while len(found) < MAX_REVERT_CHANGES:
         hits, cursor, _ = _page(es, scope, clauses, order="asc", limit=1_000, cursor=cursor)
         found.extend(record(h) for h in hits)

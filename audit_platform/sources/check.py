@@ -15,6 +15,7 @@ from psycopg import sql
 from audit_platform.capture.messages import ATTACHMENTS_TABLE
 from audit_platform.migrations import migrations
 from audit_platform.naming import publication_name, slot_name
+from audit_platform.platform_db import one
 from audit_platform.policy import SourcePolicy
 from audit_platform.sources.setup import public_may_emit_messages
 
@@ -41,7 +42,7 @@ class Finding:
 
 
 def _wal_level(conn: psycopg.Connection) -> Finding:
-    level = conn.execute("SHOW wal_level").fetchone()[0]
+    level = one(conn.execute("SHOW wal_level"))[0]
     if level == "logical":
         return Finding(Level.ok, "wal_level", "logical")
     return Finding(
@@ -53,9 +54,11 @@ def _wal_level(conn: psycopg.Connection) -> Finding:
 
 
 def _may_replicate(conn: psycopg.Connection) -> Finding:
-    user, can = conn.execute(
-        "SELECT rolname, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
+    user, can = one(
+        conn.execute(
+            "SELECT rolname, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+        )
+    )
     if can:
         return Finding(Level.ok, "role", f"{user} may read replication slots")
     return Finding(
@@ -68,9 +71,9 @@ def _may_replicate(conn: psycopg.Connection) -> Finding:
 
 def _schema(conn: psycopg.Connection, sql_dir) -> Finding:
     latest = max((v for v, _, _ in migrations(sql_dir / "source")), default=0)
-    exists = conn.execute("SELECT to_regclass('audit.schema_migrations')").fetchone()[0]
+    exists = one(conn.execute("SELECT to_regclass('audit.schema_migrations')"))[0]
     installed = (
-        conn.execute("SELECT coalesce(max(version), 0) FROM audit.schema_migrations").fetchone()[0]
+        one(conn.execute("SELECT coalesce(max(version), 0) FROM audit.schema_migrations"))[0]
         if exists
         else 0
     )
@@ -198,7 +201,7 @@ def _slot(conn: psycopg.Connection, name: str, lag_warn_bytes: int) -> list[Find
         " FROM pg_replication_slots WHERE slot_name = %s",
         (name,),
     ).fetchone()
-    keep = conn.execute("SHOW max_slot_wal_keep_size").fetchone()[0]
+    keep = one(conn.execute("SHOW max_slot_wal_keep_size"))[0]
     findings = []
     if row is None:
         findings.append(

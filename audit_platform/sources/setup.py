@@ -18,6 +18,7 @@ from psycopg import sql
 from audit_platform import migrations
 from audit_platform.capture.messages import ATTACHMENTS_TABLE
 from audit_platform.naming import publication_name, slot_name
+from audit_platform.platform_db import one
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging import parse_lsn
 
@@ -87,11 +88,13 @@ def ensure_publication(conn: psycopg.Connection, name: str, tables: list[tuple[s
 
 def public_may_emit_messages(conn: psycopg.Connection) -> bool:
     """Whether every role may call some form of pg_logical_emit_message in this database."""
-    row = conn.execute(
-        "SELECT coalesce(bool_or(a.grantee = 0), false) FROM pg_catalog.pg_proc p,"
-        " aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a"
-        " WHERE p.proname = 'pg_logical_emit_message' AND a.privilege_type = 'EXECUTE'"
-    ).fetchone()
+    row = one(
+        conn.execute(
+            "SELECT coalesce(bool_or(a.grantee = 0), false) FROM pg_catalog.pg_proc p,"
+            " aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a"
+            " WHERE p.proname = 'pg_logical_emit_message' AND a.privilege_type = 'EXECUTE'"
+        )
+    )
     return bool(row[0])
 
 
@@ -146,9 +149,11 @@ def ensure_slot(
             )
         conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
         report.slot_replaced_from = parse_lsn(confirmed or "0/0")
-    created = conn.execute(
-        "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (name,)
-    ).fetchone()
+    created = one(
+        conn.execute(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (name,)
+        )
+    )
     report.slot_created, report.slot_start = True, parse_lsn(created[0])
 
 
@@ -157,7 +162,7 @@ def setup_source(
 ) -> SetupReport:
     report = SetupReport()
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        level = conn.execute("SHOW wal_level").fetchone()[0]
+        level = one(conn.execute("SHOW wal_level"))[0]
         if level != "logical":
             raise SetupError(
                 f"wal_level is {level!r}; change capture needs 'logical'. Run "
@@ -171,7 +176,7 @@ def setup_source(
             )
         report.applied_migrations = apply_migrations(conn, sql_dir)
         report.messages_restricted = restrict_messages(conn)
-        report.attributor_role = conn.execute("SELECT audit.attributor_role()").fetchone()[0]
+        report.attributor_role = one(conn.execute("SELECT audit.attributor_role()"))[0]
         report.publication = publication_name(env, policy.source)
         ensure_publication(conn, report.publication, tables)
         report.publication_tables = [f"{s}.{t}" for s, t in tables]

@@ -42,5 +42,7 @@ def start_containers(stack: ExitStack, *, need_pg: bool, need_es: bool) -> dict[
             "xpack.security.enabled", "false"
         )
         stack.enter_context(es)
-        env["AUDIT_ES_URL"] = es.get_url()
+        # Newer testcontainers (4.15 among them) dropped ElasticSearchContainer.get_url().
+        host, port = es.get_container_host_ip(), es.get_exposed_port(es.port)
+        env["AUDIT_ES_URL"] = f"http://{host}:{port}"
     return env

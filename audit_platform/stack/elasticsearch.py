@@ -9,6 +9,7 @@ time-based indices behind aliases and enforces retention with its own job where 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import secrets
 import shutil
 import subprocess
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -78,7 +80,7 @@ def java_major(java_home: Path) -> int | None:
 
 
 def find_java_home(
-    env: dict[str, str] | None = None, jvm_root: Path = Path("/usr/lib/jvm")
+    env: Mapping[str, str] | None = None, jvm_root: Path = Path("/usr/lib/jvm")
 ) -> Path:
     """ES_JAVA_HOME, JAVA_HOME, or the newest JDK 21+ under /usr/lib/jvm, in that order."""
     env = os.environ if env is None else env
@@ -362,7 +364,7 @@ def install_file_realm_accounts(settings: Settings, env: str) -> list[access.Acc
     for account in accounts:
         client = elasticsearch_client(account.connection(settings.elasticsearch), request_timeout=5)
         what = f"Elasticsearch to load the file-realm user {account.name}"
-        wait_until(lambda c=client: _signs_in(c), timeout=60, what=what)
+        wait_until(functools.partial(_signs_in, client), timeout=60, what=what)
     return accounts
 
 

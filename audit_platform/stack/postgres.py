@@ -189,6 +189,7 @@ def _answers(url: str) -> bool:
 def describe(url: str) -> str:
     """One line for `stack status`: version and whether logical decoding is on."""
     with psycopg.connect(url, connect_timeout=5) as conn:
-        version = conn.execute("SHOW server_version").fetchone()[0]
-        level = conn.execute("SHOW wal_level").fetchone()[0]
-    return f"PostgreSQL {version}, wal_level={level}"
+        version = conn.execute("SHOW server_version").fetchone()
+        level = conn.execute("SHOW wal_level").fetchone()
+    assert version is not None and level is not None  # SHOW always answers with one row
+    return f"PostgreSQL {version[0]}, wal_level={level[0]}"

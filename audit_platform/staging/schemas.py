@@ -9,39 +9,49 @@ from __future__ import annotations
 
 import polars as pl
 
-DECODED_CHANGES = {
-    "lsn": pl.Int64,
-    "xid": pl.Int64,
-    "commit_time_us": pl.Int64,
-    "change_index": pl.Int32,
-    "operation": pl.String,
-    "schema": pl.String,
-    "table": pl.String,
-    "key_columns": pl.String,  # JSON array of column names
-    "before": pl.String,
-    "after": pl.String,
-    "unchanged_toast": pl.String,  # JSON array, or null when every value was sent
-    "column_types": pl.String,
-}
-DECODED_CONTEXTS = {
-    "lsn": pl.Int64,
-    "xid": pl.Int64,
-    "commit_time_us": pl.Int64,
-    "seq": pl.Int32,
-    "kind": pl.String,
-    "target_xid": pl.Int64,
-    "context": pl.String,
-}
-_STAGED_EXTRA = {"commit_time": pl.Datetime("us", "UTC"), "env": pl.String, "source": pl.String}
+DECODED_CHANGES = pl.Schema(
+    {
+        "lsn": pl.Int64(),
+        "xid": pl.Int64(),
+        "commit_time_us": pl.Int64(),
+        "change_index": pl.Int32(),
+        "operation": pl.String(),
+        "schema": pl.String(),
+        "table": pl.String(),
+        "key_columns": pl.String(),  # JSON array of column names
+        "before": pl.String(),
+        "after": pl.String(),
+        "unchanged_toast": pl.String(),  # JSON array, or null when every value was sent
+        "column_types": pl.String(),
+    }
+)
+DECODED_CONTEXTS = pl.Schema(
+    {
+        "lsn": pl.Int64(),
+        "xid": pl.Int64(),
+        "commit_time_us": pl.Int64(),
+        "seq": pl.Int32(),
+        "kind": pl.String(),
+        "target_xid": pl.Int64(),
+        "context": pl.String(),
+    }
+)
+_STAGED_EXTRA = pl.Schema(
+    {"commit_time": pl.Datetime("us", "UTC"), "env": pl.String(), "source": pl.String()}
+)
 
-STAGED_SCHEMAS: dict[str, dict[str, pl.DataType]] = {
-    "changes": {
-        **{k: v for k, v in DECODED_CHANGES.items() if k != "commit_time_us"},
-        **_STAGED_EXTRA,
-        "policy_version": pl.String,
-    },
-    "contexts": {
-        **{k: v for k, v in DECODED_CONTEXTS.items() if k != "commit_time_us"},
-        **_STAGED_EXTRA,
-    },
+STAGED_SCHEMAS: dict[str, pl.Schema] = {
+    "changes": pl.Schema(
+        {
+            **{k: v for k, v in DECODED_CHANGES.items() if k != "commit_time_us"},
+            **_STAGED_EXTRA,
+            "policy_version": pl.String(),
+        }
+    ),
+    "contexts": pl.Schema(
+        {
+            **{k: v for k, v in DECODED_CONTEXTS.items() if k != "commit_time_us"},
+            **_STAGED_EXTRA,
+        }
+    ),
 }

@@ -143,7 +143,7 @@ class StagingStore:
         suffix = "" if part is None else f".part{part:04d}"
         for (hour,), rows in hours.sort("_hour").group_by("_hour", maintain_order=True):
             rows = rows.drop("_hour")
-            first, last = rows["lsn"].min(), rows["lsn"].max()
+            first, last = _lsn_bounds(rows)
             name = f"{lsn_hex(first)}-{lsn_hex(last)}{suffix}.parquet"
             planned.append((hour, f"{self.hour_dir(dataset, hour)}/{name}", rows))
         return planned
@@ -152,9 +152,7 @@ class StagingStore:
         written = []
         for hour, path, rows in self.plan(dataset, frame, part):
             self.write_file(path, rows)
-            written.append(
-                StagedFile(dataset, hour, path, rows.height, rows["lsn"].min(), rows["lsn"].max())
-            )
+            written.append(StagedFile(dataset, hour, path, rows.height, *_lsn_bounds(rows)))
         return written
 
     def write_file(self, path: str, frame: pl.DataFrame) -> None:
@@ -390,8 +388,8 @@ class StagingStore:
             frames.append(frame.with_columns(pl.lit(path).alias(FILE)))
         if frames:
             return pl.concat(frames, how="diagonal_relaxed")
-        schema = STAGED_SCHEMAS.get(dataset or "", {})
-        return pl.DataFrame(schema={**schema, FILE: pl.String})
+        schema = STAGED_SCHEMAS.get(dataset or "", pl.Schema())
+        return pl.DataFrame(schema=pl.Schema({**schema, FILE: pl.String()}))
 
     def count_rows(self, paths: Iterable[str]) -> int:
         """Rows in files, from their Parquet footers (no data pages are read)."""
@@ -404,6 +402,12 @@ class StagingStore:
     def read_all(self, dataset: str) -> pl.DataFrame | None:
         paths = self.files(dataset)
         return self.read(paths, dataset).drop(FILE) if paths else None
+
+
+def _lsn_bounds(rows: pl.DataFrame) -> tuple[int, int]:
+    """The first and last LSN of a non-empty frame of staged rows."""
+    first, last = rows.select(pl.col("lsn").min(), pl.col("lsn").max().alias("last")).row(0)
+    return first, last
 
 
 def coalesced(

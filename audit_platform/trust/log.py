@@ -126,6 +126,7 @@ class TrustLog:
             (pl.int_range(pl.len(), dtype=pl.Int64) + state.size).alias("position")
         )
         first, last = new["lsn"].min(), new["lsn"].max()
+        assert isinstance(first, int) and isinstance(last, int)  # not empty, and no leaf lacks one
         # Named by LSN range (proofs find a record's file by it) and first position (a
         # transaction continued in the next append gets a file of its own).
         name = f"{lsn_hex(first)}-{lsn_hex(last)}.{state.size:012d}.parquet"
@@ -156,7 +157,7 @@ class TrustLog:
         ):
             return None
         seq = 0 if last is None else last["seq"] + 1
-        body = {
+        body: dict[str, Any] = {
             "v": "1",
             "env": self.store.env,
             "source": self.name,
@@ -168,7 +169,10 @@ class TrustLog:
             "previous": None if last is None else last["hash"],
             "key_id": signing.key_id(key.public_key()),
         }
-        signed = {"checkpoint": body, "signature": signing.sign(key, canonical(body))}
+        signed: dict[str, Any] = {
+            "checkpoint": body,
+            "signature": signing.sign(key, canonical(body)),
+        }
         path = f"{self.dir}/checkpoints/{seq:012d}.json"
         if not self.store.write_json(path, signed, create=True):
             # A run that crashed after publishing this checkpoint but before recording it
@@ -196,7 +200,8 @@ class TrustLog:
         next call rewrites the same tiles."""
         if state.tiled >= state.size:
             return False
-        at, chunk = state.tiled, []
+        at = state.tiled
+        chunk: list[bytes] = []
         for path in self.leaf_files():
             with self.store.fs.open(path, "rb") as f:
                 frame = pl.read_parquet(f, columns=["position", "hash"])

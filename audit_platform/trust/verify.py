@@ -248,17 +248,16 @@ def _check_log(report: VerifyReport, leaves: pl.DataFrame, size: int) -> None:
 
 
 def _runs(values: list[int]) -> Iterator[tuple[int, int]]:
-    start = prev = None
-    for value in values:
-        if start is None:
-            start = prev = value
-        elif value == prev + 1:
+    if not values:
+        return
+    start = prev = values[0]
+    for value in values[1:]:
+        if value == prev + 1:
             prev = value
         else:
             yield start, prev
             start = prev = value
-    if start is not None:
-        yield start, prev
+    yield start, prev
 
 
 def _check_checkpoints(
@@ -495,14 +494,16 @@ def derived_mismatches(
     The index follows from the commit month and the source's ``retention_class``: a document
     copied into another class's index, or another month's, is caught here."""
     txn, context = doc["transaction"], doc.get("context") or {}
-    actor = context.get("actor") if isinstance(context.get("actor"), dict) else {}
+    actor = context.get("actor")
+    if not isinstance(actor, dict):
+        actor = {}
     lsn = parse_lsn(txn["commit_lsn"])
     committed = datetime.fromisoformat(doc["@timestamp"])
     images = [*(doc.get("before") or {}).values(), *(doc.get("after") or {}).values()]
     expected = {
         "id": record_id(doc["env"], doc["source"]["service"], lsn, txn["change_index"]),
         "index": index_name(doc["env"], retention_class, committed.year, committed.month),
-        "event": EVENTS.get(doc.get("operation")),
+        "event": EVENTS.get(doc.get("operation", "")),
         "values_text": " ".join(v for v in images if isinstance(v, str) and v != ""),
         "user": {"id": _text_of(actor.get("id")), "name": _text_of(actor.get("name"))},
         "service": {"name": _text_of(context.get("service"))},

@@ -3,7 +3,7 @@ changes in a window. Returned as text to review; the platform never runs it."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import PlainTextResponse
@@ -25,7 +25,9 @@ Format = Annotated[
         "a script per source (each on its own database)."
     ),
 ]
-RESPONSES = {200: {"content": {"application/sql": {}}, "description": "format=sql: the file."}}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/sql": {}}, "description": "format=sql: the file."}
+}
 
 
 def _answer(plan: RevertPlan | None, what: str, format: str) -> RevertPlan | PlainTextResponse:

@@ -332,7 +332,7 @@ def transaction(
     xid: Xid,
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> HTMLResponse:
-    def waiting(lsn: int) -> int:
+    def waiting(lsn: int) -> int | None:
         return quarantine_waiting(svc, key.scope, source, lsn)
 
     found = reads.get_transaction(

@@ -112,7 +112,8 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
 
     def _run(context, platform: AuditPlatform, config: LiveRunConfig, stack: ExitStack) -> None:
         started = platform.environment()
-        report, workers = LiveReport(), {}
+        report = LiveReport()
+        workers: dict[str, SourceWorker] = {}
         settings = live_settings(started)
         pacer = FlushPacer(settings.flush_seconds, settings.batches_per_second)
         lanes = Lanes(settings.lanes, settings.lanes)
@@ -267,12 +268,12 @@ def _materializations(
             for event in hour_events(source, result):
                 context.log_event(event)
     for source in sorted({s for s, _ in indexed}):
-        for result in merge_indexed([h for s, h in indexed if s == source]):
+        for merged in merge_indexed([h for s, h in indexed if s == source]):
             context.log_event(
                 dg.AssetMaterialization(
                     asset_key=indexed_key(source),
-                    partition=hour_key(result.hour),
-                    metadata=result.metadata,
+                    partition=hour_key(merged.hour),
+                    metadata=merged.metadata,
                 )
             )
     sources = sorted(report.statuses())

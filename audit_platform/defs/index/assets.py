@@ -75,7 +75,8 @@ def template_asset(environment: EnvironmentConfig, resources_dir: Path) -> dg.As
 
 
 def database_of(url: str) -> str:
-    return psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "postgres"
+    # Parsed from a URL, every value is text (the dict's type allows the ints of keywords).
+    return str(psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "postgres")
 
 
 @contextmanager
