@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 AP := $(BIN)/audit-platform
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format stack-up stack-down clean screenshot chromium helm
+.PHONY: install demo test test-unit lint format stack-up stack-down clean screenshot chromium helm
 
 $(BIN)/python:
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { \
@@ -51,10 +51,16 @@ screenshot: install chromium
 test: install chromium $(HELM)
 	$(AP) stack run -- $(BIN)/pytest $(PYTEST_ARGS)
 
+# The fast tier: the tests that need no server (pure logic, recorded protocol bytes), in
+# seconds, without starting anything.
+test-unit: install
+	$(BIN)/pytest audit_platform_tests/unit $(PYTEST_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	@! grep -rn --include='*.py' -e 'fmt: skip' -e 'fmt: off' audit_platform audit_platform_tests benchmarks docs \
 	  || { echo "ruff format owns layout: remove the formatter suppressions above"; exit 1; }
 

@@ -30,23 +30,26 @@ from audit_platform.index.retention import run_for_environment
 from audit_platform.index.template import ensure_template
 from audit_platform.policy import PolicyError, load_policy, policy_path
 from audit_platform.settings import Settings
+from audit_platform.signing import new_private_key, private_key, public_text
 from audit_platform.sources.check import MESSAGES_FIX, MESSAGES_OPEN, check_source
 from audit_platform.sources.setup import SetupError, setup_source, teardown_source
 from audit_platform.stack import LocalStack, StackError, run_with_stack, setup_es_accounts
 from audit_platform.staging import StagingStore
-from audit_platform.trust.signing import new_private_key, private_key, public_text
-from audit_platform.trust.verify import report_json, verify_environment
+from audit_platform.verify import report_json, verify_environment
 
 app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     help="audit-platform: PostgreSQL changes to a searchable, attributed audit trail.",
     no_args_is_help=True,
 )
 stack_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     help="Local real servers (PostgreSQL, Elasticsearch) for development and tests.",
     no_args_is_help=True,
 )
 app.add_typer(stack_app, name="stack")
 source_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     help="Install, check and remove the platform's objects in a source database.",
     no_args_is_help=True,
 )
@@ -62,6 +65,21 @@ UrlOption = Annotated[
     str | None,
     typer.Option("--url", help="libpq URL of the source (default: AUDIT_SOURCE_<SOURCE>_URL)."),
 ]
+
+
+def _settings(env: str | None) -> Settings:
+    """The settings every command runs with: ``--env`` over ``AUDIT_ENV``, and an environment
+    that exists. An environment without a file captures nothing, so a mistyped name would
+    otherwise create keys, holds or an empty verification for nobody."""
+    settings = Settings() if env is None else Settings(env=env)
+    known = sorted(path.stem for path in (settings.resources_dir / "environments").glob("*.yaml"))
+    if settings.env not in known:
+        raise typer.BadParameter(
+            f"unknown environment {settings.env!r}; known: {', '.join(known) or 'none'} "
+            f"(each is a file in {settings.resources_dir / 'environments'})",
+            param_hint="--env / AUDIT_ENV",
+        )
+    return settings
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -131,7 +149,7 @@ def stack_run(
 
 
 def _source_target(env: str | None, source: str, url: str | None):
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     variable = f"AUDIT_SOURCE_{source.upper()}_URL"
     url = url or os.environ.get(variable)
     if not url:
@@ -231,7 +249,9 @@ def source_teardown(
 
 
 retention_app = typer.Typer(
-    help="Delete what has outlived the retention period.", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Delete what has outlived the retention period.",
+    no_args_is_help=True,
 )
 app.add_typer(retention_app, name="retention")
 
@@ -245,7 +265,7 @@ def retention_run(
 ) -> None:
     """Delete this environment's expired indices (where there is no ILM), staged hours and
     settled quarantine entries; never anything inside the period or of another environment."""
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     environment = load_environment(settings.resources_dir, settings.env)
     try:
         report = run_for_environment(settings, environment, now=datetime.now(UTC), dry_run=dry_run)
@@ -270,7 +290,11 @@ def retention_run(
         typer.echo(f"kept {name}: its retention class is not in the environment's file")
 
 
-index_app = typer.Typer(help="The environment's Elasticsearch indices.", no_args_is_help=True)
+index_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="The environment's Elasticsearch indices.",
+    no_args_is_help=True,
+)
 app.add_typer(index_app, name="index")
 
 
@@ -285,7 +309,7 @@ def index_migrate(
     indices per retention class (audit-<env>-class-<class>-YYYY.MM) with Elasticsearch's
     reindex, same ids; delete each old index only once every id of it is found in its class
     index. Safe to run again."""
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     environment = load_environment(settings.resources_dir, settings.env)
     try:
         with es_from_settings(settings) as client:
@@ -302,7 +326,9 @@ def index_migrate(
 
 
 es_app = typer.Typer(
-    help="Elasticsearch accounts: least privilege per environment.", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Elasticsearch accounts: least privilege per environment.",
+    no_args_is_help=True,
 )
 app.add_typer(es_app, name="es")
 
@@ -312,7 +338,7 @@ def es_setup(env: EnvOption = None) -> None:
     """Create (or update) the environment's writer role and user for the pipeline and its reader
     role and user for the API, and print the exports each deployment needs. Run it with an
     account allowed to manage security; give the pipeline and the API only what it prints."""
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     try:
         accounts, where = setup_es_accounts(settings, settings.env)
     except StackError as exc:
@@ -326,6 +352,7 @@ def es_setup(env: EnvOption = None) -> None:
 
 
 keys_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     help="API keys of the Audit API (one environment each, optionally narrowed).",
     no_args_is_help=True,
 )
@@ -367,7 +394,7 @@ def keys_create(
     ] = "reader",
 ) -> None:
     """Create a key and print it once; only its digest is stored."""
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     with _platform_connection(settings) as conn:
         try:
             new = create_key(conn, settings.env, name, sources=source, tables=table, role=role)
@@ -381,7 +408,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(env: EnvOption = None) -> None:
     """The environment's keys (ids, names, scopes; never secrets)."""
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     with _platform_connection(settings) as conn:
         keys = list_keys(conn, settings.env)
     for key in keys:
@@ -395,14 +422,16 @@ def keys_revoke(
     env: EnvOption = None,
 ) -> None:
     """Revoke a key; the API refuses it within AUDIT_API_KEY_CACHE_SECONDS."""
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     with _platform_connection(settings) as conn:
         if not revoke_key(conn, settings.env, key_id):
             raise _fail(ValueError(f"no active key {key_id!r} in environment {settings.env!r}"))
     typer.echo(f"revoked {key_id}")
 
 
-api_app = typer.Typer(help="The Audit API.", no_args_is_help=True)
+api_app = typer.Typer(
+    pretty_exceptions_show_locals=False, help="The Audit API.", no_args_is_help=True
+)
 app.add_typer(api_app, name="api")
 
 
@@ -462,7 +491,9 @@ def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 
 
-trust_app = typer.Typer(help="The trail's signing keys.", no_args_is_help=True)
+trust_app = typer.Typer(
+    pretty_exceptions_show_locals=False, help="The trail's signing keys.", no_args_is_help=True
+)
 app.add_typer(trust_app, name="trust")
 
 
@@ -507,7 +538,7 @@ def verify(
     """Check the trail: the log against its signed checkpoints, Elasticsearch and staging
     against the log. Exit status 0 when intact, 1 when something was removed, altered,
     inserted or forged (each named), 2 when it could not be checked."""
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     try:
         reports = verify_environment(
             settings,
@@ -546,7 +577,9 @@ def verify(
 
 
 hold_app = typer.Typer(
-    help="Legal holds: what retention must keep, whatever its age.", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Legal holds: what retention must keep, whatever its age.",
+    no_args_is_help=True,
 )
 app.add_typer(hold_app, name="hold")
 ByOption = Annotated[
@@ -567,7 +600,7 @@ def hold_create(
     ] = None,
 ) -> None:
     """Hold a source, a table or one object: retention deletes nothing it covers until released."""
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     with _platform_connection(settings) as conn:
         try:
             hold = create_hold(
@@ -590,7 +623,7 @@ def hold_list(
     released: Annotated[bool, typer.Option("--all", help="Released holds too.")] = False,
 ) -> None:
     """The environment's holds: what each covers, why, who placed and released it."""
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     with _platform_connection(settings) as conn:
         holds = list_holds(conn, settings.env, active_only=not released)
     for hold in holds:
@@ -608,7 +641,7 @@ def hold_list(
 @hold_app.command("release")
 def hold_release(hold_id: int, by: ByOption, env: EnvOption = None) -> None:
     """Release a hold; retention may then delete what it kept (the hold's record stays)."""
-    settings = Settings() if env is None else Settings(env=env)
+    settings = _settings(env)
     with _platform_connection(settings) as conn:
         if not release_hold(conn, settings.env, hold_id, by):
             raise _fail(ValueError(f"no active hold {hold_id} in environment {settings.env}"))

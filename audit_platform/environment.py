@@ -45,7 +45,7 @@ class EnvironmentConfig(BaseModel):
     capture_batches_per_second: float = Field(default=20, gt=0)
     #: Workers of a capture run that stage at once, and that enrich and index at once: the
     #: others wait their turn (their sources' changes wait in the slot's socket). More does
-    #: not help on few cores: the workers share one interpreter (capture/live.py, Lanes).
+    #: not help on few cores: the workers share one interpreter (live.py, Lanes).
     capture_lanes: int = Field(default=2, ge=1, le=64)
     #: Sources are split over this many capture runs, by crc32 of the name: each shard is one
     #: long-lived run, kept alive by the capture keeper sensor.

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from audit_platform.naming import check_identifier
-from audit_platform.trust.signing import private_key, public_key
+from audit_platform.signing import private_key, public_key
 
 #: Who may read an endpoint that holds no audit data (the API's documents, its metrics).
 Exposure = Literal["off", "keyed", "open"]

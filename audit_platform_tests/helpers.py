@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -240,3 +241,16 @@ def serving_api(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def environment_resources(
+    tmp_path: Path, env: str, environment_yaml: str = "sources: {}\n"
+) -> Path:
+    """A copy of the repository's resources with an environment file for ``env``: the command
+    line refuses an environment it has no file for (a mistyped ``--env``)."""
+    from audit_platform.settings import Settings
+
+    resources = tmp_path / "resources"
+    shutil.copytree(Settings().resources_dir, resources)
+    (resources / "environments" / f"{env}.yaml").write_text(environment_yaml)
+    return resources

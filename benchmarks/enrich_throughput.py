@@ -33,8 +33,9 @@ import psycopg
 import typer
 
 from audit_platform import platform_db
+from audit_platform.lsn import lsn_hex
 from audit_platform.settings import Settings
-from audit_platform.staging import StagingStore, lsn_hex
+from audit_platform.staging import StagingStore
 
 RESULTS = Path(__file__).parent / "results" / "enrich_throughput.md"
 T0 = datetime(2026, 11, 26, 10, tzinfo=UTC)

@@ -35,12 +35,12 @@ from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.policy import load_policy, policy_path
 from audit_platform.settings import Settings
+from audit_platform.signing import new_private_key, private_key
 from audit_platform.staging import StagingStore
 from audit_platform.staging.store import FILE
 from audit_platform.trust.leaves import attach_leaves, context_leaves, record_leaves
 from audit_platform.trust.log import TrustLog
-from audit_platform.trust.signing import new_private_key, private_key
-from audit_platform.trust.verify import Window, verify_source
+from audit_platform.verify import Window, verify_source
 
 RESULTS = Path(__file__).parent / "results" / "verify_trail.md"
 ENV, SOURCE, BATCH = "benchtrust", "shop", 48_000  # whole transactions (3 changes) per batch

@@ -17,8 +17,9 @@ import psycopg
 from psycopg.rows import class_row
 from pydantic import BaseModel, ConfigDict
 
+from audit_platform.lsn import lsn_text
 from audit_platform.platform_db import one
-from audit_platform.staging import StagingStore, lsn_range, lsn_text
+from audit_platform.staging import StagingStore, lsn_range
 
 
 class Gap(BaseModel):

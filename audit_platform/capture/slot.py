@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.abc import Params
 
-from audit_platform.staging import lsn_text, parse_lsn
+from audit_platform.lsn import lsn_text, parse_lsn
 
 
 class Queries(Protocol):

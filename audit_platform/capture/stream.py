@@ -188,7 +188,7 @@ class SlotStream:
         changes, bytes and messages) and also by time, at the first commit once the batch's
         first message is ``flush_seconds`` old, so a quiet source's single change is not held.
         ``flush_seconds`` may be a function, asked as each batch opens (a pacer shared by
-        many sources, ``capture/live.py``).
+        many sources, ``live.py``).
 
         ``quiet_poll_seconds``: between transactions, after a wake-up that brought no change,
         the socket is not watched again for this long (the stop event and a held batch's

@@ -19,7 +19,7 @@ from audit_platform.defs.resources import AuditPlatform
 from audit_platform.policy import load_policy, policy_path
 from audit_platform.read_log import append_reads, read_trail
 from audit_platform.trust.log import TrustLog
-from audit_platform.trust.verify import (
+from audit_platform.verify import (
     Window,
     report_json,
     verify_reads,

@@ -16,9 +16,9 @@ from datetime import datetime, timedelta
 import polars as pl
 import psycopg
 
-from audit_platform.capture.rejections import rejected_frame, store_rejections
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.join import EnrichResult, enrich, ignored_counts, transaction_contexts
+from audit_platform.enrich.rejections import rejected_frame, store_rejections
 from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging.store import (

@@ -15,9 +15,9 @@ from typing import Any
 
 import polars as pl
 
+from audit_platform.lsn import lsn_text
 from audit_platform.naming import STANDARD_CLASS, index_name
 from audit_platform.record import ECS_EVENT_TYPE, RECORD_SCHEMA, AuditRecord
-from audit_platform.staging.store import lsn_text
 
 #: ``event`` per operation (ECS).
 EVENTS = {

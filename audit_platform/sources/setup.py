@@ -17,10 +17,10 @@ from psycopg import sql
 
 from audit_platform import migrations
 from audit_platform.capture.messages import ATTACHMENTS_TABLE
+from audit_platform.lsn import parse_lsn
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.platform_db import one
 from audit_platform.policy import SourcePolicy
-from audit_platform.staging import parse_lsn
 
 #: Any 64-bit number; it only has to be the same for every setup of every source.
 _SETUP_LOCK = 0x61756469745F7365

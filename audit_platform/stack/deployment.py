@@ -22,10 +22,10 @@ from psycopg import sql
 from audit_platform import platform_db
 from audit_platform.index import access
 from audit_platform.settings import PROJECT_ROOT, Settings
+from audit_platform.signing import new_private_key
 from audit_platform.stack import processes, setup_es_accounts
 from audit_platform.stack.processes import Process
 from audit_platform.stack.system import ensure_port_free
-from audit_platform.trust.signing import new_private_key
 
 LAUNCH_RUN = """
 mutation ($params: ExecutionParams!) {

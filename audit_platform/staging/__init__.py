@@ -7,10 +7,7 @@ from audit_platform.staging.store import (
     StagedFile,
     StagingStore,
     hour_from_path,
-    lsn_hex,
     lsn_range,
-    lsn_text,
-    parse_lsn,
 )
 
 __all__ = [
@@ -21,8 +18,5 @@ __all__ = [
     "StagedFile",
     "StagingStore",
     "hour_from_path",
-    "lsn_hex",
     "lsn_range",
-    "lsn_text",
-    "parse_lsn",
 ]

@@ -39,26 +39,13 @@ import fsspec
 import polars as pl
 
 from audit_platform.faults import crash_point
+from audit_platform.lsn import lsn_hex
 from audit_platform.naming import check_identifier
 from audit_platform.staging.schemas import STAGED_SCHEMAS
 
 RAW_DATASETS = ("changes", "contexts")
 #: The column that names the staged file a row was read from (see :meth:`StagingStore.read`).
 FILE = "file"
-
-
-def lsn_hex(lsn: int) -> str:
-    return f"{lsn:016X}"
-
-
-def lsn_text(lsn: int) -> str:
-    """PostgreSQL's own notation, X/Y, for people and SQL."""
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def parse_lsn(text: str) -> int:
-    high, low = text.split("/")
-    return (int(high, 16) << 32) | int(low, 16)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from audit_platform.staging.store import lsn_text, parse_lsn
+from audit_platform.lsn import lsn_text, parse_lsn
 from audit_platform.trust.merkle import leaf_hash
 
 VERSION = "1"
@@ -336,7 +336,7 @@ def attach_leaves(contexts: pl.DataFrame, env: str, source: str) -> pl.DataFrame
 
 
 def rejected_leaves(contexts: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
-    """A ``rejected`` leaf per refused message (``capture.rejections``)."""
+    """A ``rejected`` leaf per refused message (``enrich.rejections``)."""
     rejected = contexts.filter(pl.col("kind") == "rejected")
     if rejected.is_empty():
         return pl.DataFrame(schema=LEAF_SCHEMA)

@@ -30,9 +30,10 @@ from typing import Any
 import polars as pl
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from audit_platform import signing
 from audit_platform.faults import crash_point
-from audit_platform.staging.store import StagingStore, lsn_hex, lsn_range, lsn_text
-from audit_platform.trust import signing
+from audit_platform.lsn import lsn_hex, lsn_text
+from audit_platform.staging.store import StagingStore, lsn_range
 from audit_platform.trust.leaves import LEAF_SCHEMA, canonical, in_log_order, kind_rank, moment
 from audit_platform.trust.merkle import Frontier
 from audit_platform.trust.tiles import Tiles

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import AfterValidator, BaseModel
 
 from audit_platform.api.deps import AuditorDep, ServicesDep
-from audit_platform.capture.rejections import RejectedMessage, list_rejections
+from audit_platform.enrich.rejections import RejectedMessage, list_rejections
 from audit_platform.query.filters import Moment, no_nul
 
 router = APIRouter(prefix="/v1", tags=["gaps"])

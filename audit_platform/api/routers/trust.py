@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import AfterValidator, BaseModel, Field
 
+from audit_platform import signing
 from audit_platform.api.deps import AuditorDep, Services, ServicesDep
 from audit_platform.api_keys import Scope
 from audit_platform.query import reads
@@ -24,7 +25,6 @@ from audit_platform.query.filters import no_nul
 from audit_platform.read_log import read_rows, read_trail
 from audit_platform.record import AuditRecord
 from audit_platform.staging.store import StagingStore
-from audit_platform.trust import signing
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.proofs import NotProvable, consistency, record_proof
 

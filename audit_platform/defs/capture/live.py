@@ -1,5 +1,5 @@
 """The live capture run: per shard of the environment one job whose op runs the supervisor of
-audit_platform/capture/live.py for its lifetime, and the keeper sensor that keeps one such run
+audit_platform/live.py for its lifetime, and the keeper sensor that keeps one such run
 alive per shard.
 
 What the run reports, coalesced (a busy source stages a batch a second; an event per batch would
@@ -27,17 +27,6 @@ from elasticsearch import Elasticsearch
 from psycopg_pool import ConnectionPool
 from pydantic import Field
 
-from audit_platform.capture.live import (
-    FlushPacer,
-    Lanes,
-    LiveReport,
-    LiveSettings,
-    LiveSource,
-    SourceStatus,
-    SourceWorker,
-    Supervisor,
-    shard_of,
-)
 from audit_platform.capture.slot import SlotLost, SlotMissing, usable_slot_state
 from audit_platform.clients import pg_url_from_settings
 from audit_platform.defs.capture.assets import source_url, staged_key
@@ -49,8 +38,19 @@ from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import merge_hours
 from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.index.batch import merge_indexed
+from audit_platform.live import (
+    FlushPacer,
+    Lanes,
+    LiveReport,
+    LiveSettings,
+    LiveSource,
+    SourceStatus,
+    SourceWorker,
+    Supervisor,
+    shard_of,
+)
+from audit_platform.lsn import lsn_text
 from audit_platform.naming import slot_name
-from audit_platform.staging import lsn_text
 
 #: The live capture run of a shard carries its number here; dagster.yaml runs one per shard.
 SHARD_TAG = "audit/capture-shard"

@@ -22,8 +22,9 @@ from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.index.batch import HourIndexed, index_files, index_hour, index_pending
 from audit_platform.index.reconcile import hour_counts, hour_transactions
 from audit_platform.index.template import ensure_template
+from audit_platform.lsn import lsn_text
 from audit_platform.naming import class_index_pattern, slot_name
-from audit_platform.staging import StagingStore, lsn_text
+from audit_platform.staging import StagingStore
 
 TEMPLATE_KEY = dg.AssetKey(["elasticsearch", "index_template"])
 

@@ -55,3 +55,25 @@ def test_slot_thresholds_out_of_order_are_refused_with_the_rule():
     with pytest.raises(ValidationError, match="slot_heartbeat_bytes < slot_lag_warn_bytes"):
         EnvironmentConfig(slot_lag_warn_bytes=2048, slot_lag_error_bytes=1024)
     assert EnvironmentConfig().slot_heartbeat_bytes < EnvironmentConfig().slot_lag_warn_bytes
+
+
+def test_an_unknown_environment_on_the_command_line_names_the_known_ones(monkeypatch):
+    from typer.testing import CliRunner
+
+    from audit_platform.cli import app
+
+    monkeypatch.delenv("AUDIT_RESOURCES_DIR", raising=False)
+    refused = CliRunner().invoke(app, ["hold", "list", "--env", "prdo"])
+    assert refused.exit_code == 2, refused.output
+    said = " ".join(refused.output.replace("│", " ").split())  # the error box wraps lines
+    assert "unknown environment 'prdo'; known: dev, prod, staging, uat" in said
+
+
+def test_command_line_tracebacks_never_show_local_variables():
+    """A failing command's traceback would otherwise print its locals: settings with their
+    passwords and keys among them."""
+    from audit_platform import cli
+
+    apps = [value for value in vars(cli).values() if isinstance(value, cli.typer.Typer)]
+    assert len(apps) >= 10
+    assert all(app.pretty_exceptions_show_locals is False for app in apps)

@@ -27,7 +27,7 @@ from audit_platform.settings import Settings
 from audit_platform.stack.postgres import LocalPostgres
 from audit_platform.stack.system import free_port
 from audit_platform_tests.capture_support import make_source
-from audit_platform_tests.helpers import SHOP_DDL
+from audit_platform_tests.helpers import SHOP_DDL, environment_resources
 
 ENV = f"gap_{uuid.uuid4().hex[:8]}"
 
@@ -68,6 +68,7 @@ def test_lost_and_dropped_slots_stop_capture_and_their_replacements_record_gaps(
             "AUDIT_ENV": ENV,
             "AUDIT_PG_URL": url,
             "AUDIT_STAGING_ROOT": str(tmp_path / "staging"),
+            "AUDIT_RESOURCES_DIR": str(environment_resources(tmp_path, ENV)),
         }.items():
             monkeypatch.setenv(key, value)
         slot = slot_name(ENV, "shop")

@@ -157,7 +157,7 @@ def schemathesis(
         "--request-timeout",
         "30",
     ]
-    hooks = Path(__file__).with_name("schemathesis_scope.py")
+    hooks = Path(__file__).parents[1] / "schemathesis_scope.py"
     env = {**os.environ, "SCHEMATHESIS_HOOKS": str(hooks), "AUDIT_TEST_SCOPE": json.dumps(scope)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     report.write_text(result.stdout + result.stderr)

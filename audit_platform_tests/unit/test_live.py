@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from audit_platform.capture.live import FlushPacer
+from audit_platform.live import FlushPacer
 
 
 class Clock:

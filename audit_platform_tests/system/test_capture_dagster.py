@@ -18,10 +18,10 @@ from audit_platform.defs.capture.live import SHARD_TAG
 from audit_platform.defs.partitions import hour_key
 from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
+from audit_platform.signing import new_private_key
 from audit_platform.sources.setup import setup_source
 from audit_platform.staging import StagingStore
 from audit_platform.trust.log import TrustLog
-from audit_platform.trust.signing import new_private_key
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import ON_BOTH_STORES, SHOP_DDL
 

@@ -15,7 +15,7 @@ from audit_platform.sources.check import Level, check_source
 from audit_platform.sources.setup import SetupError, setup_source, teardown_source
 from audit_platform.stack.postgres import LocalPostgres
 from audit_platform.stack.system import free_port
-from audit_platform_tests.helpers import policy_for
+from audit_platform_tests.helpers import environment_resources, policy_for
 
 SQL_DIR = Settings().resources_dir / "sql"
 #: An environment of this module's own: slots are named per server, and a `make demo` on the
@@ -191,7 +191,7 @@ def test_teardown_drops_this_environment_only_and_all_removes_the_schema(pg_data
         assert conn.execute("SELECT to_regnamespace('audit')").fetchone()[0] is None
 
 
-def test_cli_setup_and_check_against_the_demo_policy(pg_database, monkeypatch):
+def test_cli_setup_and_check_against_the_demo_policy(pg_database, monkeypatch, tmp_path):
     _exec(
         pg_database,
         """
@@ -203,6 +203,7 @@ def test_cli_setup_and_check_against_the_demo_policy(pg_database, monkeypatch):
         """,
     )
     monkeypatch.setenv("AUDIT_SOURCE_SHOP_URL", pg_database)
+    monkeypatch.setenv("AUDIT_RESOURCES_DIR", str(environment_resources(tmp_path, ENV)))
     runner = CliRunner()
     setup = runner.invoke(app, ["source", "setup", "--env", ENV, "--source", "shop"])
     assert setup.exit_code == 0, setup.output

@@ -34,10 +34,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from elasticsearch import Elasticsearch
 from elasticsearch.helpers import scan
 
+from audit_platform import signing
 from audit_platform.clients import es_from_settings, pg_url_from_settings
 from audit_platform.enrich.join import enrich
 from audit_platform.environment import load_environment
 from audit_platform.index.documents import EVENTS
+from audit_platform.lsn import lsn_text, parse_lsn
 from audit_platform.naming import (
     STANDARD_CLASS,
     index_name,
@@ -48,14 +50,7 @@ from audit_platform.policy import SourcePolicy, load_policy, policy_path
 from audit_platform.read_log import read_leaf, read_rows
 from audit_platform.record import record_id
 from audit_platform.settings import Settings
-from audit_platform.staging.store import (
-    StagingStore,
-    hour_from_path,
-    lsn_range,
-    lsn_text,
-    parse_lsn,
-)
-from audit_platform.trust import signing
+from audit_platform.staging.store import StagingStore, hour_from_path, lsn_range
 from audit_platform.trust.leaves import KINDS, canonical, document_leaves, record_leaves
 from audit_platform.trust.log import TrustLog, checkpoint_hash
 from audit_platform.trust.merkle import Frontier, leaf_hash

@@ -19,16 +19,16 @@ from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
 from audit_platform.capture.messages import ATTACH_PREFIX, CONTEXT_PREFIX, MAX_MESSAGE_BYTES
-from audit_platform.capture.rejections import list_rejections
 from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
+from audit_platform.enrich.rejections import list_rejections
 from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
+from audit_platform.signing import new_private_key, private_key
 from audit_platform.sources.check import Level, check_source
 from audit_platform.trust.log import TrustLog
-from audit_platform.trust.signing import new_private_key, private_key
-from audit_platform.trust.verify import Window, verify_source, waiting_changes
+from audit_platform.verify import Window, verify_source, waiting_changes
 from audit_platform_tests.capture_support import make_source
 from audit_platform_tests.helpers import (
     ZOO_DDL,

@@ -1,4 +1,4 @@
-"""Long-lived capture (audit_platform/capture/live.py) against real servers: each source on its
+"""Long-lived capture (audit_platform/live.py) against real servers: each source on its
 own, handover between runs, a SIGKILL and every crash point, each compared with a trigger-based
 ground truth (nothing lost, nothing twice); and freshness as behaviour, not a benchmark."""
 
@@ -21,7 +21,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from audit_platform import platform_db
-from audit_platform.capture.live import (
+from audit_platform.capture.stream import SlotStream
+from audit_platform.faults import LOCAL_ONLY_POINTS, POINTS, SimulatedCrash, armed
+from audit_platform.index.template import install_template
+from audit_platform.live import (
     Lanes,
     LiveReport,
     LiveSettings,
@@ -30,13 +33,10 @@ from audit_platform.capture.live import (
     Supervisor,
     shard_of,
 )
-from audit_platform.capture.stream import SlotStream
-from audit_platform.faults import LOCAL_ONLY_POINTS, POINTS, SimulatedCrash, armed
-from audit_platform.index.template import install_template
 from audit_platform.naming import publication_name, read_alias, slot_name
 from audit_platform.settings import Settings
-from audit_platform.trust.signing import new_private_key, private_key
-from audit_platform.trust.verify import Window, verify_source
+from audit_platform.signing import new_private_key, private_key
+from audit_platform.verify import Window, verify_source
 from audit_platform_tests.capture_support import MASK_KEY, CaptureSource, make_source
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import (
@@ -450,7 +450,7 @@ import sys, threading
 from contextlib import nullcontext
 from datetime import timedelta
 from psycopg_pool import ConnectionPool
-from audit_platform.capture.live import LiveReport, LiveSettings, LiveSource, SourceWorker, Supervisor
+from audit_platform.live import LiveReport, LiveSettings, LiveSource, SourceWorker, Supervisor
 from audit_platform.clients import elasticsearch_client
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore

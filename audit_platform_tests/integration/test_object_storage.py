@@ -12,10 +12,10 @@ import polars as pl
 import pytest
 
 from audit_platform.faults import SimulatedCrash, armed
+from audit_platform.signing import new_private_key, private_key
 from audit_platform.staging import StagingStore
 from audit_platform.trust.leaves import LEAF_SCHEMA
 from audit_platform.trust.log import TrustLog, checkpoint_hash
-from audit_platform.trust.signing import new_private_key, private_key
 from audit_platform_tests.helpers import ON_BOTH_STORES
 
 NOW = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)

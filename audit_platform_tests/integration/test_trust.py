@@ -29,12 +29,12 @@ from audit_platform.naming import index_name, legacy_index_name, read_alias
 from audit_platform.read_log import append_reads, read_rows, read_trail
 from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import Settings
+from audit_platform.signing import new_private_key, private_key, public_text, sign
 from audit_platform.staging import StagingStore
 from audit_platform.trust.leaves import LEAF_SCHEMA, canonical
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.merkle import leaf_hash, root, verify_consistency
-from audit_platform.trust.signing import new_private_key, private_key, public_text, sign
-from audit_platform.trust.verify import (
+from audit_platform.verify import (
     Window,
     derived_mismatches,
     verify_reads,
@@ -320,7 +320,7 @@ def api(trail, tmp_path):
 def offline(proof: dict, tmp_path, public_key: str) -> subprocess.CompletedProcess:
     path = tmp_path / "proof.json"
     path.write_text(json.dumps(proof))
-    script = Path(__file__).parents[1] / "docs" / "verify_record.py"
+    script = Path(__file__).parents[2] / "docs" / "verify_record.py"
     return subprocess.run(
         [sys.executable, str(script), str(path), "--public-key", public_key],
         capture_output=True,

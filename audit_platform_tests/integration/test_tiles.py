@@ -30,7 +30,7 @@ BIG = 65_536 + 600
 
 def _checker():
     """docs/verify_record.py, the script auditors run (standard library only)."""
-    path = Path(__file__).parents[1] / "docs" / "verify_record.py"
+    path = Path(__file__).parents[2] / "docs" / "verify_record.py"
     spec = importlib.util.spec_from_file_location("verify_record", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -23,9 +23,9 @@ from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
+from audit_platform.signing import new_private_key, private_key
 from audit_platform.trust.log import TrustLog
-from audit_platform.trust.signing import new_private_key, private_key
-from audit_platform.trust.verify import Window, verify_source
+from audit_platform.verify import Window, verify_source
 from audit_platform_tests.capture_support import make_source
 from audit_platform_tests.helpers import (
     ON_BOTH_STORES,
