@@ -15,9 +15,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall only when the dependency list changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml dev/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./dev
 	@touch $@
 
 install: $(VENV)/.installed
@@ -43,8 +43,8 @@ helm: $(HELM)
 # With the demo running: headless-Chromium screenshots of the Dagster asset graph and of every
 # page of the Audit Explorer, for README.
 screenshot: install chromium
-	$(BIN)/python -m audit_platform.demo.screenshot graph --out docs/asset-graph.png
-	$(BIN)/python -m audit_platform.demo.screenshot explorer --out docs
+	$(BIN)/python -m audit_platform_dev.demo.screenshot graph --out docs/asset-graph.png
+	$(BIN)/python -m audit_platform_dev.demo.screenshot explorer --out docs
 
 # Starts the servers this checkout needs (reusing running ones), runs every test, and stops
 # only what it started. pytest's exit code, including 5 for "no tests", is make's.

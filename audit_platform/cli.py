@@ -21,7 +21,12 @@ from audit_platform.api_keys import (
     revoke_key,
 )
 from audit_platform.capture.gaps import gap_of_new_slot, record_gap
-from audit_platform.clients import NotConfigured, es_from_settings, pg_url_from_settings
+from audit_platform.clients import (
+    NotConfigured,
+    elasticsearch_client,
+    es_from_settings,
+    pg_url_from_settings,
+)
 from audit_platform.environment import load_environment
 from audit_platform.holds import create_hold, list_holds, release_hold
 from audit_platform.index import access
@@ -33,7 +38,6 @@ from audit_platform.settings import Settings
 from audit_platform.signing import new_private_key, private_key, public_text
 from audit_platform.sources.check import MESSAGES_FIX, MESSAGES_OPEN, check_source
 from audit_platform.sources.setup import SetupError, setup_source, teardown_source
-from audit_platform.stack import LocalStack, StackError, run_with_stack, setup_es_accounts
 from audit_platform.staging import StagingStore
 from audit_platform.verify import report_json, verify_environment
 
@@ -42,12 +46,6 @@ app = typer.Typer(
     help="audit-platform: PostgreSQL changes to a searchable, attributed audit trail.",
     no_args_is_help=True,
 )
-stack_app = typer.Typer(
-    pretty_exceptions_show_locals=False,
-    help="Local real servers (PostgreSQL, Elasticsearch) for development and tests.",
-    no_args_is_help=True,
-)
-app.add_typer(stack_app, name="stack")
 source_app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="Install, check and remove the platform's objects in a source database.",
@@ -85,67 +83,6 @@ def _settings(env: str | None) -> Settings:
 def _fail(exc: Exception) -> typer.Exit:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=1)
-
-
-@stack_app.command("up")
-def stack_up() -> None:
-    """Start PostgreSQL and Elasticsearch (or reuse the running ones) and wait until ready."""
-    try:
-        states = LocalStack().up()
-    except StackError as exc:
-        raise _fail(exc) from exc
-    for state in states:
-        typer.echo(f"{state.name:<14} {state.source:<8} {state.detail}")
-    typer.echo('Load the URLs into your shell with: eval "$(audit-platform stack env)"')
-
-
-@stack_app.command("down")
-def stack_down() -> None:
-    """Stop the servers this checkout started (by recorded PID); leave anything else alone."""
-    try:
-        states = LocalStack().down()
-    except StackError as exc:
-        raise _fail(exc) from exc
-    for state in states:
-        typer.echo(f"{state.name:<14} {state.source}")
-
-
-@stack_app.command("status")
-def stack_status() -> None:
-    """Say, per server, where it is and whether it answers."""
-    for state in LocalStack().status():
-        typer.echo(f"{state.name:<14} {state.source:<8} {state.detail}")
-
-
-@stack_app.command("env")
-def stack_env() -> None:
-    """Print the running servers' URLs and credentials as shell exports."""
-    exports = LocalStack().env()
-    if not exports:
-        typer.secho(
-            "No local servers are running; start them with: audit-platform stack up", err=True
-        )
-        raise typer.Exit(code=1)
-    for key, value in exports.items():
-        typer.echo(f"export {key}={shlex.quote(value)}")
-
-
-@stack_app.command(
-    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
-def stack_run(
-    ctx: typer.Context,
-    command: Annotated[list[str] | None, typer.Argument(help="The command to run.")] = None,
-) -> None:
-    """Run a command with the servers up and AUDIT_* set; stop afterwards what this started."""
-    args = [*(command or []), *ctx.args]
-    if not args:
-        raise _fail(ValueError("give a command to run, e.g. `audit-platform stack run -- pytest`"))
-    try:
-        code = run_with_stack(args, Settings())
-    except StackError as exc:
-        raise _fail(exc) from exc
-    raise typer.Exit(code=code)
 
 
 def _source_target(env: str | None, source: str, url: str | None):
@@ -339,10 +276,25 @@ def es_setup(env: EnvOption = None) -> None:
     role and user for the API, and print the exports each deployment needs. Run it with an
     account allowed to manage security; give the pipeline and the API only what it prints."""
     settings = _settings(env)
-    try:
-        accounts, where = setup_es_accounts(settings, settings.env)
-    except StackError as exc:
-        raise _fail(exc) from exc
+    if settings.elasticsearch is None:
+        raise _fail(
+            NotConfigured(
+                "No Elasticsearch: set AUDIT_ES_URL (and a user allowed to manage security), "
+                "or start the local stack"
+            )
+        )
+    if settings.es_file_realm is not None:
+        # The local stack's node (AUDIT_ES_FILE_REALM is set by the stack): its native realm
+        # cannot store users, so they go to its file realm, through the development package.
+        from audit_platform_dev.stack import StackError, setup_es_accounts
+
+        try:
+            accounts, where = setup_es_accounts(settings, settings.env)
+        except StackError as exc:
+            raise _fail(exc) from exc
+    else:
+        accounts, where = access.new_accounts(settings.env), "the native realm (security API)"
+        access.install_native(elasticsearch_client(settings.elasticsearch), settings.env, accounts)
     typer.echo(f"# Elasticsearch accounts of environment {settings.env}, in {where}")
     for account in accounts:
         user = "the pipeline (Dagster)" if account.kind == access.WRITER else "the Audit API"
@@ -459,32 +411,12 @@ def api_serve(
     )
 
 
-@app.command("demo")
-def demo(
-    duration: Annotated[
-        float | None, typer.Option(help="Stop after this many seconds (default: at Ctrl-C).")
-    ] = None,
-    dagster_port: Annotated[int, typer.Option(help="Dagster webserver port.")] = 3000,
-    api_port: Annotated[int, typer.Option(help="Audit API port.")] = 8000,
-    shop_port: Annotated[int, typer.Option(help="Demo shop service port.")] = 8100,
-) -> None:
-    """Run the whole platform locally with a demo shop service and its traffic (Ctrl-C stops
-    everything this started)."""
-    from audit_platform.demo.run import run_demo
-    from audit_platform.stack.processes import ProcessFailed
-
-    try:
-        code = run_demo(
-            Settings(),
-            say=typer.echo,
-            duration=duration,
-            dagster_port=dagster_port,
-            api_port=api_port,
-            shop_port=shop_port,
-        )
-    except (StackError, ProcessFailed) as exc:
-        raise _fail(exc) from exc
-    raise typer.Exit(code=code)
+try:  # the local stack and the demo, where the development package is installed
+    from audit_platform_dev.cli import register
+except ImportError:  # a production install: neither exists there
+    pass
+else:
+    register(app)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -21,8 +21,8 @@ from psycopg import sql
 
 from audit_platform.clients import elasticsearch_client
 from audit_platform.settings import Settings
-from audit_platform.stack import served
-from audit_platform.stack.deployment import database_url
+from audit_platform_dev.stack import served
+from audit_platform_dev.stack.deployment import database_url
 from audit_platform_tests.helpers import SUMMARY
 
 

@@ -218,7 +218,7 @@ def serving_api(
     Its output goes to ``log``: a pipe nobody reads fills up (64 KB of log lines, a few
     thousand requests) and then blocks the server in the middle of a request.
     """
-    from audit_platform.stack.system import free_port
+    from audit_platform_dev.stack.system import free_port
 
     port = free_port()
     serve = [str(Path(sys.executable).with_name("audit-platform")), "api", "serve"]

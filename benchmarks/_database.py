@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from audit_platform.stack.deployment import database_url
+from audit_platform_dev.stack.deployment import database_url
 
 
 def drop_database(admin_url: str, name: str) -> None:

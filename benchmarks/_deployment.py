@@ -29,8 +29,8 @@ from audit_platform.clients import elasticsearch_client
 from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
-from audit_platform.stack.deployment import LocalDeployment, ensure_database
-from audit_platform.stack.system import free_port
+from audit_platform_dev.stack.deployment import LocalDeployment, ensure_database
+from audit_platform_dev.stack.system import free_port
 
 
 class BenchDeployment(NamedTuple):

@@ -38,7 +38,7 @@ from audit_platform.naming import read_alias
 from audit_platform.query.filters import EventFilter, bool_query, filter_clauses, sort
 from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import Settings
-from audit_platform.stack.system import free_port
+from audit_platform_dev.stack.system import free_port
 
 RESULTS = Path(__file__).parent / "results" / "api_latency.md"
 ENV = "benchapi"

@@ -58,7 +58,7 @@ from psycopg import sql
 
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import apply_migrations
-from audit_platform.stack.postgres import find_bindir
+from audit_platform_dev.stack.postgres import find_bindir
 
 RESULTS = Path(__file__).parent / "results" / "context_write_cost.md"
 DB = "bench_write_cost"

@@ -36,9 +36,9 @@ from playwright.sync_api import sync_playwright
 from audit_platform import platform_db
 from audit_platform.api_keys import create_key
 from audit_platform.clients import es_from_settings
-from audit_platform.demo.screenshot import launch
 from audit_platform.settings import Settings
-from audit_platform.stack.system import free_port
+from audit_platform_dev.demo.screenshot import launch
+from audit_platform_dev.stack.system import free_port
 
 RESULTS = Path(__file__).parent / "results" / "explorer_pages.md"
 app = typer.Typer(add_completion=False)

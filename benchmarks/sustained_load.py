@@ -62,7 +62,7 @@ from audit_platform.clients import elasticsearch_client
 from audit_platform.environment import load_environment
 from audit_platform.naming import read_alias, slot_name
 from audit_platform.settings import Settings
-from audit_platform.stack.deployment import LocalDeployment
+from audit_platform_dev.stack.deployment import LocalDeployment
 
 RESULTS = Path(__file__).parent / "results"
 ENV = "benchsustain"

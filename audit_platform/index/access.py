@@ -13,7 +13,7 @@ the API, so neither holds a superuser's password and neither reaches another env
 Two ways to install them, one set of descriptors: the security API (native realm), as on any
 real cluster; or, for the local stack's integ-test-zip node, whose native realm cannot store
 users (its security index needs the absent analysis-common module), the file realm:
-``roles.yml`` and ``elasticsearch-users`` (see ``audit_platform.stack.elasticsearch``).
+``roles.yml`` and ``elasticsearch-users`` (see ``audit_platform_dev.stack.elasticsearch``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from audit_platform.index.migrate import migrate_layout
 from audit_platform.index.retention import run_retention
 from audit_platform.naming import index_name, legacy_index_name, read_alias
 from audit_platform.settings import Settings
-from audit_platform.stack import setup_es_accounts
+from audit_platform_dev.stack import setup_es_accounts
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.helpers import policy_for
 

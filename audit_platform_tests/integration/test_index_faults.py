@@ -15,8 +15,8 @@ from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import ElasticsearchConnection, Settings
-from audit_platform.stack.elasticsearch import LocalElasticsearch
-from audit_platform.stack.system import free_port
+from audit_platform_dev.stack.elasticsearch import LocalElasticsearch
+from audit_platform_dev.stack.system import free_port
 
 T0 = datetime(2026, 11, 26, 10, tzinfo=UTC)
 

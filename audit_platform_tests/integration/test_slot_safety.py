@@ -24,8 +24,8 @@ from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
-from audit_platform.stack.postgres import LocalPostgres
-from audit_platform.stack.system import free_port
+from audit_platform_dev.stack.postgres import LocalPostgres
+from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.capture_support import make_source
 from audit_platform_tests.helpers import SHOP_DDL, environment_resources
 

@@ -13,8 +13,8 @@ from audit_platform.policy import PolicyError, load_policy
 from audit_platform.settings import Settings
 from audit_platform.sources.check import Level, check_source
 from audit_platform.sources.setup import SetupError, setup_source, teardown_source
-from audit_platform.stack.postgres import LocalPostgres
-from audit_platform.stack.system import free_port
+from audit_platform_dev.stack.postgres import LocalPostgres
+from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.helpers import environment_resources, policy_for
 
 SQL_DIR = Settings().resources_dir / "sql"

@@ -27,8 +27,8 @@ import pytest
 from audit_platform import platform_db
 from audit_platform.api_keys import create_key
 from audit_platform.capture.gaps import Gap, record_gap
-from audit_platform.demo.run import first_record_seconds
 from audit_platform.settings import Settings
+from audit_platform_dev.demo.run import first_record_seconds
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import policy_for, serving_api

@@ -9,7 +9,7 @@ import yaml
 from dagster._core.instance import DagsterInstance
 
 from audit_platform.settings import PROJECT_ROOT
-from audit_platform.stack.deployment import dagster_storage_url
+from audit_platform_dev.stack.deployment import dagster_storage_url
 
 
 def test_dagster_yaml_runs_on_postgres_storage_with_one_capture_run_per_shard(

@@ -21,8 +21,8 @@ import pytest
 from psycopg import sql
 
 from audit_platform.settings import Settings
-from audit_platform.stack import processes
-from audit_platform.stack.system import free_port
+from audit_platform_dev.stack import processes
+from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.helpers import processes_with_environ
 
 

@@ -25,12 +25,12 @@ from fastapi.testclient import TestClient
 
 from audit_platform.api_keys import create_key
 from audit_platform.defs.partitions import hour_key
-from audit_platform.demo.run import prepare_shop
-from audit_platform.demo.service import create_shop_app
-from audit_platform.demo.traffic import Traffic
 from audit_platform.settings import Settings
-from audit_platform.stack.deployment import LocalDeployment
-from audit_platform.stack.system import free_port
+from audit_platform_dev.demo.run import prepare_shop
+from audit_platform_dev.demo.service import create_shop_app
+from audit_platform_dev.demo.traffic import Traffic
+from audit_platform_dev.stack.deployment import LocalDeployment
+from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.conftest import new_database
 
 TABLES = ("customers", "orders", "order_lines", "payments")

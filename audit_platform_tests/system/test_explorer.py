@@ -22,10 +22,10 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key, revoke_key
-from audit_platform.demo.screenshot import find_browser
 from audit_platform.read_log import read_rows
 from audit_platform.settings import Settings
-from audit_platform.stack.system import free_port
+from audit_platform_dev.demo.screenshot import find_browser
+from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.shop_data import Shop, shop_environments
 
 

@@ -38,12 +38,12 @@ import pytest
 import yaml
 
 from audit_platform.api_keys import create_key
-from audit_platform.demo.run import prepare_shop
 from audit_platform.naming import slot_name
 from audit_platform.settings import Settings
-from audit_platform.stack import elasticsearch, postgres
-from audit_platform.stack.deployment import LocalDeployment
-from audit_platform.stack.system import free_port
+from audit_platform_dev.demo.run import prepare_shop
+from audit_platform_dev.stack import elasticsearch, postgres
+from audit_platform_dev.stack.deployment import LocalDeployment
+from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.helpers import (
     SUMMARY,
     ground_truth,

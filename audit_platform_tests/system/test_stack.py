@@ -12,9 +12,9 @@ import psycopg
 import pytest
 
 from audit_platform.settings import Settings
-from audit_platform.stack import LocalStack, StackError, elasticsearch, postgres
-from audit_platform.stack.system import ensure_memory, ensure_port_free, free_port, pid_alive
 from audit_platform.staging import StagingStore
+from audit_platform_dev.stack import LocalStack, StackError, elasticsearch, postgres
+from audit_platform_dev.stack.system import ensure_memory, ensure_port_free, free_port, pid_alive
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -127,7 +127,7 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
 
 def test_down_never_signals_a_process_it_did_not_start(tmp_path):
     """A stale record whose PID now belongs to someone else is forgotten, not killed."""
-    from audit_platform.stack.records import ServerRecord
+    from audit_platform_dev.stack.records import ServerRecord
 
     ServerRecord(
         name="postgres",

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from audit_platform.stack.system import StackError, ensure_debian_packages
+from audit_platform_dev.stack.system import StackError, ensure_debian_packages
 
 
 def fetch(artifact: str, downloads: Path, filename: str) -> Path:

@@ -21,13 +21,13 @@ import httpx
 import psycopg
 
 from audit_platform.api_keys import create_key
-from audit_platform.demo.traffic import Traffic
 from audit_platform.policy import load_policy, policy_path
 from audit_platform.settings import PROJECT_ROOT, Settings
 from audit_platform.sources.setup import setup_source
-from audit_platform.stack import processes, served
-from audit_platform.stack.deployment import LocalDeployment, ensure_database
-from audit_platform.stack.system import ensure_port_free
+from audit_platform_dev.demo.traffic import Traffic
+from audit_platform_dev.stack import processes, served
+from audit_platform_dev.stack.deployment import LocalDeployment, ensure_database
+from audit_platform_dev.stack.system import ensure_port_free
 
 
 def prepare_shop(admin_url: str, env: str, resources_dir: Path) -> str:
@@ -136,7 +136,7 @@ def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) 
         deployment.prepare()
         with psycopg.connect(exports["AUDIT_PG_URL"], autocommit=True) as conn:
             key = create_key(conn, env, "demo").secret
-        # For `make screenshot` (python -m audit_platform.demo.screenshot explorer); the stack
+        # For `make screenshot` (python -m audit_platform_dev.demo.screenshot explorer); the stack
         # directory is local and ignored by git, and the key reads only the demo's data.
         key_file = root / "api-key"
         key_file.touch(mode=0o600)
@@ -152,7 +152,7 @@ def _run(settings, env, root, say, duration, dagster_port, api_port, shop_port) 
                     "-m",
                     "uvicorn",
                     "--factory",
-                    "audit_platform.demo.service:app_from_environment",
+                    "audit_platform_dev.demo.service:app_from_environment",
                     "--port",
                     str(shop_port),
                 ],

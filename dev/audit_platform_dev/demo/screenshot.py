@@ -3,8 +3,8 @@ graph, and every page of the Audit Explorer.
 
 Run while the demo runs (`make demo` in another terminal; `make screenshot` does the rest)::
 
-    .venv/bin/python -m audit_platform.demo.screenshot graph --out docs/asset-graph.png
-    .venv/bin/python -m audit_platform.demo.screenshot explorer --out docs/
+    .venv/bin/python -m audit_platform_dev.demo.screenshot graph --out docs/asset-graph.png
+    .venv/bin/python -m audit_platform_dev.demo.screenshot explorer --out docs/
 
 Chromium comes from Debian's packages (`apt-get install chromium`), driven by Playwright, so
 the pages are used like a person would: the first-visit dialog is dismissed, the asset groups

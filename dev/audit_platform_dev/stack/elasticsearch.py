@@ -26,9 +26,9 @@ from elasticsearch import Elasticsearch
 from audit_platform.clients import elasticsearch_client
 from audit_platform.index import access
 from audit_platform.settings import ElasticsearchConnection, Settings
-from audit_platform.stack import maven
-from audit_platform.stack.records import LocalServer, ServerRecord, write_private
-from audit_platform.stack.system import (
+from audit_platform_dev.stack import maven
+from audit_platform_dev.stack.records import LocalServer, ServerRecord, write_private
+from audit_platform_dev.stack.system import (
     StackError,
     ensure_debian_packages,
     ensure_memory,

@@ -162,5 +162,5 @@ def create_shop_app(database_url: str) -> FastAPI:
 
 
 def app_from_environment() -> FastAPI:
-    """``uvicorn --factory audit_platform.demo.service:app_from_environment``."""
+    """``uvicorn --factory audit_platform_dev.demo.service:app_from_environment``."""
     return create_shop_app(os.environ["SHOP_DATABASE_URL"])

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit, urlunsplit
 from audit_platform.clients import elasticsearch_client
 from audit_platform.index import access
 from audit_platform.settings import Settings
-from audit_platform.stack import elasticsearch, postgres, s3
-from audit_platform.stack.containers import docker_engine_answers, start_containers
-from audit_platform.stack.system import StackError
+from audit_platform_dev.stack import elasticsearch, postgres, s3
+from audit_platform_dev.stack.containers import docker_engine_answers, start_containers
+from audit_platform_dev.stack.system import StackError
 
 __all__ = ["LocalStack", "StackError", "served", "setup_es_accounts"]
 

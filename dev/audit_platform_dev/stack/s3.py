@@ -16,10 +16,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from audit_platform.stack import maven
-from audit_platform.stack.elasticsearch import SERVICE_USER, find_java_home
-from audit_platform.stack.records import LocalServer, ServerRecord, stack_secret
-from audit_platform.stack.system import (
+from audit_platform_dev.stack import maven
+from audit_platform_dev.stack.elasticsearch import SERVICE_USER, find_java_home
+from audit_platform_dev.stack.records import LocalServer, ServerRecord, stack_secret
+from audit_platform_dev.stack.system import (
     StackError,
     ensure_port_free,
     log_tail,

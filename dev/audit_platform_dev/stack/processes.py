@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from audit_platform.stack.system import stop_tree
+from audit_platform_dev.stack.system import stop_tree
 
 
 class ProcessFailed(RuntimeError):
@@ -54,7 +54,7 @@ class Process:
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM the process and everything it started, wait up to ``timeout`` seconds for
-        all of them, then SIGKILL what is left (:func:`~audit_platform.stack.system.stop_tree`)."""
+        all of them, then SIGKILL what is left (``stack.system.stop_tree``)."""
         stop_tree(self.popen.pid, grace=timeout)
         self.popen.wait(timeout=timeout)
 

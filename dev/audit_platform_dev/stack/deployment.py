@@ -23,9 +23,9 @@ from audit_platform import platform_db
 from audit_platform.index import access
 from audit_platform.settings import PROJECT_ROOT, Settings
 from audit_platform.signing import new_private_key
-from audit_platform.stack import processes, setup_es_accounts
-from audit_platform.stack.processes import Process
-from audit_platform.stack.system import ensure_port_free
+from audit_platform_dev.stack import processes, setup_es_accounts
+from audit_platform_dev.stack.processes import Process
+from audit_platform_dev.stack.system import ensure_port_free
 
 LAUNCH_RUN = """
 mutation ($params: ExecutionParams!) {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
-from audit_platform.stack.elasticsearch import VERSION as ES_VERSION
+from audit_platform_dev.stack.elasticsearch import VERSION as ES_VERSION
 
 PG_IMAGE = "postgres:16"
 ES_IMAGE = f"docker.elastic.co/elasticsearch/elasticsearch:{ES_VERSION}"

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from audit_platform.stack.system import pid_matches, stop_pid
+from audit_platform_dev.stack.system import pid_matches, stop_pid
 
 
 class ServerRecord(BaseModel):

@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 import psycopg
 
-from audit_platform.stack.records import LocalServer, ServerRecord, stack_secret
-from audit_platform.stack.system import (
+from audit_platform_dev.stack.records import LocalServer, ServerRecord, stack_secret
+from audit_platform_dev.stack.system import (
     RunAs,
     StackError,
     ensure_debian_packages,
