@@ -15,7 +15,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall only when the dependency list changes.
-$(VENV)/.installed: pyproject.toml dev/pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml dev/pyproject.toml sdk/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]' -e ./dev
 	@touch $@

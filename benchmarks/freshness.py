@@ -25,9 +25,9 @@ import typer
 from _deployment import bench_deployment
 from _live import capture_runs
 
-from audit_platform.context import Actor, audit_context
-from audit_platform.context.psycopg_hook import connect
 from audit_platform.environment import load_environment
+from audit_platform_context import Actor, audit_context
+from audit_platform_context.psycopg_hook import connect
 
 RESULTS = Path(__file__).parent / "results" / "freshness.md"
 ENV = "benchfresh"

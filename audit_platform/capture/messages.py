@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import orjson
 from pydantic import ValidationError
 
-from audit_platform.context.model import MAX_CONTEXT_BYTES, Actor, Job, TransactionContext
+from audit_platform_context.model import MAX_CONTEXT_BYTES, Actor, Job, TransactionContext
 
 CONTEXT_PREFIX = "audit_platform.context.v1"
 ATTACH_PREFIX = "audit_platform.attach.v1"

@@ -19,8 +19,8 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from audit_platform.context.model import TransactionContext
 from audit_platform.record import AuditRecord, model_leaves
+from audit_platform_context.model import TransactionContext
 
 #: CSV columns, derived from the record and the context contract: every field of
 #: :class:`AuditRecord` (``id`` first) by its dotted name, with ``context`` spread into the

@@ -27,7 +27,6 @@ from pydantic import (
 )
 
 from audit_platform.api_keys import Scope
-from audit_platform.context.model import ActorType
 from audit_platform.policy import SourcePolicy
 from audit_platform.query.language import (
     IMAGES,
@@ -41,6 +40,7 @@ from audit_platform.query.language import (
     utc_time,
 )
 from audit_platform.record import AttributionStatus, Operation
+from audit_platform_context.model import ActorType
 
 #: Total order of records in an environment: commit time, then the source, then the commit
 #: LSN and the change's index (the LSN orders commits within one source exactly).

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from audit_platform.context.model import ActorType
 from audit_platform.record import AttributionStatus, Operation
+from audit_platform_context.model import ActorType
 
 #: Field name -> (what it matches, the Elasticsearch field or kind of clause).
 FIELDS: dict[str, tuple[str, str]] = {

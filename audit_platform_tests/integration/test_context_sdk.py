@@ -13,10 +13,10 @@ import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
-from audit_platform.context import Actor, audit_context, audit_job, current_context
-from audit_platform.context.asgi import AuditContextMiddleware, trace_id_from_traceparent
-from audit_platform.context.psycopg_hook import connect, connect_async
-from audit_platform.context.sqlalchemy_hook import instrument_engine
+from audit_platform_context import Actor, audit_context, audit_job, current_context
+from audit_platform_context.asgi import AuditContextMiddleware, trace_id_from_traceparent
+from audit_platform_context.psycopg_hook import connect, connect_async
+from audit_platform_context.sqlalchemy_hook import instrument_engine
 from audit_platform_tests.helpers import changes, context_source, messages, read_test_decoding
 
 ADA = Actor(type="user", id="u-1", name="Ada")

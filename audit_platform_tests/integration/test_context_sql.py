@@ -237,7 +237,7 @@ def test_oversized_context_is_refused_with_the_limit(source_db):
 
 
 def test_published_json_schema_is_the_python_model():
-    from audit_platform.context.model import TransactionContext
+    from audit_platform_context.model import TransactionContext
 
     published = json.loads((Settings().resources_dir / "context.schema.json").read_text())
     for key in ("$schema", "$id"):
@@ -274,7 +274,7 @@ def test_published_json_schema_is_the_python_model():
 def test_python_model_and_database_agree_on_what_is_valid(source_db, context):
     from pydantic import ValidationError
 
-    from audit_platform.context.model import TransactionContext
+    from audit_platform_context.model import TransactionContext
 
     try:
         TransactionContext.model_validate(context)

@@ -1,5 +1,6 @@
-"""What ships: the wheel the Docker image installs holds the platform and nothing else (no tests,
-no local stack, no demo), and the API and the Dagster code location load from it with no
+"""What ships: the wheel the Docker image installs holds the platform and its context SDK and
+nothing else (no tests, no local stack, no demo), the SDK's own wheel needs neither the platform
+nor its dependencies, and the API and the Dagster code location load from it with no
 development dependency importable. No server: the wheel is built (`pip wheel`, as the image's
 build stage does) and loaded in a fresh interpreter that refuses every development module."""
 
@@ -53,31 +54,23 @@ LOAD = textwrap.dedent(
 )
 
 
+def built_wheel(project: Path, out: Path) -> zipfile.ZipFile:
+    """The wheel of ``project``, built as the image's build stage builds it."""
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(project)]
+    subprocess.run([*command, "-w", str(out)], check=True, timeout=300)
+    [built] = out.glob("*.whl")
+    return zipfile.ZipFile(built)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "-q",
-            str(PROJECT_ROOT),
-            "-w",
-            str(out),
-        ],
-        check=True,
-        timeout=300,
-    )
-    [built] = out.glob("audit_platform-*.whl")
-    return zipfile.ZipFile(built)
+    return built_wheel(PROJECT_ROOT, tmp_path_factory.mktemp("wheel"))
 
 
 def test_the_wheel_holds_the_platform_and_nothing_else(wheel):
     tops = {Path(name).parts[0] for name in wheel.namelist()}
-    assert {top for top in tops if not top.endswith(".dist-info")} == {"audit_platform"}
+    shipped = {top for top in tops if not top.endswith(".dist-info")}
+    assert shipped == {"audit_platform", "audit_platform_context"}  # the SDK it validates with
     names = set(wheel.namelist())
     assert not [n for n in names if "/stack/" in n or "/demo/" in n]
     assert "audit_platform/api/ui/templates/base.html" in names  # the Explorer's files do ship
@@ -106,3 +99,47 @@ def test_the_api_and_the_code_location_load_without_development_modules(wheel, t
 def test_a_development_install_adds_the_stack_and_the_demo_to_the_command_line():
     said = CliRunner().invoke(app, ["--help"]).output
     assert "stack" in said and "demo" in said
+
+
+SDK_LOAD = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class PlatformOnly(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {platform_only!r}:
+                raise ModuleNotFoundError(f"{{name}} is not installed here", name=name)
+
+    sys.meta_path.insert(0, PlatformOnly())
+    sys.path.insert(0, {wheel!r})
+    import audit_platform_context as sdk
+    assert sdk.__file__.startswith({wheel!r}), sdk.__file__
+    from audit_platform_context.asgi import AuditContextMiddleware
+    from audit_platform_context.psycopg_hook import AuditedConnection
+    with sdk.audit_context(actor=sdk.Actor(type="user", id="u-1"), reason="refund"):
+        print(sdk.current_context().model_dump_json(exclude_none=True))
+    """
+)
+
+
+def test_a_service_installs_the_context_sdk_without_the_platform(tmp_path):
+    sdk = built_wheel(PROJECT_ROOT / "sdk", tmp_path / "wheel")
+    tops = {Path(name).parts[0] for name in sdk.namelist()}
+    assert {top for top in tops if not top.endswith(".dist-info")} == {"audit_platform_context"}
+    metadata = next(n for n in sdk.namelist() if n.endswith(".dist-info/METADATA"))
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in sdk.read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    assert [r for r in requires if "extra ==" not in r] == ["pydantic<3,>=2.10", "psycopg<4,>=3.2"]
+    sdk.extractall(tmp_path / "site")
+    script = SDK_LOAD.format(
+        platform_only={"audit_platform", "dagster", "elasticsearch", "polars", "fastapi"},
+        wheel=str(tmp_path / "site"),
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert '"reason":"refund"' in loaded.stdout

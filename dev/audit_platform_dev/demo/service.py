@@ -19,9 +19,9 @@ from fastapi import FastAPI, HTTPException
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, Field
 
-from audit_platform.context import Actor, audit_context
-from audit_platform.context.asgi import AuditContextMiddleware
-from audit_platform.context.psycopg_hook import AuditedConnection
+from audit_platform_context import Actor, audit_context
+from audit_platform_context.asgi import AuditContextMiddleware
+from audit_platform_context.psycopg_hook import AuditedConnection
 
 #: The demo's people: support agents and customers, identified by the X-User header.
 PEOPLE = {

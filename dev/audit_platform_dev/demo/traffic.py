@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import httpx
 import psycopg
 
-from audit_platform.context import audit_job
-from audit_platform.context.psycopg_hook import AuditedConnection
+from audit_platform_context import audit_job
+from audit_platform_context.psycopg_hook import AuditedConnection
 
 CUSTOMERS = ["carol", "dave", "erin"]
 AGENTS = ["alice", "bob"]

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import ConfigDict
 
-from audit_platform.context.model import Actor, Job, TransactionContext, merge_fields
+from audit_platform_context.model import Actor, Job, TransactionContext, merge_fields
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -2,8 +2,8 @@
 
 Importable without Dagster or FastAPI. Typical use in a service::
 
-    from audit_platform.context import audit_context, Actor
-    from audit_platform.context.psycopg_hook import connect
+    from audit_platform_context import audit_context, Actor
+    from audit_platform_context.psycopg_hook import connect
 
     conn = connect(DATABASE_URL)
     with audit_context(actor=Actor(type="user", id=user.id), reason="refund"):
@@ -11,7 +11,7 @@ Importable without Dagster or FastAPI. Typical use in a service::
             conn.execute("UPDATE orders SET status = 'refunded' WHERE id = %s", (order_id,))
 """
 
-from audit_platform.context.model import (
+from audit_platform_context.model import (
     MAX_CONTEXT_BYTES,
     Actor,
     ActorType,
@@ -19,7 +19,7 @@ from audit_platform.context.model import (
     TransactionContext,
     merge_fields,
 )
-from audit_platform.context.scope import audit_context, audit_job, current_context
+from audit_platform_context.scope import audit_context, audit_job, current_context
 
 __all__ = [
     "MAX_CONTEXT_BYTES",

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from audit_platform.context.model import Actor
-from audit_platform.context.scope import audit_context
+from audit_platform_context.model import Actor
+from audit_platform_context.scope import audit_context
 
 ActorResolver = Callable[[dict[str, Any]], Actor | dict | Awaitable[Actor | dict | None] | None]
 

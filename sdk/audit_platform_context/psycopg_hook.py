@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import errors, generators, pq, sql
 
-from audit_platform.context.scope import current_context
+from audit_platform_context.scope import current_context
 
 if TYPE_CHECKING:
     from psycopg.abc import PQGen, QueryNoTemplate

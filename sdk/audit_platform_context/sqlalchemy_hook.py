@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from audit_platform.context.psycopg_hook import AuditedConnection
-from audit_platform.context.scope import current_context
+from audit_platform_context.psycopg_hook import AuditedConnection
+from audit_platform_context.scope import current_context
 
 SET_CONTEXT = "SELECT audit.set_context_if_writing(%s::jsonb)"
 
