@@ -61,7 +61,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	@! grep -rn --include='*.py' -e 'fmt: skip' -e 'fmt: off' audit_platform audit_platform_tests benchmarks docs \
+	@! grep -rn --include='*.py' -e 'fmt: skip' -e 'fmt: off' audit_platform audit_platform_tests benchmarks docs dev sdk \
 	  || { echo "ruff format owns layout: remove the formatter suppressions above"; exit 1; }
 
 format: install

@@ -286,7 +286,15 @@ def es_setup(env: EnvOption = None) -> None:
     if settings.es_file_realm is not None:
         # The local stack's node (AUDIT_ES_FILE_REALM is set by the stack): its native realm
         # cannot store users, so they go to its file realm, through the development package.
-        from audit_platform_dev.stack import StackError, setup_es_accounts
+        try:
+            from audit_platform_dev.stack import StackError, setup_es_accounts
+        except ModuleNotFoundError as exc:
+            raise _fail(
+                ValueError(
+                    "AUDIT_ES_FILE_REALM names the local stack's node, which this install "
+                    "cannot reach: unset it to create the accounts through the security API"
+                )
+            ) from exc
 
         try:
             accounts, where = setup_es_accounts(settings, settings.env)
@@ -413,8 +421,9 @@ def api_serve(
 
 try:  # the local stack and the demo, where the development package is installed
     from audit_platform_dev.cli import register
-except ImportError:  # a production install: neither exists there
-    pass
+except ModuleNotFoundError as missing:
+    if missing.name != "audit_platform_dev":  # installed but broken: say so, do not hide it
+        raise
 else:
     register(app)
 

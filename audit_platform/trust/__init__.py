@@ -1,1 +1,2 @@
-"""The trail made verifiable: a Merkle log per source, signed checkpoints, proofs, verify."""
+"""The trail made verifiable: a Merkle log per source, signed checkpoints and proofs (the
+end-to-end check of records against it is ``audit_platform.verify``)."""

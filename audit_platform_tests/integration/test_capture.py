@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import polars as pl
 import psycopg
@@ -12,6 +11,7 @@ import pytest
 
 from audit_platform.capture.stream import SlotBusy, SlotStream
 from audit_platform.faults import LOCAL_ONLY_POINTS, POINTS, SimulatedCrash, armed
+from audit_platform.settings import PROJECT_ROOT
 from audit_platform_tests.capture_support import images, make_source
 from audit_platform_tests.helpers import ON_BOTH_STORES, ZOO_DDL, ZOO_ROW, policy_for
 
@@ -246,7 +246,7 @@ def test_capture_killed_mid_run_then_rerun_stages_each_change_once(zoo):
     )
     zoo.execute("UPDATE zoo SET i8 = id WHERE id % 2 = 0")
     process = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, zoo.url, zoo.store.root], cwd=str(Path.cwd())
+        [sys.executable, "-c", KILL_SCRIPT, zoo.url, zoo.store.root], cwd=str(PROJECT_ROOT)
     )
     deadline = time.monotonic() + 60
     while not zoo.store.files("changes") and time.monotonic() < deadline:

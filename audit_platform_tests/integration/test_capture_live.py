@@ -13,7 +13,6 @@ import time
 import uuid
 from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import timedelta
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -34,7 +33,7 @@ from audit_platform.live import (
     shard_of,
 )
 from audit_platform.naming import publication_name, read_alias, slot_name
-from audit_platform.settings import Settings
+from audit_platform.settings import PROJECT_ROOT, Settings
 from audit_platform.signing import new_private_key, private_key
 from audit_platform.verify import Window, verify_source
 from audit_platform_tests.capture_support import MASK_KEY, CaptureSource, make_source
@@ -483,7 +482,7 @@ def test_a_run_killed_mid_batch_is_resumed_by_the_next_nothing_lost_nothing_twic
         with _writing(urls):
             process = subprocess.Popen(
                 [sys.executable, "-c", LIVE_SCRIPT, env, root, state_url, *pairs],
-                cwd=str(Path.cwd()),
+                cwd=str(PROJECT_ROOT),
             )
             # Every source has staged and indexed batches, and goes on doing so: kill it there.
             _wait_for(

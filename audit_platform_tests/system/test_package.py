@@ -27,8 +27,13 @@ DEV_ONLY = [
     "docker",
     "playwright",
     "pytest",
+    "pytest_timeout",
     "hypothesis",
     "schemathesis",
+    "mypy",
+    "importlinter",
+    "kubernetes_validate",
+    "ruff",
 ]
 LOAD = textwrap.dedent(
     """
@@ -39,10 +44,13 @@ LOAD = textwrap.dedent(
             if name.split(".")[0] in {dev_only!r}:
                 raise ModuleNotFoundError(f"{{name}} is not installed here", name=name)
 
+    # Not the checkout's editable installs: only the wheel's files, and the dependencies.
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in type(f).__module__]
     sys.meta_path.insert(0, DevOnly())
     sys.path.insert(0, {wheel!r})
-    import audit_platform
-    assert audit_platform.__file__.startswith({wheel!r}), audit_platform.__file__
+    import audit_platform, audit_platform_context
+    for module in (audit_platform, audit_platform_context):
+        assert module.__file__.startswith({wheel!r}), module.__file__
     from audit_platform.api.main import create_app
     create_app()
     import audit_platform.defs
@@ -80,7 +88,8 @@ def test_the_api_and_the_code_location_load_without_development_modules(wheel, t
     wheel.extractall(tmp_path / "site")
     script = LOAD.format(dev_only=set(DEV_ONLY), wheel=str(tmp_path / "site"))
     loaded = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-I", "-c", script],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
@@ -110,6 +119,7 @@ SDK_LOAD = textwrap.dedent(
             if name.split(".")[0] in {platform_only!r}:
                 raise ModuleNotFoundError(f"{{name}} is not installed here", name=name)
 
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in type(f).__module__]
     sys.meta_path.insert(0, PlatformOnly())
     sys.path.insert(0, {wheel!r})
     import audit_platform_context as sdk
@@ -139,7 +149,11 @@ def test_a_service_installs_the_context_sdk_without_the_platform(tmp_path):
         wheel=str(tmp_path / "site"),
     )
     loaded = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        [sys.executable, "-I", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert loaded.returncode == 0, loaded.stderr
     assert '"reason":"refund"' in loaded.stdout

@@ -64,6 +64,19 @@ def changes(batch: ChangeBatch) -> list[dict]:
     ]
 
 
+def contexts(batch: ChangeBatch) -> list[tuple]:
+    return list(
+        zip(
+            batch.ctx_lsn,
+            batch.ctx_xid,
+            batch.ctx_seq,
+            batch.ctx_kind,
+            batch.ctx_context,
+            strict=True,
+        )
+    )
+
+
 def commits() -> list[tuple[int, int]]:
     """(commit LSN, end LSN) of each Commit message, read here from the protocol's layout."""
     return [struct.unpack_from("!QQ", m, 2) for m in MESSAGES if m[:1] == b"C"]
@@ -154,7 +167,8 @@ def test_positions_are_the_commits_postgresql_wrote():
 def test_a_batch_cut_anywhere_loses_and_repeats_nothing(cut):
     """The stream is read in batches: an unfinished transaction at a batch's end is left out,
     and the next batch starts again at its Begin (the slot was confirmed to the last commit)."""
-    whole = changes(decoder().decode(MESSAGES, ChangeBatch()))
+    once = decoder().decode(MESSAGES, ChangeBatch())
+    whole = changes(once)
     reader = decoder()
     first = reader.decode(MESSAGES[:cut], ChangeBatch())
     last_commit = max((i for i in range(cut) if MESSAGES[i][:1] == b"C"), default=-1)
@@ -162,3 +176,5 @@ def test_a_batch_cut_anywhere_loses_and_repeats_nothing(cut):
     restart = next(begins, len(MESSAGES))
     rest = reader.decode(MESSAGES[restart:], ChangeBatch())
     assert changes(first) + changes(rest) == whole
+    assert contexts(first) + contexts(rest) == contexts(once)
+    assert first.transactions + rest.transactions == once.transactions
