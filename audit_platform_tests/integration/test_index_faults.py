@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -16,7 +18,7 @@ from audit_platform.naming import read_alias
 from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import ElasticsearchConnection, Settings
 from audit_platform_dev.stack.elasticsearch import LocalElasticsearch
-from audit_platform_dev.stack.system import free_port
+from audit_platform_dev.stack.system import free_port, pid_alive
 
 T0 = datetime(2026, 11, 26, 10, tzinfo=UTC)
 
@@ -78,7 +80,11 @@ def test_elasticsearch_stopped_during_indexing_then_retried_indexes_each_documen
         worker = threading.Thread(target=index)
         worker.start()
         time.sleep(1.5)
-        node.down()  # in the middle of the bulk requests
+        # In the middle of the bulk requests, at once: a graceful stop lets the node finish
+        # what it was sent for seconds, long enough on a fast machine for all of it.
+        os.kill(record.pid, signal.SIGKILL)
+        while pid_alive(record.pid):
+            time.sleep(0.05)
         worker.join(timeout=120)
         assert "error" in outcome, "indexing finished before Elasticsearch stopped; use more"
 
