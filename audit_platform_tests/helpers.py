@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from audit_platform.policy import SourcePolicy, TablePolicy
+from audit_platform.settings import Settings
 
 #: Lines a test wants in the session summary (the fault matrix's recovery times); conftest
 #: prints them. Here, not in conftest: pytest may import conftest under another module name.
@@ -99,7 +100,6 @@ class DecodedRow:
 
 def context_source(url: str, ddl: str, slot: str) -> str:
     """A database with the audit schema, ``ddl`` applied, and a test_decoding slot to read."""
-    from audit_platform.settings import Settings
     from audit_platform.sources.setup import apply_migrations
 
     with psycopg.connect(url, autocommit=True) as conn:
@@ -248,8 +248,6 @@ def environment_resources(
 ) -> Path:
     """A copy of the repository's resources with an environment file for ``env``: the command
     line refuses an environment it has no file for (a mistyped ``--env``)."""
-    from audit_platform.settings import Settings
-
     resources = tmp_path / "resources"
     shutil.copytree(Settings().resources_dir, resources)
     (resources / "environments" / f"{env}.yaml").write_text(environment_yaml)

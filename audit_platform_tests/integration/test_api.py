@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import logging
-import shutil
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,7 +28,7 @@ from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
-from audit_platform_tests.helpers import policy_for
+from audit_platform_tests.helpers import environment_resources, policy_for
 from audit_platform_tests.shop_data import (
     ADA,
     CHECKOUT_ORDERS,
@@ -520,11 +519,11 @@ def test_a_key_limited_to_tables_gets_the_gaps_of_the_sources_holding_them(serve
     """A gap covers every table of its source; a key of tables (any source) is told of the
     sources whose policy captures one of its tables, and never of the others."""
     env = f"gaps_{uuid.uuid4().hex[:8]}"  # its own gaps, whatever other tests record
-    resources = tmp_path / "resources"
-    shutil.copytree(Settings().resources_dir, resources)
-    (resources / "environments" / f"{env}.yaml").write_text(
+    resources = environment_resources(
+        tmp_path,
+        env,
         "sources:\n  shop:\n    url_env: AUDIT_SOURCE_SHOP_URL\n"
-        "  billing:\n    url_env: AUDIT_SOURCE_BILLING_URL\n"
+        "  billing:\n    url_env: AUDIT_SOURCE_BILLING_URL\n",
     )
     (resources / "sources" / "shop.yaml").write_text(
         "source: shop\nversion: 1\ntables:\n  public.customers: {}\n  public.orders: {}\n"
@@ -626,10 +625,8 @@ def test_a_bad_query_is_a_422_that_points_at_the_term(shop, api_a, params, field
 
 
 def test_an_excluded_column_cannot_be_filtered_by_value(shop, tmp_path):
-    resources = tmp_path / "resources"
-    shutil.copytree(Settings().resources_dir, resources)
-    (resources / "environments" / f"{shop.env}.yaml").write_text(
-        "sources:\n  shop:\n    url_env: AUDIT_SOURCE_SHOP_URL\n"
+    resources = environment_resources(
+        tmp_path, shop.env, "sources:\n  shop:\n    url_env: AUDIT_SOURCE_SHOP_URL\n"
     )
     (resources / "sources" / "shop.yaml").write_text(
         "source: shop\nversion: 1\ntables:\n  public.customers:\n    exclude: [name]\n"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,13 +24,13 @@ from fastapi.testclient import TestClient
 
 from audit_platform.api_keys import create_key
 from audit_platform.defs.partitions import hour_key
-from audit_platform.settings import Settings
 from audit_platform_dev.demo.run import prepare_shop
 from audit_platform_dev.demo.service import create_shop_app
 from audit_platform_dev.demo.traffic import Traffic
 from audit_platform_dev.stack.deployment import LocalDeployment
 from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.conftest import new_database
+from audit_platform_tests.helpers import environment_resources
 
 TABLES = ("customers", "orders", "order_lines", "payments")
 
@@ -56,10 +55,10 @@ query ($id: String!) {
 def deployment(servers, es, tmp_path_factory) -> Iterator[tuple[LocalDeployment, str, str]]:
     env = f"e2e_{uuid.uuid4().hex[:8]}"
     root = tmp_path_factory.mktemp("e2e")
-    resources = root / "resources"
-    shutil.copytree(Settings().resources_dir, resources)
     # This environment captures the shop every 5 seconds, and releases orphans at once.
-    (resources / "environments" / f"{env}.yaml").write_text(
+    resources = environment_resources(
+        root,
+        env,
         yaml.safe_dump(
             {
                 "sources": {"shop": {"url_env": "AUDIT_SOURCE_SHOP_URL"}},
@@ -67,7 +66,7 @@ def deployment(servers, es, tmp_path_factory) -> Iterator[tuple[LocalDeployment,
                 "enrich_grace_minutes": 0,
                 "retention_days": 7,
             }
-        )
+        ),
     )
     exports = {k: v for k, v in os.environ.items() if k.startswith("AUDIT_")}
     with new_database(servers) as admin_db:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,13 +38,13 @@ import yaml
 
 from audit_platform.api_keys import create_key
 from audit_platform.naming import slot_name
-from audit_platform.settings import Settings
 from audit_platform_dev.demo.run import prepare_shop
 from audit_platform_dev.stack import elasticsearch, postgres
 from audit_platform_dev.stack.deployment import LocalDeployment
 from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.helpers import (
     SUMMARY,
+    environment_resources,
     ground_truth,
     ground_truth_ddl,
     processes_with_environ,
@@ -181,11 +180,11 @@ def matrix(tmp_path_factory) -> Iterator[Matrix]:
         es_record, _ = es.up()
         exports = {**pg_record.env, **es_record.env}
         env = f"faults_{uuid.uuid4().hex[:6]}"
-        resources = root / "resources"
-        shutil.copytree(Settings().resources_dir, resources)
         # The live run reports every 5 s and is presumed dead after 20 s without; step retries
         # (backfill, reconciliation) short enough that a 40 s outage outlasts them.
-        (resources / "environments" / f"{env}.yaml").write_text(
+        resources = environment_resources(
+            root,
+            env,
             yaml.safe_dump(
                 {
                     "sources": {"shop": {"url_env": "AUDIT_SOURCE_SHOP_URL"}},
@@ -195,7 +194,7 @@ def matrix(tmp_path_factory) -> Iterator[Matrix]:
                     "step_retries": 2,
                     "step_retry_delay_seconds": 2,
                 }
-            )
+            ),
         )
         shop_url = prepare_shop(exports["AUDIT_PG_URL"], env, resources)
         with psycopg.connect(shop_url, autocommit=True) as conn:

@@ -35,19 +35,24 @@ DEV_ONLY = [
     "kubernetes_validate",
     "ruff",
 ]
-LOAD = textwrap.dedent(
+#: The start of a script run in a fresh interpreter: the modules named ``refused`` cannot be
+#: imported, nor the checkout's editable installs; the wheel's files come first on the path.
+ONLY_THE_WHEEL = textwrap.dedent(
     """
     import importlib.abc, sys
 
-    class DevOnly(importlib.abc.MetaPathFinder):
+    class Refused(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {dev_only!r}:
+            if name.split(".")[0] in {refused!r}:
                 raise ModuleNotFoundError(f"{{name}} is not installed here", name=name)
 
-    # Not the checkout's editable installs: only the wheel's files, and the dependencies.
     sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in type(f).__module__]
-    sys.meta_path.insert(0, DevOnly())
+    sys.meta_path.insert(0, Refused())
     sys.path.insert(0, {wheel!r})
+    """
+)
+LOAD = ONLY_THE_WHEEL + textwrap.dedent(
+    """
     import audit_platform, audit_platform_context
     for module in (audit_platform, audit_platform_context):
         assert module.__file__.startswith({wheel!r}), module.__file__
@@ -86,7 +91,7 @@ def test_the_wheel_holds_the_platform_and_nothing_else(wheel):
 
 def test_the_api_and_the_code_location_load_without_development_modules(wheel, tmp_path):
     wheel.extractall(tmp_path / "site")
-    script = LOAD.format(dev_only=set(DEV_ONLY), wheel=str(tmp_path / "site"))
+    script = LOAD.format(refused=set(DEV_ONLY), wheel=str(tmp_path / "site"))
     loaded = subprocess.run(
         [sys.executable, "-I", "-c", script],
         cwd=tmp_path,
@@ -110,18 +115,8 @@ def test_a_development_install_adds_the_stack_and_the_demo_to_the_command_line()
     assert "stack" in said and "demo" in said
 
 
-SDK_LOAD = textwrap.dedent(
+SDK_LOAD = ONLY_THE_WHEEL + textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class PlatformOnly(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {platform_only!r}:
-                raise ModuleNotFoundError(f"{{name}} is not installed here", name=name)
-
-    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in type(f).__module__]
-    sys.meta_path.insert(0, PlatformOnly())
-    sys.path.insert(0, {wheel!r})
     import audit_platform_context as sdk
     assert sdk.__file__.startswith({wheel!r}), sdk.__file__
     from audit_platform_context.asgi import AuditContextMiddleware
@@ -145,7 +140,7 @@ def test_a_service_installs_the_context_sdk_without_the_platform(tmp_path):
     assert [r for r in requires if "extra ==" not in r] == ["pydantic<3,>=2.10", "psycopg<4,>=3.2"]
     sdk.extractall(tmp_path / "site")
     script = SDK_LOAD.format(
-        platform_only={"audit_platform", "dagster", "elasticsearch", "polars", "fastapi"},
+        refused={"audit_platform", "dagster", "elasticsearch", "polars", "fastapi"},
         wheel=str(tmp_path / "site"),
     )
     loaded = subprocess.run(
