@@ -11,6 +11,7 @@ from typing import Annotated
 
 import psycopg
 import typer
+from pydantic import ValidationError
 
 from audit_platform import platform_db
 from audit_platform.api_keys import (
@@ -69,7 +70,13 @@ def _settings(env: str | None) -> Settings:
     """The settings every command runs with: ``--env`` over ``AUDIT_ENV``, and an environment
     that exists. An environment without a file captures nothing, so a mistyped name would
     otherwise create keys, holds or an empty verification for nobody."""
-    settings = Settings() if env is None else Settings(env=env)
+    try:
+        settings = Settings() if env is None else Settings(env=env)
+    except ValidationError as exc:  # a setting refused: its own message, not a traceback
+        problems = "; ".join(
+            str(error["msg"]).removeprefix("Value error, ") for error in exc.errors()
+        )
+        raise typer.BadParameter(problems, param_hint="--env / AUDIT_*") from None
     known = sorted(path.stem for path in (settings.resources_dir / "environments").glob("*.yaml"))
     if settings.env not in known:
         raise typer.BadParameter(

@@ -71,6 +71,17 @@ def test_an_unknown_environment_on_the_command_line_names_the_known_ones(monkeyp
     assert f"unknown environment 'prdo'; known: {', '.join(known)}" in said
 
 
+def test_an_invalid_environment_name_on_the_command_line_is_an_error_not_a_traceback():
+    from typer.testing import CliRunner
+
+    from audit_platform.cli import app
+
+    refused = CliRunner().invoke(app, ["hold", "list", "--env", "Prod;x"])
+    assert refused.exit_code == 2, refused.output
+    said = " ".join(refused.output.replace("│", " ").split())
+    assert "environment name 'Prod;x' is not valid" in said
+
+
 def test_command_line_tracebacks_never_show_local_variables():
     """A failing command's traceback would otherwise print its locals: settings with their
     passwords and keys among them."""
