@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass, field, replace
@@ -101,21 +102,79 @@ class LiveSettings:
     backoff_max_seconds: float = 10.0
 
 
+class Lane:
+    """A number of slots handed out first come, first served.
+
+    A waiter keeps its place while it waits, and calls ``keepalive`` every ``every`` seconds
+    meanwhile (a worker's stream must tell the server it is alive). A freed slot goes straight
+    to the oldest waiter, so a worker that has waited longest is served next: a semaphore
+    polled with a timeout would send it to the back of the queue at each timeout, behind
+    workers that came later, and the sources it serves would fall furthest behind (their
+    freshness tail, docs/design.md "The capture run").
+    """
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"a lane needs at least one slot, not {slots}")
+        self._lock = threading.Lock()
+        self._free = slots
+        self._waiting: deque[threading.Event] = deque()
+
+    @contextmanager
+    def held(
+        self, keepalive: Callable[[], None] | None = None, every: float = 1.0
+    ) -> Iterator[None]:
+        with self._lock:
+            turn: threading.Event | None = None
+            if self._free and not self._waiting:
+                self._free -= 1
+            else:
+                turn = threading.Event()
+                self._waiting.append(turn)
+        if turn is not None:
+            try:
+                while not turn.wait(every):
+                    if keepalive is not None:
+                        keepalive()
+            except BaseException:
+                with self._lock:
+                    if turn.is_set():  # handed over meanwhile: pass it on
+                        self._release()
+                    else:
+                        self._waiting.remove(turn)
+                raise
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._release()
+
+    def _release(self) -> None:
+        """Hand the slot to the oldest waiter, or free it; the caller holds ``_lock``."""
+        if self._waiting:
+            self._waiting.popleft().set()
+        else:
+            self._free += 1
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+
 class Lanes:
     """How many of a run's workers may stage at once, and how many may enrich and index.
 
     The workers are threads of one interpreter. When fifty compute at once, each waits for the
-    interpreter lock after every read and write it makes (a convoy: in the fleet benchmark a
-    Dagster event took a second to write, and slots fell a minute behind on two cores that
-    were busy switching). A worker waits for a lane in a blocking call instead, and what its
-    source sends meanwhile waits in the socket and makes its next batch larger. Staging and
-    the downstream step have lanes of their own, so Elasticsearch being slow does not stop
-    slots from being read and confirmed.
+    interpreter lock after every read and write it makes (a convoy: Dagster's events and the
+    slots' reads fall behind on two cores that are busy switching). A worker waits for a lane
+    instead, and what its source sends meanwhile waits in the socket and makes its next batch
+    larger. Staging and the downstream step have lanes of their own, so Elasticsearch being
+    slow does not stop slots from being read and confirmed.
     """
 
     def __init__(self, staging: int = 2, downstream: int = 2) -> None:
-        self.staging = threading.BoundedSemaphore(staging)
-        self.downstream = threading.BoundedSemaphore(downstream)
+        self.staging = Lane(staging)
+        self.downstream = Lane(downstream)
 
 
 class FlushPacer:
@@ -372,16 +431,9 @@ class SourceWorker:
                 self._checkpoint()
                 checkpointed_at = now
 
-    @contextmanager
-    def _lane(self, lane: threading.BoundedSemaphore, stream: SlotStream | None) -> Iterator[None]:
+    def _lane(self, lane: Lane, stream: SlotStream | None) -> AbstractContextManager[None]:
         """Hold ``lane``; while waiting for it, keep the stream alive (``SlotStream.keepalive``)."""
-        while not lane.acquire(timeout=1.0):
-            if stream is not None:
-                stream.keepalive()
-        try:
-            yield
-        finally:
-            lane.release()
+        return lane.held(stream.keepalive if stream is not None else None)
 
     def _downstream(
         self, client, policy, database: str, *, resolve: bool, stream: SlotStream | None = None

@@ -296,7 +296,7 @@ def test_a_worker_waiting_for_a_lane_keeps_its_stream(
     worker = _worker(source, es, state_url, report, lanes=lanes)
     with _running(Supervisor(lambda: {"shop": worker}, lifetime=timedelta(minutes=5))):
         _wait_for(lambda: worker.status.state == "live", 30, "the worker is live")
-        with lanes.staging:  # another worker's long batch
+        with lanes.staging.held():  # another worker's long batch
             _write(source.url, 1, rows=1)
             time.sleep(16)
         _wait_for(lambda: len(_indexed(es, env, "shop")) == 1, 30, "the change is searchable")
