@@ -4,17 +4,135 @@ Field names follow the Elastic Common Schema where ECS has the field (``@timesta
 ``event.action``, ``user.id``, ``user.name``, ``service.name``, ``trace.id``, ``client.ip``), so
 Kibana and SIEM tools read the index without mapping work; the rest lives under ``audit``-
 specific names documented here.
+
+Each field says, beside its type, the records column it is staged in (:class:`Column`: name,
+Parquet type, and the key the trail's ``change`` leaf commits it under) and, where its Python
+type does not decide it, its Elasticsearch mapping (:class:`Mapped`). From this one declaration
+come the records' Parquet schema (:data:`RECORD_SCHEMA`), the index mapping
+(:func:`mapping_properties`), the documents' plain fields (``index.documents``) and the export
+columns (:func:`model_leaves`); tests hold the trail's leaves to it (docs/design.md, "The
+record"). Adding a field is its line here, the code that computes it, and its tests.
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
-from typing import Any, Union, get_args, get_origin
+from enum import Enum, StrEnum
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
+
+from audit_platform_context.model import TransactionContext
+
+
+@dataclass(frozen=True)
+class Column:
+    """The records column (``records/`` Parquet) a field is staged in, and its type there.
+
+    ``leaf``: the key under which the trail's ``change`` leaf commits the column
+    (``trust.leaves``), or None where the trail does not commit it as a change's fact (the
+    attribution, which a late context changes; the context, which has leaves of its own)."""
+
+    name: str
+    dtype: pl.DataType
+    leaf: str | None = None
+
+    @staticmethod
+    def of(info: FieldInfo) -> Column | None:
+        return _marker(info, Column)
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """A field's Elasticsearch mapping, where its Python type does not decide it."""
+
+    mapping: dict[str, Any]
+
+
+_M = TypeVar("_M")
+INTEGER = Mapped({"type": "integer"})
+NANOS = Mapped({"type": "date_nanos"})
+#: A row image: its columns are searchable by value without a mapping per column.
+IMAGE = Mapped({"type": "flattened", "ignore_above": 4096})
+#: By Python type, where a field says nothing (``Mapped``); a list maps as its items.
+_BY_TYPE: dict[type, dict[str, Any]] = {
+    str: {"type": "keyword"},
+    bool: {"type": "boolean"},
+    int: {"type": "long"},
+    float: {"type": "float"},
+    datetime: {"type": "date"},
+}
+
+
+def model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model inside ``Model`` or ``Model | None``, if any."""
+    candidates = (
+        get_args(annotation)
+        if get_origin(annotation) in (Union, types.UnionType)
+        else (annotation,)
+    )
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _properties(model: type[BaseModel], overrides: dict[str, Mapped] | None = None) -> dict:
+    """The mapping properties of a model's fields (by alias), nested models as objects."""
+    found: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        given = (overrides or {}).get(key) or _marker(info, Mapped)
+        nested = model_in(info.annotation)
+        if given is not None:
+            found[key] = dict(given.mapping)
+        elif nested is not None:
+            found[key] = {"properties": _properties(nested)}
+        else:
+            found[key] = _mapping_by_type(info.annotation, f"{model.__name__}.{name}")
+    return found
+
+
+def _mapping_by_type(annotation: Any, where: str) -> dict[str, Any]:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, types.UnionType) and len(args) == 1:
+        return _mapping_by_type(args[0], where)
+    if get_origin(annotation) is list:
+        return _mapping_by_type(args[0], where)
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return {"type": "keyword"}
+    for python_type, mapping in _BY_TYPE.items():
+        if annotation is python_type:
+            return dict(mapping)
+    raise TypeError(f"{where}: no Elasticsearch mapping for {annotation!r}; declare it (Mapped)")
+
+
+def _marker(info: FieldInfo, kind: type[_M]) -> _M | None:
+    return next((m for m in info.metadata if isinstance(m, kind)), None)
+
+
+#: The context as services record it (``TransactionContext``): searchable by each field.
+CONTEXT = Mapped(
+    {
+        "properties": _properties(
+            TransactionContext,
+            {
+                "reason": Mapped(
+                    {
+                        "type": "text",
+                        "fields": {"keyword": {"type": "keyword", "ignore_above": 1024}},
+                    }
+                ),
+                "attributes": Mapped({"type": "flattened"}),
+            },
+        )
+    }
+)
 
 
 class Operation(StrEnum):
@@ -39,33 +157,47 @@ class _Model(BaseModel):
 
 
 class Source(_Model):
-    service: str = Field(description="The source's name in this platform (its policy file).")
+    service: Annotated[str, Column("source", pl.String(), leaf="source")] = Field(
+        description="The source's name in this platform (its policy file)."
+    )
     database: str
+    server_version: Annotated[int | None, Column("server_version", pl.Int32()), INTEGER] = Field(
+        default=None,
+        description="The source's PostgreSQL version (server_version_num, for example 150010) "
+        "when capture read the change: what wrote the row images, across a major upgrade "
+        "(absent on changes staged before template version 5).",
+    )
 
 
 class Table(_Model):
-    schema_: str = Field(alias="schema")
-    name: str
+    schema_: Annotated[str, Column("schema", pl.String(), leaf="schema")] = Field(alias="schema")
+    name: Annotated[str, Column("table", pl.String(), leaf="table")]
 
 
 class Attribution(_Model):
-    status: AttributionStatus
-    lag_seconds: float | None = Field(
+    status: Annotated[AttributionStatus, Column("attribution_status", pl.String())]
+    lag_seconds: Annotated[float | None, Column("attribution_lag_seconds", pl.Float64())] = Field(
         default=None, description="Commit of the change to commit of its late context."
     )
 
 
 class Transaction(_Model):
-    xid: int
+    xid: Annotated[int, Column("xid", pl.Int64(), leaf="xid")]
     commit_lsn: str = Field(description="Commit LSN as PostgreSQL prints it (X/X).")
-    lsn: int = Field(description="The same LSN as a number: the order of commits in a source.")
-    change_index: int
-    changes: int | None = Field(
+    lsn: Annotated[int, Column("lsn", pl.Int64(), leaf="commit_lsn")] = Field(
+        description="The same LSN as a number: the order of commits in a source."
+    )
+    change_index: Annotated[int, Column("change_index", pl.Int32(), leaf="index"), INTEGER]
+    changes: Annotated[
+        int | None, Column("txn_changes", pl.Int32(), leaf="txn_changes"), INTEGER
+    ] = Field(
         default=None,
         description="Changes capture staged for this transaction (absent on "
         "records indexed before template version 4).",
     )
-    ignored: int | None = Field(
+    ignored: Annotated[
+        int | None, Column("txn_ignored", pl.Int32(), leaf="txn_ignored"), INTEGER
+    ] = Field(
         default=None,
         description="Of those, how many the policy's ignore_changes_to dropped "
         "(no record is expected for them).",
@@ -93,7 +225,7 @@ class TraceField(_Model):
 
 
 class Client(_Model):
-    ip: str | None = None
+    ip: Annotated[str | None, Mapped({"type": "ip", "ignore_malformed": True})] = None
 
 
 ECS_EVENT_TYPE = {
@@ -105,10 +237,14 @@ ECS_EVENT_TYPE = {
 
 
 class RowShape(_Model):
-    key: list[str] = Field(
+    key: Annotated[list[str], Column("key_columns", pl.String(), leaf="key")] = Field(
         description="Columns that identify the row: its primary key, or the key its policy names."
     )
-    types: dict[str, str] = Field(
+    types: Annotated[
+        dict[str, str],
+        Column("column_types", pl.String(), leaf="types"),
+        Mapped({"type": "object", "enabled": False}),
+    ] = Field(
         description="Each captured column's PostgreSQL type, as format_type prints it "
         "(what a revert plan casts its literals to)."
     )
@@ -117,22 +253,30 @@ class RowShape(_Model):
 class AuditRecord(_Model):
     """One row change, with who, what, where, when and why."""
 
-    id: str = Field(description="Deterministic: env, source, commit LSN, change index.")
-    timestamp: datetime = Field(alias="@timestamp", description="Commit time (UTC).")
-    env: str
+    id: Annotated[str, Column("id", pl.String(), leaf="id")] = Field(
+        description="Deterministic: env, source, commit LSN, change index."
+    )
+    timestamp: Annotated[
+        datetime, Column("commit_time", pl.Datetime("us", "UTC"), leaf="time"), NANOS
+    ] = Field(alias="@timestamp", description="Commit time (UTC).")
+    env: Annotated[str, Column("env", pl.String(), leaf="env")]
     source: Source
     table: Table
-    operation: Operation
+    operation: Annotated[Operation, Column("operation", pl.String(), leaf="op")]
     event: Event
-    object_id: str | None = Field(
+    object_id: Annotated[str | None, Column("object_id", pl.String(), leaf="object_id")] = Field(
         description="Primary key as text; composite keys joined with ',' (',' and '\\' in a "
         "value are escaped with '\\'). None for a truncate."
     )
-    changed_columns: list[str]
-    before: dict[str, Any] | None
-    after: dict[str, Any] | None
-    values_text: str = Field(description="The row's values as free text, for full-text search.")
-    context: dict[str, Any] | None
+    changed_columns: Annotated[
+        list[str], Column("changed_columns", pl.String(), leaf="changed")
+    ]  # staged as a JSON array
+    before: Annotated[dict[str, Any] | None, Column("before", pl.String(), leaf="before"), IMAGE]
+    after: Annotated[dict[str, Any] | None, Column("after", pl.String(), leaf="after"), IMAGE]
+    values_text: Annotated[str, Mapped({"type": "text"})] = Field(
+        description="The row's values as free text, for full-text search."
+    )
+    context: Annotated[dict[str, Any] | None, Column("context", pl.String()), CONTEXT]
     user: User
     service: ServiceField
     trace: TraceField
@@ -144,7 +288,7 @@ class AuditRecord(_Model):
         description="The row's key and column types; absent on records indexed "
         "before template version 3.",
     )
-    policy_version: str
+    policy_version: Annotated[str, Column("policy_version", pl.String(), leaf="policy")]
     ingested_at: datetime
 
     def document(self) -> dict[str, Any]:
@@ -181,35 +325,52 @@ def record_id(env: str, source: str, commit_lsn: int, change_index: int) -> str:
     return f"{env}:{source}:{commit_lsn:016X}:{change_index}"
 
 
+def mapping_properties() -> dict[str, Any]:
+    """The index mapping's properties: every document field (``id`` is the ``_id``)."""
+    properties = _properties(AuditRecord)
+    del properties["id"]
+    return properties
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One field of the record, by its dotted name, with what is declared of it."""
+
+    name: str
+    info: FieldInfo
+    #: Absent from records files written before it existed (it, or a model it is in, has a
+    #: default of None): read as null there.
+    optional: bool
+
+    @property
+    def column(self) -> Column | None:
+        return Column.of(self.info)
+
+
+def record_fields(model: type[BaseModel] = BaseModel, prefix: str = "") -> Iterator[Leaf]:
+    """Every leaf field of :class:`AuditRecord` (nested models expanded), in declaration order."""
+    model = AuditRecord if model is BaseModel else model
+    for name, info in model.model_fields.items():
+        key = prefix + (info.alias or name)
+        nested = model_in(info.annotation)
+        if nested is not None:
+            for leaf in record_fields(nested, key + "."):
+                optional = leaf.optional or (info.default is None and not info.is_required())
+                yield Leaf(leaf.name, leaf.info, optional)
+        else:
+            yield Leaf(key, info, info.default is None and not info.is_required())
+
+
 #: The record as enrichment stages it (``records/`` Parquet, one row per record): flat columns,
 #: with the row images, the context and the changed columns kept as the JSON text capture wrote,
 #: so indexing splices them into documents without parsing them again
 #: (``index.documents.document_frame`` maps these columns onto :class:`AuditRecord`).
 RECORD_SCHEMA = pl.Schema(
-    {
-        "id": pl.String(),
-        "commit_time": pl.Datetime("us", "UTC"),
-        "env": pl.String(),
-        "source": pl.String(),
-        "schema": pl.String(),
-        "table": pl.String(),
-        "operation": pl.String(),
-        "object_id": pl.String(),
-        "changed_columns": pl.String(),  # JSON array
-        "before": pl.String(),  # JSON object or null
-        "after": pl.String(),
-        "context": pl.String(),
-        "attribution_status": pl.String(),
-        "attribution_lag_seconds": pl.Float64(),
-        "xid": pl.Int64(),
-        "lsn": pl.Int64(),
-        "change_index": pl.Int32(),
-        "key_columns": pl.String(),  # JSON array
-        "column_types": pl.String(),  # JSON object: column -> type
-        "txn_changes": pl.Int32(),  # changes capture staged for the record's transaction
-        "txn_ignored": pl.Int32(),  # of those, dropped by the policy's ignore_changes_to
-        "policy_version": pl.String(),
-    }
+    {leaf.column.name: leaf.column.dtype for leaf in record_fields() if leaf.column is not None}
+)
+#: Columns a records file written by an earlier version may lack (read as null).
+ADDED_COLUMNS = tuple(
+    leaf.column.name for leaf in record_fields() if leaf.column is not None and leaf.optional
 )
 
 
@@ -219,19 +380,6 @@ def model_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
     found: list[str] = []
     for name, info in model.model_fields.items():
         key = prefix + (info.alias or name)
-        nested = _model_in(info.annotation)
+        nested = model_in(info.annotation)
         found.extend(model_leaves(nested, key + ".") if nested else [key])
     return found
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The model inside ``Model`` or ``Model | None``, if any."""
-    candidates = (
-        get_args(annotation)
-        if get_origin(annotation) in (Union, types.UnionType)
-        else (annotation,)
-    )
-    for candidate in candidates:
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None

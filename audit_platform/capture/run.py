@@ -48,7 +48,14 @@ class CaptureResult:
         return sorted({f.hour for f in self.files})
 
 
-def frames(batch: ChangeBatch, *, env: str, source: str, policy_version: str):
+def frames(
+    batch: ChangeBatch,
+    *,
+    env: str,
+    source: str,
+    policy_version: str,
+    server_version: int | None = None,
+):
     """The batch as the two staged datasets, with the columns every record needs."""
     changes = pl.DataFrame(
         {
@@ -86,7 +93,11 @@ def frames(batch: ChangeBatch, *, env: str, source: str, policy_version: str):
         pl.lit(env).alias("env"),
         pl.lit(source).alias("source"),
     ]
-    changes = changes.with_columns(*extra, pl.lit(policy_version).alias("policy_version"))
+    changes = changes.with_columns(
+        *extra,
+        pl.lit(policy_version).alias("policy_version"),
+        pl.lit(server_version, pl.Int32).alias("server_version"),
+    )
     contexts = contexts.with_columns(*extra)
     return changes.drop("commit_time_us"), contexts.drop("commit_time_us")
 
@@ -179,6 +190,7 @@ class _Stager:
             env=self.env,
             source=self.policy.source,
             policy_version=self.policy.policy_version,
+            server_version=self.stream.server_version,
         )
         crash_point("capture.decoded")
         if batch.open_txn_lsn is not None:

@@ -289,6 +289,11 @@ class SlotStream:
     def server_wal_end(self) -> int:
         return self.cursor.wal_end
 
+    @property
+    def server_version(self) -> int:
+        """The source's ``server_version_num``, as the connection reported it (no query)."""
+        return self.conn.server_version
+
     def keepalive(self, every: float = 5.0) -> None:
         """Tell the server this reader is alive, at most every ``every`` seconds: a walsender
         that hears nothing from its reader for ``wal_sender_timeout`` (60 s) drops it, and a

@@ -18,7 +18,13 @@ from typing import Any
 import polars as pl
 
 from audit_platform.policy import SourcePolicy
-from audit_platform.record import RECORD_SCHEMA, Operation, object_id, record_id
+from audit_platform.record import (
+    ADDED_COLUMNS,
+    RECORD_SCHEMA,
+    Operation,
+    object_id,
+    record_id,
+)
 from audit_platform.staging.store import FILE
 from audit_platform_context.model import merge_fields
 
@@ -278,9 +284,13 @@ def _enrich_slice(
         computed["attribution_lag_seconds"].append(lag)
     kept = chunk.filter(pl.Series(keep, dtype=pl.Boolean)).drop("context")
     extra = pl.DataFrame(computed, schema={k: RECORD_SCHEMA[k] for k in computed})
-    return pl.concat([kept, extra], how="horizontal").select(
+    both = pl.concat([kept, extra], how="horizontal")
+    return both.select(
         *(
-            pl.col(name).cast(dtype)
+            # A column staged files gained later (record.ADDED_COLUMNS) is null in older ones.
+            pl.lit(None, dtype).alias(name)
+            if name in ADDED_COLUMNS and name not in both.columns
+            else pl.col(name).cast(dtype)
             for name, dtype in RECORD_SCHEMA.items()
             if name != "txn_ignored"
         ),

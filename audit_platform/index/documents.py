@@ -1,9 +1,10 @@
 """Records as Elasticsearch documents, built columnar: one JSON text per record, no dict per row.
 
-The layout is :class:`AuditRecord`'s (a test holds the two, and the index template, to the same
-fields). Scalar fields are encoded by polars as one nested struct; the row images, the context
-and the lists are already JSON text in the records and are spliced in as they are, so nothing is
-parsed and re-encoded per row on the way to Elasticsearch.
+The layout is :class:`AuditRecord`'s: its fields are the records columns the record declares,
+nested as it nests them, and the few computed here (``_computed``) or spliced as JSON (``_RAW``).
+Scalar fields are encoded by polars as one nested struct; the row images, the context and the
+lists are already JSON text in the records and are spliced in as they are, so nothing is parsed
+and re-encoded per row on the way to Elasticsearch.
 """
 
 from __future__ import annotations
@@ -14,10 +15,18 @@ from datetime import datetime
 from typing import Any
 
 import polars as pl
+from pydantic import BaseModel
 
 from audit_platform.lsn import lsn_text
 from audit_platform.naming import STANDARD_CLASS, index_name
-from audit_platform.record import ECS_EVENT_TYPE, RECORD_SCHEMA, AuditRecord
+from audit_platform.record import (
+    ADDED_COLUMNS,
+    ECS_EVENT_TYPE,
+    RECORD_SCHEMA,
+    AuditRecord,
+    Column,
+    model_in,
+)
 
 #: ``event`` per operation (ECS).
 EVENTS = {
@@ -42,39 +51,53 @@ def _image_values(column: str) -> pl.Expr:
     )
 
 
+#: Fields whose records column is JSON text already: spliced into the document as it is.
+_RAW = {"event", "changed_columns", "before", "after", "context", "row"}
+
+
+def _computed(database: str, ingested_at: datetime) -> dict[str, pl.Expr]:
+    """The fields indexing computes; every other is its records column (``record.Column``)."""
+    return {
+        "@timestamp": pl.col("commit_time").dt.convert_time_zone("UTC").dt.to_string(_ISO_MICROS),
+        "source.database": pl.lit(database),
+        "values_text": pl.concat_list(_image_values("before"), _image_values("after"))
+        .list.eval(pl.element().filter(pl.element() != ""))
+        .list.join(" "),
+        "user.id": _context("actor.id"),
+        "user.name": _context("actor.name"),
+        "service.name": _context("service"),
+        "trace.id": _context("trace_id"),
+        "client.ip": _context("client_addr"),
+        "transaction.commit_lsn": pl.col("commit_lsn"),
+        "ingested_at": pl.lit(ingested_at.isoformat()),
+    }
+
+
+def _fields(model: type[BaseModel], prefix: str, computed: dict[str, pl.Expr]) -> list[pl.Expr]:
+    """The document's fields other than ``_RAW``, nested as the record declares them."""
+    found = []
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        dotted = prefix + key
+        if dotted == "id" or dotted in _RAW:
+            continue
+        nested, column = model_in(info.annotation), Column.of(info)
+        if dotted in computed:
+            expr = computed[dotted]
+        elif nested is not None:
+            expr = pl.struct(_fields(nested, dotted + ".", computed))
+        elif column is not None:
+            expr = pl.col(column.name)
+        else:
+            raise TypeError(f"record field {dotted} has no records column and is not computed")
+        found.append(expr.alias(key))
+    return found
+
+
 def _scalars(database: str, ingested_at: datetime) -> pl.Expr:
     """Every field that is not JSON text already, nested as in the document."""
     return pl.struct(
-        pl.col("commit_time")
-        .dt.convert_time_zone("UTC")
-        .dt.to_string(_ISO_MICROS)
-        .alias("@timestamp"),
-        pl.col("env"),
-        pl.struct(service=pl.col("source"), database=pl.lit(database)).alias("source"),
-        pl.struct(pl.col("schema"), pl.col("table").alias("name")).alias("table"),
-        pl.col("operation"),
-        pl.col("object_id"),
-        pl.concat_list(_image_values("before"), _image_values("after"))
-        .list.eval(pl.element().filter(pl.element() != ""))
-        .list.join(" ")
-        .alias("values_text"),
-        pl.struct(id=_context("actor.id"), name=_context("actor.name")).alias("user"),
-        pl.struct(name=_context("service")).alias("service"),
-        pl.struct(id=_context("trace_id")).alias("trace"),
-        pl.struct(ip=_context("client_addr")).alias("client"),
-        pl.struct(
-            status=pl.col("attribution_status"), lag_seconds=pl.col("attribution_lag_seconds")
-        ).alias("attribution"),
-        pl.struct(
-            xid=pl.col("xid"),
-            commit_lsn=pl.col("commit_lsn"),
-            lsn=pl.col("lsn"),
-            change_index=pl.col("change_index"),
-            changes=pl.col("txn_changes"),
-            ignored=pl.col("txn_ignored"),
-        ).alias("transaction"),
-        pl.col("policy_version"),
-        pl.lit(ingested_at.isoformat()).alias("ingested_at"),
+        _fields(AuditRecord, "", _computed(database, ingested_at))
     ).struct.json_encode()
 
 
@@ -94,7 +117,7 @@ def document_frame(
     # Records files written before these columns were kept lack them.
     records = records.with_columns(
         pl.lit(None, RECORD_SCHEMA[name]).alias(name)
-        for name in ("key_columns", "column_types", "txn_changes", "txn_ignored")
+        for name in ADDED_COLUMNS
         if name not in records.columns
     )
     lsns = records["lsn"].unique()

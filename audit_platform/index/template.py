@@ -1,6 +1,7 @@
-"""The environment's index template: rendered from resources/elasticsearch, installed when it
-is missing or has changed (its hash is kept in ``_meta``), applying to indices created after;
-the fields it adds are added to the environment's existing indices too."""
+"""The environment's index template: its settings from resources/elasticsearch, its mapping
+from the record's declaration (``record.mapping_properties``); installed when it is missing or
+has changed (its hash is kept in ``_meta``), applying to indices created after; the fields it
+adds are added to the environment's existing indices too."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from audit_platform.naming import (
     lifecycle_name,
     template_name,
 )
+from audit_platform.record import mapping_properties
 
 
 def render_template(
@@ -34,6 +36,7 @@ def render_template(
     environment's, because a class's indices are deleted at the class's period."""
     text = (resources_dir / "elasticsearch" / "index-template.json").read_text()
     body = json.loads(text.replace("{env}", env).replace('"{replicas}"', str(replicas)))
+    body["template"]["mappings"]["properties"] = mapping_properties()
     if retention_class is not None:
         body["index_patterns"] = [class_index_pattern(env, retention_class)]
         body["priority"] += 1

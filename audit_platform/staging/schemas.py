@@ -2,7 +2,8 @@
 reads them; neither imports the other).
 
 ``commit_time_us`` is how capture decodes a commit time; staged files hold ``commit_time`` (UTC)
-instead, plus ``env``, ``source`` and, for changes, ``policy_version``.
+instead, plus ``env``, ``source`` and, for changes, ``policy_version`` and ``server_version``
+(the source's ``server_version_num``; files staged before it was kept lack it).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ STAGED_SCHEMAS: dict[str, pl.Schema] = {
             **{k: v for k, v in DECODED_CHANGES.items() if k != "commit_time_us"},
             **_STAGED_EXTRA,
             "policy_version": pl.String(),
+            "server_version": pl.Int32(),
         }
     ),
     "contexts": pl.Schema(

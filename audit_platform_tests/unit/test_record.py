@@ -7,11 +7,22 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
+import pytest
 
 from audit_platform.index.documents import document_frame, documents, validate_document
 from audit_platform.index.template import render_template
-from audit_platform.record import RECORD_SCHEMA, AuditRecord, model_leaves
+from audit_platform.record import (
+    ADDED_COLUMNS,
+    RECORD_SCHEMA,
+    AuditRecord,
+    Column,
+    Mapped,
+    _properties,
+    model_leaves,
+    record_fields,
+)
 from audit_platform.settings import Settings
+from audit_platform.trust.leaves import change_leaf
 
 T0 = datetime(2026, 11, 26, 10, 0, 0, 1, tzinfo=UTC)
 #: Fields Elasticsearch maps as one value even where the model has structure inside.
@@ -70,6 +81,7 @@ def _record(**overrides) -> pl.DataFrame:
         "column_types": '{"id":"integer","status":"text"}',
         "txn_changes": 5,
         "txn_ignored": 1,
+        "server_version": 150010,
     }
     return pl.DataFrame([{**row, **overrides}], schema=RECORD_SCHEMA)
 
@@ -88,6 +100,93 @@ def test_model_template_and_documents_name_the_same_fields():
     assert _document_fields(document) == model
 
 
+def test_the_mapping_comes_from_the_record_with_its_declared_and_default_types():
+    properties = render_template(Settings().resources_dir, "dev", 0)["template"]["mappings"][
+        "properties"
+    ]
+    assert properties["@timestamp"] == {"type": "date_nanos"}
+    assert properties["transaction"]["properties"]["xid"] == {"type": "long"}
+    assert properties["transaction"]["properties"]["change_index"] == {"type": "integer"}
+    assert properties["source"]["properties"]["server_version"] == {"type": "integer"}
+    assert properties["client"]["properties"]["ip"]["type"] == "ip"
+    assert properties["operation"] == properties["changed_columns"] == {"type": "keyword"}
+    # The context's fields come from the SDK's model, which services validate against.
+    context = properties["context"]["properties"]
+    assert set(context) == {
+        "actor",
+        "service",
+        "request_id",
+        "job",
+        "trace_id",
+        "reason",
+        "client_addr",
+        "attributes",
+    }
+    assert context["actor"]["properties"]["type"] == {"type": "keyword"}
+    assert context["reason"]["fields"]["keyword"]["type"] == "keyword"
+
+
+def test_a_field_whose_mapping_cannot_be_told_from_its_type_must_declare_it():
+    from typing import Annotated, Any
+
+    from pydantic import BaseModel
+
+    class Loose(BaseModel):
+        bag: dict[str, Any]
+
+    with pytest.raises(TypeError, match=r"Loose.bag: no Elasticsearch mapping .*declare it"):
+        _properties(Loose)
+
+    class Declared(BaseModel):
+        bag: Annotated[dict[str, Any], Mapped({"type": "flattened"})]
+
+    assert _properties(Declared) == {"bag": {"type": "flattened"}}
+
+
+def test_the_records_schema_is_the_declared_columns_and_the_trail_commits_those_it_names():
+    columns = [leaf.column for leaf in record_fields() if leaf.column is not None]
+    assert list(RECORD_SCHEMA) == [c.name for c in columns]
+    leaf = change_leaf(
+        record_id="dev:shop:0000000100000002:3",
+        env="dev",
+        source="shop",
+        lsn=(1 << 32) + 2,
+        xid=9,
+        change_index=3,
+        time=T0,
+        schema="public",
+        table="orders",
+        operation="update",
+        key=["id"],
+        types={"id": "integer"},
+        object_id="7",
+        changed=["status"],
+        before={"id": "7"},
+        after={"id": "7"},
+        policy_version="1:abc",
+        txn_changes=5,
+        txn_ignored=1,
+    )
+    assert set(leaf) - {"v", "kind"} == {c.leaf for c in columns if c.leaf is not None}
+    # Not committed by a change's leaf: what a late context changes, the context (it has
+    # leaves of its own), and the server version (leaves written before it stay valid).
+    assert {c.name for c in columns if c.leaf is None} == {
+        "attribution_status",
+        "attribution_lag_seconds",
+        "context",
+        "server_version",
+    }
+
+
+def test_a_records_file_written_before_the_later_columns_still_makes_documents():
+    assert set(ADDED_COLUMNS) >= {"server_version", "txn_changes", "key_columns"}
+    _, doc_id, document = _document(_record().drop(*ADDED_COLUMNS))
+    record = validate_document(doc_id, document)
+    assert record.source.server_version is None and record.transaction.changes is None
+    assert record.row is not None and record.row.key == []
+    assert Column.of(AuditRecord.model_fields["env"]) == Column("env", pl.String(), leaf="env")
+
+
 def test_a_document_carries_every_value_of_its_record():
     index, doc_id, document = _document(_record())
     record = validate_document(doc_id, document)
@@ -101,7 +200,7 @@ def test_a_document_carries_every_value_of_its_record():
     assert record.row.key == ["id"] and record.row.types == {"id": "integer", "status": "text"}
     assert record.event.type == ["change"] and record.changed_columns == ["status"]
     assert record.values_text == "7 new 7 paid"
-    assert record.source.database == "shopdb"
+    assert record.source.database == "shopdb" and record.source.server_version == 150010
 
 
 def test_strange_values_survive_the_columnar_builder():

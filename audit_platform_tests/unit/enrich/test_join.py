@@ -181,3 +181,21 @@ def test_a_malformed_change_is_set_aside_with_its_reason_and_the_rest_flow():
         (1, "unreadable change"),
         (2, "key columns ['id'] not in the row image"),
     ]
+
+
+def test_the_server_version_is_carried_and_null_for_changes_staged_before_it_was_kept():
+    rows = [{"lsn": 5, "xid": 3, "change_index": 0, "operation": "insert", "after": '{"id":"1"}'}]
+    now, grace = T0 + timedelta(hours=2), timedelta(hours=1)
+    staged = _changes(rows).with_columns(pl.lit(150010, pl.Int32).alias("server_version"))
+    carried = enrich(staged, _contexts([]), POLICY, now=now, grace=grace).records
+    assert carried["server_version"].to_list() == [150010]
+    older = enrich(_changes(rows), _contexts([]), POLICY, now=now, grace=grace).records
+    assert older["server_version"].to_list() == [None]
+    assert older.schema["server_version"] == pl.Int32
+
+
+def test_a_staged_file_missing_a_column_every_record_needs_is_an_error_not_a_null():
+    rows = [{"lsn": 5, "xid": 3, "change_index": 0, "operation": "insert", "after": '{"id":"1"}'}]
+    broken = _changes(rows).drop("policy_version")
+    with pytest.raises(pl.exceptions.ColumnNotFoundError, match="policy_version"):
+        enrich(broken, _contexts([]), POLICY, now=T0 + timedelta(hours=2), grace=timedelta(0))
