@@ -418,8 +418,8 @@ def api_serve(
     uvicorn.run(
         "audit_platform.api.main:create_app",
         factory=True,
-        host=host or settings.api_host,
-        port=port or settings.api_port,
+        host=host or settings.api.host,
+        port=port or settings.api.port,
         workers=workers,
         log_level="info",
         **uvicorn_options(settings),

@@ -57,4 +57,4 @@ def pg_url_from_settings(settings: Settings) -> str:
             "AUDIT_PG_URL is not set: start the local stack and load its exports with "
             '`eval "$(audit-platform stack env)"`, or point AUDIT_PG_URL at your server'
         )
-    return settings.pg_url
+    return settings.pg_url.get_secret_value()

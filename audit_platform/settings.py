@@ -34,6 +34,59 @@ class ElasticsearchConnection(BaseModel):
     verify_certs: bool = True
 
 
+class ApiSettings(BaseSettings):
+    """The Audit API (``audit-platform api serve``): ``AUDIT_API_*``."""
+
+    model_config = SettingsConfigDict(env_prefix="AUDIT_API_", env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_range_days: int = Field(default=7, ge=1, description="Search range without since.")
+    max_range_days: int = Field(default=400, ge=1, description="Longest range one request asks.")
+    key_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a verified key is trusted before it is looked "
+        "up again: a revoked key stops working within this time.",
+    )
+    es_timeout_seconds: float = Field(default=10.0, gt=0)
+    retry_after_seconds: int = Field(
+        default=5, ge=1, description="Retry-After sent with a 503 when a server is unavailable."
+    )
+    trusted_proxies: str = Field(
+        default="127.0.0.1",
+        description="Addresses (comma-separated IPs or CIDR networks, or *) of the reverse "
+        "proxies whose X-Forwarded-Proto and X-Forwarded-For are believed (uvicorn's "
+        "forwarded_allow_ips). Behind a TLS ingress it must name the ingress, or the API takes "
+        "every request for plain http: the Explorer's cookie is not Secure and its sign-in "
+        "fails the Origin check. A header from any other address is ignored.",
+    )
+    docs: Exposure = Field(
+        default="open",
+        description="/docs, /redoc and /openapi.json: open (no key, the default for a "
+        "developer's machine), keyed (/openapi.json needs a key, for tools; the browser pages, "
+        "which cannot send one, are off) or off.",
+    )
+    metrics: Exposure = Field(
+        default="open",
+        description="/metrics: open (no key, the default for a developer's machine), keyed "
+        "(a scraper sends a key as a bearer token) or off.",
+    )
+
+
+class ExplorerSettings(BaseSettings):
+    """The Audit Explorer (``/ui``), whose sessions are opened by signing in: ``AUDIT_UI_*``."""
+
+    model_config = SettingsConfigDict(env_prefix="AUDIT_UI_", env_file=".env", extra="ignore")
+
+    session_hours: float = Field(
+        default=8, gt=0, description="A session ends this long after sign-in, used or not."
+    )
+    idle_minutes: float = Field(
+        default=60, gt=0, description="A session not used for this long ends too."
+    )
+
+
 class Settings(BaseSettings):
     """Configuration of one environment's deployment.
 
@@ -44,8 +97,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AUDIT_", env_file=".env", extra="ignore")
 
     env: str = "dev"
-    pg_url: str | None = Field(
-        default=None, description="libpq URL of the platform's PostgreSQL (any libpq form)."
+    pg_url: SecretStr | None = Field(
+        default=None,
+        description="libpq URL of the platform's PostgreSQL (any libpq form); secret, for the "
+        "password it may hold.",
     )
     es_url: str | None = Field(default=None, description="Elasticsearch URL, http or https.")
     es_username: str | None = None
@@ -85,74 +140,13 @@ class Settings(BaseSettings):
         "derived from signing_key when that is set.",
     )
 
-    # The Audit API (audit-platform api serve).
-    api_host: str = "127.0.0.1"
-    api_port: int = 8000
-    api_default_range_days: int = Field(default=7, ge=1, description="Search range without since.")
-    api_max_range_days: int = Field(
-        default=400, ge=1, description="Longest range one request asks."
-    )
-    api_key_cache_seconds: float = Field(
-        default=5.0,
-        ge=0,
-        description="How long a verified key is trusted before it is looked "
-        "up again: a revoked key stops working within this time.",
-    )
-    api_es_timeout_seconds: float = Field(default=10.0, gt=0)
-    api_retry_after_seconds: int = Field(
-        default=5, ge=1, description="Retry-After sent with a 503 when a server is unavailable."
-    )
-    api_trusted_proxies: str = Field(
-        default="127.0.0.1",
-        description="Addresses (comma-separated IPs or CIDR networks, or *) of the reverse "
-        "proxies whose X-Forwarded-Proto and X-Forwarded-For are believed (uvicorn's "
-        "forwarded_allow_ips). Behind a TLS ingress it must name the ingress, or the API takes "
-        "every request for plain http: the Explorer's cookie is not Secure and its sign-in "
-        "fails the Origin check. A header from any other address is ignored.",
-    )
-    api_docs: Exposure = Field(
-        default="open",
-        description="/docs, /redoc and /openapi.json: open (no key, the default for a "
-        "developer's machine), keyed (/openapi.json needs a key, for tools; the browser pages, "
-        "which cannot send one, are off) or off.",
-    )
-    api_metrics: Exposure = Field(
-        default="open",
-        description="/metrics: open (no key, the default for a developer's machine), keyed "
-        "(a scraper sends a key as a bearer token) or off.",
-    )
-    # The Audit Explorer (/ui): sessions opened by signing in with an API key.
-    ui_session_hours: float = Field(
-        default=8, gt=0, description="A session ends this long after sign-in, used or not."
-    )
-    ui_idle_minutes: float = Field(
-        default=60, gt=0, description="A session not used for this long ends too."
-    )
-
-    # The local stack of real servers (audit-platform stack ...). Its ports lie below Linux's
-    # ephemeral range (32768-60999), where an outgoing connection's local end can hold them.
-    stack_dir: Path = PROJECT_ROOT / ".stack"
-    stack_pg_port: int = 25432
-    stack_es_port: int = 29200
-    stack_es_transport_port: int = 29300
-    stack_es_heap: str = "1g"
-    stack_s3_port: int = 29400
-    stack_backend: str = Field(
-        default="auto",
-        description="auto (docker when an engine answers, else local), local, docker",
-    )
+    api: ApiSettings = Field(default_factory=lambda: ApiSettings())
+    ui: ExplorerSettings = Field(default_factory=lambda: ExplorerSettings())
 
     @field_validator("env")
     @classmethod
     def _env_is_identifier(cls, value: str) -> str:
         return check_identifier("AUDIT_ENV: environment", value)
-
-    @field_validator("stack_backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        if value not in {"auto", "local", "docker"}:
-            raise ValueError(f"AUDIT_STACK_BACKEND={value!r}: expected auto, local or docker")
-        return value
 
     def with_exports(self, exports: dict[str, str]) -> Settings:
         """These settings with ``AUDIT_*`` exports (as `stack env` prints them) applied on top."""

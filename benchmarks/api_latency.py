@@ -31,7 +31,7 @@ import typer
 
 from audit_platform import platform_db
 from audit_platform.api_keys import Scope, create_key
-from audit_platform.clients import es_from_settings
+from audit_platform.clients import es_from_settings, pg_url_from_settings
 from audit_platform.index.bulk import index_records
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
@@ -138,7 +138,7 @@ def main(
     settings = Settings(env=ENV)
     es = es_from_settings(settings)
     t0 = load(es, settings, count, reload)
-    with psycopg.connect(settings.pg_url, autocommit=True) as conn:
+    with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as conn:
         platform_db.install(conn, settings.resources_dir / "sql")
         key = create_key(conn, ENV, "api latency benchmark").secret
     port = free_port()

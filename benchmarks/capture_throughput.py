@@ -25,6 +25,7 @@ import psycopg
 import typer
 from _database import drop_database, fresh_database
 
+from audit_platform.clients import pg_url_from_settings
 from audit_platform.policy import SourcePolicy, TablePolicy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
@@ -136,7 +137,7 @@ def main(
         raise typer.BadParameter('set AUDIT_PG_URL (eval "$(audit-platform stack env)")')
     rows = []
     for round_number in range(rounds):
-        url, target = _fresh_backlog(settings.pg_url, changes)
+        url, target = _fresh_backlog(pg_url_from_settings(settings), changes)
         with tempfile.TemporaryDirectory() as root:
             order = ["raw", "capture"] if round_number % 2 == 0 else ["capture", "raw"]
             for kind in order:
@@ -149,7 +150,7 @@ def main(
                 rows.append(result)
                 typer.echo(json.dumps(result))
     _report(rows, changes=changes, batch=batch)
-    drop_database(settings.pg_url, DB)
+    drop_database(pg_url_from_settings(settings), DB)
 
 
 def _report(rows: list[dict], *, changes: int, batch: int) -> None:

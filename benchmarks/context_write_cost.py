@@ -56,6 +56,7 @@ import typer
 from _database import drop_database, fresh_database
 from psycopg import sql
 
+from audit_platform.clients import pg_url_from_settings
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import apply_migrations
 from audit_platform_dev.stack.postgres import find_bindir
@@ -398,7 +399,7 @@ def main(
     if not settings.pg_url:
         raise typer.BadParameter('set AUDIT_PG_URL (eval "$(audit-platform stack env)")')
     bindir = find_bindir()
-    url = _prepare(settings.pg_url, bindir, scale)
+    url = _prepare(pg_url_from_settings(settings), bindir, scale)
     variants = sorted({"none", *only}) if only else list(VARIANTS)
     call_cost = [_call_cost(url)]
     typer.echo(json.dumps({"call_cost_us": call_cost[0]}))
@@ -418,7 +419,7 @@ def main(
     typer.echo(table)
     if not only:
         _write(table)
-    drop_database(settings.pg_url, DB)
+    drop_database(pg_url_from_settings(settings), DB)
 
 
 def _paired_ratios(runs: list[dict], variant: str) -> list[float]:

@@ -35,7 +35,7 @@ from playwright.sync_api import sync_playwright
 
 from audit_platform import platform_db
 from audit_platform.api_keys import create_key
-from audit_platform.clients import es_from_settings
+from audit_platform.clients import es_from_settings, pg_url_from_settings
 from audit_platform.settings import Settings
 from audit_platform_dev.demo.screenshot import launch
 from audit_platform_dev.stack.system import free_port
@@ -66,7 +66,7 @@ def main(
     es = es_from_settings(settings)
     load(es, settings, count, reload)
     total = es.count(index=f"audit-{ENV}")["count"]
-    with psycopg.connect(settings.pg_url, autocommit=True) as conn:
+    with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as conn:
         platform_db.install(conn, settings.resources_dir / "sql")
         key = create_key(conn, ENV, "explorer benchmark").secret
     port = free_port()

@@ -27,7 +27,7 @@ import psycopg
 import typer
 
 from audit_platform import platform_db
-from audit_platform.clients import es_from_settings
+from audit_platform.clients import es_from_settings, pg_url_from_settings
 from audit_platform.enrich.batch import enrich_files
 from audit_platform.enrich.join import transaction_contexts
 from audit_platform.index.bulk import index_records
@@ -111,7 +111,7 @@ def build(settings: Settings, count: int, key_path: Path) -> dict[str, float]:
     log, spent = TrustLog(store), {"enrich": 0.0, "leaves": 0.0, "index": 0.0}
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
     step = timedelta(hours=1) / (count // 3)
-    with psycopg.connect(settings.pg_url, autocommit=True) as state:
+    with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as state:
         platform_db.install(state, settings.resources_dir / "sql")
         for start in range(0, count, BATCH):
             changes, contexts = _batch(start, min(BATCH, count - start), t0, step)

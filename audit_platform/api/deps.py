@@ -41,8 +41,8 @@ class Services:
     @property
     def limits(self) -> Limits:
         return Limits(
-            default_range=timedelta(days=self.settings.api_default_range_days),
-            max_range=timedelta(days=self.settings.api_max_range_days),
+            default_range=timedelta(days=self.settings.api.default_range_days),
+            max_range=timedelta(days=self.settings.api.max_range_days),
         )
 
     @cached_property

@@ -40,7 +40,7 @@ def _unprocessable(request: Request, field: str, message: str) -> Response:
 
 
 def _unavailable(request: Request, what: str) -> Response:
-    seconds = request.app.state.services.settings.api_retry_after_seconds
+    seconds = request.app.state.services.settings.api.retry_after_seconds
     message = f"{what} is unavailable; retry in {seconds} seconds"
     answer = _page(request, 503, message) or JSONResponse(
         status_code=503, content={"detail": message, "retry_after_seconds": seconds}

@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise RuntimeError("AUDIT_ES_URL is not set: the API reads from Elasticsearch")
         # Few retries and a short timeout: a caller should get a quick 503, not a long wait.
         es = elasticsearch_client(
-            settings.elasticsearch, request_timeout=settings.api_es_timeout_seconds
+            settings.elasticsearch, request_timeout=settings.api.es_timeout_seconds
         )
         es = es.options(max_retries=1)
         # Checked before each hand-out: after the database restarts, a pooled connection is
@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             with pool.connection(timeout=30) as conn:
                 platform_db.install(conn, settings.resources_dir / "sql")
-            ttl = settings.api_key_cache_seconds
+            ttl = settings.api.key_cache_seconds
             cache: TTLCache[str, ApiKey] | None = (
                 TTLCache(maxsize=4096, ttl=ttl) if ttl > 0 else None
             )
@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # The documents hold no audit data, but they map the whole API: AUDIT_API_DOCS says who may
     # read them (open on a developer's machine, off or keyed in the Helm chart).
-    docs_open = settings.api_docs == "open"
+    docs_open = settings.api.docs == "open"
     app = FastAPI(
         title=f"audit-platform Audit API ({settings.env})",
         version="1",
@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs" if docs_open else None,
         redoc_url="/redoc" if docs_open else None,
     )
-    if settings.api_docs == "keyed":
+    if settings.api.docs == "keyed":
         # For tools (code generators, Schemathesis) that send a key; the browser pages cannot.
         @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(scope)])
         def openapi() -> JSONResponse:
@@ -147,7 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(module.router)
     ui.install(app)
-    metrics = api_metrics.install(app, settings.api_metrics)
+    metrics = api_metrics.install(app, settings.api.metrics)
 
     @app.middleware("http")
     async def log_request(

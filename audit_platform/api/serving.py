@@ -41,7 +41,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # otherwise claim https); the scheme decides the cookie's Secure flag and the
         # Explorer's Origin check.
         "proxy_headers": True,
-        "forwarded_allow_ips": settings.api_trusted_proxies,
+        "forwarded_allow_ips": settings.api.trusted_proxies,
         "access_log": False,
         "log_config": log_config(),
     }

@@ -115,7 +115,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,
-        resources={"platform": AuditPlatform()},
+        resources={"platform": AuditPlatform.from_environment()},
     )
 
 

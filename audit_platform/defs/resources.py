@@ -6,6 +6,7 @@ platform's own database come to every op as a parameter instead of each op build
 rather than patching environment variables, and every op of a run sees the same configuration.
 """
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import cache
@@ -24,34 +25,52 @@ from audit_platform.policy import SourcePolicy, load_policy, policy_path
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
 
+#: The resource's fields and the variables they come from.
+VARIABLES = {
+    "env": "AUDIT_ENV",
+    "pg_url": "AUDIT_PG_URL",
+    "es_url": "AUDIT_ES_URL",
+    "staging_root": "AUDIT_STAGING_ROOT",
+    "resources_dir": "AUDIT_RESOURCES_DIR",
+}
+
 
 class AuditPlatform(dg.ConfigurableResource):
     """This deployment's environment: its settings, staging, Elasticsearch and state database.
 
-    Fields left empty come from the ``AUDIT_*`` settings of the process.
+    Its fields are the settings an operator checks first, each bound to its variable with
+    ``dg.EnvVar`` (:meth:`from_environment`): Dagster's UI shows which variable configures
+    what, never a value, and each run reads them where it runs. A field left empty, and every
+    other setting, comes from ``Settings`` as everywhere else (``AUDIT_*``, ``.env``).
     """
 
+    env: str = ""
+    pg_url: str = ""
+    es_url: str = ""
     staging_root: str = ""
+    resources_dir: str = ""
     _settings: Settings | None = PrivateAttr(default=None)
+
+    @classmethod
+    def from_environment(cls) -> "AuditPlatform":
+        """Bound to the variables this process has (one that is unset keeps its default)."""
+        bound = {
+            field: dg.EnvVar(name) for field, name in VARIABLES.items() if os.environ.get(name)
+        }
+        return cls(**bound)
 
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            settings = Settings()
-            if self.staging_root:
-                settings = settings.model_copy(update={"staging_root": self.staging_root})
-            self._settings = settings
+            given = {field: getattr(self, field) for field in VARIABLES if getattr(self, field)}
+            self._settings = Settings(**given)
         return self._settings
 
-    @property
-    def env(self) -> str:
-        return self.settings.env
-
     def environment(self) -> EnvironmentConfig:
-        return load_environment(self.settings.resources_dir, self.env)
+        return load_environment(self.settings.resources_dir, self.settings.env)
 
     def store(self, source: str) -> StagingStore:
-        return StagingStore(self.settings.staging_root, self.env, source)
+        return StagingStore(self.settings.staging_root, self.settings.env, source)
 
     def policy(self, source: str) -> SourcePolicy:
         return load_policy(policy_path(self.settings.resources_dir, source))
@@ -75,7 +94,7 @@ class AuditPlatform(dg.ConfigurableResource):
                 ensure_template(
                     client,
                     self.settings.resources_dir,
-                    self.env,
+                    self.settings.env,
                     environment.index_replicas,
                     environment.classes,
                 )

@@ -25,7 +25,7 @@ from audit_platform.api.refusals import LOGGED_PER_MINUTE
 from audit_platform.api_keys import create_key
 from audit_platform.capture.gaps import Gap, record_gap
 from audit_platform.naming import read_alias
-from audit_platform.settings import Settings
+from audit_platform.settings import ApiSettings, Settings
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import environment_resources, policy_for
@@ -47,7 +47,9 @@ def shop(servers, es, tmp_path_factory) -> Iterator[Shop]:
 
 
 def _client(env: str, **settings) -> TestClient:
-    return TestClient(create_app(Settings(env=env, api_key_cache_seconds=0, **settings)))
+    return TestClient(
+        create_app(Settings(env=env, api=ApiSettings(key_cache_seconds=0), **settings))
+    )
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
-from audit_platform.settings import Settings
+from audit_platform.settings import ApiSettings, Settings
 from audit_platform_tests.helpers import serving_api
 
 PROXY = "127.0.0.2"  # the ingress, trusted by the server below
@@ -45,8 +45,9 @@ def env(servers) -> Env:
         return Env(name, create_key(conn, name, "exposure tests").secret)
 
 
-def _client(env: Env, **settings: str) -> TestClient:
-    return TestClient(create_app(Settings(env=env.name, api_key_cache_seconds=0, **settings)))
+def _client(env: Env, **api: str) -> TestClient:
+    settings = Settings(env=env.name, api=ApiSettings(key_cache_seconds=0, **api))
+    return TestClient(create_app(settings))
 
 
 # --- documents and metrics ----------------------------------------------------------------
@@ -76,7 +77,7 @@ DOCS = ("/docs", "/redoc", "/openapi.json")
     ],
 )
 def test_the_api_documents_are_served_as_the_setting_says(env, mode, without_key, with_key):
-    with _client(env, api_docs=mode) as client:
+    with _client(env, docs=mode) as client:
         assert {path: client.get(path).status_code for path in DOCS} == without_key
         headers = {"X-API-Key": env.key}
         assert {path: client.get(path, headers=headers).status_code for path in DOCS} == with_key
@@ -90,7 +91,7 @@ def test_the_api_documents_are_served_as_the_setting_says(env, mode, without_key
     [("open", 200, 200), ("keyed", 401, 200), ("off", 404, 404)],
 )
 def test_the_metrics_are_served_as_the_setting_says(env, mode, without_key, with_key):
-    with _client(env, api_metrics=mode) as client:
+    with _client(env, metrics=mode) as client:
         assert client.get("/metrics").status_code == without_key
         # As a scraper sends it: a bearer token.
         answer = client.get("/metrics", headers={"Authorization": f"Bearer {env.key}"})
@@ -101,7 +102,7 @@ def test_the_metrics_are_served_as_the_setting_says(env, mode, without_key, with
 
 def test_a_bad_exposure_setting_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="'off', 'keyed' or 'open'"):
-        Settings(api_metrics="closed")
+        ApiSettings(metrics="closed")
 
 
 # --- the served API: proxies and the access log --------------------------------------------

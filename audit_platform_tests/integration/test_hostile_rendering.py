@@ -29,7 +29,7 @@ from audit_platform.api_keys import create_key
 from audit_platform.policy import SourcePolicy
 from audit_platform.query.revert import plan_revert
 from audit_platform.record import AuditRecord
-from audit_platform.settings import Settings
+from audit_platform.settings import ApiSettings, Settings
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 
 PSQL = "/usr/bin/psql"
@@ -87,7 +87,7 @@ def hostile(servers, pg_database, es, tmp_path):
         platform_db.install(state, Settings().resources_dir / "sql")
         capture_enrich_index(source, state, es, grace=timedelta(0))
         key = create_key(state, env, "hostile").secret
-        with TestClient(create_app(Settings(env=env, api_key_cache_seconds=0))) as api:
+        with TestClient(create_app(Settings(env=env, api=ApiSettings(key_cache_seconds=0)))) as api:
             api.headers["X-API-Key"] = key
             # The test's source is in no environment file: its plan masks and excludes as
             # the test's policy says.

@@ -24,7 +24,7 @@ from audit_platform.enrich.rejections import list_rejections
 from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
-from audit_platform.settings import Settings
+from audit_platform.settings import ApiSettings, Settings
 from audit_platform.signing import new_private_key, private_key
 from audit_platform.sources.check import Level, check_source
 from audit_platform.trust.log import TrustLog
@@ -293,7 +293,7 @@ def test_a_connect_only_role_cannot_stop_capture_misattribute_or_hide(attacked, 
         settings = Settings(
             env=source.env,
             pg_url=source.url,
-            api_key_cache_seconds=0,
+            api=ApiSettings(key_cache_seconds=0),
             staging_root=source.store.root,
         )
         auditor = create_key(state, source.env, "a", role="auditor").secret

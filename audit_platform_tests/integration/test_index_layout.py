@@ -33,7 +33,7 @@ from audit_platform.naming import (
     template_name,
 )
 from audit_platform.record import RECORD_SCHEMA, record_id
-from audit_platform.settings import Settings
+from audit_platform.settings import ApiSettings, Settings
 
 RESOURCES = Settings().resources_dir
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
@@ -285,7 +285,7 @@ def test_migrate_moves_the_layout_per_source_into_class_indices_then_the_api_ser
             "shop": create_key(state, env, "shop only", sources=["shop"]).secret,
             "billing": create_key(state, env, "billing only", sources=["billing"]).secret,
         }
-    with TestClient(create_app(Settings(env=env, api_key_cache_seconds=0))) as api:
+    with TestClient(create_app(Settings(env=env, api=ApiSettings(key_cache_seconds=0)))) as api:
 
         def events(key: str, **params) -> list[dict]:
             reply = api.get(

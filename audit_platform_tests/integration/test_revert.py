@@ -17,7 +17,7 @@ from audit_platform.api_keys import create_key
 from audit_platform.policy import SourcePolicy
 from audit_platform.query.revert import plan_revert
 from audit_platform.record import AuditRecord
-from audit_platform.settings import Settings
+from audit_platform.settings import ApiSettings, Settings
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.helpers import ZOO_DDL, ZOO_ROW, policy_for
 
@@ -70,7 +70,7 @@ def shop(servers, pg_database, es, tmp_path):
 
         sync()
         key = create_key(state, env, "revert").secret
-        with TestClient(create_app(Settings(env=env, api_key_cache_seconds=0))) as api:
+        with TestClient(create_app(Settings(env=env, api=ApiSettings(key_cache_seconds=0)))) as api:
             api.headers["X-API-Key"] = key
             yield pg_database, api, sync
     for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):

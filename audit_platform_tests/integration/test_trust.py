@@ -28,7 +28,7 @@ from audit_platform.index.template import install_template
 from audit_platform.naming import index_name, legacy_index_name, read_alias
 from audit_platform.read_log import append_reads, read_rows, read_trail
 from audit_platform.record import RECORD_SCHEMA
-from audit_platform.settings import Settings
+from audit_platform.settings import ApiSettings, Settings
 from audit_platform.signing import new_private_key, private_key, public_text, sign
 from audit_platform.staging import StagingStore
 from audit_platform.trust.leaves import LEAF_SCHEMA, canonical
@@ -306,7 +306,7 @@ def api(trail, tmp_path):
         env=trail.env,
         staging_root=trail.source.store.root,
         pg_url=trail.source.url,
-        api_key_cache_seconds=0,
+        api=ApiSettings(key_cache_seconds=0),
         verify_key=public_text(trail.key.public_key()),
     )
     keys = {

@@ -23,7 +23,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key, revoke_key
 from audit_platform.read_log import read_rows
-from audit_platform.settings import Settings
+from audit_platform.settings import ApiSettings, Settings
 from audit_platform_dev.demo.screenshot import find_browser
 from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.shop_data import Shop, shop_environments
@@ -46,7 +46,7 @@ def shop(servers, es, tmp_path_factory) -> Iterator[Shop]:
 def explorer(shop, servers) -> Iterator[Explorer]:
     """The API process's application served by uvicorn on a free port, in a thread."""
     port = free_port()
-    app = create_app(Settings(env=shop.env, api_key_cache_seconds=0))
+    app = create_app(Settings(env=shop.env, api=ApiSettings(key_cache_seconds=0)))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -117,7 +117,7 @@ def test_the_api_sees_the_ingress_tls_and_keeps_its_documents_and_metrics_closed
             if name.startswith("AUDIT_API_")
         }
     )
-    assert settings.api_trusted_proxies == data["AUDIT_API_TRUSTED_PROXIES"]
+    assert settings.api.trusted_proxies == data["AUDIT_API_TRUSTED_PROXIES"]
     api = _by_kind(objects, "Deployment")[f"audit-platform-{env}-api"]
     # Annotation-based scraping sends no credentials: only an open /metrics is announced so.
     assert "prometheus.io/scrape" not in api["spec"]["template"]["metadata"]["annotations"]

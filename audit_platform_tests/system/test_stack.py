@@ -13,7 +13,7 @@ import pytest
 
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
-from audit_platform_dev.stack import LocalStack, StackError, elasticsearch, postgres
+from audit_platform_dev.stack import LocalStack, StackError, StackSettings, elasticsearch, postgres
 from audit_platform_dev.stack.system import ensure_memory, ensure_port_free, free_port, pid_alive
 
 
@@ -33,18 +33,16 @@ def _processes_mentioning(text: str) -> list[int]:
 
 @pytest.mark.slow
 def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
-    settings = Settings(
-        stack_dir=tmp_path / "stack",
-        stack_pg_port=free_port(),
-        stack_es_port=free_port(),
-        stack_es_transport_port=free_port(),
-        stack_es_heap="512m",
-        stack_s3_port=free_port(),
-        pg_url=None,
-        es_url=None,
-        s3_url=None,
+    settings = Settings(pg_url=None, es_url=None, s3_url=None)
+    ports = StackSettings(
+        dir=tmp_path / "stack",
+        pg_port=free_port(),
+        es_port=free_port(),
+        es_transport_port=free_port(),
+        es_heap="512m",
+        s3_port=free_port(),
     )
-    stack = LocalStack(settings)
+    stack = LocalStack(settings, ports)
     try:
         first = stack.up()
         assert [(s.name, s.source) for s in first] == [
@@ -59,7 +57,7 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
         }
         pids = {name: record.pid for name, record in records.items()}
 
-        second = LocalStack(settings).up()
+        second = LocalStack(settings, ports).up()
         assert [(s.name, s.source) for s in second] == [
             ("postgres", "reused"),
             ("elasticsearch", "reused"),
@@ -71,9 +69,9 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
             "s3": stack.s3.record().pid,
         } == pids
         with psycopg.connect(stack.env()["AUDIT_PG_URL"]) as conn:
-            assert conn.execute("SHOW port").fetchone()[0] == str(settings.stack_pg_port)
+            assert conn.execute("SHOW port").fetchone()[0] == str(ports.pg_port)
         # Right after `up`, status finds all (it once cached "no Elasticsearch" too early).
-        assert [s.detail.split()[0] for s in LocalStack(settings).status()] == [
+        assert [s.detail.split()[0] for s in LocalStack(settings, ports).status()] == [
             "PostgreSQL",
             "Elasticsearch",
             "S3Proxy",
@@ -108,9 +106,9 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
             ]
         )
         assert restarted.returncode == 0, restarted.stderr
-        new_pid = LocalStack(settings).postgres.record().pid
+        new_pid = LocalStack(settings, ports).postgres.record().pid
         assert new_pid != pids["pg"]
-        assert LocalStack(settings).status()[0].detail.startswith("PostgreSQL")
+        assert LocalStack(settings, ports).status()[0].detail.startswith("PostgreSQL")
         pids["pg-restarted"] = new_pid
     finally:
         stopped = stack.down()
@@ -122,7 +120,7 @@ def test_second_up_reuses_the_servers_and_down_leaves_no_process(tmp_path):
     assert not any(pid_alive(pid) for pid in pids.values())
     for record in records.values():
         assert _processes_mentioning(str(record.home)) == []
-    assert [s.source for s in LocalStack(settings).down()] == ["not running"] * 3
+    assert [s.source for s in LocalStack(settings, ports).down()] == ["not running"] * 3
 
 
 def test_down_never_signals_a_process_it_did_not_start(tmp_path):
@@ -156,13 +154,8 @@ def test_default_ports_are_outside_the_ephemeral_range():
     """An outgoing connection may take any port of the kernel's ephemeral range as its own
     end; a server's fixed port inside it is then "taken" with no server listening there."""
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    settings = Settings()
-    ports = {
-        settings.stack_pg_port,
-        settings.stack_es_port,
-        settings.stack_es_transport_port,
-        settings.stack_s3_port,
-    }
+    stack = StackSettings()
+    ports = {stack.pg_port, stack.es_port, stack.es_transport_port, stack.s3_port}
     assert [port for port in ports if low <= port <= high] == []
 
 

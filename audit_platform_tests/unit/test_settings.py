@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from audit_platform.clients import pg_url_from_settings
 from audit_platform.settings import Settings
 
 
@@ -35,8 +36,18 @@ def test_elasticsearch_connection_carries_credentials_and_ca(tmp_path):
 
 
 def test_unknown_stack_backend_is_refused():
-    with pytest.raises(ValidationError, match="expected auto, local or docker"):
-        Settings(stack_backend="podman")
+    from audit_platform_dev.stack.settings import StackSettings
+
+    with pytest.raises(ValidationError, match="'auto', 'local' or 'docker'"):
+        StackSettings(backend="podman")
+
+
+def test_the_api_and_explorer_settings_keep_their_variables(monkeypatch):
+    monkeypatch.setenv("AUDIT_API_PORT", "8123")
+    monkeypatch.setenv("AUDIT_API_DOCS", "keyed")
+    monkeypatch.setenv("AUDIT_UI_IDLE_MINUTES", "5")
+    settings = Settings()
+    assert (settings.api.port, settings.api.docs, settings.ui.idle_minutes) == (8123, "keyed", 5)
 
 
 def test_exports_applied_after_a_first_look_still_reach_elasticsearch(monkeypatch):
@@ -94,3 +105,28 @@ def test_command_line_tracebacks_never_show_local_variables():
         waiting.extend(group.typer_instance for group in current.registered_groups)
     assert len(found) >= 10  # every group of commands, the development ones among them
     assert all(typer_app.pretty_exceptions_show_locals is False for typer_app in found)
+
+
+def test_the_platform_url_is_a_secret():
+    settings = Settings(pg_url="postgresql://audit:hunter2@db.internal/audit")
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
+    assert pg_url_from_settings(settings) == "postgresql://audit:hunter2@db.internal/audit"
+
+
+def test_the_dagster_resource_names_its_variables_and_keeps_the_defaults(monkeypatch):
+    import dagster as dg
+
+    from audit_platform.defs.resources import AuditPlatform
+
+    monkeypatch.setenv("AUDIT_PG_URL", "postgresql://audit:hunter2@db.internal/audit")
+    monkeypatch.setenv("AUDIT_ENV", "staging")
+    monkeypatch.delenv("AUDIT_STAGING_ROOT", raising=False)
+    resource = AuditPlatform.from_environment()
+    # What Dagster's UI shows: the variable, not its value.
+    assert isinstance(resource.pg_url, dg.EnvVar) and resource.pg_url == "AUDIT_PG_URL"
+    assert resource.staging_root == ""
+    with dg.build_resources({"platform": resource}) as built:
+        settings = built.platform.settings
+        assert settings.env == "staging"
+        assert pg_url_from_settings(settings).endswith("@db.internal/audit")
+        assert settings.staging_root == Settings().staging_root

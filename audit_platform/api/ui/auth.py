@@ -35,7 +35,7 @@ def signed_in(request: Request, svc: Annotated[Services, Depends(services)]) -> 
     token = request.cookies.get(cookie_name(svc.settings.env))
     key = None
     if token:
-        idle = timedelta(minutes=svc.settings.ui_idle_minutes)
+        idle = timedelta(minutes=svc.settings.ui.idle_minutes)
         with svc.pool.connection() as conn:
             key = session_key(conn, svc.settings.env, token, idle)
     if key is None:

@@ -133,7 +133,7 @@ def login(
                 "look like ak_<12 hex>_<secret>; ask for one (`audit-platform keys create`), "
                 "or check that it was not revoked.",
             )
-        lifetime = timedelta(hours=svc.settings.ui_session_hours)
+        lifetime = timedelta(hours=svc.settings.ui.session_hours)
         token = open_session(conn, found, lifetime)
     response = RedirectResponse(safe_next(next), status_code=303)
     set_session_cookie(response, request, svc.settings.env, token, lifetime)

@@ -207,7 +207,7 @@ def _worker(platform, environment, name, config, report, shared: Shared) -> Sour
         retention_class=environment.retention_class_of(name),
     )
     return SourceWorker(
-        platform.env,
+        platform.settings.env,
         live,
         state=shared.state,
         elasticsearch=lambda: platform.elasticsearch(environment, shared.client),
@@ -278,7 +278,7 @@ def _materializations(
             )
     sources = sorted(report.statuses())
     with platform.state() as state:
-        found = quarantine.stats_by_source(state, platform.env, sources)
+        found = quarantine.stats_by_source(state, platform.settings.env, sources)
     for source, current in found.items():
         counts = (current.waiting, current.released)
         if current.waiting or quarantined.get(source, (0, 0)) != counts:

@@ -34,7 +34,7 @@ def enrich_hours(
     """Rebuild whole hours (backfills, reconciliation)."""
     store, policy, now = platform.store(source), platform.policy(source), datetime.now(UTC)
     # The live capture run writes this source's records too: one writer at a time.
-    with platform.state() as state, ledger_lock(state, platform.env, source):
+    with platform.state() as state, ledger_lock(state, platform.settings.env, source):
         return [
             enrich_hour(store, state, policy, hour, now=now, grace=grace) for hour in sorted(hours)
         ]
@@ -132,7 +132,7 @@ def quarantine_asset(source: str) -> dg.AssetsDefinition:
     )
     def asset(platform: AuditPlatform) -> dg.MaterializeResult:
         with platform.state() as state:
-            current = quarantine.stats(state, platform.env, source)
+            current = quarantine.stats(state, platform.settings.env, source)
         return dg.MaterializeResult(metadata=quarantine_metadata(current))
 
     return asset

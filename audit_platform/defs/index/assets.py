@@ -238,7 +238,8 @@ def indexed_asset(
         retention_class = environment.retention_class_of(source)
         with platform.elasticsearch() as client:
             client.indices.refresh(
-                index=class_index_pattern(platform.env, retention_class), allow_no_indices=True
+                index=class_index_pattern(platform.settings.env, retention_class),
+                allow_no_indices=True,
             )
             checks = [
                 count_check(source, client, platform.store(source), hour, retention_class),

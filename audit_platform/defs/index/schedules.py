@@ -80,7 +80,7 @@ def reconcile_job(env: str, environment: EnvironmentConfig) -> dg.JobDefinition:
         # The source's records are in its retention class's indices, shared with the class's
         # other sources: counts filter on source.service.
         retention_class = environment.retention_class_of(source)
-        indices = class_index_pattern(platform.env, retention_class)
+        indices = class_index_pattern(platform.settings.env, retention_class)
         with platform.elasticsearch() as client:
             client.indices.refresh(index=indices, allow_no_indices=True)
             short = [

@@ -27,6 +27,7 @@ from audit_platform.sources.setup import setup_source
 from audit_platform_dev.demo.traffic import Traffic
 from audit_platform_dev.stack import processes, served
 from audit_platform_dev.stack.deployment import LocalDeployment, ensure_database
+from audit_platform_dev.stack.settings import StackSettings
 from audit_platform_dev.stack.system import ensure_port_free
 
 
@@ -105,7 +106,7 @@ def run_demo(
 ) -> int:
     """Run until Ctrl-C (or ``duration`` seconds); 0 when records reached the API."""
     env = settings.env
-    root = settings.stack_dir / "demo" / env
+    root = StackSettings().dir / "demo" / env
     say = _tolerant(say)
     # SIGTERM and SIGHUP stop things like Ctrl-C does: the servers run in their own sessions
     # and would otherwise be left behind.

@@ -125,9 +125,9 @@ def _live_capture_run(url: str) -> str:
 
 def _demo_key() -> str | None:
     from audit_platform.settings import Settings
+    from audit_platform_dev.stack.settings import StackSettings
 
-    settings = Settings()
-    path = settings.stack_dir / "demo" / settings.env / "api-key"
+    path = StackSettings().dir / "demo" / Settings().env / "api-key"
     return os.environ.get("AUDIT_DEMO_KEY") or (path.read_text() if path.exists() else None)
 
 

@@ -15,14 +15,17 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from pydantic import SecretStr
+
 from audit_platform.clients import elasticsearch_client
 from audit_platform.index import access
 from audit_platform.settings import Settings
 from audit_platform_dev.stack import elasticsearch, postgres, s3
 from audit_platform_dev.stack.containers import docker_engine_answers, start_containers
+from audit_platform_dev.stack.settings import StackSettings
 from audit_platform_dev.stack.system import StackError
 
-__all__ = ["LocalStack", "StackError", "served", "setup_es_accounts"]
+__all__ = ["LocalStack", "StackError", "StackSettings", "served", "setup_es_accounts"]
 
 
 @dataclass(frozen=True)
@@ -34,19 +37,21 @@ class ServerState:
 
 
 class LocalStack:
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, stack: StackSettings | None = None
+    ) -> None:
         self.settings = settings or Settings()
-        s = self.settings
-        self.postgres = postgres.LocalPostgres(s.stack_dir, s.stack_pg_port)
+        s = self.stack = stack or StackSettings()
+        self.postgres = postgres.LocalPostgres(s.dir, s.pg_port)
         self.elasticsearch = elasticsearch.LocalElasticsearch(
-            s.stack_dir, s.stack_es_port, s.stack_es_transport_port, s.stack_es_heap
+            s.dir, s.es_port, s.es_transport_port, s.es_heap
         )
-        self.s3 = s3.LocalS3(s.stack_dir, s.stack_s3_port)
+        self.s3 = s3.LocalS3(s.dir, s.s3_port)
 
     def up(self) -> list[ServerState]:
         states = []
         for server, external, variable in (
-            (self.postgres, self.settings.pg_url, "AUDIT_PG_URL"),
+            (self.postgres, _secret(self.settings.pg_url), "AUDIT_PG_URL"),
             (self.elasticsearch, self.settings.es_url, "AUDIT_ES_URL"),
             (self.s3, self.settings.s3_url, "AUDIT_S3_URL"),
         ):
@@ -73,7 +78,7 @@ class LocalStack:
 
     def status(self) -> list[ServerState]:
         states = []
-        pg = self.settings.pg_url or ((r := self.postgres.record()) and r.url)
+        pg = _secret(self.settings.pg_url) or ((r := self.postgres.record()) and r.url)
         try:
             detail = postgres.describe(pg) if pg else "not running"
         except Exception as exc:
@@ -162,8 +167,9 @@ def served(settings: Settings | None = None) -> Iterator[dict[str, str]]:
     with ExitStack() as cleanup:
         env: dict[str, str] = {}
         need_pg, need_es = not settings.pg_url, not settings.es_url
-        use_docker = settings.stack_backend == "docker" or (
-            settings.stack_backend == "auto" and (need_pg or need_es) and docker_engine_answers()
+        backend = StackSettings().backend
+        use_docker = backend == "docker" or (
+            backend == "auto" and (need_pg or need_es) and docker_engine_answers()
         )
         if use_docker:
             env.update(start_containers(cleanup, need_pg=need_pg, need_es=need_es))
@@ -192,3 +198,7 @@ def run_with_stack(command: Sequence[str], settings: Settings | None = None) -> 
     """Run ``command`` with the servers up and their exports set; stop what was started."""
     with served(settings) as env:
         return subprocess.run(list(command), env={**os.environ, **env}).returncode
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
