@@ -70,9 +70,8 @@ class LiveSettings:
     flush_seconds: float = 0.5
     #: The batches a run's busy sources may close per second together. Each batch costs about
     #: the same fixed work (files written, the ledger, a bulk request) whatever it holds, so
-    #: when many sources are busy each waits longer and batches more: 50 sources at 20
-    #: changes/s flush every 2.5 s instead of 0.5 (benchmarks/results/fleet-issue25.md), one busy
-    #: source still every ``flush_seconds``.
+    #: when many sources are busy each waits longer and batches more (50 busy sources flush
+    #: every 2.5 s instead of 0.5), one busy source still every ``flush_seconds``.
     batches_per_second: float = 20.0
     #: Workers of a run that may stage at once, and that may enrich and index at once
     #: (``Lanes``).
@@ -88,8 +87,7 @@ class LiveSettings:
     resolve_every_seconds: float = 30.0
     #: How often a quiet worker wakes for its periodic look (heartbeat, work due); a change
     #: or a stop wakes it at once. Each look asks the server for a keepalive, which is most of
-    #: what an idle source costs (benchmarks/results/idle_sources-smoke.md: about 21 ms of CPU
-    #: per second per idle source when it looked every second).
+    #: what an idle source costs (benchmarks/idle_sources.py measures it).
     idle_seconds: float = 10.0
     #: While quiet, the socket is looked at this often at most after a wake-up that brought
     #: only keepalives (``SlotStream.live_batches``): what a quiet source's first change may
@@ -97,8 +95,7 @@ class LiveSettings:
     quiet_poll_seconds: float = 0.25
     backoff_seconds: float = 1.0
     #: The longest wait between attempts: a failed attempt costs a connection, and the wait
-    #: is what a source's freshness pays after its outage ends (the fault matrix measured 61
-    #: to 63 s of healing with 60 s here).
+    #: is what a source's freshness pays after its outage ends (benchmarks/fleet.py's faults).
     backoff_max_seconds: float = 10.0
 
 
