@@ -19,7 +19,7 @@ import pytest
 from elasticsearch import Elasticsearch
 from psycopg import sql
 
-from audit_platform.clients import elasticsearch_client
+from audit_platform.clients import elasticsearch_client, pg_url_from_settings
 from audit_platform.settings import Settings
 from audit_platform_dev.stack import served
 from audit_platform_dev.stack.deployment import database_url
@@ -32,8 +32,7 @@ class Servers:
 
     @property
     def pg_url(self) -> str:
-        assert self.settings.pg_url
-        return self.settings.pg_url
+        return pg_url_from_settings(self.settings)
 
     def es_client(self) -> Elasticsearch:
         assert self.settings.elasticsearch is not None

@@ -432,7 +432,7 @@ def _paired_ratios(runs: list[dict], variant: str) -> list[float]:
 def _report(runs: list[dict], call_cost: list[dict[str, float]], **params: float) -> str:
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
     variants += sorted({r["variant"] for r in runs} - set(variants))
-    with psycopg.connect(Settings().pg_url) as conn:
+    with psycopg.connect(pg_url_from_settings(Settings())) as conn:
         version = conn.execute("SHOW server_version").fetchone()[0]
     lines = [
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on this repo's local stack "

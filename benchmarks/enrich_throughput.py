@@ -19,7 +19,6 @@ writes ``benchmarks/results/enrich_throughput.md``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import psycopg
 import typer
 
 from audit_platform import platform_db
+from audit_platform.clients import pg_url_from_settings
 from audit_platform.lsn import lsn_hex
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
@@ -130,7 +130,7 @@ def main(
     batch: Annotated[int, typer.Option(help="Changes per staged batch file.")] = 50_000,
     rounds: Annotated[int, typer.Option(help="Repeats.")] = 2,
 ) -> None:
-    pg_url = Settings().pg_url or os.environ["AUDIT_PG_URL"]
+    pg_url = pg_url_from_settings(Settings())
     with psycopg.connect(pg_url, autocommit=True) as conn:
         platform_db.install(conn, Settings().resources_dir / "sql")
     root = tempfile.mkdtemp(prefix="enrich-bench-")

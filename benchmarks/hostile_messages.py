@@ -31,6 +31,7 @@ import typer
 from _database import drop_database, fresh_database
 
 from audit_platform.capture.messages import CONTEXT_PREFIX
+from audit_platform.clients import pg_url_from_settings
 from audit_platform.policy import SourcePolicy, TablePolicy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
@@ -102,7 +103,7 @@ def main(
     megabytes: Annotated[int, typer.Option(help="Size of the one large message.")] = 256,
     rounds: Annotated[int, typer.Option(help="Rounds; the order rotates.")] = 2,
 ) -> None:
-    admin = Settings().pg_url
+    admin = pg_url_from_settings(Settings())
     if not admin:
         raise typer.BadParameter('set AUDIT_PG_URL (eval "$(audit-platform stack env)")')
     rows = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
@@ -16,8 +15,8 @@ from audit_platform.index import bulk
 from audit_platform.index.batch import index_pending
 from audit_platform.index.bulk import index_records
 from audit_platform.index.documents import documents, validate_document
-from audit_platform.index.template import install_template
-from audit_platform.naming import read_alias
+from audit_platform.index.template import install_template, render_template
+from audit_platform.naming import read_alias, template_name
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import make_source
 from audit_platform_tests.helpers import policy_for
@@ -80,13 +79,11 @@ def test_template_install_is_idempotent_and_reports_changes(es, env):
 def test_an_index_made_under_an_older_template_takes_the_new_fields(es, env, captured, tmp_path):
     """Indices are strict and monthly: without a mapping update, the month in progress would
     refuse every document carrying a field the new template adds."""
-    old = tmp_path / "resources"
-    shutil.copytree(RESOURCES, old)
-    template = json.loads((old / "elasticsearch" / "index-template.json").read_text())
-    del template["template"]["mappings"]["properties"]["row"]
-    template["_meta"]["template_version"] = 2
-    (old / "elasticsearch" / "index-template.json").write_text(json.dumps(template))
-    install_template(es, old, env, replicas=0)
+    # The template as a code version without ``row`` installed it.
+    older = render_template(RESOURCES, env, replicas=0)
+    del older["template"]["mappings"]["properties"]["row"]
+    older["_meta"].update(template_version=2, template_hash="older")
+    es.indices.put_index_template(name=template_name(env), **older)
     # A document as the previous code version wrote it, creating the month's index.
     [(index, doc_id, document)] = documents(
         captured.head(1), database="shopdb", ingested_at=datetime.now(UTC)

@@ -48,6 +48,7 @@ def _records(n: int) -> pl.DataFrame:
             "txn_changes": [1] * n,
             "txn_ignored": [0] * n,
             "policy_version": ["1:x"] * n,
+            "server_version": [150010] * n,
         },
         schema=RECORD_SCHEMA,
     )

@@ -19,6 +19,7 @@ from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
 from audit_platform.cli import app
+from audit_platform.clients import pg_url_from_settings
 from audit_platform.environment import EnvironmentConfig
 from audit_platform.index.bulk import index_records
 from audit_platform.index.documents import documents
@@ -278,7 +279,7 @@ def test_migrate_moves_the_layout_per_source_into_class_indices_then_the_api_ser
     assert again.exit_code == 0 and "nothing to migrate" in again.output
 
     # Through the API: a key limited to one source sees that source only, in shared indices.
-    with psycopg.connect(Settings().pg_url, autocommit=True) as state:
+    with psycopg.connect(pg_url_from_settings(Settings()), autocommit=True) as state:
         platform_db.install(state, RESOURCES / "sql")
         keys = {
             "all": create_key(state, env, "all").secret,
