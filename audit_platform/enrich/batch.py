@@ -21,6 +21,7 @@ from audit_platform.enrich.join import EnrichResult, enrich, ignored_counts, tra
 from audit_platform.enrich.rejections import rejected_frame, store_rejections
 from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
+from audit_platform.record import RECORD_SCHEMA
 from audit_platform.staging.store import (
     COALESCE,
     FILE,
@@ -367,7 +368,9 @@ def resolve_quarantine(
             if existing.height
             else rows.clear()
         )
-        store.write_file(target, pl.concat([kept, rows]).sort("lsn", "change_index"))
+        # A file written by an earlier version may lack later columns or order them otherwise.
+        both = pl.concat([kept, rows], how="diagonal_relaxed").select(list(RECORD_SCHEMA))
+        store.write_file(target, both.sort("lsn", "change_index"))
         reindex[target] = rows["id"].to_list()
     if reindex:
         store.add_reindex(reindex)

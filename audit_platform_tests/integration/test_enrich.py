@@ -15,6 +15,7 @@ from audit_platform import platform_db
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import enrich_hour, enrich_pending, resolve_quarantine
 from audit_platform.index.reconcile import HourTransactions, hour_transactions
+from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
 from audit_platform.staging.store import FILE
@@ -135,6 +136,28 @@ def test_late_context_is_quarantined_first_then_enriched_as_late_with_its_lag(sh
     assert records["txn_changes"].to_list() == [2, 2]
     assert quarantine.stats(shop.state, "test", "shop").waiting == 0
     assert _revisit(shop, now) == []
+
+
+def test_a_late_context_rewrites_a_records_file_an_earlier_version_wrote(shop):
+    """The records file the orphan's record joins was written before ``server_version`` was
+    kept, its columns in another order: the rewrite keeps its record and adds the new one."""
+    _write(shop, "INSERT INTO orders VALUES (30, 'new', NULL)", context=ADA)
+    xid = _write(shop, "INSERT INTO orders VALUES (31, 'new', NULL)")
+    shop.capture()
+    assert _run(shop)["object_id"].to_list() == ["30"]
+    [path] = shop.store.files("records")
+    older = shop.store.read([path]).drop(FILE, "server_version")
+    shop.store.write_file(path, older.select(reversed(older.columns)))
+    with psycopg.connect(shop.url) as conn:
+        conn.execute(
+            "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(xid), json.dumps(ADA))
+        )
+    shop.capture()
+    records = _run(shop).sort("object_id")
+    assert records["object_id"].to_list() == ["30", "31"]
+    assert records["attribution_status"].to_list() == ["attributed", "late"]
+    assert records["server_version"][0] is None and records["server_version"][1] >= 150000
+    assert list(shop.store.read([path]).drop(FILE).columns) == list(RECORD_SCHEMA)
 
 
 def test_orphan_is_revisited_when_its_context_arrives_in_another_hour(shop):
