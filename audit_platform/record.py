@@ -36,11 +36,14 @@ class Column:
 
     ``leaf``: the key under which the trail's ``change`` leaf commits the column
     (``trust.leaves``), or None where the trail does not commit it as a change's fact (the
-    attribution, which a late context changes; the context, which has leaves of its own)."""
+    attribution, which a late context changes; the context, which has leaves of its own).
+    ``added``: the column came after records files were first written, so an older file may
+    lack it (read as null); any other column missing is an error, not a null."""
 
     name: str
     dtype: pl.DataType
     leaf: str | None = None
+    added: bool = False
 
     @staticmethod
     def of(info: FieldInfo) -> Column | None:
@@ -161,7 +164,9 @@ class Source(_Model):
         description="The source's name in this platform (its policy file)."
     )
     database: str
-    server_version: Annotated[int | None, Column("server_version", pl.Int32()), INTEGER] = Field(
+    server_version: Annotated[
+        int | None, Column("server_version", pl.Int32(), added=True), INTEGER
+    ] = Field(
         default=None,
         description="The source's PostgreSQL version (server_version_num, for example 150010) "
         "when capture read the change: what wrote the row images, across a major upgrade "
@@ -189,14 +194,14 @@ class Transaction(_Model):
     )
     change_index: Annotated[int, Column("change_index", pl.Int32(), leaf="index"), INTEGER]
     changes: Annotated[
-        int | None, Column("txn_changes", pl.Int32(), leaf="txn_changes"), INTEGER
+        int | None, Column("txn_changes", pl.Int32(), leaf="txn_changes", added=True), INTEGER
     ] = Field(
         default=None,
         description="Changes capture staged for this transaction (absent on "
         "records indexed before template version 4).",
     )
     ignored: Annotated[
-        int | None, Column("txn_ignored", pl.Int32(), leaf="txn_ignored"), INTEGER
+        int | None, Column("txn_ignored", pl.Int32(), leaf="txn_ignored", added=True), INTEGER
     ] = Field(
         default=None,
         description="Of those, how many the policy's ignore_changes_to dropped "
@@ -237,12 +242,12 @@ ECS_EVENT_TYPE = {
 
 
 class RowShape(_Model):
-    key: Annotated[list[str], Column("key_columns", pl.String(), leaf="key")] = Field(
+    key: Annotated[list[str], Column("key_columns", pl.String(), leaf="key", added=True)] = Field(
         description="Columns that identify the row: its primary key, or the key its policy names."
     )
     types: Annotated[
         dict[str, str],
-        Column("column_types", pl.String(), leaf="types"),
+        Column("column_types", pl.String(), leaf="types", added=True),
         Mapped({"type": "object", "enabled": False}),
     ] = Field(
         description="Each captured column's PostgreSQL type, as format_type prints it "
@@ -338,9 +343,6 @@ class Leaf:
 
     name: str
     info: FieldInfo
-    #: Absent from records files written before it existed (it, or a model it is in, has a
-    #: default of None): read as null there.
-    optional: bool
 
     @property
     def column(self) -> Column | None:
@@ -354,11 +356,9 @@ def record_fields(model: type[BaseModel] = BaseModel, prefix: str = "") -> Itera
         key = prefix + (info.alias or name)
         nested = model_in(info.annotation)
         if nested is not None:
-            for leaf in record_fields(nested, key + "."):
-                optional = leaf.optional or (info.default is None and not info.is_required())
-                yield Leaf(leaf.name, leaf.info, optional)
+            yield from record_fields(nested, key + ".")
         else:
-            yield Leaf(key, info, info.default is None and not info.is_required())
+            yield Leaf(key, info)
 
 
 #: The record as enrichment stages it (``records/`` Parquet, one row per record): flat columns,
@@ -370,7 +370,7 @@ RECORD_SCHEMA = pl.Schema(
 )
 #: Columns a records file written by an earlier version may lack (read as null).
 ADDED_COLUMNS = tuple(
-    leaf.column.name for leaf in record_fields() if leaf.column is not None and leaf.optional
+    leaf.column.name for leaf in record_fields() if leaf.column is not None and leaf.column.added
 )
 
 

@@ -19,12 +19,12 @@ import polars as pl
 
 from audit_platform.policy import SourcePolicy
 from audit_platform.record import (
-    ADDED_COLUMNS,
     RECORD_SCHEMA,
     Operation,
     object_id,
     record_id,
 )
+from audit_platform.staging.schemas import STAGED_LATER
 from audit_platform.staging.store import FILE
 from audit_platform_context.model import merge_fields
 
@@ -287,9 +287,9 @@ def _enrich_slice(
     both = pl.concat([kept, extra], how="horizontal")
     return both.select(
         *(
-            # A column staged files gained later (record.ADDED_COLUMNS) is null in older ones.
+            # A column staged files gained later (staging.STAGED_LATER) is null in older ones.
             pl.lit(None, dtype).alias(name)
-            if name in ADDED_COLUMNS and name not in both.columns
+            if name in STAGED_LATER and name not in both.columns
             else pl.col(name).cast(dtype)
             for name, dtype in RECORD_SCHEMA.items()
             if name != "txn_ignored"

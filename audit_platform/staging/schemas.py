@@ -41,6 +41,10 @@ _STAGED_EXTRA = pl.Schema(
     {"commit_time": pl.Datetime("us", "UTC"), "env": pl.String(), "source": pl.String()}
 )
 
+#: Columns of ``changes`` that files staged by an earlier version lack (read as null); any other
+#: column missing is an error.
+STAGED_LATER = ("server_version",)
+
 STAGED_SCHEMAS: dict[str, pl.Schema] = {
     "changes": pl.Schema(
         {

@@ -179,7 +179,13 @@ def test_the_records_schema_is_the_declared_columns_and_the_trail_commits_those_
 
 
 def test_a_records_file_written_before_the_later_columns_still_makes_documents():
-    assert set(ADDED_COLUMNS) >= {"server_version", "txn_changes", "key_columns"}
+    assert set(ADDED_COLUMNS) == {
+        "key_columns",
+        "column_types",
+        "txn_changes",
+        "txn_ignored",
+        "server_version",
+    }
     _, doc_id, document = _document(_record().drop(*ADDED_COLUMNS))
     record = validate_document(doc_id, document)
     assert record.source.server_version is None and record.transaction.changes is None
