@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 from elasticsearch import Elasticsearch
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr, SecretStr
 
 from audit_platform import platform_db
 from audit_platform.clients import es_from_settings, pg_url_from_settings
@@ -40,13 +40,16 @@ class AuditPlatform(dg.ConfigurableResource):
 
     Its fields are the settings an operator checks first, each bound to its variable with
     ``dg.EnvVar`` (:meth:`from_environment`): Dagster's UI shows which variable configures
-    what, never a value, and each run reads them where it runs. A field left empty, and every
-    other setting, comes from ``Settings`` as everywhere else (``AUDIT_*``, ``.env``).
+    what, never a value. The settings themselves are the process's (``Settings``: ``AUDIT_*``,
+    ``.env``), as everywhere else, and a field that says otherwise is refused: anyone who may
+    launch a run may also edit its resource configuration in the launchpad, and must not point
+    a run at another Elasticsearch (with this deployment's credentials), another database, or
+    another folder of SQL to install.
     """
 
     env: str = ""
-    pg_url: str = ""
-    es_url: str = ""
+    pg_url: str = Field(default="", repr=False)
+    es_url: str = Field(default="", repr=False)
     staging_root: str = ""
     resources_dir: str = ""
     _settings: Settings | None = PrivateAttr(default=None)
@@ -62,8 +65,16 @@ class AuditPlatform(dg.ConfigurableResource):
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            given = {field: getattr(self, field) for field in VARIABLES if getattr(self, field)}
-            self._settings = Settings(**given)
+            settings = Settings()
+            for field, variable in VARIABLES.items():
+                given, own = getattr(self, field), getattr(settings, field)
+                own = own.get_secret_value() if isinstance(own, SecretStr) else own
+                if given and given != str(own or ""):
+                    raise ValueError(
+                        f"the platform resource's {field} differs from this deployment's "
+                        f"{variable}: set the variable, not the run's configuration"
+                    )
+            self._settings = settings
         return self._settings
 
     def environment(self) -> EnvironmentConfig:

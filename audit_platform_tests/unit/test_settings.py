@@ -130,3 +130,22 @@ def test_the_dagster_resource_names_its_variables_and_keeps_the_defaults(monkeyp
         assert settings.env == "staging"
         assert pg_url_from_settings(settings).endswith("@db.internal/audit")
         assert settings.staging_root == Settings().staging_root
+
+
+def test_a_run_cannot_point_the_platform_resource_elsewhere(monkeypatch):
+    """Whoever may launch a run may edit its resource configuration: a value that is not the
+    deployment's own is refused, not used (another Elasticsearch would get its credentials)."""
+    import dagster as dg
+
+    from audit_platform.defs.resources import AuditPlatform
+
+    monkeypatch.setenv("AUDIT_ES_URL", "https://es.internal:9200")
+    monkeypatch.setenv("AUDIT_PG_URL", "postgresql://audit:hunter2@db.internal/audit")
+    resource = AuditPlatform(es_url="https://attacker.example:9200")
+    refused = pytest.raises(ValueError, match="es_url differs from this deployment's AUDIT_ES_URL")
+    with dg.build_resources({"platform": resource}) as built, refused:
+        _ = built.platform.settings
+    bound = AuditPlatform.from_environment()
+    with dg.build_resources({"platform": bound}) as built:
+        assert built.platform.settings.es_url == "https://es.internal:9200"
+        assert "hunter2" not in repr(built.platform)
