@@ -21,7 +21,9 @@ So the later facts that change a record (a late context, ``unattributed`` becomi
 leaves of their own, appended when they are captured; no leaf is ever rewritten. What a leaf does
 not cover is derived from what it does (the record's ``user``, ``service``, ``trace``, ``client``,
 ``event``, ``values_text``, ``transaction.lsn``) and is checked by deriving it again; only
-``ingested_at`` and ``source.database`` (settings of the deployment) are outside the trail.
+``ingested_at`` and ``source.database`` (settings of the deployment) and
+``source.server_version`` (what the source's server reported; a leaf's keys never change, or the
+leaves written before it would stop verifying) are outside the trail.
 
 Canonical bytes: the leaf as a JSON object serialized per RFC 8785 (JCS). Every value in a leaf
 is a string, null, an array or an object (numbers are written as strings), so JCS is Python's
