@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from audit_platform.settings import PROJECT_ROOT, Settings
+from audit_platform.settings import PROJECT_ROOT, ApiSettings
 
 CHART = PROJECT_ROOT / "deploy/helm/audit-platform"
 ENVIRONMENTS = ("dev", "staging", "uat", "prod")
@@ -110,14 +110,14 @@ def test_the_api_sees_the_ingress_tls_and_keeps_its_documents_and_metrics_closed
     data = config["data"]
     assert data["AUDIT_API_DOCS"] == "off" and data["AUDIT_API_METRICS"] == "keyed"
     assert data["AUDIT_API_TRUSTED_PROXIES"] not in {"", "127.0.0.1"}
-    settings = Settings(
+    api_settings = ApiSettings(
         **{
-            name.removeprefix("AUDIT_").lower(): value
+            name.removeprefix("AUDIT_API_").lower(): value
             for name, value in data.items()
             if name.startswith("AUDIT_API_")
         }
     )
-    assert settings.api.trusted_proxies == data["AUDIT_API_TRUSTED_PROXIES"]
+    assert api_settings.trusted_proxies == data["AUDIT_API_TRUSTED_PROXIES"]
     api = _by_kind(objects, "Deployment")[f"audit-platform-{env}-api"]
     # Annotation-based scraping sends no credentials: only an open /metrics is announced so.
     assert "prometheus.io/scrape" not in api["spec"]["template"]["metadata"]["annotations"]
