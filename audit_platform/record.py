@@ -349,9 +349,9 @@ class Leaf:
         return Column.of(self.info)
 
 
-def record_fields(model: type[BaseModel] = BaseModel, prefix: str = "") -> Iterator[Leaf]:
-    """Every leaf field of :class:`AuditRecord` (nested models expanded), in declaration order."""
-    model = AuditRecord if model is BaseModel else model
+def record_fields(model: type[BaseModel] = AuditRecord, prefix: str = "") -> Iterator[Leaf]:
+    """Every leaf field of a model (the record by default; nested models expanded), by dotted
+    alias, in declaration order."""
     for name, info in model.model_fields.items():
         key = prefix + (info.alias or name)
         nested = model_in(info.annotation)
@@ -377,9 +377,4 @@ ADDED_COLUMNS = tuple(
 def model_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Dotted names (by alias) of a model's fields, nested models expanded, in declaration
     order: how exports and contract tests walk the record without restating it."""
-    found: list[str] = []
-    for name, info in model.model_fields.items():
-        key = prefix + (info.alias or name)
-        nested = model_in(info.annotation)
-        found.extend(model_leaves(nested, key + ".") if nested else [key])
-    return found
+    return [leaf.name for leaf in record_fields(model, prefix)]

@@ -18,12 +18,7 @@ from typing import Any
 import polars as pl
 
 from audit_platform.policy import SourcePolicy
-from audit_platform.record import (
-    RECORD_SCHEMA,
-    Operation,
-    object_id,
-    record_id,
-)
+from audit_platform.record import RECORD_SCHEMA, Operation, object_id, record_id
 from audit_platform.staging.schemas import STAGED_LATER
 from audit_platform.staging.store import FILE
 from audit_platform_context.model import merge_fields
