@@ -18,7 +18,7 @@ import psycopg
 
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.join import EnrichResult, enrich, ignored_counts, transaction_contexts
-from audit_platform.enrich.rejections import rejected_frame, store_rejections
+from audit_platform.enrich.rejections import REJECTED, rejected_frame, store_rejections
 from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
 from audit_platform.record import RECORD_SCHEMA
@@ -135,17 +135,24 @@ def enrich_files(
     contexts = store.read(contexts_paths, "contexts")
     env, source = store.env, store.source
     outcome = EnrichOutcome()
+    # Attachments and refused messages are rare: a batch without them does no work for them
+    # (a live run pays this per batch, per source).
+    kinds = set(contexts.get_column("kind").unique().to_list())
     with state.transaction():
-        quarantine.store_late_contexts(state, env, source, contexts)
-        rejected = rejected_frame(contexts)
-        store_rejections(state, env, source, rejected)
-        outcome.add_rejected_messages(rejected)
+        if "attach" in kinds:
+            quarantine.store_late_contexts(state, env, source, contexts)
+        if REJECTED in kinds:
+            rejected = rejected_frame(contexts)
+            store_rejections(state, env, source, rejected)
+            outcome.add_rejected_messages(rejected)
         own = transaction_contexts(contexts)
         if leaves:
             times = contexts.group_by("lsn").agg(pl.col("commit_time").first())
             outcome.leaves.append(context_leaves(own.join(times, on="lsn"), env, source))
-            outcome.leaves.append(attach_leaves(contexts, env, source))
-            outcome.leaves.append(rejected_leaves(contexts, env, source))
+            if "attach" in kinds:
+                outcome.leaves.append(attach_leaves(contexts, env, source))
+            if REJECTED in kinds:
+                outcome.leaves.append(rejected_leaves(contexts, env, source))
         counts: dict[str, tuple | None] = {}
         for group in groups if groups is not None else [changes_paths]:
             found = _transaction_counts(store, policy, group, contexts, now)
@@ -212,6 +219,7 @@ def _enrich_known(
         late_contexts=late,
         captured=captured,
         ignored=ignored,
+        own=own,
     )
 
 

@@ -69,6 +69,8 @@ def transaction_contexts(contexts: pl.DataFrame) -> pl.DataFrame:
     """One context per (lsn, xid): several set_context calls in a transaction merge in order."""
     own = contexts.filter(pl.col("kind") == "context").sort("lsn", "seq")
     merged = own.group_by("lsn", "xid", maintain_order=True).agg(pl.col("context"))
+    if merged.height == own.height:  # one call per transaction, the usual case: no Python
+        return merged.with_columns(pl.col("context").list.first())
     return merged.with_columns(pl.col("context").map_elements(_merge_json, return_dtype=pl.String))
 
 
@@ -98,6 +100,7 @@ def enrich(
     late_contexts: pl.DataFrame | None = None,
     captured: pl.DataFrame | None = None,
     ignored: pl.DataFrame | None = None,
+    own: pl.DataFrame | None = None,
 ) -> EnrichResult:
     """Turn staged changes into records; orphans within the grace window wait.
 
@@ -109,6 +112,7 @@ def enrich(
     holds only some of them (orphans re-enriched on their own, one file of a transaction staged
     in parts); by default they are counted in ``changes``, which then holds whole transactions.
     ``ignored`` (lsn, txn_ignored) likewise counts the changes the policy ignores.
+    ``own`` is ``transaction_contexts(contexts)`` where the caller has it already.
     """
     schema = (
         pl.Schema({**RECORD_SCHEMA, FILE: pl.String()})
@@ -120,26 +124,21 @@ def enrich(
     changes = changes.unique(["lsn", "change_index"], keep="first", maintain_order=True)
     if captured is None:
         captured = changes.group_by("lsn").agg(pl.len().cast(pl.Int32).alias("txn_changes"))
-    joined = changes.join(transaction_contexts(contexts), on=["lsn", "xid"], how="left").join(
-        captured, on="lsn", how="left"
-    )
-    late = (
-        late_contexts
-        if late_contexts is not None
-        else pl.DataFrame(
-            schema={
-                "target_xid": pl.Int64,
-                "context": pl.String,
-                "attached_at": pl.Datetime("us", "UTC"),
-            }
+    if own is None:
+        own = transaction_contexts(contexts)
+    joined = changes.join(own, on=["lsn", "xid"], how="left").join(captured, on="lsn", how="left")
+    if late_contexts is None or late_contexts.is_empty():  # the usual batch: no joins
+        joined = joined.with_columns(
+            pl.lit(None, pl.String).alias("late_context"),
+            pl.lit(None, pl.Datetime("us", "UTC")).alias("attached_at"),
         )
-    )
-    late = (
-        late.sort("attached_at")
-        .group_by("target_xid", maintain_order=True)
-        .agg(pl.col("context").last().alias("late_context"), pl.col("attached_at").last())
-    )
-    joined = joined.join(late, left_on="xid", right_on="target_xid", how="left")
+    else:
+        late = (
+            late_contexts.sort("attached_at")
+            .group_by("target_xid", maintain_order=True)
+            .agg(pl.col("context").last().alias("late_context"), pl.col("attached_at").last())
+        )
+        joined = joined.join(late, left_on="xid", right_on="target_xid", how="left")
 
     if FILE not in joined.columns:
         joined = joined.with_columns(pl.lit(None, pl.String).alias(FILE))

@@ -74,11 +74,17 @@ def index_files(
 
 def _write_dead_letters(store: StagingStore, records: pl.DataFrame, result: IndexResult) -> None:
     """Per records file: keep earlier dead letters of records not sent now, add today's."""
+    paths = records.get_column(FILE).unique().to_list()
+    targets = {path: path.replace("/records/", "/deadletter/", 1) for path in paths}
+    if result.failed.is_empty():
+        # The usual case: no frame work, one look for a file that is almost never there.
+        targets = {path: t for path, t in targets.items() if store.fs.exists(t)}
+        if not targets:
+            return
     failed = result.failed.join(records.select("id", FILE), on="id", how="left")
     for (path,), sent in records.select("id", FILE).group_by(FILE):
-        target = path.replace("/records/", "/deadletter/", 1)
-        if failed.is_empty() and not store.fs.exists(target):
-            continue  # the usual case, without reading a file that is not there
+        if (target := targets.get(path)) is None:
+            continue
         existing = store.read([target])
         new = failed.filter(pl.col(FILE) == path).drop(FILE)
         if existing.height:
@@ -93,14 +99,19 @@ def _write_dead_letters(store: StagingStore, records: pl.DataFrame, result: Inde
 def _by_hour(records: pl.DataFrame, result: IndexResult) -> list[HourIndexed]:
     failed_ids = set(result.failed["id"].to_list())
     hours: dict[datetime, HourIndexed] = {}
-    for (path,), rows in records.select("id", FILE).group_by(FILE):
+    for path, ids in zip(*_ids_per_file(records), strict=True):
         hour = hour_from_path(path)
         found = hours.setdefault(hour, HourIndexed(hour, seconds=result.seconds))
-        failed = sum(1 for i in rows["id"].to_list() if i in failed_ids) if failed_ids else 0
-        found.records += rows.height
+        failed = sum(1 for i in ids if i in failed_ids) if failed_ids else 0
+        found.records += len(ids)
         found.failed += failed
-        found.indexed += rows.height - failed
+        found.indexed += len(ids) - failed
     return sorted(hours.values(), key=lambda h: h.hour)
+
+
+def _ids_per_file(records: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
+    grouped = records.group_by(FILE).agg("id")
+    return grouped.get_column(FILE).to_list(), grouped.get_column("id").to_list()
 
 
 def index_pending(
