@@ -61,6 +61,9 @@ class EnvironmentConfig(BaseModel):
     #: The live run re-enriches due orphans and late contexts this often.
     quarantine_resolve_seconds: int = Field(default=30, ge=1)
     capture_batch_changes: int = Field(default=50_000, ge=100)
+    #: A source with no change for this long closes its stream and looks for work through one
+    #: query every few seconds (``live.py``, "parks"); 0: sources never park.
+    capture_park_after_seconds: float = Field(default=120, ge=0)
     #: How long an orphan waits for a late context before it is indexed as unattributed.
     enrich_grace_minutes: int = Field(default=10, ge=0)
     #: WAL a slot may hold back before the slot_lag check warns, and before it fails (the

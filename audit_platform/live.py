@@ -9,6 +9,15 @@ While the slot is quiet it waits on the socket; when the server has read
 ``heartbeat_bytes`` of WAL past the slot's confirmed position without a tracked change (a quiet
 database next to a busy one), it confirms that position so the server may recycle the WAL.
 
+A source quiet for ``park_after_seconds`` parks: it confirms what it has read, closes its stream
+and keeps one query connection, through which it looks every ``park_look_seconds`` at its
+tables' change counters and its slot (:class:`ParkedLook`). A streaming slot's walsender wakes
+at every commit of every database on its server and decodes it, even while its own database is
+idle; a parked one has no walsender (benchmarks/idle_sources.py). The look's counters are a
+hint, never the truth: the stream that reopens reads from the slot's confirmed position, so a
+change the look misses waits (until ``heartbeat_bytes`` of WAL or ``park_most_seconds``), and
+is never lost.
+
 A failure (the source unreachable, its slot dropped or lost, Elasticsearch down, a bug) ends
 the worker's attempt: it closes its connections and tries again after a backoff, doubling up
 to ``backoff_max_seconds``; its status says why. Nothing is lost: the slot was confirmed only
@@ -27,6 +36,7 @@ No Dagster here: ``audit_platform/defs/capture/`` runs a supervisor inside a Dag
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import zlib
@@ -97,6 +107,16 @@ class LiveSettings:
     #: The longest wait between attempts: a failed attempt costs a connection, and the wait
     #: is what a source's freshness pays after its outage ends (benchmarks/fleet.py's faults).
     backoff_max_seconds: float = 10.0
+    #: A source with no tracked change for this long, everything read staged and indexed,
+    #: parks (see the module's description); 0 never parks.
+    park_after_seconds: float = 120.0
+    #: How often a parked source looks for work: one query, no decoding. What its next change
+    #: may wait more.
+    park_look_seconds: float = 2.0
+    #: A parked source reopens its stream at least this often, whatever the look says: what a
+    #: change the counters do not show waits at most (a TRUNCATE of an empty table, a logical
+    #: message alone), and how late its due orphans are resolved.
+    park_most_seconds: float = 300.0
 
 
 class Lane:
@@ -221,8 +241,9 @@ class LiveSource:
 @dataclass
 class SourceStatus:
     source: str
-    #: starting, live, retrying (after a failure), stopped, failed (stopped while failing), or
-    #: crashed (a BaseException ended the worker).
+    #: starting, live, parked (quiet: no stream, see the module's description), retrying
+    #: (after a failure), stopped, failed (stopped while failing), or crashed (a BaseException
+    #: ended the worker).
     state: str = "starting"
     error: str | None = None
     failures: int = 0
@@ -237,7 +258,7 @@ class SourceStatus:
 
     @property
     def healthy(self) -> bool:
-        return self.state in {"starting", "live", "stopped"} and self.error is None
+        return self.state in {"starting", "live", "parked", "stopped"} and self.error is None
 
 
 class LiveReport:
@@ -310,6 +331,9 @@ class SourceWorker:
         self.slot = slot_name(env, source.name)
         self.publication = publication_name(env, source.name)
         self.status = SourceStatus(source.name)
+        #: When the source's last tracked change was read (or the worker started): kept across
+        #: attempts, so a source woken to confirm WAL parks again as soon as it has.
+        self.changed_at = time.monotonic()
 
     def _set(self, **changes) -> None:
         for name, value in changes.items():
@@ -323,7 +347,10 @@ class SourceWorker:
         while not stop.is_set():
             self.status.attempts += 1
             try:
-                self.attempt(stop)
+                parked = self.attempt(stop)
+                if parked is not None:
+                    self._parked(stop, parked)
+                    continue
             except Exception as exc:  # reported and retried; the others go on
                 failures = self.status.failures + 1
                 delay = min(
@@ -338,9 +365,10 @@ class SourceWorker:
         # Stopped while failing: the last error stands, for whoever reads the run's report.
         self._set(state="stopped" if self.status.error is None else "failed")
 
-    def attempt(self, stop: threading.Event) -> None:
-        """One connection's worth of live capture, until ``stop`` (returns) or a failure
-        (raises). Everything is closed on the way out."""
+    def attempt(self, stop: threading.Event) -> ParkedLook | None:
+        """One connection's worth of live capture, until ``stop`` (returns None), the source
+        parks (returns the look it parked with) or a failure (raises). Everything is closed on
+        the way out."""
         source = self.source
         policy, url = source.policy(), source.url()
         if self.mask_key is None and any(t.mask for t in policy.tables.values()):
@@ -369,15 +397,19 @@ class SourceWorker:
                 self._set(
                     state="live", error=None, confirmed_lsn=slot.confirmed_lsn, caught_up=False
                 )
-                self._loop(stop, stream, decoder, stager, client, policy, database, result)
+                parked = self._loop(stop, stream, decoder, stager, client, policy, database, result)
             finally:
                 stream.close()
         self.status.failures = 0
+        return parked
 
-    def _loop(self, stop, stream, decoder, stager, client, policy, database, result) -> None:
+    def _loop(
+        self, stop, stream, decoder, stager, client, policy, database, result
+    ) -> ParkedLook | None:
         settings = self.settings
         resolved_at = checkpointed_at = time.monotonic()
         behind = True  # pending work not done yet: an earlier run's, or the ledger lock's
+        look: ParkedLook | None = None  # taken when the source may park, see ``_may_park``
         for raw in stream.live_batches(
             stop,
             flush_seconds=self.pacer.interval,
@@ -388,6 +420,7 @@ class SourceWorker:
         ):
             now = time.monotonic()
             if raw is not None:
+                self.changed_at, look = now, None
                 self.pacer.batched(self.source.name)
                 before = len(result.files)
                 with self._lane(self.lanes.staging, stream):
@@ -427,6 +460,38 @@ class SourceWorker:
             if now - checkpointed_at >= settings.checkpoint_every.total_seconds():
                 self._checkpoint()
                 checkpointed_at = now
+            parks = settings.park_after_seconds and caught_up and not behind
+            if parks and now - self.changed_at >= settings.park_after_seconds:
+                look = self._may_park(stream, stager, result, look)
+                if look.read_through(stream.server_wal_end):
+                    self._checkpoint()
+                    return look
+        return None
+
+    def _may_park(self, stream, stager, result, look: ParkedLook | None) -> ParkedLook:
+        """The look a quiet source parks with, taken on one quiet wake-up; it parks on a later
+        one once its stream has read past the WAL position the look was taken at, so every
+        change the look's counters include has been read (and, quiet, staged and indexed)."""
+        confirmed = max(result.confirmed_lsn, result.start_lsn)
+        if stream.server_wal_end > confirmed:
+            # Confirmed now, the slot's WAL is released while parked (what the heartbeat does).
+            stager.confirm(stream.server_wal_end)
+            self._set(confirmed_lsn=result.confirmed_lsn)
+        return look or ParkedLook.take(stager.conn, self.publication)
+
+    def _parked(self, stop: threading.Event, look: ParkedLook) -> None:
+        """Wait, holding one query connection and no stream, until the look finds work (a
+        change counted, ``heartbeat_bytes`` of WAL not confirmed, the slot gone or taken),
+        ``park_most_seconds`` have passed, or ``stop``; the next attempt then reads the slot."""
+        settings = self.settings
+        self._set(state="parked")
+        parked_at = time.monotonic()
+        with closing(SourceQueries(self.source.url(), idle_seconds=math.inf)) as conn:
+            while not stop.wait(settings.park_look_seconds):
+                if time.monotonic() - parked_at >= settings.park_most_seconds:
+                    return
+                if look.work(conn, self.slot, settings.heartbeat_bytes):
+                    return
 
     def _lane(self, lane: Lane, stream: SlotStream | None) -> AbstractContextManager[None]:
         """Hold ``lane``; while waiting for it, keep the stream alive (``SlotStream.keepalive``)."""
@@ -483,6 +548,63 @@ class SourceWorker:
             TrustLog(self.source.store).checkpoint(
                 self.signer, datetime.now(UTC), self.settings.checkpoint_every
             )
+
+
+@dataclass(frozen=True)
+class ParkedLook:
+    """What a parked source compares: its published tables' change counters (PostgreSQL's
+    cumulative statistics: inserted, updated, deleted and live rows), and the WAL position
+    when they were read. Counters are flushed by each backend when it goes idle, so a commit
+    shows within about a second, at worst ten (PostgreSQL's idle stats interval)."""
+
+    tables: tuple[int, ...]
+    counters: tuple[int, int]
+    wal_lsn: int
+
+    _COUNTERS = (
+        "(SELECT coalesce(sum(pg_stat_get_tuples_inserted(r) + pg_stat_get_tuples_updated(r)"
+        " + pg_stat_get_tuples_deleted(r)), 0)::bigint AS changed,"
+        " coalesce(sum(pg_stat_get_live_tuples(r)), 0)::bigint AS live"
+        " FROM unnest(%(tables)s::oid[]) AS r) AS c"
+    )
+
+    @classmethod
+    def take(cls, conn: SourceQueries, publication: str) -> ParkedLook:
+        found = conn.execute(
+            "SELECT coalesce(array_agg(format('%%I.%%I', schemaname, tablename)::regclass::oid),"
+            " '{}') FROM pg_publication_tables WHERE pubname = %s",
+            (publication,),
+        ).fetchone()
+        tables = list(found[0]) if found else []
+        row = conn.execute(
+            "SELECT c.changed, c.live, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"
+            f" FROM {cls._COUNTERS}",
+            {"tables": tables},
+        ).fetchone()
+        assert row is not None  # an aggregate's row
+        changed, live, wal_lsn = row
+        return cls(tuple(tables), (changed, live), wal_lsn)
+
+    def read_through(self, server_wal_end: int) -> bool:
+        return server_wal_end >= self.wal_lsn
+
+    def work(self, conn: SourceQueries, slot: str, heartbeat_bytes: int) -> bool:
+        """Whether the source has work a stream should read (a change counted since the look
+        was taken, WAL to confirm), or its slot is gone or held (the attempt says so)."""
+        row = conn.execute(
+            "SELECT c.changed, c.live,"
+            " (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint, s.active_pid"
+            f" FROM pg_replication_slots AS s, {self._COUNTERS} WHERE s.slot_name = %(slot)s",
+            {"tables": list(self.tables), "slot": slot},
+        ).fetchone()
+        if row is None:
+            return True
+        changed, live, unconfirmed, active = row
+        return (
+            (changed, live) != self.counters
+            or (unconfirmed or 0) >= heartbeat_bytes
+            or active is not None
+        )
 
 
 class SourceQueries:

@@ -17,8 +17,10 @@ machine's; and each idle slot's retained WAL as the server measures it (``pg_cur
 
 Run (the issue's target; needs max_replication_slots and max_wal_senders above the sources,
 and max_connections for two connections per source): ``eval "$(audit-platform stack env)";
-.venv/bin/python benchmarks/idle_sources.py --sources 200 --minutes 10``. Writes
-``benchmarks/results/idle_sources[-<tag>].md``.
+.venv/bin/python benchmarks/idle_sources.py --sources 200 --minutes 10 --rate 300``. It measures
+twice, one deployment after the other: sources that park when quiet (``live.py``; the default
+``capture_park_after_seconds``, 120) and sources that never do (0), each ``--minutes`` long.
+Writes ``benchmarks/results/idle_sources[-<tag>].md``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,15 @@ WALSENDERS = "walsenders of the idle slots"
 app = typer.Typer(add_completion=False)
 
 
+def held_slots(conn: psycopg.Connection, slots: list[str]) -> list[str]:
+    rows = conn.execute(
+        "SELECT slot_name FROM pg_replication_slots WHERE slot_name = ANY(%s)"
+        " AND active_pid IS NOT NULL",
+        (slots,),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
 def neighbour(url: str, rate: float, stop: threading.Event, written: list[int]) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS busy (id bigserial, note text)")
@@ -80,14 +91,59 @@ def main(
     shards: Annotated[int, typer.Option(help="capture_shards of the environment.")] = 1,
     sample_seconds: Annotated[float, typer.Option(help="Retained WAL sampled this often.")] = 10,
     tag: Annotated[str, typer.Option(help="Suffix of the results file.")] = "",
+    park_after: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="capture_park_after_seconds of a measurement (repeat: one after the other in "
+            "this run; 0 never parks). Default: 120, then 0."
+        ),
+    ] = None,
 ) -> None:
     admin = os.environ["AUDIT_PG_URL"]
     check_server(admin, sources + 1)
     command = "python benchmarks/idle_sources.py " + " ".join(sys.argv[1:])
+    found = [
+        measure(admin, sources, minutes, rate, shards, sample_seconds, after)
+        for after in park_after or [120.0, 0.0]
+    ]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| capture_park_after_seconds | idle sources' cores (run + walsenders) | their walsenders"
+        " | idle slots streaming (median of samples) | max retained WAL of an idle slot (MiB) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {after:g} | {idle:.3f} | {wal:.3f} | {streams:g} | {kept:.1f} |"
+            for after, idle, wal, streams, kept, _ in found
+        ),
+    ]
+    for after, *_, section in found:
+        lines += ["", f"## capture_park_after_seconds = {after:g}", "", *section]
+    out = RESULTS / f"idle_sources{'-' + tag if tag else ''}.md"
+    out.write_text(
+        "# Idle sources on a busy server: CPU and retained WAL\n\n" + "\n".join(lines) + "\n"
+    )
+    typer.echo("\n".join(lines))
+    typer.echo(f"written: {out}")
+
+
+def measure(
+    admin: str,
+    sources: int,
+    minutes: float,
+    rate: float,
+    shards: int,
+    sample_seconds: float,
+    park_after: float,
+) -> tuple[float, float, float, float, float, list[str]]:
+    """One deployment's window: (park_after, the idle sources' cores, their walsenders' cores,
+    idle slots streaming (median of samples), the most WAL an idle slot retained in MiB, the
+    report's lines)."""
     load_before = machine_load()
     names = [f"idle{n:03d}" for n in range(sources)]
     slots = [slot_name(ENV, s) for s in names]
-    bench = bench_deployment(ENV, "idle", sources=names, overrides={"capture_shards": shards})
+    overrides = {"capture_shards": shards, "capture_park_after_seconds": park_after}
+    bench = bench_deployment(ENV, "idle", sources=names, overrides=overrides)
     deployment = bench.deployment
     heartbeat = load_environment(bench.resources, ENV).slot_heartbeat_bytes
     neighbour_url = fresh_database(admin, NEIGHBOUR)
@@ -95,14 +151,17 @@ def main(
     with psycopg.connect(baseline_url, autocommit=True) as conn:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (BASELINE,))
     samples: list[tuple[float, dict[str, int], int]] = []
+    streams: list[int] = []  # idle slots with a walsender, per sample
     stop, written = threading.Event(), [0]
     try:
         deployment.start()
         with psycopg.connect(admin, autocommit=True) as conn:
-            deadline = time.time() + 600  # every idle slot held by its worker
-            while len(slot_pids(conn, slots)) < sources and time.time() < deadline:
+            deadline = time.time() + 600  # every idle slot held by its worker (then it may park)
+            ever: set[str] = set()
+            while len(ever) < sources and time.time() < deadline:
+                ever |= set(held_slots(conn, slots))
                 time.sleep(2)
-            held = len(slot_pids(conn, slots))
+            held = len(ever)
             typer.echo(f"{datetime.now(UTC):%H:%M:%S} {held} of {sources} idle slots held")
             held_at = time.time()
 
@@ -117,6 +176,12 @@ def main(
             while time.time() < deadline:
                 kept = [r for r, _ in retained_wal(conn, slots).values()]
                 if kept and max(kept) < heartbeat:
+                    break
+                time.sleep(2)
+            # With parking, the window starts once the quiet sources have parked (most of them:
+            # one may be awake to confirm), so it measures their steady state too.
+            while park_after and time.time() < deadline + park_after:
+                if len(slot_pids(conn, slots)) <= sources // 20:
                     break
                 time.sleep(2)
             warmed = time.time()
@@ -134,6 +199,7 @@ def main(
                 samples.append(
                     (time.time() - started, {s: r for s, (r, _) in found.items()}, baseline)
                 )
+                streams.append(len(slot_pids(conn, slots)))
                 time.sleep(sample_seconds)
             stop.set()
             writer.join(timeout=10)
@@ -163,15 +229,14 @@ def main(
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on the local stack ({os.cpu_count()} "
         f"cores, shared; machine load before: {load_before}; after: {machine_load()}). "
         f"{sources} idle sources of one environment ({shards} capture shard(s)), "
-        f"{held} of their slots held by the live run; before the window, each idle slot was "
-        f"waited for until it retained less than the heartbeat threshold (the setup's WAL, at "
-        f"most {setup_backlog / mb:.0f} MiB, was confirmed {warmed - held_at:.0f} s after the "
-        f"slots were held). Then a neighbour "
+        f"{held} of their slots held by the live run (each at least once: a parked source lets "
+        f"its slot go); before the window, each idle slot was waited for until it retained "
+        f"less than the heartbeat threshold (the setup's WAL, at most "
+        f"{setup_backlog / mb:.0f} MiB, was confirmed), and, when sources park, until most had "
+        f"parked: {warmed - held_at:.0f} s after the slots were held. Then a neighbour "
         f"database committed {written[0]} transactions of one ~1 KB row ({written[0] / seconds:.0f}"
         f"/s) for {seconds / 60:.1f} min, {wal / mb:.0f} MiB of WAL. Heartbeat threshold "
         f"{heartbeat / mb:.0f} MiB (`slot_heartbeat_bytes`).",
-        "",
-        f"Command: `{command}`",
         "",
         f"Ground truth: the idle sources' trigger tables hold {truth} changes; {indexed} "
         f"documents were indexed. Capture runs alive in the window: "
@@ -191,15 +256,16 @@ def main(
         "",
         "Retained WAL (MiB), server-side `pg_current_wal_lsn() - restart_lsn`:",
         "",
-        "| seconds | idle slots: median | idle slots: max | unconfirmed slot |",
-        "| ---: | ---: | ---: | ---: |",
+        "| seconds | idle slots: median | idle slots: max | unconfirmed slot | streaming |",
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
     step = max(1, round(60 / sample_seconds))
-    for t, found, baseline in samples[::step] + ([samples[-1]] if len(samples) % step != 1 else []):
+    rows = list(zip(samples, streams, strict=True))
+    for (t, found, baseline), open_ in rows[::step] + ([rows[-1]] if len(rows) % step != 1 else []):
         values = list(found.values()) or [0]
         lines.append(
             f"| {t:.0f} | {statistics.median(values) / mb:.1f} | {max(values) / mb:.1f} | "
-            f"{baseline / mb:.1f} |"
+            f"{baseline / mb:.1f} | {open_} |"
         )
     lines += [
         "",
@@ -219,12 +285,15 @@ def main(
             for slot in slots
         ),
     ]
-    out = RESULTS / f"idle_sources{'-' + tag if tag else ''}.md"
-    out.write_text(
-        "# Idle sources on a busy server: CPU and retained WAL\n\n" + "\n".join(lines) + "\n"
+    worst = max(per_slot_max.values()) / mb
+    return (
+        park_after,
+        idle_cores,
+        cores.get(WALSENDERS, 0),
+        statistics.median(streams),
+        worst,
+        lines,
     )
-    typer.echo("\n".join(lines))
-    typer.echo(f"written: {out}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import replace
 from datetime import timedelta
 
 import psycopg
@@ -280,6 +281,64 @@ def test_a_quiet_source_holds_only_its_slots_stream(pg_database, staging_root, e
         _wait_for(lambda: backends() == {"walsender": 1}, 30, "only the slot's stream is open")
         _write(source.url, 2, rows=1)
         _wait_for(lambda: len(_indexed(es, env, "shop")) == 2, 30, "the next change too")
+    _exactly_once(es, env, source)
+
+
+def test_a_quiet_source_parks_and_wakes_for_its_change_and_for_wal_to_confirm(
+    servers, pg_database, staging_root, env, es, state_url
+):
+    """A parked source holds one query connection and no stream (no walsender decoding its
+    server's WAL); its next change wakes it and is searchable within seconds; a busy
+    neighbour's WAL wakes it to confirm that WAL, and it parks again. Nothing lost, nothing
+    twice."""
+    source = _source(pg_database, staging_root, "shop", env)
+    settings = replace(
+        FAST, park_after_seconds=1, park_look_seconds=0.2, heartbeat_bytes=512 * 1024
+    )
+    worker = _worker(source, es, state_url, settings=settings)
+    slot = slot_name(env, "shop")
+
+    def backends() -> dict[str, int]:
+        with psycopg.connect(source.url) as conn:
+            return dict(
+                conn.execute(
+                    "SELECT backend_type, count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " GROUP BY backend_type"
+                ).fetchall()
+            )
+
+    def confirmed() -> int:
+        with psycopg.connect(source.url) as conn:
+            row = conn.execute(
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                (slot,),
+            ).fetchone()
+            return row[0]
+
+    with (
+        new_database(servers) as busy_url,
+        _running(Supervisor(lambda: {"shop": worker}, lifetime=timedelta(minutes=5))),
+    ):
+        _write(source.url, 1, rows=1)
+        _wait_for(lambda: len(_indexed(es, env, "shop")) == 1, 30, "the change is searchable")
+        _wait_for(lambda: worker.status.state == "parked", 30, "the quiet source parks")
+        _wait_for(lambda: backends() == {"client backend": 1}, 10, "one connection, no stream")
+        attempts = worker.status.attempts
+        _write(source.url, 2, rows=2)
+        written = time.monotonic()
+        _wait_for(lambda: len(_indexed(es, env, "shop")) == 3, 30, "the next change too")
+        assert time.monotonic() - written < 15
+        assert worker.status.attempts > attempts  # it woke: a new stream read the change
+        _wait_for(lambda: worker.status.state == "parked", 30, "it parks again")
+        before = confirmed()
+        with psycopg.connect(busy_url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id serial PRIMARY KEY, v text)")
+            conn.execute("INSERT INTO t (v) SELECT repeat('x', 1000) FROM generate_series(1, 3000)")
+        _wait_for(lambda: confirmed() > before + 512 * 1024, 30, "the neighbour's WAL confirmed")
+        _wait_for(lambda: worker.status.state == "parked", 30, "and parked again")
+        assert worker.status.failures == 0 and worker.status.error is None, worker.status
     _exactly_once(es, env, source)
 
 

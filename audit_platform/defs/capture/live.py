@@ -77,6 +77,7 @@ def live_settings(environment: EnvironmentConfig) -> LiveSettings:
         lanes=environment.capture_lanes,
         batch_changes=environment.capture_batch_changes,
         heartbeat_bytes=environment.slot_heartbeat_bytes,
+        park_after_seconds=environment.capture_park_after_seconds,
         grace=timedelta(minutes=environment.enrich_grace_minutes),
         trail=environment.trail,
         checkpoint_every=timedelta(seconds=environment.checkpoint_every_seconds),
