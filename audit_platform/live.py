@@ -16,7 +16,8 @@ at every commit of every database on its server and decodes it, even while its o
 idle; a parked one has no walsender (benchmarks/idle_sources.py). The look's counters are a
 hint, never the truth: the stream that reopens reads from the slot's confirmed position, so a
 change the look misses waits (until ``heartbeat_bytes`` of WAL or ``park_most_seconds``), and
-is never lost.
+is never lost. A wake-up that finds nothing to read makes the next looks rarer (up to 8 times
+``park_look_seconds``), so rolled-back writes cannot keep a source flapping.
 
 A failure (the source unreachable, its slot dropped or lost, Elasticsearch down, a bug) ends
 the worker's attempt: it closes its connections and tries again after a backoff, doubling up
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 import zlib
@@ -51,10 +53,11 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from elasticsearch import Elasticsearch
 from psycopg.abc import Params
+from psycopg.conninfo import make_conninfo
 
 from audit_platform.capture.pgoutput import ChangeBatch
 from audit_platform.capture.run import CaptureResult, _Stager, source_decoder
-from audit_platform.capture.slot import usable_slot_state
+from audit_platform.capture.slot import parked_name, usable_slot_state
 from audit_platform.capture.stream import BATCH_BYTES, SlotBusy, SlotStream, StopEvent
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import HourResult, enrich_pending, resolve_quarantine
@@ -334,6 +337,9 @@ class SourceWorker:
         #: When the source's last tracked change was read (or the worker started): kept across
         #: attempts, so a source woken to confirm WAL parks again as soon as it has.
         self.changed_at = time.monotonic()
+        #: Wake-ups in a row for counters that moved with nothing to read (a rolled-back write).
+        self.false_wakes = 0
+        self._woke_for_counters = False
 
     def _set(self, **changes) -> None:
         for name, value in changes.items():
@@ -421,6 +427,7 @@ class SourceWorker:
             now = time.monotonic()
             if raw is not None:
                 self.changed_at, look = now, None
+                self.false_wakes, self._woke_for_counters = 0, False
                 self.pacer.batched(self.source.name)
                 before = len(result.files)
                 with self._lane(self.lanes.staging, stream):
@@ -464,7 +471,9 @@ class SourceWorker:
             if parks and now - self.changed_at >= settings.park_after_seconds:
                 look = self._may_park(stream, stager, result, look)
                 if look.read_through(stream.server_wal_end):
-                    self._checkpoint()
+                    self._checkpoint(every=timedelta(0))  # sign what it appended, now
+                    if self._woke_for_counters:
+                        self.false_wakes += 1
                     return look
         return None
 
@@ -480,17 +489,26 @@ class SourceWorker:
         return look or ParkedLook.take(stager.conn, self.publication)
 
     def _parked(self, stop: threading.Event, look: ParkedLook) -> None:
-        """Wait, holding one query connection and no stream, until the look finds work (a
-        change counted, ``heartbeat_bytes`` of WAL not confirmed, the slot gone or taken),
-        ``park_most_seconds`` have passed, or ``stop``; the next attempt then reads the slot."""
+        """Wait, holding one query connection and no stream, until a look finds work (a
+        change counted, WAL to confirm, the slot gone), ``park_most_seconds`` have passed, or
+        ``stop``; the next attempt then reads the slot.
+
+        The WAL that wakes a parked source is a random 50 to 100% of ``heartbeat_bytes``:
+        sources that parked together beside a busy neighbour do not all wake at once."""
         settings = self.settings
         self._set(state="parked")
         parked_at = time.monotonic()
-        with closing(SourceQueries(self.source.url(), idle_seconds=math.inf)) as conn:
-            while not stop.wait(settings.park_look_seconds):
+        every = settings.park_look_seconds * 2 ** min(self.false_wakes, 3)
+        wal = int(settings.heartbeat_bytes * random.uniform(0.5, 1.0))
+        self._woke_for_counters = False
+        name = parked_name(self.slot)
+        with closing(SourceQueries(self.source.url(), math.inf, application_name=name)) as conn:
+            while not stop.wait(every):
                 if time.monotonic() - parked_at >= settings.park_most_seconds:
                     return
-                if look.work(conn, self.slot, settings.heartbeat_bytes):
+                found = look.work(conn, self.slot, wal)
+                if found is not None:
+                    self._woke_for_counters = found == "counters"
                     return
 
     def _lane(self, lane: Lane, stream: SlotStream | None) -> AbstractContextManager[None]:
@@ -543,83 +561,111 @@ class SourceWorker:
             self._set(records_indexed=self.status.records_indexed + sum(h.indexed for h in indexed))
         return True
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, every: timedelta | None = None) -> None:
         if self.signer is not None and self.settings.trail:
             TrustLog(self.source.store).checkpoint(
-                self.signer, datetime.now(UTC), self.settings.checkpoint_every
+                self.signer,
+                datetime.now(UTC),
+                self.settings.checkpoint_every if every is None else every,
             )
 
 
 @dataclass(frozen=True)
 class ParkedLook:
     """What a parked source compares: its published tables' change counters (PostgreSQL's
-    cumulative statistics: inserted, updated, deleted and live rows), and the WAL position
-    when they were read. Counters are flushed by each backend when it goes idle, so a commit
-    shows within about a second, at worst ten (PostgreSQL's idle stats interval)."""
+    cumulative statistics of inserted, updated, deleted and live rows, over the publication's
+    tables and their partitions, read afresh at each look), and the WAL insert position when
+    they were first read. A backend flushes its counters when it goes idle, within a second
+    of a commit, later under contention or while a procedure commits in a loop: then the
+    change waits for the WAL or ``park_most_seconds`` wake-up."""
 
-    tables: tuple[int, ...]
+    publication: str
     counters: tuple[int, int]
     wal_lsn: int
 
-    _COUNTERS = (
-        "(SELECT coalesce(sum(pg_stat_get_tuples_inserted(r) + pg_stat_get_tuples_updated(r)"
-        " + pg_stat_get_tuples_deleted(r)), 0)::bigint AS changed,"
-        " coalesce(sum(pg_stat_get_live_tuples(r)), 0)::bigint AS live"
-        " FROM unnest(%(tables)s::oid[]) AS r) AS c"
-    )
+    #: No table lock (``pg_publication_tables`` opens every published table): a role that may
+    #: lock one table must not be able to hang the look.
+    _COUNTERS = """
+        WITH RECURSIVE published(relid) AS (
+            SELECT r.prrelid FROM pg_publication_rel AS r
+            JOIN pg_publication AS p ON p.oid = r.prpubid WHERE p.pubname = %(publication)s
+            UNION
+            SELECT i.inhrelid FROM pg_inherits AS i JOIN published ON i.inhparent = published.relid
+        )
+        SELECT coalesce(sum(pg_stat_get_tuples_inserted(relid) + pg_stat_get_tuples_updated(relid)
+            + pg_stat_get_tuples_deleted(relid)), 0)::bigint AS changed,
+            coalesce(sum(pg_stat_get_live_tuples(relid)), 0)::bigint AS live
+        FROM published
+    """
 
     @classmethod
     def take(cls, conn: SourceQueries, publication: str) -> ParkedLook:
-        found = conn.execute(
-            "SELECT coalesce(array_agg(format('%%I.%%I', schemaname, tablename)::regclass::oid),"
-            " '{}') FROM pg_publication_tables WHERE pubname = %s",
-            (publication,),
-        ).fetchone()
-        tables = list(found[0]) if found else []
+        # The insert position: a commit's record is inserted before its counters are
+        # reported, so the stream having read past this position has read every change they
+        # count (with asynchronous commit, the write position may still be behind it).
         row = conn.execute(
-            "SELECT c.changed, c.live, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"
-            f" FROM {cls._COUNTERS}",
-            {"tables": tables},
+            f"SELECT c.changed, c.live, (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
+            f" FROM ({cls._COUNTERS}) AS c",
+            {"publication": publication},
         ).fetchone()
         assert row is not None  # an aggregate's row
         changed, live, wal_lsn = row
-        return cls(tuple(tables), (changed, live), wal_lsn)
+        return cls(publication, (changed, live), wal_lsn)
 
     def read_through(self, server_wal_end: int) -> bool:
         return server_wal_end >= self.wal_lsn
 
-    def work(self, conn: SourceQueries, slot: str, heartbeat_bytes: int) -> bool:
-        """Whether the source has work a stream should read (a change counted since the look
-        was taken, WAL to confirm), or its slot is gone or held (the attempt says so)."""
+    def work(self, conn: SourceQueries, slot: str, wal_bytes: int) -> str | None:
+        """Why a stream should read the slot now: ``counters`` (a change counted since the look
+        was taken), ``wal`` (``wal_bytes`` or more not confirmed: a heartbeat), ``slot`` (gone:
+        the attempt says so); None to stay parked. A slot another process holds is not work."""
         row = conn.execute(
-            "SELECT c.changed, c.live,"
-            " (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint, s.active_pid"
-            f" FROM pg_replication_slots AS s, {self._COUNTERS} WHERE s.slot_name = %(slot)s",
-            {"tables": list(self.tables), "slot": slot},
+            "SELECT c.changed, c.live, s.slot_name IS NOT NULL,"
+            " (pg_current_wal_insert_lsn() - s.confirmed_flush_lsn)::bigint"
+            f" FROM ({self._COUNTERS}) AS c"
+            " LEFT JOIN pg_replication_slots AS s ON s.slot_name = %(slot)s",
+            {"publication": self.publication, "slot": slot},
         ).fetchone()
-        if row is None:
-            return True
-        changed, live, unconfirmed, active = row
-        return (
-            (changed, live) != self.counters
-            or (unconfirmed or 0) >= heartbeat_bytes
-            or active is not None
-        )
+        assert row is not None  # an aggregate's row
+        changed, live, exists, unconfirmed = row
+        if not exists:
+            return "slot"
+        if (changed, live) != self.counters:
+            return "counters"
+        if (unconfirmed or 0) >= wal_bytes:
+            return "wal"
+        return None
 
 
 class SourceQueries:
     """A worker's connection to its source for queries (type names and keys for the decoder,
     the slot's confirmed position after each confirm), opened when asked and closed once
-    unused for ``idle_seconds``: a quiet source holds its slot's stream and nothing else."""
+    unused for ``idle_seconds``: a quiet source holds its slot's stream and nothing else.
 
-    def __init__(self, url: str, idle_seconds: float) -> None:
-        self.url, self.idle_seconds = url, idle_seconds
+    Its queries are short: a lock or a lost network must fail them (an attempt that is
+    retried and reported), never hang the worker (``SESSION``, TCP keepalives)."""
+
+    SESSION = "SET statement_timeout = '30s'; SET lock_timeout = '5s'"
+
+    def __init__(self, url: str, idle_seconds: float, application_name: str = "") -> None:
+        self.idle_seconds = idle_seconds
+        named = make_conninfo(url, application_name=application_name)
+        self.url = named if application_name else url
         self._conn: psycopg.Connection | None = None
         self._used = 0.0
 
     def execute(self, query: str, params: Params | None = None) -> psycopg.Cursor[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            self._conn = psycopg.connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=10,
+                keepalives=1,
+                keepalives_idle=30,
+                keepalives_interval=10,
+                keepalives_count=3,
+            )
+            self._conn.execute(self.SESSION)
         self._used = time.monotonic()
         return self._conn.execute(query, params)
 

@@ -102,3 +102,20 @@ def peek(url: str, slot: str, publication: str) -> SlotPeek:
         except psycopg.errors.ObjectInUse:
             return SlotPeek(state, False)
     return SlotPeek(state, bool(rows))
+
+
+def parked_name(slot: str) -> str:
+    """The ``application_name`` of a parked live worker's connection (``live.py``): a slot that
+    no process streams may still be a running capture's, and setup and checks must know."""
+    return f"parked {slot}"[:63]
+
+
+def parked_pid(conn: Queries, slot: str) -> int | None:
+    """The backend of a worker parked on ``slot``, if any. Only sessions of the role asking
+    count: a role that merely connects cannot pass for the capture by naming a session."""
+    row = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+        " AND datname = current_database() AND usename = current_user LIMIT 1",
+        (parked_name(slot),),
+    ).fetchone()
+    return row[0] if row else None

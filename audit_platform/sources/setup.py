@@ -17,6 +17,7 @@ from psycopg import sql
 
 from audit_platform import migrations
 from audit_platform.capture.messages import ATTACHMENTS_TABLE
+from audit_platform.capture.slot import parked_pid
 from audit_platform.lsn import parse_lsn
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.platform_db import one
@@ -200,9 +201,10 @@ def teardown_source(
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
         ).fetchone()
         if active is not None:
-            if active[0] is not None:
+            watcher = active[0] if active[0] is not None else parked_pid(conn, slot)
+            if watcher is not None:
                 raise SetupError(
-                    f"slot {slot} is in use by process {active[0]}; stop capture for "
+                    f"slot {slot} is in use by process {watcher}; stop capture for "
                     f"environment {env!r} first"
                 )
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))

@@ -373,8 +373,6 @@ class StagingStore:
             except FileNotFoundError:
                 continue
             frames.append(frame.with_columns(pl.lit(path).alias(FILE)))
-        if len(frames) == 1:
-            return frames[0]
         if frames:
             return pl.concat(frames, how="diagonal_relaxed")
         schema = STAGED_SCHEMAS.get(dataset or "", pl.Schema())

@@ -21,6 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from audit_platform import platform_db
+from audit_platform.capture.slot import parked_pid
 from audit_platform.capture.stream import SlotStream
 from audit_platform.faults import LOCAL_ONLY_POINTS, POINTS, SimulatedCrash, armed
 from audit_platform.index.template import install_template
@@ -36,6 +37,7 @@ from audit_platform.live import (
 from audit_platform.naming import publication_name, read_alias, slot_name
 from audit_platform.settings import PROJECT_ROOT, Settings
 from audit_platform.signing import new_private_key, private_key
+from audit_platform.sources.setup import SetupError, teardown_source
 from audit_platform.verify import Window, verify_source
 from audit_platform_tests.capture_support import MASK_KEY, CaptureSource, make_source
 from audit_platform_tests.conftest import new_database
@@ -284,39 +286,46 @@ def test_a_quiet_source_holds_only_its_slots_stream(pg_database, staging_root, e
     _exactly_once(es, env, source)
 
 
+SQL_DIR = Settings().resources_dir / "sql"
+PARKING = replace(
+    FAST,
+    park_after_seconds=1,
+    park_look_seconds=0.2,
+    park_most_seconds=600,  # a change must wake it, not the backstop
+    heartbeat_bytes=512 * 1024,
+)
+
+
+def _backends(url: str) -> dict[str, int]:
+    with psycopg.connect(url) as conn:
+        return dict(
+            conn.execute(
+                "SELECT backend_type, count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " GROUP BY backend_type"
+            ).fetchall()
+        )
+
+
+def _confirmed(url: str, slot: str) -> int:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots"
+            " WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()[0]
+
+
 def test_a_quiet_source_parks_and_wakes_for_its_change_and_for_wal_to_confirm(
     servers, pg_database, staging_root, env, es, state_url
 ):
     """A parked source holds one query connection and no stream (no walsender decoding its
-    server's WAL); its next change wakes it and is searchable within seconds; a busy
-    neighbour's WAL wakes it to confirm that WAL, and it parks again. Nothing lost, nothing
-    twice."""
+    server's WAL), and setup sees it as capture running; its next change wakes it and is
+    searchable within seconds; a busy neighbour's WAL wakes it to confirm that WAL, and it
+    parks again. Nothing lost, nothing twice."""
     source = _source(pg_database, staging_root, "shop", env)
-    settings = replace(
-        FAST, park_after_seconds=1, park_look_seconds=0.2, heartbeat_bytes=512 * 1024
-    )
-    worker = _worker(source, es, state_url, settings=settings)
+    worker = _worker(source, es, state_url, settings=PARKING)
     slot = slot_name(env, "shop")
-
-    def backends() -> dict[str, int]:
-        with psycopg.connect(source.url) as conn:
-            return dict(
-                conn.execute(
-                    "SELECT backend_type, count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                    " GROUP BY backend_type"
-                ).fetchall()
-            )
-
-    def confirmed() -> int:
-        with psycopg.connect(source.url) as conn:
-            row = conn.execute(
-                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots"
-                " WHERE slot_name = %s",
-                (slot,),
-            ).fetchone()
-            return row[0]
-
     with (
         new_database(servers) as busy_url,
         _running(Supervisor(lambda: {"shop": worker}, lifetime=timedelta(minutes=5))),
@@ -324,7 +333,11 @@ def test_a_quiet_source_parks_and_wakes_for_its_change_and_for_wal_to_confirm(
         _write(source.url, 1, rows=1)
         _wait_for(lambda: len(_indexed(es, env, "shop")) == 1, 30, "the change is searchable")
         _wait_for(lambda: worker.status.state == "parked", 30, "the quiet source parks")
-        _wait_for(lambda: backends() == {"client backend": 1}, 10, "one connection, no stream")
+        _wait_for(lambda: _backends(source.url) == {"client backend": 1}, 10, "no stream")
+        with psycopg.connect(source.url, autocommit=True) as conn:
+            assert parked_pid(conn, slot) is not None
+        with pytest.raises(SetupError, match="stop capture"):
+            teardown_source(source.url, env, "shop", SQL_DIR, everything=False)
         attempts = worker.status.attempts
         _write(source.url, 2, rows=2)
         written = time.monotonic()
@@ -332,13 +345,45 @@ def test_a_quiet_source_parks_and_wakes_for_its_change_and_for_wal_to_confirm(
         assert time.monotonic() - written < 15
         assert worker.status.attempts > attempts  # it woke: a new stream read the change
         _wait_for(lambda: worker.status.state == "parked", 30, "it parks again")
-        before = confirmed()
+        before = _confirmed(source.url, slot)
         with psycopg.connect(busy_url, autocommit=True) as conn:
             conn.execute("CREATE TABLE t (id serial PRIMARY KEY, v text)")
             conn.execute("INSERT INTO t (v) SELECT repeat('x', 1000) FROM generate_series(1, 3000)")
-        _wait_for(lambda: confirmed() > before + 512 * 1024, 30, "the neighbour's WAL confirmed")
+        _wait_for(
+            lambda: _confirmed(source.url, slot) > before + 256 * 1024,
+            30,
+            "the neighbour's WAL confirmed",
+        )
         _wait_for(lambda: worker.status.state == "parked", 30, "and parked again")
         assert worker.status.failures == 0 and worker.status.error is None, worker.status
+    _exactly_once(es, env, source)
+
+
+def test_a_parked_source_sees_partitions_and_a_lock_cannot_hang_it(
+    pg_database, staging_root, env, es, state_url
+):
+    """The look counts a partitioned table's changes (PostgreSQL counts them on the leaves)
+    and takes no table lock: a session holding an exclusive lock on a tracked table, as any
+    role that may update it can, neither keeps the source from parking nor hangs it."""
+    ddl = (
+        "CREATE TABLE events (id int, at date, note text, PRIMARY KEY (id, at))"
+        " PARTITION BY RANGE (at);"
+        "CREATE TABLE events_2026 PARTITION OF events"
+        " FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');"
+        "ALTER TABLE events_2026 REPLICA IDENTITY FULL;" + ground_truth_ddl("events")
+    )
+    source = make_source(pg_database, staging_root, ddl, policy_for("ev", public__events={}), env)
+    worker = _worker(source, es, state_url, settings=PARKING)
+    with _running(Supervisor(lambda: {"ev": worker}, lifetime=timedelta(minutes=5))):
+        _wait_for(lambda: worker.status.state == "live", 30, "the worker is live")
+        with psycopg.connect(source.url) as locker:
+            locker.execute("LOCK TABLE events_2026 IN ACCESS EXCLUSIVE MODE")
+            _wait_for(lambda: worker.status.state == "parked", 30, "parks beside the lock")
+            time.sleep(1)  # a few looks while the lock is held
+            assert worker.status.state == "parked", worker.status
+        source.execute("INSERT INTO events VALUES (1, '2026-06-01', 'a')")
+        _wait_for(lambda: len(_indexed(es, env, "ev")) == 1, 30, "the partition's change")
+        assert worker.status.failures == 0, worker.status
     _exactly_once(es, env, source)
 
 

@@ -27,7 +27,7 @@ from elasticsearch import Elasticsearch
 from psycopg_pool import ConnectionPool
 from pydantic import Field
 
-from audit_platform.capture.slot import SlotLost, SlotMissing, usable_slot_state
+from audit_platform.capture.slot import SlotLost, SlotMissing, parked_pid, usable_slot_state
 from audit_platform.clients import pg_url_from_settings
 from audit_platform.defs.capture.assets import source_url, staged_key
 from audit_platform.defs.enrich.assets import hour_events, quarantine_key, quarantine_metadata
@@ -227,7 +227,9 @@ def _state_url(platform: AuditPlatform) -> str:
 
 
 def _status_key(status: SourceStatus) -> tuple:
-    return (status.state, status.error)
+    # Parked and live are one state to Dagster: a quiet source parks and wakes every few
+    # minutes, and each change of key is an event in its history.
+    return ("live" if status.state == "parked" else status.state, status.error)
 
 
 def status_check(status: SourceStatus, shard: int, run_id: str) -> dg.AssetCheckEvaluation:
@@ -309,7 +311,7 @@ def capture_live_checks(env: str, source: str, config: SourceConfig) -> dg.Asset
         blocking=False,
         description=f"Source {source} is captured live: evaluated by the live capture run of "
         "its shard (its worker's state, failures and last error). Run on its own, it checks "
-        "that a consumer holds the slot.",
+        "that a consumer holds the slot, or that a parked worker watches it.",
     )
     def check() -> dg.AssetCheckResult:
         slot = slot_name(env, source)
@@ -318,11 +320,16 @@ def capture_live_checks(env: str, source: str, config: SourceConfig) -> dg.Asset
                 source_url(source, config), autocommit=True, connect_timeout=10
             ) as conn:
                 state = usable_slot_state(conn, slot)
+                parked = parked_pid(conn, slot) if state.active_pid is None else None
         except (SlotLost, SlotMissing, psycopg.OperationalError) as exc:
             return dg.AssetCheckResult(passed=False, description=str(exc))
         return dg.AssetCheckResult(
-            passed=state.active_pid is not None,
-            metadata={"slot": slot, "consumer_pid": state.active_pid or 0},
+            passed=state.active_pid is not None or parked is not None,
+            metadata={
+                "slot": slot,
+                "consumer_pid": state.active_pid or 0,
+                "parked_pid": parked or 0,
+            },
         )
 
     return check
