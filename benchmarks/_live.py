@@ -479,11 +479,11 @@ def retained_wal(conn: psycopg.Connection, slots: list[str]) -> dict[str, tuple[
     return {name: (retained or 0, lag or 0) for name, retained, lag in rows}
 
 
-def slot_pids(conn: psycopg.Connection, slots: list[str]) -> list[int]:
-    """The walsender processes serving these slots now."""
+def slot_pids(conn: psycopg.Connection, slots: list[str]) -> dict[str, int]:
+    """The walsender process serving each of these slots that is streamed now."""
     rows = conn.execute(
-        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = ANY(%s)"
+        "SELECT slot_name, active_pid FROM pg_replication_slots WHERE slot_name = ANY(%s)"
         " AND active_pid IS NOT NULL",
         (slots,),
     ).fetchall()
-    return [r[0] for r in rows]
+    return dict(rows)

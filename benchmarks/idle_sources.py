@@ -63,15 +63,6 @@ WALSENDERS = "walsenders of the idle slots"
 app = typer.Typer(add_completion=False)
 
 
-def held_slots(conn: psycopg.Connection, slots: list[str]) -> list[str]:
-    rows = conn.execute(
-        "SELECT slot_name FROM pg_replication_slots WHERE slot_name = ANY(%s)"
-        " AND active_pid IS NOT NULL",
-        (slots,),
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
 def neighbour(url: str, rate: float, stop: threading.Event, written: list[int]) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS busy (id bigserial, note text)")
@@ -159,7 +150,7 @@ def measure(
             deadline = time.time() + 600  # every idle slot held by its worker (then it may park)
             ever: set[str] = set()
             while len(ever) < sources and time.time() < deadline:
-                ever |= set(held_slots(conn, slots))
+                ever |= set(slot_pids(conn, slots))
                 time.sleep(2)
             held = len(ever)
             typer.echo(f"{datetime.now(UTC):%H:%M:%S} {held} of {sources} idle slots held")
@@ -167,7 +158,7 @@ def measure(
 
             def walsenders() -> dict[int, str]:
                 with psycopg.connect(admin, autocommit=True) as c:
-                    return dict.fromkeys(slot_pids(c, slots), WALSENDERS)
+                    return dict.fromkeys(slot_pids(c, slots).values(), WALSENDERS)
 
             # Warm: every idle slot confirmed past the WAL of the setup (databases made, slots
             # created), so the window measures the steady state, not that backlog.

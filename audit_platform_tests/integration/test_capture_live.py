@@ -266,21 +266,12 @@ def test_a_quiet_source_holds_only_its_slots_stream(pg_database, staging_root, e
     source = _source(pg_database, staging_root, "shop", env)
     report = LiveReport()
     workers = {"shop": _worker(source, es, state_url, report)}
-
-    def backends() -> dict[str, int]:
-        with psycopg.connect(source.url) as conn:
-            return dict(
-                conn.execute(
-                    "SELECT backend_type, count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                    " GROUP BY backend_type"
-                ).fetchall()
-            )
-
     with _running(Supervisor(lambda: workers, lifetime=timedelta(minutes=5), report=report)):
         _write(source.url, 1, rows=1)
         _wait_for(lambda: len(_indexed(es, env, "shop")) == 1, 30, "the change is searchable")
-        _wait_for(lambda: backends() == {"walsender": 1}, 30, "only the slot's stream is open")
+        _wait_for(
+            lambda: _backends(source.url) == {"walsender": 1}, 30, "only the slot's stream is open"
+        )
         _write(source.url, 2, rows=1)
         _wait_for(lambda: len(_indexed(es, env, "shop")) == 2, 30, "the next change too")
     _exactly_once(es, env, source)
