@@ -449,10 +449,7 @@ class SourceWorker:
                     resolved_at = now
                 continue
             # Quiet: confirm WAL read without a tracked change, past the heartbeat threshold.
-            confirmed = max(result.confirmed_lsn, result.start_lsn)
-            if stream.server_wal_end - confirmed >= settings.heartbeat_bytes:
-                stager.confirm(stream.server_wal_end)
-                self._set(confirmed_lsn=result.confirmed_lsn)
+            self._confirm_read(stream, stager, result, settings.heartbeat_bytes)
             resolve = now - resolved_at >= settings.resolve_every_seconds
             if behind or resolve:
                 behind = not self._downstream(
@@ -481,12 +478,17 @@ class SourceWorker:
         """The look a quiet source parks with, taken on one quiet wake-up; it parks on a later
         one once its stream has read past the WAL position the look was taken at, so every
         change the look's counters include has been read (and, quiet, staged and indexed)."""
+        # Confirmed now, the slot's WAL is released while parked (what the heartbeat does).
+        self._confirm_read(stream, stager, result, 1)
+        return look or ParkedLook.take(stager.conn, self.publication)
+
+    def _confirm_read(self, stream, stager, result, at_least: int) -> None:
+        """Between transactions, nothing held: confirm the WAL the server has read past the
+        slot's position without a tracked change, if that is ``at_least`` bytes."""
         confirmed = max(result.confirmed_lsn, result.start_lsn)
-        if stream.server_wal_end > confirmed:
-            # Confirmed now, the slot's WAL is released while parked (what the heartbeat does).
+        if stream.server_wal_end - confirmed >= at_least:
             stager.confirm(stream.server_wal_end)
             self._set(confirmed_lsn=result.confirmed_lsn)
-        return look or ParkedLook.take(stager.conn, self.publication)
 
     def _parked(self, stop: threading.Event, look: ParkedLook) -> None:
         """Wait, holding one query connection and no stream, until a look finds work (a
@@ -649,8 +651,7 @@ class SourceQueries:
 
     def __init__(self, url: str, idle_seconds: float, application_name: str = "") -> None:
         self.idle_seconds = idle_seconds
-        named = make_conninfo(url, application_name=application_name)
-        self.url = named if application_name else url
+        self.url = make_conninfo(url, application_name=application_name or None)
         self._conn: psycopg.Connection | None = None
         self._used = 0.0
 

@@ -99,7 +99,8 @@ def _write_dead_letters(store: StagingStore, records: pl.DataFrame, result: Inde
 def _by_hour(records: pl.DataFrame, result: IndexResult) -> list[HourIndexed]:
     failed_ids = set(result.failed["id"].to_list())
     hours: dict[datetime, HourIndexed] = {}
-    for path, ids in zip(*_ids_per_file(records), strict=True):
+    grouped = records.group_by(FILE).agg("id")
+    for path, ids in grouped.iter_rows():
         hour = hour_from_path(path)
         found = hours.setdefault(hour, HourIndexed(hour, seconds=result.seconds))
         failed = sum(1 for i in ids if i in failed_ids) if failed_ids else 0
@@ -107,11 +108,6 @@ def _by_hour(records: pl.DataFrame, result: IndexResult) -> list[HourIndexed]:
         found.failed += failed
         found.indexed += len(ids) - failed
     return sorted(hours.values(), key=lambda h: h.hour)
-
-
-def _ids_per_file(records: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
-    grouped = records.group_by(FILE).agg("id")
-    return grouped.get_column(FILE).to_list(), grouped.get_column("id").to_list()
 
 
 def index_pending(
