@@ -14,19 +14,22 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg.conninfo import make_conninfo
 
 from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
 from audit_platform.capture.messages import ATTACH_PREFIX, CONTEXT_PREFIX, MAX_MESSAGE_BYTES
+from audit_platform.capture.slot import parked_name, parked_pid
 from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
 from audit_platform.enrich.rejections import list_rejections
 from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
-from audit_platform.naming import read_alias
+from audit_platform.naming import read_alias, slot_name
 from audit_platform.settings import ApiSettings, Settings
 from audit_platform.signing import new_private_key, private_key
 from audit_platform.sources.check import Level, check_source
+from audit_platform.sources.setup import teardown_source
 from audit_platform.trust.log import TrustLog
 from audit_platform.verify import Window, verify_source, waiting_changes
 from audit_platform_tests.capture_support import make_source
@@ -379,3 +382,23 @@ def test_setup_takes_logical_messages_from_public_and_contexts_still_work(attack
         with psycopg.connect(source.url, autocommit=True) as admin:
             admin.execute("DROP OWNED BY plain_connect")
             admin.execute("DROP ROLE plain_connect")
+
+
+def test_a_session_named_as_a_parked_worker_passes_for_no_capture(attacked):
+    """A parked live worker is seen by the name of its connection (``capture.slot``); a role
+    that only connects can name a session so too, and must not pass for the capture: the
+    standalone check would call a stopped capture live, teardown would refuse for nobody."""
+    source, intruder, _ = attacked
+    slot = slot_name(source.env, "zoo")
+    with (
+        psycopg.connect(make_conninfo(intruder, application_name=parked_name(slot))),
+        psycopg.connect(source.url, autocommit=True) as conn,
+    ):
+        named = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (parked_name(slot),),
+        ).fetchone()[0]
+        assert named == 1  # the intruder's session is there, under that name
+        assert parked_pid(conn, slot) is None
+        removed = teardown_source(source.url, source.env, "zoo", SQL, everything=False)
+    assert f"slot {slot}" in removed
