@@ -4,7 +4,8 @@ A :class:`SourceWorker` holds one source's replication connection and decoder fo
 runs and loops: read what the slot sends, close a batch by size (as :meth:`SlotStream.batches`)
 or by time (``flush_seconds``), stage and confirm it with the same :class:`_Stager` a one-shot
 :func:`capture` uses (so every crash point holds as it does there), then enrich and index the
-source's pending batches, sign a checkpoint when due, and now and then resolve the quarantine.
+source's pending batches in a turn shared with the other workers waiting for one
+(:class:`Turns`), sign a checkpoint when due, and now and then resolve the quarantine.
 While the slot is quiet it waits on the socket; when the server has read
 ``heartbeat_bytes`` of WAL past the slot's confirmed position without a tracked change (a quiet
 database next to a busy one), it confirms that position so the server may recycle the WAL.
@@ -27,7 +28,8 @@ starts with the same recovery a one-shot capture does.
 
 A :class:`Supervisor` runs one worker per source in threads, each on its own: one that fails
 or waits never delays another. What they share (a batch budget, lanes that bound how many
-compute at once, a pool and a client) is described in docs/design.md, "The capture run".
+compute at once, downstream turns, a pool and a client) is described in docs/design.md, "The
+capture run".
 It stops on its stop event or after its lifetime: each worker finishes the batch in hand,
 confirms it and closes its connections, so the next run takes over with nothing lost or twice.
 
@@ -44,7 +46,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, closing, contextmanager
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -60,8 +62,13 @@ from audit_platform.capture.run import CaptureResult, _Stager, source_decoder
 from audit_platform.capture.slot import parked_name, usable_slot_state
 from audit_platform.capture.stream import BATCH_BYTES, SlotBusy, SlotStream, StopEvent
 from audit_platform.enrich import quarantine
-from audit_platform.enrich.batch import HourResult, enrich_pending, resolve_quarantine
-from audit_platform.index.batch import HourIndexed, index_pending
+from audit_platform.enrich.batch import (
+    HourResult,
+    Share,
+    enrich_pending_together,
+    resolve_quarantine,
+)
+from audit_platform.index.batch import HourIndexed, IndexShare, index_pending_together
 from audit_platform.naming import STANDARD_CLASS, publication_name, slot_name
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging import StagedFile, StagingStore
@@ -182,19 +189,126 @@ class Lane:
 
 
 class Lanes:
-    """How many of a run's workers may stage at once, and how many may enrich and index.
+    """How many of a run's workers may stage at once, and how many downstream turns run at once.
 
     The workers are threads of one interpreter. When fifty compute at once, each waits for the
     interpreter lock after every read and write it makes (a convoy: Dagster's events and the
     slots' reads fall behind on two cores that are busy switching). A worker waits for a lane
     instead, and what its source sends meanwhile waits in the socket and makes its next batch
     larger. Staging and the downstream step have lanes of their own, so Elasticsearch being
-    slow does not stop slots from being read and confirmed.
+    slow does not stop slots from being read and confirmed; a downstream turn serves every
+    worker waiting for one (``Turns``).
     """
 
     def __init__(self, staging: int = 2, downstream: int = 2) -> None:
         self.staging = Lane(staging)
-        self.downstream = Lane(downstream)
+        self.downstream = Turns(downstream)
+
+
+@dataclass(eq=False)
+class TurnRequest:
+    """A worker's wish to enrich and index its source's pending batches, and how it went."""
+
+    worker: SourceWorker
+    policy: SourcePolicy
+    database: str
+    resolve: bool
+    client: Elasticsearch
+    #: The source's ledger lock was free (False: a backfill holds it; nothing was done).
+    held: bool = False
+    done: bool = False
+    error: BaseException | None = None
+
+
+class Turns:
+    """Downstream turns that serve every waiting worker at once (flat combining).
+
+    A downstream turn costs about the same whatever it holds (the frame work, a bulk request:
+    about 55 ms, benchmarks/results/batch_cost.md), so fifty busy sources each taking turns of
+    their own cost fifty times what one does. A worker that wants a turn queues its request;
+    whichever waiting worker finds a lane free takes every queued request (up to ``most``, the
+    oldest first) and serves them in one turn, each source's own files, ledger and trail
+    written as its own (``enrich_pending_together``). A turn that fails is served again one
+    source at a time, so a source whose batch cannot be enriched fails alone. While it waits,
+    a worker keeps its stream alive (``keepalive`` every ``every`` seconds)."""
+
+    def __init__(self, lanes: int, most: int = 32) -> None:
+        if lanes < 1:
+            raise ValueError(f"turns need at least one lane, not {lanes}")
+        self._cond = threading.Condition()
+        self._free = lanes
+        self._queue: deque[TurnRequest] = deque()
+        self.most = most
+
+    def take(
+        self,
+        request: TurnRequest,
+        serve: Callable[[list[TurnRequest], Callable[[], None]], None],
+        keepalive: Callable[[], None] | None = None,
+        every: float = 1.0,
+    ) -> None:
+        """Return once ``request`` was served (by this thread or another); raise its error, or
+        that of this worker's own stream (``keepalive``) while it waited or served.
+
+        A stream that fails is its worker's alone: a turn this worker serves for others goes
+        on without its keepalives, and its request leaves the queue if no turn has taken it
+        yet (one that has is waited for: the turn uses the request's worker until done)."""
+        broken: list[Exception] = []
+
+        def alive() -> None:
+            if keepalive is None or broken:
+                return
+            try:
+                keepalive()
+            except Exception as exc:
+                broken.append(exc)
+
+        kept = time.monotonic()
+        with self._cond:
+            self._queue.append(request)
+        while True:
+            batch: list[TurnRequest] = []
+            with self._cond:
+                if request.done:
+                    break
+                if broken and request in self._queue:
+                    self._queue.remove(request)
+                    break
+                if self._free and self._queue:
+                    self._free -= 1
+                    while self._queue and len(batch) < self.most:
+                        batch.append(self._queue.popleft())
+                else:
+                    self._cond.wait(every)
+            if batch:
+                try:
+                    serve(batch, alive)
+                except BaseException as exc:  # a crash: every request it held shares it
+                    for served in batch:
+                        if not served.done and served.error is None:
+                            served.error = exc
+                    raise
+                finally:
+                    with self._cond:
+                        self._free += 1
+                        for served in batch:
+                            served.done = True
+                        self._cond.notify_all()
+            elif time.monotonic() - kept >= every:
+                alive()
+                kept = time.monotonic()
+        if broken:
+            raise broken[0]
+        if request.error is not None:
+            raise request.error
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def free(self) -> int:
+        return self._free
 
 
 class FlushPacer:
@@ -521,47 +635,13 @@ class SourceWorker:
         self, client, policy, database: str, *, resolve: bool, stream: SlotStream | None = None
     ) -> bool:
         """Enrich and index the source's pending batches (and, with ``resolve``, its due
-        orphans); False if another process holds the source's ledger (a backfill) and
-        nothing was done: the next quiet moment tries again, capture goes on meanwhile."""
-        store, settings = self.source.store, self.settings
+        orphans), in a turn shared with every other worker waiting for one (``Turns``); False
+        if another process holds the source's ledger (a backfill) and nothing was done: the
+        next quiet moment tries again, capture goes on meanwhile."""
+        request = TurnRequest(self, policy, database, resolve, client)
         keepalive = stream.keepalive if stream is not None else None
-        with (
-            self._lane(self.lanes.downstream, stream),
-            self.state() as state,
-            ledger_lock(state, self.env, self.source.name, wait=0) as held,
-        ):
-            if not held:
-                return False
-            now = datetime.now(UTC)
-            enriched = enrich_pending(
-                store,
-                state,
-                policy,
-                now=now,
-                grace=settings.grace,
-                trail=settings.trail,
-                between=keepalive,
-            )
-            # Orphans due for a retry, or whose late context has just been enriched, now rather
-            # than at the next periodic look (one count query when there are none).
-            env, name = self.env, self.source.name
-            if resolve or quarantine.revisit_count(state, env, name, now):
-                enriched += resolve_quarantine(store, state, policy, now=now, grace=settings.grace)
-            indexed = index_pending(
-                client,
-                store,
-                database=database,
-                now=now,
-                retention_class=self.source.retention_class,
-                between=keepalive,
-            )
-            if enriched:
-                self._checkpoint()
-        self.report.enriched(self.source.name, enriched)
-        self.report.indexed(self.source.name, indexed)
-        if indexed:
-            self._set(records_indexed=self.status.records_indexed + sum(h.indexed for h in indexed))
-        return True
+        self.lanes.downstream.take(request, serve_turn, keepalive)
+        return request.held
 
     def _checkpoint(self, every: timedelta | None = None) -> None:
         if self.signer is not None and self.settings.trail:
@@ -570,6 +650,72 @@ class SourceWorker:
                 datetime.now(UTC),
                 self.settings.checkpoint_every if every is None else every,
             )
+
+
+def serve_turn(batch: list[TurnRequest], keepalive: Callable[[], None]) -> None:
+    """One downstream turn for these workers' sources; if it fails, one turn per source, so
+    that only the sources that fail on their own report an error."""
+    try:
+        _turn(batch, keepalive)
+    except Exception as exc:
+        if len(batch) == 1:
+            batch[0].error = exc
+            return
+        log.warning("a turn of %d sources failed (%s); serving each alone", len(batch), exc)
+        for request in batch:
+            try:
+                _turn([request], keepalive)
+            except Exception as alone:
+                request.error = alone
+
+
+def _turn(batch: list[TurnRequest], keepalive: Callable[[], None]) -> None:
+    """Enrich, resolve and index these sources' pending work in one turn. What each step did
+    is reported as soon as it is done: a turn that fails while indexing is served again per
+    source, and that finds nothing left to enrich."""
+    first = batch[0].worker
+    env, settings = first.env, first.settings
+    with first.state() as state, ExitStack() as locks:
+        held = [
+            request
+            for request in batch
+            if locks.enter_context(ledger_lock(state, env, request.worker.source.name, wait=0))
+        ]
+        if not held:
+            return
+        now = datetime.now(UTC)
+        enriched = enrich_pending_together(
+            state,
+            [Share(r.worker.source.store, r.policy) for r in held],
+            now=now,
+            grace=settings.grace,
+            trail=settings.trail,
+            between=keepalive,
+        )
+        for request in held:
+            # Orphans due for a retry, or whose late context has just been enriched, now
+            # rather than at the next periodic look (one count query when there are none).
+            worker, name = request.worker, request.worker.source.name
+            if request.resolve or quarantine.revisit_count(state, env, name, now):
+                enriched[name] += resolve_quarantine(
+                    worker.source.store, state, request.policy, now=now, grace=settings.grace
+                )
+                keepalive()
+            if enriched[name]:
+                worker._checkpoint()
+                worker.report.enriched(name, enriched[name])
+        shares = [
+            IndexShare(r.worker.source.store, r.database, r.worker.source.retention_class)
+            for r in held
+        ]
+        indexed = index_pending_together(held[0].client, shares, now=now, between=keepalive)
+        for request in held:
+            worker, name = request.worker, request.worker.source.name
+            worker.report.indexed(name, indexed[name])
+            if indexed[name]:
+                total = sum(h.indexed for h in indexed[name])
+                worker._set(records_indexed=worker.status.records_indexed + total)
+            request.held = True
 
 
 @dataclass(frozen=True)

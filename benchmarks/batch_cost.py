@@ -8,9 +8,12 @@ Dagster, no other threads): a shop database, transactions of five changes with t
 staged by ``capture``, then ``enrich_pending`` and ``index_pending`` timed alone
 (``time.process_time``: this process's CPU; Elasticsearch's and PostgreSQL's are not in it).
 
-Two tables: batches of 1 to 1,000 transactions, one at a time (the fixed cost is the 1-transaction
-row; the cost per change is the slope); and eight waiting batches of 10 transactions, taken one
-at a time (``coalesce=1``) or together (the default), as a source that waited for its turn does.
+Three tables: batches of 1 to 1,000 transactions, one at a time (the fixed cost is the
+1-transaction row; the cost per change is the slope); eight waiting batches of 10 transactions,
+taken one at a time (``coalesce=1``) or together (the default), as a source that waited for its
+turn does; and one batch of 10 transactions from each of ``--sources`` sources, each source's
+turn on its own or one turn for all (``enrich_pending_together``, ``index_pending_together``),
+as a live run's workers share a turn (``live.Turns``).
 
 Run: ``eval "$(audit-platform stack env)"; .venv/bin/python benchmarks/batch_cost.py``; writes
 ``benchmarks/results/batch_cost.md``.
@@ -36,8 +39,8 @@ from psycopg import sql
 from audit_platform import platform_db
 from audit_platform.capture.run import capture
 from audit_platform.clients import elasticsearch_client
-from audit_platform.enrich.batch import enrich_pending
-from audit_platform.index.batch import index_pending
+from audit_platform.enrich.batch import Share, enrich_pending, enrich_pending_together
+from audit_platform.index.batch import IndexShare, index_pending, index_pending_together
 from audit_platform.index.template import install_template
 from audit_platform.naming import slot_name
 from audit_platform.policy import SourcePolicy, TablePolicy
@@ -84,26 +87,46 @@ def downstream(source, state, es, coalesce: int | None = None) -> tuple[float, f
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
+def together(sources: list[Source], state, es) -> float:
+    """CPU seconds of one turn that enriches and indexes every source's pending batches."""
+    cpu, now = time.process_time(), datetime.now(UTC)
+    shares = [Share(source.store, source.policy) for source in sources]
+    enrich_pending_together(state, shares, now=now, grace=timedelta(minutes=10))
+    index_shares = [IndexShare(source.store, "bench") for source in sources]
+    index_pending_together(es, index_shares, now=now)
+    return time.process_time() - cpu
+
+
+def new_source(admin: str, env: str, name: str, folder: str, settings: Settings) -> Source:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(f"{env}_{name}")))
+    url = admin.rsplit("/", 1)[0] + "/" + f"{env}_{name}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE orders (id serial PRIMARY KEY, status text, total int);"
+            "ALTER TABLE orders REPLICA IDENTITY FULL;"
+        )
+    policy = SourcePolicy(source=name, version=1, tables={"public.orders": TablePolicy()})
+    setup_source(url, env, policy, settings.resources_dir / "sql")
+    return Source(url, env, policy, StagingStore(folder, env, name))
+
+
 @app.command()
 def main(
     repeats: Annotated[int, typer.Option(help="Measured batches per size.")] = 15,
+    fleet: Annotated[int, typer.Option("--sources", help="Sources for the last table.")] = 20,
 ) -> None:
     settings = Settings()
     admin = os.environ["AUDIT_PG_URL"]
-    name, env = f"batchcost_{uuid.uuid4().hex[:8]}", f"batchcost{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = admin.rsplit("/", 1)[0] + "/" + name
+    env = f"batchcost{uuid.uuid4().hex[:6]}"
     es = elasticsearch_client(settings.elasticsearch)
+    sources: list[Source] = []
     try:
-        with tempfile.TemporaryDirectory() as folder, psycopg.connect(url, autocommit=True) as st:
-            st.execute(
-                "CREATE TABLE orders (id serial PRIMARY KEY, status text, total int);"
-                "ALTER TABLE orders REPLICA IDENTITY FULL;"
-            )
-            policy = SourcePolicy(source="shop", version=1, tables={"public.orders": TablePolicy()})
-            setup_source(url, env, policy, settings.resources_dir / "sql")
-            source = Source(url, env, policy, StagingStore(folder, env, "shop"))
+        with tempfile.TemporaryDirectory() as folder:
+            for i in range(fleet):
+                sources.append(new_source(admin, env, f"shop{i:02d}", folder, settings))
+            source = sources[0]
+            st = psycopg.connect(source.url, autocommit=True)
             platform_db.install(st, settings.resources_dir / "sql")
             install_template(es, settings.resources_dir, env, replicas=0)
             sizes = []
@@ -126,10 +149,25 @@ def main(
                         source.capture()
                     cpu.append(downstream(source, st, es, coalesce)[0] / 8)
                 waiting.append((coalesce, statistics.median(cpu)))
+            shared = {"each on its own": [], "one turn for all": []}
+            for _ in range(max(3, repeats // 3)):
+                for way, found in shared.items():
+                    for each in sources:
+                        write(each, 10)
+                        each.capture()
+                    if way == "each on its own":
+                        found.append(sum(downstream(each, st, es)[0] for each in sources))
+                    else:
+                        found.append(together(sources, st, es))
+            st.close()
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot_name(env, "shop"),))
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            for each in sources:
+                name = psycopg.conninfo.conninfo_to_dict(each.url)["dbname"]
+                conn.execute(
+                    "SELECT pg_drop_replication_slot(%s)", (slot_name(env, each.store.source),)
+                )
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
         for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
             es.indices.delete(index=index)
         es.options(ignore_status=404).indices.delete_index_template(name=f"audit-{env}")
@@ -159,6 +197,17 @@ def main(
         f"| {'one at a time' if c == 1 else 'together (default)'} | {cpu * 1e3:.1f} |"
         for c, cpu in waiting
     ]
+    lines += [
+        "",
+        f"One batch of 10 transactions from each of {fleet} sources (median of"
+        f" {len(shared['one turn for all'])}, taken alternately):",
+        "",
+        "| turns | CPU ms for all | CPU ms per source |",
+        "| --- | ---: | ---: |",
+    ]
+    for way, found in shared.items():
+        cpu = statistics.median(found)
+        lines.append(f"| {way} | {cpu * 1e3:.1f} | {cpu * 1e3 / fleet:.1f} |")
     RESULTS.write_text("\n".join(lines) + "\n")
     typer.echo("\n".join(lines))
     typer.echo(f"written: {RESULTS}")

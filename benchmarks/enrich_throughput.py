@@ -63,8 +63,8 @@ if kind == "whole":  # what enrich_hour did before: one frame, one records file 
     with psycopg.connect(pg_url, autocommit=True) as state, state.transaction():
         result = enrich(changes, contexts, policy, now=now, grace=grace)
         store.write_file(f"{store.hour_dir('records', T0)}/records.parquet", result.records)
-        quarantine.record_orphans(state, store.env, store.source, result.orphans, now=now)
-        quarantine.settle(state, store.env, store.source, result.records, now=now)
+        quarantine.record_orphans(state, store.env, result.orphans, now=now)
+        quarantine.settle(state, store.env, result.records, now=now)
     records = result.records.height
 else:
     with psycopg.connect(pg_url, autocommit=True) as state:

@@ -128,7 +128,7 @@ def build(settings: Settings, count: int, key_path: Path) -> dict[str, float]:
             times = read.group_by("lsn").agg(pl.col("commit_time").first())
             leaves = pl.concat(
                 [
-                    context_leaves(transaction_contexts(read).join(times, on="lsn"), ENV, SOURCE),
+                    context_leaves(transaction_contexts(read).join(times, on="lsn"), ENV),
                     attach_leaves(read, ENV, SOURCE),
                     record_leaves(records),
                 ]

@@ -9,7 +9,7 @@ the records files that hold them (``resolve_quarantine``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -17,7 +17,13 @@ import polars as pl
 import psycopg
 
 from audit_platform.enrich import quarantine
-from audit_platform.enrich.join import EnrichResult, enrich, ignored_counts, transaction_contexts
+from audit_platform.enrich.join import (
+    TRANSACTION,
+    EnrichResult,
+    enrich,
+    ignored_counts,
+    transaction_contexts,
+)
 from audit_platform.enrich.rejections import REJECTED, rejected_frame, store_rejections
 from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
@@ -25,13 +31,16 @@ from audit_platform.record import RECORD_SCHEMA
 from audit_platform.staging.store import (
     COALESCE,
     FILE,
+    TOGETHER_ROWS,
     PendingBatch,
     StagingStore,
     coalesced,
+    file_rows,
     hour_from_path,
     lsn_range,
 )
 from audit_platform.trust.leaves import (
+    LEAF_SCHEMA,
     attach_leaves,
     context_leaves,
     record_leaves,
@@ -67,27 +76,153 @@ class HourResult:
 
 @dataclass
 class EnrichOutcome:
-    """Counts per hour of one enrichment, and the records files it wrote."""
+    """Counts per hour of one enrichment of one source, and the records files it wrote."""
 
     records_paths: list[str] = field(default_factory=list)
     by_hour: dict[datetime, HourResult] = field(default_factory=dict)
     #: The trail's leaves of what was enriched (when asked for): see ``trust.leaves``.
     leaves: list[pl.DataFrame] = field(default_factory=list)
 
-    def add(self, path: str | None, changes: int, result: EnrichResult) -> None:
-        """Count one file's (or one resolution's) result into its hours."""
+    def of(self, where: str | None, committed: datetime | None = None) -> HourResult:
+        """The hour a file's path names, or else a commit time's."""
+        if where:
+            hour = hour_from_path(where)
+        elif committed is not None:
+            hour = _hour(committed)
+        else:  # a rejected change read without its file: no hour to count it in
+            raise ValueError("a result with neither its file nor its commit time has no hour")
+        return self.by_hour.setdefault(hour, HourResult(hour))
 
-        def of(where: str | None, committed: datetime | None = None) -> HourResult:
-            if where:
-                hour = hour_from_path(where)
-            elif committed is not None:
-                hour = _hour(committed)
-            else:  # a rejected change read without its file: no hour to count it in
-                raise ValueError("a result with neither its file nor its commit time has no hour")
-            return self.by_hour.setdefault(hour, HourResult(hour))
+    def add_rejected_messages(self, rejected: pl.DataFrame) -> None:
+        for committed in rejected["commit_time"]:
+            hour = _hour(committed)
+            self.by_hour.setdefault(hour, HourResult(hour)).rejected_messages += 1
 
-        if path is not None and changes:
-            of(path).changes += changes
+    @property
+    def all_leaves(self) -> pl.DataFrame:
+        return pl.concat(self.leaves) if self.leaves else pl.DataFrame(schema=LEAF_SCHEMA)
+
+    @property
+    def hours(self) -> list[HourResult]:
+        return sorted(self.by_hour.values(), key=lambda h: h.hour)
+
+
+@dataclass(frozen=True)
+class Share:
+    """One source's part of an enrichment that serves several sources at once."""
+
+    store: StagingStore
+    policy: SourcePolicy
+
+    @property
+    def source(self) -> str:
+        return self.store.source
+
+
+class _Turn:
+    """What one enrichment of several sources' files shares: where each file belongs, and an
+    outcome per source. Frames hold every source's rows together (their ``source`` column
+    tells them apart), so a query costs the same for fifty sources as for one; what is one
+    source's own (its files, its quarantine, its trail) is written per source."""
+
+    def __init__(self, shares: list[Share], *, now: datetime, grace: timedelta, leaves: bool):
+        self.shares = {share.source: share for share in shares}
+        self.policies = {share.source: share.policy for share in shares}
+        self.env = shares[0].store.env
+        self.now, self.grace, self.leaves = now, grace, leaves
+        self.outcomes = {share.source: EnrichOutcome() for share in shares}
+        #: changes file -> its source, in the order they are enriched.
+        self.files: dict[str, str] = {}
+
+    def contexts(self, state: psycopg.Connection, contexts: pl.DataFrame) -> pl.DataFrame:
+        """Store what the contexts hold besides transactions' own (attachments, refused
+        messages: rare, so a batch without them does no work for them); return the own ones."""
+        env = self.env
+        kinds = set(contexts.get_column("kind").unique().to_list())
+        if kinds & {"attach", REJECTED}:
+            for (source,), part in contexts.group_by("source"):
+                outcome = self.outcomes[str(source)]
+                if "attach" in kinds:
+                    quarantine.store_late_contexts(state, env, str(source), part)
+                    if self.leaves:
+                        outcome.leaves.append(attach_leaves(part, env, str(source)))
+                if REJECTED in kinds:
+                    rejected = rejected_frame(part)
+                    store_rejections(state, env, str(source), rejected)
+                    outcome.add_rejected_messages(rejected)
+                    if self.leaves:
+                        outcome.leaves.append(rejected_leaves(part, env, str(source)))
+        own = transaction_contexts(contexts)
+        if self.leaves and own.height:
+            times = contexts.group_by("source", "lsn").agg(pl.col("commit_time").first())
+            timed = own.join(times, on=["source", "lsn"])
+            self._add_leaves(context_leaves(timed, env), timed)
+        return own
+
+    def changes(
+        self,
+        state: psycopg.Connection,
+        changes: pl.DataFrame,
+        contexts: pl.DataFrame,
+        own: pl.DataFrame,
+        paths: list[str],
+        counts: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+    ) -> None:
+        """Enrich changes read from ``paths`` and write one records file per path, with the
+        late contexts of the changes that have no context of their own. The changes hold whole
+        transactions, or ``counts`` (captured, ignored) counts them (``_transaction_counts``)."""
+        unmatched = changes.join(own.select(*TRANSACTION), on=TRANSACTION, how="anti")
+        late = None
+        if unmatched.height:
+            wanted = unmatched.group_by("source").agg(pl.col("xid").unique())
+            late = pl.concat(
+                quarantine.late_contexts_for(state, self.env, source, xids)
+                for source, xids in wanted.iter_rows()
+            )
+        result = enrich(
+            changes,
+            contexts,
+            self.policies,
+            now=self.now,
+            grace=self.grace,
+            late_contexts=late,
+            own=own,
+            captured=None if counts is None else counts[0],
+            ignored=None if counts is None else counts[1],
+        )
+        records = result.records
+        if self.leaves:
+            self._add_leaves(record_leaves(records), records)
+            if result.waiting is not None and not result.waiting.is_empty():
+                self._add_leaves(record_leaves(result.waiting), result.waiting)
+        by_file = _by(records, FILE, paths)
+        rejected: dict[str, list[tuple[int, int, str]]] = {}
+        for lsn, index, reason, path in result.rejected:
+            rejected.setdefault(str(path), []).append((lsn, index, reason))
+        for path in paths:
+            store = self.shares[self.files[path]].store
+            target = store.derived_path(path, "records")
+            store.write_file(target, by_file[path].drop(FILE).sort("lsn", "change_index"))
+            self.outcomes[self.files[path]].records_paths.append(target)
+            if path in rejected:
+                frame = pl.DataFrame(rejected[path], schema=REJECTED_SCHEMA, orient="row")
+                store.write_file(store.derived_path(path, "rejected"), frame)
+        quarantine.record_orphans(state, self.env, result.orphans, now=self.now)
+        quarantine.settle(state, self.env, records, now=self.now)
+        self.count(changes, result)
+
+    def count(self, changes: pl.DataFrame, result: EnrichResult) -> None:
+        """Count each file's changes and results into its source's hours."""
+
+        def of(path: str | None, committed: datetime | None = None) -> HourResult:
+            if path is not None:
+                return self.outcomes[self.files[path]].of(path, committed)
+            if len(self.outcomes) > 1:
+                raise ValueError("a result without its file in a turn of several sources")
+            return next(iter(self.outcomes.values())).of(path, committed)
+
+        for path, count in changes.group_by(FILE).len().iter_rows():
+            of(path).changes += count
         counts = result.records.group_by(
             FILE, pl.col("commit_time").dt.truncate("1h"), "attribution_status"
         ).len()
@@ -100,14 +235,21 @@ class EnrichOutcome:
         for _, _, _, where in result.rejected:
             of(where).rejected += 1
 
-    def add_rejected_messages(self, rejected: pl.DataFrame) -> None:
-        for committed in rejected["commit_time"]:
-            hour = _hour(committed)
-            self.by_hour.setdefault(hour, HourResult(hour)).rejected_messages += 1
+    def _add_leaves(self, leaves: pl.DataFrame, rows: pl.DataFrame) -> None:
+        """Give each source the leaves of its rows (``leaves`` is in ``rows``' order)."""
+        for source, part in _by(leaves.with_columns(rows["source"]), "source", []).items():
+            self.outcomes[source].leaves.append(part.drop("source"))
 
-    @property
-    def hours(self) -> list[HourResult]:
-        return sorted(self.by_hour.values(), key=lambda h: h.hour)
+
+def _by(frame: pl.DataFrame, column: str, keys: list[str]) -> dict[str, pl.DataFrame]:
+    """``frame``'s rows per value of ``column``, an empty frame for each of ``keys`` it lacks
+    (one value, the usual turn of one source: no split)."""
+    values = frame.get_column(column).unique().to_list() if frame.height else []
+    if len(values) <= 1:
+        found = {str(v): frame for v in values}
+    else:
+        found = {str(k[0]): part for k, part in frame.partition_by(column, as_dict=True).items()}
+    return {**{key: frame.clear() for key in keys}, **found}
 
 
 def enrich_files(
@@ -120,66 +262,32 @@ def enrich_files(
     now: datetime,
     grace: timedelta,
     leaves: bool = False,
-    groups: list[list[str]] | None = None,
 ) -> EnrichOutcome:
-    """Enrich these staged files and write one records file per changes file.
+    """Enrich these staged files of one source, one changes file at a time (an hour's, a
+    backfill: memory is bounded by one batch however many an hour holds), and write one
+    records file per changes file. Each file must hold whole transactions.
 
-    The files must hold whole transactions (a pending batch with its parts, or an hour), so
-    every change meets its transaction's context. Contexts (one small row per transaction) are
-    read once; changes are joined one file at a time, so memory is bounded by one batch
-    however many batches an hour holds. With ``leaves``, the outcome holds the trail's leaves
-    of every change (records and orphans alike) and context. ``groups`` splits the changes
-    files into sets no transaction crosses (several pending batches enriched at once): each
-    is counted on its own, and a set of one file needs no counting pass.
-    """
+    With ``leaves``, the outcome holds the trail's leaves of every change (records and orphans
+    alike) and context."""
+    turn = _Turn([Share(store, policy)], now=now, grace=grace, leaves=leaves)
     contexts = store.read(contexts_paths, "contexts")
-    env, source = store.env, store.source
-    outcome = EnrichOutcome()
-    # Attachments and refused messages are rare: a batch without them does no work for them
-    # (a live run pays this per batch, per source).
-    kinds = set(contexts.get_column("kind").unique().to_list())
     with state.transaction():
-        if "attach" in kinds:
-            quarantine.store_late_contexts(state, env, source, contexts)
-        if REJECTED in kinds:
-            rejected = rejected_frame(contexts)
-            store_rejections(state, env, source, rejected)
-            outcome.add_rejected_messages(rejected)
-        own = transaction_contexts(contexts)
-        if leaves:
-            times = contexts.group_by("lsn").agg(pl.col("commit_time").first())
-            outcome.leaves.append(context_leaves(own.join(times, on="lsn"), env, source))
-            if "attach" in kinds:
-                outcome.leaves.append(attach_leaves(contexts, env, source))
-            if REJECTED in kinds:
-                outcome.leaves.append(rejected_leaves(contexts, env, source))
-        counts: dict[str, tuple | None] = {}
-        for group in groups if groups is not None else [changes_paths]:
-            found = _transaction_counts(store, policy, group, contexts, now)
-            counts.update(dict.fromkeys(group, found))
+        own = turn.contexts(state, contexts)
+        counts = _transaction_counts(store, policy, changes_paths, contexts, now)
         for path in changes_paths:
+            turn.files[path] = store.source
             changes = store.read([path], "changes")
-            result = _enrich_known(
-                state, store, policy, changes, contexts, own, now, grace, counts.get(path)
-            )
-            if leaves:
-                outcome.leaves.append(record_leaves(result.records))
-                if result.waiting is not None and not result.waiting.is_empty():
-                    outcome.leaves.append(record_leaves(result.waiting))
-            target = store.derived_path(path, "records")
-            store.write_file(target, result.records.drop(FILE).sort("lsn", "change_index"))
-            outcome.records_paths.append(target)
-            if result.rejected:
-                rows = [(lsn, index, reason) for lsn, index, reason, _ in result.rejected]
-                frame = pl.DataFrame(rows, schema=REJECTED_SCHEMA, orient="row")
-                store.write_file(store.derived_path(path, "rejected"), frame)
-            quarantine.record_orphans(state, env, source, result.orphans, now=now)
-            quarantine.settle(state, env, source, result.records, now=now)
-            outcome.add(path, changes.height, result)
-    return outcome
+            turn.changes(state, changes, contexts, own, [path], counts)
+    return turn.outcomes[store.source]
 
 
-def _transaction_counts(store, policy, paths, contexts, now) -> tuple | None:
+def _transaction_counts(
+    store: StagingStore,
+    policy: SourcePolicy,
+    paths: list[str],
+    contexts: pl.DataFrame,
+    now: datetime,
+) -> tuple[pl.DataFrame, pl.DataFrame] | None:
     """(captured, ignored) per transaction over several files, where one transaction may be
     staged in parts across them (counted file by file, it would have as many totals as
     parts); None for a single file, which holds its transactions whole."""
@@ -188,7 +296,7 @@ def _transaction_counts(store, policy, paths, contexts, now) -> tuple | None:
     captured, ignored = [], []
     for path in paths:
         changes = store.read([path], "changes")
-        captured.append(changes.select("lsn", "change_index"))
+        captured.append(changes.select("source", "lsn", "change_index"))
         if any(t.ignore_changes_to for t in policy.tables.values()):
             ignored.extend(
                 enrich(changes, contexts, policy, now=now, grace=timedelta(0)).ignored_lsns
@@ -196,38 +304,40 @@ def _transaction_counts(store, policy, paths, contexts, now) -> tuple | None:
     captured_counts = (
         pl.concat(captured)
         .unique()
-        .group_by("lsn")
+        .group_by("source", "lsn")
         .agg(pl.len().cast(pl.Int32).alias("txn_changes"))
     )
     return captured_counts, ignored_counts(ignored)
 
 
-def _enrich_known(
-    state, store, policy, changes, contexts, own, now, grace, counts=None
-) -> EnrichResult:
-    """``enrich`` with the late contexts of the changes that have no context of their own."""
-    unmatched = changes.join(own.select("lsn", "xid"), on=["lsn", "xid"], how="anti")
-    xids = unmatched["xid"].unique().to_list()
-    late = quarantine.late_contexts_for(state, store.env, store.source, xids) if xids else None
-    captured, ignored = counts if counts is not None else (None, None)
-    return enrich(
-        changes,
-        contexts,
-        policy,
-        now=now,
-        grace=grace,
-        late_contexts=late,
-        captured=captured,
-        ignored=ignored,
-        own=own,
-    )
+def enrich_together(
+    state: psycopg.Connection,
+    parts: list[tuple[Share, list[str], list[str]]],
+    *,
+    now: datetime,
+    grace: timedelta,
+    leaves: bool = False,
+) -> dict[str, EnrichOutcome]:
+    """Enrich several sources' staged files at once: for each source (its share), changes files
+    that together hold whole transactions (one or more pending batches) and their contexts
+    files. Each changes file gets its records file, each source its outcome, as
+    ``enrich_files`` gives them: what differs is only that the frame work is done once for all
+    (a live run's fixed cost per turn, docs/design.md "The capture run")."""
+    turn = _Turn([share for share, _, _ in parts], now=now, grace=grace, leaves=leaves)
+    contexts = _concat(share.store.read(paths, "contexts") for share, _, paths in parts)
+    frames = []
+    for share, paths, _ in parts:
+        turn.files.update(dict.fromkeys(paths, share.source))
+        frames.append(share.store.read(paths, "changes"))
+    with state.transaction():
+        own = turn.contexts(state, contexts)
+        turn.changes(state, _concat(frames), contexts, own, list(turn.files))
+    return turn.outcomes
 
 
-def _split(records: pl.DataFrame, paths: Iterable[str]) -> Iterable[tuple[str, pl.DataFrame]]:
-    wanted = set(paths)
-    for (path,), rows in records.group_by(FILE):
-        if path in wanted:
-            yield path, rows.drop(FILE).sort("lsn", "change_index")
+def _concat(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
+    found = list(frames)
+    return found[0] if len(found) == 1 else pl.concat(found, how="diagonal_relaxed")
 
 
 def enrich_hour(
@@ -253,6 +363,14 @@ def enrich_hour(
     return found[0] if found else HourResult(hour)
 
 
+def _paths(entries: list[PendingBatch]) -> tuple[list[str], list[str]]:
+    """The changes and contexts files of a group of entries, each once (two entries of one
+    transaction staged in parts, after a crash in ``StagingStore.settle``, share files)."""
+    changes = [path for entry in entries for path in entry.staged_paths("changes")]
+    contexts = [path for entry in entries for path in entry.staged_paths("contexts")]
+    return list(dict.fromkeys(changes)), list(dict.fromkeys(contexts))
+
+
 def enrich_pending(
     store: StagingStore,
     state: psycopg.Connection,
@@ -264,49 +382,105 @@ def enrich_pending(
     between: Callable[[], None] | None = None,
     coalesce: int = COALESCE,
 ) -> list[HourResult]:
-    """Enrich every pending batch not enriched yet: this run's, and any an earlier run left,
-    in LSN order, appending their leaves to the trail's log before they count as done.
+    """Enrich every pending batch of one source: ``enrich_pending_together`` of one."""
+    found = enrich_pending_together(
+        state,
+        [Share(store, policy)],
+        now=now,
+        grace=grace,
+        trail=trail,
+        between=between,
+        coalesce=coalesce,
+    )
+    return found[store.source]
 
-    Up to ``coalesce`` batches are enriched together: what a batch costs whatever it holds
-    (reading the contexts, the quarantine's queries, the trail's append) is paid once for
-    them, so a source that waited for its turn (a live run's lanes, a backlog after a crash)
-    catches up instead of falling further behind (docs/design.md, "The capture run"). Each
-    keeps its own records files, so a backfill still rebuilds the same files. ``between`` is
-    called after each group (a live worker keeps its stream alive with it)."""
-    hours: list[HourResult] = []
-    log = TrustLog(store) if trail else None
-    waiting = [entry for entry in store.pending() if entry.records is None]
-    for entries in coalesced(store, waiting, lambda entry: list(entry.staged), coalesce):
-        # An entry may repeat files of the one before it (two entries of one transaction
-        # staged in parts, after a crash in ``StagingStore.settle``): each file is enriched
-        # once, its transactions counted with the first entry that holds it, the whole one.
-        groups: list[list[str]] = []
-        for entry in entries:
-            taken = {path for group in groups for path in group}
-            groups.append([p for p in entry.staged_paths("changes") if p not in taken])
-        contexts = [p for entry in entries for p in entry.staged_paths("contexts")]
-        outcome = enrich_files(
-            store,
-            state,
-            policy,
-            [path for group in groups for path in group],
-            list(dict.fromkeys(contexts)),
-            now=now,
-            grace=grace,
-            leaves=log is not None,
-            groups=[group for group in groups if group],
-        )
+
+def enrich_pending_together(
+    state: psycopg.Connection,
+    shares: list[Share],
+    *,
+    now: datetime,
+    grace: timedelta,
+    trail: bool = True,
+    between: Callable[[], None] | None = None,
+    coalesce: int = COALESCE,
+) -> dict[str, list[HourResult]]:
+    """Enrich every pending batch of these sources not enriched yet (this run's, and any an
+    earlier run left), each source's in LSN order, appending their leaves to each source's
+    trail before they count as done.
+
+    Up to ``coalesce`` batches of a source are enriched together, and the sources' groups
+    together (``enrich_together``, up to ``TOGETHER_ROWS`` staged rows; a larger group alone,
+    a file at a time, as a backfill enriches an hour):
+    what a batch costs whatever it holds (the frame work, the quarantine's queries) is paid
+    once for them, so a source that waited for its turn (a live run's lanes, a backlog after a
+    crash) catches up instead of falling further behind, and fifty busy sources cost about
+    what one does (docs/design.md, "The capture run"). Each batch keeps its own records
+    files, so a backfill still rebuilds the same files. ``between`` is called after each
+    turn (a live worker keeps its stream alive with it)."""
+    hours: dict[str, list[HourResult]] = {share.source: [] for share in shares}
+    queues: dict[str, tuple[Share, Iterator[list[PendingBatch]]]] = {}
+    for share in shares:
+        waiting = [entry for entry in share.store.pending() if entry.records is None]
+        if waiting:
+            groups = coalesced(share.store, waiting, lambda entry: list(entry.staged), coalesce)
+            queues[share.source] = (share, groups)
+    held: dict[str, list[PendingBatch]] = {}  # a group left for the next turn
+    while queues:
+        turn: list[tuple[Share, list[PendingBatch]]] = []
+        alone: list[tuple[Share, list[PendingBatch]]] = []
+        rows = 0
+        for source, (share, groups) in list(queues.items()):
+            entries = held.pop(source, None) or next(groups, None)
+            if entries is None:
+                del queues[source]
+                continue
+            size = sum(file_rows(share.store, path) for e in entries for path in e.staged)
+            if size > TOGETHER_ROWS:  # a large transaction in parts: a file at a time, alone
+                alone.append((share, entries))
+            elif rows + size > TOGETHER_ROWS:
+                held[source] = entries
+            else:
+                rows += size
+                turn.append((share, entries))
+        outcomes = {}
+        if turn:
+            parts = [(share, *_paths(entries)) for share, entries in turn]
+            outcomes = enrich_together(state, parts, now=now, grace=grace, leaves=trail)
+        for share, entries in alone:
+            changes, contexts = _paths(entries)
+            outcomes[share.source] = enrich_files(
+                share.store,
+                state,
+                share.policy,
+                changes,
+                contexts,
+                now=now,
+                grace=grace,
+                leaves=trail,
+            )
         crash_point("enrich.records_written")
-        if log is not None:
-            _append_per_entry(log, entries, pl.concat(outcome.leaves))
+        if trail:
+            for share, entries in turn + alone:
+                _append_per_entry(TrustLog(share.store), entries, outcomes[share.source].all_leaves)
         crash_point("enrich.logged")
-        for entry in entries:
-            changes = entry.staged_paths("changes")
-            store.mark_enriched(entry, [store.derived_path(path, "records") for path in changes])
-        hours.extend(outcome.hours)
+        for share, entries in turn + alone:
+            for entry in entries:
+                changes = entry.staged_paths("changes")
+                share.store.mark_enriched(
+                    entry, [share.store.derived_path(path, "records") for path in changes]
+                )
+            hours[share.source].extend(outcomes[share.source].hours)
         if between is not None:
             between()
-    return merge_hours(hours)
+    return {source: merge_hours(found) for source, found in hours.items()}
+
+
+def _split(records: pl.DataFrame, paths: Iterable[str]) -> Iterable[tuple[str, pl.DataFrame]]:
+    wanted = set(paths)
+    for (path,), rows in records.group_by(FILE):
+        if path in wanted:
+            yield path, rows.drop(FILE).sort("lsn", "change_index")
 
 
 def _append_per_entry(log: TrustLog, entries: list[PendingBatch], leaves: pl.DataFrame) -> None:
@@ -357,7 +531,7 @@ def resolve_quarantine(
     captured = (
         whole.join(wanted.select("lsn").unique(), on="lsn", how="semi")
         .unique(["lsn", "change_index"])
-        .group_by("lsn")
+        .group_by("source", "lsn")
         .agg(pl.len().cast(pl.Int32).alias("txn_changes"))
     )
     changes = whole.join(wanted, on=["lsn", "change_index"], how="semi")
@@ -383,11 +557,12 @@ def resolve_quarantine(
     if reindex:
         store.add_reindex(reindex)
     with state.transaction():
-        quarantine.record_orphans(state, env, source, result.orphans, now=now)
-        quarantine.settle(state, env, source, result.records, now=now)
-    outcome = EnrichOutcome()
-    outcome.add(None, 0, result)
-    return outcome.hours
+        quarantine.record_orphans(state, env, result.orphans, now=now)
+        quarantine.settle(state, env, result.records, now=now)
+    turn = _Turn([Share(store, policy)], now=now, grace=grace, leaves=False)
+    turn.files.update(dict.fromkeys(files, source))
+    turn.count(changes.clear(), result)  # its changes were counted when first enriched
+    return turn.outcomes[source].hours
 
 
 def _hour(moment: datetime) -> datetime:

@@ -28,6 +28,7 @@ from audit_platform_context.model import merge_fields
 class Orphan:
     """A change still waiting for its context."""
 
+    source: str
     lsn: int
     change_index: int
     xid: int
@@ -41,8 +42,9 @@ class EnrichResult:
     records: pl.DataFrame
     orphans: list[Orphan] = field(default_factory=list)
     ignored: int = 0
-    #: The commit LSN of each ignored change (how many each transaction lost to the policy).
-    ignored_lsns: list[int] = field(default_factory=list)
+    #: The source and commit LSN of each ignored change (how many each transaction lost to the
+    #: policy).
+    ignored_lsns: list[tuple[str, int]] = field(default_factory=list)
     #: Changes that could not be turned into a record: (lsn, change index, reason, file);
     #: set aside, never silently dropped.
     rejected: list[tuple[int, int, str, str | None]] = field(default_factory=list)
@@ -65,10 +67,16 @@ class EnrichResult:
         }
 
 
+#: What names a transaction in frames that may hold several sources' rows (a live run's turn
+#: enriches many sources' batches at once): LSNs and xids are one source's.
+TRANSACTION = ("source", "lsn", "xid")
+
+
 def transaction_contexts(contexts: pl.DataFrame) -> pl.DataFrame:
-    """One context per (lsn, xid): several set_context calls in a transaction merge in order."""
-    own = contexts.filter(pl.col("kind") == "context").sort("lsn", "seq")
-    merged = own.group_by("lsn", "xid", maintain_order=True).agg(pl.col("context"))
+    """One context per (source, lsn, xid): several set_context calls in a transaction merge in
+    order."""
+    own = contexts.filter(pl.col("kind") == "context").sort("source", "lsn", "seq")
+    merged = own.group_by(*TRANSACTION, maintain_order=True).agg(pl.col("context"))
     if merged.height == own.height:  # one call per transaction, the usual case: no Python
         return merged.with_columns(pl.col("context").list.first())
     return merged.with_columns(pl.col("context").map_elements(_merge_json, return_dtype=pl.String))
@@ -93,7 +101,7 @@ def _merge_json(values: pl.Series) -> str:
 def enrich(
     changes: pl.DataFrame,
     contexts: pl.DataFrame,
-    policy: SourcePolicy,
+    policy: SourcePolicy | dict[str, SourcePolicy],
     *,
     now: datetime,
     grace: timedelta,
@@ -104,14 +112,17 @@ def enrich(
 ) -> EnrichResult:
     """Turn staged changes into records; orphans within the grace window wait.
 
+    The frames may hold several sources' rows (a live run's turn): ``policy`` is then each
+    source's, by name, and every join is within a source (``TRANSACTION``).
     A ``file`` column on ``changes`` (see ``StagingStore.read``) is kept on the records and the
     orphans, so callers can write each record back beside the staged file it came from.
-    ``late_contexts`` (target_xid, context, attached_at) are contexts attached after their
-    transaction, from any hour; a change they name becomes ``late`` with its lag.
-    ``captured`` (lsn, txn_changes) counts each transaction's staged changes where ``changes``
-    holds only some of them (orphans re-enriched on their own, one file of a transaction staged
-    in parts); by default they are counted in ``changes``, which then holds whole transactions.
-    ``ignored`` (lsn, txn_ignored) likewise counts the changes the policy ignores.
+    ``late_contexts`` (source, target_xid, context, attached_at) are contexts attached after
+    their transaction, from any hour; a change they name becomes ``late`` with its lag.
+    ``captured`` (source, lsn, txn_changes) counts each transaction's staged changes where
+    ``changes`` holds only some of them (orphans re-enriched on their own, one file of a
+    transaction staged in parts); by default they are counted in ``changes``, which then holds
+    whole transactions.
+    ``ignored`` (source, lsn, txn_ignored) likewise counts the changes the policy ignores.
     ``own`` is ``transaction_contexts(contexts)`` where the caller has it already.
     """
     schema = (
@@ -121,12 +132,16 @@ def enrich(
     )
     if changes.is_empty():
         return EnrichResult(pl.DataFrame(schema=schema))
-    changes = changes.unique(["lsn", "change_index"], keep="first", maintain_order=True)
+    changes = changes.unique(["source", "lsn", "change_index"], keep="first", maintain_order=True)
     if captured is None:
-        captured = changes.group_by("lsn").agg(pl.len().cast(pl.Int32).alias("txn_changes"))
+        captured = changes.group_by("source", "lsn").agg(
+            pl.len().cast(pl.Int32).alias("txn_changes")
+        )
     if own is None:
         own = transaction_contexts(contexts)
-    joined = changes.join(own, on=["lsn", "xid"], how="left").join(captured, on="lsn", how="left")
+    joined = changes.join(own, on=TRANSACTION, how="left").join(
+        captured, on=["source", "lsn"], how="left"
+    )
     if late_contexts is None or late_contexts.is_empty():  # the usual batch: no joins
         joined = joined.with_columns(
             pl.lit(None, pl.String).alias("late_context"),
@@ -135,15 +150,21 @@ def enrich(
     else:
         late = (
             late_contexts.sort("attached_at")
-            .group_by("target_xid", maintain_order=True)
+            .group_by("source", "target_xid", maintain_order=True)
             .agg(pl.col("context").last().alias("late_context"), pl.col("attached_at").last())
         )
-        joined = joined.join(late, left_on="xid", right_on="target_xid", how="left")
+        joined = joined.join(
+            late, left_on=["source", "xid"], right_on=["source", "target_xid"], how="left"
+        )
 
     if FILE not in joined.columns:
         joined = joined.with_columns(pl.lit(None, pl.String).alias(FILE))
     result = EnrichResult(pl.DataFrame(schema=schema))
-    ignore = {name: set(t.ignore_changes_to) for name, t in policy.tables.items()}
+    ignore = {
+        (source, name): set(t.ignore_changes_to)
+        for source in joined.get_column("source").unique().to_list()
+        for name, t in (policy[source] if isinstance(policy, dict) else policy).tables.items()
+    }
     # Slices bound the memory of the Python part: only the computed columns pass through Python
     # objects; the row images stay in Arrow and are selected into the records as they are.
     parts = [
@@ -155,7 +176,7 @@ def enrich(
             ignored = ignored_counts(result.ignored_lsns)
         every = (
             pl.concat(parts)
-            .join(ignored, on="lsn", how="left")
+            .join(ignored, on=["source", "lsn"], how="left")
             .with_columns(pl.col("txn_ignored").fill_null(0))
             .select(list(schema))
         )
@@ -164,10 +185,10 @@ def enrich(
     return result
 
 
-def ignored_counts(lsns: list[int]) -> pl.DataFrame:
-    """(lsn, txn_ignored): how many changes of each transaction the policy ignored."""
-    frame = pl.DataFrame({"lsn": lsns}, schema={"lsn": pl.Int64})
-    return frame.group_by("lsn").agg(pl.len().cast(pl.Int32).alias("txn_ignored"))
+def ignored_counts(lsns: list[tuple[str, int]]) -> pl.DataFrame:
+    """(source, lsn, txn_ignored): how many changes of each transaction the policy ignored."""
+    frame = pl.DataFrame(lsns, schema={"source": pl.String, "lsn": pl.Int64}, orient="row")
+    return frame.group_by("source", "lsn").agg(pl.len().cast(pl.Int32).alias("txn_ignored"))
 
 
 SLICE_ROWS = 50_000
@@ -178,7 +199,7 @@ WAITING = "waiting"
 def _enrich_slice(
     chunk: pl.DataFrame,
     result: EnrichResult,
-    ignore: dict[str, set[str]],
+    ignore: dict[tuple[str, str], set[str]],
     now: datetime,
     grace: timedelta,
 ) -> pl.DataFrame:
@@ -249,10 +270,10 @@ def _enrich_slice(
         if (
             operation is Operation.update
             and changed
-            and set(changed) <= ignore.get(f"{schema}.{table}", set())
+            and set(changed) <= ignore.get((source, f"{schema}.{table}"), set())
         ):
             result.ignored += 1
-            result.ignored_lsns.append(lsn)
+            result.ignored_lsns.append((source, lsn))
             keep.append(False)
             continue
         image = after if after is not None else before
@@ -264,7 +285,7 @@ def _enrich_slice(
             keep.append(False)
             continue
         if status == WAITING:
-            result.orphans.append(Orphan(lsn, index, xid, committed, file))
+            result.orphans.append(Orphan(source, lsn, index, xid, committed, file))
         keep.append(True)
         computed["id"].append(record_id(env, source, lsn, index))
         computed["object_id"].append(

@@ -36,17 +36,17 @@ class Backoff:
 def record_orphans(
     conn: psycopg.Connection,
     env: str,
-    source: str,
     orphans: Iterable[Orphan],
     *,
     now: datetime,
     backoff: Backoff = Backoff(),
 ) -> int:
-    """Add new orphans, or count another attempt for known ones; returns how many."""
+    """Add new orphans (of any of the environment's sources), or count another attempt for
+    known ones; returns how many."""
     rows = [
         (
             env,
-            source,
+            o.source,
             o.lsn,
             o.change_index,
             o.xid,
@@ -57,6 +57,8 @@ def record_orphans(
         )
         for o in orphans
     ]
+    if not rows:
+        return 0
     with conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO audit_platform.quarantine AS q (env, source, commit_lsn,"
@@ -70,26 +72,27 @@ def record_orphans(
     return len(rows)
 
 
-def settle(
-    conn: psycopg.Connection, env: str, source: str, records: pl.DataFrame, *, now: datetime
-) -> int:
-    """Write back what enrichment decided for changes that were (or now become) orphans.
+def settle(conn: psycopg.Connection, env: str, records: pl.DataFrame, *, now: datetime) -> int:
+    """Write back what enrichment decided for changes that were (or now become) orphans, of
+    any of the environment's sources (the records' ``source``).
 
     Unattributed records are entered as released even if they never waited (they were past the
     grace window when first seen), so a context attached even later still finds its change.
     Late records resolve their entry.
     """
     orphans = records.filter(pl.col("attribution_status") != "attributed").select(
-        "lsn", "change_index", "xid", "commit_time", "attribution_status"
+        "source", "lsn", "change_index", "xid", "commit_time", "attribution_status"
     )
+    if orphans.is_empty():  # the usual batch: no round trips
+        return 0
     released = [
         (env, source, lsn, index, xid, commit_time, now, now, now, now)
-        for lsn, index, xid, commit_time, status in orphans.iter_rows()
+        for source, lsn, index, xid, commit_time, status in orphans.iter_rows()
         if status == "unattributed"
     ]
     resolved = [
         (now, env, source, lsn, index)
-        for lsn, index, _, _, status in orphans.iter_rows()
+        for source, lsn, index, _, _, status in orphans.iter_rows()
         if status != "unattributed"
     ]
     with conn.cursor() as cur:
@@ -134,13 +137,14 @@ def late_contexts_for(
     conn: psycopg.Connection, env: str, source: str, xids: list[int]
 ) -> pl.DataFrame:
     rows = conn.execute(
-        "SELECT target_xid, context, attached_at FROM audit_platform.late_contexts"
+        "SELECT source, target_xid, context, attached_at FROM audit_platform.late_contexts"
         " WHERE env = %s AND source = %s AND target_xid = ANY(%s)",
         (env, source, xids),
     ).fetchall()
     return pl.DataFrame(
         rows,
         schema={
+            "source": pl.String,
             "target_xid": pl.Int64,
             "context": pl.String,
             "attached_at": pl.Datetime("us", "UTC"),

@@ -21,6 +21,7 @@ from audit_platform.naming import STANDARD_CLASS
 from audit_platform.staging.store import (
     COALESCE,
     FILE,
+    TOGETHER_ROWS,
     PendingBatch,
     StagingStore,
     coalesced,
@@ -96,18 +97,35 @@ def _write_dead_letters(store: StagingStore, records: pl.DataFrame, result: Inde
             store.remove([target])
 
 
-def _by_hour(records: pl.DataFrame, result: IndexResult) -> list[HourIndexed]:
+def _by_hour(
+    records: pl.DataFrame, result: IndexResult, seconds: float | None = None
+) -> list[HourIndexed]:
     failed_ids = set(result.failed["id"].to_list())
     hours: dict[datetime, HourIndexed] = {}
     grouped = records.group_by(FILE).agg("id")
     for path, ids in grouped.iter_rows():
         hour = hour_from_path(path)
-        found = hours.setdefault(hour, HourIndexed(hour, seconds=result.seconds))
+        spent = result.seconds if seconds is None else seconds
+        found = hours.setdefault(hour, HourIndexed(hour, seconds=spent))
         failed = sum(1 for i in ids if i in failed_ids) if failed_ids else 0
         found.records += len(ids)
         found.failed += failed
         found.indexed += len(ids) - failed
     return sorted(hours.values(), key=lambda h: h.hour)
+
+
+@dataclass(frozen=True)
+class IndexShare:
+    """One source's part of an indexing that serves several sources at once: its store, the
+    database its records name and the retention class naming its indices."""
+
+    store: StagingStore
+    database: str
+    retention_class: str = STANDARD_CLASS
+
+    @property
+    def source(self) -> str:
+        return self.store.source
 
 
 def index_pending(
@@ -120,33 +138,84 @@ def index_pending(
     between: Callable[[], None] | None = None,
     coalesce: int = COALESCE,
 ) -> list[HourIndexed]:
-    """Index every enriched pending entry (this run's and any an earlier run left), oldest
-    first, and take each off the ledger once its documents are in; ``between`` is called
-    after each group.
+    """Index every enriched pending entry of one source: ``index_pending_together`` of one."""
+    share = IndexShare(store, database, retention_class)
+    found = index_pending_together(client, [share], now=now, between=between, coalesce=coalesce)
+    return found[store.source]
 
-    Up to ``coalesce`` whole batches go in one series of bulk requests (as ``enrich_pending``
-    enriches them: a batch's fixed cost paid once for the group). An entry that re-indexes
-    some records (``ids``) goes alone, after the batches before it."""
-    results: list[HourIndexed] = []
-    for entries in _groups(store, store.pending(), coalesce):
-        ids = None if entries[0].ids is None else list(entries[0].ids)
-        results.extend(
-            index_files(
+
+def index_pending_together(
+    client: Elasticsearch,
+    shares: list[IndexShare],
+    *,
+    now: datetime,
+    between: Callable[[], None] | None = None,
+    coalesce: int = COALESCE,
+) -> dict[str, list[HourIndexed]]:
+    """Index every enriched pending entry of these sources (this run's and any an earlier run
+    left), each source's oldest first, and take each off its ledger once its documents are in;
+    ``between`` is called after each turn.
+
+    Up to ``coalesce`` whole batches of a source go together, and the sources' groups in one
+    series of bulk requests (as ``enrich_pending_together`` enriches them: a batch's fixed cost
+    paid once for the turn). An entry that re-indexes some records (``ids``) goes alone of its
+    source, after the batches before it."""
+    results: dict[str, list[HourIndexed]] = {share.source: [] for share in shares}
+    queues = {
+        share.source: (share, _groups(share.store, share.store.pending(), coalesce))
+        for share in shares
+    }
+    held: dict[str, tuple[list[PendingBatch], pl.DataFrame]] = {}  # for the next turn
+    while queues:
+        turn: list[tuple[IndexShare, list[PendingBatch], pl.DataFrame]] = []
+        rows = 0
+        for source, (share, groups) in list(queues.items()):
+            found = held.pop(source, None)
+            if found is None:
+                entries = next(groups, None)
+                if entries is None:
+                    del queues[source]
+                    continue
+                found = entries, _records(share.store, entries)
+            if turn and rows + found[1].height > TOGETHER_ROWS:
+                held[source] = found
+                continue
+            rows += found[1].height
+            turn.append((share, *found))
+        if not turn:
+            continue
+        every = pl.concat([records for _, _, records in turn], how="diagonal_relaxed")
+        if every.height:
+            result = index_records(
                 client,
-                store,
-                [path for entry in entries for path in entry.records or ()],
-                database=database,
-                now=now,
-                ids=ids,
-                retention_class=retention_class,
+                every,
+                database={share.source: share.database for share, _, _ in turn},
+                ingested_at=now,
+                retention_class={share.source: share.retention_class for share, _, _ in turn},
             )
-        )
+            for share, _, records in turn:
+                if records.height:
+                    # Each source's share of the turn's time: its documents' share.
+                    seconds = result.seconds * records.height / every.height
+                    _write_dead_letters(share.store, records, result)
+                    results[share.source].extend(_by_hour(records, result, seconds))
         crash_point("index.documents_sent")
-        for entry in entries:
-            store.done(entry)
+        for share, entries, _ in turn:
+            for entry in entries:
+                share.store.done(entry)
         if between is not None:
             between()
-    return merge_indexed(results)
+    return {source: merge_indexed(found) for source, found in results.items()}
+
+
+def _records(store: StagingStore, entries: list[PendingBatch]) -> pl.DataFrame:
+    """The records of a group of entries: all of their files', or the ``ids`` a re-index
+    entry (alone in its group) names."""
+    records = store.read([path for entry in entries for path in entry.records or ()])
+    if entries[0].ids is not None and records.height:
+        wanted = pl.Series(entries[0].ids, dtype=pl.String).implode()
+        records = records.filter(pl.col("id").is_in(wanted))
+    return records
 
 
 def _groups(

@@ -33,7 +33,7 @@ from tenacity import (
 )
 
 from audit_platform.faults import crash_point
-from audit_platform.index.documents import document_frame
+from audit_platform.index.documents import PerSource, document_frame
 from audit_platform.naming import STANDARD_CLASS
 
 DEAD_LETTER_SCHEMA = pl.Schema(
@@ -67,13 +67,13 @@ def index_records(
     client: Elasticsearch,
     records: pl.DataFrame,
     *,
-    database: str,
+    database: PerSource,
     ingested_at: datetime,
     chunk_size: int = CHUNK_DOCUMENTS,
     chunk_bytes: int = CHUNK_BYTES,
     in_flight: int = IN_FLIGHT,
     max_attempts: int = 6,
-    retention_class: str = STANDARD_CLASS,
+    retention_class: PerSource = STANDARD_CLASS,
 ) -> IndexResult:
     """Index records; a document refused for itself is returned in ``failed``, not raised.
 

@@ -10,7 +10,7 @@ and re-encoded per row on the way to Elasticsearch.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -55,11 +55,21 @@ def _image_values(column: str) -> pl.Expr:
 _RAW = {"event", "changed_columns", "before", "after", "context", "row"}
 
 
-def _computed(database: str, ingested_at: datetime) -> dict[str, pl.Expr]:
+#: A value of each record's source: the same for all, or the source's (a turn of many).
+PerSource = str | Mapping[str, str]
+
+
+def per_source(value: PerSource) -> pl.Expr:
+    if isinstance(value, str):
+        return pl.lit(value)
+    return pl.col("source").replace_strict(dict(value), return_dtype=pl.String)
+
+
+def _computed(database: PerSource, ingested_at: datetime) -> dict[str, pl.Expr]:
     """The fields indexing computes; every other is its records column (``record.Column``)."""
     return {
         "@timestamp": pl.col("commit_time").dt.convert_time_zone("UTC").dt.to_string(_ISO_MICROS),
-        "source.database": pl.lit(database),
+        "source.database": per_source(database),
         "values_text": pl.concat_list(_image_values("before"), _image_values("after"))
         .list.eval(pl.element().filter(pl.element() != ""))
         .list.join(" "),
@@ -94,7 +104,7 @@ def _fields(model: type[BaseModel], prefix: str, computed: dict[str, pl.Expr]) -
     return found
 
 
-def _scalars(database: str, ingested_at: datetime) -> pl.Expr:
+def _scalars(database: PerSource, ingested_at: datetime) -> pl.Expr:
     """Every field that is not JSON text already, nested as in the document."""
     return pl.struct(
         _fields(AuditRecord, "", _computed(database, ingested_at))
@@ -108,12 +118,13 @@ def _raw(name: str, column: pl.Expr) -> list[pl.Expr]:
 def document_frame(
     records: pl.DataFrame,
     *,
-    database: str,
+    database: PerSource,
     ingested_at: datetime,
-    retention_class: str = STANDARD_CLASS,
+    retention_class: PerSource = STANDARD_CLASS,
 ) -> pl.DataFrame:
     """``index``, ``id`` and ``document`` (JSON text) for each record; ``retention_class`` is
-    their source's (``EnvironmentConfig.retention_class_of``), naming the monthly index."""
+    their source's (``EnvironmentConfig.retention_class_of``), naming the monthly index.
+    Records of several sources give ``database`` and ``retention_class`` per source."""
     # Records files written before these columns were kept lack them.
     records = records.with_columns(
         pl.lit(None, RECORD_SCHEMA[name]).alias(name)
@@ -121,11 +132,14 @@ def document_frame(
         if name not in records.columns
     )
     lsns = records["lsn"].unique()
-    month = pl.concat_str("env", pl.col("commit_time").dt.strftime("%Y/%m"), separator="/")
-    keys = records.select(month.alias("key"), "env", "commit_time").unique("key")
+    retention = per_source(retention_class)
+    month = pl.concat_str(
+        "env", retention, pl.col("commit_time").dt.strftime("%Y/%m"), separator="/"
+    )
+    keys = records.select(month.alias("key"), "env", retention.alias("class"), "commit_time")
     names = {  # through naming.index_name, the one definition of index names
-        key: index_name(env, retention_class, committed.year, committed.month)
-        for key, env, committed in keys.iter_rows()
+        key: index_name(env, retained, committed.year, committed.month)
+        for key, env, retained, committed in keys.unique("key").iter_rows()
     }
     return records.with_columns(
         pl.col("lsn")

@@ -65,6 +65,10 @@ COALESCE = 16
 #: as any): a backlog of full batches, or of batches filled with large contexts by any role
 #: that may call ``audit.set_context``, is taken one batch at a time, as before.
 COALESCE_ROWS = 10_000
+#: Rows a downstream turn of several sources holds in one frame at most (staged changes and
+#: contexts to enrich, records to index); the groups past it wait for the next turn, and a
+#: group larger on its own (a transaction staged in parts) is enriched alone, a file at a time.
+TOGETHER_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -410,7 +414,7 @@ def coalesced(
     rows = 0
     for entry in entries:
         if group:
-            added = sum(_rows(store, path) for path in paths(entry))
+            added = sum(file_rows(store, path) for path in paths(entry))
             if len(group) >= most or rows + added > COALESCE_ROWS:
                 yield group
                 group, rows = [], 0
@@ -421,7 +425,7 @@ def coalesced(
         yield group
 
 
-def _rows(store: StagingStore, path: str) -> int:
+def file_rows(store: StagingStore, path: str) -> int:
     try:
         return store.count_rows([path])
     except FileNotFoundError:  # read as no rows, as ``StagingStore.read`` does

@@ -282,8 +282,10 @@ def _parsed(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
 
-def context_leaves(own: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
-    """A ``context`` leaf per transaction of ``own`` (lsn, xid, commit_time, merged context)."""
+def context_leaves(own: pl.DataFrame, env: str) -> pl.DataFrame:
+    """A ``context`` leaf per transaction of ``own`` (source, lsn, xid, commit_time, merged
+    context), in its order."""
+    rows = own.select("source", "lsn", "xid", "commit_time", "context").iter_rows()
     hashes = [
         leaf_hash(
             canonical(
@@ -292,7 +294,7 @@ def context_leaves(own: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
                 )
             )
         )
-        for lsn, xid, time, text in own.select("lsn", "xid", "commit_time", "context").iter_rows()
+        for source, lsn, xid, time, text in rows
     ]
     return _frame(
         own.select(

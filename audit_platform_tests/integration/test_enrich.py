@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
@@ -13,7 +14,13 @@ from polars.testing import assert_frame_equal
 
 from audit_platform import platform_db
 from audit_platform.enrich import quarantine
-from audit_platform.enrich.batch import enrich_hour, enrich_pending, resolve_quarantine
+from audit_platform.enrich.batch import (
+    Share,
+    enrich_hour,
+    enrich_pending,
+    enrich_pending_together,
+    resolve_quarantine,
+)
 from audit_platform.index.reconcile import HourTransactions, hour_transactions
 from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import Settings
@@ -363,3 +370,81 @@ def test_an_entry_repeating_files_of_the_one_before_is_enriched_once_with_whole_
     assert log.state().size == 8  # seven changes and their transaction's context
     leaves = shop.store.read(shop.store.glob(f"{log.dir}/leaves/*.parquet"))
     assert leaves.filter(pl.col("kind") == "change").height == 7
+
+
+def test_sources_enriched_together_are_what_each_makes_alone(servers, tmp_path):
+    """A live run's turn enriches several sources' batches in one frame
+    (``enrich_pending_together``): each source's records files, trail, quarantine and counts
+    are those of enriching it alone. Two policies that differ on one column, an orphan, a
+    late context and a transaction staged in parts, across three sources."""
+    with ExitStack() as stack:
+        sources = {}
+        for name, ignore in (("north", ["status"]), ("south", []), ("east", [])):
+            url = stack.enter_context(new_database(servers))
+            sources[name] = make_source(
+                url,
+                tmp_path,
+                "CREATE TABLE orders (id int PRIMARY KEY, status text);"
+                "ALTER TABLE orders REPLICA IDENTITY FULL;",
+                policy_for(name, public__orders={"ignore_changes_to": ignore}),
+            )
+        for source in sources.values():
+            _write(source, "INSERT INTO orders VALUES (1, 'new')", context=ADA)
+            # Ignored by north's policy, a record of the others'.
+            _write(source, "UPDATE orders SET status = 'paid' WHERE id = 1", context=ADA)
+            source.capture()
+        orphan = _write(sources["south"], "INSERT INTO orders VALUES (2, 'new')")
+        sources["south"].capture()
+        _write(
+            sources["east"],
+            "INSERT INTO orders SELECT g, 'bulk' FROM generate_series(3, 9) g",
+            context=ADA,
+        )
+        sources["east"].capture(batch_changes=3)
+        with psycopg.connect(sources["south"].url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(orphan), json.dumps(ADA))
+            )
+        sources["south"].capture()
+        root = sources["north"].store.root
+        copy = tmp_path / "alone"
+        shutil.copytree(root, copy)
+        for ledger in copy.glob("*/*/_pending/*.json"):  # its entries name the copy's files
+            ledger.write_text(ledger.read_text().replace(root, str(copy)))
+        now = datetime.now(UTC)
+        state = stack.enter_context(psycopg.connect(servers.pg_url, autocommit=True))
+        platform_db.install(state, Settings().resources_dir / "sql")
+        shares = [Share(s.store, s.policy) for s in sources.values()]
+        together = enrich_pending_together(state, shares, now=now, grace=GRACE)
+        other = stack.enter_context(new_database(servers))
+        alone_state = stack.enter_context(psycopg.connect(other, autocommit=True))
+        platform_db.install(alone_state, Settings().resources_dir / "sql")
+        for name, source in sources.items():
+            alone = StagingStore(str(copy), source.env, name)
+            hours = enrich_pending(alone, alone_state, source.policy, now=now, grace=GRACE)
+            assert [vars(h) for h in together[name]] == [vars(h) for h in hours], name
+            mine, theirs = source.store.read_all("records"), alone.read_all("records")
+            assert mine is not None and theirs is not None
+            assert_frame_equal(mine, theirs)
+            assert all(entry.records is not None for entry in alone.pending())
+            assert [e.records for e in source.store.pending()] == [
+                tuple(p.replace(str(copy), root) for p in e.records or ()) for e in alone.pending()
+            ]
+            assert_frame_equal(
+                TrustLog(source.store).leaves().drop(FILE, strict=False),
+                TrustLog(alone).leaves().drop(FILE, strict=False),
+            )
+            for conn in (state, alone_state):
+                assert quarantine.stats(conn, source.env, name) == quarantine.stats(
+                    alone_state, source.env, name
+                )
+        ignored = together["north"][0]
+        assert ignored.records == 1 and together["south"][0].records >= 2
+        assert together["south"][0].late == 1
+        # A backfill of east's hour, a file at a time, counts its transaction in parts whole.
+        east = sources["east"]
+        live = east.store.read_all("records")
+        assert live is not None and live["txn_changes"].max() == 7
+        for hour in east.store.hours("changes"):
+            enrich_hour(east.store, state, east.policy, hour, now=now, grace=GRACE)
+        assert_frame_equal(east.store.read_all("records"), live)

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from audit_platform.live import FlushPacer, Lane
+from audit_platform import live
+from audit_platform.live import FlushPacer, Lane, TurnRequest, Turns
 
 
 class Clock:
@@ -125,3 +126,118 @@ def test_a_waiter_whose_keepalive_fails_leaves_the_queue_and_loses_no_slot():
 def test_a_lane_needs_a_slot():
     with pytest.raises(ValueError, match="at least one slot"):
         Lane(0)
+
+
+def _request(name: str) -> TurnRequest:
+    return TurnRequest(worker=name, policy=None, database="db", resolve=False, client=None)  # type: ignore[arg-type]
+
+
+def test_a_turn_serves_every_worker_that_waited_for_it_at_once():
+    """Requests queued while both lanes are busy are served together by the first worker
+    that finds a lane free, the oldest first; each returns once its own was served."""
+    turns = Turns(1)
+    turns_served: list[list[str]] = []
+    busy, go = threading.Event(), threading.Event()
+
+    def serve(batch, keepalive) -> None:
+        turns_served.append([r.worker for r in batch])
+        if batch[0].worker == "first":
+            busy.set()
+            go.wait(5)
+
+    threads = [threading.Thread(target=turns.take, args=(_request("first"), serve))]
+    threads[0].start()
+    busy.wait(5)
+    for name in ("second", "third", "fourth"):
+        threads.append(threading.Thread(target=turns.take, args=(_request(name), serve)))
+        threads[-1].start()
+        _until(lambda: turns.waiting == len(threads) - 1)
+    go.set()
+    for thread in threads:
+        thread.join(5)
+    assert turns_served == [["first"], ["second", "third", "fourth"]]
+    assert turns.waiting == 0
+
+
+def test_a_request_whose_turn_failed_raises_in_its_own_worker():
+    turns = Turns(1)
+    failing = _request("broken")
+
+    def serve(batch, keepalive) -> None:
+        for request in batch:
+            request.error = ValueError(f"{request.worker} cannot be enriched")
+
+    with pytest.raises(ValueError, match="broken cannot be enriched"):
+        turns.take(failing, serve)
+    assert failing.done and turns.waiting == 0
+
+
+def test_a_failed_turn_of_many_is_served_again_one_source_at_a_time(monkeypatch):
+    """One source whose batch cannot be enriched fails alone: the turn it spoiled is served
+    again per source, and the others' requests succeed."""
+    turns: list[list[str]] = []
+
+    def turn(batch, keepalive) -> None:
+        turns.append([r.worker for r in batch])
+        if any(r.worker == "broken" for r in batch):
+            raise ValueError("unreadable staged file")
+        for request in batch:
+            request.held = True
+
+    monkeypatch.setattr(live, "_turn", turn)
+    batch = [_request(name) for name in ("north", "broken", "south")]
+    live.serve_turn(batch, None)
+    assert turns == [["north", "broken", "south"], ["north"], ["broken"], ["south"]]
+    assert [(r.held, r.error is None) for r in batch] == [
+        (True, True),
+        (False, False),
+        (True, True),
+    ]
+
+
+def test_turns_on_two_lanes_lose_no_lane_when_a_request_was_served_by_another():
+    """Workers whose requests another turn took find a lane free and must not keep it: six
+    workers taking turns on two lanes, a hundred and twenty times in all, all finish and
+    both lanes are free again (a lane taken for an empty turn was never given back)."""
+    turns = Turns(2)
+    sizes: list[int] = []
+
+    def serve(batch, keepalive) -> None:
+        sizes.append(len(batch))
+        time.sleep(0.002)
+
+    def worker(name: str) -> None:
+        for _ in range(20):
+            turns.take(_request(name), serve, every=0.01)
+
+    threads = [threading.Thread(target=worker, args=(f"w{n}",), daemon=True) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert (turns.free, turns.waiting, sum(sizes)) == (2, 0, 120)
+    assert max(sizes) > 1  # some turns served several workers
+
+
+def test_a_worker_whose_stream_fails_while_waiting_leaves_the_queue():
+    """Its keepalive fails while both lanes are busy: it leaves the queue with its stream's
+    error, and the turn that comes later does not serve it."""
+    turns, go, served = Turns(1), threading.Event(), []
+
+    def serve(batch, keepalive) -> None:
+        served.extend(r.worker for r in batch)
+        go.wait(5)
+
+    first = threading.Thread(target=turns.take, args=(_request("first"), serve))
+    first.start()
+    _until(lambda: served == ["first"])
+
+    def broken() -> None:
+        raise ConnectionError("stream lost")
+
+    with pytest.raises(ConnectionError, match="stream lost"):
+        turns.take(_request("second"), serve, broken, every=0.01)
+    go.set()
+    first.join(5)
+    assert served == ["first"] and turns.waiting == 0 and turns.free == 1

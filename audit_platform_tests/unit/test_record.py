@@ -269,3 +269,24 @@ def test_a_context_staged_with_line_breaks_stays_on_one_bulk_line():
     [text] = frame["document"].to_list()
     assert "\n" not in text and "\r" not in text
     assert json.loads(text)["context"] == {"actor": {"type": "user", "id": "line\nbreak"}}
+
+
+def test_records_of_several_sources_are_each_their_own_sources_documents():
+    """A live run's turn indexes many sources' records in one frame: each document has its
+    source's database and goes to its source's retention class, as if indexed alone."""
+    shop = _record()
+    mill = _record(id="dev:mill:0000000100000002:3", source="mill")
+    both = document_frame(
+        pl.concat([shop, mill]),
+        database={"shop": "shopdb", "mill": "milldb"},
+        ingested_at=T0,
+        retention_class={"shop": "standard", "mill": "long"},
+    )
+    alone = pl.concat(
+        [
+            document_frame(shop, database="shopdb", ingested_at=T0),
+            document_frame(mill, database="milldb", ingested_at=T0, retention_class="long"),
+        ]
+    )
+    assert both.rows() == alone.rows()
+    assert both["index"].n_unique() == 2

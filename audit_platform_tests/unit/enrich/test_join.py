@@ -41,7 +41,9 @@ def _changes(rows: list[dict]) -> pl.DataFrame:
 def _contexts(rows: list[dict]) -> pl.DataFrame:
     base = {"commit_time_us": 0, "kind": "context", "seq": 0}
     frame = pl.DataFrame([base | r for r in rows], schema=CONTEXTS_SCHEMA)
-    return frame.drop("commit_time_us").with_columns(pl.lit(T0).alias("commit_time"))
+    return frame.drop("commit_time_us").with_columns(
+        pl.lit(T0).alias("commit_time"), pl.lit("shop").alias("source")
+    )
 
 
 @pytest.mark.parametrize(
@@ -119,11 +121,13 @@ def test_late_context_gives_status_late_with_its_lag():
     )
     late = pl.DataFrame(
         {
+            "source": ["shop"],
             "target_xid": [3],
             "context": ['{"actor":{"type":"user","id":"7"}}'],
             "attached_at": [T0 + timedelta(seconds=90)],
         },
         schema={
+            "source": pl.String,
             "target_xid": pl.Int64,
             "context": pl.String,
             "attached_at": pl.Datetime("us", "UTC"),
@@ -199,3 +203,36 @@ def test_a_staged_file_missing_a_column_every_record_needs_is_an_error_not_a_nul
     broken = _changes(rows).drop("policy_version")
     with pytest.raises(pl.exceptions.ColumnNotFoundError, match="policy_version"):
         enrich(broken, _contexts([]), POLICY, now=T0 + timedelta(hours=2), grace=timedelta(0))
+
+
+def test_sources_in_one_frame_keep_their_own_contexts_and_policies():
+    """Two sources' rows in one frame (a live run's turn): the same LSN and xid in both (two
+    servers' numbers are unrelated), each change meets its own source's context and policy."""
+    update = {
+        "lsn": 7,
+        "xid": 3,
+        "operation": "update",
+        "before": '{"id":"1","updated_at":"a"}',
+        "after": '{"id":"1","updated_at":"b"}',
+    }
+    changes = pl.concat(
+        [
+            _changes([{**update, "change_index": 0}]),
+            _changes([{**update, "change_index": 0}]).with_columns(pl.lit("mill").alias("source")),
+        ]
+    )
+    contexts = pl.concat(
+        [
+            _contexts([{"lsn": 7, "xid": 3, "target_xid": 3, "context": '{"reason":"shop"}'}]),
+            _contexts(
+                [{"lsn": 7, "xid": 3, "target_xid": 3, "context": '{"reason":"mill"}'}]
+            ).with_columns(pl.lit("mill").alias("source")),
+        ]
+    )
+    policies = {"shop": POLICY, "mill": policy_for("mill", public__orders={})}
+    result = enrich(changes, contexts, policies, now=T0, grace=timedelta(hours=1))
+    # The shop ignores updated_at: its update is no record; the mill's is, with its context.
+    assert result.ignored_lsns == [("shop", 7)]
+    assert result.records.select("source", "context", "txn_changes", "txn_ignored").rows() == [
+        ("mill", '{"reason":"mill"}', 1, 0)
+    ]
