@@ -453,6 +453,8 @@ class SourceWorker:
         self.changed_at = time.monotonic()
         #: Wake-ups in a row for counters that moved with nothing to read (a rolled-back write).
         self.false_wakes = 0
+        #: Its last downstream turn failed: the next is served alone (``serve_turn``).
+        self.turn_failed = False
         self._woke_for_counters = False
 
     def _set(self, **changes) -> None:
@@ -654,19 +656,27 @@ class SourceWorker:
 
 def serve_turn(batch: list[TurnRequest], keepalive: Callable[[], None]) -> None:
     """One downstream turn for these workers' sources; if it fails, one turn per source, so
-    that only the sources that fail on their own report an error."""
+    that only the sources that fail on their own report an error. A source whose last attempt
+    failed is served alone from the start: one that fails again and again (a batch that cannot
+    be enriched) does not make every turn it joins cost one turn per source."""
+    failing = [request for request in batch if request.worker.turn_failed]
+    together = [request for request in batch if not request.worker.turn_failed]
     try:
-        _turn(batch, keepalive)
+        if together:
+            _turn(together, keepalive)
     except Exception as exc:
-        if len(batch) == 1:
-            batch[0].error = exc
-            return
-        log.warning("a turn of %d sources failed (%s); serving each alone", len(batch), exc)
-        for request in batch:
-            try:
-                _turn([request], keepalive)
-            except Exception as alone:
-                request.error = alone
+        if len(together) == 1:
+            together[0].error = exc
+            together[0].worker.turn_failed = True
+        else:
+            log.warning("a turn of %d sources failed (%s); serving each alone", len(batch), exc)
+            failing = batch
+    for request in failing:
+        try:
+            _turn([request], keepalive)
+        except Exception as alone:
+            request.error = alone
+            request.worker.turn_failed = True
 
 
 def _turn(batch: list[TurnRequest], keepalive: Callable[[], None]) -> None:
@@ -715,7 +725,7 @@ def _turn(batch: list[TurnRequest], keepalive: Callable[[], None]) -> None:
             if indexed[name]:
                 total = sum(h.indexed for h in indexed[name])
                 worker._set(records_indexed=worker.status.records_indexed + total)
-            request.held = True
+            request.held, worker.turn_failed = True, False
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -128,8 +129,9 @@ def test_a_lane_needs_a_slot():
         Lane(0)
 
 
-def _request(name: str) -> TurnRequest:
-    return TurnRequest(worker=name, policy=None, database="db", resolve=False, client=None)  # type: ignore[arg-type]
+def _request(name: str, turn_failed: bool = False) -> TurnRequest:
+    worker = SimpleNamespace(name=name, turn_failed=turn_failed)
+    return TurnRequest(worker=worker, policy=None, database="db", resolve=False, client=None)  # type: ignore[arg-type]
 
 
 def test_a_turn_serves_every_worker_that_waited_for_it_at_once():
@@ -140,8 +142,8 @@ def test_a_turn_serves_every_worker_that_waited_for_it_at_once():
     busy, go = threading.Event(), threading.Event()
 
     def serve(batch, keepalive) -> None:
-        turns_served.append([r.worker for r in batch])
-        if batch[0].worker == "first":
+        turns_served.append([r.worker.name for r in batch])
+        if batch[0].worker.name == "first":
             busy.set()
             go.wait(5)
 
@@ -165,7 +167,7 @@ def test_a_request_whose_turn_failed_raises_in_its_own_worker():
 
     def serve(batch, keepalive) -> None:
         for request in batch:
-            request.error = ValueError(f"{request.worker} cannot be enriched")
+            request.error = ValueError(f"{request.worker.name} cannot be enriched")
 
     with pytest.raises(ValueError, match="broken cannot be enriched"):
         turns.take(failing, serve)
@@ -178,11 +180,11 @@ def test_a_failed_turn_of_many_is_served_again_one_source_at_a_time(monkeypatch)
     turns: list[list[str]] = []
 
     def turn(batch, keepalive) -> None:
-        turns.append([r.worker for r in batch])
-        if any(r.worker == "broken" for r in batch):
+        turns.append([r.worker.name for r in batch])
+        if any(r.worker.name == "broken" for r in batch):
             raise ValueError("unreadable staged file")
-        for request in batch:
-            request.held = True
+        for request in batch:  # as ``live._turn`` ends for each source it served
+            request.held, request.worker.turn_failed = True, False
 
     monkeypatch.setattr(live, "_turn", turn)
     batch = [_request(name) for name in ("north", "broken", "south")]
@@ -226,7 +228,7 @@ def test_a_worker_whose_stream_fails_while_waiting_leaves_the_queue():
     turns, go, served = Turns(1), threading.Event(), []
 
     def serve(batch, keepalive) -> None:
-        served.extend(r.worker for r in batch)
+        served.extend(r.worker.name for r in batch)
         go.wait(5)
 
     first = threading.Thread(target=turns.take, args=(_request("first"), serve))
