@@ -224,12 +224,15 @@ class Turns:
     """Downstream turns that serve every waiting worker at once (flat combining).
 
     A downstream turn costs about the same whatever it holds (the frame work, a bulk request:
-    about 55 ms, benchmarks/results/batch_cost.md), so fifty busy sources each taking turns of
+    about 30 ms, benchmarks/results/batch_cost.md), so fifty busy sources each taking turns of
     their own cost fifty times what one does. A worker that wants a turn queues its request;
-    whichever waiting worker finds a lane free takes every queued request (up to ``most``, the
-    oldest first) and serves them in one turn, each source's own files, ledger and trail
-    written as its own (``enrich_pending_together``). A turn that fails is served again one
-    source at a time, so a source whose batch cannot be enriched fails alone. While it waits,
+    whichever waiting worker finds a lane free while its own request is still queued takes it
+    and the other queued requests (up to ``most``, the oldest first) and serves them in one
+    turn, each source's files, ledger and trail written as its own
+    (``enrich_pending_together``). A worker whose request another turn holds only waits: it
+    never serves a turn that is not its own, so it returns to its stream once its request is
+    done. A turn that fails is served again one source at a time, so a source whose batch
+    cannot be enriched fails alone (``serve_turn``). While it waits,
     a worker keeps its stream alive (``keepalive`` every ``every`` seconds)."""
 
     def __init__(self, lanes: int, most: int = 32) -> None:
@@ -274,11 +277,14 @@ class Turns:
                 if broken and request in self._queue:
                     self._queue.remove(request)
                     break
-                if self._free and self._queue:
+                queued = request in self._queue
+                if self._free and queued:  # serve its own request first, then the oldest
                     self._free -= 1
+                    self._queue.remove(request)
+                    batch.append(request)
                     while self._queue and len(batch) < self.most:
                         batch.append(self._queue.popleft())
-                else:
+                else:  # a lane is busy, or another turn serves its request: wait
                     self._cond.wait(every)
             if batch:
                 try:
@@ -660,17 +666,21 @@ def serve_turn(batch: list[TurnRequest], keepalive: Callable[[], None]) -> None:
     failed is served alone from the start: one that fails again and again (a batch that cannot
     be enriched) does not make every turn it joins cost one turn per source."""
     failing = [request for request in batch if request.worker.turn_failed]
-    together = [request for request in batch if not request.worker.turn_failed]
-    try:
-        if together:
-            _turn(together, keepalive)
-    except Exception as exc:
-        if len(together) == 1:
-            together[0].error = exc
-            together[0].worker.turn_failed = True
-        else:
-            log.warning("a turn of %d sources failed (%s); serving each alone", len(batch), exc)
-            failing = batch
+    together: dict[tuple, list[TurnRequest]] = {}  # workers made with other settings apart
+    for request in batch:
+        if not request.worker.turn_failed:
+            settings = request.worker.settings
+            together.setdefault((settings.grace, settings.trail), []).append(request)
+    for group in together.values():
+        try:
+            _turn(group, keepalive)
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].error = exc
+                group[0].worker.turn_failed = True
+            else:
+                log.warning("a turn of %d sources failed (%s); serving each alone", len(group), exc)
+                failing += group
     for request in failing:
         try:
             _turn([request], keepalive)
@@ -703,17 +713,23 @@ def _turn(batch: list[TurnRequest], keepalive: Callable[[], None]) -> None:
             between=keepalive,
         )
         for request in held:
+            request.worker.report.enriched(
+                request.worker.source.name, enriched[request.worker.source.name]
+            )
+        for request in held:
             # Orphans due for a retry, or whose late context has just been enriched, now
             # rather than at the next periodic look (one count query when there are none).
             worker, name = request.worker, request.worker.source.name
             if request.resolve or quarantine.revisit_count(state, env, name, now):
-                enriched[name] += resolve_quarantine(
+                resolved = resolve_quarantine(
                     worker.source.store, state, request.policy, now=now, grace=settings.grace
                 )
+                worker.report.enriched(name, resolved)
+                enriched[name] += resolved
                 keepalive()
-            if enriched[name]:
-                worker._checkpoint()
-                worker.report.enriched(name, enriched[name])
+        for request in held:
+            if enriched[request.worker.source.name]:
+                request.worker._checkpoint()
         shares = [
             IndexShare(r.worker.source.store, r.database, r.worker.source.retention_class)
             for r in held

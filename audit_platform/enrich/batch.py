@@ -430,7 +430,8 @@ def enrich_pending_together(
         turn: list[tuple[Share, list[PendingBatch]]] = []
         alone: list[tuple[Share, list[PendingBatch]]] = []
         rows = 0
-        for source, (share, groups) in list(queues.items()):
+        for source in sorted(queues, key=lambda name: name not in held):  # held ones first
+            share, groups = queues[source]
             entries = held.pop(source, None) or next(groups, None)
             if entries is None:
                 del queues[source]

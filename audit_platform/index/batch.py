@@ -25,6 +25,7 @@ from audit_platform.staging.store import (
     PendingBatch,
     StagingStore,
     coalesced,
+    file_rows,
     hour_from_path,
 )
 
@@ -165,23 +166,22 @@ def index_pending_together(
         share.source: (share, _groups(share.store, share.store.pending(), coalesce))
         for share in shares
     }
-    held: dict[str, tuple[list[PendingBatch], pl.DataFrame]] = {}  # for the next turn
+    held: dict[str, list[PendingBatch]] = {}  # a group left for the next turn
     while queues:
         turn: list[tuple[IndexShare, list[PendingBatch], pl.DataFrame]] = []
         rows = 0
-        for source, (share, groups) in list(queues.items()):
-            found = held.pop(source, None)
-            if found is None:
-                entries = next(groups, None)
-                if entries is None:
-                    del queues[source]
-                    continue
-                found = entries, _records(share.store, entries)
-            if turn and rows + found[1].height > TOGETHER_ROWS:
-                held[source] = found
+        for source in sorted(queues, key=lambda name: name not in held):  # held ones first
+            share, groups = queues[source]
+            entries = held.pop(source, None) or next(groups, None)
+            if entries is None:
+                del queues[source]
                 continue
-            rows += found[1].height
-            turn.append((share, *found))
+            size = sum(file_rows(share.store, p) for entry in entries for p in entry.records or ())
+            if turn and rows + size > TOGETHER_ROWS:
+                held[source] = entries
+                continue
+            rows += size
+            turn.append((share, entries, _records(share.store, entries)))
         if not turn:
             continue
         every = pl.concat([records for _, _, records in turn], how="diagonal_relaxed")

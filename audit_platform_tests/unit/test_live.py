@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -130,13 +131,14 @@ def test_a_lane_needs_a_slot():
 
 
 def _request(name: str, turn_failed: bool = False) -> TurnRequest:
-    worker = SimpleNamespace(name=name, turn_failed=turn_failed)
+    settings = SimpleNamespace(grace=timedelta(minutes=10), trail=True)
+    worker = SimpleNamespace(name=name, turn_failed=turn_failed, settings=settings)
     return TurnRequest(worker=worker, policy=None, database="db", resolve=False, client=None)  # type: ignore[arg-type]
 
 
 def test_a_turn_serves_every_worker_that_waited_for_it_at_once():
-    """Requests queued while both lanes are busy are served together by the first worker
-    that finds a lane free, the oldest first; each returns once its own was served."""
+    """Requests queued while the lane is busy are served together by the first of their
+    workers that finds it free; each returns once its own was served."""
     turns = Turns(1)
     turns_served: list[list[str]] = []
     busy, go = threading.Event(), threading.Event()
@@ -157,7 +159,9 @@ def test_a_turn_serves_every_worker_that_waited_for_it_at_once():
     go.set()
     for thread in threads:
         thread.join(5)
-    assert turns_served == [["first"], ["second", "third", "fourth"]]
+    # One turn for the three: served by whichever of them woke first, its own request first.
+    assert turns_served[0] == ["first"] and len(turns_served) == 2
+    assert sorted(turns_served[1]) == ["fourth", "second", "third"]
     assert turns.waiting == 0
 
 
@@ -243,3 +247,47 @@ def test_a_worker_whose_stream_fails_while_waiting_leaves_the_queue():
     go.set()
     first.join(5)
     assert served == ["first"] and turns.waiting == 0 and turns.free == 1
+
+
+def test_a_worker_serves_only_turns_that_hold_its_own_request():
+    """A worker whose request another turn holds waits for it, and does not take the lane
+    that frees meanwhile for others' requests (it would serve them while its stream waits,
+    and a crash in that turn would end it with its own request still being served). Which
+    waiting thread wakes first is the scheduler's choice: the scene is played eight times."""
+    for _ in range(8):
+        served = _two_lanes_freed_while_a_pair_is_served()
+        assert served[3] == ("c", ["c"])
+        assert all(server in names for server, names in served)
+
+
+def _two_lanes_freed_while_a_pair_is_served() -> list[tuple[str, list[str]]]:
+    turns = Turns(2)
+    gates = {name: threading.Event() for name in ("x", "y", "pair")}
+    served: list[tuple[str, list[str]]] = []
+
+    def serve(batch, keepalive) -> None:
+        names = [r.worker.name for r in batch]
+        served.append((threading.current_thread().name, names))
+        gate = "pair" if len(names) == 2 else names[0]
+        if gate in gates:
+            gates[gate].wait(5)
+
+    def start(name: str) -> threading.Thread:
+        thread = threading.Thread(target=turns.take, args=(_request(name), serve), name=name)
+        thread.start()
+        return thread
+
+    threads = [start("x"), start("y")]
+    _until(lambda: len(served) == 2)  # both lanes busy
+    threads += [start("a"), start("b")]
+    _until(lambda: turns.waiting == 2)
+    gates["x"].set()  # a lane frees: a or b serves both
+    _until(lambda: len(served) == 3 and len(served[2][1]) == 2)
+    threads.append(start("c"))
+    _until(lambda: turns.waiting == 1)
+    gates["y"].set()  # the other lane frees while the pair's turn goes on
+    _until(lambda: len(served) == 4)
+    gates["pair"].set()
+    for thread in threads:
+        thread.join(5)
+    return served
