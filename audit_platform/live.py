@@ -553,7 +553,10 @@ class SourceWorker:
                 self.pacer.batched(self.source.name)
                 before = len(result.files)
                 with self._lane(self.lanes.staging, stream):
-                    stager.stage(decoder.decode(raw.messages, ChangeBatch(), complete=raw.complete))
+                    batch = decoder.decode(raw.messages, ChangeBatch(), complete=raw.complete)
+                    written = stager.write(batch)
+                if written is not None:
+                    stager.confirm(*written)
                 self.report.staged(self.source.name, result.files[before:])
                 del result.files[:]  # a run lasts long: keep no history of its files
                 self._set(

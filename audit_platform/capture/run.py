@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 
 import polars as pl
 import psycopg
@@ -24,6 +25,7 @@ from audit_platform.faults import crash_point
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging import DECODED_CHANGES, DECODED_CONTEXTS, StagedFile, StagingStore
+from audit_platform.staging.store import side_by_side
 
 
 @dataclass
@@ -185,6 +187,15 @@ class _Stager:
         self.open_parts: list[tuple[int, str]] = []
 
     def stage(self, batch: ChangeBatch) -> None:
+        written = self.write(batch)
+        if written is not None:
+            self.confirm(*written)
+
+    def write(self, batch: ChangeBatch) -> tuple[int, list[str]] | None:
+        """Stage a batch's files; returns the LSN to confirm and the manifest to settle once
+        the slot has (None: the batch ends inside a transaction, whose part waits). Apart from
+        ``confirm`` so that a live worker holds its staging lane for this only: confirming
+        waits for the server, not for the processor."""
         changes, contexts = frames(
             batch,
             env=self.env,
@@ -207,18 +218,21 @@ class _Stager:
             )
             changes, contexts = changes.filter(~is_open), contexts.filter(~is_open)
         if batch.end_lsn is None:
-            return
+            return None
         manifest = self._write(changes, contexts, first_lsn=batch.first_lsn, end_lsn=batch.end_lsn)
         crash_point("capture.staged")
-        self.confirm(batch.end_lsn, [manifest])
         self.result.batches += 1
         self.result.transactions += batch.transactions
+        return batch.end_lsn, [manifest]
 
     def _write(self, changes, contexts, *, first_lsn, end_lsn, part=None) -> str:
         datasets = (("changes", changes), ("contexts", contexts))
         planned = [path for d, f in datasets for _, path, _ in self.store.plan(d, f, part)]
         manifest = self.store.announce(first_lsn, end_lsn, planned, part=part)
-        written = [f for d, frame in datasets for f in self.store.write(d, frame, part)]
+        found = side_by_side(
+            partial(self.store.write, d, frame, part) for d, frame in datasets if frame.height
+        )
+        written = [f for files in found for f in files]
         self.result.changes += changes.height
         self.result.contexts += contexts.height
         self.result.files.extend(written)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 import polars as pl
 import psycopg
@@ -38,6 +39,7 @@ from audit_platform.staging.store import (
     file_rows,
     hour_from_path,
     lsn_range,
+    side_by_side,
 )
 from audit_platform.trust.leaves import (
     LEAF_SCHEMA,
@@ -199,17 +201,28 @@ class _Turn:
         rejected: dict[str, list[tuple[int, int, str]]] = {}
         for lsn, index, reason, path in result.rejected:
             rejected.setdefault(str(path), []).append((lsn, index, reason))
+        side_by_side(
+            partial(self._write, path, by_file[path], rejected.get(path)) for path in paths
+        )
         for path in paths:
             store = self.shares[self.files[path]].store
-            target = store.derived_path(path, "records")
-            store.write_file(target, by_file[path].drop(FILE).sort("lsn", "change_index"))
-            self.outcomes[self.files[path]].records_paths.append(target)
-            if path in rejected:
-                frame = pl.DataFrame(rejected[path], schema=REJECTED_SCHEMA, orient="row")
-                store.write_file(store.derived_path(path, "rejected"), frame)
+            self.outcomes[self.files[path]].records_paths.append(
+                store.derived_path(path, "records")
+            )
         quarantine.record_orphans(state, self.env, result.orphans, now=self.now)
         quarantine.settle(state, self.env, records, now=self.now)
         self.count(changes, result)
+
+    def _write(
+        self, path: str, records: pl.DataFrame, rejected: list[tuple[int, int, str]] | None
+    ) -> None:
+        """The records file (and the rejected changes' file) of one staged changes file."""
+        store = self.shares[self.files[path]].store
+        target = store.derived_path(path, "records")
+        store.write_file(target, records.drop(FILE).sort("lsn", "change_index"))
+        if rejected:
+            frame = pl.DataFrame(rejected, schema=REJECTED_SCHEMA, orient="row")
+            store.write_file(store.derived_path(path, "rejected"), frame)
 
     def count(self, changes: pl.DataFrame, result: EnrichResult) -> None:
         """Count each file's changes and results into its source's hours."""
@@ -461,20 +474,32 @@ def enrich_pending_together(
                 leaves=trail,
             )
         crash_point("enrich.records_written")
-        if trail:
-            for share, entries in turn + alone:
-                _append_per_entry(TrustLog(share.store), entries, outcomes[share.source].all_leaves)
-        crash_point("enrich.logged")
-        for share, entries in turn + alone:
-            for entry in entries:
-                changes = entry.staged_paths("changes")
-                share.store.mark_enriched(
-                    entry, [share.store.derived_path(path, "records") for path in changes]
+        if trail:  # each source's trail its own: appended side by side
+            side_by_side(
+                partial(
+                    _append_per_entry,
+                    TrustLog(share.store),
+                    entries,
+                    outcomes[share.source].all_leaves,
                 )
+                for share, entries in turn + alone
+            )
+        crash_point("enrich.logged")
+        side_by_side(
+            partial(_mark_enriched, share.store, entries) for share, entries in turn + alone
+        )
+        for share, _ in turn + alone:
             hours[share.source].extend(outcomes[share.source].hours)
         if between is not None:
             between()
     return {source: merge_hours(found) for source, found in hours.items()}
+
+
+def _mark_enriched(store: StagingStore, entries: list[PendingBatch]) -> None:
+    """Enrichment of these entries is done: each names its records files in the ledger."""
+    for entry in entries:
+        changes = entry.staged_paths("changes")
+        store.mark_enriched(entry, [store.derived_path(path, "records") for path in changes])
 
 
 def _split(records: pl.DataFrame, paths: Iterable[str]) -> Iterable[tuple[str, pl.DataFrame]]:
