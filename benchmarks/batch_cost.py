@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
+from unittest import mock
 
 import psycopg
 import typer
@@ -51,7 +52,7 @@ from audit_platform.policy import SourcePolicy, TablePolicy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
 from audit_platform.staging import StagingStore
-from audit_platform.staging import store as store_module
+from audit_platform.staging.writers import TURNS
 
 RESULTS = Path(__file__).parent / "results" / "batch_cost.md"
 CONTEXT = json.dumps({"actor": {"type": "service", "id": "bench"}, "reason": "load"})
@@ -105,14 +106,9 @@ def together(sources: list[Source], state, es) -> tuple[float, float]:
 
 @contextmanager
 def one_writer() -> Iterator[None]:
-    """``side_by_side``'s jobs one after another, as before files were written side by side."""
-    threads = store_module._writers
-    store_module._writers = ThreadPoolExecutor(1)
-    try:
+    """A turn's files written one after another (one writer thread), as before ``TURNS``."""
+    with ThreadPoolExecutor(1) as one, mock.patch.object(TURNS, "_pool", one):
         yield
-    finally:
-        store_module._writers.shutdown()
-        store_module._writers = threads
 
 
 def new_source(admin: str, env: str, name: str, folder: str, settings: Settings) -> Source:
@@ -227,7 +223,7 @@ def main(
         "",
         f"One batch of 10 transactions from each of {fleet} sources (median of"
         f" {len(shared['one turn for all'])}, taken in turn; the one at a time row writes a"
-        " turn's files as the code did before ``side_by_side``):",
+        " turn's files as the code did before ``TURNS``):",
         "",
         "| turns | CPU ms for all | CPU ms per source | wall ms for all |",
         "| --- | ---: | ---: | ---: |",

@@ -25,7 +25,7 @@ from audit_platform.faults import crash_point
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
 from audit_platform.staging import DECODED_CHANGES, DECODED_CONTEXTS, StagedFile, StagingStore
-from audit_platform.staging.store import side_by_side
+from audit_platform.staging.writers import STAGING
 
 
 @dataclass
@@ -229,7 +229,7 @@ class _Stager:
         datasets = (("changes", changes), ("contexts", contexts))
         planned = [path for d, f in datasets for _, path, _ in self.store.plan(d, f, part)]
         manifest = self.store.announce(first_lsn, end_lsn, planned, part=part)
-        found = side_by_side(
+        found = STAGING.side_by_side(
             partial(self.store.write, d, frame, part) for d, frame in datasets if frame.height
         )
         written = [f for files in found for f in files]

@@ -39,8 +39,8 @@ from audit_platform.staging.store import (
     file_rows,
     hour_from_path,
     lsn_range,
-    side_by_side,
 )
+from audit_platform.staging.writers import TURNS
 from audit_platform.trust.leaves import (
     LEAF_SCHEMA,
     attach_leaves,
@@ -201,7 +201,7 @@ class _Turn:
         rejected: dict[str, list[tuple[int, int, str]]] = {}
         for lsn, index, reason, path in result.rejected:
             rejected.setdefault(str(path), []).append((lsn, index, reason))
-        side_by_side(
+        TURNS.side_by_side(
             partial(self._write, path, by_file[path], rejected.get(path)) for path in paths
         )
         for path in paths:
@@ -475,7 +475,7 @@ def enrich_pending_together(
             )
         crash_point("enrich.records_written")
         if trail:  # each source's trail its own: appended side by side
-            side_by_side(
+            TURNS.side_by_side(
                 partial(
                     _append_per_entry,
                     TrustLog(share.store),
@@ -485,7 +485,7 @@ def enrich_pending_together(
                 for share, entries in turn + alone
             )
         crash_point("enrich.logged")
-        side_by_side(
+        TURNS.side_by_side(
             partial(_mark_enriched, share.store, entries) for share, entries in turn + alone
         )
         for share, _ in turn + alone:

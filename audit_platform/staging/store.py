@@ -31,10 +31,9 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 import fsspec
 import polars as pl
@@ -70,34 +69,6 @@ COALESCE_ROWS = 10_000
 #: contexts to enrich, records to index); the groups past it wait for the next turn, and a
 #: group larger on its own (a transaction staged in parts) is enriched alone, a file at a time.
 TOGETHER_ROWS = 20_000
-
-T = TypeVar("T")
-#: Threads that write files side by side (``side_by_side``).
-WRITERS = 8
-_writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="staging-writer")
-
-
-def side_by_side(jobs: Iterable[Callable[[], T]]) -> list[T]:
-    """Run jobs that write different files at once, and wait for every one of them.
-
-    A durable local write waits mostly for the disk to flush it (two fsyncs: the file and its
-    folder, 1 to 4 ms each on the benchmark machine under load), and the fsync lets other
-    threads run: the twenty sources of a downstream turn, each writing its records file, its
-    trail and its ledger entry, wait for twenty flushes one after another when written in
-    turn, and the lane waits with them (docs/design.md, "The capture run"). Every job runs
-    to its end before this returns: the first failure (a ``SimulatedCrash`` too) is raised
-    only then, so no write goes on behind a caller that has failed, and what the others wrote
-    is what a process dying just after them would leave. A job must not call this itself (the
-    threads are shared). One job runs in the caller's thread."""
-    jobs = list(jobs)
-    if len(jobs) <= 1:
-        return [job() for job in jobs]
-    futures = [_writers.submit(job) for job in jobs]
-    wait(futures)
-    for future in futures:
-        if future.exception() is not None:
-            future.result()  # raises it
-    return [future.result() for future in futures]
 
 
 @dataclass(frozen=True)
