@@ -3,9 +3,9 @@
 A durable local write waits mostly for the disk to flush it (two fsyncs, the file's and its
 folder's: 1 to 4 ms each on the benchmark machine under load), and a thread waiting in fsync
 lets the others run. Written one after another, the twenty sources of a downstream turn (each
-its records file, its trail's append, its ledger entry) waited for some sixty flushes in a row
-while their turn's lane waited with them; written side by side, the flushes overlap
-(docs/design.md, "The capture run").
+its records file, its trail's leaves, tile and state, its ledger entry: five durable writes)
+waited for a hundred writes in a row while their turn's lane waited with them; written side by
+side, the flushes overlap (docs/design.md, "The capture run").
 
 Staging and the downstream turns have threads of their own, as they have lanes of their own: a
 turn's writes (a trail's first append may tile a whole old log) never hold back a batch's
