@@ -227,12 +227,10 @@ class _Stager:
 
     def _write(self, changes, contexts, *, first_lsn, end_lsn, part=None) -> str:
         datasets = (("changes", changes), ("contexts", contexts))
-        planned = [path for d, f in datasets for _, path, _ in self.store.plan(d, f, part)]
-        manifest = self.store.announce(first_lsn, end_lsn, planned, part=part)
-        found = STAGING.side_by_side(
-            partial(self.store.write, d, frame, part) for d, frame in datasets if frame.height
-        )
-        written = [f for files in found for f in files]
+        planned = [(d, *file) for d, f in datasets for file in self.store.plan(d, f, part)]
+        rows = {path: frame.height for _, _, path, frame in planned}
+        manifest = self.store.announce(first_lsn, end_lsn, rows, part=part)
+        written = STAGING.side_by_side(partial(self.store.write_planned, *p) for p in planned)
         self.result.changes += changes.height
         self.result.contexts += contexts.height
         self.result.files.extend(written)

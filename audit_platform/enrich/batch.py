@@ -9,7 +9,7 @@ the records files that hold them (``resolve_quarantine``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -36,7 +36,6 @@ from audit_platform.staging.store import (
     PendingBatch,
     StagingStore,
     coalesced,
-    file_rows,
     hour_from_path,
     lsn_range,
 )
@@ -80,7 +79,8 @@ class HourResult:
 class EnrichOutcome:
     """Counts per hour of one enrichment of one source, and the records files it wrote."""
 
-    records_paths: list[str] = field(default_factory=list)
+    #: Each records file written, with its rows (the ledger keeps them: ``PendingBatch.rows``).
+    records_rows: dict[str, int] = field(default_factory=dict)
     by_hour: dict[datetime, HourResult] = field(default_factory=dict)
     #: The trail's leaves of what was enriched (when asked for): see ``trust.leaves``.
     leaves: list[pl.DataFrame] = field(default_factory=list)
@@ -206,9 +206,8 @@ class _Turn:
         )
         for path in paths:
             store = self.shares[self.files[path]].store
-            self.outcomes[self.files[path]].records_paths.append(
-                store.derived_path(path, "records")
-            )
+            written = self.outcomes[self.files[path]].records_rows
+            written[store.derived_path(path, "records")] = by_file[path].height
         quarantine.record_orphans(state, self.env, result.orphans, now=self.now)
         quarantine.settle(state, self.env, records, now=self.now)
         self.count(changes, result)
@@ -449,7 +448,7 @@ def enrich_pending_together(
             if entries is None:
                 del queues[source]
                 continue
-            size = sum(file_rows(share.store, path) for e in entries for path in e.staged)
+            size = sum(e.rows_in(share.store, e.staged) for e in entries)
             if size > TOGETHER_ROWS:  # a large transaction in parts: a file at a time, alone
                 alone.append((share, entries))
             elif rows + size > TOGETHER_ROWS:
@@ -486,7 +485,8 @@ def enrich_pending_together(
             )
         crash_point("enrich.logged")
         TURNS.side_by_side(
-            partial(_mark_enriched, share.store, entries) for share, entries in turn + alone
+            partial(_mark_enriched, share.store, entries, outcomes[share.source].records_rows)
+            for share, entries in turn + alone
         )
         for share, _ in turn + alone:
             hours[share.source].extend(outcomes[share.source].hours)
@@ -495,11 +495,14 @@ def enrich_pending_together(
     return {source: merge_hours(found) for source, found in hours.items()}
 
 
-def _mark_enriched(store: StagingStore, entries: list[PendingBatch]) -> None:
+def _mark_enriched(
+    store: StagingStore, entries: list[PendingBatch], rows: Mapping[str, int]
+) -> None:
     """Enrichment of these entries is done: each names its records files in the ledger."""
     for entry in entries:
         changes = entry.staged_paths("changes")
-        store.mark_enriched(entry, [store.derived_path(path, "records") for path in changes])
+        records = [store.derived_path(path, "records") for path in changes]
+        store.mark_enriched(entry, records, rows)
 
 
 def _split(records: pl.DataFrame, paths: Iterable[str]) -> Iterable[tuple[str, pl.DataFrame]]:

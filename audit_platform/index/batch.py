@@ -25,7 +25,6 @@ from audit_platform.staging.store import (
     PendingBatch,
     StagingStore,
     coalesced,
-    file_rows,
     hour_from_path,
 )
 
@@ -176,7 +175,7 @@ def index_pending_together(
             if entries is None:
                 del queues[source]
                 continue
-            size = sum(file_rows(share.store, p) for entry in entries for p in entry.records or ())
+            size = sum(entry.rows_in(share.store, entry.records or ()) for entry in entries)
             if turn and rows + size > TOGETHER_ROWS:
                 held[source] = entries
                 continue

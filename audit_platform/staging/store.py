@@ -27,11 +27,12 @@ entries behind, and the next run finishes them first, so no staged batch is forg
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import BinaryIO
 
@@ -84,6 +85,15 @@ class PendingBatch:
     staged: tuple[str, ...]
     records: tuple[str, ...] | None = None
     ids: tuple[str, ...] | None = None
+    #: Rows of its files as their writers counted them (staging, enrichment): what sizes a
+    #: downstream turn without opening each file's footer, about a millisecond a file and a
+    #: sixth of a fleet's turn. Only a size: it never decides what is read or indexed, and a
+    #: file it does not name (an entry an earlier version wrote) is counted from its footer.
+    rows: Mapping[str, int] = field(default_factory=dict, compare=False)
+
+    def rows_in(self, store: StagingStore, paths: Iterable[str]) -> int:
+        """Rows in these files of the entry: the ledger's counts, else the files' footers."""
+        return sum(self.rows[p] if p in self.rows else file_rows(store, p) for p in paths)
 
     def staged_paths(self, dataset: str) -> list[str]:
         return [p for p in self.staged if f"/{dataset}/date=" in p]
@@ -140,11 +150,15 @@ class StagingStore:
         return planned
 
     def write(self, dataset: str, frame: pl.DataFrame, part: int | None = None) -> list[StagedFile]:
-        written = []
-        for hour, path, rows in self.plan(dataset, frame, part):
-            self.write_file(path, rows)
-            written.append(StagedFile(dataset, hour, path, rows.height, *_lsn_bounds(rows)))
-        return written
+        planned = self.plan(dataset, frame, part)
+        return [self.write_planned(dataset, *file) for file in planned]
+
+    def write_planned(
+        self, dataset: str, hour: datetime, path: str, rows: pl.DataFrame
+    ) -> StagedFile:
+        """Write one file ``plan`` named."""
+        self.write_file(path, rows)
+        return StagedFile(dataset, hour, path, rows.height, *_lsn_bounds(rows))
 
     def write_file(self, path: str, frame: pl.DataFrame) -> None:
         """Write one Parquet file durably, replacing any previous version whole."""
@@ -213,11 +227,13 @@ class StagingStore:
         return f"{self.base}/_inflight/{lsn_hex(batch_first_lsn)}{suffix}.json"
 
     def announce(
-        self, batch_first_lsn: int, end_lsn: int, paths: Iterable[str], part: int | None = None
+        self, batch_first_lsn: int, end_lsn: int, rows: Mapping[str, int], part: int | None = None
     ) -> str:
-        """Record, before writing, which files a batch will write and where it ends."""
+        """Record, before writing, which files a batch will write (with their rows) and where
+        it ends."""
         path = self._manifest_path(batch_first_lsn, part)
-        self.write_json(path, {"end_lsn": end_lsn, "paths": sorted(paths)})
+        body = {"end_lsn": end_lsn, "paths": sorted(rows), "rows": dict(rows)}
+        self.write_json(path, body)
         crash_point("staging.announced")
         return path
 
@@ -228,10 +244,13 @@ class StagingStore:
         if not manifests:
             return None
         paths: set[str] = set()
+        rows: dict[str, int] = {}
         for manifest in manifests:
-            paths.update(self.read_json(manifest)["paths"])
+            body = self.read_json(manifest)
+            paths.update(body["paths"])
+            rows.update(body.get("rows", {}))
         name = manifests[-1].rsplit("/", 1)[1].removesuffix(".json")
-        entry = self._write_pending(name, {"staged": sorted(paths)})
+        entry = self._write_pending(name, {"staged": sorted(paths), "rows": rows})
         crash_point("staging.pending_written")
         for manifest in manifests:
             self.fs.rm(manifest)
@@ -300,10 +319,15 @@ class StagingStore:
             entries.append(_pending_entry(name, path, self.read_json(path)))
         return entries
 
-    def mark_enriched(self, entry: PendingBatch, records: Iterable[str]) -> PendingBatch:
-        return self._write_pending(
-            entry.name, {"staged": list(entry.staged), "records": sorted(records)}
-        )
+    def mark_enriched(
+        self, entry: PendingBatch, records: Iterable[str], rows: Mapping[str, int]
+    ) -> PendingBatch:
+        """Enrichment of the entry is done: ``records`` are its records files, ``rows`` what
+        they hold (the ones it knows)."""
+        records = sorted(records)
+        known = {**entry.rows, **{path: rows[path] for path in records if path in rows}}
+        body = {"staged": list(entry.staged), "records": records, "rows": known}
+        return self._write_pending(entry.name, body)
 
     def add_reindex(self, records: dict[str, list[str]]) -> PendingBatch:
         """Some records of some files changed (a quarantine resolution): index just those."""
@@ -318,8 +342,10 @@ class StagingStore:
         """Paths matching ``pattern``, sorted, in the form this store writes them: fsspec drops
         the ``s3://`` of an object store's matches, and paths are compared and derived by text
         (``derived_path``, ledger entries), so it is put back."""
+        if self.local:  # the standard library's, without fsspec's listing: a fifth the CPU
+            return sorted(glob.glob(self.fs._strip_protocol(pattern), include_hidden=True))
         found = self.fs.glob(pattern)
-        return sorted(found if self.local else (self.fs.unstrip_protocol(p) for p in found))
+        return sorted(self.fs.unstrip_protocol(p) for p in found)
 
     def read_json(self, path: str) -> dict:
         return json.loads(self.fs.cat_file(path))
@@ -414,7 +440,7 @@ def coalesced(
     rows = 0
     for entry in entries:
         if group:
-            added = sum(file_rows(store, path) for path in paths(entry))
+            added = entry.rows_in(store, paths(entry))
             if len(group) >= most or rows + added > COALESCE_ROWS:
                 yield group
                 group, rows = [], 0
@@ -441,6 +467,7 @@ def _pending_entry(name: str, path: str, body: dict) -> PendingBatch:
         tuple(body.get("staged", ())),
         None if records is None else tuple(records),
         None if ids is None else tuple(ids),
+        body.get("rows", {}),
     )
 
 
