@@ -86,9 +86,10 @@ class PendingBatch:
     records: tuple[str, ...] | None = None
     ids: tuple[str, ...] | None = None
     #: Rows of its files as their writers counted them (staging, enrichment): what sizes a
-    #: downstream turn without opening each file's footer, about a millisecond a file and a
-    #: sixth of a fleet's turn. Only a size: it never decides what is read or indexed, and a
-    #: file it does not name (an entry an earlier version wrote) is counted from its footer.
+    #: downstream turn without opening each file's footer (half a millisecond a file, three a
+    #: source in every turn: about a tenth of a turn's CPU, docs/design.md). Only a size: it
+    #: never decides what is read or indexed, and a file it does not name (an entry an earlier
+    #: version wrote) is counted from its footer.
     rows: Mapping[str, int] = field(default_factory=dict, compare=False)
 
     def rows_in(self, store: StagingStore, paths: Iterable[str]) -> int:
