@@ -86,11 +86,12 @@ class PendingBatch:
     records: tuple[str, ...] | None = None
     ids: tuple[str, ...] | None = None
     #: Rows of its files as their writers counted them (staging, enrichment): what sizes a
-    #: downstream turn without opening each file's footer (half a millisecond a file, three a
-    #: source in every turn: about a tenth of a turn's CPU, docs/design.md). Only a size: it
-    #: never decides what is read or indexed, and a file it does not name (an entry an earlier
-    #: version wrote) is counted from its footer.
-    rows: Mapping[str, int] = field(default_factory=dict, compare=False)
+    #: downstream turn without opening each file's footer (three a source in every turn,
+    #: docs/design.md). Only a size: it never decides what is read or indexed, and a file it
+    #: does not name (an entry an earlier version wrote, a re-index) is counted from its
+    #: footer. A quarantine resolution that rewrites a records file leaves its count as it
+    #: was: a turn's size is off by the orphans resolved, no more.
+    rows: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def rows_in(self, store: StagingStore, paths: Iterable[str]) -> int:
         """Rows in these files of the entry: the ledger's counts, else the files' footers."""
@@ -343,7 +344,7 @@ class StagingStore:
         """Paths matching ``pattern``, sorted, in the form this store writes them: fsspec drops
         the ``s3://`` of an object store's matches, and paths are compared and derived by text
         (``derived_path``, ledger entries), so it is put back."""
-        if self.local:  # the standard library's, without fsspec's listing: a fifth the CPU
+        if self.local:  # the standard library's: cheaper than fsspec's for a folder (no ``**``)
             return sorted(glob.glob(self.fs._strip_protocol(pattern), include_hidden=True))
         found = self.fs.glob(pattern)
         return sorted(self.fs.unstrip_protocol(p) for p in found)
@@ -435,8 +436,8 @@ def coalesced(
     most: int = COALESCE,
 ) -> Iterator[list[PendingBatch]]:
     """``entries`` in order, in groups of at most ``most`` whose later entries hold at most
-    ``COALESCE_ROWS`` rows in their ``paths`` together (read from Parquet footers, and only
-    when there is more than one entry to take)."""
+    ``COALESCE_ROWS`` rows in their ``paths`` together (counted by the ledger, else read from
+    Parquet footers, and only when there is more than one entry to take)."""
     group: list[PendingBatch] = []
     rows = 0
     for entry in entries:

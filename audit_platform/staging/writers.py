@@ -68,7 +68,8 @@ def _error(future: Future) -> BaseException:
     return error
 
 
-#: A batch's changes and contexts files, for the two staging lanes of a run and a spare pair.
+#: A batch's files (changes and contexts, one of each per commit hour it spans), for the two
+#: staging lanes of a run.
 STAGING = Writers(4, "staging-writer")
 #: A downstream turn's per-source files (up to 32 sources; two turns at once).
 TURNS = Writers(8, "turn-writer")

@@ -25,7 +25,7 @@ from audit_platform.index.reconcile import HourTransactions, hour_transactions
 from audit_platform.record import RECORD_SCHEMA
 from audit_platform.settings import Settings
 from audit_platform.staging import StagingStore
-from audit_platform.staging.store import FILE
+from audit_platform.staging.store import FILE, file_rows
 from audit_platform.trust.log import TrustLog
 from audit_platform_tests.capture_support import make_source
 from audit_platform_tests.conftest import new_database
@@ -376,7 +376,8 @@ def test_sources_enriched_together_are_what_each_makes_alone(servers, tmp_path):
     """A live run's turn enriches several sources' batches in one frame
     (``enrich_pending_together``): each source's records files, trail, quarantine and counts
     are those of enriching it alone. Two policies that differ on one column, an orphan, a
-    late context and a transaction staged in parts, across three sources."""
+    late context and a transaction staged in parts, across three sources. The ledger counts
+    each file's rows as its footer does."""
     with ExitStack() as stack:
         sources = {}
         for name, ignore in (("north", ["status"]), ("south", []), ("east", [])):
@@ -416,6 +417,10 @@ def test_sources_enriched_together_are_what_each_makes_alone(servers, tmp_path):
         platform_db.install(state, Settings().resources_dir / "sql")
         shares = [Share(s.store, s.policy) for s in sources.values()]
         together = enrich_pending_together(state, shares, now=now, grace=GRACE)
+        for source in sources.values():  # the ledger counts what the footers do
+            for entry in source.store.pending():
+                paths = [*entry.staged, *(entry.records or ())]
+                assert entry.rows == {p: file_rows(source.store, p) for p in paths}
         other = stack.enter_context(new_database(servers))
         alone_state = stack.enter_context(psycopg.connect(other, autocommit=True))
         platform_db.install(alone_state, Settings().resources_dir / "sql")

@@ -70,10 +70,14 @@ def test_an_entry_an_earlier_version_wrote_is_counted_from_footers(tmp_path):
     "pattern",
     ["_pending/*.json", "*/date=*/hour=*", "changes/date=*/hour=*/*.parquet", "nothing/*"],
 )
-def test_the_local_listing_finds_what_fsspec_finds(tmp_path, pattern):
+@pytest.mark.parametrize("root", ["absolute", "relative", "file://"])
+def test_the_local_listing_finds_what_fsspec_finds(tmp_path, monkeypatch, pattern, root):
     """``glob`` lists a local store with the standard library: the same paths, in the same
-    form, as fsspec's listing it replaced (a dot file included, folders where asked)."""
-    store = StagingStore(str(tmp_path), "test", "shop")
+    form, as fsspec's listing it replaced (a dot file included, folders where asked), whatever
+    form the root is given in."""
+    monkeypatch.chdir(tmp_path)
+    given = {"absolute": str(tmp_path), "relative": "staged", "file://": f"file://{tmp_path}"}
+    store = StagingStore(given[root], "test", "shop")
     _stage(store, _changes(4))
     store.write_json(f"{store.base}/_pending/.hidden.json", {})
     store.write_json(f"{store.base}/contexts/date=2026-12-03/hour=07/x.json", {})
