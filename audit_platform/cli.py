@@ -38,7 +38,13 @@ from audit_platform.policy import PolicyError, load_policy, policy_path
 from audit_platform.settings import Settings
 from audit_platform.signing import new_private_key, private_key, public_text
 from audit_platform.sources.check import MESSAGES_FIX, MESSAGES_OPEN, check_source
-from audit_platform.sources.setup import SetupError, setup_source, teardown_source
+from audit_platform.sources.setup import (
+    SCHEMA_HISTORY_FIX,
+    SCHEMA_HISTORY_OFF,
+    SetupError,
+    setup_source,
+    teardown_source,
+)
 from audit_platform.staging import StagingStore
 from audit_platform.verify import report_json, verify_environment
 
@@ -154,6 +160,8 @@ def source_setup(
     state = "replaced" if report.slot_replaced_from is not None else "created"
     typer.echo(f"slot {report.slot}: {state if report.slot_created else 'exists'}")
     typer.echo(f"late attribution: GRANT {report.attributor_role} TO <the service's role>")
+    if not report.schema_history:
+        typer.echo(f"warning: {SCHEMA_HISTORY_OFF}; {SCHEMA_HISTORY_FIX}", err=True)
     if not report.messages_restricted:
         typer.echo(f"warning: {MESSAGES_OPEN}; {MESSAGES_FIX}", err=True)
     if gap is not None:

@@ -377,11 +377,30 @@ class SourceStatus:
     last_batch_at: datetime | None = None
     #: Quiet, with everything committed before the attempt started staged, enriched, indexed.
     caught_up: bool = False
+    #: Tracked tables a captured schema change left degraded (no REPLICA IDENTITY FULL, no key),
+    #: each with its fix, until a later schema change fixes it (``capture.schema_changes``).
+    schema_problems: dict[str, str] = field(default_factory=dict)
     updated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def healthy(self) -> bool:
-        return self.state in {"starting", "live", "parked", "stopped"} and self.error is None
+        return (
+            self.state in {"starting", "live", "parked", "stopped"}
+            and self.error is None
+            and not self.schema_problems
+        )
+
+    def after_schema(self, changed: dict[str, str | None]) -> dict[str, str]:
+        """The schema problems once ``changed`` tables' latest changes are known: a table's
+        problem is replaced by its latest, and gone when that broke nothing."""
+        problems = {**self.schema_problems, **changed}
+        return {table: problem for table, problem in problems.items() if problem}
+
+    @property
+    def problem(self) -> str | None:
+        """What is wrong, for whoever looks: the last failure, then the schema's problems."""
+        found = [self.error, *(self.schema_problems[t] for t in sorted(self.schema_problems))]
+        return "; ".join(p for p in found if p) or None
 
 
 class LiveReport:
@@ -557,6 +576,8 @@ class SourceWorker:
                     written = stager.write(batch)
                 if written is not None:
                     stager.confirm(*written)
+                if batch.schema_problems:
+                    self._set(schema_problems=self.status.after_schema(batch.schema_problems))
                 self.report.staged(self.source.name, result.files[before:])
                 del result.files[:]  # a run lasts long: keep no history of its files
                 self._set(

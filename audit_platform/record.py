@@ -143,6 +143,9 @@ class Operation(StrEnum):
     update = "update"
     delete = "delete"
     truncate = "truncate"
+    #: A tracked table's schema changed: its images are the table's shape before and after
+    #: (``capture.schema_changes``), not row values.
+    ddl = "ddl"
 
 
 class AttributionStatus(StrEnum):
@@ -238,6 +241,7 @@ ECS_EVENT_TYPE = {
     Operation.update: ["change"],
     Operation.delete: ["deletion"],
     Operation.truncate: ["deletion"],
+    Operation.ddl: ["change"],
 }
 
 

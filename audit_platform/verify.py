@@ -480,6 +480,19 @@ def _pending(store: StagingStore) -> _Pending:
     return found
 
 
+def _image_strings(image: Any) -> Iterator[Any]:
+    """An image's values in the order its JSON text has them, as indexing's free text reads
+    them (every string that is an object's value, at any depth, and no array's item): a row
+    image is flat, a schema change's shape holds its columns as an object."""
+    if isinstance(image, dict):
+        for value in image.values():
+            yield from _image_strings(value) if isinstance(value, dict | list) else (value,)
+    elif isinstance(image, list):
+        for item in image:
+            if isinstance(item, dict | list):
+                yield from _image_strings(item)
+
+
 def derived_mismatches(
     index: str, doc_id: str, doc: dict[str, Any], retention_class: str = STANDARD_CLASS
 ) -> list[str]:
@@ -494,7 +507,7 @@ def derived_mismatches(
         actor = {}
     lsn = parse_lsn(txn["commit_lsn"])
     committed = datetime.fromisoformat(doc["@timestamp"])
-    images = [*(doc.get("before") or {}).values(), *(doc.get("after") or {}).values()]
+    images = [*_image_strings(doc.get("before")), *_image_strings(doc.get("after"))]
     expected = {
         "id": record_id(doc["env"], doc["source"]["service"], lsn, txn["change_index"]),
         "index": index_name(doc["env"], retention_class, committed.year, committed.month),

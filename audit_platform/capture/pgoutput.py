@@ -26,6 +26,7 @@ from audit_platform.capture.messages import (
     parse_context,
     rejection_json,
 )
+from audit_platform.capture.schema_changes import SCHEMA_CHANGES_TABLE, schema_change
 from audit_platform.policy import SourcePolicy, TablePolicy
 
 _ATTACH_REFUSED = (
@@ -62,6 +63,8 @@ class Relation:
     tracked: bool = True
     #: ``audit.attached_contexts``: its inserts are late contexts, not row changes.
     attachments: bool = False
+    #: ``audit.schema_changes``: its inserts are tracked tables' schema changes.
+    schema_changes: bool = False
 
     @property
     def qualified(self) -> str:
@@ -102,6 +105,9 @@ class ChangeBatch:
     #: Set when the batch ends inside a transaction: its commit LSN and which part this is.
     open_txn_lsn: int | None = None
     open_txn_part: int = 0
+    #: Tracked tables whose schema changed in this batch: what the change broke and how to fix
+    #: it, or None where it broke nothing (``capture.schema_changes``), the latest per table.
+    schema_problems: dict[str, str | None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.lsn)
@@ -277,6 +283,10 @@ class PgOutputDecoder:
             relation.tracked, relation.attachments = False, True
             relation.plan = [False] * len(relation.columns)
             return
+        if (relation.schema, relation.name) == SCHEMA_CHANGES_TABLE:
+            relation.tracked, relation.schema_changes = False, True
+            relation.plan = [False] * len(relation.columns)
+            return
         table_policy = self.policy.tables.get(relation.qualified)
         if table_policy is None:
             relation.tracked = False
@@ -351,8 +361,8 @@ class PgOutputDecoder:
             raise DecodeError(f"change for relation {relid} before its Relation message")
         if relation.tracked:
             return relation
-        if relation.attachments:
-            return relation if data[0] == 73 else None  # only inserts: it is append-only
+        if relation.attachments or relation.schema_changes:
+            return relation if data[0] == 73 else None  # only inserts: they are append-only
         self._change_index += 1
         return None
 
@@ -365,19 +375,43 @@ class PgOutputDecoder:
         after: dict | None,
         unchanged: list[str],
     ) -> None:
+        self._append_row(
+            batch,
+            relation.schema,
+            relation.name,
+            relation.key_json,
+            self._column_types(relation),
+            operation,
+            before,
+            after,
+            unchanged,
+        )
+
+    def _append_row(
+        self,
+        batch: ChangeBatch,
+        schema: str,
+        table: str,
+        key_json: str,
+        types: str,
+        operation: str,
+        before: dict | None,
+        after: dict | None,
+        unchanged: list[str],
+    ) -> None:
         batch.lsn.append(self._final_lsn)
         batch.xid.append(self._xid)
         batch.commit_time_us.append(self._commit_us)
         batch.change_index.append(self._change_index)
         self._change_index += 1
         batch.operation.append(operation)
-        batch.schema.append(relation.schema)
-        batch.table.append(relation.name)
-        batch.key_columns.append(relation.key_json)
+        batch.schema.append(schema)
+        batch.table.append(table)
+        batch.key_columns.append(key_json)
         batch.before.append(None if before is None else _json(before))
         batch.after.append(None if after is None else _json(after))
         batch.unchanged_toast.append(_json(unchanged) if unchanged else None)
-        batch.column_types.append(self._column_types(relation))
+        batch.column_types.append(types)
 
     def _insert(self, data: memoryview, batch: ChangeBatch) -> None:
         relation = self._tracked(data)
@@ -385,6 +419,9 @@ class PgOutputDecoder:
             return
         if relation.attachments:
             self._attachment(data, relation, batch)
+            return
+        if relation.schema_changes:
+            self._schema_change(data, relation, batch)
             return
         after, unchanged, _ = self._tuple(data, 6, relation)
         self._append(batch, relation, "insert", None, after, unchanged)
@@ -427,6 +464,18 @@ class PgOutputDecoder:
                 self._append(batch, relation, "truncate", None, None, [])
             elif not relation.attachments:
                 self._change_index += 1
+
+    def _schema_change(self, data: memoryview, relation: Relation, batch: ChangeBatch) -> None:
+        """A row the event triggers wrote: a table's shape before and after a DDL command."""
+        row, _, _ = self._tuple(data, 6, relation)
+        change = schema_change(row, self.policy, self.policy.source)
+        if change is None:
+            self._change_index += 1  # an untracked table's: counted like its row changes
+            return
+        self._append_row(
+            batch, change.schema, change.table, "[]", "{}", "ddl", change.before, change.after, []
+        )
+        batch.schema_problems[change.qualified] = change.problem
 
     # -- contexts ---------------------------------------------------------------------------
 

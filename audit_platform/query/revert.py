@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from audit_platform.policy import SourcePolicy
 from audit_platform.record import AuditRecord, Operation
 
-ConflictKind = Literal["later_change", "masked", "excluded", "truncate", "no_key", "no_types"]
+ConflictKind = Literal[
+    "later_change", "masked", "excluded", "truncate", "schema_change", "no_key", "no_types"
+]
 
 
 class RevertStatement(BaseModel):
@@ -176,6 +178,18 @@ def _undo(
                 detail=(
                     f"a truncate of {table} cannot be reverted: the trail has no images of the "
                     "rows it removed"
+                ),
+            )
+        )
+        return None
+    if record.operation is Operation.ddl:
+        conflicts.append(
+            RevertConflict(
+                record_id=record.id,
+                kind="schema_change",
+                detail=(
+                    f"a schema change of {table} is not reverted by a plan of row changes: "
+                    "write the reverse migration in the service's own migrations"
                 ),
             )
         )

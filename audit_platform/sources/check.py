@@ -12,12 +12,17 @@ from enum import StrEnum
 import psycopg
 from psycopg import sql
 
-from audit_platform.capture.messages import ATTACHMENTS_TABLE
 from audit_platform.migrations import migrations
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.platform_db import one
 from audit_platform.policy import SourcePolicy
-from audit_platform.sources.setup import public_may_emit_messages
+from audit_platform.sources.setup import (
+    OWN_TABLES,
+    SCHEMA_HISTORY_FIX,
+    SCHEMA_HISTORY_OFF,
+    public_may_emit_messages,
+    schema_history_installed,
+)
 
 #: Warn when a slot holds back more WAL than this (the consumer is behind or stopped).
 LAG_WARN_BYTES = 1024**3
@@ -183,7 +188,7 @@ def _publication(conn: psycopg.Connection, name: str, policy: SourcePolicy) -> F
             "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,)
         )
     }
-    wanted = {f"{s}.{t}" for s, t in [*policy.table_names(), ATTACHMENTS_TABLE]}
+    wanted = {f"{s}.{t}" for s, t in [*policy.table_names(), *OWN_TABLES]}
     # Partitioned roots are listed as their root (publish_via_partition_root), so compare sets.
     if wanted - published:
         return Finding(
@@ -266,11 +271,27 @@ def _messages(conn: psycopg.Connection) -> Finding:
     return Finding(Level.ok, "logical messages", "only roles granted it may emit them")
 
 
+def _schema_history(conn: psycopg.Connection) -> Finding:
+    if conn.execute("SELECT to_regclass('audit.schema_changes')").fetchone() == (None,):
+        return Finding(
+            Level.warning, "schema history", SCHEMA_HISTORY_OFF, "audit-platform source setup"
+        )
+    if schema_history_installed(conn):
+        return Finding(Level.ok, "schema history", "schema changes of tracked tables recorded")
+    return Finding(Level.warning, "schema history", SCHEMA_HISTORY_OFF, SCHEMA_HISTORY_FIX)
+
+
 def check_source(
     url: str, env: str, policy: SourcePolicy, sql_dir, *, lag_warn_bytes: int = LAG_WARN_BYTES
 ) -> list[Finding]:
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        findings = [_wal_level(conn), _may_replicate(conn), _schema(conn, sql_dir), _messages(conn)]
+        findings = [
+            _wal_level(conn),
+            _may_replicate(conn),
+            _schema(conn, sql_dir),
+            _messages(conn),
+            _schema_history(conn),
+        ]
         for name, table_policy in sorted(policy.tables.items()):
             schema, table = name.split(".", 1)
             findings.extend(_table(conn, schema, table, table_policy))

@@ -17,6 +17,7 @@ from psycopg import sql
 
 from audit_platform import migrations
 from audit_platform.capture.messages import ATTACHMENTS_TABLE
+from audit_platform.capture.schema_changes import SCHEMA_CHANGES_TABLE
 from audit_platform.capture.slot import parked_pid
 from audit_platform.lsn import parse_lsn
 from audit_platform.naming import publication_name, slot_name
@@ -25,6 +26,34 @@ from audit_platform.policy import SourcePolicy
 
 #: Any 64-bit number; it only has to be the same for every setup of every source.
 _SETUP_LOCK = 0x61756469745F7365
+#: The platform's own tables every publication carries beside the policy's: late contexts
+#: (source migration 002) and schema changes (migration 003) travel as their inserts.
+OWN_TABLES = (ATTACHMENTS_TABLE, SCHEMA_CHANGES_TABLE)
+#: The event triggers that write ``audit.schema_changes`` (migration 003): name, event, the
+#: commands they fire on, function.
+EVENT_TRIGGERS = (
+    (
+        "audit_schema_changes",
+        "ddl_command_end",
+        ("CREATE TABLE", "CREATE TABLE AS", "SELECT INTO", "ALTER TABLE"),
+        "audit.record_schema_change()",
+    ),
+    (
+        "audit_table_drops",
+        "sql_drop",
+        ("DROP TABLE", "DROP SCHEMA", "DROP OWNED"),
+        "audit.record_table_drop()",
+    ),
+)
+SCHEMA_HISTORY_OFF = (
+    "schema changes of tracked tables are not recorded: creating the event triggers that "
+    "record them needs a superuser"
+)
+SCHEMA_HISTORY_FIX = (
+    "run `audit-platform source setup` as a superuser (on Amazon RDS and Aurora a member of "
+    "rds_superuser, on Cloud SQL of cloudsqlsuperuser, on Azure Database for PostgreSQL of "
+    "azure_pg_admin, where event triggers are allowed)"
+)
 
 
 class SetupError(RuntimeError):
@@ -46,6 +75,9 @@ class SetupReport:
     messages_restricted: bool = False
     #: The role whose members may attach a late context (audit.attach_context) here.
     attributor_role: str = ""
+    #: Whether the event triggers that record schema changes are installed (see
+    #: record_schema_changes).
+    schema_history: bool = False
 
 
 def apply_migrations(conn: psycopg.Connection, sql_dir: Path) -> list[str]:
@@ -66,9 +98,9 @@ def _missing_tables(conn: psycopg.Connection, tables: list[tuple[str, str]]) -> 
 
 
 def ensure_publication(conn: psycopg.Connection, name: str, tables: list[tuple[str, str]]) -> None:
-    """Exactly the policy's tables and ``audit.attached_contexts`` (late contexts travel as its
-    rows); partitions are published under their root table."""
-    published = [*tables, ATTACHMENTS_TABLE] if ATTACHMENTS_TABLE not in tables else tables
+    """Exactly the policy's tables and the platform's own (:data:`OWN_TABLES`); partitions are
+    published under their root table."""
+    published = [*tables, *(own for own in OWN_TABLES if own not in tables)]
     table_list = sql.SQL(", ").join(sql.Identifier(s, t) for s, t in published)
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
     with conn.transaction():
@@ -116,6 +148,52 @@ def restrict_messages(conn: psycopg.Connection) -> bool:
             revoke = sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC")
             conn.execute(revoke.format(sql.SQL(signature)))
     return not public_may_emit_messages(conn)
+
+
+def schema_history_installed(conn: psycopg.Connection) -> bool:
+    """Whether both event triggers of migration 003 exist and fire."""
+    row = one(
+        conn.execute(
+            "SELECT count(*) FROM pg_event_trigger WHERE evtname = ANY(%s) AND evtenabled <> 'D'",
+            ([name for name, *_ in EVENT_TRIGGERS],),
+        )
+    )
+    return row[0] == len(EVENT_TRIGGERS)
+
+
+def record_schema_changes(conn: psycopg.Connection) -> bool:
+    """Create the event triggers that record schema changes, once; True if they are in place.
+
+    The tables' shapes are taken first, so the first change of each is told apart from what it
+    was. Only a superuser may create an event trigger; for anyone else nothing changes, and
+    ``source check`` reports schema changes as not recorded (docs/design.md, "Schema history").
+    """
+    existing = {
+        row[0]
+        for row in conn.execute(
+            "SELECT evtname FROM pg_event_trigger WHERE evtname = ANY(%s)",
+            ([name for name, *_ in EVENT_TRIGGERS],),
+        )
+    }
+    try:
+        with conn.transaction():
+            conn.execute("SELECT audit.baseline_table_shapes()")
+            for name, event, tags, function in EVENT_TRIGGERS:
+                if name in existing:
+                    continue
+                conn.execute(
+                    sql.SQL(
+                        "CREATE EVENT TRIGGER {} ON {} WHEN TAG IN ({}) EXECUTE FUNCTION {}"
+                    ).format(
+                        sql.Identifier(name),
+                        sql.SQL(event),
+                        sql.SQL(", ").join(sql.Literal(tag) for tag in tags),
+                        sql.SQL(function),
+                    )
+                )
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return schema_history_installed(conn)
 
 
 def ensure_slot(
@@ -178,6 +256,7 @@ def setup_source(
         report.applied_migrations = apply_migrations(conn, sql_dir)
         report.messages_restricted = restrict_messages(conn)
         report.attributor_role = one(conn.execute("SELECT audit.attributor_role()"))[0]
+        report.schema_history = record_schema_changes(conn)
         report.publication = publication_name(env, policy.source)
         ensure_publication(conn, report.publication, tables)
         report.publication_tables = [f"{s}.{t}" for s, t in tables]

@@ -99,7 +99,12 @@ def test_columns_added_and_dropped_mid_stream(zoo):
     zoo.execute("ALTER TABLE zoo DROP COLUMN txt")
     zoo.execute("UPDATE zoo SET extra = 'z' WHERE id = 1")
     zoo.capture()
-    first, second, third = images(zoo.staged(), "after")
+    staged = zoo.staged()
+    # Each schema change is a record of its own, between the row changes (capture.schema_changes).
+    assert staged["operation"].to_list() == ["insert", "ddl", "update", "ddl", "update"]
+    added, dropped = images(staged.filter(operation="ddl"), "after")
+    assert added["columns"]["extra"] == "text" and "txt" not in dropped["columns"]
+    first, second, third = images(staged.filter(pl.col("operation") != "ddl"), "after")
     assert "extra" not in first and first["txt"] == "before ddl"
     assert second["extra"] == "y" and second["txt"] == "before ddl"
     assert third["extra"] == "z" and "txt" not in third

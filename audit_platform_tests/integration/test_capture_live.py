@@ -661,3 +661,49 @@ def _window():
     from datetime import UTC, datetime
 
     return Window(datetime.now(UTC), indexing_lag=timedelta(0))
+
+
+def test_schema_changes_while_live_degrade_or_stop_a_source_visibly_and_lose_nothing(
+    pg_database, staging_root, env, es, state_url
+):
+    """docs/design.md, "Schema history": a lost replica identity is the source's problem until
+    fixed; a rename the policy does not follow stops the source at the rename until the policy
+    names the table, then every change (the trigger table's) is indexed exactly once."""
+    source = _source(pg_database, staging_root, "shop", env)
+    report = LiveReport()
+    workers = {"shop": _worker(source, es, state_url, report)}
+
+    def status():
+        return report.statuses().get("shop")
+
+    with _running(Supervisor(lambda: workers, lifetime=timedelta(minutes=5), report=report)):
+        _wait_for(lambda: status() and status().state == "live", 30, "the worker is live")
+        _write(source.url, 1)
+        source.execute("ALTER TABLE orders REPLICA IDENTITY DEFAULT")
+        _wait_for(lambda: not status().healthy, 20, "the lost identity is a problem")
+        assert "ALTER TABLE public.orders REPLICA IDENTITY FULL" in (status().problem or "")
+        assert status().state == "live"  # capture goes on
+        _write(source.url, 2)
+        source.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
+        _wait_for(lambda: status().healthy, 20, "the fix clears the problem")
+
+        source.execute("ALTER TABLE orders RENAME TO orders_v2")
+        source.execute("INSERT INTO orders_v2 (id, status) VALUES (9001, 'renamed')")
+        _wait_for(lambda: status().state == "retrying", 20, "capture stops at the rename")
+        assert "SchemaBroken" in (status().error or "")
+        assert "add public.orders_v2 to the policy" in (status().error or "")
+        # The operator's fix; the worker reads the policy at its next attempt.
+        source.policy = policy_for("shop", public__orders={}, public__orders_v2={})
+        _wait_for(lambda: status().state == "live" and status().healthy, 30, "resumed")
+        source.execute("UPDATE orders_v2 SET status = 'after' WHERE id = 9001")
+        truth = ground_truth(source.url)
+        _wait_for(
+            lambda: [r for r in _indexed(es, env, "shop") if r[1] != "ddl"] == truth,
+            30,
+            "every change indexed",
+        )
+    ddl = [r for r in _indexed(es, env, "shop") if r[1] == "ddl"]
+    assert len(ddl) == 3  # identity lost, identity back, the rename
+    staged = source.store.read_all("changes")
+    assert staged.select("lsn", "change_index").is_duplicated().sum() == 0
+    assert staged.height == len(truth) + 3

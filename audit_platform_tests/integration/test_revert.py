@@ -206,11 +206,17 @@ def test_masked_excluded_and_truncated_values_are_conflicts_never_guesses():
     )
     delete = _record("delete", {"id": "1", "name": "Ada", "email": "h1"}, None)
     truncate = _record("truncate", None, None, object_id=None)
+    shape = {"schema": "public", "table": "customers", "columns": {"id": "integer"}}
+    ddl = _record("ddl", shape, {**shape, "columns": {}}, object_id=None)
     plan = plan_revert(
-        {"test": "1"}, [update, delete, truncate], {"shop": policy}, generated_at=datetime.now(UTC)
+        {"test": "1"},
+        [update, delete, truncate, ddl],
+        {"shop": policy},
+        generated_at=datetime.now(UTC),
     )
     kinds = sorted(c.kind for c in plan.conflicts)
-    assert kinds == ["excluded", "masked", "masked", "truncate"]
+    assert kinds == ["excluded", "masked", "masked", "schema_change", "truncate"]
+    assert ddl.id not in {s.record_id for s in plan.sources[0].statements}
     sql = {s.record_id: s.sql for s in plan.sources[0].statements}
     assert "email" not in sql[update.id].split("WHERE")[0]  # the hash is never written back
     assert "\"name\" = 'Ada'::text" in sql[update.id]

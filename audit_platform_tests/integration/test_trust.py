@@ -524,7 +524,15 @@ def test_verify_derives_fields_as_the_indexing_code_does():
         {"reason": "no actor"},
         None,
     ]
-    images = [{"a": "x", "b": None, "c": ""}, {"é": "line\nbreak", "q": '"quoted"'}, None]
+    shape = {  # a schema change's image: nested, with an array (capture.schema_changes)
+        "schema": "public",
+        "table": 't"x',
+        "columns": {"id": "bigint not null", "a,b": "character varying(5)", "e": ""},
+        "primary_key": ["id", "a,b"],
+        "parts": [{"x": "in an array's object"}, ["deeper", {"y": "z"}]],
+        "replica_identity": "full",
+    }
+    images = [{"a": "x", "b": None, "c": ""}, {"é": "line\nbreak", "q": '"quoted"'}, None, shape]
     rows = [
         {
             "id": f"e:shop:{i:016X}:0",
@@ -533,11 +541,11 @@ def test_verify_derives_fields_as_the_indexing_code_does():
             "source": "shop",
             "schema": "public",
             "table": "t",
-            "operation": ("insert", "update", "delete")[i % 3],
+            "operation": ("insert", "update", "delete", "ddl")[i % 4],
             "object_id": "1",
             "changed_columns": '["a"]',
-            "before": None if images[i % 3] is None else json.dumps(images[i % 3]),
-            "after": json.dumps(images[(i + 1) % 3]) if images[(i + 1) % 3] else None,
+            "before": None if images[i % 4] is None else json.dumps(images[i % 4]),
+            "after": json.dumps(images[(i + 1) % 4]) if images[(i + 1) % 4] else None,
             "context": None if contexts[i % 4] is None else json.dumps(contexts[i % 4]),
             "attribution_status": "attributed",
             "attribution_lag_seconds": None,

@@ -291,3 +291,23 @@ def _two_lanes_freed_while_a_pair_is_served() -> list[tuple[str, list[str]]]:
     for thread in threads:
         thread.join(5)
     return served
+
+
+def test_a_schema_problem_makes_the_source_unhealthy_and_says_the_fix():
+    status = live.SourceStatus("shop", state="live")
+    assert status.healthy and status.problem is None
+    status.schema_problems = status.after_schema(
+        {"public.b": "b lost its key", "public.a": "a: REPLICA IDENTITY", "public.c": None}
+    )
+    assert status.schema_problems == {
+        "public.b": "b lost its key",
+        "public.a": "a: REPLICA IDENTITY",
+    }
+    assert not status.healthy
+    assert status.problem == "a: REPLICA IDENTITY; b lost its key"
+    status.error = "OperationalError: down"
+    assert status.problem == "OperationalError: down; a: REPLICA IDENTITY; b lost its key"
+    # A later change of a table replaces its problem; one that fixes it removes it.
+    assert status.after_schema({"public.a": None, "public.b": "b: no key"}) == {
+        "public.b": "b: no key"
+    }

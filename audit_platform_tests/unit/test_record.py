@@ -91,6 +91,26 @@ def _document(records: pl.DataFrame) -> tuple[str, str, dict]:
     return found
 
 
+def record_of(**overrides) -> AuditRecord:
+    """A record as the API reads it back from its document; images and lists given as values."""
+    for name in ("before", "after", "changed_columns"):
+        if name in overrides and overrides[name] is not None:
+            overrides[name] = json.dumps(overrides[name])
+    _, doc_id, document = _document(_record(**overrides))
+    return validate_document(doc_id, document)
+
+
+def test_a_schema_changes_document_holds_the_tables_shapes():
+    before = {"schema": "public", "table": "orders", "columns": {"id": "integer"}}
+    after = {**before, "columns": {"id": "integer", "note": "text"}, "primary_key": ["id"]}
+    record = record_of(
+        operation="ddl", before=before, after=after, changed_columns=["note"], object_id=None
+    )
+    assert record.before == before and record.after == after
+    assert record.event.action == "ddl" and record.event.type == ["change"]
+    assert record.values_text == "public orders integer public orders integer text"
+
+
 def test_model_template_and_documents_name_the_same_fields():
     model = set(model_leaves(AuditRecord)) - {"id"}  # the id is the document's _id
     template = render_template(Settings().resources_dir, "dev", 0)

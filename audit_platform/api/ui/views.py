@@ -12,7 +12,7 @@ from typing import Any, Literal
 from urllib.parse import quote as url_quote
 
 from audit_platform.query.models import Bucket, TimeBucket
-from audit_platform.record import AuditRecord
+from audit_platform.record import AuditRecord, Operation
 
 #: Values the query language reads as they are; anything else is quoted.
 _BARE = re.compile(r"^[^\s,:\"()-][^\s,:\"()]*$")
@@ -144,7 +144,10 @@ def show(value: Any) -> str:
 
 def columns(record: AuditRecord) -> list[ColumnRow]:
     """Every column of the row, before and after, in the row's order; key columns first, then
-    the changed ones, so the page can fold the rest."""
+    the changed ones, so the page can fold the rest. A schema change's rows are the table's
+    columns with their types, and its name, key and replica identity."""
+    if record.operation is Operation.ddl:
+        return _shape_rows(record)
     before, after = record.before or {}, record.after or {}
     names = list(dict.fromkeys([*before, *after]))
     changed = set(record.changed_columns)
@@ -161,6 +164,42 @@ def columns(record: AuditRecord) -> list[ColumnRow]:
         )
         for name in names
     ]
+    return sorted(rows, key=lambda r: (not r.key, not r.changed))
+
+
+#: A schema change's facts about the table as a whole, shown after its columns (in
+#: parentheses, which the page sets apart from column names).
+_TABLE_FACTS = ("(name)", "(primary key)", "(replica identity)")
+
+
+def _shape_rows(record: AuditRecord) -> list[ColumnRow]:
+    before, after = record.before, record.after
+    old, new = (before or {}).get("columns") or {}, (after or {}).get("columns") or {}
+    keys = set((after or before or {}).get("primary_key") or [])
+    changed = set(record.changed_columns)
+    rows = [
+        ColumnRow(
+            name,
+            show(old[name]) if name in old else None,
+            show(new[name]) if name in new else None,
+            name in changed,
+            name in keys,
+        )
+        for name in dict.fromkeys([*old, *new])
+    ]
+
+    def fact(shape: dict | None, label: str) -> str | None:
+        if shape is None:
+            return None
+        if label == "(name)":
+            return f"{shape.get('schema')}.{shape.get('table')}"
+        if label == "(primary key)":
+            return ", ".join(shape.get("primary_key") or []) or "none"
+        return str(shape.get("replica_identity"))
+
+    for label in _TABLE_FACTS:
+        was, now = fact(before, label), fact(after, label)
+        rows.append(ColumnRow(label, was, now, was != now, False))
     return sorted(rows, key=lambda r: (not r.key, not r.changed))
 
 

@@ -229,7 +229,7 @@ def _state_url(platform: AuditPlatform) -> str:
 def _status_key(status: SourceStatus) -> tuple:
     # Parked and live are one state to Dagster: a quiet source parks and wakes every few
     # minutes, and each change of key is an event in its history.
-    return ("live" if status.state == "parked" else status.state, status.error)
+    return ("live" if status.state == "parked" else status.state, status.problem)
 
 
 def status_check(status: SourceStatus, shard: int, run_id: str) -> dg.AssetCheckEvaluation:
@@ -241,6 +241,7 @@ def status_check(status: SourceStatus, shard: int, run_id: str) -> dg.AssetCheck
         metadata={
             "state": status.state,
             "error": status.error or "",
+            "schema_problems": dg.MetadataValue.json(status.schema_problems),
             "failures": status.failures,
             "attempts": status.attempts,
             "changes_this_attempt": status.changes,
@@ -250,7 +251,7 @@ def status_check(status: SourceStatus, shard: int, run_id: str) -> dg.AssetCheck
             "shard": shard,
             "run_id": run_id,
         },
-        description=status.error,
+        description=status.problem,
     )
 
 

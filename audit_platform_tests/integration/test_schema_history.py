@@ -1,0 +1,209 @@
+"""Schema changes of tracked tables through the real pipeline (PostgreSQL's event triggers, the
+slot, enrichment, Elasticsearch): each kind of DDL with its transaction's context, a column
+dropped and re-added with another type, a table renamed, created and dropped; a rename the
+policy does not follow stops capture instead of losing the table's changes; a role with CONNECT
+cannot forge or hide a schema change (docs/design.md, "Schema history")."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from audit_platform import platform_db
+from audit_platform.capture.schema_changes import SchemaBroken
+from audit_platform.query.language import parse
+from audit_platform.settings import Settings
+from audit_platform.sources.check import Level, check_source
+from audit_platform.sources.setup import record_schema_changes, schema_history_installed
+from audit_platform_tests.capture_support import capture_enrich_index, make_source
+from audit_platform_tests.helpers import policy_for
+
+SQL = Settings().resources_dir / "sql"
+DDL = """
+CREATE TABLE orders (id int PRIMARY KEY, status text);
+ALTER TABLE orders REPLICA IDENTITY FULL;
+CREATE TABLE other (id int PRIMARY KEY);
+"""
+MIGRATOR = {"actor": {"type": "job", "id": "migrate"}, "reason": "release 42"}
+
+
+@pytest.fixture
+def shop(pg_database, tmp_path, es_prefix):
+    env = es_prefix.replace("-", "_")  # indices of this test's own, removed after it
+    source = make_source(pg_database, tmp_path, DDL, policy_for("shop", public__orders={}), env)
+    # Tables the migrations below create or rename to (setup wants only tables that exist).
+    source.policy = policy_for("shop", public__orders={}, public__orders_v2={}, public__items={})
+    source.state = psycopg.connect(pg_database, autocommit=True)
+    platform_db.install(source.state, SQL)
+    yield source
+    source.state.close()
+
+
+def _migrate(source, statement: str) -> int:
+    """One migration step in its own transaction, with its context; returns its xid."""
+    with psycopg.connect(source.url) as conn:
+        conn.execute("SELECT audit.set_context(%s)", (json.dumps(MIGRATOR),))
+        conn.execute(statement)
+        xid = conn.execute("SELECT txid_current() % 4294967296").fetchone()[0]
+    return xid
+
+
+def _catalog_columns(source, table: str) -> dict[str, bool]:
+    """Each column and whether it may be null, as information_schema says: the test's own view
+    of the table, not the event trigger's."""
+    with psycopg.connect(source.url) as conn:
+        rows = conn.execute(
+            "SELECT column_name, is_nullable FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND table_name = %s",
+            (table,),
+        ).fetchall()
+    return {name: nullable == "YES" for name, nullable in rows}
+
+
+def _ddl_records(es, source) -> list[dict]:
+    query = parse("op:ddl", now=datetime.now(UTC))  # the query language, as the API reads it
+    hits = es.search(
+        index=f"audit-{source.env}-*",
+        query={"bool": {"filter": query.clauses()}},
+        sort=[{"transaction.lsn": "asc"}, {"transaction.change_index": "asc"}],
+        size=100,
+    )["hits"]["hits"]
+    return [hit["_source"] for hit in hits]
+
+
+def test_each_kind_of_schema_change_is_a_record_with_its_context(shop, es):
+    steps = [
+        ("ALTER TABLE orders ADD COLUMN note text", "orders", ["note"]),
+        ("ALTER TABLE orders ALTER COLUMN note TYPE varchar(20)", "orders", ["note"]),
+        ("ALTER TABLE orders RENAME COLUMN note TO remark", "orders", ["note", "remark"]),
+        ("ALTER TABLE orders DROP COLUMN remark", "orders", ["remark"]),
+        ("ALTER TABLE orders ADD COLUMN remark integer", "orders", ["remark"]),
+        ("ALTER TABLE orders ALTER COLUMN status SET NOT NULL", "orders", ["status"]),
+        ("ALTER TABLE orders RENAME TO orders_v2", "orders_v2", []),
+        ("ALTER TABLE orders_v2 REPLICA IDENTITY DEFAULT", "orders_v2", []),
+        ("CREATE TABLE items (id bigint PRIMARY KEY, name text)", "items", ["id", "name"]),
+        ("DROP TABLE items", "items", ["id", "name"]),
+    ]
+    shapes, xids = [], []
+    for statement, table, _ in steps:
+        xids.append(_migrate(shop, statement))
+        shapes.append(_catalog_columns(shop, table))
+    # Neither an untracked table's change, a change that changes no shape, nor a rolled-back
+    # one is a record.
+    _migrate(shop, "ALTER TABLE other ADD COLUMN x int")
+    _migrate(shop, "ALTER TABLE orders_v2 SET (fillfactor = 90)")
+    with pytest.raises(psycopg.errors.DivisionByZero), psycopg.connect(shop.url) as conn:
+        conn.execute("ALTER TABLE orders_v2 ADD COLUMN never text")
+        conn.execute("SELECT 1 / 0")
+    _migrate(shop, "INSERT INTO orders_v2 (id, status, remark) VALUES (1, 'new', 7)")
+
+    capture_enrich_index(shop, shop.state, es)
+
+    records = _ddl_records(es, shop)
+    assert [r["table"]["name"] for r in records] == [table for _, table, _ in steps]
+    assert [r["changed_columns"] for r in records] == [changed for *_, changed in steps]
+    assert [r["transaction"]["xid"] for r in records] == xids
+    for record, shape in zip(records, shapes, strict=True):
+        assert record["context"]["actor"]["id"] == "migrate", record
+        assert record["attribution"]["status"] == "attributed"
+        assert record["object_id"] is None and record["event"]["type"] == ["change"]
+        if record["after"] is not None:  # the catalog's own columns and nullability
+            columns = record["after"]["columns"]
+            assert {c: not t.endswith(" not null") for c, t in columns.items()} == shape
+    by_step = dict(zip([s for s, _, _ in steps], records, strict=True))
+    retyped = by_step["ALTER TABLE orders ALTER COLUMN note TYPE varchar(20)"]
+    assert retyped["before"]["columns"]["note"] == "text"
+    assert retyped["after"]["columns"]["note"] == "character varying(20)"
+    readded = by_step["ALTER TABLE orders ADD COLUMN remark integer"]
+    assert "remark" not in readded["before"]["columns"]
+    assert readded["after"]["columns"]["remark"] == "integer"
+    renamed = by_step["ALTER TABLE orders RENAME TO orders_v2"]
+    assert (renamed["before"]["table"], renamed["after"]["table"]) == ("orders", "orders_v2")
+    identity = by_step["ALTER TABLE orders_v2 REPLICA IDENTITY DEFAULT"]
+    assert (identity["before"]["replica_identity"], identity["after"]["replica_identity"]) == (
+        "full",
+        "default",
+    )
+    created = by_step["CREATE TABLE items (id bigint PRIMARY KEY, name text)"]
+    assert created["before"] is None and created["after"]["primary_key"] == ["id"]
+    dropped = by_step["DROP TABLE items"]
+    assert dropped["after"] is None and dropped["before"]["columns"]["id"] == "bigint not null"
+    # Row changes around them are recorded as ever, after them in commit order.
+    rows = es.search(index=f"audit-{shop.env}-*", query={"term": {"operation": "insert"}}, size=10)[
+        "hits"
+    ]["hits"]
+    assert [(h["_source"]["table"]["name"], h["_source"]["after"]) for h in rows] == [
+        ("orders_v2", {"id": "1", "status": "new", "remark": "7"})
+    ]
+    assert rows[0]["_source"]["transaction"]["lsn"] > records[-1]["transaction"]["lsn"]
+
+
+def test_a_rename_the_policy_does_not_follow_stops_capture_until_it_does(pg_database, tmp_path):
+    source = make_source(
+        pg_database, tmp_path, DDL, policy_for("shop", public__orders={}), env="rename"
+    )
+    source.execute("INSERT INTO orders VALUES (1, 'before')")
+    _migrate(source, "ALTER TABLE orders RENAME TO orders_v2")
+    source.execute("INSERT INTO orders_v2 VALUES (2, 'after')")
+    with pytest.raises(SchemaBroken) as caught:
+        source.capture()
+    message = str(caught.value)
+    assert "public.orders of source 'shop' was renamed to public.orders_v2" in message
+    assert "add public.orders_v2 to the policy" in message
+    # Nothing of it was staged, so nothing is lost: the policy that names both goes on.
+    assert source.store.read_all("changes") is None
+    source.policy = policy_for("shop", public__orders={}, public__orders_v2={})
+    source.capture()
+    staged = source.staged()
+    assert staged.select("operation", "table").rows() == [
+        ("insert", "orders"),
+        ("ddl", "orders_v2"),
+        ("insert", "orders_v2"),
+    ]
+
+
+def test_a_role_with_connect_cannot_forge_or_hide_a_schema_change(shop):
+    role = f"visitor_{shop.url.rsplit('/', 1)[-1]}"[:60]
+    shop.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'visitor'")
+    with psycopg.connect(shop.url) as conn:
+        dbname = conn.info.dbname
+    shop.execute(f'GRANT CONNECT ON DATABASE "{dbname}" TO {role}')
+    url = psycopg.conninfo.make_conninfo(shop.url, user=role, password="visitor")
+    attempts = [
+        "INSERT INTO audit.schema_changes (relid, command, after) VALUES (1, 'x', '{}')",
+        "DELETE FROM audit.table_shapes",
+        "SELECT audit.record_schema_change()",
+        "ALTER EVENT TRIGGER audit_schema_changes DISABLE",
+        "DROP EVENT TRIGGER audit_table_drops",
+    ]
+    for statement in attempts:
+        with psycopg.connect(url, autocommit=True) as conn, pytest.raises(psycopg.Error):
+            conn.execute(statement)
+    # What there is to hide is carried by the WAL only: the table is empty after a change.
+    _migrate(shop, "ALTER TABLE orders ADD COLUMN visited text")
+    with psycopg.connect(shop.url, autocommit=True) as conn:
+        assert schema_history_installed(conn)
+        assert conn.execute("SELECT count(*) FROM audit.schema_changes").fetchone() == (0,)
+    shop.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_without_a_superuser_schema_history_is_reported_as_off(shop):
+    with psycopg.connect(shop.url, autocommit=True) as conn:
+        conn.execute("DROP EVENT TRIGGER audit_schema_changes")
+        assert not schema_history_installed(conn)
+    findings = check_source(shop.url, shop.env, shop.policy, SQL)
+    [found] = [f for f in findings if f.subject == "schema history"]
+    assert found.level is Level.warning and "rds_superuser" in found.fix
+    role = f"owner_{shop.url.rsplit('/', 1)[-1]}"[:60]
+    shop.execute(
+        f"CREATE ROLE {role} LOGIN PASSWORD 'owner'; GRANT USAGE ON SCHEMA audit TO {role}"
+    )
+    url = psycopg.conninfo.make_conninfo(shop.url, user=role, password="owner")
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert record_schema_changes(conn) is False
+    with psycopg.connect(shop.url, autocommit=True) as conn:
+        assert record_schema_changes(conn) is True  # a superuser puts it back
+    shop.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
