@@ -28,16 +28,25 @@ from audit_platform.clients import (
     es_from_settings,
     pg_url_from_settings,
 )
-from audit_platform.environment import load_environment
+from audit_platform.environment import environment_path, load_environment
 from audit_platform.holds import create_hold, list_holds, release_hold
 from audit_platform.index import access
 from audit_platform.index.migrate import MigrationError, migrate_layout
 from audit_platform.index.retention import run_for_environment
 from audit_platform.index.template import ensure_template
-from audit_platform.policy import PolicyError, load_policy, policy_path
+from audit_platform.lsn import lsn_text
+from audit_platform.policy import PolicyError, SourcePolicy, load_policy, policy_path
 from audit_platform.settings import Settings
 from audit_platform.signing import new_private_key, private_key, public_text
-from audit_platform.sources.check import MESSAGES_FIX, MESSAGES_OPEN, check_source
+from audit_platform.sources.check import MESSAGES_FIX, MESSAGES_OPEN, Finding, check_source
+from audit_platform.sources.onboarding import (
+    OnboardingError,
+    name_in_environment,
+    policy_to_join,
+    preflight,
+    remove_from_environment,
+    write_policy,
+)
 from audit_platform.sources.setup import (
     SCHEMA_HISTORY_FIX,
     SCHEMA_HISTORY_OFF,
@@ -111,24 +120,9 @@ def _source_target(env: str | None, source: str, url: str | None):
     return settings, policy, url
 
 
-@source_app.command("setup")
-def source_setup(
-    source: SourceOption,
-    env: EnvOption = None,
-    url: UrlOption = None,
-    replace_lost_slot: Annotated[
-        bool,
-        typer.Option(help="Replace a slot PostgreSQL invalidated; its lost range becomes a gap."),
-    ] = False,
-) -> None:
-    """Install or upgrade the audit schema, and set up this environment's publication and slot.
-
-    A slot created where this source was captured before (it was dropped, or invalidated and
-    replaced) records the range it could not capture as a gap in the trail (`GET /v1/gaps`).
-    """
-    settings, policy, url = _source_target(env, source, url)
-    # The platform database first: a slot replaced while its gap cannot be recorded would be
-    # exactly the silent hole this is here to prevent.
+def _set_up(settings: Settings, policy: SourcePolicy, url: str, *, replace_lost_slot: bool) -> None:
+    """``source setup``'s work, and what it prints: the platform database first, since a slot
+    replaced while its gap cannot be recorded would be exactly the silent hole this prevents."""
     try:
         platform = psycopg.connect(pg_url_from_settings(settings), autocommit=True)
     except (NotConfigured, psycopg.OperationalError) as exc:
@@ -145,10 +139,10 @@ def source_setup(
             )
         except SetupError as exc:
             raise _fail(exc) from exc
-        store = StagingStore(settings.staging_root, settings.env, source)
+        store = StagingStore(settings.staging_root, settings.env, policy.source)
         gap = gap_of_new_slot(
             settings.env,
-            source,
+            policy.source,
             store,
             slot_start=report.slot_start,
             replaced_from=report.slot_replaced_from,
@@ -158,7 +152,8 @@ def source_setup(
     typer.echo(f"migrations applied: {', '.join(report.applied_migrations) or 'none (current)'}")
     typer.echo(f"publication {report.publication}: {', '.join(report.publication_tables)}")
     state = "replaced" if report.slot_replaced_from is not None else "created"
-    typer.echo(f"slot {report.slot}: {state if report.slot_created else 'exists'}")
+    where = f" at {lsn_text(report.slot_start)}" if report.slot_start is not None else ""
+    typer.echo(f"slot {report.slot}: {state + where if report.slot_created else 'exists'}")
     typer.echo(f"late attribution: GRANT {report.attributor_role} TO <the service's role>")
     if not report.schema_history:
         typer.echo(f"warning: {SCHEMA_HISTORY_OFF}; {SCHEMA_HISTORY_FIX}", err=True)
@@ -168,14 +163,94 @@ def source_setup(
         typer.secho(f"gap recorded: {gap.describe()}", fg=typer.colors.YELLOW)
 
 
+@source_app.command("setup")
+def source_setup(
+    source: SourceOption,
+    env: EnvOption = None,
+    url: UrlOption = None,
+    replace_lost_slot: Annotated[
+        bool,
+        typer.Option(help="Replace a slot PostgreSQL invalidated; its lost range becomes a gap."),
+    ] = False,
+) -> None:
+    """Install or upgrade the audit schema, and set up this environment's publication and slot.
+
+    A slot created where this source was captured before (it was dropped, or invalidated and
+    replaced) records the range it could not capture as a gap in the trail (`GET /v1/gaps`).
+    """
+    settings, policy, url = _source_target(env, source, url)
+    _set_up(settings, policy, url, replace_lost_slot=replace_lost_slot)
+
+
+def _echo_findings(findings: list[Finding]) -> None:
+    color = {"ok": None, "warning": typer.colors.YELLOW, "error": typer.colors.RED}
+    for finding in findings:
+        typer.secho(str(finding), fg=color[finding.level.value])
+
+
+@source_app.command("add")
+def source_add(
+    source: Annotated[str, typer.Argument(help="The source's name (its policy file's).")],
+    env: EnvOption = None,
+    url_env: Annotated[
+        str | None,
+        typer.Option(
+            "--url-env",
+            help="Variable holding the source's libpq URL (default AUDIT_SOURCE_<SOURCE>_URL); "
+            "the environment's file names it, never the URL.",
+        ),
+    ] = None,
+    tables: Annotated[
+        str | None,
+        typer.Option(
+            "--tables",
+            help="Tables to track, comma-separated schema.table (for a source without a policy "
+            "file; one that has a file keeps its own).",
+        ),
+    ] = None,
+) -> None:
+    """Join a service's database in one command: check it, then write its policy, set it up
+    (schema, publication, slot) and name it in the environment's file. Nothing is changed
+    unless every check passes; each failure says its fix."""
+    settings = _settings(env)
+    variable = url_env or f"AUDIT_SOURCE_{source.upper()}_URL"
+    url = os.environ.get(variable)
+    if not url:
+        raise _fail(ValueError(f"{variable} is not set: export the source's libpq URL in it"))
+    names = [t.strip() for t in (tables or "").split(",") if t.strip()]
+    try:
+        policy, new = policy_to_join(settings.resources_dir, source, names)
+        checked = preflight(url, settings.env, policy)
+    except (OnboardingError, PolicyError, psycopg.OperationalError) as exc:
+        raise _fail(exc) from exc
+    _echo_findings(checked.findings)
+    if not checked.passed:
+        typer.secho("nothing changed: fix the errors above and run source add again", err=True)
+        raise typer.Exit(code=1)
+    if new:
+        typer.echo(f"policy written: {write_policy(settings.resources_dir, policy)}")
+    _set_up(settings, policy, url, replace_lost_slot=False)
+    try:
+        added = name_in_environment(settings.resources_dir, settings.env, source, variable)
+    except OnboardingError as exc:
+        raise _fail(exc) from exc
+    path = environment_path(settings.resources_dir, settings.env)
+    typer.echo(
+        f"environment {settings.env}: {source} {'added to' if added else 'already in'} {path}"
+    )
+    typer.echo(
+        "capture: the next capture run of the environment picks it up (at the running one's "
+        "handover, within capture_run_minutes); its records begin at the slot's position: "
+        "rows that exist now are recorded at their next change (no initial snapshot yet)"
+    )
+
+
 @source_app.command("check")
 def source_check(source: SourceOption, env: EnvOption = None, url: UrlOption = None) -> None:
     """Say whether capture from this source will work and be complete; exit 1 on any error."""
     settings, policy, url = _source_target(env, source, url)
     findings = check_source(url, settings.env, policy, settings.resources_dir / "sql")
-    for finding in findings:
-        color = {"ok": None, "warning": typer.colors.YELLOW, "error": typer.colors.RED}
-        typer.secho(str(finding), fg=color[finding.level.value])
+    _echo_findings(findings)
     if any(f.level.value == "error" for f in findings):
         raise typer.Exit(code=1)
 
@@ -198,6 +273,33 @@ def source_teardown(
     except SetupError as exc:
         raise _fail(exc) from exc
     typer.echo("removed: " + (", ".join(removed) or "nothing (already gone)"))
+
+
+@source_app.command("remove")
+def source_remove(
+    source: Annotated[str, typer.Argument(help="The source's name.")],
+    env: EnvOption = None,
+    url: UrlOption = None,
+) -> None:
+    """Stop capturing a service's database in this environment: drop its slot and publication
+    and take it out of the environment's file. Its policy and everything recorded are kept."""
+    settings, _, url = _source_target(env, source, url)
+    try:
+        removed = teardown_source(
+            url, settings.env, source, settings.resources_dir / "sql", everything=False
+        )
+        named = remove_from_environment(settings.resources_dir, settings.env, source)
+    except (SetupError, OnboardingError) as exc:
+        raise _fail(exc) from exc
+    typer.echo("removed: " + (", ".join(removed) or "nothing on the database (already gone)"))
+    path = environment_path(settings.resources_dir, settings.env)
+    typer.echo(
+        f"environment {settings.env}: {source} {'removed from' if named else 'was not in'} {path}"
+    )
+    typer.echo(
+        f"kept: {policy_path(settings.resources_dir, source)}, and every record, the trail and "
+        "the staged files (retention and legal holds apply as before)"
+    )
 
 
 retention_app = typer.Typer(

@@ -15,7 +15,7 @@ from psycopg import sql
 from audit_platform.migrations import migrations
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.platform_db import one
-from audit_platform.policy import SourcePolicy
+from audit_platform.policy import SourcePolicy, TablePolicy
 from audit_platform.sources.setup import (
     OWN_TABLES,
     SCHEMA_HISTORY_FIX,
@@ -93,7 +93,9 @@ def _schema(conn: psycopg.Connection, sql_dir) -> Finding:
     )
 
 
-def _table(conn: psycopg.Connection, schema: str, table: str, policy) -> list[Finding]:
+def table_findings(
+    conn: psycopg.Connection, schema: str, table: str, policy: TablePolicy
+) -> list[Finding]:
     subject = f"{schema}.{table}"
     row = conn.execute(
         "SELECT c.oid, c.relkind, c.relreplident FROM pg_class c"
@@ -294,7 +296,7 @@ def check_source(
         ]
         for name, table_policy in sorted(policy.tables.items()):
             schema, table = name.split(".", 1)
-            findings.extend(_table(conn, schema, table, table_policy))
+            findings.extend(table_findings(conn, schema, table, table_policy))
         findings.append(_publication(conn, publication_name(env, policy.source), policy))
         findings.extend(_slot(conn, slot_name(env, policy.source), lag_warn_bytes))
     return findings
