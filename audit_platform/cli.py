@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -22,6 +23,12 @@ from audit_platform.api_keys import (
     revoke_key,
 )
 from audit_platform.capture.gaps import gap_of_new_slot, record_gap
+from audit_platform.capture.snapshot import (
+    SnapshotError,
+    TableProgress,
+    new_snapshot_id,
+    run_snapshot,
+)
 from audit_platform.clients import (
     NotConfigured,
     elasticsearch_client,
@@ -109,7 +116,13 @@ def _fail(exc: Exception) -> typer.Exit:
 
 def _source_target(env: str | None, source: str, url: str | None):
     settings = _settings(env)
-    variable = f"AUDIT_SOURCE_{source.upper()}_URL"
+    # The variable the environment's file names for the source (source add writes it there),
+    # or the convention's.
+    try:
+        named = load_environment(settings.resources_dir, settings.env).sources.get(source)
+    except PolicyError as exc:
+        raise _fail(exc) from exc
+    variable = named.url_env if named else f"AUDIT_SOURCE_{source.upper()}_URL"
     url = url or os.environ.get(variable)
     if not url:
         raise _fail(ValueError(f"no URL for source {source!r}: pass --url or set {variable}"))
@@ -208,6 +221,10 @@ def source_add(
             "file; one that has a file keeps its own).",
         ),
     ] = None,
+    snapshot: Annotated[
+        bool,
+        typer.Option(help="Record the rows that exist now (an initial snapshot) once joined."),
+    ] = True,
 ) -> None:
     """Join a service's database in one command: check it, then write its policy, set it up
     (schema, publication, slot) and name it in the environment's file. Nothing is changed
@@ -240,9 +257,92 @@ def source_add(
     )
     typer.echo(
         "capture: the next capture run of the environment picks it up (at the running one's "
-        "handover, within capture_run_minutes); its records begin at the slot's position: "
-        "rows that exist now are recorded at their next change (no initial snapshot yet)"
+        "handover, within capture_run_minutes)"
     )
+    if snapshot:
+        _snapshot(url, policy, new_snapshot_id(), [], "initial snapshot (source add)", 20_000)
+    else:
+        typer.echo(
+            "no initial snapshot: rows that exist now are recorded at their next change "
+            f"(audit-platform source snapshot --env {settings.env} --source {source} records "
+            "them now)"
+        )
+
+
+def _snapshot(
+    url: str,
+    policy: SourcePolicy,
+    snapshot_id: str,
+    tables: list[str],
+    reason: str | None,
+    chunk_rows: int,
+) -> None:
+    typer.echo(f"snapshot {snapshot_id}: recording the existing rows of each table")
+    started = time.monotonic()
+    shown = [started]
+
+    def show(progress: TableProgress) -> None:
+        now = time.monotonic()
+        if progress.done or now - shown[0] >= 5:
+            shown[0] = now
+            state = "done" if progress.done else "reading"
+            typer.echo(
+                f"  {progress.table}: {progress.rows:,} rows in {progress.chunks:,} chunks, "
+                f"{state} ({now - started:.0f} s)"
+            )
+
+    try:
+        run_snapshot(
+            url,
+            policy,
+            snapshot_id,
+            tables=tables,
+            reason=reason,
+            chunk_rows=chunk_rows,
+            on_chunk=show,
+        )
+    except (SnapshotError, psycopg.Error) as exc:
+        typer.secho(
+            f"snapshot {snapshot_id} stopped: {exc}; resume it with source snapshot --id "
+            f"{snapshot_id}",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(code=1) from exc
+    typer.echo(
+        f"snapshot {snapshot_id}: done; its records are searchable once capture has read it "
+        f"(op:snapshot job:{snapshot_id})"
+    )
+
+
+@source_app.command("snapshot")
+def source_snapshot(
+    source: SourceOption,
+    env: EnvOption = None,
+    url: UrlOption = None,
+    table: Annotated[
+        list[str] | None,
+        typer.Option("--table", help="A tracked table (schema.table); repeat; default: all."),
+    ] = None,
+    snapshot_id: Annotated[
+        str | None,
+        typer.Option("--id", help="Resume this snapshot from its last committed chunk."),
+    ] = None,
+    reason: Annotated[
+        str | None, typer.Option(help="Why: recorded in the snapshot records' context.")
+    ] = None,
+    chunk_rows: Annotated[
+        int,
+        typer.Option(
+            min=1, max=20_000, help="The most rows one chunk reads (chunks aim at about 4 MB)."
+        ),
+    ] = 20_000,
+) -> None:
+    """Record every existing row of the source's tracked tables once, as snapshot records, in
+    commit order with the live changes; resumable, without a long transaction
+    (docs/design.md, "Snapshots")."""
+    _, policy, url = _source_target(env, source, url)
+    _snapshot(url, policy, snapshot_id or new_snapshot_id(), table or [], reason, chunk_rows)
 
 
 @source_app.command("check")

@@ -146,6 +146,9 @@ class Operation(StrEnum):
     #: A tracked table's schema changed: its images are the table's shape before and after
     #: (``capture.schema_changes``), not row values.
     ddl = "ddl"
+    #: A row as a snapshot found it (``capture.snapshot``): its known beginning, where it
+    #: existed before the source joined, or a new baseline after a gap.
+    snapshot = "snapshot"
 
 
 class AttributionStatus(StrEnum):
@@ -242,6 +245,7 @@ ECS_EVENT_TYPE = {
     Operation.delete: ["deletion"],
     Operation.truncate: ["deletion"],
     Operation.ddl: ["change"],
+    Operation.snapshot: ["info"],
 }
 
 

@@ -27,6 +27,7 @@ from audit_platform.capture.messages import (
     rejection_json,
 )
 from audit_platform.capture.schema_changes import SCHEMA_CHANGES_TABLE, schema_change
+from audit_platform.capture.snapshot import SNAPSHOT_CHUNKS_TABLE
 from audit_platform.policy import SourcePolicy, TablePolicy
 
 _ATTACH_REFUSED = (
@@ -65,6 +66,8 @@ class Relation:
     attachments: bool = False
     #: ``audit.schema_changes``: its inserts are tracked tables' schema changes.
     schema_changes: bool = False
+    #: ``audit.snapshot_chunks``: its inserts are chunks of a snapshot's rows.
+    snapshot_chunks: bool = False
 
     @property
     def qualified(self) -> str:
@@ -287,6 +290,10 @@ class PgOutputDecoder:
             relation.tracked, relation.schema_changes = False, True
             relation.plan = [False] * len(relation.columns)
             return
+        if (relation.schema, relation.name) == SNAPSHOT_CHUNKS_TABLE:
+            relation.tracked, relation.snapshot_chunks = False, True
+            relation.plan = [False] * len(relation.columns)
+            return
         table_policy = self.policy.tables.get(relation.qualified)
         if table_policy is None:
             relation.tracked = False
@@ -361,7 +368,7 @@ class PgOutputDecoder:
             raise DecodeError(f"change for relation {relid} before its Relation message")
         if relation.tracked:
             return relation
-        if relation.attachments or relation.schema_changes:
+        if relation.attachments or relation.schema_changes or relation.snapshot_chunks:
             return relation if data[0] == 73 else None  # only inserts: they are append-only
         self._change_index += 1
         return None
@@ -423,6 +430,9 @@ class PgOutputDecoder:
         if relation.schema_changes:
             self._schema_change(data, relation, batch)
             return
+        if relation.snapshot_chunks:
+            self._snapshot_chunk(data, relation, batch)
+            return
         after, unchanged, _ = self._tuple(data, 6, relation)
         self._append(batch, relation, "insert", None, after, unchanged)
 
@@ -476,6 +486,36 @@ class PgOutputDecoder:
             batch, change.schema, change.table, "[]", "{}", "ddl", change.before, change.after, []
         )
         batch.schema_problems[change.qualified] = change.problem
+
+    def _snapshot_chunk(self, data: memoryview, relation: Relation, batch: ChangeBatch) -> None:
+        """A chunk of a snapshot's rows (``capture.snapshot``): each row a record of its own,
+        the policy applied as to any row image."""
+        row, _, _ = self._tuple(data, 6, relation)
+        name = row.get("table_name") or ""
+        table_policy = self.policy.tables.get(name)
+        if table_policy is None:  # a table the policy no longer tracks
+            self._change_index += 1
+            return
+        columns = json.loads(row["columns"] or "[]")
+        types = json.loads(row["types"] or "[]")
+        plan = [_column_plan(table_policy, c) for c in columns]
+        key = list(table_policy.key) if table_policy.key else json.loads(row["key"] or "[]")
+        key_json = _json(key)
+        types_json = json.dumps(
+            {c: t for c, t, p in zip(columns, types, plan, strict=True) if p is not None},
+            separators=(",", ":"),
+        )
+        schema, table = name.split(".", 1)
+        masker = self.masker
+        for values in json.loads(row["rows"] or "[]"):
+            after = {
+                c: (masker(v) if action and v is not None else v)
+                for c, v, action in zip(columns, values, plan, strict=True)
+                if action is not None
+            }
+            self._append_row(
+                batch, schema, table, key_json, types_json, "snapshot", None, after, []
+            )
 
     # -- contexts ---------------------------------------------------------------------------
 

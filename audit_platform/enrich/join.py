@@ -321,16 +321,16 @@ def changed_columns(
 ) -> list[str]:
     """Which columns the change touched.
 
-    Inserts: every column given a value; deletes: every column of the old row; updates: columns
-    whose value differs (a column only in one image counts as changed, an unchanged TOASTed value
-    never does); truncate: none; a schema change: the columns added, dropped or retyped (its
-    images are the table's shapes, ``capture.schema_changes``).
+    Inserts and snapshots: every column given a value; deletes: every column of the old row;
+    updates: columns whose value differs (a column only in one image counts as changed, an
+    unchanged TOASTed value never does); truncate: none; a schema change: the columns added,
+    dropped or retyped (its images are the table's shapes, ``capture.schema_changes``).
     """
     if operation is Operation.ddl:
         return changed_columns(
             Operation.update, (before or {}).get("columns"), (after or {}).get("columns"), set()
         )
-    if operation is Operation.insert:
+    if operation in (Operation.insert, Operation.snapshot):
         return sorted(k for k, v in (after or {}).items() if v is not None)
     if operation is Operation.delete:
         return sorted((before or {}).keys())

@@ -28,7 +28,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "user": ("the end user's id", "user.id"),
     "source": ("the source (service) name", "source.service"),
     "table": ("a table, as name or schema.name", "table"),
-    "op": ("the operation: insert, update, delete, truncate, ddl", "operation"),
+    "op": ("the operation: insert, update, delete, truncate, ddl, snapshot", "operation"),
     "column": ("a changed column", "changed_columns"),
     "object": ("the changed row's key, as the records print it", "object_id"),
     "request": ("the request id", "context.request_id"),

@@ -26,7 +26,14 @@ from audit_platform.policy import SourcePolicy
 from audit_platform.record import AuditRecord, Operation
 
 ConflictKind = Literal[
-    "later_change", "masked", "excluded", "truncate", "schema_change", "no_key", "no_types"
+    "later_change",
+    "masked",
+    "excluded",
+    "truncate",
+    "schema_change",
+    "snapshot",
+    "no_key",
+    "no_types",
 ]
 
 
@@ -179,6 +186,15 @@ def _undo(
                     f"a truncate of {table} cannot be reverted: the trail has no images of the "
                     "rows it removed"
                 ),
+            )
+        )
+        return None
+    if record.operation is Operation.snapshot:
+        conflicts.append(
+            RevertConflict(
+                record_id=record.id,
+                kind="snapshot",
+                detail=f"a snapshot record of {table} changed nothing: there is nothing to revert",
             )
         )
         return None

@@ -19,6 +19,7 @@ from audit_platform import migrations
 from audit_platform.capture.messages import ATTACHMENTS_TABLE
 from audit_platform.capture.schema_changes import SCHEMA_CHANGES_TABLE
 from audit_platform.capture.slot import parked_pid
+from audit_platform.capture.snapshot import SNAPSHOT_CHUNKS_TABLE
 from audit_platform.lsn import parse_lsn
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.platform_db import one
@@ -27,8 +28,9 @@ from audit_platform.policy import SourcePolicy
 #: Any 64-bit number; it only has to be the same for every setup of every source.
 _SETUP_LOCK = 0x61756469745F7365
 #: The platform's own tables every publication carries beside the policy's: late contexts
-#: (source migration 002) and schema changes (migration 003) travel as their inserts.
-OWN_TABLES = (ATTACHMENTS_TABLE, SCHEMA_CHANGES_TABLE)
+#: (source migration 002), schema changes (003) and snapshots' rows (004) travel as their
+#: inserts.
+OWN_TABLES = (ATTACHMENTS_TABLE, SCHEMA_CHANGES_TABLE, SNAPSHOT_CHUNKS_TABLE)
 #: The event triggers that write ``audit.schema_changes`` (migration 003): name, event, the
 #: commands they fire on, function.
 EVENT_TRIGGERS = (

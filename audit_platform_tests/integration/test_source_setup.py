@@ -46,7 +46,12 @@ def test_setup_is_idempotent_and_check_passes(pg_database):
     policy = policy_for("shop", public__orders={})
     first = setup_source(pg_database, ENV, policy, SQL_DIR)
     second = setup_source(pg_database, ENV, policy, SQL_DIR)
-    assert first.applied_migrations == ["001_audit_schema", "002_untrusted_roles"]
+    assert first.applied_migrations == [
+        "001_audit_schema",
+        "002_untrusted_roles",
+        "003_schema_history",
+        "004_snapshots",
+    ]
     assert (first.slot, first.slot_created) == (SLOT, True)
     assert second.applied_migrations == []
     assert second.slot_created is False
@@ -78,8 +83,8 @@ def test_publication_follows_the_policy_when_tables_are_added(pg_database):
                 "SELECT tablename FROM pg_publication_tables WHERE pubname = %s", (SLOT,)
             )
         }
-    # and the table late contexts travel in (audit.attach_context writes it)
-    assert tables == {"orders", "refunds", "attached_contexts"}
+    # and the tables late contexts, schema changes and snapshots travel in
+    assert tables == {"orders", "refunds", "attached_contexts", "schema_changes", "snapshot_chunks"}
 
 
 def test_setup_refuses_a_policy_naming_missing_tables(pg_database):

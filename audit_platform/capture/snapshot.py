@@ -1,0 +1,262 @@
+"""Snapshots of existing rows: every row of a tracked table recorded once, in commit order with
+the live changes (source migration 004; docs/design.md, "Snapshots").
+
+The source does the reading: each chunk is one statement in one short transaction that locks
+the chunk's rows FOR SHARE, writes them (PostgreSQL's text output of each value, what pgoutput
+sends) into a row of ``audit.snapshot_chunks``, deletes that row again and moves the snapshot's
+progress. Capture reads the chunk from the slot at the transaction's commit and applies the
+policy to it like to any change (``capture.pgoutput``), so the rows never leave the source
+unmasked, and the chunk's records sit at a position where no change of their rows is missing
+before it or duplicated after it. Progress commits with its chunk: a snapshot stopped anywhere
+resumes from its last committed chunk, every row recorded exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import psycopg
+from psycopg import sql
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from audit_platform.platform_db import one
+from audit_platform.policy import SourcePolicy
+
+#: The table chunks travel through (source migration 004); published with the policy's.
+SNAPSHOT_CHUNKS_TABLE = ("audit", "snapshot_chunks")
+#: What a chunk aims at in stored bytes: big enough that a chunk's fixed cost is small, small
+#: enough that capture holds a few of them in memory without noticing.
+TARGET_CHUNK_BYTES = 4 * 1024**2
+MAX_CHUNK_ROWS = 20_000
+#: The first chunk of a table, before its rows' size is known.
+FIRST_CHUNK_ROWS = 1000
+#: A writer of a chunk's rows waits for the chunk; a chunk waits at most this long for a
+#: writer (a long transaction of the service) before it gives way and tries again.
+LOCK_TIMEOUT = "500ms"
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot cannot run as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TableShape:
+    name: str  # schema.table
+    columns: list[str]
+    types: list[str]
+    key: list[str]
+    key_types: list[str]
+
+
+@dataclass
+class TableProgress:
+    table: str
+    rows: int
+    chunks: int
+    done: bool
+
+
+def new_snapshot_id(now: datetime | None = None) -> str:
+    """Sortable by start, unique without coordination."""
+    moment = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    return f"{moment}-{secrets.token_hex(3)}"
+
+
+def table_shape(conn: psycopg.Connection, name: str) -> TableShape:
+    schema, table = name.split(".", 1)
+    columns = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+        " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped"
+        " ORDER BY a.attnum",
+        (schema, table),
+    ).fetchall()
+    if not columns:
+        raise SnapshotError(f"table {name} does not exist")
+    key = [
+        row[0]
+        for row in conn.execute(
+            "SELECT a.attname FROM pg_constraint con"
+            " JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " CROSS JOIN LATERAL unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)"
+            " JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum"
+            " WHERE n.nspname = %s AND c.relname = %s AND con.contype = 'p' ORDER BY k.ord",
+            (schema, table),
+        )
+    ]
+    if not key:
+        raise SnapshotError(
+            f"table {name} has no primary key: a snapshot reads a table in chunks by its "
+            "primary key; add one (its changes need one to name their object too)"
+        )
+    types: dict[str, str] = dict(columns)
+    return TableShape(
+        name, [c for c, _ in columns], [t for _, t in columns], key, [types[k] for k in key]
+    )
+
+
+def _chunk_statement(shape: TableShape, first: bool) -> sql.Composed:
+    """One chunk: lock and read the next rows by key, write them for capture, return what was
+    read. Parameters: the last key (unless ``first``), the row limit, then the chunk row's
+    snapshot id, table, columns, types and key."""
+    schema, table = shape.name.split(".", 1)
+    keys = sql.SQL(", ").join(sql.Identifier("t", k) for k in shape.key)
+    after: sql.Composable = sql.SQL("")
+    if not first:
+        bound = sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(t)) for t in shape.key_types)
+        after = sql.SQL("WHERE ({}) > ({})").format(keys, bound)
+    values = sql.SQL(", ").join(
+        sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in shape.columns
+    )
+    key_text = sql.SQL(", ").join(
+        sql.SQL("{}::text").format(sql.Identifier("t", k)) for k in shape.key
+    )
+    return sql.SQL(
+        "WITH chunk AS ("
+        " SELECT row_number() OVER (ORDER BY {keys}) AS n, to_jsonb(ARRAY[{values}]) AS row,"
+        " ARRAY[{key_text}] AS key"
+        " FROM (SELECT * FROM {table} t {after} ORDER BY {keys} LIMIT %s FOR SHARE OF t) t),"
+        " written AS ("
+        " INSERT INTO audit.snapshot_chunks (snapshot_id, table_name, columns, types, key, rows)"
+        " SELECT %s, %s, %s, %s, %s, jsonb_agg(row ORDER BY n) FROM chunk HAVING count(*) > 0"
+        " RETURNING id, pg_column_size(rows) AS bytes)"
+        " SELECT (SELECT count(*) FROM chunk), (SELECT key FROM chunk ORDER BY n DESC LIMIT 1),"
+        " (SELECT id FROM written), (SELECT bytes FROM written)"
+    ).format(
+        values=values,
+        key_text=key_text,
+        table=sql.Identifier(schema, table),
+        after=after,
+        keys=keys,
+    )
+
+
+def _progress(conn: psycopg.Connection, snapshot_id: str, table: str) -> tuple:
+    """(last key, rows, chunks, done) of a table in a snapshot, begun if new."""
+    conn.execute(
+        "INSERT INTO audit.snapshot_progress (snapshot_id, table_name) VALUES (%s, %s)"
+        " ON CONFLICT DO NOTHING",
+        (snapshot_id, table),
+    )
+    return one(
+        conn.execute(
+            "SELECT last_key, rows, chunks, done FROM audit.snapshot_progress"
+            " WHERE snapshot_id = %s AND table_name = %s",
+            (snapshot_id, table),
+        )
+    )
+
+
+def snapshot_context(snapshot_id: str, reason: str | None) -> dict:
+    """Who recorded a snapshot's rows: the platform itself, as a job with the snapshot's id."""
+    context: dict = {
+        "actor": {"type": "system", "id": "audit-platform"},
+        "job": {"name": "snapshot", "run_id": snapshot_id},
+    }
+    if reason:
+        context["reason"] = reason
+    return context
+
+
+@retry(
+    retry=retry_if_exception_type(psycopg.errors.LockNotAvailable),
+    wait=wait_exponential_jitter(multiplier=0.2, max=5),
+    stop=stop_after_attempt(20),
+    reraise=True,
+)
+def _chunk(
+    conn: psycopg.Connection,
+    shape: TableShape,
+    snapshot_id: str,
+    last_key: list[str] | None,
+    limit: int,
+    context: str,
+) -> tuple[int, list[str] | None, int]:
+    """One chunk in one transaction: (rows, the last key, stored bytes)."""
+    statement = _chunk_statement(shape, first=last_key is None)
+    params = [
+        *(last_key or []),
+        limit,
+        snapshot_id,
+        shape.name,
+        json.dumps(shape.columns),
+        json.dumps(shape.types),
+        json.dumps(shape.key),
+    ]
+    with conn.transaction():
+        conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        conn.execute("SELECT audit.set_context(%s::jsonb)", (context,))
+        count, key, chunk_id, size = one(conn.execute(statement, params))
+        if chunk_id is not None:
+            conn.execute("DELETE FROM audit.snapshot_chunks WHERE id = %s", (chunk_id,))
+        conn.execute(
+            "UPDATE audit.snapshot_progress SET last_key = coalesce(%s, last_key),"
+            " rows = rows + %s, chunks = chunks + %s, done = %s, updated_at = clock_timestamp()"
+            " WHERE snapshot_id = %s AND table_name = %s",
+            (key, count, 1 if count else 0, count < limit, snapshot_id, shape.name),
+        )
+    return count, key, size or 0
+
+
+def run_snapshot(
+    url: str,
+    policy: SourcePolicy,
+    snapshot_id: str,
+    *,
+    tables: Iterable[str] = (),
+    reason: str | None = None,
+    chunk_rows: int = MAX_CHUNK_ROWS,
+    on_chunk: Callable[[TableProgress], None] | None = None,
+) -> list[TableProgress]:
+    """Snapshot ``tables`` (default: every table of the policy), or resume ``snapshot_id``
+    where its last committed chunk left it. Tables are read one after another, each by key,
+    in chunks of at most ``chunk_rows`` rows, sized to about :data:`TARGET_CHUNK_BYTES`."""
+    names = sorted(tables) or sorted(policy.tables)
+    if unknown := [n for n in names if n not in policy.tables]:
+        raise SnapshotError(
+            f"tables not in the policy of source {policy.source!r}: {', '.join(unknown)}; a "
+            "snapshot records only tracked tables"
+        )
+    context = json.dumps(snapshot_context(snapshot_id, reason))
+    done: list[TableProgress] = []
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        for name in names:
+            shape = table_shape(conn, name)
+            last_key, rows, chunks, finished = _progress(conn, snapshot_id, name)
+            progress = TableProgress(name, rows, chunks, finished)
+            limit = min(FIRST_CHUNK_ROWS, chunk_rows)
+            while not progress.done:
+                try:
+                    count, key, size = _chunk(conn, shape, snapshot_id, last_key, limit, context)
+                except psycopg.errors.ProgramLimitExceeded:
+                    if limit == 1:
+                        raise
+                    limit = max(1, limit // 4)  # a chunk of huge values: fewer rows at once
+                    continue
+                last_key = key or last_key
+                progress.rows += count
+                progress.chunks += 1 if count else 0
+                progress.done = count < limit
+                if count and size:
+                    limit = max(1, min(chunk_rows, int(count * TARGET_CHUNK_BYTES / size)))
+                if on_chunk is not None:
+                    on_chunk(progress)
+            done.append(progress)
+    return done
+
+
+def snapshot_status(url: str, snapshot_id: str | None = None) -> list[dict]:
+    """The snapshots' progress recorded in the source, newest first."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        rows = conn.execute(
+            "SELECT snapshot_id, table_name, rows, chunks, done, started_at, updated_at"
+            " FROM audit.snapshot_progress WHERE %s::text IS NULL OR snapshot_id = %s"
+            " ORDER BY started_at DESC, table_name",
+            (snapshot_id, snapshot_id),
+        ).fetchall()
+    keys = ("snapshot_id", "table", "rows", "chunks", "done", "started_at", "updated_at")
+    return [dict(zip(keys, row, strict=True)) for row in rows]

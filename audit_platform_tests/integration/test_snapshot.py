@@ -1,0 +1,209 @@
+"""Snapshots of existing rows through the real pipeline (docs/design.md, "Snapshots"): rows
+updated, deleted and inserted by a service while a snapshot reads their table end, replayed from
+the records, exactly as the table holds them (the table itself is the ground truth, read by the
+test); each row gets at most one snapshot record and every untouched one exactly one; a
+snapshot stopped half-way resumes with every row recorded once; state at a time and history
+begin at the snapshot record for a row never changed since."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections import Counter
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from audit_platform import platform_db
+from audit_platform.api_keys import Scope
+from audit_platform.capture.pgoutput import Masker
+from audit_platform.capture.snapshot import run_snapshot, snapshot_status
+from audit_platform.query.reads import object_history, object_state
+from audit_platform.settings import Settings
+from audit_platform_tests.capture_support import MASK_KEY, capture_enrich_index, make_source
+from audit_platform_tests.helpers import policy_for
+
+SQL = Settings().resources_dir / "sql"
+ROWS = 1500
+DDL = f"""
+CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance numeric(12, 2), opened date,
+                       tags text[], doc text);
+ALTER TABLE accounts REPLICA IDENTITY FULL;
+INSERT INTO accounts
+SELECT g, 'owner ' || g, g * 1.25, date '2020-01-01' + g, ARRAY['a', 'b "' || g || '"'],
+       CASE WHEN g % 100 = 0 THEN (SELECT string_agg(md5(g::text || i), '') FROM
+           generate_series(1, 400) i) END
+FROM generate_series(1, {ROWS}) g;
+"""
+SERVICE = json.dumps({"actor": {"type": "service", "id": "ledger"}})
+
+
+@pytest.fixture
+def accounts(pg_database, tmp_path, es_prefix):
+    policy = policy_for("bank", public__accounts={"mask": ["owner"]})
+    source = make_source(pg_database, tmp_path, DDL, policy, es_prefix.replace("-", "_"))
+    source.state = psycopg.connect(pg_database, autocommit=True)
+    platform_db.install(source.state, SQL)
+    yield source
+    source.state.close()
+
+
+def _table(url: str) -> dict[str, dict]:
+    """The table as the test reads it: each row's values as text, the owner masked."""
+    mask = Masker(MASK_KEY)
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT id::text, owner, balance::text, opened::text, tags::text, doc FROM accounts"
+        ).fetchall()
+    names = ("id", "owner", "balance", "opened", "tags", "doc")
+    found = {}
+    for row in rows:
+        image = dict(zip(names, row, strict=True))
+        image["owner"] = None if image["owner"] is None else mask(image["owner"])
+        found[image["id"]] = image
+    return found
+
+
+def _records(es, env: str) -> list[dict]:
+    hits = es.search(
+        index=f"audit-{env}-*",
+        query={"term": {"table.name": "accounts"}},
+        sort=[{"transaction.lsn": "asc"}, {"transaction.change_index": "asc"}],
+        size=10_000,
+    )["hits"]["hits"]
+    return [hit["_source"] for hit in hits]
+
+
+def _replay(records: list[dict]) -> dict[str, dict]:
+    state: dict[str, dict] = {}
+    for record in records:
+        if record["operation"] == "delete":
+            state.pop(record["object_id"], None)
+        else:
+            state[record["object_id"]] = record["after"]
+    return state
+
+
+def _service(url: str, stop: threading.Event, touched: set[int], seed: int) -> None:
+    """Updates, deletes and inserts while the snapshot reads, each in its own transaction,
+    mostly of the rows just ahead of the snapshot's last chunk: the rows it is about to read."""
+    rng, new_id = random.Random(seed), 100_000 + seed * 10_000
+    with psycopg.connect(url, autocommit=True) as conn:
+        while not stop.is_set():
+            ahead = conn.execute(
+                "SELECT coalesce(max(last_key[1]::int), 0) FROM audit.snapshot_progress"
+            ).fetchone()[0]
+            with conn.transaction():
+                conn.execute("SELECT audit.set_context(%s::jsonb)", (SERVICE,))
+                target = (
+                    min(ROWS, ahead + rng.randint(1, 60))
+                    if rng.random() < 0.8
+                    else rng.randint(1, ROWS)
+                )
+                kind = rng.random()
+                if kind < 0.6:
+                    conn.execute(
+                        "UPDATE accounts SET balance = balance + 1, owner = owner || '!'"
+                        " WHERE id = %s",
+                        (target,),
+                    )
+                elif kind < 0.8:
+                    conn.execute("DELETE FROM accounts WHERE id = %s", (target,))
+                else:
+                    new_id += 1
+                    conn.execute(
+                        "INSERT INTO accounts (id, owner, balance) VALUES (%s, 'new', 0)",
+                        (new_id,),
+                    )
+                    target = new_id
+            touched.add(target)
+
+
+def test_a_snapshot_beside_a_busy_service_ends_in_the_tables_state(accounts, es):
+    stop, touched = threading.Event(), set()
+    writers = [
+        threading.Thread(target=_service, args=(accounts.url, stop, touched, seed))
+        for seed in (1, 2)
+    ]
+    for writer in writers:
+        writer.start()
+    try:
+        [progress] = run_snapshot(accounts.url, accounts.policy, "s1", chunk_rows=40)
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join()
+    assert progress.done and progress.chunks > 10
+    capture_enrich_index(accounts, accounts.state, es)
+
+    records = _records(es, accounts.env)
+    truth = _table(accounts.url)
+    assert _replay(records) == truth
+    snapshots = Counter(r["object_id"] for r in records if r["operation"] == "snapshot")
+    assert max(snapshots.values()) == 1
+    untouched = {str(i) for i in range(1, ROWS + 1)} - {str(t) for t in touched}
+    assert untouched and untouched <= set(snapshots)
+    assert sum(snapshots.values()) == progress.rows
+    first = next(r for r in records if r["operation"] == "snapshot")
+    assert first["context"]["job"] == {"name": "snapshot", "run_id": "s1"}
+    assert first["attribution"]["status"] == "attributed"
+    assert first["event"]["type"] == ["info"] and first["before"] is None
+    assert first["row"]["types"]["tags"] == "text[]" and first["row"]["key"] == ["id"]
+    toasted = next(r for r in records if r["object_id"] == "100" and r["operation"] == "snapshot")
+    assert len(toasted["after"]["doc"]) == 400 * 32
+    assert toasted["after"]["tags"] == '{a,"b \\"100\\""}'  # PostgreSQL's own text form
+
+
+def test_a_snapshot_stopped_half_way_resumes_and_records_each_row_once(accounts, es):
+    seen = []
+
+    def crash_after_three(progress):
+        seen.append(progress.chunks)
+        if len(seen) == 3:
+            raise KeyboardInterrupt("the snapshot's process is stopped")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_snapshot(
+            accounts.url, accounts.policy, "s2", chunk_rows=100, on_chunk=crash_after_three
+        )
+    [half] = snapshot_status(accounts.url, "s2")
+    assert (half["rows"], half["chunks"], half["done"]) == (300, 3, False)
+    [progress] = run_snapshot(accounts.url, accounts.policy, "s2", chunk_rows=100)
+    assert progress.done and progress.rows == ROWS
+    capture_enrich_index(accounts, accounts.state, es)
+    records = _records(es, accounts.env)
+    snapshots = Counter(r["object_id"] for r in records if r["operation"] == "snapshot")
+    assert len(snapshots) == ROWS and set(snapshots.values()) == {1}
+    assert _replay(records) == _table(accounts.url)
+    # Done is done: running it again records nothing more.
+    run_snapshot(accounts.url, accounts.policy, "s2")
+    capture_enrich_index(accounts, accounts.state, es)
+    assert len(_records(es, accounts.env)) == len(records)
+
+
+def test_state_and_history_of_a_row_never_changed_begin_at_its_snapshot(accounts, es):
+    run_snapshot(accounts.url, accounts.policy, "s3")
+    capture_enrich_index(accounts, accounts.state, es)
+    scope = Scope(env=accounts.env)
+    state = object_state(es, scope, "bank", "public.accounts", "7", datetime.now(UTC))
+    assert state.status == "present" and state.row is not None
+    assert state.row["balance"] == "8.75" and state.as_of is not None
+    assert state.as_of.operation.value == "snapshot"
+    history = object_history(es, scope, "bank", "public.accounts", "7")
+    assert [entry.event.operation.value for entry in history.changes] == ["snapshot"]
+
+
+def test_a_role_with_connect_cannot_forge_a_snapshot(accounts):
+    role = f"visitor_{accounts.env}"[:60]
+    accounts.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'visitor'")
+    url = psycopg.conninfo.make_conninfo(accounts.url, user=role, password="visitor")
+    for statement in (
+        "INSERT INTO audit.snapshot_chunks (snapshot_id, table_name, columns, types, key, rows)"
+        " VALUES ('x', 'public.accounts', '[\"id\"]', '[\"integer\"]', '[\"id\"]', '[[\"1\"]]')",
+        "UPDATE audit.snapshot_progress SET done = true",
+    ):
+        with psycopg.connect(url, autocommit=True) as conn, pytest.raises(psycopg.Error):
+            conn.execute(statement)
+    accounts.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
