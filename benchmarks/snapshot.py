@@ -51,10 +51,10 @@ ALTER TABLE accounts REPLICA IDENTITY FULL;
 """
 FILL = """
 INSERT INTO accounts
-SELECT g, g % 9973, 'user' || g || '@example.com', (ARRAY['new', 'paid', 'shipped'])[g % 3 + 1],
-       (g % 100000) / 100.0, timestamptz '2026-01-01' + g * interval '1 second',
-       ARRAY['t' || g % 7, 't' || g % 11],
-       CASE WHEN g % 200 = 0 THEN (SELECT string_agg(md5(g::text || i), '')
+SELECT g, g %% 9973, 'user' || g || '@example.com', (ARRAY['new', 'paid', 'shipped'])[g %% 3 + 1],
+       (g %% 100000) / 100.0, timestamptz '2026-01-01' + g * interval '1 second',
+       ARRAY['t' || g %% 7, 't' || g %% 11],
+       CASE WHEN g %% 200 = 0 THEN (SELECT string_agg(md5(g::text || i), '')
                                   FROM generate_series(1, 400) i) END
 FROM generate_series(%s::bigint, %s::bigint) g
 """
