@@ -64,13 +64,16 @@ def schema_change(
     row: dict[str, str | None], policy: SourcePolicy, source: str
 ) -> SchemaChange | None:
     """The record of one ``audit.schema_changes`` row; None when the policy tracks neither the
-    table's old name nor its new one. Raises :class:`SchemaBroken` for a tracked table renamed
-    to a name the policy does not track."""
+    table's old name nor its new one. Raises :class:`SchemaBroken` for a published table
+    renamed to a name the policy does not track (a table nobody publishes, say one a role
+    created under a name the policy names, loses nothing by a rename, and must not be able to
+    stop capture)."""
     before, after = _shape(row.get("before")), _shape(row.get("after"))
     old, new = _name(before), _name(after)
     if not any(name in policy.tables for name in (old, new) if name):
         return None
-    if old and new and old != new and new not in policy.tables:
+    published = row.get("published") == "t"
+    if old and new and old != new and new not in policy.tables and published:
         raise SchemaBroken(
             f"tracked table {old} of source {source!r} was renamed to {new}: its changes would "
             f"no longer match the policy, so capture stops at the rename and the slot keeps "
@@ -84,17 +87,28 @@ def schema_change(
     return SchemaChange(shape["schema"], shape["table"], before, after, problem)
 
 
+def _quoted(shape: dict[str, Any]) -> str:
+    """The table's name as SQL reads it, whatever characters it holds."""
+    return ".".join('"' + str(shape[part]).replace('"', '""') + '"' for part in ("schema", "table"))
+
+
 def _problem(shape: dict[str, Any], policy: SourcePolicy) -> str | None:
     name = _name(shape)
     table_policy = policy.tables.get(name or "")
     if table_policy is None:
         return None
+    sql_name = _quoted(shape)
     found = []
+    if shape.get("logged") is False:
+        found.append(
+            f"{name} is UNLOGGED, so its changes are not written to the WAL and none is "
+            f"captured; fix: ALTER TABLE {sql_name} SET LOGGED"
+        )
     if shape.get("replica_identity") != "full":
         found.append(
             f"{name} has REPLICA IDENTITY {str(shape.get('replica_identity')).upper()}, so its "
-            f"updates and deletes arrive without their before-image; fix: ALTER TABLE {name} "
-            "REPLICA IDENTITY FULL"
+            f"updates and deletes arrive without their before-image; fix: ALTER TABLE "
+            f"{sql_name} REPLICA IDENTITY FULL"
         )
     if not shape.get("primary_key") and not table_policy.key:
         found.append(

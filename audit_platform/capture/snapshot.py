@@ -34,6 +34,10 @@ TARGET_CHUNK_BYTES = 4 * 1024**2
 MAX_CHUNK_ROWS = 20_000
 #: The first chunk of a table, before its rows' size is known.
 FIRST_CHUNK_ROWS = 1000
+#: Only the catalogs, for every name the snapshot's statements use: a role that may create
+#: objects in ``public`` could otherwise put a better-matching function (a ``jsonb_agg`` of its
+#: own) in the way of a polymorphic built-in, and run it as the snapshot's role.
+SAFE_PATH = "-c search_path=pg_catalog,pg_temp"
 #: A writer of a chunk's rows waits for the chunk; a chunk waits at most this long for a
 #: writer (a long transaction of the service) before it gives way and tries again.
 LOCK_TIMEOUT = "500ms"
@@ -69,7 +73,8 @@ def new_snapshot_id(now: datetime | None = None) -> str:
 def table_shape(conn: psycopg.Connection, name: str) -> TableShape:
     schema, table = name.split(".", 1)
     columns = conn.execute(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+        # The type as capture names it from pgoutput's type oids (no typmod).
+        "SELECT a.attname, format_type(a.atttypid, NULL) FROM pg_attribute a"
         " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped"
         " ORDER BY a.attnum",
@@ -99,38 +104,69 @@ def table_shape(conn: psycopg.Connection, name: str) -> TableShape:
     )
 
 
-def _chunk_statement(shape: TableShape, first: bool) -> sql.Composed:
-    """One chunk: lock and read the next rows by key, write them for capture, return what was
-    read. Parameters: the last key (unless ``first``), the row limit, then the chunk row's
-    snapshot id, table, columns, types and key."""
+def _key_list(shape: TableShape) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier("t", k) for k in shape.key)
+
+
+def _key_params(shape: TableShape) -> sql.Composable:
+    """The key's columns as parameters, each read back with its type's input function."""
+    return sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(t)) for t in shape.key_types)
+
+
+def _as_output(column: str) -> sql.Composable:
+    """A value as its type's output function prints it, which is what pgoutput sends (a cast
+    to text is not always that: ``true::text`` is ``true``, the output is ``t``)."""
+    return sql.SQL("CASE WHEN {c} IS NULL THEN NULL ELSE format('%%s', {c}) END").format(
+        c=sql.Identifier("t", column)
+    )
+
+
+def _bound_statement(shape: TableShape, first: bool) -> sql.Composed:
+    """The last key of the next chunk, read without locks: the chunk is then the rows between
+    the previous bound and this one, so a key a writer moves while the chunk is read cannot
+    move the bound past rows the chunk did not read. Parameters: the last key (unless
+    ``first``), the chunk's rows less one."""
     schema, table = shape.name.split(".", 1)
-    keys = sql.SQL(", ").join(sql.Identifier("t", k) for k in shape.key)
     after: sql.Composable = sql.SQL("")
     if not first:
-        bound = sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(t)) for t in shape.key_types)
-        after = sql.SQL("WHERE ({}) > ({})").format(keys, bound)
-    values = sql.SQL(", ").join(
-        sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in shape.columns
+        after = sql.SQL("WHERE ({}) > ({})").format(_key_list(shape), _key_params(shape))
+    return sql.SQL(
+        "SELECT ARRAY[{keys}] FROM {table} t {after} ORDER BY {order} OFFSET %s LIMIT 1"
+    ).format(
+        keys=sql.SQL(", ").join(_as_output(k) for k in shape.key),
+        table=sql.Identifier(schema, table),
+        after=after,
+        order=_key_list(shape),
     )
-    key_text = sql.SQL(", ").join(
-        sql.SQL("{}::text").format(sql.Identifier("t", k)) for k in shape.key
-    )
+
+
+def _chunk_statement(shape: TableShape, first: bool, last: bool) -> sql.Composed:
+    """One chunk: lock the rows after the previous bound and up to this one (unless ``last``),
+    write them for capture, return how many and their size. Parameters: the previous bound
+    (unless ``first``), this bound (unless ``last``), then the chunk row's snapshot id, table,
+    columns, types and key."""
+    schema, table = shape.name.split(".", 1)
+    keys = _key_list(shape)
+    where = []
+    if not first:
+        where.append(sql.SQL("({}) > ({})").format(keys, _key_params(shape)))
+    if not last:
+        where.append(sql.SQL("({}) <= ({})").format(keys, _key_params(shape)))
+    condition = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
     return sql.SQL(
         "WITH chunk AS ("
-        " SELECT row_number() OVER (ORDER BY {keys}) AS n, to_jsonb(ARRAY[{values}]) AS row,"
-        " ARRAY[{key_text}] AS key"
-        " FROM (SELECT * FROM {table} t {after} ORDER BY {keys} LIMIT %s FOR SHARE OF t) t),"
+        " SELECT row_number() OVER (ORDER BY {keys}) AS n, to_jsonb(ARRAY[{values}]) AS row"
+        " FROM (SELECT * FROM {table} t{condition} ORDER BY {keys} FOR SHARE OF t) t),"
         " written AS ("
         " INSERT INTO audit.snapshot_chunks (snapshot_id, table_name, columns, types, key, rows)"
         " SELECT %s, %s, %s, %s, %s, jsonb_agg(row ORDER BY n) FROM chunk HAVING count(*) > 0"
-        " RETURNING id, pg_column_size(rows) AS bytes)"
-        " SELECT (SELECT count(*) FROM chunk), (SELECT key FROM chunk ORDER BY n DESC LIMIT 1),"
-        " (SELECT id FROM written), (SELECT bytes FROM written)"
+        " RETURNING id, octet_length(rows::text) AS bytes)"
+        " SELECT (SELECT count(*) FROM chunk), (SELECT id FROM written),"
+        " (SELECT bytes FROM written)"
     ).format(
-        values=values,
-        key_text=key_text,
+        values=sql.SQL(", ").join(_as_output(c) for c in shape.columns),
         table=sql.Identifier(schema, table),
-        after=after,
+        condition=condition,
         keys=keys,
     )
 
@@ -175,31 +211,40 @@ def _chunk(
     last_key: list[str] | None,
     limit: int,
     context: str,
-) -> tuple[int, list[str] | None, int]:
-    """One chunk in one transaction: (rows, the last key, stored bytes)."""
-    statement = _chunk_statement(shape, first=last_key is None)
-    params = [
-        *(last_key or []),
-        limit,
-        snapshot_id,
-        shape.name,
-        json.dumps(shape.columns),
-        json.dumps(shape.types),
-        json.dumps(shape.key),
-    ]
+) -> tuple[int, list[str] | None, bool, int]:
+    """One chunk in one transaction: (rows, its bound, whether it was the last, bytes)."""
+    first = last_key is None
     with conn.transaction():
         conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        found = conn.execute(
+            _bound_statement(shape, first), [*(last_key or []), limit - 1]
+        ).fetchone()
+        bound = None if found is None else list(found[0])
+        final = bound is None
         conn.execute("SELECT audit.set_context(%s::jsonb)", (context,))
-        count, key, chunk_id, size = one(conn.execute(statement, params))
+        count, chunk_id, size = one(
+            conn.execute(
+                _chunk_statement(shape, first, final),
+                [
+                    *(last_key or []),
+                    *(bound or []),
+                    snapshot_id,
+                    shape.name,
+                    json.dumps(shape.columns),
+                    json.dumps(shape.types),
+                    json.dumps(shape.key),
+                ],
+            )
+        )
         if chunk_id is not None:
             conn.execute("DELETE FROM audit.snapshot_chunks WHERE id = %s", (chunk_id,))
         conn.execute(
             "UPDATE audit.snapshot_progress SET last_key = coalesce(%s, last_key),"
             " rows = rows + %s, chunks = chunks + %s, done = %s, updated_at = clock_timestamp()"
             " WHERE snapshot_id = %s AND table_name = %s",
-            (key, count, 1 if count else 0, count < limit, snapshot_id, shape.name),
+            (bound, count, 1 if count else 0, final, snapshot_id, shape.name),
         )
-    return count, key, size or 0
+    return count, bound, final, size or 0
 
 
 def run_snapshot(
@@ -223,7 +268,15 @@ def run_snapshot(
         )
     context = json.dumps(snapshot_context(snapshot_id, reason))
     done: list[TableProgress] = []
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10, options=SAFE_PATH) as conn:
+        held = one(
+            conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (snapshot_id,))
+        )[0]
+        if not held:
+            raise SnapshotError(
+                f"snapshot {snapshot_id} is being taken by another process; wait for it, or "
+                "stop it and resume with --id"
+            )
         for name in names:
             shape = table_shape(conn, name)
             last_key, rows, chunks, finished = _progress(conn, snapshot_id, name)
@@ -231,16 +284,18 @@ def run_snapshot(
             limit = min(FIRST_CHUNK_ROWS, chunk_rows)
             while not progress.done:
                 try:
-                    count, key, size = _chunk(conn, shape, snapshot_id, last_key, limit, context)
+                    count, bound, final, size = _chunk(
+                        conn, shape, snapshot_id, last_key, limit, context
+                    )
                 except psycopg.errors.ProgramLimitExceeded:
                     if limit == 1:
                         raise
                     limit = max(1, limit // 4)  # a chunk of huge values: fewer rows at once
                     continue
-                last_key = key or last_key
+                last_key = bound or last_key
                 progress.rows += count
                 progress.chunks += 1 if count else 0
-                progress.done = count < limit
+                progress.done = final
                 if count and size:
                     limit = max(1, min(chunk_rows, int(count * TARGET_CHUNK_BYTES / size)))
                 if on_chunk is not None:
@@ -251,7 +306,7 @@ def run_snapshot(
 
 def snapshot_status(url: str, snapshot_id: str | None = None) -> list[dict]:
     """The snapshots' progress recorded in the source, newest first."""
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10, options=SAFE_PATH) as conn:
         rows = conn.execute(
             "SELECT snapshot_id, table_name, rows, chunks, done, started_at, updated_at"
             " FROM audit.snapshot_progress WHERE %s::text IS NULL OR snapshot_id = %s"

@@ -15,6 +15,7 @@ files), as a retention period or a legal hold expects.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import psycopg
 import yaml
 from ruamel.yaml import YAML
 
-from audit_platform.environment import environment_path, load_environment
-from audit_platform.policy import PolicyError, SourcePolicy, TablePolicy, load_policy, policy_path
+from audit_platform.environment import EnvironmentConfig, environment_path, load_environment
+from audit_platform.policy import SourcePolicy, TablePolicy, load_policy, policy_path
 from audit_platform.sources.check import Finding, Level, table_findings
 from audit_platform.sources.preflight import judge, server_facts
 
@@ -116,6 +117,25 @@ def write_policy(resources_dir: Path, policy: SourcePolicy) -> Path:
     return path
 
 
+def _replace(path: Path, data) -> None:
+    """Write the environment's file whole, or not at all: to a file beside it, checked to load
+    as the deployment will load it, then renamed over it (a reader never sees half a file)."""
+    document = _round_trip()
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with partial.open("w") as out:
+            document.dump(data, out)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            EnvironmentConfig.model_validate(yaml.safe_load(partial.read_text()) or {})
+        except (ValueError, yaml.YAMLError) as exc:
+            raise OnboardingError(f"{path} would not load after the change: {exc}") from exc
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _round_trip() -> YAML:
     document = YAML()
     document.preserve_quotes = True
@@ -142,12 +162,7 @@ def name_in_environment(resources_dir: Path, env: str, source: str, url_env: str
     if sources is None:
         data["sources"] = sources = {}
     sources[source] = {"url_env": url_env}
-    with path.open("w") as out:
-        document.dump(data, out)
-    try:
-        load_environment(resources_dir, env)
-    except PolicyError as exc:  # never leave a file the deployment cannot read
-        raise OnboardingError(f"{path} would not load after adding {source!r}: {exc}") from exc
+    _replace(path, data)
     return True
 
 
@@ -156,9 +171,7 @@ def remove_from_environment(resources_dir: Path, env: str, source: str) -> bool:
     path = environment_path(resources_dir, env)
     if source not in load_environment(resources_dir, env).sources:
         return False
-    document = _round_trip()
-    data = document.load(path.read_text())
+    data = _round_trip().load(path.read_text())
     del data["sources"][source]
-    with path.open("w") as out:
-        document.dump(data, out)
+    _replace(path, data)
     return True

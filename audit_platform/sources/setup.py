@@ -37,7 +37,7 @@ EVENT_TRIGGERS = (
     (
         "audit_schema_changes",
         "ddl_command_end",
-        ("CREATE TABLE", "CREATE TABLE AS", "SELECT INTO", "ALTER TABLE"),
+        ("CREATE TABLE", "CREATE TABLE AS", "SELECT INTO", "ALTER TABLE", "ALTER SCHEMA"),
         "audit.record_schema_change()",
     ),
     (

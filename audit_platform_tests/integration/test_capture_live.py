@@ -681,7 +681,7 @@ def test_schema_changes_while_live_degrade_or_stop_a_source_visibly_and_lose_not
         _write(source.url, 1)
         source.execute("ALTER TABLE orders REPLICA IDENTITY DEFAULT")
         _wait_for(lambda: not status().healthy, 20, "the lost identity is a problem")
-        assert "ALTER TABLE public.orders REPLICA IDENTITY FULL" in (status().problem or "")
+        assert 'ALTER TABLE "public"."orders" REPLICA IDENTITY FULL' in (status().problem or "")
         assert status().state == "live"  # capture goes on
         _write(source.url, 2)
         source.execute("ALTER TABLE orders REPLICA IDENTITY FULL")

@@ -207,3 +207,29 @@ def test_without_a_superuser_schema_history_is_reported_as_off(shop):
     with psycopg.connect(shop.url, autocommit=True) as conn:
         assert record_schema_changes(conn) is True  # a superuser puts it back
     shop.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_a_schema_renamed_renames_its_tables_and_stops_capture_like_a_table_rename(
+    pg_database, tmp_path
+):
+    source = make_source(
+        pg_database,
+        tmp_path,
+        "CREATE SCHEMA sales; CREATE TABLE sales.orders (id int PRIMARY KEY, status text);"
+        "ALTER TABLE sales.orders REPLICA IDENTITY FULL;",
+        policy_for("shop", sales__orders={}),
+        env="schemas",
+    )
+    _migrate(source, "ALTER SCHEMA sales RENAME TO sales_v2")
+    _migrate(source, "INSERT INTO sales_v2.orders VALUES (1, 'after')")
+    with pytest.raises(
+        SchemaBroken, match=r"sales\.orders of source 'shop' was renamed to sales_v2"
+    ):
+        source.capture()
+    source.policy = policy_for("shop", sales__orders={}, sales_v2__orders={})
+    source.capture()
+    staged = source.staged()
+    assert staged.select("operation", "schema", "table").rows() == [
+        ("ddl", "sales_v2", "orders"),
+        ("insert", "sales_v2", "orders"),
+    ]

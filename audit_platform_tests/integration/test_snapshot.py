@@ -29,12 +29,14 @@ SQL = Settings().resources_dir / "sql"
 ROWS = 1500
 DDL = f"""
 CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance numeric(12, 2), opened date,
-                       tags text[], doc text);
+                       tags text[], doc text, active boolean, code char(4), ip inet,
+                       at timestamptz);
 ALTER TABLE accounts REPLICA IDENTITY FULL;
 INSERT INTO accounts
 SELECT g, 'owner ' || g, g * 1.25, date '2020-01-01' + g, ARRAY['a', 'b "' || g || '"'],
        CASE WHEN g % 100 = 0 THEN (SELECT string_agg(md5(g::text || i), '') FROM
-           generate_series(1, 400) i) END
+           generate_series(1, 400) i) END,
+       g % 2 = 0, 'c' || g % 10, ('10.0.0.' || g % 250)::inet, timestamptz '2026-01-01 00:00+02' + g * interval '1 hour'
 FROM generate_series(1, {ROWS}) g;
 """
 SERVICE = json.dumps({"actor": {"type": "service", "id": "ledger"}})
@@ -50,17 +52,19 @@ def accounts(pg_database, tmp_path, es_prefix):
     source.state.close()
 
 
+NAMES = ("id", "owner", "balance", "opened", "tags", "doc", "active", "code", "ip", "at")
+
+
 def _table(url: str) -> dict[str, dict]:
-    """The table as the test reads it: each row's values as text, the owner masked."""
+    """The table as the test reads it: each value as its type's output function prints it
+    (COPY's text form), the owner masked."""
     mask = Masker(MASK_KEY)
-    with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            "SELECT id::text, owner, balance::text, opened::text, tags::text, doc FROM accounts"
-        ).fetchall()
-    names = ("id", "owner", "balance", "opened", "tags", "doc")
+    statement = f"COPY accounts ({', '.join(NAMES)}) TO STDOUT"
+    with psycopg.connect(url) as conn, conn.cursor() as cursor, cursor.copy(statement) as copy:
+        rows = list(copy.rows())
     found = {}
     for row in rows:
-        image = dict(zip(names, row, strict=True))
+        image = dict(zip(NAMES, row, strict=True))
         image["owner"] = None if image["owner"] is None else mask(image["owner"])
         found[image["id"]] = image
     return found
@@ -77,8 +81,16 @@ def _records(es, env: str) -> list[dict]:
 
 
 def _replay(records: list[dict]) -> dict[str, dict]:
+    """Each object's state after the records, in their order. A change's before-image, which
+    pgoutput wrote, must be the state the records before it left, a snapshot's included."""
     state: dict[str, dict] = {}
     for record in records:
+        # The object a change found: its before-image's key (an update may move the key).
+        found = record["before"]["id"] if record["before"] else None
+        if found is not None and found in state:
+            assert record["before"] == state[found], record
+        if record["operation"] == "update" and found != record["object_id"]:
+            state.pop(found, None)
         if record["operation"] == "delete":
             state.pop(record["object_id"], None)
         else:
@@ -89,7 +101,7 @@ def _replay(records: list[dict]) -> dict[str, dict]:
 def _service(url: str, stop: threading.Event, touched: set[int], seed: int) -> None:
     """Updates, deletes and inserts while the snapshot reads, each in its own transaction,
     mostly of the rows just ahead of the snapshot's last chunk: the rows it is about to read."""
-    rng, new_id = random.Random(seed), 100_000 + seed * 10_000
+    rng, new_id = random.Random(seed), ROWS + 1 + seed * 10_000
     with psycopg.connect(url, autocommit=True) as conn:
         while not stop.is_set():
             ahead = conn.execute(
@@ -109,8 +121,12 @@ def _service(url: str, stop: threading.Event, touched: set[int], seed: int) -> N
                         " WHERE id = %s",
                         (target,),
                     )
-                elif kind < 0.8:
+                elif kind < 0.75:
                     conn.execute("DELETE FROM accounts WHERE id = %s", (target,))
+                elif kind < 0.85:  # a key moved far ahead, past rows the snapshot has not read
+                    new_id += 1
+                    conn.execute("UPDATE accounts SET id = %s WHERE id = %s", (new_id, target))
+                    touched.add(new_id)
                 else:
                     new_id += 1
                     conn.execute(
@@ -151,6 +167,11 @@ def test_a_snapshot_beside_a_busy_service_ends_in_the_tables_state(accounts, es)
     assert first["attribution"]["status"] == "attributed"
     assert first["event"]["type"] == ["info"] and first["before"] is None
     assert first["row"]["types"]["tags"] == "text[]" and first["row"]["key"] == ["id"]
+    assert (first["after"]["active"], first["after"]["code"], first["after"]["ip"]) == (
+        "f",
+        "c1  ",
+        "10.0.0.1",
+    )
     toasted = next(r for r in records if r["object_id"] == "100" and r["operation"] == "snapshot")
     assert len(toasted["after"]["doc"]) == 400 * 32
     assert toasted["after"]["tags"] == '{a,"b \\"100\\""}'  # PostgreSQL's own text form

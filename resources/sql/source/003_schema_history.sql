@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS audit.schema_changes (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     relid      oid NOT NULL,
     command    text NOT NULL,
+    -- Whether an audit publication carries the table: only then can a rename out of a policy
+    -- stop capture (a table of someone else's with a tracked name has nothing to lose).
+    published  boolean NOT NULL DEFAULT false,
     before     jsonb,
     after      jsonb,
     changed_by name NOT NULL DEFAULT session_user,
@@ -66,7 +69,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
             JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
             WHERE con.conrelid = c.oid AND con.contype = 'p'),
         'replica_identity', CASE c.relreplident WHEN 'f' THEN 'full' WHEN 'd' THEN 'default'
-                                                WHEN 'n' THEN 'nothing' ELSE 'index' END)
+                                                WHEN 'n' THEN 'nothing' ELSE 'index' END,
+        'logged', c.relpersistence = 'p')
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = rel AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
       AND n.nspname <> 'audit' AND n.nspname <> 'information_schema'
@@ -102,15 +106,25 @@ BEGIN
     FOR rel, tag IN
         SELECT d.objid, min(d.command_tag) FROM pg_event_trigger_ddl_commands() d
         WHERE d.classid = 'pg_catalog.pg_class'::regclass AND NOT d.in_extension
-        GROUP BY d.objid ORDER BY d.objid
+        GROUP BY d.objid
+        UNION  -- a schema renamed renames each of its tables
+        SELECT c.oid, 'ALTER SCHEMA' FROM pg_event_trigger_ddl_commands() d
+        JOIN pg_class c ON c.relnamespace = d.objid
+        WHERE d.classid = 'pg_catalog.pg_namespace'::regclass AND c.relkind IN ('r', 'p')
+        ORDER BY 1
     LOOP
         BEGIN
             new := audit.table_shape(rel);
             CONTINUE WHEN new IS NULL;
             SELECT s.shape INTO old FROM audit.table_shapes s WHERE s.relid = rel;
             CONTINUE WHEN old IS NOT DISTINCT FROM new;
-            INSERT INTO audit.schema_changes (relid, command, before, after)
-            VALUES (rel, tag, old, new) RETURNING id INTO carried;
+            INSERT INTO audit.schema_changes (relid, command, published, before, after)
+            VALUES (rel, tag,
+                    EXISTS (SELECT FROM pg_publication_rel pr
+                            JOIN pg_publication p ON p.oid = pr.prpubid
+                            WHERE pr.prrelid = rel AND p.pubname LIKE 'audit\_%'),
+                    old, new)
+            RETURNING id INTO carried;
             DELETE FROM audit.schema_changes WHERE id = carried;
             INSERT INTO audit.table_shapes (relid, shape) VALUES (rel, new)
             ON CONFLICT (relid) DO UPDATE SET shape = excluded.shape;
