@@ -173,41 +173,33 @@ def plan_revert(
     return RevertPlan(of=of, changes=len(chosen), sources=sources, conflicts=conflicts)
 
 
+#: Records a plan of row changes does not undo, and why.
+_NOT_REVERTED: dict[Operation, tuple[ConflictKind, str]] = {
+    Operation.truncate: (
+        "truncate",
+        "a truncate of {table} cannot be reverted: the trail has no images of the rows it removed",
+    ),
+    Operation.snapshot: (
+        "snapshot",
+        "a snapshot record of {table} changed nothing: there is nothing to revert",
+    ),
+    Operation.ddl: (
+        "schema_change",
+        "a schema change of {table} is not reverted by a plan of row changes: write the "
+        "reverse migration in the service's own migrations",
+    ),
+}
+
+
 def _undo(
     record: AuditRecord, policy: SourcePolicy | None, conflicts: list[RevertConflict]
 ) -> RevertStatement | None:
     table = f"{record.table.schema_}.{record.table.name}"
-    if record.operation is Operation.truncate:
+    refused = _NOT_REVERTED.get(record.operation)
+    if refused is not None:
+        kind, detail = refused
         conflicts.append(
-            RevertConflict(
-                record_id=record.id,
-                kind="truncate",
-                detail=(
-                    f"a truncate of {table} cannot be reverted: the trail has no images of the "
-                    "rows it removed"
-                ),
-            )
-        )
-        return None
-    if record.operation is Operation.snapshot:
-        conflicts.append(
-            RevertConflict(
-                record_id=record.id,
-                kind="snapshot",
-                detail=f"a snapshot record of {table} changed nothing: there is nothing to revert",
-            )
-        )
-        return None
-    if record.operation is Operation.ddl:
-        conflicts.append(
-            RevertConflict(
-                record_id=record.id,
-                kind="schema_change",
-                detail=(
-                    f"a schema change of {table} is not reverted by a plan of row changes: "
-                    "write the reverse migration in the service's own migrations"
-                ),
-            )
+            RevertConflict(record_id=record.id, kind=kind, detail=detail.format(table=table))
         )
         return None
     if record.row is None or not record.row.types:
