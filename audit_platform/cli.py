@@ -22,7 +22,7 @@ from audit_platform.api_keys import (
     list_keys,
     revoke_key,
 )
-from audit_platform.capture.gaps import gap_of_new_slot, record_gap
+from audit_platform.capture.gaps import Gap, gap_of_new_slot, record_gap
 from audit_platform.capture.snapshot import (
     SnapshotError,
     TableProgress,
@@ -52,6 +52,7 @@ from audit_platform.sources.onboarding import (
     policy_to_join,
     preflight,
     remove_from_environment,
+    unread_changes,
     write_policy,
 )
 from audit_platform.sources.setup import (
@@ -380,10 +381,52 @@ def source_remove(
     source: Annotated[str, typer.Argument(help="The source's name.")],
     env: EnvOption = None,
     url: UrlOption = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Drop the slot even with changes capture has not read (recorded as a gap)."
+        ),
+    ] = False,
 ) -> None:
     """Stop capturing a service's database in this environment: drop its slot and publication
-    and take it out of the environment's file. Its policy and everything recorded are kept."""
+    and take it out of the environment's file. Its policy and everything recorded are kept.
+    Refused while the slot holds changes capture has not read, or staged batches wait to be
+    indexed: dropping them would be a silent hole."""
     settings, _, url = _source_target(env, source, url)
+    store = StagingStore(settings.staging_root, settings.env, source)
+    try:
+        unread = unread_changes(url, settings.env, source)
+        waiting = len(store.pending())
+    except (psycopg.Error, OSError) as exc:
+        raise _fail(exc) from exc
+    if (unread is not None or waiting) and not force:
+        found = [
+            *(["its slot holds changes capture has not read"] if unread is not None else []),
+            *([f"{waiting} staged batches are not indexed yet"] if waiting else []),
+        ]
+        raise _fail(
+            ValueError(
+                f"source {source!r} is not caught up: {' and '.join(found)}. Let the "
+                "environment's capture run finish them (source check shows the slot's lag), "
+                "then remove it; or pass --force to drop them, recorded as a gap"
+            )
+        )
+    gap = None
+    if unread is not None:
+        gap = Gap(
+            env=settings.env,
+            source=source,
+            from_lsn=unread.confirmed_lsn,
+            to_lsn=unread.current_lsn,
+            last_captured_at=None,
+            reason="source removed with --force before capture had read its slot",
+        )
+        try:
+            with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as platform:
+                platform_db.install(platform, settings.resources_dir / "sql")
+                record_gap(platform, gap)
+        except (NotConfigured, psycopg.Error) as exc:
+            raise _fail(exc) from exc
     try:
         removed = teardown_source(
             url, settings.env, source, settings.resources_dir / "sql", everything=False
@@ -392,6 +435,8 @@ def source_remove(
     except (SetupError, OnboardingError) as exc:
         raise _fail(exc) from exc
     typer.echo("removed: " + (", ".join(removed) or "nothing on the database (already gone)"))
+    if gap is not None:
+        typer.secho(f"gap recorded: {gap.describe()}", fg=typer.colors.YELLOW)
     path = environment_path(settings.resources_dir, settings.env)
     typer.echo(
         f"environment {settings.env}: {source} {'removed from' if named else 'was not in'} {path}"

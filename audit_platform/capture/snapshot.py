@@ -73,8 +73,10 @@ def new_snapshot_id(now: datetime | None = None) -> str:
 def table_shape(conn: psycopg.Connection, name: str) -> TableShape:
     schema, table = name.split(".", 1)
     columns = conn.execute(
-        # The type as capture names it from pgoutput's type oids (no typmod).
-        "SELECT a.attname, format_type(a.atttypid, NULL) FROM pg_attribute a"
+        # The type as capture names it from pgoutput's type oids (no typmod), and as a cast
+        # needs it to read a key back exactly (with it: ``character`` alone is one character).
+        "SELECT a.attname, format_type(a.atttypid, NULL), format_type(a.atttypid, a.atttypmod)"
+        " FROM pg_attribute a"
         " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped"
         " ORDER BY a.attnum",
@@ -98,9 +100,9 @@ def table_shape(conn: psycopg.Connection, name: str) -> TableShape:
             f"table {name} has no primary key: a snapshot reads a table in chunks by its "
             "primary key; add one (its changes need one to name their object too)"
         )
-    types: dict[str, str] = dict(columns)
+    exact: dict[str, str] = {c: t for c, _, t in columns}
     return TableShape(
-        name, [c for c, _ in columns], [t for _, t in columns], key, [types[k] for k in key]
+        name, [c for c, _, _ in columns], [t for _, t, _ in columns], key, [exact[k] for k in key]
     )
 
 

@@ -27,6 +27,11 @@ _BEGIN, _COMMIT, _MESSAGE = 66, 67, 77
 #: A batch closes past this many bytes of messages, whatever it counts in changes.
 BATCH_BYTES = 64 * 1024 * 1024
 _ROW_CHANGES = frozenset(b"IUDT")
+#: A message counts toward a batch's changes as one, or one per this many bytes if it is
+#: larger: what the decoder makes of a message grows with its size, and one message may carry
+#: thousands of rows (a snapshot's chunk, ``capture.snapshot``) or one huge row. A row change
+#: of ordinary size still counts one.
+UNIT_BYTES = 512
 
 
 def kept_message(payload: bytes) -> bytes | None:
@@ -162,7 +167,7 @@ class SlotStream:
             size += len(payload)
             if kind in _ROW_CHANGES or kind == _MESSAGE:
                 changes += kind != _MESSAGE
-                units += 1
+                units += max(1, len(payload) // UNIT_BYTES)
                 if units >= batch_changes or size >= batch_bytes:
                     yield RawBatch(messages, changes, size, complete=False)
                     messages, changes, units, size = [], 0, 0, 0
@@ -271,7 +276,7 @@ class SlotStream:
             size += len(payload)
             if kind in _ROW_CHANGES or kind == _MESSAGE:
                 changes += kind != _MESSAGE
-                units += 1
+                units += max(1, len(payload) // UNIT_BYTES)
                 if units >= batch_changes or size >= batch_bytes:
                     yield take(complete=False)
                     if stop.is_set():

@@ -31,6 +31,7 @@ from audit_platform.defs.partitions import hourly_partitions, partitions_start
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.defs.scheduled_checks import scheduled_checks
+from audit_platform.defs.snapshots import snapshot_job
 from audit_platform.defs.trust import TRUST_CRON, reads_check, trail_check
 from audit_platform.environment import load_environment
 from audit_platform.settings import Settings
@@ -98,6 +99,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     retention = retention_job(environment)
     jobs.append(retention)
     schedules.append(retention_schedule(retention))
+    jobs.append(snapshot_job(environment))
     runs = dagster_runs_job(environment)
     jobs.append(runs)
     schedules.append(dagster_runs_schedule(runs))

@@ -23,7 +23,11 @@ import psycopg
 import yaml
 from ruamel.yaml import YAML
 
+from audit_platform.capture.snapshot import SAFE_PATH
 from audit_platform.environment import EnvironmentConfig, environment_path, load_environment
+from audit_platform.lsn import parse_lsn
+from audit_platform.naming import publication_name, slot_name
+from audit_platform.platform_db import one
 from audit_platform.policy import SourcePolicy, TablePolicy, load_policy, policy_path
 from audit_platform.sources.check import Finding, Level, table_findings
 from audit_platform.sources.preflight import judge, server_facts
@@ -61,7 +65,7 @@ def _ownership(conn: psycopg.Connection, schema: str, table: str) -> Finding | N
 
 def preflight(url: str, env: str, policy: SourcePolicy) -> Preflight:
     """Every check, against the database as it is; nothing is changed."""
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10, options=SAFE_PATH) as conn:
         findings = judge(server_facts(conn, env, policy.source))
         for name, table_policy in sorted(policy.tables.items()):
             schema, table = name.split(".", 1)
@@ -175,3 +179,34 @@ def remove_from_environment(resources_dir: Path, env: str, source: str) -> bool:
     del data["sources"][source]
     _replace(path, data)
     return True
+
+
+@dataclass(frozen=True)
+class Unread:
+    """Where the slot's reader stopped, and where the server is: what dropping it would lose."""
+
+    confirmed_lsn: int
+    current_lsn: int
+
+
+def unread_changes(url: str, env: str, source: str) -> Unread | None:
+    """Whether the source's slot still holds a change capture has not read (None: nothing, or
+    no slot). Peeks at most one change, so it costs a decode up to the first one it finds; a
+    slot in use cannot be peeked and is ``teardown_source``'s to refuse."""
+    slot, publication = slot_name(env, source), publication_name(env, source)
+    with psycopg.connect(url, autocommit=True, connect_timeout=10, options=SAFE_PATH) as conn:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text, active_pid"
+            " FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+        if row is None or row[2] is not None:
+            return None
+        found = one(
+            conn.execute(
+                "SELECT count(*) FROM pg_logical_slot_peek_binary_changes(%s, NULL, 1,"
+                " 'proto_version', '1', 'publication_names', %s)",
+                (slot, publication),
+            )
+        )[0]
+    return Unread(parse_lsn(row[0]), parse_lsn(row[1])) if found else None

@@ -12,6 +12,7 @@ import yaml
 from psycopg.conninfo import make_conninfo
 from typer.testing import CliRunner
 
+from audit_platform.capture.gaps import list_gaps
 from audit_platform.cli import app
 from audit_platform.environment import load_environment
 from audit_platform.naming import slot_name
@@ -104,6 +105,12 @@ def test_a_database_joins_in_one_command_once_every_check_passes(
             conn.execute("SELECT audit.set_context(%s)", (json.dumps(context),))
             conn.execute("INSERT INTO orders VALUES (1, 'new')")
         store = StagingStore(str(tmp_path / "staging"), env, "billing")
+        # Not caught up: removing it now would drop the insert; refused, nothing changed.
+        early = runner.invoke(app, ["source", "remove", "billing", "--env", env])
+        assert early.exit_code == 1
+        assert "its slot holds changes capture has not read" in early.output
+        assert slot_name(env, "billing") in _slots(pg_database)
+        assert list(load_environment(resources, env).sources) == ["billing"]
         source = CaptureSource(pg_database, env, policy, store)
         with psycopg.connect(state_url, autocommit=True) as state:
             assert capture_enrich_index(source, state, es) == 1
@@ -118,3 +125,31 @@ def test_a_database_joins_in_one_command_once_every_check_passes(
         )
     hits = es.search(index=f"audit-{env}-*", query={"term": {"source.service": "billing"}})
     assert hits["hits"]["total"]["value"] == 1  # what was recorded stays
+
+
+def test_removing_a_source_with_unread_changes_by_force_records_the_gap(
+    pg_database, servers, tmp_path, monkeypatch, es_prefix
+):
+    env = es_prefix.replace("-", "_")
+    resources = environment_resources(tmp_path, env, ENV_FILE)
+    monkeypatch.setenv("AUDIT_RESOURCES_DIR", str(resources))
+    monkeypatch.setenv("AUDIT_STAGING_ROOT", str(tmp_path / "staging"))
+    monkeypatch.setenv("BILLING_DB", pg_database)
+    _exec(
+        pg_database,
+        "CREATE TABLE orders (id int PRIMARY KEY); ALTER TABLE orders REPLICA IDENTITY FULL",
+    )
+    runner = CliRunner()
+    with new_database(servers) as state_url:
+        monkeypatch.setenv("AUDIT_PG_URL", state_url)
+        add = ["source", "add", "billing", "--env", env, "--url-env", "BILLING_DB"]
+        joined = runner.invoke(app, [*add, "--tables", "public.orders", "--no-snapshot"])
+        assert joined.exit_code == 0, joined.output
+        _exec(pg_database, "INSERT INTO orders VALUES (1)")
+        forced = runner.invoke(app, ["source", "remove", "billing", "--env", env, "--force"])
+        assert forced.exit_code == 0, forced.output
+        assert "gap recorded: changes of source billing committed after" in forced.output
+        assert slot_name(env, "billing") not in _slots(pg_database)
+        with psycopg.connect(state_url) as state:
+            [gap] = list_gaps(state, env, None)
+        assert gap.source == "billing" and "--force" in gap.reason

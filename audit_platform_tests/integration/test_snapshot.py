@@ -13,17 +13,22 @@ import threading
 from collections import Counter
 from datetime import UTC, datetime
 
+import dagster as dg
 import psycopg
 import pytest
+import yaml
 
 from audit_platform import platform_db
 from audit_platform.api_keys import Scope
 from audit_platform.capture.pgoutput import Masker
 from audit_platform.capture.snapshot import run_snapshot, snapshot_status
+from audit_platform.defs.resources import AuditPlatform
+from audit_platform.defs.snapshots import snapshot_job
+from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.query.reads import object_history, object_state
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import MASK_KEY, capture_enrich_index, make_source
-from audit_platform_tests.helpers import policy_for
+from audit_platform_tests.helpers import environment_resources, policy_for
 
 SQL = Settings().resources_dir / "sql"
 ROWS = 1500
@@ -228,3 +233,57 @@ def test_a_role_with_connect_cannot_forge_a_snapshot(accounts):
         with psycopg.connect(url, autocommit=True) as conn, pytest.raises(psycopg.Error):
             conn.execute(statement)
     accounts.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_a_composite_key_of_fixed_width_text_is_read_in_chunks_without_a_gap(pg_database, tmp_path):
+    """The bound of a chunk is read back with its exact type: a char(2) key read back as
+    ``character`` (one character) would skip or repeat rows."""
+    source = make_source(
+        pg_database,
+        tmp_path,
+        "CREATE TABLE codes (region char(2), code varchar(10), n int,"
+        " PRIMARY KEY (region, code)); ALTER TABLE codes REPLICA IDENTITY FULL;"
+        "INSERT INTO codes SELECT chr(65 + g % 5) || chr(65 + g % 3), 'c' || g, g"
+        " FROM generate_series(1, 300) g;",
+        policy_for("geo", public__codes={}),
+        env="codes",
+    )
+    [progress] = run_snapshot(source.url, source.policy, "k1", chunk_rows=7)
+    assert progress.done and progress.rows == 300 and progress.chunks >= 300 // 7
+    source.capture()
+    staged = source.staged().filter(operation="snapshot")
+    keys = [(a["region"], a["code"]) for a in map(json.loads, staged["after"])]
+    assert len(keys) == len(set(keys)) == 300
+    assert {region for region, _ in keys} == {
+        chr(65 + g % 5) + chr(65 + g % 3) for g in range(1, 301)
+    }
+
+
+def test_the_dagster_job_takes_a_snapshot_from_its_config_form(accounts, tmp_path, monkeypatch):
+    resources = environment_resources(tmp_path, accounts.env)
+    (resources / "sources" / "bank.yaml").write_text(
+        yaml.safe_dump(accounts.policy.model_dump(mode="json", exclude_defaults=True))
+    )
+    monkeypatch.setenv("AUDIT_RESOURCES_DIR", str(resources))
+    monkeypatch.setenv("BANK_URL", accounts.url)
+    job = snapshot_job(EnvironmentConfig(sources={"bank": SourceConfig(url_env="BANK_URL")}))
+    with dg.instance_for_test() as instance:
+        done = job.execute_in_process(
+            run_config={"ops": {"snapshot": {"config": {"source": "bank", "snapshot_id": "d1"}}}},
+            resources={"platform": AuditPlatform()},
+            instance=instance,
+        )
+        assert done.success
+        [table] = snapshot_status(accounts.url, "d1")
+        assert table["done"] and table["rows"] == ROWS
+        unknown = job.execute_in_process(
+            run_config={"ops": {"snapshot": {"config": {"source": "nope"}}}},
+            resources={"platform": AuditPlatform()},
+            instance=instance,
+            raise_on_error=False,
+        )
+        assert not unknown.success
+        [failure] = [e for e in unknown.all_events if e.is_step_failure]
+        assert "source 'nope' is not in this environment's file; its sources: bank" in str(
+            failure.event_specific_data.error
+        )
