@@ -148,6 +148,17 @@ def _server_setting(provider: Provider, name: str, value: str, restart: bool) ->
     return f"ALTER SYSTEM SET {name} = '{value}'; then {then}"
 
 
+def _exhausted(facts: ServerFacts, subject: str, setting: str, who: str) -> Finding:
+    """Every one of a server's ``setting`` in use: raise it by a few (a restart)."""
+    limit = getattr(facts, setting)
+    return Finding(
+        Level.error,
+        subject,
+        f"all {limit} are in use; {who} needs one",
+        _server_setting(facts.provider, setting, str(limit + 4), restart=True),
+    )
+
+
 def judge(facts: ServerFacts) -> list[Finding]:
     """What the server's facts say about capture from it, each failure with its fix."""
     found: list[Finding] = []
@@ -214,38 +225,14 @@ def judge(facts: ServerFacts) -> list[Finding]:
             )
         )
     if not facts.slot_exists and facts.slots_used >= facts.max_replication_slots:
-        found.append(
-            Finding(
-                Level.error,
-                "replication slots",
-                f"all {facts.max_replication_slots} are in use; the source needs one",
-                _server_setting(
-                    facts.provider,
-                    "max_replication_slots",
-                    str(facts.max_replication_slots + 4),
-                    restart=True,
-                ),
-            )
-        )
+        found.append(_exhausted(facts, "replication slots", "max_replication_slots", "the source"))
     else:
         left = facts.max_replication_slots - facts.slots_used
         found.append(
             Finding(Level.ok, "replication slots", f"{left} of {facts.max_replication_slots} free")
         )
     if facts.senders_used >= facts.max_wal_senders:
-        found.append(
-            Finding(
-                Level.error,
-                "wal senders",
-                f"all {facts.max_wal_senders} are in use; a streaming source needs one",
-                _server_setting(
-                    facts.provider,
-                    "max_wal_senders",
-                    str(facts.max_wal_senders + 4),
-                    restart=True,
-                ),
-            )
-        )
+        found.append(_exhausted(facts, "wal senders", "max_wal_senders", "a streaming source"))
     if facts.max_slot_wal_keep_size == "-1":
         found.append(
             Finding(
