@@ -32,6 +32,7 @@ from audit_platform.api.routers import (
     objects,
     rejections,
     revert,
+    tables,
     trust,
 )
 from audit_platform.api_keys import ApiKey
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (
         events,
         objects,
+        tables,
         activity,
         revert,
         correlation,

@@ -39,3 +39,8 @@ ObjectId = Annotated[
     Path(max_length=1024, description="Primary key as text; composite keys joined with ','."),
     AfterValidator(no_nul),
 ]
+
+
+#: A source and a table in a route's path (``/v1/objects/...``, ``/v1/tables/...``).
+SourcePath = Annotated[str, Path(max_length=64, description="Source (service) name.")]
+TablePath = Annotated[str, Path(max_length=128, description="'name' or 'schema.name'.")]

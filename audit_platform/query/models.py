@@ -128,6 +128,16 @@ class ObjectHistory(BaseModel):
     next_cursor: str | None
 
 
+class SchemaHistory(BaseModel):
+    """A table's schema changes (records with operation ``ddl``), each with its images: the
+    table's shape before and after (columns and types, primary key, replica identity)."""
+
+    source: str
+    table: str
+    changes: list[AuditRecord]
+    next_cursor: str | None
+
+
 class ObjectState(BaseModel):
     source: str
     table: str
@@ -145,6 +155,21 @@ class ObjectState(BaseModel):
     explanation: str | None = None
     earliest_retained: datetime | None = Field(
         default=None, description="Oldest record kept for this source (when status is unknown)."
+    )
+    columns: dict[str, str] | None = Field(
+        default=None,
+        description="The table's columns at `at` and their types, from its schema history (the "
+        "last schema change at or before `at`); `row` holds only these. None: no schema change "
+        "of the table is recorded by then, and `row` is as its record has it.",
+    )
+    schema_as_of: AuditRecord | None = Field(
+        default=None, description="The schema change `columns` were taken from."
+    )
+    not_recorded: list[str] = Field(
+        default=[],
+        description="Columns the table had at `at` that were added after the row's record: "
+        "their value then is not in the trail (the column's default, unless set without a "
+        "recorded change).",
     )
 
 

@@ -41,6 +41,7 @@ from audit_platform.query.models import (
     HistoryEntry,
     ObjectHistory,
     ObjectState,
+    SchemaHistory,
     Stats,
     TimeBucket,
     Total,
@@ -304,12 +305,16 @@ def correlated(
     )
 
 
-def _object_clauses(source: str, table: str, object_id: str) -> list[dict[str, Any]]:
+def _table_clauses(source: str, table: str) -> list[dict[str, Any]]:
+    """A source's table, named 'name' or 'schema.name'."""
     return [
         {"term": {"source.service": source}},
         *filter_clauses(EventFilter(table=[table]), None, None),
-        {"term": {"object_id": object_id}},
     ]
+
+
+def _object_clauses(source: str, table: str, object_id: str) -> list[dict[str, Any]]:
+    return [*_table_clauses(source, table), {"term": {"object_id": object_id}}]
 
 
 def diff(event: AuditRecord) -> list[ColumnDiff]:
@@ -342,6 +347,25 @@ def object_history(
     )
 
 
+def schema_history(
+    es: Elasticsearch,
+    scope: Scope,
+    source: str,
+    table: str,
+    *,
+    order: Order = "desc",
+    limit: int = 50,
+    cursor: str | None = None,
+) -> SchemaHistory:
+    """Every schema change of the table that is kept, whatever its age (a table's shape is
+    read against records of any time, so the default search range does not apply)."""
+    clauses = [*_table_clauses(source, table), {"term": {"operation": Operation.ddl.value}}]
+    hits, following, _ = _page(es, scope, clauses, order=order, limit=limit, cursor=cursor)
+    return SchemaHistory(
+        source=source, table=table, changes=[record(h) for h in hits], next_cursor=following
+    )
+
+
 def _edge(es: Elasticsearch, scope: Scope, clauses: list[dict], order: Order) -> datetime | None:
     """Commit time of the first (asc) or last (desc) matching record, at full precision
     (a min/max aggregation would round nanosecond dates to milliseconds)."""
@@ -368,10 +392,8 @@ def object_state(
     been last changed before retention removed that record, or may not have existed.
     """
     at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-    table_clause = filter_clauses(EventFilter(table=[table]), None, None)
     clauses = [
-        {"term": {"source.service": source}},
-        *table_clause,
+        *_table_clauses(source, table),
         # With every digit written out: Elasticsearch fills a missing fraction of a second
         # with its maximum under "lte", so "12:00:00" would include changes up to 12:00:00.999.
         {"range": {"@timestamp": {"lte": at.isoformat(timespec="microseconds")}}},
@@ -409,7 +431,94 @@ def object_state(
     event = record(hits[0])
     if event.operation in (Operation.delete, Operation.truncate):
         return ObjectState(**base, status="deleted", row=None, as_of=event)
-    return ObjectState(**base, status="present", row=event.after, as_of=event)
+    return _with_columns_at(
+        es, scope, ObjectState(**base, status="present", row=event.after, as_of=event)
+    )
+
+
+#: Schema changes between a row's record and the moment asked for that are read to find the
+#: columns added meanwhile; a table altered more often than this in that span is told so.
+MAX_SCHEMA_CHANGES = 500
+
+
+def _with_columns_at(es: Elasticsearch, scope: Scope, state: ObjectState) -> ObjectState:
+    """The state with the table's columns as they were at its moment (docs/design.md, "Schema
+    history"): a column dropped after the row's record is left out, one added after it is named
+    as not recorded, and a table dropped (or created anew) after it means the row was gone.
+
+    The schema changes are those of the record's own table (its schema and name as the record
+    has them, not as the caller spelled them), ordered by commit position, so a change in the
+    row's own transaction or in the same microsecond falls on the right side."""
+    as_of = state.as_of
+    assert as_of is not None and state.row is not None
+    ddl = [
+        {"term": {"source.service": as_of.source.service}},
+        {"term": {"table.schema": as_of.table.schema_}},
+        {"term": {"table.name": as_of.table.name}},
+        {"term": {"operation": Operation.ddl.value}},
+    ]
+    moment = state.at.isoformat(timespec="microseconds")
+    hits, _, _ = _page(
+        es,
+        scope,
+        [*ddl, {"range": {"@timestamp": {"lte": moment}}}],
+        order="desc",
+        limit=1,
+        cursor=None,
+    )
+    if not hits:
+        return state
+    change = record(hits[0])
+    position = (as_of.transaction.lsn, as_of.transaction.change_index)
+    since = as_of.timestamp.isoformat(timespec="microseconds")
+    later, more, _ = _page(
+        es,
+        scope,
+        [*ddl, {"range": {"@timestamp": {"gte": since, "lte": moment}}}],
+        order="asc",
+        limit=MAX_SCHEMA_CHANGES,
+        cursor=None,
+    )
+    after = [
+        r for r in map(record, later) if (r.transaction.lsn, r.transaction.change_index) > position
+    ]
+    if gone := next((r for r in after if r.before is None or r.after is None), None):
+        what = "dropped" if gone.after is None else "created anew"
+        return state.model_copy(
+            update={
+                "status": "deleted",
+                "row": None,
+                "schema_as_of": gone,
+                "explanation": f"the table was {what} at {gone.timestamp.isoformat()}, after "
+                "the row's last record",
+            }
+        )
+    if change.after is None:
+        return state  # dropped before the row's record, and created again since: as recorded
+    columns = {name: str(kind) for name, kind in (change.after.get("columns") or {}).items()}
+    row = {name: value for name, value in state.row.items() if name in columns}
+    dropped = sorted(set(state.row) - set(columns))
+    added: set[str] = set()
+    for shapes in after:
+        before = (shapes.before or {}).get("columns") or {}
+        added |= set((shapes.after or {}).get("columns") or {}) - set(before)
+    notes = []
+    if dropped:
+        notes.append(f"columns dropped by then are left out: {', '.join(dropped)}")
+    if more is not None:
+        notes.append(
+            f"the table changed shape more than {MAX_SCHEMA_CHANGES} times since the row's "
+            "record; columns added in the later changes are not named in not_recorded"
+        )
+    return state.model_copy(
+        update={
+            "row": row,
+            "columns": columns,
+            "schema_as_of": change,
+            "not_recorded": sorted((added & set(columns)) - set(row)),
+            "explanation": "; ".join(notes) or None,
+        }
+    )
 
 
 def _buckets(aggregation: dict[str, Any]) -> list[Bucket]:

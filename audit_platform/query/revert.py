@@ -156,6 +156,8 @@ def plan_revert(
         last = last_of.get(key)
         if change.id in ids or last is None or _order(change) <= _order(last):
             continue
+        if change.operation is Operation.snapshot and change.after == last.after:
+            continue  # a reading of the row as the change left it: the guard still holds
         conflicts.append(
             RevertConflict(
                 record_id=last.id,

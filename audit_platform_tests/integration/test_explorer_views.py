@@ -145,6 +145,7 @@ def test_links_keep_slashes_and_question_marks_inside_one_path_segment():
     links = record_links(_record("update", {"id": 7}, {"id": 8}, ["id"]))
     assert links == {
         "transaction": "/ui/transactions/shop/5",
+        "table": "/ui/tables/shop/public.orders",
         "object": "/ui/objects/shop/public.orders/7%2F8",
         "request": "/ui/requests/r%3F1",
         "actor": "/ui/actors/a%2Fb",

@@ -161,6 +161,9 @@ def test_plans_for_a_transaction_a_job_run_and_an_actor_window(shop):
     assert api.get("/v1/actors/nightly/revert").status_code == 422  # since is required
 
 
+_TX = {"xid": 1, "commit_lsn": "0/1", "lsn": 1, "change_index": 0}
+
+
 def _record(operation: str, before: dict | None, after: dict | None, **extra) -> AuditRecord:
     return AuditRecord.model_validate(
         {
@@ -182,7 +185,7 @@ def _record(operation: str, before: dict | None, after: dict | None, **extra) ->
             "trace": {},
             "client": {},
             "attribution": {"status": "unattributed"},
-            "transaction": {"xid": 1, "commit_lsn": "0/1", "lsn": 1, "change_index": 0},
+            "transaction": _TX,
             "row": {"key": ["id"], "types": {"id": "integer", "name": "text", "email": "text"}},
             "policy_version": "1",
             "ingested_at": datetime.now(UTC),
@@ -222,6 +225,29 @@ def test_masked_excluded_and_truncated_values_are_conflicts_never_guesses():
     assert "\"name\" = 'Ada'::text" in sql[update.id]
     assert '"email"' not in sql[delete.id].split("SELECT")[0]
     assert truncate.id not in sql
+
+
+def test_a_snapshot_that_read_the_change_s_row_is_no_later_change_but_any_other_is():
+    policy = SourcePolicy.model_validate(
+        {"source": "shop", "version": 1, "tables": {"public.customers": {}}}
+    )
+    row = {"id": "1", "name": "Bob", "email": "b@example.com"}
+    update = _record("update", {**row, "name": "Ada"}, row)
+    later = {
+        "snapshot": _record("snapshot", None, row, transaction={**_TX, "lsn": 2}),
+        # A snapshot that read something else: a change the trail does not have (a gap).
+        "snapshot of another row": _record(
+            "snapshot", None, {**row, "name": "Di"}, transaction={**_TX, "lsn": 2}
+        ),
+        "update": _record("update", row, {**row, "name": "Cy"}, transaction={**_TX, "lsn": 3}),
+    }
+    for kind, change in later.items():
+        plan = plan_revert(
+            {"test": "1"}, [update], {"shop": policy}, [change], generated_at=datetime.now(UTC)
+        )
+        assert [c.later_record_id for c in plan.conflicts] == (
+            [] if kind == "snapshot" else [change.id]
+        ), kind
 
 
 def test_a_literal_is_data_and_an_identifier_is_quoted():

@@ -5,25 +5,22 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 
 from audit_platform.api.deps import ScopeDep, ServicesDep
 from audit_platform.api.params import MAX_HISTORY_PAGE
-from audit_platform.api.paths import ObjectId
+from audit_platform.api.paths import ObjectId, SourcePath, TablePath
 from audit_platform.query import reads
 from audit_platform.query.filters import Moment
 from audit_platform.query.models import ObjectHistory, ObjectState
 
 router = APIRouter(prefix="/v1/objects", tags=["objects"])
 
-Source = Annotated[str, Path(max_length=64, description="Source (service) name.")]
-Table = Annotated[str, Path(max_length=128, description="'name' or 'schema.name'.")]
-
 
 @router.get("/{source}/{table}/{object_id:id}/history", response_model=ObjectHistory)
 def history(
-    source: Source,
-    table: Table,
+    source: SourcePath,
+    table: TablePath,
     object_id: ObjectId,
     scope: ScopeDep,
     svc: ServicesDep,
@@ -39,8 +36,8 @@ def history(
 
 @router.get("/{source}/{table}/{object_id:id}/state", response_model=ObjectState)
 def state(
-    source: Source,
-    table: Table,
+    source: SourcePath,
+    table: TablePath,
     object_id: ObjectId,
     scope: ScopeDep,
     svc: ServicesDep,

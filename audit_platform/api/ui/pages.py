@@ -294,6 +294,31 @@ def object_page(
     )
 
 
+@router.get("/tables/{source}/{table}", response_class=HTMLResponse)
+def table_page(
+    request: Request,
+    key: SignedIn,
+    svc: ServicesDep,
+    source: Annotated[str, PathParam(max_length=64)],
+    table: Annotated[str, PathParam(max_length=128)],
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
+) -> HTMLResponse:
+    """A table's page: its columns as last recorded and its schema history, newest first."""
+    history = reads.schema_history(svc.es, key.scope, source, table, limit=PAGE_SIZE, cursor=cursor)
+    latest = history.changes[0] if history.changes and cursor is None else None
+    return page(
+        request,
+        "table.html",
+        key,
+        source=source,
+        table=table,
+        history=history,
+        latest=latest,
+        changes=[(change, views.columns(change)) for change in history.changes],
+        cursor=cursor,
+    )
+
+
 def _moment(at: str | None) -> datetime | None:
     """The moment picked on the page (a datetime-local field, read as UTC) or typed in ISO."""
     if not at:

@@ -216,11 +216,14 @@ def segment(value: object) -> str:
 
 
 def record_links(record: AuditRecord) -> dict[str, str]:
-    """Where a record leads: its transaction, its object, its request, its actor."""
+    """Where a record leads: its transaction, its table, its object, its request, its actor."""
     source = segment(record.source.service)
-    links = {"transaction": f"/ui/transactions/{source}/{record.transaction.xid}"}
+    table = segment(f"{record.table.schema_}.{record.table.name}")
+    links = {
+        "transaction": f"/ui/transactions/{source}/{record.transaction.xid}",
+        "table": f"/ui/tables/{source}/{table}",
+    }
     if record.object_id is not None:
-        table = segment(f"{record.table.schema_}.{record.table.name}")
         links["object"] = f"/ui/objects/{source}/{table}/{segment(record.object_id)}"
     context = record.context or {}
     if context.get("request_id"):
