@@ -321,6 +321,25 @@ class StagingStore:
             entries.append(_pending_entry(name, path, self.read_json(path)))
         return entries
 
+    def backlog_rows(self) -> int:
+        """Staged changes not indexed yet: what the source's pipeline still owes (a snapshot
+        paces itself by it, ``capture.snapshot_pace``), from the ledger's and the in-flight
+        manifests' own counts. Contexts are not counted: any role may write those
+        (``audit.set_context``), and they are not what a turn's time goes to."""
+        prefix, rows = f"{self.base}/changes/", 0
+        for folder in ("_pending", "_inflight"):
+            for path in self.glob(f"{self.base}/{folder}/*.json"):
+                try:  # read by another process than the ledger's writer: it may go meanwhile
+                    body = self.read_json(path)
+                except (FileNotFoundError, ValueError):
+                    continue
+                counts = body.get("rows", {})
+                staged = [
+                    p for p in body.get("staged", body.get("paths", ())) if p.startswith(prefix)
+                ]
+                rows += sum(counts[p] if p in counts else file_rows(self, p) for p in staged)
+        return rows
+
     def mark_enriched(
         self, entry: PendingBatch, records: Iterable[str], rows: Mapping[str, int]
     ) -> PendingBatch:

@@ -84,3 +84,22 @@ def test_the_local_listing_finds_what_fsspec_finds(tmp_path, monkeypatch, patter
     wanted = f"{store.base}/{pattern}"
     assert store.glob(wanted) == sorted(store.fs.glob(wanted))
     assert pattern == "nothing/*" or store.glob(wanted)
+
+
+def test_the_backlog_is_what_is_staged_or_in_flight_and_not_indexed(tmp_path):
+    store = StagingStore(str(tmp_path), "test", "shop")
+    assert store.backlog_rows() == 0
+    entry = _stage(store, _changes(9))
+    assert store.backlog_rows() == 9
+    # A batch announced, not settled yet: its manifest's changes count too, its contexts
+    # (which any role may write) do not.
+    later = _changes(4).with_columns(pl.col("lsn") + 1000)
+    planned = store.plan("changes", later) + store.plan("contexts", later)
+    store.announce(1100, 1200, {path: rows.height for _, path, rows in planned})
+    assert len(planned) == 4 and store.backlog_rows() == 9 + 4
+    # Enriched, not indexed: still owed; indexed (the entry done): no longer.
+    (read, *_) = store.pending()
+    store.mark_enriched(read, [], {})
+    assert store.backlog_rows() == 9 + 4
+    store.done(entry)
+    assert store.backlog_rows() == 4
