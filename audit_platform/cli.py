@@ -22,13 +22,16 @@ from audit_platform.api_keys import (
     list_keys,
     revoke_key,
 )
-from audit_platform.capture.gaps import Gap, gap_of_new_slot, record_gap
+from audit_platform.capture.gaps import Gap, gap_of_new_slot, rebaseline_gaps, record_gap
 from audit_platform.capture.snapshot import (
     SnapshotError,
+    SnapshotRefused,
     TableProgress,
+    baseline_lsn,
     new_snapshot_id,
     run_snapshot,
 )
+from audit_platform.capture.snapshot_pace import pipeline_pace
 from audit_platform.clients import (
     NotConfigured,
     elasticsearch_client,
@@ -261,7 +264,14 @@ def source_add(
         "handover, within capture_run_minutes)"
     )
     if snapshot:
-        _snapshot(url, policy, new_snapshot_id(), [], "initial snapshot (source add)", 20_000)
+        _snapshot(
+            settings,
+            url,
+            policy,
+            new_snapshot_id(),
+            tables=[],
+            reason="initial snapshot (source add)",
+        )
     else:
         typer.echo(
             "no initial snapshot: rows that exist now are recorded at their next change "
@@ -271,14 +281,29 @@ def source_add(
 
 
 def _snapshot(
+    settings: Settings,
     url: str,
     policy: SourcePolicy,
     snapshot_id: str,
+    *,
     tables: list[str],
     reason: str | None,
-    chunk_rows: int,
+    where: str | None = None,
+    chunk_rows: int = 20_000,
+    pace: bool = True,
 ) -> None:
     typer.echo(f"snapshot {snapshot_id}: recording the existing rows of each table")
+    paced = pipeline_pace(settings.staging_root, settings.env, policy.source) if pace else None
+    if paced is not None:
+        paced.report = lambda found, staged: typer.echo(
+            f"  waiting for capture of {settings.env}: "
+            + (
+                f"{found.rows:,} staged changes not indexed yet"
+                if staged
+                else "to read the last chunk"
+            )
+            + " (--no-pace does not wait)"
+        )
     started = time.monotonic()
     shown = [started]
 
@@ -293,16 +318,21 @@ def _snapshot(
             )
 
     try:
-        run_snapshot(
+        done = run_snapshot(
             url,
             policy,
             snapshot_id,
             tables=tables,
             reason=reason,
+            where=where,
             chunk_rows=chunk_rows,
             on_chunk=show,
+            env=settings.env,
+            pace=paced,
         )
-    except (SnapshotError, psycopg.Error) as exc:
+    except SnapshotRefused as exc:
+        raise _fail(exc) from exc
+    except (SnapshotError, psycopg.Error, OSError) as exc:  # OSError: the staging store
         typer.secho(
             f"snapshot {snapshot_id} stopped: {exc}; resume it with source snapshot --id "
             f"{snapshot_id}",
@@ -310,10 +340,29 @@ def _snapshot(
             err=True,
         )
         raise typer.Exit(code=1) from exc
+    waited = f", {paced.waited:.0f} s of it waiting for capture" if paced else ""
     typer.echo(
-        f"snapshot {snapshot_id}: done; its records are searchable once capture has read it "
-        f"(op:snapshot job:{snapshot_id})"
+        f"snapshot {snapshot_id}: done in {time.monotonic() - started:.0f} s{waited}; its "
+        f"records are searchable once capture has read it (op:snapshot job:{snapshot_id})"
     )
+    baseline = baseline_lsn(done, policy)
+    if baseline is None:
+        return
+    try:
+        with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as platform:
+            platform_db.install(platform, settings.resources_dir / "sql")
+            gaps = rebaseline_gaps(platform, settings.env, policy.source, snapshot_id, baseline)
+    except (NotConfigured, psycopg.Error) as exc:
+        # The snapshot is done and recorded either way; only the gaps' pointer to it waits.
+        typer.secho(
+            f"warning: the snapshot is done, but its gaps could not be marked ({exc}); run "
+            f"the same command with --id {snapshot_id} to mark them",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        return
+    for gap in gaps:
+        typer.echo(f"gap re-baselined: {gap.describe()}")
 
 
 @source_app.command("snapshot")
@@ -332,18 +381,46 @@ def source_snapshot(
     reason: Annotated[
         str | None, typer.Option(help="Why: recorded in the snapshot records' context.")
     ] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help="Only the rows that meet this condition, of the one --table given: its "
+            "columns compared with constants, e.g. \"created_at >= '2026-01-01'\"."
+        ),
+    ] = None,
     chunk_rows: Annotated[
         int,
         typer.Option(
-            min=1, max=20_000, help="The most rows one chunk reads (chunks aim at about 4 MB)."
+            min=1,
+            max=20_000,
+            help="The most rows one chunk reads (chunks aim at about 4 MB; paced, 4,000 at most).",
         ),
     ] = 20_000,
+    pace: Annotated[
+        bool,
+        typer.Option(
+            help="Write each chunk once this environment's capture has nearly caught up (its "
+            "slot and the staging root of these settings), so the live changes are not held "
+            "up behind the snapshot; --no-pace reads as fast as the source can (nothing else "
+            "written, or freshness does not matter meanwhile)."
+        ),
+    ] = True,
 ) -> None:
     """Record every existing row of the source's tracked tables once, as snapshot records, in
     commit order with the live changes; resumable, without a long transaction
     (docs/design.md, "Snapshots")."""
-    _, policy, url = _source_target(env, source, url)
-    _snapshot(url, policy, snapshot_id or new_snapshot_id(), table or [], reason, chunk_rows)
+    settings, policy, url = _source_target(env, source, url)
+    _snapshot(
+        settings,
+        url,
+        policy,
+        snapshot_id or new_snapshot_id(),
+        tables=table or [],
+        reason=reason,
+        where=where,
+        chunk_rows=chunk_rows,
+        pace=pace,
+    )
 
 
 @source_app.command("check")

@@ -6,10 +6,36 @@ for the Dagster code location, the API and the command line.
 
 from __future__ import annotations
 
+from typing import Any
+
+import psycopg
 from elastic_transport import OrjsonSerializer
 from elasticsearch import Elasticsearch
+from psycopg.conninfo import conninfo_to_dict
 
 from audit_platform.settings import ElasticsearchConnection, Settings
+
+#: How every session the platform opens on a source database starts (docs/design.md,
+#: invariant 10): names resolve in the catalogs only, so a role that may create
+#: objects in a schema on the default search path (``public``, for everyone before PostgreSQL
+#: 15) cannot put a better-matching function in the way of a polymorphic built-in our
+#: statements call (``array_position``, ``jsonb_agg``) and have it run as the platform's role;
+#: and a string constant is read as the SQL standard says, whatever the server's default.
+SOURCE_SESSION = "-c search_path=pg_catalog,pg_temp -c standard_conforming_strings=on"
+
+
+def connect_source(url: str, **settings: Any) -> psycopg.Connection:
+    """A session on a source database, autocommit, started with :data:`SOURCE_SESSION` after
+    whatever ``options`` the URL sets itself (a pooler's endpoint id, a statement timeout),
+    which a keyword alone would replace."""
+    settings = {"autocommit": True, "connect_timeout": 10, **settings}
+    return psycopg.connect(url, options=source_options(url), **settings)
+
+
+def source_options(url: str) -> str:
+    """The URL's own ``options``, then :data:`SOURCE_SESSION` (the later setting wins)."""
+    given = conninfo_to_dict(url).get("options")
+    return f"{given} {SOURCE_SESSION}" if given else SOURCE_SESSION
 
 
 class NotConfigured(RuntimeError):

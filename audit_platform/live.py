@@ -59,8 +59,10 @@ from psycopg.conninfo import make_conninfo
 
 from audit_platform.capture.pgoutput import ChangeBatch
 from audit_platform.capture.run import CaptureResult, _Stager, source_decoder
+from audit_platform.capture.schema_changes import current_problems
 from audit_platform.capture.slot import parked_name, usable_slot_state
 from audit_platform.capture.stream import BATCH_BYTES, SlotBusy, SlotStream, StopEvent
+from audit_platform.clients import connect_source
 from audit_platform.enrich import quarantine
 from audit_platform.enrich.batch import (
     HourResult,
@@ -527,6 +529,10 @@ class SourceWorker:
             slot = usable_slot_state(conn, self.slot)
             if slot.active_pid is not None:
                 raise SlotBusy(f"slot {self.slot} is in use by process {slot.active_pid}")
+            try:
+                self._set(schema_problems=current_problems(conn, policy))
+            except psycopg.Error as exc:  # only what the status shows: capture goes on
+                log.warning("%s: tracked tables' schema problems not read: %s", source.name, exc)
             result = CaptureResult(
                 self.slot, start_lsn=slot.confirmed_lsn, target_lsn=slot.current_lsn
             )
@@ -853,10 +859,8 @@ class SourceQueries:
 
     def execute(self, query: str, params: Params | None = None) -> psycopg.Cursor[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(
+            self._conn = connect_source(
                 self.url,
-                autocommit=True,
-                connect_timeout=10,
                 keepalives=1,
                 keepalives_idle=30,
                 keepalives_interval=10,

@@ -15,7 +15,7 @@ from datetime import datetime
 import polars as pl
 import psycopg
 from psycopg.rows import class_row
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from audit_platform.lsn import lsn_text
 from audit_platform.platform_db import one
@@ -30,6 +30,12 @@ class Gap(BaseModel):
     last_captured_at: datetime | None
     detected_at: datetime | None = None
     reason: str
+    rebaselined_by: str | None = Field(
+        default=None,
+        description="The snapshot that recorded the source's rows after the gap: from its "
+        "records on, every row's state is known again. None: no snapshot has yet.",
+    )
+    rebaselined_at: datetime | None = None
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -43,6 +49,8 @@ class Gap(BaseModel):
                     "detected_at": "2026-11-27T04:00:00Z",
                     "reason": "the slot was invalidated by PostgreSQL (wal_status = lost) "
                     "and replaced",
+                    "rebaselined_by": "20261127T041500Z-3f9a0c",
+                    "rebaselined_at": "2026-11-27T04:31:12Z",
                 }
             ]
         }
@@ -52,9 +60,16 @@ class Gap(BaseModel):
         since = ""
         if self.last_captured_at is not None:
             since = f" (last change captured at {self.last_captured_at:%Y-%m-%d %H:%M:%S%z})"
+        if self.rebaselined_by is None:
+            after = (
+                f"; no snapshot has re-baselined it yet: audit-platform source snapshot --env "
+                f"{self.env} --source {self.source} records every row as it is now"
+            )
+        else:
+            after = f"; re-baselined by snapshot {self.rebaselined_by}"
         return (
             f"changes of source {self.source} committed after {lsn_text(self.from_lsn)} and "
-            f"before {lsn_text(self.to_lsn)} were not captured{since}: {self.reason}"
+            f"before {lsn_text(self.to_lsn)} were not captured{since}: {self.reason}{after}"
         )
 
 
@@ -83,15 +98,40 @@ def record_gap(conn: psycopg.Connection, gap: Gap) -> Gap:
     return gap.model_copy(update={"detected_at": row[0]})
 
 
+#: A gap's columns, as :class:`Gap` reads them.
+_COLUMNS = (
+    "env, source, from_lsn, to_lsn, last_captured_at, detected_at, reason, rebaselined_by,"
+    " rebaselined_at"
+)
+
+
 def list_gaps(conn: psycopg.Connection, env: str, sources: frozenset[str] | None) -> list[Gap]:
     with conn.cursor(row_factory=class_row(Gap)) as cur:
         return cur.execute(
-            "SELECT env, source, from_lsn, to_lsn, last_captured_at, detected_at, reason"
-            " FROM audit_platform.capture_gaps"
-            " WHERE env = %(env)s"
+            f"SELECT {_COLUMNS} FROM audit_platform.capture_gaps WHERE env = %(env)s"
             " AND (%(sources)s::text[] IS NULL OR source = ANY(%(sources)s::text[]))"
             " ORDER BY detected_at, source",
             {"env": env, "sources": sorted(sources) if sources is not None else None},
+        ).fetchall()
+
+
+def rebaseline_gaps(
+    conn: psycopg.Connection, env: str, source: str, snapshot_id: str, started_lsn: int
+) -> list[Gap]:
+    """Name ``snapshot_id`` in every gap of the source it re-baselines, and return those.
+
+    The caller has finished a snapshot of every tracked table, without a condition, that began
+    at ``started_lsn``: each gap that ends at or before that (and has no snapshot yet) is
+    behind it. A gap that ends later happened while the snapshot ran, and some of its chunks
+    may have fallen into it: then the snapshot vouches for nothing, and no gap names it."""
+    with conn.cursor(row_factory=class_row(Gap)) as cur:
+        return cur.execute(
+            "UPDATE audit_platform.capture_gaps SET rebaselined_by = %s, rebaselined_at = now()"
+            " WHERE env = %s AND source = %s AND rebaselined_by IS NULL AND to_lsn <= %s"
+            " AND NOT EXISTS (SELECT FROM audit_platform.capture_gaps later"
+            " WHERE later.env = %s AND later.source = %s AND later.to_lsn > %s)"
+            f" RETURNING {_COLUMNS}",
+            (snapshot_id, env, source, started_lsn, env, source, started_lsn),
         ).fetchall()
 
 

@@ -21,6 +21,7 @@ import psycopg
 from audit_platform.capture.pgoutput import ChangeBatch, Masker, PgOutputDecoder
 from audit_platform.capture.slot import Queries, slot_state, usable_slot_state
 from audit_platform.capture.stream import SlotBusy, SlotStream
+from audit_platform.clients import connect_source
 from audit_platform.faults import crash_point
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.policy import SourcePolicy
@@ -122,7 +123,7 @@ def capture(
         )
     started = time.monotonic()
     slot, publication = slot_name(env, policy.source), publication_name(env, policy.source)
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with connect_source(url) as conn:
         state = usable_slot_state(conn, slot)
         if state.active_pid is not None:
             raise SlotBusy(

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from audit_platform.capture.slot import Queries
 from audit_platform.policy import SourcePolicy
 
 #: The table the event triggers write (source migration 003); published with the policy's.
@@ -85,6 +86,27 @@ def schema_change(
     assert shape is not None  # the trigger writes at least one of them
     problem = None if after is None else _problem(after, policy)
     return SchemaChange(shape["schema"], shape["table"], before, after, problem)
+
+
+def current_problems(conn: Queries, policy: SourcePolicy) -> dict[str, str]:
+    """The tracked tables' problems as the catalog has them now. A capture run starts from
+    them, so a problem outlives the run that read its schema change (and a fix made while no
+    run was reading is seen at once); the changes it then reads update them as they come."""
+    quoted = [
+        _quoted(dict(zip(("schema", "table"), name.split(".", 1), strict=True)))
+        for name in sorted(policy.tables)
+    ]
+    rows = conn.execute(
+        "SELECT audit.table_shape(to_regclass(name))::text FROM unnest(%s::text[]) AS name",
+        (quoted,),
+    ).fetchall()
+    found = {}
+    for (text,) in rows:
+        shape = _shape(text)
+        problem = None if shape is None else _problem(shape, policy)
+        if shape is not None and problem is not None:
+            found[f"{shape['schema']}.{shape['table']}"] = problem
+    return found
 
 
 def _quoted(shape: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.abc import Params
 
+from audit_platform.clients import connect_source
 from audit_platform.lsn import lsn_text, parse_lsn
 
 
@@ -89,7 +90,7 @@ def peek(url: str, slot: str, publication: str) -> SlotPeek:
     which is cheap while capture keeps up. A slot held by a running capture is reported as
     having no changes for us: that capture is taking them.
     """
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with connect_source(url) as conn:
         state = usable_slot_state(conn, slot)
         if state.active_pid is not None or state.lag_bytes == 0:
             return SlotPeek(state, False)

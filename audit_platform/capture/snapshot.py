@@ -18,13 +18,21 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from audit_platform.capture.row_filter import ConditionError, as_sql, row_condition
+from audit_platform.clients import connect_source
+from audit_platform.lsn import parse_lsn
+from audit_platform.naming import publication_name, slot_name
 from audit_platform.platform_db import one
 from audit_platform.policy import SourcePolicy
+
+if TYPE_CHECKING:
+    from audit_platform.capture.snapshot_pace import PipelinePace
 
 #: The table chunks travel through (source migration 004); published with the policy's.
 SNAPSHOT_CHUNKS_TABLE = ("audit", "snapshot_chunks")
@@ -34,10 +42,6 @@ TARGET_CHUNK_BYTES = 4 * 1024**2
 MAX_CHUNK_ROWS = 20_000
 #: The first chunk of a table, before its rows' size is known.
 FIRST_CHUNK_ROWS = 1000
-#: Only the catalogs, for every name the snapshot's statements use: a role that may create
-#: objects in ``public`` could otherwise put a better-matching function (a ``jsonb_agg`` of its
-#: own) in the way of a polymorphic built-in, and run it as the snapshot's role.
-SAFE_PATH = "-c search_path=pg_catalog,pg_temp"
 #: A writer of a chunk's rows waits for the chunk; a chunk waits at most this long for a
 #: writer (a long transaction of the service) before it gives way and tries again.
 LOCK_TIMEOUT = "500ms"
@@ -45,6 +49,10 @@ LOCK_TIMEOUT = "500ms"
 
 class SnapshotError(RuntimeError):
     """A snapshot cannot run as asked; the message says why and what to do."""
+
+
+class SnapshotRefused(SnapshotError):
+    """A snapshot refused before it read anything (so there is nothing to resume)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,22 @@ class TableProgress:
     rows: int
     chunks: int
     done: bool
+    #: The WAL position when the snapshot began this table: its chunks all commit later (None:
+    #: begun before source migration 005 kept it).
+    started_lsn: int | None = 0
+    #: The snapshot's ``WHERE`` as it runs (``capture.row_filter``); None: every row.
+    condition: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    rows: int
+    bound: list[str] | None  # the last key it read (None: the table's end)
+    final: bool
+    bytes: int
+    #: A WAL position inside its transaction, before its commit: capture has staged the chunk
+    #: once the slot is confirmed past it (``capture.snapshot_pace``).
+    written_lsn: int
 
 
 def new_snapshot_id(now: datetime | None = None) -> str:
@@ -123,38 +147,45 @@ def _as_output(column: str) -> sql.Composable:
     )
 
 
-def _bound_statement(shape: TableShape, first: bool) -> sql.Composed:
+def _where(shape: TableShape, first: bool, last: bool, condition: str | None) -> sql.Composable:
+    """The rows after the previous bound (unless ``first``), up to this one (unless ``last``),
+    that meet the snapshot's condition."""
+    keys = _key_list(shape)
+    where: list[sql.Composable] = []
+    if not first:
+        where.append(sql.SQL("({}) > ({})").format(keys, _key_params(shape)))
+    if not last:
+        where.append(sql.SQL("({}) <= ({})").format(keys, _key_params(shape)))
+    if condition is not None:
+        where.append(as_sql(condition))
+    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
+
+
+def _bound_statement(shape: TableShape, first: bool, condition: str | None) -> sql.Composed:
     """The last key of the next chunk, read without locks: the chunk is then the rows between
     the previous bound and this one, so a key a writer moves while the chunk is read cannot
     move the bound past rows the chunk did not read. Parameters: the last key (unless
     ``first``), the chunk's rows less one."""
     schema, table = shape.name.split(".", 1)
-    after: sql.Composable = sql.SQL("")
-    if not first:
-        after = sql.SQL("WHERE ({}) > ({})").format(_key_list(shape), _key_params(shape))
     return sql.SQL(
-        "SELECT ARRAY[{keys}] FROM {table} t {after} ORDER BY {order} OFFSET %s LIMIT 1"
+        "SELECT ARRAY[{keys}] FROM {table} t{where} ORDER BY {order} OFFSET %s LIMIT 1"
     ).format(
         keys=sql.SQL(", ").join(_as_output(k) for k in shape.key),
         table=sql.Identifier(schema, table),
-        after=after,
+        where=_where(shape, first, True, condition),
         order=_key_list(shape),
     )
 
 
-def _chunk_statement(shape: TableShape, first: bool, last: bool) -> sql.Composed:
-    """One chunk: lock the rows after the previous bound and up to this one (unless ``last``),
-    write them for capture, return how many and their size. Parameters: the previous bound
-    (unless ``first``), this bound (unless ``last``), then the chunk row's snapshot id, table,
-    columns, types and key."""
+def _chunk_statement(
+    shape: TableShape, first: bool, last: bool, condition: str | None
+) -> sql.Composed:
+    """One chunk: lock the rows after the previous bound and up to this one (unless ``last``)
+    that meet the condition, write them for capture, return how many and their size.
+    Parameters: the previous bound (unless ``first``), this bound (unless ``last``), then the
+    chunk row's snapshot id, table, columns, types and key."""
     schema, table = shape.name.split(".", 1)
     keys = _key_list(shape)
-    where = []
-    if not first:
-        where.append(sql.SQL("({}) > ({})").format(keys, _key_params(shape)))
-    if not last:
-        where.append(sql.SQL("({}) <= ({})").format(keys, _key_params(shape)))
-    condition = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
     return sql.SQL(
         "WITH chunk AS ("
         " SELECT row_number() OVER (ORDER BY {keys}) AS n, to_jsonb(ARRAY[{values}]) AS row"
@@ -168,35 +199,88 @@ def _chunk_statement(shape: TableShape, first: bool, last: bool) -> sql.Composed
     ).format(
         values=sql.SQL(", ").join(_as_output(c) for c in shape.columns),
         table=sql.Identifier(schema, table),
-        condition=condition,
+        condition=_where(shape, first, last, condition),
         keys=keys,
     )
 
 
-def _progress(conn: psycopg.Connection, snapshot_id: str, table: str) -> tuple:
-    """(last key, rows, chunks, done) of a table in a snapshot, begun if new."""
-    conn.execute(
-        "INSERT INTO audit.snapshot_progress (snapshot_id, table_name) VALUES (%s, %s)"
-        " ON CONFLICT DO NOTHING",
-        (snapshot_id, table),
+def _condition(text: str, shape: TableShape, policy: SourcePolicy) -> str:
+    """A snapshot's condition on ``shape``, checked against what the policy shows in clear."""
+    table_policy = policy.tables[shape.name]
+    hidden = frozenset(
+        c for c in shape.columns if not table_policy.keeps(c) or c in table_policy.mask
     )
-    return one(
+    try:
+        return row_condition(text, dict(zip(shape.columns, shape.types, strict=True)), hidden)
+    except ConditionError as exc:
+        raise SnapshotRefused(str(exc)) from exc
+
+
+def _progress(
+    conn: psycopg.Connection, snapshot_id: str, table: str, condition: str | None
+) -> tuple[list[str] | None, TableProgress]:
+    """(last key, progress) of a table in a snapshot, begun if new. A snapshot resumes with
+    the condition it began with: asked for another, it refuses rather than mix two."""
+    conn.execute(
+        "INSERT INTO audit.snapshot_progress (snapshot_id, table_name, condition)"
+        " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+        (snapshot_id, table, condition),
+    )
+    last_key, rows, chunks, done, started, kept = one(
         conn.execute(
-            "SELECT last_key, rows, chunks, done FROM audit.snapshot_progress"
-            " WHERE snapshot_id = %s AND table_name = %s",
+            "SELECT last_key, rows, chunks, done, started_lsn::text, condition"
+            " FROM audit.snapshot_progress WHERE snapshot_id = %s AND table_name = %s",
             (snapshot_id, table),
         )
     )
+    if condition is not None and kept != condition:
+        raise SnapshotRefused(
+            f"snapshot {snapshot_id} of {table} began "
+            + (f"with the condition {kept}" if kept else "without a condition")
+            + f", not {condition}: resume it without --where, or start a new snapshot"
+        )
+    started_lsn = None if started is None else parse_lsn(started)
+    return last_key, TableProgress(table, rows, chunks, done, started_lsn, kept)
 
 
-def snapshot_context(snapshot_id: str, reason: str | None) -> dict:
-    """Who recorded a snapshot's rows: the platform itself, as a job with the snapshot's id."""
+def check_capture(conn: psycopg.Connection, env: str, source: str) -> None:
+    """Refuse a snapshot that no capture of ``env`` would read: without the environment's slot,
+    or with a publication that does not carry the chunks (set up before snapshots existed), its
+    rows would pass through the WAL and be recorded nowhere."""
+    slot, publication = slot_name(env, source), publication_name(env, source)
+    has_slot, carries = one(
+        conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = %s"
+            " AND database = current_database() AND wal_status IS DISTINCT FROM 'lost'),"
+            " EXISTS (SELECT FROM pg_publication_tables WHERE pubname = %s"
+            " AND schemaname = %s AND tablename = %s)",
+            (slot, publication, *SNAPSHOT_CHUNKS_TABLE),
+        )
+    )
+    fix = f"run audit-platform source setup --env {env} --source {source}, then the snapshot"
+    if not has_slot:
+        raise SnapshotRefused(
+            f"this database has no usable slot {slot} (missing, or lost), so no capture of "
+            f"environment {env} would read the snapshot's rows; {fix}"
+        )
+    if not carries:
+        raise SnapshotRefused(
+            f"publication {publication} does not carry audit.snapshot_chunks (it was set up "
+            f"before snapshots existed), so capture would never see the snapshot's rows; {fix}"
+        )
+
+
+def snapshot_context(snapshot_id: str, reason: str | None, condition: str | None = None) -> dict:
+    """Who recorded a snapshot's rows: the platform itself, as a job with the snapshot's id
+    (and the condition it was limited to: its records are not every row of the table)."""
     context: dict = {
         "actor": {"type": "system", "id": "audit-platform"},
         "job": {"name": "snapshot", "run_id": snapshot_id},
     }
     if reason:
         context["reason"] = reason
+    if condition is not None:
+        context["attributes"] = {"snapshot_where": condition}
     return context
 
 
@@ -213,20 +297,21 @@ def _chunk(
     last_key: list[str] | None,
     limit: int,
     context: str,
-) -> tuple[int, list[str] | None, bool, int]:
-    """One chunk in one transaction: (rows, its bound, whether it was the last, bytes)."""
+    condition: str | None,
+) -> Chunk:
+    """One chunk in one transaction."""
     first = last_key is None
     with conn.transaction():
         conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         found = conn.execute(
-            _bound_statement(shape, first), [*(last_key or []), limit - 1]
+            _bound_statement(shape, first, condition), [*(last_key or []), limit - 1]
         ).fetchone()
         bound = None if found is None else list(found[0])
         final = bound is None
         conn.execute("SELECT audit.set_context(%s::jsonb)", (context,))
         count, chunk_id, size = one(
             conn.execute(
-                _chunk_statement(shape, first, final),
+                _chunk_statement(shape, first, final, condition),
                 [
                     *(last_key or []),
                     *(bound or []),
@@ -240,13 +325,16 @@ def _chunk(
         )
         if chunk_id is not None:
             conn.execute("DELETE FROM audit.snapshot_chunks WHERE id = %s", (chunk_id,))
-        conn.execute(
-            "UPDATE audit.snapshot_progress SET last_key = coalesce(%s, last_key),"
-            " rows = rows + %s, chunks = chunks + %s, done = %s, updated_at = clock_timestamp()"
-            " WHERE snapshot_id = %s AND table_name = %s",
-            (bound, count, 1 if count else 0, final, snapshot_id, shape.name),
+        (written,) = one(
+            conn.execute(
+                "UPDATE audit.snapshot_progress SET last_key = coalesce(%s, last_key),"
+                " rows = rows + %s, chunks = chunks + %s, done = %s,"
+                " updated_at = clock_timestamp() WHERE snapshot_id = %s AND table_name = %s"
+                " RETURNING pg_current_wal_insert_lsn()::text",
+                (bound, count, 1 if count else 0, final, snapshot_id, shape.name),
+            )
         )
-    return count, bound, final, size or 0
+    return Chunk(count, bound, final, size or 0, parse_lsn(written))
 
 
 def run_snapshot(
@@ -256,64 +344,98 @@ def run_snapshot(
     *,
     tables: Iterable[str] = (),
     reason: str | None = None,
+    where: str | None = None,
     chunk_rows: int = MAX_CHUNK_ROWS,
     on_chunk: Callable[[TableProgress], None] | None = None,
+    env: str | None = None,
+    pace: PipelinePace | None = None,
 ) -> list[TableProgress]:
-    """Snapshot ``tables`` (default: every table of the policy), or resume ``snapshot_id``
-    where its last committed chunk left it. Tables are read one after another, each by key,
-    in chunks of at most ``chunk_rows`` rows, sized to about :data:`TARGET_CHUNK_BYTES`."""
+    """Snapshot ``tables`` (default: every table of the policy), limited to the rows that meet
+    ``where`` (one table only), or resume ``snapshot_id`` where its last committed chunk left
+    it. Tables are read one after another, each by key, in chunks of at most ``chunk_rows``
+    rows, sized to about :data:`TARGET_CHUNK_BYTES`. Given ``env``, it first checks that the
+    environment's capture will read what it writes (:func:`check_capture`); given ``pace``,
+    each chunk waits until that capture has nearly caught up, and holds at most the pace's
+    ``chunk_rows`` (``capture.snapshot_pace``)."""
     names = sorted(tables) or sorted(policy.tables)
     if unknown := [n for n in names if n not in policy.tables]:
-        raise SnapshotError(
+        raise SnapshotRefused(
             f"tables not in the policy of source {policy.source!r}: {', '.join(unknown)}; a "
             "snapshot records only tracked tables"
         )
-    context = json.dumps(snapshot_context(snapshot_id, reason))
+    if where is not None and len(names) != 1:
+        raise SnapshotRefused(
+            "a snapshot's condition (--where) names one table's columns: name that table "
+            "alone (--table schema.table)"
+        )
+    if pace is not None:  # a chunk is what the live changes behind it wait for
+        chunk_rows = min(chunk_rows, pace.chunk_rows)
     done: list[TableProgress] = []
-    with psycopg.connect(url, autocommit=True, connect_timeout=10, options=SAFE_PATH) as conn:
+    written: int | None = None  # where the last chunk was written, for ``pace``
+    with connect_source(url) as conn:
         held = one(
             conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (snapshot_id,))
         )[0]
         if not held:
-            raise SnapshotError(
+            raise SnapshotRefused(
                 f"snapshot {snapshot_id} is being taken by another process; wait for it, or "
                 "stop it and resume with --id"
             )
+        if env is not None:
+            check_capture(conn, env, policy.source)
         for name in names:
             shape = table_shape(conn, name)
-            last_key, rows, chunks, finished = _progress(conn, snapshot_id, name)
-            progress = TableProgress(name, rows, chunks, finished)
+            condition = None if where is None else _condition(where, shape, policy)
+            last_key, progress = _progress(conn, snapshot_id, name, condition)
+            if progress.condition is not None:  # as it was kept: checked again, as if new
+                progress.condition = _condition(progress.condition, shape, policy)
+            context = json.dumps(snapshot_context(snapshot_id, reason, progress.condition))
             limit = min(FIRST_CHUNK_ROWS, chunk_rows)
             while not progress.done:
+                if pace is not None and written is not None:
+                    pace.wait(conn, written)
                 try:
-                    count, bound, final, size = _chunk(
-                        conn, shape, snapshot_id, last_key, limit, context
+                    chunk = _chunk(
+                        conn, shape, snapshot_id, last_key, limit, context, progress.condition
                     )
                 except psycopg.errors.ProgramLimitExceeded:
                     if limit == 1:
                         raise
                     limit = max(1, limit // 4)  # a chunk of huge values: fewer rows at once
                     continue
-                last_key = bound or last_key
-                progress.rows += count
-                progress.chunks += 1 if count else 0
-                progress.done = final
-                if count and size:
-                    limit = max(1, min(chunk_rows, int(count * TARGET_CHUNK_BYTES / size)))
+                last_key = chunk.bound or last_key
+                written = chunk.written_lsn
+                progress.rows += chunk.rows
+                progress.chunks += 1 if chunk.rows else 0
+                progress.done = chunk.final
+                if chunk.rows and chunk.bytes:
+                    limit = max(
+                        1, min(chunk_rows, int(chunk.rows * TARGET_CHUNK_BYTES / chunk.bytes))
+                    )
                 if on_chunk is not None:
                     on_chunk(progress)
             done.append(progress)
     return done
 
 
+def baseline_lsn(done: list[TableProgress], policy: SourcePolicy) -> int | None:
+    """Where a finished snapshot began, if it recorded every row of every tracked table (so it
+    re-baselines the source after a gap, ``capture.gaps.rebaseline_gaps``); None if it was
+    limited to some tables or by a condition, or is not finished."""
+    if {t.table for t in done if t.done and t.condition is None} != set(policy.tables):
+        return None
+    begun = [t.started_lsn for t in done]
+    return None if None in begun else min(t for t in begun if t is not None)
+
+
 def snapshot_status(url: str, snapshot_id: str | None = None) -> list[dict]:
     """The snapshots' progress recorded in the source, newest first."""
-    with psycopg.connect(url, autocommit=True, connect_timeout=10, options=SAFE_PATH) as conn:
+    with connect_source(url) as conn:
         rows = conn.execute(
-            "SELECT snapshot_id, table_name, rows, chunks, done, started_at, updated_at"
+            "SELECT snapshot_id, table_name, rows, chunks, done, condition, started_at, updated_at"
             " FROM audit.snapshot_progress WHERE %s::text IS NULL OR snapshot_id = %s"
             " ORDER BY started_at DESC, table_name",
             (snapshot_id, snapshot_id),
         ).fetchall()
-    keys = ("snapshot_id", "table", "rows", "chunks", "done", "started_at", "updated_at")
+    keys = ("snapshot_id", "table", "rows", "chunks", "done", "where", "started_at", "updated_at")
     return [dict(zip(keys, row, strict=True)) for row in rows]

@@ -13,9 +13,9 @@ enrich and index steps of every run.
 """
 
 import dagster as dg
-import psycopg
 
 from audit_platform.capture.slot import SlotLost, SlotMissing, usable_slot_state
+from audit_platform.clients import connect_source
 from audit_platform.defs.capture.assets import source_url, staged_key
 from audit_platform.defs.index.assets import TEMPLATE_KEY
 from audit_platform.defs.resources import AuditPlatform
@@ -44,9 +44,7 @@ def source_checks(
     )
     def slot_lag() -> dg.AssetCheckResult:
         slot = slot_name(env, source)
-        with psycopg.connect(
-            source_url(source, config), autocommit=True, connect_timeout=10
-        ) as conn:
+        with connect_source(source_url(source, config)) as conn:
             try:
                 state = usable_slot_state(conn, slot)
             except (SlotLost, SlotMissing) as exc:

@@ -28,7 +28,7 @@ from audit_platform.enrich.join import (
 from audit_platform.enrich.rejections import REJECTED, rejected_frame, store_rejections
 from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
-from audit_platform.record import RECORD_SCHEMA
+from audit_platform.record import RECORD_SCHEMA, Operation
 from audit_platform.staging.store import (
     COALESCE,
     FILE,
@@ -306,12 +306,19 @@ def _transaction_counts(
     if len(paths) < 2:
         return None
     captured, ignored = [], []
+    # Only an update of a table with ignore_changes_to can be ignored: the rest (a snapshot's
+    # rows, say) need not be enriched a second time just to be counted.
+    ignoring = sorted(name for name, t in policy.tables.items() if t.ignore_changes_to)
     for path in paths:
         changes = store.read([path], "changes")
         captured.append(changes.select("source", "lsn", "change_index"))
-        if any(t.ignore_changes_to for t in policy.tables.values()):
+        candidates = changes.filter(
+            (pl.col("operation") == Operation.update.value)
+            & pl.concat_str("schema", pl.lit("."), "table").is_in(ignoring)
+        )
+        if candidates.height:
             ignored.extend(
-                enrich(changes, contexts, policy, now=now, grace=timedelta(0)).ignored_lsns
+                enrich(candidates, contexts, policy, now=now, grace=timedelta(0)).ignored_lsns
             )
     captured_counts = (
         pl.concat(captured)

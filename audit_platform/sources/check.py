@@ -12,6 +12,7 @@ from enum import StrEnum
 import psycopg
 from psycopg import sql
 
+from audit_platform.clients import connect_source
 from audit_platform.migrations import migrations
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.platform_db import one
@@ -286,7 +287,7 @@ def _schema_history(conn: psycopg.Connection) -> Finding:
 def check_source(
     url: str, env: str, policy: SourcePolicy, sql_dir, *, lag_warn_bytes: int = LAG_WARN_BYTES
 ) -> list[Finding]:
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with connect_source(url) as conn:
         findings = [
             _wal_level(conn),
             _may_replicate(conn),

@@ -23,7 +23,7 @@ import psycopg
 import yaml
 from ruamel.yaml import YAML
 
-from audit_platform.capture.snapshot import SAFE_PATH
+from audit_platform.clients import connect_source
 from audit_platform.environment import EnvironmentConfig, environment_path, load_environment
 from audit_platform.lsn import parse_lsn
 from audit_platform.naming import publication_name, slot_name
@@ -65,7 +65,7 @@ def _ownership(conn: psycopg.Connection, schema: str, table: str) -> Finding | N
 
 def preflight(url: str, env: str, policy: SourcePolicy) -> Preflight:
     """Every check, against the database as it is; nothing is changed."""
-    with psycopg.connect(url, autocommit=True, connect_timeout=10, options=SAFE_PATH) as conn:
+    with connect_source(url) as conn:
         findings = judge(server_facts(conn, env, policy.source))
         for name, table_policy in sorted(policy.tables.items()):
             schema, table = name.split(".", 1)
@@ -194,7 +194,7 @@ def unread_changes(url: str, env: str, source: str) -> Unread | None:
     no slot). Peeks at most one change, so it costs a decode up to the first one it finds; a
     slot in use cannot be peeked and is ``teardown_source``'s to refuse."""
     slot, publication = slot_name(env, source), publication_name(env, source)
-    with psycopg.connect(url, autocommit=True, connect_timeout=10, options=SAFE_PATH) as conn:
+    with connect_source(url) as conn:
         row = conn.execute(
             "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text, active_pid"
             " FROM pg_replication_slots WHERE slot_name = %s",

@@ -20,6 +20,7 @@ from audit_platform.capture.messages import ATTACHMENTS_TABLE
 from audit_platform.capture.schema_changes import SCHEMA_CHANGES_TABLE
 from audit_platform.capture.slot import parked_pid
 from audit_platform.capture.snapshot import SNAPSHOT_CHUNKS_TABLE
+from audit_platform.clients import connect_source
 from audit_platform.lsn import parse_lsn
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.platform_db import one
@@ -242,7 +243,7 @@ def setup_source(
     url: str, env: str, policy: SourcePolicy, sql_dir: Path, *, replace_lost_slot: bool = False
 ) -> SetupReport:
     report = SetupReport()
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with connect_source(url) as conn:
         level = one(conn.execute("SHOW wal_level"))[0]
         if level != "logical":
             raise SetupError(
@@ -277,7 +278,7 @@ def teardown_source(
     """
     removed: list[str] = []
     slot, publication = slot_name(env, source), publication_name(env, source)
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with connect_source(url) as conn:
         active = conn.execute(
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
         ).fetchone()

@@ -21,8 +21,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from audit_platform import platform_db
+from audit_platform.capture.schema_changes import current_problems
 from audit_platform.capture.slot import parked_pid
 from audit_platform.capture.stream import SlotStream
+from audit_platform.clients import connect_source
 from audit_platform.faults import LOCAL_ONLY_POINTS, POINTS, SimulatedCrash, armed
 from audit_platform.index.template import install_template
 from audit_platform.live import (
@@ -30,6 +32,7 @@ from audit_platform.live import (
     LiveReport,
     LiveSettings,
     LiveSource,
+    SourceStatus,
     SourceWorker,
     Supervisor,
     shard_of,
@@ -655,6 +658,39 @@ def test_a_crash_at_every_point_of_the_live_loop_then_the_next_worker_heals_it(
     )
     assert report.ok, report.problems[:5]
     assert report.logged_changes == report.documents == len(ground_truth(source.url))
+
+
+def test_a_schema_problem_outlives_the_run_that_read_it(
+    pg_database, staging_root, env, es, state_url
+):
+    """A run that starts finds the tracked tables' problems in the catalog: a problem whose
+    schema change an earlier run read (and confirmed, so no later run reads it again) is the
+    source's problem from the next run's start."""
+    source = _source(pg_database, staging_root, "shop", env)
+    with connect_source(source.url) as conn:
+        assert current_problems(conn, source.policy) == {}
+    report = LiveReport()
+    workers = {"shop": _worker(source, es, state_url, report)}
+
+    def status() -> SourceStatus | None:
+        return report.statuses().get("shop")
+
+    with _running(Supervisor(lambda: workers, lifetime=timedelta(minutes=5), report=report)):
+        _wait_for(lambda: status() and status().state == "live", 30, "the worker is live")
+        source.execute("ALTER TABLE orders REPLICA IDENTITY DEFAULT")
+        _wait_for(lambda: not status().healthy, 20, "the run reads the lost identity")
+    with connect_source(source.url) as conn:
+        found = current_problems(conn, source.policy)
+        assert (
+            list(found) == ["public.orders"]
+            and "REPLICA IDENTITY DEFAULT" in found["public.orders"]
+        )
+    report = LiveReport()
+    workers = {"shop": _worker(source, es, state_url, report)}
+    with _running(Supervisor(lambda: workers, lifetime=timedelta(minutes=5), report=report)):
+        _wait_for(lambda: status() and status().state == "live", 30, "the next run is live")
+        assert not status().healthy
+        assert 'ALTER TABLE "public"."orders" REPLICA IDENTITY FULL' in (status().problem or "")
 
 
 def _window():

@@ -456,3 +456,35 @@ def test_sources_enriched_together_are_what_each_makes_alone(servers, tmp_path):
         for hour in east.store.hours("changes"):
             enrich_hour(east.store, state, east.policy, hour, now=now, grace=GRACE)
         assert_frame_equal(east.store.read_all("records"), live)
+
+
+def test_a_transaction_in_parts_counts_its_ignored_changes_whatever_else_it_holds(
+    pg_database, tmp_path
+):
+    """A transaction staged across several files is counted over all of them: its records
+    say how many changes it had (8) and how many of them the policy ignored (3), whether or
+    not they are of a table with ignore_changes_to, and whatever their operation."""
+    state = psycopg.connect(pg_database, autocommit=True)
+    platform_db.install(state, Settings().resources_dir / "sql")
+    source = make_source(
+        pg_database,
+        tmp_path,
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, total int);"
+        "CREATE TABLE notes (id int PRIMARY KEY, status text);"
+        "ALTER TABLE orders REPLICA IDENTITY FULL; ALTER TABLE notes REPLICA IDENTITY FULL;",
+        policy_for("shop", public__orders={"ignore_changes_to": ["status"]}, public__notes={}),
+    )
+    with psycopg.connect(source.url) as conn:
+        conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(ADA),))
+        conn.execute("INSERT INTO orders SELECT g, 'new', 1 FROM generate_series(1, 3) g")
+        conn.execute("UPDATE orders SET status = 'paid'")  # ignored, three times
+        conn.execute("INSERT INTO notes VALUES (1, 'new')")
+        conn.execute("UPDATE notes SET status = 'paid'")  # the same column, not ignored here
+    source.capture(batch_changes=2)
+    assert len(source.store.files("changes")) > 2
+    enrich_pending(source.store, state, source.policy, now=datetime.now(UTC), grace=GRACE)
+    records = source.store.read_all("records")
+    assert records.height == 5
+    assert set(records["txn_changes"].to_list()) == {8}
+    assert set(records["txn_ignored"].to_list()) == {3}
+    state.close()

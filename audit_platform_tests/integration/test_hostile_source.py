@@ -21,6 +21,7 @@ from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
 from audit_platform.capture.messages import ATTACH_PREFIX, CONTEXT_PREFIX, MAX_MESSAGE_BYTES
 from audit_platform.capture.slot import parked_name, parked_pid
+from audit_platform.capture.snapshot import run_snapshot
 from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
 from audit_platform.enrich.rejections import list_rejections
 from audit_platform.index.batch import index_pending
@@ -29,7 +30,7 @@ from audit_platform.naming import read_alias, slot_name
 from audit_platform.settings import ApiSettings, Settings
 from audit_platform.signing import new_private_key, private_key
 from audit_platform.sources.check import Level, check_source
-from audit_platform.sources.setup import teardown_source
+from audit_platform.sources.setup import setup_source, teardown_source
 from audit_platform.trust.log import TrustLog
 from audit_platform.verify import Window, verify_source, waiting_changes
 from audit_platform_tests.capture_support import make_source
@@ -402,3 +403,49 @@ def test_a_session_named_as_a_parked_worker_passes_for_no_capture(attacked):
         assert parked_pid(conn, slot) is None
         removed = teardown_source(source.url, source.env, "zoo", SQL, everything=False)
     assert f"slot {slot}" in removed
+
+
+#: Functions a role that may create in ``public`` (everyone before PostgreSQL 15) can put in
+#: the way of polymorphic built-ins the platform's statements call: each matches its arguments
+#: exactly, which beats ``pg_catalog``'s polymorphic one wherever ``public`` is searched, and
+#: writes down whose session ran it.
+HIJACKS = """
+CREATE TABLE public.hijacked (who text, what text);
+GRANT INSERT ON public.hijacked TO PUBLIC;
+CREATE FUNCTION public.array_position(int2vector, smallint) RETURNS int LANGUAGE sql AS $$
+    INSERT INTO public.hijacked VALUES (current_user, 'array_position');
+    SELECT pg_catalog.array_position($1::smallint[], $2) $$;
+CREATE FUNCTION public.unnest(smallint[]) RETURNS SETOF smallint LANGUAGE sql AS $$
+    INSERT INTO public.hijacked VALUES (current_user, 'unnest');
+    SELECT pg_catalog.unnest($1) $$;
+"""
+
+
+def test_functions_planted_in_public_never_run_in_the_platform_s_sessions(attacked, es):
+    source, intruder, _ = attacked
+    with psycopg.connect(source.url, autocommit=True) as admin:
+        admin.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")  # as before PostgreSQL 15
+    try:
+        with psycopg.connect(intruder, autocommit=True) as conn:
+            conn.execute(HIJACKS)
+        setup_source(source.url, source.env, source.policy, Settings().resources_dir / "sql")
+        check_source(source.url, source.env, source.policy, Settings().resources_dir / "sql")
+        run_snapshot(source.url, source.policy, "hijack", env=source.env)
+        with psycopg.connect(source.url, autocommit=True) as admin:
+            admin.execute("INSERT INTO zoo (id) VALUES (991)")
+        result = source.capture()  # the table's key is asked of the source at its first change
+        assert result.changes > 0
+        with psycopg.connect(source.url, autocommit=True) as admin:
+            assert admin.execute("SELECT * FROM public.hijacked").fetchall() == []
+            # The control: the same statement in a session that searches public runs the plant.
+            admin.execute(
+                "SELECT array_position(i.indkey, a.attnum) FROM pg_index i"
+                " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+                " WHERE i.indrelid = 'zoo'::regclass AND i.indisprimary"
+            )
+            assert admin.execute("SELECT what FROM public.hijacked").fetchall() == [
+                ("array_position",)
+            ]
+    finally:
+        with psycopg.connect(source.url, autocommit=True) as admin:
+            admin.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")

@@ -2,7 +2,8 @@
 slot, enrichment, Elasticsearch): each kind of DDL with its transaction's context, a column
 dropped and re-added with another type, a table renamed, created and dropped; a rename the
 policy does not follow stops capture instead of losing the table's changes; a role with CONNECT
-cannot forge or hide a schema change (docs/design.md, "Schema history")."""
+cannot forge or hide a schema change; the state of a row at a moment has the columns its table
+had then, and a table's page shows its schema history (docs/design.md, "Schema history")."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
 from audit_platform import platform_db
+from audit_platform.api.main import create_app
+from audit_platform.api_keys import Scope, create_key
 from audit_platform.capture.schema_changes import SchemaBroken
 from audit_platform.query.language import parse
-from audit_platform.settings import Settings
+from audit_platform.query.reads import object_state
+from audit_platform.settings import ApiSettings, Settings
 from audit_platform.sources.check import Level, check_source
 from audit_platform.sources.setup import record_schema_changes, schema_history_installed
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
@@ -233,3 +238,118 @@ def test_a_schema_renamed_renames_its_tables_and_stops_capture_like_a_table_rena
         ("ddl", "sales_v2", "orders"),
         ("insert", "sales_v2", "orders"),
     ]
+
+
+def _records_of(es, source, table: str) -> list[dict]:
+    hits = es.search(
+        index=f"audit-{source.env}-*",
+        query={"term": {"table.name": table}},
+        sort=[{"transaction.lsn": "asc"}, {"transaction.change_index": "asc"}],
+        size=100,
+    )["hits"]["hits"]
+    return [hit["_source"] for hit in hits]
+
+
+def test_state_at_a_moment_has_the_columns_the_table_had_then(shop, es, servers):
+    _migrate(shop, "INSERT INTO orders (id, status) VALUES (1, 'new')")
+    _migrate(shop, "ALTER TABLE orders ADD COLUMN note text DEFAULT 'n/a'")
+    _migrate(shop, "ALTER TABLE orders DROP COLUMN status")
+    _migrate(shop, "INSERT INTO orders (id, note) VALUES (2, 'hi')")
+    capture_enrich_index(shop, shop.state, es)
+    inserted, added, dropped, second = _records_of(es, shop, "orders")
+    assert [r["operation"] for r in (inserted, added, dropped, second)] == [
+        "insert",
+        "ddl",
+        "ddl",
+        "insert",
+    ]
+    scope = Scope(env=shop.env)
+
+    def state(object_id: str, record: dict):
+        at = datetime.fromisoformat(record["@timestamp"])
+        return object_state(es, scope, "shop", "public.orders", object_id, at)
+
+    # Before any schema change is recorded: the row as its record has it.
+    first = state("1", inserted)
+    assert (first.row, first.columns, first.not_recorded) == (
+        {"id": "1", "status": "new"},
+        None,
+        [],
+    )
+    # A column added since the row's record: named, its value not invented.
+    then = state("1", added)
+    assert then.columns == {"id": "integer not null", "status": "text", "note": "text"}
+    assert (then.row, then.not_recorded) == ({"id": "1", "status": "new"}, ["note"])
+    assert then.schema_as_of is not None and then.schema_as_of.operation.value == "ddl"
+    # A column dropped since: left out, and said so.
+    later = state("1", dropped)
+    assert later.columns == {"id": "integer not null", "note": "text"}
+    assert (later.row, later.not_recorded) == ({"id": "1"}, ["note"])
+    assert "columns dropped by then are left out: status" in (later.explanation or "")
+    # A row recorded after both changes: every column it has, nothing missing.
+    now = state("2", second)
+    assert (now.row, now.not_recorded) == ({"id": "2", "note": "hi"}, [])
+
+    with psycopg.connect(servers.pg_url, autocommit=True) as platform:
+        platform_db.install(platform, SQL)
+        key = create_key(platform, shop.env, "reader").secret
+    with TestClient(
+        create_app(Settings(env=shop.env, api=ApiSettings(key_cache_seconds=0)))
+    ) as api:
+        api.headers["X-API-Key"] = key
+        served = api.get(
+            "/v1/objects/shop/public.orders/1/state", params={"at": dropped["@timestamp"]}
+        )
+        assert served.status_code == 200, served.text
+        assert served.json()["row"] == {"id": "1"} and served.json()["not_recorded"] == ["note"]
+        schema = api.get("/v1/tables/shop/public.orders/schema")
+        assert schema.status_code == 200, schema.text
+        assert [c["changed_columns"] for c in schema.json()["changes"]] == [["status"], ["note"]]
+        reply = api.post("/ui/login", data={"key": key, "next": "/ui/"}, follow_redirects=False)
+        assert reply.status_code == 303, reply.text
+        page = api.get("/ui/tables/shop/public.orders")
+        assert page.status_code == 200, page.text
+        assert "Schema history, newest first" in page.text and "release 42" in page.text
+        assert '<th scope="row">note</th><td>text</td>' in page.text  # as last recorded
+        object_page = api.get(
+            "/ui/objects/shop/public.orders/1", params={"at": dropped["@timestamp"][:23]}
+        )
+        assert object_page.status_code == 200, object_page.text
+        assert "<em>not recorded</em> (added after this row's record)" in object_page.text
+
+    # The table dropped and created anew under its name: the row is gone, whatever the new
+    # table holds, and the new table's columns are not the old row's.
+    _migrate(shop, "DROP TABLE orders")
+    _migrate(shop, "CREATE TABLE orders (id int PRIMARY KEY, other text)")
+    capture_enrich_index(shop, shop.state, es)
+    *_, recreated = _records_of(es, shop, "orders")
+    gone = state("1", recreated)
+    assert (gone.status, gone.row) == ("deleted", None)
+    assert "the table was dropped at" in (gone.explanation or "")
+
+
+HOSTILE_COLUMN = '<img src=x onerror="alert(1)">'
+
+
+def test_a_hostile_column_name_is_text_on_the_table_page(shop, es, servers):
+    """A column's name comes from whoever created the table: the table page and the API show
+    it as text, never as markup."""
+    quoted = '"' + HOSTILE_COLUMN.replace('"', '""') + '"'
+    _migrate(shop, f"CREATE TABLE items (id int PRIMARY KEY, {quoted} text)")
+    capture_enrich_index(shop, shop.state, es)
+    with psycopg.connect(servers.pg_url, autocommit=True) as platform:
+        platform_db.install(platform, SQL)
+        key = create_key(platform, shop.env, "reader").secret
+    settings = Settings(env=shop.env, api=ApiSettings(key_cache_seconds=0))
+    with TestClient(create_app(settings)) as api:
+        api.headers["X-API-Key"] = key
+        schema = api.get("/v1/tables/shop/public.items/schema")
+        assert schema.status_code == 200, schema.text
+        [created] = schema.json()["changes"]
+        assert HOSTILE_COLUMN in created["after"]["columns"]
+        reply = api.post("/ui/login", data={"key": key, "next": "/ui/"}, follow_redirects=False)
+        assert reply.status_code == 303, reply.text
+        page = api.get("/ui/tables/shop/public.items")
+        assert page.status_code == 200, page.text
+        assert HOSTILE_COLUMN not in page.text
+        assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in page.text

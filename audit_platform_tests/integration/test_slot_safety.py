@@ -101,6 +101,9 @@ def test_lost_and_dropped_slots_stop_capture_and_their_replacements_record_gaps(
         assert replaced.exit_code == 0, replaced.output
         assert f"slot {slot}: replaced" in replaced.output
         assert "gap recorded" in replaced.output
+        assert "no snapshot has re-baselined it yet: audit-platform source snapshot" in (
+            replaced.output
+        )
 
         _order(url, 3)
         after = source.capture()
@@ -131,6 +134,20 @@ def test_lost_and_dropped_slots_stop_capture_and_their_replacements_record_gaps(
             assert list_gaps(conn, ENV, frozenset({"billing"})) == []
         _order(url, 5)
         assert source.capture().changes == 1
+
+        # A whole snapshot re-establishes every row's state: both gaps name it.
+        rebased = cli.invoke(
+            app, ["source", "snapshot", "--source", "shop", "--url", url, "--id", "rebase"]
+        )
+        assert rebased.exit_code == 0, rebased.output
+        assert rebased.output.count("gap re-baselined") == 2
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert {g.rebaselined_by for g in list_gaps(conn, ENV, None)} == {"rebase"}
+            orders = {str(r[0]) for r in conn.execute("SELECT id FROM orders")}
+        source.capture()
+        snapshot = source.staged().filter(operation="snapshot", table="orders")
+        assert set(snapshot["after"].str.json_path_match("$.id").to_list()) == orders
+        assert orders >= {"2", "4"}  # rows whose inserts fell into the gaps have a record now
     finally:
         server.down()
 

@@ -3,12 +3,15 @@ updated, deleted and inserted by a service while a snapshot reads their table en
 the records, exactly as the table holds them (the table itself is the ground truth, read by the
 test); each row gets at most one snapshot record and every untouched one exactly one; a
 snapshot stopped half-way resumes with every row recorded once; state at a time and history
-begin at the snapshot record for a row never changed since."""
+begin at the snapshot record for a row never changed since; a snapshot limited by a condition
+records exactly the rows that meet it, resumes with it, and refuses one that could run code; a
+whole snapshot after a gap is named by the gap."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 from collections import Counter
 from datetime import UTC, datetime
@@ -20,11 +23,14 @@ import yaml
 
 from audit_platform import platform_db
 from audit_platform.api_keys import Scope
+from audit_platform.capture.gaps import Gap, list_gaps, record_gap
 from audit_platform.capture.pgoutput import Masker
-from audit_platform.capture.snapshot import run_snapshot, snapshot_status
+from audit_platform.capture.snapshot import SnapshotRefused, run_snapshot, snapshot_status
+from audit_platform.capture.snapshot_pace import Backlog, PipelinePace, PipelineStalled
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.snapshots import snapshot_job
 from audit_platform.environment import EnvironmentConfig, SourceConfig
+from audit_platform.naming import publication_name, slot_name
 from audit_platform.query.reads import object_history, object_state
 from audit_platform.settings import Settings
 from audit_platform_tests.capture_support import MASK_KEY, capture_enrich_index, make_source
@@ -101,6 +107,17 @@ def _replay(records: list[dict]) -> dict[str, dict]:
         else:
             state[record["object_id"]] = record["after"]
     return state
+
+
+def _each_row_once(accounts, es) -> list[dict]:
+    """Capture, enrich and index what is left; then every row has exactly one snapshot record
+    and the records replay to the table. Returns the records."""
+    capture_enrich_index(accounts, accounts.state, es)
+    records = _records(es, accounts.env)
+    snapshots = Counter(r["object_id"] for r in records if r["operation"] == "snapshot")
+    assert len(snapshots) == ROWS and set(snapshots.values()) == {1}
+    assert _replay(records) == _table(accounts.url)
+    return records
 
 
 def _service(url: str, stop: threading.Event, touched: set[int], seed: int) -> None:
@@ -198,11 +215,7 @@ def test_a_snapshot_stopped_half_way_resumes_and_records_each_row_once(accounts,
     assert (half["rows"], half["chunks"], half["done"]) == (300, 3, False)
     [progress] = run_snapshot(accounts.url, accounts.policy, "s2", chunk_rows=100)
     assert progress.done and progress.rows == ROWS
-    capture_enrich_index(accounts, accounts.state, es)
-    records = _records(es, accounts.env)
-    snapshots = Counter(r["object_id"] for r in records if r["operation"] == "snapshot")
-    assert len(snapshots) == ROWS and set(snapshots.values()) == {1}
-    assert _replay(records) == _table(accounts.url)
+    records = _each_row_once(accounts, es)
     # Done is done: running it again records nothing more.
     run_snapshot(accounts.url, accounts.policy, "s2")
     capture_enrich_index(accounts, accounts.state, es)
@@ -265,6 +278,7 @@ def test_the_dagster_job_takes_a_snapshot_from_its_config_form(accounts, tmp_pat
         yaml.safe_dump(accounts.policy.model_dump(mode="json", exclude_defaults=True))
     )
     monkeypatch.setenv("AUDIT_RESOURCES_DIR", str(resources))
+    monkeypatch.setenv("AUDIT_ENV", accounts.env)
     monkeypatch.setenv("BANK_URL", accounts.url)
     job = snapshot_job(EnvironmentConfig(sources={"bank": SourceConfig(url_env="BANK_URL")}))
     with dg.instance_for_test() as instance:
@@ -287,3 +301,191 @@ def test_the_dagster_job_takes_a_snapshot_from_its_config_form(accounts, tmp_pat
         assert "source 'nope' is not in this environment's file; its sources: bank" in str(
             failure.event_specific_data.error
         )
+
+
+WHERE = "active AND balance > 500 AND code LIKE 'c2%'"
+
+
+def test_a_snapshot_limited_by_a_condition_records_exactly_its_rows(accounts, es):
+    with psycopg.connect(accounts.url) as conn:
+        expected = {str(r[0]) for r in conn.execute(f"SELECT id FROM accounts WHERE {WHERE}")}
+    assert 0 < len(expected) < ROWS
+    seen = []
+
+    def crash_after_two(progress):
+        seen.append(progress.chunks)
+        if len(seen) == 2:
+            raise KeyboardInterrupt("the snapshot's process is stopped")
+
+    table = ["public.accounts"]
+    with pytest.raises(KeyboardInterrupt):
+        run_snapshot(
+            accounts.url,
+            accounts.policy,
+            "w1",
+            tables=table,
+            where=WHERE,
+            chunk_rows=50,
+            on_chunk=crash_after_two,
+        )
+    with pytest.raises(SnapshotRefused, match="began with the condition"):
+        run_snapshot(accounts.url, accounts.policy, "w1", tables=table, where="id > 1")
+    # Resumed without saying the condition again: it goes on with the one it began with.
+    [progress] = run_snapshot(accounts.url, accounts.policy, "w1", chunk_rows=50)
+    assert progress.done and progress.rows == len(expected)
+    assert progress.condition == ('"active" AND "balance" > 500 AND "code" LIKE \'c2%\'')
+    capture_enrich_index(accounts, accounts.state, es)
+    records = [r for r in _records(es, accounts.env) if r["operation"] == "snapshot"]
+    assert Counter(r["object_id"] for r in records) == Counter(expected)
+    assert records[0]["context"]["attributes"] == {"snapshot_where": progress.condition}
+
+
+@pytest.mark.parametrize(
+    ("condition", "refused"),
+    [
+        ("pg_sleep(5) IS NULL", "PG_SLEEP(5)"),
+        ("id IN (SELECT id FROM audit.snapshot_progress)", "Subquery"),
+        ("id = 1; UPDATE audit.snapshot_progress SET done = true", "one boolean expression"),
+        ("id::public.evil = 1", "not one of the built-in types"),
+        ("owner LIKE 'owner 1%'", "which the policy masks or excludes"),
+        ("nope = 1", "column 'nope', which the table does not have"),
+    ],
+)
+def test_a_condition_that_could_run_code_or_names_nothing_is_refused_before_a_read(
+    accounts, condition, refused
+):
+    with pytest.raises(SnapshotRefused, match=re.escape(refused)):
+        run_snapshot(accounts.url, accounts.policy, "bad", where=condition)
+    assert snapshot_status(accounts.url, "bad") == []
+
+
+def _lsn(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0]
+
+
+def test_a_whole_snapshot_after_a_gap_rebaselines_it(accounts, tmp_path, monkeypatch):
+    env, now = accounts.env, _lsn(accounts.url)
+    before = Gap(
+        env=env,
+        source="bank",
+        from_lsn=now - 4096,
+        to_lsn=now,
+        last_captured_at=None,
+        reason="the slot was invalidated by PostgreSQL (wal_status = lost) and replaced",
+    )
+    record_gap(accounts.state, before)
+    resources = environment_resources(tmp_path, env)
+    (resources / "sources" / "bank.yaml").write_text(
+        yaml.safe_dump(accounts.policy.model_dump(mode="json", exclude_defaults=True))
+    )
+    for name, value in (
+        ("AUDIT_RESOURCES_DIR", str(resources)),
+        ("AUDIT_ENV", env),
+        ("AUDIT_PG_URL", accounts.url),
+        ("BANK_URL", accounts.url),
+    ):
+        monkeypatch.setenv(name, value)
+    job = snapshot_job(EnvironmentConfig(sources={"bank": SourceConfig(url_env="BANK_URL")}))
+
+    def launch(**config) -> int:
+        with dg.instance_for_test() as instance:
+            done = job.execute_in_process(
+                run_config={"ops": {"snapshot": {"config": {"source": "bank", **config}}}},
+                resources={"platform": AuditPlatform()},
+                instance=instance,
+            )
+        assert done.success
+        [output] = [e for e in done.all_events if e.is_successful_output]
+        return output.event_specific_data.metadata["gaps_rebaselined"].value
+
+    # A snapshot of some rows only vouches for nothing.
+    assert launch(snapshot_id="g1", tables=["public.accounts"], where="id <= 10") == 0
+    assert [g.rebaselined_by for g in list_gaps(accounts.state, env, None)] == [None]
+    assert launch(snapshot_id="g2") == 1
+    [gap] = list_gaps(accounts.state, env, None)
+    assert (gap.rebaselined_by, gap.rebaselined_at is not None) == ("g2", True)
+    assert "re-baselined by snapshot g2" in gap.describe()
+
+    # A gap that ends after a snapshot began (a slot lost while it ran, say) may hold some of
+    # its chunks: that snapshot re-baselines nothing, not even an older gap.
+    older = before.model_copy(update={"from_lsn": now - 2048})
+    during = before.model_copy(update={"from_lsn": now + 2**40, "to_lsn": now + 2**41})
+    record_gap(accounts.state, older)
+    record_gap(accounts.state, during)
+    assert launch(snapshot_id="g3") == 0
+    gaps = {g.from_lsn: g for g in list_gaps(accounts.state, env, None)}
+    assert gaps[older.from_lsn].rebaselined_by is None
+    assert gaps[during.from_lsn].rebaselined_by is None
+    assert "no snapshot has re-baselined it yet" in gaps[during.from_lsn].describe()
+
+
+def test_a_snapshot_no_capture_of_the_environment_would_read_is_refused(accounts):
+    with pytest.raises(SnapshotRefused, match="has no usable slot audit_elsewhere_bank"):
+        run_snapshot(accounts.url, accounts.policy, "n1", env="elsewhere")
+    publication = publication_name(accounts.env, "bank")
+    accounts.execute(f"ALTER PUBLICATION {publication} DROP TABLE audit.snapshot_chunks")
+    with pytest.raises(SnapshotRefused, match=r"does not carry audit\.snapshot_chunks"):
+        run_snapshot(accounts.url, accounts.policy, "n1", env=accounts.env)
+    assert snapshot_status(accounts.url, "n1") == []
+
+
+class Watched(PipelinePace):
+    """The real pace, noting the backlog it found each time it let a chunk go."""
+
+    def __init__(self, store, slot: str, **settings) -> None:
+        super().__init__(store, slot, **settings)
+        self.let_go: list[tuple[int, Backlog]] = []
+
+    def wait(self, conn, written_lsn: int) -> None:
+        super().wait(conn, written_lsn)
+        # Nothing more is written until it returns: the backlog only shrinks from here.
+        self.let_go.append((written_lsn, self.backlog(conn)))
+
+
+def test_a_paced_snapshot_writes_a_chunk_once_capture_has_staged_the_last(accounts, es):
+    slot = slot_name(accounts.env, "bank")
+    pace = Watched(
+        accounts.store, slot, rows=150, chunk_rows=60, stage_seconds=60, stall_seconds=60
+    )
+    stop = threading.Event()
+
+    def pipeline() -> None:  # what the live capture run does, again and again
+        while not stop.is_set():
+            capture_enrich_index(accounts, accounts.state, es)
+
+    running = threading.Thread(target=pipeline)
+    running.start()
+    try:
+        [progress] = run_snapshot(accounts.url, accounts.policy, "p1", chunk_rows=100, pace=pace)
+    finally:
+        stop.set()
+        running.join()
+    assert progress.done and progress.chunks == ROWS // 60  # the pace's chunks, not 100 rows
+    assert len(pace.let_go) == progress.chunks  # the first chunk and the closing one go freely
+    for written, found in pace.let_go:
+        assert found.confirmed_lsn >= written  # staged, not let go by the patience of 60 s
+        assert found.rows <= 150
+    assert pace.waited < 60
+    _each_row_once(accounts, es)
+
+
+def test_a_paced_snapshot_stops_resumably_when_capture_stops_half_way(accounts, es):
+    # Capture staged a backlog and stopped before enriching and indexing it.
+    accounts.execute("UPDATE accounts SET balance = balance + 1 WHERE id <= 300")
+    assert accounts.capture().changes == 300
+    pace = PipelinePace(
+        accounts.store,
+        slot_name(accounts.env, "bank"),
+        rows=100,
+        stage_seconds=0.5,
+        stall_seconds=1,
+    )
+    with pytest.raises(PipelineStalled, match="300 staged changes not indexed"):
+        run_snapshot(accounts.url, accounts.policy, "p2", chunk_rows=500, pace=pace)
+    [half] = snapshot_status(accounts.url, "p2")
+    assert (half["chunks"], half["done"]) == (1, False)  # the first went before any wait
+    capture_enrich_index(accounts, accounts.state, es)  # capture again: the backlog goes
+    [progress] = run_snapshot(accounts.url, accounts.policy, "p2", chunk_rows=500, pace=pace)
+    assert progress.done and progress.rows == ROWS
+    _each_row_once(accounts, es)

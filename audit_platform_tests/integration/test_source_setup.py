@@ -51,6 +51,7 @@ def test_setup_is_idempotent_and_check_passes(pg_database):
         "002_untrusted_roles",
         "003_schema_history",
         "004_snapshots",
+        "005_snapshot_limits",
     ]
     assert (first.slot, first.slot_created) == (SLOT, True)
     assert second.applied_migrations == []

@@ -28,7 +28,7 @@ from psycopg_pool import ConnectionPool
 from pydantic import Field
 
 from audit_platform.capture.slot import SlotLost, SlotMissing, parked_pid, usable_slot_state
-from audit_platform.clients import pg_url_from_settings
+from audit_platform.clients import connect_source, pg_url_from_settings
 from audit_platform.defs.capture.assets import source_url, staged_key
 from audit_platform.defs.enrich.assets import hour_events, quarantine_key, quarantine_metadata
 from audit_platform.defs.index.assets import indexed_key
@@ -317,9 +317,7 @@ def capture_live_checks(env: str, source: str, config: SourceConfig) -> dg.Asset
     def check() -> dg.AssetCheckResult:
         slot = slot_name(env, source)
         try:
-            with psycopg.connect(
-                source_url(source, config), autocommit=True, connect_timeout=10
-            ) as conn:
+            with connect_source(source_url(source, config)) as conn:
                 state = usable_slot_state(conn, slot)
                 parked = parked_pid(conn, slot) if state.active_pid is None else None
         except (SlotLost, SlotMissing, psycopg.OperationalError) as exc:
