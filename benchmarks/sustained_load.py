@@ -18,6 +18,16 @@ table in the shop database is the ground truth (``_live.py``). Per rate step it 
 - Elasticsearch index operations per new document (index stats);
 - each process group's CPU (cores) and the whole machine's, from /proc.
 
+With ``--snapshot-rows N``, the shop's ``customers`` table holds N rows from before the source
+joined (written with the slot dropped and the ground truth's trigger off, then the slot made
+again), and ``--snapshot-after`` minutes into the first step a snapshot of it starts, as
+``audit-platform source snapshot`` runs it, while the load goes on. The report then adds: the
+snapshot's rows per second on the source's side and to searchable (all N snapshot records
+found in Elasticsearch), its longest chunk (the longest transaction it held open), and the
+live stream's freshness while the snapshot's records were on their way against the rest of
+the step. The ground truth then compares the indexed documents other than snapshot records with
+the trigger table, and the snapshot records with N.
+
 After the steps, the same documents are bulk-indexed with bare ``helpers.bulk`` into a scratch
 index with the same mappings: the cluster's own rate on this machine, for comparison.
 
@@ -58,10 +68,14 @@ from _live import (
 )
 from elasticsearch import helpers
 
+from audit_platform.capture.snapshot import TableProgress, new_snapshot_id, run_snapshot
+from audit_platform.capture.snapshot_pace import PipelinePace, pipeline_pace
 from audit_platform.clients import elasticsearch_client
 from audit_platform.environment import load_environment
 from audit_platform.naming import read_alias, slot_name
+from audit_platform.policy import load_policy
 from audit_platform.settings import Settings
+from audit_platform.sources.setup import setup_source
 from audit_platform_dev.stack.deployment import LocalDeployment
 
 RESULTS = Path(__file__).parent / "results"
@@ -94,6 +108,103 @@ class Step:
     @property
     def freshness(self) -> list[float]:
         return [self.seen[r] - t for r, t in self.probes.items() if r in self.seen]
+
+
+@dataclass
+class Snapshot:
+    """A snapshot taken during a step: when, how long its chunks held a transaction open, and
+    when all its records were searchable (Unix times)."""
+
+    rows: int
+    after_seconds: float
+    #: Where the deployment stages, for the snapshot's pace (None: not paced, as fast as the
+    #: source can).
+    staging_root: str | None = None
+    started: float = 0.0
+    read: float = 0.0
+    searchable: float | None = None
+    recorded: int = 0
+    longest_chunk: float = 0.0
+    chunks: int = 0
+    waited: float = 0.0
+    error: str | None = None
+
+
+def prefill(shop_url: str, resources: Path, rows: int) -> None:
+    """``rows`` customers that predate the source's joining: written with the slot dropped and
+    the ground truth's trigger off (``session_replication_role``), then the slot made again."""
+    slot = slot_name(ENV, "shop")
+    with psycopg.connect(shop_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        conn.execute("SET session_replication_role = replica")
+        conn.execute(
+            "INSERT INTO customers (name, email, phone, password_hash, tier)"
+            " SELECT 'customer ' || g, 'c' || g || '@example.com',"
+            " '+1555' || lpad(g::text, 7, '0'), 'x', (ARRAY['standard', 'gold'])[g %% 2 + 1]"
+            " FROM generate_series(1, %s) g",
+            (rows,),
+        )
+        conn.execute("VACUUM ANALYZE customers")
+    setup_source(shop_url, ENV, load_policy(resources / "sources" / "shop.yaml"), resources / "sql")
+
+
+def snapshot_records(es) -> int:
+    es.indices.refresh(index=f"audit-{ENV}-*")
+    return es.count(index=f"audit-{ENV}-*", query={"term": {"operation": "snapshot"}})["count"]
+
+
+class TimedPace(PipelinePace):
+    """The deployment's pace (``capture.snapshot_pace``), noting when each wait ended, so a
+    chunk's time is its own."""
+
+    def __init__(self, staging_root: str, ended: list[float]) -> None:
+        paced = pipeline_pace(staging_root, ENV, "shop")
+        super().__init__(paced.store, paced.slot)
+        self.ended = ended
+
+    def wait(self, conn, written_lsn: int) -> None:
+        super().wait(conn, written_lsn)
+        self.ended[0] = time.monotonic()
+
+
+def take_snapshot(snap: Snapshot, shop_url: str, resources: Path, es, stop: threading.Event):
+    """The snapshot at its time in the step, then its records watched until all are found."""
+    if stop.wait(snap.after_seconds):
+        return
+    policy = load_policy(resources / "sources" / "shop.yaml")
+    last = [time.monotonic()]
+    pace = None if snap.staging_root is None else TimedPace(snap.staging_root, last)
+
+    def chunk(progress: TableProgress) -> None:  # a chunk's time, its wait for capture apart
+        now = time.monotonic()
+        snap.longest_chunk = max(snap.longest_chunk, now - last[0])
+        snap.chunks = progress.chunks
+        snap.waited = pace.waited if pace else 0.0
+        last[0] = now
+
+    with psycopg.connect(shop_url) as conn:  # the prefilled rows, and the load's customer
+        snap.rows = conn.execute("SELECT count(*) FROM customers").fetchone()[0]
+    snap.started = time.time()
+    try:
+        run_snapshot(
+            shop_url,
+            policy,
+            new_snapshot_id(),
+            tables=["public.customers"],
+            reason="benchmark",
+            on_chunk=chunk,
+            pace=pace,
+        )
+    except Exception as exc:  # reported with the results
+        snap.error = repr(exc)
+        return
+    snap.read = time.time()
+    while not stop.is_set():
+        snap.recorded = snapshot_records(es)
+        if snap.recorded >= snap.rows:
+            snap.searchable = time.time()
+            return
+        stop.wait(2.0)
 
 
 class Load:
@@ -248,6 +359,8 @@ def run_step(
     pg_url: str,
     writers: int,
     catch_up_limit: float,
+    snapshot: Snapshot | None = None,
+    resources: Path | None = None,
 ) -> None:
     slot = slot_name(ENV, "shop")
     step.docs_before, ops_before = index_stats(es, ENV)
@@ -260,6 +373,10 @@ def run_step(
         ),
         threading.Thread(target=sample, args=(pg_url, slot, step, stop)),
     ]
+    if snapshot is not None:
+        threads.append(
+            threading.Thread(target=take_snapshot, args=(snapshot, shop_url, resources, es, stop))
+        )
     for thread in threads:
         thread.start()
     try:
@@ -276,8 +393,9 @@ def run_step(
         step.cpu_series = [*cpu.series, (step.ended - step.started, totals)]
         step.seq = (before, truth_seq(shop_url))
         step.committed, step.probes = step.seq[1] - step.seq[0], dict(load.probes)
-        # Caught up: every change the trigger table holds is a document.
-        truth = truth_count(shop_url)
+        # Caught up: every change the trigger table holds is a document (and every row of a
+        # snapshot, which the trigger does not see).
+        truth = truth_count(shop_url) + (snapshot.rows if snapshot else 0)
         deadline = time.time() + catch_up_limit
         while time.time() < deadline:
             if indexed_by_source(es, ENV).get("shop", 0) >= truth:
@@ -327,14 +445,57 @@ def run_worker_cpu(s: Step, window: tuple[float, float]) -> float:
     return at(window[1]) - at(window[0])
 
 
+def snapshot_report(snap: Snapshot, step: Step) -> list[str]:
+    if snap.error or not snap.started:
+        return [f"The snapshot did not finish: {snap.error or 'not started'}."]
+    read = snap.read - snap.started
+    end = snap.searchable or step.ended
+    during = [
+        step.seen[r] - t
+        for r, t in step.probes.items()
+        if r in step.seen and snap.started <= t < end
+    ]
+    outside = [
+        step.seen[r] - t
+        for r, t in step.probes.items()
+        if r in step.seen and not snap.started <= t < end
+    ]
+    if snap.searchable:
+        took = snap.searchable - snap.started
+        whole = f"{took:.0f} s, {snap.rows / took:,.0f} rows/s"
+    else:
+        whole = f"not all within the step ({snap.recorded:,} of {snap.rows:,} found)"
+    return [
+        f"Snapshot of `customers` ({snap.rows:,} rows, all but the load's own customer from "
+        "before the source joined), started "
+        f"{snap.after_seconds / 60:g} minutes into the step, while the load went on:",
+        "",
+        "| what | value |",
+        "| --- | --- |",
+        f"| source's side (chunks written) | {read:.0f} s, {snap.rows / read:,.0f} rows/s, "
+        f"{snap.chunks} chunks |",
+        "| paced by capture (`--snapshot-pace`) | "
+        + (f"yes: {snap.waited:.0f} s of it waiting |" if snap.staging_root else "no |"),
+        f"| longest chunk (transaction held open) | {snap.longest_chunk * 1000:.0f} ms |",
+        f"| start to every record searchable | {whole} |",
+        f"| live freshness p50 / p95 / max while its records were on their way | "
+        f"{quantile(during, 50):.1f} / {quantile(during, 95):.1f} / "
+        f"{max(during, default=float('nan')):.1f} s ({len(during)} probes) |",
+        f"| live freshness p50 / p95 / max, the rest of the step | "
+        f"{quantile(outside, 50):.1f} / {quantile(outside, 95):.1f} / "
+        f"{max(outside, default=float('nan')):.1f} s ({len(outside)} probes) |",
+    ]
+
+
 def report(
     steps: list[Step],
     bare: tuple[int, float],
     writers: int,
     flush: float,
-    totals: tuple[int, int],
+    totals: tuple[int, int, int],
     command: str,
     loads: tuple[str, str],
+    snapshot: Snapshot | None = None,
 ) -> list[str]:
     lines = [
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on the local stack: one machine "
@@ -349,7 +510,13 @@ def report(
         "",
         f"Ground truth: the shop database's trigger table holds {totals[0]} row changes in all; "
         f"{totals[1]} documents of source shop were indexed "
-        f"({'equal' if totals[0] == totals[1] else 'NOT equal'}).",
+        f"({'equal' if totals[0] == totals[1] else 'NOT equal'})"
+        + (
+            f", snapshot records not counted: {totals[2]} of the {snapshot.rows} rows "
+            f"({'each once' if totals[2] == snapshot.rows else 'NOT equal'})."
+            if snapshot is not None
+            else "."
+        ),
         "",
         "| rate (changes/s) | minutes | committed (truth) | indexed | caught up after | capture "
         "runs alive / started | capture-run CPU ms per 1,000 changes, first / last window "
@@ -375,6 +542,8 @@ def report(
             f"{max(fresh, default=float('nan')):.1f} | "
             f"{s.index_ops / max(1, s.indexed_after):.2f} |"
         )
+    if snapshot is not None:
+        lines += ["", *snapshot_report(snapshot, steps[0])]
     if any(not s.trail for s in steps):
         lines += [
             "",
@@ -457,6 +626,19 @@ def main(
             "reads the setting when it starts, so it applies from the next capture run."
         ),
     ] = "",
+    snapshot_rows: Annotated[
+        int, typer.Option(help="Customers from before joining, snapshotted in step 1 (0: none).")
+    ] = 0,
+    snapshot_after: Annotated[
+        float, typer.Option(help="Minutes into the first step when the snapshot starts.")
+    ] = 3,
+    snapshot_pace: Annotated[
+        bool,
+        typer.Option(
+            help="Pace the snapshot by the deployment's capture, as `source snapshot` does by "
+            "default; --no-snapshot-pace: as fast as the source can."
+        ),
+    ] = True,
 ) -> None:
     settings = Settings()
     es = elasticsearch_client(settings.elasticsearch)
@@ -471,6 +653,12 @@ def main(
         bench.deployment,
     )
     pg_url = os.environ["AUDIT_PG_URL"]
+    snapshot = None
+    if snapshot_rows:
+        typer.echo(f"{datetime.now(UTC):%H:%M:%S} {snapshot_rows:,} customers before joining")
+        prefill(shop_url, resources, snapshot_rows)
+        staging = str(root / "staging") if snapshot_pace else None
+        snapshot = Snapshot(snapshot_rows, snapshot_after * 60, staging)
     with psycopg.connect(shop_url) as conn:
         conn.execute(
             """SELECT audit.set_context('{"actor": {"type": "service", "id": "bench"}}')"""
@@ -491,25 +679,44 @@ def main(
         deadline = time.time() + 300  # the customer's record first: the live run is going
         while index_stats(es, ENV)[0] < 1 and time.time() < deadline:
             time.sleep(1)
-        for step in steps:
+        for n, step in enumerate(steps):
             set_trail(resources, step.trail)
             typer.echo(
                 f"{datetime.now(UTC):%H:%M:%S} step: {step.rate} changes/s, {minutes} min, "
                 f"trail {'on' if step.trail else 'off'}"
             )
-            run_step(step, deployment, shop_url, customer, bench.key, es, pg_url, writers, catch_up)
+            run_step(
+                step,
+                deployment,
+                shop_url,
+                customer,
+                bench.key,
+                es,
+                pg_url,
+                writers,
+                catch_up,
+                snapshot if n == 0 else None,
+                resources,
+            )
             typer.echo(
                 f"  committed {step.committed}, indexed {step.indexed_after}, "
                 f"caught up after {step.caught_up_seconds}"
             )
-        totals = (truth_count(shop_url), indexed_by_source(es, ENV).get("shop", 0))
+        snapshotted = snapshot_records(es) if snapshot else 0
+        totals = (
+            truth_count(shop_url),
+            indexed_by_source(es, ENV).get("shop", 0) - snapshotted,
+            snapshotted,
+        )
         bare = bare_bulk_rate(es, ENV, bare_documents)
     finally:
         deployment.stop()
         typer.echo(f"logs: {deployment.logs}")
         remove_environment(ENV)
     flush = load_environment(resources, ENV).capture_flush_seconds
-    lines = report(steps, bare, writers, flush, totals, command, (load_before, machine_load()))
+    lines = report(
+        steps, bare, writers, flush, totals, command, (load_before, machine_load()), snapshot
+    )
     out = RESULTS / f"sustained_load{'-' + tag if tag else ''}.md"
     out.write_text("# Sustained load through the deployment\n\n" + "\n".join(lines) + "\n")
     raw = [
