@@ -296,13 +296,8 @@ def _snapshot(
     paced = pipeline_pace(settings.staging_root, settings.env, policy.source) if pace else None
     if paced is not None:
         paced.report = lambda found, staged: typer.echo(
-            f"  waiting for capture of {settings.env}: "
-            + (
-                f"{found.rows:,} staged changes not indexed yet"
-                if staged
-                else "to read the last chunk"
-            )
-            + " (--no-pace does not wait)"
+            f"  waiting for capture of {settings.env}: {paced.describe(found, staged)}"
+            " (--no-pace does not wait)"
         )
     started = time.monotonic()
     shown = [started]
@@ -393,7 +388,8 @@ def source_snapshot(
         typer.Option(
             min=1,
             max=20_000,
-            help="The most rows one chunk reads (chunks aim at about 4 MB; paced, 4,000 at most).",
+            help="The most rows one chunk reads (chunks aim at about 4 MB; paced, half of about "
+            "two seconds of the pipeline's indexing, 4,000 at most).",
         ),
     ] = 20_000,
     pace: Annotated[

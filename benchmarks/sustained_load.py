@@ -127,6 +127,9 @@ class Snapshot:
     longest_chunk: float = 0.0
     chunks: int = 0
     waited: float = 0.0
+    #: The pace's backlog bound at the end, and the indexing rate it was measured from.
+    bound: int = 0
+    rate: float | None = None
     error: str | None = None
 
 
@@ -180,6 +183,7 @@ def take_snapshot(snap: Snapshot, shop_url: str, resources: Path, es, stop: thre
         snap.longest_chunk = max(snap.longest_chunk, now - last[0])
         snap.chunks = progress.chunks
         snap.waited = pace.waited if pace else 0.0
+        snap.bound, snap.rate = (pace.bound(), pace.rate) if pace else (0, None)
         last[0] = now
 
     with psycopg.connect(shop_url) as conn:  # the prefilled rows, and the load's customer
@@ -475,7 +479,13 @@ def snapshot_report(snap: Snapshot, step: Step) -> list[str]:
         f"| source's side (chunks written) | {read:.0f} s, {snap.rows / read:,.0f} rows/s, "
         f"{snap.chunks} chunks |",
         "| paced by capture (`--snapshot-pace`) | "
-        + (f"yes: {snap.waited:.0f} s of it waiting |" if snap.staging_root else "no |"),
+        + (
+            f"yes: {snap.waited:.0f} s of it waiting; at the end, at most {snap.bound:,} "
+            f"staged changes ahead of a chunk (the pipeline gaining "
+            f"{snap.rate or 0:,.0f} changes/s on its backlog) |"
+            if snap.staging_root
+            else "no |"
+        ),
         f"| longest chunk (transaction held open) | {snap.longest_chunk * 1000:.0f} ms |",
         f"| start to every record searchable | {whole} |",
         f"| live freshness p50 / p95 / max while its records were on their way | "

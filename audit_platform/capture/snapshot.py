@@ -356,7 +356,7 @@ def run_snapshot(
     rows, sized to about :data:`TARGET_CHUNK_BYTES`. Given ``env``, it first checks that the
     environment's capture will read what it writes (:func:`check_capture`); given ``pace``,
     each chunk waits until that capture has nearly caught up, and holds at most the pace's
-    ``chunk_rows`` (``capture.snapshot_pace``)."""
+    :meth:`~audit_platform.capture.snapshot_pace.PipelinePace.chunk_limit` rows."""
     names = sorted(tables) or sorted(policy.tables)
     if unknown := [n for n in names if n not in policy.tables]:
         raise SnapshotRefused(
@@ -368,8 +368,6 @@ def run_snapshot(
             "a snapshot's condition (--where) names one table's columns: name that table "
             "alone (--table schema.table)"
         )
-    if pace is not None:  # a chunk is what the live changes behind it wait for
-        chunk_rows = min(chunk_rows, pace.chunk_rows)
     done: list[TableProgress] = []
     written: int | None = None  # where the last chunk was written, for ``pace``
     with connect_source(url) as conn:
@@ -394,6 +392,8 @@ def run_snapshot(
             while not progress.done:
                 if pace is not None and written is not None:
                     pace.wait(conn, written)
+                if pace is not None:  # a chunk is what the live changes behind it wait for
+                    limit = min(limit, pace.chunk_limit())
                 try:
                     chunk = _chunk(
                         conn, shape, snapshot_id, last_key, limit, context, progress.condition

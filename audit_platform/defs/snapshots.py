@@ -70,12 +70,7 @@ def snapshot_job(environment: EnvironmentConfig) -> dg.JobDefinition:
         settings = platform.settings
         pace = pipeline_pace(settings.staging_root, settings.env, config.source)
         pace.report = lambda found, staged: context.log.info(
-            "waiting for capture: "
-            + (
-                f"{found.rows:,} staged changes not indexed yet"
-                if staged
-                else "to read the last chunk"
-            )
+            f"waiting for capture: {pace.describe(found, staged)}"
         )
         try:
             tables = run_snapshot(

@@ -85,6 +85,11 @@ def test_a_long_wait_is_reported_while_it_lasts(tmp_path):
     assert pace.waited == pytest.approx(5 * REPORT_SECONDS)  # 100 looks, 100 rows each
     assert len(seen) == 4  # at 10, 20, 30 and 40 s; at 50 it is over
     assert [b.rows for b in seen] == sorted((b.rows for b in seen), reverse=True)
+    # The wait measured 200 changes/s: two seconds of it is under the bound's least.
+    assert pace.describe(seen[0], True) == (
+        f"{seen[0].rows:,} staged changes not indexed yet (the next chunk goes at 1,000)"
+    )
+    assert pace.describe(seen[0], False) == "to read the last chunk"
 
 
 def test_a_capture_busy_indexing_is_waited_for_not_taken_for_absent(tmp_path):
@@ -100,3 +105,44 @@ def test_a_capture_that_neither_stages_nor_indexes_is_a_stall(tmp_path):
     pace = Scripted(tmp_path, stuck, rows=5_000, stall_seconds=30)
     with pytest.raises(SnapshotError, match="has staged and indexed nothing for 30 s"):
         pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
+
+
+def draining(start: int, per_look: int, floor: int, confirmed: int = 500) -> list[Backlog]:
+    """A busy pipeline: the backlog shrinks by ``per_look`` rows a look down to ``floor``."""
+    return [Backlog(max(floor, start - n * per_look), confirmed) for n in range(1000)]
+
+
+def test_the_bound_is_seconds_of_the_indexing_a_wait_measured(tmp_path):
+    # 1,000 rows a look of half a second: the pipeline gains 2,000 rows/s on the backlog.
+    pace = Scripted(tmp_path, draining(12_000, 1_000, 0), rows=8_000, backlog_seconds=2.0)
+    assert (pace.bound(), pace.chunk_limit()) == (8_000, 4_000)  # nothing measured yet
+    pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
+    assert pace.looks == 5 and pace.rate == pytest.approx(2_000)  # 12,000 to 8,000 in 2 s
+    assert (pace.bound(), pace.chunk_limit()) == (4_000, 2_000)
+    # A faster pipeline next time: the rate moves part of the way towards it.
+    pace.script, pace.looks = draining(9_000, 4_000, 0), 0
+    pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
+    assert pace.rate == pytest.approx(2_000 + 0.3 * (8_000 - 2_000))  # 9,000 to 1,000 in 1 s
+    assert pace.bound() == int(pace.rate * 2.0)
+
+
+def test_a_slow_pipeline_keeps_chunks_of_the_least_size_and_the_cap_wins(tmp_path):
+    pace = Scripted(tmp_path, draining(10_000, 50, 0), rows=8_000, min_rows=1_000)
+    pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
+    assert pace.rate == pytest.approx(100) and (pace.bound(), pace.chunk_limit()) == (1_000, 500)
+    capped = Scripted(tmp_path, [], rows=150, chunk_rows=60, min_rows=1_000)
+    capped.rate = 100.0
+    assert (capped.bound(), capped.chunk_limit()) == (150, 60)
+
+
+def test_a_wait_too_short_or_not_shrinking_measures_nothing(tmp_path):
+    # Under the bound at once, or after half a second: one batch leaving says nothing.
+    for script in ([Backlog(2_000, 500)], [Backlog(9_000, 500), Backlog(1_000, 500)]):
+        pace = Scripted(tmp_path, script, rows=8_000)
+        pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
+        assert pace.rate is None
+    # Before the chunk is staged the backlog is not the chunk's: only staged looks count.
+    unstaged = [Backlog(50_000, 90)] * 10 + [Backlog(9_000, 150), Backlog(8_000, 150)]
+    pace = Scripted(tmp_path, [*unstaged, Backlog(7_000, 150)], rows=7_000)
+    pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
+    assert pace.rate == pytest.approx(2_000 / 1.0)
