@@ -33,11 +33,14 @@ from audit_platform.staging import StagingStore
 #: store, a request or two).
 POLL_SECONDS = 0.5
 REPORT_SECONDS = 10.0
-#: A wait shorter than this says little about the indexing rate: a batch leaves the backlog
+#: The indexing rate is known once this much of it is measured: a batch leaves the backlog
 #: whole, so half a second can see one leave, or none.
 MEASURE_SECONDS = 1.0
-#: The weight of a wait's rate against the rate measured before it.
-RATE_WEIGHT = 0.3
+#: Longer than a batch takes to index: a stretch this long in which the backlog did not
+#: shrink is a pause (a capture run's handover, Elasticsearch away), left out of the rate.
+PAUSE_SECONDS = 5.0
+#: What a stretch measured before the last weighs in the rate: about the last ten batches.
+DECAY = 0.9
 
 
 class PipelineStalled(SnapshotError):
@@ -62,17 +65,17 @@ class PipelinePace:
     moves, not deployed yet or not reading a source just joined before its next handover, or
     parked) and holds at most :meth:`bound` staged changes not indexed yet: enough that it is
     not idle while the next chunk is read and staged, few enough that a live change is not
-    long behind. A wait in which the backlog reaches no new low for
-    ``stall_seconds`` raises :class:`PipelineStalled` (capture stopped, Elasticsearch down):
-    the snapshot stops where it is, resumable, rather than fill the source's WAL for a
-    pipeline that is not indexing it."""
+    long behind. A wait in which the backlog does not shrink for ``stall_seconds`` raises
+    :class:`PipelineStalled` (capture stopped, Elasticsearch down): the snapshot stops where
+    it is, resumable, rather than fill the source's WAL for a pipeline that is not indexing
+    it."""
 
     store: StagingStore
     slot: str
-    #: How long a live change committed after a chunk may wait for the snapshot's rows ahead
-    #: of it: the backlog's bound is this many seconds of the pipeline's indexing, at the rate
-    #: it indexed while chunks waited (:attr:`rate`). A bound in rows would be seconds on one
-    #: machine and a minute on another.
+    #: The backlog's bound is this many seconds of the pipeline's indexing, at the rate it
+    #: indexed while chunks waited (:attr:`rate`), so a live change committed after a chunk
+    #: waits about this long and the chunk's for the snapshot's rows. A bound in rows would be
+    #: seconds on one machine and a minute on another.
     backlog_seconds: float = 2.0
     #: The bound before a rate is known, and its most: two chunks, so the next is read and
     #: staged while the last is indexed (with one, the pipeline idled between chunks and
@@ -101,19 +104,30 @@ class PipelinePace:
     #: Told the backlog, and whether the last chunk is staged, every :data:`REPORT_SECONDS` of
     #: a long wait (a CLI prints it, the Dagster job logs it): a snapshot is seen waiting.
     report: Callable[[Backlog, bool], None] | None = None
-    #: Staged changes indexed a second while a chunk waited (None until a wait measured it):
-    #: the pipeline was busy all through such a wait, so an idle pipeline does not shrink it.
-    rate: float | None = None
+    #: Staged changes indexed, and the seconds it took, over the stretches of the waits that
+    #: ended with the backlog shrinking (older stretches weighing less, :data:`DECAY`).
+    indexed: float = 0.0
+    busy: float = 0.0
+
+    @property
+    def rate(self) -> float | None:
+        """Staged changes the pipeline indexes a second, as the waits saw (None until
+        :data:`MEASURE_SECONDS` of it are measured). Every change it indexed counts, live ones
+        too: a live change waits for all of the backlog ahead of it, whatever it holds. Only
+        the stretches that end with a batch indexed count, and no longer one than
+        :data:`PAUSE_SECONDS`, so an idle or paused pipeline does not shrink it."""
+        return self.indexed / self.busy if self.busy >= MEASURE_SECONDS else None
 
     def bound(self) -> int:
         """The most staged changes a chunk may find waiting to be indexed."""
-        if self.rate is None:
+        rate = self.rate
+        if rate is None:
             return self.rows
-        return min(self.rows, max(self.min_rows, int(self.rate * self.backlog_seconds)))
+        return min(self.rows, max(self.min_rows, round(rate * self.backlog_seconds)))
 
     def chunk_limit(self) -> int:
         """The most rows the next chunk holds: half the bound."""
-        return min(self.chunk_rows, max(self.min_rows // 2, self.bound() // 2))
+        return min(self.chunk_rows, max(1, self.bound() // 2))
 
     def describe(self, found: Backlog, staged: bool) -> str:
         """What a long wait is waiting for, in a report's words."""
@@ -139,13 +153,16 @@ class PipelinePace:
         """Return once capture has staged past ``written_lsn`` (a position inside the last
         chunk's transaction, just before its commit) and the backlog is within bounds.
 
-        Once the chunk is staged, only indexing counts as progress (the backlog at a new low):
-        a slot that moves while nothing is indexed (Elasticsearch down, a batch failing
-        downstream, heartbeats) is a stalled pipeline all the same."""
+        Only indexing shrinks the backlog (staging and live changes add to it), so a look that
+        finds it smaller than the look before is progress, and times a stretch of indexing for
+        :attr:`rate`. Before the chunk is staged, staging toward it (the slot confirmed
+        further) is progress too; after, a slot that moves while nothing is indexed
+        (Elasticsearch down, a batch failing downstream, heartbeats) is a stalled pipeline all
+        the same."""
         started = progressed = reported = self.clock()
-        lowest: int | None = None
         confirmed = -1
-        draining: tuple[float, int] | None = None  # the first look with the chunk staged
+        previous: int | None = None  # the backlog at the look before
+        since: float | None = None  # the stretch of indexing being timed began
         while True:
             found, now = self.backlog(conn), self.clock()
             if found.reading or found.confirmed_lsn != self.absent_at:
@@ -153,17 +170,18 @@ class PipelinePace:
             staged = found.confirmed_lsn >= written_lsn or self.absent_at is not None
             if not staged and not found.reading and now - started >= self.stage_seconds:
                 self.absent_at, staged = found.confirmed_lsn, True
-            if staged and found.rows <= self.bound():
-                self._measure(draining, now, found.rows)
-                break
-            if staged and draining is None:
-                draining = (now, found.rows)
-            # Progress: indexing (the backlog at a new low), or, before the chunk is staged,
-            # staging toward it (the slot confirmed further).
-            moved = not staged and found.confirmed_lsn > confirmed
-            if moved or lowest is None or found.rows < lowest:
+            shrunk = 0 if previous is None else max(0, previous - found.rows)
+            if shrunk:
                 progressed = now
-            lowest = found.rows if lowest is None else min(lowest, found.rows)
+                if since is not None:
+                    self._indexed_in(shrunk, now - since)
+            if staged and (since is None or shrunk):  # only live changes are added from here
+                since = now
+            previous = found.rows
+            if staged and found.rows <= self.bound():
+                break
+            if not staged and found.confirmed_lsn > confirmed:
+                progressed = now
             confirmed = max(confirmed, found.confirmed_lsn)
             if now - progressed >= self.stall_seconds:
                 self.waited += now - started
@@ -180,14 +198,11 @@ class PipelinePace:
             self.sleep(POLL_SECONDS)
         self.waited += self.clock() - started
 
-    def _measure(self, draining: tuple[float, int] | None, now: float, rows: int) -> None:
-        """The rate a wait saw the backlog shrink at, from the first look with the chunk staged
-        to the last. Live changes staged meanwhile make it the rate at which the pipeline gains
-        on them, which is what the bound is for."""
-        if draining is None or now - draining[0] < MEASURE_SECONDS or draining[1] <= rows:
-            return
-        seen = (draining[1] - rows) / (now - draining[0])
-        self.rate = seen if self.rate is None else self.rate + RATE_WEIGHT * (seen - self.rate)
+    def _indexed_in(self, rows: int, seconds: float) -> None:
+        """A stretch of ``seconds`` that ended with ``rows`` indexed."""
+        if 0 < seconds <= PAUSE_SECONDS:
+            self.indexed = self.indexed * DECAY + rows
+            self.busy = self.busy * DECAY + seconds
 
 
 def pipeline_pace(staging_root: str, env: str, source: str) -> PipelinePace:

@@ -78,16 +78,23 @@ def test_a_slot_that_moves_while_nothing_is_indexed_is_a_stall(tmp_path):
 
 def test_a_long_wait_is_reported_while_it_lasts(tmp_path):
     seen: list[Backlog] = []
+    said: list[str] = []
     slow = [Backlog(50_000 - n, 500) for n in range(0, 50_000, 100)]
-    pace = Scripted(tmp_path, slow, rows=40_000, stall_seconds=60)
-    pace.report = lambda found, staged: seen.append(found) if staged else None
+    # The bound held at 40,000 (its least and most), whatever rate the wait measures.
+    pace = Scripted(tmp_path, slow, rows=40_000, min_rows=40_000, stall_seconds=60)
+
+    def report(found: Backlog, staged: bool) -> None:
+        seen.extend([found] if staged else [])
+        said.append(pace.describe(found, staged))
+
+    pace.report = report
     pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
     assert pace.waited == pytest.approx(5 * REPORT_SECONDS)  # 100 looks, 100 rows each
     assert len(seen) == 4  # at 10, 20, 30 and 40 s; at 50 it is over
     assert [b.rows for b in seen] == sorted((b.rows for b in seen), reverse=True)
-    # The wait measured 200 changes/s: two seconds of it is under the bound's least.
-    assert pace.describe(seen[0], True) == (
-        f"{seen[0].rows:,} staged changes not indexed yet (the next chunk goes at 1,000)"
+    assert (
+        said[0]
+        == f"{seen[0].rows:,} staged changes not indexed yet (the next chunk goes at 40,000)"
     )
     assert pace.describe(seen[0], False) == "to read the last chunk"
 
@@ -112,37 +119,67 @@ def draining(start: int, per_look: int, floor: int, confirmed: int = 500) -> lis
     return [Backlog(max(floor, start - n * per_look), confirmed) for n in range(1000)]
 
 
-def test_the_bound_is_seconds_of_the_indexing_a_wait_measured(tmp_path):
-    # 1,000 rows a look of half a second: the pipeline gains 2,000 rows/s on the backlog.
+def test_the_bound_is_seconds_of_the_indexing_the_waits_measured(tmp_path):
+    # 1,000 rows a look of half a second: the pipeline indexes 2,000 rows/s.
     pace = Scripted(tmp_path, draining(12_000, 1_000, 0), rows=8_000, backlog_seconds=2.0)
-    assert (pace.bound(), pace.chunk_limit()) == (8_000, 4_000)  # nothing measured yet
+    assert (pace.rate, pace.bound(), pace.chunk_limit()) == (None, 8_000, 4_000)
     pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
-    assert pace.looks == 5 and pace.rate == pytest.approx(2_000)  # 12,000 to 8,000 in 2 s
+    # Known after a second of it, the bound is 4,000 from then on: the wait goes on to it.
+    assert pace.rate == pytest.approx(2_000) and pace.looks == 9
     assert (pace.bound(), pace.chunk_limit()) == (4_000, 2_000)
-    # A faster pipeline next time: the rate moves part of the way towards it.
-    pace.script, pace.looks = draining(9_000, 4_000, 0), 0
+    # A faster pipeline: 4,000 rows a look. The rate moves towards it, the older looks
+    # weighing less.
+    pace.script, pace.looks = draining(20_000, 4_000, 0), 0
     pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
-    assert pace.rate == pytest.approx(2_000 + 0.3 * (8_000 - 2_000))  # 9,000 to 1,000 in 1 s
-    assert pace.bound() == int(pace.rate * 2.0)
+    assert 2_000 < pace.rate < 8_000 and pace.bound() == min(8_000, round(pace.rate * 2.0))
 
 
-def test_a_slow_pipeline_keeps_chunks_of_the_least_size_and_the_cap_wins(tmp_path):
+def test_batches_leave_whole_and_a_pause_is_not_slow_indexing(tmp_path):
+    batch = [Backlog(9_000, 500)] * 4 + [Backlog(5_000, 500)]  # 4,000 indexed in 2 s
+    paused = [Backlog(5_000, 500)] * 20 + [Backlog(1_000, 500)]  # a 10 s handover, then more
+    pace = Scripted(tmp_path, batch + paused, rows=8_000)
+    pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
+    assert pace.rate == pytest.approx(2_000)  # the pause left out
+    assert pace.waited == pytest.approx(25 * POLL_SECONDS)  # for 4,000, then for 1,000
+
+
+def test_live_changes_between_batches_do_not_restart_a_stretch(tmp_path):
+    live = [Backlog(6_000, 500), Backlog(6_200, 500), Backlog(6_400, 500), Backlog(2_400, 500)]
+    pace = Scripted(tmp_path, live, rows=5_000)
+    pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
+    assert pace.rate == pytest.approx(4_000 / 1.5)  # one batch, timed from the chunk staged
+
+
+def test_a_slow_pipeline_keeps_the_least_bound_and_the_most_wins(tmp_path):
     pace = Scripted(tmp_path, draining(10_000, 50, 0), rows=8_000, min_rows=1_000)
     pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
     assert pace.rate == pytest.approx(100) and (pace.bound(), pace.chunk_limit()) == (1_000, 500)
     capped = Scripted(tmp_path, [], rows=150, chunk_rows=60, min_rows=1_000)
-    capped.rate = 100.0
+    capped.indexed, capped.busy = 100.0, 1.0
     assert (capped.bound(), capped.chunk_limit()) == (150, 60)
+    capped.chunk_rows = 4_000
+    assert capped.chunk_limit() == 75  # two chunks fit in the bound
 
 
-def test_a_wait_too_short_or_not_shrinking_measures_nothing(tmp_path):
-    # Under the bound at once, or after half a second: one batch leaving says nothing.
+def test_only_a_staged_chunk_times_the_indexing(tmp_path):
+    # Under the bound at once: nothing measured. A single look of a batch leaving: half a
+    # second measured, not enough to know a rate.
     for script in ([Backlog(2_000, 500)], [Backlog(9_000, 500), Backlog(1_000, 500)]):
         pace = Scripted(tmp_path, script, rows=8_000)
         pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
         assert pace.rate is None
-    # Before the chunk is staged the backlog is not the chunk's: only staged looks count.
-    unstaged = [Backlog(50_000, 90)] * 10 + [Backlog(9_000, 150), Backlog(8_000, 150)]
-    pace = Scripted(tmp_path, [*unstaged, Backlog(7_000, 150)], rows=7_000)
+    # Before the chunk is staged, its rows are on their way in: indexing then is progress, not
+    # a measure.
+    unstaged = [Backlog(150_000 - n * 10_000, 90) for n in range(10)]  # 20,000 a second
+    staged = [Backlog(12_000 - n * 1_000, 150) for n in range(9)]  # to 4,000, 2,000 a second
+    pace = Scripted(tmp_path, unstaged + staged, rows=8_000)
     pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
     assert pace.rate == pytest.approx(2_000 / 1.0)
+
+
+def test_indexing_under_live_load_is_progress_without_new_lows(tmp_path):
+    # Live changes keep the backlog above the bound; batches are indexed all the while.
+    busy = [Backlog(6_000 if n % 2 else 5_500, 500) for n in range(200)] + [Backlog(500, 500)]
+    pace = Scripted(tmp_path, busy, rows=1_000, min_rows=1_000, stall_seconds=30)
+    pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
+    assert pace.waited == pytest.approx(200 * POLL_SECONDS)
