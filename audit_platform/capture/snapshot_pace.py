@@ -18,8 +18,8 @@ never a record.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import psycopg
 
@@ -36,9 +36,9 @@ REPORT_SECONDS = 10.0
 #: The indexing rate is known once this much of it is measured: a batch leaves the backlog
 #: whole, so half a second can see one leave, or none.
 MEASURE_SECONDS = 1.0
-#: Longer than a batch takes to index: a stretch this long in which the backlog did not
-#: shrink is a pause (a capture run's handover, Elasticsearch away), left out of the rate.
-PAUSE_SECONDS = 5.0
+#: Longer than a turn of the pipeline takes: a stretch this long in which no entry was
+#: indexed is a pause (a capture run's handover, Elasticsearch away), left out of the rate.
+PAUSE_SECONDS = 10.0
 #: What a stretch measured before the last weighs in the rate: about the last ten batches.
 DECAY = 0.9
 
@@ -55,6 +55,10 @@ class Backlog:
     confirmed_lsn: int
     #: A capture streams the slot now (it may be busy indexing, and read the chunk later).
     reading: bool = True
+    #: The ledger's entries, each with its staged changes. An entry leaves the ledger when
+    #: it is indexed and only then, so one gone since the last look is the pipeline's
+    #: progress; a count that dips (a file read while another process replaces it) is not.
+    pending: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,7 +69,7 @@ class PipelinePace:
     moves, not deployed yet or not reading a source just joined before its next handover, or
     parked) and holds at most :meth:`bound` staged changes not indexed yet: enough that it is
     not idle while the next chunk is read and staged, few enough that a live change is not
-    long behind. A wait in which the backlog does not shrink for ``stall_seconds`` raises
+    long behind. A wait in which no ledger entry is indexed for ``stall_seconds`` raises
     :class:`PipelineStalled` (capture stopped, Elasticsearch down): the snapshot stops where
     it is, resumable, rather than fill the source's WAL for a pipeline that is not indexing
     it."""
@@ -104,18 +108,23 @@ class PipelinePace:
     #: Told the backlog, and whether the last chunk is staged, every :data:`REPORT_SECONDS` of
     #: a long wait (a CLI prints it, the Dagster job logs it): a snapshot is seen waiting.
     report: Callable[[Backlog, bool], None] | None = None
-    #: Staged changes indexed, and the seconds it took, over the stretches of the waits that
-    #: ended with the backlog shrinking (older stretches weighing less, :data:`DECAY`).
+    #: Staged changes indexed, and the seconds it took, over the stretches from one look
+    #: that found ledger entries gone to the next (older stretches weighing less,
+    #: :data:`DECAY`).
     indexed: float = 0.0
     busy: float = 0.0
+    #: The ledger's entries at the last look, and when entries were last found gone: kept
+    #: from one wait to the next, so the stretch that spans a chunk's reading is timed whole.
+    seen: Mapping[str, int] | None = None
+    since: float | None = None
 
     @property
     def rate(self) -> float | None:
         """Staged changes the pipeline indexes a second, as the waits saw (None until
         :data:`MEASURE_SECONDS` of it are measured). Every change it indexed counts, live ones
-        too: a live change waits for all of the backlog ahead of it, whatever it holds. Only
-        the stretches that end with a batch indexed count, and no longer one than
-        :data:`PAUSE_SECONDS`, so an idle or paused pipeline does not shrink it."""
+        too: a live change waits for all of the backlog ahead of it, whatever it holds. A
+        stretch counts only if entries were left to index at its end (an idle pipeline is not
+        a slow one) and it is no longer than :data:`PAUSE_SECONDS` (nor is a paused one)."""
         return self.indexed / self.busy if self.busy >= MEASURE_SECONDS else None
 
     def bound(self) -> int:
@@ -147,22 +156,21 @@ class PipelinePace:
             )
         )
         confirmed_lsn = parse_lsn(confirmed) if confirmed else 0
-        return Backlog(self.store.backlog_rows(), confirmed_lsn, bool(reading))
+        pending, inflight = self.store.backlog()
+        rows = sum(pending.values()) + inflight
+        return Backlog(rows, confirmed_lsn, bool(reading), pending)
 
     def wait(self, conn: psycopg.Connection, written_lsn: int) -> None:
         """Return once capture has staged past ``written_lsn`` (a position inside the last
         chunk's transaction, just before its commit) and the backlog is within bounds.
 
-        Only indexing shrinks the backlog (staging and live changes add to it), so a look that
-        finds it smaller than the look before is progress, and times a stretch of indexing for
-        :attr:`rate`. Before the chunk is staged, staging toward it (the slot confirmed
-        further) is progress too; after, a slot that moves while nothing is indexed
-        (Elasticsearch down, a batch failing downstream, heartbeats) is a stalled pipeline all
-        the same."""
+        A look that finds ledger entries gone since the look before (indexed) is progress,
+        and times a stretch of indexing for :attr:`rate`. Before the chunk is staged, staging
+        toward it (the slot confirmed further) is progress too; after, a slot that moves while
+        nothing is indexed (Elasticsearch down, a batch failing downstream, heartbeats) is a
+        stalled pipeline all the same."""
         started = progressed = reported = self.clock()
         confirmed = -1
-        previous: int | None = None  # the backlog at the look before
-        since: float | None = None  # the stretch of indexing being timed began
         while True:
             found, now = self.backlog(conn), self.clock()
             if found.reading or found.confirmed_lsn != self.absent_at:
@@ -170,14 +178,8 @@ class PipelinePace:
             staged = found.confirmed_lsn >= written_lsn or self.absent_at is not None
             if not staged and not found.reading and now - started >= self.stage_seconds:
                 self.absent_at, staged = found.confirmed_lsn, True
-            shrunk = 0 if previous is None else max(0, previous - found.rows)
-            if shrunk:
+            if self._indexed_since_last_look(found, now):
                 progressed = now
-                if since is not None:
-                    self._indexed_in(shrunk, now - since)
-            if staged and (since is None or shrunk):  # only live changes are added from here
-                since = now
-            previous = found.rows
             if staged and found.rows <= self.bound():
                 break
             if not staged and found.confirmed_lsn > confirmed:
@@ -198,11 +200,20 @@ class PipelinePace:
             self.sleep(POLL_SECONDS)
         self.waited += self.clock() - started
 
-    def _indexed_in(self, rows: int, seconds: float) -> None:
-        """A stretch of ``seconds`` that ended with ``rows`` indexed."""
-        if 0 < seconds <= PAUSE_SECONDS:
-            self.indexed = self.indexed * DECAY + rows
+    def _indexed_since_last_look(self, found: Backlog, now: float) -> bool:
+        """Whether entries left the ledger since the last look; times the stretch if so."""
+        gone = (
+            [] if self.seen is None else [n for n in self.seen.items() if n[0] not in found.pending]
+        )
+        self.seen = found.pending
+        if not gone:
+            return False
+        seconds = None if self.since is None else now - self.since
+        if seconds is not None and 0 < seconds <= PAUSE_SECONDS and found.pending:
+            self.indexed = self.indexed * DECAY + sum(rows for _, rows in gone)
             self.busy = self.busy * DECAY + seconds
+        self.since = now
+        return True
 
 
 def pipeline_pace(staging_root: str, env: str, source: str) -> PipelinePace:

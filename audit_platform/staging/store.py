@@ -321,24 +321,31 @@ class StagingStore:
             entries.append(_pending_entry(name, path, self.read_json(path)))
         return entries
 
-    def backlog_rows(self) -> int:
+    def backlog(self) -> tuple[dict[str, int], int]:
         """Staged changes not indexed yet: what the source's pipeline still owes (a snapshot
         paces itself by it, ``capture.snapshot_pace``), from the ledger's and the in-flight
-        manifests' own counts. Contexts are not counted: any role may write those
-        (``audit.set_context``), and they are not what a turn's time goes to."""
-        prefix, rows = f"{self.base}/changes/", 0
+        manifests' own counts. The ledger's entries by path, each with its changes (an entry
+        leaves the ledger once indexed, and only then), and the changes of batches still in
+        flight. Contexts are not counted: any role may write those (``audit.set_context``),
+        and they are not what a turn's time goes to."""
+        prefix = f"{self.base}/changes/"
+        pending, inflight = {}, 0
         for folder in ("_pending", "_inflight"):
             for path in self.glob(f"{self.base}/{folder}/*.json"):
                 try:  # read by another process than the ledger's writer: it may go meanwhile
                     body = self.read_json(path)
                 except (FileNotFoundError, ValueError):
-                    continue
+                    body = {}
                 counts = body.get("rows", {})
                 staged = [
                     p for p in body.get("staged", body.get("paths", ())) if p.startswith(prefix)
                 ]
-                rows += sum(counts[p] if p in counts else file_rows(self, p) for p in staged)
-        return rows
+                rows = sum(counts[p] if p in counts else file_rows(self, p) for p in staged)
+                if folder == "_pending":
+                    pending[path] = rows  # listed, so not gone, even if it could not be read
+                else:
+                    inflight += rows
+        return pending, inflight
 
     def mark_enriched(
         self, entry: PendingBatch, records: Iterable[str], rows: Mapping[str, int]

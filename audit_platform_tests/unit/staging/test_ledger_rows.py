@@ -88,18 +88,22 @@ def test_the_local_listing_finds_what_fsspec_finds(tmp_path, monkeypatch, patter
 
 def test_the_backlog_is_what_is_staged_or_in_flight_and_not_indexed(tmp_path):
     store = StagingStore(str(tmp_path), "test", "shop")
-    assert store.backlog_rows() == 0
+    assert store.backlog() == ({}, 0)
     entry = _stage(store, _changes(9))
-    assert store.backlog_rows() == 9
+    assert store.backlog() == ({entry.path: 9}, 0)
     # A batch announced, not settled yet: its manifest's changes count too, its contexts
     # (which any role may write) do not.
     later = _changes(4).with_columns(pl.col("lsn") + 1000)
     planned = store.plan("changes", later) + store.plan("contexts", later)
     store.announce(1100, 1200, {path: rows.height for _, path, rows in planned})
-    assert len(planned) == 4 and store.backlog_rows() == 9 + 4
-    # Enriched, not indexed: still owed; indexed (the entry done): no longer.
+    assert len(planned) == 4 and store.backlog() == ({entry.path: 9}, 4)
+    # Enriched, not indexed: still owed, under the same entry; indexed (done): gone.
     (read, *_) = store.pending()
     store.mark_enriched(read, [], {})
-    assert store.backlog_rows() == 9 + 4
+    assert store.backlog() == ({entry.path: 9}, 4)
+    # An entry that cannot be read at the moment (written over by another process) is
+    # still there: only indexing takes an entry out of the ledger.
+    store.fs.pipe(entry.path, b"{")
+    assert store.backlog() == ({entry.path: 0}, 4)
     store.done(entry)
-    assert store.backlog_rows() == 4
+    assert store.backlog() == ({}, 4)
