@@ -202,15 +202,13 @@ class PipelinePace:
 
     def _indexed_since_last_look(self, found: Backlog, now: float) -> bool:
         """Whether entries left the ledger since the last look; times the stretch if so."""
-        gone = (
-            [] if self.seen is None else [n for n in self.seen.items() if n[0] not in found.pending]
-        )
+        gone = {name: rows for name, rows in (self.seen or {}).items() if name not in found.pending}
         self.seen = found.pending
         if not gone:
             return False
         seconds = None if self.since is None else now - self.since
         if seconds is not None and 0 < seconds <= PAUSE_SECONDS and found.pending:
-            self.indexed = self.indexed * DECAY + sum(rows for _, rows in gone)
+            self.indexed = self.indexed * DECAY + sum(gone.values())
             self.busy = self.busy * DECAY + seconds
         self.since = now
         return True
