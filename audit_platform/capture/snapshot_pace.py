@@ -108,14 +108,16 @@ class PipelinePace:
     #: Told the backlog, and whether the last chunk is staged, every :data:`REPORT_SECONDS` of
     #: a long wait (a CLI prints it, the Dagster job logs it): a snapshot is seen waiting.
     report: Callable[[Backlog, bool], None] | None = None
-    #: Staged changes indexed, and the seconds it took, over the stretches from one look
-    #: that found ledger entries gone to the next (older stretches weighing less,
-    #: :data:`DECAY`).
+    #: Staged changes indexed, and the seconds it took, over the stretches that end at a
+    #: look finding ledger entries gone (older stretches weighing less, :data:`DECAY`).
     indexed: float = 0.0
     busy: float = 0.0
-    #: The ledger's entries at the last look, and when entries were last found gone: kept
-    #: from one wait to the next, so the stretch that spans a chunk's reading is timed whole.
+    #: The ledger's entries at the last look, when each was first listed (None: already there
+    #: at the first look, so queued since some time unknown), and when entries were last found
+    #: gone: kept from one wait to the next, so a stretch that spans a chunk's reading is
+    #: timed whole.
     seen: Mapping[str, int] | None = None
+    listed: Mapping[str, float | None] = field(default_factory=dict)
     since: float | None = None
 
     @property
@@ -123,8 +125,9 @@ class PipelinePace:
         """Staged changes the pipeline indexes a second, as the waits saw (None until
         :data:`MEASURE_SECONDS` of it are measured). Every change it indexed counts, live ones
         too: a live change waits for all of the backlog ahead of it, whatever it holds. A
-        stretch counts only if entries were left to index at its end (an idle pipeline is not
-        a slow one) and it is no longer than :data:`PAUSE_SECONDS` (nor is a paused one)."""
+        stretch is timed from when the pipeline had the entries it indexed in it (an idle
+        pipeline is not a slow one) and counts only if no longer than :data:`PAUSE_SECONDS`
+        (nor is a paused one)."""
         return self.indexed / self.busy if self.busy >= MEASURE_SECONDS else None
 
     def bound(self) -> int:
@@ -201,15 +204,31 @@ class PipelinePace:
         self.waited += self.clock() - started
 
     def _indexed_since_last_look(self, found: Backlog, now: float) -> bool:
-        """Whether entries left the ledger since the last look; times the stretch if so."""
+        """Whether entries left the ledger since the last look; times the stretch if so.
+
+        The stretch begins when the pipeline had the entries gone to index: at the later of
+        the last look that found entries gone and the first look that listed the oldest of
+        them. Where capture stages a chunk and then indexes it in the same turn, the ledger
+        is empty again before the next chunk is staged; timing from the last entries gone
+        alone would count the chunk's reading as indexing, and a rule that left out stretches
+        ending on an empty ledger measured nothing at all
+        (benchmarks/results/sustained_load-issue27-snapshot-paced-seconds.md)."""
+        first_look = self.seen is None
         gone = {name: rows for name, rows in (self.seen or {}).items() if name not in found.pending}
+        queued = [self.listed.get(name) for name in gone]
         self.seen = found.pending
+        self.listed = {
+            name: self.listed.get(name, None if first_look else now) for name in found.pending
+        }
         if not gone:
             return False
-        seconds = None if self.since is None else now - self.since
-        if seconds is not None and 0 < seconds <= PAUSE_SECONDS and found.pending:
+        start = self.since
+        if None not in queued:
+            oldest = min(t for t in queued if t is not None)
+            start = oldest if start is None else max(start, oldest)
+        if start is not None and 0 < now - start <= PAUSE_SECONDS:
             self.indexed = self.indexed * DECAY + sum(gone.values())
-            self.busy = self.busy * DECAY + seconds
+            self.busy = self.busy * DECAY + now - start
         self.since = now
         return True
 

@@ -167,16 +167,47 @@ def test_a_batch_indexed_between_waits_is_timed_from_the_last_one_seen(tmp_path)
     assert pace.rate == pytest.approx((rate * busy * 0.9 + 2_000) / (busy * 0.9 + 1.5))
 
 
-def test_a_pause_and_an_idle_end_are_not_slow_indexing(tmp_path):
+def test_a_pause_is_not_slow_indexing(tmp_path):
     batch = draining(9, 1_000)[:5]  # a batch of 1,000 each half second: 2,000 a second
     paused = [batch[-1]] * 21  # a handover of 10.5 s
     after = dict(list(batch[-1].pending.items())[1:])  # then one more batch indexed
-    idle = Backlog(0, 500)  # and the rest, with nothing left: the pipeline idles after it
-    script = [*batch, *paused, Backlog(4_000, 500, pending=after), idle]
+    last = dict(list(after.items())[1:])  # and one more, half a second later
+    script = [
+        *batch,
+        *paused,
+        Backlog(4_000, 500, pending=after),
+        Backlog(3_000, 500, pending=last),
+    ]
     pace = Scripted(tmp_path, script, rows=3_000)
     pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
     assert pace.looks == len(script)
-    assert pace.rate == pytest.approx(2_000)  # the pause and the idle end left out
+    assert pace.rate == pytest.approx(2_000)  # the 11 s across the pause left out
+
+
+def test_chunks_staged_and_indexed_in_one_turn_are_timed_from_their_staging(tmp_path):
+    # As the deployment runs: capture stages a chunk, then indexes it in the same turn, so
+    # the ledger is empty when the snapshot finds the chunk gone, and the chunk after it is
+    # read only then. Each stretch runs from the look that listed the chunk to the look that
+    # found it gone; the reading of the next chunk before it is listed is not indexing.
+    pace = Scripted(tmp_path, [Backlog(0, 50), Backlog(4_000, 150, pending={"c1": 4_000})])
+    pace.wait(None, written_lsn=100)  # type: ignore[arg-type]  # c1 listed at 0.5 s
+    pace.now += 0.25  # the next chunk is read
+    c1 = Backlog(4_000, 150, pending={"c1": 4_000})
+    pace.script, pace.looks = (
+        [c1, c1, Backlog(0, 150), Backlog(4_000, 300, pending={"c2": 4_000})],
+        0,
+    )
+    pace.wait(None, written_lsn=300)  # type: ignore[arg-type]  # c1 gone at 1.75 s
+    assert pace.rate == pytest.approx(4_000 / 1.25)
+    assert (pace.bound(), pace.chunk_limit()) == (6_400, 3_200)
+    pace.now += 0.25  # c2 listed at 2.25 s, gone at 3.0 s
+    pace.script, pace.looks = (
+        [pace.script[-1], Backlog(0, 300), Backlog(3_200, 450, pending={"c3": 3_200})],
+        0,
+    )
+    pace.wait(None, written_lsn=450)  # type: ignore[arg-type]
+    assert pace.busy == pytest.approx(1.25 * 0.9 + 0.75)  # not from c1's gone at 1.75 s
+    assert pace.rate == pytest.approx((4_000 * 0.9 + 4_000) / (1.25 * 0.9 + 0.75))
 
 
 def test_a_count_that_dips_is_not_progress(tmp_path):
