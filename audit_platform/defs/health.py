@@ -4,7 +4,9 @@
   invalidated it; WAL it holds back, against the environment's warning and error thresholds. A
   growing lag means capture is not keeping up or not running, and the source keeps WAL for us.
 - ``tracked_tables`` (same asset): each tracked table exists, has a key and REPLICA IDENTITY FULL
-  (without it updates and deletes have no before-image); the failure says the ALTER to run.
+  (without it updates and deletes have no before-image), and the source's publication names it
+  (a tracked table dropped and created again is a new table the publication does not name); the
+  failure says the command to run.
 - ``template_current`` (on the index template): the installed template is the one in
   ``resources/elasticsearch`` of this code version.
 
@@ -76,14 +78,15 @@ def source_checks(
         name="tracked_tables",
         blocking=False,
         description=f"Every tracked table of source {source} exists, has a key and REPLICA "
-        "IDENTITY FULL.",
+        "IDENTITY FULL, and is in the source's publication.",
     )
     def tracked_tables(platform: AuditPlatform) -> dg.AssetCheckResult:
         settings, policy = platform.settings, platform.policy(source)
         findings = check_source(
             source_url(source, config), settings.env, policy, settings.resources_dir / "sql"
         )
-        tables = [f for f in findings if f.subject in policy.tables]
+        # The publication too: a tracked table it does not name has its changes go uncaptured.
+        tables = [f for f in findings if f.subject in policy.tables or f.subject == "publication"]
         problems = [f for f in tables if f.level == Level.error]
         return dg.AssetCheckResult(
             passed=not problems,

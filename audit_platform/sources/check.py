@@ -180,11 +180,11 @@ def table_findings(
     return findings
 
 
-def _publication(conn: psycopg.Connection, name: str, policy: SourcePolicy) -> Finding:
+def _publication(conn: psycopg.Connection, env: str, policy: SourcePolicy) -> Finding:
+    name = publication_name(env, policy.source)
+    fix = f"audit-platform source setup --env {env} --source {policy.source}"
     if not conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone():
-        return Finding(
-            Level.error, "publication", f"{name} does not exist", "audit-platform source setup"
-        )
+        return Finding(Level.error, "publication", f"{name} does not exist", fix)
     published = {
         f"{s}.{t}"
         for s, t in conn.execute(
@@ -197,8 +197,10 @@ def _publication(conn: psycopg.Connection, name: str, policy: SourcePolicy) -> F
         return Finding(
             Level.error,
             "publication",
-            f"{name} lacks tables of the policy: {sorted(wanted - published)}",
-            "audit-platform source setup (it sets the publication to the policy's tables)",
+            f"{name} lacks tables of the policy: {sorted(wanted - published)}; their changes are "
+            "not captured (a publication names tables, not names: a tracked table dropped and "
+            "created again, or another renamed to its name, is not in it)",
+            f"{fix} (it sets the publication to the policy's tables)",
         )
     return Finding(Level.ok, "publication", f"{name} publishes {len(wanted)} table(s)")
 
@@ -298,6 +300,6 @@ def check_source(
         for name, table_policy in sorted(policy.tables.items()):
             schema, table = name.split(".", 1)
             findings.extend(table_findings(conn, schema, table, table_policy))
-        findings.append(_publication(conn, publication_name(env, policy.source), policy))
+        findings.append(_publication(conn, env, policy))
         findings.extend(_slot(conn, slot_name(env, policy.source), lag_warn_bytes))
     return findings

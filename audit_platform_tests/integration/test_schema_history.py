@@ -21,8 +21,12 @@ from audit_platform.capture.schema_changes import SchemaBroken
 from audit_platform.query.language import parse
 from audit_platform.query.reads import object_state
 from audit_platform.settings import ApiSettings, Settings
-from audit_platform.sources.check import Level, check_source
-from audit_platform.sources.setup import record_schema_changes, schema_history_installed
+from audit_platform.sources.check import Finding, Level, check_source
+from audit_platform.sources.setup import (
+    record_schema_changes,
+    schema_history_installed,
+    setup_source,
+)
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.helpers import policy_for
 
@@ -238,6 +242,43 @@ def test_a_schema_renamed_renames_its_tables_and_stops_capture_like_a_table_rena
         ("ddl", "sales_v2", "orders"),
         ("insert", "sales_v2", "orders"),
     ]
+
+
+def test_a_tracked_table_created_again_is_named_by_the_check_until_setup_publishes_it(
+    pg_database, tmp_path
+):
+    source = make_source(
+        pg_database, tmp_path, DDL, policy_for("shop", public__orders={}), env="recreate"
+    )
+
+    def publication() -> Finding:
+        [found] = [
+            f
+            for f in check_source(source.url, source.env, source.policy, SQL)
+            if f.subject == "publication"
+        ]
+        return found
+
+    assert publication().level is Level.ok
+    _migrate(source, "DROP TABLE orders")
+    _migrate(source, "CREATE TABLE orders (id int PRIMARY KEY, status text)")
+    _migrate(source, "ALTER TABLE orders REPLICA IDENTITY FULL")
+    # The name is the policy's, the table is new: the publication (by oid) does not name it.
+    found = publication()
+    assert found.level is Level.error
+    assert "lacks tables of the policy: ['public.orders']" in found.message
+    assert found.fix.startswith("audit-platform source setup --env recreate --source shop")
+    source.capture()
+    assert source.staged().select("operation", "table").rows() == [
+        ("ddl", "orders"),  # dropped
+        ("ddl", "orders"),  # created: the trail shows it happened
+        ("ddl", "orders"),  # its replica identity
+    ]
+    setup_source(source.url, source.env, source.policy, SQL)
+    assert publication().level is Level.ok
+    source.execute("INSERT INTO orders VALUES (1, 'new')")
+    source.capture()
+    assert source.staged().select("operation", "table").rows()[-1] == ("insert", "orders")
 
 
 def _records_of(es, source, table: str) -> list[dict]:
