@@ -538,7 +538,7 @@ class SourceWorker:
             )
             database = source.database or _database_of(url)
             source.store.recover(slot.confirmed_lsn)
-            decoder = source_decoder(conn, policy, self.mask_key)
+            decoder = source_decoder(conn, policy, self.mask_key, self.env)
             stream = SlotStream(url, self.slot, self.publication)
             stager = _Stager(source.store, stream, conn, self.slot, self.env, policy, result)
             try:

@@ -166,8 +166,12 @@ class PgOutputDecoder:
         masker: Callable[[str], str],
         type_names: Callable[[list[int]], dict[int, str]],
         primary_key: Callable[[str, str], list[str]],
+        env: str | None = None,
     ) -> None:
         self.policy = policy
+        #: The environment whose capture this is: a snapshot taken for another is not its to
+        #: record (None: a decoder of no environment's, which records every snapshot).
+        self.env = env
         self.masker = masker
         self.type_names = type_names
         #: pgoutput flags the replica identity's columns, which under REPLICA IDENTITY FULL is
@@ -489,11 +493,14 @@ class PgOutputDecoder:
 
     def _snapshot_chunk(self, data: memoryview, relation: Relation, batch: ChangeBatch) -> None:
         """A chunk of a snapshot's rows (``capture.snapshot``): each row a record of its own,
-        the policy applied as to any row image."""
+        the policy applied as to any row image. A snapshot taken for another environment is
+        that environment's alone (every environment's publication on the database carries the
+        chunks): skipped, like a table the policy no longer tracks."""
         row, _, _ = self._tuple(data, 6, relation)
         name = row.get("table_name") or ""
         table_policy = self.policy.tables.get(name)
-        if table_policy is None:  # a table the policy no longer tracks
+        theirs = row.get("env") not in (None, self.env) and self.env is not None
+        if table_policy is None or theirs:
             self._change_index += 1
             return
         columns = json.loads(row["columns"] or "[]")

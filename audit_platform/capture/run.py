@@ -135,7 +135,7 @@ def capture(
         )
         result.recovered_files = store.recover(state.confirmed_lsn)
 
-        decoder = source_decoder(conn, policy, mask_key)
+        decoder = source_decoder(conn, policy, mask_key, env)
         stream = SlotStream(url, slot, publication)
         stager = _Stager(store, stream, conn, slot, env, policy, result)
         try:
@@ -154,8 +154,11 @@ def capture(
     return result
 
 
-def source_decoder(conn: Queries, policy: SourcePolicy, mask_key: bytes | None) -> PgOutputDecoder:
-    """A decoder that asks the source (``conn``) for type names and primary keys."""
+def source_decoder(
+    conn: Queries, policy: SourcePolicy, mask_key: bytes | None, env: str
+) -> PgOutputDecoder:
+    """A decoder for ``env``'s capture that asks the source (``conn``) for type names and
+    primary keys."""
 
     def type_names(oids: list[int]) -> dict[int, str]:
         rows = conn.execute(
@@ -175,7 +178,7 @@ def source_decoder(conn: Queries, policy: SourcePolicy, mask_key: bytes | None) 
         ).fetchall()
         return [row[0] for row in rows]
 
-    return PgOutputDecoder(policy, Masker(mask_key or b""), type_names, primary_key)
+    return PgOutputDecoder(policy, Masker(mask_key or b""), type_names, primary_key, env)
 
 
 class _Stager:

@@ -75,6 +75,9 @@ class TableProgress:
     started_lsn: int | None = 0
     #: The snapshot's ``WHERE`` as it runs (``capture.row_filter``); None: every row.
     condition: str | None = None
+    #: The environment whose capture records it (source migration 006); None: every
+    #: environment capturing the database (begun before the migration, or without one).
+    env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ def _chunk_statement(
     """One chunk: lock the rows after the previous bound and up to this one (unless ``last``)
     that meet the condition, write them for capture, return how many and their size.
     Parameters: the previous bound (unless ``first``), this bound (unless ``last``), then the
-    chunk row's snapshot id, table, columns, types and key."""
+    chunk row's snapshot id, environment, table, columns, types and key."""
     schema, table = shape.name.split(".", 1)
     keys = _key_list(shape)
     return sql.SQL(
@@ -191,8 +194,10 @@ def _chunk_statement(
         " SELECT row_number() OVER (ORDER BY {keys}) AS n, to_jsonb(ARRAY[{values}]) AS row"
         " FROM (SELECT * FROM {table} t{condition} ORDER BY {keys} FOR SHARE OF t) t),"
         " written AS ("
-        " INSERT INTO audit.snapshot_chunks (snapshot_id, table_name, columns, types, key, rows)"
-        " SELECT %s, %s, %s, %s, %s, jsonb_agg(row ORDER BY n) FROM chunk HAVING count(*) > 0"
+        " INSERT INTO audit.snapshot_chunks"
+        " (snapshot_id, env, table_name, columns, types, key, rows)"
+        " SELECT %s, %s, %s, %s, %s, %s, jsonb_agg(row ORDER BY n) FROM chunk"
+        " HAVING count(*) > 0"
         " RETURNING id, octet_length(rows::text) AS bytes)"
         " SELECT (SELECT count(*) FROM chunk), (SELECT id FROM written),"
         " (SELECT bytes FROM written)"
@@ -217,18 +222,23 @@ def _condition(text: str, shape: TableShape, policy: SourcePolicy) -> str:
 
 
 def _progress(
-    conn: psycopg.Connection, snapshot_id: str, table: str, condition: str | None
+    conn: psycopg.Connection,
+    snapshot_id: str,
+    table: str,
+    condition: str | None,
+    env: str | None,
 ) -> tuple[list[str] | None, TableProgress]:
     """(last key, progress) of a table in a snapshot, begun if new. A snapshot resumes with
-    the condition it began with: asked for another, it refuses rather than mix two."""
+    the condition it began with, and for the environment it began for: asked for another, it
+    refuses rather than mix two (one begun for every environment goes on that way)."""
     conn.execute(
-        "INSERT INTO audit.snapshot_progress (snapshot_id, table_name, condition)"
-        " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-        (snapshot_id, table, condition),
+        "INSERT INTO audit.snapshot_progress (snapshot_id, table_name, condition, env)"
+        " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (snapshot_id, table, condition, env),
     )
-    last_key, rows, chunks, done, started, kept = one(
+    last_key, rows, chunks, done, started, kept, kept_env = one(
         conn.execute(
-            "SELECT last_key, rows, chunks, done, started_lsn::text, condition"
+            "SELECT last_key, rows, chunks, done, started_lsn::text, condition, env"
             " FROM audit.snapshot_progress WHERE snapshot_id = %s AND table_name = %s",
             (snapshot_id, table),
         )
@@ -239,8 +249,13 @@ def _progress(
             + (f"with the condition {kept}" if kept else "without a condition")
             + f", not {condition}: resume it without --where, or start a new snapshot"
         )
+    if kept_env is not None and kept_env != env:
+        raise SnapshotRefused(
+            f"snapshot {snapshot_id} of {table} was begun for environment {kept_env!r}, whose "
+            f"capture alone records it: resume it with --env {kept_env}, or start a new snapshot"
+        )
     started_lsn = None if started is None else parse_lsn(started)
-    return last_key, TableProgress(table, rows, chunks, done, started_lsn, kept)
+    return last_key, TableProgress(table, rows, chunks, done, started_lsn, kept, kept_env)
 
 
 def check_capture(conn: psycopg.Connection, env: str, source: str) -> None:
@@ -267,6 +282,23 @@ def check_capture(conn: psycopg.Connection, env: str, source: str) -> None:
         raise SnapshotRefused(
             f"publication {publication} does not carry audit.snapshot_chunks (it was set up "
             f"before snapshots existed), so capture would never see the snapshot's rows; {fix}"
+        )
+
+
+def check_schema(conn: psycopg.Connection) -> None:
+    """Refuse a snapshot on a database whose audit schema predates source migration 006, which
+    names a snapshot's environment: capture must know which environment's it is."""
+    (ready,) = one(
+        conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_attribute WHERE attname = 'env' AND NOT attisdropped"
+            " AND attrelid = to_regclass('audit.snapshot_chunks'))"
+        )
+    )
+    if not ready:
+        raise SnapshotRefused(
+            "this database's audit schema is older than this version's snapshots (they name "
+            "their environment, source migration 006): run audit-platform source setup for "
+            "each environment capturing it, then the snapshot"
         )
 
 
@@ -297,9 +329,10 @@ def _chunk(
     last_key: list[str] | None,
     limit: int,
     context: str,
-    condition: str | None,
+    progress: TableProgress,
 ) -> Chunk:
     """One chunk in one transaction."""
+    condition = progress.condition
     first = last_key is None
     with conn.transaction():
         conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
@@ -316,6 +349,7 @@ def _chunk(
                     *(last_key or []),
                     *(bound or []),
                     snapshot_id,
+                    progress.env,
                     shape.name,
                     json.dumps(shape.columns),
                     json.dumps(shape.types),
@@ -354,7 +388,8 @@ def run_snapshot(
     ``where`` (one table only), or resume ``snapshot_id`` where its last committed chunk left
     it. Tables are read one after another, each by key, in chunks of at most ``chunk_rows``
     rows, sized to about :data:`TARGET_CHUNK_BYTES`. Given ``env``, it first checks that the
-    environment's capture will read what it writes (:func:`check_capture`); given ``pace``,
+    environment's capture will read what it writes (:func:`check_capture`), and only that
+    environment's capture records it (without, every environment's does); given ``pace``,
     each chunk waits until that capture has nearly caught up, and holds at most the pace's
     :meth:`~audit_platform.capture.snapshot_pace.PipelinePace.chunk_limit` rows."""
     names = sorted(tables) or sorted(policy.tables)
@@ -379,12 +414,13 @@ def run_snapshot(
                 f"snapshot {snapshot_id} is being taken by another process; wait for it, or "
                 "stop it and resume with --id"
             )
+        check_schema(conn)
         if env is not None:
             check_capture(conn, env, policy.source)
         for name in names:
             shape = table_shape(conn, name)
             condition = None if where is None else _condition(where, shape, policy)
-            last_key, progress = _progress(conn, snapshot_id, name, condition)
+            last_key, progress = _progress(conn, snapshot_id, name, condition, env)
             if progress.condition is not None:  # as it was kept: checked again, as if new
                 progress.condition = _condition(progress.condition, shape, policy)
             context = json.dumps(snapshot_context(snapshot_id, reason, progress.condition))
@@ -395,9 +431,7 @@ def run_snapshot(
                 if pace is not None:  # a chunk is what the live changes behind it wait for
                     limit = min(limit, pace.chunk_limit())
                 try:
-                    chunk = _chunk(
-                        conn, shape, snapshot_id, last_key, limit, context, progress.condition
-                    )
+                    chunk = _chunk(conn, shape, snapshot_id, last_key, limit, context, progress)
                 except psycopg.errors.ProgramLimitExceeded:
                     if limit == 1:
                         raise
@@ -432,10 +466,20 @@ def snapshot_status(url: str, snapshot_id: str | None = None) -> list[dict]:
     """The snapshots' progress recorded in the source, newest first."""
     with connect_source(url) as conn:
         rows = conn.execute(
-            "SELECT snapshot_id, table_name, rows, chunks, done, condition, started_at, updated_at"
-            " FROM audit.snapshot_progress WHERE %s::text IS NULL OR snapshot_id = %s"
+            "SELECT snapshot_id, table_name, env, rows, chunks, done, condition, started_at,"
+            " updated_at FROM audit.snapshot_progress WHERE %s::text IS NULL OR snapshot_id = %s"
             " ORDER BY started_at DESC, table_name",
             (snapshot_id, snapshot_id),
         ).fetchall()
-    keys = ("snapshot_id", "table", "rows", "chunks", "done", "where", "started_at", "updated_at")
+    keys = (
+        "snapshot_id",
+        "table",
+        "env",
+        "rows",
+        "chunks",
+        "done",
+        "where",
+        "started_at",
+        "updated_at",
+    )
     return [dict(zip(keys, row, strict=True)) for row in rows]

@@ -33,7 +33,14 @@ from audit_platform.environment import EnvironmentConfig, SourceConfig
 from audit_platform.naming import publication_name, slot_name
 from audit_platform.query.reads import object_history, object_state
 from audit_platform.settings import Settings
-from audit_platform_tests.capture_support import MASK_KEY, capture_enrich_index, make_source
+from audit_platform.sources.setup import setup_source
+from audit_platform.staging import StagingStore
+from audit_platform_tests.capture_support import (
+    MASK_KEY,
+    CaptureSource,
+    capture_enrich_index,
+    make_source,
+)
 from audit_platform_tests.helpers import environment_resources, policy_for
 
 SQL = Settings().resources_dir / "sql"
@@ -441,6 +448,33 @@ class Watched(PipelinePace):
         super().wait(conn, written_lsn)
         # Nothing more is written until it returns: the backlog only shrinks from here.
         self.let_go.append((written_lsn, self.backlog(conn)))
+
+
+def test_a_snapshot_is_recorded_by_the_environment_it_was_taken_for_alone(accounts, tmp_path):
+    # Two environments capture one database: each publication carries the chunks.
+    other_env = f"{accounts.env}_b"
+    setup_source(accounts.url, other_env, accounts.policy, SQL)
+    other = CaptureSource(
+        accounts.url,
+        other_env,
+        accounts.policy,
+        StagingStore(str(tmp_path / "other"), other_env, accounts.policy.source),
+    )
+    run_snapshot(accounts.url, accounts.policy, "mine", env=accounts.env)
+    accounts.execute("UPDATE accounts SET active = NOT active WHERE id = 7")
+    accounts.capture()
+    other.capture()
+    assert Counter(accounts.staged()["operation"]) == {"snapshot": ROWS, "update": 1}
+    assert other.staged()["operation"].to_list() == ["update"]  # its changes, not the snapshot
+    assert [t["env"] for t in snapshot_status(accounts.url, "mine")] == [accounts.env]
+    with pytest.raises(SnapshotRefused, match=f"begun for environment '{accounts.env}'"):
+        run_snapshot(accounts.url, accounts.policy, "mine", env=other_env)
+    # A snapshot taken for no environment (a tool's) is every environment's, as before.
+    run_snapshot(accounts.url, accounts.policy, "everyone")
+    accounts.capture()
+    other.capture()
+    assert Counter(accounts.staged()["operation"])["snapshot"] == 2 * ROWS
+    assert Counter(other.staged()["operation"])["snapshot"] == ROWS
 
 
 def test_a_paced_snapshot_writes_a_chunk_once_capture_has_staged_the_last(accounts, es):

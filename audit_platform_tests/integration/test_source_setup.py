@@ -52,6 +52,7 @@ def test_setup_is_idempotent_and_check_passes(pg_database):
         "003_schema_history",
         "004_snapshots",
         "005_snapshot_limits",
+        "006_snapshot_environment",
     ]
     assert (first.slot, first.slot_created) == (SLOT, True)
     assert second.applied_migrations == []
