@@ -36,9 +36,6 @@ REPORT_SECONDS = 10.0
 #: The indexing rate is known once this much of it is measured: a batch leaves the backlog
 #: whole, so half a second can see one leave, or none.
 MEASURE_SECONDS = 1.0
-#: Longer than a turn of the pipeline takes: a stretch this long in which no entry was
-#: indexed is a pause (a capture run's handover, Elasticsearch away), left out of the rate.
-PAUSE_SECONDS = 10.0
 #: What a stretch measured before the last weighs in the rate: about the last ten batches.
 DECAY = 0.9
 
@@ -108,26 +105,28 @@ class PipelinePace:
     #: Told the backlog, and whether the last chunk is staged, every :data:`REPORT_SECONDS` of
     #: a long wait (a CLI prints it, the Dagster job logs it): a snapshot is seen waiting.
     report: Callable[[Backlog, bool], None] | None = None
-    #: Staged changes indexed, and the seconds it took, over the stretches that end at a
-    #: look finding ledger entries gone (older stretches weighing less, :data:`DECAY`).
+    #: Staged changes indexed, and the seconds the pipeline had work meanwhile, over the
+    #: stretches that end at a look finding ledger entries gone (older stretches weighing
+    #: less, :data:`DECAY`).
     indexed: float = 0.0
     busy: float = 0.0
-    #: The ledger's entries at the last look, when each was first listed (None: already there
-    #: at the first look, so queued since some time unknown), and when entries were last found
-    #: gone: kept from one wait to the next, so a stretch that spans a chunk's reading is
-    #: timed whole.
+    #: The ledger's entries at the last look; when it was, and whether the pipeline had work
+    #: then (a capture reading the slot, and a chunk not staged yet or changes not indexed);
+    #: the seconds with work since entries were last found gone, and whether any ever were.
+    #: Kept from one wait to the next, so a stretch that spans a chunk's reading is timed.
     seen: Mapping[str, int] | None = None
-    listed: Mapping[str, float | None] = field(default_factory=dict)
-    since: float | None = None
+    looked: float | None = None
+    had_work: bool = False
+    working: float = 0.0
+    timing: bool = False
 
     @property
     def rate(self) -> float | None:
         """Staged changes the pipeline indexes a second, as the waits saw (None until
         :data:`MEASURE_SECONDS` of it are measured). Every change it indexed counts, live ones
-        too: a live change waits for all of the backlog ahead of it, whatever it holds. A
-        stretch is timed from when the pipeline had the entries it indexed in it (an idle
-        pipeline is not a slow one) and counts only if no longer than :data:`PAUSE_SECONDS`
-        (nor is a paused one)."""
+        too: a live change waits for all of the backlog ahead of it, whatever it holds. Only
+        the seconds in which the pipeline had work count, staging included: an idle pipeline
+        is not a slow one, nor is one no capture reads (a handover)."""
         return self.indexed / self.busy if self.busy >= MEASURE_SECONDS else None
 
     def bound(self) -> int:
@@ -181,7 +180,7 @@ class PipelinePace:
             staged = found.confirmed_lsn >= written_lsn or self.absent_at is not None
             if not staged and not found.reading and now - started >= self.stage_seconds:
                 self.absent_at, staged = found.confirmed_lsn, True
-            if self._indexed_since_last_look(found, now):
+            if self._indexed_since_last_look(found, now, staged, started):
                 progressed = now
             if staged and found.rows <= self.bound():
                 break
@@ -203,33 +202,35 @@ class PipelinePace:
             self.sleep(POLL_SECONDS)
         self.waited += self.clock() - started
 
-    def _indexed_since_last_look(self, found: Backlog, now: float) -> bool:
+    def _indexed_since_last_look(
+        self, found: Backlog, now: float, staged: bool, written_at: float
+    ) -> bool:
         """Whether entries left the ledger since the last look; times the stretch if so.
 
-        The stretch begins when the pipeline had the entries gone to index: at the later of
-        the last look that found entries gone and the first look that listed the oldest of
-        them. Where capture stages a chunk and then indexes it in the same turn, the ledger
-        is empty again before the next chunk is staged; timing from the last entries gone
-        alone would count the chunk's reading as indexing, and a rule that left out stretches
-        ending on an empty ledger measured nothing at all
+        The seconds from one look to the next count as work when the first look found some
+        (a chunk to stage, changes to index) with a capture reading the slot; when it found
+        none, only the seconds since the chunk was written (``written_at``) do. Timed from
+        the entries' listing instead, staging was left out and the rate came out twice what
+        the pipeline cleared; a rule that left out stretches ending on an empty ledger
+        measured nothing, as a capture run stages each chunk and indexes it in one turn
         (benchmarks/results/sustained_load-issue27-snapshot-paced-seconds.md)."""
-        first_look = self.seen is None
+        if self.looked is not None and self.had_work:
+            self.working += now - self.looked
+        elif self.looked is not None and written_at > self.looked:
+            self.working += now - written_at
+        self.looked = now
+        self.had_work = found.reading and (found.rows > 0 or not staged)
         gone = {name: rows for name, rows in (self.seen or {}).items() if name not in found.pending}
-        queued = [self.listed.get(name) for name in gone]
         self.seen = found.pending
-        self.listed = {
-            name: self.listed.get(name, None if first_look else now) for name in found.pending
-        }
         if not gone:
+            if not self.had_work and not found.pending:  # idle: work done unseen (staged
+                self.working = 0.0  # and indexed between two looks) has no changes to count
             return False
-        start = self.since
-        if None not in queued:
-            oldest = min(t for t in queued if t is not None)
-            start = oldest if start is None else max(start, oldest)
-        if start is not None and 0 < now - start <= PAUSE_SECONDS:
+        # The first entries gone start the clock: work on them began before the first look.
+        if self.timing and self.working > 0:
             self.indexed = self.indexed * DECAY + sum(gone.values())
-            self.busy = self.busy * DECAY + now - start
-        self.since = now
+            self.busy = self.busy * DECAY + self.working
+        self.working, self.timing = 0.0, True
         return True
 
 

@@ -3,6 +3,8 @@ the test's)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from audit_platform.capture.snapshot import SnapshotError
@@ -167,9 +169,10 @@ def test_a_batch_indexed_between_waits_is_timed_from_the_last_one_seen(tmp_path)
     assert pace.rate == pytest.approx((rate * busy * 0.9 + 2_000) / (busy * 0.9 + 1.5))
 
 
-def test_a_pause_is_not_slow_indexing(tmp_path):
+def test_a_handover_is_not_slow_indexing_and_a_slow_stretch_is(tmp_path):
     batch = draining(9, 1_000)[:5]  # a batch of 1,000 each half second: 2,000 a second
-    paused = [batch[-1]] * 21  # a handover of 10.5 s
+    # A handover of 10.5 s: no capture reads the slot, nothing is indexed.
+    paused = [replace(batch[-1], reading=False)] * 21
     after = dict(list(batch[-1].pending.items())[1:])  # then one more batch indexed
     last = dict(list(after.items())[1:])  # and one more, half a second later
     script = [
@@ -181,33 +184,43 @@ def test_a_pause_is_not_slow_indexing(tmp_path):
     pace = Scripted(tmp_path, script, rows=3_000)
     pace.wait(None, written_lsn=100)  # type: ignore[arg-type]
     assert pace.looks == len(script)
-    assert pace.rate == pytest.approx(2_000)  # the 11 s across the pause left out
+    assert pace.rate == pytest.approx(2_000)  # the 10.5 s without a capture left out
+    # A capture that reads and indexes a batch every 12 s is slow, not paused.
+    slow = Scripted(tmp_path, draining(4, 3_000, every=24), rows=8_000, min_rows=100)
+    slow.wait(None, written_lsn=100)  # type: ignore[arg-type]
+    assert slow.rate == pytest.approx(3_000 / 12) and slow.bound() == 500
 
 
-def test_chunks_staged_and_indexed_in_one_turn_are_timed_from_their_staging(tmp_path):
+def test_chunks_staged_and_indexed_in_one_turn_are_timed_with_their_staging(tmp_path):
     # As the deployment runs: capture stages a chunk, then indexes it in the same turn, so
     # the ledger is empty when the snapshot finds the chunk gone, and the chunk after it is
-    # read only then. Each stretch runs from the look that listed the chunk to the look that
-    # found it gone; the reading of the next chunk before it is listed is not indexing.
-    pace = Scripted(tmp_path, [Backlog(0, 50), Backlog(4_000, 150, pending={"c1": 4_000})])
-    pace.wait(None, written_lsn=100)  # type: ignore[arg-type]  # c1 listed at 0.5 s
-    pace.now += 0.25  # the next chunk is read
-    c1 = Backlog(4_000, 150, pending={"c1": 4_000})
-    pace.script, pace.looks = (
-        [c1, c1, Backlog(0, 150), Backlog(4_000, 300, pending={"c2": 4_000})],
-        0,
-    )
-    pace.wait(None, written_lsn=300)  # type: ignore[arg-type]  # c1 gone at 1.75 s
-    assert pace.rate == pytest.approx(4_000 / 1.25)
-    assert (pace.bound(), pace.chunk_limit()) == (6_400, 3_200)
-    pace.now += 0.25  # c2 listed at 2.25 s, gone at 3.0 s
-    pace.script, pace.looks = (
-        [pace.script[-1], Backlog(0, 300), Backlog(3_200, 450, pending={"c3": 3_200})],
-        0,
-    )
-    pace.wait(None, written_lsn=450)  # type: ignore[arg-type]
-    assert pace.busy == pytest.approx(1.25 * 0.9 + 0.75)  # not from c1's gone at 1.75 s
-    assert pace.rate == pytest.approx((4_000 * 0.9 + 4_000) / (1.25 * 0.9 + 0.75))
+    # read only then. The pipeline has work all the while (a chunk to stage, then to index):
+    # the whole cycle is its time. A pipeline that is idle while a chunk is read is not.
+    pace = Scripted(tmp_path, [], rows=8_000)
+    confirmed = 0
+
+    def cycle(rows_at_staging: int = 4_000, reading_for: float = 0.25) -> None:
+        nonlocal confirmed
+        chunk, written = f"c{confirmed:04}", confirmed + 100
+        staged = {chunk: rows_at_staging} if rows_at_staging else {}
+        pace.script = [
+            Backlog(0, confirmed),  # the chunk before gone, this one not staged yet
+            Backlog(rows_at_staging, written, pending=staged),
+        ]
+        pace.looks = 0
+        pace.wait(None, written_lsn=written)  # type: ignore[arg-type]
+        pace.now += reading_for  # the next chunk is read
+        confirmed = written
+
+    for _ in range(4):
+        cycle()
+    assert pace.rate == pytest.approx(4_000 / 0.75)  # half a second to stage, a quarter
+    # A chunk staged and indexed between two looks (its changes never seen, so its seconds
+    # are left out too), then the pipeline idle for 2 s while the next is read.
+    cycle(rows_at_staging=0, reading_for=2.0)
+    cycle()
+    cycle()
+    assert pace.rate == pytest.approx(4_000 / 0.75)  # the idle 2 s left out
 
 
 def test_a_count_that_dips_is_not_progress(tmp_path):
