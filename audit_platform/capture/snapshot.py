@@ -231,10 +231,12 @@ def _progress(
     """(last key, progress) of a table in a snapshot, begun if new. A snapshot resumes with
     the condition it began with, and for the environment it began for: asked for another, it
     refuses rather than mix two (one begun for every environment goes on that way)."""
-    conn.execute(
+    conn.execute(  # a table new to a snapshot begun before takes the snapshot's environment
         "INSERT INTO audit.snapshot_progress (snapshot_id, table_name, condition, env)"
-        " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-        (snapshot_id, table, condition, env),
+        " SELECT %s, %s, %s, CASE WHEN EXISTS (SELECT FROM audit.snapshot_progress"
+        " WHERE snapshot_id = %s) THEN (SELECT env FROM audit.snapshot_progress"
+        " WHERE snapshot_id = %s LIMIT 1) ELSE %s END ON CONFLICT DO NOTHING",
+        (snapshot_id, table, condition, snapshot_id, snapshot_id, env),
     )
     last_key, rows, chunks, done, started, kept, kept_env = one(
         conn.execute(

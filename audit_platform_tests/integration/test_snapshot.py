@@ -475,6 +475,17 @@ def test_a_snapshot_is_recorded_by_the_environment_it_was_taken_for_alone(accoun
     other.capture()
     assert Counter(accounts.staged()["operation"])["snapshot"] == 2 * ROWS
     assert Counter(other.staged()["operation"])["snapshot"] == ROWS
+    # One begun before migration 006 (no environment kept) goes on as it began, every
+    # environment's, whichever resumes it.
+    accounts.execute(
+        "INSERT INTO audit.snapshot_progress (snapshot_id, table_name)"
+        " VALUES ('old', 'public.accounts')"
+    )
+    run_snapshot(accounts.url, accounts.policy, "old", env=other_env)
+    accounts.capture()
+    other.capture()
+    assert Counter(accounts.staged()["operation"])["snapshot"] == 3 * ROWS
+    assert Counter(other.staged()["operation"])["snapshot"] == 2 * ROWS
 
 
 def test_a_paced_snapshot_writes_a_chunk_once_capture_has_staged_the_last(accounts, es):
