@@ -191,17 +191,33 @@ def _publication(conn: psycopg.Connection, env: str, policy: SourcePolicy) -> Fi
             "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,)
         )
     }
-    wanted = {f"{s}.{t}" for s, t in [*policy.table_names(), *OWN_TABLES]}
+    tracked = {f"{s}.{t}" for s, t in policy.table_names()}
+    own = {f"{s}.{t}" for s, t in OWN_TABLES}
     # Partitioned roots are listed as their root (publish_via_partition_root), so compare sets.
-    if wanted - published:
+    if missing := sorted(tracked - published):
+        snapshots = "; ".join(
+            f"audit-platform source snapshot --env {env} --source {policy.source} --table {t}"
+            for t in missing
+        )
         return Finding(
             Level.error,
             "publication",
-            f"{name} lacks tables of the policy: {sorted(wanted - published)}; their changes are "
-            "not captured (a publication names tables, not names: a tracked table dropped and "
-            "created again, or another renamed to its name, is not in it)",
-            f"{fix} (it sets the publication to the policy's tables)",
+            f"{name} lacks tracked tables: {missing}; their changes are not captured (a "
+            "publication names tables, not names: a tracked table dropped and created again, "
+            "or another renamed to its name, is not in it)",
+            f"{fix} (it sets the publication to the policy's tables); then, as their changes "
+            f"until then are not in the trail, a snapshot records their rows as they are: "
+            f"{snapshots}",
         )
+    if missing := sorted(own - published):
+        return Finding(
+            Level.error,
+            "publication",
+            f"{name} lacks the platform's own tables {missing} (set up by an older version): "
+            "schema changes, late contexts or snapshots are not captured",
+            fix,
+        )
+    wanted = tracked | own
     return Finding(Level.ok, "publication", f"{name} publishes {len(wanted)} table(s)")
 
 

@@ -266,8 +266,11 @@ def test_a_tracked_table_created_again_is_named_by_the_check_until_setup_publish
     # The name is the policy's, the table is new: the publication (by oid) does not name it.
     found = publication()
     assert found.level is Level.error
-    assert "lacks tables of the policy: ['public.orders']" in found.message
+    assert "lacks tracked tables: ['public.orders']" in found.message
     assert found.fix.startswith("audit-platform source setup --env recreate --source shop")
+    assert found.fix.endswith(
+        "audit-platform source snapshot --env recreate --source shop --table public.orders"
+    )
     source.capture()
     assert source.staged().select("operation", "table").rows() == [
         ("ddl", "orders"),  # dropped
