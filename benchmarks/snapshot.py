@@ -4,6 +4,9 @@ Builds a table of ``--rows`` rows (several types; one row in 200 holds a TOASTed
 sets the source up (a slot, as in production: the snapshot's WAL is kept for it), then:
 
 1. ``COPY accounts TO STDOUT``, read whole by the client: the physical limit of reading it;
+   then the same table read in the snapshot's chunks (by key, each chunk one transaction) by
+   ``COPY``, without row locks and with them: where the snapshot's time goes, and what a read
+   without locks or WAL (a watermark design, docs/design.md, "Snapshots") could reach;
 2. the snapshot (``capture.snapshot.run_snapshot``): the source's side, chunk by chunk, each
    chunk one transaction; its longest chunk is the longest transaction it held open;
 3. capture of what the snapshot wrote to the slot (decode, policy with a masked column, Parquet
@@ -28,9 +31,10 @@ from typing import Annotated
 import psycopg
 import typer
 from _database import drop_database, fresh_database
+from psycopg import sql
 
 from audit_platform.capture.run import capture
-from audit_platform.capture.snapshot import TableProgress, run_snapshot
+from audit_platform.capture.snapshot import MAX_CHUNK_ROWS, TableProgress, run_snapshot
 from audit_platform.clients import pg_url_from_settings
 from audit_platform.policy import SourcePolicy, TablePolicy
 from audit_platform.settings import Settings
@@ -69,6 +73,35 @@ def _copy(url: str) -> tuple[float, int]:
         return time.monotonic() - start, size
 
 
+def _read_chunks(url: str, chunk_rows: int, *, lock: bool) -> tuple[float, int, float]:
+    """(seconds, rows, longest chunk's seconds) to read the table in chunks of ``chunk_rows``
+    by key, as the snapshot bounds them (each chunk's last key read first), each chunk one
+    transaction streamed by ``COPY``; ``lock``: its rows locked ``FOR SHARE`` as the snapshot
+    locks them, nothing written."""
+    lock_clause = sql.SQL(" FOR SHARE" if lock else "")
+    start, total, longest, last = time.monotonic(), 0, 0.0, 0
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        while True:
+            began = time.monotonic()
+            with conn.transaction():
+                found = cur.execute(
+                    "SELECT id FROM accounts WHERE id > %s ORDER BY id OFFSET %s LIMIT 1",
+                    (last, chunk_rows - 1),
+                ).fetchone()
+                upper = sql.SQL("") if found is None else sql.SQL(" AND id <= {}").format(found[0])
+                statement = sql.SQL(
+                    "COPY (SELECT * FROM accounts WHERE id > {}{} ORDER BY id{}) TO STDOUT"
+                ).format(last, upper, lock_clause)
+                with cur.copy(statement) as copy:
+                    for _ in copy:
+                        pass
+                total += cur.rowcount
+            longest = max(longest, time.monotonic() - began)
+            if found is None:
+                return time.monotonic() - start, total, longest
+            last = found[0]
+
+
 def main(
     rows: Annotated[int, typer.Option(help="Rows in the table.")] = 5_000_000,
     tag: Annotated[str | None, typer.Option(help="Suffix of the results file.")] = None,
@@ -85,6 +118,7 @@ def main(
             table_bytes = conn.execute("SELECT pg_total_relation_size('accounts')").fetchone()[0]
         setup_source(url, "bench", POLICY, settings.resources_dir / "sql")
         copy_seconds, copy_bytes = _copy(url)
+        unlocked = _read_chunks(url, MAX_CHUNK_ROWS, lock=False)
 
         chunk_seconds: list[float] = []
         last = [time.monotonic()]
@@ -112,6 +146,8 @@ def main(
             result = capture(url, "bench", POLICY, store, mask_key=b"bench-mask-key")
             capture_seconds = time.monotonic() - start
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # Last, once capture has moved the slot on: the locks write WAL the slot keeps.
+        locked = _read_chunks(url, MAX_CHUNK_ROWS, lock=True)
     finally:
         drop_database(admin, DB)
 
@@ -135,6 +171,15 @@ def main(
         "| --- | ---: | ---: | ---: |",
         f"| `COPY accounts TO STDOUT` ({copy_bytes / 1024**2:,.0f} MB read) | "
         f"{copy_seconds:.1f} | {copy_rate:,.0f} | 1.00 |",
+        *(
+            f"| {what} ({MAX_CHUNK_ROWS:,}-row chunks by key, each one transaction; longest "
+            f"{longest * 1000:.0f} ms) | {seconds:.1f} | {read / seconds:,.0f} | "
+            f"{read / seconds / copy_rate:.2f} |"
+            for what, (seconds, read, longest) in (
+                ("the same rows by `COPY` in chunks, no row locks", unlocked),
+                ("the same chunks locked `FOR SHARE` as the snapshot locks them", locked),
+            )
+        ),
         f"| snapshot, the source's side ({progress.chunks:,} chunks) | {snapshot_seconds:.1f} | "
         f"{snap_rate:,.0f} | {snap_rate / copy_rate:.2f} |",
         f"| capture of the snapshot's rows to staging | {capture_seconds:.1f} | "
