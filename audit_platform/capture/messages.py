@@ -22,7 +22,13 @@ from collections.abc import Iterator
 import orjson
 from pydantic import ValidationError
 
-from audit_platform_context.model import MAX_CONTEXT_BYTES, Actor, Job, TransactionContext
+from audit_platform_context.model import (
+    MAX_CONTEXT_BYTES,
+    Actor,
+    Job,
+    Organization,
+    TransactionContext,
+)
 
 CONTEXT_PREFIX = "audit_platform.context.v1"
 ATTACH_PREFIX = "audit_platform.attach.v1"
@@ -120,7 +126,7 @@ def _scalars(value: object) -> Iterator[object]:
 
 #: The contract's field names: the only names a rejection may repeat.
 _FIELDS = frozenset(
-    name for model in (TransactionContext, Actor, Job) for name in model.model_fields
+    name for model in (TransactionContext, Actor, Job, Organization) for name in model.model_fields
 )
 
 

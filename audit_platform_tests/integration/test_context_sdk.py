@@ -192,7 +192,16 @@ def test_middleware_and_async_hook_attribute_each_concurrent_request_to_its_own_
         user = dict(scope["headers"]).get(b"x-user")
         return Actor(type="user", id=user.decode()) if user else None
 
-    wrapped = AuditContextMiddleware(app, service="notes-api", get_actor=actor_from_header)
+    async def tenant_from_header(scope: dict) -> dict | None:
+        tenant = dict(scope["headers"]).get(b"x-tenant")
+        return {"id": tenant.decode(), "name": tenant.decode().title()} if tenant else None
+
+    wrapped = AuditContextMiddleware(
+        app,
+        service="notes-api",
+        get_actor=actor_from_header,
+        get_organization=tenant_from_header,
+    )
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
     async def main() -> list[httpx.Response]:
@@ -203,7 +212,8 @@ def test_middleware_and_async_hook_attribute_each_concurrent_request_to_its_own_
                     client.post(
                         "/notes",
                         headers={"x-user": f"user-{i}", "x-request-id": f"req-{i}"}
-                        | ({"traceparent": traceparent} if i == 0 else {}),
+                        | ({"traceparent": traceparent} if i == 0 else {})
+                        | ({"x-tenant": f"org-{i % 3}"} if i % 4 else {}),
                     )
                     for i in range(20)
                 )
@@ -224,6 +234,11 @@ def test_middleware_and_async_hook_attribute_each_concurrent_request_to_its_own_
         assert ctx["request_id"] == f"req-{author.split('-')[1]}"
         assert ctx["service"] == "notes-api"
         assert ctx["client_addr"] == "203.0.113.7"
+        i = int(author.split("-")[1])
+        if i % 4:
+            assert ctx["organization"] == {"id": f"org-{i % 3}", "name": f"Org-{i % 3}"}
+        else:
+            assert "organization" not in ctx
     traced = [c for c in context_by_xid.values() if "trace_id" in c]
     assert [c["request_id"] for c in traced] == ["req-0"]
 
@@ -265,7 +280,16 @@ def test_sync_endpoints_in_the_threadpool_with_sqlalchemy_do_not_leak_context(so
     def actor_from_header(scope: dict) -> Actor:
         return Actor(type="user", id=dict(scope["headers"])[b"x-user"].decode())
 
-    wrapped = AuditContextMiddleware(app, service="notes-api", get_actor=actor_from_header)
+    async def tenant_from_header(scope: dict) -> dict | None:
+        tenant = dict(scope["headers"]).get(b"x-tenant")
+        return {"id": tenant.decode(), "name": tenant.decode().title()} if tenant else None
+
+    wrapped = AuditContextMiddleware(
+        app,
+        service="notes-api",
+        get_actor=actor_from_header,
+        get_organization=tenant_from_header,
+    )
 
     async def main() -> None:
         transport = httpx.ASGITransport(app=wrapped)

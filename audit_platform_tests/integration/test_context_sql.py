@@ -214,6 +214,18 @@ def test_attach_context_refuses_the_current_transaction(source_db):
             '{"actor": {"type": "user", "id": "1"}, "attributes": [1]}',
             '"attributes" must be an object; got array',
         ),
+        (
+            '{"actor": {"type": "user", "id": "1"}, "organization": "acme"}',
+            'field "organization" must be an object with id and name',
+        ),
+        (
+            '{"actor": {"type": "user", "id": "1"}, "organization": {"id": "acme", "plan": "x"}}',
+            '"organization.plan" is not allowed',
+        ),
+        (
+            '{"actor": {"type": "user", "id": "1"}, "organization": {"name": "Acme"}}',
+            '"organization.id" must be a string of 1 to 256 characters',
+        ),
     ],
 )
 def test_invalid_context_fails_the_transaction_naming_the_field(source_db, context, message):
@@ -269,6 +281,14 @@ def test_published_json_schema_is_the_python_model():
         {"actor": {"type": "user", "id": "1"}, "job": {"name": 1}},
         {"actor": {"type": "user", "id": "1"}, "reason": None, "job": None, "attributes": None},
         {"actor": None},
+        {"actor": {"type": "user", "id": "1"}, "organization": {"id": "acme", "name": "Acme"}},
+        {"actor": {"type": "user", "id": "1"}, "organization": {"id": "acme", "name": None}},
+        {"actor": {"type": "user", "id": "1"}, "organization": {"id": ""}},
+        {"actor": {"type": "user", "id": "1"}, "organization": {"id": "x" * 256}},
+        {"actor": {"type": "user", "id": "1"}, "organization": {"id": "x" * 257}},
+        {"actor": {"type": "user", "id": "1"}, "organization": {"id": 7}},
+        {"actor": {"type": "user", "id": "1"}, "organization": {"id": "a", "tier": "gold"}},
+        {"actor": {"type": "user", "id": "1"}, "organization": []},
     ],
 )
 def test_python_model_and_database_agree_on_what_is_valid(source_db, context):
@@ -309,6 +329,10 @@ _contexts = st.fixed_dictionaries(
     optional={
         "request_id": st.one_of(st.none(), _texts),
         "reason": _texts,
+        "organization": st.fixed_dictionaries(
+            {"id": st.text(min_size=1, max_size=40)},
+            optional={"name": st.one_of(st.none(), _texts)},
+        ),
         "client_addr": st.sampled_from(
             [
                 "01.02.03.04",

@@ -16,6 +16,7 @@ from audit_platform_context.model import (
     Actor,
     ActorType,
     Job,
+    Organization,
     TransactionContext,
     merge_fields,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Actor",
     "ActorType",
     "Job",
+    "Organization",
     "TransactionContext",
     "audit_context",
     "audit_job",

@@ -40,12 +40,23 @@ class Job(BaseModel):
     run_id: str | None = None
 
 
+class Organization(BaseModel):
+    """The tenant the transaction acts for, in a multi-tenant service: what keys and Explorer
+    sessions limited to organizations are limited by (ECS ``organization.*``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=256, description="The tenant's stable id.")
+    name: str | None = Field(default=None, description="Display name, for people reading.")
+
+
 class TransactionContext(BaseModel):
     """What a service records once per transaction, in that transaction."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     actor: Actor
+    organization: Organization | None = None
     service: str | None = None
     request_id: str | None = None
     job: Job | None = None

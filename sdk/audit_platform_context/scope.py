@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import ConfigDict
 
-from audit_platform_context.model import Actor, Job, TransactionContext, merge_fields
+from audit_platform_context.model import Actor, Job, Organization, TransactionContext, merge_fields
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,6 +52,7 @@ class audit_context:
         self,
         *,
         actor: Actor | dict[str, Any] | None = None,
+        organization: Organization | dict[str, Any] | None = None,
         service: str | None = None,
         request_id: str | None = None,
         job: Job | dict[str, Any] | None = None,
@@ -62,6 +63,7 @@ class audit_context:
     ) -> None:
         given = {
             "actor": actor,
+            "organization": organization,
             "service": service,
             "request_id": request_id,
             "job": job,
