@@ -38,6 +38,12 @@ class TablePolicy(BaseModel):
     exclude: list[str] = []
     mask: list[str] = []
     ignore_changes_to: list[str] = []
+    organization: str | None = Field(
+        default=None,
+        description="The column holding the organization (tenant) id a row belongs to: its "
+        "changes are that organization's, whoever made them; default: the transaction "
+        "context's organization.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TablePolicy:
@@ -49,6 +55,17 @@ class TablePolicy(BaseModel):
             raise ValueError(f"masked columns not in include: {sorted(missing)}")
         if self.key and (hidden := set(self.key) & set(self.exclude)):
             raise ValueError(f"key columns cannot be excluded: {sorted(hidden)}")
+        if self.organization is not None:
+            if not self.keeps(self.organization):
+                raise ValueError(
+                    f"organization column {self.organization!r} is not captured: include it, "
+                    "or stop excluding it"
+                )
+            if self.organization in self.mask:
+                raise ValueError(
+                    f"organization column {self.organization!r} is masked: a masked value "
+                    "names no organization; unmask it"
+                )
         return self
 
     def keeps(self, column: str) -> bool:

@@ -227,6 +227,16 @@ class User(_Model):
     name: str | None = None
 
 
+class OrganizationField(_Model):
+    """The tenant the change belongs to: the row's own (``row.organization``) where its table's
+    policy names the column, else the context's ``organization``. What keys and sessions
+    limited to organizations see (docs/design.md, "Organizations"); the name is the context's,
+    given only where the context names the same organization."""
+
+    id: str | None = None
+    name: str | None = None
+
+
 class ServiceField(_Model):
     name: str | None = None
 
@@ -252,6 +262,13 @@ ECS_EVENT_TYPE = {
 class RowShape(_Model):
     key: Annotated[list[str], Column("key_columns", pl.String(), leaf="key", added=True)] = Field(
         description="Columns that identify the row: its primary key, or the key its policy names."
+    )
+    organization: Annotated[
+        str | None, Column("row_organization", pl.String(), leaf="org", added=True)
+    ] = Field(
+        default=None,
+        description="The organization the row belongs to, from the column its table's policy "
+        "names (``organization``); absent where the policy names none.",
     )
     types: Annotated[
         dict[str, str],
@@ -291,6 +308,10 @@ class AuditRecord(_Model):
     )
     context: Annotated[dict[str, Any] | None, Column("context", pl.String()), CONTEXT]
     user: User
+    organization: OrganizationField = Field(
+        default_factory=OrganizationField,
+        description="Absent on records indexed before records named their organization.",
+    )
     service: ServiceField
     trace: TraceField
     client: Client

@@ -497,14 +497,17 @@ def derived_mismatches(
     index: str, doc_id: str, doc: dict[str, Any], retention_class: str = STANDARD_CLASS
 ) -> list[str]:
     """Fields of a document that do not follow from its own facts (its id, index, event,
-    free text, and the user, service, trace and client its context names), as the indexing
-    code derives them (``index.documents``; a test holds the two to the same answers).
+    free text, and the user, organization, service, trace and client its context names), as
+    the indexing code derives them (``index.documents``; a test holds the two to the same
+    answers).
     The index follows from the commit month and the source's ``retention_class``: a document
     copied into another class's index, or another month's, is caught here."""
     txn, context = doc["transaction"], doc.get("context") or {}
-    actor = context.get("actor")
+    actor, organization = context.get("actor"), context.get("organization")
     if not isinstance(actor, dict):
         actor = {}
+    if not isinstance(organization, dict):
+        organization = {}
     lsn = parse_lsn(txn["commit_lsn"])
     committed = datetime.fromisoformat(doc["@timestamp"])
     images = [*_image_strings(doc.get("before")), *_image_strings(doc.get("after"))]
@@ -514,13 +517,27 @@ def derived_mismatches(
         "event": EVENTS.get(doc.get("operation", "")),
         "values_text": " ".join(v for v in images if isinstance(v, str) and v != ""),
         "user": {"id": _text_of(actor.get("id")), "name": _text_of(actor.get("name"))},
+        "organization": _organization_of(doc, organization),
         "service": {"name": _text_of(context.get("service"))},
         "trace": {"id": _text_of(context.get("trace_id"))},
         "client": {"ip": _text_of(context.get("client_addr"))},
         "transaction.lsn": lsn,
     }
+    if "organization" not in doc and not organization:
+        # Indexed before records named their organization, from a context that names none.
+        del expected["organization"]
     found = {**doc, "id": doc_id, "index": index, "transaction.lsn": txn.get("lsn")}
     return [name for name, value in expected.items() if found.get(name) != value]
+
+
+def _organization_of(doc: dict[str, Any], named: dict[str, Any]) -> dict[str, str | None]:
+    """The organization a document follows from: its row's (committed by its change leaf),
+    else its context's; the context's name only where the two name the same one."""
+    row = doc.get("row") or {}
+    in_context = _text_of(named.get("id"))
+    found = row.get("organization") or in_context
+    name = _text_of(named.get("name")) if in_context is not None and in_context == found else None
+    return {"id": found, "name": name}
 
 
 def _text_of(value: Any) -> str | None:

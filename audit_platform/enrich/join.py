@@ -160,15 +160,17 @@ def enrich(
     if FILE not in joined.columns:
         joined = joined.with_columns(pl.lit(None, pl.String).alias(FILE))
     result = EnrichResult(pl.DataFrame(schema=schema))
-    ignore = {
-        (source, name): set(t.ignore_changes_to)
+    tables = [
+        (source, name, t)
         for source in joined.get_column("source").unique().to_list()
         for name, t in (policy[source] if isinstance(policy, dict) else policy).tables.items()
-    }
+    ]
+    ignore = {(source, name): set(t.ignore_changes_to) for source, name, t in tables}
+    organization = {(source, name): t.organization for source, name, t in tables if t.organization}
     # Slices bound the memory of the Python part: only the computed columns pass through Python
     # objects; the row images stay in Arrow and are selected into the records as they are.
     parts = [
-        _enrich_slice(chunk, result, ignore, now, grace)
+        _enrich_slice(chunk, result, ignore, organization, now, grace)
         for chunk in joined.iter_slices(n_rows=SLICE_ROWS)
     ]
     if parts:
@@ -200,6 +202,7 @@ def _enrich_slice(
     chunk: pl.DataFrame,
     result: EnrichResult,
     ignore: dict[tuple[str, str], set[str]],
+    organization: dict[tuple[str, str], str],
     now: datetime,
     grace: timedelta,
 ) -> pl.DataFrame:
@@ -230,6 +233,7 @@ def _enrich_slice(
         "context": [],
         "attribution_status": [],
         "attribution_lag_seconds": [],
+        "row_organization": [],
     }
     for (
         lsn,
@@ -297,6 +301,9 @@ def _enrich_slice(
         computed["context"].append(context)
         computed["attribution_status"].append(status)
         computed["attribution_lag_seconds"].append(lag)
+        computed["row_organization"].append(
+            _row_organization(organization.get((source, f"{schema}.{table}")), before, after)
+        )
     kept = chunk.filter(pl.Series(keep, dtype=pl.Boolean)).drop("context")
     extra = pl.DataFrame(computed, schema={k: RECORD_SCHEMA[k] for k in computed})
     both = pl.concat([kept, extra], how="horizontal")
@@ -311,6 +318,21 @@ def _enrich_slice(
         ),
         pl.col(FILE),
     )
+
+
+def _row_organization(
+    column: str | None, before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> str | None:
+    """The organization a row belongs to: its column's value after the change, or before it
+    (a delete); None where the policy names no column or the row holds none. A row moved from
+    one organization to another is the new one's: the old one's keys see its history up to
+    the move."""
+    if column is None:
+        return None
+    for image in (after, before):
+        if image is not None and image.get(column) is not None:
+            return str(image[column])
+    return None
 
 
 def changed_columns(

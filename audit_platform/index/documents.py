@@ -51,6 +51,9 @@ def _image_values(column: str) -> pl.Expr:
     )
 
 
+#: The row's own organization where its policy names the column, else the context's.
+_ORGANIZATION = pl.coalesce(pl.col("row_organization"), _context("organization.id"))
+
 #: Fields whose records column is JSON text already: spliced into the document as it is.
 _RAW = {"event", "changed_columns", "before", "after", "context", "row"}
 
@@ -75,6 +78,10 @@ def _computed(database: PerSource, ingested_at: datetime) -> dict[str, pl.Expr]:
         .list.join(" "),
         "user.id": _context("actor.id"),
         "user.name": _context("actor.name"),
+        "organization.id": _ORGANIZATION,
+        "organization.name": pl.when(_context("organization.id") == _ORGANIZATION).then(
+            _context("organization.name")
+        ),
         "service.name": _context("service"),
         "trace.id": _context("trace_id"),
         "client.ip": _context("client_addr"),
@@ -162,7 +169,11 @@ def document_frame(
             pl.col("key_columns").fill_null(pl.lit("[]")),
             pl.lit(',"types":'),
             pl.col("column_types").fill_null(pl.lit("{}")),
-            pl.lit("}}"),
+            pl.lit(","),
+            pl.struct(pl.col("row_organization").alias("organization"))
+            .struct.json_encode()
+            .str.strip_prefix("{"),
+            pl.lit("}"),
         ).alias("document"),
     )
 

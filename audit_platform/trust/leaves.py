@@ -105,8 +105,9 @@ def change_leaf(
     policy_version: str,
     txn_changes: int | None,
     txn_ignored: int | None,
+    organization: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    leaf = {
         "v": VERSION,
         "kind": "change",
         "id": record_id,
@@ -129,6 +130,15 @@ def change_leaf(
         "txn_changes": _text(txn_changes),
         "txn_ignored": _text(txn_ignored),
     }
+    return _with_organization(leaf, organization)
+
+
+def _with_organization(leaf: dict[str, Any], organization: str | None) -> dict[str, Any]:
+    """The row's organization (its policy's column) is committed where there is one, and only
+    there, so every leaf written before records named organizations keeps its bytes."""
+    if organization is not None:
+        leaf["org"] = organization
+    return leaf
 
 
 def context_leaf(
@@ -211,6 +221,9 @@ def record_leaves(records: pl.DataFrame) -> pl.DataFrame:
         "policy_version",
         pl.col("txn_changes").cast(pl.String),
         pl.col("txn_ignored").cast(pl.String),
+        pl.col("row_organization")
+        if "row_organization" in records.columns
+        else pl.lit(None, pl.String).alias("row_organization"),
     )
     hashes = []
     for (
@@ -233,6 +246,7 @@ def record_leaves(records: pl.DataFrame) -> pl.DataFrame:
         policy,
         txn_changes,
         txn_ignored,
+        organization,
     ) in rendered.iter_rows():
         leaf = {
             "v": VERSION,
@@ -257,7 +271,7 @@ def record_leaves(records: pl.DataFrame) -> pl.DataFrame:
             "txn_changes": txn_changes,
             "txn_ignored": txn_ignored,
         }
-        hashes.append(leaf_hash(canonical(leaf)))
+        hashes.append(leaf_hash(canonical(_with_organization(leaf, organization))))
     return _frame(
         records.select(
             pl.lit("change").alias("kind"),
@@ -436,6 +450,7 @@ def document_leaves(doc_id: str, doc: dict[str, Any]) -> list[tuple[str, dict[st
                 policy_version=doc["policy_version"],
                 txn_changes=txn.get("changes"),
                 txn_ignored=txn.get("ignored"),
+                organization=row.get("organization"),
             ),
         )
     ]

@@ -246,6 +246,23 @@ def test_policy_errors_name_the_file_the_key_and_the_problem(tmp_path):
         load_policy(path)
 
 
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ("{organization: org, exclude: [org]}", "organization column 'org' is not captured"),
+        ("{organization: org, include: [id]}", "organization column 'org' is not captured"),
+        ("{organization: org, mask: [org]}", "organization column 'org' is masked"),
+    ],
+)
+def test_an_organization_column_must_be_captured_as_it_is(tmp_path, table, problem):
+    path = tmp_path / "shop.yaml"
+    path.write_text(f"source: shop\nversion: 1\ntables:\n  public.accounts: {table}\n")
+    with pytest.raises(PolicyError, match=f"tables.public.accounts: Value error, {problem}"):
+        load_policy(path)
+    path.write_text("source: shop\nversion: 1\ntables:\n  public.accounts: {organization: org}\n")
+    assert load_policy(path).tables["public.accounts"].organization == "org"
+
+
 def test_demo_policy_loads_and_carries_its_version():
     policy = load_policy(Settings().resources_dir / "sources" / "shop.yaml")
     assert policy.policy_version.startswith("1:")

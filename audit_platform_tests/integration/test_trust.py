@@ -171,6 +171,35 @@ def test_a_document_with_another_actor_is_named(trail):
     assert kinds(trail.verify()) == {"context_altered": [hit["_id"]]}
 
 
+def test_a_record_moved_to_another_organization_is_named(pg_database, es, tmp_path):
+    """A row's organization (its policy's column) is committed by its change leaf: a document
+    moved to another tenant, with its derived field made to agree, is still caught."""
+    env = f"trust_{uuid.uuid4().hex[:8]}"
+    ddl = "CREATE TABLE accounts (id int PRIMARY KEY, org text, note text);"
+    policy = policy_for("shop", public__accounts={"organization": "org"})
+    source = make_source(pg_database, tmp_path, ddl, policy, env)
+    install_template(es, Settings().resources_dir, env, replicas=0)
+    try:
+        with psycopg.connect(pg_database, autocommit=True) as state:
+            platform_db.install(state, Settings().resources_dir / "sql")
+            trail = Trail(source, state, es, private_key(new_private_key()), env)
+            trail.write("INSERT INTO accounts VALUES (1, 'acme', 'a'), (2, NULL, 'b')", ALICE)
+            trail.run()
+            assert trail.verify().ok
+            hits = {h["_source"]["object_id"]: h for h in trail.hits()}
+            assert hits["1"]["_source"]["row"]["organization"] == "acme"
+            assert hits["2"]["_source"]["row"]["organization"] is None
+            hit = hits["1"]
+            moved = hit["_source"]
+            moved["row"]["organization"] = moved["organization"]["id"] = "globex"
+            es.index(index=hit["_index"], id=hit["_id"], document=moved, refresh=True)
+            assert kinds(trail.verify()) == {"altered": [hit["_id"]]}
+    finally:
+        for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+            es.indices.delete(index=index)
+        es.indices.delete_index_template(name=f"audit-{env}")
+
+
 def test_a_derived_field_out_of_step_with_the_facts_is_named(trail):
     hit = doc(trail, "insert")
     source = hit["_source"]
@@ -519,8 +548,18 @@ def test_verify_derives_fields_as_the_indexing_code_does():
     the two must agree on awkward values, or an untouched trail would fail verification."""
     now = datetime(2026, 11, 27, 12, 30, 1, 123456, tzinfo=UTC)
     contexts = [
-        {"actor": {"id": 'ünï "q" \\', "name": None}, "service": "s", "trace_id": "t"},
-        {"actor": {"id": 42, "name": True}, "client_addr": "10.0.0.1", "service": {"a": 1}},
+        {
+            "actor": {"id": 'ünï "q" \\', "name": None},
+            "organization": {"id": "acme", "name": 'Ac"me'},
+            "service": "s",
+            "trace_id": "t",
+        },
+        {
+            "actor": {"id": 42, "name": True},
+            "organization": {"id": 7},
+            "client_addr": "10.0.0.1",
+            "service": {"a": 1},
+        },
         {"reason": "no actor"},
         None,
     ]
@@ -557,6 +596,9 @@ def test_verify_derives_fields_as_the_indexing_code_does():
             "txn_changes": 1,
             "txn_ignored": 0,
             "policy_version": "1",
+            # The row's own organization (its policy's column) on some: it wins over the
+            # context's, whose name then is not the row's organization's.
+            "row_organization": "initech" if i % 3 == 1 else None,
         }
         for i in range(12)
     ]
@@ -565,6 +607,20 @@ def test_verify_derives_fields_as_the_indexing_code_does():
         assert derived_mismatches(index, doc_id, doc) == [], (doc_id, doc)
     index, doc_id, doc = next(documents(records, database="db", ingested_at=now))
     assert derived_mismatches(index, doc_id, {**doc, "values_text": "forged"}) == ["values_text"]
+    # A record moved to another organization, or out of its own, is named; a record indexed
+    # before records named organizations, from a context naming none, is not.
+    assert doc["organization"] == {"id": "acme", "name": 'Ac"me'}
+    moved = {**doc, "organization": {"id": "globex", "name": 'Ac"me'}}
+    assert derived_mismatches(index, doc_id, moved) == ["organization"]
+    unnamed = {k: v for k, v in doc.items() if k != "organization"}
+    assert derived_mismatches(index, doc_id, unnamed) == ["organization"]
+    by_row = [d for _, _, d in documents(records, database="db", ingested_at=now)][4]
+    assert by_row["row"]["organization"] == "initech"
+    assert by_row["organization"] == {"id": "initech", "name": None}
+    _, old_id, old_doc = list(documents(records, database="db", ingested_at=now))[2]
+    assert old_doc["organization"] == {"id": None, "name": None}
+    older = {k: v for k, v in old_doc.items() if k != "organization"}
+    assert derived_mismatches(index, old_id, older) == []
     assert derived_mismatches("audit-e-shop-2020.01", doc_id, doc) == ["index"]
     # The index follows from the month and the source's retention class.
     assert index == index_name("e", "standard", 2026, 11)

@@ -11,6 +11,7 @@ import pytest
 
 from audit_platform.index.documents import document_frame, documents, validate_document
 from audit_platform.index.template import render_template
+from audit_platform.lsn import parse_lsn
 from audit_platform.record import (
     ADDED_COLUMNS,
     RECORD_SCHEMA,
@@ -134,6 +135,7 @@ def test_the_mapping_comes_from_the_record_with_its_declared_and_default_types()
     context = properties["context"]["properties"]
     assert set(context) == {
         "actor",
+        "organization",
         "service",
         "request_id",
         "job",
@@ -143,6 +145,7 @@ def test_the_mapping_comes_from_the_record_with_its_declared_and_default_types()
         "attributes",
     }
     assert context["actor"]["properties"]["type"] == {"type": "keyword"}
+    assert properties["organization"]["properties"]["id"] == {"type": "keyword"}
     assert context["reason"]["fields"]["keyword"]["type"] == "keyword"
 
 
@@ -186,8 +189,12 @@ def test_the_records_schema_is_the_declared_columns_and_the_trail_commits_those_
         policy_version="1:abc",
         txn_changes=5,
         txn_ignored=1,
+        organization="acme",
     )
     assert set(leaf) - {"v", "kind"} == {c.leaf for c in columns if c.leaf is not None}
+    # A row naming no organization commits none: leaves from before organizations keep their
+    # bytes.
+    assert "org" not in change_leaf(**{**_leaf_fields(leaf), "organization": None})
     # Not committed by a change's leaf: what a late context changes, the context (it has
     # leaves of its own), and the server version (leaves written before it stay valid).
     assert {c.name for c in columns if c.leaf is None} == {
@@ -198,9 +205,35 @@ def test_the_records_schema_is_the_declared_columns_and_the_trail_commits_those_
     }
 
 
+def _leaf_fields(leaf: dict) -> dict:
+    """change_leaf's arguments back from a leaf it made."""
+    return {
+        "record_id": leaf["id"],
+        "env": leaf["env"],
+        "source": leaf["source"],
+        "lsn": parse_lsn(leaf["commit_lsn"]),
+        "xid": int(leaf["xid"]),
+        "change_index": int(leaf["index"]),
+        "time": T0,
+        "schema": leaf["schema"],
+        "table": leaf["table"],
+        "operation": leaf["op"],
+        "key": leaf["key"],
+        "types": leaf["types"],
+        "object_id": leaf["object_id"],
+        "changed": leaf["changed"],
+        "before": leaf["before"],
+        "after": leaf["after"],
+        "policy_version": leaf["policy"],
+        "txn_changes": leaf["txn_changes"],
+        "txn_ignored": leaf["txn_ignored"],
+    }
+
+
 def test_a_records_file_written_before_the_later_columns_still_makes_documents():
     assert set(ADDED_COLUMNS) == {
         "key_columns",
+        "row_organization",
         "column_types",
         "txn_changes",
         "txn_ignored",
