@@ -90,6 +90,8 @@ def _records(start: int, n: int, t0: datetime, span: timedelta) -> pl.DataFrame:
             "column_types": [TYPES] * n,
             "txn_changes": [1] * n,
             "txn_ignored": [0] * n,
+            "server_version": [150000] * n,
+            "row_organization": [None] * n,
         },
         schema=RECORD_SCHEMA,
     )

@@ -79,6 +79,8 @@ def records(n: int) -> pl.DataFrame:
             "column_types": [TYPES] * n,
             "txn_changes": [1] * n,
             "txn_ignored": [0] * n,
+            "server_version": [150000] * n,
+            "row_organization": [None] * n,
         },
         schema=RECORD_SCHEMA,
     )
