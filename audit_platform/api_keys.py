@@ -1,5 +1,5 @@
 """API keys of the Audit API: created, listed and revoked from the command line, verified per
-request. Each key is scoped to one environment and optionally to sources and tables.
+request. Each key is scoped to one environment and optionally to sources, tables and organizations.
 
 A key reads ``ak_<key id>_<secret>``. The key id is public (it appears in logs and listings); the
 secret is shown once, at creation, and only its SHA-256 digest is stored.
@@ -21,6 +21,8 @@ from audit_platform.platform_db import one
 
 _KEY = re.compile(r"^ak_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$")
+#: What the source contract lets an organization id be (resources/sql/source/007).
+MAX_ORGANIZATION_ID = 256
 
 
 class ApiKeyError(ValueError):
@@ -33,14 +35,16 @@ ROLES = ("reader", "auditor", "admin")
 
 @dataclass(frozen=True)
 class Scope:
-    """What a key may read: one environment, and within it all or some sources and tables; its
-    role says whether it may also read the read log and proofs (auditor) and manage holds
-    (admin)."""
+    """What a key may read: one environment, and within it all or some sources and tables, and
+    all or some organizations (records whose ``organization.id`` is one of them; a record that
+    names none is outside every organization); its role says whether it may also read the read
+    log and proofs (auditor) and manage holds (admin)."""
 
     env: str
     sources: frozenset[str] | None = None
     tables: frozenset[str] | None = None  # 'schema.table'
     role: str = "reader"
+    organizations: frozenset[str] | None = None
 
     def has_role(self, role: str) -> bool:
         return ROLES.index(self.role) >= ROLES.index(role)
@@ -57,13 +61,13 @@ class Scope:
 
     @property
     def whole_sources(self) -> bool:
-        """Not limited to tables: a figure about a whole source (a transaction's change
-        count, a checkpoint's size) tells it nothing it may not read."""
-        return self.tables is None
+        """Not limited to tables or organizations: a figure about a whole source (a
+        transaction's change count, a checkpoint's size) tells it nothing it may not read."""
+        return self.tables is None and self.organizations is None
 
     @property
     def whole_environment(self) -> bool:
-        return self.sources is None and self.tables is None
+        return self.sources is None and self.whole_sources
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ def create_key(
     sources: list[str] | None = None,
     tables: list[str] | None = None,
     role: str = "reader",
+    organizations: list[str] | None = None,
 ) -> NewKey:
     check_identifier("environment", env)
     if role not in ROLES:
@@ -104,35 +109,59 @@ def create_key(
     for table in tables or []:
         if not _TABLE.match(table):
             raise ApiKeyError(f"table {table!r}: write it as schema.table, e.g. public.orders")
+    for organization in organizations or []:
+        if not 0 < len(organization) <= MAX_ORGANIZATION_ID or not organization.isprintable():
+            raise ApiKeyError(
+                f"organization {organization!r}: give the id records carry as organization.id "
+                f"(1 to {MAX_ORGANIZATION_ID} printable characters)"
+            )
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     text = f"ak_{key_id}_{secret}"
     row = one(
         conn.execute(
             "INSERT INTO audit_platform.api_keys"
-            " (key_id, env, name, secret_sha256, sources, tables, role)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING created_at",
-            (key_id, env, name, _digest(secret), sources or None, tables or None, role),
+            " (key_id, env, name, secret_sha256, sources, tables, role, organizations)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING created_at",
+            (
+                key_id,
+                env,
+                name,
+                _digest(secret),
+                sources or None,
+                tables or None,
+                role,
+                organizations or None,
+            ),
         )
     )
-    scope = scope_of(env, sources, tables, role)
+    scope = scope_of(env, sources, tables, role, organizations)
     return NewKey(ApiKey(key_id, name, scope, row[0], None), text)
 
 
 def scope_of(
-    env: str, sources: list[str] | None, tables: list[str] | None, role: str = "reader"
+    env: str,
+    sources: list[str] | None,
+    tables: list[str] | None,
+    role: str = "reader",
+    organizations: list[str] | None = None,
 ) -> Scope:
     """The scope a key's stored row gives (an empty or NULL list means all)."""
     return Scope(
-        env, frozenset(sources) if sources else None, frozenset(tables) if tables else None, role
+        env,
+        frozenset(sources) if sources else None,
+        frozenset(tables) if tables else None,
+        role,
+        frozenset(organizations) if organizations else None,
     )
 
 
 def _key(row: tuple) -> ApiKey:
-    key_id, env, name, sources, tables, role, created_at, revoked_at = row
-    return ApiKey(key_id, name, scope_of(env, sources, tables, role), created_at, revoked_at)
+    key_id, env, name, sources, tables, role, organizations, created_at, revoked_at = row
+    scope = scope_of(env, sources, tables, role, organizations)
+    return ApiKey(key_id, name, scope, created_at, revoked_at)
 
 
-_COLUMNS = "key_id, env, name, sources, tables, role, created_at, revoked_at"
+_COLUMNS = "key_id, env, name, sources, tables, role, organizations, created_at, revoked_at"
 
 
 def list_keys(conn: psycopg.Connection, env: str) -> list[ApiKey]:

@@ -666,7 +666,12 @@ def _platform_connection(settings: Settings) -> psycopg.Connection:
 def _scope_text(key: ApiKey) -> str:
     sources = ",".join(sorted(key.scope.sources)) if key.scope.sources else "all sources"
     tables = ",".join(sorted(key.scope.tables)) if key.scope.tables else "all tables"
-    return f"{key.scope.env}: {sources}; {tables}; {key.scope.role}"
+    organizations = (
+        f"organizations {','.join(sorted(key.scope.organizations))}; "
+        if key.scope.organizations
+        else ""
+    )
+    return f"{key.scope.env}: {sources}; {tables}; {organizations}{key.scope.role}"
 
 
 @keys_app.command("create")
@@ -680,6 +685,14 @@ def keys_create(
         list[str] | None,
         typer.Option("--table", help="Limit to this table, as schema.table (repeatable)."),
     ] = None,
+    organization: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--organization",
+            help="Limit to records of this organization, by the id records carry as "
+            "organization.id (repeatable); records naming no organization are then out of reach.",
+        ),
+    ] = None,
     role: Annotated[
         str,
         typer.Option(
@@ -692,7 +705,15 @@ def keys_create(
     settings = _settings(env)
     with _platform_connection(settings) as conn:
         try:
-            new = create_key(conn, settings.env, name, sources=source, tables=table, role=role)
+            new = create_key(
+                conn,
+                settings.env,
+                name,
+                sources=source,
+                tables=table,
+                role=role,
+                organizations=organization,
+            )
         except (ApiKeyError, ValueError) as exc:
             raise _fail(exc) from exc
     typer.echo(f"key id {new.key.key_id} ({_scope_text(new.key)})", err=True)

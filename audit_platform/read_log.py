@@ -64,23 +64,28 @@ def read_rows(
     """Rows of the read log in id order, from after ``after_id``.
 
     ``within`` a key's scope: only the rows of keys whose own scope lies inside it (their
-    sources among its sources, their tables among its tables, where it has a limit). Whatever
+    sources among its sources, their tables among its tables, their organizations among its
+    organizations, where it has a limit). Whatever
     such a key asked for and was told is about records the asking key may read too; a row of a
     wider key (its filters, the count it got) may be about records it may not. A row whose key
     id names no key of the environment counts as the widest."""
     sources = None if within is None or within.sources is None else sorted(within.sources)
     tables = None if within is None or within.tables is None else sorted(within.tables)
+    orgs = None if within is None or within.organizations is None else sorted(within.organizations)
     rows = conn.execute(
         f"SELECT {_COLUMNS} FROM audit_platform.read_log r WHERE env = %(env)s AND id > %(after)s"
         " AND (%(since)s::timestamptz IS NULL OR at >= %(since)s)"
         " AND (%(until)s::timestamptz IS NULL OR at < %(until)s)"
         " AND (%(key_id)s::text IS NULL OR key_id = %(key_id)s)"
-        " AND ((%(sources)s::text[] IS NULL AND %(tables)s::text[] IS NULL) OR EXISTS ("
+        " AND ((%(sources)s::text[] IS NULL AND %(tables)s::text[] IS NULL"
+        "       AND %(orgs)s::text[] IS NULL) OR EXISTS ("
         "   SELECT FROM audit_platform.api_keys k WHERE k.key_id = r.key_id AND k.env = r.env"
         "   AND (%(sources)s::text[] IS NULL OR cardinality(k.sources) > 0"
         "        AND k.sources <@ %(sources)s::text[])"
         "   AND (%(tables)s::text[] IS NULL OR cardinality(k.tables) > 0"
-        "        AND k.tables <@ %(tables)s::text[])))"
+        "        AND k.tables <@ %(tables)s::text[])"
+        "   AND (%(orgs)s::text[] IS NULL OR cardinality(k.organizations) > 0"
+        "        AND k.organizations <@ %(orgs)s::text[])))"
         " ORDER BY id LIMIT %(limit)s",
         {
             "env": env,
@@ -90,6 +95,7 @@ def read_rows(
             "key_id": key_id,
             "sources": sources,
             "tables": tables,
+            "orgs": orgs,
             "limit": limit,
         },
     ).fetchall()

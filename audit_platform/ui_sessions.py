@@ -41,7 +41,7 @@ def session_key(conn: psycopg.Connection, env: str, token: str, idle: timedelta)
     """The key of a live session of ``env``: not expired, not idle longer than ``idle``, and
     its key not revoked. None otherwise (the caller signs the person in again)."""
     row = conn.execute(
-        "SELECT k.key_id, k.name, k.sources, k.tables, k.role, k.created_at,"
+        "SELECT k.key_id, k.name, k.sources, k.tables, k.role, k.organizations, k.created_at,"
         "       s.last_seen_at < now() - %s AS stale"
         " FROM audit_platform.ui_sessions s JOIN audit_platform.api_keys k USING (key_id)"
         " WHERE s.token_sha256 = %s AND s.env = %s AND k.env = s.env"
@@ -50,13 +50,14 @@ def session_key(conn: psycopg.Connection, env: str, token: str, idle: timedelta)
     ).fetchone()
     if row is None:
         return None
-    key_id, name, sources, tables, role, created_at, stale = row
+    key_id, name, sources, tables, role, organizations, created_at, stale = row
     if stale:
         conn.execute(
             "UPDATE audit_platform.ui_sessions SET last_seen_at = now() WHERE token_sha256 = %s",
             (_digest(token),),
         )
-    return ApiKey(key_id, name, scope_of(env, sources, tables, role), created_at, None)
+    scope = scope_of(env, sources, tables, role, organizations)
+    return ApiKey(key_id, name, scope, created_at, None)
 
 
 def close_session(conn: psycopg.Connection, token: str) -> None:

@@ -1,8 +1,8 @@
 """Schemathesis hooks (``SCHEMATHESIS_HOOKS``): a check that no answer, whatever the request,
 holds anything outside the scope of the key the run sends.
 
-The scope comes from ``AUDIT_TEST_SCOPE`` (JSON): the environment, the sources and tables the
-key may read (null: all), the key ids whose reads it may see (null: all), and the names and key
+The scope comes from ``AUDIT_TEST_SCOPE`` (JSON): the environment, the sources, tables and
+organizations the key may read (null: all), the key ids whose reads it may see (null: all), and the names and key
 ids that exist in the environment but lie outside the key's scope. Records, statistics, gaps, correlations, revert plans and read-log
 rows in JSON answers are checked field by field; exports line by line; and no answer, error or
 not, may hold a name or key id from outside the scope unless the request itself sent it.
@@ -31,6 +31,11 @@ def _table_ok(schema: Any, name: Any) -> bool:
     return SCOPE["tables"] is None or f"{schema}.{name}" in SCOPE["tables"]
 
 
+def _part_only() -> bool:
+    """Whether the key sees only part of a transaction (so no figure of the whole)."""
+    return SCOPE["tables"] is not None or SCOPE.get("organizations") is not None
+
+
 def record_problems(record: dict[str, Any], where: str) -> Iterator[str]:
     """An audit record (the API's model or an export's line) outside the key's scope."""
     source, table = record.get("source") or {}, record.get("table") or {}
@@ -40,7 +45,11 @@ def record_problems(record: dict[str, Any], where: str) -> Iterator[str]:
         yield f"{where}: a record of source {source.get('service')!r}"
     if not _table_ok(table.get("schema"), table.get("name")):
         yield f"{where}: a record of table {table.get('schema')}.{table.get('name')}"
-    if SCOPE["tables"] is not None:
+    organizations = SCOPE.get("organizations")
+    organization = (record.get("organization") or {}).get("id")
+    if organizations is not None and organization not in organizations:
+        yield f"{where}: a record of organization {organization!r}"
+    if _part_only():
         for figure in ("changes", "ignored"):
             if (record.get("transaction") or {}).get(figure) is not None:
                 yield f"{where}: transaction.{figure}, a count of the whole transaction"
@@ -74,7 +83,7 @@ def problems(value: Any, sent: str, where: str = "$") -> Iterator[str]:
     for bucket in value.get("by_table", []):
         if not _table_ok(*bucket["key"].split(".", 1)):
             yield f"{where}.by_table: {bucket['key']!r}"
-    if SCOPE["tables"] is not None and isinstance(value.get("completeness"), dict):
+    if _part_only() and isinstance(value.get("completeness"), dict):
         for figure in ("captured", "ignored", "waiting", "missing"):
             if value["completeness"].get(figure) is not None:
                 yield f"{where}.completeness.{figure}: a figure of the whole transaction"
@@ -94,6 +103,7 @@ def export_problems(media_type: str, body: str) -> Iterator[str]:
                 "env": row.get("env"),
                 "source": {"service": row.get("source.service")},
                 "table": {"schema": row.get("table.schema"), "name": row.get("table.name")},
+                "organization": {"id": row.get("organization.id") or None},
                 "transaction": {
                     "changes": row.get("transaction.changes") or None,
                     "ignored": row.get("transaction.ignored") or None,

@@ -96,6 +96,9 @@ class EventFilter(BaseModel):
     object_id: str | None = Field(default=None, max_length=1024)
     actor_id: str | None = Field(default=None, max_length=256)
     actor_type: ActorType | None = None
+    organization_id: str | None = Field(
+        default=None, max_length=256, description="The organization (tenant) id."
+    )
     request_id: str | None = Field(default=None, max_length=256)
     job: str | None = Field(default=None, max_length=256, description="Job name or run id.")
     job_run_id: str | None = Field(default=None, max_length=256, description="A job run's id.")
@@ -262,6 +265,8 @@ def scope_clauses(scope: Scope) -> list[dict[str, Any]]:
         clauses.append({"terms": {"source.service": sorted(scope.sources)}})
     if scope.tables is not None:
         clauses.append(any_of([table_clause(t) for t in sorted(scope.tables)]))
+    if scope.organizations is not None:
+        clauses.append({"terms": {"organization.id": sorted(scope.organizations)}})
     return clauses
 
 
@@ -288,6 +293,7 @@ def filter_clauses(f: EventFilter, start: datetime | None, end: datetime | None)
         "object_id": f.object_id,
         "context.actor.id": f.actor_id,
         "context.actor.type": f.actor_type.value if f.actor_type else None,
+        "organization.id": f.organization_id,
         "context.request_id": f.request_id,
         "context.job.run_id": f.job_run_id,
         "trace.id": f.trace_id,

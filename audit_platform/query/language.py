@@ -26,6 +26,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "actor": ("the actor's id in the transaction context", "context.actor.id"),
     "actor_type": ("the actor's type: user, service, job, system", "context.actor.type"),
     "user": ("the end user's id", "user.id"),
+    "organization": ("the organization (tenant) the change was made for", "organization.id"),
     "source": ("the source (service) name", "source.service"),
     "table": ("a table, as name or schema.name", "table"),
     "op": ("the operation: insert, update, delete, truncate, ddl, snapshot", "operation"),
@@ -48,6 +49,7 @@ ALIASES = {
     "trace_id": "trace",
     "object_id": "object",
     "client_ip": "ip",
+    "org": "organization",
     "actor.type": "actor_type",
 }
 #: ``before.<column>`` and ``after.<column>``: the column's value before or after the change.

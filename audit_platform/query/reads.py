@@ -89,7 +89,22 @@ def _search(es: Elasticsearch, scope: Scope, **body: Any) -> dict[str, Any]:
         index=read_alias(scope.env), ignore_unavailable=True, allow_no_indices=True, **body
     )
     timing.record(response.meta.duration)
+    if scope.organizations is not None:
+        for hit in response.body.get("hits", {}).get("hits", []):
+            _without_other_organizations(hit.get("_source") or {}, scope.organizations)
     return response.body
+
+
+def _without_other_organizations(document: dict[str, Any], allowed: frozenset[str]) -> None:
+    """A record of the key's organization whose context names another (someone acting for
+    another tenant changed this tenant's row) keeps who did it, but not which organization
+    they acted for: a key limited to organizations learns of no other's existence."""
+    context = document.get("context")
+    if not isinstance(context, dict):
+        return
+    named = context.get("organization")
+    if isinstance(named, dict) and named.get("id") not in allowed:
+        del context["organization"]
 
 
 def _page(
@@ -199,13 +214,18 @@ def completeness(
     first: AuditRecord, indexed: int, waiting: int | None, scope: Scope
 ) -> Completeness:
     """How complete a transaction is, from its records' counts (see :class:`Completeness`).
-    For a key limited to tables only ``indexed`` is given, counted within them: the other
+    For a key limited to tables or organizations only ``indexed`` is given, counted within
+    them (the answer is then the key's part of the transaction, and says so): the other
     figures are of the whole transaction, which may hold changes of tables it may not read
     (the quarantine does not record tables, so ``waiting`` cannot be narrowed either)."""
     captured, ignored = first.transaction.changes, first.transaction.ignored
     if not scope.whole_sources or waiting is None:
         why = "counted only for keys that may read every table of the source: the transaction "
-        why += "may hold changes outside this key's tables"
+        why += (
+            "may hold changes outside this key's tables"
+            if scope.organizations is None
+            else "may hold changes of rows outside this key's organizations; this is its part"
+        )
         return Completeness(
             captured=None,
             ignored=None,

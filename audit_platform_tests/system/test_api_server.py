@@ -36,6 +36,9 @@ from audit_platform_tests.helpers import policy_for, serving_api
 ROWS = 100_000
 #: Rows of a table the narrow key may not read, written in the orders' transaction.
 SECRET_ROWS = 3
+#: Rows of a multi-tenant table, half of each organization; the organization key reads acme's.
+TENANT_ROWS = 20
+GLOBEX_ONLY = "globex_only_value"
 
 
 @dataclass
@@ -43,7 +46,9 @@ class Server:
     url: str
     env: str
     key: str
-    keys: dict[str, str]  # reader, auditor, admin, and narrow: one source, one table (auditor)
+    #: reader, auditor, admin; narrow: one source, one table (auditor); organization: acme's
+    #: records (auditor)
+    keys: dict[str, str]
     process: subprocess.Popen
     log: Path
 
@@ -64,8 +69,14 @@ def server(servers, es, tmp_path_factory) -> Iterator[Server]:
             tmp_path_factory.mktemp("srv"),
             "CREATE TABLE orders (id int PRIMARY KEY, status text, note text);"
             "ALTER TABLE orders REPLICA IDENTITY FULL;"
-            "CREATE TABLE payroll_secret (id int PRIMARY KEY, amount int);",
-            policy_for("shop", public__orders={}, public__payroll_secret={}),
+            "CREATE TABLE payroll_secret (id int PRIMARY KEY, amount int);"
+            "CREATE TABLE accounts (id int PRIMARY KEY, org text, note text);",
+            policy_for(
+                "shop",
+                public__orders={},
+                public__payroll_secret={},
+                public__accounts={"organization": "org"},
+            ),
             env=env,
         )
         with psycopg.connect(url) as conn:
@@ -82,15 +93,29 @@ def server(servers, es, tmp_path_factory) -> Iterator[Server]:
                 "INSERT INTO payroll_secret SELECT i, i FROM generate_series(1, %s) i",
                 (SECRET_ROWS,),
             )
+        with psycopg.connect(url) as conn:  # one transaction, for acme, touching both tenants
+            conn.execute(
+                "SELECT audit.set_context(%s::jsonb)",
+                ('{"actor": {"type": "user", "id": "ada"}, "organization": {"id": "acme"}}',),
+            )
+            conn.execute(
+                "INSERT INTO accounts SELECT i, CASE WHEN i %% 2 = 0 THEN 'acme' ELSE 'globex' END,"
+                " CASE WHEN i %% 2 = 0 THEN 'acme note' ELSE %s END"
+                " FROM generate_series(1, %s) AS i",
+                (GLOBEX_ONLY, TENANT_ROWS),
+            )
         with psycopg.connect(servers.pg_url, autocommit=True) as state:
             platform_db.install(state, Settings().resources_dir / "sql")
-            assert capture_enrich_index(source, state, es) == ROWS + SECRET_ROWS
+            assert capture_enrich_index(source, state, es) == ROWS + SECRET_ROWS + TENANT_ROWS
             keys = {
                 role: create_key(state, env, role, role=role).secret
                 for role in ("reader", "auditor", "admin")
             }
             keys["narrow"] = create_key(
                 state, env, "narrow", sources=["shop"], tables=["public.orders"], role="auditor"
+            ).secret
+            keys["organization"] = create_key(
+                state, env, "acme", organizations=["acme"], role="auditor"
             ).secret
             # A source the narrow key may not read, known to the environment by its gap.
             record_gap(
@@ -124,7 +149,7 @@ def test_a_large_export_streams_in_bounded_memory(server):
             lines += chunk.count(b"\n")
             size += len(chunk)
     growth = server.peak_rss_mib() - before
-    assert lines == ROWS + SECRET_ROWS
+    assert lines == ROWS + SECRET_ROWS + TENANT_ROWS
     exported_mib = size / 2**20
     # Holding the result would cost several times its size in Python objects; a page of 1,000
     # records costs a few MiB. The bound leaves room for allocator noise, not for the result.
@@ -173,6 +198,7 @@ def schemathesis(
 RUNS = {
     "admin": (10, "examples,coverage,fuzzing,stateful"),
     "narrow": (20, "examples,coverage,fuzzing,stateful"),
+    "organization": (10, "examples,coverage,fuzzing,stateful"),
     "auditor": (5, "examples,fuzzing"),
     "reader": (5, "examples,fuzzing"),
 }
@@ -181,8 +207,21 @@ RUNS = {
 def test_schemathesis_finds_no_server_error_nor_an_answer_outside_the_keys_scope(server, tmp_path):
     """Requests generated from the OpenAPI document (valid and invalid ones), with a key of
     each role and a narrow one, never get a 5xx, and the narrow key never gets a record, name,
-    count or read from outside its one source and table."""
+    count or read from outside its one source and table; nor the organization key from
+    outside acme's records."""
     whole = {"env": server.env, "sources": None, "tables": None, "readers": None, "hidden": []}
+    organization = {
+        "env": server.env,
+        "sources": None,
+        "tables": None,
+        "organizations": ["acme"],
+        "readers": [_key_id(server.keys["organization"])],
+        "hidden": [
+            GLOBEX_ONLY,
+            "globex",
+            *(_key_id(k) for name, k in server.keys.items() if name != "organization"),
+        ],
+    }
     narrow = {
         "env": server.env,
         "sources": ["shop"],
@@ -195,7 +234,7 @@ def test_schemathesis_finds_no_server_error_nor_an_answer_outside_the_keys_scope
         ],
     }
     for key, (examples, phases) in RUNS.items():
-        scope = narrow if key == "narrow" else whole
+        scope = {"narrow": narrow, "organization": organization}.get(key, whole)
         report = tmp_path / f"{key}.txt"
         generated = schemathesis(server, key, scope, examples, phases, report)
         assert int(generated) > 10 * examples, (key, generated)

@@ -13,8 +13,8 @@ from audit_platform.query.filters import Moment, no_nul
 
 router = APIRouter(prefix="/v1", tags=["gaps"])
 _TABLE_LIMITED = (
-    "rejected messages concern whole sources; this key is limited to some tables. "
-    "Ask for a key without a table limit."
+    "rejected messages concern whole sources; this key is limited to some tables or "
+    "organizations. Ask for a key without such a limit."
 )
 
 
@@ -40,9 +40,10 @@ def rejections(
     they were refused; never their content.
 
     Capture went on past each of them, and the changes of its transaction were recorded as
-    unattributed. Rejections concern whole sources, so a key limited to tables cannot list them.
+    unattributed. Rejections concern whole sources, so a key limited to tables or organizations
+    cannot list them.
     """
-    if scope.tables is not None:
+    if not scope.whole_sources:
         raise HTTPException(403, _TABLE_LIMITED)
     sources = scope.sources
     if source is not None:
