@@ -1,7 +1,8 @@
 """The demo shop service: what a real service looks like after adopting audit-platform.
 
-Its only audit code is the two lines a service adds: the ASGI middleware (who is calling, which
-request) and the audited connection class (the context travels with each writing transaction).
+Its only audit code is the two lines a service adds: the ASGI middleware (who is calling, for
+which organization, which request) and the audited connection class (the context travels with
+each writing transaction).
 A ``reason`` is added where the service knows one (cancelling an order).
 """
 
@@ -19,7 +20,7 @@ from fastapi import FastAPI, HTTPException
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, Field
 
-from audit_platform_context import Actor, audit_context
+from audit_platform_context import Actor, Organization, audit_context
 from audit_platform_context.asgi import AuditContextMiddleware
 from audit_platform_context.psycopg_hook import AuditedConnection
 
@@ -33,13 +34,28 @@ PEOPLE = {
 }
 
 
+#: The shop is a SaaS: each customer belongs to one of its tenants, named by the X-Org header.
+ORGANIZATIONS = {"northwind": "Northwind Traders", "contoso": "Contoso Ltd"}
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
 def _actor(scope: dict[str, Any]) -> Actor | None:
     """The demo trusts an X-User header; a real service takes this from its session or token."""
-    for key, value in scope["headers"]:
-        if key.lower() == b"x-user":
-            user = value.decode("latin-1")
-            return Actor(type="user", id=user, name=PEOPLE.get(user))
-    return None
+    user = _header(scope, b"x-user")
+    return Actor(type="user", id=user, name=PEOPLE.get(user)) if user else None
+
+
+def _organization(scope: dict[str, Any]) -> Organization | None:
+    """The tenant the request is for; a real service takes it from the authenticated session,
+    never from a header a caller chooses."""
+    org = _header(scope, b"x-org")
+    return Organization(id=org, name=ORGANIZATIONS[org]) if org in ORGANIZATIONS else None
 
 
 class NewCustomer(BaseModel):
@@ -81,7 +97,12 @@ def create_shop_app(database_url: str) -> FastAPI:
         pool.close()
 
     app = FastAPI(title="Demo shop service", lifespan=lifespan)
-    app.add_middleware(AuditContextMiddleware, service="shop-api", get_actor=_actor)
+    app.add_middleware(
+        AuditContextMiddleware,
+        service="shop-api",
+        get_actor=_actor,
+        get_organization=_organization,
+    )
 
     @app.post("/customers")
     def create_customer(body: NewCustomer) -> dict[str, int]:

@@ -23,6 +23,8 @@ from audit_platform_context import audit_job
 from audit_platform_context.psycopg_hook import AuditedConnection
 
 CUSTOMERS = ["carol", "dave", "erin"]
+#: Which of the shop's tenants each customer belongs to (support agents act for none).
+ORGANIZATION_OF = {"carol": "northwind", "dave": "contoso", "erin": "contoso"}
 AGENTS = ["alice", "bob"]
 SKUS = {"MUG-01": "9.50", "TEE-M": "19.00", "CAP-02": "14.25", "BAG-XL": "39.90"}
 
@@ -44,7 +46,10 @@ class Traffic:
 
     def _call(self, user: str, method: str, path: str, body: dict | None = None) -> dict | None:
         assert self.http is not None
-        response = self.http.request(method, path, json=body, headers={"X-User": user})
+        headers = {"X-User": user}
+        if user in ORGANIZATION_OF:
+            headers["X-Org"] = ORGANIZATION_OF[user]
+        response = self.http.request(method, path, json=body, headers=headers)
         self._count(f"{method} {path.split('/')[1]}")
         return response.json() if response.status_code == 200 else None
 
