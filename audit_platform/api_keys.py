@@ -18,11 +18,10 @@ import psycopg
 
 from audit_platform.naming import check_identifier
 from audit_platform.platform_db import one
+from audit_platform.record import MAX_ORGANIZATION_ID, organization_id
 
 _KEY = re.compile(r"^ak_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$")
-#: What the source contract lets an organization id be (resources/sql/source/007).
-MAX_ORGANIZATION_ID = 256
 
 
 class ApiKeyError(ValueError):
@@ -110,7 +109,7 @@ def create_key(
         if not _TABLE.match(table):
             raise ApiKeyError(f"table {table!r}: write it as schema.table, e.g. public.orders")
     for organization in organizations or []:
-        if not 0 < len(organization) <= MAX_ORGANIZATION_ID or not organization.isprintable():
+        if organization_id(organization) is None:
             raise ApiKeyError(
                 f"organization {organization!r}: give the id records carry as organization.id "
                 f"(1 to {MAX_ORGANIZATION_ID} printable characters)"

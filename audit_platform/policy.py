@@ -85,6 +85,11 @@ class SourcePolicy(BaseModel):
     version: int = Field(ge=1, description="Bump on every change; records carry it.")
     tables: dict[str, TablePolicy] = Field(min_length=1)
 
+    @property
+    def organization_columns(self) -> dict[str, str]:
+        """schema.table -> the column naming its rows' organization, for tables that have one."""
+        return {name: t.organization for name, t in self.tables.items() if t.organization}
+
     @field_validator("source")
     @classmethod
     def _source_identifier(cls, value: str) -> str:

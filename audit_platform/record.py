@@ -330,6 +330,19 @@ class AuditRecord(_Model):
         return self.model_dump(mode="json", by_alias=True, exclude={"id"})
 
 
+#: The longest organization id: what contexts may carry (source migration 007) and keys name.
+MAX_ORGANIZATION_ID = 256
+
+
+def organization_id(value: Any) -> str | None:
+    """``value`` if it is an organization id a key can name (1 to 256 printable characters),
+    else None: a row's value is the source's data, and one Elasticsearch could not index as a
+    term, or no key could hold, must not decide whose a record is."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_ORGANIZATION_ID and value.isprintable():
+        return value
+    return None
+
+
 def object_id(values: list[str | None]) -> str:
     """Join key values reversibly: ``\\`` and ``,`` inside a value are escaped with ``\\``."""
     parts = ["" if v is None else v.replace("\\", "\\\\").replace(",", "\\,") for v in values]

@@ -48,7 +48,7 @@ from audit_platform.naming import (
 )
 from audit_platform.policy import SourcePolicy, load_policy, policy_path
 from audit_platform.read_log import read_leaf, read_rows
-from audit_platform.record import record_id
+from audit_platform.record import RECORD_SCHEMA, record_id
 from audit_platform.settings import Settings
 from audit_platform.staging.store import StagingStore, hour_from_path, lsn_range
 from audit_platform.trust.leaves import KINDS, canonical, document_leaves, record_leaves
@@ -535,7 +535,9 @@ def _organization_of(doc: dict[str, Any], named: dict[str, Any]) -> dict[str, st
     else its context's; the context's name only where the two name the same one."""
     row = doc.get("row") or {}
     in_context = _text_of(named.get("id"))
-    found = row.get("organization") or in_context
+    # The row's: "" where its table names an organization column and it names none.
+    by_row = row.get("organization")
+    found = in_context if by_row is None else (by_row or None)
     name = _text_of(named.get("name")) if in_context is not None and in_context == found else None
     return {"id": found, "name": name}
 
@@ -601,6 +603,7 @@ _COVERED = (
     "policy_version",
     "txn_changes",
     "txn_ignored",
+    "row_organization",
 )
 
 
@@ -608,7 +611,11 @@ def _compare_records(
     report: VerifyReport, records: pl.DataFrame, enriched: pl.DataFrame, hour: datetime
 ) -> None:
     """The records files against the staged changes enriched again (whose leaves were just
-    compared with the log): a column join, no hashing, so the records files cost little."""
+    compared with the log): a column join, no hashing, so the records files cost little.
+    A column a records file written by an earlier version lacks reads as null."""
+    records = records.with_columns(
+        pl.lit(None, RECORD_SCHEMA[c]).alias(c) for c in _COVERED if c not in records.columns
+    )
     joined = records.join(enriched.select("id", *_COVERED), on="id", how="inner", suffix="_")
     differs = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_")) for c in _COVERED)
     for rid in joined.filter(differs)["id"].to_list():

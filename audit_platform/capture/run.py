@@ -58,8 +58,14 @@ def frames(
     source: str,
     policy_version: str,
     server_version: int | None = None,
+    organization_columns: dict[str, str] | None = None,
 ):
-    """The batch as the two staged datasets, with the columns every record needs."""
+    """The batch as the two staged datasets, with the columns every record needs.
+
+    ``organization_columns`` (schema.table -> column) is the policy's, staged with each change
+    as its ``policy_version`` is: enrichment, and verification long after, read the row's
+    organization by the rule in force when the change was captured (docs/design.md,
+    "Organizations")."""
     changes = pl.DataFrame(
         {
             "lsn": batch.lsn,
@@ -100,6 +106,9 @@ def frames(
         *extra,
         pl.lit(policy_version).alias("policy_version"),
         pl.lit(server_version, pl.Int32).alias("server_version"),
+        pl.concat_str("schema", pl.lit("."), "table")
+        .replace_strict(organization_columns or {}, default=None, return_dtype=pl.String)
+        .alias("organization_column"),
     )
     contexts = contexts.with_columns(*extra)
     return changes.drop("commit_time_us"), contexts.drop("commit_time_us")
@@ -206,6 +215,7 @@ class _Stager:
             source=self.policy.source,
             policy_version=self.policy.policy_version,
             server_version=self.stream.server_version,
+            organization_columns=self.policy.organization_columns,
         )
         crash_point("capture.decoded")
         if batch.open_txn_lsn is not None:

@@ -18,7 +18,13 @@ from typing import Any
 import polars as pl
 
 from audit_platform.policy import SourcePolicy
-from audit_platform.record import RECORD_SCHEMA, Operation, object_id, record_id
+from audit_platform.record import (
+    RECORD_SCHEMA,
+    Operation,
+    object_id,
+    organization_id,
+    record_id,
+)
 from audit_platform.staging.schemas import STAGED_LATER
 from audit_platform.staging.store import FILE
 from audit_platform_context.model import merge_fields
@@ -160,17 +166,17 @@ def enrich(
     if FILE not in joined.columns:
         joined = joined.with_columns(pl.lit(None, pl.String).alias(FILE))
     result = EnrichResult(pl.DataFrame(schema=schema))
-    tables = [
-        (source, name, t)
+    ignore = {
+        (source, name): set(t.ignore_changes_to)
         for source in joined.get_column("source").unique().to_list()
         for name, t in (policy[source] if isinstance(policy, dict) else policy).tables.items()
-    ]
-    ignore = {(source, name): set(t.ignore_changes_to) for source, name, t in tables}
-    organization = {(source, name): t.organization for source, name, t in tables if t.organization}
+    }
+    if "organization_column" not in joined.columns:  # staged before capture kept it
+        joined = joined.with_columns(pl.lit(None, pl.String).alias("organization_column"))
     # Slices bound the memory of the Python part: only the computed columns pass through Python
     # objects; the row images stay in Arrow and are selected into the records as they are.
     parts = [
-        _enrich_slice(chunk, result, ignore, organization, now, grace)
+        _enrich_slice(chunk, result, ignore, now, grace)
         for chunk in joined.iter_slices(n_rows=SLICE_ROWS)
     ]
     if parts:
@@ -202,7 +208,6 @@ def _enrich_slice(
     chunk: pl.DataFrame,
     result: EnrichResult,
     ignore: dict[tuple[str, str], set[str]],
-    organization: dict[tuple[str, str], str],
     now: datetime,
     grace: timedelta,
 ) -> pl.DataFrame:
@@ -223,6 +228,7 @@ def _enrich_slice(
         "context",
         "late_context",
         "attached_at",
+        "organization_column",
         FILE,
     )
     keep: list[bool] = []
@@ -252,6 +258,7 @@ def _enrich_slice(
         context,
         late_context,
         attached_at,
+        organization_column,
         file,
     ) in zip(*(chunk.get_column(c).to_list() for c in columns), strict=True):
         lag, status = None, "attributed"
@@ -302,7 +309,7 @@ def _enrich_slice(
         computed["attribution_status"].append(status)
         computed["attribution_lag_seconds"].append(lag)
         computed["row_organization"].append(
-            _row_organization(organization.get((source, f"{schema}.{table}")), before, after)
+            _row_organization(organization_column, operation, before, after)
         )
     kept = chunk.filter(pl.Series(keep, dtype=pl.Boolean)).drop("context")
     extra = pl.DataFrame(computed, schema={k: RECORD_SCHEMA[k] for k in computed})
@@ -321,18 +328,32 @@ def _enrich_slice(
 
 
 def _row_organization(
-    column: str | None, before: dict[str, Any] | None, after: dict[str, Any] | None
+    column: str | None,
+    operation: Operation,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
 ) -> str | None:
-    """The organization a row belongs to: its column's value after the change, or before it
-    (a delete); None where the policy names no column or the row holds none. A row moved from
-    one organization to another is the new one's: the old one's keys see its history up to
-    the move."""
+    """The organization a change belongs to, by its table's organization column (staged with
+    the change, as the policy named it at capture): the row's value after the change, or before
+    it for a delete. None where the table names no column: the context's organization then
+    applies. ``""``, no organization at all, where the table names one but the change has
+    none a key could name: the value is null, empty, longer than an id may be or not printable;
+    the change is a schema change or a truncate; or the row moved from one organization to
+    another (each side's keys would otherwise read the other's values in its images). The
+    context is not asked then: it is the writer's claim, not the row's."""
     if column is None:
         return None
-    for image in (after, before):
-        if image is not None and image.get(column) is not None:
-            return str(image[column])
-    return None
+    if operation in (Operation.ddl, Operation.truncate):
+        return ""
+    found = {
+        side: organization_id(image.get(column))
+        for side, image in (("before", before), ("after", after))
+        if image is not None and column in image
+    }
+    if len(found) == 2 and found["before"] != found["after"]:
+        return ""
+    value = found.get("after", found.get("before"))
+    return value or ""
 
 
 def changed_columns(

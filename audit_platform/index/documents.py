@@ -51,8 +51,15 @@ def _image_values(column: str) -> pl.Expr:
     )
 
 
-#: The row's own organization where its policy names the column, else the context's.
-_ORGANIZATION = pl.coalesce(pl.col("row_organization"), _context("organization.id"))
+#: The row's own organization where its table names the column (``""``: the change names none
+#: a key could hold, ``enrich.join._row_organization``), else the context's.
+_ROW_ORGANIZATION = pl.col("row_organization")
+_ORGANIZATION = (
+    pl.when(_ROW_ORGANIZATION.is_null())
+    .then(_context("organization.id"))
+    .when(_ROW_ORGANIZATION != "")
+    .then(_ROW_ORGANIZATION)
+)
 
 #: Fields whose records column is JSON text already: spliced into the document as it is.
 _RAW = {"event", "changed_columns", "before", "after", "context", "row"}

@@ -2,8 +2,10 @@
 reads them; neither imports the other).
 
 ``commit_time_us`` is how capture decodes a commit time; staged files hold ``commit_time`` (UTC)
-instead, plus ``env``, ``source`` and, for changes, ``policy_version`` and ``server_version``
-(the source's ``server_version_num``; files staged before it was kept lack it).
+instead, plus ``env``, ``source`` and, for changes, ``policy_version``, ``server_version``
+(the source's ``server_version_num``) and ``organization_column`` (the column the policy in force
+at capture names as the row's organization); files staged before those two were kept lack
+them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ _STAGED_EXTRA = pl.Schema(
 
 #: Columns of ``changes`` that files staged by an earlier version lack (read as null); any other
 #: column missing is an error.
-STAGED_LATER = ("server_version",)
+STAGED_LATER = ("server_version", "organization_column")
 
 STAGED_SCHEMAS: dict[str, pl.Schema] = {
     "changes": pl.Schema(
@@ -52,6 +54,7 @@ STAGED_SCHEMAS: dict[str, pl.Schema] = {
             **_STAGED_EXTRA,
             "policy_version": pl.String(),
             "server_version": pl.Int32(),
+            "organization_column": pl.String(),
         }
     ),
     "contexts": pl.Schema(

@@ -96,10 +96,26 @@ def tenants(servers, es, tmp_path_factory) -> Iterator[Tenants]:
                 [("UPDATE accounts SET note = 'crossed' WHERE id = 10", ())],
                 _context("grace", "globex", "req-crossing"),
             ),
+            # A row created for acme and moved to globex: the move is neither's.
+            "move": write(
+                shop_db,
+                [
+                    ("INSERT INTO accounts VALUES (30, 'acme', 'acme-30')", ()),
+                    ("UPDATE accounts SET org = 'globex' WHERE id = 30", ()),
+                ],
+                _context("alice", None, "req-move"),
+            ),
+            # A writer claims acme in its context for a row naming no organization: the
+            # table names its rows' organization, so the claim does not count.
+            "claimed": write(
+                shop_db,
+                [("INSERT INTO accounts VALUES (40, '', 'claimed')", ())],
+                _context("mallory", "acme", "req-claimed"),
+            ),
         }
         with psycopg.connect(servers.pg_url, autocommit=True) as state:
             platform_db.install(state, Settings().resources_dir / "sql")
-            assert capture_enrich_index(source, state, es, grace=timedelta(0)) == 9
+            assert capture_enrich_index(source, state, es, grace=timedelta(0)) == 12
             keys = {
                 "whole": create_key(state, env, "whole", role="auditor").secret,
                 "acme": create_key(
@@ -193,9 +209,10 @@ def test_no_endpoint_tells_an_organization_key_anything_of_another(tenants):
         limited = _get(t, path, t.keys["acme"], **params)
         assert limited.status_code in (200, 404), (path, limited.status_code, limited.text)
         assert not _leaks(limited.text), (path, limited.text)
-    assert _get(t, "/v1/stats", t.keys["whole"]).json()["total"] == 9
-    # acme's: its two orders, and its account's insert, support's update and globex's user's.
-    assert _get(t, "/v1/stats", t.keys["acme"]).json()["total"] == 5
+    assert _get(t, "/v1/stats", t.keys["whole"]).json()["total"] == 12
+    # acme's: its two orders, its account's insert, support's update and globex's user's, and
+    # the insert of the account later moved.
+    assert _get(t, "/v1/stats", t.keys["acme"]).json()["total"] == 6
     assert _get(t, "/v1/actors/grace/activity", t.keys["whole"]).json()["stats"]["total"] == 2
     # grace's change of acme's own row is acme's; her globex order is not.
     activity = _get(t, "/v1/actors/grace/activity", t.keys["acme"]).json()
@@ -205,16 +222,17 @@ def test_no_endpoint_tells_an_organization_key_anything_of_another(tenants):
 def test_rows_of_a_multi_tenant_table_are_their_organizations_whoever_changed_them(tenants):
     t = tenants
     whole = _events(t, t.keys["whole"], table="accounts")
-    assert [(e["object_id"], e["organization"]["id"]) for e in whole] == [
+    # Newest first: the setup's and support's changes, and globex's user's, are the last five.
+    assert [(e["object_id"], e["organization"]["id"]) for e in whole][-5:] == [
         ("10", "acme"),
         ("20", "globex"),
         ("10", "acme"),
         ("20", "globex"),
         ("10", "acme"),
     ]
-    assert {e["row"]["organization"] for e in whole} == {"acme", "globex"}
+    assert {e["row"]["organization"] for e in whole} == {"acme", "globex", ""}
     acme = _events(t, t.keys["acme"], table="accounts")
-    assert [e["object_id"] for e in acme] == ["10", "10", "10"]
+    assert sorted(e["object_id"] for e in acme) == ["10", "10", "10", "30"]
     # One transaction, two tenants' rows: each key gets its own part, no count of the rest.
     part = _get(t, f"/v1/transactions/shop/{t.xids['support']}", t.keys["acme"]).json()
     assert [c["object_id"] for c in part["changes"]] == ["10"]
@@ -233,6 +251,15 @@ def test_rows_of_a_multi_tenant_table_are_their_organizations_whoever_changed_th
     assert "Globex" not in exported and '"grace"' in exported
     history = _get(t, "/v1/objects/shop/accounts/20/history", t.keys["acme"]).json()
     assert history["changes"] == []
+    # The moved row: acme has its insert; the move, whose images hold both tenants' values, is
+    # only for keys of the whole environment.
+    moved = [e["operation"] for e in _events(t, t.keys["whole"], xid=t.xids["move"])]
+    assert sorted(moved) == ["insert", "update"]
+    assert [e["operation"] for e in _events(t, t.keys["acme"], xid=t.xids["move"])] == ["insert"]
+    assert _events(t, t.keys["globex"], xid=t.xids["move"]) == []
+    [claimed] = _events(t, t.keys["whole"], xid=t.xids["claimed"])
+    assert claimed["organization"]["id"] is None and claimed["row"]["organization"] == ""
+    assert _events(t, t.keys["acme"], xid=t.xids["claimed"]) == []
 
 
 def test_figures_about_whole_sources_are_refused_to_organization_keys(tenants):

@@ -188,12 +188,44 @@ def test_a_record_moved_to_another_organization_is_named(pg_database, es, tmp_pa
             assert trail.verify().ok
             hits = {h["_source"]["object_id"]: h for h in trail.hits()}
             assert hits["1"]["_source"]["row"]["organization"] == "acme"
-            assert hits["2"]["_source"]["row"]["organization"] is None
+            assert hits["2"]["_source"]["row"]["organization"] == ""  # a row naming none
             hit = hits["1"]
             moved = hit["_source"]
             moved["row"]["organization"] = moved["organization"]["id"] = "globex"
             es.index(index=hit["_index"], id=hit["_id"], document=moved, refresh=True)
             assert kinds(trail.verify()) == {"altered": [hit["_id"]]}
+    finally:
+        for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+            es.indices.delete(index=index)
+        es.indices.delete_index_template(name=f"audit-{env}")
+
+
+def test_naming_a_tables_organization_column_later_leaves_earlier_changes_as_logged(
+    pg_database, es, tmp_path
+):
+    """The column is staged with each change, so a policy that names it later applies to
+    later changes only: verification, which enriches staged changes again, still finds the
+    earlier ones as their leaves were logged."""
+    env = f"trust_{uuid.uuid4().hex[:8]}"
+    ddl = "CREATE TABLE accounts (id int PRIMARY KEY, org text, note text);"
+    before = policy_for("shop", public__accounts={})
+    source = make_source(pg_database, tmp_path, ddl, before, env)
+    install_template(es, Settings().resources_dir, env, replicas=0)
+    try:
+        with psycopg.connect(pg_database, autocommit=True) as state:
+            platform_db.install(state, Settings().resources_dir / "sql")
+            trail = Trail(source, state, es, private_key(new_private_key()), env)
+            trail.write("INSERT INTO accounts VALUES (1, 'acme', 'a')", ALICE)
+            trail.run()
+            after = policy_for("shop", public__accounts={"organization": "org"})
+            trail.source = CaptureSource(source.url, env, after, source.store)
+            trail.write("INSERT INTO accounts VALUES (2, 'acme', 'b')", ALICE)
+            trail.run()
+            report = trail.verify()
+            assert report.ok, report.problems
+            assert report.staged_changes == 2
+            rows = {h["_source"]["object_id"]: h["_source"]["row"] for h in trail.hits()}
+            assert rows["1"]["organization"] is None and rows["2"]["organization"] == "acme"
     finally:
         for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
             es.indices.delete(index=index)
@@ -598,7 +630,8 @@ def test_verify_derives_fields_as_the_indexing_code_does():
             "policy_version": "1",
             # The row's own organization (its policy's column) on some: it wins over the
             # context's, whose name then is not the row's organization's.
-            "row_organization": "initech" if i % 3 == 1 else None,
+            # "": the table names a column, and this change names no organization.
+            "row_organization": ("initech" if i % 3 == 1 else "" if i % 3 == 2 else None),
         }
         for i in range(12)
     ]
@@ -617,6 +650,10 @@ def test_verify_derives_fields_as_the_indexing_code_does():
     by_row = [d for _, _, d in documents(records, database="db", ingested_at=now)][4]
     assert by_row["row"]["organization"] == "initech"
     assert by_row["organization"] == {"id": "initech", "name": None}
+    # The table names a column and the change none: the context's organization does not count.
+    none_by_row = [d for _, _, d in documents(records, database="db", ingested_at=now)][8]
+    assert none_by_row["context"]["organization"]["id"] == "acme"
+    assert none_by_row["organization"] == {"id": None, "name": None}
     _, old_id, old_doc = list(documents(records, database="db", ingested_at=now))[2]
     assert old_doc["organization"] == {"id": None, "name": None}
     older = {k: v for k, v in old_doc.items() if k != "organization"}
