@@ -49,6 +49,7 @@ def _records(n: int) -> pl.DataFrame:
             "txn_ignored": [0] * n,
             "policy_version": ["1:x"] * n,
             "server_version": [150010] * n,
+            "row_organization": [None] * n,
         },
         schema=RECORD_SCHEMA,
     )

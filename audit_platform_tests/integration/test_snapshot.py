@@ -13,6 +13,7 @@ import json
 import random
 import re
 import threading
+import time
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -27,6 +28,7 @@ from audit_platform.capture.gaps import Gap, list_gaps, record_gap
 from audit_platform.capture.pgoutput import Masker
 from audit_platform.capture.snapshot import SnapshotRefused, run_snapshot, snapshot_status
 from audit_platform.capture.snapshot_pace import Backlog, PipelinePace, PipelineStalled
+from audit_platform.capture.stream import SlotBusy
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.snapshots import snapshot_job
 from audit_platform.environment import EnvironmentConfig, SourceConfig
@@ -497,7 +499,13 @@ def test_a_paced_snapshot_writes_a_chunk_once_capture_has_staged_the_last(accoun
 
     def pipeline() -> None:  # what the live capture run does, again and again
         while not stop.is_set():
-            capture_enrich_index(accounts, accounts.state, es)
+            try:
+                capture_enrich_index(accounts, accounts.state, es)
+            except SlotBusy:
+                # The previous run's walsender is still exiting (the server releases the slot
+                # after the connection closes): a run started then is retried, as Dagster's
+                # retry policy retries it.
+                time.sleep(0.1)
 
     running = threading.Thread(target=pipeline)
     running.start()

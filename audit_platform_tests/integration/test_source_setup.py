@@ -53,6 +53,7 @@ def test_setup_is_idempotent_and_check_passes(pg_database):
         "004_snapshots",
         "005_snapshot_limits",
         "006_snapshot_environment",
+        "007_organizations",
     ]
     assert (first.slot, first.slot_created) == (SLOT, True)
     assert second.applied_migrations == []
