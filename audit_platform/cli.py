@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Annotated
@@ -66,6 +68,15 @@ from audit_platform.sources.setup import (
     teardown_source,
 )
 from audit_platform.staging import StagingStore
+from audit_platform.streams.definitions import (
+    Kind,
+    StreamError,
+    create_stream,
+    delete_stream,
+    list_streams,
+)
+from audit_platform.streams.delivery import Deliverer
+from audit_platform.streams.delivery import status as stream_status
 from audit_platform.verify import report_json, verify_environment
 
 app = typer.Typer(
@@ -943,3 +954,135 @@ def hold_release(hold_id: int, by: ByOption, env: EnvOption = None) -> None:
         if not release_hold(conn, settings.env, hold_id, by):
             raise _fail(ValueError(f"no active hold {hold_id} in environment {settings.env}"))
     typer.echo(f"hold {hold_id} released")
+
+
+streams_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="Streams: records delivered to a webhook or a bucket as they are indexed.",
+    no_args_is_help=True,
+)
+app.add_typer(streams_app, name="streams")
+
+
+@streams_app.command("create")
+def streams_create(
+    name: Annotated[str, typer.Option("--name", help="The stream's name, e.g. siem.")],
+    by: ByOption,
+    env: EnvOption = None,
+    webhook: Annotated[
+        str | None,
+        typer.Option(help="Deliver to this https:// URL, signed (Standard Webhooks)."),
+    ] = None,
+    bucket: Annotated[
+        str | None,
+        typer.Option(
+            help="Deliver NDJSON objects, each with a signed digest, under this s3:// URL."
+        ),
+    ] = None,
+    filter_text: Annotated[
+        str,
+        typer.Option("--filter", help="Only records this query matches (the query language)."),
+    ] = "",
+    organization: Annotated[
+        list[str] | None,
+        typer.Option("--organization", help="Only records of this organization (repeatable)."),
+    ] = None,
+) -> None:
+    """Create a stream; it delivers what is indexed from now on. A webhook's signing secret is
+    printed once."""
+    settings = _settings(env)
+    if (webhook is None) == (bucket is None):
+        raise _fail(ValueError("give one destination: --webhook URL or --bucket s3://..."))
+    kind: Kind = "webhook" if webhook is not None else "bucket"
+    with _platform_connection(settings) as conn:
+        try:
+            new = create_stream(
+                conn,
+                settings.env,
+                name,
+                kind,
+                webhook or bucket or "",
+                created_by=by,
+                filter=filter_text,
+                organizations=organization,
+                can_sign=settings.signer() is not None,
+            )
+        except StreamError as exc:
+            raise _fail(exc) from exc
+    typer.echo(f"stream {new.stream.name}: {kind} {new.stream.target}", err=True)
+    if new.secret is not None:
+        typer.echo("Its signing secret is shown once; give it to the receiver:", err=True)
+        typer.echo(new.secret)
+
+
+@streams_app.command("list")
+def streams_list(env: EnvOption = None) -> None:
+    """The environment's streams and, per source, what each delivered and how far behind it is."""
+    settings = _settings(env)
+    with _platform_connection(settings) as conn:
+        streams = list_streams(conn, settings.env)
+        progress = stream_status(conn, settings.env)
+    for stream in streams:
+        scope = ",".join(sorted(stream.organizations)) if stream.organizations else "all"
+        typer.echo(
+            f"{stream.name}\t{stream.kind} {stream.target}\tfilter {stream.filter or '-'}"
+            f"\torganizations {scope}\tby {stream.created_by} {stream.created_at:%Y-%m-%d %H:%M}"
+        )
+        for found in (p for p in progress if p.stream == stream.name):
+            failing = f"\tfailing ({found.attempts} attempts): {found.last_error}"
+            typer.echo(
+                f"  {found.source}\tdelivered {found.delivered}\tbehind {found.behind} batches "
+                f"({found.lag_seconds:.1f} s)\tdead letters {found.dead_letters}"
+                + (failing if found.attempts else "")
+            )
+
+
+@streams_app.command("delete")
+def streams_delete(name: str, by: ByOption, env: EnvOption = None) -> None:
+    """Stop a stream: no message is sent after this returns but the one in flight."""
+    settings = _settings(env)
+    with _platform_connection(settings) as conn:
+        try:
+            delete_stream(conn, settings.env, name, deleted_by=by)
+        except StreamError as exc:
+            raise _fail(exc) from exc
+    typer.echo(f"stream {name} deleted")
+
+
+@streams_app.command("deliver")
+def streams_deliver(
+    env: EnvOption = None,
+    once: Annotated[bool, typer.Option(help="One pass, then exit.")] = False,
+) -> None:
+    """Deliver the environment's streams (a live capture run does this too; run one or the
+    other, not both)."""
+    settings = _settings(env)
+    environment = load_environment(settings.resources_dir, settings.env)
+    with _platform_connection(settings):
+        pass  # the platform's tables, installed
+    try:
+        url, es = pg_url_from_settings(settings), es_from_settings(settings)
+    except NotConfigured as exc:
+        raise _fail(exc) from exc
+    deliverer = Deliverer(
+        settings.env,
+        lambda: psycopg.connect(url, autocommit=True),
+        es,
+        lambda source: StagingStore(settings.staging_root, settings.env, source),
+        signer=settings.signer(),
+        settings=environment.streams,
+    )
+    if once:
+        found = deliverer.deliver()
+        deliverer.close()
+        typer.echo(
+            f"{found.messages} messages, {found.records} records; {found.failures} failed, "
+            f"{found.dead_lettered} dead-lettered"
+        )
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        deliverer.run(stop)
+    except KeyboardInterrupt:
+        stop.set()

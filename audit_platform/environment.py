@@ -21,6 +21,7 @@ from pydantic import (
 
 from audit_platform.naming import STANDARD_CLASS, check_identifier
 from audit_platform.policy import PolicyError
+from audit_platform.streams.delivery import DeliverySettings
 
 
 class SourceConfig(BaseModel):
@@ -80,6 +81,8 @@ class EnvironmentConfig(BaseModel):
     step_retry_delay_seconds: float = Field(default=5, ge=0)
     #: Replicas of each audit index (0 on a single-node development cluster).
     index_replicas: int = Field(default=0, ge=0)
+    #: How streams deliver: message size, backoff, when a message is dead-lettered.
+    streams: DeliverySettings = Field(default_factory=DeliverySettings)
     #: Days audit records, staged data and settled quarantine entries are kept: the period of
     #: the ``standard`` retention class, which every source that names no class is in.
     retention_days: int = Field(default=30, ge=1)

@@ -29,8 +29,14 @@ POINTS: dict[str, str] = {
     "enrich.logged": "the batch's leaves are in the trail's log; the ledger entry is not marked",
     "index.chunk_sent": "one bulk request is in; the rest of the documents are not",
     "index.documents_sent": "every document is in; the ledger entry is not removed",
+    "streams.fed": "the streams' feed names the entry; the ledger entry is not removed",
     "trust.checkpoint_published": "a signed checkpoint is written; the log does not record it",
 }
+#: A stream's delivery (``streams.delivery``), which runs beside the pipeline, not in it.
+DELIVERY_POINTS: dict[str, str] = {
+    "streams.sent": "a stream's message is delivered; its cursor has not moved",
+}
+_KNOWN = {**POINTS, **DELIVERY_POINTS}
 #: Points on the local filesystem's write path only (object storage has no temporary file).
 LOCAL_ONLY_POINTS = frozenset({"staging.temporary_written"})
 
@@ -53,14 +59,14 @@ def crash_point(name: str) -> None:
         if _armed[name] > 0:
             return
         del _armed[name]
-    raise SimulatedCrash(f"simulated crash at {name}: {POINTS[name]}")
+    raise SimulatedCrash(f"simulated crash at {name}: {_KNOWN[name]}")
 
 
 @contextmanager
 def armed(name: str, *, nth: int = 1) -> Iterator[None]:
     """Crash at the ``nth`` pass through ``name`` within the block."""
-    if name not in POINTS:
-        raise ValueError(f"unknown crash point {name!r}; known: {', '.join(POINTS)}")
+    if name not in _KNOWN:
+        raise ValueError(f"unknown crash point {name!r}; known: {', '.join(_KNOWN)}")
     with _lock:
         _armed[name] = nth
     try:

@@ -764,7 +764,9 @@ def _turn(batch: list[TurnRequest], keepalive: Callable[[], None]) -> None:
             IndexShare(r.worker.source.store, r.database, r.worker.source.retention_class)
             for r in held
         ]
-        indexed = index_pending_together(held[0].client, shares, now=now, between=keepalive)
+        indexed = index_pending_together(
+            held[0].client, shares, now=now, between=keepalive, feed=state
+        )
         for request in held:
             worker, name = request.worker, request.worker.source.name
             worker.report.indexed(name, indexed[name])

@@ -77,7 +77,7 @@ def capture_enrich_index(
     source.capture()
     now = datetime.now(UTC)
     enrich_pending(source.store, state, source.policy, now=now, grace=grace)
-    hours = index_pending(es, source.store, database=database, now=now)
+    hours = index_pending(es, source.store, database=database, now=now, feed=state)
     assert not any(h.failed for h in hours), [h.metadata for h in hours]
     indexed = sum(h.indexed for h in hours)
     es.indices.refresh(index=read_alias(source.env))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import polars as pl
+import psycopg
 from elasticsearch import Elasticsearch
 
 from audit_platform.faults import crash_point
@@ -27,6 +28,7 @@ from audit_platform.staging.store import (
     coalesced,
     hour_from_path,
 )
+from audit_platform.streams import feed as stream_feed
 
 
 @dataclass
@@ -137,10 +139,13 @@ def index_pending(
     retention_class: str = STANDARD_CLASS,
     between: Callable[[], None] | None = None,
     coalesce: int = COALESCE,
+    feed: psycopg.Connection | None = None,
 ) -> list[HourIndexed]:
     """Index every enriched pending entry of one source: ``index_pending_together`` of one."""
     share = IndexShare(store, database, retention_class)
-    found = index_pending_together(client, [share], now=now, between=between, coalesce=coalesce)
+    found = index_pending_together(
+        client, [share], now=now, between=between, coalesce=coalesce, feed=feed
+    )
     return found[store.source]
 
 
@@ -151,6 +156,7 @@ def index_pending_together(
     now: datetime,
     between: Callable[[], None] | None = None,
     coalesce: int = COALESCE,
+    feed: psycopg.Connection | None = None,
 ) -> dict[str, list[HourIndexed]]:
     """Index every enriched pending entry of these sources (this run's and any an earlier run
     left), each source's oldest first, and take each off its ledger once its documents are in;
@@ -159,7 +165,11 @@ def index_pending_together(
     Up to ``coalesce`` whole batches of a source go together, and the sources' groups in one
     series of bulk requests (as ``enrich_pending_together`` enriches them: a batch's fixed cost
     paid once for the turn). An entry that re-indexes some records (``ids``) goes alone of its
-    source, after the batches before it."""
+    source, after the batches before it.
+
+    With ``feed`` (the platform database), each entry whose documents are in is added to the
+    streams' feed before it leaves the ledger (``streams.feed``): streams deliver what indexing
+    did, in the order it did it."""
     results: dict[str, list[HourIndexed]] = {share.source: [] for share in shares}
     queues = {
         share.source: (share, _groups(share.store, share.store.pending(), coalesce))
@@ -199,6 +209,10 @@ def index_pending_together(
                     _write_dead_letters(share.store, records, result)
                     results[share.source].extend(_by_hour(records, result, seconds))
         crash_point("index.documents_sent")
+        if feed is not None:
+            for share, entries, _ in turn:
+                stream_feed.add(feed, share.store.env, share.source, entries)
+            crash_point("streams.fed")
         for share, entries, _ in turn:
             for entry in entries:
                 share.store.done(entry)

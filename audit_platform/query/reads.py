@@ -95,6 +95,24 @@ def _search(es: Elasticsearch, scope: Scope, **body: Any) -> dict[str, Any]:
     return response.body
 
 
+def records_by_id(
+    es: Elasticsearch, scope: Scope, ids: list[str], clauses: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Of these records, the documents ``scope`` and ``clauses`` allow, in commit order, each
+    with its ``id``: a stream's message, read as any search reads (``_search``)."""
+    if not ids:
+        return []
+    found = _search(
+        es,
+        scope,
+        query=bool_query(scope, [{"ids": {"values": ids}}, *clauses]),
+        sort=[{"transaction.lsn": "asc"}, {"transaction.change_index": "asc"}],
+        size=len(ids),
+        track_total_hits=False,
+    )
+    return [{"id": hit["_id"], **hit["_source"]} for hit in found["hits"]["hits"]]
+
+
 def _without_other_organizations(document: dict[str, Any], allowed: frozenset[str]) -> None:
     """A record of the key's organization whose context names another (someone acting for
     another tenant changed this tenant's row) keeps who did it, but not which organization

@@ -84,7 +84,7 @@ def pipeline(pg_database, es, staging_root):
             source.capture(batch_changes=7)
             now = datetime.now(UTC)
             enrich_pending(source.store, state, source.policy, now=now, grace=timedelta(0))
-            index_pending(es, source.store, database="shopdb", now=now)
+            index_pending(es, source.store, database="shopdb", now=now, feed=state)
             TrustLog(source.store).checkpoint(key, now)
 
         def verify():

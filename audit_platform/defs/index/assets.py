@@ -131,14 +131,19 @@ def index_batches(
 def index_increment(
     platform: AuditPlatform, source: str, config: SourceConfig, environment: EnvironmentConfig
 ) -> list[HourIndexed]:
-    """A run's own work: every enriched batch or resolution on the pending ledger."""
-    with _indexing(platform, source, config, environment) as (client, store, database):
+    """A run's own work: every enriched batch or resolution on the pending ledger, added to
+    the streams' feed as it is indexed."""
+    with (
+        _indexing(platform, source, config, environment) as (client, store, database),
+        platform.state() as state,
+    ):
         return index_pending(
             client,
             store,
             database=database,
             now=datetime.now(UTC),
             retention_class=environment.retention_class_of(source),
+            feed=state,
         )
 
 

@@ -1,0 +1,2 @@
+"""Streams: records delivered to a webhook or a bucket as they are indexed (docs/design.md,
+"Streams")."""

@@ -1,0 +1,117 @@
+"""The streams' feed: what indexing did, per source in the order it did it.
+
+Indexing adds each ledger entry whose documents are in (``index.batch``) before the entry leaves
+the ledger, so a crash between the two re-indexes the entry and adds nothing (the entry's name
+is unique). A delivery reads entries after its cursor and, from their records files, the ids of
+the records to send, in commit order; the documents themselves it reads from Elasticsearch, so
+a stream sends what a search returns (a record dead-lettered by Elasticsearch is not sent, a
+record re-indexed with its late context is sent again, as it now reads).
+
+Why entries and not a time or an LSN range: records become searchable out of commit order (an
+orphan released from the quarantine, a late context), and a cursor over either would skip or
+repeat them. The feed is small (one row per batch, not per record) and trimmed once every
+stream has passed an entry (``trim``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+import psycopg
+
+from audit_platform.staging.store import PendingBatch, StagingStore
+
+
+@dataclass(frozen=True)
+class FeedEntry:
+    seq: int
+    source: str
+    records: tuple[str, ...]
+    ids: tuple[str, ...] | None
+    indexed_at: datetime
+
+    def record_ids(self, store: StagingStore) -> list[str]:
+        """The entry's record ids in commit order (LSN, then change index); a file retention
+        has removed reads as none."""
+        frame = store.read(self.records)
+        if frame.is_empty():
+            return []
+        if self.ids is not None:
+            frame = frame.filter(pl.col("id").is_in(pl.Series(self.ids, dtype=pl.String).implode()))
+        return frame.sort("lsn", "change_index").get_column("id").to_list()
+
+
+def add(conn: psycopg.Connection, env: str, source: str, entries: Iterable[PendingBatch]) -> None:
+    rows = [
+        (env, source, entry.name, list(entry.records or ()), list(entry.ids) if entry.ids else None)
+        for entry in entries
+        if entry.records
+    ]
+    if not rows:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO audit_platform.stream_feed (env, source, entry, records, ids)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (env, source, entry) DO NOTHING",
+            rows,
+        )
+
+
+def last_seq(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT coalesce(max(seq), 0) FROM audit_platform.stream_feed").fetchone()
+    return int(row[0]) if row else 0
+
+
+def sources(conn: psycopg.Connection, env: str, after: int) -> list[str]:
+    """Sources with entries after ``after`` (a stream's start)."""
+    rows = conn.execute(
+        "SELECT DISTINCT source FROM audit_platform.stream_feed WHERE env = %s AND seq > %s",
+        (env, after),
+    ).fetchall()
+    return sorted(row[0] for row in rows)
+
+
+def entries(
+    conn: psycopg.Connection, env: str, source: str, from_seq: int, limit: int
+) -> list[FeedEntry]:
+    """The source's entries from ``from_seq`` on, oldest first."""
+    rows = conn.execute(
+        "SELECT seq, source, records, ids, indexed_at FROM audit_platform.stream_feed"
+        " WHERE env = %s AND source = %s AND seq >= %s ORDER BY seq LIMIT %s",
+        (env, source, from_seq, limit),
+    ).fetchall()
+    return [
+        FeedEntry(seq, src, tuple(records), tuple(ids) if ids is not None else None, at)
+        for seq, src, records, ids, at in rows
+    ]
+
+
+def latest(conn: psycopg.Connection, env: str, source: str) -> tuple[int, datetime] | None:
+    row = conn.execute(
+        "SELECT seq, indexed_at FROM audit_platform.stream_feed WHERE env = %s AND source = %s"
+        " ORDER BY seq DESC LIMIT 1",
+        (env, source),
+    ).fetchone()
+    return (int(row[0]), row[1]) if row else None
+
+
+def trim(conn: psycopg.Connection, env: str, keep_after: datetime) -> int:
+    """Remove entries every live stream of ``env`` has passed and that are older than
+    ``keep_after`` (a stream created later starts after them anyway)."""
+    cur = conn.execute(
+        """
+        DELETE FROM audit_platform.stream_feed AS f
+        WHERE f.env = %(env)s AND f.indexed_at < %(keep_after)s
+          AND NOT EXISTS (
+            SELECT 1 FROM audit_platform.streams AS s
+            LEFT JOIN audit_platform.stream_cursors AS c ON c.stream = s.id AND c.source = f.source
+            WHERE s.env = f.env AND s.deleted_at IS NULL AND f.seq > s.start_seq
+              AND (c.seq IS NULL OR c.seq <= f.seq)
+          )
+        """,
+        {"env": env, "keep_after": keep_after},
+    )
+    return cur.rowcount

@@ -1,0 +1,367 @@
+"""Streams against real PostgreSQL, Elasticsearch, an HTTP receiver and the stack's S3 server.
+
+The receiver is a real HTTP server in the test: it checks each delivery's signature by the
+Standard Webhooks recipe computed here (not with the sender's library), records every
+``webhook-id`` it sees and the records each message holds, and can be told to be down, to refuse,
+or to hold the wrong secret. Records delivered are compared with the records Elasticsearch holds
+(the pipeline's own index is the ground truth of "what is indexed"), and with the source's rows.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import fsspec
+import psycopg
+import pytest
+
+from audit_platform import platform_db
+from audit_platform.enrich.batch import enrich_pending
+from audit_platform.faults import SimulatedCrash, armed
+from audit_platform.index.batch import index_pending
+from audit_platform.naming import read_alias
+from audit_platform.settings import Settings
+from audit_platform.signing import new_private_key, private_key
+from audit_platform.streams.definitions import StreamError, create_stream, delete_stream
+from audit_platform.streams.delivery import Deliverer, DeliverySettings, status
+from audit_platform.streams.destinations import verify_object
+from audit_platform_tests.capture_support import CaptureSource, capture_enrich_index, make_source
+from audit_platform_tests.conftest import new_database
+from audit_platform_tests.helpers import policy_for
+from audit_platform_tests.shop_data import write
+
+DDL = "CREATE TABLE orders (id int PRIMARY KEY, status text); ALTER TABLE orders REPLICA IDENTITY FULL;"
+POLICY = policy_for("shop", public__orders={})
+LATER = timedelta(days=2)  # a pass "this much later": every backoff is over
+
+
+@dataclass
+class Receiver:
+    """An HTTP receiver that verifies Standard Webhooks signatures itself."""
+
+    secret: str = ""
+    answer: int = 200  # what it answers a good delivery with
+    down: bool = False  # answers nothing: the connection is closed unanswered
+    on_message: Callable[[dict], None] | None = None
+    seen: list[str] = field(default_factory=list)  # webhook-id of each accepted delivery
+    records: list[dict] = field(default_factory=list)  # of accepted deliveries, first time
+    refused: int = 0
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.seen) - len(set(self.seen))
+
+    def valid(self, headers, body: bytes) -> bool:
+        key = base64.b64decode(self.secret.removeprefix("whsec_"))
+        signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+        expected = "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        fresh = abs(time.time() - int(headers["webhook-timestamp"])) < 300
+        return fresh and any(
+            hmac.compare_digest(expected, s) for s in headers["webhook-signature"].split(" ")
+        )
+
+    def handle(self, request: BaseHTTPRequestHandler) -> None:
+        body = request.rfile.read(int(request.headers["content-length"]))
+        if self.down:
+            request.close_connection = True
+            return
+        if not self.valid(request.headers, body):
+            self.refused += 1
+            request.send_response(401)
+            request.end_headers()
+            return
+        message = json.loads(body)
+        if self.answer == 200:
+            if request.headers["webhook-id"] not in self.seen:
+                self.records.extend(message["data"]["records"])
+            self.seen.append(request.headers["webhook-id"])
+            if self.on_message is not None:
+                self.on_message(message)
+        request.send_response(self.answer)
+        request.end_headers()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    found = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            found.handle(self)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    found.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=found.server.serve_forever, daemon=True)
+    thread.start()
+    yield found
+    found.server.shutdown()
+    found.server.server_close()
+
+
+@dataclass
+class Shop:
+    env: str
+    source: CaptureSource
+    state: psycopg.Connection
+    state_url: str
+    es: object
+
+    def write(self, n: int, organization: str = "acme") -> None:
+        """``n`` transactions of three changes each."""
+        for _ in range(n):
+            order = uuid.uuid4().int % 1_000_000_000
+            write(
+                self.source.url,
+                [
+                    ("INSERT INTO orders VALUES (%s, 'new')", (order,)),
+                    ("UPDATE orders SET status = 'paid' WHERE id = %s", (order,)),
+                    ("UPDATE orders SET status = 'sent' WHERE id = %s", (order,)),
+                ],
+                {
+                    "actor": {"type": "user", "id": "ada"},
+                    "organization": {"id": organization},
+                },
+            )
+
+    def run(self) -> int:
+        return capture_enrich_index(self.source, self.state, self.es, grace=timedelta(0))
+
+    def deliverer(self, **settings) -> Deliverer:
+        return Deliverer(
+            self.env,
+            lambda: psycopg.connect(self.state_url, autocommit=True),
+            self.es,
+            lambda _source: self.source.store,
+            signer=private_key(KEY),
+            settings=DeliverySettings(**settings),
+        )
+
+    def indexed_ids(self, query: dict | None = None) -> list[str]:
+        self.es.indices.refresh(index=read_alias(self.env))
+        hits = self.es.search(
+            index=read_alias(self.env), size=10_000, query=query or {"match_all": {}}
+        )["hits"]["hits"]
+        return sorted(hit["_id"] for hit in hits)
+
+    def stream(self, target: str, kind: str = "webhook", **kwargs):
+        return create_stream(
+            self.state, self.env, f"s{uuid.uuid4().hex[:6]}", kind, target, created_by="t", **kwargs
+        )
+
+
+KEY = new_private_key()
+
+
+@pytest.fixture
+def shop(servers, es, tmp_path) -> Iterator[Shop]:
+    env = f"st_{uuid.uuid4().hex[:8]}"
+    with (
+        new_database(servers) as shop_db,
+        psycopg.connect(servers.pg_url, autocommit=True) as state,
+    ):
+        platform_db.install(state, Settings().resources_dir / "sql")
+        yield Shop(
+            env, make_source(shop_db, tmp_path, DDL, POLICY, env=env), state, servers.pg_url, es
+        )
+    for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+        es.indices.delete(index=index)
+
+
+def _commit_ordered(records: list[dict]) -> bool:
+    keys = [(r["transaction"]["lsn"], r["transaction"]["change_index"]) for r in records]
+    return keys == sorted(keys)
+
+
+def test_a_webhook_gets_every_record_indexed_after_it_was_created_once_in_order(shop, receiver):
+    shop.write(2)
+    shop.run()
+    before = set(shop.indexed_ids())  # indexed before the stream existed: not delivered
+    new = shop.stream(receiver.url)
+    receiver.secret = new.secret
+    shop.write(5)
+    shop.run()
+    shop.write(4)
+    shop.run()
+    found = shop.deliverer(chunk_records=4).deliver()
+    delivered = sorted(r["id"] for r in receiver.records)
+    assert delivered == sorted(set(shop.indexed_ids()) - before)
+    assert len(delivered) == 27 and found.records == 27
+    assert receiver.duplicates == 0 and receiver.refused == 0
+    assert _commit_ordered(receiver.records)
+    # Each record is the document a search returns, with its context.
+    assert {r["context"]["actor"]["id"] for r in receiver.records} == {"ada"}
+    assert shop.deliverer().deliver().messages == 0  # nothing new: nothing sent
+    (progress,) = status(shop.state, shop.env)
+    assert (progress.delivered, progress.behind, progress.attempts) == (27, 0, 0)
+
+
+def test_records_just_indexed_are_delivered_though_no_refresh_made_them_searchable(shop, receiver):
+    receiver.secret = shop.stream(receiver.url).secret
+    shop.write(1)
+    shop.run()
+    indices = f"audit-{shop.env}-*"
+    shop.es.indices.put_settings(index=indices, settings={"refresh_interval": "-1"})
+    shop.write(3)
+    shop.source.capture()
+    now = datetime.now(UTC)
+    enrich_pending(shop.source.store, shop.state, POLICY, now=now, grace=timedelta(0))
+    index_pending(shop.es, shop.source.store, database="shopdb", now=now, feed=shop.state)
+    assert shop.deliverer().deliver().records == 12
+    assert sorted(r["id"] for r in receiver.records) == shop.indexed_ids()
+
+
+def test_a_receiver_down_for_a_while_misses_nothing_and_dead_letters_nothing(shop, receiver):
+    receiver.secret = shop.stream(receiver.url).secret
+    receiver.down = True
+    shop.write(3)
+    shop.run()
+    deliverer = shop.deliverer(dead_letter_attempts=3, dead_letter_after=timedelta(hours=1))
+    first = deliverer.deliver()
+    assert first.messages == 0 and first.failures == 1
+    (progress,) = status(shop.state, shop.env)
+    assert (
+        progress.attempts == 1
+        and progress.behind == 1
+        and "RemoteProtocolError" in (progress.last_error or "")
+    )
+    assert deliverer.deliver().failures == 0  # within the backoff: not tried again
+    for minutes in (1, 2, 3, 4):  # more attempts than the bound, but for less than its hour
+        assert deliverer.deliver(now=datetime.now(UTC) + timedelta(minutes=minutes)).failures == 1
+    shop.write(2)
+    shop.run()
+    receiver.down = False
+    back = deliverer.deliver(now=datetime.now(UTC) + timedelta(minutes=5))
+    assert back.dead_lettered == 0 and back.records == 15
+    assert sorted(r["id"] for r in receiver.records) == shop.indexed_ids()
+    assert _commit_ordered(receiver.records)
+    (progress,) = status(shop.state, shop.env)
+    assert (progress.attempts, progress.last_error, progress.dead_letters) == (0, None, 0)
+
+
+def test_a_receiver_with_the_wrong_secret_refuses_and_the_message_is_dead_lettered(shop, receiver):
+    shop.stream(receiver.url)
+    receiver.secret = "whsec_" + base64.b64encode(b"not the stream's secret!").decode()
+    shop.write(2)
+    shop.run()
+    deliverer = shop.deliverer(dead_letter_attempts=2, dead_letter_after=timedelta(0))
+    assert deliverer.deliver().failures == 1
+    (progress,) = status(shop.state, shop.env)
+    assert progress.last_error == "HTTP 401"
+    later = deliverer.deliver(now=datetime.now(UTC) + LATER)
+    assert later.dead_lettered == 1 and receiver.refused == 2 and receiver.records == []
+    dead = shop.state.execute(
+        "SELECT record_ids, attempts, last_error FROM audit_platform.stream_dead_letters d"
+        " JOIN audit_platform.streams s ON s.id = d.stream WHERE s.env = %s",
+        (shop.env,),
+    ).fetchall()
+    assert [(sorted(ids), attempts, error) for ids, attempts, error in dead] == [
+        (shop.indexed_ids(), 2, "HTTP 401")
+    ]
+    (progress,) = status(shop.state, shop.env)
+    assert (progress.behind, progress.dead_letters) == (0, 1)
+
+
+def test_a_filter_and_organizations_choose_what_a_stream_delivers(shop, receiver):
+    nothing = Receiver(
+        secret=shop.stream("http://127.0.0.1:9/never", filter="table:nowhere").secret
+    )
+    receiver.secret = shop.stream(receiver.url, organizations=["globex"], filter="op:update").secret
+    shop.write(2, organization="acme")
+    shop.write(3, organization="globex")
+    shop.run()
+    found = shop.deliverer().deliver()
+    assert found.failures == 0  # the stream whose filter matches nothing sent nothing
+    wanted = {
+        "bool": {
+            "filter": [{"term": {"organization.id": "globex"}}, {"term": {"operation": "update"}}]
+        }
+    }
+    assert sorted(r["id"] for r in receiver.records) == shop.indexed_ids(wanted)
+    assert len(receiver.records) == 6 and nothing.seen == []
+    assert {p.behind for p in status(shop.state, shop.env)} == {0}  # both passed every entry
+
+
+def test_a_stream_deleted_mid_delivery_sends_nothing_more(shop, receiver):
+    new = shop.stream(receiver.url)
+    receiver.secret = new.secret
+    receiver.on_message = lambda _m: delete_stream(
+        shop.state, shop.env, new.stream.name, deleted_by="t"
+    )
+    shop.write(4)
+    shop.run()
+    shop.deliverer(chunk_records=3).deliver()
+    assert len(receiver.seen) == 1 and len(receiver.records) == 3
+    shop.write(1)
+    shop.run()
+    assert shop.deliverer().deliver(now=datetime.now(UTC) + LATER).messages == 0
+    with pytest.raises(StreamError, match="no stream named"):
+        delete_stream(shop.state, shop.env, new.stream.name, deleted_by="t")
+
+
+def test_a_delivery_killed_after_sending_sends_that_one_message_again_under_its_id(shop, receiver):
+    receiver.secret = shop.stream(receiver.url).secret
+    shop.write(5)
+    shop.run()
+    with armed("streams.sent", nth=2), pytest.raises(SimulatedCrash):
+        shop.deliverer(chunk_records=4).deliver()
+    assert len(receiver.seen) == 2
+    shop.deliverer(chunk_records=4).deliver()
+    assert receiver.duplicates == 1  # the second message, bounded by one
+    assert sorted(r["id"] for r in receiver.records) == shop.indexed_ids()
+    assert len(receiver.records) == 15
+
+
+def test_a_bucket_stream_writes_objects_each_with_a_digest_that_verifies(shop, servers):
+    assert servers.settings.s3_url
+    bucket = f"{servers.settings.s3_url.rstrip('/')}/streams-{uuid.uuid4().hex[:8]}"
+    shop.stream(bucket, kind="bucket", can_sign=True)
+    shop.write(3)
+    shop.run()
+    assert shop.deliverer(chunk_records=5).deliver().records == 9
+    fs, _ = fsspec.core.url_to_fs(bucket)
+    digests = sorted(fs.unstrip_protocol(p) for p in fs.find(f"{bucket}/digests"))
+    assert len(digests) == 2
+    key = private_key(KEY).public_key()
+    assert sum(verify_object(fs, d, key) for d in digests) == 9
+    objects = sorted(fs.unstrip_protocol(p) for p in fs.find(f"{bucket}/records"))
+    lines = [json.loads(line) for o in objects for line in fs.cat_file(o).splitlines()]
+    assert sorted(r["id"] for r in lines) == shop.indexed_ids()
+    # An object changed after delivery no longer matches its signed digest.
+    fs.pipe_file(objects[0], fs.cat_file(objects[0]).replace(b"paid", b"paye"))
+    with pytest.raises(ValueError, match="SHA-256"):
+        verify_object(fs, digests[0], key)
+    with pytest.raises(ValueError, match="signature"):
+        verify_object(fs, digests[1], private_key(new_private_key()).public_key())
+    fs.rm(bucket, recursive=True)
+
+
+def test_a_stream_is_refused_with_a_reason(shop):
+    cases = {
+        "give an https:// URL": dict(target="http://example.com/hook"),
+        "give an s3:// URL": dict(target="https://bucket", kind="bucket"),
+        "since: and until:": dict(target="https://x.example/h", filter="since:-1h"),
+        "filter:": dict(target="https://x.example/h", filter='reason:"open'),
+        "organization": dict(target="https://x.example/h", organizations=["a\nb"]),
+        "AUDIT_SIGNING_KEY": dict(target="s3://b/p", kind="bucket", can_sign=False),
+    }
+    for message, args in cases.items():
+        with pytest.raises(StreamError, match=message):
+            shop.stream(**args)
