@@ -32,6 +32,7 @@ from audit_platform.defs.resources import AuditPlatform
 from audit_platform.defs.retries import transient_retry_policy
 from audit_platform.defs.scheduled_checks import scheduled_checks
 from audit_platform.defs.snapshots import snapshot_job
+from audit_platform.defs.streams import streams_asset_spec, streams_checks
 from audit_platform.defs.trust import TRUST_CRON, reads_check, trail_check
 from audit_platform.environment import load_environment
 from audit_platform.settings import Settings
@@ -47,7 +48,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     jobs: list[dg.JobDefinition | dg.UnresolvedAssetJobDefinition] = []
     sensors: list[dg.SensorDefinition] = []
     schedules: list[dg.ScheduleDefinition] = []
-    checks = [template_check(environment)]
+    checks = [template_check(environment), *streams_checks(environment)]
+    assets.append(streams_asset_spec())
     live_checks = []
     grace = timedelta(minutes=environment.enrich_grace_minutes)
     retry = transient_retry_policy(environment)
@@ -80,7 +82,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             "health_checks",
             checks,
             CHECK_CRON,
-            "Slot lag, tracked tables and template checks of this environment.",
+            "Slot lag, tracked tables, template and stream checks of this environment.",
         )
     ]
     trail = [trail_check(source) for source in sorted(environment.sources)]

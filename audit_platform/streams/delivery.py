@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -45,6 +47,10 @@ from audit_platform.streams.destinations import (
 )
 
 log = logging.getLogger(__name__)
+#: Feed entries every live stream has passed are removed once this old, and looked for this
+#: often: the feed stays one hour of batches, whatever streams exist.
+FEED_KEEP = timedelta(hours=1)
+TRIM_EVERY_SECONDS = 300.0
 Outcome = Literal["delivered", "dead", "failed"]
 
 
@@ -60,6 +66,9 @@ class DeliverySettings(BaseModel):
         gt=0,
         description="Longest wait between attempts, so how soon a receiver that "
         "comes back is served.",
+    )
+    lag_limit_seconds: float = Field(
+        60.0, gt=0, description="The stream_lag check fails beyond this delivery lag."
     )
     dead_letter_attempts: int = Field(10, ge=1)
     dead_letter_after: timedelta = Field(
@@ -108,16 +117,21 @@ class Deliverer:
         self.settings = settings or DeliverySettings()
         self._destinations: dict[int, Destination] = {}
         self._visible_through = 0  # feed entries up to this seq are searchable
+        self._trimmed_at = 0.0  # time.monotonic() of the last trim
 
     def run(self, stop: threading.Event) -> None:
-        """Pass after pass until ``stop``; a pass that fails (the platform database or
-        Elasticsearch down) is logged and the next one tries again."""
-        while not stop.is_set():
+        """Pass after pass until ``stop``, and one more after it (what the run indexed last
+        goes out before it ends); a pass that fails (the platform database or Elasticsearch
+        down) is logged and the next one tries again."""
+        while True:
+            last = stop.is_set()
             try:
                 found = self.deliver()
             except Exception:
                 log.exception("streams of %s: a delivery pass failed", self.env)
                 found = PassResult()
+            if last:
+                break
             if not found.messages:
                 stop.wait(self.settings.poll_seconds)
         self.close()
@@ -137,6 +151,9 @@ class Deliverer:
             for stream in streams:
                 for source in feed.sources(conn, self.env, stream.start_seq):
                     self._source(conn, stream, source, result, now)
+            if time.monotonic() - self._trimmed_at >= TRIM_EVERY_SECONDS:
+                feed.trim(conn, self.env, (now or datetime.now(UTC)) - FEED_KEEP)
+                self._trimmed_at = time.monotonic()
         return result
 
     def _source(
@@ -351,3 +368,17 @@ def status(conn: psycopg.Connection, env: str, now: datetime | None = None) -> l
         )
         for name, source, delivered, behind, oldest, attempts, error, dead in rows
     ]
+
+
+@contextmanager
+def delivering(deliverer: Deliverer) -> Iterator[None]:
+    """Deliver in a thread of its own while the block runs (a live capture run's shard 0):
+    a slow receiver never slows capture, and capture's turns never delay a delivery."""
+    stop = threading.Event()
+    thread = threading.Thread(target=deliverer.run, args=(stop,), name="streams", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -24,6 +24,7 @@ from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
 from audit_platform.signing import new_private_key, private_key
+from audit_platform.streams import feed
 from audit_platform.trust.log import TrustLog
 from audit_platform.verify import Window, verify_source
 from audit_platform_tests.capture_support import make_source
@@ -125,4 +126,9 @@ def test_a_crash_at_every_point_then_a_rerun_indexes_exactly_the_ground_truth(pi
         report = verify()
         assert report.ok, (point, report.problems[:5])
         assert report.logged_changes == report.documents == len(truth), point
+        # Streams read what indexing did from the feed: every record is in it, whatever the
+        # crash (a crash after the feed and before the ledger adds no second entry).
+        with psycopg.connect(source.url, autocommit=True) as state:
+            fed = feed.entries(state, env, "shop", 0, 100_000)
+        assert len({i for entry in fed for i in entry.record_ids(source.store)}) == len(truth)
     assert len(truth) > 300

@@ -1,25 +1,19 @@
 """Streams against real PostgreSQL, Elasticsearch, an HTTP receiver and the stack's S3 server.
 
-The receiver is a real HTTP server in the test: it checks each delivery's signature by the
-Standard Webhooks recipe computed here (not with the sender's library), records every
-``webhook-id`` it sees and the records each message holds, and can be told to be down, to refuse,
-or to hold the wrong secret. Records delivered are compared with the records Elasticsearch holds
+The receiver (``webhook_receiver``) is a real HTTP server in the test that checks signatures
+itself and records every ``webhook-id``; it can be told to be down, to refuse, or to hold the
+wrong secret. Records delivered are compared with the records Elasticsearch holds
 (the pipeline's own index is the ground truth of "what is indexed"), and with the source's rows.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import fsspec
 import psycopg
@@ -32,6 +26,7 @@ from audit_platform.index.batch import index_pending
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
 from audit_platform.signing import new_private_key, private_key
+from audit_platform.streams import feed
 from audit_platform.streams.definitions import StreamError, create_stream, delete_stream
 from audit_platform.streams.delivery import Deliverer, DeliverySettings, status
 from audit_platform.streams.destinations import verify_object
@@ -39,81 +34,17 @@ from audit_platform_tests.capture_support import CaptureSource, capture_enrich_i
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import policy_for
 from audit_platform_tests.shop_data import write
+from audit_platform_tests.webhook_receiver import Receiver, receiving
 
 DDL = "CREATE TABLE orders (id int PRIMARY KEY, status text); ALTER TABLE orders REPLICA IDENTITY FULL;"
 POLICY = policy_for("shop", public__orders={})
 LATER = timedelta(days=2)  # a pass "this much later": every backoff is over
 
 
-@dataclass
-class Receiver:
-    """An HTTP receiver that verifies Standard Webhooks signatures itself."""
-
-    secret: str = ""
-    answer: int = 200  # what it answers a good delivery with
-    down: bool = False  # answers nothing: the connection is closed unanswered
-    on_message: Callable[[dict], None] | None = None
-    seen: list[str] = field(default_factory=list)  # webhook-id of each accepted delivery
-    records: list[dict] = field(default_factory=list)  # of accepted deliveries, first time
-    refused: int = 0
-    server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    @property
-    def duplicates(self) -> int:
-        return len(self.seen) - len(set(self.seen))
-
-    def valid(self, headers, body: bytes) -> bool:
-        key = base64.b64decode(self.secret.removeprefix("whsec_"))
-        signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
-        expected = "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-        fresh = abs(time.time() - int(headers["webhook-timestamp"])) < 300
-        return fresh and any(
-            hmac.compare_digest(expected, s) for s in headers["webhook-signature"].split(" ")
-        )
-
-    def handle(self, request: BaseHTTPRequestHandler) -> None:
-        body = request.rfile.read(int(request.headers["content-length"]))
-        if self.down:
-            request.close_connection = True
-            return
-        if not self.valid(request.headers, body):
-            self.refused += 1
-            request.send_response(401)
-            request.end_headers()
-            return
-        message = json.loads(body)
-        if self.answer == 200:
-            if request.headers["webhook-id"] not in self.seen:
-                self.records.extend(message["data"]["records"])
-            self.seen.append(request.headers["webhook-id"])
-            if self.on_message is not None:
-                self.on_message(message)
-        request.send_response(self.answer)
-        request.end_headers()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    found = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            found.handle(self)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    found.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=found.server.serve_forever, daemon=True)
-    thread.start()
-    yield found
-    found.server.shutdown()
-    found.server.server_close()
+    with receiving() as found:
+        yield found
 
 
 @dataclass
@@ -351,6 +282,21 @@ def test_a_bucket_stream_writes_objects_each_with_a_digest_that_verifies(shop, s
     with pytest.raises(ValueError, match="signature"):
         verify_object(fs, digests[1], private_key(new_private_key()).public_key())
     fs.rm(bucket, recursive=True)
+
+
+def test_the_feed_keeps_what_a_stream_has_not_delivered_and_drops_the_rest(shop, receiver):
+    receiver.secret = shop.stream(receiver.url).secret
+    receiver.down = True
+    shop.write(2)
+    shop.run()
+    shop.deliverer().deliver()  # fails: the stream has not passed the entry
+    hours_later = datetime.now(UTC) + timedelta(hours=2)
+    assert feed.trim(shop.state, shop.env, hours_later) == 0
+    receiver.down = False
+    assert shop.deliverer().deliver(now=hours_later).records == 6
+    assert feed.trim(shop.state, shop.env, datetime.now(UTC) - timedelta(hours=1)) == 0  # young
+    assert feed.trim(shop.state, shop.env, hours_later) == 1
+    assert feed.entries(shop.state, shop.env, "shop", 0, 10) == []
 
 
 def test_a_stream_is_refused_with_a_reason(shop):

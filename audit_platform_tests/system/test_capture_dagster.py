@@ -12,6 +12,7 @@ import psycopg
 import pytest
 import yaml
 
+from audit_platform import platform_db
 from audit_platform.capture.slot import slot_state
 from audit_platform.defs import build_definitions
 from audit_platform.defs.capture.live import SHARD_TAG
@@ -21,9 +22,11 @@ from audit_platform.settings import Settings
 from audit_platform.signing import new_private_key
 from audit_platform.sources.setup import setup_source
 from audit_platform.staging import StagingStore
+from audit_platform.streams.definitions import create_stream
 from audit_platform.trust.log import TrustLog
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import ON_BOTH_STORES, SHOP_DDL
+from audit_platform_tests.webhook_receiver import receiving
 
 
 @pytest.fixture
@@ -450,3 +453,44 @@ def test_the_trust_job_signs_and_verifies_the_trail_and_fails_on_a_deleted_recor
         failed = checks()["trail_verified"]
         assert not failed.passed
         assert f"removed {hit['_id']}" in failed.metadata["problems"].value[0]
+
+
+def test_a_live_run_delivers_streams_and_the_health_checks_report_them(shop, env):
+    """A webhook stream is delivered by the live run itself (shard 0); its checks say it is
+    current, and then that it fails once its receiver refuses."""
+    defs = build_definitions()
+    with receiving() as receiver, dg.instance_for_test() as instance:
+        with psycopg.connect(shop, autocommit=True) as state:
+            platform_db.install(state, Settings().resources_dir / "sql")
+            receiver.secret = (
+                create_stream(state, env, "siem", "webhook", receiver.url, created_by="test").secret
+                or ""
+            )
+        _write_as_user(
+            shop,
+            "INSERT INTO customers (id, email) VALUES (1, 'ada@example.com')",
+            "INSERT INTO orders (id, customer_id, status) VALUES (1, 1, 'new')",
+        )
+        assert _capture(defs, instance).success
+        assert sorted(r["table"]["name"] for r in receiver.records) == ["customers", "orders"]
+        assert receiver.duplicates == 0
+
+        def checks() -> dict[str, dg.AssetCheckEvaluation]:
+            run = defs.resolve_job_def("health_checks_job").execute_in_process(
+                instance=instance, raise_on_error=False
+            )
+            return {
+                e.event_specific_data.check_name: e.event_specific_data
+                for e in run.all_events
+                if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            }
+
+        found = checks()
+        assert found["stream_lag"].passed and found["stream_dead_letters"].passed
+        assert found["stream_lag"].metadata["streams"].value == 1
+        receiver.secret = "whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB"  # it no longer matches
+        _write_as_user(shop, "UPDATE customers SET email = 'ada@example.org' WHERE id = 1")
+        assert _capture(defs, instance).success
+        failing = checks()["stream_lag"]
+        assert not failing.passed and failing.metadata["failing"].value == 1
+        assert "HTTP 401" in failing.metadata["late"].value

@@ -51,6 +51,7 @@ from audit_platform.live import (
 )
 from audit_platform.lsn import lsn_text
 from audit_platform.naming import slot_name
+from audit_platform.streams.delivery import Deliverer, delivering
 
 #: The live capture run of a shard carries its number here; dagster.yaml runs one per shard.
 SHARD_TAG = "audit/capture-shard"
@@ -145,6 +146,17 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
         client = stack.enter_context(platform.elasticsearch())
         stack.enter_context(state)
         shared = Shared(state.connection, client, pacer, lanes)
+        if shard == 0:  # the environment's streams, delivered by one run
+            deliverer = Deliverer(
+                platform.settings.env,
+                state.connection,
+                client,
+                platform.store,
+                signer=platform.settings.signer(),
+                settings=started.streams,
+            )
+            stack.enter_context(delivering(deliverer))
+            context.log.info("delivering the environment's streams in this run")
         supervisor = Supervisor(
             sources,
             lifetime=timedelta(minutes=minutes),
