@@ -32,6 +32,7 @@ from audit_platform.api.routers import (
     objects,
     rejections,
     revert,
+    streams,
     tables,
     trust,
 )
@@ -145,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gaps,
         rejections,
         trust,
+        streams,
         health,
     ):
         app.include_router(module.router)

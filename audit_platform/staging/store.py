@@ -420,14 +420,17 @@ class StagingStore:
         )
         return sorted(set(found["path"].to_list()))
 
-    def read(self, paths: Iterable[str], dataset: str | None = None) -> pl.DataFrame:
-        """Rows of several files in one frame, each row with the ``file`` it came from; a
-        missing file reads as no rows (retention or a recovery may have removed it)."""
+    def read(
+        self, paths: Iterable[str], dataset: str | None = None, columns: list[str] | None = None
+    ) -> pl.DataFrame:
+        """Rows of several files in one frame (only ``columns``, where given), each row with the
+        ``file`` it came from; a missing file reads as no rows (retention or a recovery may have
+        removed it)."""
         frames = []
         for path in paths:
             try:
                 with self.fs.open(path, "rb") as f:
-                    frame = pl.read_parquet(f)
+                    frame = pl.read_parquet(f, columns=columns)
             except FileNotFoundError:
                 continue
             frames.append(frame.with_columns(pl.lit(path).alias(FILE)))

@@ -36,7 +36,7 @@ class FeedEntry:
     def record_ids(self, store: StagingStore) -> list[str]:
         """The entry's record ids in commit order (LSN, then change index); a file retention
         has removed reads as none."""
-        frame = store.read(self.records)
+        frame = store.read(self.records, columns=["id", "lsn", "change_index"])
         if frame.is_empty():
             return []
         if self.ids is not None:

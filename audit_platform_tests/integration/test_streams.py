@@ -18,13 +18,16 @@ from datetime import UTC, datetime, timedelta
 import fsspec
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
 from audit_platform import platform_db
+from audit_platform.api.main import create_app
+from audit_platform.api_keys import create_key
 from audit_platform.enrich.batch import enrich_pending
 from audit_platform.faults import SimulatedCrash, armed
 from audit_platform.index.batch import index_pending
 from audit_platform.naming import read_alias
-from audit_platform.settings import Settings
+from audit_platform.settings import ApiSettings, Settings
 from audit_platform.signing import new_private_key, private_key
 from audit_platform.streams import feed
 from audit_platform.streams.definitions import StreamError, create_stream, delete_stream
@@ -293,9 +296,12 @@ def test_the_feed_keeps_what_a_stream_has_not_delivered_and_drops_the_rest(shop,
     hours_later = datetime.now(UTC) + timedelta(hours=2)
     assert feed.trim(shop.state, shop.env, hours_later) == 0
     receiver.down = False
-    assert shop.deliverer().deliver(now=hours_later).records == 6
-    assert feed.trim(shop.state, shop.env, datetime.now(UTC) - timedelta(hours=1)) == 0  # young
-    assert feed.trim(shop.state, shop.env, hours_later) == 1
+    shop.write(1)
+    shop.run()
+    soon = datetime.now(UTC) + timedelta(minutes=1)  # the backoff is over
+    assert shop.deliverer().deliver(now=soon).records == 9
+    assert len(feed.entries(shop.state, shop.env, "shop", 0, 10)) == 2  # passed, but young
+    assert feed.trim(shop.state, shop.env, hours_later) == 2
     assert feed.entries(shop.state, shop.env, "shop", 0, 10) == []
 
 
@@ -311,3 +317,42 @@ def test_a_stream_is_refused_with_a_reason(shop):
     for message, args in cases.items():
         with pytest.raises(StreamError, match=message):
             shop.stream(**args)
+
+
+def test_admins_of_the_whole_environment_manage_streams_through_the_api(shop, receiver):
+    keys = {
+        name: create_key(shop.state, shop.env, name, role=role, organizations=orgs).secret
+        for name, role, orgs in [
+            ("admin", "admin", None),
+            ("auditor", "auditor", None),
+            ("tenant-admin", "admin", ["acme"]),
+        ]
+    }
+    settings = Settings(env=shop.env, api=ApiSettings(key_cache_seconds=0))
+    with TestClient(create_app(settings)) as api:
+
+        def call(method: str, key: str, path: str = "/v1/streams", **kwargs):
+            return api.request(method, path, headers={"X-API-Key": keys[key]}, **kwargs)
+
+        body = {"name": "siem", "kind": "webhook", "target": receiver.url, "filter": "op:insert"}
+        assert call("POST", "auditor", json=body).status_code == 403
+        refused = call("POST", "tenant-admin", json=body)
+        assert refused.status_code == 403 and "whole environment" in refused.text
+        bad = call("POST", "admin", json={**body, "target": "http://10.0.0.1/hook"})
+        assert bad.status_code == 422 and "https://" in bad.json()["detail"]
+        made = call("POST", "admin", json=body)
+        assert made.status_code == 201, made.text
+        receiver.secret = made.json()["secret"]
+        assert receiver.secret.startswith("whsec_")
+        assert call("POST", "admin", json=body).status_code == 422  # the name is taken
+        shop.write(2)
+        shop.run()
+        assert shop.deliverer().deliver().records == 2  # the inserts only
+        (listed,) = call("GET", "admin").json()
+        assert "secret" not in listed and listed["created_by"].startswith("key ")
+        assert [(s["source"], s["delivered"], s["behind"]) for s in listed["sources"]] == [
+            ("shop", 2, 0)
+        ]
+        assert call("DELETE", "admin", "/v1/streams/siem").status_code == 204
+        assert call("DELETE", "admin", "/v1/streams/siem").status_code == 404
+        assert call("GET", "admin").json() == []
