@@ -6,6 +6,7 @@ production source. Connection URLs are never in the file: it names the variable 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -21,7 +22,6 @@ from pydantic import (
 
 from audit_platform.naming import STANDARD_CLASS, check_identifier
 from audit_platform.policy import PolicyError
-from audit_platform.streams.delivery import DeliverySettings
 
 
 class SourceConfig(BaseModel):
@@ -32,6 +32,30 @@ class SourceConfig(BaseModel):
     #: environment's ``retention_classes``); none: ``standard``, the environment's
     #: ``retention_days``.
     retention_class: str | None = None
+
+
+class StreamSettings(BaseModel):
+    """How streams deliver (``streams:`` in an environment's file)."""
+
+    chunk_records: int = Field(500, ge=1, le=10_000, description="Records at most per message.")
+    entries_per_pass: int = Field(200, ge=1, description="Feed entries a pass reads at most.")
+    poll_seconds: float = Field(0.25, gt=0, description="Wait between passes that found nothing.")
+    backoff_first_seconds: float = Field(1.0, gt=0)
+    backoff_max_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait between attempts, so how soon a receiver that "
+        "comes back is served.",
+    )
+    lag_limit_seconds: float = Field(
+        60.0, gt=0, description="The stream_lag check fails beyond this delivery lag."
+    )
+    dead_letter_attempts: int = Field(10, ge=1)
+    dead_letter_after: timedelta = Field(
+        timedelta(hours=24),
+        description="A message is given up on only after this long failing (and so many "
+        "attempts): an outage shorter than this loses nothing and dead-letters nothing.",
+    )
 
 
 class EnvironmentConfig(BaseModel):
@@ -82,7 +106,7 @@ class EnvironmentConfig(BaseModel):
     #: Replicas of each audit index (0 on a single-node development cluster).
     index_replicas: int = Field(default=0, ge=0)
     #: How streams deliver: message size, backoff, when a message is dead-lettered.
-    streams: DeliverySettings = Field(default_factory=DeliverySettings)
+    streams: StreamSettings = Field(default_factory=StreamSettings)
     #: Days audit records, staged data and settled quarantine entries are kept: the period of
     #: the ``standard`` retention class, which every source that names no class is in.
     retention_days: int = Field(default=30, ge=1)

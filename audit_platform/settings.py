@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from audit_platform.naming import check_identifier
@@ -87,6 +87,53 @@ class ExplorerSettings(BaseSettings):
     )
 
 
+class GroupGrant(BaseModel):
+    """What membership of an identity provider's group gives in the Explorer: a role, and the
+    same limits an API key can have. ``envs``: the environments it applies to (all if unset)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group: str = Field(min_length=1)
+    role: Literal["reader", "auditor", "admin"] = "reader"
+    # A limit is a non-empty list: an empty one would read as no limit at all.
+    envs: list[str] | None = Field(default=None, min_length=1)
+    sources: list[str] | None = Field(default=None, min_length=1)
+    tables: list[str] | None = Field(default=None, min_length=1)
+    organizations: list[str] | None = Field(default=None, min_length=1)
+
+
+class SsoSettings(BaseSettings):
+    """Single sign-on for the Explorer with an OpenID provider: ``AUDIT_UI_SSO_*``. Off unless
+    ``issuer`` is set; API keys stay for machines either way."""
+
+    model_config = SettingsConfigDict(env_prefix="AUDIT_UI_SSO_", env_file=".env", extra="ignore")
+
+    issuer: str | None = Field(
+        default=None,
+        description="The provider's issuer URL; its /.well-known/openid-configuration is read.",
+    )
+    client_id: str = "audit-explorer"
+    client_secret: SecretStr | None = None
+    scopes: str = "openid profile email groups"
+    groups_claim: str = Field(
+        default="groups", description="The ID token's claim that lists the person's groups."
+    )
+    grants: list[GroupGrant] = Field(
+        default_factory=list,
+        description="JSON list, tried in order: the first grant whose group the person has (and "
+        "that applies to this environment) decides their role and limits; none, no access.",
+    )
+    state_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs the short-lived cookie that carries a sign-in's state, nonce and "
+        "PKCE verifier to the callback; random per process when unset (one API process).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.issuer is not None
+
+
 class Settings(BaseSettings):
     """Configuration of one environment's deployment.
 
@@ -142,6 +189,7 @@ class Settings(BaseSettings):
 
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     ui: ExplorerSettings = Field(default_factory=lambda: ExplorerSettings())
+    sso: SsoSettings = Field(default_factory=lambda: SsoSettings())
 
     @field_validator("env")
     @classmethod

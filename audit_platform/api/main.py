@@ -36,6 +36,7 @@ from audit_platform.api.routers import (
     tables,
     trust,
 )
+from audit_platform.api.ui import sso as ui_sso
 from audit_platform.api_keys import ApiKey
 from audit_platform.clients import elasticsearch_client, pg_url_from_settings
 from audit_platform.query import timing
@@ -151,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(module.router)
     ui.install(app)
+    ui_sso.install(app, settings)
     metrics = api_metrics.install(app, settings.api.metrics)
 
     @app.middleware("http")

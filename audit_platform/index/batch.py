@@ -17,6 +17,7 @@ import psycopg
 from elasticsearch import Elasticsearch
 
 from audit_platform.faults import crash_point
+from audit_platform.index import feed as stream_feed
 from audit_platform.index.bulk import IndexResult, index_records
 from audit_platform.naming import STANDARD_CLASS
 from audit_platform.staging.store import (
@@ -28,7 +29,6 @@ from audit_platform.staging.store import (
     coalesced,
     hour_from_path,
 )
-from audit_platform.streams import feed as stream_feed
 
 
 @dataclass
@@ -168,7 +168,7 @@ def index_pending_together(
     source, after the batches before it.
 
     With ``feed`` (the platform database), each entry whose documents are in is added to the
-    streams' feed before it leaves the ledger (``streams.feed``): streams deliver what indexing
+    streams' feed before it leaves the ledger (``index.feed``): streams deliver what indexing
     did, in the order it did it."""
     results: dict[str, list[HourIndexed]] = {share.source: [] for share in shares}
     queues = {

@@ -20,11 +20,11 @@ from urllib.parse import urlsplit
 import psycopg
 
 from audit_platform.api_keys import Scope
+from audit_platform.index import feed
 from audit_platform.naming import check_identifier
 from audit_platform.platform_db import one
 from audit_platform.query.language import QuerySyntaxError, parse
 from audit_platform.record import MAX_ORGANIZATION_ID, organization_id
-from audit_platform.streams import feed
 
 Kind = Literal["webhook", "bucket"]
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")

@@ -30,14 +30,14 @@ from typing import Any, Literal
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from elasticsearch import Elasticsearch
-from pydantic import BaseModel, Field
 
+from audit_platform.environment import StreamSettings
 from audit_platform.faults import crash_point
+from audit_platform.index import feed
 from audit_platform.naming import read_alias
 from audit_platform.query.language import parse
 from audit_platform.query.reads import records_by_id
 from audit_platform.staging.store import StagingStore
-from audit_platform.streams import feed
 from audit_platform.streams.definitions import Stream, list_streams
 from audit_platform.streams.destinations import (
     DeliveryFailed,
@@ -52,30 +52,6 @@ log = logging.getLogger(__name__)
 FEED_KEEP = timedelta(hours=1)
 TRIM_EVERY_SECONDS = 300.0
 Outcome = Literal["delivered", "dead", "failed"]
-
-
-class DeliverySettings(BaseModel):
-    """How streams deliver (``streams:`` in an environment's file)."""
-
-    chunk_records: int = Field(500, ge=1, le=10_000, description="Records at most per message.")
-    entries_per_pass: int = Field(200, ge=1, description="Feed entries a pass reads at most.")
-    poll_seconds: float = Field(0.25, gt=0, description="Wait between passes that found nothing.")
-    backoff_first_seconds: float = Field(1.0, gt=0)
-    backoff_max_seconds: float = Field(
-        60.0,
-        gt=0,
-        description="Longest wait between attempts, so how soon a receiver that "
-        "comes back is served.",
-    )
-    lag_limit_seconds: float = Field(
-        60.0, gt=0, description="The stream_lag check fails beyond this delivery lag."
-    )
-    dead_letter_attempts: int = Field(10, ge=1)
-    dead_letter_after: timedelta = Field(
-        timedelta(hours=24),
-        description="A message is given up on only after this long failing (and so many "
-        "attempts): an outage shorter than this loses nothing and dead-letters nothing.",
-    )
 
 
 @dataclass
@@ -110,11 +86,11 @@ class Deliverer:
         store: Callable[[str], StagingStore],
         *,
         signer: Ed25519PrivateKey | None = None,
-        settings: DeliverySettings | None = None,
+        settings: StreamSettings | None = None,
     ) -> None:
         self.env, self.state, self.es, self.store = env, state, es, store
         self.signer = signer
-        self.settings = settings or DeliverySettings()
+        self.settings = settings or StreamSettings()
         self._destinations: dict[int, Destination] = {}
         self._visible_through = 0  # feed entries up to this seq are searchable
         self._trimmed_at = 0.0  # time.monotonic() of the last trim

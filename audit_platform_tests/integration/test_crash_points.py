@@ -19,12 +19,12 @@ import pytest
 from audit_platform import platform_db
 from audit_platform.enrich.batch import enrich_pending
 from audit_platform.faults import LOCAL_ONLY_POINTS, POINTS, SimulatedCrash, armed
+from audit_platform.index import feed
 from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.settings import Settings
 from audit_platform.signing import new_private_key, private_key
-from audit_platform.streams import feed
 from audit_platform.trust.log import TrustLog
 from audit_platform.verify import Window, verify_source
 from audit_platform_tests.capture_support import make_source

@@ -24,14 +24,15 @@ from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
 from audit_platform.enrich.batch import enrich_pending
+from audit_platform.environment import StreamSettings
 from audit_platform.faults import SimulatedCrash, armed
+from audit_platform.index import feed
 from audit_platform.index.batch import index_pending
 from audit_platform.naming import read_alias
 from audit_platform.settings import ApiSettings, Settings
 from audit_platform.signing import new_private_key, private_key
-from audit_platform.streams import feed
 from audit_platform.streams.definitions import StreamError, create_stream, delete_stream
-from audit_platform.streams.delivery import Deliverer, DeliverySettings, status
+from audit_platform.streams.delivery import Deliverer, status
 from audit_platform.streams.destinations import verify_object
 from audit_platform_tests.capture_support import CaptureSource, capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
@@ -85,7 +86,7 @@ class Shop:
             self.es,
             lambda _source: self.source.store,
             signer=private_key(KEY),
-            settings=DeliverySettings(**settings),
+            settings=StreamSettings(**settings),
         )
 
     def indexed_ids(self, query: dict | None = None) -> list[str]:
