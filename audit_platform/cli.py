@@ -76,7 +76,7 @@ from audit_platform.streams.definitions import (
     list_streams,
 )
 from audit_platform.streams.delivery import Deliverer
-from audit_platform.streams.delivery import status as stream_status
+from audit_platform.streams.progress import status as stream_status
 from audit_platform.verify import report_json, verify_environment
 
 app = typer.Typer(

@@ -6,7 +6,6 @@ production source. Connection URLs are never in the file: it names the variable 
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -37,7 +36,9 @@ class SourceConfig(BaseModel):
 class StreamSettings(BaseModel):
     """How streams deliver (``streams:`` in an environment's file)."""
 
-    chunk_records: int = Field(500, ge=1, le=10_000, description="Records at most per message.")
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_records: int = Field(100, ge=1, le=10_000, description="Records at most per message.")
     entries_per_pass: int = Field(200, ge=1, description="Feed entries a pass reads at most.")
     poll_seconds: float = Field(0.25, gt=0, description="Wait between passes that found nothing.")
     backoff_first_seconds: float = Field(1.0, gt=0)
@@ -50,11 +51,17 @@ class StreamSettings(BaseModel):
     lag_limit_seconds: float = Field(
         60.0, gt=0, description="The stream_lag check fails beyond this delivery lag."
     )
-    dead_letter_attempts: int = Field(10, ge=1)
-    dead_letter_after: timedelta = Field(
-        timedelta(hours=24),
-        description="A message is given up on only after this long failing (and so many "
-        "attempts): an outage shorter than this loses nothing and dead-letters nothing.",
+    dead_letter_attempts: int = Field(
+        5,
+        ge=1,
+        description="Attempts of a message the receiver refuses as such (400, 413, 415, 422) "
+        "before it is dead-lettered; a receiver that is down or refuses the signature is "
+        "waited for instead, however long.",
+    )
+    max_message_bytes: int = Field(
+        4 * 1024**2,
+        ge=1024,
+        description="Bytes of records per message at most (a larger record goes alone).",
     )
 
 

@@ -23,6 +23,8 @@ class Receiver:
     secret: str = ""
     down: bool = False  # answers nothing: the connection is closed unanswered
     on_message: Callable[[dict], None] | None = None
+    #: A status to refuse a well-signed message with (a receiver refusing it as such), or None.
+    refuse: Callable[[dict], int | None] | None = None
     seen: list[str] = field(default_factory=list)  # webhook-id of each accepted delivery
     records: list[dict] = field(default_factory=list)  # of accepted deliveries, first time
     refused: int = 0
@@ -57,6 +59,11 @@ class Receiver:
             request.end_headers()
             return
         message = json.loads(body)
+        if self.refuse is not None and (status := self.refuse(message)) is not None:
+            self.refused += 1
+            request.send_response(status)
+            request.end_headers()
+            return
         if request.headers["webhook-id"] not in self.seen:
             self.records.extend(message["data"]["records"])
         self.seen.append(request.headers["webhook-id"])

@@ -13,7 +13,7 @@ import dagster as dg
 
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.environment import EnvironmentConfig
-from audit_platform.streams.delivery import StreamStatus, status
+from audit_platform.streams.progress import StreamStatus, status
 
 STREAMS_KEY = dg.AssetKey(["streams", "delivered"])
 
@@ -57,7 +57,8 @@ def streams_checks(environment: EnvironmentConfig) -> list[dg.AssetChecksDefinit
                 "streams": len({s.stream for s in found}),
                 "max_lag_seconds": round(max((s.lag_seconds for s in found), default=0.0), 1),
                 "failing": sum(1 for s in found if s.attempts),
-                "late": dg.MetadataValue.md("\n".join(_line(s) for s in late) or "none"),
+                # Text, not Markdown: an error holds what a receiver answered.
+                "late": dg.MetadataValue.text("\n".join(_line(s) for s in late) or "none"),
             },
             description=None
             if not late
@@ -80,7 +81,7 @@ def streams_checks(environment: EnvironmentConfig) -> list[dg.AssetChecksDefinit
             severity=dg.AssetCheckSeverity.WARN,
             metadata={
                 "dead_letters": sum(s.dead_letters for s in found),
-                "where": dg.MetadataValue.md(
+                "where": dg.MetadataValue.text(
                     "\n".join(f"- {s.stream} / {s.source}: {s.dead_letters}" for s in dead)
                     or "none"
                 ),

@@ -34,13 +34,19 @@ class FeedEntry:
     indexed_at: datetime
 
     def record_ids(self, store: StagingStore) -> list[str]:
-        """The entry's record ids in commit order (LSN, then change index); a file retention
+        """The entry's record ids in commit order (LSN, then change index), less those the
+        indexing dead-lettered (Elasticsearch refused them; ``index.batch``); a file retention
         has removed reads as none."""
         frame = store.read(self.records, columns=["id", "lsn", "change_index"])
         if frame.is_empty():
             return []
         if self.ids is not None:
             frame = frame.filter(pl.col("id").is_in(pl.Series(self.ids, dtype=pl.String).implode()))
+        refused = store.read(
+            [p.replace("/records/", "/deadletter/", 1) for p in self.records], columns=["id"]
+        )
+        if refused.height:
+            frame = frame.filter(~pl.col("id").is_in(refused.get_column("id").implode()))
         return frame.sort("lsn", "change_index").get_column("id").to_list()
 
 

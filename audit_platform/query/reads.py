@@ -99,7 +99,8 @@ def records_by_id(
     es: Elasticsearch, scope: Scope, ids: list[str], clauses: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Of these records, the documents ``scope`` and ``clauses`` allow, in commit order, each
-    with its ``id``: a stream's message, read as any search reads (``_search``)."""
+    with its ``id``: a stream's message, read as any search reads (``_search``). A shard that
+    does not answer fails the search rather than leaving its records out."""
     if not ids:
         return []
     found = _search(
@@ -109,8 +110,25 @@ def records_by_id(
         sort=[{"transaction.lsn": "asc"}, {"transaction.change_index": "asc"}],
         size=len(ids),
         track_total_hits=False,
+        allow_partial_search_results=False,
     )
     return [{"id": hit["_id"], **hit["_source"]} for hit in found["hits"]["hits"]]
+
+
+def existing_ids(es: Elasticsearch, env: str, ids: list[str]) -> set[str]:
+    """Which of these records Elasticsearch holds, whatever their content (no scope: this
+    tells only that a record a stream did not get was left out by its filter, not lost)."""
+    response = es.search(
+        index=read_alias(env),
+        query={"ids": {"values": ids}},
+        source=False,
+        size=len(ids),
+        track_total_hits=False,
+        allow_partial_search_results=False,
+        ignore_unavailable=True,
+        allow_no_indices=True,
+    )
+    return {hit["_id"] for hit in response.body["hits"]["hits"]}
 
 
 def _without_other_organizations(document: dict[str, Any], allowed: frozenset[str]) -> None:

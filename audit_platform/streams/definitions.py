@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import urlsplit
@@ -43,7 +43,7 @@ class Stream:
     name: str
     kind: Kind
     target: str
-    secret: str | None
+    secret: str | None = field(repr=False)
     filter: str
     organizations: frozenset[str] | None
     start_seq: int
@@ -68,16 +68,19 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def check_target(kind: Kind, target: str) -> str:
+def check_target(kind: Kind, target: str, *, loopback_http: bool = True) -> str:
+    """``loopback_http``: whether plain HTTP to this machine is allowed (the command line, for
+    a receiver beside the platform; not the API, whose callers must not reach local ports)."""
     parts = urlsplit(target)
     if kind == "webhook":
-        secure = parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOOPBACK)
+        local = loopback_http and parts.scheme == "http" and parts.hostname in LOOPBACK
+        secure = parts.scheme == "https" or local
         if secure and parts.hostname:
             return target
         raise StreamError(
-            f"webhook {target!r}: give an https:// URL (plain http:// only to localhost, for a "
-            "receiver on this machine); deliveries carry records, which must not cross a "
-            "network unencrypted"
+            f"webhook {target!r}: give an https:// URL (plain http:// to localhost only from the "
+            "command line, for a receiver on this machine); deliveries carry records, which "
+            "must not cross a network unencrypted"
         )
     if parts.scheme == "s3" and parts.netloc:
         return target.rstrip("/")
@@ -108,15 +111,17 @@ def create_stream(
     filter: str = "",
     organizations: list[str] | None = None,
     can_sign: bool = True,
+    loopback_http: bool = True,
 ) -> NewStream:
-    """``can_sign``: whether the environment has a signing key, which a bucket's digests need."""
+    """``can_sign``: whether the environment has a signing key, which a bucket's digests need;
+    ``loopback_http``: as :func:`check_target` says."""
     check_identifier("environment", env)
     if not _NAME.match(name):
         raise StreamError(
             f"stream name {name!r}: use 1 to 63 lowercase letters, digits, '-' and '_', "
             "starting with a letter"
         )
-    target = check_target(kind, target)
+    target = check_target(kind, target, loopback_http=loopback_http)
     if kind == "bucket" and not can_sign:
         raise StreamError(
             "a bucket stream signs a digest of every object it writes: set AUDIT_SIGNING_KEY "
@@ -194,9 +199,12 @@ def list_streams(
     return [_stream(row) for row in rows]
 
 
-def get_stream(conn: psycopg.Connection, stream_id: int) -> Stream | None:
+def get_stream(conn: psycopg.Connection, stream_id: int, *, live: bool = False) -> Stream | None:
+    """The stream, or None; with ``live``, None also once it is deleted."""
     row = conn.execute(
-        f"SELECT {_COLUMNS} FROM audit_platform.streams WHERE id = %s", (stream_id,)
+        f"SELECT {_COLUMNS} FROM audit_platform.streams WHERE id = %s"
+        " AND (NOT %s OR deleted_at IS NULL)",
+        (stream_id, live),
     ).fetchone()
     return _stream(row) if row else None
 

@@ -1,18 +1,29 @@
 """Deliver streams: per stream and source, the feed's entries after its cursor, in order.
 
 At least once, in indexing order per source (commit order, but for records that became
-searchable later: an orphan released from the quarantine, a late context). A message is one
-chunk of one entry's records that the stream's filter and organizations allow. The cursor
-moves only after the destination took the message, so a crash in between (``streams.sent``)
-sends that one message again, under the same id: duplicates are bounded by one message per
-stream and source.
+searchable later: an orphan released from the quarantine, a late context). A message is a run
+of one entry's records that the stream's filter and organizations allow: at most
+``chunk_records`` of the entry's records, and at most ``max_message_bytes`` of them (a single
+larger record goes alone). Its id names the entry and the offset of its first record there, so
+it is the same at every attempt. The cursor (entry, offset) moves only after the destination
+took the message, so a crash in between (``streams.sent``) sends that one message again under
+the same id: duplicates are bounded by one message per stream and source.
 
-A message the destination refuses holds up its source's later ones (order is the contract);
-it is tried again after a backoff that doubles up to ``backoff_max_seconds``, so a receiver that
-comes back after an hour is caught up with within that time. Only after ``dead_letter_attempts``
-attempts spread over at least ``dead_letter_after`` is it given up on: kept in
-``stream_dead_letters`` (what it held, the last error) and passed, so one poisoned message
-cannot stop a stream for ever. Both bounds together: a short outage never dead-letters.
+Nothing indexed is passed over unseen. A record of the entry that Elasticsearch does not
+return at all (a shard down, a partial answer, a document not yet restored) holds the stream up
+as a failed attempt until it does; only records the indexing itself dead-lettered, and records
+the filter leaves out, are passed.
+
+A message the destination refuses holds up its source's later ones (order is the contract) and
+is tried again after a backoff that doubles up to ``backoff_max_seconds``. A receiver that is
+down, overloaded, or refuses the signature (a 5xx, 408, 429, 401, 403, 404, a timeout) is
+waited for, however long: nothing is dead-lettered, and the ``stream_lag`` check says the stream
+is failing. A receiver that refuses the message itself (400, 413, 415, 422) has it retried
+``dead_letter_attempts`` times and then kept in ``stream_dead_letters`` and passed, so one
+poisoned message cannot stop a stream.
+
+Each stream is delivered by a thread of its own with a connection of its own (``run``), so one
+slow or hostile receiver delays only its own stream, never another's or capture.
 """
 
 from __future__ import annotations
@@ -22,10 +33,10 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -36,14 +47,15 @@ from audit_platform.faults import crash_point
 from audit_platform.index import feed
 from audit_platform.naming import read_alias
 from audit_platform.query.language import parse
-from audit_platform.query.reads import records_by_id
+from audit_platform.query.reads import existing_ids, records_by_id
 from audit_platform.staging.store import StagingStore
-from audit_platform.streams.definitions import Stream, list_streams
+from audit_platform.streams.definitions import Stream, get_stream, list_streams
 from audit_platform.streams.destinations import (
     DeliveryFailed,
     Destination,
     Message,
     destination,
+    encoded,
 )
 
 log = logging.getLogger(__name__)
@@ -51,13 +63,19 @@ log = logging.getLogger(__name__)
 #: often: the feed stays one hour of batches, whatever streams exist.
 FEED_KEEP = timedelta(hours=1)
 TRIM_EVERY_SECONDS = 300.0
+#: How long ``run`` waits, once stopped, for the stream threads' last passes: a receiver that
+#: hangs must not keep a capture run from ending.
+SHUTDOWN_SECONDS = 15.0
+#: How often ``run`` looks for streams created or deleted.
+REFRESH_SECONDS = 2.0
 Outcome = Literal["delivered", "dead", "failed"]
+Connect = Callable[[], psycopg.Connection]
 
 
 @dataclass
 class Cursor:
     seq: int
-    chunk: int = 0
+    offset: int = 0
     attempts: int = 0
     failing_since: datetime | None = None
     next_attempt_at: datetime | None = None
@@ -73,64 +91,138 @@ class PassResult:
     errors: dict[str, str] = field(default_factory=dict)  # stream name: last error
 
 
+class NotSearchable(Exception):
+    """Records of a feed entry that Elasticsearch does not return (yet): the stream waits."""
+
+
 class Deliverer:
-    """Delivers an environment's streams; one per process (a live capture run's shard 0, or
-    ``audit-platform streams deliver``). Two at once would each deliver, so each message
-    could go twice; their cursors stay right."""
+    """Delivers an environment's streams; one per environment (a live capture run's shard 0,
+    or ``audit-platform streams deliver``). Two at once keep their cursors right, but each may
+    send a message the other sent."""
 
     def __init__(
         self,
         env: str,
-        state: Callable[[], Any],
+        connect: Connect,
         es: Elasticsearch,
         store: Callable[[str], StagingStore],
         *,
         signer: Ed25519PrivateKey | None = None,
         settings: StreamSettings | None = None,
     ) -> None:
-        self.env, self.state, self.es, self.store = env, state, es, store
+        self.env, self.connect, self.es, self.store = env, connect, es, store
         self.signer = signer
         self.settings = settings or StreamSettings()
-        self._destinations: dict[int, Destination] = {}
+        self._sinks: dict[int, Destination] = {}
+        self._lock = threading.Lock()
         self._visible_through = 0  # feed entries up to this seq are searchable
         self._trimmed_at = 0.0  # time.monotonic() of the last trim
 
+    # -- running -------------------------------------------------------------------------------
+
     def run(self, stop: threading.Event) -> None:
-        """Pass after pass until ``stop``, and one more after it (what the run indexed last
-        goes out before it ends); a pass that fails (the platform database or Elasticsearch
-        down) is logged and the next one tries again."""
-        while True:
-            last = stop.is_set()
+        """A thread per live stream until ``stop``; streams created or deleted meanwhile are
+        picked up. Once stopped, each thread makes a last pass (what the run indexed last goes
+        out before it ends), for at most ``SHUTDOWN_SECONDS`` in all."""
+        workers: dict[int, tuple[threading.Thread, threading.Event]] = {}
+        while not stop.is_set():
             try:
-                found = self.deliver()
-            except Exception:
-                log.exception("streams of %s: a delivery pass failed", self.env)
-                found = PassResult()
-            if last:
-                break
-            if not found.messages:
-                stop.wait(self.settings.poll_seconds)
+                with closing(self.connect()) as conn:
+                    live = {s.id: s for s in list_streams(conn, self.env)}
+                    self._trim(conn)
+            except Exception:  # the platform database down: the threads go on as they can
+                log.exception("streams of %s: cannot read the streams", self.env)
+                stop.wait(REFRESH_SECONDS)
+                continue
+            for stream_id, stream in live.items():
+                if stream_id not in workers:
+                    own = threading.Event()
+                    thread = threading.Thread(
+                        target=self._work,
+                        args=(stream, own),
+                        name=f"stream-{stream.name}",
+                        daemon=True,
+                    )
+                    workers[stream_id] = (thread, own)
+                    thread.start()
+            for stream_id in [i for i in workers if i not in live]:
+                workers.pop(stream_id)[1].set()
+            stop.wait(REFRESH_SECONDS)
+        for _, own in workers.values():
+            own.set()
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
+        for thread, _ in workers.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
         self.close()
 
+    def _work(self, stream: Stream, stop: threading.Event) -> None:
+        """One stream's passes until ``stop``, and one more after it. A failed pass (the
+        platform database down) closes the connection and waits, doubling, before the next."""
+        conn: psycopg.Connection | None = None
+        failures = 0
+        try:
+            while True:
+                last = stop.is_set()
+                found = PassResult()
+                try:
+                    if conn is None or conn.closed:
+                        conn = self.connect()
+                    self.deliver_stream(conn, stream, found)
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    log.exception("stream %s: a delivery pass failed", stream.name)
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                if last:
+                    return
+                if failures:
+                    stop.wait(min(self.settings.backoff_max_seconds, 2.0**failures))
+                elif not found.messages:
+                    stop.wait(self.settings.poll_seconds)
+        finally:
+            if conn is not None:
+                conn.close()
+
     def close(self) -> None:
-        for sink in self._destinations.values():
-            sink.close()
-        self._destinations.clear()
+        with self._lock:
+            for sink in self._sinks.values():
+                sink.close()
+            self._sinks.clear()
 
     def deliver(self, now: datetime | None = None) -> PassResult:
-        """One pass over every live stream and source."""
+        """One pass over every live stream, one after another (``streams deliver --once``)."""
         result = PassResult()
-        with self.state() as conn:
-            streams = list_streams(conn, self.env)
-            for gone in set(self._destinations) - {s.id for s in streams}:
-                self._destinations.pop(gone).close()
-            for stream in streams:
-                for source in feed.sources(conn, self.env, stream.start_seq):
-                    self._source(conn, stream, source, result, now)
-            if time.monotonic() - self._trimmed_at >= TRIM_EVERY_SECONDS:
-                feed.trim(conn, self.env, (now or datetime.now(UTC)) - FEED_KEEP)
-                self._trimmed_at = time.monotonic()
+        with closing(self.connect()) as conn:
+            for stream in list_streams(conn, self.env):
+                self.deliver_stream(conn, stream, result, now)
+            self._trim(conn, now)
         return result
+
+    def deliver_stream(
+        self,
+        conn: psycopg.Connection,
+        stream: Stream,
+        result: PassResult,
+        now: datetime | None = None,
+    ) -> None:
+        """A pass over one stream's sources. An error of one source (Elasticsearch refusing
+        the stream's filter, a bucket's credentials) is that source's failed attempt, with
+        its backoff; the others go on."""
+        for source in feed.sources(conn, self.env, stream.start_seq):
+            try:
+                self._source(conn, stream, source, result, now)
+            except psycopg.Error:
+                raise  # the platform database: the pass ends, and its caller waits
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                result.failures += 1
+                result.errors[stream.name] = error
+                cursor = _cursor(conn, stream, source)
+                self._hold(conn, stream, source, cursor, cursor.seq, cursor.offset, error, now)
+
+    # -- one source ----------------------------------------------------------------------------
 
     def _source(
         self,
@@ -145,38 +237,51 @@ class Deliverer:
         if cursor.next_attempt_at is not None and cursor.next_attempt_at > at:
             return
         clauses = parse(stream.filter, now=at).clauses()
-        for entry in feed.entries(
-            conn, self.env, source, cursor.seq, self.settings.entries_per_pass
-        ):
+        entries = feed.entries(conn, self.env, source, cursor.seq, self.settings.entries_per_pass)
+        for entry in entries:
             if entry.seq > self._visible_through:
                 self._refresh(conn)
             ids = entry.record_ids(self.store(source))
-            size = self.settings.chunk_records
-            chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
-            first = cursor.chunk if entry.seq == cursor.seq else 0
-            for number in range(first, len(chunks)):
-                records = records_by_id(self.es, stream.scope, chunks[number], clauses)
+            offset = cursor.offset if entry.seq == cursor.seq else 0
+            while offset < len(ids):
+                chunk = ids[offset : offset + self.settings.chunk_records]
+                records = records_by_id(self.es, stream.scope, chunk, clauses)
+                if len(records) < len(chunk):
+                    _all_searchable(self.es, self.env, entry.seq, chunk)
+                records, taken = self._fitting(records, chunk)
                 if records:
                     message = Message(
-                        f"msg_{stream.id}_{entry.seq}_{number}",
+                        f"msg_{stream.id}_{entry.seq}_{offset}",
                         stream,
                         source,
                         entry.seq,
-                        number,
+                        offset,
                         entry.indexed_at,
                         records,
                     )
-                    if not _live(conn, stream):
+                    if get_stream(conn, stream.id, live=True) is None:
                         return  # deleted mid-way: not one message more
                     outcome = self._send(conn, stream, cursor, message, result, now)
                     if outcome == "failed":
                         return
                     if outcome == "dead":
                         records = []
-                _advance(conn, stream, source, entry.seq, number + 1, len(records))
-                cursor = Cursor(entry.seq, number + 1)
+                offset += taken
+                _advance(conn, stream, source, entry.seq, offset, len(records))
+                cursor = Cursor(entry.seq, offset)
             _advance(conn, stream, source, entry.seq + 1, 0, 0)
             cursor = Cursor(entry.seq + 1)
+
+    def _fitting(self, records: list[dict], chunk: list[str]) -> tuple[list[dict], int]:
+        """The records of one message (as many as ``max_message_bytes`` holds, one at
+        least), and how many of ``chunk``'s ids they take (up to the last one sent, or all
+        of them when every record fits)."""
+        budget, size = self.settings.max_message_bytes, 0
+        for n, record in enumerate(records):
+            size += len(encoded(record)) + 1
+            if size > budget and n > 0:
+                return records[:n], chunk.index(records[n]["id"])
+        return records, len(chunk)
 
     def _send(
         self,
@@ -188,14 +293,15 @@ class Deliverer:
         now: datetime | None,
     ) -> Outcome:
         try:
-            sink = self._destinations.get(stream.id)
-            if sink is None:
-                sink = self._destinations[stream.id] = destination(stream, self.signer)
+            with self._lock:
+                sink = self._sinks.get(stream.id)
+                if sink is None:
+                    sink = self._sinks[stream.id] = destination(stream, self.signer)
             sink.send(message)
         except DeliveryFailed as exc:
             result.failures += 1
             result.errors[stream.name] = str(exc)
-            return self._failed(conn, stream, cursor, message, str(exc), result, now)
+            return self._failed(conn, stream, cursor, message, exc, result, now)
         crash_point("streams.sent")
         result.messages += 1
         result.records += len(message.records)
@@ -207,18 +313,16 @@ class Deliverer:
         stream: Stream,
         cursor: Cursor,
         message: Message,
-        error: str,
+        failure: DeliveryFailed,
         result: PassResult,
         now: datetime | None,
     ) -> Outcome:
-        s, at = self.settings, now or datetime.now(UTC)
-        again = (cursor.seq, cursor.chunk) == (message.seq, message.chunk)
+        again = (cursor.seq, cursor.offset) == (message.seq, message.offset)
         attempts = cursor.attempts + 1 if again else 1
-        since = (cursor.failing_since if again else None) or at
-        if attempts >= s.dead_letter_attempts and at - since >= s.dead_letter_after:
+        if failure.permanent and attempts >= self.settings.dead_letter_attempts:
             conn.execute(
                 "INSERT INTO audit_platform.stream_dead_letters (stream, message_id, source, seq,"
-                " chunk, record_ids, attempts, failing_since, last_error)"
+                " record_offset, record_ids, attempts, failing_since, last_error)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (stream, message_id) DO NOTHING",
                 (
@@ -226,41 +330,80 @@ class Deliverer:
                     message.id,
                     message.source,
                     message.seq,
-                    message.chunk,
+                    message.offset,
                     [r["id"] for r in message.records],
                     attempts,
-                    since,
-                    error,
+                    (cursor.failing_since if again else None) or now or datetime.now(UTC),
+                    str(failure),
                 ),
             )
             result.dead_lettered += 1
-            log.warning("stream %s: message %s dead-lettered: %s", stream.name, message.id, error)
+            log.warning("stream %s: message %s dead-lettered: %s", stream.name, message.id, failure)
             return "dead"
+        base = cursor if again else Cursor(message.seq, message.offset)
+        self._hold(
+            conn, stream, message.source, base, message.seq, message.offset, str(failure), now
+        )
+        return "failed"
+
+    def _hold(
+        self,
+        conn: psycopg.Connection,
+        stream: Stream,
+        source: str,
+        cursor: Cursor,
+        seq: int,
+        offset: int,
+        error: str,
+        now: datetime | None,
+    ) -> None:
+        """The message at (seq, offset) failed once more: try it again after a backoff."""
+        s, at = self.settings, now or datetime.now(UTC)
+        attempts = cursor.attempts + 1
         wait = min(s.backoff_max_seconds, s.backoff_first_seconds * 2 ** (attempts - 1))
         wait *= random.uniform(0.8, 1.0)  # receivers that come back are not hit all at once
         conn.execute(
-            "UPDATE audit_platform.stream_cursors SET seq = %s, chunk = %s, attempts = %s,"
-            " failing_since = %s, next_attempt_at = %s, last_error = %s"
-            " WHERE stream = %s AND source = %s",
+            "UPDATE audit_platform.stream_cursors SET seq = %s, record_offset = %s,"
+            " attempts = %s, failing_since = coalesce(failing_since, %s), next_attempt_at = %s,"
+            " last_error = %s WHERE stream = %s AND source = %s",
             (
-                message.seq,
-                message.chunk,
+                seq,
+                offset,
                 attempts,
-                since,
+                at,
                 at + timedelta(seconds=wait),
                 error,
                 stream.id,
-                message.source,
+                source,
             ),
         )
-        return "failed"
 
     def _refresh(self, conn: psycopg.Connection) -> None:
         """Make every entry the feed holds now searchable: an entry is added after its
         documents were accepted, so one refresh after reading the last seq covers them."""
-        last = feed.last_seq(conn)
-        self.es.indices.refresh(index=read_alias(self.env), ignore_unavailable=True)
-        self._visible_through = last
+        with self._lock:
+            last = feed.last_seq(conn)
+            if last <= self._visible_through:
+                return
+            self.es.indices.refresh(index=read_alias(self.env), ignore_unavailable=True)
+            self._visible_through = last
+
+    def _trim(self, conn: psycopg.Connection, now: datetime | None = None) -> None:
+        if time.monotonic() - self._trimmed_at >= TRIM_EVERY_SECONDS:
+            feed.trim(conn, self.env, (now or datetime.now(UTC)) - FEED_KEEP)
+            self._trimmed_at = time.monotonic()
+
+
+def _all_searchable(es: Elasticsearch, env: str, seq: int, chunk: list[str]) -> None:
+    """Raise unless every record of ``chunk`` is in Elasticsearch (then the filter or the
+    stream's organizations left the others out)."""
+    missing = set(chunk) - existing_ids(es, env, chunk)
+    if missing:
+        raise NotSearchable(
+            f"{len(missing)} records of feed entry {seq} are not in Elasticsearch (such as "
+            f"{min(missing)}): the stream waits for them (`audit-platform verify` and the "
+            "staged_vs_indexed check say why)"
+        )
 
 
 def _cursor(conn: psycopg.Connection, stream: Stream, source: str) -> Cursor:
@@ -270,7 +413,7 @@ def _cursor(conn: psycopg.Connection, stream: Stream, source: str) -> Cursor:
         (stream.id, source, stream.start_seq + 1),
     )
     row = conn.execute(
-        "SELECT seq, chunk, attempts, failing_since, next_attempt_at, last_error"
+        "SELECT seq, record_offset, attempts, failing_since, next_attempt_at, last_error"
         " FROM audit_platform.stream_cursors WHERE stream = %s AND source = %s",
         (stream.id, source),
     ).fetchone()
@@ -279,77 +422,23 @@ def _cursor(conn: psycopg.Connection, stream: Stream, source: str) -> Cursor:
 
 
 def _advance(
-    conn: psycopg.Connection, stream: Stream, source: str, seq: int, chunk: int, records: int
+    conn: psycopg.Connection, stream: Stream, source: str, seq: int, offset: int, records: int
 ) -> None:
     conn.execute(
-        "UPDATE audit_platform.stream_cursors SET seq = %s, chunk = %s, attempts = 0,"
+        "UPDATE audit_platform.stream_cursors SET seq = %s, record_offset = %s, attempts = 0,"
         " failing_since = NULL, next_attempt_at = NULL, last_error = NULL,"
         " delivered = delivered + %s,"
         " delivered_at = CASE WHEN %s > 0 THEN now() ELSE delivered_at END"
         " WHERE stream = %s AND source = %s",
-        (seq, chunk, records, records, stream.id, source),
+        (seq, offset, records, records, stream.id, source),
     )
-
-
-def _live(conn: psycopg.Connection, stream: Stream) -> bool:
-    row = conn.execute(
-        "SELECT deleted_at IS NULL FROM audit_platform.streams WHERE id = %s", (stream.id,)
-    ).fetchone()
-    return bool(row and row[0])
-
-
-@dataclass(frozen=True)
-class StreamStatus:
-    """One stream's delivery of one source, as its checks and ``streams list`` show it."""
-
-    stream: str
-    source: str
-    delivered: int
-    behind: int  # feed entries not delivered yet
-    lag_seconds: float  # since the oldest of them was indexed; 0 when none
-    attempts: int
-    last_error: str | None
-    dead_letters: int
-
-
-def status(conn: psycopg.Connection, env: str, now: datetime | None = None) -> list[StreamStatus]:
-    rows = conn.execute(
-        """
-        SELECT s.name, f.source, coalesce(c.delivered, 0), count(f.seq) FILTER (
-                   WHERE f.seq >= coalesce(c.seq, s.start_seq + 1)),
-               min(f.indexed_at) FILTER (WHERE f.seq >= coalesce(c.seq, s.start_seq + 1)),
-               coalesce(c.attempts, 0), c.last_error,
-               (SELECT count(*) FROM audit_platform.stream_dead_letters AS d
-                 WHERE d.stream = s.id AND d.source = f.source)
-        FROM audit_platform.streams AS s
-        JOIN audit_platform.stream_feed AS f ON f.env = s.env AND f.seq > s.start_seq
-        LEFT JOIN audit_platform.stream_cursors AS c ON c.stream = s.id AND c.source = f.source
-        WHERE s.env = %s AND s.deleted_at IS NULL
-        GROUP BY s.id, s.name, f.source, c.delivered, c.attempts, c.last_error
-        ORDER BY s.name, f.source
-        """,
-        (env,),
-    ).fetchall()
-    at = now or datetime.now(UTC)
-    return [
-        StreamStatus(
-            name,
-            source,
-            delivered,
-            behind,
-            (at - oldest).total_seconds() if oldest is not None else 0.0,
-            attempts,
-            error,
-            dead,
-        )
-        for name, source, delivered, behind, oldest, attempts, error, dead in rows
-    ]
 
 
 @contextmanager
 def delivering(deliverer: Deliverer) -> Iterator[None]:
-    """Deliver in a thread of its own while the block runs (a live capture run's shard 0):
-    a slow receiver never slows capture, and capture's turns never delay a delivery."""
+    """Deliver in threads of their own while the block runs (a live capture run's shard 0):
+    a slow receiver never slows capture, and capture's turns never delay a delivery. Leaving
+    the block waits at most ``SHUTDOWN_SECONDS`` for the streams' last passes."""
     stop = threading.Event()
     thread = threading.Thread(target=deliverer.run, args=(stop,), name="streams", daemon=True)
     thread.start()
@@ -357,4 +446,4 @@ def delivering(deliverer: Deliverer) -> Iterator[None]:
         yield
     finally:
         stop.set()
-        thread.join()
+        thread.join(SHUTDOWN_SECONDS + REFRESH_SECONDS + 5)

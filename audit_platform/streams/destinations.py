@@ -1,10 +1,10 @@
 """Where a stream's messages go: an HTTPS webhook (Standard Webhooks) or NDJSON objects in a
 bucket with a signed digest each.
 
-A message is one chunk of one feed entry's records, and its id (``stream-seq-chunk``) is the
-same at every attempt and after a crash: a webhook receiver deduplicates on ``webhook-id``, and
-a bucket's object and digest are written under names made of it, so a repeat overwrites them
-with the same bytes.
+A message is a run of one feed entry's records, and its id (``msg_<stream>_<seq>_<offset>``) is
+the same at every attempt and after a crash: a webhook receiver deduplicates on ``webhook-id``,
+and a bucket's object and digest are written under names made of it, so a repeat replaces them
+(with the same records, as they read at that attempt).
 """
 
 from __future__ import annotations
@@ -26,12 +26,27 @@ from audit_platform.streams.definitions import Stream
 #: The event type of every message, as Standard Webhooks recommends (``type``, ``timestamp``,
 #: ``data``).
 EVENT_TYPE = "audit.records"
-#: Bytes of a failed response's body kept in the stream's last error.
-_ERROR_BODY = 200
+#: Answers that refuse the message itself, not the sender: retried up to the stream's bound,
+#: then dead-lettered. Any other failure (down, overloaded, a wrong secret: 5xx, 408, 429,
+#: 401, 403, 404, a timeout) is waited for.
+PERMANENT = frozenset({400, 413, 415, 422})
+#: Bytes of a response read at most: its status is what counts, and a receiver must not be
+#: able to make the platform hold a large body.
+_RESPONSE_BYTES = 4096
+#: Signed digests start with this, so a signature over one cannot pass for a checkpoint's.
+DIGEST_CONTEXT = b"audit-platform stream digest v1\n"
 
 
 class DeliveryFailed(Exception):
-    """The destination did not take the message; the stream tries again after a backoff."""
+    """The destination did not take the message; ``permanent``: it refused the message itself."""
+
+    def __init__(self, error: str, permanent: bool = False) -> None:
+        super().__init__(error)
+        self.permanent = permanent
+
+
+def encoded(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record)
 
 
 @dataclass(frozen=True)
@@ -40,7 +55,7 @@ class Message:
     stream: Stream
     source: str
     seq: int
-    chunk: int
+    offset: int
     indexed_at: datetime
     records: list[dict[str, Any]]
 
@@ -61,7 +76,7 @@ class Message:
         )
 
     def ndjson(self) -> bytes:
-        return b"".join(orjson.dumps(record) + b"\n" for record in self.records)
+        return b"".join(encoded(record) + b"\n" for record in self.records)
 
 
 class Destination(Protocol):
@@ -74,11 +89,12 @@ class WebhookDestination:
     """POSTs each message, signed per the Standard Webhooks specification: ``webhook-id``,
     ``webhook-timestamp`` (this attempt's, which the receiver checks against its clock) and
     ``webhook-signature`` (``v1,`` HMAC-SHA256 of ``id.timestamp.body``). Redirects are not
-    followed: the operator named the URL records may go to."""
+    followed (the operator named the URL records may go to), no proxy or ``.netrc`` of the
+    platform's environment applies, and at most ``_RESPONSE_BYTES`` of an answer are read."""
 
     def __init__(self, url: str, secret: str, timeout: float = 10.0) -> None:
         self.url, self.webhook = url, Webhook(secret)
-        self.client = httpx.Client(timeout=timeout, follow_redirects=False)
+        self.client = httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False)
 
     def send(self, message: Message) -> None:
         body, now = message.body(), datetime.now(UTC)
@@ -89,15 +105,17 @@ class WebhookDestination:
             "webhook-signature": self.webhook.sign(message.id, now, body),
         }
         try:
-            response = self.client.post(self.url, content=body, headers=headers)
+            with self.client.stream("POST", self.url, content=body, headers=headers) as response:
+                read = 0
+                for part in response.iter_raw():
+                    read += len(part)
+                    if read >= _RESPONSE_BYTES:
+                        break
         except httpx.HTTPError as exc:
             raise DeliveryFailed(f"{type(exc).__name__}: {exc or 'no answer'}") from exc
         if not response.is_success:
-            raise DeliveryFailed(
-                f"HTTP {response.status_code}: {response.text[:_ERROR_BODY]!r}"
-                if response.text
-                else f"HTTP {response.status_code}"
-            )
+            status = response.status_code
+            raise DeliveryFailed(f"HTTP {status}", permanent=status in PERMANENT)
 
     def close(self) -> None:
         self.client.close()
@@ -146,9 +164,8 @@ class BucketDestination:
 
 
 def _signed(digest: dict[str, Any]) -> bytes:
-    return orjson.dumps(
-        {k: v for k, v in digest.items() if k != "signature"}, option=orjson.OPT_SORT_KEYS
-    )
+    unsigned = {k: v for k, v in digest.items() if k != "signature"}
+    return DIGEST_CONTEXT + orjson.dumps(unsigned, option=orjson.OPT_SORT_KEYS)
 
 
 def verify_object(fs: fsspec.AbstractFileSystem, digest_path: str, key: Ed25519PublicKey) -> int:

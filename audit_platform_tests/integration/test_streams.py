@@ -32,8 +32,9 @@ from audit_platform.naming import read_alias
 from audit_platform.settings import ApiSettings, Settings
 from audit_platform.signing import new_private_key, private_key
 from audit_platform.streams.definitions import StreamError, create_stream, delete_stream
-from audit_platform.streams.delivery import Deliverer, status
+from audit_platform.streams.delivery import Deliverer
 from audit_platform.streams.destinations import verify_object
+from audit_platform.streams.progress import status
 from audit_platform_tests.capture_support import CaptureSource, capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import policy_for
@@ -168,7 +169,7 @@ def test_a_receiver_down_for_a_while_misses_nothing_and_dead_letters_nothing(sho
     receiver.down = True
     shop.write(3)
     shop.run()
-    deliverer = shop.deliverer(dead_letter_attempts=3, dead_letter_after=timedelta(hours=1))
+    deliverer = shop.deliverer(dead_letter_attempts=3)
     first = deliverer.deliver()
     assert first.messages == 0 and first.failures == 1
     (progress,) = status(shop.state, shop.env)
@@ -178,7 +179,7 @@ def test_a_receiver_down_for_a_while_misses_nothing_and_dead_letters_nothing(sho
         and "RemoteProtocolError" in (progress.last_error or "")
     )
     assert deliverer.deliver().failures == 0  # within the backoff: not tried again
-    for minutes in (1, 2, 3, 4):  # more attempts than the bound, but for less than its hour
+    for minutes in (1, 2, 3, 4):  # more attempts than the bound: a receiver down is waited for
         assert deliverer.deliver(now=datetime.now(UTC) + timedelta(minutes=minutes)).failures == 1
     shop.write(2)
     shop.run()
@@ -191,39 +192,92 @@ def test_a_receiver_down_for_a_while_misses_nothing_and_dead_letters_nothing(sho
     assert (progress.attempts, progress.last_error, progress.dead_letters) == (0, None, 0)
 
 
-def test_a_receiver_with_the_wrong_secret_refuses_and_the_message_is_dead_lettered(shop, receiver):
-    shop.stream(receiver.url)
+def test_a_receiver_with_the_wrong_secret_is_waited_for_and_then_gets_everything(shop, receiver):
+    right = shop.stream(receiver.url).secret
     receiver.secret = "whsec_" + base64.b64encode(b"not the stream's secret!").decode()
     shop.write(2)
     shop.run()
-    deliverer = shop.deliverer(dead_letter_attempts=2, dead_letter_after=timedelta(0))
+    deliverer = shop.deliverer(dead_letter_attempts=2)
     assert deliverer.deliver().failures == 1
+    for hours in (1, 2, 3):  # a misconfigured receiver is not a poisoned message
+        later = deliverer.deliver(now=datetime.now(UTC) + timedelta(hours=hours))
+        assert (later.failures, later.dead_lettered) == (1, 0)
     (progress,) = status(shop.state, shop.env)
-    assert progress.last_error == "HTTP 401"
+    assert (progress.last_error, progress.attempts, progress.behind) == ("HTTP 401", 4, 1)
+    receiver.secret = right
+    assert deliverer.deliver(now=datetime.now(UTC) + LATER).records == 6
+    assert sorted(r["id"] for r in receiver.records) == shop.indexed_ids()
+
+
+def test_a_message_the_receiver_refuses_as_such_is_dead_lettered_and_the_rest_delivered(
+    shop, receiver
+):
+    receiver.secret = shop.stream(receiver.url).secret
+    shop.write(3)
+    shop.run()
+    poisoned = shop.indexed_ids()[4]
+    receiver.refuse = lambda m: 413 if poisoned in {r["id"] for r in m["data"]["records"]} else None
+    deliverer = shop.deliverer(dead_letter_attempts=2, chunk_records=3)
+    first = deliverer.deliver()
+    assert (first.messages, first.failures) == (1, 1)  # the first message, then the refusal
     later = deliverer.deliver(now=datetime.now(UTC) + LATER)
-    assert later.dead_lettered == 1 and receiver.refused == 2 and receiver.records == []
+    assert later.dead_lettered == 1 and later.messages == 1
     dead = shop.state.execute(
         "SELECT record_ids, attempts, last_error FROM audit_platform.stream_dead_letters d"
         " JOIN audit_platform.streams s ON s.id = d.stream WHERE s.env = %s",
         (shop.env,),
     ).fetchall()
-    assert [(sorted(ids), attempts, error) for ids, attempts, error in dead] == [
-        (shop.indexed_ids(), 2, "HTTP 401")
-    ]
+    assert len(dead) == 1 and poisoned in dead[0][0] and dead[0][1:] == (2, "HTTP 413")
+    delivered = {r["id"] for r in receiver.records}
+    assert delivered | set(dead[0][0]) == set(shop.indexed_ids())
+    assert delivered.isdisjoint(dead[0][0])
     (progress,) = status(shop.state, shop.env)
-    assert (progress.behind, progress.dead_letters) == (0, 1)
+    assert (progress.behind, progress.dead_letters, progress.attempts) == (0, 1, 0)
+
+
+def test_messages_stay_within_their_byte_bound_and_a_new_chunk_size_loses_nothing(shop, receiver):
+    receiver.secret = shop.stream(receiver.url).secret
+    shop.write(6)
+    shop.run()
+    sizes = []
+    receiver.on_message = lambda m: sizes.append(len(m["data"]["records"]))
+    with armed("streams.sent", nth=2), pytest.raises(SimulatedCrash):
+        shop.deliverer(chunk_records=4).deliver()
+    shop.deliverer(chunk_records=5, max_message_bytes=4096).deliver()
+    assert sorted({r["id"] for r in receiver.records}) == shop.indexed_ids()
+    assert max(sizes[2:]) < 5  # a record is over 1 KiB: the byte bound, not the count, cuts
+    assert _commit_ordered(receiver.records)
+
+
+def test_a_record_elasticsearch_does_not_return_holds_the_stream_up_until_it_does(shop, receiver):
+    receiver.secret = shop.stream(receiver.url).secret
+    shop.write(2)
+    shop.run()
+    gone = shop.indexed_ids()[2]
+    hit = shop.es.search(index=read_alias(shop.env), query={"ids": {"values": [gone]}})
+    document = hit["hits"]["hits"][0]
+    shop.es.delete(index=document["_index"], id=gone, refresh=True)
+    deliverer = shop.deliverer(chunk_records=2)
+    found = deliverer.deliver()
+    assert found.records == 2 and "not in Elasticsearch" in found.errors[next(iter(found.errors))]
+    (progress,) = status(shop.state, shop.env)
+    assert progress.behind == 1 and gone in (progress.last_error or "")
+    shop.es.index(index=document["_index"], id=gone, document=document["_source"], refresh=True)
+    assert deliverer.deliver(now=datetime.now(UTC) + LATER).records == 4
+    assert sorted(r["id"] for r in receiver.records) == shop.indexed_ids()
 
 
 def test_a_filter_and_organizations_choose_what_a_stream_delivers(shop, receiver):
-    nothing = Receiver(
-        secret=shop.stream("http://127.0.0.1:9/never", filter="table:nowhere").secret
-    )
-    receiver.secret = shop.stream(receiver.url, organizations=["globex"], filter="op:update").secret
-    shop.write(2, organization="acme")
-    shop.write(3, organization="globex")
-    shop.run()
-    found = shop.deliverer().deliver()
-    assert found.failures == 0  # the stream whose filter matches nothing sent nothing
+    with receiving() as nothing:
+        nothing.secret = shop.stream(nothing.url, filter="table:nowhere").secret
+        receiver.secret = shop.stream(
+            receiver.url, organizations=["globex"], filter="op:update"
+        ).secret
+        shop.write(2, organization="acme")
+        shop.write(3, organization="globex")
+        shop.run()
+        found = shop.deliverer().deliver()
+    assert found.failures == 0
     wanted = {
         "bool": {
             "filter": [{"term": {"organization.id": "globex"}}, {"term": {"operation": "update"}}]
@@ -231,6 +285,7 @@ def test_a_filter_and_organizations_choose_what_a_stream_delivers(shop, receiver
     }
     assert sorted(r["id"] for r in receiver.records) == shop.indexed_ids(wanted)
     assert len(receiver.records) == 6 and nothing.seen == []
+    assert {r["organization"]["id"] for r in receiver.records} == {"globex"}
     assert {p.behind for p in status(shop.state, shop.env)} == {0}  # both passed every entry
 
 
@@ -335,24 +390,23 @@ def test_admins_of_the_whole_environment_manage_streams_through_the_api(shop, re
         def call(method: str, key: str, path: str = "/v1/streams", **kwargs):
             return api.request(method, path, headers={"X-API-Key": keys[key]}, **kwargs)
 
-        body = {"name": "siem", "kind": "webhook", "target": receiver.url, "filter": "op:insert"}
+        body = {"name": "siem", "kind": "webhook", "target": "https://siem.example.com/in"}
         assert call("POST", "auditor", json=body).status_code == 403
         refused = call("POST", "tenant-admin", json=body)
         assert refused.status_code == 403 and "whole environment" in refused.text
-        bad = call("POST", "admin", json={**body, "target": "http://10.0.0.1/hook"})
-        assert bad.status_code == 422 and "https://" in bad.json()["detail"]
+        for target in ("http://10.0.0.1/hook", receiver.url):  # not even this machine's
+            bad = call("POST", "admin", json={**body, "target": target})
+            assert bad.status_code == 422 and "https://" in bad.json()["detail"]
         made = call("POST", "admin", json=body)
         assert made.status_code == 201, made.text
-        receiver.secret = made.json()["secret"]
-        assert receiver.secret.startswith("whsec_")
+        assert made.json()["secret"].startswith("whsec_")
         assert call("POST", "admin", json=body).status_code == 422  # the name is taken
         shop.write(2)
         shop.run()
-        assert shop.deliverer().deliver().records == 2  # the inserts only
         (listed,) = call("GET", "admin").json()
         assert "secret" not in listed and listed["created_by"].startswith("key ")
         assert [(s["source"], s["delivered"], s["behind"]) for s in listed["sources"]] == [
-            ("shop", 2, 0)
+            ("shop", 0, 1)
         ]
         assert call("DELETE", "admin", "/v1/streams/siem").status_code == 204
         assert call("DELETE", "admin", "/v1/streams/siem").status_code == 404

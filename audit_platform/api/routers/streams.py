@@ -25,7 +25,7 @@ from audit_platform.streams.definitions import (
     delete_stream,
     list_streams,
 )
-from audit_platform.streams.delivery import status
+from audit_platform.streams.progress import status
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"])
 
@@ -136,6 +136,7 @@ def create(body: StreamIn, request: Request, scope: AdminDep, svc: ServicesDep) 
                 filter=body.filter,
                 organizations=body.organizations,
                 can_sign=svc.settings.signer() is not None,
+                loopback_http=False,
             )
         except StreamError as exc:
             raise HTTPException(422, str(exc)) from exc

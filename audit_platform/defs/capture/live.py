@@ -147,9 +147,12 @@ def live_capture_job(environment: EnvironmentConfig, shard: int) -> dg.JobDefini
         stack.enter_context(state)
         shared = Shared(state.connection, client, pacer, lanes)
         if shard == 0:  # the environment's streams, delivered by one run
+            state_url = _state_url(platform)
             deliverer = Deliverer(
                 platform.settings.env,
-                state.connection,
+                # A connection per stream, not the workers' pool: a stream waiting on its
+                # receiver holds its own.
+                lambda: psycopg.connect(state_url, autocommit=True),
                 client,
                 platform.store,
                 signer=platform.settings.signer(),

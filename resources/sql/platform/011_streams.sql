@@ -38,13 +38,14 @@ CREATE TABLE IF NOT EXISTS audit_platform.streams (
 CREATE UNIQUE INDEX IF NOT EXISTS streams_live_name
     ON audit_platform.streams (env, name) WHERE deleted_at IS NULL;
 
--- Per stream and source: the next message to deliver (a feed entry, and a chunk of its
--- records), and while that message fails, its attempts and when the next one is due.
+-- Per stream and source: the next message to deliver (a feed entry, and the offset of its
+-- first record among the entry's), and while that message fails, its attempts and when the
+-- next one is due.
 CREATE TABLE IF NOT EXISTS audit_platform.stream_cursors (
     stream          bigint      NOT NULL REFERENCES audit_platform.streams (id),
     source          text        NOT NULL,
     seq             bigint      NOT NULL,
-    chunk           integer     NOT NULL DEFAULT 0,
+    record_offset   integer     NOT NULL DEFAULT 0,
     attempts        integer     NOT NULL DEFAULT 0,
     failing_since   timestamptz,
     next_attempt_at timestamptz,
@@ -54,13 +55,14 @@ CREATE TABLE IF NOT EXISTS audit_platform.stream_cursors (
     PRIMARY KEY (stream, source)
 );
 
--- Messages given up on after the stream's bound: what they held, and why, to deliver again.
+-- Messages a receiver refused as such (400, 413, 415, 422) after the bound of attempts: what
+-- they held, and why.
 CREATE TABLE IF NOT EXISTS audit_platform.stream_dead_letters (
     stream        bigint      NOT NULL REFERENCES audit_platform.streams (id),
     message_id    text        NOT NULL,
     source        text        NOT NULL,
     seq           bigint      NOT NULL,
-    chunk         integer     NOT NULL,
+    record_offset integer     NOT NULL,
     record_ids    text[]      NOT NULL,
     attempts      integer     NOT NULL,
     failing_since timestamptz NOT NULL,
