@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 AP := $(BIN)/audit-platform
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit lint format stack-up stack-down clean screenshot chromium helm
+.PHONY: install demo test test-unit lint format stack-up stack-down clean screenshot chromium helm oidc
 
 $(BIN)/python:
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { \
@@ -40,6 +40,14 @@ $(HELM):
 	GOBIN=$(CURDIR)/.stack/tools go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 helm: $(HELM)
 
+# The OpenID provider the Explorer's single sign-on tests sign in with (panva's oidc-provider,
+# from the npm registry, at the version package-lock.json records).
+OIDC := dev/oidc/node_modules/.package-lock.json
+$(OIDC): dev/oidc/package-lock.json
+	@command -v npm >/dev/null || { apt-get update && apt-get install -y --no-install-recommends nodejs npm; }
+	npm ci --prefix dev/oidc --no-audit --no-fund --silent
+oidc: $(OIDC)
+
 # With the demo running: headless-Chromium screenshots of the Dagster asset graph and of every
 # page of the Audit Explorer, for README.
 screenshot: install chromium
@@ -48,7 +56,7 @@ screenshot: install chromium
 
 # Starts the servers this checkout needs (reusing running ones), runs every test, and stops
 # only what it started. pytest's exit code, including 5 for "no tests", is make's.
-test: install chromium $(HELM)
+test: install chromium $(HELM) $(OIDC)
 	$(AP) stack run -- $(BIN)/pytest $(PYTEST_ARGS)
 
 # The fast tier: the tests that need no server (pure logic, recorded protocol bytes), in

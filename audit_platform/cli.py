@@ -77,6 +77,7 @@ from audit_platform.streams.definitions import (
 )
 from audit_platform.streams.delivery import Deliverer
 from audit_platform.streams.progress import status as stream_status
+from audit_platform.ui_sessions import person_sessions, revoke_person
 from audit_platform.verify import report_json, verify_environment
 
 app = typer.Typer(
@@ -1086,3 +1087,35 @@ def streams_deliver(
         deliverer.run(stop)
     except KeyboardInterrupt:
         stop.set()
+
+
+ui_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="The Audit Explorer's sessions opened by single sign-on.",
+    no_args_is_help=True,
+)
+app.add_typer(ui_app, name="ui")
+
+
+@ui_app.command("sessions")
+def ui_sessions_list(env: EnvOption = None) -> None:
+    """Live sessions of people signed in by single sign-on (sessions of keys end with them)."""
+    settings = _settings(env)
+    with _platform_connection(settings) as conn:
+        found = person_sessions(conn, settings.env)
+    for principal, name, role, expires_at in found:
+        typer.echo(f"{principal}\t{name}\t{role}\tuntil {expires_at:%Y-%m-%d %H:%M}")
+
+
+@ui_app.command("revoke")
+def ui_revoke(
+    principal: Annotated[
+        str, typer.Argument(help="The person as `ui sessions` shows them, e.g. sso:alice.")
+    ],
+    env: EnvOption = None,
+) -> None:
+    """End every Explorer session of a person at once (removed from a group, leaving)."""
+    settings = _settings(env)
+    with _platform_connection(settings) as conn:
+        ended = revoke_person(conn, settings.env, principal)
+    typer.echo(f"{ended} sessions of {principal} ended")

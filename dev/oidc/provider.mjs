@@ -4,10 +4,11 @@
 // An account not listed signs in with no groups. Not for production: it keeps everything in
 // memory and trusts any password.
 //
-// node provider.mjs PORT CLIENT_ID CLIENT_SECRET REDIRECT_URI ACCOUNTS_JSON
+// node provider.mjs PORT CLIENT_ID CLIENT_SECRET REDIRECT_URIS ACCOUNTS_JSON
+// (REDIRECT_URIS: the Explorer's callbacks, comma-separated)
 import Provider from 'oidc-provider';
 
-const [port, clientId, clientSecret, redirectUri, accountsJson] = process.argv.slice(2);
+const [port, clientId, clientSecret, redirectUris, accountsJson] = process.argv.slice(2);
 const accounts = JSON.parse(accountsJson || '{}');
 const issuer = `http://127.0.0.1:${port}`;
 
@@ -16,8 +17,7 @@ const provider = new Provider(issuer, {
     {
       client_id: clientId,
       client_secret: clientSecret,
-      redirect_uris: [redirectUri],
-      post_logout_redirect_uris: [redirectUri.replace(/\/sso\/callback$/, '/login')],
+      redirect_uris: redirectUris.split(','),
       grant_types: ['authorization_code'],
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',

@@ -22,6 +22,7 @@ from datetime import timedelta
 from authlib.integrations.starlette_client import OAuth, OAuthError
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
+from joserfc.errors import JoseError
 from starlette.middleware.sessions import SessionMiddleware
 
 from audit_platform.api.deps import ServicesDep
@@ -78,14 +79,10 @@ async def callback(request: Request, svc: ServicesDep) -> Response:
     next_path = safe_next(request.session.get("next"))
     try:
         token = await request.app.state.sso.authorize_access_token(request)
-    except OAuthError as exc:
-        request.session.clear()
-        return error_page(
-            request,
-            401,
-            f"Single sign-on did not complete ({exc.error}: {exc.description or 'no detail'}). "
-            "Start again from the sign-in page.",
-        )
+    except OAuthError as exc:  # the provider's error, a forged or replayed state
+        return _refused(request, f"{exc.error}: {exc.description or 'no detail'}")
+    except JoseError as exc:  # an ID token whose signature or claims do not verify
+        return _refused(request, f"the identity provider's token does not verify ({exc.error})")
     finally:
         request.session.clear()
     claims = token.get("userinfo") or {}
@@ -103,6 +100,14 @@ async def callback(request: Request, svc: ServicesDep) -> Response:
     response = HTMLResponse(_CONTINUE.format(url=html.escape(next_path, quote=True)))
     set_session_cookie(response, request, settings.env, session, lifetime)
     return response
+
+
+def _refused(request: Request, why: str) -> Response:
+    return error_page(
+        request,
+        401,
+        f"Single sign-on did not complete ({why}). Start again from the sign-in page.",
+    )
 
 
 _CONTINUE = (
