@@ -80,6 +80,18 @@ def _capture(defs: dg.Definitions, instance: dg.DagsterInstance, **kwargs):
     )
 
 
+def _checks(
+    defs: dg.Definitions, instance: dg.DagsterInstance, job: str
+) -> dict[str, dg.AssetCheckEvaluation]:
+    """The check evaluations of one run of ``job``, by check name."""
+    run = defs.resolve_job_def(job).execute_in_process(instance=instance, raise_on_error=False)
+    return {
+        e.event_specific_data.check_name: e.event_specific_data
+        for e in run.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+
+
 def _keep(defs: dg.Definitions, instance: dg.DagsterInstance):
     sensor = defs.resolve_sensor_def("capture_keeper_sensor")
     return sensor(dg.build_sensor_context(instance=instance, definitions=defs))
@@ -435,14 +447,7 @@ def test_the_trust_job_signs_and_verifies_the_trail_and_fails_on_a_deleted_recor
         es.indices.refresh(index=f"audit-{env}")
 
         def checks() -> dict[str, dg.AssetCheckEvaluation]:
-            run = defs.resolve_job_def("trust_job").execute_in_process(
-                instance=instance, raise_on_error=False
-            )
-            return {
-                e.event_specific_data.check_name: e.event_specific_data
-                for e in run.all_events
-                if e.event_type_value == "ASSET_CHECK_EVALUATION"
-            }
+            return _checks(defs, instance, "trust_job")
 
         found = checks()
         assert found["trail_verified"].passed, found["trail_verified"].metadata
@@ -476,14 +481,7 @@ def test_a_live_run_delivers_streams_and_the_health_checks_report_them(shop, env
         assert receiver.duplicates == 0
 
         def checks() -> dict[str, dg.AssetCheckEvaluation]:
-            run = defs.resolve_job_def("health_checks_job").execute_in_process(
-                instance=instance, raise_on_error=False
-            )
-            return {
-                e.event_specific_data.check_name: e.event_specific_data
-                for e in run.all_events
-                if e.event_type_value == "ASSET_CHECK_EVALUATION"
-            }
+            return _checks(defs, instance, "health_checks_job")
 
         found = checks()
         assert found["stream_lag"].passed and found["stream_dead_letters"].passed

@@ -18,13 +18,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import psycopg
 import pytest
 import uvicorn
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect
 
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key, revoke_key
 from audit_platform.read_log import read_rows
 from audit_platform.settings import ApiSettings, Settings
-from audit_platform_dev.demo.screenshot import find_browser
 from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.shop_data import Shop, shop_environments
 
@@ -57,16 +56,6 @@ def explorer(shop, servers) -> Iterator[Explorer]:
     yield Explorer(f"http://127.0.0.1:{port}", shop, servers.pg_url)
     server.should_exit = True
     thread.join(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=find_browser(), args=["--no-sandbox", "--disable-gpu"]
-        )
-        yield launched
-        launched.close()
 
 
 @pytest.fixture

@@ -27,14 +27,13 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect
 
 from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.read_log import read_rows
 from audit_platform.settings import ApiSettings, GroupGrant, Settings, SsoSettings
 from audit_platform.ui_sessions import revoke_person
-from audit_platform_dev.demo.screenshot import find_browser
 from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
@@ -203,16 +202,6 @@ def provider_and_explorers(tenants, servers) -> Iterator[tuple[Explorer, Explore
         proxy.server.shutdown()
         node.terminate()
         node.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=find_browser(), args=["--no-sandbox", "--disable-gpu"]
-        )
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
