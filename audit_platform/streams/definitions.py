@@ -141,7 +141,7 @@ def create_stream(
             conn.execute(
                 "INSERT INTO audit_platform.streams (env, name, kind, target, secret, filter,"
                 " organizations, start_seq, created_by) VALUES"
-                " (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id, created_at",
+                " (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
                 (
                     env,
                     name,
@@ -160,19 +160,8 @@ def create_stream(
             f"environment {env} has a stream named {name} already: delete it first, or choose "
             "another name"
         ) from exc
-    stream = Stream(
-        row[0],
-        env,
-        name,
-        kind,
-        target,
-        secret,
-        text,
-        frozenset(organizations) if organizations else None,
-        start,
-        created_by,
-        row[1],
-    )
+    stream = get_stream(conn, row[0])
+    assert stream is not None  # just inserted
     return NewStream(stream, secret)
 
 

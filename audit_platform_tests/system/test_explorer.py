@@ -8,7 +8,6 @@ Each test opens a fresh browser context (no cookies) and signs in the way a pers
 from __future__ import annotations
 
 import csv
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import psycopg
 import pytest
-import uvicorn
 from playwright.sync_api import BrowserContext, Page, expect
 
 from audit_platform.api.main import create_app
@@ -25,6 +23,7 @@ from audit_platform.api_keys import create_key, revoke_key
 from audit_platform.read_log import read_rows
 from audit_platform.settings import ApiSettings, Settings
 from audit_platform_dev.stack.system import free_port
+from audit_platform_tests.serving import serving
 from audit_platform_tests.shop_data import Shop, shop_environments
 
 
@@ -44,18 +43,9 @@ def shop(servers, es, tmp_path_factory) -> Iterator[Shop]:
 @pytest.fixture(scope="module")
 def explorer(shop, servers) -> Iterator[Explorer]:
     """The API process's application served by uvicorn on a free port, in a thread."""
-    port = free_port()
     app = create_app(Settings(env=shop.env, api=ApiSettings(key_cache_seconds=0)))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the API server did not start"
-        time.sleep(0.05)
-    yield Explorer(f"http://127.0.0.1:{port}", shop, servers.pg_url)
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(app, free_port()) as base:
+        yield Explorer(base, shop, servers.pg_url)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +27,6 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from playwright.sync_api import BrowserContext, Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
@@ -39,6 +39,7 @@ from audit_platform_dev.stack.system import free_port
 from audit_platform_tests.capture_support import capture_enrich_index, make_source
 from audit_platform_tests.conftest import new_database
 from audit_platform_tests.helpers import policy_for
+from audit_platform_tests.serving import serving
 from audit_platform_tests.shop_data import write
 
 OIDC = Path(__file__).resolve().parents[2] / "dev" / "oidc"
@@ -120,19 +121,6 @@ def tenants(servers, es, tmp_path_factory) -> Iterator[str]:
         es.indices.delete(index=index)
 
 
-def _serve(app) -> tuple[uvicorn.Server, threading.Thread]:
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=app.state.port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the API server did not start"
-        time.sleep(0.05)
-    return server, thread
-
-
 @pytest.fixture(scope="module")
 def provider_and_explorers(tenants, servers) -> Iterator[tuple[Explorer, Explorer, TokenProxy]]:
     """The provider; an Explorer that talks to it directly; one whose token requests go
@@ -171,7 +159,7 @@ def provider_and_explorers(tenants, servers) -> Iterator[tuple[Explorer, Explore
 
     proxy.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=proxy.server.serve_forever, daemon=True).start()
-    started = []
+    stack = ExitStack()
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -192,14 +180,11 @@ def provider_and_explorers(tenants, servers) -> Iterator[tuple[Explorer, Explore
                 state_secret="x" * 32,
             )
             app = create_app(Settings(env=tenants, api=ApiSettings(key_cache_seconds=0), sso=sso))
-            app.state.port = port
-            started.append(_serve(app))
-            explorers.append(Explorer(f"http://127.0.0.1:{port}", tenants, servers.pg_url))
+            base = stack.enter_context(serving(app, port))
+            explorers.append(Explorer(base, tenants, servers.pg_url))
         yield explorers[0], explorers[1], proxy
     finally:
-        for server, thread in started:
-            server.should_exit = True
-            thread.join(timeout=30)
+        stack.close()
         proxy.server.shutdown()
         node.terminate()
         node.wait(timeout=30)
