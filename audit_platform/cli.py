@@ -1116,6 +1116,8 @@ def ui_revoke(
 ) -> None:
     """End every Explorer session of a person at once (removed from a group, leaving)."""
     settings = _settings(env)
+    if not principal.startswith("sso:"):
+        raise _fail(ValueError(f"{principal!r}: name the person as `ui sessions` does, sso:..."))
     with _platform_connection(settings) as conn:
         ended = revoke_person(conn, settings.env, principal)
     typer.echo(f"{ended} sessions of {principal} ended")

@@ -6,8 +6,11 @@ configuration here, so a variable means the same thing everywhere.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -126,12 +129,44 @@ class SsoSettings(BaseSettings):
     state_secret: SecretStr | None = Field(
         default=None,
         description="Signs the short-lived cookie that carries a sign-in's state, nonce and "
-        "PKCE verifier to the callback; random per process when unset (one API process).",
+        "PKCE verifier to the callback; the same in every API process. Derived from the "
+        "client secret when unset.",
     )
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_over_https(cls, value: str | None) -> str | None:
+        """Discovery, the provider's keys and the token exchange all go to the issuer: over
+        plain HTTP, whoever is on the path could serve keys of their own and sign any token.
+        Only a provider on this machine (tests, the demo) may be reached without TLS."""
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme == "https" or (
+            parts.scheme == "http" and parts.hostname in {"localhost", "127.0.0.1", "::1"}
+        ):
+            return value
+        raise ValueError(
+            f"AUDIT_UI_SSO_ISSUER {value!r}: give the provider's https:// URL (plain http:// "
+            "only to a provider on this machine)"
+        )
 
     @property
     def enabled(self) -> bool:
         return self.issuer is not None
+
+    def state_key(self) -> str:
+        """The key of the sign-in state cookie: ``state_secret``, else derived from the client
+        secret (both are the same in every process of the deployment)."""
+        if self.state_secret is not None:
+            return self.state_secret.get_secret_value()
+        if self.client_secret is not None:
+            key = self.client_secret.get_secret_value().encode()
+            return hmac.new(key, b"audit-platform sso state", hashlib.sha256).hexdigest()
+        raise ValueError(
+            "single sign-on needs AUDIT_UI_SSO_STATE_SECRET (the same in every API process) "
+            "when the client has no secret"
+        )
 
 
 class Settings(BaseSettings):

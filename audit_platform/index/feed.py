@@ -34,9 +34,13 @@ class FeedEntry:
     indexed_at: datetime
 
     def record_ids(self, store: StagingStore) -> list[str]:
-        """The entry's record ids in commit order (LSN, then change index), less those the
-        indexing dead-lettered (Elasticsearch refused them; ``index.batch``); a file retention
-        has removed reads as none."""
+        return [record_id for record_id, _ in self.records_in(store)]
+
+    def records_in(self, store: StagingStore) -> list[tuple[str, tuple[int, int]]]:
+        """The entry's records as (id, (commit LSN, change index)), in that order, less those
+        the indexing dead-lettered (Elasticsearch refused them; ``index.batch``); a file
+        retention has removed reads as none. A quarantine resolution may add records to the
+        files later: a position, not an offset, says how far a stream is."""
         frame = store.read(self.records, columns=["id", "lsn", "change_index"])
         if frame.is_empty():
             return []
@@ -47,7 +51,11 @@ class FeedEntry:
         )
         if refused.height:
             frame = frame.filter(~pl.col("id").is_in(refused.get_column("id").implode()))
-        return frame.sort("lsn", "change_index").get_column("id").to_list()
+        frame = frame.unique("id").sort("lsn", "change_index")
+        return [
+            (i, (lsn, index))
+            for i, lsn, index in frame.select("id", "lsn", "change_index").iter_rows()
+        ]
 
 
 def add(conn: psycopg.Connection, env: str, source: str, entries: Iterable[PendingBatch]) -> None:

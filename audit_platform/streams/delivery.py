@@ -4,10 +4,12 @@ At least once, in indexing order per source (commit order, but for records that 
 searchable later: an orphan released from the quarantine, a late context). A message is a run
 of one entry's records that the stream's filter and organizations allow: at most
 ``chunk_records`` of the entry's records, and at most ``max_message_bytes`` of them (a single
-larger record goes alone). Its id names the entry and the offset of its first record there, so
-it is the same at every attempt. The cursor (entry, offset) moves only after the destination
-took the message, so a crash in between (``streams.sent``) sends that one message again under
-the same id: duplicates are bounded by one message per stream and source.
+larger record goes alone). Its id names the entry, its first record's position and how many
+records it spans, so it is the same at every attempt, and a message that would hold other
+records has another id. The cursor (the entry, and the position of the last record passed)
+moves only after the destination took the message, so a crash in between (``streams.sent``)
+sends that one message again under the same id: duplicates are bounded by one message per
+stream and source.
 
 Nothing indexed is passed over unseen. A record of the entry that Elasticsearch does not
 return at all (a shard down, a partial answer, a document not yet restored) holds the stream up
@@ -68,14 +70,20 @@ TRIM_EVERY_SECONDS = 300.0
 SHUTDOWN_SECONDS = 15.0
 #: How often ``run`` looks for streams created or deleted.
 REFRESH_SECONDS = 2.0
+#: How often a stream looks for sources it has not delivered yet.
+SOURCES_SECONDS = 10.0
 Outcome = Literal["delivered", "dead", "failed"]
 Connect = Callable[[], psycopg.Connection]
+
+
+#: A record's position in its source: (commit LSN, change index).
+Position = tuple[int, int]
 
 
 @dataclass
 class Cursor:
     seq: int
-    offset: int = 0
+    after: Position | None = None  # the last record of entry ``seq`` passed; None: none yet
     attempts: int = 0
     failing_since: datetime | None = None
     next_attempt_at: datetime | None = None
@@ -114,8 +122,13 @@ class Deliverer:
         self.signer = signer
         self.settings = settings or StreamSettings()
         self._sinks: dict[int, Destination] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the sinks
+        self._refreshing = threading.Lock()
         self._visible_through = 0  # feed entries up to this seq are searchable
+        #: Per stream: the sources its feed entries name, and when that was read. Read at
+        #: most every ``SOURCES_SECONDS``: a stream whose receiver fails keeps the feed long,
+        #: and its thread looks four times a second.
+        self._sources: dict[int, tuple[float, list[str]]] = {}
         self._trimmed_at = 0.0  # time.monotonic() of the last trim
 
     # -- running -------------------------------------------------------------------------------
@@ -167,7 +180,7 @@ class Deliverer:
                 try:
                     if conn is None or conn.closed:
                         conn = self.connect()
-                    self.deliver_stream(conn, stream, found)
+                    self.deliver_stream(conn, stream, found, fresh=last)
                     failures = 0
                 except Exception:
                     failures += 1
@@ -184,6 +197,10 @@ class Deliverer:
         finally:
             if conn is not None:
                 conn.close()
+            with self._lock:
+                sink = self._sinks.pop(stream.id, None)
+            if sink is not None:
+                sink.close()
 
     def close(self) -> None:
         with self._lock:
@@ -206,11 +223,12 @@ class Deliverer:
         stream: Stream,
         result: PassResult,
         now: datetime | None = None,
+        fresh: bool = True,
     ) -> None:
         """A pass over one stream's sources. An error of one source (Elasticsearch refusing
         the stream's filter, a bucket's credentials) is that source's failed attempt, with
         its backoff; the others go on."""
-        for source in feed.sources(conn, self.env, stream.start_seq):
+        for source in self._sources_of(conn, stream, fresh):
             try:
                 self._source(conn, stream, source, result, now)
             except psycopg.Error:
@@ -220,7 +238,16 @@ class Deliverer:
                 result.failures += 1
                 result.errors[stream.name] = error
                 cursor = _cursor(conn, stream, source)
-                self._hold(conn, stream, source, cursor, cursor.seq, cursor.offset, error, now)
+                self._hold(conn, stream, source, cursor, cursor.seq, cursor.after, error, now)
+
+    def _sources_of(self, conn: psycopg.Connection, stream: Stream, fresh: bool) -> list[str]:
+        """The sources to deliver; read again when ``fresh``, when none were found yet, or
+        every ``SOURCES_SECONDS`` (a source that starts indexing waits that long at most)."""
+        read_at, found = self._sources.get(stream.id, (0.0, []))
+        if fresh or not found or time.monotonic() - read_at >= SOURCES_SECONDS:
+            found = feed.sources(conn, self.env, stream.start_seq)
+            self._sources[stream.id] = (time.monotonic(), found)
+        return found
 
     # -- one source ----------------------------------------------------------------------------
 
@@ -241,21 +268,26 @@ class Deliverer:
         for entry in entries:
             if entry.seq > self._visible_through:
                 self._refresh(conn)
-            ids = entry.record_ids(self.store(source))
-            offset = cursor.offset if entry.seq == cursor.seq else 0
-            while offset < len(ids):
-                chunk = ids[offset : offset + self.settings.chunk_records]
-                records = records_by_id(self.es, stream.scope, chunk, clauses)
-                if len(records) < len(chunk):
-                    _all_searchable(self.es, self.env, entry.seq, chunk)
-                records, taken = self._fitting(records, chunk)
+            listed = entry.records_in(self.store(source))
+            after = cursor.after if entry.seq == cursor.seq else None
+            if after is not None:
+                listed = [(i, at) for i, at in listed if at > after]
+            while listed:
+                chunk = listed[: self.settings.chunk_records]
+                wanted = [i for i, _ in chunk]
+                records = records_by_id(self.es, stream.scope, wanted, clauses)
+                if {r["id"] for r in records} != set(wanted):
+                    _all_searchable(self.es, self.env, entry.seq, wanted, records)
+                records, taken = self._fitting(records, wanted)
+                passed = chunk[taken - 1][1]
                 if records:
+                    first = chunk[0][1]
                     message = Message(
-                        f"msg_{stream.id}_{entry.seq}_{offset}",
+                        f"msg_{stream.id}_{entry.seq}_{first[0]:X}_{first[1]}_{taken}",
                         stream,
                         source,
                         entry.seq,
-                        offset,
+                        cursor.after if entry.seq == cursor.seq else None,
                         entry.indexed_at,
                         records,
                     )
@@ -266,22 +298,23 @@ class Deliverer:
                         return
                     if outcome == "dead":
                         records = []
-                offset += taken
-                _advance(conn, stream, source, entry.seq, offset, len(records))
-                cursor = Cursor(entry.seq, offset)
-            _advance(conn, stream, source, entry.seq + 1, 0, 0)
+                listed = listed[taken:]
+                _advance(conn, stream, source, entry.seq, passed, len(records))
+                cursor = Cursor(entry.seq, passed)
+            _advance(conn, stream, source, entry.seq + 1, None, 0)
             cursor = Cursor(entry.seq + 1)
 
-    def _fitting(self, records: list[dict], chunk: list[str]) -> tuple[list[dict], int]:
+    def _fitting(self, records: list[dict], wanted: list[str]) -> tuple[list[dict], int]:
         """The records of one message (as many as ``max_message_bytes`` holds, one at
-        least), and how many of ``chunk``'s ids they take (up to the last one sent, or all
-        of them when every record fits)."""
+        least), and how many of ``wanted`` they span (up to the first one left for the next
+        message, or all of them when every record fits)."""
+        records = sorted(records, key=lambda r: wanted.index(r["id"]))
         budget, size = self.settings.max_message_bytes, 0
         for n, record in enumerate(records):
             size += len(encoded(record)) + 1
             if size > budget and n > 0:
-                return records[:n], chunk.index(records[n]["id"])
-        return records, len(chunk)
+                return records[:n], wanted.index(record["id"])
+        return records, len(wanted)
 
     def _send(
         self,
@@ -317,20 +350,19 @@ class Deliverer:
         result: PassResult,
         now: datetime | None,
     ) -> Outcome:
-        again = (cursor.seq, cursor.offset) == (message.seq, message.offset)
+        again = (cursor.seq, cursor.after) == (message.seq, message.after)
         attempts = cursor.attempts + 1 if again else 1
         if failure.permanent and attempts >= self.settings.dead_letter_attempts:
             conn.execute(
                 "INSERT INTO audit_platform.stream_dead_letters (stream, message_id, source, seq,"
-                " record_offset, record_ids, attempts, failing_since, last_error)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " record_ids, attempts, failing_since, last_error)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (stream, message_id) DO NOTHING",
                 (
                     stream.id,
                     message.id,
                     message.source,
                     message.seq,
-                    message.offset,
                     [r["id"] for r in message.records],
                     attempts,
                     (cursor.failing_since if again else None) or now or datetime.now(UTC),
@@ -340,9 +372,9 @@ class Deliverer:
             result.dead_lettered += 1
             log.warning("stream %s: message %s dead-lettered: %s", stream.name, message.id, failure)
             return "dead"
-        base = cursor if again else Cursor(message.seq, message.offset)
+        base = cursor if again else Cursor(message.seq, message.after)
         self._hold(
-            conn, stream, message.source, base, message.seq, message.offset, str(failure), now
+            conn, stream, message.source, base, message.seq, message.after, str(failure), now
         )
         return "failed"
 
@@ -353,22 +385,23 @@ class Deliverer:
         source: str,
         cursor: Cursor,
         seq: int,
-        offset: int,
+        after: Position | None,
         error: str,
         now: datetime | None,
     ) -> None:
-        """The message at (seq, offset) failed once more: try it again after a backoff."""
+        """The message after ``after`` in entry ``seq`` failed once more: try it again after
+        a backoff."""
         s, at = self.settings, now or datetime.now(UTC)
         attempts = cursor.attempts + 1
         wait = min(s.backoff_max_seconds, s.backoff_first_seconds * 2 ** (attempts - 1))
         wait *= random.uniform(0.8, 1.0)  # receivers that come back are not hit all at once
         conn.execute(
-            "UPDATE audit_platform.stream_cursors SET seq = %s, record_offset = %s,"
+            "UPDATE audit_platform.stream_cursors SET seq = %s, after_lsn = %s, after_change = %s,"
             " attempts = %s, failing_since = coalesce(failing_since, %s), next_attempt_at = %s,"
             " last_error = %s WHERE stream = %s AND source = %s",
             (
                 seq,
-                offset,
+                *(after or (None, None)),
                 attempts,
                 at,
                 at + timedelta(seconds=wait),
@@ -381,7 +414,7 @@ class Deliverer:
     def _refresh(self, conn: psycopg.Connection) -> None:
         """Make every entry the feed holds now searchable: an entry is added after its
         documents were accepted, so one refresh after reading the last seq covers them."""
-        with self._lock:
+        with self._refreshing:
             last = feed.last_seq(conn)
             if last <= self._visible_through:
                 return
@@ -394,10 +427,14 @@ class Deliverer:
             self._trimmed_at = time.monotonic()
 
 
-def _all_searchable(es: Elasticsearch, env: str, seq: int, chunk: list[str]) -> None:
-    """Raise unless every record of ``chunk`` is in Elasticsearch (then the filter or the
-    stream's organizations left the others out)."""
-    missing = set(chunk) - existing_ids(es, env, chunk)
+def _all_searchable(
+    es: Elasticsearch, env: str, seq: int, wanted: list[str], records: list[dict]
+) -> None:
+    """Raise unless every record of ``wanted`` that the stream did not get is in
+    Elasticsearch (then its filter or organizations left it out)."""
+    got = {r["id"] for r in records}
+    absent = [i for i in wanted if i not in got]
+    missing = set(absent) - existing_ids(es, env, absent)
     if missing:
         raise NotSearchable(
             f"{len(missing)} records of feed entry {seq} are not in Elasticsearch (such as "
@@ -413,24 +450,31 @@ def _cursor(conn: psycopg.Connection, stream: Stream, source: str) -> Cursor:
         (stream.id, source, stream.start_seq + 1),
     )
     row = conn.execute(
-        "SELECT seq, record_offset, attempts, failing_since, next_attempt_at, last_error"
-        " FROM audit_platform.stream_cursors WHERE stream = %s AND source = %s",
+        "SELECT seq, after_lsn, after_change, attempts, failing_since, next_attempt_at,"
+        " last_error FROM audit_platform.stream_cursors WHERE stream = %s AND source = %s",
         (stream.id, source),
     ).fetchone()
     assert row is not None
-    return Cursor(*row)
+    seq, lsn, change, *rest = row
+    return Cursor(seq, None if lsn is None else (lsn, change), *rest)
 
 
 def _advance(
-    conn: psycopg.Connection, stream: Stream, source: str, seq: int, offset: int, records: int
+    conn: psycopg.Connection,
+    stream: Stream,
+    source: str,
+    seq: int,
+    after: Position | None,
+    records: int,
 ) -> None:
     conn.execute(
-        "UPDATE audit_platform.stream_cursors SET seq = %s, record_offset = %s, attempts = 0,"
+        "UPDATE audit_platform.stream_cursors SET seq = %s, after_lsn = %s, after_change = %s,"
+        " attempts = 0,"
         " failing_since = NULL, next_attempt_at = NULL, last_error = NULL,"
         " delivered = delivered + %s,"
         " delivered_at = CASE WHEN %s > 0 THEN now() ELSE delivered_at END"
         " WHERE stream = %s AND source = %s",
-        (seq, offset, records, records, stream.id, source),
+        (seq, *(after or (None, None)), records, records, stream.id, source),
     )
 
 

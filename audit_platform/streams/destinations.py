@@ -1,10 +1,10 @@
 """Where a stream's messages go: an HTTPS webhook (Standard Webhooks) or NDJSON objects in a
 bucket with a signed digest each.
 
-A message is a run of one feed entry's records, and its id (``msg_<stream>_<seq>_<offset>``) is
-the same at every attempt and after a crash: a webhook receiver deduplicates on ``webhook-id``,
-and a bucket's object and digest are written under names made of it, so a repeat replaces them
-(with the same records, as they read at that attempt).
+A message is a run of one feed entry's records. Its id (``msg_<stream>_<seq>_<first record's
+LSN>_<its change index>_<records spanned>``) is the same at every attempt and after a crash: a
+webhook receiver deduplicates on ``webhook-id``, and a bucket's object and digest are written
+under names made of it, so a repeat replaces them (with the same records, as they read then).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Message:
     stream: Stream
     source: str
     seq: int
-    offset: int
+    after: tuple[int, int] | None  # the cursor it starts from: its entry's last record passed
     indexed_at: datetime
     records: list[dict[str, Any]]
 

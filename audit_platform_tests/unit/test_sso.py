@@ -81,3 +81,21 @@ def test_grants_come_from_json_in_the_environment(monkeypatch):
     monkeypatch.setenv("AUDIT_UI_SSO_GRANTS", '[{"group": "support", "role": "owner"}]')
     with pytest.raises(ValidationError, match="role"):
         SsoSettings()
+
+
+@pytest.mark.parametrize(
+    "issuer", ["http://login.example.com", "ftp://127.0.0.1", "login.example.com"]
+)
+def test_a_provider_reached_without_tls_is_refused_unless_on_this_machine(issuer):
+    with pytest.raises(ValidationError, match="https://"):
+        SsoSettings(issuer=issuer)
+    assert SsoSettings(issuer="http://127.0.0.1:8080").enabled
+
+
+def test_every_process_signs_the_sign_in_state_with_the_same_key():
+    one = SsoSettings(issuer="https://idp.example.com", client_secret="s3cret")
+    other = SsoSettings(issuer="https://idp.example.com", client_secret="s3cret")
+    assert one.state_key() == other.state_key() != "s3cret"
+    assert SsoSettings(issuer="https://i.example.com", state_secret="k").state_key() == "k"
+    with pytest.raises(ValueError, match="AUDIT_UI_SSO_STATE_SECRET"):
+        SsoSettings(issuer="https://idp.example.com").state_key()

@@ -16,13 +16,14 @@ Explorer ends it, and a person removed from a group loses that access at their n
 from __future__ import annotations
 
 import html
-import secrets
+import logging
 from datetime import timedelta
 
 from authlib.integrations.starlette_client import OAuth, OAuthError
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 from joserfc.errors import JoseError
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
 from audit_platform.api.deps import ServicesDep
@@ -33,6 +34,7 @@ from audit_platform.sso import NoAccess, display_name, principal, scope_for
 from audit_platform.ui_sessions import open_person_session
 
 router = APIRouter(prefix="/ui/sso", include_in_schema=False)
+log = logging.getLogger(__name__)
 #: How long a sign-in may take at the provider before its state is forgotten.
 SIGN_IN_SECONDS = 600
 
@@ -51,15 +53,16 @@ def install(app: FastAPI, settings: Settings) -> None:
         client_kwargs={"scope": sso.scopes, "code_challenge_method": "S256"},
     )
     app.state.sso = oauth.create_client("provider")
-    secret = sso.state_secret.get_secret_value() if sso.state_secret else secrets.token_hex(32)
     app.add_middleware(
         SessionMiddleware,
-        secret_key=secret,
+        secret_key=sso.state_key(),
         session_cookie=f"audit_ui_sso_{settings.env}",
         path="/ui/sso",
         max_age=SIGN_IN_SECONDS,
         # Lax: the provider's redirect back is a top-level navigation from another site.
         same_site="lax",
+        # Secure wherever the provider is reached over HTTPS, which is everywhere but a
+        # provider on this machine (SsoSettings): the Explorer is then served over HTTPS too.
         https_only=sso.issuer.startswith("https://"),
     )
     app.include_router(router)
@@ -77,10 +80,20 @@ async def start(request: Request, next: str | None = None) -> Response:
 async def callback(request: Request, svc: ServicesDep) -> Response:
     settings = svc.settings
     next_path = safe_next(request.session.get("next"))
+    client = request.app.state.sso
     try:
-        token = await request.app.state.sso.authorize_access_token(request)
+        metadata = await client.load_server_metadata()
+        # The issuer the provider names, and this client as the token's audience: Authlib
+        # checks only the issuer unless told both.
+        expected = {
+            "iss": {"essential": True, "values": [metadata["issuer"]]},
+            "aud": {"essential": True, "value": client.client_id},
+        }
+        token = await client.authorize_access_token(request, claims_options=expected)
     except OAuthError as exc:  # the provider's error, a forged or replayed state
-        return _refused(request, f"{exc.error}: {exc.description or 'no detail'}")
+        # The code only: a description comes from the query string, which anyone can write.
+        log.info("single sign-on refused: %s: %s", exc.error, exc.description)
+        return _refused(request, f"{exc.error}")
     except JoseError as exc:  # an ID token whose signature or claims do not verify
         return _refused(request, f"the identity provider's token does not verify ({exc.error})")
     finally:
@@ -92,8 +105,12 @@ async def callback(request: Request, svc: ServicesDep) -> Response:
     except NoAccess as exc:
         return error_page(request, 403, f"No access: {exc}.")
     lifetime = timedelta(hours=settings.ui.session_hours)
-    with svc.pool.connection() as conn:
-        session = open_person_session(conn, who, display_name(claims), scope, lifetime)
+
+    def opened() -> str:  # a database's wait in a worker thread, not on the event loop
+        with svc.pool.connection() as conn:
+            return open_person_session(conn, who, display_name(claims), scope, lifetime)
+
+    session = await run_in_threadpool(opened)
     # A page that moves on, not a redirect: the provider's redirect made this a cross-site
     # navigation, on which the browser would withhold the new SameSite=Strict cookie; a
     # navigation this page starts is the Explorer's own.

@@ -38,14 +38,15 @@ CREATE TABLE IF NOT EXISTS audit_platform.streams (
 CREATE UNIQUE INDEX IF NOT EXISTS streams_live_name
     ON audit_platform.streams (env, name) WHERE deleted_at IS NULL;
 
--- Per stream and source: the next message to deliver (a feed entry, and the offset of its
--- first record among the entry's), and while that message fails, its attempts and when the
--- next one is due.
+-- Per stream and source: where the next message starts (a feed entry, and the position, commit
+-- LSN and change index, of the last record of it passed; none: its first), and while that
+-- message fails, its attempts and when the next one is due.
 CREATE TABLE IF NOT EXISTS audit_platform.stream_cursors (
     stream          bigint      NOT NULL REFERENCES audit_platform.streams (id),
     source          text        NOT NULL,
     seq             bigint      NOT NULL,
-    record_offset   integer     NOT NULL DEFAULT 0,
+    after_lsn       bigint,
+    after_change    integer,
     attempts        integer     NOT NULL DEFAULT 0,
     failing_since   timestamptz,
     next_attempt_at timestamptz,
@@ -62,7 +63,6 @@ CREATE TABLE IF NOT EXISTS audit_platform.stream_dead_letters (
     message_id    text        NOT NULL,
     source        text        NOT NULL,
     seq           bigint      NOT NULL,
-    record_offset integer     NOT NULL,
     record_ids    text[]      NOT NULL,
     attempts      integer     NOT NULL,
     failing_since timestamptz NOT NULL,

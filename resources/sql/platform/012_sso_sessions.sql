@@ -1,5 +1,5 @@
 -- Migration 012: Explorer sessions opened by single sign-on (docs/design.md, "Single sign-on").
--- Such a session stands for no API key: it holds the person (the identity provider's issuer and
+-- Such a session stands for no API key: it holds the person (sso: and the identity provider's
 -- subject) and the scope their groups gave at sign-in. A key's session still joins its key, so
 -- revoking the key ends it; a person's sessions end at sign-out, expiry, or
 -- `audit-platform ui revoke`.
