@@ -112,7 +112,11 @@ def records_by_id(
         track_total_hits=False,
         allow_partial_search_results=False,
     )
-    return [{"id": hit["_id"], **hit["_source"]} for hit in found["hits"]["hits"]]
+    # One document per record, should an index migration leave a record in two indices.
+    unique: dict[str, dict[str, Any]] = {}
+    for hit in found["hits"]["hits"]:
+        unique.setdefault(hit["_id"], hit)
+    return [{"id": i, **hit["_source"]} for i, hit in unique.items()]
 
 
 def existing_ids(es: Elasticsearch, env: str, ids: list[str]) -> set[str]:

@@ -271,7 +271,7 @@ class Deliverer:
             listed = entry.records_in(self.store(source))
             after = cursor.after if entry.seq == cursor.seq else None
             if after is not None:
-                listed = [(i, at) for i, at in listed if at > after]
+                listed = [(i, position) for i, position in listed if position > after]
             while listed:
                 chunk = listed[: self.settings.chunk_records]
                 wanted = [i for i, _ in chunk]
