@@ -187,5 +187,31 @@ def explorer(
         browser.close()
 
 
+@app.command()
+def tenant(
+    key: Annotated[str, typer.Option(help="An API key limited to one organization.")],
+    url: Annotated[str, typer.Option(help="The Audit API.")] = "http://127.0.0.1:8000",
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("docs"),
+    query: Annotated[str, typer.Option(help="What the search shows.")] = "since:-24h",
+) -> None:
+    """The sign-in page (with single sign-on where the API has it) and the search as a key
+    limited to one organization sees it: explorer-sign-in-sso.png, explorer-organization.png."""
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url + "/ui/login", wait_until="networkidle")
+        page.screenshot(path=str(out / "explorer-sign-in-sso.png"))
+        page.get_by_label("API key").fill(key)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_load_state("networkidle")
+        page.goto(url + "/ui/search?q=" + quote(query), wait_until="networkidle")
+        page.screenshot(path=str(out / "explorer-organization.png"))
+        browser.close()
+    typer.echo(f"wrote {out / 'explorer-sign-in-sso.png'} and {out / 'explorer-organization.png'}")
+
+
 if __name__ == "__main__":
     app()
