@@ -1,9 +1,11 @@
 """The streams' feed: what indexing did, per source in the order it did it.
 
 Indexing adds each ledger entry whose documents are in (``index.batch``) before the entry leaves
-the ledger, so a crash between the two re-indexes the entry and adds nothing (the entry's name
-is unique). A delivery reads entries after its cursor and, from their records files, the ids of
-the records to send, in commit order; the documents themselves it reads from Elasticsearch, so
+the ledger, so a crash between the two re-indexes the entry and adds nothing: an entry is known
+by what it indexes, its records files and ids, so neither a second indexing nor the same batch's
+entry written again under another name by a recovery adds a second one. A delivery reads
+entries after its cursor and, from their records files, the ids of the records to send, in
+commit order; the documents themselves it reads from Elasticsearch, so
 a stream sends what a search returns (a record dead-lettered by Elasticsearch is not sent, a
 record re-indexed with its late context is sent again, as it now reads).
 
@@ -15,6 +17,8 @@ stream has passed an entry (``trim``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,17 +63,19 @@ class FeedEntry:
 
 
 def add(conn: psycopg.Connection, env: str, source: str, entries: Iterable[PendingBatch]) -> None:
-    rows = [
-        (env, source, entry.name, list(entry.records or ()), list(entry.ids) if entry.ids else None)
-        for entry in entries
-        if entry.records
-    ]
+    rows = []
+    for entry in entries:
+        if not entry.records:
+            continue
+        records, ids = sorted(entry.records), sorted(entry.ids) if entry.ids else None
+        contents = hashlib.sha256(json.dumps([records, ids]).encode()).digest()
+        rows.append((env, source, entry.name, contents, records, ids))
     if not rows:
         return
     with conn.cursor() as cur:
         cur.executemany(
-            "INSERT INTO audit_platform.stream_feed (env, source, entry, records, ids)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (env, source, entry) DO NOTHING",
+            "INSERT INTO audit_platform.stream_feed (env, source, entry, contents, records, ids)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (env, source, contents) DO NOTHING",
             rows,
         )
 

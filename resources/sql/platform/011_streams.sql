@@ -2,17 +2,20 @@
 -- (docs/design.md, "Streams").
 
 -- What each indexing did, source by source and in the order it did it: one row per ledger
--- entry whose documents are in. Deliveries read it in that order. The entry's name makes a
--- re-indexing after a crash (documents in, entry not yet off the ledger) add nothing.
+-- entry whose documents are in. Deliveries read it in that order. An entry is known by what it
+-- indexes (a digest of its records files and ids), not by its name: a re-indexing after a crash
+-- (documents in, entry not yet off the ledger), or a recovery that writes the same batch's
+-- entry again under another name, adds nothing.
 CREATE TABLE IF NOT EXISTS audit_platform.stream_feed (
     seq         bigserial   PRIMARY KEY,
     env         text        NOT NULL,
     source      text        NOT NULL,
     entry       text        NOT NULL,
+    contents    bytea       NOT NULL,
     records     text[]      NOT NULL,
     ids         text[],
     indexed_at  timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (env, source, entry)
+    UNIQUE (env, source, contents)
 );
 CREATE INDEX IF NOT EXISTS stream_feed_next ON audit_platform.stream_feed (env, source, seq);
 
