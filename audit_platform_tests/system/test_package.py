@@ -22,7 +22,6 @@ from audit_platform.settings import PROJECT_ROOT
 DEV_ONLY = [
     "audit_platform_dev",
     "audit_platform_tests",
-    "httpx",
     "testcontainers",
     "docker",
     "playwright",
