@@ -70,7 +70,8 @@ def streams_checks(environment: EnvironmentConfig) -> list[dg.AssetChecksDefinit
         asset=STREAMS_KEY,
         name="stream_dead_letters",
         blocking=False,
-        description="No stream has given up on a message (its bound: attempts and time).",
+        description="No stream has given up on a message a receiver refused as such (after "
+        "dead_letter_attempts attempts).",
     )
     def stream_dead_letters(platform: AuditPlatform) -> dg.AssetCheckResult:
         with platform.state() as conn:

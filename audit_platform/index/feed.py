@@ -5,8 +5,8 @@ the ledger, so a crash between the two re-indexes the entry and adds nothing: an
 by what it indexes, its records files and ids, so neither a second indexing nor the same batch's
 entry written again under another name by a recovery adds a second one. A delivery reads
 entries after its cursor and, from their records files, the ids of the records to send, in
-commit order; the documents themselves it reads from Elasticsearch, so
-a stream sends what a search returns (a record dead-lettered by Elasticsearch is not sent, a
+commit order; the documents themselves it reads from Elasticsearch, so a stream sends what a
+search returns (a record dead-lettered by Elasticsearch is not sent, a
 record re-indexed with its late context is sent again, as it now reads).
 
 Why entries and not a time or an LSN range: records become searchable out of commit order (an
@@ -36,9 +36,6 @@ class FeedEntry:
     records: tuple[str, ...]
     ids: tuple[str, ...] | None
     indexed_at: datetime
-
-    def record_ids(self, store: StagingStore) -> list[str]:
-        return [record_id for record_id, _ in self.records_in(store)]
 
     def records_in(self, store: StagingStore) -> list[tuple[str, tuple[int, int]]]:
         """The entry's records as (id, (commit LSN, change index)), in that order, less those
@@ -107,15 +104,6 @@ def entries(
         FeedEntry(seq, src, tuple(records), tuple(ids) if ids is not None else None, at)
         for seq, src, records, ids, at in rows
     ]
-
-
-def latest(conn: psycopg.Connection, env: str, source: str) -> tuple[int, datetime] | None:
-    row = conn.execute(
-        "SELECT seq, indexed_at FROM audit_platform.stream_feed WHERE env = %s AND source = %s"
-        " ORDER BY seq DESC LIMIT 1",
-        (env, source),
-    ).fetchone()
-    return (int(row[0]), row[1]) if row else None
 
 
 def trim(conn: psycopg.Connection, env: str, keep_after: datetime) -> int:

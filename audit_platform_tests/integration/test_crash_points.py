@@ -130,5 +130,5 @@ def test_a_crash_at_every_point_then_a_rerun_indexes_exactly_the_ground_truth(pi
         # crash (a crash after the feed and before the ledger adds no second entry).
         with psycopg.connect(source.url, autocommit=True) as state:
             fed = feed.entries(state, env, "shop", 0, 100_000)
-        assert sum(len(entry.record_ids(source.store)) for entry in fed) == len(truth), point
+        assert sum(len(entry.records_in(source.store)) for entry in fed) == len(truth), point
     assert len(truth) > 300
