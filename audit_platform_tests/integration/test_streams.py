@@ -415,3 +415,33 @@ def test_admins_of_the_whole_environment_manage_streams_through_the_api(shop, re
         assert call("DELETE", "admin", "/v1/streams/siem").status_code == 204
         assert call("DELETE", "admin", "/v1/streams/siem").status_code == 404
         assert call("GET", "admin").json() == []
+
+
+HOSTILE = '\n{"id": "forged"}\r\n\u2028</script><img src=x onerror=alert(1)>\x1b[2J\\'
+
+
+def test_hostile_values_from_the_source_stay_data_in_every_stream_output(shop, receiver, servers):
+    """A writer's row values and context (any role that can write a row or call
+    audit.set_context) hold line breaks, a forged JSON record, markup and terminal escapes:
+    each NDJSON line stays one record, each webhook body one JSON document, and the values
+    arrive as written."""
+    bucket = f"{servers.settings.s3_url.rstrip('/')}/streams-{uuid.uuid4().hex[:8]}"
+    shop.stream(bucket, kind="bucket")
+    receiver.secret = shop.stream(receiver.url).secret
+    write(
+        shop.source.url,
+        [("INSERT INTO orders VALUES (7, %s)", (HOSTILE,))],
+        {"actor": {"type": "user", "id": "mallory"}, "reason": HOSTILE},
+    )
+    shop.run()
+    assert shop.deliverer().deliver().records == 2  # one record, to each stream
+    (sent,) = receiver.records
+    assert sent["after"]["status"] == HOSTILE and sent["context"]["reason"] == HOSTILE
+    fs, _ = fsspec.core.url_to_fs(bucket)
+    (obj,) = [fs.unstrip_protocol(p) for p in fs.find(f"{bucket}/records")]
+    (digest,) = [fs.unstrip_protocol(p) for p in fs.find(f"{bucket}/digests")]
+    assert verify_object(fs, digest, private_key(KEY).public_key()) == 1
+    (line,) = fs.cat_file(obj).splitlines()  # bytes.splitlines: \r and \n would both split
+    stored = json.loads(line)
+    assert stored["id"] == sent["id"] and stored["after"]["status"] == HOSTILE
+    fs.rm(bucket, recursive=True)
