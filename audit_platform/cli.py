@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import psycopg
@@ -41,6 +41,8 @@ from audit_platform.clients import (
     pg_url_from_settings,
 )
 from audit_platform.environment import environment_path, load_environment
+from audit_platform.erasure import requests as erasure_requests
+from audit_platform.erasure.run import run_due, run_request
 from audit_platform.holds import create_hold, list_holds, release_hold
 from audit_platform.index import access
 from audit_platform.index.migrate import MigrationError, migrate_layout
@@ -955,6 +957,133 @@ def hold_release(hold_id: int, by: ByOption, env: EnvOption = None) -> None:
         if not release_hold(conn, settings.env, hold_id, by):
             raise _fail(ValueError(f"no active hold {hold_id} in environment {settings.env}"))
     typer.echo(f"hold {hold_id} released")
+
+
+erase_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="Erasure of a person's values from the trail (docs/design.md, 'Erasure').",
+    invoke_without_command=True,
+)
+app.add_typer(erase_app, name="erase")
+
+
+@erase_app.callback()
+def erase(
+    ctx: typer.Context,
+    env: EnvOption = None,
+    subject: Annotated[
+        str | None,
+        typer.Option(help="The person, as TABLE:ID: their table and id, e.g. customers:42."),
+    ] = None,
+    reason: Annotated[
+        str | None, typer.Option(help="Why: the request it answers, e.g. a ticket.")
+    ] = None,
+    by: Annotated[str | None, typer.Option("--by", help="Who asks (kept with the request).")] = (
+        None
+    ),
+) -> None:
+    """Request an erasure (--subject, --reason, --by): it runs after another admin approves it,
+    or after the environment's waiting period; refused while a legal hold covers the person."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if subject is None or reason is None or by is None:
+        raise _fail(
+            ValueError(
+                "give --subject TABLE:ID, --reason and --by to request an erasure, or a command: "
+                "list, approve, cancel, run"
+            )
+        )
+    settings = _settings(env)
+    environment = load_environment(settings.resources_dir, settings.env)
+    with _platform_connection(settings) as conn, es_from_settings(settings) as es:
+        try:
+            request = erasure_requests.request_erasure(
+                conn,
+                es,
+                settings.env,
+                erasure_requests.Subject.parse(subject),
+                reason=reason,
+                requested_by=by,
+                waiting=timedelta(hours=environment.erasure.waiting_hours),
+            )
+        except erasure_requests.ErasureError as exc:
+            raise _fail(exc) from exc
+    typer.echo(
+        f"erasure request {request.id}: {request.subject}, runs after another admin approves it "
+        f"(audit-platform erase approve {request.id} --by NAME) or from "
+        f"{request.not_before:%Y-%m-%d %H:%M %Z} (audit-platform erase run)"
+    )
+
+
+@erase_app.command("list")
+def erase_list(env: EnvOption = None) -> None:
+    """Every erasure request of the environment and what became of it."""
+    settings = _settings(env)
+    with _platform_connection(settings) as conn:
+        requests = erasure_requests.list_requests(conn, settings.env)
+    for r in requests:
+        when = r.done_at or r.cancelled_at or r.approved_at or r.not_before
+        typer.echo(
+            f"{r.id}\t{r.subject}\t{r.state} {when:%Y-%m-%d %H:%M}\tby {r.requested_by}"
+            f"{f', approved by {r.approved_by}' if r.approved_by else ''}"
+            f"{f', {r.records} records' if r.records is not None else ''}\t{r.reason}"
+        )
+
+
+@erase_app.command("approve")
+def erase_approve(request: int, by: ByOption, env: EnvOption = None) -> None:
+    """Approve another admin's request: it may run now."""
+    settings = _settings(env)
+    with _platform_connection(settings) as conn:
+        try:
+            found = erasure_requests.approve(conn, settings.env, request, by)
+        except erasure_requests.ErasureError as exc:
+            raise _fail(exc) from exc
+    typer.echo(f"erasure request {found.id} approved by {by}; audit-platform erase run runs it")
+
+
+@erase_app.command("cancel")
+def erase_cancel(request: int, by: ByOption, env: EnvOption = None) -> None:
+    """Withdraw a request that has not started."""
+    settings = _settings(env)
+    with _platform_connection(settings) as conn:
+        try:
+            erasure_requests.cancel(conn, settings.env, request, by)
+        except erasure_requests.ErasureError as exc:
+            raise _fail(exc) from exc
+    typer.echo(f"erasure request {request} cancelled")
+
+
+@erase_app.command("run")
+def erase_run(
+    env: EnvOption = None,
+    request: Annotated[
+        int | None, typer.Argument(help="Only this request (default: every one due).")
+    ] = None,
+) -> None:
+    """Carry out the requests that are approved or have waited their period."""
+    settings = _settings(env)
+    now = datetime.now(UTC)
+    try:
+        outcomes = (
+            [run_request(settings, request, now=now)]
+            if request is not None
+            else run_due(settings, now)
+        )
+    except erasure_requests.ErasureError as exc:
+        raise _fail(exc) from exc
+    for outcome in outcomes:
+        sources = ", ".join(
+            f"{s.source}: {s.records} records, {s.values} values, {s.documents} documents, "
+            f"{s.staged_files} staged files"
+            for s in outcome.sources
+        )
+        typer.echo(
+            f"erasure request {outcome.request} done in {outcome.seconds:.1f} s: "
+            f"{outcome.subject} ({sources or 'no source names this table'})"
+        )
+    if not outcomes:
+        typer.echo("no erasure request is due")
 
 
 streams_app = typer.Typer(

@@ -33,6 +33,19 @@ class SourceConfig(BaseModel):
     retention_class: str | None = None
 
 
+class ErasureSettings(BaseModel):
+    """When an erasure may run (``erasure:`` in an environment's file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    waiting_hours: float = Field(
+        72.0,
+        ge=0,
+        description="An erasure nobody else approved runs this long after it was requested, "
+        "so a mistaken or malicious request can be cancelled first.",
+    )
+
+
 class StreamSettings(BaseModel):
     """How streams deliver (``streams:`` in an environment's file)."""
 
@@ -114,6 +127,8 @@ class EnvironmentConfig(BaseModel):
     index_replicas: int = Field(default=0, ge=0)
     #: How streams deliver: message size, backoff, when a message is dead-lettered.
     streams: StreamSettings = Field(default_factory=StreamSettings)
+    #: How long an unapproved erasure waits (docs/design.md, "Erasure").
+    erasure: ErasureSettings = Field(default_factory=ErasureSettings)
     #: Days audit records, staged data and settled quarantine entries are kept: the period of
     #: the ``standard`` retention class, which every source that names no class is in.
     retention_days: int = Field(default=30, ge=1)

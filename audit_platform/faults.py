@@ -36,7 +36,14 @@ POINTS: dict[str, str] = {
 DELIVERY_POINTS: dict[str, str] = {
     "streams.sent": "a stream's message is delivered; its cursor has not moved",
 }
-_KNOWN = {**POINTS, **DELIVERY_POINTS}
+#: An erasure (``erasure.run``), which runs beside the pipeline under its source's lock.
+ERASURE_POINTS: dict[str, str] = {
+    "erasure.planned": "the erasure leaf is kept beside the log; the log does not hold it",
+    "erasure.logged": "the log holds the erasure leaf; no value is replaced",
+    "erasure.indexed": "the values in Elasticsearch are replaced; the staged files are not",
+    "erasure.staged": "the staged files are rewritten; the person's key is not destroyed",
+}
+_KNOWN = {**POINTS, **DELIVERY_POINTS, **ERASURE_POINTS}
 #: Points on the local filesystem's write path only (object storage has no temporary file).
 LOCAL_ONLY_POINTS = frozenset({"staging.temporary_written"})
 

@@ -21,6 +21,37 @@ class PolicyError(ValueError):
     """A policy file is missing or invalid; the message names the file, key and problem."""
 
 
+class PersonalData(BaseModel):
+    """The personal columns of a table, and whose they are (docs/design.md, "Erasure")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subject: str = Field(
+        description="The column naming the person the personal columns belong to, e.g. "
+        "customer_id (or id in the person's own table)."
+    )
+    of: str | None = Field(
+        default=None,
+        description="The table whose rows are those persons, schema.table (default: this "
+        "table): what `erase --subject TABLE:ID` names.",
+    )
+    columns: list[str] = Field(min_length=1, description="The columns holding personal data.")
+
+    @field_validator("of")
+    @classmethod
+    def _qualified(cls, value: str | None) -> str | None:
+        if value is not None and (value.count(".") != 1 or not all(value.split("."))):
+            raise ValueError(f"of: {value!r} must be written schema.table, e.g. public.customers")
+        return value
+
+    def spec(self, table: str) -> str:
+        """The declaration as capture stages it with each change (compact JSON)."""
+        return json.dumps(
+            {"subject": self.subject, "of": self.of or table, "columns": sorted(self.columns)},
+            separators=(",", ":"),
+        )
+
+
 class TablePolicy(BaseModel):
     """What is captured from one table.
 
@@ -44,6 +75,10 @@ class TablePolicy(BaseModel):
         "changes are that organization's, whoever made them; default: the transaction "
         "context's organization.",
     )
+    personal: PersonalData | None = Field(
+        default=None,
+        description="Which columns hold personal data and whose: what an erasure removes.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TablePolicy:
@@ -66,7 +101,33 @@ class TablePolicy(BaseModel):
                     f"organization column {self.organization!r} is masked: a masked value "
                     "names no organization; unmask it"
                 )
+        if self.personal is not None:
+            self._check_personal(self.personal)
         return self
+
+    def _check_personal(self, personal: PersonalData) -> None:
+        if not self.keeps(personal.subject) or personal.subject in self.mask:
+            raise ValueError(
+                f"personal.subject column {personal.subject!r} is not captured as it is: "
+                "capture it unmasked, or name the column that says whose the row is"
+            )
+        for column in personal.columns:
+            if column == personal.subject:
+                raise ValueError(
+                    f"personal column {column!r} is the subject column: a subject's id is kept "
+                    "so its records can be found; name only the columns to erase"
+                )
+            if self.key and column in self.key:
+                raise ValueError(f"personal column {column!r} is a key column, which is kept")
+            if column == self.organization:
+                raise ValueError(f"personal column {column!r} is the organization column")
+            if column in self.mask:
+                raise ValueError(
+                    f"personal column {column!r} is masked: a masked value is already not the "
+                    "value; drop it from mask or from personal.columns"
+                )
+            if not self.keeps(column):
+                raise ValueError(f"personal column {column!r} is not captured")
 
     def keeps(self, column: str) -> bool:
         if self.key and column in self.key:
@@ -89,6 +150,10 @@ class SourcePolicy(BaseModel):
     def organization_columns(self) -> dict[str, str]:
         """schema.table -> the column naming its rows' organization, for tables that have one."""
         return {name: t.organization for name, t in self.tables.items() if t.organization}
+
+    def personal_specs(self) -> dict[str, str]:
+        """schema.table -> its personal declaration as staged, for tables that have one."""
+        return {name: t.personal.spec(name) for name, t in self.tables.items() if t.personal}
 
     @field_validator("source")
     @classmethod

@@ -249,6 +249,10 @@ class Client(_Model):
     ip: Annotated[str | None, Mapped({"type": "ip", "ignore_malformed": True})] = None
 
 
+#: A record's personal declaration: searchable by whose its values are (``row.personal.after``,
+#: what an erasure finds), as one field.
+PERSONAL = Mapped({"type": "flattened"})
+
 ECS_EVENT_TYPE = {
     Operation.insert: ["creation"],
     Operation.update: ["change"],
@@ -269,6 +273,17 @@ class RowShape(_Model):
         default=None,
         description="The organization the row belongs to, from the column its table's policy "
         "names (``organization``); absent where the policy names none.",
+    )
+    personal: Annotated[
+        dict[str, Any] | None,
+        Column("personal", pl.String(), leaf="personal", added=True),
+        PERSONAL,
+    ] = Field(
+        default=None,
+        description="Where the table's policy declares personal data: ``of`` (the persons' "
+        "table), ``columns`` (the personal ones) and ``before``/``after`` (whose each image's "
+        "values are). The trail commits those values through commitments, so an erasure can "
+        'remove them (docs/design.md, "Erasure"); absent elsewhere.',
     )
     types: Annotated[
         dict[str, str],

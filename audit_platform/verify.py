@@ -38,7 +38,7 @@ from audit_platform import signing
 from audit_platform.clients import es_from_settings, pg_url_from_settings
 from audit_platform.enrich.join import enrich
 from audit_platform.environment import load_environment
-from audit_platform.index.documents import EVENTS
+from audit_platform.index.documents import EVENTS, free_text
 from audit_platform.lsn import lsn_text, parse_lsn
 from audit_platform.naming import (
     STANDARD_CLASS,
@@ -51,6 +51,8 @@ from audit_platform.read_log import read_leaf, read_rows
 from audit_platform.record import RECORD_SCHEMA, record_id
 from audit_platform.settings import Settings
 from audit_platform.staging.store import StagingStore, hour_from_path, lsn_range
+from audit_platform.trust import erasures
+from audit_platform.trust.commitments import Commitments, all_keys
 from audit_platform.trust.leaves import KINDS, canonical, document_leaves, record_leaves
 from audit_platform.trust.log import TrustLog, checkpoint_hash
 from audit_platform.trust.merkle import Frontier, leaf_hash
@@ -70,6 +72,10 @@ PROBLEMS = (
     "derived_altered",
     "staged_altered",
     "unverifiable",
+    "erased_unlogged",
+    "not_erased",
+    "erasure_forged",
+    "erasure_missing",
 )
 #: Explained: logged changes without a document, for a reason that is not tampering.
 EXPLAINED = ("waiting", "not_indexed_yet", "expired", "before_log", "attribution_pending")
@@ -166,10 +172,12 @@ def verify_source(
     waiting: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
     staging: bool = True,
     retention_class: str = STANDARD_CLASS,
+    keys: dict[str, bytes] | None = None,
 ) -> VerifyReport:
     """One source's trail over commit times [since, until) (the log and its checkpoints are
     always checked whole); ``waiting`` holds the quarantine's (commit LSN, change index);
-    ``retention_class`` is the source's, naming the indices its documents must be in."""
+    ``retention_class`` is the source's, naming the indices its documents must be in; ``keys``
+    the environment's persons' keys (``trust.commitments.all_keys``)."""
     report = VerifyReport(store.env, store.source, since, until)
     log = TrustLog(store)
     with _without_cyclic_gc():
@@ -178,6 +186,7 @@ def verify_source(
         report.log_size = state.size
         _check_log(report, leaves, state.size)
         _check_checkpoints(report, log, leaves, key, state.checkpoint)
+        commitments = _check_erasures(report, log, leaves, keys or {})
         in_range = _in_range(leaves.filter(pl.col("position") < state.size), since, until)
         changes = in_range.filter(pl.col("kind") == "change")
         report.logged_changes = changes.height
@@ -193,9 +202,10 @@ def verify_source(
             waiting,
             state.first_lsn,
             retention_class,
+            commitments,
         )
         if staging:
-            _check_staging(report, store, policy, changes, since, until)
+            _check_staging(report, store, policy, changes, since, until, commitments)
     return report
 
 
@@ -321,6 +331,40 @@ def _check_checkpoints(
         )
 
 
+def _check_erasures(
+    report: VerifyReport, log: TrustLog, leaves: pl.DataFrame, keys: dict[str, bytes]
+) -> Commitments:
+    """The erasure leaves kept beside the log against the log's erasure leaves; what the
+    logged ones replaced is what the records' leaves are rebuilt from."""
+    logged = erasures.logged_hashes(leaves)
+    kept = {int(leaf["request"]): leaf for leaf in erasures.read_leaves(log)}
+    valid = []
+    for request, leaf in sorted(kept.items()):
+        if logged.get(request) != leaf_hash(canonical(leaf)):
+            report.add(
+                "erasure_forged",
+                f"erasure {request}",
+                "an erasure leaf kept beside the log that the log does not hold: it was "
+                "written or edited afterwards, and excuses no replaced value",
+            )
+        else:
+            valid.append(leaf)
+    for request in sorted(set(logged) - set(kept)):
+        report.add(
+            "erasure_missing",
+            f"erasure {request}",
+            "the log holds an erasure leaf whose content is gone: the values it replaced "
+            "cannot be checked",
+        )
+    return Commitments(keys, erasures.erased_records(valid), strict=False)
+
+
+def _report_sealing(report: VerifyReport, commitments: Commitments, where: str = "") -> None:
+    for kind, rid, detail in commitments.findings:
+        report.add(kind, rid, where + detail)
+    commitments.findings.clear()
+
+
 # --- 2. Elasticsearch ---------------------------------------------------------------------
 
 
@@ -350,6 +394,7 @@ def _check_documents(
     waiting: set[tuple[int, int]],
     first_lsn: int | None,
     retention_class: str,
+    commitments: Commitments,
 ) -> None:
     logged = {
         rid: (h, lsn, seq, t)
@@ -375,11 +420,13 @@ def _check_documents(
         report.documents += 1
         seen.add(doc_id)
         try:
-            claimed = document_leaves(doc_id, doc)
+            claimed = document_leaves(doc_id, doc, commitments)
             derived = derived_mismatches(hit["_index"], doc_id, doc, retention_class)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            commitments.findings.clear()
             report.add("altered", doc_id, f"the document is not a record any more: {exc!r}")
             continue
+        _report_sealing(report, commitments)
         if derived:
             report.add("derived_altered", doc_id, _derived_text(derived, hit["_index"]))
         _, change = claimed[0]
@@ -396,12 +443,21 @@ def _check_documents(
                 )
             continue
         if leaf_hash(canonical(change)) != found[0]:
-            report.add(
-                "altered",
-                doc_id,
-                "its change differs from the logged one (values, "
-                "columns, operation, time or place)",
-            )
+            if doc_id in commitments.suspects:
+                report.add(
+                    "erased_unlogged",
+                    doc_id,
+                    "a personal value reads as erased, and no erasure leaf of the log names it: "
+                    "a value was removed without an erasure",
+                )
+            else:
+                report.add(
+                    "altered",
+                    doc_id,
+                    "its change differs from the logged one (values, "
+                    "columns, operation, time or place)",
+                )
+        commitments.suspects.discard(doc_id)
         status = (doc.get("attribution") or {}).get("status")
         xid = int(change["xid"])
         if status in ("attributed", "late"):
@@ -480,19 +536,6 @@ def _pending(store: StagingStore) -> _Pending:
     return found
 
 
-def _image_strings(image: Any) -> Iterator[Any]:
-    """An image's values in the order its JSON text has them, as indexing's free text reads
-    them (every string that is an object's value, at any depth, and no array's item): a row
-    image is flat, a schema change's shape holds its columns as an object."""
-    if isinstance(image, dict):
-        for value in image.values():
-            yield from _image_strings(value) if isinstance(value, dict | list) else (value,)
-    elif isinstance(image, list):
-        for item in image:
-            if isinstance(item, dict | list):
-                yield from _image_strings(item)
-
-
 def derived_mismatches(
     index: str, doc_id: str, doc: dict[str, Any], retention_class: str = STANDARD_CLASS
 ) -> list[str]:
@@ -510,12 +553,11 @@ def derived_mismatches(
         organization = {}
     lsn = parse_lsn(txn["commit_lsn"])
     committed = datetime.fromisoformat(doc["@timestamp"])
-    images = [*_image_strings(doc.get("before")), *_image_strings(doc.get("after"))]
     expected = {
         "id": record_id(doc["env"], doc["source"]["service"], lsn, txn["change_index"]),
         "index": index_name(doc["env"], retention_class, committed.year, committed.month),
         "event": EVENTS.get(doc.get("operation", "")),
-        "values_text": " ".join(v for v in images if isinstance(v, str) and v != ""),
+        "values_text": free_text(doc.get("before"), doc.get("after")),
         "user": {"id": _text_of(actor.get("id")), "name": _text_of(actor.get("name"))},
         "organization": _organization_of(doc, organization),
         "service": {"name": _text_of(context.get("service"))},
@@ -559,6 +601,7 @@ def _check_staging(
     changes: pl.DataFrame,
     since,
     until,
+    commitments: Commitments,
 ) -> None:
     logged = dict(changes.select("record_id", "hash").iter_rows())
     far = datetime(9999, 1, 1, tzinfo=UTC)
@@ -572,7 +615,8 @@ def _check_staging(
         contexts = store.read(store.hour_files("contexts", hour), "contexts")
         # Every change as a record (no grace): the change's leaf does not depend on its context.
         result = enrich(staged, contexts, policy, now=far, grace=timedelta(0))
-        leaves = record_leaves(result.records)
+        leaves = record_leaves(result.records, commitments)
+        _report_sealing(report, commitments, f"staged {hour:%Y-%m-%d %H}:00: ")
         report.staged_changes += leaves.height
         _compare_staged(report, leaves, logged, "changes", hour_from_path(paths[0]))
         records_paths = [
@@ -678,6 +722,7 @@ def verify_environment(
         es_from_settings(settings) as es,
         psycopg.connect(pg_url_from_settings(settings), autocommit=True) as state,
     ):
+        keys = all_keys(state, settings.env)
         for source in sources or sorted(environment.sources):
             store = StagingStore(settings.staging_root, settings.env, source)
             policy = load_policy(policy_path(settings.resources_dir, source))
@@ -694,6 +739,7 @@ def verify_environment(
                     waiting=waiting_changes(state, settings.env, source),
                     staging=staging,
                     retention_class=environment.retention_class_of(source),
+                    keys=keys,
                 )
             )
     return reports

@@ -59,13 +59,15 @@ def frames(
     policy_version: str,
     server_version: int | None = None,
     organization_columns: dict[str, str] | None = None,
+    personal_specs: dict[str, str] | None = None,
 ):
     """The batch as the two staged datasets, with the columns every record needs.
 
     ``organization_columns`` (schema.table -> column) is the policy's, staged with each change
     as its ``policy_version`` is: enrichment, and verification long after, read the row's
     organization by the rule in force when the change was captured (docs/design.md,
-    "Organizations")."""
+    "Organizations"). ``personal_specs`` (schema.table -> its personal declaration) likewise:
+    what the change's leaf commits instead of values ("Erasure")."""
     changes = pl.DataFrame(
         {
             "lsn": batch.lsn,
@@ -102,13 +104,17 @@ def frames(
         pl.lit(env).alias("env"),
         pl.lit(source).alias("source"),
     ]
+    qualified = pl.concat_str("schema", pl.lit("."), "table")
     changes = changes.with_columns(
         *extra,
         pl.lit(policy_version).alias("policy_version"),
         pl.lit(server_version, pl.Int32).alias("server_version"),
-        pl.concat_str("schema", pl.lit("."), "table")
-        .replace_strict(organization_columns or {}, default=None, return_dtype=pl.String)
-        .alias("organization_column"),
+        qualified.replace_strict(
+            organization_columns or {}, default=None, return_dtype=pl.String
+        ).alias("organization_column"),
+        qualified.replace_strict(personal_specs or {}, default=None, return_dtype=pl.String).alias(
+            "personal_spec"
+        ),
     )
     contexts = contexts.with_columns(*extra)
     return changes.drop("commit_time_us"), contexts.drop("commit_time_us")
@@ -216,6 +222,7 @@ class _Stager:
             policy_version=self.policy.policy_version,
             server_version=self.stream.server_version,
             organization_columns=self.policy.organization_columns,
+            personal_specs=self.policy.personal_specs(),
         )
         crash_point("capture.decoded")
         if batch.open_txn_lsn is not None:

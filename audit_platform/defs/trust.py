@@ -18,6 +18,7 @@ from audit_platform.defs.index.assets import indexed_key
 from audit_platform.defs.resources import AuditPlatform
 from audit_platform.policy import load_policy, policy_path
 from audit_platform.read_log import append_reads, read_trail
+from audit_platform.trust.commitments import all_keys
 from audit_platform.trust.log import TrustLog
 from audit_platform.verify import (
     Window,
@@ -80,6 +81,7 @@ def trail_check(source: str) -> dg.AssetChecksDefinition:
                 window=window,
                 waiting=waiting_changes(state, settings.env, source),
                 retention_class=environment.retention_class_of(source),
+                keys=all_keys(state, settings.env),
             )
         return _result(report, f"{source}'s changes since {since:%H:%M} UTC")
 

@@ -40,6 +40,7 @@ from audit_platform.staging.store import (
     lsn_range,
 )
 from audit_platform.staging.writers import TURNS
+from audit_platform.trust.commitments import Commitments, ensure_keys, subjects_in
 from audit_platform.trust.leaves import (
     LEAF_SCHEMA,
     attach_leaves,
@@ -194,9 +195,12 @@ class _Turn:
         )
         records = result.records
         if self.leaves:
-            self._add_leaves(record_leaves(records), records)
-            if result.waiting is not None and not result.waiting.is_empty():
-                self._add_leaves(record_leaves(result.waiting), result.waiting)
+            waiting = result.waiting if result.waiting is not None else records.clear()
+            subjects = subjects_in(pl.concat([records["personal"], waiting["personal"]]))
+            commitments = Commitments(ensure_keys(state, self.env, subjects))
+            self._add_leaves(record_leaves(records, commitments), records)
+            if not waiting.is_empty():
+                self._add_leaves(record_leaves(waiting, commitments), waiting)
         by_file = _by(records, FILE, paths)
         rejected: dict[str, list[tuple[int, int, str]]] = {}
         for lsn, index, reason, path in result.rejected:

@@ -171,8 +171,11 @@ def enrich(
         for source in joined.get_column("source").unique().to_list()
         for name, t in (policy[source] if isinstance(policy, dict) else policy).tables.items()
     }
-    if "organization_column" not in joined.columns:  # staged before capture kept it
-        joined = joined.with_columns(pl.lit(None, pl.String).alias("organization_column"))
+    joined = joined.with_columns(  # staged before capture kept them
+        pl.lit(None, pl.String).alias(name)
+        for name in ("organization_column", "personal_spec", "erased_changed")
+        if name not in joined.columns
+    )
     # Slices bound the memory of the Python part: only the computed columns pass through Python
     # objects; the row images stay in Arrow and are selected into the records as they are.
     parts = [
@@ -229,6 +232,8 @@ def _enrich_slice(
         "late_context",
         "attached_at",
         "organization_column",
+        "personal_spec",
+        "erased_changed",
         FILE,
     )
     keep: list[bool] = []
@@ -240,6 +245,7 @@ def _enrich_slice(
         "attribution_status": [],
         "attribution_lag_seconds": [],
         "row_organization": [],
+        "personal": [],
     }
     for (
         lsn,
@@ -259,6 +265,8 @@ def _enrich_slice(
         late_context,
         attached_at,
         organization_column,
+        personal_spec,
+        erased_changed,
         file,
     ) in zip(*(chunk.get_column(c).to_list() for c in columns), strict=True):
         lag, status = None, "attributed"
@@ -277,7 +285,11 @@ def _enrich_slice(
             keep.append(False)
             continue
         operation = Operation(op)
-        changed = changed_columns(operation, before, after, unchanged)
+        changed = (
+            changed_columns(operation, before, after, unchanged)
+            if erased_changed is None
+            else json.loads(erased_changed)  # an erasure's: the values no longer tell
+        )
         if (
             operation is Operation.update
             and changed
@@ -311,6 +323,7 @@ def _enrich_slice(
         computed["row_organization"].append(
             _row_organization(organization_column, operation, before, after)
         )
+        computed["personal"].append(personal_shape(personal_spec, operation, before, after))
     kept = chunk.filter(pl.Series(keep, dtype=pl.Boolean)).drop("context")
     extra = pl.DataFrame(computed, schema={k: RECORD_SCHEMA[k] for k in computed})
     both = pl.concat([kept, extra], how="horizontal")
@@ -354,6 +367,45 @@ def _row_organization(
         return ""
     value = found.get("after", found.get("before"))
     return value or ""
+
+
+def personal_shape(
+    spec: str | None,
+    operation: Operation,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+) -> str | None:
+    """The record's ``row.personal``: its table's personal declaration as staged with the
+    change, and whose each image is, by the subject column of that image (the other image's
+    where an image lacks it: an update's old key image holds only the key). None where the
+    table declares nothing, and for schema changes and truncates, which hold no row values."""
+    if spec is None or operation in (Operation.ddl, Operation.truncate):
+        return None
+    declared = json.loads(spec)
+    column = declared["subject"]
+    subjects = {
+        side: subject_text(image.get(column))
+        for side, image in (("before", before), ("after", after))
+        if image is not None and column in image
+    }
+    fallback = subjects.get("after", subjects.get("before"))
+    shape = {
+        "of": declared["of"],
+        "columns": declared["columns"],
+        **{
+            side: subjects.get(side, fallback) if image is not None else None
+            for side, image in (("before", before), ("after", after))
+        },
+    }
+    return json.dumps(shape, separators=(",", ":"))
+
+
+def subject_text(value: Any) -> str | None:
+    """A subject column's value as an erasure names it (``TABLE:ID``): text as it is, any
+    other JSON value as its JSON text (42 -> "42")."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))
 
 
 def changed_columns(

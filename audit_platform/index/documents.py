@@ -125,6 +125,26 @@ def _scalars(database: PerSource, ingested_at: datetime) -> pl.Expr:
     ).struct.json_encode()
 
 
+def _image_strings(image: Any) -> Iterator[Any]:
+    """An image's values in the order its JSON text has them, as indexing's free text reads
+    them (every string that is an object's value, at any depth, and no array's item): a row
+    image is flat, a schema change's shape holds its columns as an object."""
+    if isinstance(image, dict):
+        for value in image.values():
+            yield from _image_strings(value) if isinstance(value, dict | list) else (value,)
+    elif isinstance(image, list):
+        for item in image:
+            if isinstance(item, dict | list):
+                yield from _image_strings(item)
+
+
+def free_text(before: Any, after: Any) -> str:
+    """A document's ``values_text`` from its images, one document at a time (what verification
+    derives again, and an erasure writes anew); a test holds it to the frame's."""
+    images = [*_image_strings(before), *_image_strings(after)]
+    return " ".join(v for v in images if isinstance(v, str) and v != "")
+
+
 def _raw(name: str, column: pl.Expr) -> list[pl.Expr]:
     return [pl.lit(f',"{name}":'), column.fill_null(pl.lit("null"))]
 
@@ -176,6 +196,7 @@ def document_frame(
             pl.col("key_columns").fill_null(pl.lit("[]")),
             pl.lit(',"types":'),
             pl.col("column_types").fill_null(pl.lit("{}")),
+            *_raw("personal", pl.col("personal")),
             pl.lit(","),
             pl.struct(pl.col("row_organization").alias("organization"))
             .struct.json_encode()

@@ -4,8 +4,9 @@ reads them; neither imports the other).
 ``commit_time_us`` is how capture decodes a commit time; staged files hold ``commit_time`` (UTC)
 instead, plus ``env``, ``source`` and, for changes, ``policy_version``, ``server_version``
 (the source's ``server_version_num``) and ``organization_column`` (the column the policy in force
-at capture names as the row's organization); files staged before those two were kept lack
-them.
+at capture names as the row's organization) and ``personal_spec`` (its personal columns and
+whose they are); files staged before those were kept lack them. ``erased_changed`` is written
+by an erasure only (docs/design.md, "Erasure").
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ _STAGED_EXTRA = pl.Schema(
 
 #: Columns of ``changes`` that files staged by an earlier version lack (read as null); any other
 #: column missing is an error.
-STAGED_LATER = ("server_version", "organization_column")
+STAGED_LATER = ("server_version", "organization_column", "personal_spec", "erased_changed")
 
 STAGED_SCHEMAS: dict[str, pl.Schema] = {
     "changes": pl.Schema(
@@ -55,6 +56,10 @@ STAGED_SCHEMAS: dict[str, pl.Schema] = {
             "policy_version": pl.String(),
             "server_version": pl.Int32(),
             "organization_column": pl.String(),
+            "personal_spec": pl.String(),  # JSON: PersonalData.spec
+            # JSON array: the columns the change changed, kept by an erasure that replaced its
+            # values (which then no longer tell), null otherwise.
+            "erased_changed": pl.String(),
         }
     ),
     "contexts": pl.Schema(

@@ -43,10 +43,13 @@ import orjson
 import polars as pl
 
 from audit_platform.lsn import lsn_text, parse_lsn
+from audit_platform.trust.commitments import Commitments
 from audit_platform.trust.merkle import leaf_hash
 
 VERSION = "1"
-KINDS = ("context", "attach", "rejected", "change")  # the order of a transaction's leaves
+#: The order of a transaction's leaves; an ``erasure`` leaf follows the last leaf of the log
+#: when it is appended (``erasure``).
+KINDS = ("context", "attach", "rejected", "change", "erasure")
 
 #: One row per leaf in the log's files.
 LEAF_SCHEMA = pl.Schema(
@@ -106,7 +109,13 @@ def change_leaf(
     txn_changes: int | None,
     txn_ignored: int | None,
     organization: str | None = None,
+    personal: dict[str, Any] | None = None,
+    commitments: Commitments | None = None,
 ) -> dict[str, Any]:
+    """``personal`` (the record's ``row.personal``) puts commitments in place of its values,
+    from ``commitments`` (docs/design.md, "Erasure")."""
+    if personal is not None:
+        before, after = (commitments or Commitments()).seal(record_id, personal, (before, after))
     leaf = {
         "v": VERSION,
         "kind": "change",
@@ -130,14 +139,19 @@ def change_leaf(
         "txn_changes": _text(txn_changes),
         "txn_ignored": _text(txn_ignored),
     }
-    return _with_organization(leaf, organization)
+    return _with_optional(leaf, organization, personal)
 
 
-def _with_organization(leaf: dict[str, Any], organization: str | None) -> dict[str, Any]:
-    """The row's organization (its policy's column) is committed where there is one, and only
-    there, so every leaf written before records named organizations keeps its bytes."""
+def _with_optional(
+    leaf: dict[str, Any], organization: str | None, personal: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The row's organization (its policy's column) and its personal declaration are committed
+    where there are some, and only there, so every leaf written before either existed keeps
+    its bytes."""
     if organization is not None:
         leaf["org"] = organization
+    if personal is not None:
+        leaf["personal"] = personal
     return leaf
 
 
@@ -188,14 +202,48 @@ def rejected_leaf(
     }
 
 
+def erasure_leaf(
+    *,
+    env: str,
+    source: str,
+    request: int,
+    subject: str,
+    reason: str,
+    requested_by: str,
+    approved_by: str | None,
+    time: datetime,
+    text: str,
+    records: dict[str, dict[str, dict[str, str]]],
+) -> dict[str, Any]:
+    """An erasure of one person's values in one source: who asked, who approved (null: the
+    waiting period passed), why, when, the text the values now read, and per record the
+    commitment of each value replaced (``trust.commitments``), by side and column."""
+    return {
+        "v": VERSION,
+        "kind": "erasure",
+        "env": env,
+        "source": source,
+        "request": str(request),
+        "subject": subject,
+        "reason": reason,
+        "requested_by": requested_by,
+        "approved_by": approved_by,
+        "time": moment(time),
+        "text": text,
+        "records": records,
+    }
+
+
 def _loads(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
 
-def record_leaves(records: pl.DataFrame) -> pl.DataFrame:
+def record_leaves(records: pl.DataFrame, commitments: Commitments | None = None) -> pl.DataFrame:
     """A ``change`` leaf for each record of a records frame (``RECORD_SCHEMA``): the leaf
     :func:`change_leaf` gives, with the scalar fields rendered by polars for the whole frame
-    and the repeated JSON texts (keys, types, changed columns) parsed once each."""
+    and the repeated JSON texts (keys, types, changed columns) parsed once each. Records with
+    personal values need their subjects' keys in ``commitments``."""
+    commitments = commitments or Commitments()
     text = pl.col("lsn")
     rendered = records.select(
         "id",
@@ -224,6 +272,9 @@ def record_leaves(records: pl.DataFrame) -> pl.DataFrame:
         pl.col("row_organization")
         if "row_organization" in records.columns
         else pl.lit(None, pl.String).alias("row_organization"),
+        pl.col("personal")
+        if "personal" in records.columns
+        else pl.lit(None, pl.String).alias("personal"),
     )
     hashes = []
     for (
@@ -247,7 +298,13 @@ def record_leaves(records: pl.DataFrame) -> pl.DataFrame:
         txn_changes,
         txn_ignored,
         organization,
+        personal_text,
     ) in rendered.iter_rows():
+        before_image, after_image = _loads(before), _loads(after)
+        personal = None
+        if personal_text is not None:
+            personal = orjson.loads(personal_text)
+            before_image, after_image = commitments.seal(rid, personal, (before_image, after_image))
         leaf = {
             "v": VERSION,
             "kind": "change",
@@ -265,13 +322,13 @@ def record_leaves(records: pl.DataFrame) -> pl.DataFrame:
             "types": _parsed(types) or {},
             "object_id": oid,
             "changed": _parsed(changed),
-            "before": _loads(before),
-            "after": _loads(after),
+            "before": before_image,
+            "after": after_image,
             "policy": policy,
             "txn_changes": txn_changes,
             "txn_ignored": txn_ignored,
         }
-        hashes.append(leaf_hash(canonical(_with_organization(leaf, organization))))
+        hashes.append(leaf_hash(canonical(_with_optional(leaf, organization, personal))))
     return _frame(
         records.select(
             pl.lit("change").alias("kind"),
@@ -417,9 +474,11 @@ def _time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def document_leaves(doc_id: str, doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def document_leaves(
+    doc_id: str, doc: dict[str, Any], commitments: Commitments | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     """(kind, leaf) of what a stored document claims: its change, and the context it carries
-    (none when it says ``unattributed``)."""
+    (none when it says ``unattributed``); personal values committed with ``commitments``."""
     txn, table = doc["transaction"], doc["table"]
     env, source = doc["env"], doc["source"]["service"]
     time = _time(doc["@timestamp"])
@@ -451,6 +510,8 @@ def document_leaves(doc_id: str, doc: dict[str, Any]) -> list[tuple[str, dict[st
                 txn_changes=txn.get("changes"),
                 txn_ignored=txn.get("ignored"),
                 organization=row.get("organization"),
+                personal=row.get("personal"),
+                commitments=commitments,
             ),
         )
     ]

@@ -16,6 +16,7 @@ from typing import Any
 
 import polars as pl
 
+from audit_platform.trust.commitments import Commitments
 from audit_platform.trust.leaves import document_leaves
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.tiles import TileReader, TilesMissing
@@ -72,14 +73,21 @@ def _last_attach(log: TrustLog, xid: int) -> int | None:
     return None if best is None else best[1]
 
 
-def record_proof(log: TrustLog, doc_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+def record_proof(
+    log: TrustLog, doc_id: str, doc: dict[str, Any], commitments: Commitments | None = None
+) -> dict[str, Any]:
     """The proof that a stored record's change (and its context, if it has one) are leaves of
-    the latest checkpoint; raises :class:`NotProvable` when they are not (yet)."""
+    the latest checkpoint; raises :class:`NotProvable` when they are not (yet). A record with
+    personal values needs its persons' keys, or its erasures, in ``commitments``: the proof's
+    leaf holds their commitments, never the values."""
     checkpoint = latest_checkpoint(log)
     if checkpoint is None:
         raise NotProvable("the source's log has no checkpoint yet")
     size = checkpoint["checkpoint"]["tree_size"]
-    claimed = document_leaves(doc_id, doc)
+    commitments = commitments or Commitments(strict=False)
+    claimed = document_leaves(doc_id, doc, commitments)
+    if commitments.findings:
+        raise NotProvable(f"{doc_id}: " + "; ".join(d for _, _, d in commitments.findings))
     lsn, xid = int(doc["transaction"]["lsn"]), int(doc["transaction"]["xid"])
     rows = log.leaves(columns=["position", "kind", "lsn", "record_id"], lsn=lsn)
     wanted = {

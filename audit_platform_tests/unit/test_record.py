@@ -23,6 +23,7 @@ from audit_platform.record import (
     record_fields,
 )
 from audit_platform.settings import Settings
+from audit_platform.trust.commitments import Commitments
 from audit_platform.trust.leaves import change_leaf
 
 T0 = datetime(2026, 11, 26, 10, 0, 0, 1, tzinfo=UTC)
@@ -190,11 +191,14 @@ def test_the_records_schema_is_the_declared_columns_and_the_trail_commits_those_
         txn_changes=5,
         txn_ignored=1,
         organization="acme",
+        personal={"of": "public.customers", "columns": ["email"], "before": "5", "after": "5"},
+        commitments=Commitments({"public.customers:5": b"k" * 32}),
     )
     assert set(leaf) - {"v", "kind"} == {c.leaf for c in columns if c.leaf is not None}
-    # A row naming no organization commits none: leaves from before organizations keep their
-    # bytes.
-    assert "org" not in change_leaf(**{**_leaf_fields(leaf), "organization": None})
+    # A row naming no organization commits none, and a table declaring no personal data no
+    # declaration: leaves from before either keep their bytes.
+    plain = change_leaf(**_leaf_fields(leaf))
+    assert "org" not in plain and "personal" not in plain
     # Not committed by a change's leaf: what a late context changes, the context (it has
     # leaves of its own), and the server version (leaves written before it stay valid).
     assert {c.name for c in columns if c.leaf is None} == {
@@ -238,6 +242,7 @@ def test_a_records_file_written_before_the_later_columns_still_makes_documents()
         "txn_changes",
         "txn_ignored",
         "server_version",
+        "personal",
     }
     _, doc_id, document = _document(_record().drop(*ADDED_COLUMNS))
     record = validate_document(doc_id, document)

@@ -11,6 +11,7 @@ the read log shows the rows of keys that could read nothing the asking key canno
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -25,6 +26,8 @@ from audit_platform.query.filters import no_nul
 from audit_platform.read_log import read_rows, read_trail
 from audit_platform.record import AuditRecord
 from audit_platform.staging.store import StagingStore
+from audit_platform.trust.commitments import Commitments, known_keys, subjects_in
+from audit_platform.trust.erasures import erased_records, read_leaves
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.proofs import NotProvable, consistency, record_proof
 
@@ -102,8 +105,15 @@ def event_proof(
     if found is None:
         raise HTTPException(404, f"no event {event_id!r} in this environment and key's scope")
     doc = found.model_dump(by_alias=True, mode="json", exclude={"id"})
+    log = _log(svc, found.source.service)
+    commitments = Commitments(strict=False)
+    if found.row is not None and found.row.personal is not None:
+        with svc.pool.connection() as conn:
+            subjects = subjects_in([json.dumps(found.row.personal)])
+            commitments.keys = known_keys(conn, svc.settings.env, subjects)
+        commitments.erased = erased_records(read_leaves(log))
     try:
-        proof = record_proof(_log(svc, found.source.service), event_id, doc)
+        proof = record_proof(log, event_id, doc, commitments)
     except NotProvable as exc:
         raise HTTPException(409, str(exc)) from exc
     return RecordProof(record=found, public_key=_public(svc)[0], **proof)

@@ -1,0 +1,1 @@
+"""Erasing a person's values from the trail, verifiably (docs/design.md, "Erasure")."""

@@ -1,0 +1,369 @@
+"""Erasure against real PostgreSQL and Elasticsearch, held to an independent ground truth.
+
+A shop's customers and orders go through the real pipeline, with a trigger-based audit table
+beside them that the platform never reads. After erasing one customer, every record must be
+the trigger's row with exactly that customer's personal values replaced by the erasure's text:
+every other fact, and every other customer, untouched; no value of theirs left in
+Elasticsearch, staging or the API's answers (searched for by value); ``verify`` passing, and
+naming each way an erasure can be forged or left undone.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from audit_platform import platform_db
+from audit_platform.api.main import create_app
+from audit_platform.api_keys import create_key
+from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
+from audit_platform.erasure import requests as erasure
+from audit_platform.erasure.run import carry_out
+from audit_platform.faults import ERASURE_POINTS, SimulatedCrash, armed
+from audit_platform.holds import create_hold, release_hold
+from audit_platform.index.batch import index_pending
+from audit_platform.index.template import install_template
+from audit_platform.naming import read_alias
+from audit_platform.settings import ApiSettings, Settings
+from audit_platform.signing import new_private_key, private_key
+from audit_platform.trust import erasures
+from audit_platform.trust.commitments import all_keys
+from audit_platform.trust.leaves import canonical
+from audit_platform.trust.log import TrustLog
+from audit_platform.trust.merkle import leaf_hash, verify_inclusion
+from audit_platform.verify import Window, verify_source, waiting_changes
+from audit_platform_tests.capture_support import CaptureSource, make_source
+from audit_platform_tests.helpers import ground_truth, ground_truth_ddl, policy_for, record_tuple
+from audit_platform_tests.shop_data import write
+
+DDL = (
+    "CREATE TABLE customers (id int PRIMARY KEY, email text, name text, tier text);"
+    "ALTER TABLE customers REPLICA IDENTITY FULL;"
+    "CREATE TABLE orders (id int PRIMARY KEY, customer_id int, address text, total int);"
+    "ALTER TABLE orders REPLICA IDENTITY FULL;"
+    + ground_truth_ddl("customers")
+    + "CREATE TRIGGER orders_truth AFTER INSERT OR UPDATE OR DELETE ON orders"
+    " FOR EACH ROW EXECUTE FUNCTION record_truth();"
+)
+POLICY = policy_for(
+    "shop",
+    public__customers={"personal": {"subject": "id", "columns": ["email", "name"]}},
+    public__orders={
+        "personal": {"subject": "customer_id", "of": "public.customers", "columns": ["address"]}
+    },
+)
+#: Customer 1's personal values: none of them may be anywhere after the erasure.
+ADA = ("ada.secret@example.com", "ada.new.secret@example.com", "Ada Secretname", "1 Ada Lane")
+BOB = ("bob@example.com", "Bob Keepname", "2 Bob Road")
+CONTEXT = {"actor": {"type": "user", "id": "support-7"}, "reason": "shop traffic"}
+
+
+@dataclass
+class Shop:
+    source: CaptureSource
+    state: psycopg.Connection
+    es: object
+    key: object
+    env: str
+
+    def run(self) -> None:
+        self.source.capture()
+        now = datetime.now(UTC)
+        store, policy = self.source.store, self.source.policy
+        enrich_pending(store, self.state, policy, now=now, grace=timedelta(0))
+        resolve_quarantine(store, self.state, policy, now=now, grace=timedelta(0))
+        index_pending(self.es, store, database="shopdb", now=now)
+        self.es.indices.refresh(index=read_alias(self.env))
+        TrustLog(store).checkpoint(self.key, now)
+
+    def verify(self):
+        window = Window(datetime.now(UTC) + timedelta(hours=1), indexing_lag=timedelta(0))
+        return verify_source(
+            self.source.store,
+            self.es,
+            self.source.policy,
+            self.key.public_key(),
+            since=None,
+            until=None,
+            window=window,
+            waiting=waiting_changes(self.state, self.env, "shop"),
+            keys=all_keys(self.state, self.env),
+        )
+
+    def request(self, subject: str = "public.customers:1", waiting=timedelta(0), by="dpo-anna"):
+        return erasure.request_erasure(
+            self.state,
+            self.es,
+            self.env,
+            erasure.Subject.parse(subject),
+            reason="GDPR art. 17, ticket 812",
+            requested_by=by,
+            waiting=waiting,
+        )
+
+    def erase(self, request: int):
+        sources = {"shop": (self.source.store, self.source.policy)}
+        return carry_out(
+            self.state, self.es, self.env, request, sources=sources, now=datetime.now(UTC)
+        )
+
+    def docs(self) -> list[dict]:
+        found = self.es.search(index=read_alias(self.env), size=1000, sort=["_doc"])
+        return found["hits"]["hits"]
+
+    def staged_text(self) -> str:
+        """Every staged Parquet file's rows as text (the files are compressed: search the
+        values, not the bytes)."""
+        store = self.source.store
+        parts = []
+        paths = [p for dataset in ("changes", "records", "contexts") for p in store.files(dataset)]
+        assert paths
+        for path in paths:
+            with store.fs.open(path, "rb") as f:
+                parts.append(pl.read_parquet(f).write_ndjson())
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def shop(pg_database, es, tmp_path):
+    env = f"erase_{uuid.uuid4().hex[:8]}"
+    source = make_source(pg_database, tmp_path, DDL, POLICY, env)
+    install_template(es, Settings().resources_dir, env, replicas=0)
+    url = source.url
+    write(
+        url,
+        [
+            ("INSERT INTO customers VALUES (1, %s, %s, 'gold')", (ADA[0], ADA[2])),
+            ("INSERT INTO customers VALUES (2, %s, %s, 'basic')", (BOB[0], BOB[1])),
+            ("INSERT INTO orders VALUES (10, 1, %s, 30), (11, 1, %s, 40)", (ADA[3], ADA[3])),
+            ("INSERT INTO orders VALUES (20, 2, %s, 50)", (BOB[2],)),
+        ],
+        CONTEXT,
+    )
+    write(url, [("UPDATE customers SET email = %s WHERE id = 1", (ADA[1],))], CONTEXT)
+    # An order moved from Ada to Bob: its before image is Ada's, its after image Bob's.
+    write(url, [("UPDATE orders SET customer_id = 2, address = %s WHERE id = 11", (BOB[2],))])
+    write(url, [("UPDATE orders SET total = 31 WHERE id = 10", ())], CONTEXT)
+    write(url, [("DELETE FROM orders WHERE id = 10", ())], CONTEXT)
+    with psycopg.connect(pg_database, autocommit=True) as state:
+        platform_db.install(state, Settings().resources_dir / "sql")
+        found = Shop(source, state, es, private_key(new_private_key()), env)
+        found.run()
+        try:
+            yield found
+        finally:
+            for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+                es.indices.delete(index=index)
+            es.indices.delete_index_template(name=f"audit-{env}")
+
+
+def _expected(truth, text: str) -> list:
+    """The ground truth with customer 1's personal values as the erasure leaves them."""
+    personal = {"customers": ("id", ("email", "name")), "orders": ("customer_id", ("address",))}
+    expected = []
+    for xid, op, before, after in truth:
+        images = []
+        for image in (json.loads(before), json.loads(after)):
+            if image is not None:
+                table = "customers" if "email" in image else "orders"
+                subject, columns = personal[table]
+                if image[subject] == "1":
+                    image = {
+                        c: text if c in columns and v is not None else v for c, v in image.items()
+                    }
+            images.append(json.dumps(image, sort_keys=True))
+        expected.append((xid, op, *images))
+    return sorted(expected)
+
+
+def test_an_erased_person_is_gone_by_value_and_every_other_fact_stays(shop):
+    truth = ground_truth(shop.source.url)
+    assert sorted(record_tuple(d["_source"]) for d in shop.docs()) == sorted(truth)
+    assert shop.verify().ok
+    request = shop.request()
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    outcome = shop.erase(request.id)
+    # Her two customer changes; her orders inserted, moved away, updated and deleted.
+    assert (outcome.records, outcome.sources[0].values) == (7, 12)
+    text = f"erased on {outcome_day(shop, request.id)} under request {request.id}"
+    docs = shop.docs()
+    # Against the trigger's table: exactly Ada's personal values replaced, nothing else.
+    assert sorted(record_tuple(d["_source"]) for d in docs) == _expected(truth, text)
+    # Searched for by value, everywhere the platform keeps them.
+    dumped = json.dumps(docs)
+    staged = shop.staged_text()
+    for value in ADA:
+        assert value not in dumped and value not in staged, value
+    for value in BOB:
+        assert value in dumped and value in staged, value
+    assert shop.es.count(index=read_alias(shop.env), q='"Ada Secretname"')["count"] == 0
+    # The person's key is destroyed; Bob's is not.
+    keys = all_keys(shop.state, shop.env)
+    assert "public.customers:1" not in keys and "public.customers:2" in keys
+    report = shop.verify()
+    assert report.ok, report.problems
+    assert report.documents == len(truth)
+
+
+def outcome_day(shop: Shop, request: int) -> str:
+    found = erasure.get_request(shop.state, shop.env, request)
+    assert found.started_at is not None and found.state == "done"
+    return f"{found.started_at:%Y-%m-%d}"
+
+
+def test_the_api_shows_the_erasure_and_an_erased_records_proof_verifies_offline(shop):
+    request = shop.request()
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    shop.erase(request.id)
+    shop.run()  # a checkpoint covering the erasure leaf
+    text = f"erased on {outcome_day(shop, request.id)} under request {request.id}"
+    secret = create_key(shop.state, shop.env, "auditor", role="auditor").secret
+    settings = Settings(
+        env=shop.env,
+        pg_url=shop.source.url,  # the platform's tables are in the test's database
+        staging_root=shop.source.store.root,
+        api=ApiSettings(key_cache_seconds=0),
+    )
+    with TestClient(create_app(settings)) as api:
+        headers = {"X-API-Key": secret}
+        events = api.get("/v1/events", params={"limit": 100}, headers=headers).json()["events"]
+        assert not any(value in json.dumps(events) for value in ADA)
+        found = api.get("/v1/events", params={"query": "Secretname"}, headers=headers)
+        assert found.json()["events"] == []
+        ada = next(e for e in events if (e["after"] or {}).get("id") == "1")
+        assert ada["after"]["email"] == text and ada["after"]["tier"] == "gold"
+        proof = api.get(f"/v1/events/{ada['id']}/proof", headers=headers)
+        assert proof.status_code == 200, proof.text
+    body = proof.json()
+    [change] = [leaf for leaf in body["leaves"] if leaf["kind"] == "change"]
+    # The leaf holds commitments where the values were, and hashes to the logged leaf.
+    assert change["leaf"]["after"]["email"].startswith("c1:")
+    assert text not in json.dumps(change["leaf"])
+    hashed = leaf_hash(canonical(change["leaf"]))
+    assert hashed.hex() == change["leaf_hash"]
+    root = bytes.fromhex(body["checkpoint"]["checkpoint"]["root"])
+    path = [bytes.fromhex(h) for h in change["audit_path"]]
+    assert verify_inclusion(hashed, change["leaf_index"], body["tree_size"], path, root)
+
+
+def test_verify_names_an_erasure_without_its_leaf_a_leaf_without_its_erasure_and_forgeries(shop):
+    request = shop.request()
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    shop.erase(request.id)
+    docs = {d["_id"]: d for d in shop.docs()}
+    ada = next(d for d in docs.values() if (d["_source"]["after"] or {}).get("id") == "1")
+    bob = next(
+        d
+        for d in docs.values()
+        if (d["_source"]["after"] or {}).get("id") == "2" and d["_source"]["operation"] == "insert"
+    )
+    es = shop.es
+    # 1. Bob's email replaced by an erasure's text, with no erasure of Bob.
+    forged = {
+        **bob["_source"]["after"],
+        "email": f"erased on 2026-12-04 under request {request.id}",
+    }
+    es.update(index=bob["_index"], id=bob["_id"], doc={"after": forged}, refresh=True)
+    # 2. Ada's erased email put back: the erasure leaf says it is gone.
+    restored = {**ada["_source"]["after"], "email": ADA[1]}
+    es.update(index=ada["_index"], id=ada["_id"], doc={"after": restored}, refresh=True)
+    report = shop.verify()
+    kinds = {(f.kind, f.subject) for f in report.problems}
+    assert ("erased_unlogged", bob["_id"]) in kinds
+    assert ("not_erased", ada["_id"]) in kinds
+    # 3. A non-personal fact of an erased record changed: still tampering.
+    es.update(
+        index=ada["_index"],
+        id=ada["_id"],
+        doc={"after": {**ada["_source"]["after"], "tier": "vip"}},
+        refresh=True,
+    )
+    assert ("altered", ada["_id"]) in {(f.kind, f.subject) for f in shop.verify().problems}
+    # 4. The erasure leaf's file edited (another reason): the log does not hold it.
+    log = TrustLog(shop.source.store)
+    path = f"{log.dir}/erasures/{request.id:012d}.json"
+    leaf = shop.source.store.read_json(path)
+    shop.source.store.write_json(path, {**leaf, "reason": "routine cleanup"})
+    kinds = {f.kind for f in shop.verify().problems}
+    assert "erasure_forged" in kinds
+    # 5. The file removed: the log's erasure leaf has no content any more.
+    shop.source.store.fs.rm(path)
+    assert "erasure_missing" in {f.kind for f in shop.verify().problems}
+
+
+def test_a_hold_blocks_erasure_until_released(shop):
+    hold = create_hold(
+        shop.state,
+        shop.env,
+        "shop",
+        reason="case 2026-114",
+        created_by="counsel",
+        table="public.orders",
+        object_id="10",
+    )
+    with pytest.raises(erasure.ErasureRefused, match=f"hold {hold.id}"):
+        shop.request()
+    # A hold on other records does not cover Ada.
+    assert shop.request("public.customers:2").state == "waiting"
+    release_hold(shop.state, shop.env, hold.id, "counsel")
+    request = shop.request()
+    # A hold placed after the request, before it runs, still stops it.
+    late = create_hold(shop.state, shop.env, "shop", reason="case 2026-115", created_by="counsel")
+    with pytest.raises(erasure.ErasureRefused):
+        shop.erase(request.id)
+    assert ADA[2] in json.dumps(shop.docs())
+    release_hold(shop.state, shop.env, late.id, "counsel")
+    assert shop.erase(request.id).records == 7
+
+
+def test_an_erasure_waits_for_a_second_admin_or_its_period(shop):
+    request = shop.request(waiting=timedelta(hours=72))
+    with pytest.raises(erasure.ErasureError, match="is waiting"):
+        shop.erase(request.id)
+    with pytest.raises(erasure.ErasureError, match="another admin must approve"):
+        erasure.approve(shop.state, shop.env, request.id, "dpo-anna")
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    shop.erase(request.id)
+    with pytest.raises(erasure.ErasureError, match="done already"):
+        shop.erase(request.id)
+    # Without approval, once its period has passed.
+    other = shop.request("public.customers:2", waiting=timedelta(0))
+    assert other.due(datetime.now(UTC))
+    cancelled = shop.request("public.customers:2", waiting=timedelta(hours=1))
+    assert erasure.cancel(shop.state, shop.env, cancelled.id, "dpo-anna").state == "cancelled"
+    with pytest.raises(erasure.ErasureError, match="cancelled"):
+        shop.erase(cancelled.id)
+    with pytest.raises(erasure.ErasureError, match="TABLE:ID"):
+        erasure.Subject.parse("customers")
+
+
+@pytest.mark.parametrize("point", list(ERASURE_POINTS))
+def test_a_crash_at_each_point_of_an_erasure_and_a_rerun_erase_once(shop, point):
+    truth = ground_truth(shop.source.url)
+    request = shop.request()
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    with armed(point), pytest.raises(SimulatedCrash):
+        shop.erase(request.id)
+    assert "public.customers:1" in all_keys(shop.state, shop.env)  # destroyed last
+    outcome = shop.erase(request.id)
+    assert outcome.records == 7
+    log = TrustLog(shop.source.store)
+    assert list(erasures.logged_hashes(log.leaves())) == [request.id]  # one leaf
+    text = f"erased on {outcome_day(shop, request.id)} under request {request.id}"
+    assert sorted(record_tuple(d["_source"]) for d in shop.docs()) == _expected(truth, text)
+    staged = shop.staged_text()
+    assert not any(value in staged for value in ADA)
+    report = shop.verify()
+    assert report.ok, report.problems
+    # The pipeline goes on: a later change of the same person gets a new key and verifies.
+    write(shop.source.url, [("UPDATE customers SET name = 'Ada Again' WHERE id = 1", ())])
+    shop.run()
+    assert "public.customers:1" in all_keys(shop.state, shop.env)
+    assert shop.verify().ok

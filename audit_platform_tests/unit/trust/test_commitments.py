@@ -1,0 +1,141 @@
+"""Personal values in leaves: declared in the policy, committed with salts from a key per
+person, and rebuilt from an erasure's commitments once the values are gone."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from datetime import datetime
+
+import pytest
+from pydantic import ValidationError
+
+from audit_platform.enrich.join import personal_shape
+from audit_platform.policy import TablePolicy
+from audit_platform.record import Operation
+from audit_platform.trust.commitments import (
+    Commitments,
+    ErasedRecord,
+    commit,
+    marker,
+    subjects_in,
+)
+
+SPEC = json.dumps({"subject": "customer_id", "of": "public.customers", "columns": ["email"]})
+KEY = bytes(range(32))
+RID = "dev:shop:0000000100000002:3"
+PERSONAL = {"of": "public.customers", "columns": ["email"], "before": "7", "after": "7"}
+
+
+def test_a_commitment_is_the_documented_salted_hash_and_differs_per_place():
+    salt = hmac.new(
+        KEY, b"audit-platform commitment v1\0" + RID.encode() + b"\0after\0email", "sha256"
+    ).digest()
+    expected = "c1:" + hashlib.sha256(salt + b'"ada@example.com"').hexdigest()
+    assert commit(KEY, RID, "after", "email", "ada@example.com") == expected
+    # The same value in another record, side or column, or under another key, commits
+    # differently: commitments do not link records, and the key is what makes them.
+    others = {
+        commit(KEY, RID + "0", "after", "email", "ada@example.com"),
+        commit(KEY, RID, "before", "email", "ada@example.com"),
+        commit(KEY, RID, "after", "name", "ada@example.com"),
+        commit(bytes(32), RID, "after", "email", "ada@example.com"),
+    }
+    assert expected not in others and len(others) == 4
+
+
+def test_sealing_replaces_personal_values_only_and_needs_the_key():
+    before = {"id": "1", "customer_id": "7", "email": "old@example.com", "total": "3"}
+    after = {**before, "email": "new@example.com"}
+    sealed = Commitments({"public.customers:7": KEY}).seal(RID, PERSONAL, (before, after))
+    assert sealed[0] == {**before, "email": commit(KEY, RID, "before", "email", before["email"])}
+    assert sealed[1]["email"] == commit(KEY, RID, "after", "email", "new@example.com")
+    assert before["email"] == "old@example.com"  # the caller's images are not changed
+    with pytest.raises(ValueError, match=r"no key for public\.customers:7"):
+        Commitments().seal(RID, PERSONAL, (before, after))
+    # A null value, and a side naming no person, keep their values: nobody can ask for them.
+    nobody = {**PERSONAL, "after": None}
+    assert Commitments().seal(RID, nobody, (None, {"email": "x"})) == (None, {"email": "x"})
+    assert Commitments({"public.customers:7": KEY}).seal(RID, PERSONAL, (None, {"email": None}))[
+        1
+    ] == {"email": None}
+
+
+def test_verification_tells_erased_from_tampered_and_from_not_erased():
+    text = marker(12, datetime(2026, 12, 4))
+    assert text == "erased on 2026-12-04 under request 12"
+    kept = commit(KEY, RID, "after", "email", "ada@example.com")
+    erased = {RID: ErasedRecord({"after": {"email": (text, kept)}})}
+    found = Commitments(erased=erased, strict=False)
+    # Erased as its leaf says: the leaf is rebuilt from the kept commitment.
+    assert found.seal(RID, PERSONAL, (None, {"email": text}))[1] == {"email": kept}
+    assert found.findings == []
+    # Still there although the erasure leaf names it.
+    found.seal(RID, PERSONAL, (None, {"email": "ada@example.com"}))
+    # Replaced, with the key gone, where no erasure leaf names it.
+    found.seal(RID + "9", PERSONAL, (None, {"email": text}))
+    found.seal(RID + "8", PERSONAL, (None, {"email": "someone"}))
+    assert [kind for kind, _, _ in found.findings] == [
+        "not_erased",
+        "erased_unlogged",
+        "unverifiable",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("operation", "before", "after", "expected"),
+    [
+        (Operation.insert, None, {"customer_id": 7}, (None, "7")),
+        (Operation.delete, {"customer_id": "7"}, None, ("7", None)),
+        # An old key image without the subject column is the after image's person's.
+        (Operation.update, {"id": 1}, {"id": 1, "customer_id": "7"}, ("7", "7")),
+        # A row moved from one person to another: each image is its own person's.
+        (Operation.update, {"customer_id": "7"}, {"customer_id": "8"}, ("7", "8")),
+        (Operation.insert, None, {"customer_id": None}, (None, None)),
+    ],
+)
+def test_each_image_is_its_subject_columns_person(operation, before, after, expected):
+    shape = json.loads(personal_shape(SPEC, operation, before, after))
+    assert (shape["before"], shape["after"]) == expected
+    assert shape["of"] == "public.customers" and shape["columns"] == ["email"]
+    assert subjects_in([json.dumps(shape), None]) == {
+        f"public.customers:{s}" for s in expected if s is not None
+    }
+
+
+def test_no_declaration_for_schema_changes_truncates_or_tables_without_one():
+    assert personal_shape(SPEC, Operation.ddl, {"a": 1}, {"a": 2}) is None
+    assert personal_shape(SPEC, Operation.truncate, None, None) is None
+    assert personal_shape(None, Operation.insert, None, {"a": 1}) is None
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ({"personal": {"subject": "id", "columns": []}}, "at least 1 item"),
+        ({"personal": {"subject": "id", "columns": ["id"]}}, "is the subject column"),
+        ({"key": ["code"], "personal": {"subject": "id", "columns": ["code"]}}, "key column"),
+        ({"mask": ["email"], "personal": {"subject": "id", "columns": ["email"]}}, "masked"),
+        ({"exclude": ["email"], "personal": {"subject": "id", "columns": ["email"]}}, "not capt"),
+        ({"exclude": ["cid"], "personal": {"subject": "cid", "columns": ["e"]}}, "subject column"),
+        (
+            {"organization": "org", "personal": {"subject": "id", "columns": ["org"]}},
+            "organization column",
+        ),
+        ({"personal": {"subject": "id", "of": "customers", "columns": ["e"]}}, "schema.table"),
+    ],
+)
+def test_a_personal_declaration_is_checked_with_a_clear_error(table, problem):
+    with pytest.raises(ValidationError, match=problem):
+        TablePolicy.model_validate(table)
+
+
+def test_the_declaration_is_staged_with_its_table_as_the_default_person():
+    policy = TablePolicy.model_validate({"personal": {"subject": "id", "columns": ["name", "e"]}})
+    assert policy.personal is not None
+    assert json.loads(policy.personal.spec("public.customers")) == {
+        "subject": "id",
+        "of": "public.customers",
+        "columns": ["e", "name"],
+    }
