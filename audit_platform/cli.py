@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated
 
 import psycopg
@@ -42,7 +42,7 @@ from audit_platform.clients import (
 )
 from audit_platform.environment import environment_path, load_environment
 from audit_platform.erasure import requests as erasure_requests
-from audit_platform.erasure.run import run_due, run_request
+from audit_platform.erasure.run import DuePass, run_due, run_request
 from audit_platform.holds import create_hold, list_holds, release_hold
 from audit_platform.index import access
 from audit_platform.index.migrate import MigrationError, migrate_layout
@@ -1004,7 +1004,7 @@ def erase(
                 erasure_requests.Subject.parse(subject),
                 reason=reason,
                 requested_by=by,
-                waiting=timedelta(hours=environment.erasure.waiting_hours),
+                waiting=environment.erasure_waiting,
             )
         except erasure_requests.ErasureError as exc:
             raise _fail(exc) from exc
@@ -1065,14 +1065,14 @@ def erase_run(
     settings = _settings(env)
     now = datetime.now(UTC)
     try:
-        outcomes = (
-            [run_request(settings, request, now=now)]
+        found = (
+            DuePass(done=[run_request(settings, request, now=now)])
             if request is not None
             else run_due(settings, now)
         )
     except erasure_requests.ErasureError as exc:
         raise _fail(exc) from exc
-    for outcome in outcomes:
+    for outcome in found.done:
         sources = ", ".join(
             f"{s.source}: {s.records} records, {s.values} values, {s.documents} documents, "
             f"{s.staged_files} staged files"
@@ -1082,8 +1082,12 @@ def erase_run(
             f"erasure request {outcome.request} done in {outcome.seconds:.1f} s: "
             f"{outcome.subject} ({sources or 'no source names this table'})"
         )
-    if not outcomes:
+    for request_id, why in found.not_done.items():
+        typer.secho(f"erasure request {request_id} not done: {why}", fg=typer.colors.RED, err=True)
+    if not found.done and not found.not_done:
         typer.echo("no erasure request is due")
+    if found.not_done:
+        raise typer.Exit(1)
 
 
 streams_app = typer.Typer(

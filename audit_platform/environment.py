@@ -6,6 +6,7 @@ production source. Connection URLs are never in the file: it names the variable 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -199,6 +200,11 @@ class EnvironmentConfig(BaseModel):
         found = dict(self.retention_classes)
         found.setdefault(STANDARD_CLASS, self.retention_days)
         return dict(sorted(found.items()))
+
+    @property
+    def erasure_waiting(self) -> timedelta:
+        """How long an erasure nobody else approved waits before it runs."""
+        return timedelta(hours=self.erasure.waiting_hours)
 
     def retention_class_of(self, source: str) -> str:
         """The class of a source; a source this file does not list (any more) is standard."""

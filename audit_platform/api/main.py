@@ -25,6 +25,7 @@ from audit_platform.api.reads_logged import after_sending, is_read, log_read
 from audit_platform.api.routers import (
     activity,
     correlation,
+    erasures,
     events,
     export,
     gaps,
@@ -148,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rejections,
         trust,
         streams,
+        erasures,
         health,
     ):
         app.include_router(module.router)

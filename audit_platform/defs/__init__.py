@@ -14,6 +14,7 @@ import dagster as dg
 from audit_platform.defs.capture.assets import staged_asset_specs
 from audit_platform.defs.capture.live import capture_live_checks, keeper_sensor, live_capture_job
 from audit_platform.defs.enrich.assets import enriched_asset, enriched_key, quarantine_asset
+from audit_platform.defs.erasures import erasures_job, erasures_schedule
 from audit_platform.defs.health import (
     CHECK_CRON,
     source_checks,
@@ -105,6 +106,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     runs = dagster_runs_job(environment)
     jobs.append(runs)
     schedules.append(dagster_runs_schedule(runs))
+    erasing = erasures_job()
+    jobs.append(erasing)
+    schedules.append(erasures_schedule(erasing))
     sensors.append(
         dg.AutomationConditionSensorDefinition(
             "automation_sensor",

@@ -77,11 +77,27 @@ class ErasureOutcome:
         return sum(s.records for s in self.sources)
 
 
-def run_due(settings: Settings, now: datetime) -> list[ErasureOutcome]:
-    """Every request of the environment that is approved or has waited its period."""
+@dataclass
+class DuePass:
+    """What one pass over the due requests did: those done, and why others are not."""
+
+    done: list[ErasureOutcome] = field(default_factory=list)
+    #: request id -> why it did not run (a hold, staged changes not enriched yet).
+    not_done: dict[int, str] = field(default_factory=dict)
+
+
+def run_due(settings: Settings, now: datetime) -> DuePass:
+    """Every request of the environment that is approved or has waited its period; one that
+    cannot run now (a legal hold, a source not ready) does not keep the others from running."""
     with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as state:
         due = [r.id for r in list_requests(state, settings.env) if r.due(now)]
-    return [run_request(settings, request, now=now) for request in due]
+    found = DuePass()
+    for request in due:
+        try:
+            found.done.append(run_request(settings, request, now=now))
+        except ErasureError as exc:
+            found.not_done[request] = str(exc)
+    return found
 
 
 def run_request(settings: Settings, request_id: int, *, now: datetime) -> ErasureOutcome:
@@ -209,8 +225,8 @@ def erase_in_source(
             ),
         )
     crash_point("erasure.planned")
-    logged = erasures.logged_hashes(log.leaves(columns=["position", "kind", "xid", "hash"]))
-    if request.id not in logged:
+    in_log = erasures.logged_hashes(log.leaves(columns=["position", "kind", "xid", "hash"]))
+    if request.id not in in_log:
         log.append(erasures.leaf_frame(leaf, log.state()))
     crash_point("erasure.logged")
     documents = _replace_indexed(es, store.env, leaf)

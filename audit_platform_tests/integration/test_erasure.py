@@ -218,6 +218,53 @@ def outcome_day(shop: Shop, request: int) -> str:
     return f"{found.started_at:%Y-%m-%d}"
 
 
+def _api(shop: Shop) -> TestClient:
+    settings = Settings(
+        env=shop.env,
+        pg_url=shop.source.url,  # the platform's tables are in the test's database
+        staging_root=shop.source.store.root,
+        api=ApiSettings(key_cache_seconds=0),
+    )
+    return TestClient(create_app(settings))
+
+
+def test_admins_request_and_approve_erasures_through_the_api_never_alone(shop):
+    keys = {
+        name: {"X-API-Key": create_key(shop.state, shop.env, name, **kw).secret}
+        for name, kw in (
+            ("dpo", {"role": "admin"}),
+            ("legal", {"role": "admin"}),
+            ("shop-admin", {"role": "admin", "sources": ["shop"]}),
+            ("auditor", {"role": "auditor"}),
+        )
+    }
+    body = {"subject": "customers:1", "reason": "GDPR art. 17, ticket 812"}
+    with _api(shop) as api:
+        assert api.post("/v1/erasures", json=body, headers=keys["auditor"]).status_code == 403
+        assert api.post("/v1/erasures", json=body, headers=keys["shop-admin"]).status_code == 403
+        bad = api.post("/v1/erasures", json={**body, "subject": "42"}, headers=keys["dpo"])
+        assert bad.status_code == 422 and "TABLE:ID" in bad.text
+        made = api.post("/v1/erasures", json=body, headers=keys["dpo"])
+        assert made.status_code == 201, made.text
+        request = made.json()
+        assert request["state"] == "waiting" and request["subject"] == "public.customers:1"
+        # The environment's waiting period (72 hours by default) before it runs unapproved.
+        waited = datetime.fromisoformat(request["runs_from"]) - datetime.fromisoformat(
+            request["requested_at"]
+        )
+        assert waited == timedelta(hours=72)
+        path = f"/v1/erasures/{request['id']}/approve"
+        alone = api.post(path, headers=keys["dpo"])
+        assert alone.status_code == 409 and "another admin" in alone.text
+        approved = api.post(path, headers=keys["legal"])
+        assert approved.status_code == 200 and approved.json()["state"] == "approved"
+        listed = api.get("/v1/erasures", headers=keys["legal"]).json()
+        assert [r["id"] for r in listed] == [request["id"]]
+        create_hold(shop.state, shop.env, "shop", reason="case 7", created_by="counsel")
+        held = api.post("/v1/erasures", json=body, headers=keys["dpo"])
+        assert held.status_code == 409 and "legal hold" in held.text
+
+
 def test_the_api_shows_the_erasure_and_an_erased_records_proof_verifies_offline(shop):
     request = shop.request()
     erasure.approve(shop.state, shop.env, request.id, "legal-ben")
@@ -225,13 +272,7 @@ def test_the_api_shows_the_erasure_and_an_erased_records_proof_verifies_offline(
     shop.run()  # a checkpoint covering the erasure leaf
     text = f"erased on {outcome_day(shop, request.id)} under request {request.id}"
     secret = create_key(shop.state, shop.env, "auditor", role="auditor").secret
-    settings = Settings(
-        env=shop.env,
-        pg_url=shop.source.url,  # the platform's tables are in the test's database
-        staging_root=shop.source.store.root,
-        api=ApiSettings(key_cache_seconds=0),
-    )
-    with TestClient(create_app(settings)) as api:
+    with _api(shop) as api:
         headers = {"X-API-Key": secret}
         events = api.get("/v1/events", params={"limit": 100}, headers=headers).json()["events"]
         assert not any(value in json.dumps(events) for value in ADA)
