@@ -1005,6 +1005,10 @@ def erase(
                 reason=reason,
                 requested_by=by,
                 waiting=environment.erasure_waiting,
+                declared=erasure_requests.declared_tables(
+                    load_policy(policy_path(settings.resources_dir, source))
+                    for source in environment.sources
+                ),
             )
         except erasure_requests.ErasureError as exc:
             raise _fail(exc) from exc

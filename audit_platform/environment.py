@@ -41,9 +41,10 @@ class ErasureSettings(BaseModel):
 
     waiting_hours: float = Field(
         72.0,
-        ge=0,
+        ge=1,
         description="An erasure nobody else approved runs this long after it was requested, "
-        "so a mistaken or malicious request can be cancelled first.",
+        "so a mistaken or malicious request can be cancelled first (at least an hour: no "
+        "admin erases alone and at once).",
     )
 
 

@@ -38,10 +38,11 @@ DELIVERY_POINTS: dict[str, str] = {
 }
 #: An erasure (``erasure.run``), which runs beside the pipeline under its source's lock.
 ERASURE_POINTS: dict[str, str] = {
-    "erasure.planned": "the erasure leaf is kept beside the log; the log does not hold it",
-    "erasure.logged": "the log holds the erasure leaf; no value is replaced",
-    "erasure.indexed": "the values in Elasticsearch are replaced; the staged files are not",
-    "erasure.staged": "the staged files are rewritten; the person's key is not destroyed",
+    "erasure.planned": "every source's erasure leaf is kept beside its log; the key is not retired",
+    "erasure.retired": "the key is deleted and the plans are final; no log holds its leaf yet",
+    "erasure.logged": "a source's log holds its erasure leaf; none of its values is replaced",
+    "erasure.staged": "a source's staged files are rewritten; Elasticsearch is not",
+    "erasure.indexed": "a source's values in Elasticsearch are replaced; the request is not done",
 }
 _KNOWN = {**POINTS, **DELIVERY_POINTS, **ERASURE_POINTS}
 #: Points on the local filesystem's write path only (object storage has no temporary file).

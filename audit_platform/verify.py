@@ -78,7 +78,14 @@ PROBLEMS = (
     "erasure_missing",
 )
 #: Explained: logged changes without a document, for a reason that is not tampering.
-EXPLAINED = ("waiting", "not_indexed_yet", "expired", "before_log", "attribution_pending")
+EXPLAINED = (
+    "waiting",
+    "not_indexed_yet",
+    "expired",
+    "before_log",
+    "attribution_pending",
+    "erasure_running",
+)
 
 
 @dataclass(frozen=True)
@@ -173,11 +180,13 @@ def verify_source(
     staging: bool = True,
     retention_class: str = STANDARD_CLASS,
     keys: dict[str, bytes] | None = None,
+    erasing: set[int] | None = None,
 ) -> VerifyReport:
     """One source's trail over commit times [since, until) (the log and its checkpoints are
     always checked whole); ``waiting`` holds the quarantine's (commit LSN, change index);
     ``retention_class`` is the source's, naming the indices its documents must be in; ``keys``
-    the environment's persons' keys (``trust.commitments.all_keys``)."""
+    the environment's persons' keys (``trust.commitments.all_keys``); ``erasing`` the
+    erasure requests started and not done (``erasure_requests``)."""
     report = VerifyReport(store.env, store.source, since, until)
     log = TrustLog(store)
     with _without_cyclic_gc():
@@ -186,7 +195,7 @@ def verify_source(
         report.log_size = state.size
         _check_log(report, leaves, state.size)
         _check_checkpoints(report, log, leaves, key, state.checkpoint)
-        commitments = _check_erasures(report, log, leaves, keys or {})
+        commitments = _check_erasures(report, log, leaves, state.size, keys or {}, erasing or set())
         in_range = _in_range(leaves.filter(pl.col("position") < state.size), since, until)
         changes = in_range.filter(pl.col("kind") == "change")
         report.logged_changes = changes.height
@@ -332,23 +341,33 @@ def _check_checkpoints(
 
 
 def _check_erasures(
-    report: VerifyReport, log: TrustLog, leaves: pl.DataFrame, keys: dict[str, bytes]
+    report: VerifyReport,
+    log: TrustLog,
+    leaves: pl.DataFrame,
+    size: int,
+    keys: dict[str, bytes],
+    in_progress: set[int],
 ) -> Commitments:
     """The erasure leaves kept beside the log against the log's erasure leaves; what the
     logged ones replaced is what the records' leaves are rebuilt from."""
-    logged = erasures.logged_hashes(leaves)
-    kept = {int(leaf["request"]): leaf for leaf in erasures.read_leaves(log)}
+    logged = erasures.logged_hashes(leaves, size)
+    unreadable: list[str] = []
+    kept = {int(leaf["request"]): leaf for leaf in erasures.read_leaves(log, unreadable)}
+    for path in unreadable:
+        report.add("erasure_forged", path, "a file beside the log's erasure leaves that is none")
     valid = []
     for request, leaf in sorted(kept.items()):
-        if logged.get(request) != leaf_hash(canonical(leaf)):
+        if logged.get(request) == leaf_hash(canonical(leaf)):
+            valid.append(leaf)
+        elif request not in logged and request in in_progress:
+            report.add("erasure_running", f"erasure {request}", "planned, not logged yet")
+        else:
             report.add(
                 "erasure_forged",
                 f"erasure {request}",
                 "an erasure leaf kept beside the log that the log does not hold: it was "
                 "written or edited afterwards, and excuses no replaced value",
             )
-        else:
-            valid.append(leaf)
     for request in sorted(set(logged) - set(kept)):
         report.add(
             "erasure_missing",
@@ -648,6 +667,7 @@ _COVERED = (
     "txn_changes",
     "txn_ignored",
     "row_organization",
+    "personal",
 )
 
 
@@ -689,6 +709,16 @@ def _compare_staged(
             )
 
 
+def erasures_running(state: psycopg.Connection, env: str) -> set[int]:
+    """Erasure requests started and not done: their leaves may be kept and not logged yet."""
+    rows = state.execute(
+        "SELECT id FROM audit_platform.erasure_requests WHERE env = %s"
+        " AND started_at IS NOT NULL AND done_at IS NULL",
+        (env,),
+    ).fetchall()
+    return {int(row[0]) for row in rows}
+
+
 def waiting_changes(state: psycopg.Connection, env: str, source: str) -> set[tuple[int, int]]:
     """(commit LSN, change index) of the changes waiting in the quarantine."""
     rows = state.execute(
@@ -722,7 +752,7 @@ def verify_environment(
         es_from_settings(settings) as es,
         psycopg.connect(pg_url_from_settings(settings), autocommit=True) as state,
     ):
-        keys = all_keys(state, settings.env)
+        keys, erasing = all_keys(state, settings.env), erasures_running(state, settings.env)
         for source in sources or sorted(environment.sources):
             store = StagingStore(settings.staging_root, settings.env, source)
             policy = load_policy(policy_path(settings.resources_dir, source))
@@ -740,6 +770,7 @@ def verify_environment(
                     staging=staging,
                     retention_class=environment.retention_class_of(source),
                     keys=keys,
+                    erasing=erasing,
                 )
             )
     return reports

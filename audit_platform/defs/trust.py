@@ -22,6 +22,7 @@ from audit_platform.trust.commitments import all_keys
 from audit_platform.trust.log import TrustLog
 from audit_platform.verify import (
     Window,
+    erasures_running,
     report_json,
     verify_reads,
     verify_source,
@@ -82,6 +83,7 @@ def trail_check(source: str) -> dg.AssetChecksDefinition:
                 waiting=waiting_changes(state, settings.env, source),
                 retention_class=environment.retention_class_of(source),
                 keys=all_keys(state, settings.env),
+                erasing=erasures_running(state, settings.env),
             )
         return _result(report, f"{source}'s changes since {since:%H:%M} UTC")
 

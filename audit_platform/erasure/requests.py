@@ -10,6 +10,7 @@ anyone may cancel it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from elasticsearch import Elasticsearch
 from audit_platform.holds import Hold, list_holds
 from audit_platform.naming import read_alias
 from audit_platform.platform_db import one
+from audit_platform.policy import SourcePolicy
 from audit_platform.trust.commitments import subject_name
 
 
@@ -44,7 +46,7 @@ class Subject:
 
     @staticmethod
     def parse(text: str) -> Subject:
-        table, sep, subject_id = text.partition(":")
+        table, sep, subject_id = text.strip().partition(":")
         if not sep or not table or not subject_id:
             raise ErasureError(
                 f"subject {text!r}: write it as TABLE:ID, the table whose rows are persons and "
@@ -88,6 +90,7 @@ class ErasureRequest:
     approved_by: str | None
     approved_at: datetime | None
     started_at: datetime | None
+    key_retired_at: datetime | None
     done_at: datetime | None
     cancelled_at: datetime | None
     cancelled_by: str | None
@@ -107,7 +110,7 @@ class ErasureRequest:
 
 _COLUMNS = (
     "id, env, subject, reason, requested_by, requested_at, not_before, approved_by,"
-    " approved_at, started_at, done_at, cancelled_at, cancelled_by, records"
+    " approved_at, started_at, key_retired_at, done_at, cancelled_at, cancelled_by, records"
 )
 
 
@@ -147,7 +150,17 @@ def request_erasure(
     reason: str,
     requested_by: str,
     waiting: timedelta,
+    declared: set[str] | None = None,
 ) -> ErasureRequest:
+    """``declared``: the tables of persons the environment's policies name (``of``); a request
+    for any other is refused rather than done with nothing erased."""
+    if declared is not None and subject.of not in declared:
+        named = ", ".join(sorted(declared)) or "none"
+        raise ErasureError(
+            f"subject {subject.name}: no policy of this environment declares personal data of "
+            f"{subject.of} (declared: {named}); check the table, or declare its personal "
+            "columns first (personal: in the policy)"
+        )
     if not reason.strip():
         raise ErasureError(
             "give the reason for the erasure, e.g. --reason 'GDPR art. 17 request, ticket 812'"
@@ -221,12 +234,23 @@ def cancel(state: psycopg.Connection, env: str, request: int, by: str) -> Erasur
 
 
 def start(state: psycopg.Connection, request: int) -> datetime:
-    """The erasure's own time, written once: a rerun after a crash gets the same."""
-    row = one(
-        state.execute(
-            "UPDATE audit_platform.erasure_requests SET started_at = coalesce(started_at, now())"
-            " WHERE id = %s RETURNING started_at",
-            (request,),
-        )
-    )
+    """The erasure's own time, written once: a rerun after a crash gets the same. A request
+    cancelled meanwhile does not start."""
+    row = state.execute(
+        "UPDATE audit_platform.erasure_requests SET started_at = coalesce(started_at, now())"
+        " WHERE id = %s AND cancelled_at IS NULL AND done_at IS NULL RETURNING started_at",
+        (request,),
+    ).fetchone()
+    if row is None:
+        raise ErasureError(f"erasure request {request} was cancelled or is done: not started")
     return row[0]
+
+
+def declared_tables(policies: Iterable[SourcePolicy]) -> set[str]:
+    """The tables of persons the policies declare personal data of."""
+    return {
+        t.personal.of or name
+        for policy in policies
+        for name, t in policy.tables.items()
+        if t.personal is not None
+    }

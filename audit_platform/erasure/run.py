@@ -1,10 +1,12 @@
-"""Carrying out an erasure: plan, log, replace, destroy (docs/design.md, "Erasure").
+"""Carrying out an erasure: plan and retire the key, log, replace (docs/design.md, "Erasure").
 
-Each source whose policy names the person's table is erased under its ledger lock, so no
-capture turn enriches, appends or indexes in between. Every step can be repeated: the plan is
-kept before anything changes and read back by a rerun, the log is appended once, and replacing
-a value by the erasure's text twice writes the same text. A crash anywhere and a rerun finish
-the erasure once.
+The erasure holds the ledger lock of every source whose policy names the person's table, from
+its plan to its end, so no capture turn enriches, appends or indexes in between, and no leaf is
+sealed with the person's key between the plan that covers it and the key's deletion. Every step
+can be repeated: until the key is retired, a rerun plans again; after, the plans are final (their
+hashes are in the platform database, and the files kept beside the logs are checked against
+them), each log is appended once, and replacing a value by the erasure's text twice writes the
+same text. A crash anywhere and a rerun finish the erasure once.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import polars as pl
@@ -22,6 +25,7 @@ from elasticsearch import Elasticsearch
 from elasticsearch.helpers import bulk, scan
 
 from audit_platform.clients import es_from_settings, pg_url_from_settings
+from audit_platform.enrich.batch import enrich_pending
 from audit_platform.enrich.join import changed_columns, personal_shape
 from audit_platform.environment import load_environment
 from audit_platform.erasure.requests import (
@@ -42,18 +46,15 @@ from audit_platform.settings import Settings
 from audit_platform.staging.lock import ledger_lock
 from audit_platform.staging.store import StagingStore
 from audit_platform.trust import erasures
-from audit_platform.trust.commitments import SIDES, commit, marker
-from audit_platform.trust.leaves import erasure_leaf
+from audit_platform.trust.commitments import SIDES, commit, destroy_key, known_keys, marker
+from audit_platform.trust.leaves import canonical, erasure_leaf
 from audit_platform.trust.log import TrustLog
+from audit_platform.trust.merkle import leaf_hash
 
 #: record id -> side -> column -> commitment of the value replaced.
 Plan = dict[str, dict[str, dict[str, str]]]
 #: Documents asked of Elasticsearch at once.
 ID_CHUNK = 1_000
-
-
-class NotReady(ErasureError):
-    """Staged changes of the source are not enriched yet: run the erasure again shortly."""
 
 
 @dataclass
@@ -82,20 +83,20 @@ class DuePass:
     """What one pass over the due requests did: those done, and why others are not."""
 
     done: list[ErasureOutcome] = field(default_factory=list)
-    #: request id -> why it did not run (a hold, staged changes not enriched yet).
+    #: request id -> why it did not run (a hold, a failure it will be retried after).
     not_done: dict[int, str] = field(default_factory=dict)
 
 
 def run_due(settings: Settings, now: datetime) -> DuePass:
     """Every request of the environment that is approved or has waited its period; one that
-    cannot run now (a legal hold, a source not ready) does not keep the others from running."""
+    cannot run now does not keep the others from running."""
     with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as state:
         due = [r.id for r in list_requests(state, settings.env) if r.due(now)]
     found = DuePass()
     for request in due:
         try:
             found.done.append(run_request(settings, request, now=now))
-        except ErasureError as exc:
+        except (ErasureError, psycopg.Error, OSError) as exc:
             found.not_done[request] = str(exc)
     return found
 
@@ -114,7 +115,15 @@ def run_request(settings: Settings, request_id: int, *, now: datetime) -> Erasur
         es_from_settings(settings) as es,
         psycopg.connect(pg_url_from_settings(settings), autocommit=True) as state,
     ):
-        return carry_out(state, es, settings.env, request_id, sources=sources, now=now)
+        return carry_out(
+            state,
+            es,
+            settings.env,
+            request_id,
+            sources=sources,
+            now=now,
+            grace=timedelta(minutes=environment.enrich_grace_minutes),
+        )
 
 
 def carry_out(
@@ -125,9 +134,11 @@ def carry_out(
     *,
     sources: dict[str, tuple[StagingStore, SourcePolicy]],
     now: datetime,
+    grace: timedelta = timedelta(minutes=10),
 ) -> ErasureOutcome:
     """Erase the request's person from every source whose policy names their table, if the
-    request is due and no legal hold covers them; then destroy their key."""
+    request is due and no legal hold covers them when it starts (once started, it finishes: a
+    half-done erasure is what must never be left)."""
     began = time.monotonic()
     request = get_request(state, env, request_id)
     if request.state == "done":
@@ -139,20 +150,27 @@ def carry_out(
             f"{request.not_before:%Y-%m-%d %H:%M %Z}"
         )
     subject = Subject.parse(request.subject)
-    refuse_if_held(state, es, env, subject)
+    if request.started_at is None:
+        refuse_if_held(state, es, env, subject)
     started = start(state, request.id)
-    key = _key(state, env, subject.name)
+    named = {
+        source: found
+        for source, found in sorted(sources.items())
+        if _declares(found[1], subject.of)
+    }
     outcome = ErasureOutcome(request.id, subject.name)
-    for source, (store, policy) in sorted(sources.items()):
-        if not _declares(policy, subject.of):
-            continue
-        with ledger_lock(state, env, source):
-            outcome.sources.append(erase_in_source(store, es, request, subject, key, started))
-    with state.transaction():
-        state.execute(
-            "DELETE FROM audit_platform.subject_keys WHERE env = %s AND subject = %s",
-            (env, subject.name),
-        )
+    with ExitStack() as locks:
+        for source in named:  # in one order, so two erasures never wait for each other
+            locks.enter_context(ledger_lock(state, env, source))
+        request = get_request(state, env, request.id)
+        if request.key_retired_at is None:
+            _plan_and_retire(state, es, request, subject, named, started, now, grace)
+        planned = _planned_hashes(state, request.id)
+        for source, (store, _) in named.items():
+            if source in planned:
+                outcome.sources.append(
+                    _erase_in_source(store, es, request, subject, planned[source])
+                )
         state.execute(
             "UPDATE audit_platform.erasure_requests SET done_at = now(), records = %s"
             " WHERE id = %s",
@@ -166,73 +184,79 @@ def _declares(policy: SourcePolicy, of: str) -> bool:
     return any(t.personal and (t.personal.of or name) == of for name, t in policy.tables.items())
 
 
-def _key(state: psycopg.Connection, env: str, subject: str) -> bytes | None:
-    row = state.execute(
-        "SELECT key FROM audit_platform.subject_keys WHERE env = %s AND subject = %s",
-        (env, subject),
-    ).fetchone()
-    return None if row is None else bytes(row[0])
+def _plan_and_retire(
+    state: psycopg.Connection,
+    es: Elasticsearch,
+    request: ErasureRequest,
+    subject: Subject,
+    named: dict[str, tuple[StagingStore, SourcePolicy]],
+    started: datetime,
+    now: datetime,
+    grace: timedelta,
+) -> None:
+    """Plan every source (what is staged enriched and logged first, so the plan covers every
+    change of the person captured so far), keep the plans beside the logs, then delete the key
+    and record the plans' hashes in one transaction. Until then a rerun plans again."""
+    key = known_keys(state, request.env, {subject.name}).get(subject.name)
+    leaves = {}
+    for source, (store, policy) in named.items():
+        enrich_pending(store, state, policy, now=now, grace=grace)
+        leaf = _plan(store, es, request, subject, key, started)
+        erasures.write_leaf(TrustLog(store), leaf, replace=True)
+        leaves[source] = leaf
+    crash_point("erasure.planned")
+    with state.transaction():
+        destroy_key(state, request.env, subject.name)
+        for source, leaf in leaves.items():
+            state.execute(
+                "INSERT INTO audit_platform.erasure_leaves (request, source, hash)"
+                " VALUES (%s, %s, %s)"
+                " ON CONFLICT (request, source) DO UPDATE SET hash = excluded.hash",
+                (request.id, source, leaf_hash(canonical(leaf))),
+            )
+        state.execute(
+            "UPDATE audit_platform.erasure_requests SET key_retired_at = now() WHERE id = %s",
+            (request.id,),
+        )
+    crash_point("erasure.retired")
 
 
-def erase_in_source(
+def _planned_hashes(state: psycopg.Connection, request: int) -> dict[str, bytes]:
+    rows = state.execute(
+        "SELECT source, hash FROM audit_platform.erasure_leaves WHERE request = %s", (request,)
+    ).fetchall()
+    return {source: bytes(h) for source, h in rows}
+
+
+def _erase_in_source(
     store: StagingStore,
     es: Elasticsearch,
     request: ErasureRequest,
     subject: Subject,
-    key: bytes | None,
-    started: datetime,
+    planned: bytes,
 ) -> SourceErasure:
-    """One source's part of an erasure; the caller holds the source's ledger lock."""
-    if any(entry.records is None for entry in store.pending()):
-        raise NotReady(
-            f"{store.source}: staged changes wait for enrichment; the erasure runs once they "
-            "are enriched (run it again in a minute, or let the erasures schedule do it)"
-        )
+    """One source's part once the plans are final; the caller holds the source's lock."""
     log = TrustLog(store)
     leaf = erasures.read_leaf(log, request.id)
-    if leaf is None:
-        logged = log.leaves(columns=["position", "kind", "record_id"])
-        ids = set(logged.filter(pl.col("kind") == "change")["record_id"].to_list())
-        done = erasures.erased_records(erasures.read_leaves(log))
-        planned = _plan_staged(store, subject, key, ids)
-        for rid, sides in _plan_indexed(es, store, subject, key, ids).items():
-            planned.setdefault(rid, sides)
-        for rid in list(planned):
-            previous = done.get(rid)
-            if previous is None:
-                continue
-            for side, columns in list(planned[rid].items()):
-                kept = {c: v for c, v in columns.items() if c not in previous.values.get(side, {})}
-                planned[rid][side] = kept
-        planned = {
-            rid: {side: columns for side, columns in sides.items() if columns}
-            for rid, sides in planned.items()
-        }
-        planned = {rid: sides for rid, sides in sorted(planned.items()) if sides}
-        leaf = erasures.write_leaf(
-            log,
-            erasure_leaf(
-                env=store.env,
-                source=store.source,
-                request=request.id,
-                subject=subject.name,
-                reason=request.reason,
-                requested_by=request.requested_by,
-                approved_by=request.approved_by,
-                time=started,
-                text=marker(request.id, started),
-                records=planned,
-            ),
+    if leaf is None or leaf_hash(canonical(leaf)) != planned:
+        raise ErasureError(
+            f"{store.source}: the erasure leaf kept beside the log ({request.id}) is "
+            f"{'gone' if leaf is None else 'not the one planned'}: the staging root was "
+            "changed. Restore it from a backup; nothing more is erased until then"
         )
-    crash_point("erasure.planned")
-    in_log = erasures.logged_hashes(log.leaves(columns=["position", "kind", "xid", "hash"]))
-    if request.id not in in_log:
-        log.append(erasures.leaf_frame(leaf, log.state()))
+    state = log.state()
+    logged_now = request.id in erasures.logged_hashes(log.leaves(), state.size)
+    if not logged_now and log.append(erasures.leaf_frame(leaf, state)) != 1:
+        raise ErasureError(
+            f"{store.source}: the log did not take the erasure leaf after its last leaf "
+            f"{state.last_key}; run audit-platform verify"
+        )
     crash_point("erasure.logged")
+    logged = set(log.leaves(columns=["position", "record_id"])["record_id"].drop_nulls())
+    files = _replace_staged(store, leaf, subject, logged)
+    crash_point("erasure.staged")
     documents = _replace_indexed(es, store.env, leaf)
     crash_point("erasure.indexed")
-    files = _replace_staged(store, leaf)
-    crash_point("erasure.staged")
     records = leaf["records"]
     values = sum(len(columns) for sides in records.values() for columns in sides.values())
     return SourceErasure(store.source, len(records), values, documents, files)
@@ -241,74 +265,162 @@ def erase_in_source(
 # --- plan ---------------------------------------------------------------------------------
 
 
+def _plan(
+    store: StagingStore,
+    es: Elasticsearch,
+    request: ErasureRequest,
+    subject: Subject,
+    key: bytes | None,
+    started: datetime,
+) -> dict[str, Any]:
+    """The erasure leaf of one source: every logged record holding the person's values, from
+    the staged changes and from Elasticsearch (records whose staged hours retention removed),
+    less the values earlier erasures (logged ones) replaced already."""
+    log = TrustLog(store)
+    state = log.state()
+    leaves = log.leaves(columns=["position", "kind", "record_id", "xid", "hash"])
+    logged = set(leaves.filter(pl.col("kind") == "change")["record_id"].to_list())
+    planned: Plan = {}
+    if key is not None:  # without a key, no value of this person was ever committed
+        for rid, found in _person_in_staging(store, subject, logged):
+            sides = _commitments(rid, found, subject, key)
+            if sides:
+                planned[rid] = sides
+        for rid, sides in _plan_indexed(es, store, subject, key, logged).items():
+            planned.setdefault(rid, sides)
+    in_log = erasures.logged_hashes(leaves, state.size)
+    earlier = [
+        leaf
+        for leaf in erasures.read_leaves(log)
+        if in_log.get(int(leaf["request"])) == leaf_hash(canonical(leaf))
+    ]
+    done = erasures.erased_records(earlier)
+    final: Plan = {}
+    for rid, sides in sorted(planned.items()):
+        previous = done.get(rid)
+        kept = {
+            side: {
+                c: v
+                for c, v in columns.items()
+                if previous is None or c not in previous.values.get(side, {})
+            }
+            for side, columns in sides.items()
+        }
+        kept = {side: columns for side, columns in kept.items() if columns}
+        if kept:
+            final[rid] = kept
+    return erasure_leaf(
+        env=store.env,
+        source=store.source,
+        request=request.id,
+        subject=subject.name,
+        reason=request.reason,
+        requested_by=request.requested_by,
+        approved_by=request.approved_by,
+        time=started,
+        text=marker(request.id, started),
+        records=final,
+    )
+
+
+@dataclass(frozen=True)
+class _Found:
+    """One staged change holding the person's values: its row in its file, its images, and
+    the personal columns of each side that is the person's."""
+
+    row: int
+    images: tuple[Any, Any]
+    sides: dict[str, list[str]]
+
+
 def _commitments(
-    rid: str, shape: dict[str, Any], images: tuple[Any, Any], subject: Subject, key: bytes
+    rid: str, found: _Found, subject: Subject, key: bytes
 ) -> dict[str, dict[str, str]]:
-    """The commitment of each of the person's values in a record, by side and column."""
-    found: dict[str, dict[str, str]] = {}
-    for side, image in zip(SIDES, images, strict=True):
-        if image is None or shape.get(side) != subject.id:
-            continue
+    """The commitment of each of the person's non-null values in a record, by side and column."""
+    out: dict[str, dict[str, str]] = {}
+    for side, image in zip(SIDES, found.images, strict=True):
         columns = {
-            column: commit(key, rid, side, column, image[column])
-            for column in shape["columns"]
-            if image.get(column) is not None
+            c: commit(key, rid, side, c, image[c])
+            for c in found.sides.get(side, [])
+            if image is not None and image.get(c) is not None
         }
         if columns:
-            found[side] = columns
-    return found
+            out[side] = columns
+    return out
 
 
-def _plan_staged(
-    store: StagingStore, subject: Subject, key: bytes | None, logged: set[str]
-) -> Plan:
-    """The person's values in the staged changes the log holds (every record of them,
-    whether indexed, waiting in the quarantine or dead-lettered)."""
-    plan: Plan = {}
-    if key is None:  # no value of this person was ever committed
-        return plan
+def _patterns(frame: pl.DataFrame, subject: Subject) -> list[str]:
+    """How the person's id can appear in an image's JSON text under its table's subject column
+    (capture writes compact JSON; text or number; escaped or not): a prefilter, so only rows
+    that may be the person's are parsed."""
+    columns = {
+        json.loads(spec)["subject"]
+        for spec in frame["personal_spec"].drop_nulls().unique().to_list()
+        if json.loads(spec)["of"] == subject.of
+    }
+    values = {
+        json.dumps(subject.id, ensure_ascii=False),
+        json.dumps(subject.id),
+        subject.id,
+    }
+    return [f"{json.dumps(c)}{sep}{v}" for c in columns for v in values for sep in (":", ": ")]
+
+
+def _person_rows(frame: pl.DataFrame, subject: Subject) -> Iterator[_Found]:
+    """The rows of a staged changes frame holding the person's values (``row`` is the row's
+    position in ``frame``)."""
+    if "personal_spec" not in frame.columns:
+        return  # staged before personal data was declared
+    patterns = _patterns(frame, subject)
+    if not patterns:
+        return
+    candidates = frame.with_row_index("_row").filter(
+        pl.col("personal_spec").str.json_path_match("$.of") == subject.of,
+        pl.any_horizontal(
+            pl.col(side).str.contains(p, literal=True) for side in SIDES for p in patterns
+        ),
+    )
+    for row, op, before_text, after_text, spec in candidates.select(
+        "_row", "operation", "before", "after", "personal_spec"
+    ).iter_rows():
+        before = _parsed(before_text)
+        after = _parsed(after_text)
+        shape_text = personal_shape(spec, Operation(op), before, after)
+        if shape_text is None:
+            continue
+        shape = json.loads(shape_text)
+        sides = {side: shape["columns"] for side in SIDES if shape.get(side) == subject.id}
+        if sides:
+            yield _Found(row, (before, after), sides)
+
+
+def _changes_files(store: StagingStore) -> Iterator[tuple[str, pl.DataFrame]]:
     for path in store.files("changes"):
         with store.fs.open(path, "rb") as f:
-            names = pl.read_parquet_schema(f)
-        if "personal_spec" not in names:
-            continue  # staged before personal data was declared
-        with store.fs.open(path, "rb") as f:
-            frame = pl.read_parquet(
-                f,
-                columns=["lsn", "change_index", "operation", "before", "after", "personal_spec"],
+            yield path, pl.read_parquet(f)
+
+
+def _person_in_staging(
+    store: StagingStore, subject: Subject, logged: set[str]
+) -> Iterator[tuple[str, _Found]]:
+    """(record id, found) of each logged record whose staged change holds the person's values
+    (every record of them: indexed, waiting in the quarantine or dead-lettered)."""
+    for _, frame in _changes_files(store):
+        if "personal_spec" not in frame.columns:
+            continue
+        for found in _person_rows(frame, subject):
+            rid = record_id(
+                store.env, store.source, frame["lsn"][found.row], frame["change_index"][found.row]
             )
-        # Only rows whose images hold the id as it is or as JSON escapes it are parsed.
-        spellings = {subject.id, json.dumps(subject.id)[1:-1]}
-        frame = frame.filter(
-            pl.col("personal_spec").str.json_path_match("$.of") == subject.of,
-            pl.any_horizontal(
-                pl.col(side).str.contains(spelling, literal=True)
-                for side in SIDES
-                for spelling in spellings
-            ),
-        )
-        for lsn, index, op, before_text, after_text, spec in frame.iter_rows():
-            rid = record_id(store.env, store.source, lsn, index)
-            if rid not in logged:
-                continue  # ignored by the policy, or refused: no record, no leaf
-            before = None if before_text is None else json.loads(before_text)
-            after = None if after_text is None else json.loads(after_text)
-            text = personal_shape(spec, Operation(op), before, after)
-            if text is None:
-                continue
-            found = _commitments(rid, json.loads(text), (before, after), subject, key)
-            if found:
-                plan[rid] = found
-    return plan
+            if rid in logged:
+                yield rid, found
 
 
 def _plan_indexed(
-    es: Elasticsearch, store: StagingStore, subject: Subject, key: bytes | None, logged: set[str]
+    es: Elasticsearch, store: StagingStore, subject: Subject, key: bytes, logged: set[str]
 ) -> Plan:
     """The person's values in Elasticsearch: records whose staged hours retention removed."""
     plan: Plan = {}
-    if key is None:
-        return plan
     query = {
         "bool": {
             "filter": [
@@ -329,16 +441,17 @@ def _plan_indexed(
         shape = (doc.get("row") or {}).get("personal")
         if rid not in logged or shape is None:
             continue
-        found = _commitments(rid, shape, (doc.get("before"), doc.get("after")), subject, key)
-        if found:
-            plan[rid] = found
+        sides = {side: shape["columns"] for side in SIDES if shape.get(side) == subject.id}
+        found = _Found(-1, (doc.get("before"), doc.get("after")), sides)
+        if sides and (commitments := _commitments(rid, found, subject, key)):
+            plan[rid] = commitments
     return plan
 
 
 # --- replace ------------------------------------------------------------------------------
 
 
-def _replaced(image: Any, columns: dict[str, str], text: str) -> Any:
+def _replaced(image: Any, columns: Any, text: str) -> Any:
     if image is None:
         return None
     return {c: (text if c in columns and v is not None else v) for c, v in image.items()}
@@ -360,7 +473,7 @@ def _replace_indexed(es: Elasticsearch, env: str, leaf: dict[str, Any]) -> int:
             index=read_alias(env),
             query={"ids": {"values": ids}},
             source_includes=["before", "after"],
-            size=len(ids),
+            size=2 * len(ids),  # a record in an index of the layout before classes, too
             ignore_unavailable=True,
         )["hits"]["hits"]
         for hit in found:
@@ -383,17 +496,22 @@ def _replace_indexed(es: Elasticsearch, env: str, leaf: dict[str, Any]) -> int:
     return len(actions)
 
 
-def _rewrite_images(frame: pl.DataFrame, ids: list[str], leaf: dict[str, Any]) -> pl.DataFrame:
-    """A staged file's rows with the leaf's values replaced. A changes file also keeps, in
-    ``erased_changed``, which columns each rewritten change changed: enrichment derives them
-    from the values, which no longer tell (two different emails both read as erased)."""
-    records, text = leaf["records"], leaf["text"]
+def _parsed(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _dumped(image: Any) -> str:
+    return json.dumps(image, ensure_ascii=False, separators=(",", ":"))
+
+
+def _rewrite(frame: pl.DataFrame, replace: dict[int, dict[str, Any]], text: str) -> pl.DataFrame:
+    """A staged file's rows with values replaced: ``replace`` is row -> side -> its columns.
+    A changes file also keeps, in ``erased_changed``, which columns each rewritten change
+    changed: enrichment derives them from the values, which no longer tell (two different
+    emails both read as erased)."""
     kept = frame["erased_changed"].to_list() if "erased_changed" in frame.columns else None
     images = {side: frame[side].to_list() for side in SIDES}
-    for row, rid in enumerate(ids):
-        sides = records.get(rid)
-        if sides is None:
-            continue
+    for row, sides in replace.items():
         before, after = (_parsed(images[side][row]) for side in SIDES)
         if kept is not None and kept[row] is None:
             unchanged = set(json.loads(frame["unchanged_toast"][row] or "[]"))
@@ -401,41 +519,49 @@ def _rewrite_images(frame: pl.DataFrame, ids: list[str], leaf: dict[str, Any]) -
             kept[row] = json.dumps(changed_columns(operation, before, after, unchanged))
         for side, image in zip(SIDES, (before, after), strict=True):
             if image is not None and side in sides:
-                replaced = _replaced(image, sides[side], text)
-                images[side][row] = json.dumps(replaced, ensure_ascii=False, separators=(",", ":"))
+                images[side][row] = _dumped(_replaced(image, sides[side], text))
     columns = [pl.Series(side, images[side], dtype=pl.String) for side in SIDES]
     if kept is not None:
         columns.append(pl.Series("erased_changed", kept, dtype=pl.String))
     return frame.with_columns(columns)
 
 
-def _parsed(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _replace_staged(store: StagingStore, leaf: dict[str, Any]) -> int:
-    """The staged changes files holding the leaf's records, and their records files, rewritten
-    with the erased values replaced. Returns the files rewritten."""
-    wanted = set(leaf["records"])
-    if not wanted:
-        return 0
+def _replace_staged(
+    store: StagingStore, leaf: dict[str, Any], subject: Subject, logged: set[str]
+) -> int:
+    """The staged changes files holding the leaf's records, or changes of the person no record
+    was made of (an update the policy ignores, a change enrichment refused: their images hold
+    the values all the same), and the records files beside them, rewritten with the values
+    replaced. Returns the files rewritten."""
+    records, text = leaf["records"], leaf["text"]
     rewritten = 0
-    for path in store.files("changes"):
-        with store.fs.open(path, "rb") as f:
-            keys = pl.read_parquet(f, columns=["lsn", "change_index"])
-        ids = [record_id(store.env, store.source, lsn, i) for lsn, i in keys.iter_rows()]
-        if wanted.isdisjoint(ids):
+    for path, frame in _changes_files(store):
+        ids = [
+            record_id(store.env, store.source, lsn, i)
+            for lsn, i in frame.select("lsn", "change_index").iter_rows()
+        ]
+        replace: dict[int, dict[str, Any]] = {
+            row: records[rid] for row, rid in enumerate(ids) if rid in records
+        }
+        for found in _person_rows(frame, subject):
+            if ids[found.row] not in logged:
+                replace[found.row] = found.sides
+        if not replace:
             continue
-        with store.fs.open(path, "rb") as f:
-            staged = pl.read_parquet(f)
-        if "erased_changed" not in staged.columns:
-            staged = staged.with_columns(pl.lit(None, pl.String).alias("erased_changed"))
-        store.write_file(path, _rewrite_images(staged, ids, leaf))
+        if "erased_changed" not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, pl.String).alias("erased_changed"))
+        store.write_file(path, _rewrite(frame, replace, text))
         rewritten += 1
         records_path = store.derived_path(path, "records")
         if store.fs.exists(records_path):
             with store.fs.open(records_path, "rb") as f:
-                records = pl.read_parquet(f)
-            store.write_file(records_path, _rewrite_images(records, records["id"].to_list(), leaf))
-            rewritten += 1
+                derived = pl.read_parquet(f)
+            rows = {
+                row: records[rid]
+                for row, rid in enumerate(derived["id"].to_list())
+                if rid in records
+            }
+            if rows:
+                store.write_file(records_path, _rewrite(derived, rows, text))
+                rewritten += 1
     return rewritten

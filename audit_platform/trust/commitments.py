@@ -2,9 +2,9 @@
 still verifies (docs/design.md, "Erasure").
 
 A ``change`` leaf of a table that declares personal columns holds, in place of each non-null
-personal value, ``c1:`` + hex SHA-256(salt || JCS(value)), where the salt is
-HMAC-SHA256(the subject's key, context NUL record id NUL side NUL column). The keys are 32
-random bytes per person and environment, kept in the platform database only
+personal value, ``c1:`` + hex SHA-256(salt || column || NUL || JCS(value)), where the salt is
+HMAC-SHA256(the subject's key, context NUL record id NUL side): one per image of a record. The
+keys are 32 random bytes per person and environment, kept in the platform database only
 (``subject_keys``): with the key and the value anyone can recompute the commitment; with the key
 destroyed, the commitment says nothing about the value, however few values it could have been.
 
@@ -32,6 +32,8 @@ SALT_CONTEXT = b"audit-platform commitment v1"
 SIDES = ("before", "after")
 #: What an erased value reads as, everywhere the platform keeps it.
 MARKER = re.compile(r"erased on \d{4}-\d{2}-\d{2} under request \d+")
+#: The request an erased value names.
+MARKER_REQUEST = re.compile(r"erased on \d{4}-\d{2}-\d{2} under request (\d+)")
 
 
 def marker(request: int, at: datetime) -> str:
@@ -43,10 +45,19 @@ def subject_name(of: str, subject_id: str) -> str:
     return f"{of}:{subject_id}"
 
 
+def salt(key: bytes, record_id: str, side: str) -> bytes:
+    """The salt of one image of one record: revealing it (with the values) proves that image's
+    values to whoever holds the leaf, and nothing of any other record's."""
+    return hmac.digest(key, b"\0".join((SALT_CONTEXT, record_id.encode(), side.encode())), "sha256")
+
+
+def commit_with(salt: bytes, column: str, value: Any) -> str:
+    return PREFIX + hashlib.sha256(salt + column.encode() + b"\0" + _canonical(value)).hexdigest()
+
+
 def commit(key: bytes, record_id: str, side: str, column: str, value: Any) -> str:
-    place = b"\0".join((SALT_CONTEXT, record_id.encode(), side.encode(), column.encode()))
-    salt = hmac.new(key, place, "sha256").digest()
-    return PREFIX + hashlib.sha256(salt + _canonical(value)).hexdigest()
+    """The commitment of one value (:func:`salt`, then :func:`commit_with`)."""
+    return commit_with(salt(key, record_id, side), column, value)
 
 
 def _canonical(value: Any) -> bytes:
@@ -99,6 +110,7 @@ class Commitments:
                 continue
             image = dict(image)
             key = self.keys.get(subject_name(personal["of"], subject))
+            salted = None if key is None else salt(key, record_id, side)
             kept = erased.values.get(side, {}) if erased is not None else {}
             for column in personal["columns"]:
                 value = image.get(column)
@@ -115,10 +127,10 @@ class Commitments:
                                 f"replaced ({text})",
                             )
                         )
-                elif key is not None:
+                elif salted is not None:
                     if not self.strict and isinstance(value, str) and MARKER.fullmatch(value):
                         self.suspects.add(record_id)
-                    image[column] = commit(key, record_id, side, column, value)
+                    image[column] = commit_with(salted, column, value)
                 elif self.strict:
                     raise ValueError(f"{record_id}: no key for {personal['of']}:{subject}")
                 elif isinstance(value, str) and MARKER.fullmatch(value):
@@ -159,18 +171,23 @@ def subjects_in(personal_texts: Iterable[str | None]) -> set[str]:
 # --- the keys -----------------------------------------------------------------------------
 
 
+def _hash(subject: str) -> bytes:
+    return hashlib.sha256(subject.encode()).digest()
+
+
 def ensure_keys(conn: psycopg.Connection, env: str, subjects: set[str]) -> dict[str, bytes]:
     """The keys of ``subjects``, a new one for each person without one. Two statements, one of
-    them only when a person is new; run under the source's ledger lock, so an erasure (which
-    holds it too) never deletes a key between these and the leaves they commit."""
+    them only when a person is new; run under the source's ledger lock. An erasure holds the
+    lock of every source naming the person while it plans and deletes their key, so no leaf is
+    sealed with a key between the plan that covers it and the key's deletion."""
     keys = known_keys(conn, env, subjects)
     missing = sorted(subjects - set(keys))
     if missing:
         conn.execute(
-            "INSERT INTO audit_platform.subject_keys (env, subject, key)"
-            " SELECT %s, s, k FROM unnest(%s::text[], %s::bytea[]) AS t(s, k)"
+            "INSERT INTO audit_platform.subject_keys (env, subject, subject_hash, key)"
+            " SELECT %s, s, h, k FROM unnest(%s::text[], %s::bytea[], %s::bytea[]) AS t(s, h, k)"
             " ON CONFLICT DO NOTHING",
-            (env, missing, [os.urandom(32) for _ in missing]),
+            (env, missing, [_hash(s) for s in missing], [os.urandom(32) for _ in missing]),
         )
         keys.update(known_keys(conn, env, set(missing)))
     return keys
@@ -181,10 +198,18 @@ def known_keys(conn: psycopg.Connection, env: str, subjects: set[str]) -> dict[s
     if not subjects:
         return {}
     rows = conn.execute(
-        "SELECT subject, key FROM audit_platform.subject_keys WHERE env = %s AND subject = ANY(%s)",
-        (env, sorted(subjects)),
+        "SELECT subject, key FROM audit_platform.subject_keys WHERE env = %s"
+        " AND subject_hash = ANY(%s)",
+        (env, [_hash(s) for s in subjects]),
     ).fetchall()
-    return {subject: bytes(key) for subject, key in rows}
+    return {subject: bytes(key) for subject, key in rows if subject in subjects}
+
+
+def destroy_key(conn: psycopg.Connection, env: str, subject: str) -> None:
+    conn.execute(
+        "DELETE FROM audit_platform.subject_keys WHERE env = %s AND subject_hash = %s",
+        (env, _hash(subject)),
+    )
 
 
 def all_keys(conn: psycopg.Connection, env: str) -> dict[str, bytes]:

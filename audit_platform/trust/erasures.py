@@ -24,23 +24,35 @@ def _path(log: TrustLog, request: int) -> str:
     return f"{log.dir}/erasures/{request:012d}.json"
 
 
-def write_leaf(log: TrustLog, leaf: dict[str, Any]) -> dict[str, Any]:
-    """Keep an erasure's leaf, or the one a run before a crash kept (never replaced: the values
-    it was planned from may be gone now)."""
-    path = _path(log, int(leaf["request"]))
-    if not log.store.write_json(path, leaf, create=True):
-        return log.store.read_json(path)
-    return leaf
+def write_leaf(log: TrustLog, leaf: dict[str, Any], *, replace: bool = False) -> None:
+    """Keep an erasure's leaf; ``replace`` while its plan is not final (a rerun plans again)."""
+    log.store.write_json(_path(log, int(leaf["request"])), leaf, create=not replace)
 
 
 def read_leaf(log: TrustLog, request: int) -> dict[str, Any] | None:
     path = _path(log, request)
-    return log.store.read_json(path) if log.store.fs.exists(path) else None
+    try:
+        return log.store.read_json(path)
+    except FileNotFoundError:
+        return None
+    except ValueError:  # not JSON any more: nobody may act on it
+        return {}
 
 
-def read_leaves(log: TrustLog) -> list[dict[str, Any]]:
-    """Every erasure leaf kept beside the log, by request."""
-    return [log.store.read_json(path) for path in log.store.glob(f"{log.dir}/erasures/*.json")]
+def read_leaves(log: TrustLog, unreadable: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every erasure leaf kept beside the log, by request; files that are not JSON objects with
+    a request are left out (and named in ``unreadable``)."""
+    found = []
+    for path in log.store.glob(f"{log.dir}/erasures/*.json"):
+        try:
+            leaf = log.store.read_json(path)
+            int(leaf["request"])
+        except (ValueError, KeyError, TypeError):
+            if unreadable is not None:
+                unreadable.append(path)
+            continue
+        found.append(leaf)
+    return found
 
 
 def leaf_frame(leaf: dict[str, Any], state: LogState) -> pl.DataFrame:
@@ -67,10 +79,11 @@ def leaf_frame(leaf: dict[str, Any], state: LogState) -> pl.DataFrame:
     )
 
 
-def logged_hashes(leaves: pl.DataFrame) -> dict[int, bytes]:
-    """Request -> hash of each erasure leaf a log's leaves frame holds."""
-    found = leaves.filter(pl.col("kind") == "erasure").select("xid", "hash")
-    return {int(request): bytes(h) for request, h in found.iter_rows()}
+def logged_hashes(leaves: pl.DataFrame, size: int) -> dict[int, bytes]:
+    """Request -> hash of each erasure leaf of a log's leaves frame that the log counts (a
+    leaves file written before a crash, past ``size``, is not in the tree)."""
+    found = leaves.filter((pl.col("kind") == "erasure") & (pl.col("position") < size))
+    return {int(request): bytes(h) for request, h in found.select("xid", "hash").iter_rows()}
 
 
 def erased_records(leaves: list[dict[str, Any]]) -> dict[str, ErasedRecord]:

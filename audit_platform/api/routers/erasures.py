@@ -18,6 +18,7 @@ from audit_platform.api.deps import AdminDep, ServicesDep
 from audit_platform.api_keys import Scope
 from audit_platform.environment import load_environment
 from audit_platform.erasure import requests as erasure
+from audit_platform.policy import load_policy, policy_path
 
 router = APIRouter(prefix="/v1/erasures", tags=["erasures"])
 
@@ -97,6 +98,10 @@ def request_erasure(
                 reason=body.reason,
                 requested_by=_by(request),
                 waiting=environment.erasure_waiting,
+                declared=erasure.declared_tables(
+                    load_policy(policy_path(svc.settings.resources_dir, source))
+                    for source in environment.sources
+                ),
             )
         except erasure.ErasureRefused as exc:
             raise HTTPException(409, str(exc)) from exc

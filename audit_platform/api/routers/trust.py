@@ -26,8 +26,13 @@ from audit_platform.query.filters import no_nul
 from audit_platform.read_log import read_rows, read_trail
 from audit_platform.record import AuditRecord
 from audit_platform.staging.store import StagingStore
-from audit_platform.trust.commitments import Commitments, known_keys, subjects_in
-from audit_platform.trust.erasures import erased_records, read_leaves
+from audit_platform.trust.commitments import (
+    MARKER_REQUEST,
+    Commitments,
+    known_keys,
+    subjects_in,
+)
+from audit_platform.trust.erasures import erased_records, read_leaf
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.proofs import NotProvable, consistency, record_proof
 
@@ -111,7 +116,11 @@ def event_proof(
         with svc.pool.connection() as conn:
             subjects = subjects_in([json.dumps(found.row.personal)])
             commitments.keys = known_keys(conn, svc.settings.env, subjects)
-        commitments.erased = erased_records(read_leaves(log))
+        # The erasures its values name: a forged one gives a leaf the checkpoint does not
+        # hold, which the proof shows to whoever checks it.
+        named = set(MARKER_REQUEST.findall(json.dumps([found.before, found.after])))
+        kept = [leaf for r in sorted(named) if (leaf := read_leaf(log, int(r)))]
+        commitments.erased = erased_records(kept)
     try:
         proof = record_proof(log, event_id, doc, commitments)
     except NotProvable as exc:

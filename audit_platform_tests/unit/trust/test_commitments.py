@@ -29,10 +29,8 @@ PERSONAL = {"of": "public.customers", "columns": ["email"], "before": "7", "afte
 
 
 def test_a_commitment_is_the_documented_salted_hash_and_differs_per_place():
-    salt = hmac.new(
-        KEY, b"audit-platform commitment v1\0" + RID.encode() + b"\0after\0email", "sha256"
-    ).digest()
-    expected = "c1:" + hashlib.sha256(salt + b'"ada@example.com"').hexdigest()
+    salt = hmac.new(KEY, b"audit-platform commitment v1\0" + RID.encode() + b"\0after", "sha256")
+    expected = "c1:" + hashlib.sha256(salt.digest() + b'email\0"ada@example.com"').hexdigest()
     assert commit(KEY, RID, "after", "email", "ada@example.com") == expected
     # The same value in another record, side or column, or under another key, commits
     # differently: commitments do not link records, and the key is what makes them.
