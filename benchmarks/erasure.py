@@ -51,6 +51,8 @@ from audit_platform.verify import Window, verify_source
 
 RESULTS = Path(__file__).parent / "results" / "erasure.md"
 ENV, SOURCE, BATCH = "benchpersonal", "shop", 48_000  # whole transactions (3 changes) per batch
+#: The same records without a personal declaration: what verify costs without commitments.
+PLAIN = "benchplain"
 TABLES = ["orders", "invoices", "payments", "tickets", "shipments"]
 COLUMNS = '{"id":"integer","customer_id":"integer","status":"text","email":"text","address":"text"}'
 PERSON, EVERY = 42, 100  # customer 42 has every hundredth change
@@ -59,6 +61,9 @@ POLICY = SourcePolicy(
     source=SOURCE,
     version=1,
     tables={f"public.{t}": TablePolicy.model_validate({"personal": PERSONAL}) for t in TABLES},
+)
+PLAIN_POLICY = SourcePolicy(
+    source=SOURCE, version=1, tables={f"public.{t}": TablePolicy() for t in TABLES}
 )
 app = typer.Typer(add_completion=False)
 
@@ -81,7 +86,9 @@ def _image(i: int, status: str) -> str:
     )
 
 
-def _batch(start: int, n: int, t0: datetime, step: timedelta) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _batch(
+    start: int, n: int, t0: datetime, step: timedelta, env: str = ENV
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Staged changes (three per transaction) and their transactions' contexts, with the
     personal declaration capture stages beside each change."""
     ids = range(start, start + n)
@@ -99,7 +106,7 @@ def _batch(start: int, n: int, t0: datetime, step: timedelta) -> tuple[pl.DataFr
             "unchanged_toast": [None] * n,
             "column_types": [COLUMNS] * n,
             "commit_time": [t0 + step * (i // 3) for i in ids],
-            "env": [ENV] * n,
+            "env": [env] * n,
             "source": [SOURCE] * n,
             "policy_version": [POLICY.policy_version] * n,
             "personal_spec": [
@@ -127,14 +134,16 @@ def _batch(start: int, n: int, t0: datetime, step: timedelta) -> tuple[pl.DataFr
     return changes, contexts
 
 
-def build(settings: Settings, count: int, key_path: Path) -> dict[str, float]:
+def build(settings: Settings, count: int, key_path: Path, env: str = ENV) -> dict[str, float]:
+    """``env`` ``PLAIN``: the same changes staged without their personal declaration."""
     es = es_from_settings(settings)
-    store = StagingStore(settings.staging_root, ENV, SOURCE)
+    store = StagingStore(settings.staging_root, env, SOURCE)
+    policy = POLICY if env == ENV else PLAIN_POLICY
     if store.fs.exists(store.base):
         store.fs.rm(store.base, recursive=True)
-    for name in es.options(ignore_status=404).indices.get(index=f"audit-{ENV}-*"):
+    for name in es.options(ignore_status=404).indices.get(index=f"audit-{env}-*"):
         es.indices.delete(index=name)
-    install_template(es, settings.resources_dir, ENV, replicas=0)
+    install_template(es, settings.resources_dir, env, replicas=0)
     key_path.parent.mkdir(parents=True, exist_ok=True)
     key_path.write_text(new_private_key())
     log, spent = TrustLog(store), {"enrich": 0.0, "leaves": 0.0, "index": 0.0}
@@ -142,25 +151,32 @@ def build(settings: Settings, count: int, key_path: Path) -> dict[str, float]:
     step = timedelta(hours=1) / (count // 3)
     with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as state:
         platform_db.install(state, settings.resources_dir / "sql")
-        state.execute("DELETE FROM audit_platform.subject_keys WHERE env = %s", (ENV,))
-        state.execute("DELETE FROM audit_platform.erasure_requests WHERE env = %s", (ENV,))
+        state.execute("DELETE FROM audit_platform.subject_keys WHERE env = %s", (env,))
+        state.execute(
+            "DELETE FROM audit_platform.erasure_leaves WHERE request IN"
+            " (SELECT id FROM audit_platform.erasure_requests WHERE env = %s)",
+            (env,),
+        )
+        state.execute("DELETE FROM audit_platform.erasure_requests WHERE env = %s", (env,))
         for start in range(0, count, BATCH):
-            changes, contexts = _batch(start, min(BATCH, count - start), t0, step)
+            changes, contexts = _batch(start, min(BATCH, count - start), t0, step, env)
+            if env == PLAIN:
+                changes = changes.with_columns(pl.lit(None, pl.String).alias("personal_spec"))
             staged = [f.path for f in store.write("changes", changes)]
             context_paths = [f.path for f in store.write("contexts", contexts)]
             now = datetime.now(UTC)
             began = time.perf_counter()
-            enrich_files(store, state, POLICY, staged, context_paths, now=now, grace=timedelta(0))
+            enrich_files(store, state, policy, staged, context_paths, now=now, grace=timedelta(0))
             spent["enrich"] += time.perf_counter() - began
             records = store.read([store.derived_path(p, "records") for p in staged]).drop(FILE)
             began = time.perf_counter()
             read = store.read(context_paths, "contexts")
             times = read.group_by("lsn").agg(pl.col("commit_time").first())
-            keys = ensure_keys(state, ENV, subjects_in(records["personal"]))
+            keys = ensure_keys(state, env, subjects_in(records["personal"]))
             leaves = pl.concat(
                 [
-                    context_leaves(transaction_contexts(read).join(times, on="lsn"), ENV),
-                    attach_leaves(read, ENV, SOURCE),
+                    context_leaves(transaction_contexts(read).join(times, on="lsn"), env),
+                    attach_leaves(read, env, SOURCE),
                     record_leaves(records, Commitments(keys)),
                 ]
             )
@@ -172,8 +188,8 @@ def build(settings: Settings, count: int, key_path: Path) -> dict[str, float]:
             rounded = {k: round(v, 1) for k, v in spent.items()}
             typer.echo(f"built {start + records.height:,}: {json.dumps(rounded)}")
     log.checkpoint(private_key(key_path.read_text()), datetime.now(UTC))
-    es.indices.refresh(index=read_alias(ENV))
-    es.indices.forcemerge(index=f"audit-{ENV}-*", max_num_segments=1)
+    es.indices.refresh(index=read_alias(env))
+    es.indices.forcemerge(index=f"audit-{env}-*", max_num_segments=1)
     return spent
 
 
@@ -212,50 +228,64 @@ def main(
         erase_seconds = time.perf_counter() - began
         [part] = outcome.sources
         typer.echo(f"erased {part.records:,} records in {erase_seconds:.1f} s: {part}")
+        assert part.records == count // EVERY, "rebuild with --reload: the keys are gone"
         keys = all_keys(state, ENV)
     es.indices.refresh(index=read_alias(ENV))
     left = es.count(index=read_alias(ENV), q=f'"customer{PERSON}."')["count"]
+    plain = StagingStore(settings.staging_root, PLAIN, SOURCE)
+    plain_key = Path(settings.staging_root) / f"{PLAIN}-signing-key"
+    if reload or TrustLog(plain).state().size < count or not plain_key.exists():
+        build(settings, count, plain_key, PLAIN)
+    trails = {
+        ENV: (store, POLICY, key, keys),
+        PLAIN: (plain, PLAIN_POLICY, private_key(plain_key.read_text()), {}),
+    }
     rows = []
     for staging in (False, True):
-        began = time.perf_counter()
-        report = verify_source(
-            store,
-            es,
-            POLICY,
-            key.public_key(),
-            since=None,
-            until=None,
-            window=Window(datetime.now(UTC)),
-            staging=staging,
-            keys=keys,
-        )
-        seconds = time.perf_counter() - began
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        assert report.ok, report.problems[:5]
-        rows.append((staging, report.documents, report.staged_changes, seconds, peak))
-        typer.echo(f"verify staging={staging}: {seconds:.1f} s, {report.documents:,} documents")
+        for env, (trail, policy, signer, known) in trails.items():  # side by side
+            began = time.perf_counter()
+            report = verify_source(
+                trail,
+                es,
+                policy,
+                signer.public_key(),
+                since=None,
+                until=None,
+                window=Window(datetime.now(UTC)),
+                staging=staging,
+                keys=known,
+            )
+            seconds = time.perf_counter() - began
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            assert report.ok, report.problems[:5]
+            rows.append((env, staging, report.documents, report.staged_changes, seconds, peak))
+            typer.echo(f"verify {env} staging={staging}: {seconds:.1f} s")
     lines = [
         "# Erasing one person among 1,000,000 records, and verify afterwards",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on the local stack (single-node "
         "Elasticsearch, 1 GB heap; PostgreSQL 15; 2 cores shared by all). The environment "
-        f"`{ENV}` holds {rows[0][1]:,} records of one source in five tables, each naming a "
+        f"`{ENV}` holds {count:,} records of one source in five tables, each naming a "
         "customer and holding two personal columns of five (email, address), their leaves "
         "committing those values with each customer's key. Customer 42 has every hundredth "
-        "change.",
+        f"change. `{PLAIN}` holds the same records with no personal declaration (no "
+        "commitments): verify over both, side by side.",
         "",
         "| step | number |",
         "| --- | --- |",
-        f"| erasure of customer 42 (plan, leaf, log, Elasticsearch, staged files, key) | "
+        f"| erasure of customer 42 (plan, key, leaf, log, staged files, Elasticsearch) | "
         f"**{erase_seconds:.1f} s** (target: under 60 s) |",
         f"| records erased / values replaced | {part.records:,} / {part.values:,} |",
         f"| documents rewritten / staged files rewritten | {part.documents:,} / "
         f"{part.staged_files:,} |",
         f"| documents still matching `customer42.` afterwards | {left} |",
+        "",
+        "| verify | staging check | documents | staged changes enriched again | seconds | "
+        "peak RSS MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
         *(
-            f"| verify over {d:,} records, staging check {'on' if s else 'off'} "
-            f"({c:,} staged changes enriched again) | **{t:.1f} s**, passed; peak RSS {m:.0f} MiB |"
-            for s, d, c, t, m in rows
+            f"| `{e}` | {'on' if s else 'off'} | {d:,} | {c:,} | **{t:.1f}** | {m:.0f} |"
+            for e, s, d, c, t, m in rows
         ),
     ]
     if spent is not None:
