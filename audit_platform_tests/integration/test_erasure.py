@@ -22,10 +22,12 @@ import psycopg
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
+from audit_platform.cli import app
 from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
 from audit_platform.erasure import requests as erasure
 from audit_platform.erasure.run import carry_out
@@ -238,9 +240,9 @@ def outcome_day(shop: Shop, request: int) -> str:
     return f"{found.started_at:%Y-%m-%d}"
 
 
-def _api(shop: Shop, tmp_path: Path) -> TestClient:
-    """The API over the test's environment: its database, staging, and an environment file
-    naming the source with its policy."""
+def _resources(shop: Shop, tmp_path: Path) -> Path:
+    """The resources of the test's environment: an environment file naming the source, with
+    its policy."""
     resources = tmp_path / "resources"
     shutil.copytree(Settings().resources_dir, resources)
     (resources / "environments" / f"{shop.env}.yaml").write_text(
@@ -248,11 +250,16 @@ def _api(shop: Shop, tmp_path: Path) -> TestClient:
     )
     policy = POLICY.model_dump(mode="json", exclude_none=True)
     (resources / "sources" / "shop.yaml").write_text(yaml.safe_dump(policy))
+    return resources
+
+
+def _api(shop: Shop, tmp_path: Path) -> TestClient:
+    """The API over the test's environment: its database, staging and resources."""
     settings = Settings(
         env=shop.env,
         pg_url=shop.source.url,  # the platform's tables are in the test's database
         staging_root=shop.source.store.root,
-        resources_dir=resources,
+        resources_dir=_resources(shop, tmp_path),
         api=ApiSettings(key_cache_seconds=0),
     )
     return TestClient(create_app(settings))
@@ -465,4 +472,33 @@ def test_an_erasure_leaf_changed_beside_the_log_is_refused_not_acted_on(shop):
     assert erasures.logged_hashes(log.leaves(), log.state().size) == {}
     shop.source.store.write_json(path, leaf)  # restored from a backup: the erasure finishes
     assert shop.erase(request.id).records == 7
+    assert shop.verify().ok
+
+
+def test_the_command_line_requests_approves_runs_and_lists_erasures(shop, tmp_path):
+    cli = CliRunner()
+    env = {
+        "AUDIT_RESOURCES_DIR": str(_resources(shop, tmp_path)),
+        "AUDIT_ENV": shop.env,
+        "AUDIT_PG_URL": shop.source.url,  # the platform's tables are in the test's database
+        "AUDIT_STAGING_ROOT": shop.source.store.root,
+    }
+
+    def run(*args: str):
+        return cli.invoke(app, ["erase", *args], env=env)
+
+    made = run("--subject", "customers:1", "--reason", "GDPR art. 17", "--by", "dpo-anna")
+    assert made.exit_code == 0, made.output
+    assert "erasure request 1: public.customers:1" in made.output
+    assert "no erasure request is due" in run("run").output  # 72 hours, or another admin
+    alone = run("approve", "1", "--by", "dpo-anna")
+    assert alone.exit_code == 1 and "another admin must approve" in alone.output
+    assert run("approve", "1", "--by", "legal-ben").exit_code == 0
+    done = run("run")
+    assert done.exit_code == 0, done.output
+    assert "erasure request 1 done" in done.output and "shop: 7 records" in done.output
+    listed = run("list").output
+    assert "public.customers:1\tdone" in listed and "approved by legal-ben, 7 records" in listed
+    missing = run("--subject", "customers:1", "--reason", "again")
+    assert missing.exit_code == 1 and "--by" in missing.output
     assert shop.verify().ok
