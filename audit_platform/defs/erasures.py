@@ -30,8 +30,17 @@ def erasures_job() -> dg.JobDefinition:
                 description="erasure requests not done: "
                 + "; ".join(f"{r}: {why}" for r, why in found.not_done.items())
             )
+        waiting = {str(r): f"{at:%Y-%m-%d %H:%M} UTC" for r, at in found.waiting.items()}
+        if waiting:
+            # Admins see what will run unless approved first or cancelled.
+            context.log.warning(f"erasure requests waiting (runs from): {waiting}")
         return dg.Output(
-            None, metadata={"done": len(found.done), "records": sum(o.records for o in found.done)}
+            None,
+            metadata={
+                "done": len(found.done),
+                "records": sum(o.records for o in found.done),
+                "waiting": dg.MetadataValue.json(waiting),
+            },
         )
 
     @dg.job(

@@ -85,14 +85,17 @@ class DuePass:
     done: list[ErasureOutcome] = field(default_factory=list)
     #: request id -> why it did not run (a hold, a failure it will be retried after).
     not_done: dict[int, str] = field(default_factory=dict)
+    #: request id -> when it runs unless another admin approves it first (or cancels it).
+    waiting: dict[int, datetime] = field(default_factory=dict)
 
 
 def run_due(settings: Settings, now: datetime) -> DuePass:
     """Every request of the environment that is approved or has waited its period; one that
     cannot run now does not keep the others from running."""
     with psycopg.connect(pg_url_from_settings(settings), autocommit=True) as state:
-        due = [r.id for r in list_requests(state, settings.env) if r.due(now)]
-    found = DuePass()
+        requests = list_requests(state, settings.env)
+    due = [r.id for r in requests if r.due(now)]
+    found = DuePass(waiting={r.id: r.not_before for r in requests if r.state == "waiting"})
     for request in due:
         try:
             found.done.append(run_request(settings, request, now=now))
