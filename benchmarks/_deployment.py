@@ -109,9 +109,12 @@ def bench_deployment(
 
 def remove_environment(env: str, bench: BenchDeployment | None = None) -> None:
     """What a benchmark made for ``env``: its source databases (with their slots), its Dagster
-    instance database, its indices and templates, and (given ``bench``) its directory."""
+    instance database, its persons' keys, its indices and templates, and (given ``bench``) its
+    directory."""
     admin = os.environ["AUDIT_PG_URL"]
     with psycopg.connect(admin, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('audit_platform.subject_keys')").fetchone()[0]:
+            conn.execute("DELETE FROM audit_platform.subject_keys WHERE env = %s", (env,))
         names = [
             r[0]
             for r in conn.execute(
