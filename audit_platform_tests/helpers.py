@@ -252,3 +252,15 @@ def environment_resources(
     shutil.copytree(Settings().resources_dir, resources)
     (resources / "environments" / f"{env}.yaml").write_text(environment_yaml)
     return resources
+
+
+def offline(proof: dict, tmp_path: Path, public_key: str) -> subprocess.CompletedProcess:
+    """``docs/verify_record.py`` on a proof, as an auditor runs it: no code of the platform."""
+    path = tmp_path / "proof.json"
+    path.write_text(json.dumps(proof))
+    script = Path(__file__).parents[1] / "docs" / "verify_record.py"
+    return subprocess.run(
+        [sys.executable, str(script), str(path), "--public-key", public_key],
+        capture_output=True,
+        text=True,
+    )

@@ -16,6 +16,7 @@ import argparse
 import base64
 import hashlib
 import json
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 
@@ -45,9 +46,38 @@ def text(value):
     return None if value is None else str(value)
 
 
-def leaves_of(record):
-    """The leaves a record claims: its change, and its context when attributed or late."""
+ERASED = re.compile(r"erased on \d{4}-\d{2}-\d{2} under request \d+")
+
+
+def sealed(record, side, salts, proven):
+    """An image as its leaf holds it: each personal value (``row.personal``) as its
+    commitment, SHA-256(salt || column || NUL || JCS(value)) with the image's salt from the
+    proof. An erased value (``erased on <date> under request <id>``) is gone, and so is its
+    salt: the leaf's commitment stands for it, and is what the audit path checks."""
+    image, personal = record.get(side), (record.get("row") or {}).get("personal")
+    if image is None or personal is None or personal.get(side) is None:
+        return image, []
+    image, unchecked = dict(image), []
+    salt = salts.get(side)
+    for column in personal["columns"]:
+        value = image.get(column)
+        if value is None:
+            continue
+        if salt is not None and not ERASED.fullmatch(str(value)):
+            digest = hashlib.sha256(bytes.fromhex(salt) + column.encode() + b"\0" + jcs(value))
+            image[column] = "c1:" + digest.hexdigest()
+        else:
+            image[column] = ((proven or {}).get(side) or {}).get(column)
+            unchecked.append(f"{side}.{column}")
+    return image, unchecked
+
+
+def leaves_of(record, salts=None, proven=None):
+    """The leaves a record claims: its change, and its context when attributed or late; and
+    the personal values it could not check (erased, or no salt in the proof)."""
     txn, row = record["transaction"], record.get("row") or {}
+    before, unchecked = sealed(record, "before", salts or {}, proven)
+    after, more = sealed(record, "after", salts or {}, proven)
     common = {"v": "1", "env": record["env"], "source": record["source"]["service"]}
     change = {
         **common,
@@ -64,12 +94,16 @@ def leaves_of(record):
         "types": row.get("types") or {},
         "object_id": record.get("object_id"),
         "changed": record.get("changed_columns"),
-        "before": record.get("before"),
-        "after": record.get("after"),
+        "before": before,
+        "after": after,
         "policy": record["policy_version"],
         "txn_changes": text(txn.get("changes")),
         "txn_ignored": text(txn.get("ignored")),
     }
+    if row.get("organization") is not None:  # committed only where the table names one
+        change["org"] = row["organization"]
+    if row.get("personal") is not None:
+        change["personal"] = row["personal"]
     leaves = {"change": change}
     attribution = record.get("attribution") or {}
     if attribution.get("status") == "attributed":
@@ -91,7 +125,7 @@ def leaves_of(record):
             "time": moment(attached.isoformat()),
             "context": record.get("context"),
         }
-    return leaves
+    return leaves, unchecked + more
 
 
 def root_from_path(leaf, index, size, path):
@@ -137,8 +171,14 @@ def main():
         ok = False
     root, size = bytes.fromhex(checkpoint["root"]), checkpoint["tree_size"]
 
-    claimed = leaves_of(record)
     proven = {p["kind"]: p for p in proof["leaves"]}
+    change = proven.get("change", {}).get("leaf")
+    claimed, unchecked = leaves_of(record, proof.get("salts"), change)
+    if unchecked:
+        print(
+            f"personal values taken from the proof's leaf, not checked: {', '.join(unchecked)}"
+            " (erased, or the person's key is gone)"
+        )
     for kind, leaf in claimed.items():
         entry = proven.get(kind)
         if entry is None:

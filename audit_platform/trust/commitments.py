@@ -155,6 +155,26 @@ class Commitments:
         return sealed[0], sealed[1]
 
 
+def image_salts(
+    commitments: Commitments, record_id: str, personal: dict[str, Any] | None
+) -> dict[str, str]:
+    """Side -> hex salt of each image of a record whose person's key is known: what a proof
+    gives so that the record's values can be checked offline. Revealing it proves those values
+    and nothing of any other record."""
+    if personal is None:
+        return {}
+    erased = commitments.erased.get(record_id)
+    found = {}
+    for side in SIDES:
+        subject = personal.get(side)
+        if subject is None or (erased is not None and side in erased.values):
+            continue  # nobody's values, or erased ones: their salt is gone with the key
+        key = commitments.keys.get(subject_name(personal["of"], subject))
+        if key is not None:
+            found[side] = salt(key, record_id, side).hex()
+    return found
+
+
 def subjects_in(personal_texts: Iterable[str | None]) -> set[str]:
     """The persons a frame's ``personal`` column names."""
     found: set[str] = set()

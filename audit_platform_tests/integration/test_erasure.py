@@ -37,7 +37,7 @@ from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.settings import ApiSettings, Settings
-from audit_platform.signing import new_private_key, private_key
+from audit_platform.signing import new_private_key, private_key, public_text
 from audit_platform.trust import erasures
 from audit_platform.trust.commitments import all_keys
 from audit_platform.trust.leaves import canonical
@@ -45,11 +45,18 @@ from audit_platform.trust.log import TrustLog
 from audit_platform.trust.merkle import leaf_hash, verify_inclusion
 from audit_platform.verify import Window, verify_source, waiting_changes
 from audit_platform_tests.capture_support import CaptureSource, make_source
-from audit_platform_tests.helpers import ground_truth, ground_truth_ddl, policy_for, record_tuple
+from audit_platform_tests.helpers import (
+    ground_truth,
+    ground_truth_ddl,
+    offline,
+    policy_for,
+    record_tuple,
+)
 from audit_platform_tests.shop_data import write
 
 DDL = (
-    "CREATE TABLE customers (id int PRIMARY KEY, email text, name text, tier text);"
+    # Customers belong to an organization (a tenant): their leaves commit it too.
+    "CREATE TABLE customers (id int PRIMARY KEY, email text, name text, tier text, org text);"
     "ALTER TABLE customers REPLICA IDENTITY FULL;"
     "CREATE TABLE orders (id int PRIMARY KEY, customer_id int, address text, total int);"
     "ALTER TABLE orders REPLICA IDENTITY FULL;"
@@ -62,6 +69,7 @@ POLICY = policy_for(
     public__customers={
         "personal": {"subject": "id", "columns": ["email", "name"]},
         "ignore_changes_to": ["tier"],
+        "organization": "org",
     },
     public__orders={
         "personal": {"subject": "customer_id", "of": "public.customers", "columns": ["address"]}
@@ -148,8 +156,8 @@ def shop(pg_database, es, tmp_path):
     write(
         url,
         [
-            ("INSERT INTO customers VALUES (1, %s, %s, 'gold')", (ADA[0], ADA[2])),
-            ("INSERT INTO customers VALUES (2, %s, %s, 'basic')", (BOB[0], BOB[1])),
+            ("INSERT INTO customers VALUES (1, %s, %s, 'gold', 'acme')", (ADA[0], ADA[2])),
+            ("INSERT INTO customers VALUES (2, %s, %s, 'basic', 'acme')", (BOB[0], BOB[1])),
             ("INSERT INTO orders VALUES (10, 1, %s, 30), (11, 1, %s, 40)", (ADA[3], ADA[3])),
             ("INSERT INTO orders VALUES (20, 2, %s, 50)", (BOB[2],)),
         ],
@@ -323,7 +331,24 @@ def test_the_api_shows_the_erasure_and_an_erased_records_proof_verifies_offline(
         assert ada["after"]["email"] == text and ada["after"]["tier"] == "gold"
         proof = api.get(f"/v1/events/{ada['id']}/proof", headers=headers)
         assert proof.status_code == 200, proof.text
+        # Every record verifies offline with docs/verify_record.py: Bob's personal values
+        # against their commitments (the proof gives their images' salts), Ada's erased ones
+        # by the commitments their leaf kept.
+        public = public_text(shop.key.public_key())
+        for event in events:
+            answer = api.get(f"/v1/events/{event['id']}/proof", headers=headers).json()
+            checked = offline(answer, tmp_path, public)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            erased = text in json.dumps([event["before"], event["after"]])
+            assert ("not checked" in checked.stdout) == erased, checked.stdout
+            if (event["after"] or {}).get("email") == BOB[0]:
+                bob = answer
     body = proof.json()
+    assert not body["salts"]  # Ada's images: erased, their salts gone with her key
+    # Bob's email changed in the record, the proof untouched: it does not verify.
+    bob["record"]["after"]["email"] = "bob.changed@example.com"
+    checked = offline(bob, tmp_path, public)
+    assert checked.returncode == 1 and "NOT in the log" in checked.stdout
     [change] = [leaf for leaf in body["leaves"] if leaf["kind"] == "change"]
     # The leaf holds commitments where the values were, and hashes to the logged leaf.
     assert change["leaf"]["after"]["email"].startswith("c1:")

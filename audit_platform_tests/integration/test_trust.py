@@ -6,12 +6,9 @@ was touched."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import polars as pl
 import psycopg
@@ -42,7 +39,7 @@ from audit_platform.verify import (
     waiting_changes,
 )
 from audit_platform_tests.capture_support import CaptureSource, make_source
-from audit_platform_tests.helpers import policy_for
+from audit_platform_tests.helpers import offline, policy_for
 
 DDL = """
 CREATE TABLE orders (id int PRIMARY KEY, status text, note text);
@@ -376,17 +373,6 @@ def api(trail, tmp_path):
     }
     with TestClient(create_app(settings)) as client:
         yield client, keys
-
-
-def offline(proof: dict, tmp_path, public_key: str) -> subprocess.CompletedProcess:
-    path = tmp_path / "proof.json"
-    path.write_text(json.dumps(proof))
-    script = Path(__file__).parents[2] / "docs" / "verify_record.py"
-    return subprocess.run(
-        [sys.executable, str(script), str(path), "--public-key", public_key],
-        capture_output=True,
-        text=True,
-    )
 
 
 def test_a_proof_verifies_offline_and_fails_for_an_altered_record(trail, api, tmp_path):

@@ -29,6 +29,7 @@ from audit_platform.staging.store import StagingStore
 from audit_platform.trust.commitments import (
     MARKER_REQUEST,
     Commitments,
+    image_salts,
     known_keys,
     subjects_in,
 )
@@ -57,6 +58,13 @@ class RecordProof(BaseModel):
     checkpoint: dict[str, Any] = Field(description="The signed checkpoint the proof is against.")
     public_key: str | None = Field(
         description="Ed25519, base64; get it from a trusted place too (README), not only from here."
+    )
+    salts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per image (before, after) of a record with personal values, the salt of "
+        "their commitments (hex), where the person's key exists: with it, the values the record "
+        "shows are checked against the leaf's commitments (docs/verify_record.py). Erased "
+        "values have none.",
     )
 
 
@@ -125,7 +133,8 @@ def event_proof(
         proof = record_proof(log, event_id, doc, commitments)
     except NotProvable as exc:
         raise HTTPException(409, str(exc)) from exc
-    return RecordProof(record=found, public_key=_public(svc)[0], **proof)
+    salts = image_salts(commitments, event_id, found.row.personal if found.row else None)
+    return RecordProof(record=found, public_key=_public(svc)[0], salts=salts, **proof)
 
 
 @router.get("/checkpoints", response_model=Checkpoints)
