@@ -81,6 +81,7 @@ def records(n: int) -> pl.DataFrame:
             "txn_ignored": [0] * n,
             "server_version": [150000] * n,
             "row_organization": [None] * n,
+            "personal": [None] * n,
         },
         schema=RECORD_SCHEMA,
     )

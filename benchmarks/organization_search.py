@@ -87,6 +87,7 @@ def _records(start: int, n: int, t0: datetime, span: timedelta) -> pl.DataFrame:
             "txn_ignored": [0] * n,
             "server_version": [150000] * n,
             "row_organization": [None] * n,
+            "personal": [None] * n,
         },
         schema=RECORD_SCHEMA,
     )

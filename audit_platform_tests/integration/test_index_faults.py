@@ -50,6 +50,7 @@ def _records(n: int) -> pl.DataFrame:
             "policy_version": ["1:x"] * n,
             "server_version": [150010] * n,
             "row_organization": [None] * n,
+            "personal": [None] * n,
         },
         schema=RECORD_SCHEMA,
     )
