@@ -32,6 +32,7 @@ from audit_platform.erasure.requests import (
     ErasureError,
     ErasureRequest,
     Subject,
+    declared_tables,
     get_request,
     list_requests,
     refuse_if_held,
@@ -159,7 +160,7 @@ def carry_out(
     named = {
         source: found
         for source, found in sorted(sources.items())
-        if _declares(found[1], subject.of)
+        if subject.of in declared_tables([found[1]])
     }
     outcome = ErasureOutcome(request.id, subject.name)
     with ExitStack() as locks:
@@ -181,10 +182,6 @@ def carry_out(
         )
     outcome.seconds = time.monotonic() - began
     return outcome
-
-
-def _declares(policy: SourcePolicy, of: str) -> bool:
-    return any(t.personal and (t.personal.of or name) == of for name, t in policy.tables.items())
 
 
 def _plan_and_retire(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -26,6 +25,8 @@ from typing import Any
 
 import orjson
 import psycopg
+
+from audit_platform.trust.jcs import canonical
 
 PREFIX = "c1:"
 SALT_CONTEXT = b"audit-platform commitment v1"
@@ -52,20 +53,12 @@ def salt(key: bytes, record_id: str, side: str) -> bytes:
 
 
 def commit_with(salt: bytes, column: str, value: Any) -> str:
-    return PREFIX + hashlib.sha256(salt + column.encode() + b"\0" + _canonical(value)).hexdigest()
+    return PREFIX + hashlib.sha256(salt + column.encode() + b"\0" + canonical(value)).hexdigest()
 
 
 def commit(key: bytes, record_id: str, side: str, column: str, value: Any) -> str:
     """The commitment of one value (:func:`salt`, then :func:`commit_with`)."""
     return commit_with(salt(key, record_id, side), column, value)
-
-
-def _canonical(value: Any) -> bytes:
-    """JCS of one value, as the leaves' own canonical form (``trust.leaves.canonical``)."""
-    try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # an integer past 64 bits
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
 
 
 @dataclass(frozen=True)
