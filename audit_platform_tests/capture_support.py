@@ -12,7 +12,7 @@ import psycopg
 from elasticsearch import Elasticsearch
 
 from audit_platform.capture.run import CaptureResult, capture
-from audit_platform.enrich.batch import enrich_pending
+from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
 from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
@@ -20,6 +20,8 @@ from audit_platform.policy import SourcePolicy
 from audit_platform.settings import Settings
 from audit_platform.sources.setup import setup_source
 from audit_platform.staging import StagingStore
+from audit_platform.trust.log import TrustLog
+from audit_platform.verify import Window, verify_source, waiting_changes
 
 MASK_KEY = b"test-mask-key"
 
@@ -82,3 +84,54 @@ def capture_enrich_index(
     indexed = sum(h.indexed for h in hours)
     es.indices.refresh(index=read_alias(source.env))
     return indexed
+
+
+@dataclass
+class Trail:
+    """A source and its signed trail, taken through the pipeline's steps as a capture run
+    takes them (the trust and erasure tests)."""
+
+    source: CaptureSource
+    state: psycopg.Connection
+    es: object
+    key: object
+    env: str
+
+    def run(self) -> None:
+        """One capture run: capture, enrich and log, resolve the quarantine, index, sign."""
+        self.source.capture()
+        now = datetime.now(UTC)
+        enrich_pending(
+            self.source.store, self.state, self.source.policy, now=now, grace=timedelta(0)
+        )
+        resolve_quarantine(
+            self.source.store, self.state, self.source.policy, now=now, grace=timedelta(0)
+        )
+        index_pending(self.es, self.source.store, database="shopdb", now=now)
+        self.es.indices.refresh(index=read_alias(self.env))
+        TrustLog(self.source.store).checkpoint(self.key, now)
+
+    def verify(self, **kwargs):
+        window = Window(datetime.now(UTC) + timedelta(hours=1), indexing_lag=timedelta(0))
+        return verify_source(
+            self.source.store,
+            self.es,
+            self.source.policy,
+            self.key.public_key(),
+            since=None,
+            until=None,
+            window=window,
+            waiting=waiting_changes(self.state, self.env, "shop"),
+            **kwargs,
+        )
+
+    def write(self, sql: str, context: dict | None = None) -> int:
+        with psycopg.connect(self.source.url) as conn:
+            if context is not None:
+                conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(context),))
+            conn.execute(sql)
+            return int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
+
+    def hits(self) -> list[dict]:
+        found = self.es.search(index=read_alias(self.env), size=1000, sort=["_doc"])
+        return found["hits"]["hits"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,12 +27,10 @@ from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
 from audit_platform.cli import app
-from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
 from audit_platform.erasure import requests as erasure
 from audit_platform.erasure.run import carry_out
 from audit_platform.faults import ERASURE_POINTS, SimulatedCrash, armed
 from audit_platform.holds import create_hold, release_hold
-from audit_platform.index.batch import index_pending
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
 from audit_platform.settings import ApiSettings, Settings
@@ -43,8 +40,7 @@ from audit_platform.trust.commitments import all_keys
 from audit_platform.trust.leaves import canonical
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.merkle import leaf_hash, verify_inclusion
-from audit_platform.verify import Window, verify_source, waiting_changes
-from audit_platform_tests.capture_support import CaptureSource, make_source
+from audit_platform_tests.capture_support import Trail, make_source
 from audit_platform_tests.helpers import (
     ground_truth,
     ground_truth_ddl,
@@ -81,37 +77,11 @@ BOB = ("bob@example.com", "Bob Keepname", "2 Bob Road")
 CONTEXT = {"actor": {"type": "user", "id": "support-7"}, "reason": "shop traffic"}
 
 
-@dataclass
-class Shop:
-    source: CaptureSource
-    state: psycopg.Connection
-    es: object
-    key: object
-    env: str
+class Shop(Trail):
+    """The shop's trail, verified with its persons' keys."""
 
-    def run(self) -> None:
-        self.source.capture()
-        now = datetime.now(UTC)
-        store, policy = self.source.store, self.source.policy
-        enrich_pending(store, self.state, policy, now=now, grace=timedelta(0))
-        resolve_quarantine(store, self.state, policy, now=now, grace=timedelta(0))
-        index_pending(self.es, store, database="shopdb", now=now)
-        self.es.indices.refresh(index=read_alias(self.env))
-        TrustLog(store).checkpoint(self.key, now)
-
-    def verify(self):
-        window = Window(datetime.now(UTC) + timedelta(hours=1), indexing_lag=timedelta(0))
-        return verify_source(
-            self.source.store,
-            self.es,
-            self.source.policy,
-            self.key.public_key(),
-            since=None,
-            until=None,
-            window=window,
-            waiting=waiting_changes(self.state, self.env, "shop"),
-            keys=all_keys(self.state, self.env),
-        )
+    def verify(self, **kwargs):
+        return super().verify(keys=all_keys(self.state, self.env), **kwargs)
 
     def request(self, subject: str = "public.customers:1", waiting=timedelta(0), by="dpo-anna"):
         return erasure.request_erasure(
@@ -129,10 +99,6 @@ class Shop:
         return carry_out(
             self.state, self.es, self.env, request, sources=sources, now=datetime.now(UTC)
         )
-
-    def docs(self) -> list[dict]:
-        found = self.es.search(index=read_alias(self.env), size=1000, sort=["_doc"])
-        return found["hits"]["hits"]
 
     def staged_text(self) -> str:
         """Every staged Parquet file's rows as text (the files are compressed: search the
@@ -215,7 +181,7 @@ def _expected(truth, text: str) -> list:
 
 def test_an_erased_person_is_gone_by_value_and_every_other_fact_stays(shop):
     truth = ground_truth(shop.source.url)
-    assert sorted(record_tuple(d["_source"]) for d in shop.docs()) == sorted(_recorded(truth))
+    assert sorted(record_tuple(d["_source"]) for d in shop.hits()) == sorted(_recorded(truth))
     assert shop.verify().ok
     request = shop.request()
     erasure.approve(shop.state, shop.env, request.id, "legal-ben")
@@ -223,7 +189,7 @@ def test_an_erased_person_is_gone_by_value_and_every_other_fact_stays(shop):
     # Her two customer changes; her orders inserted, moved away, updated and deleted.
     assert (outcome.records, outcome.sources[0].values) == (7, 12)
     text = f"erased on {outcome_day(shop, request.id)} under request {request.id}"
-    docs = shop.docs()
+    docs = shop.hits()
     # Against the trigger's table: exactly Ada's personal values replaced, nothing else.
     assert sorted(record_tuple(d["_source"]) for d in docs) == _expected(truth, text)
     # Searched for by value, everywhere the platform keeps them.
@@ -364,7 +330,7 @@ def test_verify_names_an_erasure_without_its_leaf_a_leaf_without_its_erasure_and
     request = shop.request()
     erasure.approve(shop.state, shop.env, request.id, "legal-ben")
     shop.erase(request.id)
-    docs = {d["_id"]: d for d in shop.docs()}
+    docs = {d["_id"]: d for d in shop.hits()}
     ada = next(d for d in docs.values() if (d["_source"]["after"] or {}).get("id") == "1")
     bob = next(
         d
@@ -425,7 +391,7 @@ def test_a_hold_blocks_erasure_until_released(shop):
     late = create_hold(shop.state, shop.env, "shop", reason="case 2026-115", created_by="counsel")
     with pytest.raises(erasure.ErasureRefused):
         shop.erase(request.id)
-    assert ADA[2] in json.dumps(shop.docs())
+    assert ADA[2] in json.dumps(shop.hits())
     release_hold(shop.state, shop.env, late.id, "counsel")
     assert shop.erase(request.id).records == 7
 
@@ -470,7 +436,7 @@ def test_a_crash_at_each_point_of_an_erasure_and_a_rerun_erase_once(shop, point)
     in_log = erasures.logged_hashes(log.leaves(), log.state().size)
     assert list(in_log) == [request.id]  # one leaf
     text = f"erased on {outcome_day(shop, request.id)} under request {request.id}"
-    assert sorted(record_tuple(d["_source"]) for d in shop.docs()) == _expected(truth, text)
+    assert sorted(record_tuple(d["_source"]) for d in shop.hits()) == _expected(truth, text)
     staged = shop.staged_text()
     assert not any(value in staged for value in ADA)
     report = shop.verify()

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import polars as pl
 import psycopg
@@ -18,8 +17,6 @@ from fastapi.testclient import TestClient
 from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
-from audit_platform.enrich.batch import enrich_pending, resolve_quarantine
-from audit_platform.index.batch import index_pending
 from audit_platform.index.documents import documents
 from audit_platform.index.template import install_template
 from audit_platform.naming import index_name, legacy_index_name, read_alias
@@ -32,13 +29,10 @@ from audit_platform.trust.leaves import LEAF_SCHEMA, canonical
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.merkle import leaf_hash, root, verify_consistency
 from audit_platform.verify import (
-    Window,
     derived_mismatches,
     verify_reads,
-    verify_source,
-    waiting_changes,
 )
-from audit_platform_tests.capture_support import CaptureSource, make_source
+from audit_platform_tests.capture_support import CaptureSource, Trail, make_source
 from audit_platform_tests.helpers import offline, policy_for
 
 DDL = """
@@ -46,54 +40,6 @@ CREATE TABLE orders (id int PRIMARY KEY, status text, note text);
 ALTER TABLE orders REPLICA IDENTITY FULL;
 """
 ALICE = {"actor": {"type": "user", "id": "alice"}, "reason": "refund", "request_id": "r-1"}
-
-
-@dataclass
-class Trail:
-    source: CaptureSource
-    state: psycopg.Connection
-    es: object
-    key: object
-    env: str
-
-    def run(self) -> None:
-        """One capture run: capture, enrich and log, resolve the quarantine, index, sign."""
-        self.source.capture()
-        now = datetime.now(UTC)
-        enrich_pending(
-            self.source.store, self.state, self.source.policy, now=now, grace=timedelta(0)
-        )
-        resolve_quarantine(
-            self.source.store, self.state, self.source.policy, now=now, grace=timedelta(0)
-        )
-        index_pending(self.es, self.source.store, database="shopdb", now=now)
-        self.es.indices.refresh(index=read_alias(self.env))
-        TrustLog(self.source.store).checkpoint(self.key, now)
-
-    def verify(self, **kwargs):
-        window = Window(datetime.now(UTC) + timedelta(hours=1), indexing_lag=timedelta(0))
-        return verify_source(
-            self.source.store,
-            self.es,
-            self.source.policy,
-            self.key.public_key(),
-            since=None,
-            until=None,
-            window=window,
-            waiting=waiting_changes(self.state, self.env, "shop"),
-            **kwargs,
-        )
-
-    def write(self, sql: str, context: dict | None = None) -> int:
-        with psycopg.connect(self.source.url) as conn:
-            if context is not None:
-                conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(context),))
-            conn.execute(sql)
-            return int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
-
-    def hits(self) -> list[dict]:
-        found = self.es.search(index=read_alias(self.env), size=1000, sort=["_doc"])
-        return found["hits"]["hits"]
 
 
 @pytest.fixture
