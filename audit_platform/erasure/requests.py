@@ -46,7 +46,8 @@ class Subject:
 
     @staticmethod
     def parse(text: str) -> Subject:
-        table, sep, subject_id = text.strip().partition(":")
+        table, sep, subject_id = text.partition(":")
+        table = table.strip()  # the id is the row's value: kept as it is, spaces and all
         if not sep or not table or not subject_id:
             raise ErasureError(
                 f"subject {text!r}: write it as TABLE:ID, the table whose rows are persons and "
