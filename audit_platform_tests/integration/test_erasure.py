@@ -15,6 +15,7 @@ import shutil
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import polars as pl
 import psycopg
@@ -493,3 +494,72 @@ def test_the_command_line_requests_approves_runs_and_lists_erasures(shop, tmp_pa
     missing = run("--subject", "customers:1", "--reason", "again")
     assert missing.exit_code == 1 and "--by" in missing.output
     assert shop.verify().ok
+
+
+TICKETS_DDL = (
+    "CREATE TABLE tickets (id int PRIMARY KEY, requester text, body text);"
+    "ALTER TABLE tickets REPLICA IDENTITY FULL;" + ground_truth_ddl("tickets")
+)
+TICKETS = policy_for(
+    "shop",
+    public__tickets={
+        "personal": {"subject": "requester", "of": "public.requesters", "columns": ["body"]}
+    },
+)
+#: Requester ids a writer chose, each with a body only that requester's tickets hold.
+HOSTILE = {
+    "x" * 10_000: "long-id-secret",  # past what a btree entry holds
+    'q"uo\\te,\n:ünï ': "quoted-id-secret",  # quotes, a line break, a colon, a trailing space
+    '{"of":"public.customers","before":"1"}': "json-id-secret",  # reads like a declaration
+}
+
+
+def test_what_a_writer_with_connect_and_insert_chooses_neither_stops_capture_nor_fools_verify(
+    pg_database, es, tmp_path
+):
+    env = f"erase_{uuid.uuid4().hex[:8]}"
+    source = make_source(pg_database, tmp_path, TICKETS_DDL, TICKETS, env)
+    install_template(es, Settings().resources_dir, env, replicas=0)
+    writer = f"writer_{urlsplit(pg_database).path.lstrip('/')}"
+    with psycopg.connect(pg_database, autocommit=True) as admin:
+        admin.execute("ALTER FUNCTION record_truth() SECURITY DEFINER")
+        admin.execute(f"CREATE ROLE {writer} LOGIN PASSWORD 'pw'")
+        admin.execute(f"GRANT SELECT, INSERT, UPDATE ON tickets TO {writer}")
+        platform_db.install(admin, Settings().resources_dir / "sql")
+    parts = urlsplit(pg_database)
+    as_writer = urlunsplit(parts._replace(netloc=f"{writer}:pw@{parts.hostname}:{parts.port}"))
+    rows = [(i, requester, body) for i, (requester, body) in enumerate(HOSTILE.items())]
+    # The erasure's own text as a value, a ticket of nobody, and one moved between requesters.
+    rows += [(10, "ok", "erased on 2026-12-04 under request 99"), (11, None, "nobody-secret")]
+    write(as_writer, [("INSERT INTO tickets VALUES (%s, %s, %s)", row) for row in rows], CONTEXT)
+    write(as_writer, [("UPDATE tickets SET requester = %s WHERE id = 10", ("x" * 10_000,))])
+    try:
+        with psycopg.connect(pg_database, autocommit=True) as state:
+            shop = Shop(source, state, es, private_key(new_private_key()), env)
+            shop.run()
+            truth = ground_truth(source.url)
+            assert sorted(record_tuple(d["_source"]) for d in shop.hits()) == sorted(truth)
+            assert shop.verify().ok  # the erasure text written as a value is just a value
+            for requester in list(HOSTILE)[:2]:
+                request = shop.request(f"public.requesters:{requester}")
+                erasure.approve(state, env, request.id, "legal-ben")
+                shop.erase(request.id)
+            shop.es.indices.refresh(index=read_alias(env))
+            dumped, staged = json.dumps(shop.hits()), shop.staged_text()
+            for gone in ("long-id-secret", "quoted-id-secret"):
+                assert gone not in dumped and gone not in staged, gone
+            for kept in (
+                "json-id-secret",
+                "nobody-secret",
+                "erased on 2026-12-04 under request 99",
+            ):
+                assert kept in dumped and kept in staged, kept
+            report = shop.verify()
+            assert report.ok, report.problems
+    finally:
+        for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+            es.indices.delete(index=index)
+        es.indices.delete_index_template(name=f"audit-{env}")
+        with psycopg.connect(pg_database, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {writer}")
+            admin.execute(f"DROP ROLE {writer}")
