@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -40,9 +41,7 @@ class PersonalData(BaseModel):
     @field_validator("of")
     @classmethod
     def _qualified(cls, value: str | None) -> str | None:
-        if value is not None and (value.count(".") != 1 or not all(value.split("."))):
-            raise ValueError(f"of: {value!r} must be written schema.table, e.g. public.customers")
-        return value
+        return None if value is None else _schema_table("of", value)
 
     def spec(self, table: str) -> str:
         """The declaration as capture stages it with each change (compact JSON)."""
@@ -50,6 +49,49 @@ class PersonalData(BaseModel):
             {"subject": self.subject, "of": self.of or table, "columns": sorted(self.columns)},
             separators=(",", ":"),
         )
+
+
+#: The context fields that can be declared personal: the actor's display name and the client
+#: address (the other fields name services, requests and reasons, not people).
+ContextField = Literal["actor.name", "client_addr"]
+
+
+class ContextPersonalData(BaseModel):
+    """The personal fields of the contexts a source's services record, and whose they are: the
+    actor's, named by ``actor.id`` in ``of`` (docs/design.md, "Erasure")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    of: str = Field(
+        description="The table whose rows are the actors, schema.table (for example "
+        "public.users): what `erase --subject TABLE:ID` names, with actor.id as the ID."
+    )
+    fields: list[ContextField] = Field(
+        default=["actor.name", "client_addr"], min_length=1, description="The personal fields."
+    )
+    actor_types: list[Literal["user", "service", "job", "system"]] = Field(
+        default=["user"],
+        min_length=1,
+        description="The actor types that are persons (a service or a job is not one).",
+    )
+
+    @field_validator("of")
+    @classmethod
+    def _qualified(cls, value: str) -> str:
+        return _schema_table("of", value)
+
+    def spec(self) -> str:
+        """The declaration as capture stages it with each context (compact JSON)."""
+        return json.dumps(
+            {"of": self.of, "fields": sorted(set(self.fields)), "actors": sorted(self.actor_types)},
+            separators=(",", ":"),
+        )
+
+
+def _schema_table(key: str, value: str) -> str:
+    if value.count(".") != 1 or not all(value.split(".")):
+        raise ValueError(f"{key}: {value!r} must be written schema.table, e.g. public.users")
+    return value
 
 
 class TablePolicy(BaseModel):
@@ -145,6 +187,11 @@ class SourcePolicy(BaseModel):
     source: str
     version: int = Field(ge=1, description="Bump on every change; records carry it.")
     tables: dict[str, TablePolicy] = Field(min_length=1)
+    context_personal: ContextPersonalData | None = Field(
+        default=None,
+        description="Which fields of the contexts this source's services record are personal, "
+        "and whose: what an erasure of an actor removes.",
+    )
 
     @property
     def organization_columns(self) -> dict[str, str]:
@@ -154,6 +201,17 @@ class SourcePolicy(BaseModel):
     def personal_specs(self) -> dict[str, str]:
         """schema.table -> its personal declaration as staged, for tables that have one."""
         return {name: t.personal.spec(name) for name, t in self.tables.items() if t.personal}
+
+    def context_spec(self) -> str | None:
+        """The contexts' personal declaration as staged with each context, if there is one."""
+        return None if self.context_personal is None else self.context_personal.spec()
+
+    def persons_tables(self) -> set[str]:
+        """The tables of persons this policy declares personal data of (rows and contexts)."""
+        found = {t.personal.of or name for name, t in self.tables.items() if t.personal}
+        if self.context_personal is not None:
+            found.add(self.context_personal.of)
+        return found
 
     @field_validator("source")
     @classmethod

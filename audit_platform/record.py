@@ -322,6 +322,15 @@ class AuditRecord(_Model):
         description="The row's values as free text, for full-text search."
     )
     context: Annotated[dict[str, Any] | None, Column("context", pl.String()), CONTEXT]
+    context_personal: Annotated[
+        dict[str, Any] | None, Column("context_personal", pl.String(), added=True), PERSONAL
+    ] = Field(
+        default=None,
+        description="Where the source's policy declares its contexts' personal fields and the "
+        "actor is a person: ``of`` (the persons' table), ``subject`` (the actor's id) and "
+        "``fields``. The trail commits those values through commitments, so an erasure can "
+        'remove them (docs/design.md, "Erasure"); absent elsewhere.',
+    )
     user: User
     organization: OrganizationField = Field(
         default_factory=OrganizationField,

@@ -53,7 +53,13 @@ from audit_platform.settings import Settings
 from audit_platform.staging.store import StagingStore, hour_from_path, lsn_range
 from audit_platform.trust import erasures
 from audit_platform.trust.commitments import Commitments, all_keys
-from audit_platform.trust.leaves import KINDS, canonical, document_leaves, record_leaves
+from audit_platform.trust.leaves import (
+    KINDS,
+    canonical,
+    context_name,
+    document_leaves,
+    record_leaves,
+)
 from audit_platform.trust.log import TrustLog, checkpoint_hash
 from audit_platform.trust.merkle import Frontier, leaf_hash
 
@@ -378,9 +384,13 @@ def _check_erasures(
     return Commitments(keys, erasures.erased_records(valid), strict=False)
 
 
-def _report_sealing(report: VerifyReport, commitments: Commitments, where: str = "") -> None:
+def _report_sealing(
+    report: VerifyReport, commitments: Commitments, where: str = "", record: str | None = None
+) -> None:
+    """What sealing found, each under its record (``record``: all under one document's, the
+    findings of its context too, which name the context leaf)."""
     for kind, rid, detail in commitments.findings:
-        report.add(kind, rid, where + detail)
+        report.add(kind, record or rid, where + detail)
     commitments.findings.clear()
 
 
@@ -445,7 +455,7 @@ def _check_documents(
             commitments.findings.clear()
             report.add("altered", doc_id, f"the document is not a record any more: {exc!r}")
             continue
-        _report_sealing(report, commitments)
+        _report_sealing(report, commitments, record=doc_id)
         if derived:
             report.add("derived_altered", doc_id, _derived_text(derived, hit["_index"]))
         _, change = claimed[0]
@@ -487,12 +497,21 @@ def _check_documents(
                 else (attached[xid][1] if xid in attached else None)
             )
             if leaf_hash(canonical(context)) != expected:
-                report.add(
-                    "context_altered",
-                    doc_id,
-                    f"says {status} with a context the log "
-                    "does not hold for its transaction (who, why or when was changed)",
-                )
+                if context_name(context) in commitments.suspects:
+                    report.add(
+                        "erased_unlogged",
+                        doc_id,
+                        "a personal field of its context reads as erased, and no erasure leaf "
+                        "of the log names it: a value was removed without an erasure",
+                    )
+                else:
+                    report.add(
+                        "context_altered",
+                        doc_id,
+                        f"says {status} with a context the log "
+                        "does not hold for its transaction (who, why or when was changed)",
+                    )
+            commitments.suspects.discard(context_name(context))
         elif found[1] in contexts:
             report.add(
                 "context_altered",

@@ -72,12 +72,52 @@ def sealed(record, side, salts, proven):
     return image, unchecked
 
 
+def field(context, name):
+    """A context field by its dotted name (``actor.name``)."""
+    for part in name.split("."):
+        context = context.get(part) if isinstance(context, dict) else None
+    return context
+
+
+def sealed_context(record, salts, proven):
+    """The context as its leaf holds it: each personal field of its actor (the record's
+    ``context_personal``) as its commitment, salted with the proof's ``context`` salt; an
+    erased field, or one without a salt, as the proven leaf has it."""
+    context, shape = record.get("context"), record.get("context_personal")
+    if context is None or shape is None:
+        return context, []
+    context, unchecked = json.loads(json.dumps(context)), []
+    salt = salts.get("context")
+    for name in shape["fields"]:
+        value = field(context, name)
+        if value is None:
+            continue
+        if salt is not None and not ERASED.fullmatch(str(value)):
+            digest = hashlib.sha256(bytes.fromhex(salt) + name.encode() + b"\0" + jcs(value))
+            committed = "c1:" + digest.hexdigest()
+        else:
+            committed = field((proven or {}).get("context"), name)
+            unchecked.append(f"context.{name}")
+        *parents, last = name.split(".")
+        node = context
+        for part in parents:
+            node = node[part]
+        node[last] = committed
+    return context, unchecked
+
+
 def leaves_of(record, salts=None, proven=None):
     """The leaves a record claims: its change, and its context when attributed or late; and
-    the personal values it could not check (erased, or no salt in the proof)."""
+    the personal values it could not check (erased, or no salt in the proof). ``proven``:
+    kind -> the leaf the proof gives."""
     txn, row = record["transaction"], record.get("row") or {}
-    before, unchecked = sealed(record, "before", salts or {}, proven)
-    after, more = sealed(record, "after", salts or {}, proven)
+    proven = proven or {}
+    before, unchecked = sealed(record, "before", salts or {}, proven.get("change"))
+    after, more = sealed(record, "after", salts or {}, proven.get("change"))
+    status = (record.get("attribution") or {}).get("status")
+    context, also = sealed_context(
+        record, salts or {}, proven.get("context" if status == "attributed" else "attach")
+    )
     common = {"v": "1", "env": record["env"], "source": record["source"]["service"]}
     change = {
         **common,
@@ -106,16 +146,16 @@ def leaves_of(record, salts=None, proven=None):
         change["personal"] = row["personal"]
     leaves = {"change": change}
     attribution = record.get("attribution") or {}
-    if attribution.get("status") == "attributed":
+    if status == "attributed":
         leaves["context"] = {
             **common,
             "kind": "context",
             "commit_lsn": txn["commit_lsn"],
             "xid": str(txn["xid"]),
             "time": moment(record["@timestamp"]),
-            "context": record.get("context"),
+            "context": context,
         }
-    elif attribution.get("status") == "late":
+    elif status == "late":
         committed = datetime.fromisoformat(record["@timestamp"].replace("Z", "+00:00"))
         attached = committed + timedelta(seconds=attribution.get("lag_seconds") or 0)
         leaves["attach"] = {
@@ -123,9 +163,12 @@ def leaves_of(record, salts=None, proven=None):
             "kind": "attach",
             "xid": str(txn["xid"]),
             "time": moment(attached.isoformat()),
-            "context": record.get("context"),
+            "context": context,
         }
-    return leaves, unchecked + more
+    for kind in ("context", "attach"):  # committed only where the source declares it
+        if kind in leaves and record.get("context_personal") is not None:
+            leaves[kind]["personal"] = record["context_personal"]
+    return leaves, unchecked + more + also
 
 
 def root_from_path(leaf, index, size, path):
@@ -172,8 +215,9 @@ def main():
     root, size = bytes.fromhex(checkpoint["root"]), checkpoint["tree_size"]
 
     proven = {p["kind"]: p for p in proof["leaves"]}
-    change = proven.get("change", {}).get("leaf")
-    claimed, unchecked = leaves_of(record, proof.get("salts"), change)
+    claimed, unchecked = leaves_of(
+        record, proof.get("salts"), {kind: p.get("leaf") for kind, p in proven.items()}
+    )
     if unchecked:
         print(
             f"personal values taken from the proof's leaf, not checked: {', '.join(unchecked)}"

@@ -60,6 +60,7 @@ def frames(
     server_version: int | None = None,
     organization_columns: dict[str, str] | None = None,
     personal_specs: dict[str, str] | None = None,
+    context_spec: str | None = None,
 ):
     """The batch as the two staged datasets, with the columns every record needs.
 
@@ -67,7 +68,8 @@ def frames(
     as its ``policy_version`` is: enrichment, and verification long after, read the row's
     organization by the rule in force when the change was captured (docs/design.md,
     "Organizations"). ``personal_specs`` (schema.table -> its personal declaration) likewise:
-    what the change's leaf commits instead of values ("Erasure")."""
+    what the change's leaf commits instead of values ("Erasure"); ``context_spec`` is the
+    contexts' personal declaration, staged with each context."""
     changes = pl.DataFrame(
         {
             "lsn": batch.lsn,
@@ -116,7 +118,7 @@ def frames(
             "personal_spec"
         ),
     )
-    contexts = contexts.with_columns(*extra)
+    contexts = contexts.with_columns(*extra, pl.lit(context_spec, pl.String).alias("personal_spec"))
     return changes.drop("commit_time_us"), contexts.drop("commit_time_us")
 
 
@@ -223,6 +225,7 @@ class _Stager:
             server_version=self.stream.server_version,
             organization_columns=self.policy.organization_columns,
             personal_specs=self.policy.personal_specs(),
+            context_spec=self.policy.context_spec(),
         )
         crash_point("capture.decoded")
         if batch.open_txn_lsn is not None:

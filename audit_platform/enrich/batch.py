@@ -29,6 +29,7 @@ from audit_platform.enrich.rejections import REJECTED, rejected_frame, store_rej
 from audit_platform.faults import crash_point
 from audit_platform.policy import SourcePolicy
 from audit_platform.record import RECORD_SCHEMA, Operation
+from audit_platform.staging.schemas import with_context_spec
 from audit_platform.staging.store import (
     COALESCE,
     FILE,
@@ -40,7 +41,12 @@ from audit_platform.staging.store import (
     lsn_range,
 )
 from audit_platform.staging.writers import TURNS
-from audit_platform.trust.commitments import Commitments, ensure_keys, subjects_in
+from audit_platform.trust.commitments import (
+    Commitments,
+    context_shape,
+    ensure_keys,
+    subjects_in,
+)
 from audit_platform.trust.leaves import (
     LEAF_SCHEMA,
     attach_leaves,
@@ -141,6 +147,7 @@ class _Turn:
         """Store what the contexts hold besides transactions' own (attachments, refused
         messages: rare, so a batch without them does no work for them); return the own ones."""
         env = self.env
+        contexts = with_context_spec(contexts)
         kinds = set(contexts.get_column("kind").unique().to_list())
         if kinds & {"attach", REJECTED}:
             for (source,), part in contexts.group_by("source"):
@@ -148,7 +155,9 @@ class _Turn:
                 if "attach" in kinds:
                     quarantine.store_late_contexts(state, env, str(source), part)
                     if self.leaves:
-                        outcome.leaves.append(attach_leaves(part, env, str(source)))
+                        attached = part.filter(pl.col("kind") == "attach")
+                        keys = self._context_keys(state, attached["personal_spec"], attached)
+                        outcome.leaves.append(attach_leaves(part, env, str(source), keys))
                 if REJECTED in kinds:
                     rejected = rejected_frame(part)
                     store_rejections(state, env, str(source), rejected)
@@ -159,8 +168,22 @@ class _Turn:
         if self.leaves and own.height:
             times = contexts.group_by("source", "lsn").agg(pl.col("commit_time").first())
             timed = own.join(times, on=["source", "lsn"])
-            self._add_leaves(context_leaves(timed, env), timed)
+            keys = self._context_keys(state, timed["context_spec"], timed)
+            self._add_leaves(context_leaves(timed, env, keys), timed)
         return own
+
+    def _context_keys(
+        self, state: psycopg.Connection, specs: pl.Series, contexts: pl.DataFrame
+    ) -> Commitments:
+        """The keys of the actors whose personal fields the contexts hold (none where no
+        policy declares any: the usual batch asks nothing)."""
+        if specs.null_count() == specs.len():
+            return Commitments()
+        shapes = [
+            context_shape(spec, text)
+            for spec, text in zip(specs.to_list(), contexts["context"].to_list(), strict=True)
+        ]
+        return Commitments(ensure_keys(state, self.env, subjects_in(shapes)))
 
     def changes(
         self,

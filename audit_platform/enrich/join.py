@@ -25,8 +25,9 @@ from audit_platform.record import (
     organization_id,
     record_id,
 )
-from audit_platform.staging.schemas import STAGED_LATER
+from audit_platform.staging.schemas import STAGED_LATER, with_context_spec
 from audit_platform.staging.store import FILE
+from audit_platform.trust.commitments import context_shape
 from audit_platform_context.model import merge_fields
 
 
@@ -80,9 +81,13 @@ TRANSACTION = ("source", "lsn", "xid")
 
 def transaction_contexts(contexts: pl.DataFrame) -> pl.DataFrame:
     """One context per (source, lsn, xid): several set_context calls in a transaction merge in
-    order."""
-    own = contexts.filter(pl.col("kind") == "context").sort("source", "lsn", "seq")
-    merged = own.group_by(*TRANSACTION, maintain_order=True).agg(pl.col("context"))
+    order; ``context_spec`` is the personal declaration staged with them."""
+    own = (
+        with_context_spec(contexts).filter(pl.col("kind") == "context").sort("source", "lsn", "seq")
+    )
+    merged = own.group_by(*TRANSACTION, maintain_order=True).agg(
+        pl.col("context"), pl.col("personal_spec").first().alias("context_spec")
+    )
     if merged.height == own.height:  # one call per transaction, the usual case: no Python
         return merged.with_columns(pl.col("context").list.first())
     return merged.with_columns(pl.col("context").map_elements(_merge_json, return_dtype=pl.String))
@@ -152,12 +157,18 @@ def enrich(
         joined = joined.with_columns(
             pl.lit(None, pl.String).alias("late_context"),
             pl.lit(None, pl.Datetime("us", "UTC")).alias("attached_at"),
+            pl.lit(None, pl.String).alias("late_spec"),
         )
     else:
         late = (
-            late_contexts.sort("attached_at")
+            with_context_spec(late_contexts)
+            .sort("attached_at")
             .group_by("source", "target_xid", maintain_order=True)
-            .agg(pl.col("context").last().alias("late_context"), pl.col("attached_at").last())
+            .agg(
+                pl.col("context").last().alias("late_context"),
+                pl.col("attached_at").last(),
+                pl.col("personal_spec").last().alias("late_spec"),
+            )
         )
         joined = joined.join(
             late, left_on=["source", "xid"], right_on=["source", "target_xid"], how="left"
@@ -229,7 +240,9 @@ def _enrich_slice(
         "key_columns",
         "unchanged_toast",
         "context",
+        "context_spec",
         "late_context",
+        "late_spec",
         "attached_at",
         "organization_column",
         "personal_spec",
@@ -246,6 +259,7 @@ def _enrich_slice(
         "attribution_lag_seconds": [],
         "row_organization": [],
         "personal": [],
+        "context_personal": [],
     }
     for (
         lsn,
@@ -262,7 +276,9 @@ def _enrich_slice(
         key_text,
         toast_text,
         context,
+        context_spec,
         late_context,
+        late_spec,
         attached_at,
         organization_column,
         personal_spec,
@@ -271,7 +287,7 @@ def _enrich_slice(
     ) in zip(*(chunk.get_column(c).to_list() for c in columns), strict=True):
         lag, status = None, "attributed"
         if context is None and late_context is not None and attached_at >= committed:
-            context, status = late_context, "late"
+            context, context_spec, status = late_context, late_spec, "late"
             lag = (attached_at - committed).total_seconds()
         if context is None:
             status = "unattributed" if now - committed >= grace else WAITING
@@ -324,6 +340,7 @@ def _enrich_slice(
             _row_organization(organization_column, operation, before, after)
         )
         computed["personal"].append(personal_shape(personal_spec, operation, before, after))
+        computed["context_personal"].append(context_shape(context_spec, context))
     kept = chunk.filter(pl.Series(keep, dtype=pl.Boolean)).drop("context")
     extra = pl.DataFrame(computed, schema={k: RECORD_SCHEMA[k] for k in computed})
     both = pl.concat([kept, extra], how="horizontal")

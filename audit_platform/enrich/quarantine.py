@@ -19,6 +19,7 @@ import psycopg
 
 from audit_platform.enrich.join import Orphan
 from audit_platform.platform_db import one
+from audit_platform.staging.schemas import with_context_spec
 
 
 @dataclass(frozen=True)
@@ -117,17 +118,18 @@ def store_late_contexts(
     conn: psycopg.Connection, env: str, source: str, contexts: pl.DataFrame
 ) -> int:
     """Remember contexts attached to past transactions (kind 'attach') seen in staged data."""
-    attach = contexts.filter(pl.col("kind") == "attach")
+    attach = with_context_spec(contexts).filter(pl.col("kind") == "attach")
     rows = [
-        (env, source, xid, lsn, context, at)
-        for xid, lsn, context, at in attach.select(
-            "target_xid", "lsn", "context", "commit_time"
+        (env, source, xid, lsn, context, at, spec)
+        for xid, lsn, context, at, spec in attach.select(
+            "target_xid", "lsn", "context", "commit_time", "personal_spec"
         ).iter_rows()
     ]
     with conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO audit_platform.late_contexts (env, source, target_xid, lsn,"
-            " context, attached_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            " context, attached_at, personal_spec) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
             rows,
         )
     return attach.height
@@ -137,7 +139,8 @@ def late_contexts_for(
     conn: psycopg.Connection, env: str, source: str, xids: list[int]
 ) -> pl.DataFrame:
     rows = conn.execute(
-        "SELECT source, target_xid, context, attached_at FROM audit_platform.late_contexts"
+        "SELECT source, target_xid, context, attached_at, personal_spec"
+        " FROM audit_platform.late_contexts"
         " WHERE env = %s AND source = %s AND target_xid = ANY(%s)",
         (env, source, xids),
     ).fetchall()
@@ -148,6 +151,7 @@ def late_contexts_for(
             "target_xid": pl.Int64,
             "context": pl.String,
             "attached_at": pl.Datetime("us", "UTC"),
+            "personal_spec": pl.String,
         },
         orient="row",
     )

@@ -60,7 +60,16 @@ class Subject:
         return Subject(table, subject_id)
 
     def query(self) -> dict[str, Any]:
-        """The Elasticsearch filter of the records holding this person's values."""
+        """The Elasticsearch filter of the records holding this person's values: in their row
+        images, or in their context, as its actor."""
+        return {
+            "bool": {
+                "should": [self.rows_query(), self.contexts_query()],
+                "minimum_should_match": 1,
+            }
+        }
+
+    def rows_query(self) -> dict[str, Any]:
         return {
             "bool": {
                 "filter": [
@@ -74,6 +83,16 @@ class Subject:
                             "minimum_should_match": 1,
                         }
                     },
+                ]
+            }
+        }
+
+    def contexts_query(self) -> dict[str, Any]:
+        return {
+            "bool": {
+                "filter": [
+                    {"term": {"context_personal.of": self.of}},
+                    {"term": {"context_personal.subject": self.id}},
                 ]
             }
         }
@@ -248,10 +267,5 @@ def start(state: psycopg.Connection, request: int) -> datetime:
 
 
 def declared_tables(policies: Iterable[SourcePolicy]) -> set[str]:
-    """The tables of persons the policies declare personal data of."""
-    return {
-        t.personal.of or name
-        for policy in policies
-        for name, t in policy.tables.items()
-        if t.personal is not None
-    }
+    """The tables of persons the policies declare personal data of (rows and contexts)."""
+    return {table for policy in policies for table in policy.persons_tables()}

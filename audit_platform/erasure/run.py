@@ -26,7 +26,7 @@ from elasticsearch.helpers import bulk, scan
 
 from audit_platform.clients import es_from_settings, pg_url_from_settings
 from audit_platform.enrich.batch import enrich_pending
-from audit_platform.enrich.join import changed_columns, personal_shape
+from audit_platform.enrich.join import changed_columns, personal_shape, transaction_contexts
 from audit_platform.environment import load_environment
 from audit_platform.erasure.requests import (
     ErasureError,
@@ -40,15 +40,29 @@ from audit_platform.erasure.requests import (
 )
 from audit_platform.faults import crash_point
 from audit_platform.index.documents import free_text
+from audit_platform.lsn import lsn_text
 from audit_platform.naming import read_alias
 from audit_platform.policy import SourcePolicy, load_policy, policy_path
 from audit_platform.record import Operation, record_id
 from audit_platform.settings import Settings
 from audit_platform.staging.lock import ledger_lock
+from audit_platform.staging.schemas import with_context_spec
 from audit_platform.staging.store import StagingStore
 from audit_platform.trust import erasures
-from audit_platform.trust.commitments import SIDES, commit, destroy_key, known_keys, marker
-from audit_platform.trust.leaves import canonical, erasure_leaf
+from audit_platform.trust.commitments import (
+    CONTEXT,
+    SIDES,
+    attach_ref,
+    commit,
+    context_field,
+    context_ref,
+    context_shape,
+    destroy_key,
+    erase_context,
+    known_keys,
+    marker,
+)
+from audit_platform.trust.leaves import canonical, erasure_leaf, moment
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.merkle import leaf_hash
 
@@ -65,6 +79,8 @@ class SourceErasure:
     values: int
     documents: int = 0
     staged_files: int = 0
+    #: Context leaves (a transaction's own, or an attachment) whose actor was the person.
+    contexts: int = 0
 
 
 @dataclass
@@ -173,7 +189,7 @@ def carry_out(
         for source, (store, _) in named.items():
             if source in planned:
                 outcome.sources.append(
-                    _erase_in_source(store, es, request, subject, planned[source])
+                    _erase_in_source(state, store, es, request, subject, planned[source])
                 )
         state.execute(
             "UPDATE audit_platform.erasure_requests SET done_at = now(), records = %s"
@@ -229,6 +245,7 @@ def _planned_hashes(state: psycopg.Connection, request: int) -> dict[str, bytes]
 
 
 def _erase_in_source(
+    state: psycopg.Connection,
     store: StagingStore,
     es: Elasticsearch,
     request: ErasureRequest,
@@ -244,22 +261,26 @@ def _erase_in_source(
             f"{'gone' if leaf is None else 'not the one planned'}: the staging root was "
             "changed. Restore it from a backup; nothing more is erased until then"
         )
-    state = log.state()
-    logged_now = request.id in erasures.logged_hashes(log.leaves(), state.size)
-    if not logged_now and log.append(erasures.leaf_frame(leaf, state)) != 1:
+    at = log.state()
+    logged_now = request.id in erasures.logged_hashes(log.leaves(), at.size)
+    if not logged_now and log.append(erasures.leaf_frame(leaf, at)) != 1:
         raise ErasureError(
             f"{store.source}: the log did not take the erasure leaf after its last leaf "
-            f"{state.last_key}; run audit-platform verify"
+            f"{at.last_key}; run audit-platform verify"
         )
     crash_point("erasure.logged")
     logged = set(log.leaves(columns=["position", "record_id"])["record_id"].drop_nulls())
     files = _replace_staged(store, leaf, subject, logged)
+    files += _replace_staged_contexts(store, subject, leaf["text"])
+    _replace_late_contexts(state, store, subject, leaf["text"])
     crash_point("erasure.staged")
     documents = _replace_indexed(es, store.env, leaf)
+    documents += _replace_indexed_contexts(es, store, subject, leaf["text"])
     crash_point("erasure.indexed")
-    records = leaf["records"]
+    records, contexts = leaf["records"], leaf.get("contexts") or {}
     values = sum(len(columns) for sides in records.values() for columns in sides.values())
-    return SourceErasure(store.source, len(records), values, documents, files)
+    values += sum(len(fields) for fields in contexts.values())
+    return SourceErasure(store.source, len(records), values, documents, files, len(contexts))
 
 
 # --- plan ---------------------------------------------------------------------------------
@@ -278,9 +299,10 @@ def _plan(
     less the values earlier erasures (logged ones) replaced already."""
     log = TrustLog(store)
     state = log.state()
-    leaves = log.leaves(columns=["position", "kind", "record_id", "xid", "hash"])
+    leaves = log.leaves(columns=["position", "kind", "record_id", "lsn", "xid", "time", "hash"])
     logged = set(leaves.filter(pl.col("kind") == "change")["record_id"].to_list())
     planned: Plan = {}
+    acted: dict[str, dict[str, str]] = {}
     if key is not None:  # without a key, no value of this person was ever committed
         for rid, found in _person_in_staging(store, subject, logged):
             sides = _commitments(rid, found, subject, key)
@@ -288,6 +310,13 @@ def _plan(
                 planned[rid] = sides
         for rid, sides in _plan_indexed(es, store, subject, key, logged).items():
             planned.setdefault(rid, sides)
+        refs = _logged_contexts(store.source, leaves)
+        for ref, values in _actor_in_staging(store, subject):
+            if ref in refs and (fields := _context_commitments(ref, values, key)):
+                acted[ref] = fields
+        for ref, values in _actor_indexed(es, store, subject):
+            if ref in refs and (fields := _context_commitments(ref, values, key)):
+                acted.setdefault(ref, fields)
     in_log = erasures.logged_hashes(leaves, state.size)
     earlier = [
         leaf
@@ -309,6 +338,12 @@ def _plan(
         kept = {side: columns for side, columns in kept.items() if columns}
         if kept:
             final[rid] = kept
+    contexts = {}
+    for ref, fields in sorted(acted.items()):
+        previous = done.get(ref)
+        gone = previous.values.get(CONTEXT, {}) if previous is not None else {}
+        if left := {f: c for f, c in fields.items() if f not in gone}:
+            contexts[ref] = left
     return erasure_leaf(
         env=store.env,
         source=store.source,
@@ -320,6 +355,7 @@ def _plan(
         time=started,
         text=marker(request.id, started),
         records=final,
+        contexts=contexts,
     )
 
 
@@ -426,7 +462,7 @@ def _plan_indexed(
             "filter": [
                 {"term": {"env": store.env}},
                 {"term": {"source.service": store.source}},
-                subject.query(),
+                subject.rows_query(),
             ]
         }
     }
@@ -448,6 +484,131 @@ def _plan_indexed(
     return plan
 
 
+def _logged_contexts(source: str, leaves: pl.DataFrame) -> set[str]:
+    """The names (``context_ref``, ``attach_ref``) of a log's context and attach leaves."""
+    found = set()
+    for kind, lsn, xid, at in (
+        leaves.filter(pl.col("kind").is_in(["context", "attach"]))
+        .select("kind", "lsn", "xid", "time")
+        .iter_rows()
+    ):
+        if kind == "context":
+            found.add(context_ref(source, lsn_text(lsn)))
+        else:
+            found.add(attach_ref(source, xid, moment(at)))
+    return found
+
+
+def _context_commitments(ref: str, values: dict[str, Any], key: bytes) -> dict[str, str]:
+    return {f: commit(key, ref, CONTEXT, f, v) for f, v in values.items() if v is not None}
+
+
+def _is_actor(spec: str | None, text: str | None, subject: Subject) -> dict[str, Any] | None:
+    """The context's ``context_personal`` where its actor is the person, else None."""
+    found = context_shape(spec, text)
+    if found is None:
+        return None
+    shape = json.loads(found)
+    return shape if (shape["of"], shape["subject"]) == (subject.of, subject.id) else None
+
+
+@dataclass(frozen=True)
+class _Acted:
+    """A staged context whose actor is the person: a transaction's own (``where``: its
+    LSN) or an attachment (``where``: target xid and commit time), with the context's text
+    (a transaction's calls merged) and its ``context_personal``."""
+
+    kind: str
+    where: Any
+    text: str
+    shape: dict[str, Any]
+
+
+def _person_contexts(frame: pl.DataFrame, subject: Subject) -> Iterator[_Acted]:
+    """The contexts of a staged contexts frame whose actor is the person: a transaction's own
+    as its calls merged (an actor named by one call, an address by another), and each
+    attachment."""
+    frame = with_context_spec(frame).filter(pl.col("personal_spec").is_not_null())
+    if frame.is_empty():
+        return
+    for lsn, text, spec in (
+        transaction_contexts(frame).select("lsn", "context", "context_spec").iter_rows()
+    ):
+        if (shape := _is_actor(spec, text, subject)) is not None:
+            yield _Acted("context", lsn, text, shape)
+    attached = frame.filter(pl.col("kind") == "attach")
+    for xid, at, text, spec in attached.select(
+        "target_xid", "commit_time", "context", "personal_spec"
+    ).iter_rows():
+        if (shape := _is_actor(spec, text, subject)) is not None:
+            yield _Acted("attach", (xid, at), text, shape)
+
+
+def _contexts_files(store: StagingStore) -> Iterator[tuple[str, pl.DataFrame]]:
+    for path in store.files("contexts"):
+        with store.fs.open(path, "rb") as f:
+            yield path, pl.read_parquet(f)
+
+
+def _actor_in_staging(
+    store: StagingStore, subject: Subject
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(context leaf's name, field -> value) of each staged context whose actor is the person."""
+    for _, frame in _contexts_files(store):
+        for acted in _person_contexts(frame, subject):
+            if acted.kind == "context":
+                ref = context_ref(store.source, lsn_text(acted.where))
+            else:
+                xid, at = acted.where
+                ref = attach_ref(store.source, xid, moment(at))
+            context = json.loads(acted.text)
+            yield ref, {f: context_field(context, f) for f in acted.shape["fields"]}
+
+
+def _actor_indexed(
+    es: Elasticsearch, store: StagingStore, subject: Subject
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The same from Elasticsearch: the contexts records carry whose staged hours retention
+    removed (each record names its context leaf: its own, or the attachment it carries)."""
+    query = {
+        "bool": {
+            "filter": [
+                {"term": {"env": store.env}},
+                {"term": {"source.service": store.source}},
+                subject.contexts_query(),
+            ]
+        }
+    }
+    for hit in scan(
+        es,
+        index=read_alias(store.env),
+        query={
+            "query": query,
+            "_source": ["@timestamp", "transaction", "attribution", "context", "context_personal"],
+        },
+        size=1_000,
+        ignore_unavailable=True,
+    ):
+        doc = hit["_source"]
+        ref = _carried_context(store.source, doc)
+        context, shape = doc.get("context"), doc.get("context_personal")
+        if ref is not None and context is not None and shape is not None:
+            yield ref, {f: context_field(context, f) for f in shape["fields"]}
+
+
+def _carried_context(source: str, doc: dict[str, Any]) -> str | None:
+    """The name of the context leaf a record document carries (None: unattributed)."""
+    status = (doc.get("attribution") or {}).get("status")
+    txn = doc["transaction"]
+    if status == "attributed":
+        return context_ref(source, txn["commit_lsn"])
+    if status == "late":
+        committed = datetime.fromisoformat(doc["@timestamp"].replace("Z", "+00:00"))
+        lag = timedelta(seconds=doc["attribution"].get("lag_seconds") or 0)
+        return attach_ref(source, txn["xid"], moment(committed + lag))
+    return None
+
+
 # --- replace ------------------------------------------------------------------------------
 
 
@@ -466,7 +627,6 @@ def _replace_indexed(es: Elasticsearch, env: str, leaf: dict[str, Any]) -> int:
     """Each erased value of the leaf's records, in Elasticsearch, becomes the erasure's text;
     the free text is derived again. Returns the documents rewritten."""
     records, text = leaf["records"], leaf["text"]
-    touched: set[str] = set()
     actions = []
     for ids in _chunks(sorted(records), ID_CHUNK):
         found = es.search(
@@ -485,15 +645,57 @@ def _replace_indexed(es: Elasticsearch, env: str, leaf: dict[str, Any]) -> int:
             actions.append(
                 {"_op_type": "update", "_index": hit["_index"], "_id": hit["_id"], "doc": replaced}
             )
-            touched.add(hit["_index"])
+    return _updated(es, actions)
+
+
+def _updated(es: Elasticsearch, actions: list[dict[str, Any]]) -> int:
+    """Send partial updates, then flush their indices and expunge the old versions."""
     if actions:
         bulk(es, actions, refresh=True, raise_on_error=True, max_retries=3)
-        indices = ",".join(sorted(touched))
+        indices = ",".join(sorted({a["_index"] for a in actions}))
         # An updated document's old version stays in its segment until a merge: ask for it to
         # be expunged now (in the background; Elasticsearch runs one merge at a time).
         es.indices.flush(index=indices)
         es.indices.forcemerge(index=indices, only_expunge_deletes=True, wait_for_completion=False)
     return len(actions)
+
+
+def _replace_indexed_contexts(
+    es: Elasticsearch, store: StagingStore, subject: Subject, text: str
+) -> int:
+    """Each personal field of the contexts whose actor is the person, in Elasticsearch, becomes
+    the erasure's text, and so do the fields derived from them (``user.name``,
+    ``client.ip``). Returns the documents rewritten."""
+    query = {
+        "bool": {
+            "filter": [
+                {"term": {"env": store.env}},
+                {"term": {"source.service": store.source}},
+                subject.contexts_query(),
+            ]
+        }
+    }
+    actions = []
+    for hit in scan(
+        es,
+        index=read_alias(store.env),
+        query={"query": query, "_source": ["context", "context_personal"]},
+        size=1_000,
+        ignore_unavailable=True,
+    ):
+        doc = hit["_source"]
+        if doc.get("context") is None or doc.get("context_personal") is None:
+            continue
+        context = erase_context(doc["context"], doc["context_personal"]["fields"], text)
+        replaced: dict[str, Any] = {"context": context}
+        if (name := context_field(context, "actor.name")) is not None:
+            replaced["user"] = {"name": name}
+        if (address := context.get("client_addr")) is not None:
+            replaced["client"] = {"ip": address}
+        actions.append(
+            {"_op_type": "update", "_index": hit["_index"], "_id": hit["_id"], "doc": replaced}
+        )
+    return _updated(es, actions)
 
 
 def _parsed(text: str | None) -> Any:
@@ -565,3 +767,73 @@ def _replace_staged(
                 store.write_file(records_path, _rewrite(derived, rows, text))
                 rewritten += 1
     return rewritten
+
+
+def _replace_staged_contexts(store: StagingStore, subject: Subject, text: str) -> int:
+    """The staged contexts whose actor is the person (every call of a transaction whose
+    merged context is theirs, and each attachment), and the ``context`` of the records
+    carrying them, rewritten with the personal fields replaced. Returns the files rewritten."""
+    rewritten = 0
+    for path, frame in _contexts_files(store):
+        own: dict[int, list[str]] = {}
+        attached: dict[tuple[int, Any], list[str]] = {}
+        for acted in _person_contexts(frame, subject):
+            (own if acted.kind == "context" else attached)[acted.where] = acted.shape["fields"]
+        if not own and not attached:
+            continue
+        texts = frame["context"].to_list()
+        rows = frame.select("kind", "lsn", "target_xid", "commit_time").iter_rows()
+        for row, (kind, lsn, xid, at) in enumerate(rows):
+            fields = own.get(lsn) if kind == "context" else attached.get((xid, at))
+            if fields is not None and texts[row] is not None:
+                texts[row] = _dumped(erase_context(json.loads(texts[row]), fields, text))
+        store.write_file(path, frame.with_columns(pl.Series("context", texts, dtype=pl.String)))
+        rewritten += 1
+    needle = json.dumps(subject.id)  # as context_shape writes it
+    for path in store.files("records"):
+        with store.fs.open(path, "rb") as f:
+            if "context_personal" not in pl.read_parquet_schema(f):
+                continue
+            f.seek(0)
+            named = pl.read_parquet(f, columns=["context_personal"])["context_personal"]
+            if not named.str.contains(needle, literal=True).any():
+                continue  # a prefilter: only files that may hold the person's are read whole
+            f.seek(0)
+            frame = pl.read_parquet(f)
+        texts = frame["context"].to_list()
+        changed = False
+        for row, shape_text in enumerate(frame["context_personal"].to_list()):
+            if shape_text is None or texts[row] is None:
+                continue
+            shape = json.loads(shape_text)
+            if (shape["of"], shape["subject"]) == (subject.of, subject.id):
+                texts[row] = _dumped(erase_context(json.loads(texts[row]), shape["fields"], text))
+                changed = True
+        if changed:
+            store.write_file(path, frame.with_columns(pl.Series("context", texts, dtype=pl.String)))
+            rewritten += 1
+    return rewritten
+
+
+def _replace_late_contexts(
+    state: psycopg.Connection, store: StagingStore, subject: Subject, text: str
+) -> int:
+    """The late contexts kept in the platform database (what re-attributes a change in any
+    hour) whose actor is the person, rewritten likewise."""
+    rows = state.execute(
+        "SELECT target_xid, lsn, context, personal_spec FROM audit_platform.late_contexts"
+        " WHERE env = %s AND source = %s AND personal_spec IS NOT NULL",
+        (store.env, store.source),
+    ).fetchall()
+    replaced = [
+        (_dumped(erase_context(json.loads(context), shape["fields"], text)), xid, lsn)
+        for xid, lsn, context, spec in rows
+        if (shape := _is_actor(spec, context, subject)) is not None
+    ]
+    with state.cursor() as cur:
+        cur.executemany(
+            "UPDATE audit_platform.late_contexts SET context = %s WHERE env = %s AND source = %s"
+            " AND target_xid = %s AND lsn = %s",
+            [(context, store.env, store.source, xid, lsn) for context, xid, lsn in replaced],
+        )
+    return len(replaced)

@@ -62,7 +62,7 @@ _ORGANIZATION = (
 )
 
 #: Fields whose records column is JSON text already: spliced into the document as it is.
-_RAW = {"event", "changed_columns", "before", "after", "context", "row"}
+_RAW = {"event", "changed_columns", "before", "after", "context", "context_personal", "row"}
 
 
 #: A value of each record's source: the same for all, or the source's (a turn of many).
@@ -192,6 +192,7 @@ def document_frame(
             # it did may hold a context with line breaks between its tokens, which would end
             # the bulk body's line. Outside strings they are only whitespace.
             *_raw("context", pl.col("context").str.replace_all("[\r\n]", " ")),
+            *_raw("context_personal", pl.col("context_personal")),
             pl.lit(',"row":{"key":'),
             pl.col("key_columns").fill_null(pl.lit("[]")),
             pl.lit(',"types":'),

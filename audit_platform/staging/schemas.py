@@ -5,8 +5,9 @@ reads them; neither imports the other).
 instead, plus ``env``, ``source`` and, for changes, ``policy_version``, ``server_version``
 (the source's ``server_version_num``) and ``organization_column`` (the column the policy in force
 at capture names as the row's organization) and ``personal_spec`` (its personal columns and
-whose they are); files staged before those were kept lack them. ``erased_changed`` is written
-by an erasure only (docs/design.md, "Erasure").
+whose they are); contexts likewise ``personal_spec`` (the policy's ``context_personal``); files
+staged before those were kept lack them. ``erased_changed`` is written by an erasure only
+(docs/design.md, "Erasure").
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ STAGED_SCHEMAS: dict[str, pl.Schema] = {
         {
             **{k: v for k, v in DECODED_CONTEXTS.items() if k != "commit_time_us"},
             **_STAGED_EXTRA,
+            "personal_spec": pl.String(),  # JSON: ContextPersonalData.spec
         }
     ),
 }
+
+
+def with_context_spec(contexts: pl.DataFrame) -> pl.DataFrame:
+    """Staged contexts with their ``personal_spec`` (null in files staged before it was)."""
+    if "personal_spec" in contexts.columns:
+        return contexts
+    return contexts.with_columns(pl.lit(None, pl.String).alias("personal_spec"))

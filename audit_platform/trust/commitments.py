@@ -8,6 +8,10 @@ keys are 32 random bytes per person and environment, kept in the platform databa
 (``subject_keys``): with the key and the value anyone can recompute the commitment; with the key
 destroyed, the commitment says nothing about the value, however few values it could have been.
 
+A ``context`` or ``attach`` leaf of a source that declares its contexts' personal fields
+(``context_personal``) does the same for the actor's: the salt's record part is then the leaf's
+own name (:func:`context_ref`, :func:`attach_ref`) and its side ``context``.
+
 An erasure keeps, in its own leaf, the commitment of every value it replaced; a leaf is then
 rebuilt from those commitments instead of from the values, which are gone.
 """
@@ -16,11 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -31,6 +37,8 @@ from audit_platform.trust.jcs import canonical
 PREFIX = "c1:"
 SALT_CONTEXT = b"audit-platform commitment v1"
 SIDES = ("before", "after")
+#: The "side" of a context's personal fields, in salts and erasure leaves.
+CONTEXT = "context"
 #: What an erased value reads as, everywhere the platform keeps it.
 MARKER = re.compile(r"erased on \d{4}-\d{2}-\d{2} under request \d+")
 #: The request an erased value names.
@@ -91,61 +99,138 @@ class Commitments:
         images: tuple[dict[str, Any] | None, dict[str, Any] | None],
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """The images as the leaf holds them: each personal value as its commitment."""
+        before, after = (
+            None
+            if image is None
+            else self._seal(
+                record_id, side, personal["of"], personal.get(side), personal["columns"], image
+            )
+            for side, image in zip(SIDES, images, strict=True)
+        )
+        return before, after
+
+    def seal_context(
+        self, ref: str, shape: dict[str, Any] | None, context: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """A context as its leaf holds it (``ref``: :func:`context_ref` or :func:`attach_ref`):
+        each personal field of its actor (``context_personal``) as its commitment."""
+        if shape is None or context is None:
+            return context
+        fields = shape["fields"]
+        values = {f: context_field(context, f) for f in fields}
+        sealed = self._seal(ref, CONTEXT, shape["of"], shape["subject"], fields, values)
+        return _with_fields(context, {f: sealed[f] for f in fields if values[f] is not None})
+
+    def _seal(
+        self,
+        record_id: str,
+        side: str,
+        of: str,
+        subject: str | None,
+        columns: list[str],
+        image: dict[str, Any],
+    ) -> dict[str, Any]:
+        if subject is None:  # whose the values are is unknown: nobody can have them erased
+            return image
         erased = self.erased.get(record_id)
-        sealed: list[dict[str, Any] | None] = []
-        for side, image in zip(SIDES, images, strict=True):
-            if image is None:
-                sealed.append(None)
+        image = dict(image)
+        key = self.keys.get(subject_name(of, subject))
+        salted = None if key is None else salt(key, record_id, side)
+        kept = erased.values.get(side, {}) if erased is not None else {}
+        for column in columns:
+            value = image.get(column)
+            if value is None:
                 continue
-            subject = personal.get(side)
-            if subject is None:  # whose the values are is unknown: nobody can have them erased
-                sealed.append(image)
-                continue
-            image = dict(image)
-            key = self.keys.get(subject_name(personal["of"], subject))
-            salted = None if key is None else salt(key, record_id, side)
-            kept = erased.values.get(side, {}) if erased is not None else {}
-            for column in personal["columns"]:
-                value = image.get(column)
-                if value is None:
-                    continue
-                if column in kept:
-                    text, image[column] = kept[column]
-                    if value != text:
-                        self.findings.append(
-                            (
-                                "not_erased",
-                                record_id,
-                                f"{side}.{column} still holds a value its erasure leaf "
-                                f"replaced ({text})",
-                            )
-                        )
-                elif salted is not None:
-                    if not self.strict and isinstance(value, str) and MARKER.fullmatch(value):
-                        self.suspects.add(record_id)
-                    image[column] = commit_with(salted, column, value)
-                elif self.strict:
-                    raise ValueError(f"{record_id}: no key for {personal['of']}:{subject}")
-                elif isinstance(value, str) and MARKER.fullmatch(value):
+            if column in kept:
+                text, image[column] = kept[column]
+                if value != text:
                     self.findings.append(
                         (
-                            "erased_unlogged",
+                            "not_erased",
                             record_id,
-                            f"{side}.{column} reads as erased, and no erasure leaf of the log "
-                            "names it: a value was removed without an erasure",
+                            f"{side}.{column} still holds a value its erasure leaf "
+                            f"replaced ({text})",
                         )
                     )
-                else:
-                    self.findings.append(
-                        (
-                            "unverifiable",
-                            record_id,
-                            f"{side}.{column}: the key of {personal['of']}:{subject} is gone "
-                            "and no erasure leaf names this value",
-                        )
+            elif salted is not None:
+                if not self.strict and isinstance(value, str) and MARKER.fullmatch(value):
+                    self.suspects.add(record_id)
+                image[column] = commit_with(salted, column, value)
+            elif self.strict:
+                raise ValueError(f"{record_id}: no key for {of}:{subject}")
+            elif isinstance(value, str) and MARKER.fullmatch(value):
+                self.findings.append(
+                    (
+                        "erased_unlogged",
+                        record_id,
+                        f"{side}.{column} reads as erased, and no erasure leaf of the log "
+                        "names it: a value was removed without an erasure",
                     )
-            sealed.append(image)
-        return sealed[0], sealed[1]
+                )
+            else:
+                self.findings.append(
+                    (
+                        "unverifiable",
+                        record_id,
+                        f"{side}.{column}: the key of {of}:{subject} is gone "
+                        "and no erasure leaf names this value",
+                    )
+                )
+        return image
+
+
+@lru_cache(maxsize=1024)
+def context_shape(spec: str | None, context: str | None) -> str | None:
+    """The record's ``context_personal``: the contexts' personal declaration as staged with the
+    context (``of``, ``fields``) and whose they are (``subject``: the actor's id), where the
+    actor is of a type the declaration names persons. Cached: a transaction's changes share
+    their context."""
+    if spec is None or context is None:
+        return None
+    declared = json.loads(spec)
+    actor = json.loads(context).get("actor") or {}
+    if actor.get("type") not in declared["actors"] or actor.get("id") is None:
+        return None
+    shape = {"of": declared["of"], "subject": str(actor["id"]), "fields": declared["fields"]}
+    return json.dumps(shape, separators=(",", ":"))
+
+
+def context_ref(source: str, lsn: str) -> str:
+    """What names a ``context`` leaf among an environment's commitments (its salt's record
+    part): its source and its transaction's commit LSN as leaves write it."""
+    return f"context:{source}:{lsn}"
+
+
+def attach_ref(source: str, target_xid: int | str, time: str) -> str:
+    """What names an ``attach`` leaf: its source, the transaction it attaches to and when it
+    committed, as leaves write them."""
+    return f"attach:{source}:{target_xid}:{time}"
+
+
+def context_field(context: dict[str, Any], name: str) -> Any:
+    """A context field by its dotted name (``actor.name``)."""
+    value: Any = context
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _with_fields(context: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a context with fields (by dotted name) set; the rest shared."""
+    out = dict(context)
+    for name, value in values.items():
+        *parents, last = name.split(".")
+        node = out
+        for part in parents:
+            node[part] = dict(node[part])
+            node = node[part]
+        node[last] = value
+    return out
+
+
+def erase_context(context: dict[str, Any], fields: list[str], text: str) -> dict[str, Any]:
+    """A context with each personal field that has a value replaced by an erasure's text."""
+    return _with_fields(context, {f: text for f in fields if context_field(context, f) is not None})
 
 
 def image_salts(
@@ -168,15 +253,27 @@ def image_salts(
     return found
 
 
+def context_salt(commitments: Commitments, name: str, shape: dict[str, Any]) -> str | None:
+    """The hex salt of a context leaf's personal fields (``name``: its ``context_ref`` or
+    ``attach_ref``) where the actor's key is known and nothing of it was erased."""
+    erased = commitments.erased.get(name)
+    if erased is not None and CONTEXT in erased.values:
+        return None
+    key = commitments.keys.get(subject_name(shape["of"], shape["subject"]))
+    return None if key is None else salt(key, name, CONTEXT).hex()
+
+
 def subjects_in(personal_texts: Iterable[str | None]) -> set[str]:
-    """The persons a frame's ``personal`` column names."""
+    """The persons a frame's ``personal`` (or ``context_personal``) column names."""
     found: set[str] = set()
     for text in personal_texts:
         if text is None:
             continue
         shape = orjson.loads(text)
         found.update(
-            subject_name(shape["of"], shape[side]) for side in SIDES if shape.get(side) is not None
+            subject_name(shape["of"], shape[side])
+            for side in (*SIDES, "subject")
+            if shape.get(side) is not None
         )
     return found
 

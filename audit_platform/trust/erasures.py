@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from audit_platform.trust.commitments import ErasedRecord
+from audit_platform.trust.commitments import CONTEXT, ErasedRecord
 from audit_platform.trust.leaves import KINDS, LEAF_SCHEMA, canonical
 from audit_platform.trust.log import LogState, TrustLog
 from audit_platform.trust.merkle import leaf_hash
@@ -87,12 +87,14 @@ def logged_hashes(leaves: pl.DataFrame, size: int) -> dict[int, bytes]:
 
 
 def erased_records(leaves: list[dict[str, Any]]) -> dict[str, ErasedRecord]:
-    """Record id -> what erasures replaced in it (a record erased for two persons, before and
-    after a move between them, is in two leaves)."""
+    """Record id (or context leaf's name, ``trust.commitments.context_ref``) -> what erasures
+    replaced in it (a record erased for two persons, before and after a move between them, is
+    in two leaves)."""
     found: dict[str, ErasedRecord] = {}
     for leaf in leaves:
         text = leaf["text"]
-        for rid, sides in leaf["records"].items():
+        contexts = {ref: {CONTEXT: fields} for ref, fields in (leaf.get("contexts") or {}).items()}
+        for rid, sides in [*leaf["records"].items(), *contexts.items()]:
             record = found.setdefault(rid, ErasedRecord({}))
             for side, columns in sides.items():
                 kept = record.values.setdefault(side, {})

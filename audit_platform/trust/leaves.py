@@ -43,7 +43,13 @@ import orjson
 import polars as pl
 
 from audit_platform.lsn import lsn_text, parse_lsn
-from audit_platform.trust.commitments import Commitments
+from audit_platform.staging.schemas import with_context_spec
+from audit_platform.trust.commitments import (
+    Commitments,
+    attach_ref,
+    context_ref,
+    context_shape,
+)
 from audit_platform.trust.jcs import canonical
 from audit_platform.trust.merkle import leaf_hash
 
@@ -145,9 +151,19 @@ def _with_optional(
 
 
 def context_leaf(
-    *, env: str, source: str, lsn: int, xid: int, time: datetime, context: dict[str, Any] | None
+    *,
+    env: str,
+    source: str,
+    lsn: int,
+    xid: int,
+    time: datetime,
+    context: dict[str, Any] | None,
+    personal: dict[str, Any] | None = None,
+    commitments: Commitments | None = None,
 ) -> dict[str, Any]:
-    return {
+    """``personal`` (the record's ``context_personal``) puts commitments in place of the
+    actor's personal fields, from ``commitments``, and is committed itself."""
+    leaf = {
         "v": VERSION,
         "kind": "context",
         "env": env,
@@ -157,12 +173,20 @@ def context_leaf(
         "time": moment(time),
         "context": context,
     }
+    return _sealed_context(leaf, personal, commitments)
 
 
 def attach_leaf(
-    *, env: str, source: str, target_xid: int, time: datetime, context: dict[str, Any] | None
+    *,
+    env: str,
+    source: str,
+    target_xid: int,
+    time: datetime,
+    context: dict[str, Any] | None,
+    personal: dict[str, Any] | None = None,
+    commitments: Commitments | None = None,
 ) -> dict[str, Any]:
-    return {
+    leaf = {
         "v": VERSION,
         "kind": "attach",
         "env": env,
@@ -171,6 +195,27 @@ def attach_leaf(
         "time": moment(time),
         "context": context,
     }
+    return _sealed_context(leaf, personal, commitments)
+
+
+def context_name(leaf: dict[str, Any]) -> str:
+    """A context or attach leaf's name among commitments (``context_ref``, ``attach_ref``)."""
+    if leaf["kind"] == "context":
+        return context_ref(leaf["source"], leaf["commit_lsn"])
+    return attach_ref(leaf["source"], leaf["xid"], leaf["time"])
+
+
+def _sealed_context(
+    leaf: dict[str, Any], personal: dict[str, Any] | None, commitments: Commitments | None
+) -> dict[str, Any]:
+    """A context leaf with the actor's personal fields committed, and the declaration, where
+    there is one (only there: leaves written before it keep their bytes)."""
+    if personal is not None:
+        leaf["context"] = (commitments or Commitments()).seal_context(
+            context_name(leaf), personal, leaf["context"]
+        )
+        leaf["personal"] = personal
+    return leaf
 
 
 def rejected_leaf(
@@ -203,11 +248,13 @@ def erasure_leaf(
     time: datetime,
     text: str,
     records: dict[str, dict[str, dict[str, str]]],
+    contexts: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """An erasure of one person's values in one source: who asked, who approved (null: the
     waiting period passed), why, when, the text the values now read, and per record the
-    commitment of each value replaced (``trust.commitments``), by side and column."""
-    return {
+    commitment of each value replaced (``trust.commitments``), by side and column; and, where
+    the person acted, per context leaf (``context_ref``, ``attach_ref``) by field."""
+    leaf: dict[str, Any] = {
         "v": VERSION,
         "kind": "erasure",
         "env": env,
@@ -221,6 +268,9 @@ def erasure_leaf(
         "text": text,
         "records": records,
     }
+    if contexts:  # only where there are some: the leaves of erasures before keep their bytes
+        leaf["contexts"] = contexts
+    return leaf
 
 
 def _loads(text: str | None) -> Any:
@@ -342,19 +392,30 @@ def _parsed(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
 
-def context_leaves(own: pl.DataFrame, env: str) -> pl.DataFrame:
+def context_leaves(
+    own: pl.DataFrame, env: str, commitments: Commitments | None = None
+) -> pl.DataFrame:
     """A ``context`` leaf per transaction of ``own`` (source, lsn, xid, commit_time, merged
-    context), in its order."""
+    context, and ``context_spec`` where staged), in its order. Contexts whose actor a
+    declaration names need the actor's key in ``commitments``."""
+    specs = own["context_spec"].to_list() if "context_spec" in own.columns else [None] * own.height
     rows = own.select("source", "lsn", "xid", "commit_time", "context").iter_rows()
     hashes = [
         leaf_hash(
             canonical(
                 context_leaf(
-                    env=env, source=source, lsn=lsn, xid=xid, time=time, context=json.loads(text)
+                    env=env,
+                    source=source,
+                    lsn=lsn,
+                    xid=xid,
+                    time=time,
+                    context=json.loads(text),
+                    personal=_loads(context_shape(spec, text)),
+                    commitments=commitments,
                 )
             )
         )
-        for source, lsn, xid, time, text in rows
+        for (source, lsn, xid, time, text), spec in zip(rows, specs, strict=True)
     ]
     return _frame(
         own.select(
@@ -369,21 +430,29 @@ def context_leaves(own: pl.DataFrame, env: str) -> pl.DataFrame:
     )
 
 
-def attach_leaves(contexts: pl.DataFrame, env: str, source: str) -> pl.DataFrame:
+def attach_leaves(
+    contexts: pl.DataFrame, env: str, source: str, commitments: Commitments | None = None
+) -> pl.DataFrame:
     """An ``attach`` leaf per context attached to an earlier transaction."""
-    attached = contexts.filter(pl.col("kind") == "attach")
+    attached = with_context_spec(contexts).filter(pl.col("kind") == "attach")
     if attached.is_empty():  # the usual batch: no frames to build (a live run's fixed cost)
         return pl.DataFrame(schema=LEAF_SCHEMA)
     hashes = [
         leaf_hash(
             canonical(
                 attach_leaf(
-                    env=env, source=source, target_xid=target, time=time, context=json.loads(text)
+                    env=env,
+                    source=source,
+                    target_xid=target,
+                    time=time,
+                    context=json.loads(text),
+                    personal=_loads(context_shape(spec, text)),
+                    commitments=commitments,
                 )
             )
         )
-        for target, time, text in attached.select(
-            "target_xid", "commit_time", "context"
+        for target, time, text, spec in attached.select(
+            "target_xid", "commit_time", "context", "personal_spec"
         ).iter_rows()
     ]
     return _frame(
@@ -517,6 +586,8 @@ def document_leaves(
                     xid=txn["xid"],
                     time=time,
                     context=context,
+                    personal=doc.get("context_personal"),
+                    commitments=commitments,
                 ),
             )
         )
@@ -526,7 +597,13 @@ def document_leaves(
             (
                 "attach",
                 attach_leaf(
-                    env=env, source=source, target_xid=txn["xid"], time=time + lag, context=context
+                    env=env,
+                    source=source,
+                    target_xid=txn["xid"],
+                    time=time + lag,
+                    context=context,
+                    personal=doc.get("context_personal"),
+                    commitments=commitments,
                 ),
             )
         )

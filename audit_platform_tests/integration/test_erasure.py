@@ -34,10 +34,11 @@ from audit_platform.faults import ERASURE_POINTS, SimulatedCrash, armed
 from audit_platform.holds import create_hold, release_hold
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
+from audit_platform.policy import ContextPersonalData
 from audit_platform.settings import ApiSettings, Settings
 from audit_platform.signing import new_private_key, private_key, public_text
 from audit_platform.trust import erasures
-from audit_platform.trust.commitments import all_keys
+from audit_platform.trust.commitments import all_keys, marker
 from audit_platform.trust.leaves import canonical
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.merkle import leaf_hash, verify_inclusion
@@ -563,3 +564,193 @@ def test_what_a_writer_with_connect_and_insert_chooses_neither_stops_capture_nor
         with psycopg.connect(pg_database, autocommit=True) as admin:
             admin.execute(f"DROP OWNED BY {writer}")
             admin.execute(f"DROP ROLE {writer}")
+
+
+# --- the actor's personal fields in contexts ----------------------------------------------
+
+#: The shop's policy, and its contexts' actor name and client address declared personal: the
+#: actor of a ``user`` context is a customer (a customer acting on their own account).
+ACTING = POLICY.model_copy(
+    update={"context_personal": ContextPersonalData.model_validate({"of": "public.customers"})}
+)
+#: Ada acting: her name and address may be nowhere after her erasure.
+ADA_ACTS = {
+    "actor": {"type": "user", "id": "1", "name": "Ada Actorname"},
+    "client_addr": "198.51.100.77",
+    "reason": "changed her own address",
+}
+#: Bob acting, and a service with a name: both stay.
+BOB_ACTS = {
+    "actor": {"type": "user", "id": "2", "name": "Bob Actorname"},
+    "client_addr": "192.0.2.55",
+}
+SERVICE = {"actor": {"type": "service", "id": "billing", "name": "Billing Robot"}}
+
+
+@pytest.fixture
+def acting(pg_database, es, tmp_path):
+    env = f"erase_{uuid.uuid4().hex[:8]}"
+    source = make_source(pg_database, tmp_path, DDL, ACTING, env)
+    install_template(es, Settings().resources_dir, env, replicas=0)
+    url = source.url
+    write(url, [("INSERT INTO customers VALUES (1, %s, %s, 'gold', 'acme')", ADA[::2])], ADA_ACTS)
+    write(url, [("INSERT INTO customers VALUES (2, %s, %s, 'basic', 'acme')", BOB[:2])], BOB_ACTS)
+    # Ada acting on Bob's order (her values are in the context only), and a service.
+    write(url, [("INSERT INTO orders VALUES (20, 2, %s, 50)", (BOB[2],))], ADA_ACTS)
+    write(url, [("UPDATE orders SET total = 51 WHERE id = 20", ())], SERVICE)
+    # A transaction without a context, attributed to Ada later (audit.attach_context).
+    late = write(url, [("UPDATE orders SET total = 52 WHERE id = 20", ())])
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(late), json.dumps(ADA_ACTS))
+        )
+    with psycopg.connect(pg_database, autocommit=True) as state:
+        platform_db.install(state, Settings().resources_dir / "sql")
+        found = Shop(source, state, es, private_key(new_private_key()), env)
+        found.run()
+        found.run()  # the late context re-attributes its change
+        try:
+            yield found
+        finally:
+            for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+                es.indices.delete(index=index)
+            es.indices.delete_index_template(name=f"audit-{env}")
+
+
+def _late_contexts(shop: Shop) -> str:
+    rows = shop.state.execute(
+        "SELECT context FROM audit_platform.late_contexts WHERE env = %s", (shop.env,)
+    ).fetchall()
+    assert rows
+    return json.dumps(rows)
+
+
+def test_an_actors_name_and_address_in_contexts_are_erased_and_the_trail_still_verifies(
+    acting, tmp_path
+):
+    shop = acting
+    truth = ground_truth(shop.source.url)
+    docs = shop.hits()
+    assert sorted(record_tuple(d["_source"]) for d in docs) == sorted(truth)
+    statuses = sorted(d["_source"]["attribution"]["status"] for d in docs)
+    assert statuses == ["attributed"] * 4 + ["late"]
+    ada_acted = [d for d in docs if (d["_source"]["context_personal"] or {}).get("subject") == "1"]
+    assert len(ada_acted) == 3 and all(
+        d["_source"]["user"]["name"] == ADA_ACTS["actor"]["name"] for d in ada_acted
+    )
+    # The context leaves commit the actor's fields, never the values.
+    assert "Ada Actorname" in _late_contexts(shop)
+    assert shop.verify().ok
+    request = shop.request()
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    outcome = shop.erase(request.id)
+    # Her own context, the one she acted on Bob's order in, and the attachment.
+    assert outcome.sources[0].contexts == 3
+    text = f"erased on {outcome_day(shop, request.id)} under request {request.id}"
+    docs = shop.hits()
+    dumped, staged, late = json.dumps(docs), shop.staged_text(), _late_contexts(shop)
+    for value in ("Ada Actorname", "198.51.100.77", *ADA[::2]):
+        assert value not in dumped and value not in staged and value not in late, value
+    for value in ("Bob Actorname", "192.0.2.55", "Billing Robot"):
+        assert value in dumped and value in staged, value
+    for doc in docs:
+        source = doc["_source"]
+        if (source["context_personal"] or {}).get("subject") == "1":
+            # Who acted (the actor's id and type), why and when stay; the name and address
+            # read as erased, in the context and in the fields derived from it.
+            assert source["context"]["actor"] == {"type": "user", "id": "1", "name": text}
+            assert source["context"]["reason"] == ADA_ACTS["reason"]
+            assert source["context"]["client_addr"] == source["client"]["ip"] == text
+            assert source["user"] == {"id": "1", "name": text}
+    # Every other fact of every record is the trigger table's.
+    assert sorted(record_tuple(d["_source"])[:2] for d in docs) == sorted(t[:2] for t in truth)
+    assert shop.es.count(index=read_alias(shop.env), q='"Ada Actorname"')["count"] == 0
+    report = shop.verify()
+    assert report.ok, report.problems
+    # Proofs of every record verify offline: Bob's context against its commitments (the
+    # proof gives its salt), Ada's erased fields by the commitments her erasure leaf kept.
+    shop.run()
+    secret = create_key(shop.state, shop.env, "auditor", role="auditor").secret
+    public = public_text(shop.key.public_key())
+    with _api(shop, tmp_path) as api:
+        headers = {"X-API-Key": secret}
+        events = api.get("/v1/events", params={"limit": 100}, headers=headers).json()["events"]
+        assert not any(v in json.dumps(events) for v in ("Ada Actorname", "198.51.100.77"))
+        for event in events:
+            answer = api.get(f"/v1/events/{event['id']}/proof", headers=headers).json()
+            checked = offline(answer, tmp_path, public)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            erased = text in json.dumps(event["context"])
+            assert ("context.actor.name" in checked.stdout) == erased, checked.stdout
+            if (event["context"] or {}).get("client_addr") == BOB_ACTS["client_addr"]:
+                assert "context" in answer["salts"]
+                # Its leaf holds commitments where the actor's name and address are.
+                [leaf] = [p["leaf"] for p in answer["leaves"] if p["kind"] == "context"]
+                assert leaf["context"]["client_addr"].startswith("c1:")
+                assert leaf["context"]["actor"]["name"].startswith("c1:")
+                assert leaf["personal"] == {
+                    "of": "public.customers",
+                    "subject": "2",
+                    "fields": ["actor.name", "client_addr"],
+                }
+                bob = answer
+    # Bob's address changed in the record, the proof untouched: it does not verify.
+    bob["record"]["context"]["client_addr"] = "192.0.2.56"
+    checked = offline(bob, tmp_path, public)
+    assert checked.returncode == 1 and "NOT in the log" in checked.stdout
+
+
+def test_verify_names_an_actors_field_erased_without_an_erasure_or_left_after_one(acting):
+    shop = acting
+    bob = next(d for d in shop.hits() if d["_source"]["context"]["actor"]["id"] == "2")
+    forged = marker(99, datetime.now(UTC))
+    context = {**bob["_source"]["context"], "client_addr": forged}
+    shop.es.update(
+        index=bob["_index"],
+        id=bob["_id"],
+        doc={"context": context, "client": {"ip": forged}},
+        refresh=True,
+    )
+    report = shop.verify()
+    assert {(p.kind, p.subject) for p in report.problems} == {("erased_unlogged", bob["_id"])}
+    shop.es.update(
+        index=bob["_index"],
+        id=bob["_id"],
+        doc={"context": bob["_source"]["context"], "client": bob["_source"]["client"]},
+        refresh=True,
+    )
+    request = shop.request()
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    shop.erase(request.id)
+    # Ada's name put back into one record her erasure names.
+    ada = next(d for d in shop.hits() if d["_source"]["attribution"]["status"] == "late")
+    restored = {**ada["_source"]["context"], "actor": ADA_ACTS["actor"]}
+    shop.es.update(
+        index=ada["_index"],
+        id=ada["_id"],
+        doc={"context": restored, "user": {"name": ADA_ACTS["actor"]["name"]}},
+        refresh=True,
+    )
+    report = shop.verify()
+    assert {(p.kind, p.subject) for p in report.problems} == {("not_erased", ada["_id"])}
+
+
+@pytest.mark.parametrize("point", list(ERASURE_POINTS))
+def test_a_crash_at_each_point_and_a_rerun_erase_an_actors_contexts_once(acting, point):
+    shop = acting
+    request = shop.request()
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    with armed(point), pytest.raises(SimulatedCrash):
+        shop.erase(request.id)
+    outcome = shop.erase(request.id)
+    assert outcome.sources[0].contexts == 3
+    dumped, staged, late = json.dumps(shop.hits()), shop.staged_text(), _late_contexts(shop)
+    for value in ("Ada Actorname", "198.51.100.77"):
+        assert value not in dumped and value not in staged and value not in late, value
+    report = shop.verify()
+    assert report.ok, report.problems
+    # Ada acting again later: a new key, her new context verifies.
+    write(shop.source.url, [("UPDATE orders SET total = 60 WHERE id = 20", ())], ADA_ACTS)
+    shop.run()
+    assert "public.customers:1" in all_keys(shop.state, shop.env)
+    assert shop.verify().ok

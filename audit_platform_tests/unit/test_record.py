@@ -200,11 +200,13 @@ def test_the_records_schema_is_the_declared_columns_and_the_trail_commits_those_
     plain = change_leaf(**_leaf_fields(leaf))
     assert "org" not in plain and "personal" not in plain
     # Not committed by a change's leaf: what a late context changes, the context (it has
-    # leaves of its own), and the server version (leaves written before it stay valid).
+    # leaves of its own, and so has whose its personal fields are), and the server version
+    # (leaves written before it stay valid).
     assert {c.name for c in columns if c.leaf is None} == {
         "attribution_status",
         "attribution_lag_seconds",
         "context",
+        "context_personal",
         "server_version",
     }
 
@@ -243,6 +245,7 @@ def test_a_records_file_written_before_the_later_columns_still_makes_documents()
         "txn_ignored",
         "server_version",
         "personal",
+        "context_personal",
     }
     _, doc_id, document = _document(_record().drop(*ADDED_COLUMNS))
     record = validate_document(doc_id, document)

@@ -27,13 +27,16 @@ from audit_platform.read_log import read_rows, read_trail
 from audit_platform.record import AuditRecord
 from audit_platform.staging.store import StagingStore
 from audit_platform.trust.commitments import (
+    CONTEXT,
     MARKER_REQUEST,
     Commitments,
+    context_salt,
     image_salts,
     known_keys,
     subjects_in,
 )
 from audit_platform.trust.erasures import erased_records, read_leaf
+from audit_platform.trust.leaves import context_name
 from audit_platform.trust.log import TrustLog
 from audit_platform.trust.proofs import NotProvable, consistency, record_proof
 
@@ -61,8 +64,9 @@ class RecordProof(BaseModel):
     )
     salts: dict[str, str] = Field(
         default_factory=dict,
-        description="Per image (before, after) of a record with personal values, the salt of "
-        "their commitments (hex), where the person's key exists: with it, the values the record "
+        description="Per image (before, after) of a record with personal values, and for its "
+        "context (context) where the actor's fields are personal, the salt of their "
+        "commitments (hex), where the person's key exists: with it, the values the record "
         "shows are checked against the leaf's commitments (docs/verify_record.py). Erased "
         "values have none.",
     )
@@ -120,20 +124,27 @@ def event_proof(
     doc = found.model_dump(by_alias=True, mode="json", exclude={"id"})
     log = _log(svc, found.source.service)
     commitments = Commitments(strict=False)
-    if found.row is not None and found.row.personal is not None:
+    personal = found.row.personal if found.row is not None else None
+    shapes = [json.dumps(p) for p in (personal, found.context_personal) if p is not None]
+    if shapes:
         with svc.pool.connection() as conn:
-            subjects = subjects_in([json.dumps(found.row.personal)])
-            commitments.keys = known_keys(conn, svc.settings.env, subjects)
+            commitments.keys = known_keys(conn, svc.settings.env, subjects_in(shapes))
         # The erasures its values name: a forged one gives a leaf the checkpoint does not
         # hold, which the proof shows to whoever checks it.
-        named = set(MARKER_REQUEST.findall(json.dumps([found.before, found.after])))
+        text = json.dumps([found.before, found.after, found.context])
+        named = set(MARKER_REQUEST.findall(text))
         kept = [leaf for r in sorted(named) if (leaf := read_leaf(log, int(r)))]
         commitments.erased = erased_records(kept)
     try:
         proof = record_proof(log, event_id, doc, commitments)
     except NotProvable as exc:
         raise HTTPException(409, str(exc)) from exc
-    salts = image_salts(commitments, event_id, found.row.personal if found.row else None)
+    salts = image_salts(commitments, event_id, personal)
+    for entry in proof["leaves"]:
+        if entry["kind"] in ("context", "attach") and found.context_personal is not None:
+            name = context_name(entry["leaf"])
+            if (found_salt := context_salt(commitments, name, found.context_personal)) is not None:
+                salts[CONTEXT] = found_salt
     return RecordProof(record=found, public_key=_public(svc)[0], salts=salts, **proof)
 
 

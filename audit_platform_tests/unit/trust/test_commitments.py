@@ -12,12 +12,16 @@ import pytest
 from pydantic import ValidationError
 
 from audit_platform.enrich.join import personal_shape
-from audit_platform.policy import TablePolicy
+from audit_platform.policy import ContextPersonalData, TablePolicy
 from audit_platform.record import Operation
 from audit_platform.trust.commitments import (
     Commitments,
     ErasedRecord,
+    attach_ref,
     commit,
+    context_ref,
+    context_shape,
+    erase_context,
     marker,
     subjects_in,
 )
@@ -137,3 +141,100 @@ def test_the_declaration_is_staged_with_its_table_as_the_default_person():
         "of": "public.customers",
         "columns": ["e", "name"],
     }
+
+
+# --- the context's personal fields ---------------------------------------------------------
+
+CONTEXT_SPEC = json.dumps(
+    {"of": "public.users", "fields": ["actor.name", "client_addr"], "actors": ["user"]}
+)
+CONTEXT = {
+    "actor": {"type": "user", "id": "u-7", "name": "Ada Lovelace"},
+    "client_addr": "203.0.113.9",
+    "reason": "refund",
+}
+REF = context_ref("shop", "0/16B3748")
+
+
+def test_a_context_names_its_actor_where_the_declaration_makes_that_actor_a_person():
+    shape = json.loads(context_shape(CONTEXT_SPEC, json.dumps(CONTEXT)))
+    assert shape == {
+        "of": "public.users",
+        "subject": "u-7",
+        "fields": ["actor.name", "client_addr"],
+    }
+    assert subjects_in([json.dumps(shape)]) == {"public.users:u-7"}
+    service = {**CONTEXT, "actor": {"type": "service", "id": "billing", "name": "Billing"}}
+    assert context_shape(CONTEXT_SPEC, json.dumps(service)) is None  # a service is no person
+    assert context_shape(None, json.dumps(CONTEXT)) is None  # nothing declared
+    assert context_shape(CONTEXT_SPEC, None) is None  # no context
+
+
+def test_sealing_a_context_commits_its_actors_personal_fields_only():
+    shape = json.loads(context_shape(CONTEXT_SPEC, json.dumps(CONTEXT)))
+    sealed = Commitments({"public.users:u-7": KEY}).seal_context(REF, shape, CONTEXT)
+    assert sealed == {
+        "actor": {
+            "type": "user",
+            "id": "u-7",
+            "name": commit(KEY, REF, "context", "actor.name", "Ada Lovelace"),
+        },
+        "client_addr": commit(KEY, REF, "context", "client_addr", "203.0.113.9"),
+        "reason": "refund",
+    }
+    assert CONTEXT["actor"]["name"] == "Ada Lovelace"  # the caller's context is not changed
+    # Another transaction's context of the same actor commits differently: no link.
+    other = context_ref("shop", "0/16B3750")
+    again = Commitments({"public.users:u-7": KEY}).seal_context(other, shape, CONTEXT)
+    assert again["client_addr"] != sealed["client_addr"]
+    assert attach_ref("shop", 42, "2026-12-04T10:00:00.000000Z") not in (REF, other)
+    with pytest.raises(ValueError, match=r"no key for public\.users:u-7"):
+        Commitments().seal_context(REF, shape, CONTEXT)
+
+
+def test_an_erased_context_is_rebuilt_from_its_erasure_and_a_leftover_value_is_named():
+    shape = json.loads(context_shape(CONTEXT_SPEC, json.dumps(CONTEXT)))
+    text = marker(3, datetime(2026, 12, 4))
+    erased_context = erase_context(CONTEXT, shape["fields"], text)
+    assert erased_context["actor"] == {"type": "user", "id": "u-7", "name": text}
+    assert erased_context["client_addr"] == text and erased_context["reason"] == "refund"
+    kept = {
+        f: commit(KEY, REF, "context", f, v)
+        for f, v in (("actor.name", "Ada Lovelace"), ("client_addr", "203.0.113.9"))
+    }
+    sealed = Commitments({"public.users:u-7": KEY}).seal_context(REF, shape, CONTEXT)
+    found = Commitments(
+        erased={REF: ErasedRecord({"context": {f: (text, c) for f, c in kept.items()}})},
+        strict=False,
+    )
+    assert found.seal_context(REF, shape, erased_context) == sealed
+    assert found.findings == []
+    found.seal_context(REF, shape, CONTEXT)
+    assert [kind for kind, _, _ in found.findings] == ["not_erased", "not_erased"]
+    # Replaced without an erasure: with the key gone, named; with the key, a suspect.
+    gone = Commitments(strict=False)
+    gone.seal_context(REF, shape, erased_context)
+    assert {kind for kind, _, _ in gone.findings} == {"erased_unlogged"}
+    keyed = Commitments({"public.users:u-7": KEY}, strict=False)
+    keyed.seal_context(REF, shape, erased_context)
+    assert keyed.suspects == {REF}
+
+
+@pytest.mark.parametrize(
+    ("declared", "problem"),
+    [
+        ({"of": "users"}, "schema.table"),
+        ({"of": "public.users", "fields": []}, "at least 1 item"),
+        ({"of": "public.users", "fields": ["reason"]}, "actor.name"),
+        ({"of": "public.users", "actor_types": ["robot"]}, "user"),
+        ({"fields": ["actor.name"]}, "of"),
+    ],
+)
+def test_a_context_declaration_is_checked_with_a_clear_error(declared, problem):
+    with pytest.raises(ValidationError, match=problem):
+        ContextPersonalData.model_validate(declared)
+
+
+def test_the_context_declaration_defaults_to_both_fields_of_user_actors():
+    declared = ContextPersonalData.model_validate({"of": "public.users"})
+    assert json.loads(declared.spec()) == json.loads(CONTEXT_SPEC)
