@@ -91,6 +91,8 @@ class ContextPersonalData(BaseModel):
 def _schema_table(key: str, value: str) -> str:
     if value.count(".") != 1 or not all(value.split(".")):
         raise ValueError(f"{key}: {value!r} must be written schema.table, e.g. public.users")
+    if ":" in value:  # an erasure names a person TABLE:ID
+        raise ValueError(f"{key}: {value!r} cannot hold ':', which separates table and id")
     return value
 
 

@@ -3,10 +3,11 @@
 Builds the environment ``benchpersonal`` (``--reload`` rebuilds; otherwise kept between runs
 until an erasure has run in it): staged changes and contexts of 1,000,000 changes of five
 tables whose rows name a customer (``customer_id``) and hold two personal columns (``email``,
-``address``) of five. Customer 42 has every hundredth change, 10,000 records; the others are
-spread over 10,000 more customers. Enriched by the pipeline's own ``enrich_files``, their
-leaves committed with the customers' keys (``ensure_keys``, as capture does), appended to the
-trail's log, signed, and indexed.
+``address``) of five; each transaction's context names a customer as its actor, with a name
+and a client address, declared personal too. Customer 42 has every hundredth change, 10,000
+records; the others are spread over 10,000 more customers. Enriched by the pipeline's own
+``enrich_files``, their leaves committed with the customers' keys (``ensure_keys``, as capture
+does), appended to the trail's log, signed, and indexed.
 
 Then: customer 42's erasure is requested, approved by a second admin and carried out
 (``erasure.run.carry_out``: plan from the staged files and Elasticsearch, the erasure leaf,
@@ -39,7 +40,7 @@ from audit_platform.erasure.run import carry_out
 from audit_platform.index.bulk import index_records
 from audit_platform.index.template import install_template
 from audit_platform.naming import read_alias
-from audit_platform.policy import SourcePolicy, TablePolicy
+from audit_platform.policy import ContextPersonalData, SourcePolicy, TablePolicy
 from audit_platform.settings import Settings
 from audit_platform.signing import new_private_key, private_key
 from audit_platform.staging import StagingStore
@@ -61,6 +62,8 @@ POLICY = SourcePolicy(
     source=SOURCE,
     version=1,
     tables={f"public.{t}": TablePolicy.model_validate({"personal": PERSONAL}) for t in TABLES},
+    # Each transaction's actor is the customer of its first change, with a name and an address.
+    context_personal=ContextPersonalData(of="public.customers"),
 )
 PLAIN_POLICY = SourcePolicy(
     source=SOURCE, version=1, tables={f"public.{t}": TablePolicy() for t in TABLES}
@@ -124,14 +127,28 @@ def _batch(
         pl.lit(0, pl.Int32).alias("seq"),
         pl.lit("context").alias("kind"),
         pl.lit(None, pl.Int64).alias("target_xid"),
-        pl.format('{{"actor":{{"id":"u-{}","type":"user"}}}}', pl.col("xid") % 200).alias(
-            "context"
-        ),
+        pl.col("after")
+        .fill_null(pl.col("before"))
+        .str.json_path_match("$.customer_id")
+        .map_elements(_context, return_dtype=pl.String)
+        .alias("context"),
         "commit_time",
         "env",
         "source",
+        pl.lit(POLICY.context_spec() if env == ENV else None, pl.String).alias("personal_spec"),
     )
     return changes, contexts
+
+
+def _context(customer: str) -> str:
+    """A transaction's context: its customer acting, with their name and address."""
+    c = int(customer)
+    actor = {"id": customer, "name": f"Customer {c} Name", "type": "user"}
+    return json.dumps(
+        {"actor": actor, "client_addr": f"10.{c // 65536 % 256}.{c // 256 % 256}.{c % 256}"},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
 
 
 def build(settings: Settings, count: int, key_path: Path, env: str = ENV) -> dict[str, float]:
@@ -172,12 +189,18 @@ def build(settings: Settings, count: int, key_path: Path, env: str = ENV) -> dic
             began = time.perf_counter()
             read = store.read(context_paths, "contexts")
             times = read.group_by("lsn").agg(pl.col("commit_time").first())
-            keys = ensure_keys(state, env, subjects_in(records["personal"]))
+            keys = Commitments(
+                ensure_keys(
+                    state,
+                    env,
+                    subjects_in(pl.concat([records["personal"], records["context_personal"]])),
+                )
+            )
             leaves = pl.concat(
                 [
-                    context_leaves(transaction_contexts(read).join(times, on="lsn"), env),
-                    attach_leaves(read, env, SOURCE),
-                    record_leaves(records, Commitments(keys)),
+                    context_leaves(transaction_contexts(read).join(times, on="lsn"), env, keys),
+                    attach_leaves(read, env, SOURCE, keys),
+                    record_leaves(records, keys),
                 ]
             )
             log.append(leaves)
@@ -232,6 +255,7 @@ def main(
         keys = all_keys(state, ENV)
     es.indices.refresh(index=read_alias(ENV))
     left = es.count(index=read_alias(ENV), q=f'"customer{PERSON}."')["count"]
+    acted = es.count(index=read_alias(ENV), q=f'"Customer {PERSON} Name"')["count"]
     plain = StagingStore(settings.staging_root, PLAIN, SOURCE)
     plain_key = Path(settings.staging_root) / f"{PLAIN}-signing-key"
     if reload or TrustLog(plain).state().size < count or not plain_key.exists():
@@ -267,9 +291,11 @@ def main(
         "Elasticsearch, 1 GB heap; PostgreSQL 15; 2 cores shared by all). The environment "
         f"`{ENV}` holds {count:,} records of one source in five tables, each naming a "
         "customer and holding two personal columns of five (email, address), their leaves "
-        "committing those values with each customer's key. Customer 42 has every hundredth "
-        f"change. `{PLAIN}` holds the same records with no personal declaration (no "
-        "commitments): verify over both, side by side.",
+        "committing those values with each customer's key. Each transaction's context names "
+        "the customer of its first change as its actor, with a name and a client address, "
+        "declared personal too (`context_personal`). Customer 42 has every hundredth change. "
+        f"`{PLAIN}` holds the same records with no personal declaration (no commitments): "
+        "verify over both, side by side.",
         "",
         "| step | number |",
         "| --- | --- |",
@@ -278,7 +304,9 @@ def main(
         f"| records erased / values replaced | {part.records:,} / {part.values:,} |",
         f"| documents rewritten / staged files rewritten | {part.documents:,} / "
         f"{part.staged_files:,} |",
-        f"| documents still matching `customer42.` afterwards | {left} |",
+        f"| contexts the customer acted under, erased | {part.contexts:,} |",
+        f"| documents still matching `customer42.` / `Customer 42 Name` afterwards | {left} / "
+        f"{acted} |",
         "",
         "| verify | staging check | documents | staged changes enriched again | seconds | "
         "peak RSS MiB |",

@@ -340,7 +340,9 @@ def _enrich_slice(
             _row_organization(organization_column, operation, before, after)
         )
         computed["personal"].append(personal_shape(personal_spec, operation, before, after))
-        computed["context_personal"].append(context_shape(context_spec, context))
+        computed["context_personal"].append(
+            None if context_spec is None else context_shape(context_spec, context)
+        )
     kept = chunk.filter(pl.Series(keep, dtype=pl.Boolean)).drop("context")
     extra = pl.DataFrame(computed, schema={k: RECORD_SCHEMA[k] for k in computed})
     both = pl.concat([kept, extra], how="horizontal")

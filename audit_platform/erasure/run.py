@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -217,7 +217,7 @@ def _plan_and_retire(
     leaves = {}
     for source, (store, policy) in named.items():
         enrich_pending(store, state, policy, now=now, grace=grace)
-        leaf = _plan(store, es, request, subject, key, started)
+        leaf = _plan(state, store, es, request, subject, key, started)
         erasures.write_leaf(TrustLog(store), leaf, replace=True)
         leaves[source] = leaf
     crash_point("erasure.planned")
@@ -271,11 +271,14 @@ def _erase_in_source(
     crash_point("erasure.logged")
     logged = set(log.leaves(columns=["position", "record_id"])["record_id"].drop_nulls())
     files = _replace_staged(store, leaf, subject, logged)
-    files += _replace_staged_contexts(store, subject, leaf["text"])
-    _replace_late_contexts(state, store, subject, leaf["text"])
+    acted = set(leaf.get("contexts") or {})
+    if acted:
+        files += _replace_staged_contexts(store, subject, acted, leaf["text"])
+        _replace_late_contexts(state, store, subject, acted, leaf["text"])
     crash_point("erasure.staged")
     documents = _replace_indexed(es, store.env, leaf)
-    documents += _replace_indexed_contexts(es, store, subject, leaf["text"])
+    if acted:
+        documents += _replace_indexed_contexts(es, store, subject, acted, leaf["text"])
     crash_point("erasure.indexed")
     records, contexts = leaf["records"], leaf.get("contexts") or {}
     values = sum(len(columns) for sides in records.values() for columns in sides.values())
@@ -287,6 +290,7 @@ def _erase_in_source(
 
 
 def _plan(
+    platform: psycopg.Connection,
     store: StagingStore,
     es: Elasticsearch,
     request: ErasureRequest,
@@ -315,6 +319,12 @@ def _plan(
             if ref in refs and (fields := _context_commitments(ref, values, key)):
                 acted[ref] = fields
         for ref, values in _actor_indexed(es, store, subject):
+            if ref in refs and (fields := _context_commitments(ref, values, key)):
+                acted.setdefault(ref, fields)
+        # Late contexts outlive their staged hours (kept for the longest retention class).
+        for _, _, ref, text, shape in _late_of(platform, store, subject):
+            context = json.loads(text)
+            values = {f: context_field(context, f) for f in shape["fields"]}
             if ref in refs and (fields := _context_commitments(ref, values, key)):
                 acted.setdefault(ref, fields)
     in_log = erasures.logged_hashes(leaves, state.size)
@@ -556,13 +566,11 @@ def _actor_in_staging(
     """(context leaf's name, field -> value) of each staged context whose actor is the person."""
     for _, frame in _contexts_files(store):
         for acted in _person_contexts(frame, subject):
-            if acted.kind == "context":
-                ref = context_ref(store.source, lsn_text(acted.where))
-            else:
-                xid, at = acted.where
-                ref = attach_ref(store.source, xid, moment(at))
             context = json.loads(acted.text)
-            yield ref, {f: context_field(context, f) for f in acted.shape["fields"]}
+            yield (
+                _staged_name(store.source, acted),
+                {f: context_field(context, f) for f in acted.shape["fields"]},
+            )
 
 
 def _actor_indexed(
@@ -626,8 +634,11 @@ def _chunks(values: list[str], size: int) -> Iterator[list[str]]:
 def _replace_indexed(es: Elasticsearch, env: str, leaf: dict[str, Any]) -> int:
     """Each erased value of the leaf's records, in Elasticsearch, becomes the erasure's text;
     the free text is derived again. Returns the documents rewritten."""
+    return _updated(es, _record_updates(es, env, leaf))
+
+
+def _record_updates(es: Elasticsearch, env: str, leaf: dict[str, Any]) -> Iterator[dict[str, Any]]:
     records, text = leaf["records"], leaf["text"]
-    actions = []
     for ids in _chunks(sorted(records), ID_CHUNK):
         found = es.search(
             index=read_alias(env),
@@ -642,30 +653,48 @@ def _replace_indexed(es: Elasticsearch, env: str, leaf: dict[str, Any]) -> int:
             before = _replaced(doc.get("before"), sides.get("before", {}), text)
             after = _replaced(doc.get("after"), sides.get("after", {}), text)
             replaced = {"before": before, "after": after, "values_text": free_text(before, after)}
-            actions.append(
-                {"_op_type": "update", "_index": hit["_index"], "_id": hit["_id"], "doc": replaced}
-            )
-    return _updated(es, actions)
+            yield {
+                "_op_type": "update",
+                "_index": hit["_index"],
+                "_id": hit["_id"],
+                "doc": replaced,
+            }
 
 
-def _updated(es: Elasticsearch, actions: list[dict[str, Any]]) -> int:
-    """Send partial updates, then flush their indices and expunge the old versions."""
-    if actions:
-        bulk(es, actions, refresh=True, raise_on_error=True, max_retries=3)
-        indices = ",".join(sorted({a["_index"] for a in actions}))
+def _updated(es: Elasticsearch, actions: Iterable[dict[str, Any]]) -> int:
+    """Send partial updates as they are made (the bulk helper's chunks: memory stays flat
+    however many documents a person has), then flush their indices and expunge the old
+    versions."""
+    touched: set[str] = set()
+
+    def sent() -> Iterator[dict[str, Any]]:
+        for action in actions:
+            touched.add(action["_index"])
+            yield action
+
+    done, _ = bulk(es, sent(), raise_on_error=True, max_retries=3)
+    if touched:
+        indices = ",".join(sorted(touched))
+        es.indices.refresh(index=indices)
         # An updated document's old version stays in its segment until a merge: ask for it to
         # be expunged now (in the background; Elasticsearch runs one merge at a time).
         es.indices.flush(index=indices)
         es.indices.forcemerge(index=indices, only_expunge_deletes=True, wait_for_completion=False)
-    return len(actions)
+    return done
 
 
 def _replace_indexed_contexts(
-    es: Elasticsearch, store: StagingStore, subject: Subject, text: str
+    es: Elasticsearch, store: StagingStore, subject: Subject, acted: set[str], text: str
 ) -> int:
-    """Each personal field of the contexts whose actor is the person, in Elasticsearch, becomes
-    the erasure's text, and so do the fields derived from them (``user.name``,
-    ``client.ip``). Returns the documents rewritten."""
+    """Each personal field of the contexts the erasure leaf names (``acted``), in
+    Elasticsearch, becomes the erasure's text, and so do the fields derived from them
+    (``user.name``, ``client.ip``). Returns the documents rewritten."""
+    return _updated(es, _context_updates(es, store, subject, acted, text))
+
+
+def _context_updates(
+    es: Elasticsearch, store: StagingStore, subject: Subject, acted: set[str], text: str
+) -> Iterator[dict[str, Any]]:
     query = {
         "bool": {
             "filter": [
@@ -675,27 +704,28 @@ def _replace_indexed_contexts(
             ]
         }
     }
-    actions = []
     for hit in scan(
         es,
         index=read_alias(store.env),
-        query={"query": query, "_source": ["context", "context_personal"]},
+        query={
+            "query": query,
+            "_source": ["@timestamp", "transaction", "attribution", "context", "context_personal"],
+        },
         size=1_000,
         ignore_unavailable=True,
     ):
         doc = hit["_source"]
         if doc.get("context") is None or doc.get("context_personal") is None:
             continue
+        if _carried_context(store.source, doc) not in acted:
+            continue  # a later context of the same person, under a new key: not this erasure's
         context = erase_context(doc["context"], doc["context_personal"]["fields"], text)
         replaced: dict[str, Any] = {"context": context}
         if (name := context_field(context, "actor.name")) is not None:
             replaced["user"] = {"name": name}
         if (address := context.get("client_addr")) is not None:
             replaced["client"] = {"ip": address}
-        actions.append(
-            {"_op_type": "update", "_index": hit["_index"], "_id": hit["_id"], "doc": replaced}
-        )
-    return _updated(es, actions)
+        yield {"_op_type": "update", "_index": hit["_index"], "_id": hit["_id"], "doc": replaced}
 
 
 def _parsed(text: str | None) -> Any:
@@ -769,16 +799,20 @@ def _replace_staged(
     return rewritten
 
 
-def _replace_staged_contexts(store: StagingStore, subject: Subject, text: str) -> int:
-    """The staged contexts whose actor is the person (every call of a transaction whose
-    merged context is theirs, and each attachment), and the ``context`` of the records
-    carrying them, rewritten with the personal fields replaced. Returns the files rewritten."""
+def _replace_staged_contexts(
+    store: StagingStore, subject: Subject, acted: set[str], text: str
+) -> int:
+    """The staged contexts the erasure leaf names (``acted``: every call of such a
+    transaction, and each such attachment), and the ``context`` of the records carrying them,
+    rewritten with the personal fields replaced. Returns the files rewritten."""
     rewritten = 0
     for path, frame in _contexts_files(store):
         own: dict[int, list[str]] = {}
         attached: dict[tuple[int, Any], list[str]] = {}
-        for acted in _person_contexts(frame, subject):
-            (own if acted.kind == "context" else attached)[acted.where] = acted.shape["fields"]
+        for found in _person_contexts(frame, subject):
+            if _staged_name(store.source, found) in acted:
+                fields = found.shape["fields"]
+                (own if found.kind == "context" else attached)[found.where] = fields
         if not own and not attached:
             continue
         texts = frame["context"].to_list()
@@ -802,11 +836,27 @@ def _replace_staged_contexts(store: StagingStore, subject: Subject, text: str) -
             frame = pl.read_parquet(f)
         texts = frame["context"].to_list()
         changed = False
-        for row, shape_text in enumerate(frame["context_personal"].to_list()):
+        carried = frame.select(
+            "context_personal",
+            "lsn",
+            "xid",
+            "commit_time",
+            "attribution_status",
+            "attribution_lag_seconds",
+        ).iter_rows()
+        for row, (shape_text, lsn, xid, committed, status, lag) in enumerate(carried):
             if shape_text is None or texts[row] is None:
                 continue
             shape = json.loads(shape_text)
-            if (shape["of"], shape["subject"]) == (subject.of, subject.id):
+            if (shape["of"], shape["subject"]) != (subject.of, subject.id):
+                continue
+            if status == "late":
+                name = attach_ref(
+                    store.source, xid, moment(committed + timedelta(seconds=lag or 0))
+                )
+            else:
+                name = context_ref(store.source, lsn_text(lsn))
+            if name in acted:
                 texts[row] = _dumped(erase_context(json.loads(texts[row]), shape["fields"], text))
                 changed = True
         if changed:
@@ -816,19 +866,14 @@ def _replace_staged_contexts(store: StagingStore, subject: Subject, text: str) -
 
 
 def _replace_late_contexts(
-    state: psycopg.Connection, store: StagingStore, subject: Subject, text: str
+    state: psycopg.Connection, store: StagingStore, subject: Subject, acted: set[str], text: str
 ) -> int:
     """The late contexts kept in the platform database (what re-attributes a change in any
-    hour) whose actor is the person, rewritten likewise."""
-    rows = state.execute(
-        "SELECT target_xid, lsn, context, personal_spec FROM audit_platform.late_contexts"
-        " WHERE env = %s AND source = %s AND personal_spec IS NOT NULL",
-        (store.env, store.source),
-    ).fetchall()
+    hour) that the erasure leaf names, rewritten likewise."""
     replaced = [
         (_dumped(erase_context(json.loads(context), shape["fields"], text)), xid, lsn)
-        for xid, lsn, context, spec in rows
-        if (shape := _is_actor(spec, context, subject)) is not None
+        for xid, lsn, name, context, shape in _late_of(state, store, subject)
+        if name in acted
     ]
     with state.cursor() as cur:
         cur.executemany(
@@ -837,3 +882,27 @@ def _replace_late_contexts(
             [(context, store.env, store.source, xid, lsn) for context, xid, lsn in replaced],
         )
     return len(replaced)
+
+
+def _late_of(
+    state: psycopg.Connection, store: StagingStore, subject: Subject
+) -> Iterator[tuple[int, int, str, str, dict[str, Any]]]:
+    """(target xid, lsn, attach leaf's name, context, shape) of each late context kept in the
+    platform database whose actor is the person."""
+    rows = state.execute(
+        "SELECT target_xid, lsn, attached_at, context, personal_spec"
+        " FROM audit_platform.late_contexts"
+        " WHERE env = %s AND source = %s AND personal_spec IS NOT NULL",
+        (store.env, store.source),
+    ).fetchall()
+    for xid, lsn, attached_at, context, spec in rows:
+        if (shape := _is_actor(spec, context, subject)) is not None:
+            yield xid, lsn, attach_ref(store.source, xid, moment(attached_at)), context, shape
+
+
+def _staged_name(source: str, found: _Acted) -> str:
+    """The name of the context or attach leaf a staged context is."""
+    if found.kind == "context":
+        return context_ref(source, lsn_text(found.where))
+    xid, at = found.where
+    return attach_ref(source, xid, moment(at))

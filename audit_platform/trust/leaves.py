@@ -410,7 +410,7 @@ def context_leaves(
                     xid=xid,
                     time=time,
                     context=json.loads(text),
-                    personal=_loads(context_shape(spec, text)),
+                    personal=None if spec is None else _loads(context_shape(spec, text)),
                     commitments=commitments,
                 )
             )
@@ -446,7 +446,7 @@ def attach_leaves(
                     target_xid=target,
                     time=time,
                     context=json.loads(text),
-                    personal=_loads(context_shape(spec, text)),
+                    personal=None if spec is None else _loads(context_shape(spec, text)),
                     commitments=commitments,
                 )
             )

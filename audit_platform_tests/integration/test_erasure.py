@@ -754,3 +754,20 @@ def test_a_crash_at_each_point_and_a_rerun_erase_an_actors_contexts_once(acting,
     shop.run()
     assert "public.customers:1" in all_keys(shop.state, shop.env)
     assert shop.verify().ok
+
+
+def test_a_rerun_after_the_key_is_retired_leaves_the_persons_later_contexts_alone(acting):
+    shop = acting
+    request = shop.request()
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    with armed("erasure.retired"), pytest.raises(SimulatedCrash):
+        shop.erase(request.id)
+    # Between the crash and the rerun, capture goes on: Ada acts again, under a new key.
+    write(shop.source.url, [("UPDATE orders SET total = 70 WHERE id = 20", ())], ADA_ACTS)
+    shop.run()
+    outcome = shop.erase(request.id)
+    assert outcome.sources[0].contexts == 3  # the plan's, not the later one
+    later = [d for d in shop.hits() if (d["_source"]["after"] or {}).get("total") == "70"]
+    assert [d["_source"]["user"]["name"] for d in later] == [ADA_ACTS["actor"]["name"]]
+    report = shop.verify()
+    assert report.ok, report.problems
