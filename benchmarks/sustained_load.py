@@ -215,8 +215,11 @@ def take_snapshot(snap: Snapshot, shop_url: str, resources: Path, es, stop: thre
 class Load:
     """Writers at a fixed rate of row changes per second, and one probe transaction a second."""
 
-    def __init__(self, url: str, customer: int, rate: int, writers: int) -> None:
+    def __init__(
+        self, url: str, customer: int, rate: int, writers: int, users: bool = False
+    ) -> None:
         self.url, self.customer, self.rate, self.writers = url, customer, rate, writers
+        self.users = users
         self.stop = threading.Event()
         self.committed = 0
         self.probes: dict[str, float] = {}
@@ -240,6 +243,13 @@ class Load:
         context = json.dumps(
             {
                 "actor": {"type": "service", "id": f"writer-{writer}"},
+                "service": "shop",
+                "reason": "sustained load",
+            }
+            if not self.users
+            else {  # a person acting, with a name and an address (``--users``)
+                "actor": {"type": "user", "id": f"user-{writer}", "name": f"Load User {writer}"},
+                "client_addr": f"192.0.2.{10 + writer}",
                 "service": "shop",
                 "reason": "sustained load",
             }
@@ -366,6 +376,7 @@ def run_step(
     catch_up_limit: float,
     snapshot: Snapshot | None = None,
     resources: Path | None = None,
+    users: bool = False,
 ) -> None:
     slot = slot_name(ENV, "shop")
     step.docs_before, ops_before = index_stats(es, ENV)
@@ -390,7 +401,7 @@ def run_step(
         )
         cpu.start()
         before = truth_seq(shop_url)
-        load = Load(shop_url, customer, step.rate, writers)
+        load = Load(shop_url, customer, step.rate, writers, users)
         load.run(step.seconds)
         step.ended = time.time()
         totals = cpu.stop()
@@ -440,6 +451,7 @@ def declare_personal(resources: Path) -> None:
     policy = yaml.safe_load(path.read_text())
     for table, declared in PERSONAL.items():
         policy["tables"].setdefault(table, {})["personal"] = declared
+    policy["context_personal"] = {"of": "public.customers"}  # actor.name and client_addr
     path.write_text(yaml.safe_dump(policy))
     load_policy(path)  # valid, or the benchmark stops here
 
@@ -679,7 +691,15 @@ def main(
         bool,
         typer.Option(
             help="Declare personal columns in the shop's policy (PERSONAL: 12 of the 33 values "
-            "of each load transaction), committed in the trail through salted commitments."
+            "of each load transaction), and the contexts' actor name and client address, "
+            "committed in the trail through salted commitments."
+        ),
+    ] = False,
+    users: Annotated[
+        bool,
+        typer.Option(
+            help="The load's transactions are made by users with a name and a client address "
+            "(what --personal declares personal in contexts), not by services."
         ),
     ] = False,
 ) -> None:
@@ -742,6 +762,7 @@ def main(
                 catch_up,
                 snapshot if n == 0 else None,
                 resources,
+                users,
             )
             typer.echo(
                 f"  committed {step.committed}, indexed {step.indexed_after}, "
