@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import polars as pl
@@ -400,7 +401,7 @@ def personal_shape(
     table declares nothing, and for schema changes and truncates, which hold no row values."""
     if spec is None or operation in (Operation.ddl, Operation.truncate):
         return None
-    declared = json.loads(spec)
+    declared = _declaration(spec)
     column = declared["subject"]
     subjects = {
         side: subject_text(image.get(column))
@@ -417,6 +418,13 @@ def personal_shape(
         },
     }
     return json.dumps(shape, separators=(",", ":"))
+
+
+@lru_cache(maxsize=256)
+def _declaration(spec: str) -> dict[str, Any]:
+    """A staged personal declaration, parsed once: every change of a table repeats it.
+    Callers must not change what it returns."""
+    return json.loads(spec)
 
 
 def subject_text(value: Any) -> str | None:

@@ -467,15 +467,7 @@ def _plan_indexed(
 ) -> Plan:
     """The person's values in Elasticsearch: records whose staged hours retention removed."""
     plan: Plan = {}
-    query = {
-        "bool": {
-            "filter": [
-                {"term": {"env": store.env}},
-                {"term": {"source.service": store.source}},
-                subject.rows_query(),
-            ]
-        }
-    }
+    query = _in_source(store, subject.rows_query())
     for hit in scan(
         es,
         index=read_alias(store.env),
@@ -577,21 +569,22 @@ def _actor_indexed(
     es: Elasticsearch, store: StagingStore, subject: Subject
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The same from Elasticsearch: the contexts records carry whose staged hours retention
-    removed (each record names its context leaf: its own, or the attachment it carries)."""
-    query = {
-        "bool": {
-            "filter": [
-                {"term": {"env": store.env}},
-                {"term": {"source.service": store.source}},
-                subject.contexts_query(),
-            ]
-        }
-    }
+    removed."""
+    for _, ref, context, shape in _acted_documents(es, store, subject):
+        yield ref, {f: context_field(context, f) for f in shape["fields"]}
+
+
+def _acted_documents(
+    es: Elasticsearch, store: StagingStore, subject: Subject
+) -> Iterator[tuple[dict[str, Any], str, dict[str, Any], dict[str, Any]]]:
+    """(hit, context leaf's name, context, ``context_personal``) of each document of the
+    source whose context's actor is the person (each names the leaf of the context it
+    carries: its own, or the attachment that made it late)."""
     for hit in scan(
         es,
         index=read_alias(store.env),
         query={
-            "query": query,
+            "query": _in_source(store, subject.contexts_query()),
             "_source": ["@timestamp", "transaction", "attribution", "context", "context_personal"],
         },
         size=1_000,
@@ -601,7 +594,20 @@ def _actor_indexed(
         ref = _carried_context(store.source, doc)
         context, shape = doc.get("context"), doc.get("context_personal")
         if ref is not None and context is not None and shape is not None:
-            yield ref, {f: context_field(context, f) for f in shape["fields"]}
+            yield hit, ref, context, shape
+
+
+def _in_source(store: StagingStore, clause: dict[str, Any]) -> dict[str, Any]:
+    """An Elasticsearch filter: ``clause`` among one source's records of the environment."""
+    return {
+        "bool": {
+            "filter": [
+                {"term": {"env": store.env}},
+                {"term": {"source.service": store.source}},
+                clause,
+            ]
+        }
+    }
 
 
 def _carried_context(source: str, doc: dict[str, Any]) -> str | None:
@@ -695,31 +701,10 @@ def _replace_indexed_contexts(
 def _context_updates(
     es: Elasticsearch, store: StagingStore, subject: Subject, acted: set[str], text: str
 ) -> Iterator[dict[str, Any]]:
-    query = {
-        "bool": {
-            "filter": [
-                {"term": {"env": store.env}},
-                {"term": {"source.service": store.source}},
-                subject.contexts_query(),
-            ]
-        }
-    }
-    for hit in scan(
-        es,
-        index=read_alias(store.env),
-        query={
-            "query": query,
-            "_source": ["@timestamp", "transaction", "attribution", "context", "context_personal"],
-        },
-        size=1_000,
-        ignore_unavailable=True,
-    ):
-        doc = hit["_source"]
-        if doc.get("context") is None or doc.get("context_personal") is None:
-            continue
-        if _carried_context(store.source, doc) not in acted:
+    for hit, ref, found, shape in _acted_documents(es, store, subject):
+        if ref not in acted:
             continue  # a later context of the same person, under a new key: not this erasure's
-        context = erase_context(doc["context"], doc["context_personal"]["fields"], text)
+        context = erase_context(found, shape["fields"], text)
         replaced: dict[str, Any] = {"context": context}
         if (name := context_field(context, "actor.name")) is not None:
             replaced["user"] = {"name": name}

@@ -533,10 +533,15 @@ def _time(text: str) -> datetime:
 
 
 def document_leaves(
-    doc_id: str, doc: dict[str, Any], commitments: Commitments | None = None
+    doc_id: str,
+    doc: dict[str, Any],
+    commitments: Commitments | None = None,
+    *,
+    context: bool = True,
 ) -> list[tuple[str, dict[str, Any]]]:
     """(kind, leaf) of what a stored document claims: its change, and the context it carries
-    (none when it says ``unattributed``); personal values committed with ``commitments``."""
+    (none when it says ``unattributed``, or without ``context``); personal values committed
+    with ``commitments``."""
     txn, table = doc["transaction"], doc["table"]
     env, source = doc["env"], doc["source"]["service"]
     time = _time(doc["@timestamp"])
@@ -573,8 +578,10 @@ def document_leaves(
             ),
         )
     ]
+    if not context:
+        return leaves
     attribution = doc.get("attribution") or {}
-    status, context = attribution.get("status"), doc.get("context")
+    status, carried = attribution.get("status"), doc.get("context")
     if status == "attributed":
         leaves.append(
             (
@@ -585,7 +592,7 @@ def document_leaves(
                     lsn=parse_lsn(txn["commit_lsn"]),
                     xid=txn["xid"],
                     time=time,
-                    context=context,
+                    context=carried,
                     personal=doc.get("context_personal"),
                     commitments=commitments,
                 ),
@@ -601,7 +608,7 @@ def document_leaves(
                     source=source,
                     target_xid=txn["xid"],
                     time=time + lag,
-                    context=context,
+                    context=carried,
                     personal=doc.get("context_personal"),
                     commitments=commitments,
                 ),
