@@ -114,6 +114,21 @@ def test_a_document_with_another_actor_is_named(trail):
     assert kinds(trail.verify()) == {"context_altered": [hit["_id"]]}
 
 
+def test_every_document_of_a_transaction_is_held_to_the_logged_context(trail):
+    """Verify rebuilds a transaction's context leaf once for the documents that claim the very
+    same context: the others, each with another actor, are each named."""
+    inserts = [h for h in trail.hits() if h["_source"]["operation"] == "insert"]
+    assert len(inserts) == 5
+    for hit in inserts[1:]:  # the first, untouched, is checked first
+        source = hit["_source"]
+        source["context"]["actor"]["id"] = "mallory"
+        source["user"]["id"] = "mallory"
+        trail.es.index(index=hit["_index"], id=hit["_id"], document=source, refresh=True)
+    found = kinds(trail.verify())
+    assert sorted(found.pop("context_altered")) == sorted(h["_id"] for h in inserts[1:])
+    assert found == {}
+
+
 def test_a_record_moved_to_another_organization_is_named(pg_database, es, tmp_path):
     """A row's organization (its policy's column) is committed by its change leaf: a document
     moved to another tenant, with its derived field made to agree, is still caught."""
