@@ -42,7 +42,8 @@ ERASURE_POINTS: dict[str, str] = {
     "erasure.retired": "the key is deleted and the plans are final; no log holds its leaf yet",
     "erasure.logged": "a source's log holds its erasure leaf; none of its values is replaced",
     "erasure.staged": "a source's staged files are rewritten; Elasticsearch is not",
-    "erasure.indexed": "a source's values in Elasticsearch are replaced; the request is not done",
+    "erasure.indexed": "a source's values in Elasticsearch are replaced; its exports are not",
+    "erasure.exported": "a source's bucket objects are rewritten; the request is not done",
 }
 _KNOWN = {**POINTS, **DELIVERY_POINTS, **ERASURE_POINTS}
 #: Points on the local filesystem's write path only (object storage has no temporary file).

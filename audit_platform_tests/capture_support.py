@@ -98,7 +98,8 @@ class Trail:
     env: str
 
     def run(self) -> None:
-        """One capture run: capture, enrich and log, resolve the quarantine, index, sign."""
+        """One capture run: capture, enrich and log, resolve the quarantine, index (feeding
+        the streams), sign."""
         self.source.capture()
         now = datetime.now(UTC)
         enrich_pending(
@@ -107,7 +108,7 @@ class Trail:
         resolve_quarantine(
             self.source.store, self.state, self.source.policy, now=now, grace=timedelta(0)
         )
-        index_pending(self.es, self.source.store, database="shopdb", now=now)
+        index_pending(self.es, self.source.store, database="shopdb", now=now, feed=self.state)
         self.es.indices.refresh(index=read_alias(self.env))
         TrustLog(self.source.store).checkpoint(self.key, now)
 

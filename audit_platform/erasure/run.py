@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 
 import polars as pl
 import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from elasticsearch import Elasticsearch
 from elasticsearch.helpers import bulk, scan
 
@@ -40,7 +42,7 @@ from audit_platform.erasure.requests import (
 )
 from audit_platform.faults import crash_point
 from audit_platform.index.documents import free_text
-from audit_platform.lsn import lsn_text
+from audit_platform.lsn import lsn_text, parse_lsn
 from audit_platform.naming import read_alias
 from audit_platform.policy import SourcePolicy, load_policy, policy_path
 from audit_platform.record import Operation, record_id
@@ -48,6 +50,8 @@ from audit_platform.settings import Settings
 from audit_platform.staging.lock import ledger_lock
 from audit_platform.staging.schemas import with_context_spec
 from audit_platform.staging.store import StagingStore
+from audit_platform.streams.definitions import Stream, list_streams
+from audit_platform.streams.destinations import BucketDestination
 from audit_platform.trust import erasures
 from audit_platform.trust.commitments import (
     CONTEXT,
@@ -81,6 +85,8 @@ class SourceErasure:
     staged_files: int = 0
     #: Context leaves (a transaction's own, or an attachment) whose actor was the person.
     contexts: int = 0
+    #: Objects bucket streams wrote, rewritten with their digests signed again.
+    objects: int = 0
 
 
 @dataclass
@@ -143,6 +149,7 @@ def run_request(settings: Settings, request_id: int, *, now: datetime) -> Erasur
             sources=sources,
             now=now,
             grace=timedelta(minutes=environment.enrich_grace_minutes),
+            signer=settings.signer(),
         )
 
 
@@ -155,10 +162,12 @@ def carry_out(
     sources: dict[str, tuple[StagingStore, SourcePolicy]],
     now: datetime,
     grace: timedelta = timedelta(minutes=10),
+    signer: Ed25519PrivateKey | None = None,
 ) -> ErasureOutcome:
     """Erase the request's person from every source whose policy names their table, if the
     request is due and no legal hold covers them when it starts (once started, it finishes: a
-    half-done erasure is what must never be left)."""
+    half-done erasure is what must never be left). ``signer``, the trail's key, signs again
+    the digests of the bucket streams' objects it rewrites."""
     began = time.monotonic()
     request = get_request(state, env, request_id)
     if request.state == "done":
@@ -170,6 +179,11 @@ def carry_out(
             f"{request.not_before:%Y-%m-%d %H:%M %Z}"
         )
     subject = Subject.parse(request.subject)
+    if signer is None and _buckets(state, env):
+        raise ErasureError(
+            "bucket streams of this environment hold objects an erasure rewrites and signs "
+            "again: set AUDIT_SIGNING_KEY where the erasure runs"
+        )
     if request.started_at is None:
         refuse_if_held(state, es, env, subject)
     started = start(state, request.id)
@@ -189,7 +203,7 @@ def carry_out(
         for source, (store, _) in named.items():
             if source in planned:
                 outcome.sources.append(
-                    _erase_in_source(state, store, es, request, subject, planned[source])
+                    _erase_in_source(state, store, es, request, subject, planned[source], signer)
                 )
         state.execute(
             "UPDATE audit_platform.erasure_requests SET done_at = now(), records = %s"
@@ -251,6 +265,7 @@ def _erase_in_source(
     request: ErasureRequest,
     subject: Subject,
     planned: bytes,
+    signer: Ed25519PrivateKey | None,
 ) -> SourceErasure:
     """One source's part once the plans are final; the caller holds the source's lock."""
     log = TrustLog(store)
@@ -280,10 +295,14 @@ def _erase_in_source(
     if acted:
         documents += _replace_indexed_contexts(es, store, subject, acted, leaf["text"])
     crash_point("erasure.indexed")
+    objects = _replace_exported(state, store, request, leaf, signer)
+    crash_point("erasure.exported")
     records, contexts = leaf["records"], leaf.get("contexts") or {}
     values = sum(len(columns) for sides in records.values() for columns in sides.values())
     values += sum(len(fields) for fields in contexts.values())
-    return SourceErasure(store.source, len(records), values, documents, files, len(contexts))
+    return SourceErasure(
+        store.source, len(records), values, documents, files, len(contexts), objects
+    )
 
 
 # --- plan ---------------------------------------------------------------------------------
@@ -891,3 +910,82 @@ def _staged_name(source: str, found: _Acted) -> str:
         return context_ref(source, lsn_text(found.where))
     xid, at = found.where
     return attach_ref(source, xid, moment(at))
+
+
+# --- exports ------------------------------------------------------------------------------
+
+
+def _buckets(state: psycopg.Connection, env: str) -> list[Stream]:
+    """The environment's bucket streams, deleted ones too: their objects stay in the bucket."""
+    return [s for s in list_streams(state, env, include_deleted=True) if s.kind == "bucket"]
+
+
+def _replace_exported(
+    state: psycopg.Connection,
+    store: StagingStore,
+    request: ErasureRequest,
+    leaf: dict[str, Any],
+    signer: Ed25519PrivateKey | None,
+) -> int:
+    """The person's values in the objects bucket streams wrote (each record as a search
+    returned it), replaced as in Elasticsearch, each object's digest signed again naming the
+    request. Only objects whose records' commit range may hold an erased record are read,
+    unless an attached context was erased (its transaction's LSN is not in its name).
+    Returns the objects rewritten."""
+    buckets = _buckets(state, store.env)
+    records, acted = leaf["records"], set(leaf.get("contexts") or {})
+    if not buckets or not (records or acted) or signer is None:
+        return 0
+    lsns = sorted(
+        {_id_lsn(rid) for rid in records}
+        | {parse_lsn(ref.rsplit(":", 1)[1]) for ref in acted if ref.startswith("context:")}
+    )
+    every = any(ref.startswith("attach:") for ref in acted)
+
+    def wanted(digest: dict[str, Any]) -> bool:
+        if every:
+            return True
+        first, last = _id_lsn(digest["first_record"]), _id_lsn(digest["last_record"])
+        at = bisect_left(lsns, first)
+        return at < len(lsns) and lsns[at] <= last
+
+    def change(found: list[dict[str, Any]]) -> bool:
+        return _erase_exported(found, leaf, acted, store.source)
+
+    return sum(
+        BucketDestination(stream.target, signer).rewrite(
+            store.env, stream.name, store.source, wanted, change, request.id, leaf["text"]
+        )
+        for stream in buckets
+    )
+
+
+def _id_lsn(record: str) -> int:
+    """A record id's commit LSN (``env:source:LSN:index``, ``record.record_id``)."""
+    return int(record.rsplit(":", 2)[1], 16)
+
+
+def _erase_exported(
+    found: list[dict[str, Any]], leaf: dict[str, Any], acted: set[str], source: str
+) -> bool:
+    """Each exported record's erased values replaced, in place; True if any was."""
+    text, changed = leaf["text"], False
+    for record in found:
+        sides = leaf["records"].get(record.get("id"))
+        if sides:
+            before = _replaced(record.get("before"), sides.get("before", {}), text)
+            after = _replaced(record.get("after"), sides.get("after", {}), text)
+            if (before, after) != (record.get("before"), record.get("after")):
+                record.update(before=before, after=after, values_text=free_text(before, after))
+                changed = True
+        shape, context = record.get("context_personal"), record.get("context")
+        if shape and context and _carried_context(source, record) in acted:
+            erased = erase_context(context, shape["fields"], text)
+            if erased != context:
+                record["context"] = erased
+                if (name := context_field(erased, "actor.name")) is not None:
+                    record.setdefault("user", {})["name"] = name
+                if (address := erased.get("client_addr")) is not None:
+                    record.setdefault("client", {})["ip"] = address
+                changed = True
+    return changed

@@ -10,6 +10,7 @@ under names made of it, so a repeat replaces them (with the same records, as the
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -161,6 +162,45 @@ class BucketDestination:
 
     def close(self) -> None:
         pass
+
+    def rewrite(
+        self,
+        env: str,
+        stream: str,
+        source: str,
+        wanted: Callable[[dict[str, Any]], bool],
+        change: Callable[[list[dict[str, Any]]], bool],
+        erasure: int,
+        text: str,
+    ) -> int:
+        """Rewrite the objects a source's messages left under a stream's prefix, where
+        ``wanted`` (given an object's digest) says they may hold what ``change`` changes (in
+        place, True if it did), each with its digest signed again naming the ``erasure``
+        (docs/design.md, "Erasure"). Returns the objects rewritten.
+
+        The object is written before its digest: after a crash between the two, the object no
+        longer has its digest's SHA-256, and a rerun, finding nothing more to change in it,
+        signs its digest again only when the object holds the erasure's own ``text``."""
+        rewritten = 0
+        for path in sorted(self.fs.find(f"{self.url}/digests/{env}/{stream}/{source}")):
+            digest = orjson.loads(self.fs.cat_file(path))
+            if not wanted(digest):
+                continue
+            data = self.fs.cat_file(digest["object"])
+            records = [orjson.loads(line) for line in data.splitlines()]
+            changed = change(records)
+            torn = hashlib.sha256(data).hexdigest() != digest["sha256"]
+            if not changed and not (torn and text.encode() in data):
+                continue
+            data = b"".join(encoded(record) + b"\n" for record in records)
+            digest = {k: v for k, v in digest.items() if k != "signature"}
+            digest["sha256"] = hashlib.sha256(data).hexdigest()
+            digest["erasures"] = sorted({*digest.get("erasures", []), erasure})
+            digest["signature"] = sign(self.signer, _signed(digest))
+            self.fs.pipe_file(digest["object"], data)
+            self.fs.pipe_file(path, orjson.dumps(digest, option=orjson.OPT_SORT_KEYS))
+            rewritten += 1
+        return rewritten
 
 
 def _signed(digest: dict[str, Any]) -> bytes:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import fsspec
 import polars as pl
 import psycopg
 import pytest
@@ -28,6 +29,7 @@ from audit_platform import platform_db
 from audit_platform.api.main import create_app
 from audit_platform.api_keys import create_key
 from audit_platform.cli import app
+from audit_platform.environment import StreamSettings
 from audit_platform.erasure import requests as erasure
 from audit_platform.erasure.run import carry_out
 from audit_platform.faults import ERASURE_POINTS, SimulatedCrash, armed
@@ -37,6 +39,9 @@ from audit_platform.naming import read_alias
 from audit_platform.policy import ContextPersonalData
 from audit_platform.settings import ApiSettings, Settings
 from audit_platform.signing import new_private_key, private_key, public_text
+from audit_platform.streams.definitions import create_stream
+from audit_platform.streams.delivery import Deliverer
+from audit_platform.streams.destinations import verify_object
 from audit_platform.trust import erasures
 from audit_platform.trust.commitments import all_keys, marker
 from audit_platform.trust.leaves import canonical
@@ -99,7 +104,13 @@ class Shop(Trail):
     def erase(self, request: int):
         sources = {"shop": (self.source.store, self.source.policy)}
         return carry_out(
-            self.state, self.es, self.env, request, sources=sources, now=datetime.now(UTC)
+            self.state,
+            self.es,
+            self.env,
+            request,
+            sources=sources,
+            now=datetime.now(UTC),
+            signer=self.key,
         )
 
     def staged_text(self) -> str:
@@ -771,3 +782,63 @@ def test_a_rerun_after_the_key_is_retired_leaves_the_persons_later_contexts_alon
     assert [d["_source"]["user"]["name"] for d in later] == [ADA_ACTS["actor"]["name"]]
     report = shop.verify()
     assert report.ok, report.problems
+
+
+def _exported(shop: Shop, bucket: str) -> tuple[object, list[str], str]:
+    """The bucket's digests, and its objects' text."""
+    fs, _ = fsspec.core.url_to_fs(bucket)
+    digests = sorted(fs.unstrip_protocol(p) for p in fs.find(f"{bucket}/digests"))
+    objects = sorted(fs.unstrip_protocol(p) for p in fs.find(f"{bucket}/records"))
+    return fs, digests, "".join(fs.cat_file(o).decode() for o in objects)
+
+
+@pytest.mark.parametrize("crash", [None, "erasure.indexed", "erasure.exported"])
+def test_objects_a_bucket_stream_wrote_are_erased_and_their_digests_signed_again(
+    acting, servers, crash
+):
+    shop = acting
+    bucket = f"{servers.settings.s3_url.rstrip('/')}/erase-{uuid.uuid4().hex[:8]}"
+    create_stream(shop.state, shop.env, "siem", "bucket", bucket, created_by="t", can_sign=True)
+    # After the stream was created: Ada's row changes, Ada acting, Bob acting.
+    write(shop.source.url, [("UPDATE customers SET email = %s WHERE id = 1", (ADA[1],))], ADA_ACTS)
+    write(shop.source.url, [("UPDATE orders SET total = 53 WHERE id = 20", ())], BOB_ACTS)
+    shop.run()
+    deliverer = Deliverer(
+        shop.env,
+        lambda: psycopg.connect(shop.source.url, autocommit=True),
+        shop.es,
+        lambda _source: shop.source.store,
+        signer=shop.key,
+        settings=StreamSettings(chunk_records=1),  # one object per record
+    )
+    assert deliverer.deliver().records == 2
+    fs, digests, before = _exported(shop, bucket)
+    assert ADA[1] in before and "Ada Actorname" in before and "Bob Actorname" in before
+    request = shop.request()
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    if crash is not None:
+        with armed(crash), pytest.raises(SimulatedCrash):
+            shop.erase(request.id)
+    outcome = shop.erase(request.id)
+    assert outcome.sources[0].objects == (0 if crash == "erasure.exported" else 1)
+    fs, digests, after = _exported(shop, bucket)
+    for value in (ADA[1], "Ada Actorname", "198.51.100.77"):
+        assert value not in after, value
+    assert "Bob Actorname" in after and "192.0.2.55" in after
+    key = shop.key.public_key()
+    assert sum(verify_object(fs, d, key) for d in digests) == 2
+    erasures = [json.loads(fs.cat_file(d)).get("erasures") for d in digests]
+    assert sorted(erasures, key=str) == sorted([[request.id], None], key=str)
+    fs.rm(bucket, recursive=True)
+
+
+def test_an_erasure_refuses_to_start_without_the_key_that_signs_bucket_digests(acting, servers):
+    shop = acting
+    bucket = f"{servers.settings.s3_url.rstrip('/')}/erase-{uuid.uuid4().hex[:8]}"
+    create_stream(shop.state, shop.env, "siem", "bucket", bucket, created_by="t", can_sign=True)
+    request = shop.request()
+    erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+    sources = {"shop": (shop.source.store, shop.source.policy)}
+    with pytest.raises(erasure.ErasureError, match="AUDIT_SIGNING_KEY"):
+        carry_out(shop.state, shop.es, shop.env, request.id, sources=sources, now=datetime.now(UTC))
+    assert erasure.get_request(shop.state, shop.env, request.id).started_at is None
