@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -149,16 +151,24 @@ def shop(pg_database, es, tmp_path):
     write(url, [("UPDATE orders SET customer_id = 2, address = %s WHERE id = 11", (BOB[2],))])
     write(url, [("UPDATE orders SET total = 31 WHERE id = 10", ())], CONTEXT)
     write(url, [("DELETE FROM orders WHERE id = 10", ())], CONTEXT)
+    with _running(source, pg_database, es) as found:
+        yield found
+
+
+@contextmanager
+def _running(source, pg_database: str, es, runs: int = 1) -> Iterator[Shop]:
+    """The shop's trail after ``runs`` capture runs; its indices removed afterwards."""
     with psycopg.connect(pg_database, autocommit=True) as state:
         platform_db.install(state, Settings().resources_dir / "sql")
-        found = Shop(source, state, es, private_key(new_private_key()), env)
-        found.run()
+        found = Shop(source, state, es, private_key(new_private_key()), source.env)
+        for _ in range(runs):
+            found.run()
         try:
             yield found
         finally:
-            for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
+            for index in es.indices.get(index=f"audit-{source.env}-*", expand_wildcards="all"):
                 es.indices.delete(index=index)
-            es.indices.delete_index_template(name=f"audit-{env}")
+            es.indices.delete_index_template(name=f"audit-{source.env}")
 
 
 def _recorded(truth) -> list:
@@ -615,17 +625,9 @@ def acting(pg_database, es, tmp_path):
         conn.execute(
             "SELECT audit.attach_context(%s::xid8, %s::jsonb)", (str(late), json.dumps(ADA_ACTS))
         )
-    with psycopg.connect(pg_database, autocommit=True) as state:
-        platform_db.install(state, Settings().resources_dir / "sql")
-        found = Shop(source, state, es, private_key(new_private_key()), env)
-        found.run()
-        found.run()  # the late context re-attributes its change
-        try:
-            yield found
-        finally:
-            for index in es.indices.get(index=f"audit-{env}-*", expand_wildcards="all"):
-                es.indices.delete(index=index)
-            es.indices.delete_index_template(name=f"audit-{env}")
+    # The second run: the late context re-attributes its change.
+    with _running(source, pg_database, es, runs=2) as found:
+        yield found
 
 
 def _late_contexts(shop: Shop) -> str:
