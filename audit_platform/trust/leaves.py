@@ -8,7 +8,9 @@ Three kinds of leaf, each a fact captured from the source's WAL and never rewrit
   the policy version, and how many changes its transaction had (captured and ignored).
 - ``context``: the context a transaction recorded for itself (several ``set_context`` calls
   merged), keyed by its commit LSN and xid. A record with ``attribution.status = attributed``
-  carries exactly this context.
+  carries exactly this context. Where its source declares the actor's fields personal
+  (``context_personal``), the leaf holds their commitments and the declaration
+  (``trust.commitments``), as ``attach`` leaves do.
 - ``attach``: a context attached to an earlier transaction by a later one
   (``audit.attach_context``), with the time it committed. A record that becomes ``late`` carries
   the last such context, and its lag is that time minus its own commit time.
