@@ -82,6 +82,7 @@ def records(n: int) -> pl.DataFrame:
             "server_version": [150000] * n,
             "row_organization": [None] * n,
             "personal": [None] * n,
+            "context_personal": [None] * n,
         },
         schema=RECORD_SCHEMA,
     )

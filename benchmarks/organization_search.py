@@ -88,6 +88,7 @@ def _records(start: int, n: int, t0: datetime, span: timedelta) -> pl.DataFrame:
             "server_version": [150000] * n,
             "row_organization": [None] * n,
             "personal": [None] * n,
+            "context_personal": [None] * n,
         },
         schema=RECORD_SCHEMA,
     )

@@ -51,6 +51,7 @@ def _records(n: int) -> pl.DataFrame:
             "server_version": [150010] * n,
             "row_organization": [None] * n,
             "personal": [None] * n,
+            "context_personal": [None] * n,
         },
         schema=RECORD_SCHEMA,
     )
