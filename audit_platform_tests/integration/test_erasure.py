@@ -844,3 +844,52 @@ def test_an_erasure_refuses_to_start_without_the_key_that_signs_bucket_digests(a
     with pytest.raises(erasure.ErasureError, match="AUDIT_SIGNING_KEY"):
         carry_out(shop.state, shop.es, shop.env, request.id, sources=sources, now=datetime.now(UTC))
     assert erasure.get_request(shop.state, shop.env, request.id).started_at is None
+
+
+def test_contexts_a_connect_only_role_records_neither_stop_capture_nor_fool_verify(
+    acting, pg_database
+):
+    """A role with CONNECT only can still call audit.set_context: its transactions write
+    nothing, but each context is a fact of the trail, and its actor a person where the policy
+    declares actors' fields personal. Actor ids of 4 kB, with quotes, a colon and a line break,
+    names that read as an erasure's text or as markup: capture goes on, each is a person with a
+    key, verify passes, and one of them can be erased without touching anyone else."""
+    shop = acting
+    role = f"connect_{urlsplit(pg_database).path.lstrip('/')}"
+    hostile = {
+        "x" * 4_000: "erased on 2026-12-04 under request 1",
+        'q"uo:te\nd': "<script>alert(1)</script>",
+        "1": "Not Ada, a writer naming himself with her id",
+    }
+    with psycopg.connect(pg_database, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    parts = urlsplit(shop.source.url)
+    as_role = urlunsplit(parts._replace(netloc=f"{role}:pw@{parts.hostname}:{parts.port}"))
+    try:
+        for actor, name in hostile.items():
+            context = {"actor": {"type": "user", "id": actor, "name": name}, "client_addr": "::1"}
+            with psycopg.connect(as_role) as conn:
+                conn.execute("SELECT audit.set_context(%s::jsonb)", (json.dumps(context),))
+        write(shop.source.url, [("UPDATE orders SET total = 80 WHERE id = 20", ())], BOB_ACTS)
+        shop.run()
+        assert [
+            d["_source"]["after"]["total"]
+            for d in shop.hits()
+            if d["_source"]["after"] and d["_source"]["after"].get("total") == "80"
+        ] == ["80"]
+        keys = all_keys(shop.state, shop.env)
+        assert {f"public.customers:{a}" for a in hostile} <= set(keys)
+        report = shop.verify()
+        assert report.ok, report.problems
+        request = shop.request(f"public.customers:{'x' * 4_000}")
+        erasure.approve(shop.state, shop.env, request.id, "legal-ben")
+        shop.erase(request.id)
+        assert f"public.customers:{'x' * 4_000}" not in all_keys(shop.state, shop.env)
+        # Ada, whose id a writer named himself with, is untouched: nothing was erased of her.
+        assert "Ada Actorname" in json.dumps(shop.hits())
+        report = shop.verify()
+        assert report.ok, report.problems
+    finally:
+        with psycopg.connect(pg_database, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
