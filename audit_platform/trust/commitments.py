@@ -91,9 +91,6 @@ class Commitments:
     #: Records with a personal value that reads as an erasure's text no erasure leaf names:
     #: if their leaf then differs from the log's, a value was erased without an erasure.
     suspects: set[str] = field(default_factory=set)
-    _sealed_contexts: dict[tuple[str, str, str, bytes], dict[str, Any]] = field(
-        default_factory=dict, repr=False
-    )
 
     def seal(
         self,
@@ -121,17 +118,7 @@ class Commitments:
             return context
         fields = shape["fields"]
         values = {f: context_field(context, f) for f in fields}
-        # Every change of a transaction carries its context: verification seals the same
-        # values of the same leaf once per change, so clean seals are remembered.
-        remembered = (ref, shape["of"], shape["subject"], canonical(values))
-        sealed = self._sealed_contexts.get(remembered)
-        if sealed is None:
-            found, suspects = len(self.findings), len(self.suspects)
-            sealed = self._seal(ref, CONTEXT, shape["of"], shape["subject"], fields, values)
-            if (len(self.findings), len(self.suspects)) == (found, suspects):
-                if len(self._sealed_contexts) >= 100_000:
-                    self._sealed_contexts.clear()
-                self._sealed_contexts[remembered] = sealed
+        sealed = self._seal(ref, CONTEXT, shape["of"], shape["subject"], fields, values)
         return _with_fields(context, {f: sealed[f] for f in fields if values[f] is not None})
 
     def _seal(
